@@ -1,0 +1,127 @@
+// Package lifeboat holds the domain of a disaster-recovery system for QEMU/KVM
+// virtual machines: restore points, their consistency, and the fixed block grid
+// on which every disk is hashed, sent and verified.
+package lifeboat
+
+import (
+	"encoding/hex"
+	"fmt"
+	"time"
+
+	"github.com/zeebo/blake3"
+)
+
+// BlockSize is the grid on which disks are tracked, hashed, sent and verified.
+// It matches the default dirty-bitmap granularity and qcow2 cluster size, so a
+// dirty bit is one block and a block never straddles two clusters.
+const BlockSize = 64 << 10
+
+// Hash is the BLAKE3-256 content hash of one block.
+type Hash [32]byte
+
+// ZeroHash marks a block that reads as zeros. It is not the hash of zeros: a
+// zero block is sent and stored as a zero range, never as bytes.
+var ZeroHash Hash
+
+// HashBlock returns the content hash of one block's bytes.
+func HashBlock(b []byte) Hash { return Hash(blake3.Sum256(b)) }
+
+// IsZero reports whether h marks a zero block.
+func (h Hash) IsZero() bool { return h == ZeroHash }
+
+func (h Hash) String() string {
+	if h.IsZero() {
+		return "zero"
+	}
+	return hex.EncodeToString(h[:8])
+}
+
+// AllZero reports whether b holds only zero bytes.
+func AllZero(b []byte) bool {
+	for len(b) >= 8 {
+		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// Consistency is how consistent a restore point's instant is.
+type Consistency string
+
+const (
+	// Crash is what a power cut leaves: every write acknowledged before the
+	// instant is in the point, nothing after it.
+	Crash Consistency = "crash"
+	// Filesystem means the guest's file systems were frozen at the instant.
+	Filesystem Consistency = "filesystem"
+	// Application means the guest's and the host's application hooks ran
+	// around the freeze too.
+	Application Consistency = "application"
+)
+
+// ParseConsistency checks a consistency level named in config or on the wire.
+func ParseConsistency(s string) (Consistency, error) {
+	switch c := Consistency(s); c {
+	case Crash, Filesystem, Application:
+		return c, nil
+	case "":
+		return Crash, nil
+	}
+	return "", fmt.Errorf("unknown consistency %q: use crash, filesystem or application", s)
+}
+
+// Point is one restore point of one VM at the recovery site.
+type Point struct {
+	VM          string        `json:"vm"`
+	ID          uint64        `json:"id"`
+	Instant     time.Time     `json:"instant"`
+	Consistency Consistency   `json:"consistency"`
+	Group       string        `json:"group,omitempty"`
+	Disks       []PointDisk   `json:"disks"`
+	Stats       CycleStats    `json:"stats"`
+	Freeze      time.Duration `json:"freeze_ns,omitempty"`
+	// Note says why the point is less consistent than asked, if it is.
+	Note string `json:"note,omitempty"`
+}
+
+// PointDisk is one disk of a point.
+type PointDisk struct {
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+	// File is the qcow2 image (top of the chain) that holds the point's view of the disk.
+	File string `json:"file"`
+	// Resync is set when the disk was sent whole (initial sync or lost change tracking).
+	Resync bool `json:"resync,omitempty"`
+}
+
+// CycleStats counts what a cycle did.
+type CycleStats struct {
+	// BytesChanged is the size of the blocks the cycle had to consider (dirty, or
+	// allocated on a full sync), zero blocks included.
+	BytesChanged int64 `json:"bytes_changed"`
+	// BytesZero is the part of BytesChanged that was zero and sent as ranges.
+	BytesZero int64 `json:"bytes_zero"`
+	// BytesSame is the part skipped because the recovery site already held it (hash resync).
+	BytesSame int64 `json:"bytes_same,omitempty"`
+	// BytesData is the part sent as block data (before compression).
+	BytesData int64 `json:"bytes_data"`
+	// BytesSent is what crossed the wire for block data and hashes, after compression.
+	BytesSent int64         `json:"bytes_sent"`
+	Duration  time.Duration `json:"duration_ns"`
+}
+
+// Add accumulates o into s (durations excepted).
+func (s *CycleStats) Add(o CycleStats) {
+	s.BytesChanged += o.BytesChanged
+	s.BytesZero += o.BytesZero
+	s.BytesSame += o.BytesSame
+	s.BytesData += o.BytesData
+	s.BytesSent += o.BytesSent
+}
