@@ -1,0 +1,276 @@
+package wire
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/wire/wirepb"
+)
+
+// Store is the recovery site's store of points, as the receiver needs it.
+type Store interface {
+	Latest(vm string) (lifeboat.Point, bool, error)
+	Points(vm string) ([]lifeboat.Point, error)
+	BlockMap(vm, disk string, id uint64) (map[int64]lifeboat.Hash, error)
+	// BeginPoint opens point p for writing; it is listed only after Commit.
+	BeginPoint(ctx context.Context, p lifeboat.Point) (PointWriter, error)
+}
+
+// PointWriter writes one point. WriteBlocks checks every block against its hash
+// before writing any of it, and is safe for concurrent use.
+type PointWriter interface {
+	WriteBlocks(ctx context.Context, disk string, off int64, data []byte, hashes []lifeboat.Hash) error
+	WriteZeroes(ctx context.Context, disk string, off, length int64) error
+	Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboat.Point, error)
+	Abort(ctx context.Context) error
+}
+
+// Server is a recovery site's face to protected sites.
+type Server struct {
+	wirepb.UnimplementedReplicationServer
+	Site  string
+	Store Store
+	Log   *slog.Logger
+	// Writers is how many blocks messages are decompressed and written at once per point.
+	Writers int
+
+	grpc *grpc.Server
+}
+
+// Serve accepts protected sites on l with mutual TLS until Stop.
+func (s *Server) Serve(l net.Listener, tlsConf *tls.Config) error {
+	if s.Log == nil {
+		s.Log = slog.Default()
+	}
+	if s.Writers <= 0 {
+		s.Writers = 4
+	}
+	s.grpc = grpc.NewServer(
+		grpc.Creds(credentials.NewTLS(tlsConf)),
+		grpc.InitialWindowSize(streamWindow),
+		grpc.InitialConnWindowSize(connWindow),
+		grpc.MaxRecvMsgSize(maxMessage), grpc.MaxSendMsgSize(maxMessage),
+		grpc.ReadBufferSize(1<<20), grpc.WriteBufferSize(1<<20),
+	)
+	wirepb.RegisterReplicationServer(s.grpc, s)
+	return s.grpc.Serve(l)
+}
+
+// Stop ends every stream at once; points in flight are discarded.
+func (s *Server) Stop() {
+	if s.grpc != nil {
+		s.grpc.Stop()
+	}
+}
+
+func peerName(ctx context.Context) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return "unknown peer"
+	}
+	if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
+		return ti.State.PeerCertificates[0].Subject.CommonName + "@" + p.Addr.String()
+	}
+	return p.Addr.String()
+}
+
+func (s *Server) Hello(ctx context.Context, r *wirepb.HelloRequest) (*wirepb.HelloReply, error) {
+	s.Log.Info("protected site connected", "peer", peerName(ctx), "site", r.Site, "version", r.Version)
+	return &wirepb.HelloReply{Site: s.Site, Version: Version}, nil
+}
+
+func (s *Server) Latest(ctx context.Context, r *wirepb.VMRequest) (*wirepb.LatestReply, error) {
+	p, ok, err := s.Store.Latest(r.Vm)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if !ok {
+		return &wirepb.LatestReply{}, nil
+	}
+	return &wirepb.LatestReply{Found: true, Point: pointToPB(p)}, nil
+}
+
+func (s *Server) Points(ctx context.Context, r *wirepb.VMRequest) (*wirepb.PointsReply, error) {
+	ps, err := s.Store.Points(r.Vm)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	out := &wirepb.PointsReply{}
+	for _, p := range ps {
+		out.Points = append(out.Points, pointToPB(p))
+	}
+	return out, nil
+}
+
+func (s *Server) BlockMap(r *wirepb.BlockMapRequest, st grpc.ServerStreamingServer[wirepb.BlockMapChunk]) error {
+	m, err := s.Store.BlockMap(r.Vm, r.Disk, 0)
+	if err != nil {
+		return status.Error(codes.NotFound, err.Error())
+	}
+	const per = 4096
+	ch := &wirepb.BlockMapChunk{}
+	for b, h := range m {
+		ch.Blocks = append(ch.Blocks, b)
+		ch.Hashes = append(ch.Hashes, h[:]...)
+		if len(ch.Blocks) == per {
+			if err := st.Send(ch); err != nil {
+				return err
+			}
+			ch = &wirepb.BlockMapChunk{}
+		}
+	}
+	if len(ch.Blocks) > 0 {
+		return st.Send(ch)
+	}
+	return nil
+}
+
+// Replicate receives one point. Blocks are decompressed and written by a few
+// workers; the first error ends the stream and discards the point.
+func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.ReplicateReply]) error {
+	ctx, cancel := context.WithCancel(st.Context())
+	defer cancel()
+	f, err := st.Recv()
+	if err != nil {
+		return err
+	}
+	b := f.GetBegin()
+	if b == nil {
+		return status.Error(codes.InvalidArgument, "stream must start with Begin")
+	}
+	p, err := pointFromPB(b.Point)
+	if err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	log := s.Log.With("vm", p.VM, "point", p.ID, "peer", peerName(ctx))
+	w, err := s.Store.BeginPoint(ctx, p)
+	if err != nil {
+		log.Error("cannot begin point", "err", err)
+		return status.Error(codes.FailedPrecondition, err.Error())
+	}
+	committed := false
+	defer func() {
+		if !committed {
+			if err := w.Abort(context.WithoutCancel(ctx)); err != nil {
+				log.Error("discarding interrupted point", "err", err)
+			} else {
+				log.Warn("point discarded: stream ended before commit")
+			}
+		}
+	}()
+
+	var (
+		work    = make(chan *wirepb.Frame, s.Writers*2)
+		wg      sync.WaitGroup
+		errOnce sync.Once
+		first   error
+	)
+	fail := func(err error) {
+		errOnce.Do(func() { first = err; cancel() })
+	}
+	for range s.Writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var buf []byte
+			for f := range work {
+				if ctx.Err() != nil {
+					continue // drain
+				}
+				if err := s.apply(ctx, w, f, &buf); err != nil {
+					fail(err)
+				}
+			}
+		}()
+	}
+	finish := func() error {
+		close(work)
+		wg.Wait()
+		return first
+	}
+
+	for {
+		f, err := st.Recv()
+		if err != nil {
+			werr := finish()
+			if errors.Is(err, io.EOF) {
+				err = fmt.Errorf("stream ended without Commit")
+			}
+			if werr != nil {
+				err = werr
+			}
+			log.Warn("point not received whole", "err", err)
+			return status.Error(codes.Aborted, err.Error())
+		}
+		if c := f.GetCommit(); c != nil {
+			if err := finish(); err != nil {
+				log.Error("point rejected", "err", err)
+				return status.Error(codes.DataLoss, err.Error())
+			}
+			pt, err := w.Commit(ctx, statsFromPB(c.Stats))
+			if err != nil {
+				log.Error("commit failed", "err", err)
+				return status.Error(codes.Internal, err.Error())
+			}
+			committed = true
+			log.Info("point committed", "disks", len(pt.Disks), "bytes_sent", pt.Stats.BytesSent)
+			return st.SendAndClose(&wirepb.ReplicateReply{Point: pointToPB(pt)})
+		}
+		select {
+		case work <- f:
+		case <-ctx.Done():
+			werr := finish()
+			if werr == nil {
+				werr = ctx.Err()
+			}
+			log.Error("point rejected", "err", werr)
+			return status.Error(codes.DataLoss, werr.Error())
+		}
+	}
+}
+
+func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame, buf *[]byte) error {
+	switch body := f.Body.(type) {
+	case *wirepb.Frame_Blocks:
+		b := body.Blocks
+		if b.Length > MaxChunk {
+			return fmt.Errorf("disk %q offset %d: chunk of %d bytes exceeds the %d-byte limit", b.Disk, b.Offset, b.Length, MaxChunk)
+		}
+		hs, err := hashesFromBytes(b.Hashes)
+		if err != nil {
+			return fmt.Errorf("disk %q offset %d: %w", b.Disk, b.Offset, err)
+		}
+		data := b.Data
+		if b.Zstd {
+			if cap(*buf) < int(b.Length) {
+				*buf = make([]byte, 0, MaxChunk)
+			}
+			data, err = decompress(*buf, b.Data, int(b.Length))
+			if err != nil {
+				return fmt.Errorf("disk %q offset %d: %w", b.Disk, b.Offset, err)
+			}
+		} else if len(data) != int(b.Length) {
+			return fmt.Errorf("disk %q offset %d: %d data bytes, header said %d", b.Disk, b.Offset, len(data), b.Length)
+		}
+		return w.WriteBlocks(ctx, b.Disk, b.Offset, data, hs)
+	case *wirepb.Frame_Zeroes:
+		z := body.Zeroes
+		return w.WriteZeroes(ctx, z.Disk, z.Offset, z.Length)
+	case *wirepb.Frame_Begin:
+		return fmt.Errorf("second Begin in one stream")
+	}
+	return fmt.Errorf("unknown frame")
+}
