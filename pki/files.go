@@ -1,0 +1,163 @@
+package pki
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// LoadCert reads the first certificate of a PEM file, for showing what a
+// certificate says (its site, hosts and dates).
+func LoadCert(path string) (*x509.Certificate, error) {
+	return loadCert("cert", path, "")
+}
+
+func loadCert(role, path, hint string) (*x509.Certificate, error) {
+	data, err := readPEMFile(role, path, hint)
+	if err != nil {
+		return nil, err
+	}
+	for rest := data; ; {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			return nil, fmt.Errorf("%s file %s: no PEM CERTIFICATE block in it; is it the right file?", role, path)
+		}
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("%s file %s: %w", role, path, err)
+		}
+		return c, nil
+	}
+}
+
+func loadKey(role, path, hint string) (crypto.Signer, []byte, error) {
+	data, err := readPEMFile(role, path, hint)
+	if err != nil {
+		return nil, nil, err
+	}
+	block, _ := pem.Decode(data)
+	if block == nil || block.Type != "PRIVATE KEY" {
+		return nil, nil, fmt.Errorf("%s file %s: no PEM PRIVATE KEY block in it; is it the right file?", role, path)
+	}
+	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s file %s: %w", role, path, err)
+	}
+	s, ok := k.(crypto.Signer)
+	if !ok {
+		return nil, nil, fmt.Errorf("%s file %s: a %T cannot sign", role, path, k)
+	}
+	return s, data, nil
+}
+
+func readPEMFile(role, path, hint string) ([]byte, error) {
+	data, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if hint == "" {
+			return nil, fmt.Errorf("%s file %s: %w", role, path, fs.ErrNotExist)
+		}
+		return nil, fmt.Errorf("%s file %s: %w; %s", role, path, fs.ErrNotExist, hint)
+	case err != nil:
+		return nil, fmt.Errorf("%s file %s: %w", role, path, err)
+	}
+	return data, nil
+}
+
+// checkValidity reports a certificate that is not valid at now, with its dates
+// and what to do about it.
+func checkValidity(role, path string, c *x509.Certificate, now time.Time, hint string) error {
+	span := fmt.Sprintf("valid from %s to %s", c.NotBefore.UTC().Format(time.RFC3339), c.NotAfter.UTC().Format(time.RFC3339))
+	switch {
+	case now.After(c.NotAfter):
+		return fmt.Errorf("%s file %s: certificate %q expired on %s (%s); %s", role, path, c.Subject.CommonName, c.NotAfter.UTC().Format(time.RFC3339), span, hint)
+	case now.Before(c.NotBefore):
+		return fmt.Errorf("%s file %s: certificate %q is not valid yet (%s; now is %s): check this host's clock", role, path, c.Subject.CommonName, span, now.UTC().Format(time.RFC3339))
+	}
+	return nil
+}
+
+func encodeCert(der []byte) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+}
+
+func encodeKey(k crypto.Signer) ([]byte, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		return nil, fmt.Errorf("encode private key: %w", err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
+}
+
+// writeFileAtomic writes data to path through a temporary file in the same
+// directory, so a crash leaves either the old file or the new one, never half.
+func writeFileAtomic(path string, data []byte, perm fs.FileMode) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp := f.Name()
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	// CreateTemp makes the file 0600; Chmod sets the final mode before any
+	// secret is written.
+	if err := f.Chmod(perm); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	ok = true
+	return syncDir(dir)
+}
+
+// syncDir makes a rename in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
+	}
+	return nil
+}
+
+// sameFile reports whether path already holds exactly data.
+func sameFile(path string, data []byte) (exists, same bool, err error) {
+	old, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return false, false, nil
+	case err != nil:
+		return false, false, fmt.Errorf("read %s: %w", path, err)
+	}
+	return true, bytes.Equal(old, data), nil
+}

@@ -1,0 +1,58 @@
+// Package pki is the deployment's own certificate authority: it creates the CA,
+// issues site certificates, and builds the mutual-TLS configs sites talk over.
+//
+// A site is named in its certificate twice: as the subject's common name, for
+// people reading the certificate, and as the URI SAN "urn:lifeboat:site:NAME",
+// which is what PeerSite trusts. Extra hosts become DNS or IP SANs, so a client
+// verifies a server's address the ordinary way. Keys are ECDSA P-256, PKCS #8.
+package pki
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"time"
+)
+
+// File names inside a CA directory and a site directory.
+const (
+	CACertFile = "ca.crt"
+	CAKeyFile  = "ca.key"
+)
+
+// siteURIPrefix is the opaque URI a site certificate carries as its identity.
+// A URN cannot collide with a host name, unlike a DNS SAN such as "site-a".
+const siteURIPrefix = "urn:lifeboat:site:"
+
+// clockSkew backdates NotBefore so a certificate issued on one site is already
+// valid on another whose clock is a little behind.
+const clockSkew = 5 * time.Minute
+
+// ErrExists is returned when creating a CA would overwrite an existing one.
+var ErrExists = errors.New("already exists")
+
+// Files names the PEM files a site uses for mutual TLS: the deployment CA's
+// certificate, the site's certificate and the site's private key.
+type Files struct{ CA, Cert, Key string }
+
+// SiteFiles returns the files IssueSite writes for site into dir.
+func SiteFiles(dir, site string) Files {
+	return Files{
+		CA:   filepath.Join(dir, CACertFile),
+		Cert: filepath.Join(dir, site+".crt"),
+		Key:  filepath.Join(dir, site+".key"),
+	}
+}
+
+// siteName is what a site may be called: it becomes a file name and a URN, so
+// no slashes, no leading dot, nothing that needs escaping.
+var siteName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+
+// CheckSiteName reports whether name can name a site, and why not.
+func CheckSiteName(name string) error {
+	if !siteName.MatchString(name) {
+		return fmt.Errorf("site name %q is not usable: use 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. \"dr-east\")", name)
+	}
+	return nil
+}
