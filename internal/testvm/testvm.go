@@ -1,0 +1,146 @@
+// Package testvm stands in for a running VM in tests: a qemu-storage-daemon
+// holding the VM's disk images, with QMP, an NBD server and a writable export per disk.
+package testvm
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/qemu"
+)
+
+// DiskSpec is one disk of the test VM.
+type DiskSpec struct {
+	Name   string // node name of the disk's format node and name of its NBD export
+	Format string // qcow2 | raw
+	Size   int64
+	Compat string // qcow2 only: "" (v3) or "0.10" (v2, no persistent bitmaps)
+}
+
+// VM is a running stand-in VM.
+type VM struct {
+	Dir    string // images and sockets live here (short path)
+	Daemon *qemu.Daemon
+	Disks  []DiskSpec
+}
+
+// startTimeout bounds starting and stopping the daemon.
+const startTimeout = 20 * time.Second
+
+// Start creates the images, starts a qemu-storage-daemon with a QMP socket, an
+// NBD server and a writable export per disk named after it (the "guest"
+// writes through it), and stops the daemon when the test ends.
+func Start(t testing.TB, disks ...DiskSpec) *VM {
+	t.Helper()
+	testenv.RequireTools(t, "qemu-img", "qemu-storage-daemon")
+	// t.TempDir() paths can outgrow the 107 bytes of a unix socket path.
+	dir, err := os.MkdirTemp("", "lb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	v := &VM{Dir: dir, Disks: disks}
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	for _, d := range disks {
+		var opts []string
+		if d.Compat != "" {
+			opts = append(opts, "compat="+d.Compat)
+		}
+		if err := qemu.CreateImage(ctx, v.ImagePath(d.Name), d.Format, d.Size, "", "", opts...); err != nil {
+			t.Fatalf("testvm: %v", err)
+		}
+	}
+	v.start(t)
+	t.Cleanup(func() {
+		if v.Daemon == nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+		defer cancel()
+		if err := v.Daemon.Stop(ctx); err != nil {
+			t.Logf("testvm: %v", err)
+		}
+	})
+	return v
+}
+
+func (v *VM) start(t testing.TB) {
+	t.Helper()
+	var args []string
+	for _, d := range v.Disks {
+		file := map[string]any{"driver": "file", "node-name": d.Name + "-file", "filename": v.ImagePath(d.Name)}
+		args = append(args, "--blockdev", jsonArg(map[string]any{"driver": d.Format, "node-name": d.Name, "file": file}))
+		args = append(args, "--export", jsonArg(map[string]any{
+			"type": "nbd", "id": "vm-" + d.Name, "node-name": d.Name, "name": d.Name, "writable": true,
+		}))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	d, err := qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: v.Dir, Args: args, NBD: true})
+	if err != nil {
+		t.Fatalf("testvm: %v", err)
+	}
+	v.Daemon = d
+}
+
+// jsonArg writes a qemu-storage-daemon option in its JSON form, which needs no
+// escaping of commas in paths.
+func jsonArg(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+// Monitor is the daemon's QMP connection.
+func (v *VM) Monitor() *qemu.Monitor { return v.Daemon.Monitor() }
+
+// QMPSocket is the daemon's QMP socket.
+func (v *VM) QMPSocket() string { return v.Daemon.QMPSocket() }
+
+// NBDSocket is the daemon's NBD server socket.
+func (v *VM) NBDSocket() string { return v.Daemon.NBDSocket() }
+
+// ImagePath is the image file of a disk.
+func (v *VM) ImagePath(disk string) string {
+	for _, d := range v.Disks {
+		if d.Name == disk {
+			return filepath.Join(v.Dir, d.Name+"."+d.Format)
+		}
+	}
+	return filepath.Join(v.Dir, disk)
+}
+
+// NBDURI is the NBD URI of a disk's writable export (or of any export on the
+// daemon's server), e.g. for qemu-io -f raw or nbdinfo.
+func (v *VM) NBDURI(export string) string {
+	return "nbd+unix:///" + export + "?socket=" + v.NBDSocket()
+}
+
+// Restart quits the daemon cleanly (persistent bitmaps are saved) and starts
+// it again on the same images.
+func (v *VM) Restart(t testing.TB) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	if err := v.Daemon.Stop(ctx); err != nil {
+		t.Fatalf("testvm: restart: %v", err)
+	}
+	v.Daemon = nil
+	v.start(t)
+}
+
+// Crash kills the daemon with SIGKILL and starts it again: persistent bitmaps
+// that were in use come back inconsistent.
+func (v *VM) Crash(t testing.TB) {
+	t.Helper()
+	if err := v.Daemon.Kill(); err != nil {
+		t.Fatalf("testvm: crash: %v", err)
+	}
+	v.Daemon = nil
+	v.start(t)
+}

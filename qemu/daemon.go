@@ -1,0 +1,187 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// maxSocketPath is the longest unix socket path Linux accepts (sun_path less its NUL).
+const maxSocketPath = 107
+
+// DaemonConfig describes a qemu-storage-daemon that lifeboat (or a test) owns.
+type DaemonConfig struct {
+	Dir  string   // runtime dir: qmp.sock, nbd.sock, qsd.pid and qsd.log live here (keep it short: unix socket paths max 107 bytes)
+	Args []string // --blockdev/--export/... arguments as strings
+	NBD  bool     // start an NBD server on Dir/nbd.sock
+}
+
+// Daemon is a running qemu-storage-daemon child process.
+type Daemon struct {
+	cfg     DaemonConfig
+	cmd     *exec.Cmd
+	mon     *Monitor
+	exited  chan struct{}
+	waitErr error
+}
+
+// StartDaemon starts qemu-storage-daemon with a QMP monitor on Dir/qmp.sock
+// (and an NBD server on Dir/nbd.sock if cfg.NBD) ahead of cfg.Args, and waits,
+// bounded by ctx, until QMP answers. If the daemon dies on the way the error
+// carries its stderr. The process outlives ctx: stop it with Stop or Kill.
+func StartDaemon(ctx context.Context, cfg DaemonConfig) (*Daemon, error) {
+	if cfg.Dir == "" {
+		return nil, errors.New("qemu-storage-daemon: DaemonConfig.Dir is required")
+	}
+	dir, err := filepath.Abs(cfg.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("qemu-storage-daemon: runtime dir: %w", err)
+	}
+	cfg.Dir = dir
+	d := &Daemon{cfg: cfg, exited: make(chan struct{})}
+	if len(d.QMPSocket()) > maxSocketPath || len(d.NBDSocket()) > maxSocketPath {
+		return nil, fmt.Errorf("qemu-storage-daemon: runtime dir %s is too long for unix sockets (max %d bytes): use a shorter one, e.g. from os.MkdirTemp(\"\", \"lb\")", dir, maxSocketPath)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("qemu-storage-daemon: %w", err)
+	}
+	// A socket left by an earlier run would be dialled before the new one binds.
+	for _, s := range []string{d.QMPSocket(), d.NBDSocket()} {
+		if err := os.Remove(s); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("qemu-storage-daemon: remove stale socket: %w", err)
+		}
+	}
+	args := []string{
+		"--chardev", "socket,path=" + d.QMPSocket() + ",server=on,wait=off,id=lifeboat-qmp",
+		"--monitor", "chardev=lifeboat-qmp",
+		"--pidfile", filepath.Join(dir, "qsd.pid"),
+	}
+	if cfg.NBD {
+		args = append(args, "--nbd-server", "addr.type=unix,addr.path="+d.NBDSocket())
+	}
+	args = append(args, cfg.Args...)
+	logPath := filepath.Join(dir, "qsd.log")
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("qemu-storage-daemon: log: %w", err)
+	}
+	defer logf.Close() // the child holds its own descriptor
+	d.cmd = exec.Command("qemu-storage-daemon", args...)
+	d.cmd.Stdout, d.cmd.Stderr = logf, logf
+	d.cmd.Dir = dir
+	if err := d.cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start qemu-storage-daemon: %w (is qemu-system-common installed?)", err)
+	}
+	go func() {
+		d.waitErr = d.cmd.Wait()
+		close(d.exited)
+	}()
+
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-d.exited:
+			return nil, fmt.Errorf("qemu-storage-daemon exited at start (%v): %s", d.waitErr, d.logTail())
+		default:
+		}
+		if _, err := os.Stat(d.QMPSocket()); err == nil {
+			dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			mon, err := Dial(dctx, d.QMPSocket())
+			cancel()
+			if err == nil {
+				d.mon = mon
+				return d, nil
+			}
+		}
+		select {
+		case <-d.exited:
+		case <-tick.C:
+		case <-ctx.Done():
+			d.Kill()
+			return nil, fmt.Errorf("qemu-storage-daemon did not answer QMP on %s: %w; log: %s", d.QMPSocket(), context.Cause(ctx), d.logTail())
+		}
+	}
+}
+
+// logTail is the end of the daemon's stderr, for error messages.
+func (d *Daemon) logTail() string {
+	b, _ := os.ReadFile(filepath.Join(d.cfg.Dir, "qsd.log"))
+	if len(b) > 4096 {
+		b = b[len(b)-4096:]
+	}
+	s := strings.TrimSpace(string(b))
+	if s == "" {
+		return "(no output)"
+	}
+	return s
+}
+
+// Monitor is the daemon's QMP connection.
+func (d *Daemon) Monitor() *Monitor { return d.mon }
+
+// QMPSocket is the path of the QMP socket.
+func (d *Daemon) QMPSocket() string { return filepath.Join(d.cfg.Dir, "qmp.sock") }
+
+// NBDSocket is the path of the NBD server socket (when started with NBD).
+func (d *Daemon) NBDSocket() string { return filepath.Join(d.cfg.Dir, "nbd.sock") }
+
+// Dir is the runtime directory.
+func (d *Daemon) Dir() string { return d.cfg.Dir }
+
+// Pid is the process id.
+func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
+
+// Exited is closed once the process has exited.
+func (d *Daemon) Exited() <-chan struct{} { return d.exited }
+
+// Stop quits the daemon through QMP, so persistent bitmaps are saved, and
+// waits for it to exit. If it has not exited when ctx ends it is killed
+// (its bitmaps are then inconsistent) and the error says so.
+func (d *Daemon) Stop(ctx context.Context) error {
+	select {
+	case <-d.exited:
+		d.mon.Close()
+		return nil
+	default:
+	}
+	qerr := d.mon.Quit(ctx)
+	d.mon.Close()
+	select {
+	case <-d.exited:
+		if qerr != nil {
+			return fmt.Errorf("stop qemu-storage-daemon %d: %w", d.Pid(), qerr)
+		}
+		return nil
+	case <-ctx.Done():
+	}
+	kerr := d.Kill()
+	return errors.Join(fmt.Errorf("qemu-storage-daemon %d did not quit in time and was killed; its persistent bitmaps are inconsistent: %w", d.Pid(), context.Cause(ctx)), qerr, kerr)
+}
+
+// Kill kills the daemon with SIGKILL, as a crash would, and waits for it to go.
+func (d *Daemon) Kill() error {
+	if d.mon != nil {
+		defer d.mon.Close()
+	}
+	select {
+	case <-d.exited:
+		return nil
+	default:
+	}
+	if err := d.cmd.Process.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("kill qemu-storage-daemon %d: %w", d.Pid(), err)
+	}
+	select {
+	case <-d.exited:
+		return nil
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("qemu-storage-daemon %d did not exit 10 s after SIGKILL", d.Pid())
+	}
+}

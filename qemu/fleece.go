@@ -1,0 +1,222 @@
+package qemu
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+)
+
+// FleeceDisk is one disk of a fleece: what to freeze, where, and which bitmap
+// generations turn over at the instant.
+type FleeceDisk struct {
+	Node       string // the disk's format node
+	File       string // path for the temporary qcow2 fleece overlay (created by StartFleece, removed by Teardown)
+	NewBitmap  string // generation to add, enabled: it tracks writes from the instant on
+	OldBitmap  string // generation to disable at the instant and publish on the export ("" for a first sync: no bitmap published)
+	Persistent bool   // make NewBitmap persistent (qcow2 v3 only; see BlockNode.PersistentBitmaps)
+	ExportName string // NBD export name of the fleece node
+}
+
+// Fleece is a frozen view of a VM's disks at one instant, exported over NBD
+// while the VM keeps writing.
+type Fleece struct {
+	m       *Monitor
+	instant time.Time
+	disks   []fleeceState
+}
+
+type fleeceState struct {
+	FleeceDisk
+	node, fileNode, job, export string // names of our own objects
+	nodeAdded, jobStarted       bool
+	exportAdded, fileMade       bool
+	bitmapsTurned               bool // the transaction ran: NewBitmap exists, OldBitmap is disabled
+}
+
+// Instant is the moment the transaction returned: every write acknowledged
+// before it is in the fleece, none after.
+func (f *Fleece) Instant() time.Time { return f.instant }
+
+// Exports returns the NBD export names, in the order of the disks.
+func (f *Fleece) Exports() []string {
+	names := make([]string, len(f.disks))
+	for i, d := range f.disks {
+		names[i] = d.ExportName
+	}
+	return names
+}
+
+// StartFleece freezes a view of the disks at one instant. It adds a fleece
+// overlay node per disk (backed by the disk), then runs one transaction over
+// all disks: add NewBitmap, disable OldBitmap, blockdev-backup sync=none into
+// the fleece node (copy-before-write keeps the old data for the reader). Then
+// it exports every fleece node read-only on the monitor's NBD server (start it
+// first with NBDServerStart), publishing OldBitmap as qemu:dirty-bitmap:OLD.
+// On any error it undoes what it did, bitmaps included, and returns the error.
+func (m *Monitor) StartFleece(ctx context.Context, disks []FleeceDisk) (f *Fleece, err error) {
+	if len(disks) == 0 {
+		return nil, errors.New("fleece: no disks given")
+	}
+	nodes, err := m.Nodes(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("fleece: %w", err)
+	}
+	token := make([]byte, 3)
+	rand.Read(token)
+	tag := hex.EncodeToString(token) // tells apart fleeces of one QEMU, in names of at most 31 bytes
+	f = &Fleece{m: m}
+	for i, d := range disks {
+		n, err := findNode(nodes, d.Node)
+		if err != nil {
+			return nil, fmt.Errorf("fleece disk %d: %w", i, err)
+		}
+		if d.File == "" || d.NewBitmap == "" {
+			return nil, fmt.Errorf("fleece disk %q: File and NewBitmap are required", d.Node)
+		}
+		if d.OldBitmap != "" {
+			if b, ok := n.Bitmap(d.OldBitmap); ok && b.Inconsistent {
+				return nil, fmt.Errorf("fleece disk %q: bitmap %q is inconsistent after an unclean QEMU exit; remove it and resynchronise by hashes", d.Node, d.OldBitmap)
+			}
+		}
+		base := fmt.Sprintf("%sf%s-%d", OwnPrefix, tag, i)
+		f.disks = append(f.disks, fleeceState{
+			FleeceDisk: d, node: base, fileNode: base + "-file", job: base + "-job", export: base + "-exp",
+		})
+		if d.ExportName == "" {
+			f.disks[i].ExportName = base
+		}
+	}
+	defer func() {
+		if err != nil {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+			defer cancel()
+			if uerr := f.undo(cctx); uerr != nil {
+				err = errors.Join(err, fmt.Errorf("and undoing the fleece failed, QEMU may hold leftover %s* objects: %w", OwnPrefix, uerr))
+			}
+		}
+	}()
+
+	for i := range f.disks {
+		d := &f.disks[i]
+		n, _ := findNode(nodes, d.Node)
+		if err := CreateImage(ctx, d.File, "qcow2", n.Size, "", ""); err != nil {
+			return f, fmt.Errorf("fleece disk %q: create overlay: %w", d.Node, err)
+		}
+		d.fileMade = true
+		err := m.BlockdevAdd(ctx, map[string]any{
+			"driver": "qcow2", "node-name": d.node, "backing": d.Node,
+			"file": map[string]any{"driver": "file", "node-name": d.fileNode, "filename": d.File},
+		})
+		if err != nil {
+			return f, fmt.Errorf("fleece disk %q: %w", d.Node, err)
+		}
+		d.nodeAdded = true
+	}
+
+	var actions []Action
+	for _, d := range f.disks {
+		actions = append(actions, AddBitmapAction(d.Node, d.NewBitmap, d.Persistent, false))
+		if d.OldBitmap != "" {
+			actions = append(actions, DisableBitmapAction(d.Node, d.OldBitmap))
+		}
+		actions = append(actions, Action{"blockdev-backup", map[string]any{
+			"device": d.Node, "target": d.node, "sync": "none", "job-id": d.job,
+		}})
+	}
+	if err := m.Transaction(ctx, actions...); err != nil {
+		return f, fmt.Errorf("fleece transaction: %w", err)
+	}
+	f.instant = time.Now()
+	for i := range f.disks {
+		f.disks[i].jobStarted = true
+		f.disks[i].bitmapsTurned = true
+	}
+
+	for i := range f.disks {
+		d := &f.disks[i]
+		e := Export{ID: d.export, Node: d.node, Name: d.ExportName}
+		if d.OldBitmap != "" {
+			e.Bitmaps = []string{d.OldBitmap}
+		}
+		if err := m.ExportAdd(ctx, e); err != nil {
+			return f, fmt.Errorf("fleece disk %q: %w", d.Node, err)
+		}
+		d.exportAdded = true
+	}
+	return f, nil
+}
+
+// undo tears the fleece down and turns the bitmaps back: writes since the
+// instant are in NewBitmap only, so merge them into OldBitmap, re-enable it
+// and drop NewBitmap — as if the fleece had never been.
+func (f *Fleece) undo(ctx context.Context) error {
+	err := f.Teardown(ctx)
+	var actions []Action
+	for _, d := range f.disks {
+		if !d.bitmapsTurned {
+			continue // the transaction did not happen: bitmaps untouched
+		}
+		if d.OldBitmap != "" {
+			actions = append(actions, MergeBitmapsAction(d.Node, d.OldBitmap, d.NewBitmap), EnableBitmapAction(d.Node, d.OldBitmap))
+		}
+		actions = append(actions, RemoveBitmapAction(d.Node, d.NewBitmap))
+	}
+	if terr := f.m.Transaction(ctx, actions...); terr != nil {
+		err = errors.Join(err, fmt.Errorf("restore bitmaps: %w", terr))
+	}
+	return err
+}
+
+// Teardown deletes the exports (dropping any client still connected), cancels
+// the backup jobs, deletes the fleece nodes and removes their files. It does
+// not touch bitmaps: the caller decides (drop OldBitmap once the point is
+// committed; otherwise enable OldBitmap, merge NewBitmap into it and remove
+// NewBitmap). It goes on past errors and may be called again.
+func (f *Fleece) Teardown(ctx context.Context) error {
+	var errs []error
+	for i := range f.disks {
+		d := &f.disks[i]
+		if d.exportAdded {
+			if err := f.m.exportDel(ctx, d.export, "hard"); err != nil {
+				errs = append(errs, err)
+			} else {
+				d.exportAdded = false
+			}
+		}
+	}
+	for i := range f.disks {
+		d := &f.disks[i]
+		if d.jobStarted {
+			if err := f.m.CancelJob(ctx, d.job); err != nil {
+				errs = append(errs, err)
+			} else {
+				d.jobStarted = false
+			}
+		}
+	}
+	for i := range f.disks {
+		d := &f.disks[i]
+		if d.nodeAdded {
+			if err := f.m.BlockdevDel(ctx, d.node); err != nil {
+				errs = append(errs, err)
+			} else {
+				d.nodeAdded = false
+			}
+		}
+		if d.fileMade && !d.nodeAdded {
+			if err := os.Remove(d.File); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("remove fleece overlay: %w", err))
+			} else {
+				d.fileMade = false
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("fleece teardown: %w", errors.Join(errs...))
+	}
+	return nil
+}
