@@ -65,15 +65,23 @@ func readPEMFile(role, path, hint string) ([]byte, error) {
 	data, err := os.ReadFile(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		if hint == "" {
-			return nil, fmt.Errorf("%s file %s: %w", role, path, fs.ErrNotExist)
+		msg := fmt.Sprintf("%s file %s: no such file", role, path)
+		if hint != "" {
+			msg += "; " + hint
 		}
-		return nil, fmt.Errorf("%s file %s: %w; %s", role, path, fs.ErrNotExist, hint)
+		return nil, notExistError(msg)
 	case err != nil:
 		return nil, fmt.Errorf("%s file %s: %w", role, path, err)
 	}
 	return data, nil
 }
+
+// notExistError is a missing file, told in the user's words; it matches
+// fs.ErrNotExist with errors.Is.
+type notExistError string
+
+func (e notExistError) Error() string { return string(e) }
+func (e notExistError) Unwrap() error { return fs.ErrNotExist }
 
 // checkValidity reports a certificate that is not valid at now, with its dates
 // and what to do about it.
