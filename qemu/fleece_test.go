@@ -1,0 +1,243 @@
+package qemu_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testvm"
+	"github.com/lifeboat-dr/lifeboat/qemu"
+)
+
+// assertNoLeftovers checks QEMU holds no lifeboat node, job or export.
+func assertNoLeftovers(t *testing.T, ctx context.Context, m *qemu.Monitor) {
+	t.Helper()
+	nodes, err := m.Nodes(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		if strings.HasPrefix(n.NodeName, qemu.OwnPrefix) || n.Driver == "copy-before-write" {
+			t.Errorf("node %s (%s) left behind", n.NodeName, n.Driver)
+		}
+	}
+	jobs, err := m.Jobs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, j := range jobs {
+		t.Errorf("job %s (%s) left behind", j.ID, j.Type)
+	}
+	exports, err := m.Exports(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range exports {
+		if strings.HasPrefix(e.ID, qemu.OwnPrefix) {
+			t.Errorf("export %s left behind", e.ID)
+		}
+	}
+}
+
+func TestFleece(t *testing.T) {
+	vm := testvm.Start(t,
+		testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 8 << 20},
+		testvm.DiskSpec{Name: "vdb", Format: "raw", Size: 4 << 20},
+	)
+	m, ctx := vm.Monitor(), testCtx(t)
+	if err := m.AddBitmap(ctx, "vda", "g1", true, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.AddBitmap(ctx, "vdb", "g1", false, false); err != nil {
+		t.Fatal(err)
+	}
+	// Writes before the instant: in g1, and what the fleece must show.
+	qemuIO(t, false, vm.NBDURI("vda"), "write -P 0xa1 0 64k", "write -P 0xa2 1M 128k")
+	qemuIO(t, false, vm.NBDURI("vdb"), "write -P 0xb1 2M 64k")
+
+	f, err := m.StartFleece(ctx, []qemu.FleeceDisk{
+		{Node: "vda", File: filepath.Join(vm.Dir, "fa.qcow2"), NewBitmap: "g2", OldBitmap: "g1", Persistent: true, ExportName: "fleece-vda"},
+		{Node: "vdb", File: filepath.Join(vm.Dir, "fb.qcow2"), NewBitmap: "g2", OldBitmap: "g1", ExportName: "fleece-vdb"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.Instant().IsZero() {
+		t.Error("Instant() is zero")
+	}
+	torn := false
+	t.Cleanup(func() {
+		if !torn {
+			f.Teardown(context.Background())
+		}
+	})
+
+	// The disks are still the VM's two disks while the fleece runs.
+	disks, err := m.Disks(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := diskNames(disks); got != "vda,vdb" {
+		t.Errorf("Disks() during a fleece = %s, want vda,vdb", got)
+	}
+
+	// The guest overwrites after the instant.
+	qemuIO(t, false, vm.NBDURI("vda"), "write -P 0xee 0 64k", "write -P 0xef 4M 64k")
+	qemuIO(t, false, vm.NBDURI("vdb"), "write -P 0xee 2M 64k")
+
+	// The fleece still shows the instant.
+	qemuIO(t, true, vm.NBDURI("fleece-vda"), "read -P 0xa1 0 64k", "read -P 0xa2 1M 128k", "read -P 0 4M 64k")
+	qemuIO(t, true, vm.NBDURI("fleece-vdb"), "read -P 0xb1 2M 64k")
+	// The disk itself shows the new data (so the check above could fail).
+	qemuIO(t, true, vm.NBDURI("vda"), "read -P 0xee 0 64k")
+
+	// The published generation holds exactly the writes before the instant.
+	if got := extents(dirtyMap(t, vm.NBDURI("fleece-vda"), "g1")); got != "0+65536 1048576+131072" {
+		t.Errorf("g1 on fleece-vda: dirty %s, want 0+65536 1048576+131072", got)
+	}
+	if got := extents(dirtyMap(t, vm.NBDURI("fleece-vdb"), "g1")); got != "2097152+65536" {
+		t.Errorf("g1 on fleece-vdb: dirty %s, want 2097152+65536", got)
+	}
+	// The new generation holds the writes after it.
+	n, err := m.Node(ctx, "vda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g1, _ := n.Bitmap("g1")
+	g2, ok := n.Bitmap("g2")
+	if !ok || !g2.Recording || !g2.Persistent || g2.Count != 128<<10 {
+		t.Errorf("g2 on vda = %+v (present %v); want recording, persistent, 131072 dirty", g2, ok)
+	}
+	if g1.Recording || !g1.Busy {
+		t.Errorf("g1 on vda = %+v; want disabled and busy (published)", g1)
+	}
+
+	if err := f.Teardown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	torn = true
+	assertNoLeftovers(t, ctx, m)
+	for _, p := range []string{"fa.qcow2", "fb.qcow2"} {
+		if _, err := os.Stat(filepath.Join(vm.Dir, p)); !os.IsNotExist(err) {
+			t.Errorf("fleece overlay %s not removed: %v", p, err)
+		}
+	}
+	// Bitmaps are the caller's: both generations still there, g1 no longer busy.
+	n, _ = m.Node(ctx, "vda")
+	if g1, ok := n.Bitmap("g1"); !ok || g1.Busy {
+		t.Errorf("g1 after teardown = %+v (present %v); want present, not busy", g1, ok)
+	}
+	if err := f.Teardown(ctx); err != nil {
+		t.Errorf("second Teardown: %v", err)
+	}
+}
+
+func TestFleeceFirstSync(t *testing.T) {
+	vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 1 << 20})
+	m, ctx := vm.Monitor(), testCtx(t)
+	qemuIO(t, false, vm.NBDURI("vda"), "write -P 7 0 64k")
+	f, err := m.StartFleece(ctx, []qemu.FleeceDisk{
+		{Node: "vda", File: filepath.Join(vm.Dir, "f.qcow2"), NewBitmap: "g1", Persistent: true, ExportName: "fl"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Teardown(ctx)
+	qemuIO(t, false, vm.NBDURI("vda"), "write -P 8 0 64k")
+	qemuIO(t, true, vm.NBDURI("fl"), "read -P 7 0 64k")
+	if err := f.Teardown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	assertNoLeftovers(t, ctx, m)
+}
+
+func TestStartFleeceFailureUndoes(t *testing.T) {
+	vm := testvm.Start(t,
+		testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 1 << 20},
+		testvm.DiskSpec{Name: "vdb", Format: "qcow2", Size: 1 << 20},
+	)
+	m, ctx := vm.Monitor(), testCtx(t)
+	for _, d := range []string{"vda", "vdb"} {
+		if err := m.AddBitmap(ctx, d, "g1", true, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	qemuIO(t, false, vm.NBDURI("vda"), "write -P 1 0 64k")
+	file := func(n string) string { return filepath.Join(vm.Dir, n) }
+
+	for i, tc := range []struct {
+		name  string
+		disks []qemu.FleeceDisk
+		want  string // in the error
+	}{
+		{"node does not exist", []qemu.FleeceDisk{
+			{Node: "vda", File: file("fa"), NewBitmap: "g2", OldBitmap: "g1", ExportName: "fa"},
+			{Node: "vdz", File: file("fz"), NewBitmap: "g2", OldBitmap: "g1", ExportName: "fz"},
+		}, `"vdz" not found`},
+		{"old bitmap missing", []qemu.FleeceDisk{
+			{Node: "vda", File: file("fa"), NewBitmap: "g2", OldBitmap: "g1", ExportName: "fa"},
+			{Node: "vdb", File: file("fb"), NewBitmap: "g2", OldBitmap: "g0", ExportName: "fb"},
+		}, "g0"},
+		{"export name taken (fails after the transaction)", []qemu.FleeceDisk{
+			{Node: "vda", File: file("fa"), NewBitmap: "g2", OldBitmap: "g1", ExportName: "fa"},
+			{Node: "vdb", File: file("fb"), NewBitmap: "g2", OldBitmap: "g1", ExportName: "vda"},
+		}, "vda"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// Writes between tries must survive the undo in g1.
+			qemuIO(t, false, vm.NBDURI("vdb"), fmt.Sprintf("write -P 2 %d 64k", (i+1)<<16))
+			before := bitmapsOf(t, ctx, m)
+			f, err := m.StartFleece(ctx, tc.disks)
+			if err == nil {
+				f.Teardown(ctx)
+				t.Fatal("StartFleece succeeded")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q does not mention %q", err, tc.want)
+			}
+			if after := bitmapsOf(t, ctx, m); after != before {
+				t.Errorf("bitmaps before: %s\nafter the failed fleece: %s", before, after)
+			}
+			assertNoLeftovers(t, ctx, m)
+			for _, n := range []string{"fa", "fb", "fz"} {
+				if _, err := os.Stat(file(n)); !os.IsNotExist(err) {
+					t.Errorf("overlay %s left behind", n)
+				}
+			}
+		})
+	}
+}
+
+func bitmapsOf(t *testing.T, ctx context.Context, m *qemu.Monitor) string {
+	t.Helper()
+	disks, err := m.Disks(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var s []string
+	for _, d := range disks {
+		for _, b := range d.Bitmaps {
+			s = append(s, fmt.Sprintf("%s/%s count=%d rec=%v busy=%v", d.NodeName, b.Name, b.Count, b.Recording, b.Busy))
+		}
+	}
+	return strings.Join(s, "; ")
+}
+
+func diskNames(disks []qemu.BlockNode) string {
+	var names []string
+	for _, d := range disks {
+		names = append(names, d.NodeName)
+	}
+	return strings.Join(names, ",")
+}
+
+func extents(es []extent) string {
+	var s []string
+	for _, e := range es {
+		s = append(s, fmt.Sprintf("%d+%d", e.Offset, e.Length))
+	}
+	return strings.Join(s, " ")
+}
