@@ -1,0 +1,324 @@
+// Package recovery is the recovery site's store of restore points: a qcow2 chain
+// per disk, a bbolt catalog, and the writing, export, verify and retention of points.
+package recovery
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"sync"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/lifeboat-dr/lifeboat"
+)
+
+// DefaultKeep is how many points per VM retention keeps when Options.Keep is 0.
+const DefaultKeep = 24
+
+// Options tune a Store.
+type Options struct {
+	// Keep is how many points per VM retention keeps (DefaultKeep when 0).
+	Keep   int
+	Logger *slog.Logger
+}
+
+// ErrNoPoint is returned (wrapped, naming the VM and point) when a point does not exist.
+var ErrNoPoint = errors.New("no such restore point")
+
+// ErrNoDisk is returned (wrapped) when a point has no disk of the given name.
+var ErrNoDisk = errors.New("no such disk in the restore point")
+
+// Store is the recovery site's set of restore points under one directory:
+// dir/catalog.db and the images under dir/vms/<vm>/<disk>/.
+type Store struct {
+	dir  string
+	db   *bolt.DB
+	keep int
+	log  *slog.Logger
+
+	mu      sync.Mutex
+	locks   map[string]*vmLock
+	writers map[*Writer]struct{}
+	closed  bool
+
+	// testMergeHook, when set by a test, runs after each merge step; an
+	// error stops the merge there as a crash would.
+	testMergeHook func(step string) error
+}
+
+// names of VMs and disks become directory names and qemu option values.
+var validName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
+
+func checkName(kind, name string) error {
+	if !validName.MatchString(name) {
+		return fmt.Errorf("%s name %q is not usable: use 1-128 letters, digits, '_', '-' or '.', not starting with '.' or '-'", kind, name)
+	}
+	return nil
+}
+
+// Open opens (creating if needed) the store in dir. It discards points that
+// were being written when the site stopped and finishes interrupted retention
+// merges, so what it lists afterwards is only whole, committed points.
+func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("recovery store %q: %w", dir, err)
+	}
+	for _, d := range []string{abs, filepath.Join(abs, "vms"), filepath.Join(abs, "run")} {
+		if err := os.MkdirAll(d, 0o750); err != nil {
+			return nil, fmt.Errorf("recovery store: creating %s: %w", d, err)
+		}
+	}
+	db, err := bolt.Open(filepath.Join(abs, "catalog.db"), 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if err != nil {
+		if errors.Is(err, bolt.ErrTimeout) {
+			return nil, fmt.Errorf("recovery store %s: the catalog is held by another process (is another lifeboat serving this directory?): %w", abs, err)
+		}
+		return nil, fmt.Errorf("recovery store %s: opening the catalog: %w", abs, err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error {
+		_, err := tx.CreateBucketIfNotExists(bucketVMs)
+		return err
+	}); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("recovery store %s: initialising the catalog: %w", abs, err)
+	}
+	keep := opts.Keep
+	if keep <= 0 {
+		keep = DefaultKeep
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Store{
+		dir:     abs,
+		db:      db,
+		keep:    keep,
+		log:     log.With("component", "recovery"),
+		locks:   map[string]*vmLock{},
+		writers: map[*Writer]struct{}{},
+	}
+	if err := s.recover(ctx); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// recover discards pending points and finishes merges of every VM.
+func (s *Store) recover(ctx context.Context) error {
+	var vms []string
+	if err := s.db.View(func(tx *bolt.Tx) error { vms = listVMs(tx); return nil }); err != nil {
+		return err
+	}
+	for _, vm := range vms {
+		var pending []pendingRecord
+		err := s.db.View(func(tx *bolt.Tx) (err error) { pending, err = readPending(tx, vm); return err })
+		if err != nil {
+			return err
+		}
+		// Pending points first: their daemons may hold locks the merge needs.
+		for _, p := range pending {
+			s.log.Warn("discarding a restore point interrupted before its commit", "vm", vm, "point", p.ID)
+			if err := s.discardPending(ctx, vm, p); err != nil {
+				return fmt.Errorf("recovery store: discarding interrupted point %d of vm %q: %w", p.ID, vm, err)
+			}
+		}
+		if err := s.finishMerge(ctx, vm); err != nil {
+			return fmt.Errorf("recovery store: finishing the interrupted retention merge of vm %q: %w", vm, err)
+		}
+	}
+	// Nothing runs yet: whatever a crash left in the runtime directory is stale.
+	run := filepath.Join(s.dir, "run")
+	entries, _ := os.ReadDir(run)
+	for _, e := range entries {
+		_ = os.RemoveAll(filepath.Join(run, e.Name()))
+	}
+	return nil
+}
+
+// Close aborts the points still being written and closes the catalog.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	ws := make([]*Writer, 0, len(s.writers))
+	for w := range s.writers {
+		ws = append(ws, w)
+	}
+	s.mu.Unlock()
+	var errs []error
+	for _, w := range ws {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		errs = append(errs, w.Abort(ctx))
+		cancel()
+	}
+	errs = append(errs, s.db.Close())
+	return errors.Join(errs...)
+}
+
+// Dir is the store's directory (absolute).
+func (s *Store) Dir() string { return s.dir }
+
+// Keep is how many points per VM retention keeps.
+func (s *Store) Keep() int { return s.keep }
+
+// VMs lists the VMs that have at least one committed point, sorted.
+func (s *Store) VMs() ([]string, error) {
+	var out []string
+	err := s.db.View(func(tx *bolt.Tx) error {
+		for _, vm := range listVMs(tx) {
+			pts, err := readPoints(tx, vm)
+			if err != nil {
+				return err
+			}
+			if len(pts) > 0 {
+				out = append(out, vm)
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// Points lists the VM's committed points, oldest first (none for an unknown VM).
+func (s *Store) Points(vm string) ([]lifeboat.Point, error) {
+	var out []lifeboat.Point
+	err := s.db.View(func(tx *bolt.Tx) error {
+		pts, err := readPoints(tx, vm)
+		for _, r := range pts {
+			out = append(out, s.public(r))
+		}
+		return err
+	})
+	return out, err
+}
+
+// Point returns one committed point; id 0 is the latest. A missing point is
+// an error wrapping ErrNoPoint.
+func (s *Store) Point(vm string, id uint64) (lifeboat.Point, error) {
+	var out lifeboat.Point
+	err := s.db.View(func(tx *bolt.Tx) error {
+		r, err := pointAt(tx, vm, id)
+		out = s.public(r)
+		return err
+	})
+	return out, err
+}
+
+// Latest returns the VM's newest committed point, and false when it has none.
+func (s *Store) Latest(vm string) (lifeboat.Point, bool, error) {
+	p, err := s.Point(vm, 0)
+	if errors.Is(err, ErrNoPoint) {
+		return lifeboat.Point{}, false, nil
+	}
+	return p, err == nil, err
+}
+
+// BlockMap returns the disk's block map at point id (0 = latest): the content
+// hash of every block written from the disk's base up to that point, later
+// wins, lifeboat.ZeroHash for blocks written as zeros. A block absent from the
+// map was never written (it reads as zeros) or had its content changed by a
+// resize of the disk (its last block), and is unknown.
+func (s *Store) BlockMap(vm, disk string, id uint64) (map[int64]lifeboat.Hash, error) {
+	var out blockRecord
+	err := s.db.View(func(tx *bolt.Tx) error {
+		r, err := pointAt(tx, vm, id)
+		if err != nil {
+			return err
+		}
+		out, err = foldBlocks(tx, vm, disk, r.Point.ID)
+		return err
+	})
+	return out, err
+}
+
+// ImagePath returns the qcow2 image holding the point's view of a disk (id 0 =
+// latest). Open it read-only, or as the backing of a new overlay.
+func (s *Store) ImagePath(vm string, id uint64, disk string) (string, error) {
+	p, err := s.Point(vm, id)
+	if err != nil {
+		return "", err
+	}
+	for _, d := range p.Disks {
+		if d.Name == disk {
+			return d.File, nil
+		}
+	}
+	return "", fmt.Errorf("vm %q point %d has no disk %q (it has %s): %w", vm, p.ID, disk, diskNames(p.Disks), ErrNoDisk)
+}
+
+func diskNames(ds []lifeboat.PointDisk) string {
+	names := make([]string, len(ds))
+	for i, d := range ds {
+		names[i] = d.Name
+	}
+	sort.Strings(names)
+	b, _ := json.Marshal(names)
+	return string(b)
+}
+
+// pointAt reads point id of vm, the latest for id 0.
+func pointAt(tx *bolt.Tx, vm string, id uint64) (pointRecord, error) {
+	pts, err := readPoints(tx, vm)
+	if err != nil {
+		return pointRecord{}, err
+	}
+	if id == 0 {
+		if len(pts) == 0 {
+			return pointRecord{}, fmt.Errorf("vm %q has no restore point yet: %w", vm, ErrNoPoint)
+		}
+		return pts[len(pts)-1], nil
+	}
+	for _, r := range pts {
+		if r.Point.ID == id {
+			return r, nil
+		}
+	}
+	return pointRecord{}, fmt.Errorf("vm %q has no restore point %d (list them with `lifeboat points %s`): %w", vm, id, vm, ErrNoPoint)
+}
+
+// public turns a catalog record into the Point callers see: absolute file names.
+func (s *Store) public(r pointRecord) lifeboat.Point {
+	p := r.Point
+	p.Disks = append([]lifeboat.PointDisk(nil), p.Disks...)
+	for i := range p.Disks {
+		p.Disks[i].File = s.abs(p.Disks[i].File)
+	}
+	return p
+}
+
+func (s *Store) abs(rel string) string {
+	if rel == "" || filepath.IsAbs(rel) {
+		return rel
+	}
+	return filepath.Join(s.dir, rel)
+}
+
+// imageRel is where point id's image of a disk lives, relative to the store.
+func imageRel(vm, disk string, id uint64) string {
+	return filepath.Join("vms", vm, disk, fmt.Sprintf("%016d.qcow2", id))
+}
+
+// removeFiles deletes store-relative files; missing ones are fine (a repeat).
+func (s *Store) removeFiles(rels []string) error {
+	var errs []error
+	for _, rel := range rels {
+		if err := os.Remove(s.abs(rel)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

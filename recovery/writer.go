@@ -1,0 +1,489 @@
+package recovery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/nbd"
+	"github.com/lifeboat-dr/lifeboat/qemu"
+)
+
+// BeginSpec describes a point about to be written.
+type BeginSpec struct {
+	VM          string
+	ID          uint64 // must be > the latest point's id
+	Instant     time.Time
+	Consistency lifeboat.Consistency
+	Group       string
+	Freeze      time.Duration
+	Note        string
+	Disks       []DiskSpec // every disk of the VM in this point
+}
+
+// DiskSpec is one disk of a point being written. A disk the previous point
+// lacks starts a fresh base image; any other gets an overlay of Size over the
+// previous point's image (so a grown or shrunk disk just gets an overlay of its
+// new size). Resync marks a full or hash resync of the disk: still an overlay,
+// and blocks not sent are unchanged.
+type DiskSpec struct {
+	Name   string
+	Size   int64
+	Resync bool
+}
+
+// HashMismatchError is returned by WriteBlocks when a block's bytes do not match
+// the hash sent with them; nothing of that call was written.
+type HashMismatchError struct {
+	VM     string
+	Disk   string
+	Offset int64
+}
+
+func (e *HashMismatchError) Error() string {
+	return fmt.Sprintf("vm %q disk %q: block at offset %d does not match its hash: nothing of this write was stored; the sender must resend it (data corrupted in transit or at the source)", e.VM, e.Disk, e.Offset)
+}
+
+// Writer writes one point. WriteBlocks and WriteZeroes are safe for concurrent
+// use; Commit or Abort ends it.
+type Writer struct {
+	s       *Store
+	spec    BeginSpec
+	rec     pendingRecord
+	parents map[string]uint64
+	disks   map[string]*writeDisk
+	daemon  *qemu.Daemon
+
+	unlockChain func()
+
+	mu     sync.Mutex
+	ended  bool
+	failed error // a write failed: the point cannot be committed
+}
+
+type writeDisk struct {
+	spec   DiskSpec
+	file   string // relative to the store
+	client *nbd.Client
+
+	mu  sync.Mutex
+	rec blockRecord
+}
+
+// nbdOptions is how the writer and the verifier talk to their daemon.
+var nbdOptions = nbd.Options{Connections: 4, MaxInFlight: 16}
+
+// Begin starts point spec.ID of spec.VM: it records the point as pending (so a
+// crash is cleaned up on Open), creates an image per disk, starts a
+// qemu-storage-daemon exporting them writable over NBD and connects to it. Only
+// one point per VM is written at a time; Begin waits for the previous one as
+// long as ctx allows.
+func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error) {
+	if err := checkSpec(spec); err != nil {
+		return nil, err
+	}
+	l := s.vmLock(spec.VM)
+	if err := l.lockWriter(ctx, spec.VM); err != nil {
+		return nil, err
+	}
+	unlockChain, err := s.lockChain(ctx, spec.VM, false)
+	if err != nil {
+		l.unlockWriter()
+		return nil, err
+	}
+	w := &Writer{
+		s:           s,
+		spec:        spec,
+		parents:     map[string]uint64{},
+		disks:       map[string]*writeDisk{},
+		unlockChain: unlockChain,
+		rec:         pendingRecord{ID: spec.ID},
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		unlockChain()
+		l.unlockWriter()
+		return nil, errors.New("recovery store is closed")
+	}
+	s.writers[w] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		if err != nil {
+			actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+			if aerr := w.Abort(actx); aerr != nil {
+				err = errors.Join(err, aerr)
+			}
+			cancel()
+		}
+	}()
+
+	if w.rec.RunDir, err = s.runDir(); err != nil {
+		return nil, err
+	}
+	// Plan each disk's image and its backing, then record it all as pending
+	// before any file exists.
+	backing := map[string]string{}
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		var latest *pointRecord
+		if pts, err := readPoints(tx, spec.VM); err != nil {
+			return err
+		} else if len(pts) > 0 {
+			latest = &pts[len(pts)-1]
+		}
+		if latest != nil && spec.ID <= latest.Point.ID {
+			return fmt.Errorf("vm %q: point id %d is not after the latest point %d: ids must grow", spec.VM, spec.ID, latest.Point.ID)
+		}
+		for _, d := range spec.Disks {
+			wd := &writeDisk{spec: d, file: imageRel(spec.VM, d.Name, spec.ID), rec: blockRecord{}}
+			w.disks[d.Name] = wd
+			w.rec.Files = append(w.rec.Files, wd.file)
+			if latest != nil {
+				if prev, ok := latest.disk(d.Name); ok {
+					backing[d.Name] = s.abs(prev.File)
+					w.parents[d.Name] = latest.Point.ID
+				}
+			}
+		}
+		b, err := vmBucketCreate(tx, spec.VM)
+		if err != nil {
+			return err
+		}
+		return putJSON(b.Bucket(bucketPending), idKey(spec.ID), w.rec)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("vm %q point %d: recording the point as pending: %w", spec.VM, spec.ID, err)
+	}
+
+	for _, d := range spec.Disks {
+		wd := w.disks[d.Name]
+		path := s.abs(wd.file)
+		if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+			return nil, fmt.Errorf("vm %q disk %q: %w", spec.VM, d.Name, err)
+		}
+		bfmt := ""
+		if backing[d.Name] != "" {
+			bfmt = "qcow2"
+		}
+		if err := qemu.CreateImage(ctx, path, "qcow2", d.Size, backing[d.Name], bfmt); err != nil {
+			return nil, fmt.Errorf("vm %q disk %q: creating the image of point %d: %w", spec.VM, d.Name, spec.ID, err)
+		}
+	}
+
+	names := make([]string, len(spec.Disks))
+	files := make([]string, len(spec.Disks))
+	for i, d := range spec.Disks {
+		names[i], files[i] = d.Name, s.abs(w.disks[d.Name].file)
+	}
+	w.daemon, err = s.startDaemon(ctx, s.abs(w.rec.RunDir), names, files, true)
+	if err != nil {
+		return nil, fmt.Errorf("vm %q point %d: %w", spec.VM, spec.ID, err)
+	}
+	for _, d := range spec.Disks {
+		c, err := dialExport(ctx, w.daemon, d.Name, d.Size)
+		if err != nil {
+			return nil, fmt.Errorf("vm %q point %d: %w", spec.VM, spec.ID, err)
+		}
+		w.disks[d.Name].client = c
+	}
+	s.log.Info("writing restore point", "vm", spec.VM, "point", spec.ID, "disks", len(spec.Disks))
+	return w, nil
+}
+
+func checkSpec(spec BeginSpec) error {
+	if err := checkName("vm", spec.VM); err != nil {
+		return err
+	}
+	if spec.ID == 0 {
+		return fmt.Errorf("vm %q: point id 0 is reserved (it means \"latest\"): number points from 1", spec.VM)
+	}
+	if len(spec.Disks) == 0 {
+		return fmt.Errorf("vm %q point %d has no disks", spec.VM, spec.ID)
+	}
+	seen := map[string]bool{}
+	for _, d := range spec.Disks {
+		if err := checkName("disk", d.Name); err != nil {
+			return fmt.Errorf("vm %q: %w", spec.VM, err)
+		}
+		if seen[d.Name] {
+			return fmt.Errorf("vm %q point %d names disk %q twice", spec.VM, spec.ID, d.Name)
+		}
+		seen[d.Name] = true
+		if d.Size <= 0 || d.Size%512 != 0 {
+			return fmt.Errorf("vm %q disk %q: size %d is not a disk size (a positive multiple of 512 bytes)", spec.VM, d.Name, d.Size)
+		}
+	}
+	return nil
+}
+
+// ID is the point being written.
+func (w *Writer) ID() uint64 { return w.spec.ID }
+
+func (w *Writer) disk(name string) (*writeDisk, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ended {
+		return nil, fmt.Errorf("vm %q point %d is already committed or aborted", w.spec.VM, w.spec.ID)
+	}
+	if w.failed != nil {
+		return nil, fmt.Errorf("vm %q point %d: an earlier write failed, abort the point: %w", w.spec.VM, w.spec.ID, w.failed)
+	}
+	d, ok := w.disks[name]
+	if !ok {
+		return nil, fmt.Errorf("vm %q point %d has no disk %q: %w", w.spec.VM, w.spec.ID, name, ErrNoDisk)
+	}
+	return d, nil
+}
+
+// fail records that a write failed: the point is now unfit to commit.
+func (w *Writer) fail(err error) error {
+	w.mu.Lock()
+	if w.failed == nil {
+		w.failed = err
+	}
+	w.mu.Unlock()
+	return err
+}
+
+// checkRange checks that [off, off+length) is on the block grid of the disk:
+// block aligned, a whole number of blocks except where it ends at the disk's end.
+func (w *Writer) checkRange(d *writeDisk, off, length int64) error {
+	size := d.spec.Size
+	switch {
+	case off < 0 || length <= 0 || off+length > size:
+		return fmt.Errorf("vm %q disk %q: range [%d, %d) is outside the disk (size %d)", w.spec.VM, d.spec.Name, off, off+length, size)
+	case off%lifeboat.BlockSize != 0:
+		return fmt.Errorf("vm %q disk %q: offset %d is not on the %d-byte block grid", w.spec.VM, d.spec.Name, off, lifeboat.BlockSize)
+	case length%lifeboat.BlockSize != 0 && off+length != size:
+		return fmt.Errorf("vm %q disk %q: length %d at offset %d is not whole blocks and does not end at the disk's end (%d)", w.spec.VM, d.spec.Name, length, off, size)
+	}
+	return nil
+}
+
+// WriteBlocks writes data at off after checking hashes[i] == HashBlock(block i)
+// for every block of it. off is block aligned and len(data) whole blocks,
+// except for a range ending at the disk's end. A mismatch returns a
+// *HashMismatchError and writes nothing of the call.
+func (w *Writer) WriteBlocks(ctx context.Context, disk string, off int64, data []byte, hashes []lifeboat.Hash) error {
+	d, err := w.disk(disk)
+	if err != nil {
+		return err
+	}
+	if err := w.checkRange(d, off, int64(len(data))); err != nil {
+		return err
+	}
+	if n := blockCount(int64(len(data))); int64(len(hashes)) != n {
+		return fmt.Errorf("vm %q disk %q: %d hashes for %d blocks at offset %d", w.spec.VM, disk, len(hashes), n, off)
+	}
+	for i := range hashes {
+		lo := int64(i) * lifeboat.BlockSize
+		hi := min(lo+lifeboat.BlockSize, int64(len(data)))
+		if lifeboat.HashBlock(data[lo:hi]) != hashes[i] {
+			return &HashMismatchError{VM: w.spec.VM, Disk: disk, Offset: off + lo}
+		}
+	}
+	if err := d.client.Write(ctx, data, off, false); err != nil {
+		return w.fail(fmt.Errorf("vm %q disk %q: writing %d bytes at offset %d: %w", w.spec.VM, disk, len(data), off, err))
+	}
+	// Record after the write: a block is in the record only once its bytes
+	// went to the image. Concurrent writes of one block are the caller's race.
+	first := off / lifeboat.BlockSize
+	d.mu.Lock()
+	for i, h := range hashes {
+		d.rec[first+int64(i)] = h
+	}
+	d.mu.Unlock()
+	return nil
+}
+
+// WriteZeroes makes [off, off+length) read as zeros (block aligned, except at
+// the disk's end) and records lifeboat.ZeroHash for each of its blocks.
+func (w *Writer) WriteZeroes(ctx context.Context, disk string, off, length int64) error {
+	d, err := w.disk(disk)
+	if err != nil {
+		return err
+	}
+	if err := w.checkRange(d, off, length); err != nil {
+		return err
+	}
+	// No NO_HOLE flag: qcow2 may mark the clusters zero rather than write them,
+	// which also hides the backing image's data, as it must.
+	if err := d.client.WriteZeroes(ctx, off, length, 0); err != nil {
+		return w.fail(fmt.Errorf("vm %q disk %q: zeroing %d bytes at offset %d: %w", w.spec.VM, disk, length, off, err))
+	}
+	first, n := off/lifeboat.BlockSize, blockCount(length)
+	d.mu.Lock()
+	for i := range n {
+		d.rec[first+i] = lifeboat.ZeroHash
+	}
+	d.mu.Unlock()
+	return nil
+}
+
+// Commit flushes every disk, stops the writing daemon cleanly and commits the
+// point with its stats and block records in one catalog transaction: only then
+// is it listed. It then applies retention to the VM before returning; a
+// retention failure is logged, not returned, since the point is committed.
+// A Commit that fails leaves the writer to Abort.
+func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboat.Point, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	vm, id := w.spec.VM, w.spec.ID
+	if w.ended {
+		return lifeboat.Point{}, fmt.Errorf("vm %q point %d is already committed or aborted", vm, id)
+	}
+	if w.failed != nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q point %d cannot be committed: a write failed, abort it and send the point again: %w", vm, id, w.failed)
+	}
+	for _, d := range w.disks {
+		if err := d.client.Flush(ctx); err != nil {
+			return lifeboat.Point{}, fmt.Errorf("vm %q disk %q: flushing point %d: %w", vm, d.spec.Name, id, err)
+		}
+	}
+	for _, d := range w.disks {
+		d.client.Close()
+	}
+	// A clean quit closes the images: metadata written, locks released for
+	// the next point's qemu-img and retention's commit.
+	if err := w.daemon.Stop(ctx); err != nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q point %d: stopping the writing daemon: %w", vm, id, err)
+	}
+	if err := w.s.syncDirs(w.rec.Files); err != nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q point %d: %w", vm, id, err)
+	}
+
+	r := pointRecord{
+		Point: lifeboat.Point{
+			VM: vm, ID: id, Instant: w.spec.Instant, Consistency: w.spec.Consistency, Group: w.spec.Group,
+			Stats: stats, Freeze: w.spec.Freeze, Note: w.spec.Note,
+		},
+		Parents: w.parents,
+	}
+	if r.Point.Consistency == "" {
+		r.Point.Consistency = lifeboat.Crash
+	}
+	for _, ds := range w.spec.Disks {
+		d := w.disks[ds.Name]
+		r.Point.Disks = append(r.Point.Disks, lifeboat.PointDisk{Name: ds.Name, Size: ds.Size, File: d.file, Resync: ds.Resync})
+	}
+	err := w.s.db.Update(func(tx *bolt.Tx) error {
+		b, err := vmBucketCreate(tx, vm)
+		if err != nil {
+			return err
+		}
+		if b.Bucket(bucketPending).Get(idKey(id)) == nil {
+			return fmt.Errorf("its pending record is gone: %w", errCatalog)
+		}
+		if err := putPoint(b, r); err != nil {
+			return err
+		}
+		for name, d := range w.disks {
+			if err := b.Bucket(bucketBlocks).Put(blocksKey(id, name), encodeBlockRecord(d.rec)); err != nil {
+				return err
+			}
+		}
+		return b.Bucket(bucketPending).Delete(idKey(id))
+	})
+	if err != nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q point %d: committing to the catalog: %w", vm, id, err)
+	}
+	w.endLocked()
+	_ = os.RemoveAll(w.s.abs(w.rec.RunDir))
+	w.s.log.Info("restore point committed", "vm", vm, "point", id, "bytes_data", stats.BytesData, "bytes_zero", stats.BytesZero)
+
+	if err := w.s.ApplyRetention(ctx, vm); err != nil {
+		w.s.log.Error("retention failed; it runs again after the next point", "vm", vm, "err", err)
+	}
+	return w.s.public(r), nil
+}
+
+// Abort stops the writing daemon, deletes the point's images and removes its
+// pending record. It is idempotent, and what Open does for a point left
+// pending by a crash.
+func (w *Writer) Abort(ctx context.Context) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ended {
+		return nil
+	}
+	for _, d := range w.disks {
+		if d.client != nil {
+			d.client.Close()
+		}
+	}
+	var errs []error
+	if w.daemon != nil {
+		// The point is thrown away: no need for a clean quit.
+		errs = append(errs, w.daemon.Kill())
+	}
+	if err := w.s.discardPending(ctx, w.spec.VM, w.rec); err != nil {
+		errs = append(errs, err)
+	}
+	w.endLocked()
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("vm %q: aborting point %d: %w", w.spec.VM, w.spec.ID, err)
+	}
+	w.s.log.Info("restore point aborted", "vm", w.spec.VM, "point", w.spec.ID)
+	return nil
+}
+
+// endLocked releases the VM for the next writer. w.mu is held.
+func (w *Writer) endLocked() {
+	w.ended = true
+	w.unlockChain()
+	w.s.vmLock(w.spec.VM).unlockWriter()
+	w.s.mu.Lock()
+	delete(w.s.writers, w)
+	w.s.mu.Unlock()
+}
+
+// discardPending deletes what a pending point created, files first, so a crash
+// in between leaves the record to finish the job on the next Open.
+func (s *Store) discardPending(ctx context.Context, vm string, p pendingRecord) error {
+	if err := killLeftoverDaemon(ctx, s.abs(p.RunDir)); err != nil {
+		s.log.Warn("could not stop the daemon of an interrupted point", "vm", vm, "point", p.ID, "err", err)
+	}
+	if err := s.removeFiles(p.Files); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(s.abs(p.RunDir)); err != nil {
+		return err
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := sub(vmBucket(tx, vm), bucketPending)
+		if b == nil {
+			return nil
+		}
+		return b.Delete(idKey(p.ID))
+	})
+}
+
+// syncDirs makes the directory entries of new images durable before the
+// catalog names them.
+func (s *Store) syncDirs(rels []string) error {
+	seen := map[string]bool{}
+	for _, rel := range rels {
+		dir := filepath.Dir(s.abs(rel))
+		if seen[dir] {
+			continue
+		}
+		seen[dir] = true
+		f, err := os.Open(dir)
+		if err != nil {
+			return err
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("syncing directory %s: %w", dir, err)
+		}
+	}
+	return nil
+}
