@@ -1,0 +1,92 @@
+// Command lifeboat replicates running QEMU/KVM VMs' disks to a recovery site and
+// keeps restore points there. One binary: `serve` runs a site, the rest talk to it.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/lifeboat-dr/lifeboat/daemon"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	root := newRootCmd()
+	if err := root.ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "lifeboat:", err)
+		var ue usageError
+		if errors.As(err, &ue) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+// globals are the flags every command shares.
+type globals struct {
+	config string
+	api    string
+}
+
+func newRootCmd() *cobra.Command {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:   "lifeboat",
+		Short: "Disaster recovery for QEMU/KVM virtual machines",
+		Long: `lifeboat replicates the disks of running QEMU/KVM VMs, block by block, to a
+recovery site, and keeps restore points there that can be exported or powered on.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	def := os.Getenv("LIFEBOAT_CONFIG")
+	if def == "" {
+		def = "/etc/lifeboat/site.yaml"
+	}
+	root.PersistentFlags().StringVarP(&g.config, "config", "c", def, "site config file (env LIFEBOAT_CONFIG)")
+	root.PersistentFlags().StringVar(&g.api, "api", "", "the site's API socket (default: api_socket of the config)")
+	root.AddCommand(
+		newServeCmd(g),
+		newSyncCmd(g),
+		newPointsCmd(g),
+		newExportCmd(g),
+		newVerifyCmd(g),
+		newStatusCmd(g),
+		newCertCmd(),
+		newDemoCmd(),
+	)
+	return root
+}
+
+// usageError is a mistake on the command line; its message says what to type.
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Sprintf(format, args...)} }
+
+// client finds the local site's API socket from --api or the config.
+func (g *globals) client() (*daemon.Client, error) {
+	if g.api != "" {
+		return daemon.NewClient(g.api), nil
+	}
+	cfg, err := daemon.LoadConfig(g.config)
+	if err != nil {
+		return nil, err
+	}
+	return daemon.NewClient(cfg.API), nil
+}
+
+// oneVM checks that a command got exactly one VM name.
+func oneVM(args []string, example string) (string, error) {
+	if len(args) != 1 {
+		return "", usagef("name one VM, e.g. `%s`", example)
+	}
+	return args[0], nil
+}

@@ -1,0 +1,49 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+)
+
+func newPointsCmd(g *globals) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:     "points VM",
+		Short:   "List a VM's restore points",
+		Example: "  lifeboat points web1\n  lifeboat points web1 --json",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vm, err := oneVM(args, "lifeboat points web1")
+			if err != nil {
+				return err
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			pts, err := c.Points(cmd.Context(), vm)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(pts)
+			}
+			if len(pts) == 0 {
+				fmt.Printf("vm %s has no restore point yet: run `lifeboat sync %s`\n", vm, vm)
+				return nil
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tINSTANT (UTC)\tCONSISTENCY\tCHANGED\tSENT\tDISKS")
+			for _, p := range pts {
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%d\n", p.ID, p.Instant.UTC().Format(time.RFC3339Nano), p.Consistency,
+					size(p.Stats.BytesChanged), size(p.Stats.BytesSent), len(p.Disks))
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print as JSON")
+	return cmd
+}

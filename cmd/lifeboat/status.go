@@ -1,0 +1,63 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+)
+
+func newStatusCmd(g *globals) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:     "status",
+		Short:   "Show every VM of the site: state, last point, its age (the current RPO), last error",
+		Example: "  lifeboat status\n  lifeboat status --json",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			st, err := c.Status(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(st)
+			}
+			fmt.Printf("site %s, %s\n", st.Site, st.Time.Format(time.RFC3339))
+			if len(st.VMs) == 0 {
+				fmt.Println("no VMs: add some under `vms:` in the config")
+				return nil
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "VM\tROLE\tSTATE\tLAST POINT\tRPO\tPOINTS\tLAST ERROR")
+			for _, v := range st.VMs {
+				last, rpo := "-", "-"
+				if v.LastPoint != nil {
+					last = fmt.Sprintf("%d @ %s", v.LastPoint.ID, v.LastPoint.Instant.Format("15:04:05"))
+					rpo = age(time.Duration(v.RPO * float64(time.Second)))
+				}
+				state := v.State
+				if v.Progress != nil && v.Progress.Total > 0 {
+					state = fmt.Sprintf("%s %d%%", v.State, v.Progress.Done*100/v.Progress.Total)
+				}
+				points := "-"
+				if v.Role == "replica" {
+					points = fmt.Sprint(v.Points)
+				}
+				errText := v.LastError
+				if len(errText) > 120 {
+					errText = errText[:117] + "..."
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.VM, v.Role, state, last, rpo, points, errText)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print as JSON")
+	return cmd
+}

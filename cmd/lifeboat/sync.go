@@ -1,0 +1,50 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/lifeboat-dr/lifeboat/protect"
+)
+
+func newSyncCmd(g *globals) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "sync VM",
+		Short: "Run one replication cycle of a VM now",
+		Long: `Run one replication cycle now. The first is the initial sync of all allocated
+data; later ones send only the blocks written since the last point. Exits 0 only
+when the recovery site has committed the point.`,
+		Example: `  lifeboat sync web1 -c site.yaml`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			vm, err := oneVM(args, "lifeboat sync web1")
+			if err != nil {
+				return err
+			}
+			c, err := g.client()
+			if err != nil {
+				return err
+			}
+			bar := newProgressLine(os.Stderr)
+			pt, err := c.Sync(cmd.Context(), vm, func(p protect.Progress) { bar.show(p) })
+			bar.done()
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(pt)
+			}
+			s := pt.Stats
+			fmt.Printf("vm %s: point %d committed at %s (%s)\n", pt.VM, pt.ID, pt.Instant.Format(time.RFC3339Nano), pt.Consistency)
+			fmt.Printf("  changed %s, zero %s, unchanged %s, data %s, sent %s, in %s\n",
+				size(s.BytesChanged), size(s.BytesZero), size(s.BytesSame), size(s.BytesData), size(s.BytesSent),
+				s.Duration.Round(time.Millisecond))
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the committed point as JSON")
+	return cmd
+}

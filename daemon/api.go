@@ -1,0 +1,269 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+)
+
+// The local API is HTTP with JSON over a unix socket: nothing listens
+// unauthenticated on a network, and file permissions say who may use it.
+// Long operations answer with newline-delimited JSON events.
+
+// Event is one line of a streamed answer: progress, then a result or an error.
+type Event struct {
+	Progress any                    `json:"progress,omitempty"`
+	Point    *lifeboat.Point        `json:"point,omitempty"`
+	Verify   *recovery.VerifyReport `json:"verify,omitempty"`
+	Error    string                 `json:"error,omitempty"`
+}
+
+// ExportRequest asks for a point's disk as an image file on this site.
+type ExportRequest struct {
+	Point  uint64 `json:"point"` // 0 = latest
+	Disk   string `json:"disk"`
+	Out    string `json:"out"`
+	Format string `json:"format"`
+}
+
+type apiServer struct {
+	d   *Daemon
+	srv *http.Server
+	l   net.Listener
+}
+
+func (d *Daemon) listenAPI() (*apiServer, error) {
+	if err := os.MkdirAll(filepath.Dir(d.cfg.API), 0o750); err != nil {
+		return nil, fmt.Errorf("api_socket %s: %w", d.cfg.API, err)
+	}
+	if c, err := net.DialTimeout("unix", d.cfg.API, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("api_socket %s: another lifeboat serves this site already; stop it first", d.cfg.API)
+	}
+	os.Remove(d.cfg.API) // a stale socket of a stopped daemon
+	l, err := net.Listen("unix", d.cfg.API)
+	if err != nil {
+		return nil, fmt.Errorf("api_socket %s: %w", d.cfg.API, err)
+	}
+	os.Chmod(d.cfg.API, 0o600)
+	a := &apiServer{d: d, l: l}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", a.status)
+	mux.HandleFunc("POST /v1/vms/{vm}/sync", a.sync)
+	mux.HandleFunc("GET /v1/vms/{vm}/points", a.points)
+	mux.HandleFunc("POST /v1/vms/{vm}/export", a.export)
+	mux.HandleFunc("POST /v1/vms/{vm}/verify", a.verify)
+	a.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	return a, nil
+}
+
+func (a *apiServer) Serve() error {
+	err := a.srv.Serve(a.l)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+func (a *apiServer) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return a.srv.Shutdown(ctx)
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+func writeErr(w http.ResponseWriter, code int, err error) {
+	writeJSON(w, code, Event{Error: err.Error()})
+}
+
+// stream answers with NDJSON events as they come.
+type stream struct {
+	w   http.ResponseWriter
+	enc *json.Encoder
+}
+
+func newStream(w http.ResponseWriter) *stream {
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	return &stream{w: w, enc: json.NewEncoder(w)}
+}
+
+func (s *stream) send(e Event) {
+	s.enc.Encode(e)
+	if f, ok := s.w.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// StatusReply is `lifeboat status`.
+type StatusReply struct {
+	Site string     `json:"site"`
+	Time time.Time  `json:"time"`
+	VMs  []VMStatus `json:"vms"`
+}
+
+func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
+	now := time.Now().UTC()
+	out := StatusReply{Site: a.d.cfg.Site, Time: now, VMs: []VMStatus{}}
+	for _, name := range a.d.vmNames() {
+		out.VMs = append(out.VMs, a.d.vms[name].status(now))
+	}
+	if a.d.store != nil {
+		names, err := a.d.store.VMs()
+		if err != nil {
+			writeErr(w, http.StatusInternalServerError, err)
+			return
+		}
+		for _, name := range names {
+			pts, err := a.d.store.Points(name)
+			if err != nil {
+				writeErr(w, http.StatusInternalServerError, err)
+				return
+			}
+			s := VMStatus{VM: name, Role: "replica", State: "replica", Points: len(pts)}
+			if len(pts) > 0 {
+				last := pts[len(pts)-1]
+				s.LastPoint = &last
+				s.RPO = now.Sub(last.Instant).Seconds()
+			}
+			out.VMs = append(out.VMs, s)
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (a *apiServer) sync(w http.ResponseWriter, r *http.Request) {
+	v, ok := a.d.vms[r.PathValue("vm")]
+	if !ok {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q is not protected by site %q (see `vms:` in %s)", r.PathValue("vm"), a.d.cfg.Site, a.d.cfg.Path()))
+		return
+	}
+	st := newStream(w)
+	ch, stop := v.watch()
+	defer stop()
+	type result struct {
+		pt  lifeboat.Point
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		pt, err := v.sync(r.Context())
+		done <- result{pt, err}
+	}()
+	for {
+		select {
+		case p := <-ch:
+			st.send(Event{Progress: p})
+		case res := <-done:
+			if res.err != nil {
+				st.send(Event{Error: res.err.Error()})
+				return
+			}
+			st.send(Event{Point: &res.pt})
+			return
+		}
+	}
+}
+
+func (a *apiServer) points(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("vm")
+	if a.d.store != nil {
+		pts, err := a.d.store.Points(name)
+		if err != nil {
+			writeErr(w, http.StatusInternalServerError, err)
+			return
+		}
+		if len(pts) > 0 || a.d.vms[name] == nil {
+			writeJSON(w, http.StatusOK, pts)
+			return
+		}
+	}
+	v, ok := a.d.vms[name]
+	if !ok {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q: site %q neither protects it nor holds its points", name, a.d.cfg.Site))
+		return
+	}
+	peer, err := a.d.peer(r.Context(), v.cfg.Peer)
+	if err != nil {
+		writeErr(w, http.StatusBadGateway, err)
+		return
+	}
+	pts, err := peer.Points(r.Context(), name)
+	if err != nil {
+		writeErr(w, http.StatusBadGateway, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, pts)
+}
+
+func (a *apiServer) needStore(w http.ResponseWriter, vm string) bool {
+	if a.d.store == nil {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("vm %q: site %q is not a recovery site (no `listen:`) and holds no points: run this on the recovery site", vm, a.d.cfg.Site))
+		return false
+	}
+	return true
+}
+
+func (a *apiServer) export(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("vm")
+	if !a.needStore(w, name) {
+		return
+	}
+	var req ExportRequest
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("export request: %w", err))
+		return
+	}
+	if err := a.d.store.Export(r.Context(), name, req.Point, req.Disk, req.Out, req.Format); err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	pt, err := a.d.store.Point(name, req.Point)
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, Event{Point: &pt})
+}
+
+// VerifyProgress is a verify's progress event.
+type VerifyProgress struct {
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+}
+
+func (a *apiServer) verify(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("vm")
+	if !a.needStore(w, name) {
+		return
+	}
+	id, _ := strconv.ParseUint(r.URL.Query().Get("point"), 10, 64)
+	st := newStream(w)
+	last := time.Time{}
+	rep, err := a.d.store.Verify(r.Context(), name, id, func(done, total int64) {
+		if time.Since(last) > 250*time.Millisecond || done == total {
+			last = time.Now()
+			st.send(Event{Progress: VerifyProgress{Done: done, Total: total}})
+		}
+	})
+	if err != nil {
+		st.send(Event{Verify: &rep, Error: err.Error()})
+		return
+	}
+	st.send(Event{Verify: &rep})
+}

@@ -1,0 +1,201 @@
+// Package daemon is one lifeboat site: its config, the protected VMs' scheduler
+// and RPO monitor, the recovery service, and the local API the CLI talks to.
+package daemon
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// Config is a site's configuration file (see site.example.yaml).
+type Config struct {
+	path string
+
+	Site     string    `yaml:"site"`
+	StateDir string    `yaml:"state_dir"`
+	API      string    `yaml:"api_socket"`
+	TLS      TLSConfig `yaml:"tls"`
+	// Listen makes the site a recovery site: protected sites connect here.
+	Listen string `yaml:"listen"`
+	// Keep is how many points per VM the recovery site keeps.
+	Keep  int          `yaml:"keep"`
+	Peers []PeerConfig `yaml:"peers"`
+	VMs   []VMConfig   `yaml:"vms"`
+}
+
+type TLSConfig struct {
+	CA   string `yaml:"ca"`
+	Cert string `yaml:"cert"`
+	Key  string `yaml:"key"`
+}
+
+// PeerConfig is a recovery site this site replicates to.
+type PeerConfig struct {
+	Name        string `yaml:"name"`
+	Address     string `yaml:"address"`
+	Compression string `yaml:"compression"`
+}
+
+// VMConfig is one protected VM.
+type VMConfig struct {
+	Name        string   `yaml:"name"`
+	QMP         string   `yaml:"qmp"`
+	NBDSocket   string   `yaml:"nbd_socket"`
+	Disks       []string `yaml:"disks"`
+	Peer        string   `yaml:"peer"`
+	Interval    Duration `yaml:"interval"`
+	Consistency string   `yaml:"consistency"`
+	Agent       string   `yaml:"agent"`
+}
+
+// Duration is a time.Duration written as "30s" in YAML.
+type Duration time.Duration
+
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration (write it like 30s or 5m)", n.Line, n.Value)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// LoadConfig reads and checks a site's config. Errors name the file, the field and the fix.
+func LoadConfig(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("config %s: no such file (start from site.example.yaml in the lifeboat repository)", path)
+		}
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	var c Config
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	c.path = path
+	if err := c.check(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// Path is the file the config was read from.
+func (c *Config) Path() string { return c.path }
+
+func (c *Config) fail(field, format string, args ...any) error {
+	return fmt.Errorf("config %s: %s: %s", c.path, field, fmt.Sprintf(format, args...))
+}
+
+func (c *Config) check() error {
+	base := filepath.Dir(c.path)
+	abs := func(p string) string {
+		if p == "" || filepath.IsAbs(p) {
+			return p
+		}
+		return filepath.Join(base, p)
+	}
+	if !nameRE.MatchString(c.Site) {
+		return c.fail("site", "%q is not a site name: use letters, digits, '.', '_' or '-', e.g. `site: dr-east`", c.Site)
+	}
+	if c.StateDir == "" {
+		return c.fail("state_dir", "missing: set the directory for the catalog, replicas and sockets, e.g. `state_dir: /var/lib/lifeboat`")
+	}
+	c.StateDir = abs(c.StateDir)
+	if c.API == "" {
+		c.API = filepath.Join(c.StateDir, "api.sock")
+	}
+	c.API = abs(c.API)
+	c.TLS.CA, c.TLS.Cert, c.TLS.Key = abs(c.TLS.CA), abs(c.TLS.Cert), abs(c.TLS.Key)
+	needTLS := c.Listen != "" || len(c.VMs) > 0
+	if needTLS && (c.TLS.CA == "" || c.TLS.Cert == "" || c.TLS.Key == "") {
+		return c.fail("tls", "ca, cert and key are all needed: sites only talk over mutual TLS (create them with `lifeboat cert ca` and `lifeboat cert site %s`)", c.Site)
+	}
+	if c.Keep < 0 {
+		return c.fail("keep", "%d: must be at least 1 (points kept per VM)", c.Keep)
+	}
+	if c.Keep == 0 {
+		c.Keep = 24
+	}
+	peers := map[string]bool{}
+	for i := range c.Peers {
+		p := &c.Peers[i]
+		f := fmt.Sprintf("peers[%d]", i)
+		if !nameRE.MatchString(p.Name) {
+			return c.fail(f+".name", "%q is not a site name", p.Name)
+		}
+		if peers[p.Name] {
+			return c.fail(f+".name", "%q appears twice", p.Name)
+		}
+		peers[p.Name] = true
+		if p.Address == "" {
+			return c.fail(f+".address", "missing: the recovery site's host:port, e.g. `address: dr.example.net:7420`")
+		}
+		comp, err := wire.ParseCompression(p.Compression)
+		if err != nil {
+			return c.fail(f+".compression", "%v", err)
+		}
+		p.Compression = string(comp)
+	}
+	vms := map[string]bool{}
+	for i := range c.VMs {
+		v := &c.VMs[i]
+		f := fmt.Sprintf("vms[%d]", i)
+		if !nameRE.MatchString(v.Name) {
+			return c.fail(f+".name", "%q is not a VM name: use letters, digits, '.', '_' or '-'", v.Name)
+		}
+		f = fmt.Sprintf("vms[%d] (%s)", i, v.Name)
+		if vms[v.Name] {
+			return c.fail(f+".name", "%q appears twice", v.Name)
+		}
+		vms[v.Name] = true
+		if v.QMP == "" {
+			return c.fail(f+".qmp", "missing: the VM's QMP unix socket, e.g. `qmp: /run/qemu/%s.qmp`", v.Name)
+		}
+		v.QMP, v.NBDSocket, v.Agent = abs(v.QMP), abs(v.NBDSocket), abs(v.Agent)
+		if v.Peer == "" && len(c.Peers) == 1 {
+			v.Peer = c.Peers[0].Name
+		}
+		if !peers[v.Peer] {
+			return c.fail(f+".peer", "%q is not one of `peers:`; name the recovery site this VM replicates to", v.Peer)
+		}
+		if v.Interval < 0 {
+			return c.fail(f+".interval", "must not be negative (0 = only on `lifeboat sync`)")
+		}
+		cons, err := lifeboat.ParseConsistency(v.Consistency)
+		if err != nil {
+			return c.fail(f+".consistency", "%v", err)
+		}
+		if cons != lifeboat.Crash && v.Agent == "" {
+			return c.fail(f+".agent", "consistency %q needs the guest agent's socket, e.g. `agent: /run/qemu/%s.qga`", cons, v.Name)
+		}
+		v.Consistency = string(cons)
+	}
+	return nil
+}
+
+// Peer returns the named peer's config.
+func (c *Config) Peer(name string) (PeerConfig, bool) {
+	for _, p := range c.Peers {
+		if p.Name == name {
+			return p, true
+		}
+	}
+	return PeerConfig{}, false
+}

@@ -1,0 +1,144 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/pki"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// Daemon is one running site.
+type Daemon struct {
+	cfg *Config
+	log *slog.Logger
+
+	store  *recovery.Store
+	server *wire.Server
+	vms    map[string]*vm
+
+	mu    sync.Mutex
+	peers map[string]*wire.Client
+}
+
+// New prepares a site from its config; Run starts it.
+func New(cfg *Config, log *slog.Logger) *Daemon {
+	if log == nil {
+		log = slog.Default()
+	}
+	d := &Daemon{cfg: cfg, log: log.With("site", cfg.Site), vms: map[string]*vm{}, peers: map[string]*wire.Client{}}
+	for _, vc := range cfg.VMs {
+		d.vms[vc.Name] = newVM(d, vc)
+	}
+	return d
+}
+
+// Run serves the site until ctx ends: the recovery service if `listen` is set, the
+// protected VMs' schedules, and the local API.
+func (d *Daemon) Run(ctx context.Context) error {
+	if err := os.MkdirAll(d.cfg.StateDir, 0o750); err != nil {
+		return fmt.Errorf("state_dir %s: %w", d.cfg.StateDir, err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 4)
+
+	if d.cfg.Listen != "" {
+		st, err := recovery.Open(ctx, filepath.Join(d.cfg.StateDir, "recovery"), recovery.Options{Keep: d.cfg.Keep, Logger: d.log})
+		if err != nil {
+			return err
+		}
+		d.store = st
+		defer st.Close()
+		tlsConf, err := pki.ServerTLS(d.tlsFiles())
+		if err != nil {
+			return fmt.Errorf("config %s: tls: %w", d.cfg.Path(), err)
+		}
+		l, err := net.Listen("tcp", d.cfg.Listen)
+		if err != nil {
+			return fmt.Errorf("config %s: listen %s: %w", d.cfg.Path(), d.cfg.Listen, err)
+		}
+		d.server = &wire.Server{Site: d.cfg.Site, Store: recoveryStore{st}, Log: d.log}
+		go func() { errc <- d.server.Serve(l, tlsConf) }()
+		defer d.server.Stop()
+		d.log.Info("recovery service listening", "addr", l.Addr().String())
+	}
+
+	api, err := d.listenAPI()
+	if err != nil {
+		return err
+	}
+	go func() { errc <- api.Serve() }()
+	defer api.Close()
+
+	var wg sync.WaitGroup
+	for _, v := range d.vms {
+		wg.Add(1)
+		go func() { defer wg.Done(); v.schedule(ctx) }()
+	}
+	defer wg.Wait()
+	defer cancel()
+
+	d.log.Info("site running", "api", d.cfg.API, "vms", len(d.vms))
+	select {
+	case <-ctx.Done():
+		d.log.Info("site stopping")
+		return nil
+	case err := <-errc:
+		if errors.Is(err, net.ErrClosed) {
+			return nil
+		}
+		return err
+	}
+}
+
+func (d *Daemon) tlsFiles() pki.Files {
+	return pki.Files{CA: d.cfg.TLS.CA, Cert: d.cfg.TLS.Cert, Key: d.cfg.TLS.Key}
+}
+
+// peer returns a connection to a recovery site, dialling it on first use.
+func (d *Daemon) peer(ctx context.Context, name string) (*wire.Client, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if c, ok := d.peers[name]; ok {
+		return c, nil
+	}
+	pc, ok := d.cfg.Peer(name)
+	if !ok {
+		return nil, fmt.Errorf("peer %q is not in the config", name)
+	}
+	host, _, err := net.SplitHostPort(pc.Address)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: peer %q address %q: %w", d.cfg.Path(), name, pc.Address, err)
+	}
+	tlsConf, err := pki.ClientTLS(d.tlsFiles(), host)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: tls: %w", d.cfg.Path(), err)
+	}
+	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	c, err := wire.Dial(dctx, pc.Address, tlsConf, d.cfg.Site, wire.Compression(pc.Compression))
+	if err != nil {
+		return nil, fmt.Errorf("peer %q: %w", name, err)
+	}
+	d.peers[name] = c
+	return c, nil
+}
+
+func (d *Daemon) vmNames() []string {
+	names := make([]string, 0, len(d.vms))
+	for n := range d.vms {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}

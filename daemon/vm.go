@@ -1,0 +1,191 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/protect"
+)
+
+// vm is one protected VM: its schedule, its cycles (never two at once) and what
+// status shows of it.
+type vm struct {
+	d   *Daemon
+	cfg VMConfig
+	p   *protect.Protector
+
+	cycleMu sync.Mutex // one cycle at a time
+
+	mu       sync.Mutex
+	state    string
+	last     *lifeboat.Point
+	lastErr  string
+	errAt    time.Time
+	progress *protect.Progress
+	watchers map[chan protect.Progress]struct{}
+}
+
+func newVM(d *Daemon, c VMConfig) *vm {
+	v := &vm{d: d, cfg: c, state: "idle", watchers: map[chan protect.Progress]struct{}{}}
+	v.p = &protect.Protector{
+		VM: protect.VM{
+			Name: c.Name, QMPSocket: c.QMP, NBDSocket: c.NBDSocket, Disks: c.Disks,
+			WorkDir: filepath.Join(d.cfg.StateDir, "protect", c.Name),
+		},
+		Log:         d.log,
+		Readers:     8,
+		ChunkSize:   1 << 20,
+		Connections: 4,
+		Progress:    v.onProgress,
+	}
+	return v
+}
+
+func (v *vm) onProgress(p protect.Progress) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.progress = &p
+	for ch := range v.watchers {
+		select {
+		case ch <- p:
+		default: // a slow watcher misses a step, never blocks a cycle
+		}
+	}
+}
+
+func (v *vm) watch() (chan protect.Progress, func()) {
+	ch := make(chan protect.Progress, 16)
+	v.mu.Lock()
+	v.watchers[ch] = struct{}{}
+	v.mu.Unlock()
+	return ch, func() {
+		v.mu.Lock()
+		delete(v.watchers, ch)
+		v.mu.Unlock()
+	}
+}
+
+// sync runs one cycle now.
+func (v *vm) sync(ctx context.Context) (lifeboat.Point, error) {
+	v.cycleMu.Lock()
+	defer v.cycleMu.Unlock()
+	v.setState("syncing", nil)
+	pt, err := v.cycle(ctx)
+	v.mu.Lock()
+	v.progress = nil
+	v.mu.Unlock()
+	if err != nil {
+		v.setState("error", err)
+		v.d.log.Error("cycle failed", "vm", v.cfg.Name, "err", err)
+		return pt, err
+	}
+	v.mu.Lock()
+	v.last = &pt
+	v.mu.Unlock()
+	v.setState("protected", nil)
+	return pt, nil
+}
+
+func (v *vm) cycle(ctx context.Context) (lifeboat.Point, error) {
+	if err := os.MkdirAll(v.p.VM.WorkDir, 0o750); err != nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q: work dir: %w", v.cfg.Name, err)
+	}
+	peer, err := v.d.peer(ctx, v.cfg.Peer)
+	if err != nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q: %w", v.cfg.Name, err)
+	}
+	q, err := v.d.quiescer(v.cfg)
+	if err != nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q: %w", v.cfg.Name, err)
+	}
+	v.p.Target = peer
+	v.p.Quiescer = q
+	return v.p.Cycle(ctx)
+}
+
+func (v *vm) setState(s string, err error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.state = s
+	if err != nil {
+		v.lastErr = err.Error()
+		v.errAt = time.Now().UTC()
+	} else if s == "protected" {
+		v.lastErr = ""
+	}
+}
+
+// schedule runs a cycle every interval, and learns the latest point at start so
+// that status shows the RPO before the first cycle.
+func (v *vm) schedule(ctx context.Context) {
+	if peer, err := v.d.peer(ctx, v.cfg.Peer); err == nil {
+		lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		if pt, ok, err := peer.Latest(lctx, v.cfg.Name); err == nil && ok {
+			v.mu.Lock()
+			if v.last == nil {
+				v.last = &pt
+				v.state = "protected"
+			}
+			v.mu.Unlock()
+		}
+		cancel()
+	}
+	if v.cfg.Interval <= 0 {
+		return
+	}
+	every := time.Duration(v.cfg.Interval)
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		start := time.Now()
+		cctx, cancel := context.WithTimeout(ctx, max(every*20, 6*time.Hour))
+		v.sync(cctx) // errors are in status and the log; the next tick retries
+		cancel()
+		t.Reset(max(every-time.Since(start), time.Second))
+	}
+}
+
+// VMStatus is what `lifeboat status` shows of one VM.
+type VMStatus struct {
+	VM   string `json:"vm"`
+	Role string `json:"role"` // "protected" (this site protects it) or "replica" (this site holds its points)
+	// State: idle (never synced), syncing, protected, error.
+	State     string            `json:"state"`
+	Peer      string            `json:"peer,omitempty"`
+	Interval  string            `json:"interval,omitempty"`
+	LastPoint *lifeboat.Point   `json:"last_point,omitempty"`
+	RPO       float64           `json:"rpo_seconds,omitempty"` // age of the last point
+	Points    int               `json:"points,omitempty"`
+	LastError string            `json:"last_error,omitempty"`
+	ErrorAt   *time.Time        `json:"error_at,omitempty"`
+	Progress  *protect.Progress `json:"progress,omitempty"`
+}
+
+func (v *vm) status(now time.Time) VMStatus {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	s := VMStatus{VM: v.cfg.Name, Role: "protected", State: v.state, Peer: v.cfg.Peer, LastError: v.lastErr, Progress: v.progress}
+	if v.cfg.Interval > 0 {
+		s.Interval = time.Duration(v.cfg.Interval).String()
+	}
+	if v.last != nil {
+		p := *v.last
+		s.LastPoint = &p
+		s.RPO = now.Sub(p.Instant).Seconds()
+	}
+	if !v.errAt.IsZero() && v.lastErr != "" {
+		t := v.errAt
+		s.ErrorAt = &t
+	}
+	return s
+}

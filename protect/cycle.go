@@ -1,0 +1,407 @@
+package protect
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/nbd"
+	"github.com/lifeboat-dr/lifeboat/qemu"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// boundedCleanup is how long teardown and rollback may take after a failure.
+const boundedCleanup = 30 * time.Second
+
+type cycle struct {
+	p      *Protector
+	log    *slog.Logger
+	mon    *qemu.Monitor
+	disks  []*diskState
+	point  lifeboat.Point
+	latest lifeboat.Point
+	stream *wire.PointStream
+
+	changed, zero, same, data, sent, done atomic.Int64
+	total                                 int64
+}
+
+func (c *cycle) run(ctx context.Context) (pt lifeboat.Point, err error) {
+	p := c.p
+	m, err := qemu.Dial(ctx, p.VM.QMPSocket)
+	if err != nil {
+		return pt, fmt.Errorf("connect to QMP %s: %w (is the VM running? check `qmp:` in the config)", p.VM.QMPSocket, err)
+	}
+	defer m.Close()
+	c.mon = m
+
+	nodes, err := p.disks(ctx, m)
+	if err != nil {
+		return pt, err
+	}
+	latest, found, err := p.Target.Latest(ctx, p.VM.Name)
+	if err != nil {
+		return pt, err
+	}
+	id := uint64(1)
+	if found {
+		c.latest = latest
+		id = latest.ID + 1
+	}
+	for _, n := range nodes {
+		d := &diskState{node: n.NodeName, size: n.Size, persistent: persistentBitmaps(n), new: genName(id),
+			export: "lifeboat-fleece-" + n.NodeName}
+		latestID := uint64(0)
+		if found && hasDisk(latest, n.NodeName) {
+			latestID = latest.ID
+		}
+		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Bitmaps, latestID)
+		if err != nil {
+			return pt, fmt.Errorf("disk %q: %w", n.NodeName, err)
+		}
+		if d.old == "" {
+			c.log.Info("disk will be sent whole", "disk", d.node, "why", d.why)
+		}
+		c.disks = append(c.disks, d)
+	}
+	sock, err := p.nbdSocket(ctx, m)
+	if err != nil {
+		return pt, err
+	}
+
+	// The instant: quiesce, one transaction over every disk, thaw.
+	c.report("snapshot", 0)
+	level, note := lifeboat.Crash, ""
+	var (
+		thaw   func(context.Context) error
+		frozen time.Time
+		freeze time.Duration
+	)
+	if p.Quiescer != nil {
+		frozen = time.Now()
+		var ferr error
+		level, thaw, note, ferr = p.Quiescer.Freeze(ctx)
+		if ferr != nil {
+			return pt, ferr
+		}
+	}
+	// thawNow runs once, right after the transaction or on any early return.
+	thawNow := func() {
+		if thaw == nil {
+			return
+		}
+		t := thaw
+		thaw = nil
+		if terr := t(context.WithoutCancel(ctx)); terr != nil {
+			c.log.Error("thaw after the instant failed", "err", terr)
+		}
+		freeze = time.Since(frozen)
+	}
+	defer thawNow()
+	var fdisks []qemu.FleeceDisk
+	for _, d := range c.disks {
+		fdisks = append(fdisks, qemu.FleeceDisk{
+			Node: d.node, File: filepath.Join(p.VM.WorkDir, p.VM.Name+"-"+d.node+"-fleece.qcow2"),
+			NewBitmap: d.new, OldBitmap: d.old, Persistent: d.persistent, ExportName: d.export,
+		})
+	}
+	fl, err := m.StartFleece(ctx, fdisks)
+	thawNow()
+	if err != nil {
+		return pt, fmt.Errorf("fleece transaction: %w", err)
+	}
+	c.point = lifeboat.Point{VM: p.VM.Name, ID: id, Instant: fl.Instant().UTC(), Consistency: level, Note: note, Freeze: freeze}
+	for _, d := range c.disks {
+		c.point.Disks = append(c.point.Disks, lifeboat.PointDisk{Name: d.node, Size: d.size, Resync: d.old == ""})
+	}
+	c.log = c.log.With("point", id)
+
+	committed := false
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
+		defer cancel()
+		if c.stream != nil && !committed {
+			c.stream.Abort()
+		}
+		if terr := fl.Teardown(cctx); terr != nil {
+			c.log.Error("fleece teardown failed", "err", terr)
+			if err == nil {
+				err = fmt.Errorf("point %d committed, but fleece teardown failed: %w", id, terr)
+			}
+		}
+		for _, d := range c.disks {
+			var berr error
+			if committed {
+				if d.old != "" {
+					berr = m.RemoveBitmap(cctx, d.node, d.old)
+				}
+			} else {
+				berr = rollback(cctx, m, d.node, d.old, d.new)
+			}
+			if berr != nil {
+				// The next cycle's reconcile folds whatever is left; nothing is lost.
+				c.log.Error("generation bookkeeping failed; the next cycle repairs it", "disk", d.node, "err", berr)
+			}
+		}
+	}()
+	if h := p.Hooks.AfterInstant; h != nil {
+		if err := h(ctx); err != nil {
+			return pt, err
+		}
+	}
+
+	pt, err = c.send(ctx, sock)
+	if errors.Is(err, errCommitUnknown) {
+		// The commit may have landed with its reply lost: ask.
+		if l, ok, lerr := p.Target.Latest(ctx, p.VM.Name); lerr == nil && ok && l.ID == id {
+			c.log.Warn("commit reply lost but the point is committed", "err", err)
+			pt, err = l, nil
+		}
+	}
+	if err != nil {
+		return pt, fmt.Errorf("point %d: %w", id, err)
+	}
+	committed = true
+	return pt, nil
+}
+
+// report sends progress, at most a few times a second.
+func (c *cycle) report(phase string, sent int64) {
+	if c.p.Progress == nil {
+		return
+	}
+	c.p.Progress(Progress{VM: c.p.VM.Name, Point: c.point.ID, Phase: phase, Done: c.done.Load(), Total: c.total, Sent: sent})
+}
+
+// hasDisk reports whether the point holds a disk of that name.
+func hasDisk(p lifeboat.Point, name string) bool {
+	for _, d := range p.Disks {
+		if d.Name == name {
+			return true
+		}
+	}
+	return false
+}
+
+func (c *cycle) send(ctx context.Context, sock string) (lifeboat.Point, error) {
+	p := c.p
+	readers := max(p.Readers, 1)
+	chunk := max(p.ChunkSize/lifeboat.BlockSize, 1)
+	conns := max(p.Connections, 1)
+
+	// Plan every disk before sending anything, so progress knows the total.
+	var plans []*diskPlan
+	for _, d := range c.disks {
+		ctxs := []string{"base:allocation"}
+		if d.old != "" {
+			ctxs = append(ctxs, "qemu:dirty-bitmap:"+d.old)
+		}
+		cl, err := nbd.Dial(ctx, "unix:"+sock, d.export, nbd.Options{MetaContexts: ctxs, Connections: conns, MaxInFlight: readers * 2})
+		if err != nil {
+			return lifeboat.Point{}, fmt.Errorf("disk %q: read fleece export %q: %w", d.node, d.export, err)
+		}
+		defer cl.Close()
+		pl, err := planDisk(ctx, cl, d)
+		if err != nil {
+			return lifeboat.Point{}, fmt.Errorf("disk %q: %w", d.node, err)
+		}
+		if d.old == "" && hasDisk(c.latest, d.node) {
+			pl.known, err = p.Target.BlockMap(ctx, p.VM.Name, d.node)
+			if err != nil {
+				return lifeboat.Point{}, err
+			}
+		}
+		pl.known0 = d.old == "" // on a resync, a block the replica never got is zero there
+		plans = append(plans, pl)
+		c.total += pl.changed
+	}
+	if h := p.Hooks.AfterPlan; h != nil {
+		if err := h(ctx); err != nil {
+			return lifeboat.Point{}, err
+		}
+	}
+	st, err := p.Target.Begin(ctx, c.point)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	c.stream = st
+	c.report("send", 0)
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		work     = make(chan job, readers*2)
+		wg       sync.WaitGroup
+		errOnce  sync.Once
+		firstErr error
+	)
+	fail := func(err error) { errOnce.Do(func() { firstErr = err; cancel() }) }
+	for range readers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, chunk*lifeboat.BlockSize)
+			hashes := make([]lifeboat.Hash, 0, chunk)
+			for j := range work {
+				if ctx.Err() != nil {
+					continue
+				}
+				if err := c.readAndSend(ctx, j, buf, hashes); err != nil {
+					fail(err)
+				}
+			}
+		}()
+	}
+	ticker := time.NewTicker(250 * time.Millisecond)
+	defer ticker.Stop()
+produce:
+	for _, pl := range plans {
+		for _, r := range pl.runs(chunk) {
+			if r.zero {
+				if err := c.sendZeroes(pl, r); err != nil {
+					fail(err)
+					break produce
+				}
+				continue
+			}
+			select {
+			case work <- job{plan: pl, run: r}:
+			case <-ctx.Done():
+				break produce
+			}
+			select {
+			case <-ticker.C:
+				c.report("send", c.sent.Load())
+			default:
+			}
+		}
+	}
+	close(work)
+	wg.Wait()
+	if firstErr == nil && ctx.Err() != nil {
+		firstErr = ctx.Err()
+	}
+	if firstErr != nil {
+		return lifeboat.Point{}, firstErr
+	}
+	if h := p.Hooks.BeforeCommit; h != nil {
+		if err := h(ctx); err != nil {
+			return lifeboat.Point{}, err
+		}
+	}
+	c.report("commit", c.sent.Load())
+	stats := lifeboat.CycleStats{
+		BytesChanged: c.changed.Load(), BytesZero: c.zero.Load(), BytesSame: c.same.Load(),
+		BytesData: c.data.Load(), BytesSent: c.sent.Load(),
+	}
+	pt, err := st.Commit(stats)
+	if err != nil {
+		return lifeboat.Point{}, fmt.Errorf("%w: %w", errCommitUnknown, err)
+	}
+	return pt, nil
+}
+
+type job struct {
+	plan *diskPlan
+	run  run
+}
+
+func (c *cycle) sendZeroes(pl *diskPlan, r run) error {
+	off, n := pl.span(r)
+	c.changed.Add(n)
+	c.done.Add(n)
+	if pl.known0 && pl.allKnownZero(r) {
+		c.same.Add(n)
+		return nil
+	}
+	c.zero.Add(n)
+	return c.stream.SendZeroes(pl.disk.node, off, n)
+}
+
+// readAndSend reads one run of changed blocks from the fleece, hashes every block,
+// and sends the data blocks and the zero blocks among them, skipping on a resync
+// the blocks the recovery site already holds.
+func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lifeboat.Hash) error {
+	pl := j.plan
+	off, n := pl.span(j.run)
+	data := buf[:n]
+	if err := pl.client.Read(ctx, data, off); err != nil {
+		return fmt.Errorf("disk %q: read offset %d length %d from the fleece: %w", pl.disk.node, off, n, err)
+	}
+	c.changed.Add(n)
+	defer c.done.Add(n)
+
+	// Split the run into sub-runs of blocks to send, zeros, and blocks already there.
+	type kind int
+	const (
+		send kind = iota
+		zero
+		skip
+	)
+	var (
+		runStart int64 = -1
+		runKind  kind
+	)
+	hashes = hashes[:0]
+	flush := func(end int64) error {
+		if runStart < 0 {
+			return nil
+		}
+		o, l := off+runStart, end-runStart
+		switch runKind {
+		case send:
+			sent, err := c.stream.SendBlocks(pl.disk.node, o, data[runStart:end], hashes)
+			if err != nil {
+				return err
+			}
+			c.data.Add(l)
+			c.sent.Add(sent)
+		case zero:
+			c.zero.Add(l)
+			if err := c.stream.SendZeroes(pl.disk.node, o, l); err != nil {
+				return err
+			}
+		case skip:
+			c.same.Add(l)
+		}
+		runStart = -1
+		hashes = hashes[:0]
+		return nil
+	}
+	for b := int64(0); b < n; b += lifeboat.BlockSize {
+		e := min(b+lifeboat.BlockSize, n)
+		blk := data[b:e]
+		idx := (off + b) / lifeboat.BlockSize
+		k := send
+		var h lifeboat.Hash
+		if lifeboat.AllZero(blk) {
+			k = zero
+			if pl.known0 && pl.knownZero(idx) {
+				k = skip
+			}
+		} else {
+			h = lifeboat.HashBlock(blk)
+			if pl.known != nil && pl.known[idx] == h {
+				k = skip
+			}
+		}
+		if runStart >= 0 && k != runKind {
+			if err := flush(b); err != nil {
+				return err
+			}
+		}
+		if runStart < 0 {
+			runStart, runKind = b, k
+		}
+		if k == send {
+			hashes = append(hashes, h)
+		}
+	}
+	return flush(n)
+}

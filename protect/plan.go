@@ -1,0 +1,156 @@
+package protect
+
+import (
+	"context"
+	"fmt"
+	"math/bits"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/nbd"
+)
+
+// bitset is one bit per block: a 64 GiB disk needs 128 KiB.
+type bitset []uint64
+
+func newBitset(n int64) bitset    { return make(bitset, (n+63)/64) }
+func (b bitset) set(i int64)      { b[i/64] |= 1 << (i % 64) }
+func (b bitset) has(i int64) bool { return b[i/64]&(1<<(i%64)) != 0 }
+func (b bitset) setRange(lo, hi int64) {
+	for i := lo; i < hi; {
+		if i%64 == 0 && hi-i >= 64 {
+			b[i/64] = ^uint64(0)
+			i += 64
+			continue
+		}
+		b.set(i)
+		i++
+	}
+}
+func (b bitset) count() int64 {
+	n := 0
+	for _, w := range b {
+		n += bits.OnesCount64(w)
+	}
+	return int64(n)
+}
+
+// diskPlan is which blocks of one disk a cycle must handle, and how.
+type diskPlan struct {
+	disk    *diskState
+	client  *nbd.Client
+	size    int64
+	blocks  int64
+	changed int64  // bytes of changed blocks
+	dirty   bitset // blocks to handle
+	data    bitset // blocks with any allocated, non-zero extent at the instant
+	// known is the recovery site's block map on a resync (nil otherwise); known0
+	// says that a block absent from it reads as zeros there.
+	known  map[int64]lifeboat.Hash
+	known0 bool
+}
+
+// planDisk computes extents = dirty ∩ allocated on the block grid: dirty from the
+// published generation (or every block on a resync), data from base:allocation,
+// so that zero and unallocated blocks are never read.
+func planDisk(ctx context.Context, cl *nbd.Client, d *diskState) (*diskPlan, error) {
+	size := cl.Size()
+	nb := (size + lifeboat.BlockSize - 1) / lifeboat.BlockSize
+	pl := &diskPlan{disk: d, client: cl, size: size, blocks: nb, dirty: newBitset(nb), data: newBitset(nb)}
+	blockRange := func(e nbd.Extent) (int64, int64) {
+		lo := e.Offset / lifeboat.BlockSize
+		hi := min((e.Offset+e.Length+lifeboat.BlockSize-1)/lifeboat.BlockSize, nb)
+		return lo, hi
+	}
+	err := cl.BlockStatus(ctx, "base:allocation", 0, size, func(e nbd.Extent) error {
+		if e.Flags&nbd.StateZero == 0 {
+			pl.data.setRange(blockRange(e))
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("allocation of the fleece: %w", err)
+	}
+	if d.old == "" {
+		pl.dirty.setRange(0, nb)
+	} else {
+		err := cl.BlockStatus(ctx, "qemu:dirty-bitmap:"+d.old, 0, size, func(e nbd.Extent) error {
+			if e.Flags&nbd.StateDirty != 0 {
+				pl.dirty.setRange(blockRange(e))
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("dirty blocks of generation %q: %w", d.old, err)
+		}
+	}
+	n := pl.dirty.count()
+	pl.changed = n * lifeboat.BlockSize
+	if nb > 0 && pl.dirty.has(nb-1) {
+		pl.changed -= nb*lifeboat.BlockSize - size // the short last block
+	}
+	return pl, nil
+}
+
+// run is a stretch of consecutive dirty blocks, all data or all zero.
+type run struct {
+	lo, hi int64
+	zero   bool
+}
+
+// span is a run's byte range, clipped to the disk's end.
+func (pl *diskPlan) span(r run) (int64, int64) {
+	off := r.lo * lifeboat.BlockSize
+	return off, min(r.hi*lifeboat.BlockSize, pl.size) - off
+}
+
+// runs walks the dirty blocks in order: data runs of at most chunk blocks (one read
+// each), zero runs of any length (one message each).
+func (pl *diskPlan) runs(chunk int) []run {
+	var out []run
+	cur := run{lo: -1}
+	for i := int64(0); i < pl.blocks; i++ {
+		if i%64 == 0 && pl.dirty[i/64] == 0 {
+			if cur.lo >= 0 {
+				out = append(out, cur)
+				cur.lo = -1
+			}
+			i += 63
+			continue
+		}
+		if !pl.dirty.has(i) {
+			if cur.lo >= 0 {
+				out = append(out, cur)
+				cur.lo = -1
+			}
+			continue
+		}
+		z := !pl.data.has(i)
+		if cur.lo >= 0 && (cur.zero != z || (!z && i-cur.lo >= int64(chunk))) {
+			out = append(out, cur)
+			cur.lo = -1
+		}
+		if cur.lo < 0 {
+			cur = run{lo: i, hi: i, zero: z}
+		}
+		cur.hi = i + 1
+	}
+	if cur.lo >= 0 {
+		out = append(out, cur)
+	}
+	return out
+}
+
+// knownZero reports whether the recovery site's copy of block i reads as zeros.
+func (pl *diskPlan) knownZero(i int64) bool {
+	h, ok := pl.known[i]
+	return !ok || h.IsZero()
+}
+
+func (pl *diskPlan) allKnownZero(r run) bool {
+	for i := r.lo; i < r.hi; i++ {
+		if !pl.knownZero(i) {
+			return false
+		}
+	}
+	return true
+}
