@@ -31,7 +31,6 @@ func qemuIO(t testing.TB, readOnly bool, target string, cmds ...string) {
 
 func tryQemuIO(t testing.TB, readOnly bool, target string, cmds ...string) error {
 	t.Helper()
-	testenv.RequireTools(t, "qemu-io")
 	args := []string{"-f", "raw"}
 	if readOnly {
 		args = append(args, "-r")
@@ -40,13 +39,7 @@ func tryQemuIO(t testing.TB, readOnly bool, target string, cmds ...string) error
 		args = append(args, "-c", c)
 	}
 	args = append(args, target)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "qemu-io", args...).CombinedOutput()
-	if err == nil && strings.Contains(string(out), "failed") {
-		err = errors.New("a command failed") // qemu-io does not always exit non-zero
-	}
-	if err != nil {
+	if out, err := runTool(t, "qemu-io", args...); err != nil {
 		return fmt.Errorf("qemu-io %s on %s: %w: %s", strings.Join(cmds, "; "), target, err, out)
 	}
 	return nil
@@ -81,4 +74,18 @@ func dirtyMap(t testing.TB, uri, bitmap string) []extent {
 		}
 	}
 	return dirty
+}
+
+// runTool runs a program with a bound and returns its combined output; a
+// qemu-io pattern mismatch counts as an error.
+func runTool(t testing.TB, name string, args ...string) (string, error) {
+	t.Helper()
+	testenv.RequireTools(t, name)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	if err == nil && name == "qemu-io" && strings.Contains(string(out), "failed") {
+		err = errors.New("a command failed") // qemu-io does not always exit non-zero
+	}
+	return string(out), err
 }

@@ -1,0 +1,91 @@
+package qemu_test
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/internal/testvm"
+	"github.com/lifeboat-dr/lifeboat/qemu"
+)
+
+func TestStartDaemonBadArgReportsStderr(t *testing.T) {
+	testenv.RequireTools(t, "qemu-storage-daemon")
+	dir, err := os.MkdirTemp("", "lb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	d, err := qemu.StartDaemon(testCtx(t), qemu.DaemonConfig{Dir: dir, Args: []string{"--blockdev", "driver=no-such-driver,node-name=x"}})
+	if err == nil {
+		d.Kill()
+		t.Fatal("StartDaemon with a bad --blockdev succeeded")
+	}
+	// qemu-storage-daemon says: Unknown driver 'no-such-driver'
+	if !strings.Contains(err.Error(), "no-such-driver") {
+		t.Errorf("error does not carry qemu-storage-daemon's stderr: %v", err)
+	}
+}
+
+func TestStartDaemonRefusesLongSocketPath(t *testing.T) {
+	_, err := qemu.StartDaemon(testCtx(t), qemu.DaemonConfig{Dir: "/tmp/" + strings.Repeat("x", 120)})
+	if err == nil || !strings.Contains(err.Error(), "too long") {
+		t.Errorf("err = %v, want a too-long socket path error", err)
+	}
+}
+
+func TestDaemonStopAndKill(t *testing.T) {
+	vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 1 << 20})
+	pid := vm.Daemon.Pid()
+	if err := vm.Daemon.Stop(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+		t.Errorf("daemon %d still there after Stop (kill -0: %v)", pid, err)
+	}
+	if err := vm.Daemon.Stop(testCtx(t)); err != nil {
+		t.Errorf("second Stop: %v", err)
+	}
+	if err := vm.Daemon.Kill(); err != nil {
+		t.Errorf("Kill after Stop: %v", err)
+	}
+}
+
+func TestBitmapsAcrossRestartAndCrash(t *testing.T) {
+	vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 4 << 20})
+	ctx := testCtx(t)
+	if err := vm.Monitor().AddBitmap(ctx, "vda", "g1", true, false); err != nil {
+		t.Fatal(err)
+	}
+	qemuIO(t, false, vm.NBDURI("vda"), "write -P 1 0 64k", "write -P 1 2M 64k")
+
+	vm.Restart(t)
+	b, ok := bitmap(t, ctx, vm.Monitor(), "vda", "g1")
+	if !ok || !b.Persistent || b.Inconsistent || b.Count != 128<<10 || !b.Recording {
+		t.Fatalf("g1 after a clean restart = %+v (present %v); want persistent, consistent, recording, 131072 dirty", b, ok)
+	}
+	info, err := qemu.ReadImageInfo(ctx, vm.ImagePath("vda"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(info.Bitmaps) != 1 || info.Bitmaps[0] != "g1" {
+		t.Errorf("qemu-img info bitmaps = %v, want [g1]", info.Bitmaps)
+	}
+
+	vm.Crash(t)
+	b, ok = bitmap(t, ctx, vm.Monitor(), "vda", "g1")
+	if !ok || !b.Inconsistent {
+		t.Fatalf("g1 after a crash = %+v (present %v); want inconsistent", b, ok)
+	}
+	// An inconsistent generation cannot be fleeced from; the error says what to do.
+	_, err = vm.Monitor().StartFleece(ctx, []qemu.FleeceDisk{{Node: "vda", File: vm.ImagePath("vda") + ".f", NewBitmap: "g2", OldBitmap: "g1"}})
+	if err == nil || !strings.Contains(err.Error(), "inconsistent") {
+		t.Errorf("StartFleece from an inconsistent bitmap: err = %v", err)
+	}
+	if err := vm.Monitor().RemoveBitmap(ctx, "vda", "g1"); err != nil {
+		t.Errorf("an inconsistent bitmap must be removable: %v", err)
+	}
+}
