@@ -1,0 +1,52 @@
+# lifeboat: `make demo` and `make test` work on a fresh Debian machine; both install
+# what is missing first (Debian packages through scripts/deps.sh, Go modules through
+# the module proxy).
+GO       ?= go
+BIN      := bin/lifeboat
+PKGS     := ./...
+# Packages whose concurrency gets the race detector in the suite.
+RACE_PKGS := ./nbd/... ./wire/... ./protect/... ./recovery/... ./daemon/... ./qga/...
+
+.PHONY: all deps build demo test test-race check bench soak fuzz proto clean guest
+
+all: build
+
+deps:
+	@bash scripts/deps.sh
+
+build:
+	$(GO) build -o $(BIN) ./cmd/lifeboat
+
+demo: deps build
+	./$(BIN) demo
+
+check:
+	@bash scripts/ci-checks.sh
+
+# The whole suite: real QEMU, real NBD, real QMP. Under CI=true a missing tool fails.
+test: deps check
+	$(GO) test -count=1 -timeout 20m $(PKGS)
+	$(GO) test -count=1 -race -short -timeout 20m $(RACE_PKGS)
+
+test-race: deps
+	$(GO) test -count=1 -race -timeout 30m $(PKGS)
+
+# Benchmarks against the named peers (nbdcopy, qemu-img convert, rsync), side by side.
+bench: deps build
+	$(GO) run ./bench $(BENCH_ARGS)
+
+# Long fault and soak campaigns (a short version of each runs in `make test`).
+soak: deps
+	LIFEBOAT_LONG=1 $(GO) test -count=1 -timeout 60m -run 'Fault|Soak|Kill' ./...
+
+fuzz:
+	$(GO) test -run XXX -fuzz FuzzReply -fuzztime 60s ./nbd
+
+proto:
+	protoc --go_out=. --go_opt=paths=source_relative --go-grpc_out=. --go-grpc_opt=paths=source_relative wire/wirepb/wire.proto
+
+guest: deps
+	bash test/guest/build.sh out/guest
+
+clean:
+	rm -rf bin out
