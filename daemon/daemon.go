@@ -67,7 +67,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("config %s: listen %s: %w", d.cfg.Path(), d.cfg.Listen, err)
 		}
-		d.server = &wire.Server{Site: d.cfg.Site, Store: recoveryStore{st}, Log: d.log}
+		d.server = &wire.Server{Site: d.cfg.Site, Store: wire.RecoveryStore(st), Log: d.log}
 		go func() { errc <- d.server.Serve(l, tlsConf) }()
 		defer d.server.Stop()
 		d.log.Info("recovery service listening", "addr", l.Addr().String())

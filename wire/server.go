@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/pki"
 	"github.com/lifeboat-dr/lifeboat/wire/wirepb"
 )
 
@@ -76,19 +77,39 @@ func (s *Server) Stop() {
 	}
 }
 
-func peerName(ctx context.Context) string {
+// peerSite is the site named by the peer's verified certificate.
+func peerSite(ctx context.Context) (string, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
+		return "", fmt.Errorf("no peer in the request")
+	}
+	ti, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return "", fmt.Errorf("peer %s did not use TLS", p.Addr)
+	}
+	return pki.PeerSite(ti.State)
+}
+
+func peerName(ctx context.Context) string {
+	site, err := peerSite(ctx)
+	if err != nil {
 		return "unknown peer"
 	}
-	if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
-		return ti.State.PeerCertificates[0].Subject.CommonName + "@" + p.Addr.String()
+	if p, ok := peer.FromContext(ctx); ok {
+		return site + "@" + p.Addr.String()
 	}
-	return p.Addr.String()
+	return site
 }
 
 func (s *Server) Hello(ctx context.Context, r *wirepb.HelloRequest) (*wirepb.HelloReply, error) {
-	s.Log.Info("protected site connected", "peer", peerName(ctx), "site", r.Site, "version", r.Version)
+	site, err := peerSite(ctx)
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, err.Error())
+	}
+	if site != r.Site {
+		return nil, status.Errorf(codes.PermissionDenied, "the peer calls itself site %q but its certificate names site %q: fix `site:` in its config or issue it the right certificate", r.Site, site)
+	}
+	s.Log.Info("protected site connected", "peer", peerName(ctx), "version", r.Version)
 	return &wirepb.HelloReply{Site: s.Site, Version: Version}, nil
 }
 

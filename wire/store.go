@@ -1,17 +1,18 @@
-package daemon
+package wire
 
 import (
 	"context"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/recovery"
-	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
-// recoveryStore presents the recovery store to the wire receiver.
+// RecoveryStore presents a recovery site's store to the receiver.
+func RecoveryStore(st *recovery.Store) Store { return recoveryStore{st} }
+
 type recoveryStore struct{ *recovery.Store }
 
-func (s recoveryStore) BeginPoint(ctx context.Context, p lifeboat.Point) (wire.PointWriter, error) {
+func (s recoveryStore) BeginPoint(ctx context.Context, p lifeboat.Point) (PointWriter, error) {
 	spec := recovery.BeginSpec{
 		VM: p.VM, ID: p.ID, Instant: p.Instant, Consistency: p.Consistency,
 		Group: p.Group, Freeze: p.Freeze, Note: p.Note,

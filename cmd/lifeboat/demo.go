@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -20,7 +19,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lifeboat-dr/lifeboat/daemon"
-	"github.com/lifeboat-dr/lifeboat/nbd"
+	"github.com/lifeboat-dr/lifeboat/internal/workload"
 	"github.com/lifeboat-dr/lifeboat/pki"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/qemu"
@@ -106,12 +105,16 @@ func runDemo(ctx context.Context, o demoOptions) error {
 	say("started VM %q: qemu-storage-daemon (pid %d) with disks vda (qcow2, %s) and vdb (raw, %s)", "demo-vm", vmd.Pid(), size(o.size), size(o.size/4))
 
 	// The guest's writes, through the VM's own NBD exports.
-	w, err := newDemoWriter(ctx, vmd.NBDSocket(), disks)
+	var wdisks []workload.Disk
+	for _, d := range disks {
+		wdisks = append(wdisks, workload.Disk{Name: d.name, Size: d.size})
+	}
+	w, err := workload.Open(ctx, vmd.NBDSocket(), uint64(time.Now().UnixNano()), wdisks...)
 	if err != nil {
 		return err
 	}
-	defer w.close()
-	if err := w.fill(ctx, 0.25); err != nil {
+	defer w.Close()
+	if err := w.Fill(ctx, 0.25); err != nil {
 		return err
 	}
 	say("the guest filled a quarter of each disk; a workload now writes random data, patterns, zeros and discards")
@@ -158,13 +161,13 @@ func runDemo(ctx context.Context, o demoOptions) error {
 	var rows []row
 	for i := 0; i < o.cycles; i++ {
 		if i > 0 {
-			if err := w.run(ctx, 1500*time.Millisecond); err != nil {
+			if err := w.RunFor(ctx, 1500*time.Millisecond); err != nil {
 				return err
 			}
 		}
 		// The instant is taken while the workload pauses, so the source's
 		// content at the instant can be hashed for the proof.
-		want, err := w.hashes(ctx)
+		want, err := w.Hashes(ctx)
 		if err != nil {
 			return err
 		}
@@ -311,107 +314,4 @@ func fileSHA256(path string, n int64) (string, error) {
 		return "", fmt.Errorf("%s: %d bytes, expected %d", path, got, n)
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-// demoWriter is the guest: it writes to the VM's disks through their NBD exports.
-type demoWriter struct {
-	disks   []demoDisk
-	clients map[string]*nbd.Client
-	rng     *rand.Rand
-}
-
-func newDemoWriter(ctx context.Context, sock string, disks []demoDisk) (*demoWriter, error) {
-	w := &demoWriter{disks: disks, clients: map[string]*nbd.Client{}, rng: rand.New(rand.NewPCG(1, 2))}
-	for _, d := range disks {
-		c, err := nbd.Dial(ctx, "unix:"+sock, d.name, nbd.Options{})
-		if err != nil {
-			w.close()
-			return nil, err
-		}
-		w.clients[d.name] = c
-	}
-	return w, nil
-}
-
-func (w *demoWriter) close() {
-	for _, c := range w.clients {
-		c.Close()
-	}
-}
-
-// fill writes random data over a share of each disk, in 1 MiB pieces.
-func (w *demoWriter) fill(ctx context.Context, share float64) error {
-	buf := make([]byte, 1<<20)
-	for _, d := range w.disks {
-		for off := int64(0); off < int64(float64(d.size)*share); off += int64(len(buf)) {
-			fillRandom(w.rng, buf)
-			if err := w.clients[d.name].Write(ctx, buf, off, false); err != nil {
-				return fmt.Errorf("guest write to %s: %w", d.name, err)
-			}
-		}
-	}
-	return nil
-}
-
-// run writes for a while: random data, a byte pattern, zeros or a discard, of 4 KiB
-// to 4 MiB at aligned and unaligned offsets.
-func (w *demoWriter) run(ctx context.Context, d time.Duration) error {
-	end := time.Now().Add(d)
-	buf := make([]byte, 4<<20)
-	for time.Now().Before(end) {
-		disk := w.disks[w.rng.IntN(len(w.disks))]
-		c := w.clients[disk.name]
-		n := int64(4<<10) << w.rng.IntN(11)
-		n = min(n, disk.size)
-		off := w.rng.Int64N(disk.size - n + 1)
-		if w.rng.IntN(2) == 0 {
-			off &^= 4<<10 - 1
-		}
-		var err error
-		switch w.rng.IntN(8) {
-		case 0:
-			err = c.WriteZeroes(ctx, off, n, 0)
-		case 1:
-			err = c.Trim(ctx, off, n)
-		case 2:
-			b := buf[:n]
-			for i := range b {
-				b[i] = byte(off) ^ 0x5a
-			}
-			err = c.Write(ctx, b, off, false)
-		default:
-			fillRandom(w.rng, buf[:n])
-			err = c.Write(ctx, buf[:n], off, false)
-		}
-		if err != nil {
-			return fmt.Errorf("guest write to %s: %w", disk.name, err)
-		}
-	}
-	return nil
-}
-
-// hashes reads every disk whole and returns its SHA-256.
-func (w *demoWriter) hashes(ctx context.Context) (map[string]string, error) {
-	out := map[string]string{}
-	buf := make([]byte, 4<<20)
-	for _, d := range w.disks {
-		h := sha256.New()
-		for off := int64(0); off < d.size; off += int64(len(buf)) {
-			b := buf[:min(int64(len(buf)), d.size-off)]
-			if err := w.clients[d.name].Read(ctx, b, off); err != nil {
-				return nil, fmt.Errorf("read source %s: %w", d.name, err)
-			}
-			h.Write(b)
-		}
-		out[d.name] = hex.EncodeToString(h.Sum(nil))
-	}
-	return out, nil
-}
-
-func fillRandom(r *rand.Rand, b []byte) {
-	for i := 0; i+8 <= len(b); i += 8 {
-		v := r.Uint64()
-		b[i], b[i+1], b[i+2], b[i+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
-		b[i+4], b[i+5], b[i+6], b[i+7] = byte(v>>32), byte(v>>40), byte(v>>48), byte(v>>56)
-	}
 }
