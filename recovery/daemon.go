@@ -20,8 +20,9 @@ import (
 // the system's temporary directory.
 func (s *Store) runDir() (string, error) {
 	parent := filepath.Join(s.dir, "run")
-	// 107 bytes of sun_path, less "/" + "w" + 10 random digits + "/qmp.sock".
-	if len(parent) > 107-21 {
+	// 107 bytes of sun_path, less "/" + "w" + 10 random digits + "/qmp.sock";
+	// and no comma, which qemu's option syntax would split the path on.
+	if len(parent) > 107-21 || strings.Contains(parent, ",") {
 		parent = os.TempDir()
 	}
 	d, err := os.MkdirTemp(parent, "w")

@@ -447,7 +447,7 @@ func TestInterruptedPointDiscardedOnOpen(t *testing.T) {
 			}
 		}},
 		// The daemon keeps running: Open must kill it by its pid file.
-		{"lifeboat killed, daemon left running", func(t *testing.T, w *Writer) {}},
+		{"lifeboat killed with its daemon left running", func(t *testing.T, w *Writer) {}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
