@@ -768,3 +768,36 @@ func TestExportFormats(t *testing.T) {
 		t.Errorf("Export of a missing point: %v, want ErrNoPoint", err)
 	}
 }
+
+func TestReadersWhileAPointIsWritten(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	models := writeSeries(t, s, "rw", 2)
+	m := models[1].clone()
+	p := begin(t, s, "rw", 3, m, DiskSpec{Name: "vda", Size: 4 << 20})
+	p.data("vda", 0, 8)
+
+	// Committed points stay readable while the next one is written over them.
+	checkPoint(t, s, "rw", 2, models[1])
+	checkPoint(t, s, "rw", 1, models[0])
+
+	// A second writer for the VM waits, bounded by its context.
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if w, err := s.Begin(ctx, BeginSpec{VM: "rw", ID: 4, Disks: []DiskSpec{{Name: "vda", Size: 4 << 20}}}); !errors.Is(err, context.DeadlineExceeded) {
+		if err == nil {
+			w.Abort(context.Background())
+		}
+		t.Fatalf("a second writer while the first was writing: %v, want it to wait until its deadline", err)
+	}
+	// Retention waits for the writer too.
+	s.keep = 1
+	ctx, cancel = context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if err := s.ApplyRetention(ctx, "rw"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatal("retention ran while a point was being written over the chain")
+	}
+	s.keep = 100
+	p.commit()
+	checkPoint(t, s, "rw", 3, m)
+}

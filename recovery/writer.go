@@ -63,9 +63,13 @@ type Writer struct {
 
 	unlockChain func()
 
-	mu     sync.Mutex
-	ended  bool
-	failed error // a write failed: the point cannot be committed
+	endMu sync.Mutex // serializes Commit and Abort
+
+	mu       sync.Mutex
+	closing  bool           // Commit or Abort has begun: no new writes
+	ended    bool           // committed or aborted
+	failed   error          // a write failed: the point cannot be committed
+	inflight sync.WaitGroup // writes between their checks and their record
 }
 
 type writeDisk struct {
@@ -226,10 +230,11 @@ func checkSpec(spec BeginSpec) error {
 // ID is the point being written.
 func (w *Writer) ID() uint64 { return w.spec.ID }
 
+// disk returns the named disk for a write, which must call w.inflight.Done.
 func (w *Writer) disk(name string) (*writeDisk, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.ended {
+	if w.ended || w.closing {
 		return nil, fmt.Errorf("vm %q point %d is already committed or aborted", w.spec.VM, w.spec.ID)
 	}
 	if w.failed != nil {
@@ -239,7 +244,20 @@ func (w *Writer) disk(name string) (*writeDisk, error) {
 	if !ok {
 		return nil, fmt.Errorf("vm %q point %d has no disk %q: %w", w.spec.VM, w.spec.ID, name, ErrNoDisk)
 	}
+	w.inflight.Add(1)
 	return d, nil
+}
+
+// drain waits, as long as ctx allows, for the writes already past their checks.
+func (w *Writer) drain(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { w.inflight.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("vm %q point %d: writes still in flight: %w", w.spec.VM, w.spec.ID, ctx.Err())
+	}
 }
 
 // fail records that a write failed: the point is now unfit to commit.
@@ -276,6 +294,7 @@ func (w *Writer) WriteBlocks(ctx context.Context, disk string, off int64, data [
 	if err != nil {
 		return err
 	}
+	defer w.inflight.Done()
 	if err := w.checkRange(d, off, int64(len(data))); err != nil {
 		return err
 	}
@@ -310,6 +329,7 @@ func (w *Writer) WriteZeroes(ctx context.Context, disk string, off, length int64
 	if err != nil {
 		return err
 	}
+	defer w.inflight.Done()
 	if err := w.checkRange(d, off, length); err != nil {
 		return err
 	}
@@ -327,20 +347,31 @@ func (w *Writer) WriteZeroes(ctx context.Context, disk string, off, length int64
 	return nil
 }
 
-// Commit flushes every disk, stops the writing daemon cleanly and commits the
-// point with its stats and block records in one catalog transaction: only then
-// is it listed. It then applies retention to the VM before returning; a
-// retention failure is logged, not returned, since the point is committed.
-// A Commit that fails leaves the writer to Abort.
+// Commit waits for the writes already under way, flushes every disk, stops the
+// writing daemon cleanly and commits the point with its stats and block
+// records in one catalog transaction: only then is it listed. It then applies
+// retention to the VM (synchronously) before returning; a retention failure is
+// logged, not returned, since the point is committed. A Commit that fails
+// leaves the writer to Abort.
 func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboat.Point, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
+	w.endMu.Lock()
+	defer w.endMu.Unlock()
 	vm, id := w.spec.VM, w.spec.ID
-	if w.ended {
+	w.mu.Lock()
+	ended := w.ended
+	w.closing = true
+	w.mu.Unlock()
+	if ended {
 		return lifeboat.Point{}, fmt.Errorf("vm %q point %d is already committed or aborted", vm, id)
 	}
-	if w.failed != nil {
-		return lifeboat.Point{}, fmt.Errorf("vm %q point %d cannot be committed: a write failed, abort it and send the point again: %w", vm, id, w.failed)
+	if err := w.drain(ctx); err != nil {
+		return lifeboat.Point{}, err
+	}
+	w.mu.Lock()
+	failed := w.failed
+	w.mu.Unlock()
+	if failed != nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q point %d cannot be committed: a write failed, abort it and send the point again: %w", vm, id, failed)
 	}
 	for _, d := range w.disks {
 		if err := d.client.Flush(ctx); err != nil {
@@ -394,7 +425,7 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 	if err != nil {
 		return lifeboat.Point{}, fmt.Errorf("vm %q point %d: committing to the catalog: %w", vm, id, err)
 	}
-	w.endLocked()
+	w.end()
 	_ = os.RemoveAll(w.s.abs(w.rec.RunDir))
 	w.s.log.Info("restore point committed", "vm", vm, "point", id, "bytes_data", stats.BytesData, "bytes_zero", stats.BytesZero)
 
@@ -408,17 +439,25 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 // pending record. It is idempotent, and what Open does for a point left
 // pending by a crash.
 func (w *Writer) Abort(ctx context.Context) error {
+	w.endMu.Lock()
+	defer w.endMu.Unlock()
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.ended {
+	ended := w.ended
+	w.closing = true
+	w.mu.Unlock()
+	if ended {
 		return nil
 	}
+	// Closing the clients ends the writes in flight, which the wait then sees out.
 	for _, d := range w.disks {
 		if d.client != nil {
 			d.client.Close()
 		}
 	}
 	var errs []error
+	if err := w.drain(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	if w.daemon != nil {
 		// The point is thrown away: no need for a clean quit.
 		errs = append(errs, w.daemon.Kill())
@@ -426,7 +465,7 @@ func (w *Writer) Abort(ctx context.Context) error {
 	if err := w.s.discardPending(ctx, w.spec.VM, w.rec); err != nil {
 		errs = append(errs, err)
 	}
-	w.endLocked()
+	w.end()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("vm %q: aborting point %d: %w", w.spec.VM, w.spec.ID, err)
 	}
@@ -434,9 +473,11 @@ func (w *Writer) Abort(ctx context.Context) error {
 	return nil
 }
 
-// endLocked releases the VM for the next writer. w.mu is held.
-func (w *Writer) endLocked() {
+// end marks the writer ended and releases the VM for the next writer. w.endMu is held.
+func (w *Writer) end() {
+	w.mu.Lock()
 	w.ended = true
+	w.mu.Unlock()
 	w.unlockChain()
 	w.s.vmLock(w.spec.VM).unlockWriter()
 	w.s.mu.Lock()
