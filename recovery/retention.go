@@ -13,6 +13,7 @@ import (
 
 // Merge steps, named for the test hook that stops a merge after one of them.
 const (
+	stepRecorded  = "recorded"  // the intent is in the catalog, no image touched
 	stepCommitted = "committed" // Keep's data is in Drop's image
 	stepResized   = "resized"   // Drop's image has Keep's size
 	stepRebased   = "rebased"   // the images above Keep point at Drop's image
@@ -114,6 +115,9 @@ func (s *Store) finishMerge(ctx context.Context, vm string) error {
 // runMerge performs (or repeats: every step is idempotent) a recorded merge.
 func (s *Store) runMerge(ctx context.Context, vm string, m *mergeIntent) error {
 	if !m.Done {
+		if err := s.mergeHook(stepRecorded); err != nil {
+			return err
+		}
 		for _, d := range m.Disks {
 			// Committing again after a crash copies the same clusters again.
 			if err := qemu.Commit(ctx, s.abs(d.From)); err != nil {

@@ -510,6 +510,17 @@ func TestAbortIsIdempotent(t *testing.T) {
 	if _, err := p.w.Commit(testCtx(t), lifeboat.CycleStats{}); err == nil {
 		t.Error("Commit after Abort succeeded")
 	}
+	// Close aborts what is still being written.
+	p2 := begin(t, s, "ab2", 1, model{}, DiskSpec{Name: "vda", Size: 1 << 20})
+	p2.data("vda", 0, 1)
+	file := s.abs(p2.w.disks["vda"].file)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(file); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Close left the image of a point in progress: %v", err)
+	}
+	s = openStore(t, s.Dir(), 100)
 	// The VM is free for the next writer at once.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -628,7 +639,7 @@ func TestRetentionKeepsNewestPointsIntact(t *testing.T) {
 
 func TestRetentionCrashFinishedOnOpen(t *testing.T) {
 	requireQEMU(t)
-	for _, step := range []string{stepCommitted, stepResized, stepRebased, stepCataloged} {
+	for _, step := range []string{stepRecorded, stepCommitted, stepResized, stepRebased, stepCataloged} {
 		t.Run("after "+step, func(t *testing.T) {
 			dir := t.TempDir()
 			s, err := Open(testCtx(t), dir, Options{Keep: 100, Logger: quietLogger()})
