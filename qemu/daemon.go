@@ -74,7 +74,6 @@ func StartDaemon(ctx context.Context, cfg DaemonConfig) (*Daemon, error) {
 	defer logf.Close() // the child holds its own descriptor
 	d.cmd = exec.Command("qemu-storage-daemon", args...)
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
-	d.cmd.Dir = dir
 	if err := d.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start qemu-storage-daemon: %w (is qemu-system-common installed?)", err)
 	}

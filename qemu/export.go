@@ -46,13 +46,18 @@ func (m *Monitor) ExportAdd(ctx context.Context, e Export) error {
 	return nil
 }
 
-// ExportDel removes an export once its clients have gone (mode safe) and
-// waits, bounded by ctx, for QEMU to report it deleted.
+// ExportDel removes an export that has no clients connected (QEMU refuses
+// with "still in use" otherwise) and waits, bounded by ctx, for QEMU to
+// report it deleted.
 func (m *Monitor) ExportDel(ctx context.Context, id string) error {
 	return m.exportDel(ctx, id, "safe")
 }
 
-// exportDel with mode "hard" drops the export's clients first.
+// ExportDelForce drops the export's clients and removes it, waiting as ExportDel.
+func (m *Monitor) ExportDelForce(ctx context.Context, id string) error {
+	return m.exportDel(ctx, id, "hard")
+}
+
 func (m *Monitor) exportDel(ctx context.Context, id, mode string) error {
 	sub := m.Subscribe("BLOCK_EXPORT_DELETED")
 	defer sub.Close()

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"regexp"
+	"strings"
 	"time"
 )
 
@@ -181,7 +183,7 @@ func (f *Fleece) Teardown(ctx context.Context) error {
 	for i := range f.disks {
 		d := &f.disks[i]
 		if d.exportAdded {
-			if err := f.m.exportDel(ctx, d.export, "hard"); err != nil {
+			if err := f.m.ExportDelForce(ctx, d.export); err != nil {
 				errs = append(errs, err)
 			} else {
 				d.exportAdded = false
@@ -217,6 +219,66 @@ func (f *Fleece) Teardown(ctx context.Context) error {
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("fleece teardown: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// fleeceNode matches the names StartFleece gives its overlay nodes.
+var fleeceNode = regexp.MustCompile(`^` + OwnPrefix + `f[0-9a-f]{6}-[0-9]+$`)
+
+// RemoveStale removes what a lifeboat that died mid-cycle left in QEMU: its
+// exports, block jobs and fleece nodes (named OwnPrefix...) and the fleece
+// overlay files. A stale fleece keeps its published generation busy, so the
+// next cycle's transaction would fail: call this before it. Bitmaps are left
+// alone, as by Teardown.
+func (m *Monitor) RemoveStale(ctx context.Context) error {
+	var errs []error
+	exports, err := m.Exports(ctx)
+	if err != nil {
+		return fmt.Errorf("remove stale lifeboat objects: %w", err)
+	}
+	for _, e := range exports {
+		if strings.HasPrefix(e.ID, OwnPrefix) && !e.ShuttingDown {
+			errs = append(errs, m.ExportDelForce(ctx, e.ID))
+		}
+	}
+	jobs, err := m.Jobs(ctx)
+	if err != nil {
+		return fmt.Errorf("remove stale lifeboat objects: %w", err)
+	}
+	for _, j := range jobs {
+		if strings.HasPrefix(j.ID, OwnPrefix) {
+			errs = append(errs, m.CancelJob(ctx, j.ID))
+		}
+	}
+	nodes, err := m.Nodes(ctx)
+	if err != nil {
+		return fmt.Errorf("remove stale lifeboat objects: %w", err)
+	}
+	files := make(map[string]string, len(nodes))
+	for _, n := range nodes {
+		files[n.NodeName] = n.Filename
+	}
+	for _, n := range nodes {
+		if !fleeceNode.MatchString(n.NodeName) {
+			continue
+		}
+		if err := m.BlockdevDel(ctx, n.NodeName); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		// The overlay node's own filename is a json: pseudo-name (its backing
+		// is overridden); its protocol child names the file.
+		file, ok := files[n.NodeName+"-file"]
+		if !ok {
+			continue
+		}
+		if err := os.Remove(file); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove stale fleece overlay: %w", err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("remove stale lifeboat objects: %w", err)
 	}
 	return nil
 }

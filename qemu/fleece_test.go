@@ -241,3 +241,40 @@ func extents(es []extent) string {
 	}
 	return strings.Join(s, " ")
 }
+
+// TestRemoveStale plays a lifeboat that died with a fleece up: the Fleece
+// value is dropped without Teardown, and RemoveStale must clear QEMU.
+func TestRemoveStale(t *testing.T) {
+	vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 1 << 20})
+	m, ctx := vm.Monitor(), testCtx(t)
+	if err := m.AddBitmap(ctx, "vda", "g1", true, false); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(vm.Dir, "stale.qcow2")
+	if _, err := m.StartFleece(ctx, []qemu.FleeceDisk{{Node: "vda", File: file, NewBitmap: "g2", OldBitmap: "g1", ExportName: "fl"}}); err != nil {
+		t.Fatal(err)
+	}
+	// A client still connected to the stale export must not block removal.
+	connectedClient(t, vm.NBDURI("fl"))
+	if err := m.RemoveStale(ctx); err != nil {
+		t.Fatal(err)
+	}
+	assertNoLeftovers(t, ctx, m)
+	if _, err := os.Stat(file); !os.IsNotExist(err) {
+		t.Errorf("stale overlay not removed: %v", err)
+	}
+	if b, _ := bitmap(t, ctx, m, "vda", "g1"); b.Busy {
+		t.Errorf("g1 still busy after RemoveStale: %+v", b)
+	}
+	// The next cycle can fleece again.
+	f, err := m.StartFleece(ctx, []qemu.FleeceDisk{{Node: "vda", File: file, NewBitmap: "g3", OldBitmap: "g2", ExportName: "fl"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Teardown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.RemoveStale(ctx); err != nil {
+		t.Errorf("RemoveStale with nothing stale: %v", err)
+	}
+}
