@@ -135,6 +135,7 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	// Plan each disk's image and its backing, then record it all as pending
 	// before any file exists.
 	backing := map[string]string{}
+	rec := w.rec
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		var latest *pointRecord
 		if pts, err := readPoints(tx, spec.VM); err != nil {
@@ -148,7 +149,7 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		for _, d := range spec.Disks {
 			wd := &writeDisk{spec: d, file: imageRel(spec.VM, d.Name, spec.ID), rec: blockRecord{}}
 			w.disks[d.Name] = wd
-			w.rec.Files = append(w.rec.Files, wd.file)
+			rec.Files = append(rec.Files, wd.file)
 			if latest != nil {
 				if prev, ok := latest.disk(d.Name); ok {
 					backing[d.Name] = s.abs(prev.File)
@@ -160,11 +161,12 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		if err != nil {
 			return err
 		}
-		return putJSON(b.Bucket(bucketPending), idKey(spec.ID), w.rec)
+		return putJSON(b.Bucket(bucketPending), idKey(spec.ID), rec)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("vm %q point %d: recording the point as pending: %w", spec.VM, spec.ID, err)
 	}
+	w.rec = rec // only now may an abort delete the files it names
 
 	for _, d := range spec.Disks {
 		wd := w.disks[d.Name]
