@@ -100,7 +100,7 @@ func Dial(ctx context.Context, qmpSocket string) (*Monitor, error) {
 	err = handshake(conn, dec)
 	if !stop() || ctx.Err() != nil {
 		conn.Close()
-		return nil, fmt.Errorf("QMP handshake on %s: %w (QEMU did not answer in time)", qmpSocket, context.Cause(ctx))
+		return nil, fmt.Errorf("QMP handshake on %s: %w (QEMU did not greet in time: is it hung, or is another client connected? a QMP socket serves one client at a time)", qmpSocket, context.Cause(ctx))
 	}
 	if err != nil {
 		conn.Close()
@@ -249,24 +249,29 @@ func (m *Monitor) Execute(ctx context.Context, command string, args any, result 
 		forget()
 		return fmt.Errorf("QMP %s on %s: send: %w", command, m.path, err)
 	}
+	var r reply
 	select {
-	case r := <-ch:
-		if r.err != nil {
-			r.err.Command = command
-			return r.err
-		}
-		if result != nil && r.ret != nil {
-			if err := json.Unmarshal(r.ret, result); err != nil {
-				return fmt.Errorf("QMP %s: decode reply: %w", command, err)
-			}
-		}
-		return nil
+	case r = <-ch:
 	case <-m.done:
-		return fmt.Errorf("QMP %s on %s: %w", command, m.path, m.err)
+		select {
+		case r = <-ch: // the reply came just before the connection ended
+		default:
+			return fmt.Errorf("QMP %s on %s: %w", command, m.path, m.err)
+		}
 	case <-ctx.Done():
 		forget()
 		return fmt.Errorf("QMP %s on %s: no reply: %w", command, m.path, context.Cause(ctx))
 	}
+	if r.err != nil {
+		r.err.Command = command
+		return r.err
+	}
+	if result != nil && r.ret != nil {
+		if err := json.Unmarshal(r.ret, result); err != nil {
+			return fmt.Errorf("QMP %s: decode reply: %w", command, err)
+		}
+	}
+	return nil
 }
 
 func (m *Monitor) write(ctx context.Context, b []byte) error {
