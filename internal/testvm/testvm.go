@@ -4,7 +4,6 @@ package testvm
 
 import (
 	"context"
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"testing"
@@ -74,11 +73,7 @@ func (v *VM) start(t testing.TB) {
 	t.Helper()
 	var args []string
 	for _, d := range v.Disks {
-		file := map[string]any{"driver": "file", "node-name": d.Name + "-file", "filename": v.ImagePath(d.Name)}
-		args = append(args, "--blockdev", jsonArg(map[string]any{"driver": d.Format, "node-name": d.Name, "file": file}))
-		args = append(args, "--export", jsonArg(map[string]any{
-			"type": "nbd", "id": "vm-" + d.Name, "node-name": d.Name, "name": d.Name, "writable": true,
-		}))
+		args = append(args, qemu.DiskArgs(d.Name, v.ImagePath(d.Name), d.Format)...)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
@@ -87,13 +82,6 @@ func (v *VM) start(t testing.TB) {
 		t.Fatalf("testvm: %v", err)
 	}
 	v.Daemon = d
-}
-
-// jsonArg writes a qemu-storage-daemon option in its JSON form, which needs no
-// escaping of commas in paths.
-func jsonArg(v any) string {
-	b, _ := json.Marshal(v)
-	return string(b)
 }
 
 // Monitor is the daemon's QMP connection.
