@@ -184,4 +184,3 @@ func (d *Daemon) Kill() error {
 		return fmt.Errorf("qemu-storage-daemon %d did not exit 10 s after SIGKILL", d.Pid())
 	}
 }
-
