@@ -16,6 +16,9 @@ have e2fsck                || need+=(e2fsprogs)
 have cpio                  || need+=(cpio)
 [ -x /bin/busybox ]        || need+=(busybox-static)
 ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+# test/guest/build.sh: flock, and zstd where the kernel's modules are .ko.zst.
+have flock                 || need+=(util-linux)
+if ls /lib/modules/*/kernel/fs/ext4/ext4.ko.zst >/dev/null 2>&1; then have zstd || need+=(zstd); fi
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -26,27 +26,33 @@ virtio_console virtio_blk crc16 crc32c_generic mbcache jbd2 ext4"
 exec 9>"$out/.lock"
 flock -w 300 9 || { echo "build.sh: another build holds $out/.lock for 5 minutes; remove it if no build runs" >&2; exit 1; }
 
-"$root/scripts/deps.sh"
-
 # The newest kernel that has its modules installed.
-kver=""
-for k in $(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V); do
-  v=${k#/boot/vmlinuz-}
-  [ -d "/lib/modules/$v/kernel" ] && kver=$v
-done
+find_kernel() {
+  kver=""
+  for k in $(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V); do
+    v=${k#/boot/vmlinuz-}
+    [ -d "/lib/modules/$v/kernel" ] && kver=$v
+  done
+  kernel=/boot/vmlinuz-$kver
+  moddir=/lib/modules/$kver/kernel
+}
+
+find_kernel
+if [ -n "$kver" ] && [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ] &&
+   [ "$(cat "$out/kernel-version" 2>/dev/null)" = "$kver" ] &&
+   [ -z "$(find "$here" "$kernel" /usr/sbin/qemu-ga /bin/busybox -newer "$out/initramfs.cpio.gz" -print -quit)" ]; then
+  exit 0
+fi
+
+# Only a build needs the packages (installing may need sudo): check them now.
+"$root/scripts/deps.sh"
+find_kernel
 if [ -z "$kver" ]; then
   echo "build.sh: no /boot/vmlinuz-* with modules under /lib/modules: install linux-image-amd64" >&2
   exit 1
 fi
-kernel=/boot/vmlinuz-$kver
-moddir=/lib/modules/$kver/kernel
 
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ] &&
-   [ "$(cat "$out/kernel-version" 2>/dev/null)" = "$kver" ] &&
-   [ -z "$(find "$here" "$root/scripts/deps.sh" "$kernel" /usr/sbin/qemu-ga /bin/busybox -newer "$out/initramfs.cpio.gz" -print -quit)" ]; then
-  exit 0
-fi
-
+rm -rf "$out"/.stage.*   # left by a build that was killed
 stage=$(mktemp -d "$out/.stage.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 r=$stage/root
@@ -61,12 +67,17 @@ ldd /usr/sbin/qemu-ga | awk '/=> \//{print $3} /^[ \t]*\//{print $1}' | while re
   cp -L "$lib" "$r$lib"
 done
 
+order=""
 for m in $modules; do
   f=$(find "$moddir" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" | head -n1)
   if [ -z "$f" ]; then
-    echo "build.sh: module $m not found under $moddir (is it built in? then drop it from the list)" >&2
+    if grep -q "/$m\.ko\$" "/lib/modules/$kver/modules.builtin" 2>/dev/null; then
+      continue # built into this kernel
+    fi
+    echo "build.sh: module $m is neither under $moddir nor built into kernel $kver" >&2
     exit 1
   fi
+  order="$order $m"
   case $f in
     *.xz)  /bin/busybox xzcat "$f" > "$r/lib/modules/$m.ko" ;;
     *.gz)  gzip -dc "$f" > "$r/lib/modules/$m.ko" ;;
@@ -74,7 +85,7 @@ for m in $modules; do
     *)     cp "$f" "$r/lib/modules/$m.ko" ;;
   esac
 done
-echo "$modules" | tr -s ' \n' '  ' > "$r/lib/modules/order"
+echo "$order" > "$r/lib/modules/order"
 
 cp -R "$here/rootfs/." "$r/"
 chmod 0755 "$r/init" "$r"/bin/lb-* "$r/etc/qemu/fsfreeze-hook"
