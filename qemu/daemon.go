@@ -58,12 +58,12 @@ func StartDaemon(ctx context.Context, cfg DaemonConfig) (*Daemon, error) {
 		}
 	}
 	args := []string{
-		"--chardev", "socket,path=" + d.QMPSocket() + ",server=on,wait=off,id=lifeboat-qmp",
+		"--chardev", "socket,path=" + optEscape(d.QMPSocket()) + ",server=on,wait=off,id=lifeboat-qmp",
 		"--monitor", "chardev=lifeboat-qmp",
 		"--pidfile", filepath.Join(dir, "qsd.pid"),
 	}
 	if cfg.NBD {
-		args = append(args, "--nbd-server", "addr.type=unix,addr.path="+d.NBDSocket())
+		args = append(args, "--nbd-server", "addr.type=unix,addr.path="+optEscape(d.NBDSocket()))
 	}
 	args = append(args, cfg.Args...)
 	logPath := filepath.Join(dir, "qsd.log")
@@ -184,3 +184,7 @@ func (d *Daemon) Kill() error {
 		return fmt.Errorf("qemu-storage-daemon %d did not exit 10 s after SIGKILL", d.Pid())
 	}
 }
+
+// optEscape escapes a value for QEMU's key=value option syntax, where a comma
+// ends the value unless doubled.
+func optEscape(v string) string { return strings.ReplaceAll(v, ",", ",,") }

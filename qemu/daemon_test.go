@@ -89,3 +89,23 @@ func TestBitmapsAcrossRestartAndCrash(t *testing.T) {
 		t.Errorf("an inconsistent bitmap must be removable: %v", err)
 	}
 }
+
+func TestStartDaemonInDirWithComma(t *testing.T) {
+	testenv.RequireTools(t, "qemu-storage-daemon")
+	parent, err := os.MkdirTemp("", "lb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(parent) })
+	d, err := qemu.StartDaemon(testCtx(t), qemu.DaemonConfig{Dir: parent + "/a,b", NBD: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Kill()
+	if _, err := os.Stat(d.NBDSocket()); err != nil {
+		t.Errorf("NBD socket not where NBDSocket says: %v", err)
+	}
+	if err := d.Stop(testCtx(t)); err != nil {
+		t.Error(err)
+	}
+}
