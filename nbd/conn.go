@@ -243,12 +243,13 @@ func (c *conn) abandon(r *request) {
 		r.mu.Unlock()
 		close(got)
 	}()
-	t := time.NewTimer(abandonStallBound)
+	bound := min(c.timeout, abandonStallBound)
+	t := time.NewTimer(bound)
 	defer t.Stop()
 	select {
 	case <-got:
 	case <-t.C:
-		c.fail(fmt.Errorf("nbd: server %s stalled in the middle of a reply for %v; connection dropped, dial again", c.name, abandonStallBound))
+		c.fail(fmt.Errorf("nbd: server %s stalled in the middle of a reply for %v; connection dropped, dial again", c.name, bound))
 		<-got
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"math/bits"
 	"net"
 	"net/url"
+	"os"
 	"strings"
 	"time"
 )
@@ -170,8 +171,12 @@ func dialConn(ctx context.Context, t target, export string, opts Options, name s
 	}
 	if err != nil {
 		h.nc.Close()
-		if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
-			err = fmt.Errorf("%w (%w)", err, ctx.Err())
+		cause := ctx.Err()
+		if cause == nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			cause = context.DeadlineExceeded // the socket deadline fired just before ctx's timer
+		}
+		if cause != nil && !errors.Is(err, cause) {
+			err = fmt.Errorf("%w (%w)", err, cause)
 		}
 		return nil, negotiated{}, err
 	}
