@@ -42,7 +42,10 @@ func TestHostileReplies(t *testing.T) {
 		{name: "bad magic", wantProto: true, wantErrText: "bad magic",
 			handle: func(w *replies, r fakeRequest) bool { w.w.Write([]byte{0xde, 0xad, 0xbe, 0xef}); return true }},
 		{name: "data chunk longer than the request", wantProto: true, wantErrText: "data chunk of length",
-			handle: func(w *replies, r fakeRequest) bool { w.data(replyFlagDone, r.cookie, r.off, make([]byte, n+1)); return true }},
+			handle: func(w *replies, r fakeRequest) bool {
+				w.data(replyFlagDone, r.cookie, r.off, make([]byte, n+1))
+				return true
+			}},
 		{name: "data chunk length field huge", wantProto: true, wantErrText: "data chunk of length",
 			handle: func(w *replies, r fakeRequest) bool {
 				w.chunk(replyFlagDone, chunkOffsetData, r.cookie, nil, 0xffffffff)
@@ -51,7 +54,10 @@ func TestHostileReplies(t *testing.T) {
 		{name: "data chunk before the request", wantProto: true, wantErrText: "outside",
 			handle: func(w *replies, r fakeRequest) bool { w.data(replyFlagDone, r.cookie, r.off-1, good); return true }},
 		{name: "data chunk offset overflows", wantProto: true, wantErrText: "outside",
-			handle: func(w *replies, r fakeRequest) bool { w.data(replyFlagDone, r.cookie, ^uint64(0)-10, good[:100]); return true }},
+			handle: func(w *replies, r fakeRequest) bool {
+				w.data(replyFlagDone, r.cookie, ^uint64(0)-10, good[:100])
+				return true
+			}},
 		{name: "overlapping chunks", wantProto: true, wantErrText: "overlap",
 			handle: func(w *replies, r fakeRequest) bool {
 				w.data(0, r.cookie, r.off, good[:3000]).data(replyFlagDone, r.cookie, r.off+2000, good[:2096])
@@ -69,7 +75,10 @@ func TestHostileReplies(t *testing.T) {
 				return true
 			}},
 		{name: "unknown chunk type", wantProto: true, wantErrText: "unknown reply chunk type",
-			handle: func(w *replies, r fakeRequest) bool { w.chunk(replyFlagDone, 77, r.cookie, []byte{1, 2, 3}); return true }},
+			handle: func(w *replies, r fakeRequest) bool {
+				w.chunk(replyFlagDone, 77, r.cookie, []byte{1, 2, 3})
+				return true
+			}},
 		{name: "NONE without DONE", wantProto: true, wantErrText: "NBD_REPLY_TYPE_NONE",
 			handle: func(w *replies, r fakeRequest) bool { w.chunk(0, chunkNone, r.cookie, nil); return true }},
 		{name: "error message longer than chunk", wantProto: true, wantErrText: "message length",
