@@ -226,8 +226,13 @@ func TestAgent(t *testing.T) {
 
 	t.Run("freeze-thaw latency", func(t *testing.T) {
 		a := dial(t)
+		// 50 rounds give a p99 worth reporting; CI affords 20.
+		n := 50
+		if testenv.Short() {
+			n = 20
+		}
 		var rounds []time.Duration
-		for range 50 {
+		for range n {
 			start := time.Now()
 			if _, err := a.Freeze(ctx); err != nil {
 				a.Thaw(ctx)
@@ -239,8 +244,13 @@ func TestAgent(t *testing.T) {
 			rounds = append(rounds, time.Since(start))
 		}
 		slices.Sort(rounds)
-		t.Logf("freeze+thaw round trip under TCG with fsync-writer running: p50 %v, p99 %v, max %v",
-			rounds[len(rounds)/2], rounds[len(rounds)*99/100], rounds[len(rounds)-1])
+		p50, p99 := rounds[len(rounds)/2], rounds[len(rounds)*99/100]
+		t.Logf("freeze+thaw round trip under TCG with fsync-writer running, %d rounds: p50 %v, p99 %v", n, p50, p99)
+		// The freeze window holds only a QMP transaction: seconds would
+		// mean the agent or this client is broken, not slow.
+		if p99 > 3*time.Second {
+			t.Fatalf("freeze+thaw p99 %v, want well under 3 s", p99)
+		}
 	})
 }
 
