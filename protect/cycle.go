@@ -40,6 +40,11 @@ func (c *cycle) run(ctx context.Context) (pt lifeboat.Point, err error) {
 	}
 	defer m.Close()
 	c.mon = m
+	// A lifeboat that died mid-cycle may have left its fleece behind, keeping
+	// the published generation busy: clear it before touching generations.
+	if err := m.RemoveStale(ctx); err != nil {
+		return pt, err
+	}
 
 	nodes, err := p.disks(ctx, m)
 	if err != nil {

@@ -45,14 +45,14 @@ func StartDaemon(ctx context.Context, cfg DaemonConfig) (*Daemon, error) {
 	}
 	cfg.Dir = dir
 	d := &Daemon{cfg: cfg, exited: make(chan struct{})}
-	if len(d.QMPSocket()) > maxSocketPath || len(d.NBDSocket()) > maxSocketPath {
+	if len(d.ClientQMPSocket()) > maxSocketPath || len(d.NBDSocket()) > maxSocketPath {
 		return nil, fmt.Errorf("qemu-storage-daemon: runtime dir %s is too long for unix sockets (max %d bytes): use a shorter one, e.g. from os.MkdirTemp(\"\", \"lb\")", dir, maxSocketPath)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("qemu-storage-daemon: %w", err)
 	}
 	// A socket left by an earlier run would be dialled before the new one binds.
-	for _, s := range []string{d.QMPSocket(), d.NBDSocket()} {
+	for _, s := range []string{d.QMPSocket(), d.ClientQMPSocket(), d.NBDSocket()} {
 		if err := os.Remove(s); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("qemu-storage-daemon: remove stale socket: %w", err)
 		}
@@ -60,6 +60,10 @@ func StartDaemon(ctx context.Context, cfg DaemonConfig) (*Daemon, error) {
 	args := []string{
 		"--chardev", "socket,path=" + optEscape(d.QMPSocket()) + ",server=on,wait=off,id=lifeboat-qmp",
 		"--monitor", "chardev=lifeboat-qmp",
+		// A second monitor for another client: QMP serves one client per socket,
+		// and a VM's own manager (here: whoever owns the daemon) holds the first.
+		"--chardev", "socket,path=" + optEscape(d.ClientQMPSocket()) + ",server=on,wait=off,id=client-qmp",
+		"--monitor", "chardev=client-qmp",
 		"--pidfile", filepath.Join(dir, "qsd.pid"),
 	}
 	if cfg.NBD {
@@ -127,6 +131,10 @@ func (d *Daemon) Monitor() *Monitor { return d.mon }
 
 // QMPSocket is the path of the QMP socket.
 func (d *Daemon) QMPSocket() string { return filepath.Join(d.cfg.Dir, "qmp.sock") }
+
+// ClientQMPSocket is a second QMP monitor of the daemon, free for another client
+// (lifeboat, when the daemon stands in for a VM that the test itself drives).
+func (d *Daemon) ClientQMPSocket() string { return filepath.Join(d.cfg.Dir, "client.qmp") }
 
 // NBDSocket is the path of the NBD server socket (when started with NBD).
 func (d *Daemon) NBDSocket() string { return filepath.Join(d.cfg.Dir, "nbd.sock") }

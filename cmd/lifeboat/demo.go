@@ -256,7 +256,7 @@ peers:
   - {name: dr, address: "127.0.0.1:%d", compression: zstd}
 vms:
   - {name: demo-vm, qmp: %s, nbd_socket: %s, peer: dr, interval: 0s}
-`, filepath.Join(dir, "prod"), files("prod").CA, files("prod").Cert, files("prod").Key, port, vmd.QMPSocket(), vmd.NBDSocket())
+`, filepath.Join(dir, "prod"), files("prod").CA, files("prod").Cert, files("prod").Key, port, vmd.ClientQMPSocket(), vmd.NBDSocket())
 	load := func(name, body string) (*daemon.Config, error) {
 		p := filepath.Join(dir, name)
 		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {

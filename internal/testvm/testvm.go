@@ -87,8 +87,9 @@ func (v *VM) start(t testing.TB) {
 // Monitor is the daemon's QMP connection.
 func (v *VM) Monitor() *qemu.Monitor { return v.Daemon.Monitor() }
 
-// QMPSocket is the daemon's QMP socket.
-func (v *VM) QMPSocket() string { return v.Daemon.QMPSocket() }
+// QMPSocket is the VM's QMP socket for lifeboat: a monitor of its own, since
+// QMP serves one client per socket and the test holds the daemon's first one.
+func (v *VM) QMPSocket() string { return v.Daemon.ClientQMPSocket() }
 
 // NBDSocket is the daemon's NBD server socket.
 func (v *VM) NBDSocket() string { return v.Daemon.NBDSocket() }
