@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/testvm"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
 	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
@@ -229,9 +231,15 @@ func TestFaultAtEachStep(t *testing.T) {
 		{"NBD read of the fleece fails", func(t *testing.T, r *rig) {
 			r.p.Hooks.AfterPlan = func(c context.Context) error {
 				// Drop the fleece exports under the reader, as a QEMU-side failure would.
-				for _, d := range []string{"vda", "vdb"} {
-					if err := r.vm.Monitor().Execute(c, "block-export-del", map[string]any{"id": "lifeboat-fleece-" + d, "mode": "hard"}, nil); err != nil {
-						t.Logf("export del: %v", err)
+				exports, err := r.vm.Monitor().Exports(c)
+				if err != nil {
+					return err
+				}
+				for _, e := range exports {
+					if strings.HasPrefix(e.ID, "lifeboat-") {
+						if err := r.vm.Monitor().ExportDelForce(c, e.ID); err != nil {
+							return err
+						}
 					}
 				}
 				return nil
@@ -283,10 +291,19 @@ func TestDiskGrows(t *testing.T) {
 	}
 	r.cycle(t)
 	const grown = vdaSize + 16<<20
-	if err := r.vm.Monitor().BlockResize(ctx(t), "vda", grown); err != nil {
+	// QEMU 7.2's NBD export does not share "resize", so the guest's export goes
+	// away while the disk grows, as a virtio-blk device would allow it.
+	r.guest.Close()
+	m := r.vm.Monitor()
+	if err := m.ExportDelForce(ctx(t), "vm-vda"); err != nil {
 		t.Fatal(err)
 	}
-	r.guest.Close()
+	if err := m.BlockResize(ctx(t), "vda", grown); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.ExportAdd(ctx(t), qemu.Export{ID: "vm-vda", Node: "vda", Name: "vda", Writable: true}); err != nil {
+		t.Fatal(err)
+	}
 	r.disks[0].Size = grown
 	r.openGuest(t)
 	if err := r.guest.Do(ctx(t), workload.Op{Disk: "vda", Kind: "data", Offset: grown - 3<<20, Length: 2 << 20}); err != nil {
