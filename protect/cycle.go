@@ -30,10 +30,12 @@ type cycle struct {
 
 	changed, zero, same, data, sent, done atomic.Int64
 	total                                 int64
+	start                                 time.Time
 }
 
 func (c *cycle) run(ctx context.Context) (pt lifeboat.Point, err error) {
 	p := c.p
+	c.start = time.Now()
 	m, err := qemu.Dial(ctx, p.VM.QMPSocket)
 	if err != nil {
 		return pt, fmt.Errorf("connect to QMP %s: %w (is the VM running? check `qmp:` in the config)", p.VM.QMPSocket, err)
@@ -303,7 +305,7 @@ produce:
 	c.report("commit", c.sent.Load())
 	stats := lifeboat.CycleStats{
 		BytesChanged: c.changed.Load(), BytesZero: c.zero.Load(), BytesSame: c.same.Load(),
-		BytesData: c.data.Load(), BytesSent: c.sent.Load(),
+		BytesData: c.data.Load(), BytesSent: c.sent.Load(), Duration: time.Since(c.start),
 	}
 	pt, err := st.Commit(stats)
 	if err != nil {

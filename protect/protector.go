@@ -103,7 +103,7 @@ func (p *Protector) Cycle(ctx context.Context) (lifeboat.Point, error) {
 	if err != nil {
 		return lifeboat.Point{}, fmt.Errorf("vm %q: %w", p.VM.Name, err)
 	}
-	c.log.Info("point committed", "point", pt.ID, "consistency", pt.Consistency,
+	c.log.Info("point committed", "consistency", pt.Consistency,
 		"changed", pt.Stats.BytesChanged, "zero", pt.Stats.BytesZero, "sent", pt.Stats.BytesSent,
 		"took", time.Since(start).Round(time.Millisecond))
 	return pt, nil
