@@ -96,7 +96,7 @@ type PointDisk struct {
 	Name string `json:"name"`
 	Size int64  `json:"size"`
 	// File is the qcow2 image (top of the chain) that holds the point's view of the disk.
-	File string `json:"file"`
+	File string `json:"file,omitempty"`
 	// Resync is set when the disk was sent whole (initial sync or lost change tracking).
 	Resync bool `json:"resync,omitempty"`
 }

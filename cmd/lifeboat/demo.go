@@ -161,7 +161,7 @@ func runDemo(ctx context.Context, o demoOptions) error {
 	var rows []row
 	for i := 0; i < o.cycles; i++ {
 		if i > 0 {
-			if err := w.RunFor(ctx, 1500*time.Millisecond); err != nil {
+			if _, err := w.Mixed(ctx, 40); err != nil {
 				return err
 			}
 		}
