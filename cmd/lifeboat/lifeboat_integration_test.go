@@ -1,0 +1,375 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/daemon"
+	"github.com/lifeboat-dr/lifeboat/internal/testvm"
+	"github.com/lifeboat-dr/lifeboat/internal/workload"
+)
+
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "lbbin")
+	if err != nil {
+		panic(err)
+	}
+	binary = filepath.Join(dir, "lifeboat")
+	out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "build lifeboat: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// run runs the lifeboat binary and returns its stdout, failing the test on a non-zero exit.
+func run(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := runErr(t, args...)
+	if err != nil {
+		t.Fatalf("lifeboat %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func runErr(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	if err != nil {
+		return stdout.String() + stderr.String(), err
+	}
+	return stdout.String(), nil
+}
+
+// site is a `lifeboat serve` process.
+type site struct {
+	name, config, log string
+	cmd               *exec.Cmd
+}
+
+func startSite(t *testing.T, name, config string) *site {
+	t.Helper()
+	s := &site{name: name, config: config, log: config + ".log"}
+	s.start(t)
+	t.Cleanup(func() { s.kill() })
+	return s
+}
+
+func (s *site) start(t *testing.T) {
+	t.Helper()
+	logf, err := os.OpenFile(s.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	s.cmd = exec.Command(binary, "serve", "-c", s.config)
+	s.cmd.Stdout, s.cmd.Stderr = logf, logf
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := runErr(t, "status", "-c", s.config); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(s.log)
+			t.Fatalf("site %s did not start:\n%s", s.name, b)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// kill is kill -9: no cleanup of any kind runs in the site.
+func (s *site) kill() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		s.cmd.Process.Signal(syscall.SIGKILL)
+		s.cmd.Wait()
+		s.cmd = nil
+	}
+}
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func shortDir(t *testing.T) string {
+	dir, err := os.MkdirTemp("", "lbc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+type deployment struct {
+	dir      string
+	vm       *testvm.VM
+	guest    *workload.Guest
+	disks    []workload.Disk
+	dr, prod *site
+}
+
+func deploy(t *testing.T, vdaSize int64) *deployment {
+	t.Helper()
+	d := &deployment{dir: shortDir(t), disks: []workload.Disk{{Name: "vda", Size: vdaSize}, {Name: "vdb", Size: 16 << 20}}}
+	d.vm = testvm.Start(t,
+		testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: vdaSize},
+		testvm.DiskSpec{Name: "vdb", Format: "raw", Size: 16 << 20})
+	g, err := workload.Open(context.Background(), d.vm.NBDSocket(), 7, d.disks...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	d.guest = g
+	pkiDir := filepath.Join(d.dir, "pki")
+	run(t, "cert", "ca", "--dir", pkiDir)
+	run(t, "cert", "site", "dr", "--ca", pkiDir, "--out", pkiDir, "--host", "127.0.0.1")
+	run(t, "cert", "site", "prod", "--ca", pkiDir, "--out", pkiDir, "--host", "127.0.0.1")
+	addr := freeAddr(t)
+	drCfg := filepath.Join(d.dir, "dr.yaml")
+	os.WriteFile(drCfg, []byte(fmt.Sprintf(`site: dr
+state_dir: %s/dr
+listen: %s
+keep: 10
+tls: {ca: pki/ca.crt, cert: pki/dr.crt, key: pki/dr.key}
+`, d.dir, addr)), 0o600)
+	prodCfg := filepath.Join(d.dir, "prod.yaml")
+	os.WriteFile(prodCfg, []byte(fmt.Sprintf(`site: prod
+state_dir: %s/prod
+tls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}
+peers:
+  - {name: dr, address: "%s", compression: zstd}
+vms:
+  - {name: vm1, qmp: %s, nbd_socket: %s}
+`, d.dir, addr, d.vm.QMPSocket(), d.vm.NBDSocket())), 0o600)
+	d.dr = startSite(t, "dr", drCfg)
+	d.prod = startSite(t, "prod", prodCfg)
+	return d
+}
+
+func (d *deployment) points(t *testing.T, config string) []lifeboat.Point {
+	t.Helper()
+	var pts []lifeboat.Point
+	if err := json.Unmarshal([]byte(run(t, "points", "vm1", "--json", "-c", config)), &pts); err != nil {
+		t.Fatal(err)
+	}
+	return pts
+}
+
+// checkLatest exports the latest point of every disk and compares it with the source.
+func (d *deployment) checkLatest(t *testing.T, want map[string]string) {
+	t.Helper()
+	for _, disk := range d.disks {
+		out := filepath.Join(d.dir, "export-"+disk.Name+".raw")
+		run(t, "export", "vm1", "--point", "latest", "--disk", disk.Name, "-o", out, "-c", d.dr.config)
+		f, err := os.Open(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := sha256.New()
+		io.Copy(h, f)
+		f.Close()
+		os.Remove(out)
+		if got := hex.EncodeToString(h.Sum(nil)); got != want[disk.Name] {
+			t.Fatalf("disk %s: exported latest point differs from the source at its instant", disk.Name)
+		}
+	}
+}
+
+func (d *deployment) hashes(t *testing.T) map[string]string {
+	t.Helper()
+	h, err := d.guest.Hashes(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+// The commands as a user runs them, against two `lifeboat serve` processes.
+func TestCommandsEndToEnd(t *testing.T) {
+	d := deploy(t, 32<<20)
+	if err := d.guest.Fill(context.Background(), 0.5); err != nil {
+		t.Fatal(err)
+	}
+	want := d.hashes(t)
+	out := run(t, "sync", "vm1", "-c", d.prod.config)
+	if !strings.Contains(out, "point 1 committed") {
+		t.Fatalf("sync output: %s", out)
+	}
+	d.checkLatest(t, want)
+	if _, err := d.guest.Mixed(context.Background(), 10); err != nil {
+		t.Fatal(err)
+	}
+	want = d.hashes(t)
+	var pt lifeboat.Point
+	if err := json.Unmarshal([]byte(run(t, "sync", "vm1", "--json", "-c", d.prod.config)), &pt); err != nil {
+		t.Fatal(err)
+	}
+	if pt.ID != 2 || pt.Consistency != lifeboat.Crash || pt.Stats.BytesChanged == 0 {
+		t.Fatalf("second sync: %+v", pt)
+	}
+	d.checkLatest(t, want)
+
+	// points at the recovery site, and forwarded from the protected site.
+	for _, cfg := range []string{d.dr.config, d.prod.config} {
+		if pts := d.points(t, cfg); len(pts) != 2 || pts[1].ID != 2 {
+			t.Fatalf("points via %s: %+v", cfg, pts)
+		}
+	}
+	table := run(t, "points", "vm1", "-c", d.dr.config)
+	if !strings.Contains(table, "CONSISTENCY") || !strings.Contains(table, "crash") {
+		t.Fatalf("points table:\n%s", table)
+	}
+	if out := run(t, "verify", "vm1", "--point", "1", "-c", d.dr.config); !strings.Contains(out, "OK") {
+		t.Fatalf("verify: %s", out)
+	}
+	var st daemon.StatusReply
+	if err := json.Unmarshal([]byte(run(t, "status", "--json", "-c", d.prod.config)), &st); err != nil {
+		t.Fatal(err)
+	}
+	if len(st.VMs) != 1 || st.VMs[0].State != "protected" || st.VMs[0].LastPoint == nil || st.VMs[0].LastPoint.ID != 2 || st.VMs[0].RPO <= 0 {
+		t.Fatalf("status: %+v", st)
+	}
+	if out := run(t, "status", "-c", d.dr.config); !strings.Contains(out, "replica") {
+		t.Fatalf("status at dr:\n%s", out)
+	}
+	// qcow2 and vmdk exports are images of those formats.
+	for _, f := range []string{"qcow2", "vmdk"} {
+		out := filepath.Join(d.dir, "x."+f)
+		run(t, "export", "vm1", "--disk", "vda", "-o", out, "--format", f, "-c", d.dr.config)
+		info, err := exec.Command("qemu-img", "info", "--output=json", out).Output()
+		if err != nil || !strings.Contains(string(info), `"format": "`+f+`"`) {
+			t.Fatalf("export as %s: %v %s", f, err, info)
+		}
+	}
+
+	// Usage and lookup errors say what to do.
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"sync", "-c", d.prod.config}, "lifeboat sync web1"},
+		{[]string{"sync", "nosuchvm", "-c", d.prod.config}, "not protected"},
+		{[]string{"export", "vm1", "-c", d.dr.config}, "-o"},
+		{[]string{"export", "vm1", "--point", "99", "--disk", "vda", "-o", "/tmp/x", "-c", d.dr.config}, "99"},
+		{[]string{"verify", "vm1", "-c", d.prod.config}, "recovery site"},
+		{[]string{"status", "-c", "/nonexistent.yaml"}, "no such file"},
+	} {
+		out, err := runErr(t, tc.args...)
+		if err == nil || !strings.Contains(out, tc.want) {
+			t.Fatalf("lifeboat %v: err %v, output %q should mention %q", tc.args, err, out, tc.want)
+		}
+	}
+}
+
+// kill -9 of either site in the middle of a cycle: no partial point is listed,
+// no change is lost, and the next sync is byte-exact.
+func TestKillSitesMidCycle(t *testing.T) {
+	d := deploy(t, 256<<20)
+	if err := d.guest.Fill(context.Background(), 0.3); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "sync", "vm1", "-c", d.prod.config)
+	for round, victim := range []*site{d.dr, d.prod, d.dr} {
+		if err := d.guest.Fill(context.Background(), 0.6); err != nil { // rewrites 150 MiB: a cycle long enough to interrupt
+			t.Fatal(err)
+		}
+		sync := exec.Command(binary, "sync", "vm1", "-c", d.prod.config)
+		var out bytes.Buffer
+		sync.Stdout, sync.Stderr = &out, &out
+		if err := sync.Start(); err != nil {
+			t.Fatal(err)
+		}
+		waitWriting(t, d.dir)
+		victim.kill()
+		err := sync.Wait()
+		if err == nil {
+			t.Logf("round %d: the cycle finished before %s was killed", round, victim.name)
+		} else {
+			t.Logf("round %d: sync failed as it should when %s died: %s", round, victim.name, strings.TrimSpace(out.String()))
+		}
+		victim.start(t)
+		pts := d.points(t, d.dr.config)
+		if err != nil && len(pts) != round+1 {
+			t.Fatalf("round %d: %d points listed after an interrupted cycle, want %d", round, len(pts), round+1)
+		}
+		if _, err := d.guest.Mixed(context.Background(), 10); err != nil {
+			t.Fatal(err)
+		}
+		want := d.hashes(t)
+		run(t, "sync", "vm1", "-c", d.prod.config)
+		d.checkLatest(t, want)
+		run(t, "verify", "vm1", "-c", d.dr.config)
+	}
+}
+
+// waitWriting waits until the recovery site is writing a point: its writer
+// qemu-storage-daemon is running.
+func waitWriting(t *testing.T, dir string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		out, _ := exec.Command("pgrep", "-f", "qemu-storage-daemon.*"+dir+"/dr").Output()
+		if len(bytes.TrimSpace(out)) > 0 {
+			time.Sleep(50 * time.Millisecond)
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatal("the recovery site never started writing a point")
+}
+
+// A peer whose certificate comes from another deployment's CA is refused.
+func TestUnknownPeerRefused(t *testing.T) {
+	d := deploy(t, 16<<20)
+	other := filepath.Join(d.dir, "other")
+	run(t, "cert", "ca", "--dir", other)
+	run(t, "cert", "site", "prod", "--ca", other, "--out", other, "--host", "127.0.0.1")
+	cfg, _ := os.ReadFile(d.prod.config)
+	rogue := strings.ReplaceAll(string(cfg), "pki/", "other/")
+	rogue = strings.Replace(rogue, "/prod\n", "/rogue\n", 1)
+	rogueCfg := filepath.Join(d.dir, "rogue.yaml")
+	os.WriteFile(rogueCfg, []byte(rogue), 0o600)
+	d.prod.kill()
+	startSite(t, "rogue", rogueCfg)
+	out, err := runErr(t, "sync", "vm1", "-c", rogueCfg)
+	if err == nil {
+		t.Fatal("a site with a certificate from another CA replicated")
+	}
+	if !strings.Contains(out, "certificate") && !strings.Contains(out, "authority") {
+		t.Fatalf("refusal does not say why: %s", out)
+	}
+	if pts := d.points(t, d.dr.config); len(pts) != 0 {
+		t.Fatalf("points listed after a refused peer: %+v", pts)
+	}
+}

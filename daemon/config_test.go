@@ -1,0 +1,82 @@
+package daemon
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+const goodConfig = `site: prod
+state_dir: /var/lib/lifeboat
+tls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}
+peers:
+  - {name: dr, address: "dr.example.net:7420"}
+vms:
+  - {name: web1, qmp: /run/web1.qmp, interval: 30s}
+`
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "site.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestLoadConfig(t *testing.T) {
+	p := writeConfig(t, goodConfig)
+	c, err := LoadConfig(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.VMs[0].Peer != "dr" || c.Keep != 24 || c.Peers[0].Compression != "zstd" {
+		t.Fatalf("defaults not applied: %+v", c)
+	}
+	if want := filepath.Join(filepath.Dir(p), "pki/ca.crt"); c.TLS.CA != want {
+		t.Fatalf("tls.ca = %q, want it relative to the config: %q", c.TLS.CA, want)
+	}
+	if c.API != "/var/lib/lifeboat/api.sock" {
+		t.Fatalf("api socket %q", c.API)
+	}
+}
+
+// Config errors name the file, the field and the fix.
+func TestConfigErrors(t *testing.T) {
+	cases := []struct {
+		name, body string
+		want       []string
+	}{
+		{"missing site", strings.Replace(goodConfig, "site: prod", "site: ''", 1), []string{"site:", "e.g."}},
+		{"no state dir", strings.Replace(goodConfig, "state_dir: /var/lib/lifeboat", "", 1), []string{"state_dir", "missing"}},
+		{"no tls", strings.Replace(goodConfig, "tls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}", "", 1), []string{"tls", "lifeboat cert"}},
+		{"unknown field", goodConfig + "colour: blue\n", []string{"colour"}},
+		{"bad interval", strings.Replace(goodConfig, "interval: 30s", "interval: often", 1), []string{"often", "30s"}},
+		{"vm without qmp", strings.Replace(goodConfig, "qmp: /run/web1.qmp, ", "", 1), []string{"vms[0] (web1).qmp", "missing"}},
+		{"unknown peer", strings.Replace(goodConfig, "interval: 30s", "interval: 30s, peer: nowhere", 1), []string{"vms[0] (web1).peer", "nowhere"}},
+		{"bad compression", strings.Replace(goodConfig, `address: "dr.example.net:7420"`, `address: "dr.example.net:7420", compression: lz4`, 1), []string{"peers[0].compression", "lz4", "zstd"}},
+		{"bad consistency", strings.Replace(goodConfig, "interval: 30s", "interval: 30s, consistency: perfect", 1), []string{"consistency", "perfect", "filesystem"}},
+		{"quiesce without agent", strings.Replace(goodConfig, "interval: 30s", "interval: 30s, consistency: filesystem", 1), []string{"agent", "guest agent"}},
+		{"duplicate vm", goodConfig + "  - {name: web1, qmp: /x}\n", []string{"appears twice"}},
+		{"bad vm name", strings.Replace(goodConfig, "name: web1", "name: ../web1", 1), []string{"not a VM name"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p := writeConfig(t, tc.body)
+			_, err := LoadConfig(p)
+			if err == nil {
+				t.Fatal("bad config accepted")
+			}
+			msg := err.Error()
+			for _, w := range append(tc.want, p) {
+				if !strings.Contains(msg, w) {
+					t.Fatalf("error %q does not mention %q", msg, w)
+				}
+			}
+		})
+	}
+	if _, err := LoadConfig("/nonexistent/site.yaml"); err == nil || !strings.Contains(err.Error(), "site.example.yaml") {
+		t.Fatalf("missing file: %v", err)
+	}
+}
