@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/qga"
 )
 
@@ -64,7 +65,8 @@ type Guest struct {
 	dir      string // images and logs: the test's temporary directory
 	sockDir  string // sockets: a short path, since unix socket paths are limited to 108 bytes
 	image    string
-	qsd, vm  *process
+	storage  *qemu.Daemon
+	vm       *process
 	bootTime time.Duration
 
 	stopOnce sync.Once
@@ -118,15 +120,12 @@ func Boot(t testing.TB, opts Options) *Guest {
 		format = "qcow2"
 	}
 
-	g.qsd = start(t, g.dir, opts.Name+"-storage", "qemu-storage-daemon",
-		"--blockdev", "driver=file,node-name="+diskNode+"-file,filename="+g.image,
-		"--blockdev", "driver="+format+",node-name="+diskNode+",file="+diskNode+"-file",
-		"--chardev", "socket,path="+g.StorageQMPSocket()+",server=on,wait=off,id=qmp0",
-		"--monitor", "chardev=qmp0",
-		"--nbd-server", "addr.type=unix,addr.path="+g.StorageNBDSocket(),
-		"--export", "type=nbd,id="+diskNode+"-export,node-name="+diskNode+",name="+diskNode+",writable=on",
-	)
-	g.waitSockets(10*time.Second, g.qsd, g.StorageQMPSocket(), g.StorageNBDSocket())
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	g.storage, err = qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: sockDir, NBD: true, Args: qemu.DiskArgs(diskNode, g.image, format)})
+	cancel()
+	if err != nil {
+		t.Fatalf("testguest: %s: %v", opts.Name, err)
+	}
 
 	begin := time.Now()
 	g.vm = start(t, g.dir, opts.Name+"-vm", "qemu-system-x86_64",
@@ -156,13 +155,17 @@ func Boot(t testing.TB, opts Options) *Guest {
 // serves one client at a time: close an Agent before another dials.
 func (g *Guest) AgentSocket() string { return filepath.Join(g.sockDir, "qga.sock") }
 
-// StorageQMPSocket is the QMP monitor of the qemu-storage-daemon holding the
-// data disk: the VM's block layer, which lifeboat fleeces.
-func (g *Guest) StorageQMPSocket() string { return filepath.Join(g.sockDir, "storage-qmp.sock") }
+// StorageQMPSocket is a QMP monitor, free for lifeboat, of the
+// qemu-storage-daemon holding the data disk: the VM's block layer, which
+// lifeboat fleeces. (The test itself has Storage().Monitor().)
+func (g *Guest) StorageQMPSocket() string { return g.storage.ClientQMPSocket() }
 
 // StorageNBDSocket is the storage daemon's NBD server; the disk is exported
 // there under the name DiskNode().
-func (g *Guest) StorageNBDSocket() string { return filepath.Join(g.sockDir, "nbd.sock") }
+func (g *Guest) StorageNBDSocket() string { return g.storage.NBDSocket() }
+
+// Storage is the qemu-storage-daemon holding the data disk.
+func (g *Guest) Storage() *qemu.Daemon { return g.storage }
 
 // VMQMPSocket is the QMP monitor of the qemu-system process (to pause it, say).
 func (g *Guest) VMQMPSocket() string { return filepath.Join(g.sockDir, "vm-qmp.sock") }
@@ -203,8 +206,8 @@ func (g *Guest) Shell(ctx context.Context, script string) (string, error) {
 	return string(out), err
 }
 
-// Stop stops the VM, then the storage daemon (which, stopped cleanly, saves
-// its persistent bitmaps). It is safe to call more than once; Boot registers
+// Stop stops the VM, then quits the storage daemon through QMP (so its
+// persistent bitmaps are saved). It is safe to call more than once; Boot registers
 // it as cleanup.
 func (g *Guest) Stop() {
 	g.stopOnce.Do(func() {
@@ -219,8 +222,12 @@ func (g *Guest) Stop() {
 		if g.vm != nil {
 			g.vm.stop(g.t, 5*time.Second)
 		}
-		if g.qsd != nil {
-			g.qsd.stop(g.t, 10*time.Second)
+		if g.storage != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if err := g.storage.Stop(ctx); err != nil {
+				g.t.Logf("testguest: %s: %v", g.name, err)
+			}
+			cancel()
 		}
 		os.RemoveAll(g.sockDir)
 	})
@@ -254,28 +261,6 @@ func (g *Guest) waitReady(begin time.Time) {
 	}
 	if err != nil {
 		g.t.Fatalf("testguest: %s: guest agent: %v; console:\n%s", g.name, err, tail(g.Console(), 40))
-	}
-}
-
-// waitSockets waits until p listens on every socket.
-func (g *Guest) waitSockets(limit time.Duration, p *process, sockets ...string) {
-	g.t.Helper()
-	deadline := time.Now().Add(limit)
-	for _, s := range sockets {
-		for {
-			if c, err := net.DialTimeout("unix", s, time.Second); err == nil {
-				c.Close()
-				break
-			}
-			select {
-			case <-p.done:
-				g.t.Fatalf("testguest: %s exited at start (%v); its log:\n%s", p.name, p.err, p.log())
-			case <-time.After(20 * time.Millisecond):
-			}
-			if time.Now().After(deadline) {
-				g.t.Fatalf("testguest: %s not listening on %s after %v; its log:\n%s", p.name, s, limit, p.log())
-			}
-		}
 	}
 }
 
