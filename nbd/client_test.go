@@ -29,6 +29,10 @@ var servers = []struct {
 		return startNbdkit(t, "--filter=blocksize-policy", "memory", "64M",
 			"blocksize-minimum=512", "blocksize-preferred=4096", "blocksize-maximum=64K", "blocksize-error-policy=error")
 	}, 512, 64 << 10},
+	// No write-zeroes: WriteZeroes writes zero buffers.
+	{"nbdkit-nozero", func(t *testing.T) string {
+		return startNbdkit(t, "--filter=nozero", "memory", "64M", "zeromode=none")
+	}, 0, 0},
 }
 
 func ctx10s(t *testing.T) context.Context {
@@ -229,5 +233,48 @@ func TestReadOnly(t *testing.T) {
 	}
 	if err := c.Read(ctx, make([]byte, 512), 0); err != nil {
 		t.Fatalf("Read: %v", err)
+	}
+}
+
+// TestWriteZeroesModes: ZeroFast is refused at once where the server cannot
+// zero fast, and zeroes where it can; the fallback really writes zeros.
+func TestWriteZeroesModes(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		args          []string
+		canZero, fast bool
+	}{
+		{"memory", []string{"memory", "4M"}, true, true},
+		{"nozero", []string{"--filter=nozero", "memory", "4M", "zeromode=none"}, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dial(t, startNbdkit(t, tc.args...), Options{})
+			ctx := ctx10s(t)
+			if c.CanWriteZeroes() != tc.canZero || c.CanFastZero() != tc.fast {
+				t.Fatalf("CanWriteZeroes %v CanFastZero %v; want %v %v", c.CanWriteZeroes(), c.CanFastZero(), tc.canZero, tc.fast)
+			}
+			if err := c.Write(ctx, bytes.Repeat([]byte{0xff}, 3<<20), 0, false); err != nil {
+				t.Fatal(err)
+			}
+			err := c.WriteZeroes(ctx, 1, 1<<20, ZeroFast)
+			if tc.fast != (err == nil) || (!tc.fast && !errors.Is(err, syscall.ENOTSUP)) {
+				t.Fatalf("WriteZeroes(ZeroFast) = %v; fast zero supported: %v", err, tc.fast)
+			}
+			if err := c.WriteZeroes(ctx, 1<<20+7, 2<<20-7, 0); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, 3<<20)
+			if err := c.Read(ctx, got, 0); err != nil {
+				t.Fatal(err)
+			}
+			want := bytes.Repeat([]byte{0xff}, 3<<20)
+			if tc.fast {
+				clear(want[1 : 1+1<<20])
+			}
+			clear(want[1<<20+7:])
+			if i := firstDiff(got, want); i >= 0 {
+				t.Fatalf("after WriteZeroes, byte %d is %#x, want %#x", i, got[i], want[i])
+			}
+		})
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -399,5 +400,32 @@ func TestParseAddr(t *testing.T) {
 		if (err != nil) != tc.wantErr || (err == nil && got != tc.want) {
 			t.Errorf("parseAddr(%q) = %+v, %v; want %+v, error %v", tc.in, got, err, tc.want, tc.wantErr)
 		}
+	}
+}
+
+// TestFakeFUAEmulation: qemu and nbdkit here always advertise FUA, so a fake
+// without it checks that Write(fua) is followed by a flush.
+func TestFakeFUAEmulation(t *testing.T) {
+	var mu sync.Mutex
+	var cmds []uint16
+	var flags []uint16
+	fs := &fakeServer{size: fakeSize, flags: tfFlush, handle: func(w *replies, r fakeRequest) bool {
+		mu.Lock()
+		cmds, flags = append(cmds, r.cmd), append(flags, r.flags)
+		mu.Unlock()
+		w.simple(r.cookie, 0, nil)
+		return true
+	}}
+	c := dial(t, fs.start(t), Options{})
+	if c.CanFUA() {
+		t.Fatal("fake without FUA reported CanFUA")
+	}
+	if err := c.Write(ctx10s(t), []byte("x"), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(cmds) != 2 || cmds[0] != cmdWrite || flags[0] != 0 || cmds[1] != cmdFlush {
+		t.Fatalf("commands %v flags %v; want a write without FUA, then a flush", cmds, flags)
 	}
 }
