@@ -101,7 +101,7 @@ func events(resp *http.Response, fn func(json.RawMessage)) (Event, error) {
 		return e, nil
 	}
 	if err := sc.Err(); err != nil {
-		return Event{}, err
+		return Event{}, fmt.Errorf("the site stopped answering mid-operation (%v): see its log; the operation's outcome is in `lifeboat status`", err)
 	}
 	return Event{}, errors.New("the site closed the answer before the result: see its log")
 }

@@ -165,7 +165,7 @@ func (s *PointStream) send(f *wirepb.Frame) error {
 			// The server ended the stream; its reason comes with the reply.
 			_, err = s.st.CloseAndRecv()
 		}
-		s.failed = fmt.Errorf("vm %q point %d: send to %s: %w", s.vm, s.id, s.c.peer, err)
+		s.failed = fmt.Errorf("send to recovery site %s: %w", s.c.peer, err)
 		return s.failed
 	}
 	return nil
@@ -207,7 +207,7 @@ func (s *PointStream) Commit(stats lifeboat.CycleStats) (lifeboat.Point, error) 
 	defer s.mu.Unlock()
 	r, err := s.st.CloseAndRecv()
 	if err != nil {
-		return lifeboat.Point{}, fmt.Errorf("vm %q point %d: commit at %s: %w", s.vm, s.id, s.c.peer, err)
+		return lifeboat.Point{}, fmt.Errorf("commit at recovery site %s: %w", s.c.peer, err)
 	}
 	return pointFromPB(r.Point)
 }

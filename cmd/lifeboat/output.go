@@ -68,6 +68,16 @@ func (p *progressLine) show(pr protect.Progress) {
 	if el > 0 {
 		rate = float64(pr.Done) / el
 	}
+	if pr.Phase == "snapshot" {
+		line := fmt.Sprintf("vm %s: taking the instant of every disk", pr.VM)
+		if p.tty {
+			fmt.Fprintf(p.w, "\r\033[K%s", line)
+			p.shown = true
+		} else {
+			fmt.Fprintln(p.w, line)
+		}
+		return
+	}
 	line := fmt.Sprintf("vm %s point %d: %-8s %s / %s (%.0f%%), sent %s, %s/s", pr.VM, pr.Point, pr.Phase,
 		size(pr.Done), size(pr.Total), pct, size(pr.Sent), size(int64(rate)))
 	if p.tty {
