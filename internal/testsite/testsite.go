@@ -1,9 +1,10 @@
-// Package testsite starts a real recovery site for tests: a recovery store
-// behind the wire server on loopback mutual TLS, and a client of it.
+// Package testsite starts a real recovery site for tests and benchmarks: a
+// recovery store behind the wire server on loopback mutual TLS, and a client of it.
 package testsite
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -23,36 +24,47 @@ type Site struct {
 	Server *wire.Server
 	Addr   string
 	opts   recovery.Options
-	t      testing.TB
+}
+
+// New runs a recovery site in dir (its CA, the "prod" and "dr" certificates and
+// its store live there) on a free loopback port, until Stop. It is the core of
+// Start for callers without a testing.TB, such as the benchmark harness.
+func New(ctx context.Context, dir string, opts recovery.Options) (*Site, error) {
+	s := &Site{Dir: dir, PKI: filepath.Join(dir, "pki"), opts: opts}
+	if err := pki.CreateCA(s.PKI, "test", 24*time.Hour); err != nil {
+		return nil, fmt.Errorf("test site: %w", err)
+	}
+	for _, site := range []string{"prod", "dr"} {
+		if err := pki.IssueSite(s.PKI, s.PKI, site, []string{"127.0.0.1"}, 24*time.Hour); err != nil {
+			return nil, fmt.Errorf("test site: %w", err)
+		}
+	}
+	if err := s.start(ctx, "127.0.0.1:0"); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 // Start runs a recovery site until the test ends.
 func Start(t testing.TB, opts recovery.Options) *Site {
 	t.Helper()
-	dir := t.TempDir()
-	s := &Site{Dir: dir, PKI: filepath.Join(dir, "pki"), opts: opts, t: t}
-	if err := pki.CreateCA(s.PKI, "test", time.Hour); err != nil {
+	s, err := New(context.Background(), t.TempDir(), opts)
+	if err != nil {
 		t.Fatal(err)
 	}
-	for _, site := range []string{"prod", "dr"} {
-		if err := pki.IssueSite(s.PKI, s.PKI, site, []string{"127.0.0.1"}, time.Hour); err != nil {
-			t.Fatal(err)
-		}
-	}
-	s.start(t, "127.0.0.1:0")
 	t.Cleanup(s.Stop)
 	return s
 }
 
-func (s *Site) start(t testing.TB, addr string) {
-	t.Helper()
-	st, err := recovery.Open(context.Background(), filepath.Join(s.Dir, "store"), s.opts)
+func (s *Site) start(ctx context.Context, addr string) error {
+	st, err := recovery.Open(ctx, filepath.Join(s.Dir, "store"), s.opts)
 	if err != nil {
-		t.Fatal(err)
+		return fmt.Errorf("test site: %w", err)
 	}
 	tlsConf, err := pki.ServerTLS(pki.SiteFiles(s.PKI, "dr"))
 	if err != nil {
-		t.Fatal(err)
+		st.Close()
+		return fmt.Errorf("test site: %w", err)
 	}
 	var l net.Listener
 	for i := 0; ; i++ { // a restarted site takes its old port back, which may linger briefly
@@ -63,12 +75,14 @@ func (s *Site) start(t testing.TB, addr string) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	if err != nil {
-		t.Fatal(err)
+		st.Close()
+		return fmt.Errorf("test site: listen on %s: %w", addr, err)
 	}
 	s.Store = st
 	s.Addr = l.Addr().String()
 	s.Server = &wire.Server{Site: "dr", Store: wire.RecoveryStore(st)}
 	go s.Server.Serve(l, tlsConf)
+	return nil
 }
 
 // Stop ends the site: streams in flight are cut, the store closed.
@@ -86,20 +100,32 @@ func (s *Site) Stop() {
 // Restart stops the site and opens it again on the same address and directory,
 // as a recovery daemon that was killed and started again would.
 func (s *Site) Restart(t testing.TB) {
-	s.Stop()
-	s.start(t, s.Addr)
-}
-
-// Dial returns a protected site's client of this site.
-func (s *Site) Dial(t testing.TB, compression wire.Compression) *wire.Client {
 	t.Helper()
-	tlsConf, err := pki.ClientTLS(pki.SiteFiles(s.PKI, "prod"), "127.0.0.1")
-	if err != nil {
+	s.Stop()
+	if err := s.start(context.Background(), s.Addr); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+}
+
+// Client connects a protected site ("prod") to this site; the caller closes it.
+func (s *Site) Client(ctx context.Context, compression wire.Compression) (*wire.Client, error) {
+	tlsConf, err := pki.ClientTLS(pki.SiteFiles(s.PKI, "prod"), "127.0.0.1")
+	if err != nil {
+		return nil, fmt.Errorf("test site: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	c, err := wire.Dial(ctx, s.Addr, tlsConf, "prod", compression)
+	if err != nil {
+		return nil, fmt.Errorf("test site: dial %s: %w", s.Addr, err)
+	}
+	return c, nil
+}
+
+// Dial returns a protected site's client of this site, closed when the test ends.
+func (s *Site) Dial(t testing.TB, compression wire.Compression) *wire.Client {
+	t.Helper()
+	c, err := s.Client(context.Background(), compression)
 	if err != nil {
 		t.Fatal(err)
 	}
