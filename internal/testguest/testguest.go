@@ -132,18 +132,18 @@ func Boot(t testing.TB, opts Options) *Guest {
 		"-name", opts.Name,
 		"-accel", "tcg", "-M", "q35", "-m", "512", "-cpu", "max", "-smp", "1",
 		"-display", "none", "-nodefaults", "-no-user-config", "-no-reboot",
-		"-chardev", "file,id=console0,path="+g.consolePath(),
+		"-chardev", "file,id=console0,path="+optEscape(g.consolePath()),
 		"-serial", "chardev:console0",
 		"-kernel", kernel, "-initrd", initrd,
 		"-append", "console=ttyS0 panic=-1 lb.workload="+opts.Workload,
-		"-blockdev", "driver=nbd,node-name="+diskNode+",server.type=unix,server.path="+g.StorageNBDSocket()+",export="+diskNode,
+		"-blockdev", "driver=nbd,node-name="+diskNode+",server.type=unix,server.path="+optEscape(g.StorageNBDSocket())+",export="+diskNode,
 		"-device", "virtio-blk-pci,drive="+diskNode,
 		"-device", "virtio-serial-pci",
-		"-chardev", "socket,path="+g.AgentSocket()+",server=on,wait=off,id=qga0",
+		"-chardev", "socket,path="+optEscape(g.AgentSocket())+",server=on,wait=off,id=qga0",
 		"-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-		"-chardev", "socket,path="+g.counterSocket()+",server=on,wait=off,id=counter0",
+		"-chardev", "socket,path="+optEscape(g.counterSocket())+",server=on,wait=off,id=counter0",
 		"-device", "virtserialport,chardev=counter0,name=lb.counter",
-		"-qmp", "unix:"+g.VMQMPSocket()+",server=on,wait=off",
+		"-qmp", "unix:"+optEscape(g.VMQMPSocket())+",server=on,wait=off",
 	)
 	g.waitReady(begin)
 	g.bootTime = time.Since(begin)
@@ -394,6 +394,10 @@ func tail(s string, lines int) string {
 	}
 	return strings.Join(parts, "\n")
 }
+
+// optEscape escapes a value for QEMU's key=value options, where a comma ends
+// the value unless doubled (t.TempDir keeps commas of test names).
+func optEscape(v string) string { return strings.ReplaceAll(v, ",", ",,") }
 
 func isQcow2(path string) bool {
 	f, err := os.Open(path)
