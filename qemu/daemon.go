@@ -25,10 +25,13 @@ type DaemonConfig struct {
 // Daemon is a running qemu-storage-daemon child process.
 type Daemon struct {
 	cfg     DaemonConfig
-	cmd     *exec.Cmd
-	mon     *Monitor
-	exited  chan struct{}
-	waitErr error
+	sockDir string // where the sockets are: Dir, or a short temporary directory
+	// ownSockDir: sockDir is ours to remove when the daemon ends.
+	ownSockDir bool
+	cmd        *exec.Cmd
+	mon        *Monitor
+	exited     chan struct{}
+	waitErr    error
 }
 
 // StartDaemon starts qemu-storage-daemon with a QMP monitor on Dir/qmp.sock
@@ -44,12 +47,18 @@ func StartDaemon(ctx context.Context, cfg DaemonConfig) (*Daemon, error) {
 		return nil, fmt.Errorf("qemu-storage-daemon: runtime dir: %w", err)
 	}
 	cfg.Dir = dir
-	d := &Daemon{cfg: cfg, exited: make(chan struct{})}
-	if len(d.ClientQMPSocket()) > maxSocketPath || len(d.NBDSocket()) > maxSocketPath {
-		return nil, fmt.Errorf("qemu-storage-daemon: runtime dir %s is too long for unix sockets (max %d bytes): use a shorter one, e.g. from os.MkdirTemp(\"\", \"lb\")", dir, maxSocketPath)
-	}
+	d := &Daemon{cfg: cfg, sockDir: dir, exited: make(chan struct{})}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("qemu-storage-daemon: %w", err)
+	}
+	if len(d.ClientQMPSocket()) > maxSocketPath || len(d.NBDSocket()) > maxSocketPath {
+		// A deep state directory cannot hold unix sockets (107 bytes at most):
+		// they go to a short private directory, removed when the daemon ends.
+		short, err := os.MkdirTemp("", "lbq")
+		if err != nil {
+			return nil, fmt.Errorf("qemu-storage-daemon: socket dir: %w", err)
+		}
+		d.sockDir, d.ownSockDir = short, true
 	}
 	// A socket left by an earlier run would be dialled before the new one binds.
 	for _, s := range []string{d.QMPSocket(), d.ClientQMPSocket(), d.NBDSocket()} {
@@ -83,6 +92,9 @@ func StartDaemon(ctx context.Context, cfg DaemonConfig) (*Daemon, error) {
 	}
 	go func() {
 		d.waitErr = d.cmd.Wait()
+		if d.ownSockDir {
+			os.RemoveAll(d.sockDir)
+		}
 		close(d.exited)
 	}()
 
@@ -130,14 +142,14 @@ func (d *Daemon) logTail() string {
 func (d *Daemon) Monitor() *Monitor { return d.mon }
 
 // QMPSocket is the path of the QMP socket.
-func (d *Daemon) QMPSocket() string { return filepath.Join(d.cfg.Dir, "qmp.sock") }
+func (d *Daemon) QMPSocket() string { return filepath.Join(d.sockDir, "qmp.sock") }
 
 // ClientQMPSocket is a second QMP monitor of the daemon, free for another client
 // (lifeboat, when the daemon stands in for a VM that the test itself drives).
-func (d *Daemon) ClientQMPSocket() string { return filepath.Join(d.cfg.Dir, "client.qmp") }
+func (d *Daemon) ClientQMPSocket() string { return filepath.Join(d.sockDir, "client.qmp") }
 
 // NBDSocket is the path of the NBD server socket (when started with NBD).
-func (d *Daemon) NBDSocket() string { return filepath.Join(d.cfg.Dir, "nbd.sock") }
+func (d *Daemon) NBDSocket() string { return filepath.Join(d.sockDir, "nbd.sock") }
 
 // Dir is the runtime directory.
 func (d *Daemon) Dir() string { return d.cfg.Dir }
