@@ -55,16 +55,14 @@ func TestRoundTrip(t *testing.T) {
 			if mn, _, mx := c.BlockSizes(); s.wantMin != 0 && (mn != s.wantMin || mx != s.wantMax) {
 				t.Fatalf("BlockSizes min %d max %d; want %d, %d", mn, mx, s.wantMin, s.wantMax)
 			}
-			rng := rand.New(rand.NewPCG(1, 2))
+			rng := rand.NewChaCha8([32]byte{1})
 			shadow := make([]byte, c.Size()) // what the export must hold
 			// Unaligned offsets and lengths, some larger than the max block size.
 			for _, w := range []struct{ off, n int64 }{
 				{0, 1}, {1, 4095}, {4097, 70000}, {1<<20 + 3, 3 << 20}, {c.Size() - 777, 777}, {5 << 20, 33 << 20},
 			} {
 				p := make([]byte, w.n)
-				for i := range p {
-					p[i] = byte(rng.Uint32())
-				}
+				rng.Read(p)
 				if err := c.Write(ctx, p, w.off, false); err != nil {
 					t.Fatalf("Write(off %d, len %d): %v", w.off, w.n, err)
 				}
@@ -146,15 +144,14 @@ func TestConcurrent(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(w), 7))
+			fill := rand.NewChaCha8([32]byte{byte(w)})
 			base := int64(w) * region
 			want := make([]byte, region)
 			for i := range 20 {
 				off := rng.Int64N(region - 1)
 				n := 1 + rng.Int64N(region-off)
 				p := make([]byte, n)
-				for j := range p {
-					p[j] = byte(rng.Uint32())
-				}
+				fill.Read(p)
 				if err := c.Write(ctx, p, base+off, false); err != nil {
 					errs <- err
 					return

@@ -221,10 +221,12 @@ func (c *conn) wait(r *request) error {
 	c.abandon(r)
 	select {
 	case <-r.done:
-		return r.err // the reply raced the deadline and won; buf is complete
+		if r.err == nil {
+			return nil // the reply raced the deadline and won; buf is complete
+		}
 	default:
-		return r.ctxErr()
 	}
+	return r.ctxErr()
 }
 
 // abandon makes sure the reader never touches r.buf again. The reader holds r.mu
