@@ -339,6 +339,7 @@ func (c *Client) BlockStatus(ctx context.Context, metaContext string, off, lengt
 		return err
 	}
 	end := off + length
+	m := int64(c.minBS)
 	var cur Extent // pending, merged with following extents of equal flags
 	for pos := off; pos < end; {
 		cn := c.pick()
@@ -346,20 +347,25 @@ func (c *Client) BlockStatus(ctx context.Context, metaContext string, off, lengt
 		if !ok {
 			return fmt.Errorf("nbd: meta context %q was not negotiated with %s: pass it in Options.MetaContexts", metaContext, c.name)
 		}
-		n := min(end-pos, maxStatusRequest)
-		r := &request{cmd: cmdBlockStatus, off: uint64(pos), length: uint32(n), metaID: id, metaCtx: metaContext}
+		// Ask for whole minimum blocks; the answer is clipped to [pos, end).
+		q0 := pos / m * m
+		q1 := min((end+m-1)/m*m, c.size)
+		r := &request{cmd: cmdBlockStatus, off: uint64(q0), length: uint32(min(q1-q0, maxStatusRequest)), metaID: id, metaCtx: metaContext}
 		if err := cn.do(ctx, r); err != nil {
 			return err
 		}
 		next := pos
 		for _, e := range r.extents {
-			if e.Offset >= end {
-				break
+			s, t := max(e.Offset, pos), min(e.End(), end)
+			if t <= s {
+				if e.Offset >= end {
+					break
+				}
+				continue
 			}
-			e.Length = min(e.Length, end-e.Offset)
-			next = e.End()
-			if cur.Length > 0 && cur.Flags == e.Flags && cur.End() == e.Offset {
-				cur.Length += e.Length
+			next = t
+			if cur.Length > 0 && cur.Flags == e.Flags && cur.End() == s {
+				cur.Length += t - s
 				continue
 			}
 			if cur.Length > 0 {
@@ -367,7 +373,7 @@ func (c *Client) BlockStatus(ctx context.Context, metaContext string, off, lengt
 					return err
 				}
 			}
-			cur = e
+			cur = Extent{Offset: s, Length: t - s, Flags: e.Flags}
 		}
 		if next <= pos {
 			return fmt.Errorf("%w: block-status at offset %d made no progress from %s", ErrProtocol, pos, c.name)

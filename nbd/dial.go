@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math"
 	"math/bits"
 	"net"
@@ -134,10 +135,20 @@ func Dial(ctx context.Context, addr, export string, opts Options) (*Client, erro
 		want = opts.Connections
 	}
 	for len(c.conns) < want {
-		cn, n2, err := dialConn(ctx, t, export, opts, name)
+		// A server at its client limit may leave an extra connection waiting
+		// in its backlog rather than refuse it: bound the wait.
+		ectx, cancel := context.WithTimeout(ctx, min(opts.Timeout, extraConnBound))
+		cn, n2, err := dialConn(ectx, t, export, opts, name)
+		cancel()
 		if err != nil {
-			c.Close()
-			return nil, fmt.Errorf("nbd: extra connection %d of %d: %w", len(c.conns)+1, want, err)
+			if ctx.Err() != nil {
+				c.Close()
+				return nil, err
+			}
+			// The server may cap its clients (qemu-nbd --shared): fewer
+			// connections are slower, not wrong.
+			slog.Warn("nbd: using fewer connections than asked", "server", name, "connections", len(c.conns), "wanted", want, "err", err)
+			break
 		}
 		if n2.size != n.size || n2.flags != n.flags {
 			cn.nc.Close()

@@ -200,6 +200,23 @@ func TestMultiConn(t *testing.T) {
 	}
 }
 
+// TestMultiConnServerLimit: qemu-nbd --shared 2 advertises multi-conn but
+// accepts two clients; Dial settles for two connections, promptly.
+func TestMultiConnServerLimit(t *testing.T) {
+	addr := startQemuNbd(t, qcow2(t, "1M"), "qcow2", "--shared", "2", "--read-only")
+	start := time.Now()
+	c := dial(t, addr, Options{Connections: 4, Timeout: 500 * time.Millisecond})
+	if c.Connections() != 2 {
+		t.Fatalf("Connections = %d; want the server's limit, 2", c.Connections())
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("Dial took %v", d)
+	}
+	if err := c.Read(ctx10s(t), make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // patterned makes a 16M qcow2 holding nbdkit's pattern: each 8-byte word is
 // its own offset, big-endian.
 func patterned(t *testing.T) string {

@@ -24,6 +24,8 @@ type Options struct {
 	// deadline (default 60s).
 	Timeout time.Duration
 	// TLS, when set, makes Dial upgrade every connection with NBD_OPT_STARTTLS.
+	// For tcp addresses an empty ServerName defaults to the host; for unix
+	// sockets set it to a name in the server's certificate.
 	TLS *tls.Config
 }
 
@@ -214,6 +216,7 @@ const (
 	maxErrorChunk      = 6 + maxString + 64
 	abandonStallBound  = 5 * time.Second
 	closeWriteBound    = time.Second
+	extraConnBound     = 5 * time.Second
 	requestHeaderBytes = 28
 )
 
