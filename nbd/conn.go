@@ -111,13 +111,14 @@ func (c *conn) deadErr() error {
 // which makes the reader fail every pending request.
 func (c *conn) fail(err error) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.err != nil {
+		c.mu.Unlock()
 		return
 	}
 	c.err = err
 	close(c.dead)
-	c.nc.Close()
+	c.mu.Unlock()
+	c.nc.Close() // outside mu: closing TLS may wait to send its close alert
 }
 
 // requestCtx bounds one request by the client's timeout when ctx has no deadline.
