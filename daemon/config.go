@@ -56,6 +56,13 @@ type VMConfig struct {
 	Interval    Duration `yaml:"interval"`
 	Consistency string   `yaml:"consistency"`
 	Agent       string   `yaml:"agent"`
+	// OnQuiesceFailure: "crash" (default: take a crash-consistent point, recorded
+	// as such) or "fail" (fail the cycle).
+	OnQuiesceFailure string   `yaml:"on_quiesce_failure"`
+	FreezeLimit      Duration `yaml:"freeze_limit"`
+	PreFreeze        []string `yaml:"pre_freeze"`
+	PostThaw         []string `yaml:"post_thaw"`
+	HookTimeout      Duration `yaml:"hook_timeout"`
 }
 
 // Duration is a time.Duration written as "30s" in YAML.
@@ -186,6 +193,19 @@ func (c *Config) check() error {
 			return c.fail(f+".agent", "consistency %q needs the guest agent's socket, e.g. `agent: /run/qemu/%s.qga`", cons, v.Name)
 		}
 		v.Consistency = string(cons)
+		switch v.OnQuiesceFailure {
+		case "":
+			v.OnQuiesceFailure = "crash"
+		case "crash", "fail":
+		default:
+			return c.fail(f+".on_quiesce_failure", "%q: use crash (fall back to a crash-consistent point) or fail (fail the cycle)", v.OnQuiesceFailure)
+		}
+		if (len(v.PreFreeze) > 0 || len(v.PostThaw) > 0) && cons != lifeboat.Application {
+			return c.fail(f+".pre_freeze", "hooks run only with `consistency: application`")
+		}
+		if v.FreezeLimit < 0 || v.HookTimeout < 0 {
+			return c.fail(f+".freeze_limit", "must not be negative")
+		}
 	}
 	return nil
 }

@@ -1,7 +1,8 @@
 package daemon
 
 import (
-	"fmt"
+	"path/filepath"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/protect"
@@ -9,8 +10,19 @@ import (
 
 // quiescer returns what makes a VM's points as consistent as its policy asks.
 func (d *Daemon) quiescer(c VMConfig) (protect.Quiescer, error) {
-	if lifeboat.Consistency(c.Consistency) == lifeboat.Crash {
+	level := lifeboat.Consistency(c.Consistency)
+	if level == lifeboat.Crash {
 		return nil, nil
 	}
-	return nil, fmt.Errorf("consistency %q is not available in this build yet; use `consistency: crash`", c.Consistency)
+	return &protect.AgentQuiescer{
+		VM: c.Name, Socket: c.Agent, Level: level,
+		Limit:     time.Duration(c.FreezeLimit),
+		Strict:    c.OnQuiesceFailure == "fail",
+		PreFreeze: c.PreFreeze, PostThaw: c.PostThaw, HookTimeout: time.Duration(c.HookTimeout),
+		MarkerDir: d.frozenDir(),
+		Log:       d.log,
+	}, nil
 }
+
+// frozenDir holds a marker per guest frozen right now (see protect.ThawLeftovers).
+func (d *Daemon) frozenDir() string { return filepath.Join(d.cfg.StateDir, "frozen") }

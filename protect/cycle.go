@@ -23,6 +23,9 @@ type cycle struct {
 	p      *Protector
 	log    *slog.Logger
 	mon    *qemu.Monitor
+	fleece *qemu.Fleece
+	sock   string
+	id     uint64
 	disks  []*diskState
 	point  lifeboat.Point
 	latest lifeboat.Point
@@ -33,36 +36,63 @@ type cycle struct {
 	start                                 time.Time
 }
 
-func (c *cycle) run(ctx context.Context) (pt lifeboat.Point, err error) {
+func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
+	if err := c.prepare(ctx); err != nil {
+		c.close()
+		return lifeboat.Point{}, err
+	}
+	defer c.close()
+	c.report("snapshot", 0)
+	if err := c.prepareFleece(ctx); err != nil {
+		return lifeboat.Point{}, err
+	}
+	frz, err := freeze(ctx, c.p.Quiescer)
+	if err != nil {
+		c.fleece.Teardown(context.WithoutCancel(ctx))
+		return lifeboat.Point{}, err
+	}
+	err = c.snapshot(ctx)
+	frz.thaw(ctx, c.log)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	c.setLevel(frz)
+	if err := c.export(ctx); err != nil {
+		return lifeboat.Point{}, err
+	}
+	return c.transfer(ctx)
+}
+
+// prepare connects to the VM, resolves its disks and their generations, and
+// learns the recovery site's latest point.
+func (c *cycle) prepare(ctx context.Context) error {
 	p := c.p
 	c.start = time.Now()
 	m, err := qemu.Dial(ctx, p.VM.QMPSocket)
 	if err != nil {
-		return pt, fmt.Errorf("connect to QMP %s: %w (is the VM running? check `qmp:` in the config)", p.VM.QMPSocket, err)
+		return fmt.Errorf("connect to QMP %s: %w (is the VM running? check `qmp:` in the config)", p.VM.QMPSocket, err)
 	}
-	defer m.Close()
 	c.mon = m
 	// A lifeboat that died mid-cycle may have left its fleece behind, keeping
 	// the published generation busy: clear it before touching generations.
 	if err := m.RemoveStale(ctx); err != nil {
-		return pt, err
+		return err
 	}
-
 	nodes, err := p.disks(ctx, m)
 	if err != nil {
-		return pt, err
+		return err
 	}
 	latest, found, err := p.Target.Latest(ctx, p.VM.Name)
 	if err != nil {
-		return pt, err
+		return err
 	}
-	id := uint64(1)
+	c.id = 1
 	if found {
 		c.latest = latest
-		id = latest.ID + 1
+		c.id = latest.ID + 1
 	}
 	for _, n := range nodes {
-		d := &diskState{node: n.NodeName, size: n.Size, persistent: persistentBitmaps(n), new: genName(id),
+		d := &diskState{node: n.NodeName, size: n.Size, persistent: persistentBitmaps(n), new: genName(c.id),
 			export: "lifeboat-fleece-" + n.NodeName}
 		latestID := uint64(0)
 		if found && hasDisk(latest, n.NodeName) {
@@ -70,47 +100,21 @@ func (c *cycle) run(ctx context.Context) (pt lifeboat.Point, err error) {
 		}
 		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Bitmaps, latestID)
 		if err != nil {
-			return pt, fmt.Errorf("disk %q: %w", n.NodeName, err)
+			return fmt.Errorf("disk %q: %w", n.NodeName, err)
 		}
 		if d.old == "" {
 			c.log.Info("disk will be sent whole", "disk", d.node, "why", d.why)
 		}
 		c.disks = append(c.disks, d)
 	}
-	sock, err := p.nbdSocket(ctx, m)
-	if err != nil {
-		return pt, err
-	}
+	c.sock, err = p.nbdSocket(ctx, m)
+	return err
+}
 
-	// The instant: quiesce, one transaction over every disk, thaw.
-	c.report("snapshot", 0)
-	level, note := lifeboat.Crash, ""
-	var (
-		thaw   func(context.Context) error
-		frozen time.Time
-		freeze time.Duration
-	)
-	if p.Quiescer != nil {
-		frozen = time.Now()
-		var ferr error
-		level, thaw, note, ferr = p.Quiescer.Freeze(ctx)
-		if ferr != nil {
-			return pt, ferr
-		}
-	}
-	// thawNow runs once, right after the transaction or on any early return.
-	thawNow := func() {
-		if thaw == nil {
-			return
-		}
-		t := thaw
-		thaw = nil
-		if terr := t(context.WithoutCancel(ctx)); terr != nil {
-			c.log.Error("thaw after the instant failed", "err", terr)
-		}
-		freeze = time.Since(frozen)
-	}
-	defer thawNow()
+// prepareFleece readies the fleece of every disk, all but the instant itself,
+// so that a guest is frozen only for the transaction.
+func (c *cycle) prepareFleece(ctx context.Context) error {
+	p := c.p
 	var fdisks []qemu.FleeceDisk
 	for _, d := range c.disks {
 		fdisks = append(fdisks, qemu.FleeceDisk{
@@ -118,17 +122,40 @@ func (c *cycle) run(ctx context.Context) (pt lifeboat.Point, err error) {
 			NewBitmap: d.new, OldBitmap: d.old, Persistent: d.persistent, ExportName: d.export,
 		})
 	}
-	fl, err := m.StartFleece(ctx, fdisks)
-	thawNow()
+	fl, err := c.mon.PrepareFleece(ctx, fdisks)
 	if err != nil {
-		return pt, fmt.Errorf("fleece transaction: %w", err)
+		return fmt.Errorf("fleece: %w", err)
 	}
-	c.point = lifeboat.Point{VM: p.VM.Name, ID: id, Instant: fl.Instant().UTC(), Consistency: level, Note: note, Freeze: freeze}
+	c.fleece = fl
+	return nil
+}
+
+// snapshot is the instant: one transaction over every disk of the VM (new
+// generation, old one disabled, copy-before-write into the fleece).
+func (c *cycle) snapshot(ctx context.Context) error {
+	if err := c.fleece.Snapshot(ctx); err != nil {
+		return err
+	}
+	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: c.fleece.Instant().UTC(), Consistency: lifeboat.Crash}
 	for _, d := range c.disks {
 		c.point.Disks = append(c.point.Disks, lifeboat.PointDisk{Name: d.node, Size: d.size, Resync: d.old == ""})
 	}
-	c.log = c.log.With("point", id)
+	c.log = c.log.With("point", c.id)
+	return nil
+}
 
+// export publishes the instant of every disk over NBD.
+func (c *cycle) export(ctx context.Context) error {
+	if err := c.fleece.Export(ctx); err != nil {
+		return fmt.Errorf("fleece export: %w", err)
+	}
+	return nil
+}
+
+// transfer sends the point and, whatever happens, tears the fleece down and
+// settles the generations: the old one is dropped only after the commit.
+func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
+	p := c.p
 	committed := false
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
@@ -136,12 +163,13 @@ func (c *cycle) run(ctx context.Context) (pt lifeboat.Point, err error) {
 		if c.stream != nil && !committed {
 			c.stream.Abort()
 		}
-		if terr := fl.Teardown(cctx); terr != nil {
+		if terr := c.fleece.Teardown(cctx); terr != nil {
 			c.log.Error("fleece teardown failed", "err", terr)
 			if err == nil {
-				err = fmt.Errorf("point %d committed, but fleece teardown failed: %w", id, terr)
+				err = fmt.Errorf("point %d committed, but fleece teardown failed: %w", c.id, terr)
 			}
 		}
+		m := c.mon
 		for _, d := range c.disks {
 			var berr error
 			if committed {
@@ -162,20 +190,25 @@ func (c *cycle) run(ctx context.Context) (pt lifeboat.Point, err error) {
 			return pt, err
 		}
 	}
-
-	pt, err = c.send(ctx, sock)
+	pt, err = c.send(ctx, c.sock)
 	if errors.Is(err, errCommitUnknown) {
 		// The commit may have landed with its reply lost: ask.
-		if l, ok, lerr := p.Target.Latest(ctx, p.VM.Name); lerr == nil && ok && l.ID == id {
+		if l, ok, lerr := p.Target.Latest(ctx, p.VM.Name); lerr == nil && ok && l.ID == c.id {
 			c.log.Warn("commit reply lost but the point is committed", "err", err)
 			pt, err = l, nil
 		}
 	}
 	if err != nil {
-		return pt, fmt.Errorf("point %d: %w", id, err)
+		return pt, fmt.Errorf("point %d: %w", c.id, err)
 	}
 	committed = true
 	return pt, nil
+}
+
+func (c *cycle) close() {
+	if c.mon != nil {
+		c.mon.Close()
+	}
 }
 
 // report sends progress, at most a few times a second.

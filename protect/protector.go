@@ -38,12 +38,6 @@ type Target interface {
 	Begin(ctx context.Context, p lifeboat.Point) (*wire.PointStream, error)
 }
 
-// Quiescer makes the instant more than crash consistent. Freeze returns the level
-// it reached and a thaw that the cycle calls right after the instant, on every path.
-type Quiescer interface {
-	Freeze(ctx context.Context) (lifeboat.Consistency, func(context.Context) error, string, error)
-}
-
 // Progress is what a long cycle reports as it goes.
 type Progress struct {
 	VM    string `json:"vm"`

@@ -59,7 +59,25 @@ func (f *Fleece) Exports() []string {
 // it exports every fleece node read-only on the monitor's NBD server (start it
 // first with NBDServerStart), publishing OldBitmap as qemu:dirty-bitmap:OLD.
 // On any error it undoes what it did, bitmaps included, and returns the error.
-func (m *Monitor) StartFleece(ctx context.Context, disks []FleeceDisk) (f *Fleece, err error) {
+func (m *Monitor) StartFleece(ctx context.Context, disks []FleeceDisk) (*Fleece, error) {
+	f, err := m.PrepareFleece(ctx, disks)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.Snapshot(ctx); err != nil {
+		return nil, err
+	}
+	if err := f.Export(ctx); err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// PrepareFleece does all of StartFleece that may come before the instant:
+// checks, overlay images and nodes. Snapshot then takes the instant and Export
+// publishes it, so a guest frozen for the instant is frozen only for the
+// transaction. On error it undoes what it did.
+func (m *Monitor) PrepareFleece(ctx context.Context, disks []FleeceDisk) (f *Fleece, err error) {
 	if len(disks) == 0 {
 		return nil, errors.New("fleece: no disks given")
 	}
@@ -118,7 +136,27 @@ func (m *Monitor) StartFleece(ctx context.Context, disks []FleeceDisk) (f *Fleec
 		}
 		d.nodeAdded = true
 	}
+	return f, nil
+}
 
+// undoOnError undoes a fleece whose step failed, so the bitmaps are as before.
+func (f *Fleece) undoOnError(ctx context.Context, err *error) {
+	if *err == nil {
+		return
+	}
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+	defer cancel()
+	if uerr := f.undo(cctx); uerr != nil {
+		*err = errors.Join(*err, fmt.Errorf("and undoing the fleece failed, QEMU may hold leftover %s* objects: %w", OwnPrefix, uerr))
+	}
+}
+
+// Snapshot is the instant: one transaction over all disks adds the new
+// generations, disables the old ones and starts copy-before-write into the
+// fleece nodes. On error the fleece is undone.
+func (f *Fleece) Snapshot(ctx context.Context) (err error) {
+	defer f.undoOnError(ctx, &err)
+	m := f.m
 	var actions []Action
 	for _, d := range f.disks {
 		actions = append(actions, AddBitmapAction(d.Node, d.NewBitmap, d.Persistent, false))
@@ -130,14 +168,22 @@ func (m *Monitor) StartFleece(ctx context.Context, disks []FleeceDisk) (f *Fleec
 		}})
 	}
 	if err := m.Transaction(ctx, actions...); err != nil {
-		return f, fmt.Errorf("fleece transaction: %w", err)
+		return fmt.Errorf("fleece transaction: %w", err)
 	}
 	f.instant = time.Now()
 	for i := range f.disks {
 		f.disks[i].jobStarted = true
 		f.disks[i].bitmapsTurned = true
 	}
+	return nil
+}
 
+// Export publishes every fleece node read-only on the monitor's NBD server,
+// with the old generation as qemu:dirty-bitmap:OLD. On error the fleece is
+// undone, bitmaps included.
+func (f *Fleece) Export(ctx context.Context) (err error) {
+	defer f.undoOnError(ctx, &err)
+	m := f.m
 	for i := range f.disks {
 		d := &f.disks[i]
 		e := Export{ID: d.export, Node: d.node, Name: d.ExportName}
@@ -145,11 +191,11 @@ func (m *Monitor) StartFleece(ctx context.Context, disks []FleeceDisk) (f *Fleec
 			e.Bitmaps = []string{d.OldBitmap}
 		}
 		if err := m.ExportAdd(ctx, e); err != nil {
-			return f, fmt.Errorf("fleece disk %q: %w", d.Node, err)
+			return fmt.Errorf("fleece disk %q: %w", d.Node, err)
 		}
 		d.exportAdded = true
 	}
-	return f, nil
+	return nil
 }
 
 // undo tears the fleece down and turns the bitmaps back: writes since the

@@ -1,0 +1,218 @@
+package protect
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/qga"
+)
+
+// DefaultFreezeLimit bounds how long a guest stays frozen, as VSS does.
+const DefaultFreezeLimit = 10 * time.Second
+
+// AgentQuiescer freezes a guest's file systems through its QEMU guest agent, with
+// host-side hooks around the freeze for application consistency.
+type AgentQuiescer struct {
+	VM     string
+	Socket string // the agent's unix socket (host side of its virtio-serial port)
+	// Level is Filesystem, or Application (host hooks run, and the guest's
+	// fsfreeze-hook scripts run inside guest-fsfreeze-freeze).
+	Level lifeboat.Consistency
+	// Limit bounds the freeze: past it the guest is thawed whatever the cycle is doing.
+	Limit time.Duration
+	// Strict fails the cycle when quiescing fails, instead of falling back to a
+	// crash-consistent point (the default, recorded in the point and logged).
+	Strict bool
+	// PreFreeze and PostThaw are host commands (run with sh -c) around the
+	// freeze, each bounded by HookTimeout; PostThaw runs on every path once
+	// PreFreeze has run.
+	PreFreeze, PostThaw []string
+	HookTimeout         time.Duration
+	// MarkerDir holds a marker while a guest is frozen, so that a site that
+	// died meanwhile thaws it at its next start (ThawLeftovers).
+	MarkerDir string
+	Log       *slog.Logger
+}
+
+func (q *AgentQuiescer) limit() time.Duration {
+	if q.Limit > 0 {
+		return q.Limit
+	}
+	return DefaultFreezeLimit
+}
+
+func (q *AgentQuiescer) log() *slog.Logger {
+	if q.Log == nil {
+		return slog.Default().With("vm", q.VM)
+	}
+	return q.Log.With("vm", q.VM)
+}
+
+func (q *AgentQuiescer) marker() string {
+	return filepath.Join(q.MarkerDir, q.VM+".frozen")
+}
+
+// Freeze quiesces the guest: host pre-freeze hooks, then guest-fsfreeze-freeze,
+// all within the freeze limit. The returned Thaw thaws, and so does a timer at
+// the limit if Thaw has not come by then.
+func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
+	limit := q.limit()
+	fctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	app := q.Level == lifeboat.Application
+	postThaw := func() {}
+	if app {
+		if err := q.runHooks(fctx, "pre-freeze", q.PreFreeze); err != nil {
+			q.runHooks(context.WithoutCancel(ctx), "post-thaw", q.PostThaw)
+			return q.fallBack(fmt.Errorf("pre-freeze hook: %w", err))
+		}
+		postThaw = func() { q.runHooks(context.WithoutCancel(ctx), "post-thaw", q.PostThaw) }
+	}
+	if q.MarkerDir != "" {
+		if err := os.MkdirAll(q.MarkerDir, 0o750); err == nil {
+			os.WriteFile(q.marker(), []byte(q.Socket+"\n"), 0o600)
+		}
+	}
+	a, err := qga.Dial(fctx, q.Socket)
+	if err != nil {
+		os.Remove(q.marker())
+		postThaw()
+		return q.fallBack(fmt.Errorf("guest agent %s: %w", q.Socket, err))
+	}
+	since := time.Now()
+	if _, err := a.Freeze(fctx); err != nil {
+		// The freeze may have happened late, or half: make sure the guest runs.
+		q.ensureThawed(context.WithoutCancel(ctx), a)
+		a.Close()
+		postThaw()
+		return q.fallBack(fmt.Errorf("guest-fsfreeze-freeze: %w", err))
+	}
+	var (
+		mu      sync.Mutex
+		thawed  bool
+		expired bool
+		thawErr error
+	)
+	doThaw := func(ctx context.Context) {
+		// Under mu: Thaw and the timer never thaw twice.
+		tctx, cancel := context.WithTimeout(ctx, limit)
+		defer cancel()
+		if _, err := a.Thaw(tctx); err != nil {
+			thawErr = fmt.Errorf("guest-fsfreeze-thaw: %w", err)
+			q.ensureThawed(ctx, a)
+		} else {
+			os.Remove(q.marker())
+		}
+		a.Close()
+		thawed = true
+		postThaw()
+	}
+	timer := time.AfterFunc(limit-time.Since(since), func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if thawed {
+			return
+		}
+		expired = true
+		q.log().Warn("freeze bound reached: thawing the guest now", "limit", limit)
+		doThaw(context.Background())
+	})
+	level := lifeboat.Filesystem
+	if app {
+		level = lifeboat.Application
+	}
+	return &Frozen{Level: level, Since: since, Thaw: func(ctx context.Context) (bool, error) {
+		timer.Stop()
+		mu.Lock()
+		defer mu.Unlock()
+		if !thawed {
+			doThaw(ctx)
+		}
+		return !expired, thawErr
+	}}, nil
+}
+
+// fallBack applies the policy when quiescing failed.
+func (q *AgentQuiescer) fallBack(err error) (*Frozen, error) {
+	if q.Strict {
+		return nil, fmt.Errorf("quiescing failed and the policy forbids a crash-consistent point: %w", err)
+	}
+	note := "quiescing failed, crash consistent: " + err.Error()
+	q.log().Warn("quiescing failed: this point is crash consistent", "err", err)
+	return &Frozen{Level: lifeboat.Crash, Note: note}, nil
+}
+
+// ensureThawed makes every effort, bounded, to leave the guest running: thaw,
+// then confirm with guest-fsfreeze-status (on a new connection if need be).
+func (q *AgentQuiescer) ensureThawed(ctx context.Context, a *qga.Agent) {
+	ctx, cancel := context.WithTimeout(ctx, q.limit())
+	defer cancel()
+	for attempt := 0; attempt < 3 && ctx.Err() == nil; attempt++ {
+		if a == nil {
+			var err error
+			if a, err = qga.Dial(ctx, q.Socket); err != nil {
+				continue
+			}
+			defer a.Close()
+		}
+		a.Thaw(ctx)
+		if st, err := a.FreezeStatus(ctx); err == nil && st == "thawed" {
+			os.Remove(q.marker())
+			return
+		}
+		a = nil
+	}
+	q.log().Error("could not confirm the guest is thawed; its marker stays so the next start thaws it", "socket", q.Socket)
+}
+
+func (q *AgentQuiescer) runHooks(ctx context.Context, what string, cmds []string) error {
+	timeout := q.HookTimeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	var errs []error
+	for _, c := range cmds {
+		hctx, cancel := context.WithTimeout(ctx, timeout)
+		cmd := exec.CommandContext(hctx, "sh", "-c", c)
+		cmd.Env = append(os.Environ(), "LIFEBOAT_VM="+q.VM, "LIFEBOAT_HOOK="+what)
+		out, err := cmd.CombinedOutput()
+		cancel()
+		if err != nil {
+			err = fmt.Errorf("%s hook %q: %w: %s", what, c, err, strings.TrimSpace(string(out)))
+			q.log().Error("hook failed", "err", err)
+			errs = append(errs, err)
+			if what == "pre-freeze" {
+				break
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ThawLeftovers thaws every guest that a site left frozen when it died: each
+// marker in dir names an agent socket. Called when a site starts.
+func ThawLeftovers(ctx context.Context, dir string, log *slog.Logger) {
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		vm, ok := strings.CutSuffix(e.Name(), ".frozen")
+		if !ok {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			continue
+		}
+		q := &AgentQuiescer{VM: vm, Socket: strings.TrimSpace(string(b)), MarkerDir: dir, Log: log}
+		q.log().Warn("this site stopped while the guest was frozen: thawing it")
+		q.ensureThawed(ctx, nil)
+	}
+}
