@@ -1,0 +1,208 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// The harness's smoke version (-quick) runs every benchmark against real
+// qemu-storage-daemons, a real recovery site and the real peers, and its
+// numbers are sane: replicas identical, changes sent as changes, compressible
+// data sent smaller than it is, every temporary file gone.
+func TestQuickRun(t *testing.T) {
+	testenv.RequireTools(t, "qemu-img", "qemu-storage-daemon", "nbdcopy", "rsync")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	parent := shortTempDir(t)
+	var out, prog bytes.Buffer
+	cfg := quickConfig()
+	res, err := run(ctx, cfg, parent, &out, &prog)
+	t.Logf("output:\n%s", out.String())
+	if err != nil {
+		t.Fatalf("run: %v\nprogress:\n%s", err, prog.String())
+	}
+	if left, _ := os.ReadDir(parent); len(left) != 0 {
+		t.Errorf("the run left %d entries in its temporary directory's parent (e.g. %s)", len(left), left[0].Name())
+	}
+	for _, want := range []string{"machine:", "nbdcopy:", "rsync:", "## 1.", "## 2.", "## 3."} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q", want)
+		}
+	}
+
+	// 1. initial sync
+	ini := res.Initial
+	if len(ini.Rows) != 4 {
+		t.Fatalf("initial sync: %d contenders, want lifeboat zstd and none, nbdcopy, qemu-img", len(ini.Rows))
+	}
+	for _, row := range ini.Rows {
+		if row.Skipped != "" {
+			t.Errorf("initial sync: %s skipped: %s", row.Tool, row.Skipped)
+			continue
+		}
+		if row.M.Wall <= 0 || row.Own+row.Qemu <= 0 {
+			t.Errorf("initial sync: %s: time %v, CPU %.2f s: not measured", row.Tool, row.M.Wall, row.Own+row.Qemu)
+		}
+		if strings.HasPrefix(row.Tool, "lifeboat") {
+			if row.Identical != "yes" {
+				t.Errorf("initial sync: %s: replica not identical to the source", row.Tool)
+			}
+			// The disk's data is sent as data, nothing more (the rest is zeros, sent as ranges).
+			if row.Data != cfg.InitData || row.Changed > cfg.InitDisk {
+				t.Errorf("initial sync: %s sent %d bytes as data (of %d considered) for %d of data", row.Tool, row.Data, row.Changed, cfg.InitData)
+			}
+			if row.Sent > row.Data+row.Data/100 {
+				t.Errorf("initial sync: %s put %d bytes on the wire for %d of data", row.Tool, row.Sent, row.Data)
+			}
+			if row.Qemu <= 0 {
+				t.Errorf("initial sync: %s: no CPU counted for the QEMU processes", row.Tool)
+			}
+		}
+	}
+
+	// 2. incremental
+	inc := res.Incremental
+	if len(inc.Rows) != 3 {
+		t.Fatalf("incremental: %d rows, want 2 disk sizes and a larger change", len(inc.Rows))
+	}
+	for _, row := range inc.Rows {
+		c := row.Cycle
+		if c.Identical != "yes" {
+			t.Errorf("incremental %s disk, %d written: replica not identical", size(row.DiskSize), row.Written)
+		}
+		// Writes of 4–64 KiB touch one or two 64 KiB blocks each: at least the
+		// bytes written, and far less than the data on the disk.
+		if c.Changed < row.Written || c.Changed > 6*row.Written || c.Changed >= row.Data {
+			t.Errorf("incremental %s disk: %d bytes changed for %d written", size(row.DiskSize), c.Changed, row.Written)
+		}
+		if c.Sent > c.Changed+c.Changed/50 {
+			t.Errorf("incremental %s disk: sent %d for %d changed", size(row.DiskSize), c.Sent, c.Changed)
+		}
+		if row.Written == cfg.IncrChange && (row.Rsync.Skipped != "" || row.Rsync.M.Wall <= 0) {
+			t.Errorf("incremental %s disk: rsync not measured (%s)", size(row.DiskSize), row.Rsync.Skipped)
+		}
+	}
+
+	// 3. bytes on the wire
+	w := res.Wire
+	if len(w.Rows) != 2*len(contentKinds) {
+		t.Fatalf("wire: %d rows, want %d", len(w.Rows), 2*len(contentKinds))
+	}
+	for _, row := range w.Rows {
+		if row.Identical != "yes" {
+			t.Errorf("wire %s %s: replica not identical", row.Content, row.Compression)
+		}
+		if row.Changed != row.Written {
+			t.Errorf("wire %s %s: %d changed for %d written sequentially", row.Content, row.Compression, row.Changed, row.Written)
+		}
+		if row.Data+row.Zero != row.Changed {
+			t.Errorf("wire %s %s: data %d + zero %d != changed %d", row.Content, row.Compression, row.Data, row.Zero, row.Changed)
+		}
+		switch {
+		case row.Compression == wire.CompressionZstd && row.Content == contentText:
+			if row.Sent > row.Changed/2 {
+				t.Errorf("wire text with zstd: sent %d of %d changed", row.Sent, row.Changed)
+			}
+		case row.Compression == wire.CompressionZstd && row.Content == contentOS:
+			if row.Sent > row.Changed {
+				t.Errorf("wire os-files with zstd: sent %d, more than the %d changed", row.Sent, row.Changed)
+			}
+		default:
+			// Uncompressed: the data and its hashes (32 bytes per 64 KiB block).
+			if row.Sent < row.Data || row.Sent > row.Data+row.Data/100 {
+				t.Errorf("wire %s %s: sent %d for %d of data", row.Content, row.Compression, row.Sent, row.Data)
+			}
+		}
+	}
+}
+
+func shortTempDir(t *testing.T) string {
+	dir, err := os.MkdirTemp("", "lbbt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// CPU accounting reads /proc/PID/stat fields counted from the last ')', so a
+// command name with spaces and parentheses does not shift them.
+func TestParseStat(t *testing.T) {
+	cases := []struct {
+		line string
+		ppid int
+		sec  float64
+		ok   bool
+	}{
+		{"1234 (qemu-storage-d) S 99 1234 1 0 -1 4194560 100 0 0 0 250 150 0 0 20 0 5 0 1 1 1", 99, 4, true},
+		{"7 (a (b) c) R 5 7 7 0 -1 0 0 0 0 0 1 2 0 0 20 0 1 0 1 1 1", 5, 0.03, true},
+		{"7 (short) R 5", 0, 0, false},
+		{"garbage", 0, 0, false},
+	}
+	for _, c := range cases {
+		ppid, sec, ok := parseStat(c.line)
+		if ok != c.ok || ppid != c.ppid || (sec-c.sec) > 1e-9 || (c.sec-sec) > 1e-9 {
+			t.Errorf("parseStat(%q) = %d, %v, %v; want %d, %v, %v", c.line, ppid, sec, ok, c.ppid, c.sec, c.ok)
+		}
+	}
+}
+
+// A child's CPU is counted once whether it is still running or was reaped
+// between the samples.
+func TestMeasureCountsChildren(t *testing.T) {
+	testenv.RequireTools(t, "sh")
+	m, err := measure(func() error {
+		return runTool(context.Background(), "sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.CPU.Reaped < 0.05 {
+		t.Errorf("a busy child reaped during the step: %.3f s of CPU counted", m.CPU.Reaped)
+	}
+	if m.CPU.Total() > m.Wall.Seconds()*2+0.1 {
+		t.Errorf("%.2f s of CPU counted in %.2f s of wall time on at most 2 busy processes", m.CPU.Total(), m.Wall.Seconds())
+	}
+}
+
+// The content kinds are what they claim: random does not compress, text does by half or more.
+func TestContentKinds(t *testing.T) {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kind := range contentKinds {
+		r, err := newContent(kind, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, 4<<20)
+		if _, err := io.ReadFull(r, b); err != nil {
+			t.Fatalf("%s: %v", kind, err)
+		}
+		if bytes.Count(b, []byte{0}) == len(b) {
+			t.Errorf("%s: all zeros", kind)
+		}
+		z := &zstdCounter{r: bytes.NewReader(b), enc: enc}
+		if _, err := io.Copy(io.Discard, z); err != nil {
+			t.Fatal(err)
+		}
+		ratio := float64(z.n) / float64(len(b))
+		if kind == contentRandom && ratio < 0.99 || kind == contentText && ratio > 0.5 || ratio > 1 {
+			t.Errorf("%s: zstd makes it %.2f of its size", kind, ratio)
+		}
+	}
+	if _, err := newContent("nope", 1); err == nil {
+		t.Error("unknown content kind accepted")
+	}
+}

@@ -1,0 +1,135 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// clockTicks is USER_HZ, the unit of /proc/PID/stat times: 100 on every Linux
+// architecture Go runs on (the kernel exports it to user space as a constant).
+const clockTicks = 100
+
+// cpuSample is the CPU spent so far by this process, by its children already
+// reaped, and by each child still running.
+type cpuSample struct {
+	self, reaped float64
+	live         map[int]float64 // pid -> CPU seconds
+}
+
+// cpuUse is the CPU spent between two samples, in seconds.
+type cpuUse struct {
+	Self   float64 // this process: both sites, the NBD reads, hashing, zstd, TLS
+	Reaped float64 // children that exited in between (a recovery writer qsd, qemu-img, a peer tool)
+	Live   float64 // children still running at the end (the source qemu-storage-daemon)
+}
+
+func (u cpuUse) Total() float64 { return u.Self + u.Reaped + u.Live }
+
+func sampleCPU() (cpuSample, error) {
+	var self, kids syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &self); err != nil {
+		return cpuSample{}, fmt.Errorf("getrusage: %w", err)
+	}
+	if err := syscall.Getrusage(syscall.RUSAGE_CHILDREN, &kids); err != nil {
+		return cpuSample{}, fmt.Errorf("getrusage: %w", err)
+	}
+	live, err := childrenCPU(os.Getpid())
+	if err != nil {
+		return cpuSample{}, err
+	}
+	return cpuSample{self: rusageSeconds(self), reaped: rusageSeconds(kids), live: live}, nil
+}
+
+func rusageSeconds(r syscall.Rusage) float64 {
+	tv := func(t syscall.Timeval) float64 { return float64(t.Sec) + float64(t.Usec)/1e6 }
+	return tv(r.Utime) + tv(r.Stime)
+}
+
+// since is the CPU spent from an earlier sample to s. A child alive at the first
+// sample and reaped before s has its whole life in RUSAGE_CHILDREN: the part it
+// had spent before the first sample is taken off again.
+func (s cpuSample) since(before cpuSample) cpuUse {
+	u := cpuUse{Self: s.self - before.self, Reaped: s.reaped - before.reaped}
+	for pid, sec := range s.live {
+		u.Live += sec - before.live[pid]
+	}
+	for pid, sec := range before.live {
+		if _, ok := s.live[pid]; !ok {
+			u.Reaped -= sec
+		}
+	}
+	u.Reaped = max(u.Reaped, 0)
+	return u
+}
+
+// childrenCPU reads utime+stime of every running child of pid from /proc.
+func childrenCPU(pid int) (map[int]float64, error) {
+	stats, err := filepath.Glob("/proc/[0-9]*/stat")
+	if err != nil {
+		return nil, err
+	}
+	out := map[int]float64{}
+	for _, path := range stats {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue // the process went away meanwhile
+		}
+		ppid, sec, ok := parseStat(string(b))
+		if ok && ppid == pid {
+			p, _ := strconv.Atoi(filepath.Base(filepath.Dir(path)))
+			out[p] = sec
+		}
+	}
+	return out, nil
+}
+
+// parseStat takes the parent pid and utime+stime (seconds) from a /proc/PID/stat
+// line. The command name in parentheses may hold spaces, so fields count from
+// the last ')'.
+func parseStat(line string) (ppid int, sec float64, ok bool) {
+	i := strings.LastIndexByte(line, ')')
+	if i < 0 {
+		return 0, 0, false
+	}
+	f := strings.Fields(line[i+1:])
+	// f[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
+	if len(f) < 13 {
+		return 0, 0, false
+	}
+	ppid, err1 := strconv.Atoi(f[1])
+	ut, err2 := strconv.ParseUint(f[11], 10, 64)
+	st, err3 := strconv.ParseUint(f[12], 10, 64)
+	if err1 != nil || err2 != nil || err3 != nil {
+		return 0, 0, false
+	}
+	return ppid, float64(ut+st) / clockTicks, true
+}
+
+// measured is one timed step and the CPU it cost.
+type measured struct {
+	Wall time.Duration
+	CPU  cpuUse
+}
+
+// measure times f and the CPU spent by this process and its children meanwhile.
+func measure(f func() error) (measured, error) {
+	before, err := sampleCPU()
+	if err != nil {
+		return measured{}, err
+	}
+	start := time.Now()
+	if err := f(); err != nil {
+		return measured{}, err
+	}
+	wall := time.Since(start)
+	after, err := sampleCPU()
+	if err != nil {
+		return measured{}, err
+	}
+	return measured{Wall: wall, CPU: after.since(before)}, nil
+}

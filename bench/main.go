@@ -1,0 +1,196 @@
+// Command bench is `make bench`: lifeboat's replication measured side by side
+// with named peers (nbdcopy, qemu-img convert, rsync) on the same data in one run.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// config sizes the benchmarks.
+type config struct {
+	// Initial sync: a disk of InitDisk holding InitData of random data.
+	InitDisk, InitData int64
+	// Incremental: disks of IncrDisks each holding IncrData, IncrChange of small writes.
+	IncrDisks            []int64
+	IncrData, IncrChange int64
+	// IncrMore is a larger change on the first disk, to show the cycle grows with
+	// the changed data; 0 skips it.
+	IncrMore int64
+	// WireChange is how much of each content kind the bytes-on-the-wire benchmark writes.
+	WireChange int64
+	Only       map[string]bool // benchmarks to run; empty: all
+}
+
+const (
+	kib = int64(1) << 10
+	mib = kib << 10
+	gib = mib << 10
+)
+
+func defaultConfig() config {
+	return config{
+		InitDisk: 4 * gib, InitData: 2 * gib,
+		IncrDisks: []int64{16 * gib, 64 * gib}, IncrData: 4 * gib, IncrChange: 64 * mib, IncrMore: 256 * mib,
+		WireChange: 256 * mib,
+	}
+}
+
+// quickConfig is a small version of every benchmark, for a smoke test.
+func quickConfig() config {
+	return config{
+		InitDisk: 256 * mib, InitData: 128 * mib,
+		IncrDisks: []int64{512 * mib, 2 * gib}, IncrData: 128 * mib, IncrChange: 8 * mib, IncrMore: 32 * mib,
+		WireChange: 16 * mib,
+	}
+}
+
+func (c config) runs(name string) bool { return len(c.Only) == 0 || c.Only[name] }
+
+var benchNames = []string{"initial", "incremental", "wire"}
+
+func main() {
+	var (
+		quick = flag.Bool("quick", false, "small sizes: a smoke run of every benchmark in well under a minute")
+		only  = flag.String("only", "", "comma-separated benchmarks to run: "+strings.Join(benchNames, ", ")+" (default: all)")
+		tmp   = flag.String("tmp", "", "parent directory of the benchmark's temporary files (default: $TMPDIR or /tmp)")
+		scale = flag.Float64("scale", 1, "multiply every data size (not disk sizes) by this, e.g. 0.25 for a shorter run")
+	)
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire] [-scale F] [-tmp DIR]\n"+
+			"example: make bench BENCH_ARGS='-only incremental'\n\n")
+		flag.PrintDefaults()
+	}
+	flag.Parse()
+	cfg := defaultConfig()
+	if *quick {
+		cfg = quickConfig()
+	}
+	if *scale != 1 {
+		if *scale <= 0 || *scale > 1 {
+			fmt.Fprintln(os.Stderr, "bench: -scale must be in (0, 1]: data sizes cannot outgrow the disks")
+			os.Exit(2)
+		}
+		s := func(n int64) int64 { return max(int64(float64(n)**scale)/mib*mib, mib) }
+		cfg.InitData, cfg.IncrData, cfg.IncrChange, cfg.IncrMore, cfg.WireChange =
+			s(cfg.InitData), s(cfg.IncrData), s(cfg.IncrChange), s(cfg.IncrMore), s(cfg.WireChange)
+	}
+	if *only != "" {
+		cfg.Only = map[string]bool{}
+		for _, n := range strings.Split(*only, ",") {
+			n = strings.TrimSpace(n)
+			if !contains(benchNames, n) {
+				fmt.Fprintf(os.Stderr, "bench: unknown benchmark %q: use %s\n", n, strings.Join(benchNames, ", "))
+				os.Exit(2)
+			}
+			cfg.Only[n] = true
+		}
+	}
+	// The sites' own logs: warnings and errors only, the output is the tables.
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	start := time.Now()
+	_, err := run(ctx, cfg, *tmp, os.Stdout, os.Stderr)
+	fmt.Printf("\nbench took %s\n", time.Since(start).Round(time.Second))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// results are what run measured, for the smoke test to check.
+type results struct {
+	Initial     *initialResult
+	Incremental *incrementalResult
+	Wire        *wireResult
+}
+
+// env is one run's shared state: its temporary directory and its output.
+type env struct {
+	cfg      config
+	dir      string
+	out      io.Writer
+	progress func(format string, args ...any)
+	log      *slog.Logger
+	errs     []error
+}
+
+func (e *env) path(name string) string { return filepath.Join(e.dir, name) }
+
+func (e *env) printf(format string, args ...any) { fmt.Fprintf(e.out, format, args...) }
+
+// stop runs a cleanup and keeps its error for the end of the run.
+func (e *env) stop(what string, f func() error) {
+	if err := f(); err != nil {
+		e.errs = append(e.errs, fmt.Errorf("cleanup of %s: %w", what, err))
+	}
+}
+
+// run runs the configured benchmarks in a temporary directory under tmpParent
+// (deleted at the end), printing tables to out and progress to prog.
+func run(ctx context.Context, cfg config, tmpParent string, out, prog io.Writer) (res *results, err error) {
+	dir, err := os.MkdirTemp(tmpParent, "lbbench")
+	if err != nil {
+		return nil, fmt.Errorf("temporary directory: %w (set -tmp to a writable directory)", err)
+	}
+	// Unix socket paths of the daemons live under dir: at most 107 bytes.
+	if len(dir) > 60 {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("temporary directory %s is too long for the daemons' unix sockets: use -tmp /tmp", dir)
+	}
+	e := &env{cfg: cfg, dir: dir, out: out,
+		progress: func(format string, args ...any) {
+			fmt.Fprintf(prog, "%s  ..  %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+		},
+		// Warnings and errors of the sites only: a benchmark's output is its tables.
+		log: slog.New(slog.NewTextHandler(prog, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	}
+	defer func() {
+		if rerr := os.RemoveAll(dir); rerr != nil {
+			e.errs = append(e.errs, rerr)
+		}
+		err = errors.Join(append([]error{err}, e.errs...)...)
+	}()
+	printMachine(ctx, e)
+
+	res = &results{}
+	if cfg.runs("initial") {
+		if res.Initial, err = benchInitial(ctx, e); err != nil {
+			return res, fmt.Errorf("initial sync benchmark: %w", err)
+		}
+		res.Initial.print(e)
+	}
+	if cfg.runs("incremental") {
+		if res.Incremental, err = benchIncremental(ctx, e); err != nil {
+			return res, fmt.Errorf("incremental benchmark: %w", err)
+		}
+		res.Incremental.print(e)
+	}
+	if cfg.runs("wire") {
+		if res.Wire, err = benchWire(ctx, e); err != nil {
+			return res, fmt.Errorf("bytes-on-the-wire benchmark: %w", err)
+		}
+		res.Wire.print(e)
+	}
+	return res, nil
+}

@@ -1,0 +1,192 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testsite"
+	"github.com/lifeboat-dr/lifeboat/internal/workload"
+	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qemu"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// What `lifeboat serve` gives each protected VM (daemon/vm.go): the benchmarks
+// measure the product as shipped.
+const (
+	protectReaders     = 8
+	protectChunkSize   = 1 << 20
+	protectConnections = 4
+)
+
+// stopTimeout bounds stopping a qemu-storage-daemon.
+const stopTimeout = 20 * time.Second
+
+// sourceVM stands in for the protected VM: a qemu-storage-daemon holding one
+// qcow2 disk "vda" with a writable NBD export, through which the guest writes.
+type sourceVM struct {
+	Dir    string
+	Image  string
+	Size   int64
+	Daemon *qemu.Daemon
+	Guest  *workload.Guest
+}
+
+const diskName = "vda"
+
+// startVM creates a sparse qcow2 disk of size in dir and starts its daemon and guest.
+func startVM(ctx context.Context, dir string, size int64, seed uint64) (*sourceVM, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	v := &sourceVM{Dir: dir, Image: filepath.Join(dir, diskName+".qcow2"), Size: size}
+	if err := qemu.CreateImage(ctx, v.Image, "qcow2", size, "", ""); err != nil {
+		return nil, fmt.Errorf("source disk: %w", err)
+	}
+	d, err := qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: dir, Args: qemu.DiskArgs(diskName, v.Image, "qcow2"), NBD: true})
+	if err != nil {
+		return nil, fmt.Errorf("source VM: %w", err)
+	}
+	v.Daemon = d
+	g, err := workload.Open(ctx, d.NBDSocket(), seed, workload.Disk{Name: diskName, Size: size})
+	if err != nil {
+		v.Stop()
+		return nil, err
+	}
+	v.Guest = g
+	return v, nil
+}
+
+// Stop ends the guest and the daemon (bounded) and deletes the disk.
+func (v *sourceVM) Stop() error {
+	if v.Guest != nil {
+		v.Guest.Close()
+		v.Guest = nil
+	}
+	var err error
+	if v.Daemon != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+		defer cancel()
+		err = v.Daemon.Stop(ctx)
+		v.Daemon = nil
+	}
+	return errors.Join(err, os.RemoveAll(v.Dir))
+}
+
+// Flush makes the image file on disk hold what the guest wrote (qcow2 metadata
+// included), so that tools reading the file (rsync, cp, qemu-img) see it.
+func (v *sourceVM) Flush(ctx context.Context) error {
+	if err := v.Guest.Client(diskName).Flush(ctx); err != nil {
+		return fmt.Errorf("flush source disk: %w", err)
+	}
+	return nil
+}
+
+// NBDURI is the VM's writable export of the disk, for nbdcopy.
+func (v *sourceVM) NBDURI() string {
+	return "nbd+unix:///" + diskName + "?socket=" + v.Daemon.NBDSocket()
+}
+
+// WriteContent writes n bytes from r at off in 1 MiB writes, as a guest
+// writing files would.
+func (v *sourceVM) WriteContent(ctx context.Context, r io.Reader, off, n int64) error {
+	buf := make([]byte, 1<<20)
+	for done := int64(0); done < n; {
+		b := buf[:min(int64(len(buf)), n-done)]
+		if _, err := io.ReadFull(r, b); err != nil {
+			return fmt.Errorf("content: %w", err)
+		}
+		if err := v.Guest.Client(diskName).Write(ctx, b, off+done, false); err != nil {
+			return fmt.Errorf("guest write at %d: %w", off+done, err)
+		}
+		done += int64(len(b))
+	}
+	return nil
+}
+
+// replication is a recovery site on loopback mutual TLS and a protector of
+// one source VM replicating to it.
+type replication struct {
+	Name   string
+	Site   *testsite.Site
+	Client *wire.Client
+	P      *protect.Protector
+	dir    string
+}
+
+// startReplication runs a fresh recovery site in dir and a protector of vm.
+func startReplication(ctx context.Context, dir, name string, vm *sourceVM, comp wire.Compression, log *slog.Logger) (*replication, error) {
+	r := &replication{Name: name, dir: dir}
+	if err := os.MkdirAll(filepath.Join(dir, "work"), 0o700); err != nil {
+		return nil, err
+	}
+	site, err := testsite.New(ctx, dir, recovery.Options{Keep: 100, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	r.Site = site
+	if r.Client, err = site.Client(ctx, comp); err != nil {
+		r.Stop()
+		return nil, err
+	}
+	r.P = &protect.Protector{
+		VM: protect.VM{Name: name, QMPSocket: vm.Daemon.ClientQMPSocket(), NBDSocket: vm.Daemon.NBDSocket(),
+			Disks: []string{diskName}, WorkDir: filepath.Join(dir, "work")},
+		Target: r.Client, Log: log,
+		Readers: protectReaders, ChunkSize: protectChunkSize, Connections: protectConnections,
+	}
+	return r, nil
+}
+
+// Redial replaces the link to the site with a new one, as a restarted
+// protected site would have: the link's compressor starts afresh.
+func (r *replication) Redial(ctx context.Context, comp wire.Compression) error {
+	c, err := r.Site.Client(ctx, comp)
+	if err != nil {
+		return err
+	}
+	r.Client.Close()
+	r.Client, r.P.Target = c, c
+	return nil
+}
+
+// Cycle runs one cycle, measured.
+func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, error) {
+	var pt lifeboat.Point
+	m, err := measure(func() error {
+		var err error
+		pt, err = r.P.Cycle(ctx)
+		return err
+	})
+	return pt, m, err
+}
+
+// Identical reports whether the replica of point id is byte-identical to the
+// source image (the source must not be written to since the point's instant,
+// and flushed).
+func (r *replication) Identical(ctx context.Context, id uint64, source string) (bool, error) {
+	img, err := r.Site.Store.ImagePath(r.Name, id, diskName)
+	if err != nil {
+		return false, err
+	}
+	return qemu.Compare(ctx, source, img)
+}
+
+// Stop ends the site and deletes its directory.
+func (r *replication) Stop() error {
+	if r.Client != nil {
+		r.Client.Close()
+	}
+	if r.Site != nil {
+		r.Site.Stop()
+	}
+	return os.RemoveAll(r.dir)
+}
