@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"os/exec"
 	"strings"
 
 	"github.com/lifeboat-dr/lifeboat/wire"
@@ -12,6 +11,7 @@ import (
 type incrementalRow struct {
 	DiskSize, Data, Written int64
 	Initial                 measured // the initial sync before, for context
+	Empty                   measured // a cycle with nothing changed: the fixed cost of one
 	Cycle                   toolRow
 	Rsync                   toolRow
 }
@@ -26,7 +26,7 @@ type incrementalResult struct {
 // change on a larger disk, and a larger change on the first.
 func benchIncremental(ctx context.Context, e *env) (*incrementalResult, error) {
 	c := e.cfg
-	res := &incrementalResult{RsyncArgs: rsyncArgs(ctx)}
+	res := &incrementalResult{RsyncArgs: rsyncArgs()}
 	for i, diskSize := range c.IncrDisks {
 		rows, err := incrementalOn(ctx, e, diskSize, i == 0, res.RsyncArgs)
 		if err != nil {
@@ -59,6 +59,10 @@ func incrementalOn(ctx context.Context, e *env, diskSize int64, more bool, rsync
 	if err != nil {
 		return nil, err
 	}
+	_, empty, err := rep.Cycle(ctx)
+	if err != nil {
+		return nil, err
+	}
 
 	// rsync's replica: identical to the source before the writes.
 	replica := e.path(name + "-rsync-replica.qcow2")
@@ -79,7 +83,7 @@ func incrementalOn(ctx context.Context, e *env, diskSize int64, more bool, rsync
 		changes = append(changes, c.IncrMore)
 	}
 	for i, change := range changes {
-		row := incrementalRow{DiskSize: diskSize, Data: c.IncrData, Written: change, Initial: initial}
+		row := incrementalRow{DiskSize: diskSize, Data: c.IncrData, Written: change, Initial: initial, Empty: empty}
 		e.progress("incremental, %s disk: %s of random 4–64 KiB writes, then one cycle", size(diskSize), size(change))
 		if err := vm.Guest.Small(ctx, change); err != nil {
 			return nil, err
@@ -108,7 +112,7 @@ func incrementalOn(ctx context.Context, e *env, diskSize int64, more bool, rsync
 		default:
 			e.progress("incremental, %s disk: rsync", size(diskSize))
 			args := append(append([]string(nil), rsync...), vm.Image, replica)
-			row.Rsync.M, err = measure(func() error { return runTool(ctx, "rsync", args...) })
+			row.Rsync.M, err = measure(func() error { return runDurable(ctx, replica, "rsync", args...) })
 			if err != nil {
 				return nil, err
 			}
@@ -121,17 +125,13 @@ func incrementalOn(ctx context.Context, e *env, diskSize int64, more bool, rsync
 
 // rsyncArgs are rsync's options for the benchmark, nil when rsync is missing.
 // --no-whole-file makes a local rsync use its delta algorithm, reading both
-// files as it would across a network; --fsync (where rsync has it) makes it
-// end durable, as lifeboat's commit does.
-func rsyncArgs(ctx context.Context) []string {
+// files as it would across a network. (The replica is fsynced after it, in
+// its time, as lifeboat's commit flushes its replica.)
+func rsyncArgs() []string {
 	if missing("rsync") != "" {
 		return nil
 	}
-	args := []string{"--inplace", "--no-whole-file"}
-	if out, err := exec.CommandContext(ctx, "rsync", "--help").Output(); err == nil && strings.Contains(string(out), "--fsync") {
-		args = append(args, "--fsync")
-	}
-	return args
+	return []string{"--inplace", "--no-whole-file"}
 }
 
 func (r *incrementalResult) print(e *env) {
@@ -156,7 +156,9 @@ func (r *incrementalResult) print(e *env) {
 	e.printf("\nGoal: lifeboat ≥ 20× rsync. rsync reads both image files whole; lifeboat reads only the blocks the dirty bitmap names.\n")
 	if len(r.Rows) > 0 {
 		first := r.Rows[0]
-		e.printf("Initial sync before (for context): %s data in %s.\n", size(first.Data), secs(first.Initial.Wall.Seconds()))
+		e.printf("For context, on the %s disk: the initial sync of its %s took %s; a cycle with nothing changed takes %s\n"+
+			"(QMP, the fleece transaction and teardown, the recovery site's writer daemon, flush and commit).\n",
+			size(first.DiskSize), size(first.Data), secs(first.Initial.Wall.Seconds()), secs(first.Empty.Wall.Seconds()))
 		for _, row := range r.Rows[1:] {
 			what := "disk " + size(row.DiskSize) + " vs " + size(first.DiskSize) + ", same change"
 			if row.DiskSize == first.DiskSize {

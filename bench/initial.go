@@ -78,14 +78,15 @@ func benchInitial(ctx context.Context, e *env) (*initialResult, error) {
 	}
 
 	// nbdcopy reads the same export of the disk node that lifeboat's fleece sits
-	// on; --flush makes it end durable on disk, as lifeboat's commit does.
+	// on. Each peer's output is fsynced inside its timing: lifeboat's commit
+	// flushes the replica to disk, and neither peer does by default.
 	out := e.path("init-nbdcopy.raw")
-	row := toolRow{Tool: "nbdcopy --flush → raw file"}
+	row := toolRow{Tool: nbdcopyTool}
 	if why := missing("nbdcopy"); why != "" {
 		row.Skipped = why
 	} else {
 		e.progress("initial sync: nbdcopy")
-		row.M, err = measure(func() error { return runTool(ctx, "nbdcopy", "--flush", vm.NBDURI(), out) })
+		row.M, err = measure(func() error { return runDurable(ctx, out, "nbdcopy", vm.NBDURI(), out) })
 		if err != nil {
 			return nil, err
 		}
@@ -101,7 +102,7 @@ func benchInitial(ctx context.Context, e *env) (*initialResult, error) {
 	row = toolRow{Tool: "qemu-img convert -O qcow2"}
 	e.progress("initial sync: qemu-img convert")
 	row.M, err = measure(func() error {
-		return runTool(ctx, "qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", vm.Image, out)
+		return runDurable(ctx, out, "qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", vm.Image, out)
 	})
 	if err != nil {
 		return nil, err
@@ -118,7 +119,7 @@ func (r *initialResult) print(e *env) {
 		size(r.DiskSize), size(r.Data))
 	var base *toolRow
 	for i := range r.Rows {
-		if r.Rows[i].Tool == "nbdcopy --flush → raw file" && r.Rows[i].Skipped == "" {
+		if r.Rows[i].Tool == nbdcopyTool && r.Rows[i].Skipped == "" {
 			base = &r.Rows[i]
 		}
 	}
@@ -143,7 +144,8 @@ func (r *initialResult) print(e *env) {
 	e.printf("\nlifeboat: source qemu-storage-daemon → fleece → NBD (%d connections, %d readers, 1 MiB chunks) → BLAKE3 → zstd → gRPC over\n"+
 		"loopback mutual TLS → recovery site → its writer qemu-storage-daemon → qcow2 overlay, flushed, point committed.\n"+
 		"MiB/s is of the %s of data. CPU own: lifeboat's process (both sites) or the peer tool; qemu: the source daemon\n"+
-		"(and for lifeboat the recovery writer daemon and qemu-img). Goal: lifeboat ≥ 1.0× nbdcopy.\n",
+		"(and for lifeboat the recovery writer daemon and qemu-img). Every contender ends with its copy on disk: lifeboat's\n"+
+		"commit flushes the replica, and each peer's output is fsynced within its time. Goal: lifeboat ≥ 1.0× nbdcopy.\n",
 		protectConnections, protectReaders, size(r.Data))
 }
 
@@ -153,6 +155,25 @@ func missing(tool string) string {
 		return tool + " is not installed (`make deps` installs it)"
 	}
 	return ""
+}
+
+const nbdcopyTool = "nbdcopy → raw file"
+
+// runDurable runs a peer tool, then fsyncs its output: the time a copy takes
+// to be on disk, as lifeboat's is when its point is committed.
+func runDurable(ctx context.Context, out, name string, args ...string) error {
+	if err := runTool(ctx, name, args...); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(out, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", out, err)
+	}
+	return nil
 }
 
 // runTool runs a peer tool to its end; its output goes only into an error.

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -60,10 +61,13 @@ func (c config) runs(name string) bool { return len(c.Only) == 0 || c.Only[name]
 var benchNames = []string{"initial", "incremental", "wire"}
 
 func main() {
+	exit := 0
+	defer func() { os.Exit(exit) }() // after the deferred profile is written
 	var (
 		quick = flag.Bool("quick", false, "small sizes: a smoke run of every benchmark in well under a minute")
 		only  = flag.String("only", "", "comma-separated benchmarks to run: "+strings.Join(benchNames, ", ")+" (default: all)")
 		tmp   = flag.String("tmp", "", "parent directory of the benchmark's temporary files (default: $TMPDIR or /tmp)")
+		prof  = flag.String("cpuprofile", "", "write a CPU profile of the harness process (both sites) to this file")
 		scale = flag.Float64("scale", 1, "multiply every data size (not disk sizes) by this, e.g. 0.25 for a shorter run")
 	)
 	flag.Usage = func() {
@@ -98,6 +102,19 @@ func main() {
 	}
 	// The sites' own logs: warnings and errors only, the output is the tables.
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	if *prof != "" {
+		f, err := os.Create(*prof)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+			os.Exit(2)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+			os.Exit(2)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	start := time.Now()
@@ -105,7 +122,7 @@ func main() {
 	fmt.Printf("\nbench took %s\n", time.Since(start).Round(time.Second))
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
-		os.Exit(1)
+		exit = 1
 	}
 }
 
