@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 )
 
@@ -24,6 +25,7 @@ import (
 type Event struct {
 	Progress any                    `json:"progress,omitempty"`
 	Point    *lifeboat.Point        `json:"point,omitempty"`
+	Points   []lifeboat.Point       `json:"points,omitempty"`
 	Verify   *recovery.VerifyReport `json:"verify,omitempty"`
 	Error    string                 `json:"error,omitempty"`
 }
@@ -148,6 +150,10 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *apiServer) sync(w http.ResponseWriter, r *http.Request) {
+	if g, ok := a.d.groups[r.PathValue("vm")]; ok {
+		a.syncGroup(w, r, g)
+		return
+	}
 	v, ok := a.d.vms[r.PathValue("vm")]
 	if !ok {
 		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q is not protected by site %q (see `vms:` in %s)", r.PathValue("vm"), a.d.cfg.Site, a.d.cfg.Path()))
@@ -175,6 +181,46 @@ func (a *apiServer) sync(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			st.send(Event{Point: &res.pt})
+			return
+		}
+	}
+}
+
+// syncGroup runs a group cycle; progress events come from every member.
+func (a *apiServer) syncGroup(w http.ResponseWriter, r *http.Request, g *group) {
+	st := newStream(w)
+	merged := make(chan protect.Progress, 16)
+	for _, v := range g.members {
+		ch, stop := v.watch()
+		defer stop()
+		go func() {
+			for p := range ch {
+				select {
+				case merged <- p:
+				default:
+				}
+			}
+		}()
+	}
+	type result struct {
+		pts []lifeboat.Point
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		pts, err := g.sync(r.Context())
+		done <- result{pts, err}
+	}()
+	for {
+		select {
+		case p := <-merged:
+			st.send(Event{Progress: p})
+		case res := <-done:
+			e := Event{Points: res.pts}
+			if res.err != nil {
+				e.Error = res.err.Error()
+			}
+			st.send(e)
 			return
 		}
 	}

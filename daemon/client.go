@@ -114,9 +114,23 @@ func (c *Client) Status(ctx context.Context) (StatusReply, error) {
 
 // Sync runs one cycle of vm now and returns its committed point.
 func (c *Client) Sync(ctx context.Context, vm string, progress func(protect.Progress)) (lifeboat.Point, error) {
-	resp, err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/sync", nil)
+	pts, err := c.SyncAll(ctx, vm, progress)
 	if err != nil {
 		return lifeboat.Point{}, err
+	}
+	if len(pts) != 1 {
+		return lifeboat.Point{}, fmt.Errorf("%q is a consistency group: %d points", vm, len(pts))
+	}
+	return pts[0], nil
+}
+
+// SyncAll runs one cycle of a VM or a consistency group now and returns the
+// committed points (one per member of a group). With a group, points that did
+// commit are returned along with the error of the members that did not.
+func (c *Client) SyncAll(ctx context.Context, name string, progress func(protect.Progress)) ([]lifeboat.Point, error) {
+	resp, err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(name)+"/sync", nil)
+	if err != nil {
+		return nil, err
 	}
 	e, err := events(resp, func(raw json.RawMessage) {
 		var p protect.Progress
@@ -125,15 +139,19 @@ func (c *Client) Sync(ctx context.Context, vm string, progress func(protect.Prog
 		}
 	})
 	if err != nil {
-		return lifeboat.Point{}, err
+		return nil, err
+	}
+	pts := e.Points
+	if e.Point != nil {
+		pts = append(pts, *e.Point)
 	}
 	if e.Error != "" {
-		return lifeboat.Point{}, errors.New(e.Error)
+		return pts, errors.New(e.Error)
 	}
-	if e.Point == nil {
-		return lifeboat.Point{}, errors.New("the site answered without a point")
+	if len(pts) == 0 {
+		return nil, errors.New("the site answered without a point")
 	}
-	return *e.Point, nil
+	return pts, nil
 }
 
 // Points lists vm's restore points, oldest first.

@@ -28,9 +28,17 @@ type Config struct {
 	// Listen makes the site a recovery site: protected sites connect here.
 	Listen string `yaml:"listen"`
 	// Keep is how many points per VM the recovery site keeps.
-	Keep  int          `yaml:"keep"`
-	Peers []PeerConfig `yaml:"peers"`
-	VMs   []VMConfig   `yaml:"vms"`
+	Keep   int           `yaml:"keep"`
+	Peers  []PeerConfig  `yaml:"peers"`
+	VMs    []VMConfig    `yaml:"vms"`
+	Groups []GroupConfig `yaml:"groups"`
+}
+
+// GroupConfig is a consistency group: VMs whose points share one instant.
+type GroupConfig struct {
+	Name     string   `yaml:"name"`
+	VMs      []string `yaml:"vms"`
+	Interval Duration `yaml:"interval"`
 }
 
 type TLSConfig struct {
@@ -207,7 +215,48 @@ func (c *Config) check() error {
 			return c.fail(f+".freeze_limit", "must not be negative")
 		}
 	}
+	inGroup := map[string]string{}
+	for i := range c.Groups {
+		g := &c.Groups[i]
+		f := fmt.Sprintf("groups[%d]", i)
+		if !nameRE.MatchString(g.Name) || vms[g.Name] {
+			return c.fail(f+".name", "%q is not a usable group name (letters, digits, '.', '_' or '-', and not a VM's name)", g.Name)
+		}
+		if len(g.VMs) < 2 {
+			return c.fail(f+".vms", "a group needs at least two VMs, e.g. `vms: [web1, db1]`")
+		}
+		peer := ""
+		for _, name := range g.VMs {
+			v, ok := c.vm(name)
+			if !ok {
+				return c.fail(f+".vms", "%q is not one of `vms:`", name)
+			}
+			if other, ok := inGroup[name]; ok {
+				return c.fail(f+".vms", "vm %q is already in group %q: a VM belongs to one group at most", name, other)
+			}
+			inGroup[name] = g.Name
+			if v.Interval != 0 {
+				return c.fail(f+".vms", "vm %q has its own interval: a group's VMs are synced together, set `interval:` on the group instead", name)
+			}
+			if peer != "" && v.Peer != peer {
+				return c.fail(f+".vms", "vm %q replicates to %q, others to %q: a group's VMs share one recovery site", name, v.Peer, peer)
+			}
+			peer = v.Peer
+		}
+		if g.Interval < 0 {
+			return c.fail(f+".interval", "must not be negative")
+		}
+	}
 	return nil
+}
+
+func (c *Config) vm(name string) (VMConfig, bool) {
+	for _, v := range c.VMs {
+		if v.Name == name {
+			return v, true
+		}
+	}
+	return VMConfig{}, false
 }
 
 // Peer returns the named peer's config.

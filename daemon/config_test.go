@@ -43,6 +43,17 @@ func TestLoadConfig(t *testing.T) {
 }
 
 // Config errors name the file, the field and the fix.
+func TestGroupConfig(t *testing.T) {
+	body := strings.Replace(goodConfig, ", interval: 30s", "", 1) + "  - {name: db1, qmp: /db.qmp}\ngroups:\n  - {name: shop, vms: [web1, db1], interval: 1m}\n"
+	c, err := LoadConfig(writeConfig(t, body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Groups) != 1 || len(c.Groups[0].VMs) != 2 {
+		t.Fatalf("groups: %+v", c.Groups)
+	}
+}
+
 func TestConfigErrors(t *testing.T) {
 	cases := []struct {
 		name, body string
@@ -60,6 +71,9 @@ func TestConfigErrors(t *testing.T) {
 		{"quiesce without agent", strings.Replace(goodConfig, "interval: 30s", "interval: 30s, consistency: filesystem", 1), []string{"agent", "guest agent"}},
 		{"duplicate vm", goodConfig + "  - {name: web1, qmp: /x}\n", []string{"appears twice"}},
 		{"bad vm name", strings.Replace(goodConfig, "name: web1", "name: ../web1", 1), []string{"not a VM name"}},
+		{"group of one", goodConfig + "groups:\n  - {name: g, vms: [web1]}\n", []string{"groups[0].vms", "at least two"}},
+		{"group with unknown vm", goodConfig + "  - {name: db1, qmp: /db.qmp}\ngroups:\n  - {name: g, vms: [db1, nope]}\n", []string{"groups[0].vms", "nope"}},
+		{"group member with interval", goodConfig + "  - {name: db1, qmp: /db.qmp}\ngroups:\n  - {name: g, vms: [web1, db1]}\n", []string{"own interval", "on the group"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

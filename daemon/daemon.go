@@ -26,6 +26,7 @@ type Daemon struct {
 	store  *recovery.Store
 	server *wire.Server
 	vms    map[string]*vm
+	groups map[string]*group
 
 	mu    sync.Mutex
 	peers map[string]*wire.Client
@@ -36,9 +37,12 @@ func New(cfg *Config, log *slog.Logger) *Daemon {
 	if log == nil {
 		log = slog.Default()
 	}
-	d := &Daemon{cfg: cfg, log: log.With("site", cfg.Site), vms: map[string]*vm{}, peers: map[string]*wire.Client{}}
+	d := &Daemon{cfg: cfg, log: log.With("site", cfg.Site), vms: map[string]*vm{}, groups: map[string]*group{}, peers: map[string]*wire.Client{}}
 	for _, vc := range cfg.VMs {
 		d.vms[vc.Name] = newVM(d, vc)
+	}
+	for _, gc := range cfg.Groups {
+		d.groups[gc.Name] = newGroup(d, gc)
 	}
 	return d
 }
@@ -87,6 +91,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	for _, v := range d.vms {
 		wg.Add(1)
 		go func() { defer wg.Done(); v.schedule(ctx) }()
+	}
+	for _, g := range d.groups {
+		wg.Add(1)
+		go func() { defer wg.Done(); g.schedule(ctx) }()
 	}
 	defer wg.Wait()
 	defer cancel()

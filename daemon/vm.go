@@ -20,6 +20,7 @@ type vm struct {
 	p   *protect.Protector
 
 	cycleMu sync.Mutex // one cycle at a time
+	group   string     // the consistency group it belongs to, if any
 
 	mu       sync.Mutex
 	state    string
@@ -92,20 +93,28 @@ func (v *vm) sync(ctx context.Context) (lifeboat.Point, error) {
 }
 
 func (v *vm) cycle(ctx context.Context) (lifeboat.Point, error) {
+	if err := v.ready(ctx); err != nil {
+		return lifeboat.Point{}, err
+	}
+	return v.p.Cycle(ctx)
+}
+
+// ready gives the protector its recovery site connection and quiescer.
+func (v *vm) ready(ctx context.Context) error {
 	if err := os.MkdirAll(v.p.VM.WorkDir, 0o750); err != nil {
-		return lifeboat.Point{}, fmt.Errorf("vm %q: work dir: %w", v.cfg.Name, err)
+		return fmt.Errorf("vm %q: work dir: %w", v.cfg.Name, err)
 	}
 	peer, err := v.d.peer(ctx, v.cfg.Peer)
 	if err != nil {
-		return lifeboat.Point{}, fmt.Errorf("vm %q: %w", v.cfg.Name, err)
+		return fmt.Errorf("vm %q: %w", v.cfg.Name, err)
 	}
 	q, err := v.d.quiescer(v.cfg)
 	if err != nil {
-		return lifeboat.Point{}, fmt.Errorf("vm %q: %w", v.cfg.Name, err)
+		return fmt.Errorf("vm %q: %w", v.cfg.Name, err)
 	}
 	v.p.Target = peer
 	v.p.Quiescer = q
-	return v.p.Cycle(ctx)
+	return nil
 }
 
 func (v *vm) setState(s string, err error) {
@@ -162,6 +171,7 @@ type VMStatus struct {
 	// State: idle (never synced), syncing, protected, error.
 	State     string            `json:"state"`
 	Peer      string            `json:"peer,omitempty"`
+	Group     string            `json:"group,omitempty"`
 	Interval  string            `json:"interval,omitempty"`
 	LastPoint *lifeboat.Point   `json:"last_point,omitempty"`
 	RPO       float64           `json:"rpo_seconds,omitempty"` // age of the last point
@@ -174,7 +184,7 @@ type VMStatus struct {
 func (v *vm) status(now time.Time) VMStatus {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	s := VMStatus{VM: v.cfg.Name, Role: "protected", State: v.state, Peer: v.cfg.Peer, LastError: v.lastErr, Progress: v.progress}
+	s := VMStatus{VM: v.cfg.Name, Role: "protected", State: v.state, Peer: v.cfg.Peer, Group: v.group, LastError: v.lastErr, Progress: v.progress}
 	if v.cfg.Interval > 0 {
 		s.Interval = time.Duration(v.cfg.Interval).String()
 	}

@@ -36,10 +36,17 @@ func newPointsCmd(g *globals) *cobra.Command {
 				return nil
 			}
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tINSTANT (UTC)\tCONSISTENCY\tCHANGED\tSENT\tDISKS")
+			fmt.Fprintln(tw, "ID\tINSTANT (UTC)\tCONSISTENCY\tFREEZE\tCHANGED\tSENT\tDISKS\tGROUP")
 			for _, p := range pts {
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%d\n", p.ID, p.Instant.UTC().Format(time.RFC3339Nano), p.Consistency,
-					size(p.Stats.BytesChanged), size(p.Stats.BytesSent), len(p.Disks))
+				freeze, group := "-", "-"
+				if p.Freeze > 0 {
+					freeze = p.Freeze.Round(time.Millisecond).String()
+				}
+				if p.Group != "" {
+					group = p.Group
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", p.ID, p.Instant.UTC().Format(time.RFC3339Nano), p.Consistency,
+					freeze, size(p.Stats.BytesChanged), size(p.Stats.BytesSent), len(p.Disks), group)
 			}
 			return tw.Flush()
 		},

@@ -53,7 +53,11 @@ func newStatusCmd(g *globals) *cobra.Command {
 				if len(errText) > 120 {
 					errText = errText[:117] + "..."
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.VM, v.Role, state, last, rpo, points, errText)
+				name := v.VM
+				if v.Group != "" {
+					name += " (group " + v.Group + ")"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, v.Role, state, last, rpo, points, errText)
 			}
 			return tw.Flush()
 		},

@@ -13,8 +13,8 @@ import (
 func newSyncCmd(g *globals) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "sync VM",
-		Short: "Run one replication cycle of a VM now",
+		Use:   "sync VM|GROUP",
+		Short: "Run one replication cycle of a VM (or a consistency group) now",
 		Long: `Run one replication cycle now. The first is the initial sync of all allocated
 data; later ones send only the blocks written since the last point. Exits 0 only
 when the recovery site has committed the point.`,
@@ -29,20 +29,33 @@ when the recovery site has committed the point.`,
 				return err
 			}
 			bar := newProgressLine(os.Stderr)
-			pt, err := c.Sync(cmd.Context(), vm, func(p protect.Progress) { bar.show(p) })
+			pts, err := c.SyncAll(cmd.Context(), vm, func(p protect.Progress) { bar.show(p) })
 			bar.done()
-			if err != nil {
-				return err
+			if asJSON && len(pts) > 0 {
+				var v any = pts
+				if len(pts) == 1 && pts[0].Group == "" {
+					v = pts[0]
+				}
+				if perr := printJSON(v); perr != nil {
+					return perr
+				}
 			}
-			if asJSON {
-				return printJSON(pt)
+			if !asJSON {
+				for _, pt := range pts {
+					s := pt.Stats
+					fmt.Printf("vm %s: point %d committed at %s (%s)\n", pt.VM, pt.ID, pt.Instant.Format(time.RFC3339Nano), pt.Consistency)
+					if pt.Group != "" {
+						fmt.Printf("  group point %s\n", pt.Group)
+					}
+					if pt.Note != "" {
+						fmt.Printf("  note: %s\n", pt.Note)
+					}
+					fmt.Printf("  changed %s, zero %s, unchanged %s, data %s, sent %s, in %s\n",
+						size(s.BytesChanged), size(s.BytesZero), size(s.BytesSame), size(s.BytesData), size(s.BytesSent),
+						s.Duration.Round(time.Millisecond))
+				}
 			}
-			s := pt.Stats
-			fmt.Printf("vm %s: point %d committed at %s (%s)\n", pt.VM, pt.ID, pt.Instant.Format(time.RFC3339Nano), pt.Consistency)
-			fmt.Printf("  changed %s, zero %s, unchanged %s, data %s, sent %s, in %s\n",
-				size(s.BytesChanged), size(s.BytesZero), size(s.BytesSame), size(s.BytesData), size(s.BytesSent),
-				s.Duration.Round(time.Millisecond))
-			return nil
+			return err
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the committed point as JSON")

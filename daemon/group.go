@@ -1,0 +1,91 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/protect"
+)
+
+// group runs a consistency group's cycles: its members' points share one instant.
+type group struct {
+	d       *Daemon
+	cfg     GroupConfig
+	members []*vm
+}
+
+func newGroup(d *Daemon, c GroupConfig) *group {
+	g := &group{d: d, cfg: c}
+	for _, name := range c.VMs {
+		v := d.vms[name]
+		v.group = c.Name
+		g.members = append(g.members, v)
+	}
+	return g
+}
+
+// sync runs one group cycle now.
+func (g *group) sync(ctx context.Context) ([]lifeboat.Point, error) {
+	// Members are locked in config order, as everywhere, so two syncs cannot deadlock.
+	for _, v := range g.members {
+		v.cycleMu.Lock()
+		defer v.cycleMu.Unlock()
+	}
+	pg := &protect.Group{Name: g.cfg.Name}
+	for _, v := range g.members {
+		v.setState("syncing", nil)
+		if err := v.ready(ctx); err != nil {
+			err = fmt.Errorf("group %q: %w", g.cfg.Name, err)
+			for _, v := range g.members {
+				v.setState("error", err)
+			}
+			return nil, err
+		}
+		pg.Members = append(pg.Members, v.p)
+	}
+	pts, err := pg.Cycle(ctx)
+	byVM := map[string]lifeboat.Point{}
+	for _, pt := range pts {
+		byVM[pt.VM] = pt
+	}
+	for _, v := range g.members {
+		v.mu.Lock()
+		v.progress = nil
+		if pt, ok := byVM[v.cfg.Name]; ok {
+			v.last = &pt
+		}
+		v.mu.Unlock()
+		if _, ok := byVM[v.cfg.Name]; ok {
+			v.setState("protected", nil)
+		} else {
+			v.setState("error", err)
+		}
+	}
+	if err != nil {
+		g.d.log.Error("group cycle failed", "group", g.cfg.Name, "err", err)
+	}
+	return pts, err
+}
+
+func (g *group) schedule(ctx context.Context) {
+	if g.cfg.Interval <= 0 {
+		return
+	}
+	every := time.Duration(g.cfg.Interval)
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		start := time.Now()
+		cctx, cancel := context.WithTimeout(ctx, max(every*20, 6*time.Hour))
+		g.sync(cctx)
+		cancel()
+		t.Reset(max(every-time.Since(start), time.Second))
+	}
+}
