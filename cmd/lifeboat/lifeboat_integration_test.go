@@ -373,3 +373,31 @@ func TestUnknownPeerRefused(t *testing.T) {
 		t.Fatalf("points listed after a refused peer: %+v", pts)
 	}
 }
+
+// A consistency group synced with one command: one point per member, sharing the
+// group's name and instant, shown by `points` and `status`.
+func TestGroupSync(t *testing.T) {
+	d := deploy(t, 16<<20)
+	vm2 := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 8 << 20})
+	cfg, _ := os.ReadFile(d.prod.config)
+	grouped := string(cfg) + fmt.Sprintf("  - {name: vm2, qmp: %s, nbd_socket: %s}\ngroups:\n  - {name: tier1, vms: [vm1, vm2]}\n", vm2.QMPSocket(), vm2.NBDSocket())
+	os.WriteFile(d.prod.config, []byte(grouped), 0o600)
+	d.prod.kill()
+	d.prod.start(t)
+	if err := d.guest.Fill(context.Background(), 0.5); err != nil {
+		t.Fatal(err)
+	}
+	var pts []lifeboat.Point
+	if err := json.Unmarshal([]byte(run(t, "sync", "tier1", "--json", "-c", d.prod.config)), &pts); err != nil {
+		t.Fatal(err)
+	}
+	if len(pts) != 2 || pts[0].Group == "" || pts[0].Group != pts[1].Group || !strings.HasPrefix(pts[0].Group, "tier1@") {
+		t.Fatalf("group sync: %+v", pts)
+	}
+	if out := run(t, "points", "vm2", "-c", d.dr.config); !strings.Contains(out, pts[0].Group) {
+		t.Fatalf("points do not show the group:\n%s", out)
+	}
+	if out := run(t, "status", "-c", d.prod.config); !strings.Contains(out, "group tier1") {
+		t.Fatalf("status does not show the group:\n%s", out)
+	}
+}
