@@ -21,6 +21,16 @@ import (
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
+// bootGuest boots the tiny test guest; the race-detector pass (-short) leaves
+// these to the full run, which drives the same code.
+func bootGuest(t *testing.T, opts testguest.Options) *testguest.Guest {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("boots a guest under TCG: covered by the full (non -short) run")
+	}
+	return testguest.Boot(t, opts)
+}
+
 func guestProtector(t *testing.T, g *testguest.Guest, site *testsite.Site, name string) *protect.Protector {
 	return &protect.Protector{
 		VM: protect.VM{Name: name, QMPSocket: g.StorageQMPSocket(), NBDSocket: g.StorageNBDSocket(),
@@ -85,7 +95,7 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 // and the freeze stays short.
 func TestFilesystemConsistentPoints(t *testing.T) {
 	testenv.RequireTools(t, "qemu-system-x86_64", "e2fsck", "dumpe2fs", "debugfs")
-	g := testguest.Boot(t, testguest.Options{Workload: testguest.FsyncWriter, DiskSize: 96 << 20})
+	g := bootGuest(t, testguest.Options{Workload: testguest.FsyncWriter, DiskSize: 96 << 20})
 	site := testsite.Start(t, recovery.Options{Keep: 1000})
 	p := guestProtector(t, g, site, "g1")
 	p.Quiescer = &protect.AgentQuiescer{VM: "g1", Socket: g.AgentSocket(), Level: lifeboat.Filesystem, MarkerDir: t.TempDir()}
@@ -155,7 +165,7 @@ func TestFilesystemConsistentPoints(t *testing.T) {
 // frozen.
 func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 	testenv.RequireTools(t, "qemu-system-x86_64")
-	g := testguest.Boot(t, testguest.Options{Workload: testguest.FsyncWriter, DiskSize: 64 << 20})
+	g := bootGuest(t, testguest.Options{Workload: testguest.FsyncWriter, DiskSize: 64 << 20})
 	site := testsite.Start(t, recovery.Options{})
 	p := guestProtector(t, g, site, "g1")
 	const limit = 2 * time.Second
@@ -224,8 +234,8 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 // one, the first guest ahead.
 func TestConsistencyGroupSharesOneInstant(t *testing.T) {
 	testenv.RequireTools(t, "qemu-system-x86_64", "debugfs")
-	g1 := testguest.Boot(t, testguest.Options{Workload: testguest.Counter, DiskSize: 32 << 20, Name: "web"})
-	g2 := testguest.Boot(t, testguest.Options{Workload: testguest.Counter, DiskSize: 32 << 20, Name: "db"})
+	g1 := bootGuest(t, testguest.Options{Workload: testguest.Counter, DiskSize: 32 << 20, Name: "web"})
+	g2 := bootGuest(t, testguest.Options{Workload: testguest.Counter, DiskSize: 32 << 20, Name: "db"})
 	site := testsite.Start(t, recovery.Options{Keep: 100})
 	p1, p2 := guestProtector(t, g1, site, "web"), guestProtector(t, g2, site, "db")
 	for _, x := range []struct {
