@@ -1,0 +1,90 @@
+package wire_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testsite"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+func point(id uint64) lifeboat.Point {
+	return lifeboat.Point{VM: "vm1", ID: id, Instant: time.Now().UTC(), Consistency: lifeboat.Crash,
+		Disks: []lifeboat.PointDisk{{Name: "vda", Size: 4 << 20}}}
+}
+
+// Every block is checked against its hash at the recovery site: a chunk whose
+// hash does not match fails the point, and nothing of it is listed.
+func TestHashMismatchFailsThePoint(t *testing.T) {
+	for _, comp := range []wire.Compression{wire.CompressionZstd, wire.CompressionNone} {
+		t.Run(string(comp), func(t *testing.T) {
+			site := testsite.Start(t, recovery.Options{})
+			c := site.Dial(t, comp)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+
+			good := make([]byte, 2*lifeboat.BlockSize)
+			for i := range good {
+				good[i] = byte(i * 7)
+			}
+			st, err := c.Begin(ctx, point(1))
+			if err != nil {
+				t.Fatal(err)
+			}
+			hs := []lifeboat.Hash{lifeboat.HashBlock(good[:lifeboat.BlockSize]), lifeboat.HashBlock(good[lifeboat.BlockSize:])}
+			if _, err := st.SendBlocks("vda", 0, good, hs); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := st.Commit(lifeboat.CycleStats{}); err != nil {
+				t.Fatalf("good point: %v", err)
+			}
+
+			st, err = c.Begin(ctx, point(2))
+			if err != nil {
+				t.Fatal(err)
+			}
+			bad := append([]byte(nil), good...)
+			bad[lifeboat.BlockSize+100] ^= 0xff // corrupted in flight, after hashing
+			st.SendBlocks("vda", lifeboat.BlockSize*4, bad, hs)
+			_, err = st.Commit(lifeboat.CycleStats{})
+			if err == nil || !strings.Contains(err.Error(), "hash") {
+				t.Fatalf("corrupted chunk: commit error %v, want a hash mismatch", err)
+			}
+			pts, err := site.Store.Points("vm1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(pts) != 1 {
+				t.Fatalf("%d points listed after a rejected point, want 1", len(pts))
+			}
+			if _, err := site.Store.Verify(ctx, "vm1", 0, nil); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// A stream that ends without Commit leaves no point.
+func TestStreamWithoutCommitLeavesNoPoint(t *testing.T) {
+	site := testsite.Start(t, recovery.Options{})
+	c := site.Dial(t, wire.CompressionZstd)
+	st, err := c.Begin(context.Background(), point(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.SendZeroes("vda", 0, lifeboat.BlockSize); err != nil {
+		t.Fatal(err)
+	}
+	st.Abort()
+	deadline := time.Now().Add(2 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, ok, _ := site.Store.Latest("vm1"); ok {
+			t.Fatal("an aborted point is listed")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
