@@ -136,3 +136,28 @@ func measure(f func() error) (measured, error) {
 	}
 	return measured{Wall: wall, CPU: after.since(before)}, nil
 }
+
+// cpuSplit is a contender's CPU in seconds, by who spent it.
+type cpuSplit struct {
+	Own      float64 // lifeboat: this process (both sites); a peer: its own process(es)
+	Source   float64 // the VM's qemu-storage-daemon, serving the reads
+	Recovery float64 // lifeboat only: the recovery site's writer daemon and qemu-img
+}
+
+func (c cpuSplit) Total() float64 { return c.Own + c.Source + c.Recovery }
+
+func (c cpuSplit) String() string {
+	return fmt.Sprintf("%.1f + %.1f + %.1f", c.Own, c.Source, c.Recovery)
+}
+
+// lifeboatCPU: both sites run in this process; the children reaped during a
+// cycle are the recovery site's (its writer daemon is stopped at commit); the
+// one running throughout is the source VM's daemon.
+func lifeboatCPU(m measured) cpuSplit {
+	return cpuSplit{Own: m.CPU.Self, Source: m.CPU.Live, Recovery: m.CPU.Reaped}
+}
+
+// peerCPU: the peer tool is the child reaped during the step.
+func peerCPU(m measured) cpuSplit {
+	return cpuSplit{Own: m.CPU.Reaped, Source: m.CPU.Live}
+}

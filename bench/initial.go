@@ -11,13 +11,9 @@ import (
 
 // toolRow is one contender's run of one benchmark.
 type toolRow struct {
-	Tool string
-	M    measured
-	// Own is the CPU of the contender itself (lifeboat: this process, both
-	// sites; a peer: its process), Qemu that of the QEMU processes serving it
-	// (the source qemu-storage-daemon; for lifeboat also the recovery site's
-	// writer daemon and qemu-img).
-	Own, Qemu float64
+	Tool      string
+	M         measured
+	CPU       cpuSplit
 	Changed   int64 // bytes the contender had to consider, when it says
 	Data      int64 // of which sent as block data
 	Sent      int64 // bytes lifeboat put on the wire
@@ -27,7 +23,8 @@ type toolRow struct {
 
 type initialResult struct {
 	DiskSize, Data int64
-	Rows           []toolRow
+	Rounds         int
+	Rows           []toolRow // each contender's fastest round
 }
 
 // benchInitial: the first copy of a disk holding data: lifeboat's initial sync
@@ -49,81 +46,104 @@ func benchInitial(ctx context.Context, e *env) (*initialResult, error) {
 		return nil, err
 	}
 
+	type contender struct {
+		tool string
+		run  func(round int) (toolRow, error)
+	}
+	var contenders []contender
 	for _, comp := range []wire.Compression{wire.CompressionZstd, wire.CompressionNone} {
-		e.progress("initial sync: lifeboat, compression %s", comp)
-		rep, err := startReplication(ctx, e.path("init-site-"+string(comp)), "bench-init", vm, comp, e.log)
-		if err != nil {
-			return nil, err
-		}
-		pt, m, err := rep.Cycle(ctx)
-		if err != nil {
-			rep.Stop()
-			return nil, err
-		}
-		row := toolRow{Tool: "lifeboat, zstd", M: m, Own: m.CPU.Self, Qemu: m.CPU.Reaped + m.CPU.Live,
-			Changed: pt.Stats.BytesChanged, Data: pt.Stats.BytesData, Sent: pt.Stats.BytesSent}
+		tool := "lifeboat, zstd"
 		if comp == wire.CompressionNone {
-			row.Tool = "lifeboat, no compression"
+			tool = "lifeboat, no compression"
 		}
-		ok, err := rep.Identical(ctx, pt.ID, vm.Image)
-		if err != nil {
-			rep.Stop()
-			return nil, fmt.Errorf("compare the replica with the source: %w", err)
-		}
-		row.Identical = yesNo(ok)
-		res.Rows = append(res.Rows, row)
-		if err := rep.Stop(); err != nil {
-			return nil, err
-		}
+		contenders = append(contenders, contender{tool, func(round int) (toolRow, error) {
+			return lifeboatInitial(ctx, e, vm, comp, fmt.Sprintf("init-site-%s-%d", comp, round))
+		}})
 	}
-
-	// nbdcopy reads the same export of the disk node that lifeboat's fleece sits
-	// on. Each peer's output is fsynced inside its timing: lifeboat's commit
-	// flushes the replica to disk, and neither peer does by default.
-	out := e.path("init-nbdcopy.raw")
-	row := toolRow{Tool: nbdcopyTool}
-	if why := missing("nbdcopy"); why != "" {
-		row.Skipped = why
-	} else {
-		e.progress("initial sync: nbdcopy")
-		row.M, err = measure(func() error { return runDurable(ctx, out, "nbdcopy", vm.NBDURI(), out) })
-		if err != nil {
-			return nil, err
+	// nbdcopy reads the same export of the disk node that lifeboat's fleece sits on.
+	contenders = append(contenders, contender{nbdcopyTool, func(int) (toolRow, error) {
+		if why := missing("nbdcopy"); why != "" {
+			return toolRow{Skipped: why}, nil
 		}
-		row.Own, row.Qemu = row.M.CPU.Reaped, row.M.CPU.Live
-		row.Identical = "-"
-	}
-	os.Remove(out)
-	res.Rows = append(res.Rows, row)
-
+		out := e.path("init-nbdcopy.raw")
+		defer os.Remove(out)
+		return peerRun(ctx, out, "nbdcopy", vm.NBDURI(), out)
+	}})
 	// qemu-img convert reads the image file itself (-U: the daemon holds it),
 	// no NBD, no network: what a local copy costs at best.
-	out = e.path("init-convert.qcow2")
-	row = toolRow{Tool: "qemu-img convert -O qcow2"}
-	e.progress("initial sync: qemu-img convert")
-	row.M, err = measure(func() error {
-		return runDurable(ctx, out, "qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", vm.Image, out)
-	})
-	if err != nil {
-		return nil, err
+	contenders = append(contenders, contender{"qemu-img convert -O qcow2", func(int) (toolRow, error) {
+		out := e.path("init-convert.qcow2")
+		defer os.Remove(out)
+		return peerRun(ctx, out, "qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", vm.Image, out)
+	}})
+
+	// Rounds interleave the contenders, and each keeps its fastest round: on a
+	// noisy machine noise only ever adds time.
+	res.Rounds = max(c.Rounds, 1)
+	res.Rows = make([]toolRow, len(contenders))
+	for round := range res.Rounds {
+		for i, ct := range contenders {
+			e.progress("initial sync, round %d/%d: %s", round+1, res.Rounds, ct.tool)
+			row, err := ct.run(round)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", ct.tool, err)
+			}
+			row.Tool = ct.tool
+			if round == 0 || keepNew(res.Rows[i], row) {
+				res.Rows[i] = row
+			}
+		}
 	}
-	row.Own, row.Qemu = row.M.CPU.Reaped, row.M.CPU.Live
-	row.Identical = "-"
-	os.Remove(out)
-	res.Rows = append(res.Rows, row)
 	return res, nil
 }
 
+// keepNew says whether a round's run replaces the one kept so far: a replica
+// that differs from its source stays shown; otherwise the faster run is kept.
+func keepNew(old, new toolRow) bool {
+	if old.Identical == "NO" {
+		return false
+	}
+	return new.Identical == "NO" || new.Skipped == "" && new.M.Wall < old.M.Wall
+}
+
+// lifeboatInitial is one initial sync to a fresh recovery site.
+func lifeboatInitial(ctx context.Context, e *env, vm *sourceVM, comp wire.Compression, dir string) (toolRow, error) {
+	rep, err := startReplication(ctx, e.path(dir), "bench-init", vm, comp, e.log)
+	if err != nil {
+		return toolRow{}, err
+	}
+	defer e.stop("recovery site", rep.Stop)
+	pt, m, err := rep.Cycle(ctx)
+	if err != nil {
+		return toolRow{}, err
+	}
+	ok, err := rep.Identical(ctx, pt.ID, vm.Image)
+	if err != nil {
+		return toolRow{}, fmt.Errorf("compare the replica with the source: %w", err)
+	}
+	return toolRow{M: m, CPU: lifeboatCPU(m), Changed: pt.Stats.BytesChanged, Data: pt.Stats.BytesData,
+		Sent: pt.Stats.BytesSent, Identical: yesNo(ok)}, nil
+}
+
+// peerRun is one measured run of a peer tool writing out.
+func peerRun(ctx context.Context, out, name string, args ...string) (toolRow, error) {
+	m, err := measure(func() error { return runDurable(ctx, out, name, args...) })
+	if err != nil {
+		return toolRow{}, err
+	}
+	return toolRow{M: m, CPU: peerCPU(m), Identical: "-"}, nil
+}
+
 func (r *initialResult) print(e *env) {
-	e.printf("\n## 1. Initial sync: %s qcow2 holding %s of random data (page cache hot: the data was just written)\n\n",
-		size(r.DiskSize), size(r.Data))
+	e.printf("\n## 1. Initial sync: %s qcow2 holding %s of random data (page cache hot: the data was just written; fastest of %d interleaved rounds)\n\n",
+		size(r.DiskSize), size(r.Data), r.Rounds)
 	var base *toolRow
 	for i := range r.Rows {
 		if r.Rows[i].Tool == nbdcopyTool && r.Rows[i].Skipped == "" {
 			base = &r.Rows[i]
 		}
 	}
-	t := e.table("contender", "time", "MiB/s", "CPU s", "own + qemu", "sent", "speed vs nbdcopy", "replica identical")
+	t := e.table("contender", "time", "MiB/s", "CPU s", "own + source qsd + recovery qemu", "sent", "speed vs nbdcopy", "replica identical")
 	for _, row := range r.Rows {
 		if row.Skipped != "" {
 			t.row(row.Tool, "skipped: "+row.Skipped)
@@ -138,14 +158,14 @@ func (r *initialResult) print(e *env) {
 			sent = size(row.Sent)
 		}
 		t.row(row.Tool, secs(row.M.Wall.Seconds()), fmt.Sprintf("%.0f", mibps(r.Data, row.M.Wall.Seconds())),
-			fmt.Sprintf("%.1f", row.Own+row.Qemu), fmt.Sprintf("%.1f + %.1f", row.Own, row.Qemu), sent, vs, row.Identical)
+			fmt.Sprintf("%.1f", row.CPU.Total()), row.CPU.String(), sent, vs, row.Identical)
 	}
 	t.flush()
 	e.printf("\nlifeboat: source qemu-storage-daemon → fleece → NBD (%d connections, %d readers, 1 MiB chunks) → BLAKE3 → zstd → gRPC over\n"+
 		"loopback mutual TLS → recovery site → its writer qemu-storage-daemon → qcow2 overlay, flushed, point committed.\n"+
-		"MiB/s is of the %s of data. CPU own: lifeboat's process (both sites) or the peer tool; qemu: the source daemon\n"+
-		"(and for lifeboat the recovery writer daemon and qemu-img). Every contender ends with its copy on disk: lifeboat's\n"+
-		"commit flushes the replica, and each peer's output is fsynced within its time. Goal: lifeboat ≥ 1.0× nbdcopy.\n",
+		"MiB/s is of the %s of data. CPU own: lifeboat's process (both sites) or the peer tool; source qsd: the VM's\n"+
+		"qemu-storage-daemon serving the reads; recovery qemu: the recovery site's writer daemon and qemu-img. Every contender ends with its copy on disk: lifeboat's\n"+
+		"commit flushes the replica, and neither peer does by default, so each peer's output is fsynced within its time. Goal: lifeboat ≥ 1.0× nbdcopy.\n",
 		protectConnections, protectReaders, size(r.Data))
 }
 

@@ -20,8 +20,10 @@ import (
 
 // config sizes the benchmarks.
 type config struct {
-	// Initial sync: a disk of InitDisk holding InitData of random data.
+	// Initial sync: a disk of InitDisk holding InitData of random data; Rounds
+	// runs of every contender, interleaved.
 	InitDisk, InitData int64
+	Rounds             int
 	// Incremental: disks of IncrDisks each holding IncrData, IncrChange of small writes.
 	IncrDisks            []int64
 	IncrData, IncrChange int64
@@ -41,7 +43,7 @@ const (
 
 func defaultConfig() config {
 	return config{
-		InitDisk: 4 * gib, InitData: 2 * gib,
+		InitDisk: 4 * gib, InitData: 2 * gib, Rounds: 3,
 		IncrDisks: []int64{16 * gib, 64 * gib}, IncrData: 4 * gib, IncrChange: 64 * mib, IncrMore: 256 * mib,
 		WireChange: 256 * mib,
 	}
@@ -50,7 +52,7 @@ func defaultConfig() config {
 // quickConfig is a small version of every benchmark, for a smoke test.
 func quickConfig() config {
 	return config{
-		InitDisk: 256 * mib, InitData: 128 * mib,
+		InitDisk: 256 * mib, InitData: 128 * mib, Rounds: 1,
 		IncrDisks: []int64{512 * mib, 2 * gib}, IncrData: 128 * mib, IncrChange: 8 * mib, IncrMore: 32 * mib,
 		WireChange: 16 * mib,
 	}
@@ -64,14 +66,15 @@ func main() {
 	exit := 0
 	defer func() { os.Exit(exit) }() // after the deferred profile is written
 	var (
-		quick = flag.Bool("quick", false, "small sizes: a smoke run of every benchmark in well under a minute")
-		only  = flag.String("only", "", "comma-separated benchmarks to run: "+strings.Join(benchNames, ", ")+" (default: all)")
-		tmp   = flag.String("tmp", "", "parent directory of the benchmark's temporary files (default: $TMPDIR or /tmp)")
-		prof  = flag.String("cpuprofile", "", "write a CPU profile of the harness process (both sites) to this file")
-		scale = flag.Float64("scale", 1, "multiply every data size (not disk sizes) by this, e.g. 0.25 for a shorter run")
+		quick  = flag.Bool("quick", false, "small sizes: a smoke run of every benchmark in well under a minute")
+		only   = flag.String("only", "", "comma-separated benchmarks to run: "+strings.Join(benchNames, ", ")+" (default: all)")
+		tmp    = flag.String("tmp", "", "parent directory of the benchmark's temporary files (default: $TMPDIR or /tmp)")
+		prof   = flag.String("cpuprofile", "", "write a CPU profile of the harness process (both sites) to this file")
+		rounds = flag.Int("rounds", 0, "rounds of the initial sync benchmark, each contender's fastest kept (default 3, 1 with -quick)")
+		scale  = flag.Float64("scale", 1, "multiply every data size (not disk sizes) by this, e.g. 0.25 for a shorter run")
 	)
 	flag.Usage = func() {
-		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire] [-scale F] [-tmp DIR]\n"+
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire] [-rounds N] [-scale F] [-tmp DIR] [-cpuprofile FILE]\n"+
 			"example: make bench BENCH_ARGS='-only incremental'\n\n")
 		flag.PrintDefaults()
 	}
@@ -79,6 +82,9 @@ func main() {
 	cfg := defaultConfig()
 	if *quick {
 		cfg = quickConfig()
+	}
+	if *rounds > 0 {
+		cfg.Rounds = *rounds
 	}
 	if *scale != 1 {
 		if *scale <= 0 || *scale > 1 {
