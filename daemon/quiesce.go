@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"os"
 	"path/filepath"
 	"time"
 
@@ -20,8 +21,19 @@ func (d *Daemon) quiescer(c VMConfig) (protect.Quiescer, error) {
 		Strict:    c.OnQuiesceFailure == "fail",
 		PreFreeze: c.PreFreeze, PostThaw: c.PostThaw, HookTimeout: time.Duration(c.HookTimeout),
 		MarkerDir: d.frozenDir(),
+		Guard:     d.guardCommand(),
 		Log:       d.log,
 	}, nil
+}
+
+// guardCommand starts a thaw guard: this very binary, as `lifeboat thaw-guard`.
+func (d *Daemon) guardCommand() []string {
+	exe, err := os.Executable()
+	if err != nil {
+		d.log.Warn("cannot find lifeboat's own binary for thaw guards; a guest frozen when lifeboat dies is thawed at its next start", "err", err)
+		return nil
+	}
+	return []string{exe, "thaw-guard"}
 }
 
 // frozenDir holds a marker per guest frozen right now (see protect.ThawLeftovers).

@@ -40,7 +40,10 @@ type AgentQuiescer struct {
 	// MarkerDir holds a marker while a guest is frozen, so that a site that
 	// died meanwhile thaws it at its next start (ThawLeftovers).
 	MarkerDir string
-	Log       *slog.Logger
+	// Guard is the command that starts a thaw guard (e.g. lifeboat thaw-guard):
+	// a process that thaws the guest if this one dies while it is frozen.
+	Guard []string
+	Log   *slog.Logger
 }
 
 func (q *AgentQuiescer) limit() time.Duration {
@@ -82,16 +85,27 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 			os.WriteFile(q.marker(), []byte(q.Socket+"\n"), 0o600)
 		}
 	}
+	var guard *guardProcess
+	if len(q.Guard) > 0 {
+		g, err := startGuard(q.Guard, q.Socket, q.marker(), q.log())
+		if err != nil {
+			q.log().Error("no thaw guard for this freeze", "err", err)
+		}
+		guard = g
+	}
 	a, err := qga.Dial(fctx, q.Socket)
 	if err != nil {
 		os.Remove(q.marker())
+		guard.dismiss()
 		postThaw()
 		return q.fallBack(fmt.Errorf("guest agent %s: %w", q.Socket, err))
 	}
 	since := time.Now()
 	if _, err := a.Freeze(fctx); err != nil {
 		// The freeze may have happened late, or half: make sure the guest runs.
-		q.ensureThawed(context.WithoutCancel(ctx), a)
+		if q.ensureThawed(context.WithoutCancel(ctx), a) {
+			guard.dismiss()
+		}
 		a.Close()
 		postThaw()
 		return q.fallBack(fmt.Errorf("guest-fsfreeze-freeze: %w", err))
@@ -108,9 +122,12 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 		defer cancel()
 		if _, err := a.Thaw(tctx); err != nil {
 			thawErr = fmt.Errorf("guest-fsfreeze-thaw: %w", err)
-			q.ensureThawed(ctx, a)
+			if q.ensureThawed(ctx, a) {
+				guard.dismiss()
+			}
 		} else {
 			os.Remove(q.marker())
+			guard.dismiss()
 		}
 		a.Close()
 		thawed = true
@@ -153,7 +170,7 @@ func (q *AgentQuiescer) fallBack(err error) (*Frozen, error) {
 
 // ensureThawed makes every effort, bounded, to leave the guest running: thaw,
 // then confirm with guest-fsfreeze-status (on a new connection if need be).
-func (q *AgentQuiescer) ensureThawed(ctx context.Context, a *qga.Agent) {
+func (q *AgentQuiescer) ensureThawed(ctx context.Context, a *qga.Agent) bool {
 	ctx, cancel := context.WithTimeout(ctx, q.limit())
 	defer cancel()
 	for attempt := 0; attempt < 3 && ctx.Err() == nil; attempt++ {
@@ -167,11 +184,12 @@ func (q *AgentQuiescer) ensureThawed(ctx context.Context, a *qga.Agent) {
 		a.Thaw(ctx)
 		if st, err := a.FreezeStatus(ctx); err == nil && st == "thawed" {
 			os.Remove(q.marker())
-			return
+			return true
 		}
 		a = nil
 	}
-	q.log().Error("could not confirm the guest is thawed; its marker stays so the next start thaws it", "socket", q.Socket)
+	q.log().Error("could not confirm the guest is thawed; its guard and marker stay so that it is thawed later", "socket", q.Socket)
+	return false
 }
 
 func (q *AgentQuiescer) runHooks(ctx context.Context, what string, cmds []string) error {

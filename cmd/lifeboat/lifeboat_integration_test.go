@@ -19,8 +19,11 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/daemon"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testvm"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
+	"github.com/lifeboat-dr/lifeboat/qga"
 )
 
 var binary string
@@ -400,4 +403,69 @@ func TestGroupSync(t *testing.T) {
 	if out := run(t, "status", "-c", d.prod.config); !strings.Contains(out, "group tier1") {
 		t.Fatalf("status does not show the group:\n%s", out)
 	}
+}
+
+// kill -9 of a site while a guest is frozen: the thaw guard it started before the
+// freeze thaws the guest, and the freeze marker goes. The guest's own fsfreeze
+// hook holds the freeze request for a few seconds so the kill lands inside it.
+func TestKilledSiteNeverLeavesGuestFrozen(t *testing.T) {
+	testenv.RequireTools(t, "qemu-system-x86_64")
+	if testing.Short() {
+		t.Skip("boots a guest under TCG: covered by the full run")
+	}
+	g := testguest.Boot(t, testguest.Options{Workload: testguest.None, DiskSize: 32 << 20})
+	if _, err := g.Shell(context.Background(), `mkdir -p /etc/qemu/fsfreeze-hook.d && printf '#!/bin/sh\nif [ "$1" = freeze ]; then echo LB-HOOK-FREEZE > /dev/console; sleep 4; fi\nexit 0\n' > /etc/qemu/fsfreeze-hook.d/slow && chmod +x /etc/qemu/fsfreeze-hook.d/slow`); err != nil {
+		t.Fatal(err)
+	}
+	d := deploy(t, 8<<20)
+	cfg, _ := os.ReadFile(d.prod.config)
+	withGuest := string(cfg) + fmt.Sprintf("  - {name: g1, qmp: %s, nbd_socket: %s, disks: [vda], consistency: filesystem, agent: %s, freeze_limit: 30s}\n",
+		g.StorageQMPSocket(), g.StorageNBDSocket(), g.AgentSocket())
+	os.WriteFile(d.prod.config, []byte(withGuest), 0o600)
+	d.prod.kill()
+	d.prod.start(t)
+
+	sync := exec.Command(binary, "sync", "g1", "-c", d.prod.config)
+	if err := sync.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer sync.Wait()
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(g.Console(), "LB-HOOK-FREEZE"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the freeze never started; console:\n%s", g.Console())
+		}
+	}
+	d.prod.kill()
+	marker := filepath.Join(d.dir, "prod", "frozen", "g1.frozen")
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatalf("no freeze marker while frozen: %v", err)
+	}
+	// The hook ends, the guest freezes with nobody left to thaw it but the guard.
+	var status string
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(time.Second) {
+		c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		a, err := qga.Dial(c, g.AgentSocket())
+		if err == nil {
+			status, err = a.FreezeStatus(c)
+			a.Close()
+		}
+		cancel()
+		if err == nil && status == "thawed" {
+			break
+		}
+	}
+	if status != "thawed" {
+		t.Fatalf("guest left %q after its site was killed; prod log:\n%s", status, readFile(d.prod.log))
+	}
+	if _, err := os.Stat(marker); !os.IsNotExist(err) {
+		t.Fatalf("freeze marker left after the guard thawed: %v", err)
+	}
+	if !strings.Contains(readFile(d.prod.log), "thawing it") {
+		t.Fatalf("the guard did not say it thawed the guest:\n%s", readFile(d.prod.log))
+	}
+}
+
+func readFile(p string) string {
+	b, _ := os.ReadFile(p)
+	return string(b)
 }

@@ -60,6 +60,7 @@ recovery site, and keeps restore points there that can be exported or powered on
 		newStatusCmd(g),
 		newCertCmd(),
 		newDemoCmd(),
+		newThawGuardCmd(),
 	)
 	return root
 }
