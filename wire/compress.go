@@ -3,7 +3,6 @@ package wire
 import (
 	"fmt"
 	"runtime"
-	"sync/atomic"
 
 	"github.com/klauspost/compress/zstd"
 )
@@ -30,15 +29,14 @@ func ParseCompression(s string) (Compression, error) {
 // MaxChunk bounds one Blocks message's uncompressed data; the receiver refuses larger.
 const MaxChunk = 4 << 20
 
-// incompressibleSkip is how many chunks are sent raw after one that did not pay:
-// zstd's fastest level runs at a few hundred MB/s per core, far below the rest of
-// the pipeline, so probing every chunk of random data would waste most of a core.
-const incompressibleSkip = 16
+// probeSize is how much of a chunk is compressed first to see whether the rest
+// is worth it: zstd's fastest level runs at a few hundred MB/s per core, far
+// below the rest of the pipeline, so random data must cost only the probe.
+const probeSize = 64 << 10
 
 // compressor compresses chunks where it pays. Safe for concurrent use.
 type compressor struct {
-	enc  *zstd.Encoder
-	skip atomic.Int32
+	enc *zstd.Encoder
 }
 
 func newCompressor() *compressor {
@@ -50,16 +48,20 @@ func newCompressor() *compressor {
 	return &compressor{enc: enc}
 }
 
+// pays reports whether compressing n bytes into m saves at least an eighth.
+func pays(m, n int) bool { return m <= n-n/8 }
+
 // compress returns the compressed form of b into dst and true, or b and false when
 // compressing would not save at least an eighth.
 func (c *compressor) compress(dst, b []byte) ([]byte, bool) {
-	if c.skip.Load() > 0 {
-		c.skip.Add(-1)
-		return b, false
+	if len(b) > probeSize {
+		probe := c.enc.EncodeAll(b[:probeSize], dst[:0])
+		if !pays(len(probe), probeSize) {
+			return b, false
+		}
 	}
 	out := c.enc.EncodeAll(b, dst[:0])
-	if len(out) > len(b)-len(b)/8 {
-		c.skip.Store(incompressibleSkip)
+	if !pays(len(out), len(b)) {
 		return b, false
 	}
 	return out, true

@@ -18,7 +18,12 @@ func TestCompressRoundTrip(t *testing.T) {
 		name string
 		data []byte
 		zstd bool
-	}{{"compressible", text, true}, {"random", random, false}} {
+	}{{"compressible", text, true}, {"random", random, false},
+		// Random first, text after: the probe sees random and sends raw.
+		{"random then text", append(append([]byte(nil), random[:probeSize]...), text[:1<<20-probeSize]...), false},
+		// Text first, random after: the probe passes, the whole does not pay.
+		{"text then random", append(append([]byte(nil), text[:probeSize]...), random[:1<<20-probeSize]...), false},
+	} {
 		out, z := c.compress(make([]byte, 0, MaxChunk), tc.data)
 		if z != tc.zstd {
 			t.Fatalf("%s: compressed=%v, want %v", tc.name, z, tc.zstd)
@@ -49,7 +54,6 @@ func BenchmarkCompress(b *testing.B) {
 	dst := make([]byte, 0, MaxChunk)
 	b.SetBytes(int64(len(data)))
 	for b.Loop() {
-		c.skip.Store(0)
 		c.compress(dst, data)
 	}
 }
