@@ -102,12 +102,16 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	}
 	since := time.Now()
 	if _, err := a.Freeze(fctx); err != nil {
-		// The freeze may have happened late, or half: make sure the guest runs.
-		if q.ensureThawed(context.WithoutCancel(ctx), a) {
-			guard.dismiss()
-		}
-		a.Close()
-		postThaw()
+		// The freeze may still happen (an agent busy in a slow fsfreeze hook
+		// answers late), or have happened half: thaw in the background until
+		// the guest is confirmed thawed, while this cycle goes on crash consistent.
+		go func() {
+			if q.ensureThawed(context.Background(), a, thawBound) {
+				guard.dismiss()
+			}
+			a.Close()
+			postThaw()
+		}()
 		return q.fallBack(fmt.Errorf("guest-fsfreeze-freeze: %w", err))
 	}
 	var (
@@ -120,17 +124,21 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 		// Under mu: Thaw and the timer never thaw twice.
 		tctx, cancel := context.WithTimeout(ctx, limit)
 		defer cancel()
+		thawed = true
 		if _, err := a.Thaw(tctx); err != nil {
 			thawErr = fmt.Errorf("guest-fsfreeze-thaw: %w", err)
-			if q.ensureThawed(ctx, a) {
-				guard.dismiss()
-			}
-		} else {
-			os.Remove(q.marker())
-			guard.dismiss()
+			go func() {
+				if q.ensureThawed(context.Background(), a, thawBound) {
+					guard.dismiss()
+				}
+				a.Close()
+				postThaw()
+			}()
+			return
 		}
+		os.Remove(q.marker())
+		guard.dismiss()
 		a.Close()
-		thawed = true
 		postThaw()
 	}
 	timer := time.AfterFunc(limit-time.Since(since), func() {
@@ -168,22 +176,32 @@ func (q *AgentQuiescer) fallBack(err error) (*Frozen, error) {
 	return &Frozen{Level: lifeboat.Crash, Note: note}, nil
 }
 
-// ensureThawed makes every effort, bounded, to leave the guest running: thaw,
-// then confirm with guest-fsfreeze-status (on a new connection if need be).
-func (q *AgentQuiescer) ensureThawed(ctx context.Context, a *qga.Agent) bool {
-	ctx, cancel := context.WithTimeout(ctx, q.limit())
+// thawBound is how long lifeboat keeps trying to thaw a guest whose agent does
+// not answer: an agent busy in a slow freeze answers when the freeze ends.
+const thawBound = 10 * time.Minute
+
+// ensureThawed keeps trying, within bound, to leave the guest running: thaw,
+// then confirm with guest-fsfreeze-status, on a new connection after a failure.
+func (q *AgentQuiescer) ensureThawed(ctx context.Context, a *qga.Agent, bound time.Duration) bool {
+	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
-	for attempt := 0; attempt < 3 && ctx.Err() == nil; attempt++ {
+	for ctx.Err() == nil {
+		actx, acancel := context.WithTimeout(ctx, 5*time.Second)
 		if a == nil {
 			var err error
-			if a, err = qga.Dial(ctx, q.Socket); err != nil {
+			if a, err = qga.Dial(actx, q.Socket); err != nil {
+				acancel()
+				time.Sleep(250 * time.Millisecond)
 				continue
 			}
 			defer a.Close()
 		}
-		a.Thaw(ctx)
-		if st, err := a.FreezeStatus(ctx); err == nil && st == "thawed" {
+		a.Thaw(actx)
+		st, err := a.FreezeStatus(actx)
+		acancel()
+		if err == nil && st == "thawed" {
 			os.Remove(q.marker())
+			q.log().Info("guest confirmed thawed")
 			return true
 		}
 		a = nil
@@ -231,6 +249,6 @@ func ThawLeftovers(ctx context.Context, dir string, log *slog.Logger) {
 		}
 		q := &AgentQuiescer{VM: vm, Socket: strings.TrimSpace(string(b)), MarkerDir: dir, Log: log}
 		q.log().Warn("this site stopped while the guest was frozen: thawing it")
-		q.ensureThawed(ctx, nil)
+		q.ensureThawed(ctx, nil, time.Minute)
 	}
 }

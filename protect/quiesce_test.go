@@ -17,6 +17,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qga"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
@@ -172,6 +173,34 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 	q := &protect.AgentQuiescer{VM: "g1", Socket: g.AgentSocket(), Level: lifeboat.Filesystem, Limit: limit, MarkerDir: t.TempDir()}
 	p.Quiescer = q
 
+	// Application consistency: host hooks run around the freeze, in order, and
+	// the point says so; a failing pre-freeze hook falls back to crash.
+	t.Run("application hooks", func(t *testing.T) {
+		log := filepath.Join(t.TempDir(), "hooks.log")
+		aq := *q
+		aq.Level = lifeboat.Application
+		aq.PreFreeze = []string{"echo pre $LIFEBOAT_VM >> " + log}
+		aq.PostThaw = []string{"echo post $LIFEBOAT_VM >> " + log}
+		p.Quiescer = &aq
+		defer func() { p.Quiescer = q }()
+		pt, err := p.Cycle(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := os.ReadFile(log)
+		if pt.Consistency != lifeboat.Application || string(b) != "pre g1\npost g1\n" {
+			t.Fatalf("point %s, hooks ran %q", pt.Consistency, b)
+		}
+		aq.PreFreeze = []string{"echo database refuses >&2; exit 3"}
+		pt, err = p.Cycle(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, "database refuses") {
+			t.Fatalf("failed pre-freeze hook: point %s, note %q", pt.Consistency, pt.Note)
+		}
+	})
+
 	cases := []struct {
 		name  string
 		setup string // run in the guest before the cycle
@@ -201,18 +230,23 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 			}
 			// Never left frozen: once the agent answers again, the guest is thawed.
 			var status string
-			for deadline := time.Now().Add(40 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
-				out, err := g.Shell(ctx(t), "cat /run/lifeboat-fsfreeze.log | tail -1")
+			begin := time.Now()
+			for deadline := time.Now().Add(40 * time.Second); time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
+				c, cancel := context.WithTimeout(ctx(t), 3*time.Second)
+				a, err := qga.Dial(c, g.AgentSocket())
 				if err == nil {
-					status = strings.TrimSpace(out)
-					if status != "freeze" {
-						break
-					}
+					status, err = a.FreezeStatus(c)
+					a.Close()
+				}
+				cancel()
+				if err == nil && status == "thawed" {
+					break
 				}
 			}
-			if status == "freeze" {
-				t.Fatalf("guest left frozen; console:\n%s", g.Console())
+			if status != "thawed" {
+				t.Fatalf("guest left %q; console:\n%s", status, g.Console())
 			}
+			t.Logf("guest confirmed thawed %v after the cycle returned", time.Since(begin).Round(time.Millisecond))
 			g.Shell(ctx(t), "rm -f /etc/qemu/fsfreeze-hook.d/slow")
 		})
 	}
