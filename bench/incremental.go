@@ -55,11 +55,11 @@ func incrementalOn(ctx context.Context, e *env, diskSize int64, more bool, rsync
 		return nil, err
 	}
 	defer e.stop("recovery site", rep.Stop)
-	_, initial, err := rep.Cycle(ctx)
+	_, initial, _, err := rep.Cycle(ctx)
 	if err != nil {
 		return nil, err
 	}
-	_, empty, err := rep.Cycle(ctx)
+	_, empty, _, err := rep.Cycle(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -91,11 +91,11 @@ func incrementalOn(ctx context.Context, e *env, diskSize int64, more bool, rsync
 		if err := vm.Flush(ctx); err != nil {
 			return nil, err
 		}
-		pt, m, err := rep.Cycle(ctx)
+		pt, m, ph, err := rep.Cycle(ctx)
 		if err != nil {
 			return nil, err
 		}
-		row.Cycle = toolRow{Tool: "lifeboat", M: m, CPU: lifeboatCPU(m),
+		row.Cycle = toolRow{Tool: "lifeboat", M: m, CPU: lifeboatCPU(m), Phases: ph,
 			Changed: pt.Stats.BytesChanged, Sent: pt.Stats.BytesSent}
 		ok, err := rep.Identical(ctx, pt.ID, vm.Image)
 		if err != nil {
@@ -137,7 +137,7 @@ func rsyncArgs() []string {
 func (r *incrementalResult) print(e *env) {
 	e.printf("\n## 2. Incremental cycle: random 4–64 KiB writes on a qcow2 disk, then one cycle (zstd) vs rsync %s of the image file\n\n",
 		strings.Join(r.RsyncArgs, " "))
-	t := e.table("disk", "data", "written", "changed (64 KiB blocks)", "sent", "lifeboat", "CPU s", "rsync", "CPU s", "lifeboat speed vs rsync", "CPU vs rsync", "replica identical")
+	t := e.table("disk", "data", "written", "changed (64 KiB blocks)", "sent", "lifeboat", "prepare / send / commit", "CPU s", "rsync", "CPU s", "lifeboat speed vs rsync", "CPU vs rsync", "replica identical")
 	for _, row := range r.Rows {
 		rs, rsCPU, vs, vsCPU := "-", "-", "-", "-"
 		if row.Rsync.Skipped == "" {
@@ -146,7 +146,7 @@ func (r *incrementalResult) print(e *env) {
 			vsCPU = ratio(row.Cycle.CPU.Total(), row.Rsync.CPU.Total())
 		}
 		t.row(size(row.DiskSize), size(row.Data), size(row.Written), size(row.Cycle.Changed), size(row.Cycle.Sent),
-			secs(row.Cycle.M.Wall.Seconds()), fmt.Sprintf("%.1f", row.Cycle.CPU.Total()), rs, rsCPU, vs, vsCPU, row.Cycle.Identical)
+			secs(row.Cycle.M.Wall.Seconds()), row.Cycle.Phases.String(), fmt.Sprintf("%.1f", row.Cycle.CPU.Total()), rs, rsCPU, vs, vsCPU, row.Cycle.Identical)
 	}
 	t.flush()
 	for _, row := range r.Rows {
@@ -154,7 +154,7 @@ func (r *incrementalResult) print(e *env) {
 			e.printf("rsync on %s: skipped: %s\n", size(row.DiskSize), row.Rsync.Skipped)
 		}
 	}
-	e.printf("\nOne run each. Goal: lifeboat ≥ 20× rsync. rsync reads both image files whole; lifeboat reads only the blocks the dirty\n"+
+	e.printf("\nOne run each. Goal: lifeboat ≥ 20× rsync. rsync reads both image files whole; lifeboat reads only the blocks the dirty\n" +
 		"bitmap names. CPU counts lifeboat's process and the QEMU daemons on both sides; rsync's, its processes and the (idle) source daemon.\n")
 	if len(r.Rows) > 0 {
 		first := r.Rows[0]

@@ -14,9 +14,10 @@ type toolRow struct {
 	Tool      string
 	M         measured
 	CPU       cpuSplit
-	Changed   int64 // bytes the contender had to consider, when it says
-	Data      int64 // of which sent as block data
-	Sent      int64 // bytes lifeboat put on the wire
+	Phases    phases // lifeboat only
+	Changed   int64  // bytes the contender had to consider, when it says
+	Data      int64  // of which sent as block data
+	Sent      int64  // bytes lifeboat put on the wire
 	Identical string
 	Skipped   string // why the contender did not run
 }
@@ -113,7 +114,7 @@ func lifeboatInitial(ctx context.Context, e *env, vm *sourceVM, comp wire.Compre
 		return toolRow{}, err
 	}
 	defer e.stop("recovery site", rep.Stop)
-	pt, m, err := rep.Cycle(ctx)
+	pt, m, ph, err := rep.Cycle(ctx)
 	if err != nil {
 		return toolRow{}, err
 	}
@@ -121,7 +122,7 @@ func lifeboatInitial(ctx context.Context, e *env, vm *sourceVM, comp wire.Compre
 	if err != nil {
 		return toolRow{}, fmt.Errorf("compare the replica with the source: %w", err)
 	}
-	return toolRow{M: m, CPU: lifeboatCPU(m), Changed: pt.Stats.BytesChanged, Data: pt.Stats.BytesData,
+	return toolRow{M: m, CPU: lifeboatCPU(m), Phases: ph, Changed: pt.Stats.BytesChanged, Data: pt.Stats.BytesData,
 		Sent: pt.Stats.BytesSent, Identical: yesNo(ok)}, nil
 }
 
@@ -143,7 +144,7 @@ func (r *initialResult) print(e *env) {
 			base = &r.Rows[i]
 		}
 	}
-	t := e.table("contender", "time", "MiB/s", "CPU s", "own + source qsd + recovery qemu", "sent", "speed vs nbdcopy", "replica identical")
+	t := e.table("contender", "time", "prepare / send / commit", "MiB/s", "CPU s", "own + source qsd + recovery qemu", "sent", "speed vs nbdcopy", "replica identical")
 	for _, row := range r.Rows {
 		if row.Skipped != "" {
 			t.row(row.Tool, "skipped: "+row.Skipped)
@@ -153,19 +154,21 @@ func (r *initialResult) print(e *env) {
 		if base != nil {
 			vs = ratio(base.M.Wall.Seconds(), row.M.Wall.Seconds())
 		}
-		sent := "-"
+		sent, ph := "-", "-"
 		if row.Sent > 0 {
-			sent = size(row.Sent)
+			sent, ph = size(row.Sent), row.Phases.String()
 		}
-		t.row(row.Tool, secs(row.M.Wall.Seconds()), fmt.Sprintf("%.0f", mibps(r.Data, row.M.Wall.Seconds())),
+		t.row(row.Tool, secs(row.M.Wall.Seconds()), ph, fmt.Sprintf("%.0f", mibps(r.Data, row.M.Wall.Seconds())),
 			fmt.Sprintf("%.1f", row.CPU.Total()), row.CPU.String(), sent, vs, row.Identical)
 	}
 	t.flush()
-	e.printf("\nlifeboat: source qemu-storage-daemon → fleece → NBD (%d connections, %d readers, 1 MiB chunks) → BLAKE3 → zstd → gRPC over\n"+
-		"loopback mutual TLS → recovery site → its writer qemu-storage-daemon → qcow2 overlay, flushed, point committed.\n"+
+	e.printf("\nlifeboat: source qemu-storage-daemon → fleece → NBD (%d connections, %d readers, 1 MiB chunks) → BLAKE3 → zstd →\n"+
+		"gRPC over loopback mutual TLS → recovery site → its writer qemu-storage-daemon → qcow2 overlay, flushed, point\n"+
+		"committed. Prepare: QMP, the fleece transaction, planning, Begin; commit: last writes drained, flush, catalog, teardown.\n"+
 		"MiB/s is of the %s of data. CPU own: lifeboat's process (both sites) or the peer tool; source qsd: the VM's\n"+
-		"qemu-storage-daemon serving the reads; recovery qemu: the recovery site's writer daemon and qemu-img. Every contender ends with its copy on disk: lifeboat's\n"+
-		"commit flushes the replica, and neither peer does by default, so each peer's output is fsynced within its time. Goal: lifeboat ≥ 1.0× nbdcopy.\n",
+		"qemu-storage-daemon serving the reads; recovery qemu: the recovery site's writer daemon and qemu-img.\n"+
+		"Every contender ends with its copy on disk: lifeboat's commit flushes the replica; neither peer does by default,\n"+
+		"so each peer's output is fsynced within its time. Goal: lifeboat ≥ 1.0× nbdcopy.\n",
 		protectConnections, protectReaders, size(r.Data))
 }
 

@@ -158,15 +158,45 @@ func (r *replication) Redial(ctx context.Context, comp wire.Compression) error {
 	return nil
 }
 
+// phases splits a cycle's time by the phases it reports through Progress.
+type phases struct {
+	Prepare time.Duration // QMP, generations, the fleece transaction, planning, Begin at the recovery site
+	Send    time.Duration // reading, hashing, compressing, sending, writing at the recovery site
+	Commit  time.Duration // the last writes drained, the replica flushed, the point committed; the fleece torn down
+}
+
+func (p phases) String() string {
+	return fmt.Sprintf("%.2f / %.2f / %.2f", p.Prepare.Seconds(), p.Send.Seconds(), p.Commit.Seconds())
+}
+
 // Cycle runs one cycle, measured.
-func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, error) {
-	var pt lifeboat.Point
+func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, phases, error) {
+	var (
+		pt                lifeboat.Point
+		start, send, comm time.Time
+	)
+	r.P.Progress = func(p protect.Progress) {
+		// Called from the cycle's own goroutine, before Cycle returns.
+		switch {
+		case p.Phase == "send" && send.IsZero():
+			send = time.Now()
+		case p.Phase == "commit" && comm.IsZero():
+			comm = time.Now()
+		}
+	}
+	defer func() { r.P.Progress = nil }()
 	m, err := measure(func() error {
+		start = time.Now()
 		var err error
 		pt, err = r.P.Cycle(ctx)
 		return err
 	})
-	return pt, m, err
+	var ph phases
+	if err == nil && !send.IsZero() && !comm.IsZero() {
+		end := start.Add(m.Wall)
+		ph = phases{Prepare: send.Sub(start), Send: comm.Sub(send), Commit: end.Sub(comm)}
+	}
+	return pt, m, ph, err
 }
 
 // Identical reports whether the replica of point id is byte-identical to the

@@ -58,7 +58,7 @@ func wireOn(ctx context.Context, e *env, vm *sourceVM, name string, comp wire.Co
 		return nil, err
 	}
 	defer e.stop("recovery site", rep.Stop)
-	if _, _, err := rep.Cycle(ctx); err != nil { // the initial sync of the empty disk
+	if _, _, _, err := rep.Cycle(ctx); err != nil { // the initial sync of the empty disk
 		return nil, err
 	}
 	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderCRC(false))
@@ -85,7 +85,7 @@ func wireOn(ctx context.Context, e *env, vm *sourceVM, name string, comp wire.Co
 		if err := rep.Redial(ctx, comp); err != nil {
 			return nil, err
 		}
-		pt, m, err := rep.Cycle(ctx)
+		pt, m, _, err := rep.Cycle(ctx)
 		if err != nil {
 			return nil, err
 		}
