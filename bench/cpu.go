@@ -161,3 +161,24 @@ func lifeboatCPU(m measured) cpuSplit {
 func peerCPU(m measured) cpuSplit {
 	return cpuSplit{Own: m.CPU.Reaped, Source: m.CPU.Live}
 }
+
+// stealSeconds is the CPU time the hypervisor has taken from this machine's
+// CPUs since boot (the steal column of /proc/stat), or -1 when unknown: a
+// noisy neighbour shows here.
+func stealSeconds() float64 {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return -1
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	// cpu user nice system idle iowait irq softirq steal ...
+	if len(f) < 9 || f[0] != "cpu" {
+		return -1
+	}
+	v, err := strconv.ParseUint(f[8], 10, 64)
+	if err != nil {
+		return -1
+	}
+	return float64(v) / clockTicks
+}

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"runtime/pprof"
 	"strings"
 	"syscall"
@@ -188,7 +189,13 @@ func run(ctx context.Context, cfg config, tmpParent string, out, prog io.Writer)
 		// Warnings and errors of the sites only: a benchmark's output is its tables.
 		log: slog.New(slog.NewTextHandler(prog, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	}
+	steal0, start := stealSeconds(), time.Now()
 	defer func() {
+		if steal1 := stealSeconds(); steal0 >= 0 && steal1 >= 0 && err == nil {
+			wall := time.Since(start).Seconds()
+			e.printf("\nCPU time taken by the hypervisor (steal) during the run: %.1f s over %.0f s on %d CPUs (%.1f%%).\n",
+				steal1-steal0, wall, runtime.NumCPU(), 100*(steal1-steal0)/(wall*float64(runtime.NumCPU())))
+		}
 		if rerr := os.RemoveAll(dir); rerr != nil {
 			e.errs = append(e.errs, rerr)
 		}
