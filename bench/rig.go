@@ -146,18 +146,6 @@ func startReplication(ctx context.Context, dir, name string, vm *sourceVM, comp 
 	return r, nil
 }
 
-// Redial replaces the link to the site with a new one, as a restarted
-// protected site would have: the link's compressor starts afresh.
-func (r *replication) Redial(ctx context.Context, comp wire.Compression) error {
-	c, err := r.Site.Client(ctx, comp)
-	if err != nil {
-		return err
-	}
-	r.Client.Close()
-	r.Client, r.P.Target = c, c
-	return nil
-}
-
 // phases splits a cycle's time by the phases it reports through Progress.
 type phases struct {
 	Prepare time.Duration // QMP, generations, the fleece transaction, planning, Begin at the recovery site

@@ -79,12 +79,6 @@ func wireOn(ctx context.Context, e *env, vm *sourceVM, name string, comp wire.Co
 		if err := vm.WriteContent(ctx, src, int64(i)*2*c.WireChange, c.WireChange); err != nil {
 			return nil, err
 		}
-		// A new link per kind: the link's compressor remembers how the last
-		// chunks went (it stops trying for a while after one that did not
-		// pay), and a row should show its content, not the one before.
-		if err := rep.Redial(ctx, comp); err != nil {
-			return nil, err
-		}
 		pt, m, _, err := rep.Cycle(ctx)
 		if err != nil {
 			return nil, err
@@ -116,8 +110,7 @@ func (r *wireResult) print(e *env) {
 		"this machine in directory order, each padded to 4 KiB as a file system lays it out (what installing an OS writes).\n" +
 		"text-log: generated log lines. \"on the wire\" counts block data and hashes after compression; zero blocks travel as ranges.\n" +
 		"\"zstd alone\" is the written content compressed by zstd at lifeboat's level (fastest) in 1 MiB pieces, each on its own,\n" +
-		"outside lifeboat: what the link could save at that level; lifeboat sends a chunk raw when zstd saves less than an eighth\n" +
-		"of it, and then the next chunks too without trying.\n")
+		"outside lifeboat: what the link could save at that level (lifeboat sends a chunk raw where compressing it does not pay).\n")
 }
 
 // zstdCounter passes content through and counts its size compressed by zstd,
