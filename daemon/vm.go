@@ -38,11 +38,8 @@ func newVM(d *Daemon, c VMConfig) *vm {
 			Name: c.Name, QMPSocket: c.QMP, NBDSocket: c.NBDSocket, Disks: c.Disks,
 			WorkDir: filepath.Join(d.cfg.StateDir, "protect", c.Name),
 		},
-		Log:         d.log,
-		Readers:     8,
-		ChunkSize:   1 << 20,
-		Connections: 4,
-		Progress:    v.onProgress,
+		Log:      d.log,
+		Progress: v.onProgress,
 	}
 	return v
 }

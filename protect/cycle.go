@@ -1,6 +1,7 @@
 package protect
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -231,9 +232,9 @@ func hasDisk(p lifeboat.Point, name string) bool {
 
 func (c *cycle) send(ctx context.Context, sock string) (lifeboat.Point, error) {
 	p := c.p
-	readers := max(p.Readers, 1)
-	chunk := max(p.ChunkSize/lifeboat.BlockSize, 1)
-	conns := max(p.Connections, 1)
+	readers := cmp.Or(p.Readers, DefaultReaders)
+	chunk := max(cmp.Or(p.ChunkSize, DefaultChunkSize)/lifeboat.BlockSize, 1)
+	conns := cmp.Or(p.Connections, DefaultConnections)
 
 	// Plan every disk before sending anything, so progress knows the total.
 	var plans []*diskPlan

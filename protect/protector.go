@@ -56,13 +56,20 @@ type Hooks struct {
 	BeforeCommit func(ctx context.Context) error
 }
 
+// Defaults of a Protector's pipeline, used where its fields are zero.
+const (
+	DefaultReaders     = 8
+	DefaultChunkSize   = 1 << 20
+	DefaultConnections = 4
+)
+
 // Protector runs cycles for one VM. Cycles of one Protector never overlap.
 type Protector struct {
 	VM       VM
 	Target   Target
 	Quiescer Quiescer
 	Log      *slog.Logger
-	// Readers is how many chunks are read, hashed and compressed at once.
+	// Readers is how many chunks are read, hashed and compressed at once (DefaultReaders).
 	Readers int
 	// ChunkSize is the largest run of blocks read and sent as one message.
 	ChunkSize int
