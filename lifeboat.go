@@ -110,6 +110,9 @@ type CycleStats struct {
 	BytesZero int64 `json:"bytes_zero"`
 	// BytesSame is the part skipped because the recovery site already held it (hash resync).
 	BytesSame int64 `json:"bytes_same,omitempty"`
+	// BytesDedup is the part sent as references to identical blocks already
+	// sent in the same point (deduplication).
+	BytesDedup int64 `json:"bytes_dedup,omitempty"`
 	// BytesData is the part sent as block data (before compression).
 	BytesData int64 `json:"bytes_data"`
 	// BytesSent is what crossed the wire for block data and hashes, after compression.
@@ -122,6 +125,7 @@ func (s *CycleStats) Add(o CycleStats) {
 	s.BytesChanged += o.BytesChanged
 	s.BytesZero += o.BytesZero
 	s.BytesSame += o.BytesSame
+	s.BytesDedup += o.BytesDedup
 	s.BytesData += o.BytesData
 	s.BytesSent += o.BytesSent
 }

@@ -32,9 +32,13 @@ type cycle struct {
 	latest lifeboat.Point
 	stream *wire.PointStream
 
-	changed, zero, same, data, sent, done atomic.Int64
-	total                                 int64
-	start                                 time.Time
+	changed, zero, same, dedup, data, sent, done atomic.Int64
+	// sentBlocks is where each block content sent in this point went: a block
+	// seen again is sent as a reference to it (deduplication within a point).
+	sentMu     sync.Mutex
+	sentBlocks map[lifeboat.Hash]blockRef
+	total      int64
+	start      time.Time
 }
 
 func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
@@ -248,15 +252,15 @@ func (c *cycle) send(ctx context.Context, sock string) (lifeboat.Point, error) {
 			return lifeboat.Point{}, fmt.Errorf("disk %q: read fleece export %q: %w", d.node, d.export, err)
 		}
 		defer cl.Close()
-		pl, err := planDisk(ctx, cl, d)
-		if err != nil {
-			return lifeboat.Point{}, fmt.Errorf("disk %q: %w", d.node, err)
-		}
+		var known map[int64]lifeboat.Hash
 		if d.old == "" && hasDisk(c.latest, d.node) {
-			pl.known, err = p.Target.BlockMap(ctx, p.VM.Name, d.node)
-			if err != nil {
+			if known, err = p.Target.BlockMap(ctx, p.VM.Name, d.node); err != nil {
 				return lifeboat.Point{}, err
 			}
+		}
+		pl, err := planDisk(ctx, cl, d, known)
+		if err != nil {
+			return lifeboat.Point{}, fmt.Errorf("disk %q: %w", d.node, err)
 		}
 		pl.known0 = d.old == "" // on a resync, a block the replica never got is zero there
 		plans = append(plans, pl)
@@ -338,7 +342,7 @@ produce:
 	}
 	c.report("commit", c.sent.Load())
 	stats := lifeboat.CycleStats{
-		BytesChanged: c.changed.Load(), BytesZero: c.zero.Load(), BytesSame: c.same.Load(),
+		BytesChanged: c.changed.Load(), BytesZero: c.zero.Load(), BytesSame: c.same.Load(), BytesDedup: c.dedup.Load(),
 		BytesData: c.data.Load(), BytesSent: c.sent.Load(), Duration: time.Since(c.start),
 	}
 	pt, err := st.Commit(stats)
@@ -346,6 +350,35 @@ produce:
 		return lifeboat.Point{}, fmt.Errorf("%w: %w", errCommitUnknown, err)
 	}
 	return pt, nil
+}
+
+// blockRef is a block of a disk.
+type blockRef struct {
+	disk string
+	off  int64
+}
+
+// dupOf returns where a block of this content was already sent in this point.
+func (c *cycle) dupOf(h lifeboat.Hash) (blockRef, bool) {
+	c.sentMu.Lock()
+	defer c.sentMu.Unlock()
+	r, ok := c.sentBlocks[h]
+	return r, ok
+}
+
+// remember records blocks that were sent, once their message is on its way:
+// a reference never overtakes the data it refers to.
+func (c *cycle) remember(disk string, off int64, hashes []lifeboat.Hash) {
+	c.sentMu.Lock()
+	defer c.sentMu.Unlock()
+	if c.sentBlocks == nil {
+		c.sentBlocks = make(map[lifeboat.Hash]blockRef)
+	}
+	for i, h := range hashes {
+		if _, ok := c.sentBlocks[h]; !ok {
+			c.sentBlocks[h] = blockRef{disk, off + int64(i)*lifeboat.BlockSize}
+		}
+	}
 }
 
 type job struct {
@@ -384,10 +417,12 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 		send kind = iota
 		zero
 		skip
+		dup
 	)
 	var (
 		runStart int64 = -1
 		runKind  kind
+		refs     []blockRef
 	)
 	hashes = hashes[:0]
 	flush := func(end int64) error {
@@ -403,6 +438,17 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 			}
 			c.data.Add(l)
 			c.sent.Add(sent)
+			c.remember(pl.disk.node, o, hashes)
+		case dup:
+			for i, r := range refs {
+				bo := o + int64(i)*lifeboat.BlockSize
+				n := min(lifeboat.BlockSize, o+l-bo)
+				if err := c.stream.SendCopy(pl.disk.node, bo, r.disk, r.off, int(n), hashes[i]); err != nil {
+					return err
+				}
+				c.sent.Add(int64(len(r.disk)) + 64) // the reference's size on the wire, roughly
+			}
+			c.dedup.Add(l)
 		case zero:
 			c.zero.Add(l)
 			if err := c.stream.SendZeroes(pl.disk.node, o, l); err != nil {
@@ -413,6 +459,7 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 		}
 		runStart = -1
 		hashes = hashes[:0]
+		refs = refs[:0]
 		return nil
 	}
 	for b := int64(0); b < n; b += lifeboat.BlockSize {
@@ -430,6 +477,8 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 			h = lifeboat.HashBlock(blk)
 			if pl.known != nil && pl.known[idx] == h {
 				k = skip
+			} else if _, ok := c.dupOf(h); ok {
+				k = dup
 			}
 		}
 		if runStart >= 0 && k != runKind {
@@ -440,8 +489,13 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 		if runStart < 0 {
 			runStart, runKind = b, k
 		}
-		if k == send {
+		switch k {
+		case send:
 			hashes = append(hashes, h)
+		case dup:
+			r, _ := c.dupOf(h)
+			hashes = append(hashes, h)
+			refs = append(refs, r)
 		}
 	}
 	return flush(n)

@@ -50,12 +50,14 @@ type diskPlan struct {
 }
 
 // planDisk computes extents = dirty ∩ allocated on the block grid: dirty from the
-// published generation (or every block on a resync), data from base:allocation,
-// so that zero and unallocated blocks are never read.
-func planDisk(ctx context.Context, cl *nbd.Client, d *diskState) (*diskPlan, error) {
+// published generation, data from base:allocation, so that zero and
+// unallocated blocks are never read. On a resync there is no generation: the
+// blocks to handle are the allocated ones, and those the recovery site holds
+// as non-zero (known, its block map), which must become zero there.
+func planDisk(ctx context.Context, cl *nbd.Client, d *diskState, known map[int64]lifeboat.Hash) (*diskPlan, error) {
 	size := cl.Size()
 	nb := (size + lifeboat.BlockSize - 1) / lifeboat.BlockSize
-	pl := &diskPlan{disk: d, client: cl, size: size, blocks: nb, dirty: newBitset(nb), data: newBitset(nb)}
+	pl := &diskPlan{disk: d, client: cl, size: size, blocks: nb, dirty: newBitset(nb), data: newBitset(nb), known: known}
 	blockRange := func(e nbd.Extent) (int64, int64) {
 		lo := e.Offset / lifeboat.BlockSize
 		hi := min((e.Offset+e.Length+lifeboat.BlockSize-1)/lifeboat.BlockSize, nb)
@@ -71,7 +73,12 @@ func planDisk(ctx context.Context, cl *nbd.Client, d *diskState) (*diskPlan, err
 		return nil, fmt.Errorf("allocation of the fleece: %w", err)
 	}
 	if d.old == "" {
-		pl.dirty.setRange(0, nb)
+		copy(pl.dirty, pl.data)
+		for b, h := range known {
+			if b < nb && !h.IsZero() {
+				pl.dirty.set(b)
+			}
+		}
 	} else {
 		err := cl.BlockStatus(ctx, "qemu:dirty-bitmap:"+d.old, 0, size, func(e nbd.Extent) error {
 			if e.Flags&nbd.StateDirty != 0 {

@@ -324,6 +324,39 @@ func (w *Writer) WriteBlocks(ctx context.Context, disk string, off int64, data [
 	return nil
 }
 
+// ErrSourcePending is returned (wrapped) by CopyBlock when the source block has
+// not been written in this point yet.
+var ErrSourcePending = errors.New("copy source not written yet in this point")
+
+// CopyBlock writes at (disk, off) one block of length bytes with the content this
+// point already wrote at (srcDisk, srcOff): deduplication within a point. The
+// bytes are read back from the new image and checked against h before they are
+// written, like every other block.
+func (w *Writer) CopyBlock(ctx context.Context, disk string, off int64, srcDisk string, srcOff int64, length int, h lifeboat.Hash) error {
+	src, err := w.disk(srcDisk)
+	if err != nil {
+		return err
+	}
+	defer w.inflight.Done()
+	if srcOff%lifeboat.BlockSize != 0 || length <= 0 || length > lifeboat.BlockSize || srcOff+int64(length) > src.spec.Size {
+		return fmt.Errorf("vm %q disk %q: copy source %d+%d is not a block of disk %q", w.spec.VM, disk, srcOff, length, srcDisk)
+	}
+	src.mu.Lock()
+	have, ok := src.rec[srcOff/lifeboat.BlockSize]
+	src.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("vm %q disk %q offset %d: %w", w.spec.VM, srcDisk, srcOff, ErrSourcePending)
+	}
+	if have != h {
+		return &HashMismatchError{VM: w.spec.VM, Disk: srcDisk, Offset: srcOff}
+	}
+	buf := make([]byte, length)
+	if err := src.client.Read(ctx, buf, srcOff); err != nil {
+		return w.fail(fmt.Errorf("vm %q disk %q: reading back the copy source at offset %d: %w", w.spec.VM, srcDisk, srcOff, err))
+	}
+	return w.WriteBlocks(ctx, disk, off, buf, []lifeboat.Hash{h})
+}
+
 // WriteZeroes makes [off, off+length) read as zeros (block aligned, except at
 // the disk's end) and records lifeboat.ZeroHash for each of its blocks.
 func (w *Writer) WriteZeroes(ctx context.Context, disk string, off, length int64) error {

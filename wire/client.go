@@ -191,6 +191,13 @@ func (s *PointStream) SendBlocks(disk string, off int64, data []byte, hashes []l
 	return int64(len(b.Data) + len(b.Hashes)), nil
 }
 
+// SendCopy says that the block at (disk, off) holds the same bytes as the block
+// already sent in this point at (srcDisk, srcOff): deduplication.
+func (s *PointStream) SendCopy(disk string, off int64, srcDisk string, srcOff int64, length int, h lifeboat.Hash) error {
+	return s.send(&wirepb.Frame{Body: &wirepb.Frame_Copy{Copy: &wirepb.Copy{
+		Disk: disk, Offset: off, SrcDisk: srcDisk, SrcOffset: srcOff, Hash: h[:], Length: uint32(length)}}})
+}
+
 // SendZeroes says that [off, off+length) of a disk reads as zeros.
 func (s *PointStream) SendZeroes(disk string, off, length int64) error {
 	return s.send(&wirepb.Frame{Body: &wirepb.Frame_Zeroes{Zeroes: &wirepb.Zeroes{Disk: disk, Offset: off, Length: length}}})

@@ -60,6 +60,7 @@ func statsToPB(s lifeboat.CycleStats) *wirepb.Stats {
 		BytesData:    s.BytesData,
 		BytesSent:    s.BytesSent,
 		DurationNs:   int64(s.Duration),
+		BytesDedup:   s.BytesDedup,
 	}
 }
 
@@ -74,6 +75,7 @@ func statsFromPB(s *wirepb.Stats) lifeboat.CycleStats {
 		BytesData:    s.BytesData,
 		BytesSent:    s.BytesSent,
 		Duration:     time.Duration(s.DurationNs),
+		BytesDedup:   s.BytesDedup,
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/pki"
+	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire/wirepb"
 )
 
@@ -35,6 +37,10 @@ type Store interface {
 type PointWriter interface {
 	WriteBlocks(ctx context.Context, disk string, off int64, data []byte, hashes []lifeboat.Hash) error
 	WriteZeroes(ctx context.Context, disk string, off, length int64) error
+	// CopyBlock writes at (disk, off) the block this point wrote at (srcDisk,
+	// srcOff), checked against h; an error wrapping ErrSourcePending means the
+	// source's write has not finished yet.
+	CopyBlock(ctx context.Context, disk string, off int64, srcDisk string, srcOff int64, length int, h lifeboat.Hash) error
 	Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboat.Point, error)
 	Abort(ctx context.Context) error
 }
@@ -290,6 +296,25 @@ func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame, buf 
 	case *wirepb.Frame_Zeroes:
 		z := body.Zeroes
 		return w.WriteZeroes(ctx, z.Disk, z.Offset, z.Length)
+	case *wirepb.Frame_Copy:
+		c := body.Copy
+		hs, err := hashesFromBytes(c.Hash)
+		if err != nil || len(hs) != 1 || c.Length == 0 || c.Length > lifeboat.BlockSize {
+			return fmt.Errorf("disk %q offset %d: malformed copy of one block", c.Disk, c.Offset)
+		}
+		// The source block came earlier in the stream and another worker may
+		// still be writing it: wait for it, as long as the stream lives.
+		for wait := time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
+			err := w.CopyBlock(ctx, c.Disk, c.Offset, c.SrcDisk, c.SrcOffset, int(c.Length), hs[0])
+			if !errors.Is(err, recovery.ErrSourcePending) {
+				return err
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("disk %q offset %d: copy source %q offset %d never written: %w", c.Disk, c.Offset, c.SrcDisk, c.SrcOffset, ctx.Err())
+			case <-time.After(wait):
+			}
+		}
 	case *wirepb.Frame_Begin:
 		return fmt.Errorf("second Begin in one stream")
 	}

@@ -37,6 +37,9 @@ func (w *discardWriter) WriteBlocks(_ context.Context, _ string, _ int64, data [
 	return nil
 }
 func (w *discardWriter) WriteZeroes(context.Context, string, int64, int64) error { return nil }
+func (w *discardWriter) CopyBlock(context.Context, string, int64, string, int64, int, lifeboat.Hash) error {
+	return nil
+}
 func (w *discardWriter) Commit(context.Context, lifeboat.CycleStats) (lifeboat.Point, error) {
 	return w.p, nil
 }

@@ -5,7 +5,7 @@
 // versions:
 // 	protoc-gen-go v1.36.12
 // 	protoc        v3.21.12
-// source: wirepb/wire.proto
+// source: wire/wirepb/wire.proto
 
 package wirepb
 
@@ -34,7 +34,7 @@ type HelloRequest struct {
 
 func (x *HelloRequest) Reset() {
 	*x = HelloRequest{}
-	mi := &file_wirepb_wire_proto_msgTypes[0]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[0]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -46,7 +46,7 @@ func (x *HelloRequest) String() string {
 func (*HelloRequest) ProtoMessage() {}
 
 func (x *HelloRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[0]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[0]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -59,7 +59,7 @@ func (x *HelloRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloRequest.ProtoReflect.Descriptor instead.
 func (*HelloRequest) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{0}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{0}
 }
 
 func (x *HelloRequest) GetSite() string {
@@ -86,7 +86,7 @@ type HelloReply struct {
 
 func (x *HelloReply) Reset() {
 	*x = HelloReply{}
-	mi := &file_wirepb_wire_proto_msgTypes[1]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -98,7 +98,7 @@ func (x *HelloReply) String() string {
 func (*HelloReply) ProtoMessage() {}
 
 func (x *HelloReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[1]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -111,7 +111,7 @@ func (x *HelloReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloReply.ProtoReflect.Descriptor instead.
 func (*HelloReply) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{1}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *HelloReply) GetSite() string {
@@ -137,7 +137,7 @@ type VMRequest struct {
 
 func (x *VMRequest) Reset() {
 	*x = VMRequest{}
-	mi := &file_wirepb_wire_proto_msgTypes[2]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -149,7 +149,7 @@ func (x *VMRequest) String() string {
 func (*VMRequest) ProtoMessage() {}
 
 func (x *VMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[2]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -162,7 +162,7 @@ func (x *VMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMRequest.ProtoReflect.Descriptor instead.
 func (*VMRequest) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{2}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *VMRequest) GetVm() string {
@@ -189,7 +189,7 @@ type Point struct {
 
 func (x *Point) Reset() {
 	*x = Point{}
-	mi := &file_wirepb_wire_proto_msgTypes[3]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -201,7 +201,7 @@ func (x *Point) String() string {
 func (*Point) ProtoMessage() {}
 
 func (x *Point) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[3]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -214,7 +214,7 @@ func (x *Point) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Point.ProtoReflect.Descriptor instead.
 func (*Point) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{3}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Point) GetVm() string {
@@ -291,7 +291,7 @@ type Disk struct {
 
 func (x *Disk) Reset() {
 	*x = Disk{}
-	mi := &file_wirepb_wire_proto_msgTypes[4]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -303,7 +303,7 @@ func (x *Disk) String() string {
 func (*Disk) ProtoMessage() {}
 
 func (x *Disk) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[4]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -316,7 +316,7 @@ func (x *Disk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Disk.ProtoReflect.Descriptor instead.
 func (*Disk) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{4}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Disk) GetName() string {
@@ -348,13 +348,14 @@ type Stats struct {
 	BytesData     int64                  `protobuf:"varint,4,opt,name=bytes_data,json=bytesData,proto3" json:"bytes_data,omitempty"`
 	BytesSent     int64                  `protobuf:"varint,5,opt,name=bytes_sent,json=bytesSent,proto3" json:"bytes_sent,omitempty"`
 	DurationNs    int64                  `protobuf:"varint,6,opt,name=duration_ns,json=durationNs,proto3" json:"duration_ns,omitempty"`
+	BytesDedup    int64                  `protobuf:"varint,7,opt,name=bytes_dedup,json=bytesDedup,proto3" json:"bytes_dedup,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_wirepb_wire_proto_msgTypes[5]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -366,7 +367,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[5]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -379,7 +380,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{5}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Stats) GetBytesChanged() int64 {
@@ -424,6 +425,13 @@ func (x *Stats) GetDurationNs() int64 {
 	return 0
 }
 
+func (x *Stats) GetBytesDedup() int64 {
+	if x != nil {
+		return x.BytesDedup
+	}
+	return 0
+}
+
 type LatestReply struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Found         bool                   `protobuf:"varint,1,opt,name=found,proto3" json:"found,omitempty"`
@@ -434,7 +442,7 @@ type LatestReply struct {
 
 func (x *LatestReply) Reset() {
 	*x = LatestReply{}
-	mi := &file_wirepb_wire_proto_msgTypes[6]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -446,7 +454,7 @@ func (x *LatestReply) String() string {
 func (*LatestReply) ProtoMessage() {}
 
 func (x *LatestReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[6]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -459,7 +467,7 @@ func (x *LatestReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LatestReply.ProtoReflect.Descriptor instead.
 func (*LatestReply) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{6}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *LatestReply) GetFound() bool {
@@ -485,7 +493,7 @@ type PointsReply struct {
 
 func (x *PointsReply) Reset() {
 	*x = PointsReply{}
-	mi := &file_wirepb_wire_proto_msgTypes[7]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -497,7 +505,7 @@ func (x *PointsReply) String() string {
 func (*PointsReply) ProtoMessage() {}
 
 func (x *PointsReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[7]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -510,7 +518,7 @@ func (x *PointsReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PointsReply.ProtoReflect.Descriptor instead.
 func (*PointsReply) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{7}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *PointsReply) GetPoints() []*Point {
@@ -530,7 +538,7 @@ type BlockMapRequest struct {
 
 func (x *BlockMapRequest) Reset() {
 	*x = BlockMapRequest{}
-	mi := &file_wirepb_wire_proto_msgTypes[8]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -542,7 +550,7 @@ func (x *BlockMapRequest) String() string {
 func (*BlockMapRequest) ProtoMessage() {}
 
 func (x *BlockMapRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[8]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -555,7 +563,7 @@ func (x *BlockMapRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockMapRequest.ProtoReflect.Descriptor instead.
 func (*BlockMapRequest) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{8}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *BlockMapRequest) GetVm() string {
@@ -583,7 +591,7 @@ type BlockMapChunk struct {
 
 func (x *BlockMapChunk) Reset() {
 	*x = BlockMapChunk{}
-	mi := &file_wirepb_wire_proto_msgTypes[9]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -595,7 +603,7 @@ func (x *BlockMapChunk) String() string {
 func (*BlockMapChunk) ProtoMessage() {}
 
 func (x *BlockMapChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[9]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -608,7 +616,7 @@ func (x *BlockMapChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockMapChunk.ProtoReflect.Descriptor instead.
 func (*BlockMapChunk) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{9}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *BlockMapChunk) GetBlocks() []int64 {
@@ -633,6 +641,7 @@ type Frame struct {
 	//	*Frame_Blocks
 	//	*Frame_Zeroes
 	//	*Frame_Commit
+	//	*Frame_Copy
 	Body          isFrame_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -640,7 +649,7 @@ type Frame struct {
 
 func (x *Frame) Reset() {
 	*x = Frame{}
-	mi := &file_wirepb_wire_proto_msgTypes[10]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -652,7 +661,7 @@ func (x *Frame) String() string {
 func (*Frame) ProtoMessage() {}
 
 func (x *Frame) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[10]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -665,7 +674,7 @@ func (x *Frame) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Frame.ProtoReflect.Descriptor instead.
 func (*Frame) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{10}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Frame) GetBody() isFrame_Body {
@@ -711,6 +720,15 @@ func (x *Frame) GetCommit() *Commit {
 	return nil
 }
 
+func (x *Frame) GetCopy() *Copy {
+	if x != nil {
+		if x, ok := x.Body.(*Frame_Copy); ok {
+			return x.Copy
+		}
+	}
+	return nil
+}
+
 type isFrame_Body interface {
 	isFrame_Body()
 }
@@ -731,6 +749,10 @@ type Frame_Commit struct {
 	Commit *Commit `protobuf:"bytes,4,opt,name=commit,proto3,oneof"`
 }
 
+type Frame_Copy struct {
+	Copy *Copy `protobuf:"bytes,5,opt,name=copy,proto3,oneof"`
+}
+
 func (*Frame_Begin) isFrame_Body() {}
 
 func (*Frame_Blocks) isFrame_Body() {}
@@ -738,6 +760,8 @@ func (*Frame_Blocks) isFrame_Body() {}
 func (*Frame_Zeroes) isFrame_Body() {}
 
 func (*Frame_Commit) isFrame_Body() {}
+
+func (*Frame_Copy) isFrame_Body() {}
 
 // Begin opens a point: the instant and every disk of the VM at it.
 type Begin struct {
@@ -749,7 +773,7 @@ type Begin struct {
 
 func (x *Begin) Reset() {
 	*x = Begin{}
-	mi := &file_wirepb_wire_proto_msgTypes[11]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -761,7 +785,7 @@ func (x *Begin) String() string {
 func (*Begin) ProtoMessage() {}
 
 func (x *Begin) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[11]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -774,7 +798,7 @@ func (x *Begin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Begin.ProtoReflect.Descriptor instead.
 func (*Begin) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{11}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Begin) GetPoint() *Point {
@@ -800,7 +824,7 @@ type Blocks struct {
 
 func (x *Blocks) Reset() {
 	*x = Blocks{}
-	mi := &file_wirepb_wire_proto_msgTypes[12]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -812,7 +836,7 @@ func (x *Blocks) String() string {
 func (*Blocks) ProtoMessage() {}
 
 func (x *Blocks) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[12]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -825,7 +849,7 @@ func (x *Blocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Blocks.ProtoReflect.Descriptor instead.
 func (*Blocks) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{12}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Blocks) GetDisk() string {
@@ -882,7 +906,7 @@ type Zeroes struct {
 
 func (x *Zeroes) Reset() {
 	*x = Zeroes{}
-	mi := &file_wirepb_wire_proto_msgTypes[13]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -894,7 +918,7 @@ func (x *Zeroes) String() string {
 func (*Zeroes) ProtoMessage() {}
 
 func (x *Zeroes) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[13]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -907,7 +931,7 @@ func (x *Zeroes) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Zeroes.ProtoReflect.Descriptor instead.
 func (*Zeroes) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{13}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Zeroes) GetDisk() string {
@@ -931,6 +955,93 @@ func (x *Zeroes) GetLength() int64 {
 	return 0
 }
 
+// Copy is one block whose content was already sent in this point, at
+// (src_disk, src_offset): the receiver copies it there, checking its hash.
+// Deduplication within a point: the bytes cross the wire once.
+type Copy struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Disk          string                 `protobuf:"bytes,1,opt,name=disk,proto3" json:"disk,omitempty"`
+	Offset        int64                  `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"`
+	SrcDisk       string                 `protobuf:"bytes,3,opt,name=src_disk,json=srcDisk,proto3" json:"src_disk,omitempty"`
+	SrcOffset     int64                  `protobuf:"varint,4,opt,name=src_offset,json=srcOffset,proto3" json:"src_offset,omitempty"`
+	Hash          []byte                 `protobuf:"bytes,5,opt,name=hash,proto3" json:"hash,omitempty"`
+	Length        uint32                 `protobuf:"varint,6,opt,name=length,proto3" json:"length,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Copy) Reset() {
+	*x = Copy{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Copy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Copy) ProtoMessage() {}
+
+func (x *Copy) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Copy.ProtoReflect.Descriptor instead.
+func (*Copy) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *Copy) GetDisk() string {
+	if x != nil {
+		return x.Disk
+	}
+	return ""
+}
+
+func (x *Copy) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *Copy) GetSrcDisk() string {
+	if x != nil {
+		return x.SrcDisk
+	}
+	return ""
+}
+
+func (x *Copy) GetSrcOffset() int64 {
+	if x != nil {
+		return x.SrcOffset
+	}
+	return 0
+}
+
+func (x *Copy) GetHash() []byte {
+	if x != nil {
+		return x.Hash
+	}
+	return nil
+}
+
+func (x *Copy) GetLength() uint32 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
 type Commit struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Stats         *Stats                 `protobuf:"bytes,1,opt,name=stats,proto3" json:"stats,omitempty"`
@@ -940,7 +1051,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_wirepb_wire_proto_msgTypes[14]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1063,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[14]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1076,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{14}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Commit) GetStats() *Stats {
@@ -984,7 +1095,7 @@ type ReplicateReply struct {
 
 func (x *ReplicateReply) Reset() {
 	*x = ReplicateReply{}
-	mi := &file_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -996,7 +1107,7 @@ func (x *ReplicateReply) String() string {
 func (*ReplicateReply) ProtoMessage() {}
 
 func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1009,7 +1120,7 @@ func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateReply.ProtoReflect.Descriptor instead.
 func (*ReplicateReply) Descriptor() ([]byte, []int) {
-	return file_wirepb_wire_proto_rawDescGZIP(), []int{15}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ReplicateReply) GetPoint() *Point {
@@ -1019,11 +1130,11 @@ func (x *ReplicateReply) GetPoint() *Point {
 	return nil
 }
 
-var File_wirepb_wire_proto protoreflect.FileDescriptor
+var File_wire_wirepb_wire_proto protoreflect.FileDescriptor
 
-const file_wirepb_wire_proto_rawDesc = "" +
+const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\n" +
-	"\x11wirepb/wire.proto\x12\x10lifeboat.wire.v1\"<\n" +
+	"\x16wire/wirepb/wire.proto\x12\x10lifeboat.wire.v1\"<\n" +
 	"\fHelloRequest\x12\x12\n" +
 	"\x04site\x18\x01 \x01(\tR\x04site\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\":\n" +
@@ -1046,7 +1157,7 @@ const file_wirepb_wire_proto_rawDesc = "" +
 	"\x04Disk\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x16\n" +
-	"\x06resync\x18\x03 \x01(\bR\x06resync\"\xc9\x01\n" +
+	"\x06resync\x18\x03 \x01(\bR\x06resync\"\xea\x01\n" +
 	"\x05Stats\x12#\n" +
 	"\rbytes_changed\x18\x01 \x01(\x03R\fbytesChanged\x12\x1d\n" +
 	"\n" +
@@ -1058,7 +1169,9 @@ const file_wirepb_wire_proto_rawDesc = "" +
 	"\n" +
 	"bytes_sent\x18\x05 \x01(\x03R\tbytesSent\x12\x1f\n" +
 	"\vduration_ns\x18\x06 \x01(\x03R\n" +
-	"durationNs\"R\n" +
+	"durationNs\x12\x1f\n" +
+	"\vbytes_dedup\x18\a \x01(\x03R\n" +
+	"bytesDedup\"R\n" +
 	"\vLatestReply\x12\x14\n" +
 	"\x05found\x18\x01 \x01(\bR\x05found\x12-\n" +
 	"\x05point\x18\x02 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point\">\n" +
@@ -1069,12 +1182,13 @@ const file_wirepb_wire_proto_rawDesc = "" +
 	"\x04disk\x18\x02 \x01(\tR\x04disk\"?\n" +
 	"\rBlockMapChunk\x12\x16\n" +
 	"\x06blocks\x18\x01 \x03(\x03R\x06blocks\x12\x16\n" +
-	"\x06hashes\x18\x02 \x01(\fR\x06hashes\"\xdc\x01\n" +
+	"\x06hashes\x18\x02 \x01(\fR\x06hashes\"\x8a\x02\n" +
 	"\x05Frame\x12/\n" +
 	"\x05begin\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.BeginH\x00R\x05begin\x122\n" +
 	"\x06blocks\x18\x02 \x01(\v2\x18.lifeboat.wire.v1.BlocksH\x00R\x06blocks\x122\n" +
 	"\x06zeroes\x18\x03 \x01(\v2\x18.lifeboat.wire.v1.ZeroesH\x00R\x06zeroes\x122\n" +
-	"\x06commit\x18\x04 \x01(\v2\x18.lifeboat.wire.v1.CommitH\x00R\x06commitB\x06\n" +
+	"\x06commit\x18\x04 \x01(\v2\x18.lifeboat.wire.v1.CommitH\x00R\x06commit\x12,\n" +
+	"\x04copy\x18\x05 \x01(\v2\x16.lifeboat.wire.v1.CopyH\x00R\x04copyB\x06\n" +
 	"\x04body\"6\n" +
 	"\x05Begin\x12-\n" +
 	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point\"\x8c\x01\n" +
@@ -1088,7 +1202,15 @@ const file_wirepb_wire_proto_rawDesc = "" +
 	"\x06Zeroes\x12\x12\n" +
 	"\x04disk\x18\x01 \x01(\tR\x04disk\x12\x16\n" +
 	"\x06offset\x18\x02 \x01(\x03R\x06offset\x12\x16\n" +
-	"\x06length\x18\x03 \x01(\x03R\x06length\"7\n" +
+	"\x06length\x18\x03 \x01(\x03R\x06length\"\x98\x01\n" +
+	"\x04Copy\x12\x12\n" +
+	"\x04disk\x18\x01 \x01(\tR\x04disk\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x03R\x06offset\x12\x19\n" +
+	"\bsrc_disk\x18\x03 \x01(\tR\asrcDisk\x12\x1d\n" +
+	"\n" +
+	"src_offset\x18\x04 \x01(\x03R\tsrcOffset\x12\x12\n" +
+	"\x04hash\x18\x05 \x01(\fR\x04hash\x12\x16\n" +
+	"\x06length\x18\x06 \x01(\rR\x06length\"7\n" +
 	"\x06Commit\x12-\n" +
 	"\x05stats\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.StatsR\x05stats\"?\n" +
 	"\x0eReplicateReply\x12-\n" +
@@ -1101,19 +1223,19 @@ const file_wirepb_wire_proto_rawDesc = "" +
 	"\tReplicate\x12\x17.lifeboat.wire.v1.Frame\x1a .lifeboat.wire.v1.ReplicateReply(\x01B-Z+github.com/lifeboat-dr/lifeboat/wire/wirepbb\x06proto3"
 
 var (
-	file_wirepb_wire_proto_rawDescOnce sync.Once
-	file_wirepb_wire_proto_rawDescData []byte
+	file_wire_wirepb_wire_proto_rawDescOnce sync.Once
+	file_wire_wirepb_wire_proto_rawDescData []byte
 )
 
-func file_wirepb_wire_proto_rawDescGZIP() []byte {
-	file_wirepb_wire_proto_rawDescOnce.Do(func() {
-		file_wirepb_wire_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_wirepb_wire_proto_rawDesc), len(file_wirepb_wire_proto_rawDesc)))
+func file_wire_wirepb_wire_proto_rawDescGZIP() []byte {
+	file_wire_wirepb_wire_proto_rawDescOnce.Do(func() {
+		file_wire_wirepb_wire_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_wire_wirepb_wire_proto_rawDesc), len(file_wire_wirepb_wire_proto_rawDesc)))
 	})
-	return file_wirepb_wire_proto_rawDescData
+	return file_wire_wirepb_wire_proto_rawDescData
 }
 
-var file_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
-var file_wirepb_wire_proto_goTypes = []any{
+var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_wire_wirepb_wire_proto_goTypes = []any{
 	(*HelloRequest)(nil),    // 0: lifeboat.wire.v1.HelloRequest
 	(*HelloReply)(nil),      // 1: lifeboat.wire.v1.HelloReply
 	(*VMRequest)(nil),       // 2: lifeboat.wire.v1.VMRequest
@@ -1128,10 +1250,11 @@ var file_wirepb_wire_proto_goTypes = []any{
 	(*Begin)(nil),           // 11: lifeboat.wire.v1.Begin
 	(*Blocks)(nil),          // 12: lifeboat.wire.v1.Blocks
 	(*Zeroes)(nil),          // 13: lifeboat.wire.v1.Zeroes
-	(*Commit)(nil),          // 14: lifeboat.wire.v1.Commit
-	(*ReplicateReply)(nil),  // 15: lifeboat.wire.v1.ReplicateReply
+	(*Copy)(nil),            // 14: lifeboat.wire.v1.Copy
+	(*Commit)(nil),          // 15: lifeboat.wire.v1.Commit
+	(*ReplicateReply)(nil),  // 16: lifeboat.wire.v1.ReplicateReply
 }
-var file_wirepb_wire_proto_depIdxs = []int32{
+var file_wire_wirepb_wire_proto_depIdxs = []int32{
 	4,  // 0: lifeboat.wire.v1.Point.disks:type_name -> lifeboat.wire.v1.Disk
 	5,  // 1: lifeboat.wire.v1.Point.stats:type_name -> lifeboat.wire.v1.Stats
 	3,  // 2: lifeboat.wire.v1.LatestReply.point:type_name -> lifeboat.wire.v1.Point
@@ -1139,53 +1262,55 @@ var file_wirepb_wire_proto_depIdxs = []int32{
 	11, // 4: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
 	12, // 5: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
 	13, // 6: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
-	14, // 7: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
-	3,  // 8: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
-	5,  // 9: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
-	3,  // 10: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
-	0,  // 11: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
-	2,  // 12: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
-	2,  // 13: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
-	8,  // 14: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
-	10, // 15: lifeboat.wire.v1.Replication.Replicate:input_type -> lifeboat.wire.v1.Frame
-	1,  // 16: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
-	6,  // 17: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
-	7,  // 18: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
-	9,  // 19: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
-	15, // 20: lifeboat.wire.v1.Replication.Replicate:output_type -> lifeboat.wire.v1.ReplicateReply
-	16, // [16:21] is the sub-list for method output_type
-	11, // [11:16] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	15, // 7: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
+	14, // 8: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
+	3,  // 9: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
+	5,  // 10: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
+	3,  // 11: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
+	0,  // 12: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
+	2,  // 13: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
+	2,  // 14: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
+	8,  // 15: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
+	10, // 16: lifeboat.wire.v1.Replication.Replicate:input_type -> lifeboat.wire.v1.Frame
+	1,  // 17: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
+	6,  // 18: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
+	7,  // 19: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
+	9,  // 20: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
+	16, // 21: lifeboat.wire.v1.Replication.Replicate:output_type -> lifeboat.wire.v1.ReplicateReply
+	17, // [17:22] is the sub-list for method output_type
+	12, // [12:17] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
-func init() { file_wirepb_wire_proto_init() }
-func file_wirepb_wire_proto_init() {
-	if File_wirepb_wire_proto != nil {
+func init() { file_wire_wirepb_wire_proto_init() }
+func file_wire_wirepb_wire_proto_init() {
+	if File_wire_wirepb_wire_proto != nil {
 		return
 	}
-	file_wirepb_wire_proto_msgTypes[10].OneofWrappers = []any{
+	file_wire_wirepb_wire_proto_msgTypes[10].OneofWrappers = []any{
 		(*Frame_Begin)(nil),
 		(*Frame_Blocks)(nil),
 		(*Frame_Zeroes)(nil),
 		(*Frame_Commit)(nil),
+		(*Frame_Copy)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
-			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wirepb_wire_proto_rawDesc), len(file_wirepb_wire_proto_rawDesc)),
+			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_wirepb_wire_proto_rawDesc), len(file_wire_wirepb_wire_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
-		GoTypes:           file_wirepb_wire_proto_goTypes,
-		DependencyIndexes: file_wirepb_wire_proto_depIdxs,
-		MessageInfos:      file_wirepb_wire_proto_msgTypes,
+		GoTypes:           file_wire_wirepb_wire_proto_goTypes,
+		DependencyIndexes: file_wire_wirepb_wire_proto_depIdxs,
+		MessageInfos:      file_wire_wirepb_wire_proto_msgTypes,
 	}.Build()
-	File_wirepb_wire_proto = out.File
-	file_wirepb_wire_proto_goTypes = nil
-	file_wirepb_wire_proto_depIdxs = nil
+	File_wire_wirepb_wire_proto = out.File
+	file_wire_wirepb_wire_proto_goTypes = nil
+	file_wire_wirepb_wire_proto_depIdxs = nil
 }

@@ -5,7 +5,7 @@
 // versions:
 // - protoc-gen-go-grpc v1.6.2
 // - protoc             v3.21.12
-// source: wirepb/wire.proto
+// source: wire/wirepb/wire.proto
 
 package wirepb
 
@@ -281,5 +281,5 @@ var Replication_ServiceDesc = grpc.ServiceDesc{
 			ClientStreams: true,
 		},
 	},
-	Metadata: "wirepb/wire.proto",
+	Metadata: "wire/wirepb/wire.proto",
 }
