@@ -45,6 +45,9 @@ type PointWriter interface {
 	Abort(ctx context.Context) error
 }
 
+// copySourceWait bounds how long a Copy waits for its source block's write.
+var copySourceWait = 10 * time.Second
+
 // Server is a recovery site's face to protected sites.
 type Server struct {
 	wirepb.UnimplementedReplicationServer
@@ -303,15 +306,20 @@ func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame, buf 
 			return fmt.Errorf("disk %q offset %d: malformed copy of one block", c.Disk, c.Offset)
 		}
 		// The source block came earlier in the stream and another worker may
-		// still be writing it: wait for it, as long as the stream lives.
+		// still be writing it: wait for it, within a bound (a source that was
+		// never sent is the sender's error, not a reason to hang).
+		deadline := time.Now().Add(copySourceWait)
 		for wait := time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
 			err := w.CopyBlock(ctx, c.Disk, c.Offset, c.SrcDisk, c.SrcOffset, int(c.Length), hs[0])
 			if !errors.Is(err, recovery.ErrSourcePending) {
 				return err
 			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("disk %q offset %d: copy of %q offset %d, which this point never wrote", c.Disk, c.Offset, c.SrcDisk, c.SrcOffset)
+			}
 			select {
 			case <-ctx.Done():
-				return fmt.Errorf("disk %q offset %d: copy source %q offset %d never written: %w", c.Disk, c.Offset, c.SrcDisk, c.SrcOffset, ctx.Err())
+				return fmt.Errorf("disk %q offset %d: copy source %q offset %d not written: %w", c.Disk, c.Offset, c.SrcDisk, c.SrcOffset, ctx.Err())
 			case <-time.After(wait):
 			}
 		}

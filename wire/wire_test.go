@@ -88,3 +88,53 @@ func TestStreamWithoutCommitLeavesNoPoint(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// A reference to a block the point never sent fails the point (within a bound),
+// and a reference to one it did send is copied and hash-checked.
+func TestCopyReferences(t *testing.T) {
+	defer wire.SetCopySourceWait(500 * time.Millisecond)()
+	site := testsite.Start(t, recovery.Options{})
+	c := site.Dial(t, wire.CompressionNone)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	blk := make([]byte, lifeboat.BlockSize)
+	for i := range blk {
+		blk[i] = byte(i * 13)
+	}
+	h := lifeboat.HashBlock(blk)
+
+	st, err := c.Begin(ctx, point(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.SendBlocks("vda", 0, blk, []lifeboat.Hash{h}); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.SendCopy("vda", 3*lifeboat.BlockSize, "vda", 0, lifeboat.BlockSize, h); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Commit(lifeboat.CycleStats{}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := site.Store.BlockMap("vm1", "vda", 1)
+	if err != nil || m[3] != h || m[0] != h {
+		t.Fatalf("block map after a copy: %v %v", m, err)
+	}
+	if _, err := site.Store.Verify(ctx, "vm1", 1, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	st, err = c.Begin(ctx, point(2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	st.SendCopy("vda", 0, "vda", 5*lifeboat.BlockSize, lifeboat.BlockSize, h)
+	if _, err := st.Commit(lifeboat.CycleStats{}); err == nil || !strings.Contains(err.Error(), "never wrote") {
+		t.Fatalf("copy of an unsent block: %v", err)
+	}
+	t.Logf("dangling reference refused after %v", time.Since(start).Round(time.Millisecond))
+	if pts, _ := site.Store.Points("vm1"); len(pts) != 1 {
+		t.Fatalf("%d points after a refused point", len(pts))
+	}
+}
