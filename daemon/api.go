@@ -61,6 +61,7 @@ func (d *Daemon) listenAPI() (*apiServer, error) {
 	a := &apiServer{d: d, l: l}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/status", a.status)
+	mux.Handle("GET /metrics", d.metrics.handler())
 	mux.HandleFunc("POST /v1/vms/{vm}/sync", a.sync)
 	mux.HandleFunc("GET /v1/vms/{vm}/points", a.points)
 	mux.HandleFunc("POST /v1/vms/{vm}/export", a.export)

@@ -23,10 +23,11 @@ type Daemon struct {
 	cfg *Config
 	log *slog.Logger
 
-	store  *recovery.Store
-	server *wire.Server
-	vms    map[string]*vm
-	groups map[string]*group
+	store   *recovery.Store
+	server  *wire.Server
+	vms     map[string]*vm
+	groups  map[string]*group
+	metrics *metrics
 
 	mu    sync.Mutex
 	peers map[string]*wire.Client
@@ -44,6 +45,7 @@ func New(cfg *Config, log *slog.Logger) *Daemon {
 	for _, gc := range cfg.Groups {
 		d.groups[gc.Name] = newGroup(d, gc)
 	}
+	d.metrics = newMetrics(d)
 	return d
 }
 

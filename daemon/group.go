@@ -51,6 +51,12 @@ func (g *group) sync(ctx context.Context) ([]lifeboat.Point, error) {
 		byVM[pt.VM] = pt
 	}
 	for _, v := range g.members {
+		pt, ok := byVM[v.cfg.Name]
+		if ok {
+			v.d.metrics.cycle(v.cfg.Name, pt, nil)
+		} else {
+			v.d.metrics.cycle(v.cfg.Name, pt, err)
+		}
 		v.mu.Lock()
 		v.progress = nil
 		if pt, ok := byVM[v.cfg.Name]; ok {

@@ -74,6 +74,7 @@ func (v *vm) sync(ctx context.Context) (lifeboat.Point, error) {
 	defer v.cycleMu.Unlock()
 	v.setState("syncing", nil)
 	pt, err := v.cycle(ctx)
+	v.d.metrics.cycle(v.cfg.Name, pt, err)
 	v.mu.Lock()
 	v.progress = nil
 	v.mu.Unlock()

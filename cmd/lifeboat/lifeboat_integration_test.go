@@ -10,6 +10,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -277,6 +278,22 @@ func TestCommandsEndToEnd(t *testing.T) {
 		}
 	}
 
+	// Prometheus metrics on the local API socket.
+	metrics := scrape(t, filepath.Join(d.dir, "prod", "api.sock"))
+	for _, want := range []string{`lifeboat_rpo_seconds{role="protected",vm="vm1"}`, `lifeboat_cycles_total{result="ok",vm="vm1"} 2`, `lifeboat_bytes_total{kind="sent",vm="vm1"}`} {
+		if !strings.Contains(metrics, want) {
+			t.Fatalf("metrics lack %s:\n%s", want, metrics)
+		}
+	}
+
+	// A corrupted byte in the recovery site's copy: verify names disk and offset.
+	corruptBase(t, filepath.Join(d.dir, "dr"), "vda")
+	out, err := runErr(t, "verify", "vm1", "--point", "1", "-c", d.dr.config)
+	if err == nil || !strings.Contains(out, `"vda"`) || !strings.Contains(out, "offset") {
+		t.Fatalf("verify of a corrupted point: err %v, output %q", err, out)
+	}
+	t.Logf("verify after corruption: %s", strings.TrimSpace(out))
+
 	// Usage and lookup errors say what to do.
 	for _, tc := range []struct {
 		args []string
@@ -499,6 +516,60 @@ func TestKilledSiteNeverLeavesGuestFrozen(t *testing.T) {
 	if !strings.Contains(readFile(d.prod.log), "thawing it") {
 		t.Fatalf("the guard did not say it thawed the guest:\n%s", readFile(d.prod.log))
 	}
+}
+
+// corruptBase flips bytes in a data cluster of a disk's base image (the image
+// without a backing file) under a recovery site's state directory.
+func corruptBase(t *testing.T, stateDir, disk string) {
+	t.Helper()
+	images, _ := filepath.Glob(filepath.Join(stateDir, "recovery", "vms", "*", disk, "*"))
+	for _, img := range images {
+		info, err := exec.Command("qemu-img", "info", "--output=json", "-U", img).Output()
+		if err != nil || strings.Contains(string(info), "backing-filename") {
+			continue
+		}
+		out, err := exec.Command("qemu-img", "map", "--output=json", "-U", img).Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var extents []struct {
+			Data   bool   `json:"data"`
+			Zero   bool   `json:"zero"`
+			Offset *int64 `json:"offset"`
+		}
+		json.Unmarshal(out, &extents)
+		for _, e := range extents {
+			if e.Data && !e.Zero && e.Offset != nil {
+				f, err := os.OpenFile(img, os.O_RDWR, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				b := make([]byte, 16)
+				f.ReadAt(b, *e.Offset+4096)
+				for i := range b {
+					b[i] ^= 0xff
+				}
+				f.WriteAt(b, *e.Offset+4096)
+				f.Close()
+				return
+			}
+		}
+	}
+	t.Fatalf("no base image with data for disk %s under %s", disk, stateDir)
+}
+
+func scrape(t *testing.T, socket string) string {
+	t.Helper()
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", socket)
+	}}}
+	resp, err := c.Get("http://lifeboat/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
 }
 
 func readFile(p string) string {
