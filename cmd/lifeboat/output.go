@@ -49,8 +49,13 @@ type progressLine struct {
 }
 
 func newProgressLine(w *os.File) *progressLine {
-	fi, err := w.Stat()
-	return &progressLine{w: w, tty: err == nil && fi.Mode()&os.ModeCharDevice != 0, start: time.Now()}
+	return &progressLine{w: w, tty: isTerminal(w), start: time.Now()}
+}
+
+// isTerminal reports whether f is a terminal (progress is redrawn in place there).
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }
 
 func (p *progressLine) show(pr protect.Progress) {

@@ -30,12 +30,13 @@ func newVerifyCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			tty := isTerminal(os.Stderr)
 			rep, err := c.Verify(cmd.Context(), vm, id, func(p daemon.VerifyProgress) {
-				if !asJSON && p.Total > 0 {
+				if tty && !asJSON && p.Total > 0 {
 					fmt.Fprintf(os.Stderr, "\rverify %s: %s / %s", vm, size(p.Done), size(p.Total))
 				}
 			})
-			if !asJSON {
+			if tty && !asJSON {
 				fmt.Fprint(os.Stderr, "\r\033[K")
 			}
 			if asJSON {
