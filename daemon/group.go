@@ -76,22 +76,5 @@ func (g *group) sync(ctx context.Context) ([]lifeboat.Point, error) {
 }
 
 func (g *group) schedule(ctx context.Context) {
-	if g.cfg.Interval <= 0 {
-		return
-	}
-	every := time.Duration(g.cfg.Interval)
-	t := time.NewTimer(0)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		start := time.Now()
-		cctx, cancel := context.WithTimeout(ctx, max(every*20, 6*time.Hour))
-		g.sync(cctx)
-		cancel()
-		t.Reset(max(every-time.Since(start), time.Second))
-	}
+	runEvery(ctx, time.Duration(g.cfg.Interval), func(ctx context.Context) { g.sync(ctx) })
 }

@@ -142,10 +142,16 @@ func (v *vm) schedule(ctx context.Context) {
 		}
 		cancel()
 	}
-	if v.cfg.Interval <= 0 {
+	// Errors are in status and the log; the next tick retries.
+	runEvery(ctx, time.Duration(v.cfg.Interval), func(ctx context.Context) { v.sync(ctx) })
+}
+
+// runEvery runs a cycle now and then every interval (never two at once, at least
+// a second apart) until ctx ends; interval 0 means never. Each cycle is bounded.
+func runEvery(ctx context.Context, every time.Duration, cycle func(context.Context)) {
+	if every <= 0 {
 		return
 	}
-	every := time.Duration(v.cfg.Interval)
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
@@ -156,7 +162,7 @@ func (v *vm) schedule(ctx context.Context) {
 		}
 		start := time.Now()
 		cctx, cancel := context.WithTimeout(ctx, max(every*20, 6*time.Hour))
-		v.sync(cctx) // errors are in status and the log; the next tick retries
+		cycle(cctx)
 		cancel()
 		t.Reset(max(every-time.Since(start), time.Second))
 	}

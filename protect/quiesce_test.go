@@ -17,7 +17,6 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/protect"
-	"github.com/lifeboat-dr/lifeboat/qga"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
@@ -229,22 +228,9 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 				t.Fatalf("the fallback took %v, bound %v", took, limit)
 			}
 			// Never left frozen: once the agent answers again, the guest is thawed.
-			var status string
 			begin := time.Now()
-			for deadline := time.Now().Add(40 * time.Second); time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
-				c, cancel := context.WithTimeout(ctx(t), 3*time.Second)
-				a, err := qga.Dial(c, g.AgentSocket())
-				if err == nil {
-					status, err = a.FreezeStatus(c)
-					a.Close()
-				}
-				cancel()
-				if err == nil && status == "thawed" {
-					break
-				}
-			}
-			if status != "thawed" {
-				t.Fatalf("guest left %q; console:\n%s", status, g.Console())
+			if _, err := g.WaitThawed(ctx(t), 40*time.Second); err != nil {
+				t.Fatalf("%v; console:\n%s", err, g.Console())
 			}
 			t.Logf("guest confirmed thawed %v after the cycle returned", time.Since(begin).Round(time.Millisecond))
 			g.Shell(ctx(t), "rm -f /etc/qemu/fsfreeze-hook.d/slow")

@@ -25,7 +25,6 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testvm"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
-	"github.com/lifeboat-dr/lifeboat/qga"
 )
 
 var binary string
@@ -494,21 +493,8 @@ func TestKilledSiteNeverLeavesGuestFrozen(t *testing.T) {
 		t.Fatalf("no freeze marker while frozen: %v", err)
 	}
 	// The hook ends, the guest freezes with nobody left to thaw it but the guard.
-	var status string
-	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(time.Second) {
-		c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		a, err := qga.Dial(c, g.AgentSocket())
-		if err == nil {
-			status, err = a.FreezeStatus(c)
-			a.Close()
-		}
-		cancel()
-		if err == nil && status == "thawed" {
-			break
-		}
-	}
-	if status != "thawed" {
-		t.Fatalf("guest left %q after its site was killed; prod log:\n%s", status, readFile(d.prod.log))
+	if _, err := g.WaitThawed(context.Background(), 60*time.Second); err != nil {
+		t.Fatalf("%v after its site was killed; prod log:\n%s", err, readFile(d.prod.log))
 	}
 	if _, err := os.Stat(marker); !os.IsNotExist(err) {
 		t.Fatalf("freeze marker left after the guard thawed: %v", err)

@@ -409,3 +409,23 @@ func isQcow2(path string) bool {
 	_, err = f.ReadAt(magic, 0)
 	return err == nil && bytes.Equal(magic, []byte("QFI\xfb"))
 }
+
+// WaitThawed polls the guest agent until it says the guest's file systems are
+// thawed, for at most within; it returns the last status seen.
+func (g *Guest) WaitThawed(ctx context.Context, within time.Duration) (string, error) {
+	var status string
+	var err error
+	for deadline := time.Now().Add(within); time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
+		c, cancel := context.WithTimeout(ctx, 5*time.Second)
+		var a *qga.Agent
+		if a, err = qga.Dial(c, g.AgentSocket()); err == nil {
+			status, err = a.FreezeStatus(c)
+			a.Close()
+		}
+		cancel()
+		if err == nil && status == "thawed" {
+			return status, nil
+		}
+	}
+	return status, fmt.Errorf("guest %s still %q after %v (last error: %v)", g.name, status, within, err)
+}
