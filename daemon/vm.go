@@ -12,6 +12,9 @@ import (
 	"github.com/lifeboat-dr/lifeboat/protect"
 )
 
+// peerReadyTimeout bounds how long a cycle waits for its recovery site to answer.
+const peerReadyTimeout = 20 * time.Second
+
 // vm is one protected VM: its schedule, its cycles (never two at once) and what
 // status shows of it.
 type vm struct {
@@ -104,6 +107,11 @@ func (v *vm) ready(ctx context.Context) error {
 	}
 	peer, err := v.d.peer(ctx, v.cfg.Peer)
 	if err != nil {
+		return fmt.Errorf("vm %q: %w", v.cfg.Name, err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, peerReadyTimeout)
+	defer cancel()
+	if err := peer.Ready(rctx); err != nil {
 		return fmt.Errorf("vm %q: %w", v.cfg.Name, err)
 	}
 	q, err := v.d.quiescer(v.cfg)

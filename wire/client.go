@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -66,6 +67,26 @@ func Dial(ctx context.Context, address string, tlsConf *tls.Config, site string,
 	return c, nil
 }
 
+// Ready waits, within ctx, until the connection to the recovery site is up. A
+// site that was down is retried at once rather than after gRPC's backoff, so
+// the first cycle after it comes back succeeds.
+func (c *Client) Ready(ctx context.Context) error {
+	c.conn.ResetConnectBackoff()
+	c.conn.Connect()
+	for {
+		st := c.conn.GetState()
+		if st == connectivity.Ready {
+			return nil
+		}
+		if st == connectivity.TransientFailure {
+			c.conn.ResetConnectBackoff()
+		}
+		if !c.conn.WaitForStateChange(ctx, st) {
+			return fmt.Errorf("recovery site %s is unreachable (connection %s): %w; is `lifeboat serve` running there, and its `listen:` reachable?", c.peer, st, ctx.Err())
+		}
+	}
+}
+
 // Peer is the recovery site's name, as it said in Hello.
 func (c *Client) Peer() string { return c.peer }
 
@@ -76,7 +97,7 @@ func (c *Client) Close() error { return c.conn.Close() }
 func (c *Client) Latest(ctx context.Context, vm string) (lifeboat.Point, bool, error) {
 	r, err := c.rc.Latest(ctx, &wirepb.VMRequest{Vm: vm})
 	if err != nil {
-		return lifeboat.Point{}, false, fmt.Errorf("vm %q: latest point at %s: %w", vm, c.peer, err)
+		return lifeboat.Point{}, false, fmt.Errorf("latest point at %s: %w", c.peer, err)
 	}
 	if !r.Found {
 		return lifeboat.Point{}, false, nil
@@ -144,7 +165,7 @@ func (c *Client) Begin(ctx context.Context, p lifeboat.Point) (*PointStream, err
 	st, err := c.rc.Replicate(ctx)
 	if err != nil {
 		cancel()
-		return nil, fmt.Errorf("vm %q point %d: open stream to %s: %w", p.VM, p.ID, c.peer, err)
+		return nil, fmt.Errorf("open stream to %s: %w", c.peer, err)
 	}
 	s := &PointStream{c: c, vm: p.VM, id: p.ID, cancel: cancel, st: st}
 	if err := s.send(&wirepb.Frame{Body: &wirepb.Frame_Begin{Begin: &wirepb.Begin{Point: pointToPB(p)}}}); err != nil {
