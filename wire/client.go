@@ -41,7 +41,7 @@ type Client struct {
 // Dial connects to a recovery site and checks that it speaks our protocol.
 func Dial(ctx context.Context, address string, tlsConf *tls.Config, site string, compression Compression) (*Client, error) {
 	conn, err := grpc.NewClient(address,
-		grpc.WithTransportCredentials(credentials.NewTLS(tlsConf)),
+		grpc.WithTransportCredentials(batchCreds{credentials.NewTLS(tlsConf)}),
 		grpc.WithInitialWindowSize(streamWindow),
 		grpc.WithInitialConnWindowSize(connWindow),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessage), grpc.MaxCallSendMsgSize(maxMessage)),

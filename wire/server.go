@@ -69,7 +69,7 @@ func (s *Server) Serve(l net.Listener, tlsConf *tls.Config) error {
 		s.Writers = 4
 	}
 	s.grpc = grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(tlsConf)),
+		grpc.Creds(batchCreds{credentials.NewTLS(tlsConf)}),
 		grpc.InitialWindowSize(streamWindow),
 		grpc.InitialConnWindowSize(connWindow),
 		grpc.MaxRecvMsgSize(maxMessage), grpc.MaxSendMsgSize(maxMessage),
