@@ -14,7 +14,9 @@ import (
 // a large share of the CPU a transfer takes. batchCreds wraps the TLS
 // credentials so that each write of the TLS connection goes out in as few
 // system calls as its records fit in.
-type batchCreds struct{ credentials.TransportCredentials }
+type batchCreds struct {
+	credentials.TransportCredentials
+}
 
 func (b batchCreds) ClientHandshake(ctx context.Context, authority string, raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	bc := newBatchConn(raw)
