@@ -56,12 +56,15 @@ type PeerConfig struct {
 
 // VMConfig is one protected VM.
 type VMConfig struct {
-	Name        string   `yaml:"name"`
-	QMP         string   `yaml:"qmp"`
-	NBDSocket   string   `yaml:"nbd_socket"`
-	Disks       []string `yaml:"disks"`
-	Peer        string   `yaml:"peer"`
-	Interval    Duration `yaml:"interval"`
+	Name      string   `yaml:"name"`
+	QMP       string   `yaml:"qmp"`
+	NBDSocket string   `yaml:"nbd_socket"`
+	Disks     []string `yaml:"disks"`
+	Peer      string   `yaml:"peer"`
+	Interval  Duration `yaml:"interval"`
+	// RPOTarget is the age of the newest point past which status and metrics
+	// say the VM is behind (default: three intervals, or none without an interval).
+	RPOTarget   Duration `yaml:"rpo_target"`
 	Consistency string   `yaml:"consistency"`
 	Agent       string   `yaml:"agent"`
 	// OnQuiesceFailure: "crash" (default: take a crash-consistent point, recorded
@@ -192,6 +195,12 @@ func (c *Config) check() error {
 		}
 		if v.Interval < 0 {
 			return c.fail(f+".interval", "must not be negative (0 = only on `lifeboat sync`)")
+		}
+		if v.RPOTarget < 0 {
+			return c.fail(f+".rpo_target", "must not be negative")
+		}
+		if v.RPOTarget == 0 {
+			v.RPOTarget = 3 * v.Interval
 		}
 		cons, err := lifeboat.ParseConsistency(v.Consistency)
 		if err != nil {

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 const goodConfig = `site: prod
@@ -92,5 +93,16 @@ func TestConfigErrors(t *testing.T) {
 	}
 	if _, err := LoadConfig("/nonexistent/site.yaml"); err == nil || !strings.Contains(err.Error(), "site.example.yaml") {
 		t.Fatalf("missing file: %v", err)
+	}
+}
+
+// The commented example in the repository is a valid config.
+func TestExampleConfigLoads(t *testing.T) {
+	c, err := LoadConfig("../site.example.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.VMs[0].RPOTarget != Duration(90*time.Second) {
+		t.Fatalf("rpo_target default: %v", time.Duration(c.VMs[0].RPOTarget))
 	}
 }

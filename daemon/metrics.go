@@ -70,14 +70,16 @@ type statusCollector struct{ d *Daemon }
 var (
 	rpoDesc = prometheus.NewDesc("lifeboat_rpo_seconds",
 		"Age of the VM's newest committed point: the recovery point objective achieved right now.", []string{"vm", "role"}, nil)
-	lastDesc = prometheus.NewDesc("lifeboat_last_point_id", "ID of the VM's newest committed point.", []string{"vm", "role"}, nil)
-	errDesc  = prometheus.NewDesc("lifeboat_vm_in_error", "1 when the VM's last cycle failed.", []string{"vm"}, nil)
+	lastDesc   = prometheus.NewDesc("lifeboat_last_point_id", "ID of the VM's newest committed point.", []string{"vm", "role"}, nil)
+	errDesc    = prometheus.NewDesc("lifeboat_vm_in_error", "1 when the VM's last cycle failed.", []string{"vm"}, nil)
+	targetDesc = prometheus.NewDesc("lifeboat_rpo_target_seconds", "The VM's RPO target (rpo_target).", []string{"vm"}, nil)
 )
 
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- rpoDesc
 	ch <- lastDesc
 	ch <- errDesc
+	ch <- targetDesc
 }
 
 func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
@@ -93,6 +95,9 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 			inErr = 1
 		}
 		ch <- prometheus.MustNewConstMetric(errDesc, prometheus.GaugeValue, inErr, name)
+		if s.RPOTarget > 0 {
+			ch <- prometheus.MustNewConstMetric(targetDesc, prometheus.GaugeValue, s.RPOTarget, name)
+		}
 	}
 	if c.d.store == nil {
 		return

@@ -181,12 +181,15 @@ type VMStatus struct {
 	VM   string `json:"vm"`
 	Role string `json:"role"` // "protected" (this site protects it) or "replica" (this site holds its points)
 	// State: idle (never synced), syncing, protected, error.
-	State     string            `json:"state"`
-	Peer      string            `json:"peer,omitempty"`
-	Group     string            `json:"group,omitempty"`
-	Interval  string            `json:"interval,omitempty"`
-	LastPoint *lifeboat.Point   `json:"last_point,omitempty"`
-	RPO       float64           `json:"rpo_seconds,omitempty"` // age of the last point
+	State     string          `json:"state"`
+	Peer      string          `json:"peer,omitempty"`
+	Group     string          `json:"group,omitempty"`
+	Interval  string          `json:"interval,omitempty"`
+	LastPoint *lifeboat.Point `json:"last_point,omitempty"`
+	RPO       float64         `json:"rpo_seconds,omitempty"` // age of the last point
+	RPOTarget float64         `json:"rpo_target_seconds,omitempty"`
+	// Behind is set when the RPO exceeds its target (or no point exists yet under a target).
+	Behind    bool              `json:"behind,omitempty"`
 	Points    int               `json:"points,omitempty"`
 	LastError string            `json:"last_error,omitempty"`
 	ErrorAt   *time.Time        `json:"error_at,omitempty"`
@@ -204,6 +207,10 @@ func (v *vm) status(now time.Time) VMStatus {
 		p := *v.last
 		s.LastPoint = &p
 		s.RPO = now.Sub(p.Instant).Seconds()
+	}
+	if t := time.Duration(v.cfg.RPOTarget); t > 0 {
+		s.RPOTarget = t.Seconds()
+		s.Behind = v.last == nil || s.RPO > s.RPOTarget
 	}
 	if !v.errAt.IsZero() && v.lastErr != "" {
 		t := v.errAt

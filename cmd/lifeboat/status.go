@@ -41,6 +41,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 					last = fmt.Sprintf("%d @ %s", v.LastPoint.ID, v.LastPoint.Instant.Format("15:04:05"))
 					rpo = age(time.Duration(v.RPO * float64(time.Second)))
 				}
+				if v.Behind {
+					rpo += fmt.Sprintf(" (BEHIND target %s)", age(time.Duration(v.RPOTarget*float64(time.Second))))
+				}
 				state := v.State
 				if v.Progress != nil && v.Progress.Total > 0 {
 					state = fmt.Sprintf("%s %d%%", v.State, v.Progress.Done*100/v.Progress.Total)
