@@ -153,10 +153,10 @@ func runDemo(ctx context.Context, o demoOptions) error {
 	say("sites running: dr listens on 127.0.0.1:%d (mutual TLS), prod protects demo-vm (log: %s)", port, logf.Name())
 
 	type row struct {
-		point                     uint64
-		changed, zero, data, sent int64
-		took                      time.Duration
-		identical                 string
+		point                            uint64
+		changed, zero, dedup, data, sent int64
+		took                             time.Duration
+		identical                        string
 	}
 	var rows []row
 	for i := 0; i < o.cycles; i++ {
@@ -193,9 +193,16 @@ func runDemo(ctx context.Context, o demoOptions) error {
 			}
 		}
 		s := pt.Stats
-		rows = append(rows, row{pt.ID, s.BytesChanged, s.BytesZero, s.BytesData, s.BytesSent, s.Duration, verdict})
-		say("cycle %d: point %d committed (%s), changed %s, sent %s, %s; export byte-identical to the source: %s",
-			i+1, pt.ID, pt.Consistency, size(s.BytesChanged), size(s.BytesSent), s.Duration.Round(time.Millisecond), verdict)
+		rows = append(rows, row{pt.ID, s.BytesChanged, s.BytesZero, s.BytesDedup, s.BytesData, s.BytesSent, s.Duration, verdict})
+		say("the initial sync read only the %s the disks hold: %s of white space (unallocated or zero) was never read nor sent", size(s.BytesChanged), size(total-s.BytesChanged))
+	}
+	say("cycle %d: point %d committed (%s), changed %s, sent %s, %s; export byte-identical to the source: %s",
+		i+1, pt.ID, pt.Consistency, size(s.BytesChanged), size(s.BytesSent), s.Duration.Round(time.Millisecond), verdict)
+	if i == 0 {
+		var total int64
+		for _, d := range disks {
+			total += d.size
+		}
 		if verdict != "yes" {
 			return fmt.Errorf("point %d is not byte-identical to the source at its instant", pt.ID)
 		}
@@ -208,9 +215,9 @@ func runDemo(ctx context.Context, o demoOptions) error {
 
 	fmt.Println()
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "point\tchanged\tzero (skipped)\tdata\tsent\ttime\tidentical\t")
+	fmt.Fprintln(tw, "point\tchanged\tzero ranges\tdeduplicated\tdata\tsent (zstd)\ttime\tidentical\t")
 	for _, r := range rows {
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t\n", r.point, size(r.changed), size(r.zero), size(r.data), size(r.sent), r.took.Round(time.Millisecond), r.identical)
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", r.point, size(r.changed), size(r.zero), size(r.dedup), size(r.data), size(r.sent), r.took.Round(time.Millisecond), r.identical)
 	}
 	tw.Flush()
 	st, err := prod.Status(ctx)
