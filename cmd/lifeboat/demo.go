@@ -194,14 +194,14 @@ func runDemo(ctx context.Context, o demoOptions) error {
 		}
 		s := pt.Stats
 		rows = append(rows, row{pt.ID, s.BytesChanged, s.BytesZero, s.BytesDedup, s.BytesData, s.BytesSent, s.Duration, verdict})
-		say("the initial sync read only the %s the disks hold: %s of white space (unallocated or zero) was never read nor sent", size(s.BytesChanged), size(total-s.BytesChanged))
-	}
-	say("cycle %d: point %d committed (%s), changed %s, sent %s, %s; export byte-identical to the source: %s",
-		i+1, pt.ID, pt.Consistency, size(s.BytesChanged), size(s.BytesSent), s.Duration.Round(time.Millisecond), verdict)
-	if i == 0 {
-		var total int64
-		for _, d := range disks {
-			total += d.size
+		say("cycle %d: point %d committed (%s), changed %s, sent %s, %s; export byte-identical to the source: %s",
+			i+1, pt.ID, pt.Consistency, size(s.BytesChanged), size(s.BytesSent), s.Duration.Round(time.Millisecond), verdict)
+		if i == 0 {
+			var total int64
+			for _, d := range disks {
+				total += d.size
+			}
+			say("the initial sync read only the %s the disks hold: %s of white space (unallocated or zero) was never read nor sent", size(s.BytesChanged), size(total-s.BytesChanged))
 		}
 		if verdict != "yes" {
 			return fmt.Errorf("point %d is not byte-identical to the source at its instant", pt.ID)
