@@ -352,6 +352,10 @@ produce:
 	return pt, nil
 }
 
+// maxDedupBlocks bounds the deduplication index of one point (about 80 MiB):
+// past 64 GiB of distinct data in one point, later blocks are not indexed.
+const maxDedupBlocks = 1 << 20
+
 // blockRef is a block of a disk.
 type blockRef struct {
 	disk string
@@ -375,6 +379,9 @@ func (c *cycle) remember(disk string, off int64, hashes []lifeboat.Hash) {
 		c.sentBlocks = make(map[lifeboat.Hash]blockRef)
 	}
 	for i, h := range hashes {
+		if len(c.sentBlocks) >= maxDedupBlocks {
+			return
+		}
 		if _, ok := c.sentBlocks[h]; !ok {
 			c.sentBlocks[h] = blockRef{disk, off + int64(i)*lifeboat.BlockSize}
 		}
