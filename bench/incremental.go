@@ -137,7 +137,7 @@ func rsyncArgs() []string {
 func (r *incrementalResult) print(e *env) {
 	e.printf("\n## 2. Incremental cycle: random 4–64 KiB writes on a qcow2 disk, then one cycle (zstd) vs rsync %s of the image file\n\n",
 		strings.Join(r.RsyncArgs, " "))
-	t := e.table("disk", "data", "written", "changed (64 KiB blocks)", "sent", "lifeboat", "prepare / send / commit", "CPU s", "rsync", "CPU s", "lifeboat speed vs rsync", "CPU vs rsync", "replica identical")
+	t := e.table("disk", "data", "written", "changed (64 KiB blocks)", "sent", "lifeboat", "prepare / send / commit", "CPU s", "own + source qsd + recovery qemu", "rsync", "CPU s", "lifeboat speed vs rsync", "CPU vs rsync", "replica identical")
 	for _, row := range r.Rows {
 		rs, rsCPU, vs, vsCPU := "-", "-", "-", "-"
 		if row.Rsync.Skipped == "" {
@@ -146,7 +146,7 @@ func (r *incrementalResult) print(e *env) {
 			vsCPU = ratio(row.Cycle.CPU.Total(), row.Rsync.CPU.Total())
 		}
 		t.row(size(row.DiskSize), size(row.Data), size(row.Written), size(row.Cycle.Changed), size(row.Cycle.Sent),
-			secs(row.Cycle.M.Wall.Seconds()), row.Cycle.Phases.String(), fmt.Sprintf("%.1f", row.Cycle.CPU.Total()), rs, rsCPU, vs, vsCPU, row.Cycle.Identical)
+			secs(row.Cycle.M.Wall.Seconds()), row.Cycle.Phases.String(), fmt.Sprintf("%.1f", row.Cycle.CPU.Total()), row.Cycle.CPU.String(), rs, rsCPU, vs, vsCPU, row.Cycle.Identical)
 	}
 	t.flush()
 	for _, row := range r.Rows {
