@@ -151,8 +151,6 @@ func (c *Client) BlockMap(ctx context.Context, vm, disk string) (map[int64]lifeb
 // PointStream carries one point to the recovery site.
 type PointStream struct {
 	c      *Client
-	vm     string
-	id     uint64
 	cancel context.CancelFunc
 	mu     sync.Mutex // gRPC streams allow one sender at a time
 	st     grpc.ClientStreamingClient[wirepb.Frame, wirepb.ReplicateReply]
@@ -167,7 +165,7 @@ func (c *Client) Begin(ctx context.Context, p lifeboat.Point) (*PointStream, err
 		cancel()
 		return nil, fmt.Errorf("open stream to %s: %w", c.peer, err)
 	}
-	s := &PointStream{c: c, vm: p.VM, id: p.ID, cancel: cancel, st: st}
+	s := &PointStream{c: c, cancel: cancel, st: st}
 	if err := s.send(&wirepb.Frame{Body: &wirepb.Frame_Begin{Begin: &wirepb.Begin{Point: pointToPB(p)}}}); err != nil {
 		cancel()
 		return nil, err
