@@ -394,8 +394,7 @@ func waitWriting(t *testing.T, dir string) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		out, _ := exec.Command("pgrep", "-f", "qemu-storage-daemon.*"+dir+"/dr").Output()
-		if len(bytes.TrimSpace(out)) > 0 {
+		if processWith("qemu-storage-daemon", dir+"/dr") {
 			time.Sleep(50 * time.Millisecond)
 			return
 		}
@@ -556,6 +555,18 @@ func scrape(t *testing.T, socket string) string {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)
+}
+
+// processWith reports whether a running process's command line holds both words.
+func processWith(a, b string) bool {
+	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, f := range cmdlines {
+		c, err := os.ReadFile(f)
+		if err == nil && bytes.Contains(c, []byte(a)) && bytes.Contains(c, []byte(b)) {
+			return true
+		}
+	}
+	return false
 }
 
 func readFile(p string) string {
