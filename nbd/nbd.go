@@ -110,6 +110,11 @@ func (e *Error) Error() string {
 // Unwrap exposes the errno so errors.Is(err, syscall.ENOSPC) works.
 func (e *Error) Unwrap() error { return e.Errno }
 
+// Is makes a server's ESHUTDOWN match ErrClosed: a server answers requests
+// still in flight with it when the connection is being closed (by our Close
+// or by its own shutdown), and to the caller both mean the same thing.
+func (e *Error) Is(target error) bool { return target == ErrClosed && e.Errno == syscall.ESHUTDOWN }
+
 // NBD error values, as the protocol defines them (they are not the platform's).
 var nbdErrnos = map[uint32]syscall.Errno{
 	1:   syscall.EPERM,
