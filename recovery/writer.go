@@ -128,6 +128,11 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 			cancel()
 		}
 	}()
+	// Setting up holds endMu, so that a Store.Close meanwhile (which aborts
+	// every writer) waits for it instead of racing it; released before the
+	// abort above runs.
+	w.endMu.Lock()
+	defer w.endMu.Unlock()
 
 	if w.rec.RunDir, err = s.runDir(); err != nil {
 		return nil, err
