@@ -280,18 +280,29 @@ func (c *Client) Flush(ctx context.Context) error {
 		return nil
 	}
 	reqs := make([]*request, 0, len(c.conns))
-	var first error
 	for _, cn := range c.conns {
-		r := &request{cmd: cmdFlush}
+		reqs = append(reqs, &request{cmd: cmdFlush, conn: cn})
+	}
+	return c.submitAll(ctx, reqs)
+}
+
+// submitAll sends every request on its connection (all in flight together)
+// and waits for every one sent; the first error wins. A request's buffer is the
+// caller's and must not be touched after we return.
+func (c *Client) submitAll(ctx context.Context, reqs []*request) error {
+	var first error
+	sent := reqs[:0:0]
+	for _, r := range reqs {
+		cn := r.conn
 		r.ctx, r.cancel = cn.requestCtx(ctx)
 		if err := cn.submit(r); err != nil {
 			r.cancel()
 			first = err
 			break
 		}
-		reqs = append(reqs, r)
+		sent = append(sent, r)
 	}
-	for _, r := range reqs {
+	for _, r := range sent {
 		if err := r.conn.wait(r); err != nil && first == nil {
 			first = err
 		}
@@ -306,28 +317,14 @@ func (c *Client) Flush(ctx context.Context) error {
 func (c *Client) pipeline(ctx context.Context, cmd, flags uint16, off, length, step int64, fill func(r *request, pos int64)) error {
 	var arr [4]*request
 	reqs := arr[:0]
-	var first error
 	for pos := int64(0); pos < length; pos += step {
-		r := &request{cmd: cmd, flags: flags, off: uint64(off + pos), length: uint32(min(step, length-pos))}
+		r := &request{cmd: cmd, flags: flags, off: uint64(off + pos), length: uint32(min(step, length-pos)), conn: c.pick()}
 		if fill != nil {
 			fill(r, pos)
 		}
-		cn := c.pick()
-		r.ctx, r.cancel = cn.requestCtx(ctx)
-		if err := cn.submit(r); err != nil {
-			r.cancel()
-			first = err
-			break
-		}
 		reqs = append(reqs, r)
 	}
-	for _, r := range reqs {
-		if err := r.conn.wait(r); err != nil && first == nil {
-			first = err
-		}
-		r.cancel()
-	}
-	return first
+	return c.submitAll(ctx, reqs)
 }
 
 // BlockStatus reports the extents of metaContext over [off, off+length),
