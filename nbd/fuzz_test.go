@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"slices"
 	"testing"
 	"time"
 )
@@ -221,7 +222,7 @@ func TestReplySeed(t *testing.T) {
 	if !bytes.Equal(reqs[0].buf, bytes.Repeat([]byte{9}, 4096)) || reqs[3].buf[0] != 42 {
 		t.Error("read data not delivered into the buffers")
 	}
-	if want := []Extent{{0, 65536, 0}, {65536, 1<<20 - 65536, 3}}; !equalExtents(reqs[1].extents, want) {
+	if want := []Extent{{0, 65536, 0}, {65536, 1<<20 - 65536, 3}}; !slices.Equal(reqs[1].extents, want) {
 		t.Errorf("extents %v; want %v", reqs[1].extents, want)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -199,7 +200,7 @@ func TestHostileReplies(t *testing.T) {
 				return
 			}
 			if tc.wantExtents != nil {
-				if err != nil || !equalExtents(ext, tc.wantExtents) {
+				if err != nil || !slices.Equal(ext, tc.wantExtents) {
 					t.Fatalf("BlockStatus = %v, %v; want %v", ext, err, tc.wantExtents)
 				}
 				return
@@ -234,18 +235,6 @@ func TestHostileReplies(t *testing.T) {
 			}
 		})
 	}
-}
-
-func equalExtents(a, b []Extent) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // TestHostileHandshake: broken greetings and option replies fail Dial with a

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -173,18 +174,6 @@ func pointIDs(t *testing.T, s *Store, vm string) []uint64 {
 	return ids
 }
 
-func equalIDs(a, b []uint64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}
-
 // imageFiles lists the qcow2 images under the store for a VM.
 func imageFiles(t *testing.T, s *Store, vm string) []string {
 	t.Helper()
@@ -235,7 +224,7 @@ func TestPointsWrittenExportAndVerify(t *testing.T) {
 	requireQEMU(t)
 	s := openStore(t, t.TempDir(), 100)
 	models := writeSeries(t, s, "web1", 4)
-	if got := pointIDs(t, s, "web1"); !equalIDs(got, []uint64{1, 2, 3, 4}) {
+	if got := pointIDs(t, s, "web1"); !slices.Equal(got, []uint64{1, 2, 3, 4}) {
 		t.Fatalf("points %v, want 1..4", got)
 	}
 	for i, m := range models {
@@ -283,7 +272,7 @@ func TestPointListedOnlyAfterCommit(t *testing.T) {
 		t.Errorf("VMs lists %v before any commit", vms)
 	}
 	p.commit()
-	if got := pointIDs(t, s, "db1"); !equalIDs(got, []uint64{5}) {
+	if got := pointIDs(t, s, "db1"); !slices.Equal(got, []uint64{5}) {
 		t.Fatalf("after commit points = %v, want [5]", got)
 	}
 	// Ids must grow.
@@ -473,7 +462,7 @@ func TestInterruptedPointDiscardedOnOpen(t *testing.T) {
 			case <-time.After(5 * time.Second):
 				t.Error("the interrupted point's daemon is still running after Open")
 			}
-			if got := pointIDs(t, s2, "vm1"); !equalIDs(got, []uint64{1, 2}) {
+			if got := pointIDs(t, s2, "vm1"); !slices.Equal(got, []uint64{1, 2}) {
 				t.Fatalf("points after reopen = %v, want [1 2]", got)
 			}
 			for _, f := range pendingFiles {
@@ -616,7 +605,7 @@ func TestRetentionKeepsNewestPointsIntact(t *testing.T) {
 	if err := s.ApplyRetention(testCtx(t), "r1"); err != nil {
 		t.Fatal(err)
 	}
-	if got := pointIDs(t, s, "r1"); !equalIDs(got, []uint64{4, 5, 6}) {
+	if got := pointIDs(t, s, "r1"); !slices.Equal(got, []uint64{4, 5, 6}) {
 		t.Fatalf("points after retention = %v, want [4 5 6]", got)
 	}
 	for i := 3; i < 6; i++ {
@@ -630,7 +619,7 @@ func TestRetentionKeepsNewestPointsIntact(t *testing.T) {
 	p := begin(t, s, "r1", 7, m, DiskSpec{Name: "vda", Size: 4 << 20})
 	p.data("vda", 1, 1)
 	p.commit()
-	if got := pointIDs(t, s, "r1"); !equalIDs(got, []uint64{5, 6, 7}) {
+	if got := pointIDs(t, s, "r1"); !slices.Equal(got, []uint64{5, 6, 7}) {
 		t.Fatalf("points after commit = %v, want [5 6 7]", got)
 	}
 	checkPoint(t, s, "r1", 5, models[4])
@@ -660,13 +649,13 @@ func TestRetentionCrashFinishedOnOpen(t *testing.T) {
 				t.Fatalf("ApplyRetention: %v, want it stopped", err)
 			}
 			// The point being merged away is no longer listed.
-			if got := pointIDs(t, s, "c1"); !equalIDs(got, []uint64{2, 3, 4, 5}) {
+			if got := pointIDs(t, s, "c1"); !slices.Equal(got, []uint64{2, 3, 4, 5}) {
 				t.Errorf("points during the merge = %v, want [2 3 4 5]", got)
 			}
 			crash(t, s)
 
 			s2 := openStore(t, dir, 3)
-			if got := pointIDs(t, s2, "c1"); !equalIDs(got, []uint64{2, 3, 4, 5}) {
+			if got := pointIDs(t, s2, "c1"); !slices.Equal(got, []uint64{2, 3, 4, 5}) {
 				t.Fatalf("points after reopen = %v, want [2 3 4 5]", got)
 			}
 			for i := 1; i < 5; i++ {
