@@ -79,14 +79,16 @@ func ParseConsistency(s string) (Consistency, error) {
 
 // Point is one restore point of one VM at the recovery site.
 type Point struct {
-	VM          string        `json:"vm"`
-	ID          uint64        `json:"id"`
-	Instant     time.Time     `json:"instant"`
-	Consistency Consistency   `json:"consistency"`
-	Group       string        `json:"group,omitempty"`
-	Disks       []PointDisk   `json:"disks"`
-	Stats       CycleStats    `json:"stats"`
-	Freeze      time.Duration `json:"freeze_ns,omitempty"`
+	VM          string      `json:"vm"`
+	ID          uint64      `json:"id"`
+	Instant     time.Time   `json:"instant"`
+	Consistency Consistency `json:"consistency"`
+	Group       string      `json:"group,omitempty"`
+	// Site is the protected site that sent the point (its certificate's name).
+	Site   string        `json:"site,omitempty"`
+	Disks  []PointDisk   `json:"disks"`
+	Stats  CycleStats    `json:"stats"`
+	Freeze time.Duration `json:"freeze_ns,omitempty"`
 	// Note says why the point is less consistent than asked, if it is.
 	Note string `json:"note,omitempty"`
 }
@@ -99,6 +101,19 @@ type PointDisk struct {
 	File string `json:"file,omitempty"`
 	// Resync is set when the disk was sent whole (initial sync or lost change tracking).
 	Resync bool `json:"resync,omitempty"`
+	// Lineage is the disk's identity at this recovery site: made at its first
+	// sync and carried by every later point and bitmap generation of the disk.
+	Lineage string `json:"lineage,omitempty"`
+	// Base is the point this disk's delta was computed from (0: none, the disk
+	// was sent whole onto an empty image); a recovery site takes a delta only
+	// onto its latest point.
+	Base uint64 `json:"base,omitempty"`
+	// BaseGeneration is the bitmap generation the delta's dirty blocks came
+	// from ("" for a resync): the generation the base point started.
+	BaseGeneration string `json:"base_generation,omitempty"`
+	// Generation is the bitmap generation this point's instant started on the
+	// source: the next delta is taken from it, and only from it.
+	Generation string `json:"generation,omitempty"`
 }
 
 // CycleStats counts what a cycle did.

@@ -139,7 +139,7 @@ func (d *Daemon) peer(ctx context.Context, name string) (*wire.Client, error) {
 	}
 	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	c, err := wire.Dial(dctx, pc.Address, tlsConf, d.cfg.Site, wire.Compression(pc.Compression))
+	c, err := wire.Dial(dctx, pc.Address, tlsConf, d.cfg.Site, pc.Name, wire.Compression(pc.Compression))
 	if err != nil {
 		return nil, fmt.Errorf("peer %q: %w", name, err)
 	}

@@ -161,3 +161,29 @@ func issueHint(certPath string) string {
 	}
 	return fmt.Sprintf("issue one with `lifeboat cert site %s --ca CA_DIR --out %s`", site, filepath.Dir(certPath))
 }
+
+// RequirePeer returns a copy of c (a ClientTLS config) that also refuses a
+// server whose certificate names a site other than peer, the site being
+// dialled: a certificate from the right CA is not enough, it must be that
+// site's.
+func RequirePeer(c *tls.Config, peer string) *tls.Config {
+	c = c.Clone()
+	verify := c.VerifyConnection
+	c.VerifyConnection = func(cs tls.ConnectionState) error {
+		if verify != nil {
+			if err := verify(cs); err != nil {
+				return err
+			}
+		}
+		site, err := verifiedSite(cs)
+		if err != nil {
+			return err
+		}
+		if site != peer {
+			return fmt.Errorf("the server's certificate names site %q, not %q, the site this one dialled: "+
+				"check that peers[].address of %q reaches that site, and that it holds its own certificate (lifeboat cert site %s)", site, peer, peer, peer)
+		}
+		return nil
+	}
+	return c
+}

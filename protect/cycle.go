@@ -96,14 +96,21 @@ func (c *cycle) prepare(ctx context.Context) error {
 		c.latest = latest
 		c.id = latest.ID + 1
 	}
+	peer := p.Target.Peer()
 	for _, n := range nodes {
-		d := &diskState{node: n.NodeName, size: n.Size, persistent: persistentBitmaps(n), new: genName(c.id),
+		d := &diskState{node: n.NodeName, size: n.Size, persistent: persistentBitmaps(n),
 			export: "lifeboat-fleece-" + n.NodeName}
-		latestID := uint64(0)
-		if found && hasDisk(latest, n.NodeName) {
-			latestID = latest.ID
+		h := history{peer: peer}
+		if ld, ok := diskOf(latest, n.NodeName); found && ok {
+			h.lineage, h.latest, h.gen = ld.Lineage, latest.ID, ld.Generation
 		}
-		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Bitmaps, latestID)
+		if h.lineage == "" {
+			// The disk's first sync here (or its first since lineages exist).
+			h.lineage = newLineage()
+		}
+		d.lineage, d.base = h.lineage, h.latest
+		d.new = newGeneration(peer, h.lineage, c.id)
+		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Bitmaps, h)
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", n.NodeName, err)
 		}
@@ -143,7 +150,8 @@ func (c *cycle) snapshot(ctx context.Context) error {
 	}
 	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: c.fleece.Instant().UTC(), Consistency: lifeboat.Crash}
 	for _, d := range c.disks {
-		c.point.Disks = append(c.point.Disks, lifeboat.PointDisk{Name: d.node, Size: d.size, Resync: d.old == ""})
+		c.point.Disks = append(c.point.Disks, lifeboat.PointDisk{Name: d.node, Size: d.size, Resync: d.old == "",
+			Lineage: d.lineage, Base: d.base, BaseGeneration: d.old, Generation: d.new})
 	}
 	c.log = c.log.With("point", c.id)
 	return nil
@@ -226,12 +234,18 @@ func (c *cycle) report(phase string, sent int64) {
 
 // hasDisk reports whether the point holds a disk of that name.
 func hasDisk(p lifeboat.Point, name string) bool {
+	_, ok := diskOf(p, name)
+	return ok
+}
+
+// diskOf returns the point's disk of that name.
+func diskOf(p lifeboat.Point, name string) (lifeboat.PointDisk, bool) {
 	for _, d := range p.Disks {
 		if d.Name == name {
-			return true
+			return d, true
 		}
 	}
-	return false
+	return lifeboat.PointDisk{}, false
 }
 
 func (c *cycle) send(ctx context.Context, sock string) (lifeboat.Point, error) {

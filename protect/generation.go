@@ -2,6 +2,8 @@ package protect
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"strconv"
 	"strings"
@@ -9,54 +11,118 @@ import (
 	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
-// A generation is a dirty bitmap named after the point whose instant it starts
-// from: "lifeboat-7" holds every write since point 7. The name is all a restart
-// needs to know which changes a bitmap carries.
-const genPrefix = "lifeboat-"
+// A generation is a dirty bitmap that holds every write to a disk since the
+// instant of one point. Its name says whose it is and which instant:
+//
+//	lifeboat.<recovery site>.<lineage>.<point>.<nonce>
+//
+// The recovery site's point records the name of the generation its instant
+// started, and the next delta is taken from exactly that generation. A bitmap
+// of that name exists only in an image that descends from the disk at that
+// instant: a disk restored from an older copy, reverted or swapped carries
+// other names, and is resynchronised by hashes instead of being trusted. The
+// nonce tells apart two instants of the same point number (a failed cycle's
+// and its retry's). Generations of other recovery sites (another deployment
+// protecting the same VM) are never touched.
+const genPrefix = "lifeboat."
 
-func genName(point uint64) string { return genPrefix + strconv.FormatUint(point, 10) }
+// legacyPrefix named generations before lineages ("lifeboat-7"): they prove
+// nothing and are removed.
+const legacyPrefix = "lifeboat-"
 
-func parseGen(name string) (uint64, bool) {
-	s, ok := strings.CutPrefix(name, genPrefix)
+// genNamespace is the prefix of every generation lifeboat makes for one
+// recovery site.
+func genNamespace(peer string) string { return genPrefix + peer + "." }
+
+// newGeneration names the generation a cycle of point id starts.
+func newGeneration(peer, lineage string, id uint64) string {
+	return genNamespace(peer) + lineage + "." + strconv.FormatUint(id, 10) + "." + randomHex(4)
+}
+
+// newLineage makes the identity of a disk at its first sync.
+func newLineage() string { return randomHex(8) }
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// genPoint returns the point number in a generation name of lineage's, and
+// whether the name is one.
+func genPoint(name, peer, lineage string) (uint64, bool) {
+	rest, ok := strings.CutPrefix(name, genNamespace(peer)+lineage+".")
 	if !ok {
 		return 0, false
 	}
-	n, err := strconv.ParseUint(s, 10, 64)
+	num, _, ok := strings.Cut(rest, ".")
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(num, 10, 64)
 	return n, err == nil
 }
 
-// reconcile brings a disk's generations to a known state before a cycle, given the
-// recovery site's latest point (0: none). It returns the generation to read dirty
-// blocks from, or "" when the disk must be resynchronised, and why.
+// history is what the recovery site's latest point says of one disk.
+type history struct {
+	peer    string // the recovery site: the namespace of our generations
+	lineage string
+	latest  uint64 // the latest point holding the disk (0: none)
+	gen     string // the generation that point started ("" if it records none)
+}
+
+// reconcile brings a disk's generations to a known state before a cycle. It
+// returns the generation to read dirty blocks from, or "" when the disk must
+// be resynchronised, and why.
 //
-// The base is the newest consistent generation that starts at or before the latest
-// point: it holds every write since then (a superset when it is older, as after a
-// commit whose acknowledgement was lost). Leftovers of an interrupted cycle (newer
-// generations) are merged into it, and it is enabled again, so no write is lost
-// whatever moment the interruption hit.
-func reconcile(ctx context.Context, m *qemu.Monitor, node string, bitmaps []qemu.Bitmap, latest uint64) (string, string, error) {
+// The base is the generation the latest point started, and only it: that
+// name proves the disk still carries the history the recovery site holds.
+// It must be consistent, and recording, or disabled with a newer generation
+// of the same lineage beside it (a cycle interrupted after its instant):
+// those are merged into it, and it is enabled again, so no write is lost
+// whatever moment the interruption hit. Every other generation of ours (other
+// lineages, older or unprovable ones, those of an older lifeboat) is removed.
+func reconcile(ctx context.Context, m *qemu.Monitor, node string, bitmaps []qemu.Bitmap, h history) (string, string, error) {
 	var (
-		base    *qemu.Bitmap
-		baseGen uint64
+		base           *qemu.Bitmap
+		newer, discard []string
 	)
-	if latest != 0 {
-		for i := range bitmaps {
-			n, ok := parseGen(bitmaps[i].Name)
-			if ok && n <= latest && !bitmaps[i].Inconsistent && (base == nil || n > baseGen) {
-				base, baseGen = &bitmaps[i], n
+	ns := genNamespace(h.peer)
+	for i, b := range bitmaps {
+		switch {
+		case strings.HasPrefix(b.Name, legacyPrefix):
+			discard = append(discard, b.Name)
+		case !strings.HasPrefix(b.Name, ns):
+			// Not ours: another deployment's or another tool's.
+		case h.gen != "" && b.Name == h.gen:
+			base = &bitmaps[i]
+		default:
+			if n, ok := genPoint(b.Name, h.peer, h.lineage); ok && h.latest != 0 && n > h.latest && !b.Inconsistent {
+				newer = append(newer, b.Name)
+			} else {
+				discard = append(discard, b.Name)
 			}
 		}
 	}
-	var newer, discard []string
-	for _, b := range bitmaps {
-		n, ok := parseGen(b.Name)
-		switch {
-		case !ok || (base != nil && b.Name == base.Name):
-		case base != nil && n > baseGen && !b.Inconsistent:
-			newer = append(newer, b.Name)
-		default:
-			discard = append(discard, b.Name)
+	why := ""
+	switch {
+	case h.latest == 0:
+		why = "initial sync: the recovery site has no point of this disk"
+	case h.gen == "":
+		why = fmt.Sprintf("point %d records no change-tracking generation (it was made by an older lifeboat): a hash resync will run", h.latest)
+	case base == nil:
+		why = fmt.Sprintf("generation %q that point %d started is not on the disk (the disk was restored from a copy, reverted or replaced, the VM restarted with a raw disk, or another tool removed the bitmap): a hash resync will run", h.gen, h.latest)
+	case base.Inconsistent:
+		why = fmt.Sprintf("generation %q is inconsistent after an unclean QEMU exit: a hash resync will run", h.gen)
+	case !base.Recording && len(newer) == 0:
+		why = fmt.Sprintf("generation %q was disabled with no newer generation holding the writes since, so it cannot prove it saw every write: a hash resync will run", h.gen)
+	}
+	if why != "" {
+		if base != nil {
+			discard = append(discard, base.Name)
 		}
+		discard = append(discard, newer...)
+		base, newer = nil, nil
 	}
 	for _, name := range discard {
 		if err := m.RemoveBitmap(ctx, node, name); err != nil {
@@ -64,10 +130,7 @@ func reconcile(ctx context.Context, m *qemu.Monitor, node string, bitmaps []qemu
 		}
 	}
 	if base == nil {
-		if latest == 0 {
-			return "", "initial sync: the recovery site has no point of this VM", nil
-		}
-		return "", fmt.Sprintf("no consistent change-tracking bitmap covers point %d (VM restarted, raw disk, or unclean QEMU exit): a hash resync will run", latest), nil
+		return "", why, nil
 	}
 	// Enable first, then merge: every write lands in base from here on.
 	if !base.Recording {

@@ -33,6 +33,9 @@ type VM struct {
 
 // Target is the recovery site as a cycle needs it; *wire.Client meets it.
 type Target interface {
+	// Peer names the recovery site, as its certificate does: the namespace of
+	// the bitmap generations kept for it.
+	Peer() string
 	Latest(ctx context.Context, vm string) (lifeboat.Point, bool, error)
 	BlockMap(ctx context.Context, vm, disk string) (map[int64]lifeboat.Hash, error)
 	Begin(ctx context.Context, p lifeboat.Point) (*wire.PointStream, error)
@@ -117,7 +120,9 @@ type diskState struct {
 	persistent bool
 	old        string // generation read for dirty blocks; "" = resync
 	why        string // why a resync
-	new        string
+	new        string // generation this point's instant starts
+	lineage    string // the disk's identity at the recovery site
+	base       uint64 // the point the delta is computed from (0: none)
 	export     string
 }
 

@@ -28,6 +28,9 @@ type Options struct {
 	// Keep is how many points per VM retention keeps (DefaultKeep when 0).
 	Keep   int
 	Logger *slog.Logger
+	// Owners declares which protected site owns a VM before its first point
+	// (vm -> site); a VM not named is owned by the first site to commit a point.
+	Owners map[string]string
 }
 
 // ErrNoPoint is returned (wrapped, naming the VM and point) when a point does not exist.
@@ -39,10 +42,11 @@ var ErrNoDisk = errors.New("no such disk in the restore point")
 // Store is the recovery site's set of restore points under one directory:
 // dir/catalog.db and the images under dir/vms/<vm>/<disk>/.
 type Store struct {
-	dir  string
-	db   *bolt.DB
-	keep int
-	log  *slog.Logger
+	dir    string
+	db     *bolt.DB
+	keep   int
+	log    *slog.Logger
+	owners map[string]string
 
 	mu      sync.Mutex
 	locks   map[string]*vmLock
@@ -103,6 +107,7 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		dir:     abs,
 		db:      db,
 		keep:    keep,
+		owners:  opts.Owners,
 		log:     log.With("component", "recovery"),
 		locks:   map[string]*vmLock{},
 		writers: map[*Writer]struct{}{},

@@ -25,7 +25,10 @@ type BeginSpec struct {
 	Group       string
 	Freeze      time.Duration
 	Note        string
-	Disks       []DiskSpec // every disk of the VM in this point
+	// Site is the protected site writing the point, as its certificate names
+	// it: it must own the VM (the first site to commit a point of a VM owns it).
+	Site  string
+	Disks []DiskSpec // every disk of the VM in this point
 }
 
 // DiskSpec is one disk of a point being written. A disk the previous point
@@ -37,6 +40,12 @@ type DiskSpec struct {
 	Name   string
 	Size   int64
 	Resync bool
+	// Lineage, Base, BaseGeneration and Generation are the disk's history
+	// (lifeboat.PointDisk): the delta must continue the latest point.
+	Lineage        string
+	Base           uint64
+	BaseGeneration string
+	Generation     string
 }
 
 // HashMismatchError is returned by WriteBlocks when a block's bytes do not match
@@ -148,8 +157,14 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		} else if len(pts) > 0 {
 			latest = &pts[len(pts)-1]
 		}
+		if err := s.authorize(tx, spec.VM, spec.Site); err != nil {
+			return err
+		}
 		if latest != nil && spec.ID <= latest.Point.ID {
 			return fmt.Errorf("vm %q: point id %d is not after the latest point %d: ids must grow", spec.VM, spec.ID, latest.Point.ID)
+		}
+		if err := checkLineage(spec, latest); err != nil {
+			return err
 		}
 		for _, d := range spec.Disks {
 			wd := &writeDisk{spec: d, file: imageRel(spec.VM, d.Name, spec.ID), rec: blockRecord{}}
@@ -433,7 +448,7 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 	r := pointRecord{
 		Point: lifeboat.Point{
 			VM: vm, ID: id, Instant: w.spec.Instant, Consistency: w.spec.Consistency, Group: w.spec.Group,
-			Stats: stats, Freeze: w.spec.Freeze, Note: w.spec.Note,
+			Site: w.spec.Site, Stats: stats, Freeze: w.spec.Freeze, Note: w.spec.Note,
 		},
 		Parents: w.parents,
 	}
@@ -442,7 +457,8 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 	}
 	for _, ds := range w.spec.Disks {
 		d := w.disks[ds.Name]
-		r.Point.Disks = append(r.Point.Disks, lifeboat.PointDisk{Name: ds.Name, Size: ds.Size, File: d.file, Resync: ds.Resync})
+		r.Point.Disks = append(r.Point.Disks, lifeboat.PointDisk{Name: ds.Name, Size: ds.Size, File: d.file, Resync: ds.Resync,
+			Lineage: ds.Lineage, Base: ds.Base, BaseGeneration: ds.BaseGeneration, Generation: ds.Generation})
 	}
 	err := w.s.db.Update(func(tx *bolt.Tx) error {
 		b, err := vmBucketCreate(tx, vm)
@@ -451,6 +467,12 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 		}
 		if b.Bucket(bucketPending).Get(idKey(id)) == nil {
 			return fmt.Errorf("its pending record is gone: %w", errCatalog)
+		}
+		if err := w.s.authorize(tx, vm, w.spec.Site); err != nil {
+			return err // handed over while the point was written
+		}
+		if err := claim(tx, b, vm, w.spec.Site, time.Now()); err != nil {
+			return err
 		}
 		if err := putPoint(b, r); err != nil {
 			return err

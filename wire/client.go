@@ -15,11 +15,13 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/pki"
 	"github.com/lifeboat-dr/lifeboat/wire/wirepb"
 )
 
 // Version is the protocol's major version; peers of another one are refused.
-const Version = 1
+// Version 2 carries each disk's lineage and base point, and checks ownership.
+const Version = 2
 
 // Flow-control windows sized for a long fat link: gRPC's 64 KiB default would cap
 // a WAN stream at a few MB/s.
@@ -38,8 +40,14 @@ type Client struct {
 	peer        string
 }
 
-// Dial connects to a recovery site and checks that it speaks our protocol.
-func Dial(ctx context.Context, address string, tlsConf *tls.Config, site string, compression Compression) (*Client, error) {
+// Dial connects to the recovery site named peer and checks that it speaks our
+// protocol. The server must present peer's own certificate (pki.RequirePeer):
+// another site's, even from the deployment's CA, is refused.
+func Dial(ctx context.Context, address string, tlsConf *tls.Config, site, peer string, compression Compression) (*Client, error) {
+	if peer == "" {
+		return nil, fmt.Errorf("recovery site %s: no peer name to check its certificate against", address)
+	}
+	tlsConf = pki.RequirePeer(tlsConf, peer)
 	conn, err := grpc.NewClient(address,
 		grpc.WithTransportCredentials(batchCreds{credentials.NewTLS(tlsConf)}),
 		grpc.WithInitialWindowSize(streamWindow),
@@ -50,7 +58,7 @@ func Dial(ctx context.Context, address string, tlsConf *tls.Config, site string,
 	if err != nil {
 		return nil, fmt.Errorf("recovery site %s: %w", address, err)
 	}
-	c := &Client{conn: conn, rc: wirepb.NewReplicationClient(conn), compression: compression}
+	c := &Client{conn: conn, rc: wirepb.NewReplicationClient(conn), compression: compression, peer: peer}
 	if compression == CompressionZstd {
 		c.comp = newCompressor()
 	}
@@ -58,6 +66,10 @@ func Dial(ctx context.Context, address string, tlsConf *tls.Config, site string,
 	if err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("recovery site %s: hello: %w", address, err)
+	}
+	if hello.Site != peer {
+		conn.Close()
+		return nil, fmt.Errorf("recovery site %s calls itself %q, but this site dialled %q (its certificate says %q): fix `site:` in its config", address, hello.Site, peer, peer)
 	}
 	if hello.Version != Version {
 		conn.Close()

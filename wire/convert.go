@@ -18,9 +18,11 @@ func pointToPB(p lifeboat.Point) *wirepb.Point {
 		Stats:           statsToPB(p.Stats),
 		FreezeNs:        int64(p.Freeze),
 		Note:            p.Note,
+		Site:            p.Site,
 	}
 	for _, d := range p.Disks {
-		out.Disks = append(out.Disks, &wirepb.Disk{Name: d.Name, Size: d.Size, Resync: d.Resync})
+		out.Disks = append(out.Disks, &wirepb.Disk{Name: d.Name, Size: d.Size, Resync: d.Resync,
+			Lineage: d.Lineage, Base: d.Base, BaseGeneration: d.BaseGeneration, Generation: d.Generation})
 	}
 	return out
 }
@@ -42,12 +44,17 @@ func pointFromPB(p *wirepb.Point) (lifeboat.Point, error) {
 		Stats:       statsFromPB(p.Stats),
 		Freeze:      time.Duration(p.FreezeNs),
 		Note:        p.Note,
+		Site:        p.Site,
 	}
 	for _, d := range p.Disks {
+		if d == nil {
+			return lifeboat.Point{}, fmt.Errorf("point %d: disk missing from message", p.Id)
+		}
 		if d.Size < 0 {
 			return lifeboat.Point{}, fmt.Errorf("disk %q: negative size %d", d.Name, d.Size)
 		}
-		out.Disks = append(out.Disks, lifeboat.PointDisk{Name: d.Name, Size: d.Size, Resync: d.Resync})
+		out.Disks = append(out.Disks, lifeboat.PointDisk{Name: d.Name, Size: d.Size, Resync: d.Resync,
+			Lineage: d.Lineage, Base: d.Base, BaseGeneration: d.BaseGeneration, Generation: d.Generation})
 	}
 	return out, nil
 }

@@ -25,6 +25,9 @@ import (
 
 // Store is the recovery site's store of points, as the receiver needs it.
 type Store interface {
+	// Authorize says whether site may replicate vm and read its points; an
+	// error wrapping recovery.ErrNotOwner names the owner.
+	Authorize(vm, site string) error
 	Latest(vm string) (lifeboat.Point, bool, error)
 	Points(vm string) ([]lifeboat.Point, error)
 	BlockMap(vm, disk string, id uint64) (map[int64]lifeboat.Hash, error)
@@ -122,7 +125,28 @@ func (s *Server) Hello(ctx context.Context, r *wirepb.HelloRequest) (*wirepb.Hel
 	return &wirepb.HelloReply{Site: s.Site, Version: Version}, nil
 }
 
+// authorize checks that the peer's certificate names a site that owns vm.
+// Every call about a VM goes through it: the certificate, not the message, says
+// who is asking.
+func (s *Server) authorize(ctx context.Context, vm string) (string, error) {
+	site, err := peerSite(ctx)
+	if err != nil {
+		return "", status.Error(codes.Unauthenticated, err.Error())
+	}
+	if err := s.Store.Authorize(vm, site); err != nil {
+		if errors.Is(err, recovery.ErrNotOwner) {
+			s.Log.Warn("refused a site that does not own the vm", "vm", vm, "peer", peerName(ctx), "err", err)
+			return "", status.Error(codes.PermissionDenied, err.Error())
+		}
+		return "", status.Error(codes.Internal, err.Error())
+	}
+	return site, nil
+}
+
 func (s *Server) Latest(ctx context.Context, r *wirepb.VMRequest) (*wirepb.LatestReply, error) {
+	if _, err := s.authorize(ctx, r.Vm); err != nil {
+		return nil, err
+	}
 	p, ok, err := s.Store.Latest(r.Vm)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
@@ -134,6 +158,9 @@ func (s *Server) Latest(ctx context.Context, r *wirepb.VMRequest) (*wirepb.Lates
 }
 
 func (s *Server) Points(ctx context.Context, r *wirepb.VMRequest) (*wirepb.PointsReply, error) {
+	if _, err := s.authorize(ctx, r.Vm); err != nil {
+		return nil, err
+	}
 	ps, err := s.Store.Points(r.Vm)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
@@ -146,6 +173,9 @@ func (s *Server) Points(ctx context.Context, r *wirepb.VMRequest) (*wirepb.Point
 }
 
 func (s *Server) BlockMap(r *wirepb.BlockMapRequest, st grpc.ServerStreamingServer[wirepb.BlockMapChunk]) error {
+	if _, err := s.authorize(st.Context(), r.Vm); err != nil {
+		return err
+	}
 	m, err := s.Store.BlockMap(r.Vm, r.Disk, 0)
 	if err != nil {
 		return status.Error(codes.NotFound, err.Error())
@@ -185,10 +215,16 @@ func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.Re
 	if err != nil {
 		return status.Error(codes.InvalidArgument, err.Error())
 	}
+	if p.Site, err = s.authorize(ctx, p.VM); err != nil {
+		return err
+	}
 	log := s.Log.With("vm", p.VM, "point", p.ID, "peer", peerName(ctx))
 	w, err := s.Store.BeginPoint(ctx, p)
 	if err != nil {
 		log.Error("cannot begin point", "err", err)
+		if errors.Is(err, recovery.ErrNotOwner) {
+			return status.Error(codes.PermissionDenied, err.Error())
+		}
 		return status.Error(codes.FailedPrecondition, err.Error())
 	}
 	committed := false

@@ -19,6 +19,7 @@ import (
 // cost (TLS, HTTP/2, protobuf, zstd) in BenchmarkWire. Not used by any test.
 type discardStore struct{}
 
+func (discardStore) Authorize(string, string) error              { return nil }
 func (discardStore) Latest(string) (lifeboat.Point, bool, error) { return lifeboat.Point{}, false, nil }
 func (discardStore) Points(string) ([]lifeboat.Point, error)     { return nil, nil }
 func (discardStore) BlockMap(string, string, uint64) (map[int64]lifeboat.Hash, error) {

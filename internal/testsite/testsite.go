@@ -115,7 +115,7 @@ func (s *Site) Client(ctx context.Context, compression wire.Compression) (*wire.
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	c, err := wire.Dial(ctx, s.Addr, tlsConf, "prod", compression)
+	c, err := wire.Dial(ctx, s.Addr, tlsConf, "prod", "dr", compression)
 	if err != nil {
 		return nil, fmt.Errorf("test site: dial %s: %w", s.Addr, err)
 	}

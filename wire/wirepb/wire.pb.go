@@ -183,8 +183,10 @@ type Point struct {
 	Stats           *Stats                 `protobuf:"bytes,7,opt,name=stats,proto3" json:"stats,omitempty"`
 	FreezeNs        int64                  `protobuf:"varint,8,opt,name=freeze_ns,json=freezeNs,proto3" json:"freeze_ns,omitempty"`
 	Note            string                 `protobuf:"bytes,9,opt,name=note,proto3" json:"note,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// site is the protected site that sent the point (as its certificate names it).
+	Site          string `protobuf:"bytes,10,opt,name=site,proto3" json:"site,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Point) Reset() {
@@ -280,11 +282,28 @@ func (x *Point) GetNote() string {
 	return ""
 }
 
+func (x *Point) GetSite() string {
+	if x != nil {
+		return x.Site
+	}
+	return ""
+}
+
 type Disk struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Size          int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
-	Resync        bool                   `protobuf:"varint,3,opt,name=resync,proto3" json:"resync,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Size   int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	Resync bool                   `protobuf:"varint,3,opt,name=resync,proto3" json:"resync,omitempty"`
+	// lineage is the disk's identity at the recovery site, made at its first sync.
+	Lineage string `protobuf:"bytes,4,opt,name=lineage,proto3" json:"lineage,omitempty"`
+	// base is the point the delta was computed from (0: none, sent whole onto an
+	// empty image); the recovery site takes a delta only onto its latest point.
+	Base uint64 `protobuf:"varint,5,opt,name=base,proto3" json:"base,omitempty"`
+	// base_generation is the bitmap generation the dirty blocks came from ("" for
+	// a resync), which must be the generation the base point started.
+	BaseGeneration string `protobuf:"bytes,6,opt,name=base_generation,json=baseGeneration,proto3" json:"base_generation,omitempty"`
+	// generation is the bitmap generation this point's instant started.
+	Generation    string `protobuf:"bytes,7,opt,name=generation,proto3" json:"generation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -338,6 +357,34 @@ func (x *Disk) GetResync() bool {
 		return x.Resync
 	}
 	return false
+}
+
+func (x *Disk) GetLineage() string {
+	if x != nil {
+		return x.Lineage
+	}
+	return ""
+}
+
+func (x *Disk) GetBase() uint64 {
+	if x != nil {
+		return x.Base
+	}
+	return 0
+}
+
+func (x *Disk) GetBaseGeneration() string {
+	if x != nil {
+		return x.BaseGeneration
+	}
+	return ""
+}
+
+func (x *Disk) GetGeneration() string {
+	if x != nil {
+		return x.Generation
+	}
+	return ""
 }
 
 type Stats struct {
@@ -1143,7 +1190,7 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x04site\x18\x01 \x01(\tR\x04site\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\"\x1b\n" +
 	"\tVMRequest\x12\x0e\n" +
-	"\x02vm\x18\x01 \x01(\tR\x02vm\"\x99\x02\n" +
+	"\x02vm\x18\x01 \x01(\tR\x02vm\"\xad\x02\n" +
 	"\x05Point\x12\x0e\n" +
 	"\x02vm\x18\x01 \x01(\tR\x02vm\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\x12*\n" +
@@ -1153,11 +1200,19 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x05disks\x18\x06 \x03(\v2\x16.lifeboat.wire.v1.DiskR\x05disks\x12-\n" +
 	"\x05stats\x18\a \x01(\v2\x17.lifeboat.wire.v1.StatsR\x05stats\x12\x1b\n" +
 	"\tfreeze_ns\x18\b \x01(\x03R\bfreezeNs\x12\x12\n" +
-	"\x04note\x18\t \x01(\tR\x04note\"F\n" +
+	"\x04note\x18\t \x01(\tR\x04note\x12\x12\n" +
+	"\x04site\x18\n" +
+	" \x01(\tR\x04site\"\xbd\x01\n" +
 	"\x04Disk\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x16\n" +
-	"\x06resync\x18\x03 \x01(\bR\x06resync\"\xea\x01\n" +
+	"\x06resync\x18\x03 \x01(\bR\x06resync\x12\x18\n" +
+	"\alineage\x18\x04 \x01(\tR\alineage\x12\x12\n" +
+	"\x04base\x18\x05 \x01(\x04R\x04base\x12'\n" +
+	"\x0fbase_generation\x18\x06 \x01(\tR\x0ebaseGeneration\x12\x1e\n" +
+	"\n" +
+	"generation\x18\a \x01(\tR\n" +
+	"generation\"\xea\x01\n" +
 	"\x05Stats\x12#\n" +
 	"\rbytes_changed\x18\x01 \x01(\x03R\fbytesChanged\x12\x1d\n" +
 	"\n" +
