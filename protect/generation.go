@@ -14,7 +14,7 @@ import (
 // A generation is a dirty bitmap that holds every write to a disk since the
 // instant of one point. Its name says whose it is and which instant:
 //
-//	lifeboat.<recovery site>.<lineage>.<point>.<nonce>
+//	lifeboat.<lineage>.<point>.<nonce>@<recovery site>
 //
 // The recovery site's point records the name of the generation its instant
 // started, and the next delta is taken from exactly that generation. A bitmap
@@ -22,21 +22,23 @@ import (
 // instant: a disk restored from an older copy, reverted or swapped carries
 // other names, and is resynchronised by hashes instead of being trusted. The
 // nonce tells apart two instants of the same point number (a failed cycle's
-// and its retry's). Generations of other recovery sites (another deployment
-// protecting the same VM) are never touched.
+// and its retry's). Generations kept for other recovery sites (another
+// deployment protecting the same VM) are never touched; '@' is not allowed in
+// site names, so the suffix is unambiguous.
 const genPrefix = "lifeboat."
 
 // legacyPrefix named generations before lineages ("lifeboat-7"): they prove
 // nothing and are removed.
 const legacyPrefix = "lifeboat-"
 
-// genNamespace is the prefix of every generation lifeboat makes for one
-// recovery site.
-func genNamespace(peer string) string { return genPrefix + peer + "." }
+// ourGen reports whether a bitmap is a generation kept for the recovery site peer.
+func ourGen(name, peer string) bool {
+	return strings.HasPrefix(name, genPrefix) && strings.HasSuffix(name, "@"+peer)
+}
 
 // newGeneration names the generation a cycle of point id starts.
 func newGeneration(peer, lineage string, id uint64) string {
-	return genNamespace(peer) + lineage + "." + strconv.FormatUint(id, 10) + "." + randomHex(4)
+	return genPrefix + lineage + "." + strconv.FormatUint(id, 10) + "." + randomHex(4) + "@" + peer
 }
 
 // newLineage makes the identity of a disk at its first sync.
@@ -48,11 +50,14 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// genPoint returns the point number in a generation name of lineage's, and
-// whether the name is one.
+// genPoint returns the point number in a generation name of lineage's kept
+// for peer, and whether the name is one.
 func genPoint(name, peer, lineage string) (uint64, bool) {
-	rest, ok := strings.CutPrefix(name, genNamespace(peer)+lineage+".")
+	rest, ok := strings.CutPrefix(name, genPrefix+lineage+".")
 	if !ok {
+		return 0, false
+	}
+	if rest, ok = strings.CutSuffix(rest, "@"+peer); !ok {
 		return 0, false
 	}
 	num, _, ok := strings.Cut(rest, ".")
@@ -87,12 +92,11 @@ func reconcile(ctx context.Context, m *qemu.Monitor, node string, bitmaps []qemu
 		base           *qemu.Bitmap
 		newer, discard []string
 	)
-	ns := genNamespace(h.peer)
 	for i, b := range bitmaps {
 		switch {
 		case strings.HasPrefix(b.Name, legacyPrefix):
 			discard = append(discard, b.Name)
-		case !strings.HasPrefix(b.Name, ns):
+		case !ourGen(b.Name, h.peer):
 			// Not ours: another deployment's or another tool's.
 		case h.gen != "" && b.Name == h.gen:
 			base = &bitmaps[i]

@@ -24,13 +24,15 @@ type Site struct {
 	Server *wire.Server
 	Addr   string
 	opts   recovery.Options
+	// as is the site whose certificate the server presents ("dr").
+	as string
 }
 
 // New runs a recovery site in dir (its CA, the "prod" and "dr" certificates and
 // its store live there) on a free loopback port, until Stop. It is the core of
 // Start for callers without a testing.TB, such as the benchmark harness.
 func New(ctx context.Context, dir string, opts recovery.Options) (*Site, error) {
-	s := &Site{Dir: dir, PKI: filepath.Join(dir, "pki"), opts: opts}
+	s := &Site{Dir: dir, PKI: filepath.Join(dir, "pki"), opts: opts, as: "dr"}
 	if err := pki.CreateCA(s.PKI, "test", 24*time.Hour); err != nil {
 		return nil, fmt.Errorf("test site: %w", err)
 	}
@@ -56,12 +58,28 @@ func Start(t testing.TB, opts recovery.Options) *Site {
 	return s
 }
 
+// StartAs runs, until the test ends, a server of the same deployment (ca's
+// CA) that presents the certificate of site as: an impostor when clients
+// expect "dr".
+func StartAs(t testing.TB, ca *Site, as string, opts recovery.Options) *Site {
+	t.Helper()
+	s := &Site{Dir: t.TempDir(), PKI: ca.PKI, opts: opts, as: as}
+	if err := s.IssueSite(as); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.start(context.Background(), "127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
+
 func (s *Site) start(ctx context.Context, addr string) error {
 	st, err := recovery.Open(ctx, filepath.Join(s.Dir, "store"), s.opts)
 	if err != nil {
 		return fmt.Errorf("test site: %w", err)
 	}
-	tlsConf, err := pki.ServerTLS(pki.SiteFiles(s.PKI, "dr"))
+	tlsConf, err := pki.ServerTLS(pki.SiteFiles(s.PKI, s.as))
 	if err != nil {
 		st.Close()
 		return fmt.Errorf("test site: %w", err)
@@ -80,7 +98,7 @@ func (s *Site) start(ctx context.Context, addr string) error {
 	}
 	s.Store = st
 	s.Addr = l.Addr().String()
-	s.Server = &wire.Server{Site: "dr", Store: wire.RecoveryStore(st)}
+	s.Server = &wire.Server{Site: s.as, Store: wire.RecoveryStore(st)}
 	go s.Server.Serve(l, tlsConf)
 	return nil
 }
@@ -109,17 +127,48 @@ func (s *Site) Restart(t testing.TB) {
 
 // Client connects a protected site ("prod") to this site; the caller closes it.
 func (s *Site) Client(ctx context.Context, compression wire.Compression) (*wire.Client, error) {
-	tlsConf, err := pki.ClientTLS(pki.SiteFiles(s.PKI, "prod"), "127.0.0.1")
+	return s.ClientAs(ctx, "prod", compression)
+}
+
+// ClientAs connects as the protected site named site, with a certificate of
+// its own from the site's CA (issued on first use).
+func (s *Site) ClientAs(ctx context.Context, site string, compression wire.Compression) (*wire.Client, error) {
+	if err := s.IssueSite(site); err != nil {
+		return nil, err
+	}
+	tlsConf, err := pki.ClientTLS(pki.SiteFiles(s.PKI, site), "127.0.0.1")
 	if err != nil {
 		return nil, fmt.Errorf("test site: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	c, err := wire.Dial(ctx, s.Addr, tlsConf, "prod", "dr", compression)
+	c, err := wire.Dial(ctx, s.Addr, tlsConf, site, "dr", compression)
 	if err != nil {
-		return nil, fmt.Errorf("test site: dial %s: %w", s.Addr, err)
+		return nil, fmt.Errorf("test site: dial %s as %q: %w", s.Addr, site, err)
 	}
 	return c, nil
+}
+
+// IssueSite gives site a certificate from the test CA, if it has none yet.
+func (s *Site) IssueSite(site string) error {
+	if _, err := os.Stat(pki.SiteFiles(s.PKI, site).Cert); err == nil {
+		return nil
+	}
+	if err := pki.IssueSite(s.PKI, s.PKI, site, []string{"127.0.0.1"}, 24*time.Hour); err != nil {
+		return fmt.Errorf("test site: %w", err)
+	}
+	return nil
+}
+
+// DialAs is ClientAs, closed when the test ends.
+func (s *Site) DialAs(t testing.TB, site string, compression wire.Compression) *wire.Client {
+	t.Helper()
+	c, err := s.ClientAs(context.Background(), site, compression)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 // Dial returns a protected site's client of this site, closed when the test ends.

@@ -123,6 +123,24 @@ func (v *VM) Restart(t testing.TB) {
 	v.start(t)
 }
 
+// PowerOff quits the daemon cleanly (persistent bitmaps are saved); PowerOn
+// starts it again on the images, which a test may have changed meanwhile.
+func (v *VM) PowerOff(t testing.TB) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	if err := v.Daemon.Stop(ctx); err != nil {
+		t.Fatalf("testvm: power off: %v", err)
+	}
+	v.Daemon = nil
+}
+
+// PowerOn starts a VM that PowerOff stopped.
+func (v *VM) PowerOn(t testing.TB) {
+	t.Helper()
+	v.start(t)
+}
+
 // Crash kills the daemon with SIGKILL and starts it again: persistent bitmaps
 // that were in use come back inconsistent.
 func (v *VM) Crash(t testing.TB) {
