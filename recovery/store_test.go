@@ -78,15 +78,7 @@ type pointWriter struct {
 
 func begin(t *testing.T, s *Store, vm string, id uint64, m model, disks ...DiskSpec) *pointWriter {
 	t.Helper()
-	for _, d := range disks {
-		m.resize(d.Name, d.Size)
-	}
-	w, err := s.Begin(testCtx(t), BeginSpec{VM: vm, ID: id, Instant: time.Unix(int64(1000+id), 0).UTC(), Consistency: lifeboat.Filesystem, Disks: disks})
-	if err != nil {
-		t.Fatalf("Begin point %d: %v", id, err)
-	}
-	t.Cleanup(func() { w.Abort(context.Background()) })
-	return &pointWriter{t: t, w: w, m: m, rng: rand.New(rand.NewPCG(id, 7))}
+	return beginAs(t, s, "", vm, id, m, disks...)
 }
 
 // data writes n random blocks from block first (the last one short when the disk ends there).
@@ -513,7 +505,7 @@ func TestAbortIsIdempotent(t *testing.T) {
 	// The VM is free for the next writer at once.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	w, err := s.Begin(ctx, BeginSpec{VM: "ab", ID: 1, Disks: []DiskSpec{{Name: "vda", Size: 1 << 20}}})
+	w, err := s.Begin(ctx, BeginSpec{VM: "ab", ID: 1, Disks: []DiskSpec{{Name: "vda", Size: 1 << 20, Lineage: "l", Resync: true}}})
 	if err != nil {
 		t.Fatal(err)
 	}
