@@ -12,9 +12,11 @@ import (
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
+// point is point id of a one-disk VM, each sent whole onto the one before it
+// (a resync, so no generation needs to match).
 func point(id uint64) lifeboat.Point {
 	return lifeboat.Point{VM: "vm1", ID: id, Instant: time.Now().UTC(), Consistency: lifeboat.Crash,
-		Disks: []lifeboat.PointDisk{{Name: "vda", Size: 4 << 20}}}
+		Disks: []lifeboat.PointDisk{{Name: "vda", Size: 4 << 20, Lineage: "0123456789abcdef", Resync: true, Base: id - 1}}}
 }
 
 // Every block is checked against its hash at the recovery site: a chunk whose
