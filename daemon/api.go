@@ -66,6 +66,7 @@ func (d *Daemon) listenAPI() (*apiServer, error) {
 	mux.HandleFunc("GET /v1/vms/{vm}/points", a.points)
 	mux.HandleFunc("POST /v1/vms/{vm}/export", a.export)
 	mux.HandleFunc("POST /v1/vms/{vm}/verify", a.verify)
+	mux.HandleFunc("POST /v1/vms/{vm}/handover", a.handover)
 	a.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	return a, nil
 }
@@ -139,6 +140,9 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			s := VMStatus{VM: name, Role: "replica", State: "replica", Points: len(pts)}
+			if o, ok, err := a.d.store.Owner(name); err == nil && ok {
+				s.Owner, s.Epoch = o.Site, o.Epoch
+			}
 			if len(pts) > 0 {
 				last := pts[len(pts)-1]
 				s.LastPoint = &last

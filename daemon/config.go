@@ -28,10 +28,14 @@ type Config struct {
 	// Listen makes the site a recovery site: protected sites connect here.
 	Listen string `yaml:"listen"`
 	// Keep is how many points per VM the recovery site keeps.
-	Keep   int           `yaml:"keep"`
-	Peers  []PeerConfig  `yaml:"peers"`
-	VMs    []VMConfig    `yaml:"vms"`
-	Groups []GroupConfig `yaml:"groups"`
+	Keep int `yaml:"keep"`
+	// Owners declares, at a recovery site, which protected site owns a VM
+	// (vm name -> site name) before its first point; a VM not named here is
+	// owned by the first site that commits a point of it.
+	Owners map[string]string `yaml:"owners"`
+	Peers  []PeerConfig      `yaml:"peers"`
+	VMs    []VMConfig        `yaml:"vms"`
+	Groups []GroupConfig     `yaml:"groups"`
 }
 
 // GroupConfig is a consistency group: VMs whose points share one instant.
@@ -150,6 +154,14 @@ func (c *Config) check() error {
 	}
 	if c.Keep == 0 {
 		c.Keep = 24
+	}
+	if len(c.Owners) > 0 && c.Listen == "" {
+		return c.fail("owners", "only a recovery site (one with `listen:`) keeps owners of VMs; remove `owners:` or add `listen:`")
+	}
+	for vm, site := range c.Owners {
+		if !nameRE.MatchString(site) {
+			return c.fail("owners."+vm, "%q is not a site name: name the protected site that owns vm %q, e.g. `%s: prod`", site, vm, vm)
+		}
 	}
 	peers := map[string]bool{}
 	for i := range c.Peers {

@@ -62,7 +62,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	protect.ThawLeftovers(ctx, d.frozenDir(), d.log)
 
 	if d.cfg.Listen != "" {
-		st, err := recovery.Open(ctx, filepath.Join(d.cfg.StateDir, "recovery"), recovery.Options{Keep: d.cfg.Keep, Logger: d.log})
+		st, err := recovery.Open(ctx, filepath.Join(d.cfg.StateDir, "recovery"), recovery.Options{Keep: d.cfg.Keep, Owners: d.cfg.Owners, Logger: d.log})
 		if err != nil {
 			return err
 		}

@@ -181,8 +181,12 @@ type VMStatus struct {
 	VM   string `json:"vm"`
 	Role string `json:"role"` // "protected" (this site protects it) or "replica" (this site holds its points)
 	// State: idle (never synced), syncing, protected, error.
-	State     string          `json:"state"`
-	Peer      string          `json:"peer,omitempty"`
+	State string `json:"state"`
+	Peer  string `json:"peer,omitempty"`
+	// Owner is, for a replica, the protected site that owns the VM here, and
+	// Epoch the number of its ownership (raised by every handover).
+	Owner     string          `json:"owner,omitempty"`
+	Epoch     uint64          `json:"epoch,omitempty"`
 	Group     string          `json:"group,omitempty"`
 	Interval  string          `json:"interval,omitempty"`
 	LastPoint *lifeboat.Point `json:"last_point,omitempty"`

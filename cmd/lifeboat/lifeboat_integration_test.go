@@ -285,6 +285,32 @@ func TestCommandsEndToEnd(t *testing.T) {
 		}
 	}
 
+	// Ownership: the recovery site says who owns vm1; after a handover to
+	// another site, prod is refused and told why; handed back, prod goes on
+	// incrementally under a new epoch.
+	var drst daemon.StatusReply
+	if err := json.Unmarshal([]byte(run(t, "status", "--json", "-c", d.dr.config)), &drst); err != nil {
+		t.Fatal(err)
+	}
+	if len(drst.VMs) != 1 || drst.VMs[0].Owner != "prod" || drst.VMs[0].Epoch != 1 {
+		t.Fatalf("status at dr: %+v, want vm1 owned by prod at epoch 1", drst.VMs)
+	}
+	if out := run(t, "handover", "vm1", "--to", "branch", "-c", d.dr.config); !strings.Contains(out, "branch (epoch 2)") {
+		t.Fatalf("handover: %s", out)
+	}
+	if out, err := runErr(t, "sync", "vm1", "-c", d.prod.config); err == nil || !strings.Contains(out, `belongs to site \"branch\"`) && !strings.Contains(out, `belongs to site "branch"`) {
+		t.Fatalf("sync after handing vm1 to branch: err %v, output %q", err, out)
+	}
+	run(t, "handover", "vm1", "--to", "prod", "-c", d.dr.config)
+	if err := json.Unmarshal([]byte(run(t, "sync", "vm1", "--json", "-c", d.prod.config)), &pt); err != nil {
+		t.Fatal(err)
+	}
+	for _, disk := range pt.Disks {
+		if disk.Name == "vda" && disk.Resync {
+			t.Fatalf("vm1's qcow2 disk was resynced after handing it back: %+v", pt)
+		}
+	}
+
 	// A corrupted byte in the recovery site's copy: verify names disk and offset.
 	corruptBase(t, filepath.Join(d.dir, "dr"), "vda")
 	out, err := runErr(t, "verify", "vm1", "--point", "1", "-c", d.dr.config)

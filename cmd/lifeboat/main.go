@@ -57,6 +57,7 @@ recovery site, and keeps restore points there that can be exported or powered on
 		newPointsCmd(g),
 		newExportCmd(g),
 		newVerifyCmd(g),
+		newHandoverCmd(g),
 		newStatusCmd(g),
 		newCertCmd(),
 		newDemoCmd(),
