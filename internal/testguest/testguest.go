@@ -137,7 +137,7 @@ func Boot(t testing.TB, opts Options) *Guest {
 		"-kernel", kernel, "-initrd", initrd,
 		"-append", "console=ttyS0 panic=-1 lb.workload="+opts.Workload,
 		"-blockdev", "driver=nbd,node-name="+diskNode+",server.type=unix,server.path="+optEscape(g.StorageNBDSocket())+",export="+diskNode,
-		"-device", "virtio-blk-pci,drive="+diskNode,
+		"-device", "virtio-blk-pci,drive="+diskNode+",id="+diskNode,
 		"-device", "virtio-serial-pci",
 		"-chardev", "socket,path="+optEscape(g.AgentSocket())+",server=on,wait=off,id=qga0",
 		"-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
