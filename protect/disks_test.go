@@ -138,7 +138,7 @@ func TestDiskNameSurvivesNodeRenameAndSnapshot(t *testing.T) {
 	if len(pt.Disks) != 1 || pt.Disks[0].Name != "vda" || !pt.Disks[0].Resync {
 		t.Fatalf("after an external snapshot: point disks %+v, want vda, resynchronised by hashes", pt.Disks)
 	}
-	if l := logs.String(); !strings.Contains(l, "external snapshot") || !strings.Contains(l, "node=snap1") {
+	if l := logs.String(); !strings.Contains(l, "external snapshot") || !strings.Contains(l, "node=snap1 old_node=libvirt-2-format") {
 		t.Fatalf("the resync after the snapshot logs no reason naming the new node:\n%s", l)
 	}
 	// And on from there incrementally, on the new node.

@@ -181,16 +181,35 @@ func (p *Protector) disks(ctx context.Context, m *qemu.Monitor) ([]qemu.BlockNod
 			p.warnOnce(n.Name, "disk is not qcow2: its change tracking (bitmap) lives in memory only; after a VM restart lifeboat resyncs the disk by comparing hashes", "disk", n.Name, "node", n.NodeName, "driver", n.Driver)
 		}
 		if was, ok := p.nodes[n.Name]; ok && was != n.NodeName {
-			if hasGeneration(n) {
-				p.log().Info("disk is held by another node now (renamed at a restart?); its change tracking came along", "disk", n.Name, "node", n.NodeName, "was", was)
-			} else {
-				p.log().Warn("disk is held by another node now, without lifeboat's change tracking (an external snapshot put a new node on top? the bitmaps stay on the old one and miss the writes to the new): a hash resync will run",
-					"disk", n.Name, "node", n.NodeName, "was", was)
-			}
+			p.log().Info("disk is held by another node now", "disk", n.Name, "node", n.NodeName, "was", was)
 		}
 		p.nodes[n.Name] = n.NodeName
+		if !hasGeneration(n) && n.BackingFile != "" {
+			if err := p.checkSnapshot(ctx, m, n); err != nil {
+				return nil, err
+			}
+		}
 	}
 	return nodes, nil
+}
+
+// checkSnapshot says why a disk whose node carries no generation while its
+// backing node does will be resynchronised: an external snapshot put a new node
+// on top, and lifeboat's bitmaps stayed on the old one, where they miss every
+// write since. They are not trusted; the hash resync is what is right.
+func (p *Protector) checkSnapshot(ctx context.Context, m *qemu.Monitor, n qemu.BlockNode) error {
+	all, err := m.Nodes(ctx)
+	if err != nil {
+		return fmt.Errorf("disk %q: %w", n.Name, err)
+	}
+	for _, b := range all {
+		if b.Filename == n.BackingFile && b.NodeName != n.NodeName && hasGeneration(b) {
+			p.log().Warn("disk has a new top node (an external snapshot?) and lifeboat's change tracking stayed on the old one, which misses the writes since: a hash resync will run",
+				"disk", n.Name, "node", n.NodeName, "old_node", b.NodeName)
+			return nil
+		}
+	}
+	return nil
 }
 
 // hasGeneration reports whether the node carries one of lifeboat's bitmap generations.

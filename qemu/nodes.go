@@ -19,6 +19,7 @@ type BlockNode struct {
 	// the node today, which may change at every restart.
 	Name                       string
 	NodeName, Driver, Filename string // driver: qcow2, raw, file, ...
+	BackingFile                string // the backing image's file name, if any
 	ReadOnly                   bool
 	Size                       int64 // virtual size
 	Bitmaps                    []Bitmap
@@ -54,6 +55,7 @@ type blockDeviceInfo struct {
 	NodeName string `json:"node-name"`
 	Drv      string `json:"drv"`
 	File     string `json:"file"`
+	Backing  string `json:"backing_file"`
 	RO       bool   `json:"ro"`
 	Image    struct {
 		VirtualSize    int64 `json:"virtual-size"`
@@ -77,7 +79,7 @@ type blockDeviceInfo struct {
 
 func (i blockDeviceInfo) node() BlockNode {
 	n := BlockNode{
-		NodeName: i.NodeName, Driver: i.Drv, Filename: i.File, ReadOnly: i.RO,
+		NodeName: i.NodeName, Driver: i.Drv, Filename: i.File, BackingFile: i.Backing, ReadOnly: i.RO,
 		Size: i.Image.VirtualSize,
 	}
 	if i.Image.FormatSpecific.Type == "qcow2" {
