@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
 	"github.com/lifeboat-dr/lifeboat/protect"
@@ -149,4 +150,69 @@ func TestDiskNameSurvivesNodeRenameAndSnapshot(t *testing.T) {
 		t.Fatalf("the cycle after the resync: point disks %+v, want vda, sent incrementally", pt.Disks)
 	}
 	os.Remove(overlay)
+}
+
+// vmCommand runs one QMP command on the guest's qemu-system process (its
+// monitor serves one client at a time: lifeboat's cycle dials it too).
+func vmCommand(t *testing.T, g *testguest.Guest, cmd string) {
+	t.Helper()
+	m, err := qemu.Dial(ctx(t), g.VMQMPSocket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Execute(ctx(t), cmd, nil, nil); err != nil {
+		t.Fatalf("%s: %v", cmd, err)
+	}
+}
+
+// sourceHash is the sha256 of the guest's data disk as the storage daemon serves it.
+func sourceHash(t *testing.T, g *testguest.Guest, size int64) string {
+	t.Helper()
+	src, err := workload.Open(ctx(t), g.StorageNBDSocket(), 0, workload.Disk{Name: g.DiskNode(), Size: size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	h, err := src.Hashes(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h[g.DiskNode()]
+}
+
+// Protecting a real qemu-system guest through its own QMP: its disk is named
+// by its device's id ("vda"), not by its node ("nbd-vda"), and each point is
+// the disk as the guest wrote it (CPUs stopped for each cycle, so the source
+// can be hashed at the instant).
+func TestQEMUSystemGuestDiskNamedByDeviceID(t *testing.T) {
+	const size = 64 << 20
+	g := bootGuest(t, testguest.Options{Name: "devid", DiskSize: size})
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	r := &rig{site: site, disks: []workload.Disk{{Name: "vda", Size: size}}}
+	p := &protect.Protector{
+		VM:     protect.VM{Name: "vm1", QMPSocket: g.VMQMPSocket(), WorkDir: testsite.ShortDir(t)},
+		Target: site.Dial(t, wire.CompressionZstd), Readers: 4,
+	}
+	for i, script := range []string{"", "dd if=/dev/urandom of=/data/devid bs=64k count=32 2>/dev/null && sync"} {
+		if script != "" {
+			if _, err := g.Shell(ctx(t), script); err != nil {
+				t.Fatal(err)
+			}
+		}
+		vmCommand(t, g, "stop")
+		want := sourceHash(t, g, size)
+		pt, err := p.Cycle(ctx(t))
+		if err != nil {
+			t.Fatalf("cycle %d: %v", i+1, err)
+		}
+		vmCommand(t, g, "cont")
+		if len(pt.Disks) != 1 || pt.Disks[0].Name != "vda" {
+			t.Fatalf("point %d disks %+v: want one disk named vda, its device's id", pt.ID, pt.Disks)
+		}
+		if i > 0 && pt.Disks[0].Resync {
+			t.Fatalf("point %d resynchronised the disk: want it sent incrementally", pt.ID)
+		}
+		r.checkPoint(t, pt.ID, map[string]string{"vda": want})
+	}
 }
