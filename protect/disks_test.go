@@ -107,10 +107,16 @@ func TestDiskNameSurvivesNodeRenameAndSnapshot(t *testing.T) {
 	if err := r.guest.Do(ctx(t), workload.Op{Disk: "vda", Kind: "data", Offset: 12 << 20, Length: 1 << 20}); err != nil {
 		t.Fatal(err)
 	}
+	// `disks:` may still name the disk by its node, as configs did before.
+	r.p.VM.Disks = []string{"libvirt-2-format"}
 	pt := r.cycle(t)
 	if len(pt.Disks) != 1 || pt.Disks[0].Name != "vda" || pt.Disks[0].Resync {
 		t.Fatalf("after the node was renamed: point disks %+v, want vda, sent incrementally", pt.Disks)
 	}
+	if l := logs.String(); !strings.Contains(l, "by its node name") || !strings.Contains(l, "node=libvirt-2-format disk=vda") {
+		t.Fatalf("a disk named by its node in `disks:` logs no advice to use its name:\n%s", l)
+	}
+	r.p.VM.Disks = []string{"vda"}
 	if pt.Stats.BytesChanged >= size/2 {
 		t.Fatalf("after the node was renamed the cycle handled %d bytes: the disk was sent whole", pt.Stats.BytesChanged)
 	}
