@@ -213,7 +213,7 @@ func (m *Monitor) Disks(ctx context.Context) ([]BlockNode, error) {
 		}
 	}
 	var disks []BlockNode
-	seen := map[string]bool{}
+	seen, named := map[string]bool{}, map[string]string{}
 	for _, r := range roots {
 		n, ok := formatNode(nodes, r.node)
 		if !ok || n.ReadOnly || strings.HasPrefix(n.NodeName, OwnPrefix) || seen[n.NodeName] {
@@ -221,6 +221,11 @@ func (m *Monitor) Disks(ctx context.Context) ([]BlockNode, error) {
 		}
 		seen[n.NodeName] = true
 		n.Name = cmp.Or(r.name, n.NodeName)
+		if other, dup := named[n.Name]; dup {
+			// Only a device without an id, named after its node, can meet another's id.
+			return nil, fmt.Errorf("two disks would be named %q (nodes %q and %q): give the device without an id one (`-device ...,id=NAME`)", n.Name, other, n.NodeName)
+		}
+		named[n.Name] = n.NodeName
 		disks = append(disks, n)
 	}
 	sort.Slice(disks, func(i, j int) bool { return disks[i].Name < disks[j].Name })

@@ -302,3 +302,18 @@ func TestFindDisk(t *testing.T) {
 		t.Errorf("FindDisk(vdz) error = %v; want it to name vdz and list the disks with their nodes", err)
 	}
 }
+
+// A device without an id is named after its node; if that is another
+// device's id, Disks says so rather than give two disks one name.
+func TestDiskNamesCollide(t *testing.T) {
+	testenv.RequireTools(t, "qemu-system-x86_64")
+	dir := shortTempDir(t)
+	ctx := testCtx(t)
+	m, _ := startQEMUSystem(t, ctx, dir,
+		"-blockdev", `{"driver":"null-co","node-name":"vda"}`, "-device", "virtio-blk-pci,drive=vda",
+		"-blockdev", `{"driver":"null-co","node-name":"other"}`, "-device", "virtio-blk-pci,drive=other,id=vda")
+	_, err := m.Disks(ctx)
+	if err == nil || !strings.Contains(err.Error(), `"vda"`) || !strings.Contains(err.Error(), "id=NAME") {
+		t.Fatalf("Disks() error = %v; want it to name vda and say to give the device an id", err)
+	}
+}
