@@ -238,6 +238,16 @@ func (m *Monitor) Disks(ctx context.Context) ([]BlockNode, error) {
 // child is the node with both, preferring a format node over the protocol
 // node under it (a raw image's file node has the same name and size).
 func formatNode(nodes []BlockNode, name string) (BlockNode, bool) {
+	// rank orders the candidates: a format node, a protocol node, another filter.
+	rank := func(n *BlockNode) int {
+		switch {
+		case jobFilters[n.Driver]:
+			return 0
+		case protocolDrivers[n.Driver]:
+			return 1
+		}
+		return 2
+	}
 	n, err := findNode(nodes, name)
 	for depth := 0; err == nil && jobFilters[n.Driver] && depth < 8; depth++ {
 		var best *BlockNode
@@ -246,7 +256,7 @@ func formatNode(nodes []BlockNode, name string) (BlockNode, bool) {
 			if c.NodeName == n.NodeName || c.Filename != n.Filename || c.Size != n.Size || strings.HasPrefix(c.NodeName, OwnPrefix) {
 				continue
 			}
-			if best == nil || jobFilters[best.Driver] || (protocolDrivers[best.Driver] && !protocolDrivers[c.Driver]) {
+			if best == nil || rank(c) > rank(best) {
 				best = c
 			}
 		}
