@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,7 +10,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -280,16 +283,57 @@ func (a *apiServer) export(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, fmt.Errorf("export request: %w", err))
 		return
 	}
-	if err := a.d.store.Export(r.Context(), name, req.Point, req.Disk, req.Out, req.Format); err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
 	pt, err := a.d.store.Point(name, req.Point)
 	if err != nil {
 		writeErr(w, http.StatusInternalServerError, err)
 		return
 	}
+	disk, err := exportDisk(name, pt, req)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, err)
+		return
+	}
+	// pt.ID, not req.Point: "latest" must not move between the lookup and the export.
+	if err := a.d.store.Export(r.Context(), name, pt.ID, disk, req.Out, req.Format); err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
 	writeJSON(w, http.StatusOK, Event{Point: &pt})
+}
+
+// exportDisk is the disk an export request means: the one it names, or the
+// point's only disk when it names none. Otherwise the error lists the disks
+// and shows the command to type.
+func exportDisk(vm string, pt lifeboat.Point, req ExportRequest) (string, error) {
+	names := make([]string, len(pt.Disks))
+	for i, d := range pt.Disks {
+		if d.Name == req.Disk {
+			return d.Name, nil
+		}
+		names[i] = d.Name
+	}
+	sort.Strings(names)
+	if len(names) == 0 {
+		return "", fmt.Errorf("vm %q point %d holds no disk", vm, pt.ID)
+	}
+	if req.Disk == "" && len(names) == 1 {
+		return names[0], nil
+	}
+	point := "latest"
+	if req.Point != 0 {
+		point = strconv.FormatUint(pt.ID, 10)
+	}
+	format := ""
+	if req.Format != "" && req.Format != "raw" {
+		format = " --format " + req.Format
+	}
+	example := fmt.Sprintf("lifeboat export %s --point %s --disk %s -o %s%s", vm, point, names[0], cmp.Or(req.Out, "FILE"), format)
+	if req.Disk == "" {
+		return "", fmt.Errorf("vm %q point %d has %d disks (%s): say which one to export with --disk, e.g. `%s`",
+			vm, pt.ID, len(names), strings.Join(names, ", "), example)
+	}
+	return "", fmt.Errorf("vm %q point %d has no disk %q; its disks are: %s (e.g. `%s`)",
+		vm, pt.ID, req.Disk, strings.Join(names, ", "), example)
 }
 
 // VerifyProgress is a verify's progress event.

@@ -98,10 +98,10 @@ func (c *cycle) prepare(ctx context.Context) error {
 	}
 	peer := p.Target.Peer()
 	for _, n := range nodes {
-		d := &diskState{node: n.NodeName, size: n.Size, persistent: persistentBitmaps(n),
+		d := &diskState{name: n.Name, node: n.NodeName, size: n.Size, persistent: persistentBitmaps(n),
 			export: "lifeboat-fleece-" + n.NodeName}
 		h := history{peer: peer}
-		if ld, ok := diskOf(latest, n.NodeName); found && ok {
+		if ld, ok := diskOf(latest, n.Name); found && ok {
 			h.lineage, h.latest, h.gen = ld.Lineage, latest.ID, ld.Generation
 		}
 		if h.lineage == "" {
@@ -112,10 +112,10 @@ func (c *cycle) prepare(ctx context.Context) error {
 		d.new = newGeneration(peer, h.lineage, c.id)
 		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Bitmaps, h)
 		if err != nil {
-			return fmt.Errorf("disk %q: %w", n.NodeName, err)
+			return fmt.Errorf("disk %q: %w", n.Name, err)
 		}
 		if d.old == "" {
-			c.log.Info("disk will be sent whole", "disk", d.node, "why", d.why)
+			c.log.Info("disk will be sent whole", "disk", d.name, "why", d.why)
 		}
 		c.disks = append(c.disks, d)
 	}
@@ -150,7 +150,7 @@ func (c *cycle) snapshot(ctx context.Context) error {
 	}
 	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: c.fleece.Instant().UTC(), Consistency: lifeboat.Crash}
 	for _, d := range c.disks {
-		c.point.Disks = append(c.point.Disks, lifeboat.PointDisk{Name: d.node, Size: d.size, Resync: d.old == "",
+		c.point.Disks = append(c.point.Disks, lifeboat.PointDisk{Name: d.name, Size: d.size, Resync: d.old == "",
 			Lineage: d.lineage, Base: d.base, BaseGeneration: d.old, Generation: d.new})
 	}
 	c.log = c.log.With("point", c.id)
@@ -194,7 +194,7 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 			}
 			if berr != nil {
 				// The next cycle's reconcile folds whatever is left; nothing is lost.
-				c.log.Error("generation bookkeeping failed; the next cycle repairs it", "disk", d.node, "err", berr)
+				c.log.Error("generation bookkeeping failed; the next cycle repairs it", "disk", d.name, "err", berr)
 			}
 		}
 	}()
@@ -263,18 +263,18 @@ func (c *cycle) send(ctx context.Context, sock string) (lifeboat.Point, error) {
 		}
 		cl, err := nbd.Dial(ctx, "unix:"+sock, d.export, nbd.Options{MetaContexts: ctxs, Connections: conns, MaxInFlight: readers * 2})
 		if err != nil {
-			return lifeboat.Point{}, fmt.Errorf("disk %q: read fleece export %q: %w", d.node, d.export, err)
+			return lifeboat.Point{}, fmt.Errorf("disk %q: read fleece export %q: %w", d.name, d.export, err)
 		}
 		defer cl.Close()
 		var known map[int64]lifeboat.Hash
-		if d.old == "" && hasDisk(c.latest, d.node) {
-			if known, err = p.Target.BlockMap(ctx, p.VM.Name, d.node); err != nil {
+		if d.old == "" && hasDisk(c.latest, d.name) {
+			if known, err = p.Target.BlockMap(ctx, p.VM.Name, d.name); err != nil {
 				return lifeboat.Point{}, err
 			}
 		}
 		pl, err := planDisk(ctx, cl, d, known)
 		if err != nil {
-			return lifeboat.Point{}, fmt.Errorf("disk %q: %w", d.node, err)
+			return lifeboat.Point{}, fmt.Errorf("disk %q: %w", d.name, err)
 		}
 		pl.known0 = d.old == "" // on a resync, a block the replica never got is zero there
 		plans = append(plans, pl)
@@ -416,7 +416,7 @@ func (c *cycle) sendZeroes(pl *diskPlan, r run) error {
 		return nil
 	}
 	c.zero.Add(n)
-	return c.stream.SendZeroes(pl.disk.node, off, n)
+	return c.stream.SendZeroes(pl.disk.name, off, n)
 }
 
 // readAndSend reads one run of changed blocks from the fleece, hashes every block,
@@ -427,7 +427,7 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 	off, n := pl.span(j.run)
 	data := buf[:n]
 	if err := pl.client.Read(ctx, data, off); err != nil {
-		return fmt.Errorf("disk %q: read offset %d length %d from the fleece: %w", pl.disk.node, off, n, err)
+		return fmt.Errorf("disk %q: read offset %d length %d from the fleece: %w", pl.disk.name, off, n, err)
 	}
 	c.changed.Add(n)
 	defer c.done.Add(n)
@@ -453,18 +453,18 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 		o, l := off+runStart, end-runStart
 		switch runKind {
 		case send:
-			sent, err := c.stream.SendBlocks(pl.disk.node, o, data[runStart:end], hashes)
+			sent, err := c.stream.SendBlocks(pl.disk.name, o, data[runStart:end], hashes)
 			if err != nil {
 				return err
 			}
 			c.data.Add(l)
 			c.sent.Add(sent)
-			c.remember(pl.disk.node, o, hashes)
+			c.remember(pl.disk.name, o, hashes)
 		case dup:
 			for i, r := range refs {
 				bo := o + int64(i)*lifeboat.BlockSize
 				n := min(lifeboat.BlockSize, o+l-bo)
-				if err := c.stream.SendCopy(pl.disk.node, bo, r.disk, r.off, int(n), hashes[i]); err != nil {
+				if err := c.stream.SendCopy(pl.disk.name, bo, r.disk, r.off, int(n), hashes[i]); err != nil {
 					return err
 				}
 				c.sent.Add(int64(len(r.disk)) + 64) // the reference's size on the wire, roughly
@@ -472,7 +472,7 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 			c.dedup.Add(l)
 		case zero:
 			c.zero.Add(l)
-			if err := c.stream.SendZeroes(pl.disk.node, o, l); err != nil {
+			if err := c.stream.SendZeroes(pl.disk.name, o, l); err != nil {
 				return err
 			}
 		case skip:

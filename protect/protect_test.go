@@ -308,13 +308,13 @@ func TestDiskGrows(t *testing.T) {
 	// away while the disk grows, as a virtio-blk device would allow it.
 	r.guest.Close()
 	m := r.vm.Monitor()
-	if err := m.ExportDelForce(ctx(t), "vm-vda"); err != nil {
+	if err := m.ExportDelForce(ctx(t), "vda"); err != nil {
 		t.Fatal(err)
 	}
 	if err := m.BlockResize(ctx(t), "vda", grown); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.ExportAdd(ctx(t), qemu.Export{ID: "vm-vda", Node: "vda", Name: "vda", Writable: true}); err != nil {
+	if err := m.ExportAdd(ctx(t), qemu.Export{ID: "vda", Node: "vda", Name: "vda", Writable: true}); err != nil {
 		t.Fatal(err)
 	}
 	r.disks[0].Size = grown

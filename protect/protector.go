@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -25,7 +26,8 @@ type VM struct {
 	// NBDSocket is the VM's running NBD server, if it has one; otherwise lifeboat
 	// starts one at WorkDir/nbd.sock.
 	NBDSocket string
-	// Disks names the disk nodes to protect; empty means every writable disk.
+	// Disks names the disks to protect (by disk name, see qemu.Disks, or by
+	// node name); empty means every writable disk.
 	Disks []string
 	// WorkDir holds the fleece overlays while a cycle runs.
 	WorkDir string
@@ -83,6 +85,7 @@ type Protector struct {
 
 	mu     sync.Mutex
 	warned map[string]bool
+	nodes  map[string]string // disk name -> its node at the last cycle
 }
 
 func (p *Protector) log() *slog.Logger {
@@ -115,7 +118,8 @@ func (p *Protector) Cycle(ctx context.Context) (lifeboat.Point, error) {
 
 // diskState is one disk within one cycle.
 type diskState struct {
-	node       string
+	name       string // the disk's stable name: in points, logs, the wire
+	node       string // its node now: for QMP
 	size       int64
 	persistent bool
 	old        string // generation read for dirty blocks; "" = resync
@@ -136,37 +140,92 @@ func (p *Protector) warnOnce(key, msg string, args ...any) {
 	}
 }
 
-// disks resolves the VM's protected disks and says what lifeboat will do about
-// disks whose change tracking cannot survive a VM restart.
+// disks resolves the VM's protected disks, by their stable names (see
+// qemu.Disks), to the nodes that hold them now, and says what lifeboat will do
+// about disks whose change tracking cannot survive a VM restart.
 func (p *Protector) disks(ctx context.Context, m *qemu.Monitor) ([]qemu.BlockNode, error) {
+	all, err := m.Disks(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list disks: %w", err)
+	}
 	var nodes []qemu.BlockNode
 	if len(p.VM.Disks) == 0 {
-		all, err := m.Disks(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("list disks: %w", err)
-		}
 		if len(all) == 0 {
-			return nil, fmt.Errorf("QMP %s shows no writable disk: name the disk nodes under `disks:` in the config", p.VM.QMPSocket)
+			return nil, fmt.Errorf("QMP %s shows no writable disk (no block device, or in a qemu-storage-daemon no block export): name the disks under `disks:` of vm %q in the config", p.VM.QMPSocket, p.VM.Name)
 		}
 		nodes = all
 	} else {
 		for _, name := range p.VM.Disks {
-			n, err := m.Node(ctx, name)
-			if err != nil {
-				return nil, fmt.Errorf("disk %q: %w (check `disks:` of vm %q in the config)", name, err, p.VM.Name)
+			n, byNode, err := qemu.FindDisk(all, name)
+			switch {
+			case err == nil && byNode:
+				p.warnOnce("bynode-"+name, "`disks:` names a disk by its node name, which QEMU or libvirt may change at a restart: name it by its disk name instead",
+					"node", name, "disk", n.Name)
+			case err != nil:
+				// A node no device or export uses, named in the config: it
+				// is its own disk, named after the node.
+				var nerr error
+				if n, nerr = m.Node(ctx, name); nerr != nil {
+					return nil, fmt.Errorf("disk %q: %w (check `disks:` of vm %q in the config)", name, err, p.VM.Name)
+				}
+				if n.ReadOnly {
+					return nil, fmt.Errorf("disk %q: node %q is read-only, so no disk of a VM (check `disks:` of vm %q in the config)", name, n.NodeName, p.VM.Name)
+				}
+				n.Name = n.NodeName
 			}
 			nodes = append(nodes, n)
 		}
 	}
+	if p.nodes == nil {
+		p.nodes = map[string]string{}
+	}
 	for _, n := range nodes {
 		switch {
 		case n.Driver == "qcow2" && n.Compat == "0.10":
-			p.warnOnce(n.NodeName, "disk is a qcow2 v2 image, which cannot hold persistent bitmaps: change tracking lives in memory, and after a VM restart lifeboat resyncs the disk by comparing hashes (upgrade with `qemu-img amend -o compat=1.1`)", "disk", n.NodeName)
+			p.warnOnce(n.Name, "disk is a qcow2 v2 image, which cannot hold persistent bitmaps: change tracking lives in memory, and after a VM restart lifeboat resyncs the disk by comparing hashes (upgrade with `qemu-img amend -o compat=1.1`)", "disk", n.Name, "node", n.NodeName)
 		case n.Driver != "qcow2":
-			p.warnOnce(n.NodeName, "disk is not qcow2: its change tracking (bitmap) lives in memory only; after a VM restart lifeboat resyncs the disk by comparing hashes", "disk", n.NodeName, "driver", n.Driver)
+			p.warnOnce(n.Name, "disk is not qcow2: its change tracking (bitmap) lives in memory only; after a VM restart lifeboat resyncs the disk by comparing hashes", "disk", n.Name, "node", n.NodeName, "driver", n.Driver)
+		}
+		if was, ok := p.nodes[n.Name]; ok && was != n.NodeName {
+			p.log().Info("disk is held by another node now", "disk", n.Name, "node", n.NodeName, "was", was)
+		}
+		p.nodes[n.Name] = n.NodeName
+		if !hasGeneration(n) && n.BackingFile != "" {
+			if err := p.checkSnapshot(ctx, m, n); err != nil {
+				return nil, err
+			}
 		}
 	}
 	return nodes, nil
+}
+
+// checkSnapshot says why a disk whose node carries no generation while its
+// backing node does will be resynchronised: an external snapshot put a new node
+// on top, and lifeboat's bitmaps stayed on the old one, where they miss every
+// write since. They are not trusted; the hash resync is what is right.
+func (p *Protector) checkSnapshot(ctx context.Context, m *qemu.Monitor, n qemu.BlockNode) error {
+	all, err := m.Nodes(ctx)
+	if err != nil {
+		return fmt.Errorf("disk %q: %w", n.Name, err)
+	}
+	for _, b := range all {
+		if b.Filename == n.BackingFile && b.NodeName != n.NodeName && hasGeneration(b) {
+			p.log().Warn("disk has a new top node (an external snapshot?) and lifeboat's change tracking stayed on the old one, which misses the writes since: a hash resync will run",
+				"disk", n.Name, "node", n.NodeName, "old_node", b.NodeName)
+			return nil
+		}
+	}
+	return nil
+}
+
+// hasGeneration reports whether the node carries one of lifeboat's bitmap generations.
+func hasGeneration(n qemu.BlockNode) bool {
+	for _, b := range n.Bitmaps {
+		if strings.HasPrefix(b.Name, genPrefix) || strings.HasPrefix(b.Name, legacyPrefix) {
+			return true
+		}
+	}
+	return false
 }
 
 func persistentBitmaps(n qemu.BlockNode) bool { return n.Driver == "qcow2" && n.Compat != "0.10" }

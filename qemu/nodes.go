@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"sort"
@@ -13,7 +14,12 @@ const OwnPrefix = "lifeboat-"
 
 // BlockNode is one node of QEMU's block graph.
 type BlockNode struct {
+	// Name is the disk's stable name when the node is a disk (see Disks): what
+	// lifeboat calls the disk in points and logs. NodeName is what QMP calls
+	// the node today, which may change at every restart.
+	Name                       string
 	NodeName, Driver, Filename string // driver: qcow2, raw, file, ...
+	BackingFile                string // the backing image's file name, if any
 	ReadOnly                   bool
 	Size                       int64 // virtual size
 	Bitmaps                    []Bitmap
@@ -49,6 +55,7 @@ type blockDeviceInfo struct {
 	NodeName string `json:"node-name"`
 	Drv      string `json:"drv"`
 	File     string `json:"file"`
+	Backing  string `json:"backing_file"`
 	RO       bool   `json:"ro"`
 	Image    struct {
 		VirtualSize    int64 `json:"virtual-size"`
@@ -72,7 +79,7 @@ type blockDeviceInfo struct {
 
 func (i blockDeviceInfo) node() BlockNode {
 	n := BlockNode{
-		NodeName: i.NodeName, Driver: i.Drv, Filename: i.File, ReadOnly: i.RO,
+		NodeName: i.NodeName, Driver: i.Drv, Filename: i.File, BackingFile: i.Backing, ReadOnly: i.RO,
 		Size: i.Image.VirtualSize,
 	}
 	if i.Image.FormatSpecific.Type == "qcow2" {
@@ -124,92 +131,170 @@ func findNode(nodes []BlockNode, name string) (BlockNode, error) {
 	return BlockNode{}, fmt.Errorf("block node %q not found; the nodes are: %s", name, strings.Join(names, ", "))
 }
 
-type blockGraph struct {
-	Nodes []struct {
-		ID   int64  `json:"id"`
-		Type string `json:"type"` // block-backend, block-job, block-driver
-		Name string `json:"name"`
-	} `json:"nodes"`
-	Edges []struct {
-		Parent int64 `json:"parent"`
-		Child  int64 `json:"child"`
-	} `json:"edges"`
-}
-
 // jobFilters are the drivers of the filter nodes block jobs insert above the
-// node they work on; they are not part of the VM's own graph.
+// node they work on (another tool's backup, a mirror, a commit): they are not
+// the VM's disk but stand in front of it.
 var jobFilters = map[string]bool{
 	"copy-before-write": true, "backup-top": true, "mirror_top": true, "commit_top": true,
 }
 
-// Disks lists the VM's writable disks: the format nodes at the top of the block
-// graph, seen through the filters block jobs insert and ignoring lifeboat's
-// own nodes (named OwnPrefix...). It reads x-debug-query-block-graph, which
-// both qemu-system and qemu-storage-daemon answer (query-block would miss the
-// nodes of a qemu-storage-daemon, which has no devices).
+// blockInfo is a device's entry in query-block.
+type blockInfo struct {
+	Device   string `json:"device"` // a -drive's id; "" with -blockdev
+	QDev     string `json:"qdev"`   // the device's id, or its QOM path
+	Inserted *struct {
+		NodeName string `json:"node-name"`
+		RO       bool   `json:"ro"`
+	} `json:"inserted"`
+}
+
+// name is the device's stable name: its qdev id (`-device ...,id=vda`; QEMU
+// reports "/machine/peripheral/vda/virtio-backend" for virtio devices), else
+// the -drive id, else "" (an anonymous device: only its node name is left).
+func (b blockInfo) name() string {
+	if b.QDev != "" && !strings.HasPrefix(b.QDev, "/") {
+		return b.QDev
+	}
+	if rest, ok := strings.CutPrefix(b.QDev, "/machine/peripheral/"); ok {
+		if id, _, _ := strings.Cut(rest, "/"); id != "" {
+			return id
+		}
+	}
+	return b.Device
+}
+
+// Disks lists the VM's writable disks, each with its stable Name and the
+// format node that holds it now (NodeName), through stable QMP commands only:
+//
+//   - in a qemu-system, the disks are its block devices (query-block); a
+//     disk's name is the device's qdev id (`-device virtio-blk-pci,id=vda`,
+//     libvirt's "virtio-disk0"), else its -drive id, else its node name;
+//   - in a qemu-storage-daemon (no devices), the disks are the nodes its block
+//     exports serve (query-block-exports, which is how a VM reaches them); a
+//     disk's name is the id of the export serving it (the smallest, if
+//     several do). QEMU does not report an NBD export's name, so the id it is.
+//
+// Node names may change freely (libvirt renumbers them at a restart; an
+// external snapshot puts a new node on top): the name stays, and the node is
+// resolved again at every call. Lifeboat's own nodes and exports
+// (OwnPrefix...) are skipped, read-only disks too, and a block job's filter in
+// front of a disk (another tool's backup) is looked through to the disk's
+// node. Nodes no device or export uses (a backup's scratch node) are no disks.
 func (m *Monitor) Disks(ctx context.Context) ([]BlockNode, error) {
 	nodes, err := m.Nodes(ctx)
 	if err != nil {
 		return nil, err
 	}
-	var g blockGraph
-	if err := m.Execute(ctx, "x-debug-query-block-graph", nil, &g); err != nil {
+	var devs []blockInfo
+	if err := m.Execute(ctx, "query-block", nil, &devs); err != nil {
 		return nil, err
 	}
-	byName := make(map[string]BlockNode, len(nodes))
-	for _, n := range nodes {
-		byName[n.NodeName] = n
-	}
-	type gnode struct {
-		name    string
-		drv     bool // a block-driver node
-		parents []int64
-	}
-	gn := make(map[int64]*gnode, len(g.Nodes))
-	for _, n := range g.Nodes {
-		gn[n.ID] = &gnode{name: n.Name, drv: n.Type == "block-driver"}
-	}
-	for _, e := range g.Edges {
-		if c := gn[e.Child]; c != nil {
-			c.parents = append(c.parents, e.Parent)
+	type root struct{ name, node string }
+	var roots []root
+	for _, d := range devs {
+		if d.Inserted == nil || d.Inserted.RO {
+			continue // an empty drive, a cdrom
 		}
+		roots = append(roots, root{d.name(), d.Inserted.NodeName})
 	}
-	// transparent nodes are not the VM's: looking for a disk's parent, we look
-	// through them to their own parents.
-	transparent := func(n *gnode) bool {
-		return strings.HasPrefix(n.name, OwnPrefix) || jobFilters[byName[n.name].Driver]
-	}
-	var hasVMParent func(n *gnode, depth int) bool
-	hasVMParent = func(n *gnode, depth int) bool {
-		if depth > 64 {
-			return true // a cycle cannot be; be safe rather than loop
+	if len(devs) == 0 {
+		// No devices: a qemu-storage-daemon, whose exports are the VM's disks.
+		// (The exports of a qemu-system are other tools' views, such as a
+		// libvirt pull backup's scratch node, and no disks.)
+		exps, err := m.Exports(ctx)
+		if err != nil {
+			return nil, err
 		}
-		for _, pid := range n.parents {
-			p := gn[pid]
-			if p == nil || !p.drv {
-				continue // backends, jobs and exports are users, not disks
-			}
-			if strings.HasPrefix(p.name, OwnPrefix) {
-				continue // our fleece has the disk as backing
-			}
-			if !transparent(p) || hasVMParent(p, depth+1) {
-				return true
+		sort.Slice(exps, func(i, j int) bool { return exps[i].ID < exps[j].ID })
+		for _, e := range exps {
+			if !strings.HasPrefix(e.ID, OwnPrefix) && !e.ShuttingDown {
+				roots = append(roots, root{e.ID, e.Node})
 			}
 		}
-		return false
 	}
 	var disks []BlockNode
-	for _, n := range g.Nodes {
-		c := gn[n.ID]
-		if !c.drv || transparent(c) || hasVMParent(c, 0) {
+	seen, named := map[string]bool{}, map[string]string{}
+	for _, r := range roots {
+		n, ok := formatNode(nodes, r.node)
+		if !ok || n.ReadOnly || strings.HasPrefix(n.NodeName, OwnPrefix) || seen[n.NodeName] {
 			continue
 		}
-		bn, ok := byName[c.name]
-		if !ok || bn.ReadOnly {
-			continue
+		seen[n.NodeName] = true
+		n.Name = cmp.Or(r.name, n.NodeName)
+		if other, dup := named[n.Name]; dup {
+			// Only a device without an id, named after its node, can meet another's id.
+			return nil, fmt.Errorf("two disks would be named %q (nodes %q and %q): give the device without an id one (`-device ...,id=NAME`)", n.Name, other, n.NodeName)
 		}
-		disks = append(disks, bn)
+		named[n.Name] = n.NodeName
+		disks = append(disks, n)
 	}
-	sort.Slice(disks, func(i, j int) bool { return disks[i].NodeName < disks[j].NodeName })
+	sort.Slice(disks, func(i, j int) bool { return disks[i].Name < disks[j].Name })
 	return disks, nil
+}
+
+// formatNode returns the node a device or export reads through name, looking
+// through the filters block jobs insert. QEMU's stable commands do not list a
+// node's children, but a filter reports its child's file name and size: the
+// child is the node with both, preferring a format node over the protocol
+// node under it (a raw image's file node has the same name and size).
+func formatNode(nodes []BlockNode, name string) (BlockNode, bool) {
+	// rank orders the candidates: a format node, a protocol node, another filter.
+	rank := func(n *BlockNode) int {
+		switch {
+		case jobFilters[n.Driver]:
+			return 0
+		case protocolDrivers[n.Driver]:
+			return 1
+		}
+		return 2
+	}
+	n, err := findNode(nodes, name)
+	for depth := 0; err == nil && jobFilters[n.Driver] && depth < 8; depth++ {
+		var best *BlockNode
+		for i := range nodes {
+			c := &nodes[i]
+			if c.NodeName == n.NodeName || c.Filename != n.Filename || c.Size != n.Size || strings.HasPrefix(c.NodeName, OwnPrefix) {
+				continue
+			}
+			if best == nil || rank(c) > rank(best) {
+				best = c
+			}
+		}
+		if best == nil {
+			return BlockNode{}, false
+		}
+		n = *best
+	}
+	return n, err == nil && !jobFilters[n.Driver]
+}
+
+// protocolDrivers are drivers of nodes that reach storage, under a format node.
+var protocolDrivers = map[string]bool{
+	"file": true, "host_device": true, "host_cdrom": true, "nbd": true, "iscsi": true, "rbd": true,
+	"nfs": true, "ssh": true, "gluster": true, "http": true, "https": true, "nvme": true, "io_uring": true,
+}
+
+// FindDisk returns the disk named name among disks: by its stable Name, or
+// else by its current node name (as configs written before disks had stable
+// names say). byNode tells which matched. If none does, the error lists the
+// disks by both.
+func FindDisk(disks []BlockNode, name string) (d BlockNode, byNode bool, err error) {
+	for _, d := range disks {
+		if d.Name == name {
+			return d, false, nil
+		}
+	}
+	for _, d := range disks {
+		if d.NodeName == name {
+			return d, true, nil
+		}
+	}
+	var have []string
+	for _, d := range disks {
+		have = append(have, fmt.Sprintf("%s (node %s)", d.Name, d.NodeName))
+	}
+	if len(have) == 0 {
+		have = []string{"none"}
+	}
+	return BlockNode{}, false, fmt.Errorf("no disk is named %q, by its name or its node name; the disks are: %s", name, strings.Join(have, ", "))
 }

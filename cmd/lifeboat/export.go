@@ -13,9 +13,10 @@ import (
 func newExportCmd(g *globals) *cobra.Command {
 	var point, out, format, disk string
 	cmd := &cobra.Command{
-		Use:   "export VM --point ID|latest -o FILE",
+		Use:   "export VM [--point ID|latest] [--disk NAME] -o FILE",
 		Short: "Write a restore point's disk out as an image (sparse), in any format qemu-img writes",
-		Example: `  lifeboat export web1 --point latest -o /srv/web1.qcow2 --format qcow2
+		Example: `  lifeboat export web1 -o /srv/web1.raw                 # a VM with one disk
+  lifeboat export web1 --point latest -o /srv/web1.qcow2 --format qcow2
   lifeboat export web1 --point 12 --disk vdb -o /srv/web1-vdb.raw`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			vm, err := oneVM(args, "lifeboat export web1 --point latest -o web1.raw")
@@ -48,7 +49,7 @@ func newExportCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&point, "point", "latest", "point ID, or latest")
 	cmd.Flags().StringVarP(&out, "output", "o", "", "image file to write (on the recovery site's file system)")
 	cmd.Flags().StringVar(&format, "format", "raw", "raw, qcow2, vmdk, vdi, vhdx, ... (any format qemu-img writes)")
-	cmd.Flags().StringVar(&disk, "disk", "", "disk to export (needed when the VM has several)")
+	cmd.Flags().StringVar(&disk, "disk", "", "disk to export, by its name in the point (needed when the point has several; an unknown name lists them)")
 	return cmd
 }
 

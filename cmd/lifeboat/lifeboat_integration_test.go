@@ -145,10 +145,19 @@ type deployment struct {
 
 func deploy(t *testing.T, vdaSize int64) *deployment {
 	t.Helper()
-	d := &deployment{dir: shortDir(t), disks: []workload.Disk{{Name: "vda", Size: vdaSize}, {Name: "vdb", Size: 16 << 20}}}
-	d.vm = testvm.Start(t,
+	return deployDisks(t,
 		testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: vdaSize},
 		testvm.DiskSpec{Name: "vdb", Format: "raw", Size: 16 << 20})
+}
+
+// deployDisks is deploy with a VM of the disks given.
+func deployDisks(t *testing.T, specs ...testvm.DiskSpec) *deployment {
+	t.Helper()
+	d := &deployment{dir: shortDir(t)}
+	for _, s := range specs {
+		d.disks = append(d.disks, workload.Disk{Name: s.Name, Size: s.Size})
+	}
+	d.vm = testvm.Start(t, specs...)
 	g, err := workload.Open(context.Background(), d.vm.NBDSocket(), 7, d.disks...)
 	if err != nil {
 		t.Fatal(err)
@@ -328,6 +337,11 @@ func TestCommandsEndToEnd(t *testing.T) {
 		{[]string{"sync", "nosuchvm", "-c", d.prod.config}, "not protected"},
 		{[]string{"export", "vm1", "-c", d.dr.config}, "-o"},
 		{[]string{"export", "vm1", "--point", "99", "--disk", "vda", "-o", "/tmp/x", "-c", d.dr.config}, "99"},
+		// Two disks and no --disk: the disks, and the command to type.
+		{[]string{"export", "vm1", "-o", "/tmp/x.raw", "-c", d.dr.config}, "has 2 disks (vda, vdb): say which one to export with --disk, e.g. `lifeboat export vm1 --point latest --disk vda -o /tmp/x.raw`"},
+		{[]string{"export", "vm1", "--point", "1", "-o", "/tmp/x.qcow2", "--format", "qcow2", "-c", d.dr.config}, "`lifeboat export vm1 --point 1 --disk vda -o /tmp/x.qcow2 --format qcow2`"},
+		// An unknown disk is named, with the disks there are.
+		{[]string{"export", "vm1", "--disk", "vdz", "-o", "/tmp/x.raw", "-c", d.dr.config}, `has no disk "vdz"; its disks are: vda, vdb`},
 		{[]string{"verify", "vm1", "-c", d.prod.config}, "recovery site"},
 		{[]string{"status", "-c", "/nonexistent.yaml"}, "no such file"},
 	} {
@@ -335,6 +349,31 @@ func TestCommandsEndToEnd(t *testing.T) {
 		if err == nil || !strings.Contains(out, tc.want) {
 			t.Fatalf("lifeboat %v: err %v, output %q should mention %q", tc.args, err, out, tc.want)
 		}
+	}
+}
+
+// A VM with one disk needs no --disk to export a point, and verify checks it.
+func TestExportOneDiskWithoutDiskFlag(t *testing.T) {
+	d := deployDisks(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 16 << 20})
+	if err := d.guest.Fill(context.Background(), 0.5); err != nil {
+		t.Fatal(err)
+	}
+	want := d.hashes(t)
+	run(t, "sync", "vm1", "-c", d.prod.config)
+	out := filepath.Join(d.dir, "vm1.raw")
+	run(t, "export", "vm1", "-o", out, "-c", d.dr.config)
+	f, err := os.Open(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := sha256.New()
+	io.Copy(h, f)
+	f.Close()
+	if got := hex.EncodeToString(h.Sum(nil)); got != want["vda"] {
+		t.Fatalf("export without --disk: %s differs from the source at the point's instant", out)
+	}
+	if out := run(t, "verify", "vm1", "-c", d.dr.config); !strings.Contains(out, "OK, 1 disks") {
+		t.Fatalf("verify: %s", out)
 	}
 }
 

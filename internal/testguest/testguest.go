@@ -54,9 +54,13 @@ const DefaultDiskSize = 256 << 20
 // BootTimeout bounds the wait from starting QEMU to the agent answering.
 const BootTimeout = 60 * time.Second
 
-// diskNode is the data disk's node name and NBD export name in the storage
-// daemon.
-const diskNode = "vda"
+// diskNode is the data disk's node name and NBD export name (and id) in the
+// storage daemon, and the id of its device in the qemu-system process: the
+// disk's name either way. vmDiskNode is its node in the qemu-system process.
+const (
+	diskNode   = "vda"
+	vmDiskNode = "nbd-vda"
+)
 
 // Guest is one running test guest and the storage daemon holding its disk.
 type Guest struct {
@@ -136,8 +140,10 @@ func Boot(t testing.TB, opts Options) *Guest {
 		"-serial", "chardev:console0",
 		"-kernel", kernel, "-initrd", initrd,
 		"-append", "console=ttyS0 panic=-1 lb.workload="+opts.Workload,
-		"-blockdev", "driver=nbd,node-name="+diskNode+",server.type=unix,server.path="+optEscape(g.StorageNBDSocket())+",export="+diskNode,
-		"-device", "virtio-blk-pci,drive="+diskNode,
+		// The device's id names the disk (as libvirt's virtio-disk0 does); its
+		// node is named otherwise, as libvirt's libvirt-N-format are.
+		"-blockdev", "driver=nbd,node-name="+vmDiskNode+",server.type=unix,server.path="+optEscape(g.StorageNBDSocket())+",export="+diskNode,
+		"-device", "virtio-blk-pci,drive="+vmDiskNode+",id="+diskNode,
 		"-device", "virtio-serial-pci",
 		"-chardev", "socket,path="+optEscape(g.AgentSocket())+",server=on,wait=off,id=qga0",
 		"-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
