@@ -114,13 +114,8 @@ func (v *VM) NBDURI(export string) string {
 // it again on the same images.
 func (v *VM) Restart(t testing.TB) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
-	defer cancel()
-	if err := v.Daemon.Stop(ctx); err != nil {
-		t.Fatalf("testvm: restart: %v", err)
-	}
-	v.Daemon = nil
-	v.start(t)
+	v.PowerOff(t)
+	v.PowerOn(t)
 }
 
 // PowerOff quits the daemon cleanly (persistent bitmaps are saved); PowerOn
