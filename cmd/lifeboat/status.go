@@ -60,7 +60,11 @@ func newStatusCmd(g *globals) *cobra.Command {
 				if v.Group != "" {
 					name += " (group " + v.Group + ")"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, v.Role, state, last, rpo, points, errText)
+				role := v.Role
+				if v.Owner != "" {
+					role = fmt.Sprintf("%s of %s (epoch %d)", v.Role, v.Owner, v.Epoch)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, role, state, last, rpo, points, errText)
 			}
 			return tw.Flush()
 		},
