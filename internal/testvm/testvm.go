@@ -15,7 +15,7 @@ import (
 
 // DiskSpec is one disk of the test VM.
 type DiskSpec struct {
-	Name   string // node name of the disk's format node and name of its NBD export
+	Name   string // the disk's name: its format node's name, and its NBD export's id and name
 	Format string // qcow2 | raw
 	Size   int64
 	Compat string // qcow2 only: "" (v3) or "0.10" (v2, no persistent bitmaps)
