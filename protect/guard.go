@@ -64,25 +64,10 @@ func RunThawGuard(ctx context.Context, socket, marker string, in io.Reader, boun
 	log.Warn("lifeboat died while the guest may be frozen: thawing it", "socket", socket)
 	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
-	for ctx.Err() == nil {
-		actx, acancel := context.WithTimeout(ctx, 5*time.Second)
-		a, err := qga.Dial(actx, socket)
-		if err == nil {
-			a.Thaw(actx)
-			st, serr := a.FreezeStatus(actx)
-			a.Close()
-			if serr == nil && st == "thawed" {
-				acancel()
-				os.Remove(marker)
-				log.Info("guest thawed", "socket", socket)
-				return nil
-			}
-		}
-		acancel()
-		select {
-		case <-ctx.Done():
-		case <-time.After(500 * time.Millisecond):
-		}
+	if err := qga.EnsureThawed(ctx, socket, nil, log); err != nil {
+		return fmt.Errorf("thaw guard: %w; its marker %s stays for the site's next start", err, marker)
 	}
-	return fmt.Errorf("could not thaw the guest behind %s within %v; its marker %s stays for the site's next start", socket, bound, marker)
+	os.Remove(marker)
+	log.Info("guest thawed", "socket", socket)
+	return nil
 }

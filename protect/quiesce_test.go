@@ -176,11 +176,10 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 	// the point says so; a failing pre-freeze hook falls back to crash.
 	t.Run("application hooks", func(t *testing.T) {
 		log := filepath.Join(t.TempDir(), "hooks.log")
-		aq := *q
-		aq.Level = lifeboat.Application
-		aq.PreFreeze = []string{"echo pre $LIFEBOAT_VM >> " + log}
-		aq.PostThaw = []string{"echo post $LIFEBOAT_VM >> " + log}
-		p.Quiescer = &aq
+		aq := &protect.AgentQuiescer{VM: q.VM, Socket: q.Socket, Level: lifeboat.Application, Limit: q.Limit, MarkerDir: q.MarkerDir,
+			PreFreeze: []string{"echo pre $LIFEBOAT_VM >> " + log},
+			PostThaw:  []string{"echo post $LIFEBOAT_VM >> " + log}}
+		p.Quiescer = aq
 		defer func() { p.Quiescer = q }()
 		pt, err := p.Cycle(ctx(t))
 		if err != nil {
@@ -352,4 +351,177 @@ func TestConsistencyGroupSharesOneInstant(t *testing.T) {
 	if c2-c1 <= 1 {
 		t.Fatalf("separate points a second apart are at %d and %d: the counter does not move, so the group check proves nothing", c1, c2)
 	}
+}
+
+// The guest-side probe and freeze hook of TestLateFreeze. The probe touches
+// /data every 200 ms (a touch blocks while /data is frozen) and, after a tick
+// that took over a second, prints the guest's uptime before and after it, in
+// centiseconds: how long /data stayed frozen, seen from inside the guest. The
+// hook prints the uptime when it starts and ends: qemu-ga freezes right after.
+const (
+	probeScript = `cs() { u=$(cut -d' ' -f1 /proc/uptime); echo "${u%.*}${u#*.}"; }
+prev=$(cs)
+while :; do
+  touch /data/probe
+  now=$(cs)
+  if [ $((now - prev)) -gt 100 ]; then echo "LB-PROBE-RESUMED $prev $now" > /dev/console; fi
+  prev=$now
+  usleep 200000
+done
+`
+	lateHook = `#!/bin/sh
+[ "$1" = freeze ] || exit 0
+cs() { u=$(cut -d' ' -f1 /proc/uptime); echo "${u%.*}${u#*.}"; }
+echo "LB-HOOK-START $(cs)" > /dev/console
+sleep 12
+echo "LB-HOOK-DONE $(cs)" > /dev/console
+`
+	hookDuration = 12 * time.Second
+)
+
+// consoleLine waits, for at most within, for a console line after offset
+// that starts with word and whose numbers pass ok; it returns the numbers and
+// when the line was seen.
+func consoleLine(g *testguest.Guest, offset int, word string, within time.Duration, ok func([]int64) bool) ([]int64, time.Time, bool) {
+	for deadline := time.Now().Add(within); ; time.Sleep(20 * time.Millisecond) {
+		seen := time.Now()
+		con := g.Console()
+		if len(con) > offset {
+			for _, l := range strings.Split(con[offset:], "\n") {
+				f := strings.Fields(l)
+				if len(f) < 2 || f[0] != word {
+					continue
+				}
+				var nums []int64
+				for _, s := range f[1:] {
+					n, err := strconv.ParseInt(s, 10, 64)
+					if err != nil {
+						break
+					}
+					nums = append(nums, n)
+				}
+				if len(nums) == len(f)-1 && (ok == nil || ok(nums)) {
+					return nums, seen, true
+				}
+			}
+		}
+		if seen.After(deadline) {
+			return nil, seen, false
+		}
+	}
+}
+
+func centis(cs int64) time.Duration { return time.Duration(cs) * 10 * time.Millisecond }
+
+// A guest whose fsfreeze hook takes 12 s under a 2 s freeze limit: the cycle
+// falls back to a crash-consistent point at the limit, and the freeze that
+// lands when the hook ends is thawed a few seconds later by the thaw loop,
+// seen from inside the guest (a probe's writes resume) and confirmed by
+// guest-fsfreeze-status (the freeze marker goes only then). The first subtest
+// covers the freeze timer: a freeze nobody thaws is thawed at the limit.
+func TestLateFreeze(t *testing.T) {
+	testenv.RequireTools(t, "qemu-system-x86_64")
+	g := bootGuest(t, testguest.Options{Workload: testguest.None, DiskSize: 32 << 20, Name: "late"})
+	if _, err := g.Shell(ctx(t), "cat > /run/probe <<'EOF'\n"+probeScript+"EOF\nsh /run/probe </dev/null >/dev/null 2>&1 &"); err != nil {
+		t.Fatal(err)
+	}
+	site := testsite.Start(t, recovery.Options{})
+	p := guestProtector(t, g, site, "g1")
+	if _, err := p.Cycle(ctx(t)); err != nil { // the initial sync, so that the cycles below are short
+		t.Fatal(err)
+	}
+	const limit = 2 * time.Second
+	// thawWithin bounds freeze landed -> guest thawed: the loop's attempt
+	// waiting on the busy agent gets its answer as soon as the freeze lands,
+	// or it dials again within a second; the rest is margin for a loaded
+	// machine running TCG.
+	const thawWithin = 6 * time.Second
+	markers := t.TempDir()
+	marker := filepath.Join(markers, "g1.frozen")
+	q := &protect.AgentQuiescer{VM: "g1", Socket: g.AgentSocket(), Level: lifeboat.Filesystem, Limit: limit, MarkerDir: markers}
+	p.Quiescer = q
+
+	t.Run("freeze timer", func(t *testing.T) {
+		offset := len(g.Console())
+		f, err := q.Freeze(ctx(t))
+		if err != nil || f.Level != lifeboat.Filesystem {
+			t.Fatalf("freeze: %+v, %v", f, err)
+		}
+		// Nobody calls Thaw: the timer thaws at the limit.
+		nums, _, ok := consoleLine(g, offset, "LB-PROBE-RESUMED", limit+thawWithin, nil)
+		if !ok {
+			t.Fatalf("the guest's probe did not resume within %v of a freeze limited to %v; console:\n%s", limit+thawWithin, limit, g.Console()[offset:])
+		}
+		frozen := centis(nums[1] - nums[0])
+		t.Logf("freeze timer: /data frozen %v (from inside the guest), limit %v", frozen, limit)
+		if frozen > limit+thawWithin {
+			t.Fatalf("/data stayed frozen %v under a %v limit", frozen, limit)
+		}
+		held, err := f.Thaw(ctx(t))
+		if held || err != nil {
+			t.Fatalf("Thaw after the timer: held %v, %v; want not held, no error", held, err)
+		}
+		if _, err := os.Stat(marker); !os.IsNotExist(err) {
+			t.Fatalf("freeze marker left after the timer's thaw: %v", err)
+		}
+	})
+
+	t.Run("hook outlasts the limit", func(t *testing.T) {
+		if _, err := g.Shell(ctx(t), "mkdir -p /etc/qemu/fsfreeze-hook.d && cat > /etc/qemu/fsfreeze-hook.d/slow <<'EOF'\n"+lateHook+"EOF\nchmod +x /etc/qemu/fsfreeze-hook.d/slow"); err != nil {
+			t.Fatal(err)
+		}
+		offset := len(g.Console())
+		start := time.Now()
+		pt, err := p.Cycle(ctx(t))
+		took := time.Since(start)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("point %d: %s in %v: %s", pt.ID, pt.Consistency, took.Round(time.Millisecond), pt.Note)
+		if pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, "guest-fsfreeze-freeze") {
+			t.Fatalf("point recorded as %s (note %q), want crash consistent with a note on the freeze", pt.Consistency, pt.Note)
+		}
+		if took > limit+8*time.Second {
+			t.Fatalf("the cycle took %v under a %v freeze limit", took, limit)
+		}
+		if took > hookDuration {
+			t.Fatalf("the cycle took %v: it waited for the %v hook", took, hookDuration)
+		}
+		done, landed, ok := consoleLine(g, offset, "LB-HOOK-DONE", hookDuration+20*time.Second, nil)
+		if !ok {
+			t.Fatalf("the freeze hook never ended; console:\n%s", g.Console()[offset:])
+		}
+		res, resumed, ok := consoleLine(g, offset, "LB-PROBE-RESUMED", thawWithin, func(n []int64) bool { return len(n) == 2 && n[1] >= done[0] })
+		if !ok {
+			t.Fatalf("the guest is still frozen %v after the late freeze landed (its probe has not resumed); console:\n%s", time.Since(landed).Round(time.Millisecond), g.Console()[offset:])
+		}
+		inGuest := centis(res[1] - done[0])
+		// The loop confirms with guest-fsfreeze-status before it removes the marker.
+		var confirmed time.Time
+		for deadline := landed.Add(thawWithin); ; time.Sleep(20 * time.Millisecond) {
+			if _, err := os.Stat(marker); os.IsNotExist(err) {
+				confirmed = time.Now()
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the thaw loop has not confirmed the guest thawed %v after the late freeze landed (marker %s stays)", thawWithin, marker)
+			}
+		}
+		t.Logf("late freeze thawed: freeze landed -> guest writing again %v (guest clock), %v (host, console); -> confirmed thawed by guest-fsfreeze-status %v (host); bound %v",
+			inGuest, resumed.Sub(landed).Round(time.Millisecond), confirmed.Sub(landed).Round(time.Millisecond), thawWithin)
+		if inGuest > thawWithin {
+			t.Fatalf("/data stayed frozen %v after the late freeze landed, bound %v", inGuest, thawWithin)
+		}
+		if st, err := g.WaitThawed(ctx(t), 5*time.Second); err != nil {
+			t.Fatalf("guest-fsfreeze-status %q: %v", st, err)
+		}
+		if _, err := g.Shell(ctx(t), "rm -f /etc/qemu/fsfreeze-hook.d/slow"); err != nil {
+			t.Fatal(err)
+		}
+		// The agent is in step again: the next cycle is filesystem consistent.
+		pt, err = p.Cycle(ctx(t))
+		if err != nil || pt.Consistency != lifeboat.Filesystem {
+			t.Fatalf("the cycle after: point %+v, %v; want filesystem consistent", pt, err)
+		}
+	})
 }
