@@ -353,17 +353,17 @@ func TestConsistencyGroupSharesOneInstant(t *testing.T) {
 	}
 }
 
-// The guest-side probe and freeze hook of TestLateFreeze. The probe touches
-// /data every 200 ms (a touch blocks while /data is frozen) and appends the
+// The guest-side probe and freeze hook of TestLateFreeze. The probe truncates
+// a file in /data every 200 ms (that blocks while /data is frozen) and appends the
 // guest's uptime after each touch, in centiseconds, to /run/probe.log (a
 // tmpfs, never frozen): a gap in it is how long /data stayed frozen, seen from
 // inside the guest. The hook prints the uptime when it starts and when it
 // ends, and qemu-ga freezes right after it ends.
 const (
-	probeScript = `cs() { u=$(cut -d' ' -f1 /proc/uptime); echo "${u%.*}${u#*.}"; }
-while :; do
-  touch /data/probe
-  cs >> /run/probe.log
+	probeScript = `while :; do
+  : > /data/probe
+  read u _ < /proc/uptime
+  echo "${u%.*}${u#*.}" >> /run/probe.log
   usleep 200000
 done
 `
@@ -425,23 +425,31 @@ func guestUptime(t *testing.T, g *testguest.Guest) int64 {
 	return n
 }
 
-// probeTicks are the probe's ticks (guest uptime, centiseconds) since from.
-func probeTicks(t *testing.T, g *testguest.Guest, from int64) []int64 {
+// probeTicks are the probe's ticks (guest uptime, centiseconds) since from,
+// and the latest before from, once enough says they are enough (the probe
+// ticks slowly on a loaded machine).
+func probeTicks(t *testing.T, g *testguest.Guest, from int64, enough func([]int64) bool) []int64 {
 	t.Helper()
-	out, err := g.Shell(ctx(t), "cat /run/probe.log")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ticks []int64
-	for _, f := range strings.Fields(out) {
-		if n, err := strconv.ParseInt(f, 10, 64); err == nil && n >= from {
-			ticks = append(ticks, n)
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(300 * time.Millisecond) {
+		out, err := g.Shell(ctx(t), "cat /run/probe.log")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var all []int64 // in order: the probe appends
+		for _, f := range strings.Fields(out) {
+			if n, err := strconv.ParseInt(f, 10, 64); err == nil {
+				all = append(all, n)
+			}
+		}
+		i := sort.Search(len(all), func(i int) bool { return all[i] >= from })
+		ticks := all[max(0, i-1):]
+		if enough(ticks) {
+			return ticks
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the probe ticked only at %v since guest uptime %d: it does not run", ticks, from)
 		}
 	}
-	if len(ticks) < 2 {
-		t.Fatalf("the probe ticked %d times since uptime %d: it does not run", len(ticks), from)
-	}
-	return ticks
 }
 
 // waitMarkerGone waits until the freeze marker is gone: the quiescer removes it
@@ -499,14 +507,17 @@ func TestLateFreeze(t *testing.T) {
 		if held || err != nil {
 			t.Fatalf("Thaw after the timer: held %v, %v; want not held, no error", held, err)
 		}
-		ticks := probeTicks(t, g, from)
+		// The guest is thawed by now: a tick after now closes the gap.
+		thawed := guestUptime(t, g)
+		ticks := probeTicks(t, g, from, func(ts []int64) bool { return len(ts) > 0 && ts[len(ts)-1] > thawed })
 		var frozen time.Duration
 		for i := 1; i < len(ticks); i++ {
 			frozen = max(frozen, centis(ticks[i]-ticks[i-1]))
 		}
-		t.Logf("freeze timer: the probe's longest gap %v (from inside the guest), limit %v", frozen, limit)
+		t.Logf("freeze timer: the probe's longest gap %v (guest clock), limit %v", frozen, limit)
 		if frozen < limit/2 || frozen > limit+thawWithin {
-			t.Fatalf("the probe's longest gap is %v: /data was not held frozen for the %v limit and thawed then", frozen, limit)
+			t.Fatalf("the probe's longest gap is %v (ticks %v, guest uptime %d before the freeze, %d after the thaw): /data was not held frozen for the %v limit and thawed then",
+				frozen, ticks, from, thawed, limit)
 		}
 	})
 
@@ -543,7 +554,7 @@ func TestLateFreeze(t *testing.T) {
 		if st, err := g.WaitThawed(ctx(t), 5*time.Second); err != nil {
 			t.Fatalf("guest-fsfreeze-status %q: %v", st, err)
 		}
-		ticks := probeTicks(t, g, done[0]-500)
+		ticks := probeTicks(t, g, done[0], func(ts []int64) bool { return len(ts) > 0 && ts[len(ts)-1] > done[0] })
 		var before, after int64 = -1, -1
 		for _, tk := range ticks {
 			if tk <= done[0] {
@@ -561,8 +572,9 @@ func TestLateFreeze(t *testing.T) {
 		if inGuest > thawWithin {
 			t.Fatalf("/data stayed frozen %v after the late freeze landed, bound %v", inGuest, thawWithin)
 		}
-		if _, err := g.Shell(ctx(t), "rm -f /etc/qemu/fsfreeze-hook.d/slow"); err != nil {
-			t.Fatal(err)
+		// The freeze did land, and the agent thawed it (its hook runs "thaw" after).
+		if log, err := g.Shell(ctx(t), "cat /run/lifeboat-fsfreeze.log; rm -f /etc/qemu/fsfreeze-hook.d/slow"); err != nil || !strings.HasSuffix(log, "freeze\nthaw\n") {
+			t.Fatalf("fsfreeze hook log %q, %v: want freeze then thaw", log, err)
 		}
 		// The agent is in step again: the next cycle is filesystem consistent.
 		pt, err = p.Cycle(ctx(t))
