@@ -62,6 +62,9 @@ func RunThawGuard(ctx context.Context, socket, marker string, in io.Reader, boun
 		return nil
 	}
 	log.Warn("lifeboat died while the guest may be frozen: thawing it", "socket", socket)
+	if bound <= 0 {
+		bound = qga.DefaultThawBound
+	}
 	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
 	if err := qga.EnsureThawed(ctx, socket, nil, log); err != nil {

@@ -539,6 +539,21 @@ func TestLateFreeze(t *testing.T) {
 		if took > limit+6*time.Second || took > hookDuration {
 			t.Fatalf("the cycle took %v under a %v freeze limit (the hook takes %v)", took, limit, hookDuration)
 		}
+		// While the hook still runs, the next cycle does not queue a second
+		// freeze behind the first (whose thaw could land in its instant): it
+		// falls back at once.
+		start = time.Now()
+		pt, err = p.Cycle(ctx(t))
+		took = time.Since(start)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, "previous freeze") || took > limit {
+			t.Fatalf("a cycle while the late freeze is pending: %s in %v (note %q); want crash consistent at once, saying why", pt.Consistency, took, pt.Note)
+		}
+		if _, err := os.Stat(marker); err != nil {
+			t.Fatalf("the freeze marker went before the late freeze was thawed: %v", err)
+		}
 		done, landed, ok := consoleLine(g, offset, "LB-HOOK-DONE", hookDuration+20*time.Second, nil)
 		if !ok {
 			t.Fatalf("the freeze hook never ended; console:\n%s", g.Console()[offset:])
