@@ -549,7 +549,7 @@ func TestLateFreeze(t *testing.T) {
 			t.Fatal(err)
 		}
 		if pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, "previous freeze") || took > limit {
-			t.Fatalf("a cycle while the late freeze is pending: %s in %v (note %q); want crash consistent at once, saying why", pt.Consistency, took, pt.Note)
+			t.Errorf("a cycle while the late freeze is pending: %s in %v (note %q); want crash consistent at once, saying why", pt.Consistency, took, pt.Note)
 		}
 		if _, err := os.Stat(marker); err != nil {
 			t.Fatalf("the freeze marker went before the late freeze was thawed: %v", err)
