@@ -2,6 +2,7 @@ package protect_test
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qga"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
@@ -469,8 +471,9 @@ func waitMarkerGone(marker string, within time.Duration) (time.Time, bool) {
 // falls back to a crash-consistent point at the limit, and the freeze that
 // lands when the hook ends is thawed a few seconds later by the thaw loop,
 // confirmed by guest-fsfreeze-status (the freeze marker goes only then) and
-// seen from inside the guest (a probe's writes resume). The first subtest
-// covers the freeze timer: a freeze nobody thaws is thawed at the limit.
+// seen from inside the guest (a probe's writes resume). The other subtests
+// cover the loop's other callers: the freeze timer (a freeze nobody thaws is
+// thawed at the limit), the thaw guard and a site's start (ThawLeftovers).
 func TestLateFreeze(t *testing.T) {
 	testenv.RequireTools(t, "qemu-system-x86_64")
 	g := bootGuest(t, testguest.Options{Workload: testguest.None, DiskSize: 32 << 20, Name: "late"})
@@ -596,5 +599,41 @@ func TestLateFreeze(t *testing.T) {
 		if err != nil || pt.Consistency != lifeboat.Filesystem {
 			t.Fatalf("the cycle after: point %+v, %v; want filesystem consistent", pt, err)
 		}
+	})
+
+	// The two other callers of the thaw loop, on a guest frozen by a site
+	// that died: the thaw guard (its stdin ended) and the site's next start
+	// (a marker names the agent).
+	t.Run("guard and leftovers", func(t *testing.T) {
+		freezeBehindOurBack := func() {
+			t.Helper()
+			a, err := qga.Dial(ctx(t), g.AgentSocket())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			if _, err := a.Freeze(ctx(t)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		confirmThawed := func(who string) {
+			t.Helper()
+			if st, err := g.WaitThawed(ctx(t), 2*time.Second); err != nil {
+				t.Fatalf("after %s: guest-fsfreeze-status %q: %v", who, st, err)
+			}
+			if _, err := os.Stat(marker); !os.IsNotExist(err) {
+				t.Fatalf("%s left the marker: %v", who, err)
+			}
+		}
+		freezeBehindOurBack()
+		os.WriteFile(marker, []byte(g.AgentSocket()+"\n"), 0o600)
+		if err := protect.RunThawGuard(ctx(t), g.AgentSocket(), marker, strings.NewReader(""), 30*time.Second, slog.Default()); err != nil {
+			t.Fatal(err)
+		}
+		confirmThawed("the thaw guard")
+		freezeBehindOurBack()
+		os.WriteFile(marker, []byte(g.AgentSocket()+"\n"), 0o600)
+		protect.ThawLeftovers(ctx(t), markers, slog.Default())
+		confirmThawed("ThawLeftovers")
 	})
 }
