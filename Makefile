@@ -27,6 +27,7 @@ check:
 test: deps check
 	$(GO) test -count=1 -timeout 20m $(PKGS)
 	$(GO) test -count=1 -race -short -timeout 20m $(RACE_PKGS)
+	$(GO) test -count=1 -race -timeout 10m -run 'TestLateFreeze|TestQuiesceFailureFallsBackAndThaws' ./protect # guest freeze tests, which -short skips
 
 test-race: deps
 	$(GO) test -count=1 -race -timeout 30m $(PKGS)

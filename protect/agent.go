@@ -44,6 +44,9 @@ type AgentQuiescer struct {
 	// a process that thaws the guest if this one dies while it is frozen.
 	Guard []string
 	Log   *slog.Logger
+
+	mu      sync.Mutex
+	thawing *thawRun // the latest background thaw
 }
 
 func (q *AgentQuiescer) limit() time.Duration {
@@ -68,6 +71,15 @@ func (q *AgentQuiescer) marker() string {
 // all within the freeze limit. The returned Thaw thaws, and so does a timer at
 // the limit if Thaw has not come by then.
 func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
+	q.mu.Lock()
+	busy := q.thawing.running()
+	q.mu.Unlock()
+	if busy {
+		// Its agent is still busy with the last freeze (or does not answer):
+		// a new freeze would only queue behind it, and its thaw could land
+		// in the middle of this instant.
+		return q.fallBack(errors.New("the guest's previous freeze is not confirmed thawed yet; lifeboat keeps thawing it in the background"))
+	}
 	limit := q.limit()
 	fctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
@@ -95,7 +107,7 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	}
 	a, err := qga.Dial(fctx, q.Socket)
 	if err != nil {
-		os.Remove(q.marker())
+		q.removeMarker()
 		guard.dismiss()
 		postThaw()
 		return q.fallBack(fmt.Errorf("guest agent %s: %w", q.Socket, err))
@@ -103,53 +115,26 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	since := time.Now()
 	if _, err := a.Freeze(fctx); err != nil {
 		// The freeze may still happen (an agent busy in a slow fsfreeze hook
-		// answers late), or have happened half: thaw in the background until
-		// the guest is confirmed thawed, while this cycle goes on crash consistent.
-		go func() {
-			if q.ensureThawed(context.Background(), a, thawBound) {
-				guard.dismiss()
-			}
-			a.Close()
-			postThaw()
-		}()
+		// freezes when the hook ends, answering late), or have happened half:
+		// the thaw loop starts now and runs until the guest is confirmed
+		// thawed, while this cycle goes on crash consistent.
+		q.thawInBackground(a, guard, postThaw)
 		return q.fallBack(fmt.Errorf("guest-fsfreeze-freeze: %w", err))
 	}
 	var (
 		mu      sync.Mutex
-		thawed  bool
+		run     *thawRun // set once, by Thaw or by the timer
 		expired bool
-		thawErr error
 	)
-	doThaw := func(ctx context.Context) {
-		// Under mu: Thaw and the timer never thaw twice.
-		tctx, cancel := context.WithTimeout(ctx, limit)
-		defer cancel()
-		thawed = true
-		if _, err := a.Thaw(tctx); err != nil {
-			thawErr = fmt.Errorf("guest-fsfreeze-thaw: %w", err)
-			go func() {
-				if q.ensureThawed(context.Background(), a, thawBound) {
-					guard.dismiss()
-				}
-				a.Close()
-				postThaw()
-			}()
-			return
-		}
-		os.Remove(q.marker())
-		guard.dismiss()
-		a.Close()
-		postThaw()
-	}
 	timer := time.AfterFunc(limit-time.Since(since), func() {
 		mu.Lock()
 		defer mu.Unlock()
-		if thawed {
+		if run != nil {
 			return
 		}
 		expired = true
 		q.log().Warn("freeze bound reached: thawing the guest now", "limit", limit)
-		doThaw(context.Background())
+		run = q.thawInBackground(a, guard, postThaw)
 	})
 	level := lifeboat.Filesystem
 	if app {
@@ -158,12 +143,78 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	return &Frozen{Level: level, Since: since, Thaw: func(ctx context.Context) (bool, error) {
 		timer.Stop()
 		mu.Lock()
-		defer mu.Unlock()
-		if !thawed {
-			doThaw(ctx)
+		if run == nil {
+			run = q.thawInBackground(a, guard, postThaw)
 		}
-		return !expired, thawErr
+		r, held := run, !expired
+		mu.Unlock()
+		// The thaw itself takes milliseconds; what is left after limit goes
+		// on in the background, and the next freeze waits for it.
+		wait := time.NewTimer(limit)
+		defer wait.Stop()
+		select {
+		case <-r.done:
+			return held, r.err
+		case <-ctx.Done():
+		case <-wait.C:
+		}
+		return held, fmt.Errorf("guest %s not confirmed thawed within %v; lifeboat keeps trying in the background", q.VM, limit)
 	}}, nil
+}
+
+// thawRun is one run of the thaw loop in the background.
+type thawRun struct {
+	done chan struct{} // closed when the run ends; err is then set
+	err  error
+}
+
+func (r *thawRun) running() bool {
+	if r == nil {
+		return false
+	}
+	select {
+	case <-r.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// thawInBackground runs the thaw loop on a (which it takes over) until the guest
+// is confirmed thawed or thawBound passes, then dismisses the guard and runs
+// the post-thaw hooks. Until it ends, this quiescer's next Freeze falls back.
+func (q *AgentQuiescer) thawInBackground(a *qga.Agent, guard *guardProcess, postThaw func()) *thawRun {
+	r := &thawRun{done: make(chan struct{})}
+	q.mu.Lock()
+	q.thawing = r
+	q.mu.Unlock()
+	go func() {
+		defer close(r.done)
+		ctx, cancel := context.WithTimeout(context.Background(), thawBound)
+		defer cancel()
+		if r.err = q.thaw(ctx, a); r.err == nil {
+			guard.dismiss()
+		}
+		postThaw()
+	}()
+	return r
+}
+
+// thaw runs the one thaw loop (qga.EnsureThawed) and removes the freeze marker
+// once the guest is confirmed thawed. a may be nil.
+func (q *AgentQuiescer) thaw(ctx context.Context, a *qga.Agent) error {
+	if err := qga.EnsureThawed(ctx, q.Socket, a, q.log()); err != nil {
+		q.log().Error("could not confirm the guest is thawed; its guard and marker stay so that it is thawed later", "err", err)
+		return fmt.Errorf("vm %q: %w", q.VM, err)
+	}
+	q.removeMarker()
+	return nil
+}
+
+func (q *AgentQuiescer) removeMarker() {
+	if q.MarkerDir != "" {
+		os.Remove(q.marker())
+	}
 }
 
 // fallBack applies the policy when quiescing failed.
@@ -179,36 +230,6 @@ func (q *AgentQuiescer) fallBack(err error) (*Frozen, error) {
 // thawBound is how long lifeboat keeps trying to thaw a guest whose agent does
 // not answer: an agent busy in a slow freeze answers when the freeze ends.
 const thawBound = 10 * time.Minute
-
-// ensureThawed keeps trying, within bound, to leave the guest running: thaw,
-// then confirm with guest-fsfreeze-status, on a new connection after a failure.
-func (q *AgentQuiescer) ensureThawed(ctx context.Context, a *qga.Agent, bound time.Duration) bool {
-	ctx, cancel := context.WithTimeout(ctx, bound)
-	defer cancel()
-	for ctx.Err() == nil {
-		actx, acancel := context.WithTimeout(ctx, 5*time.Second)
-		if a == nil {
-			var err error
-			if a, err = qga.Dial(actx, q.Socket); err != nil {
-				acancel()
-				time.Sleep(250 * time.Millisecond)
-				continue
-			}
-			defer a.Close()
-		}
-		a.Thaw(actx)
-		st, err := a.FreezeStatus(actx)
-		acancel()
-		if err == nil && st == "thawed" {
-			os.Remove(q.marker())
-			q.log().Info("guest confirmed thawed")
-			return true
-		}
-		a = nil
-	}
-	q.log().Error("could not confirm the guest is thawed; its guard and marker stay so that it is thawed later", "socket", q.Socket)
-	return false
-}
 
 func (q *AgentQuiescer) runHooks(ctx context.Context, what string, cmds []string) error {
 	timeout := q.HookTimeout
@@ -249,6 +270,8 @@ func ThawLeftovers(ctx context.Context, dir string, log *slog.Logger) {
 		}
 		q := &AgentQuiescer{VM: vm, Socket: strings.TrimSpace(string(b)), MarkerDir: dir, Log: log}
 		q.log().Warn("this site stopped while the guest was frozen: thawing it")
-		q.ensureThawed(ctx, nil, time.Minute)
+		tctx, cancel := context.WithTimeout(ctx, time.Minute)
+		q.thaw(tctx, nil)
+		cancel()
 	}
 }

@@ -62,27 +62,15 @@ func RunThawGuard(ctx context.Context, socket, marker string, in io.Reader, boun
 		return nil
 	}
 	log.Warn("lifeboat died while the guest may be frozen: thawing it", "socket", socket)
+	if bound <= 0 {
+		bound = qga.DefaultThawBound
+	}
 	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
-	for ctx.Err() == nil {
-		actx, acancel := context.WithTimeout(ctx, 5*time.Second)
-		a, err := qga.Dial(actx, socket)
-		if err == nil {
-			a.Thaw(actx)
-			st, serr := a.FreezeStatus(actx)
-			a.Close()
-			if serr == nil && st == "thawed" {
-				acancel()
-				os.Remove(marker)
-				log.Info("guest thawed", "socket", socket)
-				return nil
-			}
-		}
-		acancel()
-		select {
-		case <-ctx.Done():
-		case <-time.After(500 * time.Millisecond):
-		}
+	if err := qga.EnsureThawed(ctx, socket, nil, log); err != nil {
+		return fmt.Errorf("thaw guard: %w; its marker %s stays for the site's next start", err, marker)
 	}
-	return fmt.Errorf("could not thaw the guest behind %s within %v; its marker %s stays for the site's next start", socket, bound, marker)
+	os.Remove(marker)
+	log.Info("guest thawed", "socket", socket)
+	return nil
 }

@@ -2,6 +2,7 @@ package protect_test
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qga"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
@@ -176,11 +178,10 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 	// the point says so; a failing pre-freeze hook falls back to crash.
 	t.Run("application hooks", func(t *testing.T) {
 		log := filepath.Join(t.TempDir(), "hooks.log")
-		aq := *q
-		aq.Level = lifeboat.Application
-		aq.PreFreeze = []string{"echo pre $LIFEBOAT_VM >> " + log}
-		aq.PostThaw = []string{"echo post $LIFEBOAT_VM >> " + log}
-		p.Quiescer = &aq
+		aq := &protect.AgentQuiescer{VM: q.VM, Socket: q.Socket, Level: lifeboat.Application, Limit: q.Limit, MarkerDir: q.MarkerDir,
+			PreFreeze: []string{"echo pre $LIFEBOAT_VM >> " + log},
+			PostThaw:  []string{"echo post $LIFEBOAT_VM >> " + log}}
+		p.Quiescer = aq
 		defer func() { p.Quiescer = q }()
 		pt, err := p.Cycle(ctx(t))
 		if err != nil {
@@ -352,4 +353,287 @@ func TestConsistencyGroupSharesOneInstant(t *testing.T) {
 	if c2-c1 <= 1 {
 		t.Fatalf("separate points a second apart are at %d and %d: the counter does not move, so the group check proves nothing", c1, c2)
 	}
+}
+
+// The guest-side probe and freeze hook of TestLateFreeze. The probe truncates
+// a file in /data every 200 ms (that blocks while /data is frozen) and appends the
+// guest's uptime after each touch, in centiseconds, to /run/probe.log (a
+// tmpfs, never frozen): a gap in it is how long /data stayed frozen, seen from
+// inside the guest. The hook prints the uptime when it starts and when it
+// ends, and qemu-ga freezes right after it ends.
+const (
+	probeScript = `while :; do
+  : > /data/probe
+  read u _ < /proc/uptime
+  echo "${u%.*}${u#*.}" >> /run/probe.log
+  usleep 200000
+done
+`
+	lateHook = `#!/bin/sh
+[ "$1" = freeze ] || exit 0
+cs() { u=$(cut -d' ' -f1 /proc/uptime); echo "${u%.*}${u#*.}"; }
+echo "LB-HOOK-START $(cs)" > /dev/console
+sleep 12
+echo "LB-HOOK-DONE $(cs)" > /dev/console
+`
+	hookDuration = 12 * time.Second
+)
+
+// consoleLine waits, for at most within, for a console line after offset
+// that starts with word and whose numbers pass ok; it returns the numbers and
+// when the line was seen.
+func consoleLine(g *testguest.Guest, offset int, word string, within time.Duration, ok func([]int64) bool) ([]int64, time.Time, bool) {
+	for deadline := time.Now().Add(within); ; time.Sleep(20 * time.Millisecond) {
+		seen := time.Now()
+		con := g.Console()
+		if len(con) > offset {
+			for _, l := range strings.Split(con[offset:], "\n") {
+				f := strings.Fields(l)
+				if len(f) < 2 || f[0] != word {
+					continue
+				}
+				var nums []int64
+				for _, s := range f[1:] {
+					n, err := strconv.ParseInt(s, 10, 64)
+					if err != nil {
+						break
+					}
+					nums = append(nums, n)
+				}
+				if len(nums) == len(f)-1 && (ok == nil || ok(nums)) {
+					return nums, seen, true
+				}
+			}
+		}
+		if seen.After(deadline) {
+			return nil, seen, false
+		}
+	}
+}
+
+func centis(cs int64) time.Duration { return time.Duration(cs) * 10 * time.Millisecond }
+
+// guestUptime is the guest's uptime in centiseconds, the probe's clock.
+func guestUptime(t *testing.T, g *testguest.Guest) int64 {
+	t.Helper()
+	out, err := g.Shell(ctx(t), "u=$(cut -d' ' -f1 /proc/uptime); echo ${u%.*}${u#*.}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(out), 10, 64)
+	if err != nil {
+		t.Fatalf("guest uptime %q: %v", out, err)
+	}
+	return n
+}
+
+// probeTicks are the probe's ticks (guest uptime, centiseconds) since from,
+// and the latest before from, once enough says they are enough (the probe
+// ticks slowly on a loaded machine).
+func probeTicks(t *testing.T, g *testguest.Guest, from int64, enough func([]int64) bool) []int64 {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(300 * time.Millisecond) {
+		out, err := g.Shell(ctx(t), "cat /run/probe.log")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var all []int64 // in order: the probe appends
+		for _, f := range strings.Fields(out) {
+			if n, err := strconv.ParseInt(f, 10, 64); err == nil {
+				all = append(all, n)
+			}
+		}
+		i := sort.Search(len(all), func(i int) bool { return all[i] >= from })
+		ticks := all[max(0, i-1):]
+		if enough(ticks) {
+			return ticks
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the probe ticked only at %v since guest uptime %d: it does not run", ticks, from)
+		}
+	}
+}
+
+// waitMarkerGone waits until the freeze marker is gone: the quiescer removes it
+// once guest-fsfreeze-status has said "thawed".
+func waitMarkerGone(marker string, within time.Duration) (time.Time, bool) {
+	for deadline := time.Now().Add(within); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(marker); os.IsNotExist(err) {
+			return time.Now(), true
+		}
+		if time.Now().After(deadline) {
+			return time.Time{}, false
+		}
+	}
+}
+
+// A guest whose fsfreeze hook takes 12 s under a 2 s freeze limit: the cycle
+// falls back to a crash-consistent point at the limit, and the freeze that
+// lands when the hook ends is thawed a few seconds later by the thaw loop,
+// confirmed by guest-fsfreeze-status (the freeze marker goes only then) and
+// seen from inside the guest (a probe's writes resume). The other subtests
+// cover the loop's other callers: the freeze timer (a freeze nobody thaws is
+// thawed at the limit), the thaw guard and a site's start (ThawLeftovers).
+func TestLateFreeze(t *testing.T) {
+	testenv.RequireTools(t, "qemu-system-x86_64")
+	g := bootGuest(t, testguest.Options{Workload: testguest.None, DiskSize: 32 << 20, Name: "late"})
+	if _, err := g.Shell(ctx(t), "cat > /run/probe <<'EOF'\n"+probeScript+"EOF\nsh /run/probe </dev/null >/dev/null 2>&1 &"); err != nil {
+		t.Fatal(err)
+	}
+	site := testsite.Start(t, recovery.Options{})
+	p := guestProtector(t, g, site, "g1")
+	if _, err := p.Cycle(ctx(t)); err != nil { // the initial sync, so that the cycles below are short
+		t.Fatal(err)
+	}
+	const limit = 2 * time.Second
+	// thawWithin bounds freeze landed -> guest confirmed thawed: the loop's
+	// attempt waiting on the busy agent gets its answer as soon as the freeze
+	// lands, or the loop dials again within a second; the rest is margin for
+	// a loaded machine running TCG.
+	const thawWithin = 5 * time.Second
+	markers := t.TempDir()
+	marker := filepath.Join(markers, "g1.frozen")
+	q := &protect.AgentQuiescer{VM: "g1", Socket: g.AgentSocket(), Level: lifeboat.Filesystem, Limit: limit, MarkerDir: markers}
+	p.Quiescer = q
+
+	t.Run("freeze timer", func(t *testing.T) {
+		from := guestUptime(t, g)
+		f, err := q.Freeze(ctx(t))
+		if err != nil || f.Level != lifeboat.Filesystem {
+			t.Fatalf("freeze: %+v, %v", f, err)
+		}
+		// Nobody calls Thaw: the timer thaws at the limit.
+		if _, ok := waitMarkerGone(marker, limit+thawWithin); !ok {
+			t.Fatalf("the guest is not confirmed thawed %v after a freeze limited to %v", limit+thawWithin, limit)
+		}
+		held, err := f.Thaw(ctx(t))
+		if held || err != nil {
+			t.Fatalf("Thaw after the timer: held %v, %v; want not held, no error", held, err)
+		}
+		// The guest is thawed by now: a tick after now closes the gap.
+		thawed := guestUptime(t, g)
+		ticks := probeTicks(t, g, from, func(ts []int64) bool { return len(ts) > 0 && ts[len(ts)-1] > thawed })
+		var frozen time.Duration
+		for i := 1; i < len(ticks); i++ {
+			frozen = max(frozen, centis(ticks[i]-ticks[i-1]))
+		}
+		t.Logf("freeze timer: the probe's longest gap %v (guest clock), limit %v", frozen, limit)
+		if frozen < limit/2 || frozen > limit+thawWithin {
+			t.Fatalf("the probe's longest gap is %v (ticks %v, guest uptime %d before the freeze, %d after the thaw): /data was not held frozen for the %v limit and thawed then",
+				frozen, ticks, from, thawed, limit)
+		}
+	})
+
+	t.Run("hook outlasts the limit", func(t *testing.T) {
+		if _, err := g.Shell(ctx(t), "mkdir -p /etc/qemu/fsfreeze-hook.d && cat > /etc/qemu/fsfreeze-hook.d/slow <<'EOF'\n"+lateHook+"EOF\nchmod +x /etc/qemu/fsfreeze-hook.d/slow"); err != nil {
+			t.Fatal(err)
+		}
+		offset := len(g.Console())
+		start := time.Now()
+		pt, err := p.Cycle(ctx(t))
+		took := time.Since(start)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("point %d: %s in %v: %s", pt.ID, pt.Consistency, took.Round(time.Millisecond), pt.Note)
+		if pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, "guest-fsfreeze-freeze") {
+			t.Fatalf("point recorded as %s (note %q), want crash consistent with a note on the freeze", pt.Consistency, pt.Note)
+		}
+		if took > limit+6*time.Second || took > hookDuration {
+			t.Fatalf("the cycle took %v under a %v freeze limit (the hook takes %v)", took, limit, hookDuration)
+		}
+		// While the hook still runs, the next cycle does not queue a second
+		// freeze behind the first (whose thaw could land in its instant): it
+		// falls back at once.
+		start = time.Now()
+		pt, err = p.Cycle(ctx(t))
+		took = time.Since(start)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, "previous freeze") || took > limit {
+			t.Errorf("a cycle while the late freeze is pending: %s in %v (note %q); want crash consistent at once, saying why", pt.Consistency, took, pt.Note)
+		}
+		if _, err := os.Stat(marker); err != nil {
+			t.Fatalf("the freeze marker went before the late freeze was thawed: %v", err)
+		}
+		done, landed, ok := consoleLine(g, offset, "LB-HOOK-DONE", hookDuration+20*time.Second, nil)
+		if !ok {
+			t.Fatalf("the freeze hook never ended; console:\n%s", g.Console()[offset:])
+		}
+		confirmed, ok := waitMarkerGone(marker, thawWithin)
+		if !ok {
+			// Seen from inside too, if the agent answers at all.
+			c, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			st, _ := g.WaitThawed(c, 2*time.Second)
+			cancel()
+			t.Fatalf("the guest is not confirmed thawed %v after the late freeze landed (marker %s stays; the agent says %q)", thawWithin, marker, st)
+		}
+		if st, err := g.WaitThawed(ctx(t), 5*time.Second); err != nil {
+			t.Fatalf("guest-fsfreeze-status %q: %v", st, err)
+		}
+		ticks := probeTicks(t, g, done[0], func(ts []int64) bool { return len(ts) > 0 && ts[len(ts)-1] > done[0] })
+		var before, after int64 = -1, -1
+		for _, tk := range ticks {
+			if tk <= done[0] {
+				before = tk
+			} else if after < 0 {
+				after = tk
+			}
+		}
+		if before < 0 || after < 0 {
+			t.Fatalf("probe ticks %v around the hook's end at %d: none before or after", ticks, done[0])
+		}
+		inGuest := centis(after - done[0])
+		t.Logf("late freeze: freeze landed -> confirmed thawed by guest-fsfreeze-status %v (host clock); -> the probe's first write %v (guest clock; its gap %v); bound %v",
+			confirmed.Sub(landed).Round(time.Millisecond), inGuest, centis(after-before), thawWithin)
+		if inGuest > thawWithin {
+			t.Fatalf("/data stayed frozen %v after the late freeze landed, bound %v", inGuest, thawWithin)
+		}
+		// The freeze did land, and the agent thawed it (its hook runs "thaw" after).
+		if log, err := g.Shell(ctx(t), "cat /run/lifeboat-fsfreeze.log; rm -f /etc/qemu/fsfreeze-hook.d/slow"); err != nil || !strings.HasSuffix(log, "freeze\nthaw\n") {
+			t.Fatalf("fsfreeze hook log %q, %v: want freeze then thaw", log, err)
+		}
+		// The agent is in step again: the next cycle is filesystem consistent.
+		pt, err = p.Cycle(ctx(t))
+		if err != nil || pt.Consistency != lifeboat.Filesystem {
+			t.Fatalf("the cycle after: point %+v, %v; want filesystem consistent", pt, err)
+		}
+	})
+
+	// The two other callers of the thaw loop, on a guest frozen by a site
+	// that died: the thaw guard (its stdin ended) and the site's next start
+	// (a marker names the agent).
+	t.Run("guard and leftovers", func(t *testing.T) {
+		freezeBehindOurBack := func() {
+			t.Helper()
+			a, err := qga.Dial(ctx(t), g.AgentSocket())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			if _, err := a.Freeze(ctx(t)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		confirmThawed := func(who string) {
+			t.Helper()
+			if st, err := g.WaitThawed(ctx(t), 2*time.Second); err != nil {
+				t.Fatalf("after %s: guest-fsfreeze-status %q: %v", who, st, err)
+			}
+			if _, err := os.Stat(marker); !os.IsNotExist(err) {
+				t.Fatalf("%s left the marker: %v", who, err)
+			}
+		}
+		freezeBehindOurBack()
+		os.WriteFile(marker, []byte(g.AgentSocket()+"\n"), 0o600)
+		if err := protect.RunThawGuard(ctx(t), g.AgentSocket(), marker, strings.NewReader(""), 30*time.Second, slog.Default()); err != nil {
+			t.Fatal(err)
+		}
+		confirmThawed("the thaw guard")
+		freezeBehindOurBack()
+		os.WriteFile(marker, []byte(g.AgentSocket()+"\n"), 0o600)
+		protect.ThawLeftovers(ctx(t), markers, slog.Default())
+		confirmThawed("ThawLeftovers")
+	})
 }
