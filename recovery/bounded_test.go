@@ -230,17 +230,28 @@ func TestMergeRecheckCatchesDamagedBase(t *testing.T) {
 	requireQEMU(t)
 	s := openStore(t, t.TempDir(), 100)
 	writeSeries(t, s, "mc", 3)
+	// A block point 2 wrote: the merge copies it into point 1's image.
+	touched := int64(-1)
+	if err := s.db.View(func(tx *bolt.Tx) error {
+		rec, _ := openRecord(sub(vmBucket(tx, "mc"), bucketRecs), recKey(2, "vda"))
+		return rec.eachData(0, func(b int64, _ lifeboat.Hash) error {
+			if touched < 0 {
+				touched = b
+			}
+			return nil
+		})
+	}); err != nil || touched < 0 {
+		t.Fatalf("no data block in point 2's record (%v)", err)
+	}
 	s.keep = 2
 	var into string
 	// The hook stands in for damage between the commit and the catalog step,
 	// which the real parts cannot be made to do on cue.
 	s.testMergeHook = func(step string) error {
 		if step == stepRebased {
-			// Point 1's image, which now holds point 2's data too. Block 62:
-			// point 1 wrote it; point 2 may have written or zeroed it. The
-			// check reads it whichever holds (touched, zero run or sample).
+			// Point 1's image, which now holds point 2's data too.
 			into = filepath.Join(s.Dir(), imageRel("mc", "vda", 1))
-			damage(t, into, 62)
+			damage(t, into, touched)
 		}
 		return nil
 	}
@@ -251,7 +262,7 @@ func TestMergeRecheckCatchesDamagedBase(t *testing.T) {
 	if into == "" {
 		t.Fatal("the merge never reached the rebase step")
 	}
-	if !strings.Contains(err.Error(), fmt.Sprintf("offset %d", 62*B)) {
+	if !strings.Contains(err.Error(), fmt.Sprintf("offset %d", touched*B)) {
 		t.Errorf("the error does not name the damaged block: %v", err)
 	}
 	// The merge stays recorded, not cataloged: point 2 keeps its own image

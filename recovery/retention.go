@@ -367,27 +367,42 @@ func (s *Store) planMergeCheck(ctx context.Context, vm string, m *mergeIntent, d
 		}); err != nil {
 			return err
 		}
-		// A reservoir sample of Drop's blocks the merge left alone, seeded
-		// by the merge so that a retry reads the same blocks.
+		// A sample of Drop's blocks the merge left alone: the data block at or
+		// after each of mergeSample random places (a cursor seek each, so the
+		// cost does not grow with the base), seeded by the merge so that a
+		// retry reads the same blocks.
 		rng := rand.New(rand.NewPCG(m.Drop, m.Keep))
-		var sample []blockCheck
-		seen := 0
-		err = eachFolded(chain, func(b int64, h lifeboat.Hash) error {
-			if touched[b] {
-				return nil
-			}
-			seen++
-			if len(sample) < mergeSample {
-				sample = append(sample, blockCheck{b, h})
-			} else if j := rng.IntN(seen); j < mergeSample {
-				sample[j] = blockCheck{b, h}
-			}
+		base, limit := chain[1].rec, chain[1].limit
+		n := min(blockCount(size), limit)
+		if n <= 0 {
 			return nil
-		})
-		for _, ck := range sample {
-			pl.add(ck.b, ck.want)
 		}
-		return err
+		c := base.d.Cursor()
+		for range mergeSample {
+			k, v := c.Seek(blockKey(rng.Int64N(n)))
+			if k == nil {
+				k, v = c.First()
+			}
+			if k == nil {
+				break // Drop has no data blocks
+			}
+			b, h, err := decodeDataEntry(k, v)
+			if err != nil {
+				return err
+			}
+			if touched[b] || b >= limit {
+				continue
+			}
+			if has, err := own.has(b); err != nil || has {
+				if err != nil {
+					return err
+				}
+				continue // Keep zeroed it: checked with the zero runs
+			}
+			touched[b] = true // once
+			pl.add(b, h)
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, err
