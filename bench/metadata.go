@@ -367,8 +367,9 @@ func (r *metadataResult) print(e *env) {
 	e.printf("Each site in its own process; peak RSS (VmHWM, reset before each cycle) is the whole process:\n" +
 		"the protected side is this harness (protector, wire client, the stand-in guest's NBD client), the\n" +
 		"recovery site is the wire server and store (not the qemu-storage-daemons either side starts).\n" +
-		"Commit is the cycle's commit phase (drain, flush, catalog commit, retention); merge is the retention merge in it.\n\n")
-	t := e.table("cycle", "time", "commit", "merge", "protected RSS", "recovery RSS", "records (point: data blocks + zero runs)", "catalog", "point's qcow2")
+		"Commit is the cycle's commit phase (drain, flush, catalog commit, retention); merge is the retention merge in it.\n" +
+		"Records are the catalog's entries per point after the cycle; the point's qcow2 is its own overlay's file size.\n\n")
+	t := e.table("cycle", "time", "prepare / send / commit", "merge", "protected RSS", "recovery RSS", "records (point: data blocks + zero runs)", "catalog", "point's qcow2")
 	for _, p := range r.Phases {
 		var recs []string
 		for _, s := range p.Records {
@@ -378,7 +379,7 @@ func (r *metadataResult) print(e *env) {
 		if p.Merge > 0 {
 			merge = secs(p.Merge.Seconds())
 		}
-		t.row(p.Name, secs(p.Cycle.Wall.Seconds()), secs(p.Phases.Commit.Seconds()), merge,
+		t.row(p.Name, secs(p.Cycle.Wall.Seconds()), p.Phases.String()+" s", merge,
 			size(p.ProtRSS), size(p.RecRSS), strings.Join(recs, ", "), size(p.CatalogSize), size(p.ImageSize))
 	}
 	t.flush()
