@@ -351,3 +351,41 @@ func TestOpenMigratesV1Records(t *testing.T) {
 		t.Errorf("point 1's three zero blocks migrated as %d runs, want 1", st.ZeroRuns)
 	}
 }
+
+// TestWriterSpillsItsRecord: with a tiny batch the writer's record goes to the
+// catalog as it is written; copies still find their source, later writes
+// still win, and the committed block map is the same.
+func TestWriterSpillsItsRecord(t *testing.T) {
+	requireQEMU(t)
+	old := flushEntries
+	flushEntries = 4
+	t.Cleanup(func() { flushEntries = old })
+	s := openStore(t, t.TempDir(), 100)
+	m := model{}
+	p := begin(t, s, "sp", 1, m, DiskSpec{Name: "vda", Size: 4 << 20})
+	p.data("vda", 0, 10) // spilled twice over
+	h0 := lifeboat.HashBlock(m["vda"][:B])
+	if err := p.w.CopyBlock(testCtx(t), "vda", 20*B, "vda", 0, B, h0); err != nil {
+		t.Fatalf("copy of a spilled block: %v", err)
+	}
+	copy(m["vda"][20*B:], m["vda"][:B])
+	p.zeros("vda", 2, 3)
+	h2 := lifeboat.HashBlock(m["vda"][9*B : 10*B])
+	var hm *HashMismatchError
+	if err := p.w.CopyBlock(testCtx(t), "vda", 30*B, "vda", 3*B, B, h2); !errors.As(err, &hm) {
+		t.Fatalf("copy of a block zeroed after its spill: %v, want a hash mismatch", err)
+	}
+	p.data("vda", 3, 1) // data over a spilled zero run
+	p.commit()
+	checkPoint(t, s, "sp", 1, m)
+	bm, err := s.BlockMap("sp", "vda", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []int64{0, 1, 3, 5, 6, 7, 8, 9, 20}; !slices.Equal(slices.Sorted(maps.Keys(bm)), want) {
+		t.Errorf("block map %v, want %v", slices.Sorted(maps.Keys(bm)), want)
+	}
+	if st := recordStat(t, s, "sp", 1); st.ZeroRuns != 2 {
+		t.Errorf("record %+v, want the zero run split in two by block 3", st)
+	}
+}
