@@ -7,7 +7,7 @@ PKGS     := ./...
 # Packages whose concurrency gets the race detector in the suite.
 RACE_PKGS := ./nbd/... ./wire/... ./protect/... ./recovery/... ./daemon/... ./qga/...
 
-.PHONY: all deps build demo test test-race check bench soak fuzz proto clean guest
+.PHONY: all deps build demo test test-race check bench bench-metadata soak fuzz proto clean guest
 
 all: build
 
@@ -35,6 +35,11 @@ test-race: deps
 # Benchmarks against the named peers (nbdcopy, qemu-img convert, rsync), side by side.
 bench: deps build
 	$(GO) run ./bench $(BENCH_ARGS)
+
+# The metadata bound: a 16 TiB sparse disk, its initial sync, a 4 TiB discard and a
+# retention merge, with each site's peak RSS (a few minutes).
+bench-metadata: deps
+	$(GO) run ./bench -only metadata $(BENCH_ARGS)
 
 # Long fault and soak campaigns (a short version of each runs in `make test`).
 soak: deps

@@ -33,7 +33,9 @@ type config struct {
 	IncrMore int64
 	// WireChange is how much of each content kind the bytes-on-the-wire benchmark writes.
 	WireChange int64
-	Only       map[string]bool // benchmarks to run; empty: all
+	// Metadata: a sparse disk of MetaDisk with MetaData of data, MetaDiscard of it discarded.
+	MetaDisk, MetaData, MetaDiscard int64
+	Only                            map[string]bool // benchmarks to run; empty: all
 }
 
 const (
@@ -47,6 +49,7 @@ func defaultConfig() config {
 		InitDisk: 4 * gib, InitData: 2 * gib, Rounds: 3,
 		IncrDisks: []int64{16 * gib, 64 * gib}, IncrData: 4 * gib, IncrChange: 64 * mib, IncrMore: 256 * mib,
 		WireChange: 256 * mib,
+		MetaDisk:   16 * tib, MetaData: 3 * gib, MetaDiscard: 4 * tib,
 	}
 }
 
@@ -56,14 +59,19 @@ func quickConfig() config {
 		InitDisk: 256 * mib, InitData: 128 * mib, Rounds: 1,
 		IncrDisks: []int64{512 * mib, 2 * gib}, IncrData: 128 * mib, IncrChange: 8 * mib, IncrMore: 32 * mib,
 		WireChange: 16 * mib,
+		MetaDisk:   1 * tib, MetaData: 96 * mib, MetaDiscard: 256 * gib,
 	}
 }
 
-func (c config) runs(name string) bool { return len(c.Only) == 0 || c.Only[name] }
+// runs says whether a benchmark runs; metadata (minutes on a 16 TiB disk) only when named.
+func (c config) runs(name string) bool { return c.Only[name] || len(c.Only) == 0 && name != "metadata" }
 
-var benchNames = []string{"initial", "incremental", "wire"}
+var benchNames = []string{"initial", "incremental", "wire", "metadata"}
 
 func main() {
+	if dir := os.Getenv(recoverySiteEnv); dir != "" {
+		os.Exit(serveRecoverySite(dir)) // the metadata benchmark's recovery site
+	}
 	exit := 0
 	defer func() { os.Exit(exit) }() // after the deferred profile is written
 	var (
@@ -93,8 +101,8 @@ func main() {
 			os.Exit(2)
 		}
 		s := func(n int64) int64 { return max(int64(float64(n)**scale)/mib*mib, mib) }
-		cfg.InitData, cfg.IncrData, cfg.IncrChange, cfg.IncrMore, cfg.WireChange =
-			s(cfg.InitData), s(cfg.IncrData), s(cfg.IncrChange), s(cfg.IncrMore), s(cfg.WireChange)
+		cfg.InitData, cfg.IncrData, cfg.IncrChange, cfg.IncrMore, cfg.WireChange, cfg.MetaData =
+			s(cfg.InitData), s(cfg.IncrData), s(cfg.IncrChange), s(cfg.IncrMore), s(cfg.WireChange), s(cfg.MetaData)
 	}
 	if *only != "" {
 		cfg.Only = map[string]bool{}
@@ -147,6 +155,7 @@ type results struct {
 	Initial     *initialResult
 	Incremental *incrementalResult
 	Wire        *wireResult
+	Metadata    *metadataResult
 }
 
 // env is one run's shared state: its temporary directory and its output.
@@ -221,6 +230,12 @@ func run(ctx context.Context, cfg config, tmpParent string, out, prog io.Writer)
 			return res, fmt.Errorf("bytes-on-the-wire benchmark: %w", err)
 		}
 		res.Wire.print(e)
+	}
+	if cfg.runs("metadata") {
+		if res.Metadata, err = benchMetadata(ctx, e); err != nil {
+			return res, fmt.Errorf("metadata benchmark: %w", err)
+		}
+		res.Metadata.print(e)
 	}
 	return res, nil
 }

@@ -44,6 +44,11 @@ const diskName = "vda"
 
 // startVM creates a sparse qcow2 disk of size in dir and starts its daemon and guest.
 func startVM(ctx context.Context, dir string, size int64, seed uint64) (*sourceVM, error) {
+	return startVMArgs(ctx, dir, size, seed, qemu.DiskArgs)
+}
+
+// startVMArgs is startVM with the daemon's disk arguments made by diskArgs.
+func startVMArgs(ctx context.Context, dir string, size int64, seed uint64, diskArgs func(node, image, format string) []string) (*sourceVM, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -51,7 +56,7 @@ func startVM(ctx context.Context, dir string, size int64, seed uint64) (*sourceV
 	if err := qemu.CreateImage(ctx, v.Image, "qcow2", size, "", ""); err != nil {
 		return nil, fmt.Errorf("source disk: %w", err)
 	}
-	d, err := qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: dir, Args: qemu.DiskArgs(diskName, v.Image, "qcow2"), NBD: true})
+	d, err := qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: dir, Args: diskArgs(diskName, v.Image, "qcow2"), NBD: true})
 	if err != nil {
 		return nil, fmt.Errorf("source VM: %w", err)
 	}

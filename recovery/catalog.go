@@ -15,15 +15,16 @@ import (
 // The catalog (dir/catalog.db) holds, under vms/<vm>/:
 //
 //	points/<id>        committed points (pointRecord, JSON)
-//	blocks/<id><disk>  what point id wrote to disk (encodeBlockRecord)
+//	recs/<id><disk>    block records (blockrec.go), named by pointRecord.Records
 //	pending/<id>       a point being written (pendingRecord): discarded on Open
 //	merge/intent       a retention merge under way (mergeIntent): finished on Open
 //
-// Keys of ids are big-endian so a cursor walks points oldest first.
+// Keys of ids are big-endian so a cursor walks points oldest first. Catalogs
+// of lifeboat before bounded records kept one value per record under
+// blocks/<id><disk>; Open migrates them (migrate.go).
 var (
 	bucketVMs     = []byte("vms")
 	bucketPoints  = []byte("points")
-	bucketBlocks  = []byte("blocks")
 	bucketPending = []byte("pending")
 	bucketMerge   = []byte("merge")
 	keyIntent     = []byte("intent")
@@ -36,6 +37,18 @@ type pointRecord struct {
 	// Parents names, per disk, the point whose image backs this point's image
 	// (0: the image is a base). A disk's block map is the fold along it.
 	Parents map[string]uint64 `json:"parents"`
+	// Records names, per disk, the block record (recKey) of this point's
+	// image, when it is not the point's own id: a retention merge hands the
+	// merged point its parent's record along with its image.
+	Records map[string]uint64 `json:"records,omitempty"`
+}
+
+// recordKey is the key of the block record of disk's image in this point.
+func (r *pointRecord) recordKey(disk string) []byte {
+	if id, ok := r.Records[disk]; ok {
+		return recKey(id, disk)
+	}
+	return recKey(r.Point.ID, disk)
 }
 
 func (r *pointRecord) disk(name string) (lifeboat.PointDisk, bool) {
@@ -84,8 +97,6 @@ type mergeDisk struct {
 
 func idKey(id uint64) []byte { return binary.BigEndian.AppendUint64(nil, id) }
 
-func blocksKey(id uint64, disk string) []byte { return append(idKey(id), disk...) }
-
 // vmBucket returns the VM's bucket, or nil when the catalog has never seen it.
 func vmBucket(tx *bolt.Tx, vm string) *bolt.Bucket {
 	root := tx.Bucket(bucketVMs)
@@ -105,7 +116,7 @@ func vmBucketCreate(tx *bolt.Tx, vm string) (*bolt.Bucket, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, name := range [][]byte{bucketPoints, bucketBlocks, bucketPending, bucketMerge} {
+	for _, name := range [][]byte{bucketPoints, bucketRecs, bucketPending, bucketMerge} {
 		if _, err := b.CreateBucketIfNotExists(name); err != nil {
 			return nil, err
 		}
@@ -229,15 +240,21 @@ func listVMs(tx *bolt.Tx) []string {
 	return out
 }
 
-// foldBlocks builds the block map of disk at point id: the records from the
-// disk's base up to id, later wins, dropping blocks a size change made unknown.
-func foldBlocks(tx *bolt.Tx, vm, disk string, id uint64) (blockRecord, error) {
-	// Walk down to the base, then apply upwards.
-	type step struct {
-		id   uint64
-		size int64
-	}
-	var chain []step
+// level is one point's record in the chain of a disk's block map.
+type level struct {
+	id  uint64
+	rec record
+	// limit: blocks from here on in this record are unknown at the top of the
+	// chain (a size change above made them so); maxBlock when none did.
+	limit int64
+}
+
+// chainOf returns the records that make up disk's block map at point id, the
+// point's own first and its base last.
+func chainOf(tx *bolt.Tx, vm, disk string, id uint64) ([]level, error) {
+	recs := sub(vmBucket(tx, vm), bucketRecs)
+	var chain []level
+	limit, above := maxBlock, int64(-1)
 	for cur := id; cur != 0; {
 		r, ok, err := readPoint(tx, vm, cur)
 		if err != nil {
@@ -250,27 +267,70 @@ func foldBlocks(tx *bolt.Tx, vm, disk string, id uint64) (blockRecord, error) {
 		if !ok {
 			return nil, fmt.Errorf("vm %q point %d has no disk %q: %w", vm, cur, disk, ErrNoDisk)
 		}
-		chain = append(chain, step{cur, d.Size})
+		if above >= 0 {
+			if w := wholeBlocks(d.Size, above); w >= 0 {
+				limit = min(limit, w)
+			}
+		}
+		above = d.Size
+		rec, ok := openRecord(recs, r.recordKey(disk))
+		if !ok {
+			return nil, fmt.Errorf("vm %q disk %q: the block record of point %d is missing from the catalog: %w", vm, disk, cur, errCatalog)
+		}
+		chain = append(chain, level{id: cur, rec: rec, limit: limit})
 		next := r.Parents[disk]
 		if next >= cur {
 			return nil, fmt.Errorf("vm %q disk %q: point %d names a later parent %d: %w", vm, disk, cur, next, errCatalog)
 		}
 		cur = next
 	}
-	blocks := sub(vmBucket(tx, vm), bucketBlocks)
-	if blocks == nil {
-		return nil, fmt.Errorf("vm %q: no block records in the catalog: %w", vm, errCatalog)
-	}
-	m := blockRecord{}
-	for i := len(chain) - 1; i >= 0; i-- {
-		if i < len(chain)-1 {
-			keepOnResize(m, chain[i+1].size, chain[i].size)
+	return chain, nil
+}
+
+// eachFolded calls fn for every data block of the block map the chain makes
+// (newest record first; within one, in block order): a record's block counts
+// unless a newer record says anything of it or a size change made it unknown.
+// Zero runs are not reported: like never-written blocks they read as zeros.
+func eachFolded(chain []level, fn func(b int64, h lifeboat.Hash) error) error {
+	errStop := errors.New("past the limit")
+	for i, lv := range chain {
+		err := lv.rec.eachData(0, func(b int64, h lifeboat.Hash) error {
+			if b >= lv.limit {
+				return errStop // blocks are in order: the rest are unknown too
+			}
+			for _, newer := range chain[:i] {
+				if has, err := newer.rec.has(b); err != nil || has {
+					return err
+				}
+			}
+			return fn(b, h)
+		})
+		if err != nil && !errors.Is(err, errStop) {
+			return fmt.Errorf("block record of point %d: %w", lv.id, err)
 		}
-		if err := decodeBlockRecord(blocks.Get(blocksKey(chain[i].id, disk)), m); err != nil {
-			return nil, fmt.Errorf("vm %q disk %q point %d: %w", vm, disk, chain[i].id, err)
-		}
 	}
-	return m, nil
+	return nil
+}
+
+// unknownBlocks are the blocks of the chain's top whose content a size change
+// altered (the short last block of the smaller size) and that no newer record
+// wrote: they may read as anything.
+func unknownBlocks(tx *bolt.Tx, vm, disk string, id uint64) (map[int64]bool, error) {
+	out := map[int64]bool{}
+	above := int64(-1)
+	for cur := id; cur != 0; {
+		r, ok, err := readPoint(tx, vm, cur)
+		if err != nil || !ok {
+			return out, err
+		}
+		d, _ := r.disk(disk)
+		if above >= 0 && d.Size != above && min(d.Size, above)%lifeboat.BlockSize != 0 {
+			out[min(d.Size, above)/lifeboat.BlockSize] = true
+		}
+		above = d.Size
+		cur = r.Parents[disk]
+	}
+	return out, nil
 }
 
 // errCatalog marks a catalog that contradicts itself.

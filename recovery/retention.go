@@ -5,9 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math/rand/v2"
+	"os"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/nbd"
 	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
@@ -59,9 +64,11 @@ func (s *Store) ApplyRetention(ctx context.Context, vm string) error {
 			return nil
 		}
 		s.log.Info("retention: merging the oldest point into the next", "vm", vm, "drop", intent.Drop, "into", intent.Keep)
+		start := time.Now()
 		if err := s.runMerge(ctx, vm, intent); err != nil {
 			return fmt.Errorf("vm %q: merging point %d into %d (it is finished on the next attempt or restart): %w", vm, intent.Drop, intent.Keep, err)
 		}
+		s.log.Info("retention: merged", "vm", vm, "drop", intent.Drop, "into", intent.Keep, "took", time.Since(start))
 	}
 }
 
@@ -143,7 +150,11 @@ func (s *Store) runMerge(ctx context.Context, vm string, m *mergeIntent) error {
 		if err := s.mergeHook(stepRebased); err != nil {
 			return err
 		}
-		if err := s.db.Update(func(tx *bolt.Tx) error { return catalogMerge(tx, vm, m) }); err != nil {
+		learned, err := s.checkMerged(ctx, vm, m)
+		if err != nil {
+			return err
+		}
+		if err := s.db.Update(func(tx *bolt.Tx) error { return catalogMerge(tx, vm, m, learned) }); err != nil {
 			return fmt.Errorf("catalog update: %w", err)
 		}
 		if err := s.mergeHook(stepCataloged); err != nil {
@@ -164,7 +175,7 @@ func (s *Store) runMerge(ctx context.Context, vm string, m *mergeIntent) error {
 
 // catalogMerge drops m.Drop and gives m.Keep the merged images and the folded
 // block records, in the caller's transaction.
-func catalogMerge(tx *bolt.Tx, vm string, m *mergeIntent) error {
+func catalogMerge(tx *bolt.Tx, vm string, m *mergeIntent, learned map[string]blockCheck) error {
 	b := vmBucket(tx, vm)
 	keep, ok, err := readPoint(tx, vm, m.Keep)
 	if err != nil {
@@ -180,15 +191,19 @@ func catalogMerge(tx *bolt.Tx, vm string, m *mergeIntent) error {
 	if !ok {
 		return fmt.Errorf("point %d to merge is gone: %w", m.Drop, errCatalog)
 	}
-	blocks := b.Bucket(bucketBlocks)
+	recs := b.Bucket(bucketRecs)
 	parents := maps.Clone(keep.Parents)
+	records := maps.Clone(keep.Records)
+	if records == nil {
+		records = map[string]uint64{}
+	}
 	for _, d := range m.Disks {
-		fold, err := foldBlocks(tx, vm, d.Name, m.Keep)
-		if err != nil {
-			return err
+		var ck *blockCheck
+		if l, ok := learned[d.Name]; ok && l.b >= 0 {
+			ck = &l
 		}
-		if err := blocks.Put(blocksKey(m.Keep, d.Name), encodeBlockRecord(fold)); err != nil {
-			return err
+		if err := mergeRecord(recs, &drop, &keep, d.Name, ck); err != nil {
+			return fmt.Errorf("disk %q: merging the block record of point %d into point %d's: %w", d.Name, m.Keep, m.Drop, err)
 		}
 		for i := range keep.Point.Disks {
 			if keep.Point.Disks[i].Name == d.Name {
@@ -196,13 +211,18 @@ func catalogMerge(tx *bolt.Tx, vm string, m *mergeIntent) error {
 			}
 		}
 		parents[d.Name] = 0
+		records[d.Name] = recordID(&drop, d.Name)
 	}
+	keep.Records = records
 	keep.Parents = parents
 	if err := putPoint(b, keep); err != nil {
 		return err
 	}
 	for _, d := range drop.Point.Disks {
-		if err := blocks.Delete(blocksKey(m.Drop, d.Name)); err != nil {
+		if keep.Records[d.Name] == recordID(&drop, d.Name) {
+			continue // now Keep's
+		}
+		if err := recs.DeleteBucket(drop.recordKey(d.Name)); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
 			return err
 		}
 	}
@@ -211,6 +231,239 @@ func catalogMerge(tx *bolt.Tx, vm string, m *mergeIntent) error {
 	}
 	m.Done = true
 	return putIntent(b, m)
+}
+
+// mergeSample is how many blocks of the merged base that the merge did not
+// touch are read back after it, besides every block it touched.
+const mergeSample = 64
+
+// checkMerged reads back the merged base images before the catalog names
+// them: every data block of Keep's own record (what the commit copied) must
+// hash as recorded, every block of Keep's zero runs that the image has
+// allocated must read as zeros, and a sample of mergeSample of Drop's data
+// blocks still in the fold must hash as recorded. The cost is the merged
+// point's blocks plus the sample, not the disk: a whole-image check is what
+// `lifeboat verify` is for. A mismatch leaves the merge recorded (the chain
+// still reads right through Keep's own image, not yet deleted), so it is
+// retried, and the error says what to do.
+//
+// It also returns, per disk whose size changed between the two points, the
+// short block that the change left unknown and that Keep did not write, as
+// the merged image reads it (b -1 when there is none).
+func (s *Store) checkMerged(ctx context.Context, vm string, m *mergeIntent) (map[string]blockCheck, error) {
+	learned := map[string]blockCheck{}
+	if len(m.Disks) == 0 {
+		return learned, nil
+	}
+	var keep, drop pointRecord
+	if err := s.db.View(func(tx *bolt.Tx) (err error) {
+		var ok, ok2 bool
+		keep, ok, err = readPoint(tx, vm, m.Keep)
+		if err == nil {
+			drop, ok2, err = readPoint(tx, vm, m.Drop)
+		}
+		if err == nil && (!ok || !ok2) {
+			err = fmt.Errorf("point %d or %d of the merge is gone: %w", m.Drop, m.Keep, errCatalog)
+		}
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	names := make([]string, len(m.Disks))
+	files := make([]string, len(m.Disks))
+	for i, d := range m.Disks {
+		names[i], files[i] = d.Name, s.abs(d.Into)
+	}
+	run, err := s.runDir()
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(run)
+	daemon, err := s.startDaemon(ctx, run, names, files, false)
+	if err != nil {
+		return nil, fmt.Errorf("opening the merged images to check them: %w", err)
+	}
+	defer daemon.Kill() // read-only
+	for _, d := range m.Disks {
+		kd, _ := keep.disk(d.Name)
+		dd, _ := drop.disk(d.Name)
+		c, err := dialExport(ctx, daemon, d.Name, kd.Size)
+		if err != nil {
+			return nil, err
+		}
+		defer c.Close()
+		pl, err := s.planMergeCheck(ctx, vm, m, d.Name, c, kd.Size)
+		if err != nil {
+			return nil, fmt.Errorf("disk %q: planning the check of the merged image: %w", d.Name, err)
+		}
+		mis, _, _, err := checkBlocks(ctx, pl, nil)
+		if err != nil {
+			return nil, fmt.Errorf("disk %q: reading back the merged image %s: %w", d.Name, d.Into, err)
+		}
+		if mis != nil {
+			return nil, fmt.Errorf("disk %q: the merged image %s reads %s at offset %d where the record says %s: the merge stays recorded and is retried (point %d still reads through its own image); if it fails again, run `lifeboat verify %s` and resync the VM from its protected site",
+				d.Name, d.Into, mis.got, mis.off, mis.want, m.Keep, vm)
+		}
+		s.log.Info("retention: merged image read back as recorded", "vm", vm, "disk", d.Name, "point", m.Keep, "blocks", len(pl.checks))
+		learned[d.Name] = blockCheck{b: -1}
+		if w := wholeBlocks(dd.Size, kd.Size); w >= 0 && min(dd.Size, kd.Size)%lifeboat.BlockSize != 0 {
+			ck, err := s.readUnknown(ctx, vm, m.Keep, d.Name, c, w, kd.Size)
+			if err != nil {
+				return nil, fmt.Errorf("disk %q: reading the block its size change left unknown: %w", d.Name, err)
+			}
+			learned[d.Name] = ck
+		}
+	}
+	return learned, daemon.Stop(ctx)
+}
+
+// readUnknown reads block b of the merged image unless Keep's own record
+// says what it holds (then b is -1).
+func (s *Store) readUnknown(ctx context.Context, vm string, keep uint64, disk string, c *nbd.Client, b, size int64) (blockCheck, error) {
+	var has bool
+	if err := s.db.View(func(tx *bolt.Tx) error {
+		chain, err := chainOf(tx, vm, disk, keep)
+		if err == nil {
+			has, err = chain[0].rec.has(b)
+		}
+		return err
+	}); err != nil || has {
+		return blockCheck{b: -1}, err
+	}
+	buf := make([]byte, blockLen(b, size))
+	if err := c.Read(ctx, buf, b*lifeboat.BlockSize); err != nil {
+		return blockCheck{}, err
+	}
+	if lifeboat.AllZero(buf) {
+		return blockCheck{b: b}, nil
+	}
+	return blockCheck{b: b, want: lifeboat.HashBlock(buf)}, nil
+}
+
+// planMergeCheck lists the blocks checkMerged reads of one disk.
+func (s *Store) planMergeCheck(ctx context.Context, vm string, m *mergeIntent, disk string, c *nbd.Client, size int64) (*checkPlan, error) {
+	pl := &checkPlan{c: c, size: size}
+	var zeros [][2]int64
+	touched := map[int64]bool{}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		chain, err := chainOf(tx, vm, disk, m.Keep)
+		if err != nil {
+			return err
+		}
+		if len(chain) != 2 || chain[1].id != m.Drop {
+			return fmt.Errorf("point %d of the merge is not backed by point %d: %w", m.Keep, m.Drop, errCatalog)
+		}
+		own := chain[0].rec
+		if err := own.eachData(0, func(b int64, h lifeboat.Hash) error {
+			pl.add(b, h)
+			touched[b] = true
+			return nil
+		}); err != nil {
+			return err
+		}
+		if err := own.eachZeros(func(lo, hi int64) error {
+			zeros = append(zeros, [2]int64{lo, hi})
+			return nil
+		}); err != nil {
+			return err
+		}
+		// A sample of Drop's blocks the merge left alone: the data block at or
+		// after each of mergeSample random places (a cursor seek each, so the
+		// cost does not grow with the base), seeded by the merge so that a
+		// retry reads the same blocks.
+		rng := rand.New(rand.NewPCG(m.Drop, m.Keep))
+		base, limit := chain[1].rec, chain[1].limit
+		n := min(blockCount(size), limit)
+		if n <= 0 {
+			return nil
+		}
+		c := base.d.Cursor()
+		for range mergeSample {
+			k, v := c.Seek(blockKey(rng.Int64N(n)))
+			if k == nil {
+				k, v = c.First()
+			}
+			if k == nil {
+				break // Drop has no data blocks
+			}
+			b, h, err := decodeDataEntry(k, v)
+			if err != nil {
+				return err
+			}
+			if touched[b] || b >= limit {
+				continue
+			}
+			if has, err := own.has(b); err != nil || has {
+				if err != nil {
+					return err
+				}
+				continue // Keep zeroed it: checked with the zero runs
+			}
+			touched[b] = true // once
+			pl.add(b, h)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, z := range zeros {
+		if err := pl.addAllocatedZeros(ctx, z[0], z[1], func(int64) bool { return false }); err != nil {
+			return nil, err
+		}
+	}
+	pl.sort()
+	return pl, nil
+}
+
+// recordID is the id naming the record of disk's image in point r.
+func recordID(r *pointRecord, disk string) uint64 {
+	if id, ok := r.Records[disk]; ok {
+		return id
+	}
+	return r.Point.ID
+}
+
+// mergeRecord folds keep's record of disk into drop's, which then becomes
+// keep's: drop's blocks a size change made unknown are cut, keep's zero runs
+// and data blocks are put over it, and keep's own record is deleted. The work
+// is keep's entries and the entries of drop's they replace, not the disk's.
+func mergeRecord(recs *bolt.Bucket, drop, keep *pointRecord, disk string, learned *blockCheck) error {
+	into, ok := openRecord(recs, drop.recordKey(disk))
+	if !ok {
+		return fmt.Errorf("point %d has no block record: %w", drop.Point.ID, errCatalog)
+	}
+	from, ok := openRecord(recs, keep.recordKey(disk))
+	if !ok {
+		return fmt.Errorf("point %d has no block record: %w", keep.Point.ID, errCatalog)
+	}
+	dd, _ := drop.disk(disk)
+	kd, _ := keep.disk(disk)
+	if w := wholeBlocks(dd.Size, kd.Size); w >= 0 {
+		if err := into.cut(w); err != nil {
+			return err
+		}
+	}
+	if err := from.eachZeros(into.putZeros); err != nil {
+		return err
+	}
+	if err := from.eachData(0, into.putData); err != nil {
+		return err
+	}
+	// The short block the size change left unknown, as the merged image reads
+	// it: once the sizes are gone from the chain nothing else would say so.
+	if learned != nil {
+		var err error
+		if learned.want.IsZero() {
+			err = into.putZeros(learned.b, learned.b+1)
+		} else {
+			err = into.putData(learned.b, learned.want)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return recs.DeleteBucket(keep.recordKey(disk))
 }
 
 // resizeMerged gives each image that received a commit the size of the point

@@ -112,6 +112,10 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		locks:   map[string]*vmLock{},
 		writers: map[*Writer]struct{}{},
 	}
+	if err := s.migrateRecords(); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("recovery store %s: %w", abs, err)
+	}
 	if err := s.recover(ctx); err != nil {
 		db.Close()
 		return nil, err
@@ -232,20 +236,68 @@ func (s *Store) Latest(vm string) (lifeboat.Point, bool, error) {
 	return p, err == nil, err
 }
 
-// BlockMap returns the disk's block map at point id (0 = latest): the content
-// hash of every block written from the disk's base up to that point, later
-// wins, lifeboat.ZeroHash for blocks written as zeros. A block absent from the
-// map was never written (it reads as zeros) or had its content changed by a
-// resize of the disk (its last block), and is unknown.
-func (s *Store) BlockMap(vm, disk string, id uint64) (map[int64]lifeboat.Hash, error) {
-	var out blockRecord
-	err := s.db.View(func(tx *bolt.Tx) error {
+// EachBlock calls fn for every data block of the disk's block map at point id
+// (0 = latest): the content hash of the newest write of each block from the
+// disk's base up to that point. Blocks written as zeros, never written, or
+// whose content a resize of the disk changed (its last block) are not
+// reported; all but the last read as zeros. Blocks come newest record first,
+// in block order within each. It reads the catalog in one transaction and
+// holds no more than one block in memory.
+func (s *Store) EachBlock(vm, disk string, id uint64, fn func(b int64, h lifeboat.Hash) error) error {
+	return s.db.View(func(tx *bolt.Tx) error {
 		r, err := pointAt(tx, vm, id)
 		if err != nil {
 			return err
 		}
-		out, err = foldBlocks(tx, vm, disk, r.Point.ID)
-		return err
+		chain, err := chainOf(tx, vm, disk, r.Point.ID)
+		if err != nil {
+			return err
+		}
+		return eachFolded(chain, fn)
+	})
+}
+
+// BlockMap collects EachBlock into a map: it grows with the disk's data, not
+// its size.
+func (s *Store) BlockMap(vm, disk string, id uint64) (map[int64]lifeboat.Hash, error) {
+	out := map[int64]lifeboat.Hash{}
+	err := s.EachBlock(vm, disk, id, func(b int64, h lifeboat.Hash) error {
+		out[b] = h
+		return nil
+	})
+	return out, err
+}
+
+// RecordStat is the size of one disk's block record at one point, as the
+// catalog keeps it: what a commit or a merge of that point costs.
+type RecordStat struct {
+	Point    uint64
+	Disk     string
+	Data     int // data blocks (one entry each)
+	ZeroRuns int // runs of zeroed or discarded blocks (one entry each, whatever their length)
+}
+
+// RecordStats lists the block record of every disk of every committed point of vm.
+func (s *Store) RecordStats(vm string) ([]RecordStat, error) {
+	var out []RecordStat
+	err := s.db.View(func(tx *bolt.Tx) error {
+		pts, err := readPoints(tx, vm)
+		if err != nil {
+			return err
+		}
+		recs := sub(vmBucket(tx, vm), bucketRecs)
+		for _, r := range pts {
+			for _, d := range r.Point.Disks {
+				rec, ok := openRecord(recs, r.recordKey(d.Name))
+				if !ok {
+					return fmt.Errorf("vm %q point %d disk %q: the block record is missing from the catalog: %w", vm, r.Point.ID, d.Name, errCatalog)
+				}
+				st := RecordStat{Point: r.Point.ID, Disk: d.Name}
+				st.Data, st.ZeroRuns = rec.entries()
+				out = append(out, st)
+			}
+		}
+		return nil
 	})
 	return out, err
 }

@@ -21,7 +21,7 @@ func BenchmarkWriteBlocks(b *testing.B) {
 	defer s.Close()
 	size := int64(b.N+1) << 20
 	w, err := s.Begin(context.Background(), BeginSpec{VM: "vm1", ID: 1, Instant: time.Now(), Consistency: lifeboat.Crash,
-		Disks: []DiskSpec{{Name: "vda", Size: size}}})
+		Disks: []DiskSpec{{Name: "vda", Size: size, Lineage: "bench", Resync: true}}})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package recovery
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -10,8 +11,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	bolt "go.etcd.io/bbolt"
+
 	"github.com/lifeboat-dr/lifeboat"
-	"github.com/lifeboat-dr/lifeboat/qemu"
+	"github.com/lifeboat-dr/lifeboat/nbd"
 )
 
 // VerifyReport is what Verify checked.
@@ -27,6 +30,10 @@ type VerifyDisk struct {
 	Name   string
 	Blocks int64 // blocks read and checked
 	Bytes  int64
+	// Zero are the blocks among them that the block map does not hold as
+	// data (zeroed, discarded or never written) but the image has allocated:
+	// each must read as zeros. Blocks the image reports as zeros are not read.
+	Zero int64
 }
 
 // VerifyError names the first block of a point that does not read back as recorded.
@@ -47,11 +54,14 @@ func (e *VerifyError) Error() string {
 // verifyWorkers is how many blocks are read and hashed at once.
 const verifyWorkers = 8
 
-// Verify re-reads every block in the block map of point id (0 = latest), through
-// the chain as the point sees it, and checks each against its recorded hash;
-// blocks recorded as zeros must read as zeros. The first mismatch (lowest
-// offset of the first disk that has one) is returned as a *VerifyError.
-// progress, if not nil, is called with bytes done and bytes to check.
+// Verify re-reads every data block in the block map of point id (0 = latest),
+// through the chain as the point sees it, and checks each against its
+// recorded hash; every other block (zeroed, discarded or never written) must
+// read as zeros, which is checked by reading only the blocks the image
+// reports as allocated (NBD block status), so a sparse 16 TiB disk costs its
+// data, not its size. The first mismatch (lowest offset of the first disk
+// that has one) is returned as a *VerifyError. progress, if not nil, is
+// called with bytes done and bytes to check.
 func (s *Store) Verify(ctx context.Context, vm string, id uint64, progress func(done, total int64)) (VerifyReport, error) {
 	start := time.Now()
 	unlock, err := s.lockChain(ctx, vm, false)
@@ -65,20 +75,11 @@ func (s *Store) Verify(ctx context.Context, vm string, id uint64, progress func(
 	}
 	rep := VerifyReport{VM: vm, Point: p.ID}
 
-	maps := make([]map[int64]lifeboat.Hash, len(p.Disks))
 	names := make([]string, len(p.Disks))
 	files := make([]string, len(p.Disks))
-	var total int64
 	for i, d := range p.Disks {
-		if maps[i], err = s.BlockMap(vm, d.Name, p.ID); err != nil {
-			return rep, err
-		}
 		names[i], files[i] = d.Name, d.File
-		for b := range maps[i] {
-			total += blockLen(b, d.Size)
-		}
 	}
-
 	run, err := s.runDir()
 	if err != nil {
 		return rep, err
@@ -90,10 +91,34 @@ func (s *Store) Verify(ctx context.Context, vm string, id uint64, progress func(
 	}
 	defer daemon.Kill() // read-only: nothing to save on the way out
 
+	plans := make([]*checkPlan, len(p.Disks))
+	var total int64
+	for i, d := range p.Disks {
+		c, err := dialExport(ctx, daemon, d.Name, d.Size)
+		if err != nil {
+			return rep, fmt.Errorf("vm %q point %d: %w", vm, p.ID, err)
+		}
+		defer c.Close()
+		if plans[i], err = s.planVerify(ctx, vm, p.ID, d, c); err != nil {
+			return rep, err
+		}
+		total += plans[i].bytes
+	}
 	var done atomic.Int64
 	for i, d := range p.Disks {
-		vd, err := s.verifyDisk(ctx, vm, p.ID, d, daemon, maps[i], &done, total, progress)
+		vd := VerifyDisk{Name: d.Name, Zero: plans[i].zero}
+		var mis *blockMismatch
+		mis, vd.Blocks, vd.Bytes, err = checkBlocks(ctx, plans[i], func(n int64) {
+			if dn := done.Add(n); progress != nil {
+				progress(dn, total)
+			}
+		})
 		rep.Disks = append(rep.Disks, vd)
+		if err != nil {
+			err = fmt.Errorf("vm %q point %d disk %q: %w", vm, p.ID, d.Name, err)
+		} else if mis != nil {
+			err = &VerifyError{VM: vm, Point: p.ID, Disk: d.Name, Offset: mis.off, Want: mis.want, Got: mis.got}
+		}
 		if err != nil {
 			rep.Duration = time.Since(start)
 			return rep, err
@@ -108,35 +133,111 @@ func blockLen(b, size int64) int64 {
 	return min(lifeboat.BlockSize, size-b*lifeboat.BlockSize)
 }
 
-func (s *Store) verifyDisk(ctx context.Context, vm string, point uint64, d lifeboat.PointDisk, daemon *qemu.Daemon,
-	m map[int64]lifeboat.Hash, done *atomic.Int64, total int64, progress func(done, total int64)) (VerifyDisk, error) {
-	vd := VerifyDisk{Name: d.Name}
-	c, err := dialExport(ctx, daemon, d.Name, d.Size)
+// blockCheck is one block to read back: it must hash to want, or read as
+// zeros when want is lifeboat.ZeroHash.
+type blockCheck struct {
+	b    int64
+	want lifeboat.Hash
+}
+
+// checkPlan is what to read back from one export, in block order.
+type checkPlan struct {
+	c      *nbd.Client
+	size   int64
+	checks []blockCheck
+	bytes  int64 // to read
+	zero   int64 // checks that must read as zeros
+}
+
+func (pl *checkPlan) add(b int64, want lifeboat.Hash) {
+	pl.checks = append(pl.checks, blockCheck{b, want})
+	pl.bytes += blockLen(b, pl.size)
+	if want.IsZero() {
+		pl.zero++
+	}
+}
+
+// sort puts the checks in block order, so the first mismatch found is the lowest.
+func (pl *checkPlan) sort() {
+	slices.SortFunc(pl.checks, func(a, b blockCheck) int { return cmp.Compare(a.b, b.b) })
+}
+
+// addAllocatedZeros adds a zero check for every block of [lo, hi) that the
+// export reports as allocated and skip does not claim.
+func (pl *checkPlan) addAllocatedZeros(ctx context.Context, lo, hi int64, skip func(b int64) bool) error {
+	off, end := lo*lifeboat.BlockSize, min(hi*lifeboat.BlockSize, pl.size)
+	if end <= off {
+		return nil
+	}
+	return pl.c.BlockStatus(ctx, nbd.ContextBaseAllocation, off, end-off, func(e nbd.Extent) error {
+		if e.Flags&nbd.StateZero != 0 {
+			return nil
+		}
+		for b := e.Offset / lifeboat.BlockSize; b < blockCount(e.Offset+e.Length); b++ {
+			if !skip(b) {
+				pl.add(b, lifeboat.ZeroHash)
+			}
+		}
+		return nil
+	})
+}
+
+// planVerify lists what Verify reads of one disk: every data block of the
+// block map, and every other block the image has allocated (it must read as
+// zeros), except the blocks a resize left unknown.
+func (s *Store) planVerify(ctx context.Context, vm string, point uint64, d lifeboat.PointDisk, c *nbd.Client) (*checkPlan, error) {
+	pl := &checkPlan{c: c, size: d.Size}
+	data := map[int64]bool{}
+	var unknown map[int64]bool
+	err := s.db.View(func(tx *bolt.Tx) error {
+		chain, err := chainOf(tx, vm, d.Name, point)
+		if err != nil {
+			return err
+		}
+		if unknown, err = unknownBlocks(tx, vm, d.Name, point); err != nil {
+			return err
+		}
+		return eachFolded(chain, func(b int64, h lifeboat.Hash) error {
+			data[b] = true
+			pl.add(b, h)
+			return nil
+		})
+	})
 	if err != nil {
-		return vd, fmt.Errorf("vm %q point %d: %w", vm, point, err)
+		return nil, fmt.Errorf("vm %q point %d disk %q: reading the block map: %w", vm, point, d.Name, err)
 	}
-	defer c.Close()
-
-	blocks := make([]int64, 0, len(m))
-	for b := range m {
-		blocks = append(blocks, b)
+	if err := pl.addAllocatedZeros(ctx, 0, blockCount(d.Size), func(b int64) bool { return data[b] || unknown[b] }); err != nil {
+		return nil, fmt.Errorf("vm %q point %d disk %q: allocation of the image: %w", vm, point, d.Name, err)
 	}
-	slices.Sort(blocks)
-	var progressMu sync.Mutex // progress is called from one goroutine at a time
+	pl.sort()
+	return pl, nil
+}
 
+// blockMismatch is the first block of a plan that did not read back as planned.
+type blockMismatch struct {
+	off       int64
+	want, got lifeboat.Hash
+}
+
+// checkBlocks reads back every block of pl with a few workers and returns the
+// lowest mismatch, if any, with the blocks and bytes that matched. progress,
+// if not nil, gets the bytes of each block that matched (from one goroutine
+// at a time).
+func checkBlocks(ctx context.Context, pl *checkPlan, progress func(n int64)) (_ *blockMismatch, blocks, bytes int64, _ error) {
+	var progressMu sync.Mutex
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var (
 		next    atomic.Int64
 		stopAt  atomic.Int64 // index of the lowest mismatch found so far
 		mu      sync.Mutex
-		first   *VerifyError
+		first   *blockMismatch
 		readErr error
 		checked atomic.Int64
-		bytes   atomic.Int64
+		nbytes  atomic.Int64
 		wg      sync.WaitGroup
 	)
-	stopAt.Store(int64(len(blocks)))
+	stopAt.Store(int64(len(pl.checks)))
 	for range verifyWorkers {
 		wg.Add(1)
 		go func() {
@@ -147,59 +248,57 @@ func (s *Store) verifyDisk(ctx context.Context, vm string, point uint64, d lifeb
 				if k >= stopAt.Load() || ctx.Err() != nil {
 					return
 				}
-				b := blocks[k]
-				off, n := b*lifeboat.BlockSize, blockLen(b, d.Size)
-				if err := c.Read(ctx, buf[:n], off); err != nil {
+				ck := pl.checks[k]
+				off, n := ck.b*lifeboat.BlockSize, blockLen(ck.b, pl.size)
+				if err := pl.c.Read(ctx, buf[:n], off); err != nil {
 					mu.Lock()
 					if readErr == nil && ctx.Err() == nil {
-						readErr = fmt.Errorf("vm %q point %d disk %q: reading offset %d: %w", vm, point, d.Name, off, err)
+						readErr = fmt.Errorf("reading offset %d: %w", off, err)
 					}
 					mu.Unlock()
 					cancel()
 					return
 				}
-				want := m[b]
 				ok := false
 				var got lifeboat.Hash
-				if want.IsZero() {
+				if ck.want.IsZero() {
 					ok = lifeboat.AllZero(buf[:n])
 					if !ok {
 						got = lifeboat.HashBlock(buf[:n])
 					}
 				} else {
 					got = lifeboat.HashBlock(buf[:n])
-					ok = got == want
+					ok = got == ck.want
 				}
 				if !ok {
 					mu.Lock()
 					// Keep the lowest offset; blocks after it need not be read.
-					if first == nil || off < first.Offset {
-						first = &VerifyError{VM: vm, Point: point, Disk: d.Name, Offset: off, Want: want, Got: got}
+					if first == nil || off < first.off {
+						first = &blockMismatch{off: off, want: ck.want, got: got}
 						stopAt.Store(k)
 					}
 					mu.Unlock()
 					continue
 				}
 				checked.Add(1)
-				bytes.Add(n)
-				if dn := done.Add(n); progress != nil {
+				nbytes.Add(n)
+				if progress != nil {
 					progressMu.Lock()
-					progress(dn, total)
+					progress(n)
 					progressMu.Unlock()
 				}
 			}
 		}()
 	}
 	wg.Wait()
-	vd.Blocks, vd.Bytes = checked.Load(), bytes.Load()
 	if first != nil {
-		return vd, first
+		return first, checked.Load(), nbytes.Load(), nil
 	}
 	if readErr != nil {
-		return vd, readErr
+		return nil, checked.Load(), nbytes.Load(), readErr
 	}
 	if err := ctx.Err(); err != nil {
-		return vd, errors.Join(fmt.Errorf("vm %q point %d disk %q: verify interrupted", vm, point, d.Name), err)
+		return nil, checked.Load(), nbytes.Load(), errors.Join(errors.New("verify interrupted"), err)
 	}
-	return vd, nil
+	return nil, checked.Load(), nbytes.Load(), nil
 }

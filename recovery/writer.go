@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -86,12 +87,24 @@ type writeDisk struct {
 	file   string // relative to the store
 	client *nbd.Client
 
-	mu  sync.Mutex
-	rec blockRecord
+	// mu guards pend, what this point recorded for the disk and not yet put
+	// in the catalog (the record bucket recs/<id><disk>), and the flushes.
+	mu   sync.Mutex
+	pend pendingBatch
 }
 
-// nbdOptions is how the writer and the verifier talk to their daemon.
-var nbdOptions = nbd.Options{Connections: 4, MaxInFlight: 16}
+// nbdOptions is how the writer and the verifier talk to their daemon:
+// base:allocation lets them ask which blocks of the chain hold data.
+var nbdOptions = nbd.Options{Connections: 4, MaxInFlight: 16, MetaContexts: []string{nbd.ContextBaseAllocation}}
+
+// flushEntries is how many record entries a disk's writer holds before it
+// puts them in the catalog (about 60 bytes each in memory): a point's record
+// is bounded in memory whatever the disk's size.
+var flushEntries = 1 << 15
+
+// zeroProbe is the length from which WriteZeroes asks the chain which blocks
+// hold data and zeroes only those: shorter runs are zeroed at once.
+const zeroProbe = 16 * lifeboat.BlockSize
 
 // Begin starts point spec.ID of spec.VM: it records the point as pending (so a
 // crash is cleaned up on Open), creates an image per disk, starts a
@@ -167,7 +180,7 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 			return err
 		}
 		for _, d := range spec.Disks {
-			wd := &writeDisk{spec: d, file: imageRel(spec.VM, d.Name, spec.ID), rec: blockRecord{}}
+			wd := &writeDisk{spec: d, file: imageRel(spec.VM, d.Name, spec.ID)}
 			w.disks[d.Name] = wd
 			rec.Files = append(rec.Files, wd.file)
 			if latest != nil {
@@ -180,6 +193,16 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		b, err := vmBucketCreate(tx, spec.VM)
 		if err != nil {
 			return err
+		}
+		// Records of an earlier attempt at this id that a crash left behind.
+		recs := b.Bucket(bucketRecs)
+		if err := deleteRecords(recs, idKey(spec.ID)); err != nil {
+			return err
+		}
+		for _, d := range spec.Disks {
+			if _, err := createRecord(recs, recKey(spec.ID, d.Name)); err != nil {
+				return err
+			}
 		}
 		return putJSON(b.Bucket(bucketPending), idKey(spec.ID), rec)
 	})
@@ -337,11 +360,62 @@ func (w *Writer) WriteBlocks(ctx context.Context, disk string, off int64, data [
 	// went to the image. Concurrent writes of one block are the caller's race.
 	first := off / lifeboat.BlockSize
 	d.mu.Lock()
+	defer d.mu.Unlock()
 	for i, h := range hashes {
-		d.rec[first+int64(i)] = h
+		d.pend.putData(first+int64(i), h)
 	}
-	d.mu.Unlock()
+	return w.flushFull(d)
+}
+
+// flushFull puts d's pending entries in the catalog once there are enough of
+// them. d.mu is held.
+func (w *Writer) flushFull(d *writeDisk) error {
+	if d.pend.len() < flushEntries {
+		return nil
+	}
+	err := w.s.db.Update(func(tx *bolt.Tx) error {
+		rec, ok := openRecord(sub(vmBucket(tx, w.spec.VM), bucketRecs), recKey(w.spec.ID, d.spec.Name))
+		if !ok {
+			return fmt.Errorf("the record of the point being written is gone: %w", errCatalog)
+		}
+		return d.pend.apply(rec)
+	})
+	if err != nil {
+		return w.fail(fmt.Errorf("vm %q disk %q point %d: putting the block record in the catalog: %w", w.spec.VM, d.spec.Name, w.spec.ID, err))
+	}
 	return nil
+}
+
+// written returns the hash this point recorded for block b of d, if any
+// (lifeboat.ZeroHash for zeros).
+func (w *Writer) written(d *writeDisk, b int64) (lifeboat.Hash, bool, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if h, ok := d.pend.data[b]; ok {
+		return h, true, nil
+	}
+	for _, z := range slices.Backward(d.pend.zeros) {
+		if z[0] <= b && b < z[1] {
+			return lifeboat.ZeroHash, true, nil
+		}
+	}
+	var (
+		h  lifeboat.Hash
+		ok bool
+	)
+	err := w.s.db.View(func(tx *bolt.Tx) error {
+		rec, found := openRecord(sub(vmBucket(tx, w.spec.VM), bucketRecs), recKey(w.spec.ID, d.spec.Name))
+		if !found {
+			return fmt.Errorf("the record of the point being written is gone: %w", errCatalog)
+		}
+		var err error
+		if h, ok, err = rec.data(b); err != nil || ok {
+			return err
+		}
+		_, _, ok, err = rec.zeroRun(b)
+		return err
+	})
+	return h, ok, err
 }
 
 // ErrSourcePending is returned (wrapped) by CopyBlock when the source block has
@@ -361,9 +435,10 @@ func (w *Writer) CopyBlock(ctx context.Context, disk string, off int64, srcDisk 
 	if srcOff%lifeboat.BlockSize != 0 || length <= 0 || length > lifeboat.BlockSize || srcOff+int64(length) > src.spec.Size {
 		return fmt.Errorf("vm %q disk %q: copy source %d+%d is not a block of disk %q", w.spec.VM, disk, srcOff, length, srcDisk)
 	}
-	src.mu.Lock()
-	have, ok := src.rec[srcOff/lifeboat.BlockSize]
-	src.mu.Unlock()
+	have, ok, err := w.written(src, srcOff/lifeboat.BlockSize)
+	if err != nil {
+		return fmt.Errorf("vm %q disk %q point %d: looking up the copy source: %w", w.spec.VM, srcDisk, w.spec.ID, err)
+	}
 	if !ok {
 		return fmt.Errorf("vm %q disk %q offset %d: %w", w.spec.VM, srcDisk, srcOff, ErrSourcePending)
 	}
@@ -378,7 +453,10 @@ func (w *Writer) CopyBlock(ctx context.Context, disk string, off int64, srcDisk 
 }
 
 // WriteZeroes makes [off, off+length) read as zeros (block aligned, except at
-// the disk's end) and records lifeboat.ZeroHash for each of its blocks.
+// the disk's end) and records it as one zero run. A long run asks the chain
+// which of its blocks hold data and zeroes only those: the others read as
+// zeros already, and zeroing them would only make qcow2 write metadata (a
+// 4 TiB write-zeroes on a 16 TiB overlay writes 512 MiB of L2 tables).
 func (w *Writer) WriteZeroes(ctx context.Context, disk string, off, length int64) error {
 	d, err := w.disk(disk)
 	if err != nil {
@@ -388,18 +466,34 @@ func (w *Writer) WriteZeroes(ctx context.Context, disk string, off, length int64
 	if err := w.checkRange(d, off, length); err != nil {
 		return err
 	}
-	// No NO_HOLE flag: qcow2 may mark the clusters zero rather than write them,
-	// which also hides the backing image's data, as it must.
-	if err := d.client.WriteZeroes(ctx, off, length, 0); err != nil {
+	if err := w.zeroData(ctx, d, off, length); err != nil {
 		return w.fail(fmt.Errorf("vm %q disk %q: zeroing %d bytes at offset %d: %w", w.spec.VM, disk, length, off, err))
 	}
 	first, n := off/lifeboat.BlockSize, blockCount(length)
 	d.mu.Lock()
-	for i := range n {
-		d.rec[first+i] = lifeboat.ZeroHash
+	defer d.mu.Unlock()
+	d.pend.putZeros(first, first+n)
+	return w.flushFull(d)
+}
+
+// zeroData zeroes what reads as data in [off, off+length). No NO_HOLE flag:
+// qcow2 may mark the clusters zero rather than write them, which also hides
+// the backing image's data, as it must.
+func (w *Writer) zeroData(ctx context.Context, d *writeDisk, off, length int64) error {
+	if length < zeroProbe {
+		return d.client.WriteZeroes(ctx, off, length, 0)
 	}
-	d.mu.Unlock()
-	return nil
+	end := off + length
+	return d.client.BlockStatus(ctx, nbd.ContextBaseAllocation, off, length, func(e nbd.Extent) error {
+		if e.Flags&nbd.StateZero != 0 {
+			return nil
+		}
+		lo, hi := max(e.Offset, off), min(e.Offset+e.Length, end)
+		if hi <= lo {
+			return nil
+		}
+		return d.client.WriteZeroes(ctx, lo, hi-lo, 0)
+	})
 }
 
 // Commit waits for the writes already under way, flushes every disk, stops the
@@ -478,7 +572,14 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 			return err
 		}
 		for name, d := range w.disks {
-			if err := b.Bucket(bucketBlocks).Put(blocksKey(id, name), encodeBlockRecord(d.rec)); err != nil {
+			rec, ok := openRecord(b.Bucket(bucketRecs), recKey(id, name))
+			if !ok {
+				return fmt.Errorf("the block record of disk %q is gone: %w", name, errCatalog)
+			}
+			d.mu.Lock()
+			err := d.pend.apply(rec)
+			d.mu.Unlock()
+			if err != nil {
 				return err
 			}
 		}
@@ -561,8 +662,11 @@ func (s *Store) discardPending(ctx context.Context, vm string, p pendingRecord) 
 	}
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b := sub(vmBucket(tx, vm), bucketPending)
-		if b == nil {
-			return nil
+		if b == nil || b.Get(idKey(p.ID)) == nil {
+			return nil // not pending: its id may be a committed point's
+		}
+		if err := deleteRecords(sub(vmBucket(tx, vm), bucketRecs), idKey(p.ID)); err != nil {
+			return err
 		}
 		return b.Delete(idKey(p.ID))
 	})

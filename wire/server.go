@@ -30,7 +30,9 @@ type Store interface {
 	Authorize(vm, site string) error
 	Latest(vm string) (lifeboat.Point, bool, error)
 	Points(vm string) ([]lifeboat.Point, error)
-	BlockMap(vm, disk string, id uint64) (map[int64]lifeboat.Hash, error)
+	// EachBlock calls fn for every data block of the disk's block map at
+	// point id (0 = latest); blocks not reported read as zeros there.
+	EachBlock(vm, disk string, id uint64, fn func(b int64, h lifeboat.Hash) error) error
 	// BeginPoint opens point p for writing; it is listed only after Commit.
 	BeginPoint(ctx context.Context, p lifeboat.Point) (PointWriter, error)
 }
@@ -172,25 +174,34 @@ func (s *Server) Points(ctx context.Context, r *wirepb.VMRequest) (*wirepb.Point
 	return out, nil
 }
 
+// BlockMap streams the data blocks of a disk's block map at the latest point
+// as the store reads them from its catalog, a chunk at a time: neither side of
+// the call holds the disk's map here. Zeroed and never-written blocks are not
+// sent (the client takes a block it was not sent to read as zeros).
 func (s *Server) BlockMap(r *wirepb.BlockMapRequest, st grpc.ServerStreamingServer[wirepb.BlockMapChunk]) error {
 	if _, err := s.authorize(st.Context(), r.Vm); err != nil {
 		return err
 	}
-	m, err := s.Store.BlockMap(r.Vm, r.Disk, 0)
-	if err != nil {
-		return status.Error(codes.NotFound, err.Error())
-	}
 	const per = 4096
 	ch := &wirepb.BlockMapChunk{}
-	for b, h := range m {
+	var sendErr error
+	err := s.Store.EachBlock(r.Vm, r.Disk, 0, func(b int64, h lifeboat.Hash) error {
 		ch.Blocks = append(ch.Blocks, b)
 		ch.Hashes = append(ch.Hashes, h[:]...)
-		if len(ch.Blocks) == per {
-			if err := st.Send(ch); err != nil {
-				return err
-			}
-			ch = &wirepb.BlockMapChunk{}
+		if len(ch.Blocks) < per {
+			return nil
 		}
+		if sendErr = st.Send(ch); sendErr != nil {
+			return sendErr
+		}
+		ch = &wirepb.BlockMapChunk{}
+		return nil
+	})
+	if sendErr != nil {
+		return sendErr
+	}
+	if err != nil {
+		return status.Error(codes.NotFound, err.Error())
 	}
 	if len(ch.Blocks) > 0 {
 		return st.Send(ch)

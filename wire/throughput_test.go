@@ -22,8 +22,8 @@ type discardStore struct{}
 func (discardStore) Authorize(string, string) error              { return nil }
 func (discardStore) Latest(string) (lifeboat.Point, bool, error) { return lifeboat.Point{}, false, nil }
 func (discardStore) Points(string) ([]lifeboat.Point, error)     { return nil, nil }
-func (discardStore) BlockMap(string, string, uint64) (map[int64]lifeboat.Hash, error) {
-	return nil, nil
+func (discardStore) EachBlock(string, string, uint64, func(int64, lifeboat.Hash) error) error {
+	return nil
 }
 func (discardStore) BeginPoint(_ context.Context, p lifeboat.Point) (wire.PointWriter, error) {
 	return &discardWriter{p: p}, nil
