@@ -120,11 +120,16 @@ func (c *cycle) prepare(ctx context.Context) error {
 // so that a guest is frozen only for the transaction.
 func (c *cycle) prepareFleece(ctx context.Context) error {
 	p := c.p
+	budgets, err := c.fleeceBudgets()
+	if err != nil {
+		return err
+	}
 	var fdisks []qemu.FleeceDisk
-	for _, d := range c.disks {
+	for i, d := range c.disks {
 		fdisks = append(fdisks, qemu.FleeceDisk{
 			Node: d.node, File: filepath.Join(p.VM.WorkDir, p.VM.Name+"-"+d.node+"-fleece.qcow2"),
 			NewBitmap: d.new, OldBitmap: d.old, Persistent: d.persistent, ExportName: d.export,
+			Budget: budgets[i],
 		})
 	}
 	fl, err := c.mon.PrepareFleece(ctx, fdisks)
@@ -190,6 +195,9 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 			}
 		}
 	}()
+	ctx, unwatch := c.watchFleece(ctx)
+	defer unwatch()
+	defer func() { err = c.fleeceFailure(err) }()
 	if h := p.Hooks.AfterInstant; h != nil {
 		if err := h(ctx); err != nil {
 			return pt, err
@@ -339,6 +347,9 @@ produce:
 		if err := h(ctx); err != nil {
 			return lifeboat.Point{}, err
 		}
+	}
+	if err := c.fleece.Err(); err != nil {
+		return lifeboat.Point{}, err // what was read may be from after the instant
 	}
 	c.report("commit", c.sent.Load())
 	stats := lifeboat.CycleStats{

@@ -1,0 +1,102 @@
+package protect
+
+// Production safety: a cycle may fail, the VM it protects may not. The fleece's
+// copy-before-write filter (blockdev-backup sync=none) fails the guest's write
+// when it cannot copy, and QEMU 7.2 cannot put an explicit filter with
+// on-cbw-error=break-snapshot under a running export (see docs/ARCHITECTURE.md,
+// "Production safety"). So a cycle starts only with room in the fleece
+// directory, reserves each overlay's share of it before the instant, and the
+// fleece breaks itself (the filter leaves the guest's write path) before an
+// overlay outgrows that share: the cycle then fails, the generation is merged
+// back, and the next cycle sends everything.
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"syscall"
+
+	"github.com/lifeboat-dr/lifeboat/qemu"
+)
+
+// Defaults of Safety, used where its fields are zero.
+const (
+	DefaultFleeceFloor = 256 << 20
+	DefaultFleeceShare = 0.5
+	// minFleeceBudget is the least a disk's overlay is given: below it a cycle
+	// of a VM that writes at all would break at once.
+	minFleeceBudget = 4 << 20
+)
+
+// Safety bounds what a cycle may take from the file system of VM.WorkDir, where
+// the fleece overlays grow by every block the guest overwrites while the cycle
+// reads.
+type Safety struct {
+	// FleeceFloor is the free space a cycle never takes (DefaultFleeceFloor):
+	// the VM's own images or anything else may share the file system.
+	FleeceFloor int64
+	// FleeceShare is the part of the free space above the floor set aside for
+	// the overlays, split evenly among the VM's disks (DefaultFleeceShare).
+	FleeceShare float64
+}
+
+// fleeceBudgets checks the fleece directory's free space before the instant and
+// gives each disk its overlay's budget: its share of the free space above the
+// floor, at most what an overlay of the whole disk could need.
+func (c *cycle) fleeceBudgets() ([]int64, error) {
+	p := c.p
+	dir := p.VM.WorkDir
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return nil, fmt.Errorf("free space of the fleece directory %s: %w", dir, err)
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	floor := cmp.Or(p.Safety.FleeceFloor, DefaultFleeceFloor)
+	share := cmp.Or(p.Safety.FleeceShare, DefaultFleeceShare)
+	each := int64(float64(free-floor) * share / float64(len(c.disks)))
+	if each < minFleeceBudget {
+		need := floor + int64(float64(minFleeceBudget*int64(len(c.disks)))/share)
+		return nil, fmt.Errorf("not starting a cycle: the fleece directory %s has %s free, less than the %s lifeboat needs before it takes an instant of %d disk(s) (%s it leaves untouched, the rest set aside for copying what the VM overwrites while the cycle reads, so that the copy can never fail the VM's writes): give state_dir more space",
+			dir, mib(free), mib(need), len(c.disks), mib(floor))
+	}
+	budgets := make([]int64, len(c.disks))
+	for i, d := range c.disks {
+		// A whole-disk overlay: the data plus about 1/4096 of it in L2 and
+		// refcount tables, plus the header.
+		budgets[i] = min(each, d.size+d.size/1024+(4<<20))
+	}
+	return budgets, nil
+}
+
+// watchFleece returns a context that ends, with the fleece's error as cause,
+// when the fleece breaks itself; stop releases it.
+func (c *cycle) watchFleece(ctx context.Context) (context.Context, func()) {
+	for _, f := range c.fleece.Unreserved() {
+		c.log.Warn("the fleece directory's file system cannot reserve space (no fallocate): the overlay is watched, but a neighbour filling the file system could still make a copy fail the VM's write; put state_dir on ext4, xfs or tmpfs", "overlay", f)
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	stop := make(chan struct{})
+	go func() {
+		select {
+		case <-c.fleece.Broken():
+			cancel(c.fleece.Err())
+		case <-stop:
+		}
+	}()
+	return ctx, func() { close(stop); cancel(nil) }
+}
+
+// fleeceFailure is the cycle's error when the fleece broke itself, saying what
+// to do; otherwise err.
+func (c *cycle) fleeceFailure(err error) error {
+	ferr := c.fleece.Err()
+	if ferr == nil || !errors.Is(ferr, qemu.ErrFleeceFull) {
+		return err
+	}
+	c.log.Warn("cycle abandoned: the fleece outgrew its budget; the VM's writes went on, nothing is lost, the next cycle sends these changes too", "err", ferr)
+	return fmt.Errorf("point %d abandoned to keep the VM's writes from failing: the VM overwrote more during the cycle than the fleece directory %s can hold: %w; nothing is lost (the next cycle sends these changes too); give state_dir more space, or shorten the interval so a cycle reads for less time",
+		c.id, c.p.VM.WorkDir, ferr)
+}
+
+func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
