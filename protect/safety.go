@@ -73,7 +73,7 @@ func (c *cycle) fleeceBudgets() ([]int64, error) {
 // when the fleece breaks itself; stop releases it.
 func (c *cycle) watchFleece(ctx context.Context) (context.Context, func()) {
 	for _, f := range c.fleece.Unreserved() {
-		c.log.Warn("the fleece directory's file system cannot reserve space (no fallocate): the overlay is watched, but a neighbour filling the file system could still make a copy fail the VM's write; put state_dir on ext4, xfs or tmpfs", "overlay", f)
+		c.p.warnOnce("unreserved:"+f, "the fleece directory's file system cannot reserve space (no fallocate): the overlay is watched, but a neighbour filling the file system could still make a copy fail the VM's write; put state_dir on ext4, xfs or tmpfs", "overlay", f)
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	stop := make(chan struct{})

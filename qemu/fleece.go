@@ -37,9 +37,9 @@ type FleeceDisk struct {
 var ErrFleeceFull = errors.New("fleece overlay outgrew its budget")
 
 // WatermarkOf is the overlay size at which a fleece with this budget breaks
-// itself. The quarter above it absorbs what the guest writes (and the filter
+// itself. The half above it absorbs what the guest writes (and the filter
 // copies) while the block job is being cancelled.
-func WatermarkOf(budget int64) int64 { return budget - budget/4 }
+func WatermarkOf(budget int64) int64 { return budget / 2 }
 
 // Fleece is a frozen view of a VM's disks at one instant, exported over NBD
 // while the VM keeps writing.
@@ -413,7 +413,7 @@ func (f *Fleece) watch(ctx context.Context) error {
 		}
 		json.Unmarshal(ev.Data, &d)
 		disk := f.disks[byNode[d.Node]]
-		f.breakOff(disk.File, fmt.Errorf("%w: disk %q: overlay %s grew past %d bytes, 3/4 of the %d bytes set aside for it, so the copy-before-write filter was removed before a copy could fail the guest's write; this instant is lost",
+		f.breakOff(disk.File, fmt.Errorf("%w: disk %q: overlay %s grew past %d bytes, half of the %d bytes set aside for it, so the copy-before-write filter was removed before a copy could fail the guest's write; this instant is lost",
 			ErrFleeceFull, disk.Node, disk.File, WatermarkOf(disk.Budget), disk.Budget))
 	}()
 	return nil
@@ -439,7 +439,7 @@ func (f *Fleece) breakOff(file string, cause error) {
 			}
 		}
 	}
-	// How far it got while the job was cancelled: what the quarter above the
+	// How far it got while the job was cancelled: what the half above the
 	// watermark has to absorb.
 	if st, err := os.Stat(file); err == nil {
 		cause = fmt.Errorf("%w (it reached %d bytes)", cause, st.Size())
