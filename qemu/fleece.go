@@ -374,21 +374,26 @@ func reserve(path string, size int64) (unsupported bool, err error) {
 // watch sets a write threshold on each budgeted overlay's file node and, until
 // Teardown, breaks the fleece when one fires.
 func (f *Fleece) watch(ctx context.Context) error {
-	byNode := map[string]int{}
-	for i, d := range f.disks {
+	// The watcher reads only this copy: the disks' flags are f.mu's.
+	type watched struct {
+		node, file string
+		budget     int64
+	}
+	byNode := map[string]watched{}
+	for _, d := range f.disks {
 		if d.Budget > 0 {
-			byNode[d.fileNode] = i
+			byNode[d.fileNode] = watched{d.Node, d.File, d.Budget}
 		}
 	}
 	if len(byNode) == 0 {
 		return nil
 	}
 	sub := f.m.Subscribe("BLOCK_WRITE_THRESHOLD")
-	for node, i := range byNode {
-		err := f.m.Execute(ctx, "block-set-write-threshold", map[string]any{"node-name": node, "write-threshold": WatermarkOf(f.disks[i].Budget)}, nil)
+	for node, w := range byNode {
+		err := f.m.Execute(ctx, "block-set-write-threshold", map[string]any{"node-name": node, "write-threshold": WatermarkOf(w.budget)}, nil)
 		if err != nil {
 			sub.Close()
-			return fmt.Errorf("fleece disk %q: watch overlay %s: %w", f.disks[i].Node, f.disks[i].File, err)
+			return fmt.Errorf("fleece disk %q: watch overlay %s: %w", w.node, w.file, err)
 		}
 	}
 	wctx, stop := context.WithCancel(context.WithoutCancel(ctx))
@@ -412,9 +417,9 @@ func (f *Fleece) watch(ctx context.Context) error {
 			Exceeded int64  `json:"amount-exceeded"`
 		}
 		json.Unmarshal(ev.Data, &d)
-		disk := f.disks[byNode[d.Node]]
-		f.breakOff(disk.File, fmt.Errorf("%w: disk %q: overlay %s grew past %d bytes, half of the %d bytes set aside for it, so the copy-before-write filter was removed before a copy could fail the guest's write; this instant is lost",
-			ErrFleeceFull, disk.Node, disk.File, WatermarkOf(disk.Budget), disk.Budget))
+		w := byNode[d.Node]
+		f.breakOff(w.file, fmt.Errorf("%w: disk %q: overlay %s grew past %d bytes, half of the %d bytes set aside for it, so the copy-before-write filter was removed before a copy could fail the guest's write; this instant is lost",
+			ErrFleeceFull, w.node, w.file, WatermarkOf(w.budget), w.budget))
 	}()
 	return nil
 }
