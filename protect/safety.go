@@ -94,8 +94,8 @@ func (c *cycle) fleeceFailure(err error) error {
 	if ferr == nil || !errors.Is(ferr, qemu.ErrFleeceFull) {
 		return err
 	}
-	c.log.Warn("cycle abandoned: the fleece outgrew its budget; the VM's writes went on, nothing is lost, the next cycle sends these changes too", "err", ferr)
-	return fmt.Errorf("point %d abandoned to keep the VM's writes from failing: the VM overwrote more during the cycle than the fleece directory %s can hold: %w; nothing is lost (the next cycle sends these changes too); give state_dir more space, or shorten the interval so a cycle reads for less time",
+	c.log.Warn("cycle abandoned: the fleece outgrew its budget; the VM's writes went on, no change is lost, the next cycle sends these too", "err", ferr)
+	return fmt.Errorf("point %d abandoned to keep the VM's writes from failing: the VM overwrote more during the cycle than the fleece directory %s can hold: %w; no change is lost (the next cycle sends these too); give state_dir more space, or shorten the interval so a cycle reads for less time",
 		c.id, c.p.VM.WorkDir, ferr)
 }
 

@@ -158,7 +158,7 @@ func testFleeceNeverFailsGuestWrites(t *testing.T, kind string) {
 	if !errors.Is(err, qemu.ErrFleeceFull) {
 		t.Errorf("cycle error does not wrap qemu.ErrFleeceFull: %v", err)
 	}
-	for _, want := range []string{`vm "vm1"`, "abandoned", work, "give state_dir more space", "interval", "nothing is lost"} {
+	for _, want := range []string{`vm "vm1"`, "abandoned", work, "give state_dir more space", "interval", "no change is lost"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("cycle error does not say %q: %v", want, err)
 		}

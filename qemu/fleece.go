@@ -418,7 +418,7 @@ func (f *Fleece) watch(ctx context.Context) error {
 		}
 		json.Unmarshal(ev.Data, &d)
 		w := byNode[d.Node]
-		f.breakOff(w.file, fmt.Errorf("%w: disk %q: overlay %s grew past %d bytes, half of the %d bytes set aside for it, so the copy-before-write filter was removed before a copy could fail the guest's write; this instant is lost",
+		f.breakOff(w.file, fmt.Errorf("%w: disk %q: overlay %s grew past %d bytes, half of the %d bytes set aside for it, so the copy-before-write filter was removed before a copy could fail the guest's write, and the view of the instant is gone",
 			ErrFleeceFull, w.node, w.file, WatermarkOf(w.budget), w.budget))
 	}()
 	return nil
