@@ -98,8 +98,8 @@ func TestFleeceNeverFailsGuestWrites(t *testing.T) {
 func testFleeceNeverFailsGuestWrites(t *testing.T, kind string) {
 	// 512 MiB as in the report under LIFEBOAT_LONG=1; otherwise more than the
 	// file system holds, which fails the guest just the same without the fix:
-	// 96 MiB, or 48 MiB under -short (the race detector's run).
-	vdaSize, vdbSize := int64(96<<20), int64(16<<20)
+	// 64 MiB, or 48 MiB under -short (the race detector's run).
+	vdaSize, vdbSize := int64(64<<20), int64(16<<20)
 	switch {
 	case !testenv.Short():
 		vdaSize = 512 << 20
