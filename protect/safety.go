@@ -22,11 +22,9 @@ import (
 
 // Defaults of Safety, used where its fields are zero.
 const (
-	DefaultFleeceFloor = 256 << 20
-	DefaultFleeceShare = 0.5
-	// minFleeceBudget is the least a disk's overlay is given: below it a cycle
-	// of a VM that writes at all would break at once.
-	minFleeceBudget = 4 << 20
+	DefaultFleeceFloor     = 256 << 20
+	DefaultFleeceShare     = 0.5
+	DefaultFleeceMinBudget = 128 << 20
 )
 
 // Safety bounds what a cycle may take from the file system of VM.WorkDir, where
@@ -39,11 +37,18 @@ type Safety struct {
 	// FleeceShare is the part of the free space above the floor set aside for
 	// the overlays, split evenly among the VM's disks (DefaultFleeceShare).
 	FleeceShare float64
+	// FleeceMinBudget is the least budget a disk's overlay may get, or the cycle
+	// is refused (DefaultFleeceMinBudget). The fleece breaks at half its budget
+	// and the other half absorbs what the guest writes until the filter is gone,
+	// so this bounds how fast a guest may write while lifeboat reacts: 64 MiB
+	// is 100 ms at 640 MB/s.
+	FleeceMinBudget int64
 }
 
 // fleeceBudgets checks the fleece directory's free space before the instant and
 // gives each disk its overlay's budget: its share of the free space above the
-// floor, at most what an overlay of the whole disk could need.
+// floor, at most what an overlay of the whole disk could need. Too little for
+// any disk refuses the cycle.
 func (c *cycle) fleeceBudgets() ([]int64, error) {
 	p := c.p
 	dir := p.VM.WorkDir
@@ -54,19 +59,51 @@ func (c *cycle) fleeceBudgets() ([]int64, error) {
 	free := int64(st.Bavail) * int64(st.Bsize)
 	floor := cmp.Or(p.Safety.FleeceFloor, DefaultFleeceFloor)
 	share := cmp.Or(p.Safety.FleeceShare, DefaultFleeceShare)
-	each := int64(float64(free-floor) * share / float64(len(c.disks)))
-	if each < minFleeceBudget {
-		need := floor + int64(float64(minFleeceBudget*int64(len(c.disks)))/share)
-		return nil, fmt.Errorf("not starting a cycle: the fleece directory %s has %s free, less than the %s lifeboat needs before it takes an instant of %d disk(s) (%s it leaves untouched, the rest set aside for copying what the VM overwrites while the cycle reads, so that the copy can never fail the VM's writes): give state_dir more space",
-			dir, mib(free), mib(need), len(c.disks), mib(floor))
-	}
-	budgets := make([]int64, len(c.disks))
+	minBudget := cmp.Or(p.Safety.FleeceMinBudget, DefaultFleeceMinBudget)
+	// Even shares, except that a disk whose whole overlay needs less than its
+	// share leaves the rest to the others.
+	caps := make([]int64, len(c.disks))
 	for i, d := range c.disks {
 		// A whole-disk overlay: the data plus about 1/4096 of it in L2 and
 		// refcount tables, plus the header.
-		budgets[i] = min(each, d.size+d.size/1024+(4<<20))
+		caps[i] = d.size + d.size/1024 + (4 << 20)
+	}
+	budgets := shareOut(max(int64(float64(free-floor)*share), 0), caps)
+	short := false
+	for i, b := range budgets {
+		short = short || b < min(minBudget, caps[i])
+	}
+	if short {
+		need := floor + int64(float64(minBudget*int64(len(c.disks)))/share)
+		return nil, fmt.Errorf("not starting a cycle: the fleece directory %s has %s free, less than the %s lifeboat needs before it takes an instant of %d disk(s) (%s it leaves untouched, the rest set aside for copying what the VM overwrites while the cycle reads, so that the copy can never fail the VM's writes): give state_dir more space",
+			dir, mib(free), mib(need), len(c.disks), mib(floor))
 	}
 	return budgets, nil
+}
+
+// shareOut splits pool evenly among len(caps) parts, none above its cap; what
+// a capped part leaves goes to the others.
+func shareOut(pool int64, caps []int64) []int64 {
+	out := make([]int64, len(caps))
+	left := len(caps)
+	for left > 0 {
+		each := pool / int64(left)
+		capped := false
+		for i, c := range caps {
+			if out[i] == 0 && c <= each {
+				out[i], pool, left, capped = c, pool-c, left-1, true
+			}
+		}
+		if !capped {
+			for i := range out {
+				if out[i] == 0 {
+					out[i] = each
+				}
+			}
+			break
+		}
+	}
+	return out
 }
 
 // watchFleece returns a context that ends, with the fleece's error as cause,

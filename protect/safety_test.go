@@ -99,7 +99,7 @@ func testFleeceNeverFailsGuestWrites(t *testing.T, kind string) {
 	// 512 MiB as in the report under LIFEBOAT_LONG=1; otherwise more than the
 	// file system holds, which fails the guest just the same without the fix:
 	// 64 MiB, or 48 MiB under -short (the race detector's run).
-	vdaSize, vdbSize := int64(64<<20), int64(16<<20)
+	vdaSize, vdbSize := int64(64<<20), int64(4<<20)
 	switch {
 	case !testenv.Short():
 		vdaSize = 512 << 20
@@ -115,8 +115,10 @@ func testFleeceNeverFailsGuestWrites(t *testing.T, kind string) {
 	p := &protect.Protector{
 		VM:     protect.VM{Name: "vm1", QMPSocket: vm.QMPSocket(), NBDSocket: vm.NBDSocket(), WorkDir: work},
 		Target: site.Dial(t, wire.CompressionNone), Readers: 4, Connections: 2,
-		// The default floor (256 MiB) would refuse every cycle on 40 MiB.
-		Safety: protect.Safety{FleeceFloor: 4 << 20},
+		// The defaults (256 MiB left free, 128 MiB at least per disk) would
+		// refuse every cycle on 40 MiB: here the overlays share all the space
+		// above a 4 MiB floor (vdb's whole overlay needs 8 MiB, vda gets the rest).
+		Safety: protect.Safety{FleeceFloor: 4 << 20, FleeceShare: 1, FleeceMinBudget: 4 << 20},
 	}
 	disks := []workload.Disk{{Name: "vda", Size: vdaSize}, {Name: "vdb", Size: vdbSize}}
 	const seed = 11 // the data written does not matter to any assertion
@@ -168,7 +170,9 @@ func testFleeceNeverFailsGuestWrites(t *testing.T, kind string) {
 	}
 	assertNoFleece(t, vm.Monitor(), work)
 
-	// While the file system is full: refused before the instant, the guest unharmed.
+	// While the file system is full again: refused before the instant, the
+	// guest unharmed.
+	fillUp(t, neighbour+"2")
 	_, err = p.Cycle(ctx(t))
 	if err == nil || !strings.Contains(err.Error(), "not starting a cycle") || !strings.Contains(err.Error(), work) ||
 		!strings.Contains(err.Error(), "give state_dir more space") {
@@ -182,8 +186,10 @@ func testFleeceNeverFailsGuestWrites(t *testing.T, kind string) {
 
 	// Room again: the next cycle sends everything since point 1, from the
 	// surviving generation (no resync), and matches the source.
-	if err := os.Remove(neighbour); err != nil {
-		t.Fatal(err)
+	for _, f := range []string{neighbour, neighbour + "2"} {
+		if err := os.Remove(f); err != nil {
+			t.Fatal(err)
+		}
 	}
 	pt := r.cycle(t)
 	if pt.ID != 2 {
