@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -119,7 +118,6 @@ func (c *cycle) prepare(ctx context.Context) error {
 // prepareFleece readies the fleece of every disk, all but the instant itself,
 // so that a guest is frozen only for the transaction.
 func (c *cycle) prepareFleece(ctx context.Context) error {
-	p := c.p
 	budgets, err := c.fleeceBudgets()
 	if err != nil {
 		return err
@@ -127,7 +125,7 @@ func (c *cycle) prepareFleece(ctx context.Context) error {
 	var fdisks []qemu.FleeceDisk
 	for i, d := range c.disks {
 		fdisks = append(fdisks, qemu.FleeceDisk{
-			Node: d.node, File: filepath.Join(p.VM.WorkDir, p.VM.Name+"-"+d.node+"-fleece.qcow2"),
+			Node: d.node, File: c.fleeceFile(d),
 			NewBitmap: d.new, OldBitmap: d.old, Persistent: d.persistent, ExportName: d.export,
 			Budget: budgets[i],
 		})
@@ -157,7 +155,7 @@ func (c *cycle) snapshot(ctx context.Context) error {
 // export publishes the instant of every disk over NBD.
 func (c *cycle) export(ctx context.Context) error {
 	if err := c.fleece.Export(ctx); err != nil {
-		return fmt.Errorf("fleece export: %w", err)
+		return c.fleeceFailure(fmt.Errorf("fleece export: %w", err))
 	}
 	return nil
 }

@@ -15,6 +15,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"syscall"
 
 	"github.com/lifeboat-dr/lifeboat/qemu"
@@ -52,6 +54,13 @@ type Safety struct {
 func (c *cycle) fleeceBudgets() ([]int64, error) {
 	p := c.p
 	dir := p.VM.WorkDir
+	// An overlay a dead lifeboat left (RemoveStale has removed its node) still
+	// holds its reservation: it would count against this cycle.
+	for _, d := range c.disks {
+		if err := os.Remove(c.fleeceFile(d)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("remove the fleece overlay a previous cycle left: %w", err)
+		}
+	}
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(dir, &st); err != nil {
 		return nil, fmt.Errorf("free space of the fleece directory %s: %w", dir, err)
@@ -104,6 +113,11 @@ func shareOut(pool int64, caps []int64) []int64 {
 		}
 	}
 	return out
+}
+
+// fleeceFile is where a disk's fleece overlay lives during a cycle.
+func (c *cycle) fleeceFile(d *diskState) string {
+	return filepath.Join(c.p.VM.WorkDir, c.p.VM.Name+"-"+d.node+"-fleece.qcow2")
 }
 
 // watchFleece returns a context that ends, with the fleece's error as cause,
