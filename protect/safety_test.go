@@ -193,10 +193,7 @@ func testFleeceNeverFailsGuestWrites(t *testing.T, kind string) {
 	}
 	// An overlay a dead lifeboat left, still holding its reservation, must not
 	// count against the next cycle.
-	stale := filepath.Join(work, "vm1-vda-fleece.qcow2")
-	if out, err := exec.Command("fallocate", "-l", "28M", stale).CombinedOutput(); err != nil {
-		t.Fatalf("fallocate: %v: %s", err, out)
-	}
+	fillUp(t, filepath.Join(work, "vm1-vda-fleece.qcow2"))
 	pt := r.cycle(t)
 	if pt.ID != 2 {
 		t.Errorf("point %d after the abandoned cycle, want 2", pt.ID)
