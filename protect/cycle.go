@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -126,12 +125,16 @@ func (c *cycle) prepare(ctx context.Context) error {
 // prepareFleece readies the fleece of every disk, all but the instant itself,
 // so that a guest is frozen only for the transaction.
 func (c *cycle) prepareFleece(ctx context.Context) error {
-	p := c.p
+	budgets, err := c.fleeceBudgets()
+	if err != nil {
+		return err
+	}
 	var fdisks []qemu.FleeceDisk
-	for _, d := range c.disks {
+	for i, d := range c.disks {
 		fdisks = append(fdisks, qemu.FleeceDisk{
-			Node: d.node, File: filepath.Join(p.VM.WorkDir, p.VM.Name+"-"+d.node+"-fleece.qcow2"),
+			Node: d.node, File: c.fleeceFile(d),
 			NewBitmap: d.new, OldBitmap: d.old, Persistent: d.persistent, ExportName: d.export,
+			Budget: budgets[i],
 		})
 	}
 	fl, err := c.mon.PrepareFleece(ctx, fdisks)
@@ -160,7 +163,7 @@ func (c *cycle) snapshot(ctx context.Context) error {
 // export publishes the instant of every disk over NBD.
 func (c *cycle) export(ctx context.Context) error {
 	if err := c.fleece.Export(ctx); err != nil {
-		return fmt.Errorf("fleece export: %w", err)
+		return c.fleeceFailure(fmt.Errorf("fleece export: %w", err))
 	}
 	return nil
 }
@@ -198,6 +201,9 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 			}
 		}
 	}()
+	ctx, unwatch := c.watchFleece(ctx)
+	defer unwatch()
+	defer func() { err = c.fleeceFailure(err) }()
 	if h := p.Hooks.AfterInstant; h != nil {
 		if err := h(ctx); err != nil {
 			return pt, err
@@ -353,6 +359,9 @@ produce:
 		if err := h(ctx); err != nil {
 			return lifeboat.Point{}, err
 		}
+	}
+	if err := c.fleece.Err(); err != nil {
+		return lifeboat.Point{}, err // what was read may be from after the instant
 	}
 	c.report("commit", c.sent.Load())
 	stats := lifeboat.CycleStats{

@@ -82,6 +82,7 @@ type Protector struct {
 	Connections int
 	Progress    func(Progress)
 	Hooks       Hooks
+	Safety      Safety
 
 	mu     sync.Mutex
 	warned map[string]bool

@@ -4,11 +4,14 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"regexp"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
 )
 
@@ -21,7 +24,22 @@ type FleeceDisk struct {
 	OldBitmap  string // generation to disable at the instant and publish on the export ("" for a first sync: no bitmap published)
 	Persistent bool   // make NewBitmap persistent (qcow2 v3 only; see BlockNode.PersistentBitmaps)
 	ExportName string // NBD export name of the fleece node
+	// Budget is how far the overlay may grow, in bytes: that much of its file
+	// system is reserved for it as soon as it is made (so no neighbour can take
+	// the space the copy-before-write needs), and once the overlay's file grows
+	// past WatermarkOf(Budget) the fleece breaks itself (see Broken) before the
+	// guest's writes could fail. 0: no reservation and no watch.
+	Budget int64
 }
+
+// ErrFleeceFull is the cause of a fleece that broke itself because an overlay
+// outgrew its budget: the instant is lost, the guest's writes went on.
+var ErrFleeceFull = errors.New("fleece overlay outgrew its budget")
+
+// WatermarkOf is the overlay size at which a fleece with this budget breaks
+// itself. The half above it absorbs what the guest writes (and the filter
+// copies) while the block job is being cancelled.
+func WatermarkOf(budget int64) int64 { return budget / 2 }
 
 // Fleece is a frozen view of a VM's disks at one instant, exported over NBD
 // while the VM keeps writing.
@@ -29,6 +47,13 @@ type Fleece struct {
 	m       *Monitor
 	instant time.Time
 	disks   []fleeceState
+
+	// The watch on the overlays' write thresholds (see FleeceDisk.Budget).
+	mu        sync.Mutex // guards the state flags of disks once the watch runs, and err
+	err       error
+	broken    chan struct{} // closed once err is set
+	stopWatch context.CancelFunc
+	watchDone chan struct{}
 }
 
 type fleeceState struct {
@@ -37,6 +62,34 @@ type fleeceState struct {
 	nodeAdded, jobStarted       bool
 	exportAdded, fileMade       bool
 	bitmapsTurned               bool // the transaction ran: NewBitmap exists, OldBitmap is disabled
+	unreserved                  bool // the file system could not reserve the budget (no fallocate)
+}
+
+// Broken is closed when the fleece broke itself to keep the guest's writes
+// from failing: an overlay outgrew its budget, so its block job was cancelled
+// (the copy-before-write filter left the guest's write path) and its exports
+// deleted. What was read from the fleece may then be a mix of before and after
+// the instant: a point must not be committed from it. Err says why.
+func (f *Fleece) Broken() <-chan struct{} { return f.broken }
+
+// Err is why the fleece broke (wrapping ErrFleeceFull), or nil.
+func (f *Fleece) Err() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.err
+}
+
+// Unreserved names the overlay files whose budget the file system could not
+// reserve (it has no fallocate): their write threshold still watches them,
+// but a neighbour filling the file system could make a copy fail first.
+func (f *Fleece) Unreserved() []string {
+	var files []string
+	for _, d := range f.disks {
+		if d.unreserved {
+			files = append(files, d.File)
+		}
+	}
+	return files
 }
 
 // Instant is the moment the transaction returned: every write acknowledged
@@ -88,7 +141,7 @@ func (m *Monitor) PrepareFleece(ctx context.Context, disks []FleeceDisk) (f *Fle
 	token := make([]byte, 3)
 	rand.Read(token)
 	tag := hex.EncodeToString(token) // tells apart fleeces of one QEMU, in names of at most 31 bytes
-	f = &Fleece{m: m}
+	f = &Fleece{m: m, broken: make(chan struct{})}
 	for i, d := range disks {
 		n, err := findNode(nodes, d.Node)
 		if err != nil {
@@ -96,6 +149,9 @@ func (m *Monitor) PrepareFleece(ctx context.Context, disks []FleeceDisk) (f *Fle
 		}
 		if d.File == "" || d.NewBitmap == "" {
 			return nil, fmt.Errorf("fleece disk %q: File and NewBitmap are required", d.Node)
+		}
+		if d.Budget < 0 {
+			return nil, fmt.Errorf("fleece disk %q: negative budget %d", d.Node, d.Budget)
 		}
 		if d.OldBitmap != "" {
 			if b, ok := n.Bitmap(d.OldBitmap); ok && b.Inconsistent {
@@ -127,6 +183,13 @@ func (m *Monitor) PrepareFleece(ctx context.Context, disks []FleeceDisk) (f *Fle
 			return f, fmt.Errorf("fleece disk %q: create overlay: %w", d.Node, err)
 		}
 		d.fileMade = true
+		if d.Budget > 0 {
+			unsupported, err := reserve(d.File, d.Budget)
+			if err != nil {
+				return f, fmt.Errorf("fleece disk %q: reserve %d bytes for overlay %s: %w (free space in its directory, or lower the budget)", d.Node, d.Budget, d.File, err)
+			}
+			d.unreserved = unsupported
+		}
 		err := m.BlockdevAdd(ctx, map[string]any{
 			"driver": "qcow2", "node-name": d.node, "backing": d.Node,
 			"file": map[string]any{"driver": "file", "node-name": d.fileNode, "filename": d.File},
@@ -157,6 +220,10 @@ func (f *Fleece) undoOnError(ctx context.Context, err *error) {
 func (f *Fleece) Snapshot(ctx context.Context) (err error) {
 	defer f.undoOnError(ctx, &err)
 	m := f.m
+	// Watch before the instant, so no write after it goes unwatched.
+	if err := f.watch(ctx); err != nil {
+		return err
+	}
 	var actions []Action
 	for _, d := range f.disks {
 		actions = append(actions, AddBitmapAction(d.Node, d.NewBitmap, d.Persistent, false))
@@ -167,6 +234,9 @@ func (f *Fleece) Snapshot(ctx context.Context) (err error) {
 			"device": d.Node, "target": d.node, "sync": "none", "job-id": d.job,
 		}})
 	}
+	// Under mu, so that a threshold that fires at once finds the jobs started.
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	if err := m.Transaction(ctx, actions...); err != nil {
 		return fmt.Errorf("fleece transaction: %w", err)
 	}
@@ -184,6 +254,11 @@ func (f *Fleece) Snapshot(ctx context.Context) (err error) {
 func (f *Fleece) Export(ctx context.Context) (err error) {
 	defer f.undoOnError(ctx, &err)
 	m := f.m
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil {
+		return f.err // broken before it was published
+	}
 	for i := range f.disks {
 		d := &f.disks[i]
 		e := Export{ID: d.export, Node: d.node, Name: d.ExportName}
@@ -225,6 +300,7 @@ func (f *Fleece) undo(ctx context.Context) error {
 // committed; otherwise enable OldBitmap, merge NewBitmap into it and remove
 // NewBitmap). It goes on past errors and may be called again.
 func (f *Fleece) Teardown(ctx context.Context) error {
+	f.endWatch()
 	var errs []error
 	for i := range f.disks {
 		d := &f.disks[i]
@@ -267,6 +343,135 @@ func (f *Fleece) Teardown(ctx context.Context) error {
 		return fmt.Errorf("fleece teardown: %w", errors.Join(errs...))
 	}
 	return nil
+}
+
+// reserve allocates size bytes for the file past its end without changing its
+// size (FALLOC_FL_KEEP_SIZE): the overlay's growth lands in blocks that are
+// already its own, and cannot fail for want of space. unsupported reports a
+// file system without fallocate.
+func reserve(path string, size int64) (unsupported bool, err error) {
+	const keepSize = 0x01 // FALLOC_FL_KEEP_SIZE
+	fh, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return false, err
+	}
+	defer fh.Close()
+	for {
+		err = syscall.Fallocate(int(fh.Fd()), keepSize, 0, size)
+		if err != syscall.EINTR {
+			break
+		}
+	}
+	if errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOSYS) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	return false, nil
+}
+
+// watch sets a write threshold on each budgeted overlay's file node and, until
+// Teardown, breaks the fleece when one fires.
+func (f *Fleece) watch(ctx context.Context) error {
+	// The watcher reads only this copy: the disks' flags are f.mu's.
+	type watched struct {
+		node, file string
+		budget     int64
+	}
+	byNode := map[string]watched{}
+	for _, d := range f.disks {
+		if d.Budget > 0 {
+			byNode[d.fileNode] = watched{d.Node, d.File, d.Budget}
+		}
+	}
+	if len(byNode) == 0 {
+		return nil
+	}
+	sub := f.m.Subscribe("BLOCK_WRITE_THRESHOLD")
+	for node, w := range byNode {
+		err := f.m.Execute(ctx, "block-set-write-threshold", map[string]any{"node-name": node, "write-threshold": WatermarkOf(w.budget)}, nil)
+		if err != nil {
+			sub.Close()
+			return fmt.Errorf("fleece disk %q: watch overlay %s: %w", w.node, w.file, err)
+		}
+	}
+	wctx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	f.stopWatch, f.watchDone = stop, make(chan struct{})
+	go func() {
+		defer close(f.watchDone)
+		defer sub.Close()
+		ev, err := sub.Wait(wctx, func(ev Event) bool {
+			var d struct {
+				Node string `json:"node-name"`
+			}
+			json.Unmarshal(ev.Data, &d)
+			_, ok := byNode[d.Node]
+			return ok
+		})
+		if err != nil {
+			return // Teardown, or QEMU went away (and the filter with it)
+		}
+		var d struct {
+			Node     string `json:"node-name"`
+			Exceeded int64  `json:"amount-exceeded"`
+		}
+		json.Unmarshal(ev.Data, &d)
+		w := byNode[d.Node]
+		f.breakOff(w.file, fmt.Errorf("%w: disk %q: overlay %s grew past %d bytes, half of the %d bytes set aside for it, so the copy-before-write filter was removed before a copy could fail the guest's write, and the view of the instant is gone",
+			ErrFleeceFull, w.node, w.file, WatermarkOf(w.budget), w.budget))
+	}()
+	return nil
+}
+
+// breakOff takes the fleece out of the guest's write path at once: first the
+// block jobs (each holds the copy-before-write filter), then the exports, whose
+// readers would now see writes from after the instant.
+func (f *Fleece) breakOff(file string, cause error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.err = cause
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+	var errs []error
+	for i := range f.disks {
+		d := &f.disks[i]
+		if d.jobStarted {
+			if err := f.m.CancelJob(ctx, d.job); err != nil {
+				errs = append(errs, err)
+			} else {
+				d.jobStarted = false
+			}
+		}
+	}
+	// How far it got while the job was cancelled: what the half above the
+	// watermark has to absorb.
+	if st, err := os.Stat(file); err == nil {
+		cause = fmt.Errorf("%w (it reached %d bytes)", cause, st.Size())
+		f.err = cause
+	}
+	for i := range f.disks {
+		d := &f.disks[i]
+		if d.exportAdded {
+			if err := f.m.ExportDelForce(ctx, d.export); err != nil {
+				errs = append(errs, err)
+			} else {
+				d.exportAdded = false
+			}
+		}
+	}
+	if len(errs) > 0 {
+		f.err = fmt.Errorf("%w; and removing the fleece failed (Teardown retries): %w", cause, errors.Join(errs...))
+	}
+	close(f.broken)
+}
+
+// endWatch stops the watch and waits for a break in progress to finish.
+func (f *Fleece) endWatch() {
+	if f.stopWatch != nil {
+		f.stopWatch()
+		<-f.watchDone
+	}
 }
 
 // fleeceNode matches the names StartFleece gives its overlay nodes.

@@ -2,11 +2,14 @@ package qemu_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/testvm"
 	"github.com/lifeboat-dr/lifeboat/qemu"
@@ -276,5 +279,72 @@ func TestRemoveStale(t *testing.T) {
 	}
 	if err := m.RemoveStale(ctx); err != nil {
 		t.Errorf("RemoveStale with nothing stale: %v", err)
+	}
+}
+
+// A fleece with a budget reserves it for its overlay before the instant, and
+// breaks itself once the overlay outgrows half of it: the guest's writes go on
+// (the copy-before-write filter left their path), the export is gone, Err says
+// why, and Teardown still cleans up.
+func TestFleeceBudget(t *testing.T) {
+	const budget = 4 << 20
+	vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 32 << 20})
+	m, ctx := vm.Monitor(), testCtx(t)
+	qemuIO(t, false, vm.NBDURI("vda"), "write -P 1 0 8M")
+	file := filepath.Join(vm.Dir, "f.qcow2")
+	f, err := m.PrepareFleece(ctx, []qemu.FleeceDisk{{Node: "vda", File: file, NewBitmap: "g1", ExportName: "fl", Budget: budget}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Teardown(ctx)
+	var st syscall.Stat_t
+	if err := syscall.Stat(file, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Blocks*512 < budget || st.Size >= budget {
+		t.Errorf("overlay before the instant: %d bytes allocated, size %d; want the %d-byte budget allocated past a small size", st.Blocks*512, st.Size, budget)
+	}
+	if err := f.Snapshot(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Export(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Under the watermark: the fleece holds.
+	qemuIO(t, false, vm.NBDURI("vda"), "write -P 2 0 1M")
+	select {
+	case <-f.Broken():
+		t.Fatalf("fleece broke after 1 MiB of a %d-byte budget: %v", budget, f.Err())
+	case <-time.After(200 * time.Millisecond):
+	}
+	qemuIO(t, true, vm.NBDURI("fl"), "read -P 1 0 1M")
+	// Past it: every guest write succeeds, and the fleece breaks.
+	qemuIO(t, false, vm.NBDURI("vda"), "write -P 3 0 8M")
+	select {
+	case <-f.Broken():
+	case <-time.After(10 * time.Second):
+		t.Fatal("fleece did not break 10 s after its overlay outgrew its budget")
+	}
+	if err := f.Err(); !errors.Is(err, qemu.ErrFleeceFull) || !strings.Contains(err.Error(), file) {
+		t.Errorf("Err() = %v, want ErrFleeceFull naming %s", err, file)
+	}
+	jobs, err := m.Jobs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(jobs) != 0 {
+		t.Errorf("jobs after the break: %+v, want none (the filter out of the write path)", jobs)
+	}
+	if err := tryQemuIO(t, true, vm.NBDURI("fl"), "read 0 64k"); err == nil {
+		t.Error("the broken fleece's export still serves reads")
+	}
+	qemuIO(t, false, vm.NBDURI("vda"), "write -P 4 0 8M")
+	qemuIO(t, true, vm.NBDURI("vda"), "read -P 4 0 8M")
+	if err := f.Teardown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	assertNoLeftovers(t, ctx, m)
+	if _, err := os.Stat(file); !os.IsNotExist(err) {
+		t.Errorf("overlay not removed: %v", err)
 	}
 }
