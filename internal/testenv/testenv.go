@@ -1,10 +1,13 @@
 // Package testenv is what integration tests share: finding the real QEMU tools
-// they drive, and failing instead of skipping under CI when one is missing.
+// they drive, failing instead of skipping under CI when one is missing, and the
+// seed of every random workload.
 package testenv
 
 import (
+	"math/rand/v2"
 	"os"
 	"os/exec"
+	"strconv"
 	"testing"
 )
 
@@ -29,3 +32,23 @@ func RequireTools(t testing.TB, tools ...string) {
 
 // Short reports whether long campaigns should run their short version.
 func Short() bool { return testing.Short() || os.Getenv("LIFEBOAT_LONG") == "" }
+
+// Seed is where every random workload of the tests takes its seed: the value of
+// LIFEBOAT_SEED if it is set (to replay a failure), otherwise a fresh one. It
+// logs the seed either way, so a failing run says how to replay it. A test that
+// needs several streams derives them from this one seed.
+func Seed(t testing.TB) uint64 {
+	t.Helper()
+	var seed uint64
+	if s := os.Getenv("LIFEBOAT_SEED"); s != "" {
+		v, err := strconv.ParseUint(s, 0, 64)
+		if err != nil {
+			t.Fatalf("LIFEBOAT_SEED=%q is not a seed: set it to the number a failing test logged", s)
+		}
+		seed = v
+	} else {
+		seed = rand.Uint64()
+	}
+	t.Logf("seed %d (replay with LIFEBOAT_SEED=%d)", seed, seed)
+	return seed
+}
