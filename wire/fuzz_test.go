@@ -327,9 +327,9 @@ func joinFields(fields ...[]byte) []byte {
 	return append(out, fields[len(fields)-1]...)
 }
 
-// FuzzReplies feeds the protected site's client what a recovery site answers:
+// FuzzSiteReplies feeds the protected site's client what a recovery site answers:
 // a latest point, a point list, two block-map chunks.
-func FuzzReplies(f *testing.F) {
+func FuzzSiteReplies(f *testing.F) {
 	p := pointToPB(fuzzPoint())
 	latest, _ := proto.Marshal(&wirepb.LatestReply{Found: true, Point: p})
 	p2 := pointToPB(fuzzPoint())
