@@ -24,8 +24,8 @@ func FuzzCatalogRecords(f *testing.F) {
 	rec := pointRecord{
 		Point: lifeboat.Point{VM: "vm1", ID: 7, Instant: time.Date(2026, 12, 1, 20, 0, 0, 5, time.UTC),
 			Consistency: lifeboat.Filesystem, Group: "g",
-			Disks: []lifeboat.PointDisk{{Name: "vda", Size: 48 << 20, File: "vms/vm1/vda/7.qcow2", Resync: true}, {Name: "vdb", Size: 24 << 20, File: "vms/vm1/vdb/7.qcow2"}},
-			Stats: lifeboat.CycleStats{BytesChanged: 1 << 20, BytesData: 1 << 19, BytesZero: 1 << 19, BytesSent: 1000, Duration: time.Second},
+			Disks:  []lifeboat.PointDisk{{Name: "vda", Size: 48 << 20, File: "vms/vm1/vda/7.qcow2", Resync: true}, {Name: "vdb", Size: 24 << 20, File: "vms/vm1/vdb/7.qcow2"}},
+			Stats:  lifeboat.CycleStats{BytesChanged: 1 << 20, BytesData: 1 << 19, BytesZero: 1 << 19, BytesSent: 1000, Duration: time.Second},
 			Freeze: time.Millisecond, Note: "agent timed out"},
 		Parents: map[string]uint64{"vda": 6, "vdb": 0},
 	}

@@ -86,7 +86,7 @@ func begin(t *testing.T, s *Store, vm string, id uint64, m model, disks ...DiskS
 		t.Fatalf("Begin point %d: %v", id, err)
 	}
 	t.Cleanup(func() { w.Abort(context.Background()) })
-	return &pointWriter{t: t, w: w, m: m, rng: rand.New(rand.NewPCG(id, 7))}
+	return &pointWriter{t: t, w: w, m: m, rng: rand.New(rand.NewPCG(testenv.Seed(t), id))}
 }
 
 // data writes n random blocks from block first (the last one short when the disk ends there).

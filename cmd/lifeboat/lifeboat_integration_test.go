@@ -149,7 +149,7 @@ func deploy(t *testing.T, vdaSize int64) *deployment {
 	d.vm = testvm.Start(t,
 		testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: vdaSize},
 		testvm.DiskSpec{Name: "vdb", Format: "raw", Size: 16 << 20})
-	g, err := workload.Open(context.Background(), d.vm.NBDSocket(), 7, d.disks...)
+	g, err := workload.Open(context.Background(), d.vm.NBDSocket(), testenv.Seed(t), d.disks...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -331,7 +331,7 @@ func TestKillSitesMidCycle(t *testing.T) {
 	if !testenv.Short() {
 		random = 30
 	}
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
+	rng := rand.New(rand.NewPCG(testenv.Seed(t), 1)) // the kill plan; the workload draws from the same seed
 	for range random {
 		v := d.dr
 		if rng.IntN(2) == 0 {

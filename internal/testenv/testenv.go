@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"sync"
 	"testing"
 )
 
@@ -34,11 +35,15 @@ func RequireTools(t testing.TB, tools ...string) {
 func Short() bool { return testing.Short() || os.Getenv("LIFEBOAT_LONG") == "" }
 
 // Seed is where every random workload of the tests takes its seed: the value of
-// LIFEBOAT_SEED if it is set (to replay a failure), otherwise a fresh one. It
-// logs the seed either way, so a failing run says how to replay it. A test that
-// needs several streams derives them from this one seed.
+// LIFEBOAT_SEED if it is set (to replay a failure), otherwise a fresh one. Every
+// call in one test (by name) returns the same seed, logged on the first, so one
+// value replays the whole test; a test that needs several streams derives them
+// from it (rand.NewPCG(seed, 1), rand.NewPCG(seed, 2), ...).
 func Seed(t testing.TB) uint64 {
 	t.Helper()
+	if v, ok := seeds.Load(t.Name()); ok {
+		return v.(uint64)
+	}
 	var seed uint64
 	if s := os.Getenv("LIFEBOAT_SEED"); s != "" {
 		v, err := strconv.ParseUint(s, 0, 64)
@@ -49,6 +54,12 @@ func Seed(t testing.TB) uint64 {
 	} else {
 		seed = rand.Uint64()
 	}
+	if v, loaded := seeds.LoadOrStore(t.Name(), seed); loaded {
+		return v.(uint64)
+	}
 	t.Logf("seed %d (replay with LIFEBOAT_SEED=%d)", seed, seed)
 	return seed
 }
+
+// seeds holds each test's seed, by test name.
+var seeds sync.Map
