@@ -45,8 +45,19 @@ bench-metadata: deps
 soak: deps
 	LIFEBOAT_LONG=1 $(GO) test -count=1 -timeout 60m -run 'Fault|Soak|Kill' ./...
 
+# Every fuzz target for FUZZTIME each (go test -fuzz takes one target at a
+# time). Their seeds run in `make test` too.
+FUZZTIME ?= 30s
+FUZZ = $(GO) test -run '^$$' -fuzztime $(FUZZTIME) -fuzz
 fuzz:
-	$(GO) test -run XXX -fuzz FuzzReply -fuzztime 60s ./nbd
+	$(FUZZ) '^FuzzReplies$$' ./nbd
+	$(FUZZ) '^FuzzHandshake$$' ./nbd
+	$(FUZZ) '^FuzzReplicate$$' ./wire
+	$(FUZZ) '^FuzzSiteReplies$$' ./wire
+	$(FUZZ) '^FuzzQMP$$' ./qemu
+	$(FUZZ) '^FuzzReadReply$$' ./qga
+	$(FUZZ) '^FuzzConfig$$' ./daemon
+	$(FUZZ) '^FuzzCatalogRecords$$' ./recovery
 
 proto:
 	protoc --go_out=. --go_opt=paths=source_relative --go-grpc_out=. --go-grpc_opt=paths=source_relative wire/wirepb/wire.proto

@@ -105,11 +105,17 @@ func LoadConfig(path string) (*Config, error) {
 		}
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
+	return parseConfig(path, b)
+}
+
+// parseConfig decodes and checks a config read from path (relative paths in
+// it are relative to path's directory).
+func parseConfig(path string, b []byte) (*Config, error) {
 	var c Config
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	if err := dec.Decode(&c); err != nil {
-		return nil, fmt.Errorf("config %s: %w", path, err)
+		return nil, yamlError(path, b, err)
 	}
 	c.path = path
 	if err := c.check(); err != nil {

@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
 const benchSize = 512 << 20
@@ -23,7 +25,7 @@ func benchImage(b *testing.B) string {
 		b.Fatal(err)
 	}
 	defer f.Close()
-	rng := rand.New(rand.NewPCG(3, 4))
+	rng := rand.New(rand.NewPCG(testenv.Seed(b), 4))
 	buf := make([]byte, 1<<20)
 	for range benchSize / len(buf) {
 		for i := 0; i < len(buf); i += 8 {

@@ -3,6 +3,7 @@ package nbd
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
 // servers are the real NBD servers every round-trip test runs against. Each
@@ -56,7 +59,7 @@ func TestRoundTrip(t *testing.T) {
 			if mn, _, mx := c.BlockSizes(); s.wantMin != 0 && (mn != s.wantMin || mx != s.wantMax) {
 				t.Fatalf("BlockSizes min %d max %d; want %d, %d", mn, mx, s.wantMin, s.wantMax)
 			}
-			rng := rand.NewChaCha8([32]byte{1})
+			rng := rand.NewChaCha8(seedKey(testenv.Seed(t), 0))
 			shadow := make([]byte, c.Size()) // what the export must hold
 			// Unaligned offsets and lengths, some larger than the max block size.
 			for _, w := range []struct{ off, n int64 }{
@@ -145,6 +148,13 @@ func firstDiff(a, b []byte) int {
 	return -1
 }
 
+// seedKey is a ChaCha8 key for stream n of a test's seed.
+func seedKey(seed uint64, n int) (k [32]byte) {
+	binary.LittleEndian.PutUint64(k[:], seed)
+	binary.LittleEndian.PutUint64(k[8:], uint64(n))
+	return k
+}
+
 // TestConcurrent hammers one client from many goroutines, each owning a region,
 // over several connections: run with -race.
 func TestConcurrent(t *testing.T) {
@@ -153,6 +163,7 @@ func TestConcurrent(t *testing.T) {
 		t.Fatalf("nbdkit memory: CanMultiConn %v, Connections %d; want true, 4", c.CanMultiConn(), c.Connections())
 	}
 	ctx := ctx10s(t)
+	seed := testenv.Seed(t)
 	const workers, region = 32, 1 << 20
 	var wg sync.WaitGroup
 	errs := make(chan error, workers)
@@ -160,8 +171,8 @@ func TestConcurrent(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(w), 7))
-			fill := rand.NewChaCha8([32]byte{byte(w)})
+			rng := rand.New(rand.NewPCG(seed, uint64(w)))
+			fill := rand.NewChaCha8(seedKey(seed, w))
 			base := int64(w) * region
 			want := make([]byte, region)
 			for i := range 20 {

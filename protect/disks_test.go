@@ -48,8 +48,7 @@ func (s *syncBuffer) String() string {
 func TestDiskNameSurvivesNodeRenameAndSnapshot(t *testing.T) {
 	testenv.RequireTools(t, "qemu-storage-daemon", "qemu-img")
 	const size = 16 << 20
-	const seed = 11
-	t.Logf("workload seed %d", seed)
+	seed := testenv.Seed(t)
 	dir := testsite.ShortDir(t)
 	image := filepath.Join(dir, "vda.qcow2")
 	if err := qemu.CreateImage(ctx(t), image, "qcow2", size, "", ""); err != nil {

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/internal/testvm"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
@@ -202,7 +203,7 @@ func TestSiteOwnership(t *testing.T) {
 
 	// Site "branch": its own VM, also called vm1.
 	vm2 := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: vdaSize})
-	g2, err := workload.Open(ctx(t), vm2.NBDSocket(), 7, workload.Disk{Name: "vda", Size: vdaSize})
+	g2, err := workload.Open(ctx(t), vm2.NBDSocket(), testenv.Seed(t)^1, workload.Disk{Name: "vda", Size: vdaSize})
 	if err != nil {
 		t.Fatal(err)
 	}

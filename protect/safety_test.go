@@ -121,8 +121,7 @@ func testFleeceNeverFailsGuestWrites(t *testing.T, kind string) {
 		Safety: protect.Safety{FleeceFloor: 4 << 20, FleeceShare: 1, FleeceMinBudget: 4 << 20},
 	}
 	disks := []workload.Disk{{Name: "vda", Size: vdaSize}, {Name: "vdb", Size: vdbSize}}
-	const seed = 11 // the data written does not matter to any assertion
-	g, err := workload.Open(ctx(t), vm.NBDSocket(), seed, disks...)
+	g, err := workload.Open(ctx(t), vm.NBDSocket(), testenv.Seed(t), disks...)
 	if err != nil {
 		t.Fatal(err)
 	}

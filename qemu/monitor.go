@@ -153,23 +153,17 @@ func (m *Monitor) read(dec *json.Decoder) {
 		if err = dec.Decode(&msg); err != nil {
 			break
 		}
-		if msg.Event != "" {
-			ev := Event{Name: msg.Event, Data: msg.Data,
-				Timestamp: time.Unix(msg.Timestamp.Seconds, msg.Timestamp.Microseconds*1000)}
+		ev, id, r, ok := sortMessage(&msg)
+		if ev != nil {
 			m.mu.Lock()
 			for s := range m.subs {
-				s.push(ev)
+				s.push(*ev)
 			}
 			m.mu.Unlock()
 			continue
 		}
-		var id string
-		if json.Unmarshal(msg.ID, &id) != nil {
+		if !ok {
 			continue // a reply to nothing we sent
-		}
-		r := reply{ret: msg.Return}
-		if msg.Error != nil {
-			r.err = &QMPError{Class: msg.Error.Class, Desc: msg.Error.Desc}
 		}
 		m.mu.Lock()
 		ch, ok := m.pending[id]
@@ -193,6 +187,23 @@ func (m *Monitor) read(dec *json.Decoder) {
 	}
 	m.mu.Unlock()
 	close(m.done)
+}
+
+// sortMessage tells what one message from QEMU is: an event (ev), a reply to
+// the command of that id (ok), or neither (a reply to nothing we sent).
+func sortMessage(msg *message) (ev *Event, id string, r reply, ok bool) {
+	if msg.Event != "" {
+		return &Event{Name: msg.Event, Data: msg.Data,
+			Timestamp: time.Unix(msg.Timestamp.Seconds, msg.Timestamp.Microseconds*1000)}, "", reply{}, false
+	}
+	if json.Unmarshal(msg.ID, &id) != nil {
+		return nil, "", reply{}, false
+	}
+	r = reply{ret: msg.Return}
+	if msg.Error != nil {
+		r.err = &QMPError{Class: msg.Error.Class, Desc: msg.Error.Desc}
+	}
+	return nil, id, r, true
 }
 
 // Close closes the connection. Commands in flight return ErrClosed.

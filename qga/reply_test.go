@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"os"
 	"strings"
 	"testing"
 )
@@ -114,6 +115,16 @@ func FuzzReadReply(f *testing.F) {
 		`{"return": ` + strings.Repeat("[", 10000) + "\n",
 	} {
 		f.Add([]byte(s))
+	}
+	// What qemu-ga 7.2 answered a sync, a ping, a freeze status, an OS query
+	// and an unknown command (captured from its unix socket), whole and by line.
+	session, err := os.ReadFile("testdata/qga-session.jsonl")
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(session)
+	for _, l := range bytes.SplitAfter(session, []byte("\n")) {
+		f.Add(l)
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
 		r := bufio.NewReaderSize(bytes.NewReader(in), 16)

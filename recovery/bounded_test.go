@@ -31,7 +31,7 @@ func heapInUse() uint64 {
 // writeRandom writes n bytes of seeded random data at off, a MiB at a time.
 func writeRandom(t *testing.T, w *Writer, disk string, off, n int64, seed uint64) {
 	t.Helper()
-	r := rand.New(rand.NewPCG(seed, uint64(off)))
+	r := rand.New(rand.NewPCG(testenv.Seed(t)^seed, uint64(off)))
 	buf := make([]byte, 1<<20)
 	for done := int64(0); done < n; done += int64(len(buf)) {
 		for i := 0; i < len(buf); i += 8 {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
 // follow fills in the history of each disk as a protected site would: the
@@ -146,7 +147,7 @@ func beginAs(t *testing.T, s *Store, site, vm string, id uint64, m model, disks 
 		t.Fatalf("Begin point %d: %v", id, err)
 	}
 	t.Cleanup(func() { w.Abort(context.Background()) })
-	return &pointWriter{t: t, w: w, m: m, rng: rand.New(rand.NewPCG(id, 7))}
+	return &pointWriter{t: t, w: w, m: m, rng: rand.New(rand.NewPCG(testenv.Seed(t), id))}
 }
 
 func openStoreOpts(t *testing.T, dir string, opts Options) *Store {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
 )
 
@@ -26,7 +27,7 @@ func BenchmarkWriteBlocks(b *testing.B) {
 		b.Fatal(err)
 	}
 	data := make([]byte, 1<<20)
-	workload.Random(rand.New(rand.NewPCG(1, 2)), data)
+	workload.Random(rand.New(rand.NewPCG(testenv.Seed(b), 2)), data)
 	hs := make([]lifeboat.Hash, 16)
 	for i := range hs {
 		hs[i] = lifeboat.HashBlock(data[i*lifeboat.BlockSize : (i+1)*lifeboat.BlockSize])

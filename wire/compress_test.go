@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
 func TestCompressRoundTrip(t *testing.T) {
 	c := newCompressor()
-	rng := rand.New(rand.NewPCG(1, 2))
+	rng := rand.New(rand.NewPCG(testenv.Seed(t), 2))
 	random := make([]byte, 1<<20)
 	for i := range random {
 		random[i] = byte(rng.Uint32())
@@ -46,7 +48,7 @@ func TestCompressRoundTrip(t *testing.T) {
 
 func BenchmarkCompress(b *testing.B) {
 	c := newCompressor()
-	rng := rand.New(rand.NewPCG(1, 2))
+	rng := rand.New(rand.NewPCG(testenv.Seed(b), 2))
 	data := make([]byte, 1<<20)
 	for i := range data {
 		data[i] = byte(rng.Uint32())

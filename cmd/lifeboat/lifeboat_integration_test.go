@@ -158,7 +158,7 @@ func deployDisks(t *testing.T, specs ...testvm.DiskSpec) *deployment {
 		d.disks = append(d.disks, workload.Disk{Name: s.Name, Size: s.Size})
 	}
 	d.vm = testvm.Start(t, specs...)
-	g, err := workload.Open(context.Background(), d.vm.NBDSocket(), 7, d.disks...)
+	g, err := workload.Open(context.Background(), d.vm.NBDSocket(), testenv.Seed(t), d.disks...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -396,7 +396,7 @@ func TestKillSitesMidCycle(t *testing.T) {
 	if !testenv.Short() {
 		random = 30
 	}
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 1))
+	rng := rand.New(rand.NewPCG(testenv.Seed(t), 1)) // the kill plan; the workload draws from the same seed
 	for range random {
 		v := d.dr
 		if rng.IntN(2) == 0 {

@@ -1,10 +1,14 @@
 // Package testenv is what integration tests share: finding the real QEMU tools
-// they drive, and failing instead of skipping under CI when one is missing.
+// they drive, failing instead of skipping under CI when one is missing, and the
+// seed of every random workload.
 package testenv
 
 import (
+	"math/rand/v2"
 	"os"
 	"os/exec"
+	"strconv"
+	"sync"
 	"testing"
 )
 
@@ -29,3 +33,33 @@ func RequireTools(t testing.TB, tools ...string) {
 
 // Short reports whether long campaigns should run their short version.
 func Short() bool { return testing.Short() || os.Getenv("LIFEBOAT_LONG") == "" }
+
+// Seed is where every random workload of the tests takes its seed: the value of
+// LIFEBOAT_SEED if it is set (to replay a failure), otherwise a fresh one. Every
+// call in one test (by name) returns the same seed, logged on the first, so one
+// value replays the whole test; a test that needs several streams derives them
+// from it (rand.NewPCG(seed, 1), rand.NewPCG(seed, 2), ...).
+func Seed(t testing.TB) uint64 {
+	t.Helper()
+	if v, ok := seeds.Load(t.Name()); ok {
+		return v.(uint64)
+	}
+	var seed uint64
+	if s := os.Getenv("LIFEBOAT_SEED"); s != "" {
+		v, err := strconv.ParseUint(s, 0, 64)
+		if err != nil {
+			t.Fatalf("LIFEBOAT_SEED=%q is not a seed: set it to the number a failing test logged", s)
+		}
+		seed = v
+	} else {
+		seed = rand.Uint64()
+	}
+	if v, loaded := seeds.LoadOrStore(t.Name(), seed); loaded {
+		return v.(uint64)
+	}
+	t.Logf("seed %d (replay with LIFEBOAT_SEED=%d)", seed, seed)
+	return seed
+}
+
+// seeds holds each test's seed, by test name.
+var seeds sync.Map
