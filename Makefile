@@ -58,6 +58,7 @@ fuzz:
 	$(FUZZ) '^FuzzReadReply$$' ./qga
 	$(FUZZ) '^FuzzConfig$$' ./daemon
 	$(FUZZ) '^FuzzCatalogRecords$$' ./recovery
+	$(FUZZ) '^FuzzRecordEntries$$' ./recovery
 
 proto:
 	protoc --go_out=. --go_opt=paths=source_relative --go-grpc_out=. --go-grpc_opt=paths=source_relative wire/wirepb/wire.proto
