@@ -172,7 +172,9 @@ func (c *cycle) export(ctx context.Context) error {
 // settles the generations: the old one is dropped only after the commit.
 func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 	p := c.p
-	committed := false
+	// committed: the recovery site holds the point. unknown: the commit may
+	// or may not have landed and the site cannot be asked (it went away).
+	committed, unknown := false, false
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
 		defer cancel()
@@ -188,11 +190,16 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 		m := c.mon
 		for _, d := range c.disks {
 			var berr error
-			if committed {
+			switch {
+			case committed:
 				if d.old != "" {
 					berr = m.RemoveBitmap(cctx, d.node, d.old)
 				}
-			} else {
+			case unknown:
+				// Both generations stay: the next cycle's reconcile takes the
+				// new one if the point landed, and merges it into the old one
+				// if not. Either way the cycle after is incremental.
+			default:
 				berr = rollback(cctx, m, d.node, d.old, d.new)
 			}
 			if berr != nil {
@@ -212,9 +219,14 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 	pt, err = c.send(ctx, c.sock)
 	if errors.Is(err, errCommitUnknown) {
 		// The commit may have landed with its reply lost: ask.
-		if l, ok, lerr := p.Target.Latest(ctx, p.VM.Name); lerr == nil && ok && l.ID == c.id {
+		l, ok, lerr := p.Target.Latest(ctx, p.VM.Name)
+		switch {
+		case lerr == nil && ok && l.ID == c.id:
 			c.log.Warn("commit reply lost but the point is committed", "err", err)
 			pt, err = l, nil
+		case lerr != nil:
+			unknown = true
+			c.log.Warn("the commit's outcome is unknown (the recovery site does not answer): both generations are kept until the next cycle learns it", "err", lerr)
 		}
 	}
 	if err != nil {
