@@ -21,7 +21,9 @@ import (
 // data sent smaller than it is, every temporary file gone.
 func TestQuickRun(t *testing.T) {
 	testenv.RequireTools(t, "qemu-img", "qemu-storage-daemon", "nbdcopy", "rsync")
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	// A bound against a hang, not a timing: the suite runs packages side by
+	// side on two cores, and this run shares them.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	parent := shortTempDir(t)
 	var out, prog bytes.Buffer
