@@ -302,26 +302,8 @@ func (f *Fleece) undo(ctx context.Context) error {
 func (f *Fleece) Teardown(ctx context.Context) error {
 	f.endWatch()
 	var errs []error
-	for i := range f.disks {
-		d := &f.disks[i]
-		if d.exportAdded {
-			if err := f.m.ExportDelForce(ctx, d.export); err != nil {
-				errs = append(errs, err)
-			} else {
-				d.exportAdded = false
-			}
-		}
-	}
-	for i := range f.disks {
-		d := &f.disks[i]
-		if d.jobStarted {
-			if err := f.m.CancelJob(ctx, d.job); err != nil {
-				errs = append(errs, err)
-			} else {
-				d.jobStarted = false
-			}
-		}
-	}
+	errs = append(errs, f.removeExports(ctx)...)
+	errs = append(errs, f.cancelJobs(ctx)...)
 	for i := range f.disks {
 		d := &f.disks[i]
 		if d.nodeAdded {
@@ -434,32 +416,14 @@ func (f *Fleece) breakOff(file string, cause error) {
 	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 	defer cancel()
 	var errs []error
-	for i := range f.disks {
-		d := &f.disks[i]
-		if d.jobStarted {
-			if err := f.m.CancelJob(ctx, d.job); err != nil {
-				errs = append(errs, err)
-			} else {
-				d.jobStarted = false
-			}
-		}
-	}
+	errs = append(errs, f.cancelJobs(ctx)...)
 	// How far it got while the job was cancelled: what the half above the
 	// watermark has to absorb.
 	if st, err := os.Stat(file); err == nil {
 		cause = fmt.Errorf("%w (it reached %d bytes)", cause, st.Size())
 		f.err = cause
 	}
-	for i := range f.disks {
-		d := &f.disks[i]
-		if d.exportAdded {
-			if err := f.m.ExportDelForce(ctx, d.export); err != nil {
-				errs = append(errs, err)
-			} else {
-				d.exportAdded = false
-			}
-		}
-	}
+	errs = append(errs, f.removeExports(ctx)...)
 	if len(errs) > 0 {
 		f.err = fmt.Errorf("%w; and removing the fleece failed (Teardown retries): %w", cause, errors.Join(errs...))
 	}
@@ -532,4 +496,38 @@ func (m *Monitor) RemoveStale(ctx context.Context) error {
 		return fmt.Errorf("remove stale lifeboat objects: %w", err)
 	}
 	return nil
+}
+
+// removeExports deletes the fleece's exports still up; the ones that fail stay
+// marked for the next try.
+func (f *Fleece) removeExports(ctx context.Context) []error {
+	var errs []error
+	for i := range f.disks {
+		d := &f.disks[i]
+		if d.exportAdded {
+			if err := f.m.ExportDelForce(ctx, d.export); err != nil {
+				errs = append(errs, err)
+			} else {
+				d.exportAdded = false
+			}
+		}
+	}
+	return errs
+}
+
+// cancelJobs cancels the fleece's backup jobs, which takes their
+// copy-before-write filters out of the guest's write path.
+func (f *Fleece) cancelJobs(ctx context.Context) []error {
+	var errs []error
+	for i := range f.disks {
+		d := &f.disks[i]
+		if d.jobStarted {
+			if err := f.m.CancelJob(ctx, d.job); err != nil {
+				errs = append(errs, err)
+			} else {
+				d.jobStarted = false
+			}
+		}
+	}
+	return errs
 }

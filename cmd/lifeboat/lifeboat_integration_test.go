@@ -3,8 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -205,15 +203,9 @@ func (d *deployment) checkLatest(t *testing.T, want map[string]string) {
 	for _, disk := range d.disks {
 		out := filepath.Join(d.dir, "export-"+disk.Name+".raw")
 		run(t, "export", "vm1", "--point", "latest", "--disk", disk.Name, "-o", out, "-c", d.dr.config)
-		f, err := os.Open(out)
-		if err != nil {
-			t.Fatal(err)
-		}
-		h := sha256.New()
-		io.Copy(h, f)
-		f.Close()
+		got := exportSHA256(t, out)
 		os.Remove(out)
-		if got := hex.EncodeToString(h.Sum(nil)); got != want[disk.Name] {
+		if got != want[disk.Name] {
 			t.Fatalf("disk %s: exported latest point differs from the source at its instant", disk.Name)
 		}
 	}
@@ -362,14 +354,7 @@ func TestExportOneDiskWithoutDiskFlag(t *testing.T) {
 	run(t, "sync", "vm1", "-c", d.prod.config)
 	out := filepath.Join(d.dir, "vm1.raw")
 	run(t, "export", "vm1", "-o", out, "-c", d.dr.config)
-	f, err := os.Open(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h := sha256.New()
-	io.Copy(h, f)
-	f.Close()
-	if got := hex.EncodeToString(h.Sum(nil)); got != want["vda"] {
+	if got := exportSHA256(t, out); got != want["vda"] {
 		t.Fatalf("export without --disk: %s differs from the source at the point's instant", out)
 	}
 	if out := run(t, "verify", "vm1", "-c", d.dr.config); !strings.Contains(out, "OK, 1 disks") {
@@ -637,4 +622,18 @@ func processWith(a, b string) bool {
 func readFile(p string) string {
 	b, _ := os.ReadFile(p)
 	return string(b)
+}
+
+// exportSHA256 is the hex SHA-256 of an exported image's bytes.
+func exportSHA256(t *testing.T, path string) string {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum, err := fileSHA256(path, st.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sum
 }
