@@ -286,9 +286,19 @@ func TestConsistencyGroupSharesOneInstant(t *testing.T) {
 				}
 			}
 			for _, g := range []*testguest.Guest{g1, g2} {
-				c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 				err := g.WaitCounter(c, line)
 				cancel()
+				if err != nil {
+					// A line sent while the guest's side of the port was not
+					// open yet can be lost: send it once more (a repeated
+					// line leaves the guest's counter as it is).
+					if err = g.SendCounter(line); err == nil {
+						c, cancel = context.WithTimeout(context.Background(), 30*time.Second)
+						err = g.WaitCounter(c, line)
+						cancel()
+					}
+				}
 				if err != nil {
 					done <- err
 					return
@@ -297,7 +307,45 @@ func TestConsistencyGroupSharesOneInstant(t *testing.T) {
 			sent.Store(int64(i))
 		}
 	}()
-	defer func() { close(stop); <-done }()
+	// The workload's end, once: a failure of it ends the test with its error
+	// instead of leaving the test waiting for counts that never come.
+	var (
+		workDone bool
+		workErr  error
+	)
+	finished := func() bool {
+		if !workDone {
+			select {
+			case workErr = <-done:
+				workDone = true
+			default:
+			}
+		}
+		return workDone
+	}
+	defer func() {
+		close(stop)
+		if !finished() {
+			select {
+			case workErr = <-done:
+			case <-time.After(time.Minute):
+				t.Error("the counter workload did not stop within a minute")
+			}
+		}
+	}()
+	waitSent := func(n int64) {
+		t.Helper()
+		deadline := time.Now().Add(2 * time.Minute)
+		for sent.Load() < n {
+			if finished() {
+				t.Fatalf("the counter workload stopped at %d of %d: %v", sent.Load(), n, workErr)
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the counter workload reached %d of %d in 2 minutes", sent.Load(), n)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
 
 	counter := func(vm string, id uint64) int {
 		img := filepath.Join(t.TempDir(), "p.raw")
@@ -316,9 +364,7 @@ func TestConsistencyGroupSharesOneInstant(t *testing.T) {
 		return n
 	}
 	for round := 0; round < 4; round++ {
-		for sent.Load() < int64(5*(round+1)) {
-			time.Sleep(50 * time.Millisecond)
-		}
+		waitSent(int64(5 * (round + 1)))
 		pts, err := group.Cycle(ctx(t))
 		if err != nil {
 			t.Fatal(err)
