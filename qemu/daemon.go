@@ -208,3 +208,53 @@ func (d *Daemon) Kill() error {
 // optEscape escapes a value for QEMU's key=value option syntax, where a comma
 // ends the value unless doubled.
 func optEscape(v string) string { return strings.ReplaceAll(v, ",", ",,") }
+
+// Diagnosis says what the daemon is doing, for an error about a command it
+// did not answer: whether it still runs, each thread's scheduler state and
+// the kernel function it waits in (from /proc), and the end of its log. A
+// hang then names itself (a thread in a lock wait, a read on a stuck file
+// system, a starved process) instead of showing only a deadline.
+func (d *Daemon) Diagnosis() string {
+	select {
+	case <-d.exited:
+		return fmt.Sprintf("qemu-storage-daemon %d has exited (%v); log: %s", d.Pid(), d.waitErr, d.logTail())
+	default:
+	}
+	return fmt.Sprintf("qemu-storage-daemon %d is running; threads: %s; log: %s", d.Pid(), procThreads(d.Pid()), d.logTail())
+}
+
+// procThreads describes each thread of process pid as "name state wchan",
+// or says why /proc could not tell.
+func procThreads(pid int) string {
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Sprintf("(unreadable: %v)", err)
+	}
+	var out []string
+	for _, t := range tasks {
+		stat, err := os.ReadFile(filepath.Join(dir, t.Name(), "stat"))
+		if err != nil {
+			continue // the thread ended
+		}
+		// pid (comm) state ...: comm may hold spaces and parentheses.
+		s := string(stat)
+		name, state := "?", "?"
+		if i, j := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')'); i >= 0 && j > i {
+			name = s[i+1 : j]
+			if f := strings.Fields(s[j+1:]); len(f) > 0 {
+				state = f[0]
+			}
+		}
+		wchan, _ := os.ReadFile(filepath.Join(dir, t.Name(), "wchan"))
+		w := strings.TrimSpace(string(wchan))
+		if w == "" || w == "0" {
+			w = "-"
+		}
+		out = append(out, fmt.Sprintf("%s/%s %s %s", t.Name(), name, state, w))
+	}
+	if len(out) == 0 {
+		return "(none)"
+	}
+	return strings.Join(out, ", ")
+}

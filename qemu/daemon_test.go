@@ -1,12 +1,15 @@
 package qemu_test
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/internal/testvm"
@@ -124,5 +127,37 @@ func TestStartDaemonInDirWithComma(t *testing.T) {
 	}
 	if err := d.Stop(testCtx(t)); err != nil {
 		t.Error(err)
+	}
+}
+
+// A daemon that does not answer is described by what it is doing. SIGSTOP
+// stands in for a hang: a real qemu-storage-daemon cannot be made to stall a
+// command on demand.
+func TestDiagnosisOfAStalledDaemon(t *testing.T) {
+	testenv.RequireTools(t, "qemu-storage-daemon")
+	d, err := qemu.StartDaemon(testCtx(t), qemu.DaemonConfig{Dir: t.TempDir(), NBD: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Kill() })
+	if err := syscall.Kill(d.Pid(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if err := d.Monitor().Execute(ctx, "query-version", nil, nil); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("query-version to a stopped daemon: %v, want a deadline", err)
+	}
+	diag := d.Diagnosis()
+	// Every thread of a stopped process is in state T.
+	if !strings.Contains(diag, "is running") || !strings.Contains(diag, fmt.Sprintf("%d/qemu-storage-da T", d.Pid())) || strings.Contains(diag, " S ") {
+		t.Errorf("diagnosis does not say the daemon's threads are stopped: %s", diag)
+	}
+	syscall.Kill(d.Pid(), syscall.SIGCONT)
+	if err := d.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if diag := d.Diagnosis(); !strings.Contains(diag, "has exited") {
+		t.Errorf("diagnosis of a killed daemon: %s", diag)
 	}
 }

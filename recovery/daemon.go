@@ -32,12 +32,55 @@ func (s *Store) runDir() (string, error) {
 	return d, nil
 }
 
+// helperCommandTimeout bounds one blockdev-add or block-export-add in a
+// daemon of startDaemon's: each takes milliseconds. A variable so a test can
+// shorten it.
+var helperCommandTimeout = 20 * time.Second
+
+// testHookDaemonStarted, when set (by a test), is called with each daemon
+// startDaemon starts, before it opens anything.
+var testHookDaemonStarted func(*qemu.Daemon)
+
 // startDaemon starts a qemu-storage-daemon in runDir that opens the qcow2
-// images files (each with its backing chain) and exports them over NBD as names.
+// images files (each with its backing chain) and exports them over NBD as
+// names. A daemon that does not answer a command in helperCommandTimeout
+// (seen once in CI under heavy load; what it was doing is logged) is killed
+// and one more is started: it has opened images and nothing else, so nothing
+// is lost by killing it.
 func (s *Store) startDaemon(ctx context.Context, runDir string, names, files []string, writable bool) (*qemu.Daemon, error) {
+	d, err := s.startDaemonOnce(ctx, runDir, names, files, writable)
+	if errors.Is(err, errUnanswered) && ctx.Err() == nil {
+		s.log.Warn("qemu-storage-daemon did not answer; starting another", "dir", runDir, "err", err)
+		d, err = s.startDaemonOnce(ctx, runDir, names, files, writable)
+	}
+	return d, err
+}
+
+// errUnanswered marks a command a daemon did not answer in helperCommandTimeout.
+var errUnanswered = errors.New("qemu-storage-daemon did not answer")
+
+func (s *Store) startDaemonOnce(ctx context.Context, runDir string, names, files []string, writable bool) (*qemu.Daemon, error) {
 	d, err := qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: runDir, NBD: true})
 	if err != nil {
 		return nil, err
+	}
+	if testHookDaemonStarted != nil {
+		testHookDaemonStarted(d)
+	}
+	// run is one command, bounded by helperCommandTimeout within ctx.
+	run := func(what string, cmd func(context.Context) error) error {
+		cctx, cancel := context.WithTimeout(ctx, helperCommandTimeout)
+		defer cancel()
+		err := cmd(cctx)
+		if err == nil {
+			return nil
+		}
+		if cctx.Err() != nil && ctx.Err() == nil {
+			err = fmt.Errorf("%s: %w in %v: %w (%s)", what, errUnanswered, helperCommandTimeout, err, d.Diagnosis())
+		} else {
+			err = fmt.Errorf("%s: %w", what, err)
+		}
+		return errors.Join(err, d.Kill())
 	}
 	for i, file := range files {
 		node := "d" + strconv.Itoa(i)
@@ -50,11 +93,12 @@ func (s *Store) startDaemon(ctx context.Context, runDir string, names, files []s
 		if writable {
 			spec["discard"] = "unmap" // zeroed ranges leave no data behind
 		}
-		if err := d.Monitor().BlockdevAdd(ctx, spec); err != nil {
-			return nil, errors.Join(fmt.Errorf("opening %s: %w", file, err), d.Kill())
+		if err := run("opening "+file, func(ctx context.Context) error { return d.Monitor().BlockdevAdd(ctx, spec) }); err != nil {
+			return nil, err
 		}
-		if err := d.Monitor().ExportAdd(ctx, qemu.Export{ID: "e" + strconv.Itoa(i), Node: node, Name: names[i], Writable: writable}); err != nil {
-			return nil, errors.Join(fmt.Errorf("exporting %s: %w", file, err), d.Kill())
+		exp := qemu.Export{ID: "e" + strconv.Itoa(i), Node: node, Name: names[i], Writable: writable}
+		if err := run("exporting "+file, func(ctx context.Context) error { return d.Monitor().ExportAdd(ctx, exp) }); err != nil {
+			return nil, err
 		}
 	}
 	return d, nil

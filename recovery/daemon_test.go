@@ -1,0 +1,70 @@
+package recovery
+
+import (
+	"bytes"
+	"log/slog"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/qemu"
+)
+
+// lockedBuffer is a log sink safe for the store's goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// A helper daemon that stops answering (SIGSTOP stands in for the hang seen
+// once in CI: a real qemu-storage-daemon cannot be made to stall on demand)
+// is killed, its state logged, and another one does the work: Verify and
+// Export still succeed, and nothing is left running.
+func TestStalledHelperDaemonIsReplaced(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	var logs lockedBuffer
+	s.log = slog.New(slog.NewTextHandler(&logs, nil))
+	models := writeSeries(t, s, "st", 2)
+
+	saved := helperCommandTimeout
+	helperCommandTimeout = time.Second
+	var stalled []*qemu.Daemon
+	testHookDaemonStarted = func(d *qemu.Daemon) {
+		if len(stalled) == 0 {
+			syscall.Kill(d.Pid(), syscall.SIGSTOP)
+			stalled = append(stalled, d)
+		}
+	}
+	t.Cleanup(func() { helperCommandTimeout, testHookDaemonStarted = saved, nil })
+
+	if _, err := s.Verify(testCtx(t), "st", 2, nil); err != nil {
+		t.Fatalf("Verify with a stalled first daemon: %v", err)
+	}
+	if len(stalled) != 1 {
+		t.Fatalf("the hook stalled %d daemons, want 1", len(stalled))
+	}
+	select {
+	case <-stalled[0].Exited():
+	default:
+		t.Error("the stalled daemon still runs")
+	}
+	if out := logs.String(); !strings.Contains(out, "did not answer") || !strings.Contains(out, "T do_signal_stop") {
+		t.Errorf("the log does not say the daemon did not answer and what it was doing:\n%s", out)
+	}
+	checkPoint(t, s, "st", 2, models[1])
+}
