@@ -115,10 +115,39 @@ func repoRoot() (string, error) {
 	}
 }
 
+// Build returns the test guest's kernel and initramfs, building them once.
+func Build(t testing.TB) (kernel, initrd string) {
+	t.Helper()
+	return build(t)
+}
+
+// MakeDisk makes an image at path, in format qcow2 or raw, holding an empty
+// ext4 file system: the test guest's data disk.
+func MakeDisk(t testing.TB, path string, size int64, format string) {
+	t.Helper()
+	if format == "raw" {
+		makeFS(t, path, size)
+		return
+	}
+	makeDisk(t, path, size)
+}
+
 // makeDisk makes a qcow2 image at path holding an empty ext4 file system.
 func makeDisk(t testing.TB, path string, size int64) {
 	t.Helper()
 	raw := path + ".raw"
+	defer os.Remove(raw)
+	makeFS(t, raw, size)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path).CombinedOutput(); err != nil {
+		t.Fatalf("testguest: qemu-img convert %s: %v\n%s", path, err, out)
+	}
+}
+
+// makeFS makes a raw image at raw holding an empty ext4 file system.
+func makeFS(t testing.TB, raw string, size int64) {
+	t.Helper()
 	f, err := os.Create(raw)
 	if err == nil {
 		err = f.Truncate(size)
@@ -127,7 +156,6 @@ func makeDisk(t testing.TB, path string, size int64) {
 	if err != nil {
 		t.Fatalf("testguest: make raw disk %s: %v", raw, err)
 	}
-	defer os.Remove(raw)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	// Initialise inode tables and journal now: otherwise the guest kernel
@@ -138,7 +166,6 @@ func makeDisk(t testing.TB, path string, size int64) {
 		}
 	}
 	run(mkfs(), "-q", "-F", "-L", "data", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", raw)
-	run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path)
 }
 
 // CheckWriterFile checks one file the FsyncWriter workload wrote (name is its
