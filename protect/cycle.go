@@ -30,6 +30,7 @@ type cycle struct {
 	point  lifeboat.Point
 	latest lifeboat.Point
 	stream *wire.PointStream
+	lv     *virtCycle // the libvirt path's state (nil on the QMP path)
 
 	changed, zero, same, dedup, data, sent, done atomic.Int64
 	// sentBlocks is where each block content sent in this point went: a block
@@ -41,6 +42,9 @@ type cycle struct {
 }
 
 func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
+	if c.p.VM.Libvirt != nil {
+		return c.runLibvirt(ctx)
+	}
 	if err := c.prepare(ctx); err != nil {
 		c.close()
 		return lifeboat.Point{}, err
@@ -181,6 +185,15 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 		if c.stream != nil && !committed {
 			c.stream.Abort()
 		}
+		if c.lv != nil {
+			if serr := c.lv.settle(cctx, c, committed, unknown); serr != nil {
+				c.log.Error("ending the libvirt backup failed", "err", serr)
+				if err == nil {
+					err = fmt.Errorf("point %d committed, but ending the libvirt backup failed: %w", c.id, serr)
+				}
+			}
+			return
+		}
 		if terr := c.fleece.Teardown(cctx); terr != nil {
 			c.log.Error("fleece teardown failed", "err", terr)
 			if err == nil {
@@ -208,7 +221,15 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 			}
 		}
 	}()
-	ctx, unwatch := c.watchFleece(ctx)
+	var unwatch func()
+	if c.lv != nil {
+		ctx, unwatch, err = c.watchScratch(ctx)
+		if err != nil {
+			return pt, err
+		}
+	} else {
+		ctx, unwatch = c.watchFleece(ctx)
+	}
 	defer unwatch()
 	defer func() { err = c.fleeceFailure(err) }()
 	if h := p.Hooks.AfterInstant; h != nil {
@@ -240,6 +261,18 @@ func (c *cycle) close() {
 	if c.mon != nil {
 		c.mon.Close()
 	}
+	if c.lv != nil {
+		c.lv.close()
+	}
+}
+
+// instantErr says why what was read since the instant may not be of the
+// instant (the fleece or the backup broke), or nil.
+func (c *cycle) instantErr() error {
+	if c.lv != nil {
+		return c.lv.err()
+	}
+	return c.fleece.Err()
 }
 
 // report sends progress, at most a few times a second.
@@ -277,7 +310,7 @@ func (c *cycle) send(ctx context.Context, sock string) (lifeboat.Point, error) {
 	for _, d := range c.disks {
 		ctxs := []string{"base:allocation"}
 		if d.old != "" {
-			ctxs = append(ctxs, "qemu:dirty-bitmap:"+d.old)
+			ctxs = append(ctxs, d.dirtyContext())
 		}
 		cl, err := nbd.Dial(ctx, "unix:"+sock, d.export, nbd.Options{MetaContexts: ctxs, Connections: conns, MaxInFlight: readers * 2})
 		if err != nil {
@@ -372,7 +405,7 @@ produce:
 			return lifeboat.Point{}, err
 		}
 	}
-	if err := c.fleece.Err(); err != nil {
+	if err := c.instantErr(); err != nil {
 		return lifeboat.Point{}, err // what was read may be from after the instant
 	}
 	c.report("commit", c.sent.Load())

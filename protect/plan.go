@@ -80,7 +80,7 @@ func planDisk(ctx context.Context, cl *nbd.Client, d *diskState, known map[int64
 			}
 		}
 	} else {
-		err := cl.BlockStatus(ctx, "qemu:dirty-bitmap:"+d.old, 0, size, func(e nbd.Extent) error {
+		err := cl.BlockStatus(ctx, d.dirtyContext(), 0, size, func(e nbd.Extent) error {
 			if e.Flags&nbd.StateDirty != 0 {
 				pl.dirty.setRange(blockRange(e))
 			}

@@ -19,10 +19,14 @@ import (
 )
 
 // VM is what the protected site knows of one VM: anything with a QMP socket and
-// qcow2/raw disks (a qemu-system process, or a qemu-storage-daemon).
+// qcow2/raw disks (a qemu-system process, or a qemu-storage-daemon), or a
+// libvirt domain.
 type VM struct {
 	Name      string
 	QMPSocket string
+	// Libvirt, when set, is the libvirt domain the VM is, reached through
+	// libvirtd (QMPSocket and NBDSocket are then unused).
+	Libvirt *LibvirtDomain
 	// NBDSocket is the VM's running NBD server, if it has one; otherwise lifeboat
 	// starts one at WorkDir/nbd.sock.
 	NBDSocket string
@@ -31,6 +35,16 @@ type VM struct {
 	Disks []string
 	// WorkDir holds the fleece overlays while a cycle runs.
 	WorkDir string
+	// StateDir is the directory of lifeboat's own that holds WorkDir: for a
+	// libvirt domain, lifeboat lets QEMU's user search the directories from
+	// it down to WorkDir, which it owns; above it, it only checks.
+	StateDir string
+}
+
+// LibvirtDomain names a libvirt domain.
+type LibvirtDomain struct {
+	URI    string // "" = qemu:///system
+	Domain string
 }
 
 // Target is the recovery site as a cycle needs it; *wire.Client meets it.
@@ -83,6 +97,9 @@ type Protector struct {
 	Progress    func(Progress)
 	Hooks       Hooks
 	Safety      Safety
+	// BusyWait bounds a libvirt domain's wait for another tool's job to end
+	// (DefaultBusyWait).
+	BusyWait time.Duration
 
 	mu     sync.Mutex
 	warned map[string]bool
@@ -129,6 +146,16 @@ type diskState struct {
 	lineage    string // the disk's identity at the recovery site
 	base       uint64 // the point the delta is computed from (0: none)
 	export     string
+	// dirty is the NBD meta context of the blocks changed since old ("":
+	// QEMU's name for old's bitmap).
+	dirty string
+}
+
+func (d *diskState) dirtyContext() string {
+	if d.dirty != "" {
+		return d.dirty
+	}
+	return "qemu:dirty-bitmap:" + d.old
 }
 
 func (p *Protector) warnOnce(key, msg string, args ...any) {

@@ -141,8 +141,8 @@ func (c *cycle) watchFleece(ctx context.Context) (context.Context, func()) {
 // fleeceFailure is the cycle's error when the fleece broke itself, saying what
 // to do; otherwise err.
 func (c *cycle) fleeceFailure(err error) error {
-	ferr := c.fleece.Err()
-	if ferr == nil || !errors.Is(ferr, qemu.ErrFleeceFull) {
+	ferr := c.instantErr()
+	if ferr == nil || !(errors.Is(ferr, qemu.ErrFleeceFull) || errors.Is(ferr, ErrScratchFull)) {
 		return err
 	}
 	c.log.Warn("cycle abandoned: the fleece outgrew its budget; the VM's writes went on, no change is lost, the next cycle sends these too", "err", ferr)

@@ -92,6 +92,9 @@ type BackupDisk struct {
 	// Scratch is where QEMU keeps the blocks the guest overwrites while the
 	// backup runs (copy-before-write); libvirt creates it and removes it.
 	Scratch string
+	// Track puts the disk in the new checkpoint (a qcow2 image only: libvirt
+	// keeps no checkpoint of a raw one).
+	Track bool
 }
 
 // Backup is a pull-mode backup: the instant of every disk, exported over NBD
@@ -128,7 +131,11 @@ func (d *Domain) BeginBackup(ctx context.Context, b Backup) error {
 			pd.BackupMode, pd.Incremental = "incremental", dk.Incremental
 		}
 		bx.Pull.Disks.Disks = append(bx.Pull.Disks.Disks, pd)
-		cx.Disks.Disks = append(cx.Disks.Disks, libvirtxml.DomainCheckpointDisk{Name: dk.Target, Checkpoint: "bitmap"})
+		mode := "no"
+		if dk.Track {
+			mode = "bitmap"
+		}
+		cx.Disks.Disks = append(cx.Disks.Disks, libvirtxml.DomainCheckpointDisk{Name: dk.Target, Checkpoint: mode})
 	}
 	for _, o := range b.Others {
 		bx.Pull.Disks.Disks = append(bx.Pull.Disks.Disks, libvirtxml.DomainBackupPullDisk{Name: o, Backup: "no"})

@@ -65,7 +65,7 @@ func TestDescribeCheckpointBackup(t *testing.T) {
 	begin := func(cp, inc string) {
 		t.Helper()
 		err := d.BeginBackup(ctx, virt.Backup{Socket: sock, Checkpoint: cp, Description: "test",
-			Disks:  []virt.BackupDisk{{Target: "vda", Incremental: inc, Scratch: filepath.Join(run, "vda.scratch")}},
+			Disks:  []virt.BackupDisk{{Target: "vda", Incremental: inc, Scratch: filepath.Join(run, "vda.scratch"), Track: true}},
 			Others: []string{"vdb"}})
 		if err != nil {
 			t.Fatal(err)

@@ -228,9 +228,10 @@ func (d *Domain) Start() {
 			if strings.Contains(c[before:], "error:") {
 				d.t.Fatalf("testlibvirt: %s: the guest reports an error:\n%s", d.Name, c[before:])
 			}
-			// The agent answers through libvirt once it is ready.
+			// The agent answers through libvirt once it is ready (asked
+			// through libvirt's own API: the agent pass-through taints).
 			for time.Now().Before(deadline) {
-				if _, err := Virsh("qemu-agent-command", d.Name, `{"execute":"guest-ping"}`, "--timeout", "5"); err == nil {
+				if _, err := Virsh("domfsinfo", d.Name); err == nil {
 					return
 				}
 				time.Sleep(200 * time.Millisecond)

@@ -1,0 +1,544 @@
+package protect
+
+// The libvirt path. A libvirt domain is reached through libvirtd only, as
+// libvirt's own tools reach it: its disks come from its live XML and are
+// named by target (vda), a generation is a libvirt checkpoint, the instant is
+// a pull-mode backup begun together with the next checkpoint, and the backup's
+// NBD export is what the cycle reads. libvirt keeps checkpoints across
+// restarts, external snapshots and block commits, and other tools' backups,
+// checkpoints and snapshots see lifeboat's as libvirt's own. Nothing edits the
+// domain's XML, nothing uses the QEMU pass-through (no taint), and what the
+// backup starts in QEMU (its NBD server, exports, scratch files) libvirt stops
+// when the cycle ends the job.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/nbd"
+	"github.com/lifeboat-dr/lifeboat/virt"
+)
+
+// DefaultBusyWait bounds how long a cycle waits for another tool's libvirt
+// job (a backup, a migration) to end before it gives up; the next cycle
+// tries again.
+const DefaultBusyWait = 10 * time.Minute
+
+// virtCycle is a cycle's libvirt state.
+type virtCycle struct {
+	conn    *virt.Conn
+	dom     *virt.Domain
+	desc    *virt.Description
+	run     string // scratch files and the NBD socket, QEMU's to write
+	sock    string
+	cp      string // the checkpoint this cycle's instant makes ("" = none)
+	others  []string
+	ours    []virt.Checkpoint // our checkpoints when the cycle began
+	started bool              // our backup job runs
+
+	mu     sync.Mutex
+	broken error // why the backup was ended before the cycle was done
+}
+
+// cpMeta is what lifeboat writes in a checkpoint's description: whose it
+// is and the lineage of each disk it tracks.
+type cpMeta struct {
+	Peer     string            `json:"peer"`
+	Point    uint64            `json:"point"`
+	Lineages map[string]string `json:"lineages"`
+}
+
+const cpDescPrefix = "lifeboat restore point: "
+
+// ourCheckpoint reads a checkpoint's meta when it is one of lifeboat's kept
+// for peer.
+func ourCheckpoint(cp virt.Checkpoint, peer string) (cpMeta, bool) {
+	var m cpMeta
+	rest, ok := strings.CutPrefix(cp.Description, cpDescPrefix)
+	if !ok || !strings.HasPrefix(cp.Name, genPrefix) || json.Unmarshal([]byte(rest), &m) != nil {
+		return m, false
+	}
+	return m, m.Peer == peer
+}
+
+// cpNameUnsafe is what libvirt does not allow in a checkpoint name.
+var cpNameUnsafe = regexp.MustCompile(`[^A-Za-z0-9_.-]`)
+
+// newCheckpointName names the checkpoint of point id. The exact site is in
+// the description; the name only has to be unique and readable.
+func newCheckpointName(peer string, id uint64) string {
+	return genPrefix + strconv.FormatUint(id, 10) + "." + randomHex(4) + "." + cpNameUnsafe.ReplaceAllString(peer, "_")
+}
+
+func (c *cycle) runLibvirt(ctx context.Context) (lifeboat.Point, error) {
+	defer c.close()
+	if err := c.prepareLibvirt(ctx); err != nil {
+		return lifeboat.Point{}, err
+	}
+	c.report("snapshot", 0)
+	busyWait := cmp0(c.p.BusyWait, DefaultBusyWait)
+	for attempt := 1; ; attempt++ {
+		if err := c.lv.waitIdle(ctx, c.log, busyWait); err != nil {
+			return lifeboat.Point{}, err
+		}
+		frz, err := freeze(ctx, c.p.Quiescer)
+		if err != nil {
+			return lifeboat.Point{}, err
+		}
+		err = c.beginLibvirt(ctx)
+		frz.thaw(ctx, c.log)
+		if err == nil {
+			c.setLevel(frz)
+			break
+		}
+		if !virt.IsBusy(err) || attempt == 3 {
+			return lifeboat.Point{}, err
+		}
+		c.log.Info("another libvirt job began as the instant was taken: waiting for it again", "err", err)
+	}
+	return c.transfer(ctx)
+}
+
+func cmp0(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
+}
+
+// prepareLibvirt finds the domain and its disks, and each disk's base.
+func (c *cycle) prepareLibvirt(ctx context.Context) error {
+	p := c.p
+	lv := p.VM.Libvirt
+	c.start = time.Now()
+	conn, err := virt.Dial(ctx, lv.URI)
+	if err != nil {
+		return err
+	}
+	c.lv = &virtCycle{conn: conn}
+	if c.lv.dom, err = conn.Domain(ctx, lv.Domain); err != nil {
+		return err
+	}
+	if c.lv.desc, err = c.lv.dom.Describe(ctx); err != nil {
+		return err
+	}
+	if err := c.lv.prepareRunDir(p, c.log); err != nil {
+		return err
+	}
+	// A lifeboat that died mid-cycle left its backup running.
+	if running, sock, err := c.lv.dom.BackupRunning(ctx); err != nil {
+		return err
+	} else if running && sock == c.lv.sock {
+		c.log.Warn("ending the backup job a previous lifeboat left running", "domain", lv.Domain)
+		if err := c.lv.endBackup(ctx); err != nil {
+			return err
+		}
+	}
+	disks, err := c.libvirtDisks()
+	if err != nil {
+		return err
+	}
+	latest, found, err := p.Target.Latest(ctx, p.VM.Name)
+	if err != nil {
+		return err
+	}
+	c.id = 1
+	if found {
+		c.latest = latest
+		c.id = latest.ID + 1
+	}
+	peer := p.Target.Peer()
+	cps, err := c.lv.dom.Checkpoints(ctx)
+	if err != nil {
+		return err
+	}
+	metas := map[string]cpMeta{}
+	for _, cp := range cps {
+		if m, ok := ourCheckpoint(cp, peer); ok {
+			c.lv.ours = append(c.lv.ours, cp)
+			metas[cp.Name] = m
+		}
+	}
+	tracked := false
+	for _, dk := range disks {
+		d := &diskState{name: dk.Target, node: dk.Target, export: dk.Target, persistent: dk.Format == "qcow2"}
+		var h history
+		if ld, ok := diskOf(latest, dk.Target); found && ok {
+			h.lineage, h.latest, h.gen = ld.Lineage, latest.ID, ld.Generation
+		}
+		if h.lineage == "" {
+			h.lineage = newLineage()
+		}
+		d.lineage, d.base = h.lineage, h.latest
+		d.why = checkpointBase(dk, h, c.lv.ours, metas)
+		if d.why == "" {
+			d.old = h.gen
+			d.dirty = virt.ExportBitmap(dk.Target)
+		} else {
+			c.log.Info("disk will be sent whole", "disk", d.name, "why", d.why)
+		}
+		if d.persistent {
+			tracked = true
+		}
+		c.disks = append(c.disks, d)
+	}
+	if tracked {
+		c.lv.cp = newCheckpointName(peer, c.id)
+		for _, d := range c.disks {
+			if d.persistent {
+				d.new = c.lv.cp
+			}
+		}
+	}
+	return nil
+}
+
+// checkpointBase says why disk dk has no base ("" when the checkpoint its
+// latest point recorded is there, ours, tracking the disk, of its lineage).
+func checkpointBase(dk virt.Disk, h history, ours []virt.Checkpoint, metas map[string]cpMeta) string {
+	switch {
+	case dk.Format != "qcow2":
+		return fmt.Sprintf("disk is %s, which cannot hold libvirt's checkpoints: it is compared by hashes at every cycle (convert it to qcow2 for change tracking)", cmpStr(dk.Format, "not a file image"))
+	case h.latest == 0:
+		return "initial sync: the recovery site has no point of this disk"
+	case h.gen == "":
+		return fmt.Sprintf("point %d records no checkpoint: a hash resync will run", h.latest)
+	}
+	i := slices.IndexFunc(ours, func(cp virt.Checkpoint) bool { return cp.Name == h.gen })
+	switch {
+	case i < 0:
+		return fmt.Sprintf("checkpoint %q that point %d made is not in libvirt (deleted, or the domain was undefined or restored): a hash resync will run", h.gen, h.latest)
+	case !slices.Contains(ours[i].Disks, dk.Target):
+		return fmt.Sprintf("checkpoint %q does not track disk %s: a hash resync will run", h.gen, dk.Target)
+	case metas[h.gen].Lineages[dk.Target] != h.lineage:
+		return fmt.Sprintf("checkpoint %q tracks another disk history at %s (it was replaced): a hash resync will run", h.gen, dk.Target)
+	}
+	return ""
+}
+
+func cmpStr(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+// libvirtDisks is the domain's disks to protect: those of `disks:` by target,
+// or every writable one.
+func (c *cycle) libvirtDisks() ([]virt.Disk, error) {
+	all := c.lv.desc.Disks
+	var targets []string
+	for _, d := range all {
+		targets = append(targets, d.Target)
+	}
+	if len(c.p.VM.Disks) == 0 {
+		if len(all) == 0 {
+			return nil, fmt.Errorf("libvirt domain %q has no writable disk", c.lv.dom.Name)
+		}
+		return all, nil
+	}
+	var out []virt.Disk
+	for _, name := range c.p.VM.Disks {
+		i := slices.IndexFunc(all, func(d virt.Disk) bool { return d.Target == name })
+		if i < 0 {
+			return nil, fmt.Errorf("libvirt domain %q has no writable disk %q: its disks are %s (name them by target under `disks:` of vm %q)", c.lv.dom.Name, name, strings.Join(targets, ", "), c.p.VM.Name)
+		}
+		out = append(out, all[i])
+	}
+	for _, d := range all {
+		if !slices.Contains(c.p.VM.Disks, d.Target) {
+			c.lv.others = append(c.lv.others, d.Target)
+		}
+	}
+	return out, nil
+}
+
+// prepareRunDir makes the directory of the backup's scratch files and
+// socket: QEMU, running as the domain's DAC user (libvirt-qemu), creates
+// both, so the directory is that user's, and every directory above it must
+// let that user pass. lifeboat grants that on its own directories (StateDir
+// down to WorkDir: search only, not read) and says what to do about others.
+func (lv *virtCycle) prepareRunDir(p *Protector, log *slog.Logger) error {
+	lv.run = filepath.Join(p.VM.WorkDir, "libvirt")
+	lv.sock = filepath.Join(lv.run, "nbd.sock")
+	if err := os.MkdirAll(lv.run, 0o700); err != nil {
+		return fmt.Errorf("libvirt work directory: %w", err)
+	}
+	uid, gid := lv.desc.UID, lv.desc.GID
+	if uid < 0 {
+		return nil // QEMU runs as whoever runs libvirtd's session: us
+	}
+	if err := os.Chown(lv.run, uid, gid); err != nil {
+		return fmt.Errorf("libvirt work directory %s: give it to QEMU's user %d:%d: %w", lv.run, uid, gid, err)
+	}
+	own := filepath.Clean(cmpStr(p.VM.StateDir, p.VM.WorkDir))
+	for dir := filepath.Dir(lv.run); ; dir = filepath.Dir(dir) {
+		fi, err := os.Stat(dir)
+		if err != nil {
+			return fmt.Errorf("libvirt work directory: %w", err)
+		}
+		if !searchable(fi, uid, gid) {
+			if !strings.HasPrefix(dir+"/", own+"/") {
+				return fmt.Errorf("QEMU of libvirt domain %q runs as user %d and cannot pass directory %s (mode %v) to reach its scratch files under %s: let it (chmod o+x %s) or put state_dir elsewhere",
+					lv.dom.Name, uid, dir, fi.Mode().Perm(), lv.run, dir)
+			}
+			if err := os.Chmod(dir, fi.Mode().Perm()|0o001); err != nil {
+				return fmt.Errorf("libvirt work directory: let QEMU's user pass %s: %w", dir, err)
+			}
+			log.Info("let QEMU's user pass lifeboat's directory (search permission only) to reach the backup's scratch files", "dir", dir, "uid", uid)
+		}
+		if dir == "/" || dir == filepath.Dir(dir) {
+			return nil
+		}
+	}
+}
+
+// searchable reports whether user uid (group gid) may pass directory fi.
+func searchable(fi os.FileInfo, uid, gid int) bool {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return true
+	}
+	m := fi.Mode().Perm()
+	switch {
+	case int(st.Uid) == uid:
+		return m&0o100 != 0
+	case int(st.Gid) == gid:
+		return m&0o010 != 0
+	}
+	return m&0o001 != 0
+}
+
+// waitIdle waits, bounded, until the domain runs no job: libvirt runs one at a
+// time, and another tool's backup is not lifeboat's to end.
+func (lv *virtCycle) waitIdle(ctx context.Context, log *slog.Logger, limit time.Duration) error {
+	start := time.Now()
+	logged := false
+	for {
+		job, err := lv.dom.Job(ctx)
+		if err != nil {
+			return err
+		}
+		if job == "" {
+			if logged {
+				log.Info("the other libvirt job ended: going on", "waited", time.Since(start).Round(time.Second))
+			}
+			return nil
+		}
+		if !logged {
+			log.Info("libvirt domain runs another job (another tool's backup, a migration?): waiting for it to end", "domain", lv.dom.Name, "job", job, "limit", limit)
+			logged = true
+		}
+		if time.Since(start) > limit {
+			return fmt.Errorf("libvirt domain %q ran a %s job for more than %v: no point taken; the next cycle tries again (a stuck job of another tool? see `virsh domjobinfo %s`)", lv.dom.Name, job, limit, lv.dom.Name)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for libvirt domain %q's %s job to end: %w", lv.dom.Name, job, context.Cause(ctx))
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// beginLibvirt is the instant: the pull backup of every disk, with the next
+// checkpoint made in the same transaction. A base checkpoint libvirt finds
+// broken (QEMU was killed and its bitmaps not saved) makes the disks whole
+// syncs, and the backup is begun again at once.
+func (c *cycle) beginLibvirt(ctx context.Context) error {
+	lv := c.lv
+	b := virt.Backup{Socket: lv.sock, Checkpoint: lv.cp, Others: lv.others}
+	if lv.cp != "" {
+		m := cpMeta{Peer: c.p.Target.Peer(), Point: c.id, Lineages: map[string]string{}}
+		for _, d := range c.disks {
+			if d.persistent {
+				m.Lineages[d.name] = d.lineage
+			}
+		}
+		j, _ := json.Marshal(m)
+		b.Description = cpDescPrefix + string(j)
+	}
+	build := func() {
+		b.Disks = b.Disks[:0]
+		for _, d := range c.disks {
+			b.Disks = append(b.Disks, virt.BackupDisk{Target: d.name, Incremental: d.old, Scratch: lv.scratch(d), Track: d.persistent})
+		}
+	}
+	build()
+	err := lv.dom.BeginBackup(ctx, b)
+	if err != nil && brokenBase(err) {
+		for _, d := range c.disks {
+			if d.old != "" {
+				d.why = fmt.Sprintf("libvirt cannot use checkpoint %q (%v): a hash resync will run", d.old, err)
+				c.log.Warn("disk will be sent whole", "disk", d.name, "why", d.why)
+				d.old, d.dirty = "", ""
+			}
+		}
+		build()
+		err = lv.dom.BeginBackup(ctx, b)
+	}
+	if err != nil {
+		return err
+	}
+	lv.started = true
+	instant := time.Now().UTC()
+	c.sock = lv.sock
+	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: instant, Consistency: lifeboat.Crash}
+	for _, d := range c.disks {
+		cl, err := nbd.Dial(ctx, "unix:"+lv.sock, d.export, nbd.Options{})
+		if err != nil {
+			return fmt.Errorf("disk %q: the backup's NBD export: %w", d.name, err)
+		}
+		d.size = cl.Size()
+		cl.Close()
+		c.point.Disks = append(c.point.Disks, lifeboat.PointDisk{Name: d.name, Size: d.size, Resync: d.old == "",
+			Lineage: d.lineage, Base: d.base, BaseGeneration: d.old, Generation: d.new})
+	}
+	c.log = c.log.With("point", c.id)
+	return nil
+}
+
+// brokenBase reports whether a backup was refused for its base checkpoint's
+// bitmaps (missing, or inconsistent after QEMU was killed).
+func brokenBase(err error) bool {
+	s := err.Error()
+	return strings.Contains(s, "bitmap") || strings.Contains(s, "checkpoint")
+}
+
+// scratch is where QEMU keeps, during the cycle, what the guest overwrites of disk d.
+func (lv *virtCycle) scratch(d *diskState) string {
+	return filepath.Join(lv.run, d.name+".scratch.qcow2")
+}
+
+// watch ends the backup when a scratch file outgrows half its budget (see
+// Safety): ending the job takes the copy-before-write filter out of the
+// guest's write path before the file system fills, so a copy can never fail
+// the guest's write. The cycle then fails with ErrScratchFull as its cause.
+func (c *cycle) watchScratch(ctx context.Context) (context.Context, func(), error) {
+	budgets, err := c.fleeceBudgets()
+	if err != nil {
+		return ctx, func() {}, err
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			for i, d := range c.disks {
+				var st syscall.Stat_t
+				if syscall.Stat(c.lv.scratch(d), &st) != nil {
+					continue
+				}
+				if used := st.Blocks * 512; used > budgets[i]/2 {
+					err := fmt.Errorf("disk %q: the backup's scratch file holds %s, past half its budget of %s: %w", d.name, mib(used), mib(budgets[i]), ErrScratchFull)
+					c.lv.setBroken(err)
+					ectx, ecancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
+					if eerr := c.lv.endBackup(ectx); eerr != nil {
+						c.log.Error("ending the backup whose scratch outgrew its budget failed", "err", eerr)
+					}
+					ecancel()
+					cancel(err)
+					return
+				}
+			}
+		}
+	}()
+	return ctx, func() { close(stop); <-done; cancel(nil) }, nil
+}
+
+// ErrScratchFull is the cause of a cycle whose backup was ended because a
+// scratch file outgrew its budget.
+var ErrScratchFull = errors.New("backup scratch outgrew its budget")
+
+func (lv *virtCycle) setBroken(err error) {
+	lv.mu.Lock()
+	defer lv.mu.Unlock()
+	if lv.broken == nil {
+		lv.broken = err
+	}
+}
+
+func (lv *virtCycle) err() error {
+	lv.mu.Lock()
+	defer lv.mu.Unlock()
+	return lv.broken
+}
+
+// endBackup ends lifeboat's backup job and waits, bounded by ctx, until
+// libvirt has stopped it.
+func (lv *virtCycle) endBackup(ctx context.Context) error {
+	if err := lv.dom.AbortBackup(ctx); err != nil {
+		return err
+	}
+	for {
+		running, _, err := lv.dom.BackupRunning(ctx)
+		if err != nil || !running {
+			lv.started = false
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("libvirt domain %q: the backup job did not end: %w", lv.dom.Name, context.Cause(ctx))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// settle ends the backup and keeps the checkpoints that prove a base: after
+// a commit, only this cycle's; after a failure, only the ones before it;
+// when the commit's outcome is unknown, both, for the next cycle to choose.
+// libvirt keeps every checkpoint's bitmap recording, so deleting one never
+// loses another's writes.
+func (lv *virtCycle) settle(ctx context.Context, c *cycle, committed, unknown bool) error {
+	var errs []error
+	if lv.started {
+		if err := lv.endBackup(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	var drop []string
+	switch {
+	case committed:
+		for _, cp := range lv.ours {
+			drop = append(drop, cp.Name)
+		}
+	case unknown:
+	default:
+		if lv.cp != "" {
+			drop = append(drop, lv.cp)
+		}
+	}
+	for _, name := range drop {
+		if err := lv.dom.DeleteCheckpoint(ctx, name); err != nil {
+			// The next cycle keeps only what proves its base; nothing is lost.
+			c.log.Error("checkpoint bookkeeping failed; the next cycle repairs it", "checkpoint", name, "err", err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (lv *virtCycle) close() {
+	if lv.conn != nil {
+		lv.conn.Close()
+	}
+}

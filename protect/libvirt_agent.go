@@ -1,0 +1,165 @@
+package protect
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/virt"
+)
+
+// LibvirtQuiescer freezes a libvirt domain's guest through libvirt's own
+// guest-agent calls (virDomainFSFreeze, virDomainFSThaw): libvirt owns the
+// agent's socket. The guest's fsfreeze hooks (qemu-ga's -F) make a point
+// application consistent where they quiesce the applications.
+//
+// The guest is never left frozen: a freeze that lands after the bound (a
+// slow hook) is thawed the moment it lands, and every thaw is retried until
+// libvirt confirms it. Each freeze uses a connection of its own, so a
+// libvirt call that hangs past its bound never takes the cycle's with it.
+type LibvirtQuiescer struct {
+	VM     string
+	Domain LibvirtDomain
+	Level  lifeboat.Consistency // Filesystem or Application
+	// Limit bounds how long the guest stays frozen (DefaultFreezeLimit).
+	Limit time.Duration
+	// Strict fails the cycle when freezing fails, instead of a crash-consistent point.
+	Strict bool
+	Log    *slog.Logger
+}
+
+// freezeCallBound bounds one libvirt freeze or thaw call (libvirt's own agent
+// timeout is shorter): past it the call's connection is closed.
+const freezeCallBound = 2 * time.Minute
+
+func (q *LibvirtQuiescer) log() *slog.Logger {
+	l := q.Log
+	if l == nil {
+		l = slog.Default()
+	}
+	return l.With("vm", q.VM, "domain", q.Domain.Domain)
+}
+
+func (q *LibvirtQuiescer) limit() time.Duration {
+	if q.Limit > 0 {
+		return q.Limit
+	}
+	return DefaultFreezeLimit
+}
+
+// call runs one call on a fresh connection, bounded by freezeCallBound.
+func (q *LibvirtQuiescer) call(f func(ctx context.Context, d *virt.Domain) (int, error)) (int, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), freezeCallBound)
+	defer cancel()
+	c, err := virt.Dial(ctx, q.Domain.URI)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	d, err := c.Domain(ctx, q.Domain.Domain)
+	if err != nil {
+		return 0, err
+	}
+	return f(ctx, d)
+}
+
+func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
+	type result struct {
+		n   int
+		err error
+	}
+	start := time.Now()
+	landed := make(chan result, 1)
+	go func() {
+		n, err := q.call(func(ctx context.Context, d *virt.Domain) (int, error) { return d.FSFreeze(ctx) })
+		landed <- result{n, err}
+	}()
+	bound := time.NewTimer(q.limit())
+	defer bound.Stop()
+	select {
+	case r := <-landed:
+		if r.err != nil {
+			// A failed freeze may have frozen some file systems.
+			go q.ensureThawed("after a failed freeze")
+			return q.fallBack(fmt.Errorf("libvirt could not freeze the guest's file systems: %w", r.err))
+		}
+		return q.frozen(r.n, start), nil
+	case <-bound.C:
+	case <-ctx.Done():
+	}
+	// The freeze has not landed in time: no quiesced instant this cycle. When
+	// it lands, the guest is thawed at once.
+	go func() {
+		r := <-landed
+		if r.err == nil {
+			q.log().Warn("a freeze landed after its bound: thawing the guest now", "late_by", time.Since(start)-q.limit())
+		}
+		q.ensureThawed("after a late freeze")
+	}()
+	return q.fallBack(fmt.Errorf("libvirt's freeze did not finish within %v", q.limit()))
+}
+
+// frozen is a landed freeze: Thaw thaws, and so does a timer at the bound.
+func (q *LibvirtQuiescer) frozen(n int, start time.Time) *Frozen {
+	var (
+		mu     sync.Mutex
+		thawed bool
+	)
+	thaw := func(why string) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if thawed {
+			return false
+		}
+		thawed = true
+		q.ensureThawed(why)
+		return true
+	}
+	timer := time.AfterFunc(q.limit(), func() {
+		if thaw("the freeze bound expired") {
+			q.log().Warn("the guest was frozen past its bound: thawed it", "limit", q.limit())
+		}
+	})
+	f := &Frozen{Level: q.Level, Since: time.Now(), Thaw: func(ctx context.Context) (bool, error) {
+		held := timer.Stop()
+		thaw("after the instant")
+		return held, nil
+	}}
+	if n == 0 {
+		f.Note = "the guest agent froze no file system (none mounted?)"
+	}
+	_ = start
+	return f
+}
+
+// ensureThawed thaws until libvirt confirms it, for up to freezeCallBound:
+// a thaw refused because the freeze still holds libvirt's job lock, or
+// because libvirtd was restarting, is tried again.
+func (q *LibvirtQuiescer) ensureThawed(why string) {
+	deadline := time.Now().Add(freezeCallBound)
+	for attempt := 1; ; attempt++ {
+		_, err := q.call(func(ctx context.Context, d *virt.Domain) (int, error) { return d.FSThaw(ctx) })
+		if err == nil {
+			return
+		}
+		if virt.IsNotRunning(err) {
+			return // nothing is frozen in a domain that does not run
+		}
+		if time.Now().After(deadline) {
+			q.log().Error("could not thaw the guest: thaw it with `virsh domfsthaw`", "why", why, "attempts", attempt, "err", err)
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func (q *LibvirtQuiescer) fallBack(err error) (*Frozen, error) {
+	if q.Strict {
+		return nil, fmt.Errorf("quiesce: %w (on_quiesce_failure: fail)", err)
+	}
+	q.log().Warn("quiescing failed: this point is crash consistent", "err", err)
+	return &Frozen{Level: lifeboat.Crash, Note: "quiesce failed: " + err.Error()}, nil
+}
