@@ -43,6 +43,22 @@ func TestLoadConfig(t *testing.T) {
 	}
 }
 
+// A libvirt domain needs no socket: its domain name defaults to the VM's,
+// and a quiesced point needs no agent socket (libvirt owns the agent).
+func TestLibvirtConfig(t *testing.T) {
+	body := goodConfig + "  - {name: db1, libvirt: {}, consistency: filesystem}\n  - {name: web2, libvirt: {uri: 'qemu+ssh://h/system', domain: w2}}\n"
+	c, err := LoadConfig(writeConfig(t, body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l := c.VMs[1].Libvirt; l == nil || l.URI != "qemu:///system" || l.Domain != "db1" {
+		t.Errorf("db1's libvirt: %+v, want qemu:///system and domain db1", l)
+	}
+	if l := c.VMs[2].Libvirt; l.URI != "qemu+ssh://h/system" || l.Domain != "w2" {
+		t.Errorf("web2's libvirt: %+v", l)
+	}
+}
+
 // Config errors name the file, the field and the fix.
 func TestGroupConfig(t *testing.T) {
 	body := strings.Replace(goodConfig, ", interval: 30s", "", 1) + "  - {name: db1, qmp: /db.qmp}\ngroups:\n  - {name: shop, vms: [web1, db1], interval: 1m}\n"
@@ -71,6 +87,8 @@ func TestConfigErrors(t *testing.T) {
 		{"bad consistency", strings.Replace(goodConfig, "interval: 30s", "interval: 30s, consistency: perfect", 1), []string{"consistency", "perfect", "filesystem"}},
 		{"quiesce without agent", strings.Replace(goodConfig, "interval: 30s", "interval: 30s, consistency: filesystem", 1), []string{"agent", "guest agent"}},
 		{"duplicate vm", goodConfig + "  - {name: web1, qmp: /x}\n", []string{"appears twice"}},
+		{"libvirt with qmp", goodConfig + "  - {name: db1, qmp: /x, libvirt: {domain: db1}}\n", []string{"vms[1] (db1).libvirt", "drop qmp:"}},
+		{"libvirt with hooks", goodConfig + "  - {name: db1, libvirt: {}, consistency: application, pre_freeze: [x]}\n", []string{"pre_freeze", "fsfreeze-hook"}},
 		{"bad vm name", strings.Replace(goodConfig, "name: web1", "name: ../web1", 1), []string{"not a VM name"}},
 		{"group of one", goodConfig + "groups:\n  - {name: g, vms: [web1]}\n", []string{"groups[0].vms", "at least two"}},
 		{"group with unknown vm", goodConfig + "  - {name: db1, qmp: /db.qmp}\ngroups:\n  - {name: g, vms: [db1, nope]}\n", []string{"groups[0].vms", "nope"}},

@@ -15,6 +15,14 @@ func (d *Daemon) quiescer(c VMConfig) (protect.Quiescer, error) {
 	if level == lifeboat.Crash {
 		return nil, nil
 	}
+	if c.Libvirt != nil {
+		return &protect.LibvirtQuiescer{
+			VM: c.Name, Domain: protect.LibvirtDomain{URI: c.Libvirt.URI, Domain: c.Libvirt.Domain}, Level: level,
+			Limit:  time.Duration(c.FreezeLimit),
+			Strict: c.OnQuiesceFailure == "fail",
+			Log:    d.log,
+		}, nil
+	}
 	return &protect.AgentQuiescer{
 		VM: c.Name, Socket: c.Agent, Level: level,
 		Limit:     time.Duration(c.FreezeLimit),

@@ -39,10 +39,14 @@ func newVM(d *Daemon, c VMConfig) *vm {
 	v.p = &protect.Protector{
 		VM: protect.VM{
 			Name: c.Name, QMPSocket: c.QMP, NBDSocket: c.NBDSocket, Disks: c.Disks,
-			WorkDir: filepath.Join(d.cfg.StateDir, "protect", c.Name),
+			WorkDir:  filepath.Join(d.cfg.StateDir, "protect", c.Name),
+			StateDir: d.cfg.StateDir,
 		},
 		Log:      d.log,
 		Progress: v.onProgress,
+	}
+	if c.Libvirt != nil {
+		v.p.VM.Libvirt = &protect.LibvirtDomain{URI: c.Libvirt.URI, Domain: c.Libvirt.Domain}
 	}
 	return v
 }
