@@ -41,48 +41,14 @@ func guestProtector(t *testing.T, g *testguest.Guest, site *testsite.Site, name 
 	}
 }
 
-// fsCheck is what a point's ext4 file system looks like from the host.
-type fsCheck struct {
-	needsRecovery bool
-	fsckClean     bool
-	files, bad    int
-}
-
-func checkFS(t *testing.T, site *testsite.Site, vm string, id uint64, disk string) fsCheck {
+// checkFS looks at a point's ext4 file system from the host.
+func checkFS(t *testing.T, site *testsite.Site, vm string, id uint64, disk string) testguest.FSCheck {
 	t.Helper()
-	dir := t.TempDir()
-	img := filepath.Join(dir, "p.raw")
+	img := filepath.Join(t.TempDir(), "p.raw")
 	if err := site.Store.Export(ctx(t), vm, id, disk, img, "raw"); err != nil {
 		t.Fatal(err)
 	}
-	var c fsCheck
-	out, err := exec.Command("dumpe2fs", "-h", img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("dumpe2fs point %d: %v\n%s", id, err, out)
-	}
-	for _, l := range strings.Split(string(out), "\n") {
-		if strings.HasPrefix(l, "Filesystem features:") && strings.Contains(l, "needs_recovery") {
-			c.needsRecovery = true
-		}
-	}
-	c.fsckClean = exec.Command("e2fsck", "-fn", img).Run() == nil
-	files := filepath.Join(dir, "files")
-	os.Mkdir(files, 0o700)
-	if out, err := exec.Command("debugfs", "-R", "rdump /w "+files, img).CombinedOutput(); err != nil {
-		t.Fatalf("debugfs point %d: %v\n%s", id, err, out)
-	}
-	entries, _ := os.ReadDir(filepath.Join(files, "w"))
-	for _, e := range entries {
-		if strings.HasSuffix(e.Name(), ".tmp") {
-			continue // written before its fsync and rename: may be partial by design
-		}
-		c.files++
-		b, _ := os.ReadFile(filepath.Join(files, "w", e.Name()))
-		if err := testguest.CheckWriterFile(e.Name(), b); err != nil {
-			c.bad++
-		}
-	}
-	return c
+	return testguest.CheckFS(t, img)
 }
 
 func percentile(ds []time.Duration, p float64) time.Duration {
@@ -125,10 +91,10 @@ func TestFilesystemConsistentPoints(t *testing.T) {
 	var files int
 	for _, id := range fsPoints[len(fsPoints)-checked:] {
 		c := checkFS(t, site, "g1", id, g.DiskNode())
-		if c.needsRecovery || !c.fsckClean || c.bad > 0 {
-			t.Errorf("filesystem-consistent point %d: needs recovery %v, e2fsck clean %v, %d of %d files broken", id, c.needsRecovery, c.fsckClean, c.bad, c.files)
+		if c.NeedsRecovery || !c.FsckClean || c.Bad > 0 {
+			t.Errorf("filesystem-consistent point %d: needs recovery %v, e2fsck clean %v, %d of %d files broken", id, c.NeedsRecovery, c.FsckClean, c.Bad, c.Files)
 		}
-		files += c.files
+		files += c.Files
 	}
 	if files == 0 {
 		t.Fatal("the guest wrote no file: the workload did not run")
@@ -146,13 +112,13 @@ func TestFilesystemConsistentPoints(t *testing.T) {
 			t.Fatalf("point without quiescing recorded as %s, freeze %v", pt.Consistency, pt.Freeze)
 		}
 		c := checkFS(t, site, "g1", pt.ID, g.DiskNode())
-		if c.needsRecovery {
+		if c.NeedsRecovery {
 			recovery++
 		}
-		if !c.fsckClean {
+		if !c.FsckClean {
 			unclean++
 		}
-		broken += c.bad
+		broken += c.Bad
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Logf("of %d filesystem-consistent points: 0 needed journal recovery; of %d crash-consistent points: %d needed journal recovery, %d failed e2fsck -fn, %d files broken",

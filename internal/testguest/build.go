@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -197,4 +198,52 @@ func CheckWriterFile(name string, data []byte) error {
 		return errors.New("writer file " + name + ": name is not six digits")
 	}
 	return nil
+}
+
+// FSCheck is what an image of the guest's ext4 data disk looks like from the host.
+type FSCheck struct {
+	NeedsRecovery bool // the journal must be replayed: the file system was not quiesced
+	FsckClean     bool // e2fsck -fn finds nothing
+	Files, Bad    int  // the FsyncWriter's files, and those not whole
+	Newest        int  // the number of the newest file
+}
+
+// CheckFS checks a raw image of the data disk: its journal state, e2fsck,
+// and every file the FsyncWriter workload renamed into place.
+func CheckFS(t testing.TB, img string) FSCheck {
+	t.Helper()
+	var c FSCheck
+	out, err := exec.Command("dumpe2fs", "-h", img).CombinedOutput()
+	if err != nil {
+		t.Fatalf("dumpe2fs %s: %v\n%s", img, err, out)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(l, "Filesystem features:") && strings.Contains(l, "needs_recovery") {
+			c.NeedsRecovery = true
+		}
+	}
+	c.FsckClean = exec.Command("e2fsck", "-fn", img).Run() == nil
+	files, err := os.MkdirTemp("", "lbfs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(files)
+	if out, err := exec.Command("debugfs", "-R", "rdump /w "+files, img).CombinedOutput(); err != nil {
+		t.Fatalf("debugfs %s: %v\n%s", img, err, out)
+	}
+	entries, _ := os.ReadDir(filepath.Join(files, "w"))
+	for _, e := range entries {
+		if strings.HasSuffix(e.Name(), ".tmp") {
+			continue // written before its fsync and rename: may be partial by design
+		}
+		c.Files++
+		if n, err := strconv.Atoi(e.Name()); err == nil {
+			c.Newest = max(c.Newest, n)
+		}
+		b, _ := os.ReadFile(filepath.Join(files, "w", e.Name()))
+		if err := CheckWriterFile(e.Name(), b); err != nil {
+			c.Bad++
+		}
+	}
+	return c
 }
