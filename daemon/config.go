@@ -65,10 +65,10 @@ type VMConfig struct {
 	// through libvirtd, with no change to the domain's XML.
 	Libvirt   *LibvirtConfig `yaml:"libvirt"`
 	QMP       string         `yaml:"qmp"`
-	NBDSocket string   `yaml:"nbd_socket"`
-	Disks     []string `yaml:"disks"`
-	Peer      string   `yaml:"peer"`
-	Interval  Duration `yaml:"interval"`
+	NBDSocket string         `yaml:"nbd_socket"`
+	Disks     []string       `yaml:"disks"`
+	Peer      string         `yaml:"peer"`
+	Interval  Duration       `yaml:"interval"`
 	// RPOTarget is the age of the newest point past which status and metrics
 	// say the VM is behind (default: three intervals, or none without an interval).
 	RPOTarget   Duration `yaml:"rpo_target"`
