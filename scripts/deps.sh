@@ -12,6 +12,10 @@ have qemu-system-x86_64    || need+=(qemu-system-x86)
 have nbdinfo               || need+=(libnbd-bin)
 have nbdkit                || need+=(nbdkit)
 have rsync                 || need+=(rsync)
+# libvirt: the system libvirtd (QEMU as libvirt-qemu) for protecting libvirt
+# domains, and virtnbdbackup, the peer the libvirt tests and bench run beside.
+have libvirtd              || need+=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
+have virtnbdbackup         || need+=(virtnbdbackup)
 have e2fsck                || need+=(e2fsprogs)
 have cpio                  || need+=(cpio)
 [ -x /bin/busybox ]        || need+=(busybox-static)
