@@ -17,6 +17,8 @@ import (
 	"regexp"
 	"strings"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
 )
 
 // CreateCA creates the deployment's CA in dir: a self-signed certificate
@@ -83,10 +85,10 @@ func createCA(dir, name string, notBefore, notAfter time.Time, replace bool) err
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(keyPath, keyPEM, 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(keyPath, keyPEM, 0o600); err != nil {
 		return fmt.Errorf("create CA: %w", err)
 	}
-	if err := writeFileAtomic(certPath, encodeCert(der), 0o644); err != nil {
+	if err := fsutil.WriteFileAtomic(certPath, encodeCert(der), 0o644); err != nil {
 		return fmt.Errorf("create CA: %w; %s no longer matches a certificate: remove it and run `lifeboat cert ca --dir %s` again", err, keyPath, dir)
 	}
 	return nil
@@ -195,14 +197,14 @@ func issueSite(caDir, outDir, site string, hosts []string, notBefore, notAfter t
 		return fmt.Errorf("issue site %q: create output directory: %w", site, err)
 	}
 	f := SiteFiles(outDir, site)
-	if err := writeFileAtomic(f.Key, keyPEM, 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(f.Key, keyPEM, 0o600); err != nil {
 		return fmt.Errorf("issue site %q: %w", site, err)
 	}
-	if err := writeFileAtomic(f.Cert, encodeCert(der), 0o644); err != nil {
+	if err := fsutil.WriteFileAtomic(f.Cert, encodeCert(der), 0o644); err != nil {
 		return fmt.Errorf("issue site %q: %w; %s no longer matches a certificate: run the command again", site, err, f.Key)
 	}
 	if !exists || !same {
-		if err := writeFileAtomic(outCA, caPEM, 0o644); err != nil {
+		if err := fsutil.WriteFileAtomic(outCA, caPEM, 0o644); err != nil {
 			return fmt.Errorf("issue site %q: %w", site, err)
 		}
 	}

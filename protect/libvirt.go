@@ -4,9 +4,17 @@ package protect
 // libvirt's own tools reach it: its disks come from its live XML and are
 // named by target (vda), a generation is a libvirt checkpoint, the instant is
 // a pull-mode backup begun together with the next checkpoint, and the backup's
-// NBD export is what the cycle reads. libvirt keeps checkpoints across
-// restarts, external snapshots and block commits, and other tools' backups,
-// checkpoints and snapshots see lifeboat's as libvirt's own. Nothing edits the
+// NBD export is what the cycle reads.
+//
+// Between cycles lifeboat's checkpoints are hidden: their libvirt metadata
+// is deleted and kept in WorkDir/checkpoints, while their bitmaps go on
+// recording in the images (libvirt 9.0 keeps every checkpoint's bitmap
+// recording, and carries every bitmap through external snapshots and block
+// commits). virtnbdbackup refuses to run beside any checkpoint not its own,
+// and a user's `virsh checkpoint-list` shows only theirs. A cycle redefines
+// its base checkpoint (libvirt then checks its bitmaps are there and
+// consistent), begins the backup with the next one, and hides them again
+// when the backup ends. Nothing edits the
 // domain's XML, nothing uses the QEMU pass-through (no taint), and what the
 // backup starts in QEMU (its NBD server, exports, scratch files) libvirt stops
 // when the cycle ends the job.
@@ -28,6 +36,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
 	"github.com/lifeboat-dr/lifeboat/nbd"
 	"github.com/lifeboat-dr/lifeboat/virt"
 )
@@ -45,8 +54,11 @@ type virtCycle struct {
 	run     string // scratch files and the NBD socket, QEMU's to write
 	sock    string
 	cp      string // the checkpoint this cycle's instant makes ("" = none)
+	made    bool   // cp exists (the backup began)
 	others  []string
-	ours    []virt.Checkpoint // our checkpoints when the cycle began
+	saved   string            // where hidden checkpoints are kept
+	ours    []virt.Checkpoint // our hidden checkpoints when the cycle began
+	shown   []string          // those redefined in libvirt for this cycle
 	started bool              // our backup job runs
 
 	mu     sync.Mutex
@@ -135,6 +147,7 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 	if c.lv.desc, err = c.lv.dom.Describe(ctx); err != nil {
 		return err
 	}
+	c.lv.saved = filepath.Join(p.VM.WorkDir, "checkpoints")
 	if err := c.lv.prepareRunDir(p, c.log); err != nil {
 		return err
 	}
@@ -161,12 +174,16 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 		c.id = latest.ID + 1
 	}
 	peer := p.Target.Peer()
-	cps, err := c.lv.dom.Checkpoints(ctx)
-	if err != nil {
+	if err := c.lv.hideLeftovers(ctx, peer, c.log); err != nil {
 		return err
 	}
 	metas := map[string]cpMeta{}
-	for _, cp := range cps {
+	records, err := c.lv.hidden()
+	if err != nil {
+		return err
+	}
+	for _, cp := range records {
+		// Records kept for another recovery site are not this cycle's.
 		if m, ok := ourCheckpoint(cp, peer); ok {
 			c.lv.ours = append(c.lv.ours, cp)
 			metas[cp.Name] = m
@@ -195,6 +212,9 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 		}
 		c.disks = append(c.disks, d)
 	}
+	if err := c.showBases(ctx); err != nil {
+		return err
+	}
 	if tracked {
 		c.lv.cp = newCheckpointName(peer, c.id)
 		for _, d := range c.disks {
@@ -220,7 +240,7 @@ func checkpointBase(dk virt.Disk, h history, ours []virt.Checkpoint, metas map[s
 	i := slices.IndexFunc(ours, func(cp virt.Checkpoint) bool { return cp.Name == h.gen })
 	switch {
 	case i < 0:
-		return fmt.Sprintf("checkpoint %q that point %d made is not in libvirt (deleted, or the domain was undefined or restored): a hash resync will run", h.gen, h.latest)
+		return fmt.Sprintf("checkpoint %q that point %d made is not among lifeboat's (its record in state_dir is gone): a hash resync will run", h.gen, h.latest)
 	case !slices.Contains(ours[i].Disks, dk.Target):
 		return fmt.Sprintf("checkpoint %q does not track disk %s: a hash resync will run", h.gen, dk.Target)
 	case metas[h.gen].Lineages[dk.Target] != h.lineage:
@@ -377,21 +397,10 @@ func (c *cycle) beginLibvirt(ctx context.Context) error {
 		}
 	}
 	build()
-	err := lv.dom.BeginBackup(ctx, b)
-	if err != nil && brokenBase(err) {
-		for _, d := range c.disks {
-			if d.old != "" {
-				d.why = fmt.Sprintf("libvirt cannot use checkpoint %q (%v): a hash resync will run", d.old, err)
-				c.log.Warn("disk will be sent whole", "disk", d.name, "why", d.why)
-				d.old, d.dirty = "", ""
-			}
-		}
-		build()
-		err = lv.dom.BeginBackup(ctx, b)
-	}
-	if err != nil {
+	if err := lv.dom.BeginBackup(ctx, b); err != nil {
 		return err
 	}
+	lv.made = lv.cp != ""
 	lv.started = true
 	instant := time.Now().UTC()
 	c.sock = lv.sock
@@ -408,13 +417,6 @@ func (c *cycle) beginLibvirt(ctx context.Context) error {
 	}
 	c.log = c.log.With("point", c.id)
 	return nil
-}
-
-// brokenBase reports whether a backup was refused for its base checkpoint's
-// bitmaps (missing, or inconsistent after QEMU was killed).
-func brokenBase(err error) bool {
-	s := err.Error()
-	return strings.Contains(s, "bitmap") || strings.Contains(s, "checkpoint")
 }
 
 // scratch is where QEMU keeps, during the cycle, what the guest overwrites of disk d.
@@ -504,11 +506,12 @@ func (lv *virtCycle) endBackup(ctx context.Context) error {
 	}
 }
 
-// settle ends the backup and keeps the checkpoints that prove a base: after
-// a commit, only this cycle's; after a failure, only the ones before it;
-// when the commit's outcome is unknown, both, for the next cycle to choose.
-// libvirt keeps every checkpoint's bitmap recording, so deleting one never
-// loses another's writes.
+// settle ends the backup and keeps the checkpoints that prove a base:
+// after a commit only this cycle's; after a failure only the base; when the
+// commit's outcome is unknown both, for the next cycle to choose. Those kept
+// are hidden again; the others are deleted with their bitmaps. libvirt keeps
+// every checkpoint's bitmap recording, so deleting one never loses
+// another's writes.
 func (lv *virtCycle) settle(ctx context.Context, c *cycle, committed, unknown bool) error {
 	var errs []error
 	if lv.started {
@@ -516,25 +519,148 @@ func (lv *virtCycle) settle(ctx context.Context, c *cycle, committed, unknown bo
 			errs = append(errs, err)
 		}
 	}
-	var drop []string
-	switch {
-	case committed:
-		for _, cp := range lv.ours {
-			drop = append(drop, cp.Name)
-		}
-	case unknown:
-	default:
-		if lv.cp != "" {
-			drop = append(drop, lv.cp)
+	fail := func(what, name string, err error) {
+		// The next cycle keeps only what proves its base; nothing is lost.
+		c.log.Error("checkpoint bookkeeping failed; the next cycle repairs it", "checkpoint", name, "what", what, "err", err)
+	}
+	if lv.made {
+		if committed || unknown {
+			if err := lv.hide(ctx, lv.cp); err != nil {
+				fail("hide", lv.cp, err)
+			}
+		} else if err := lv.dom.DeleteCheckpoint(ctx, lv.cp); err != nil {
+			fail("delete", lv.cp, err)
 		}
 	}
-	for _, name := range drop {
-		if err := lv.dom.DeleteCheckpoint(ctx, name); err != nil {
-			// The next cycle keeps only what proves its base; nothing is lost.
-			c.log.Error("checkpoint bookkeeping failed; the next cycle repairs it", "checkpoint", name, "err", err)
+	for _, name := range lv.shown {
+		if err := lv.hide(ctx, name); err != nil {
+			fail("hide", name, err)
+		}
+	}
+	if committed {
+		for _, cp := range lv.ours {
+			if err := lv.drop(ctx, cp.Name); err != nil {
+				fail("delete", cp.Name, err)
+			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// hideLeftovers hides checkpoints of ours that a cycle interrupted before
+// its end left in libvirt, keeping their records.
+func (lv *virtCycle) hideLeftovers(ctx context.Context, peer string, log *slog.Logger) error {
+	if err := os.MkdirAll(lv.saved, 0o700); err != nil {
+		return fmt.Errorf("lifeboat's checkpoint records: %w", err)
+	}
+	cps, err := lv.dom.Checkpoints(ctx)
+	if err != nil {
+		return err
+	}
+	for _, cp := range cps {
+		if _, ok := ourCheckpoint(cp, peer); ok {
+			log.Info("hiding a checkpoint of lifeboat's that an interrupted cycle left in libvirt", "checkpoint", cp.Name)
+			if err := lv.hide(ctx, cp.Name); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// hide records a checkpoint's XML in state_dir and deletes its libvirt
+// metadata; its bitmaps go on recording.
+func (lv *virtCycle) hide(ctx context.Context, name string) error {
+	doc, err := lv.dom.CheckpointXML(ctx, name)
+	if err != nil {
+		return err
+	}
+	if doc, err = virt.Orphan(doc); err != nil {
+		return err
+	}
+	if err := fsutil.WriteFileAtomic(lv.record(name), []byte(doc), 0o600); err != nil {
+		return fmt.Errorf("record checkpoint %q: %w", name, err)
+	}
+	return lv.dom.HideCheckpoint(ctx, name)
+}
+
+// drop deletes a hidden checkpoint with its bitmaps: libvirt is given it
+// back to delete it. One whose bitmaps are gone only loses its record.
+func (lv *virtCycle) drop(ctx context.Context, name string) error {
+	doc, err := os.ReadFile(lv.record(name))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if err := lv.dom.RedefineCheckpoint(ctx, string(doc)); err != nil && !virt.IsBrokenCheckpoint(err) {
+		return err
+	} else if err == nil {
+		if err := lv.dom.DeleteCheckpoint(ctx, name); err != nil {
+			return err
+		}
+	}
+	return os.Remove(lv.record(name))
+}
+
+func (lv *virtCycle) record(name string) string { return filepath.Join(lv.saved, name+".xml") }
+
+// hidden reads the records of lifeboat's hidden checkpoints.
+func (lv *virtCycle) hidden() ([]virt.Checkpoint, error) {
+	ents, err := os.ReadDir(lv.saved)
+	if err != nil {
+		return nil, fmt.Errorf("lifeboat's checkpoint records: %w", err)
+	}
+	var out []virt.Checkpoint
+	for _, e := range ents {
+		name, ok := strings.CutSuffix(e.Name(), ".xml")
+		if !ok {
+			continue
+		}
+		doc, err := os.ReadFile(filepath.Join(lv.saved, e.Name()))
+		if err != nil {
+			return nil, err
+		}
+		cp, err := virt.ParseCheckpoint(string(doc))
+		if err != nil || cp.Name != name {
+			return nil, fmt.Errorf("lifeboat's checkpoint record %s is damaged (%v): remove it (its disk is then resynchronised)", filepath.Join(lv.saved, e.Name()), err)
+		}
+		out = append(out, cp)
+	}
+	return out, nil
+}
+
+// showBases gives libvirt back the base checkpoint of the disks that have
+// one; a base libvirt refuses (its bitmaps missing or inconsistent: a disk
+// restored from a copy, QEMU killed) makes its disks whole syncs.
+func (c *cycle) showBases(ctx context.Context) error {
+	lv := c.lv
+	for _, d := range c.disks {
+		if d.old == "" || slices.Contains(lv.shown, d.old) {
+			continue
+		}
+		doc, err := os.ReadFile(lv.record(d.old))
+		if err == nil {
+			err = lv.dom.RedefineCheckpoint(ctx, string(doc))
+		}
+		if err == nil {
+			lv.shown = append(lv.shown, d.old)
+			continue
+		}
+		if !virt.IsBrokenCheckpoint(err) && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		base := d.old
+		for _, o := range c.disks {
+			if o.old == base {
+				o.why = fmt.Sprintf("libvirt refuses checkpoint %q (%v): a hash resync will run", base, err)
+				c.log.Warn("disk will be sent whole", "disk", o.name, "why", o.why)
+				o.old, o.dirty = "", ""
+			}
+		}
+	}
+	return nil
 }
 
 func (lv *virtCycle) close() {

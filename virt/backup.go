@@ -44,36 +44,108 @@ func (d *Domain) Checkpoints(ctx context.Context) ([]Checkpoint, error) {
 		if err != nil {
 			return nil, err
 		}
-		var x libvirtxml.DomainCheckpoint
-		if err := x.Unmarshal(doc); err != nil {
-			return nil, fmt.Errorf("libvirt domain %q: checkpoint %q: its XML does not parse: %w", d.Name, cp.Name, err)
-		}
-		c := Checkpoint{Name: cp.Name, Description: x.Description, Created: x.CreationTime}
-		if x.Parent != nil {
-			c.Parent = x.Parent.Name
-		}
-		if x.Disks != nil {
-			for _, dk := range x.Disks.Disks {
-				if dk.Checkpoint == "" || dk.Checkpoint == "bitmap" {
-					c.Disks = append(c.Disks, dk.Name)
-				}
-			}
+		c, err := ParseCheckpoint(doc)
+		if err != nil {
+			return nil, fmt.Errorf("libvirt domain %q: checkpoint %q: %w", d.Name, cp.Name, err)
 		}
 		out = append(out, c)
 	}
 	return out, nil
 }
 
-// DeleteCheckpoint deletes a checkpoint and its bitmaps. A checkpoint that
-// is gone already is no error.
-func (d *Domain) DeleteCheckpoint(ctx context.Context, name string) error {
-	err := d.c.call(ctx, "delete of checkpoint "+name, func(l *libvirt.Libvirt) error {
+// CheckpointXML is a checkpoint's XML without the domain's definition: what
+// RedefineCheckpoint takes back.
+func (d *Domain) CheckpointXML(ctx context.Context, name string) (string, error) {
+	var doc string
+	err := d.c.call(ctx, "XML of checkpoint "+name, func(l *libvirt.Libvirt) error {
 		cp, err := l.DomainCheckpointLookupByName(d.d, name, 0)
 		if err != nil {
 			return err
 		}
-		return l.DomainCheckpointDelete(cp, 0)
+		doc, err = l.DomainCheckpointGetXMLDesc(cp, uint32(libvirt.DomainCheckpointXMLNoDomain))
+		return err
 	})
+	if err != nil {
+		return "", fmt.Errorf("libvirt domain %q: checkpoint %q: %w", d.Name, name, err)
+	}
+	return doc, nil
+}
+
+// RedefineCheckpoint gives libvirt back the metadata of a checkpoint whose
+// bitmaps live on in the images (see HideCheckpoint). libvirt checks that
+// every bitmap is there and consistent: a disk restored from an older copy,
+// or a QEMU killed before saving its bitmaps, is refused.
+func (d *Domain) RedefineCheckpoint(ctx context.Context, xml string) error {
+	err := d.c.call(ctx, "redefine of a checkpoint", func(l *libvirt.Libvirt) error {
+		_, err := l.DomainCheckpointCreateXML(d.d, xml,
+			uint32(libvirt.DomainCheckpointCreateRedefine|libvirt.DomainCheckpointCreateRedefineValidate))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("libvirt domain %q: redefine checkpoint: %w", d.Name, err)
+	}
+	return nil
+}
+
+// HideCheckpoint deletes a checkpoint's libvirt metadata and leaves its
+// bitmaps recording in the images. Tools that refuse to run beside another
+// tool's checkpoints (virtnbdbackup) then see none. Gone already is no error.
+func (d *Domain) HideCheckpoint(ctx context.Context, name string) error {
+	return d.deleteCheckpoint(ctx, name, libvirt.DomainCheckpointDeleteMetadataOnly)
+}
+
+// ParseCheckpoint reads a checkpoint's XML.
+func ParseCheckpoint(doc string) (Checkpoint, error) {
+	var x libvirtxml.DomainCheckpoint
+	if err := x.Unmarshal(doc); err != nil {
+		return Checkpoint{}, fmt.Errorf("its XML does not parse: %w", err)
+	}
+	c := Checkpoint{Name: x.Name, Description: x.Description, Created: x.CreationTime}
+	if x.Parent != nil {
+		c.Parent = x.Parent.Name
+	}
+	if x.Disks != nil {
+		for _, dk := range x.Disks.Disks {
+			if dk.Checkpoint == "" || dk.Checkpoint == "bitmap" {
+				c.Disks = append(c.Disks, dk.Name)
+			}
+		}
+	}
+	return c, nil
+}
+
+// Orphan is a checkpoint's XML without its parent: what RedefineCheckpoint
+// takes when the parent may be gone (hidden, or deleted by its tool).
+func Orphan(doc string) (string, error) {
+	var x libvirtxml.DomainCheckpoint
+	if err := x.Unmarshal(doc); err != nil {
+		return "", fmt.Errorf("checkpoint XML does not parse: %w", err)
+	}
+	x.Parent, x.Domain = nil, nil
+	return x.Marshal()
+}
+
+// DeleteCheckpoint deletes a checkpoint and its bitmaps. A checkpoint that
+// is gone already is no error; one whose bitmap is gone (QEMU was killed
+// before saving it) loses its metadata only.
+func (d *Domain) DeleteCheckpoint(ctx context.Context, name string) error {
+	return d.deleteCheckpoint(ctx, name, 0)
+}
+
+func (d *Domain) deleteCheckpoint(ctx context.Context, name string, flags libvirt.DomainCheckpointDeleteFlags) error {
+	del := func(flags libvirt.DomainCheckpointDeleteFlags) error {
+		return d.c.call(ctx, "delete of checkpoint "+name, func(l *libvirt.Libvirt) error {
+			cp, err := l.DomainCheckpointLookupByName(d.d, name, 0)
+			if err != nil {
+				return err
+			}
+			return l.DomainCheckpointDelete(cp, flags)
+		})
+	}
+	err := del(flags)
+	if err != nil && code(err) != libvirt.ErrNoDomainCheckpoint && containsAny(err.Error(), "not found", "broken", "inconsistent") {
+		err = del(libvirt.DomainCheckpointDeleteMetadataOnly)
+	}
 	if code(err) == libvirt.ErrNoDomainCheckpoint {
 		return nil
 	}

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -183,12 +184,17 @@ func TestLibvirtDomainReplicates(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join("/var/log/libvirt/qemu", r.dom.Name+".log")); err == nil && strings.Contains(string(b), "tainted") {
 		t.Errorf("the domain is tainted:\n%s", grepLines(string(b), "tainted"))
 	}
+	// Between cycles lifeboat's checkpoints are hidden from libvirt (other
+	// tools refuse to run beside them), their records in its state_dir.
 	out, err := testlibvirt.Virsh("checkpoint-list", r.dom.Name, "--name")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n := len(strings.Fields(out)); n != 1 {
-		t.Errorf("lifeboat keeps %d checkpoints, want 1 (the latest point's): %s", n, out)
+	if n := len(strings.Fields(out)); n != 0 {
+		t.Errorf("libvirt shows %d checkpoints between cycles, want none: %s", n, out)
+	}
+	if recs, _ := filepath.Glob(filepath.Join(r.p.VM.WorkDir, "checkpoints", "*.xml")); len(recs) != 1 {
+		t.Errorf("lifeboat keeps %d checkpoint records, want 1 (the latest point's): %v", len(recs), recs)
 	}
 }
 
@@ -247,4 +253,189 @@ func (r *libvirtRig) checkFS(t *testing.T, id uint64) testguest.FSCheck {
 		t.Fatal(err)
 	}
 	return testguest.CheckFS(t, img)
+}
+
+// activeImage is the file a disk's guest-visible content starts from now (an
+// external snapshot moves it to the overlay).
+func (r *libvirtRig) activeImage(t *testing.T, target string) string {
+	t.Helper()
+	out, err := testlibvirt.Virsh("domblklist", r.dom.Name, "--details")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(out, "\n") {
+		if f := strings.Fields(l); len(f) == 4 && f[2] == target {
+			return f[3]
+		}
+	}
+	t.Fatalf("domblklist shows no disk %s:\n%s", target, out)
+	return ""
+}
+
+// exactNow takes a point of the paused domain, stops it and checks the
+// point's vda against the disk's active image (its whole chain).
+func (r *libvirtRig) exactNow(t *testing.T, site *testsite.Site, ps ...*protect.Protector) []lifeboat.Point {
+	t.Helper()
+	if _, err := testlibvirt.Virsh("suspend", r.dom.Name); err != nil {
+		t.Fatal(err)
+	}
+	var pts []lifeboat.Point
+	for _, p := range ps {
+		pt, err := p.Cycle(ctx(t))
+		if err != nil {
+			t.Fatalf("cycle of the paused domain: %v", err)
+		}
+		pts = append(pts, pt)
+	}
+	image := r.activeImage(t, "vda")
+	r.dom.Destroy()
+	want := imageHash(t, image)
+	for i, p := range ps {
+		s := r.site
+		if i > 0 {
+			s = site
+		}
+		out := filepath.Join(t.TempDir(), "vda.raw")
+		if err := s.Store.Export(ctx(t), p.VM.Name, pts[i].ID, "vda", out, "raw"); err != nil {
+			t.Fatal(err)
+		}
+		if got := fileHash(t, out); got != want {
+			t.Fatalf("protector %d point %d: vda sha256 %s, the image %s", i, pts[i].ID, got[:12], want[:12])
+		}
+	}
+	return pts
+}
+
+// A domain's life does not break its protection: after kill -9 of QEMU (its
+// bitmaps unsaved) the disk is resynchronised by hashes, after an external
+// snapshot and after its block commit the disk keeps its name and stays
+// incremental (libvirt carries checkpoints through both), and every point
+// is byte-exact.
+func TestLibvirtLifecycle(t *testing.T) {
+	r := newLibvirtRig(t, testlibvirt.Options{Workload: testguest.FsyncWriter, Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 96 << 20}}})
+	r.cycle(t)
+	r.cycle(t)
+
+	// kill -9: QEMU never saves its bitmaps.
+	if err := syscall.Kill(r.dom.QEMUPid(), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	r.dom.WaitOff(time.Minute)
+	r.dom.Start()
+	pt := r.cycle(t)
+	vda := diskOf(t, pt, "vda")
+	t.Logf("after kill -9: resync %v, changed %d, sent %d", vda.Resync, pt.Stats.BytesChanged, pt.Stats.BytesSent)
+	if !vda.Resync {
+		t.Errorf("after kill -9 of QEMU vda was sent incrementally from a bitmap QEMU never saved")
+	}
+	r.exactNow(t, nil, r.p)
+	r.dom.Start()
+	r.cycle(t)
+
+	// An external snapshot puts a new active layer on vda.
+	overlay := filepath.Join(r.dom.Dir, "vda.snap1.qcow2")
+	if _, err := testlibvirt.Virsh("snapshot-create-as", r.dom.Name, "snap1", "--disk-only", "--atomic", "--no-metadata",
+		"--diskspec", "vda,snapshot=external,file="+overlay); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	pt = r.cycle(t)
+	vda = diskOf(t, pt, "vda")
+	t.Logf("after an external snapshot: disk %s resync %v, changed %d, sent %d", vda.Name, vda.Resync, pt.Stats.BytesChanged, pt.Stats.BytesSent)
+	if vda.Resync {
+		t.Errorf("after an external snapshot vda was sent whole")
+	}
+	// Its block commit takes the layer away again.
+	if _, err := testlibvirt.Virsh("blockcommit", r.dom.Name, "vda", "--active", "--pivot", "--wait", "--timeout", "60"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	pt = r.cycle(t)
+	vda = diskOf(t, pt, "vda")
+	t.Logf("after the block commit: resync %v, changed %d, sent %d", vda.Resync, pt.Stats.BytesChanged, pt.Stats.BytesSent)
+	if vda.Resync {
+		t.Errorf("after a block commit vda was sent whole")
+	}
+	r.exactNow(t, nil, r.p)
+}
+
+// lifeboat beside the tools libvirt users already run: virtnbdbackup's full
+// and incremental backups before, between and during lifeboat's cycles, and
+// a second lifeboat deployment (another recovery site) protecting the same
+// domain. Every backup succeeds, a cycle during virtnbdbackup's backup waits
+// for it, both deployments stay incremental and byte-exact, and
+// virtnbdbackup's chain survives lifeboat.
+func TestLibvirtBesideOtherTools(t *testing.T) {
+	testenv.RequireTools(t, "virtnbdbackup")
+	r := newLibvirtRig(t, testlibvirt.Options{Workload: testguest.FsyncWriter, Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 96 << 20}}})
+	other := testsite.StartAs(t, r.site, "dr2", recovery.Options{Keep: 1000})
+	p2 := &protect.Protector{VM: r.p.VM, Target: other.DialOwn(t, wire.CompressionZstd), Readers: 4, ChunkSize: 1 << 20}
+	cycle2 := func() lifeboat.Point {
+		t.Helper()
+		pt, err := p2.Cycle(ctx(t))
+		if err != nil {
+			t.Fatalf("second deployment's cycle: %v", err)
+		}
+		return pt
+	}
+	backups := t.TempDir()
+	vnb := func(level string) *exec.Cmd {
+		return exec.Command("virtnbdbackup", "-U", testlibvirt.URI, "-d", r.dom.Name, "-l", level, "-o", backups)
+	}
+	run := func(level string) {
+		t.Helper()
+		if out, err := vnb(level).CombinedOutput(); err != nil {
+			t.Fatalf("virtnbdbackup -l %s: %v\n%s", level, err, tail(string(out), 20))
+		}
+	}
+	r.cycle(t)
+	cycle2()
+	time.Sleep(300 * time.Millisecond)
+	r.cycle(t)
+	cycle2()
+	run("full")
+	run("inc")
+	for _, pt := range []lifeboat.Point{r.cycle(t), cycle2()} {
+		if diskOf(t, pt, "vda").Resync {
+			t.Errorf("point %d after virtnbdbackup's backups was sent whole", pt.ID)
+		}
+	}
+
+	// A cycle while virtnbdbackup's backup runs waits for it.
+	bg := vnb("inc")
+	var bgOut strings.Builder
+	bg.Stdout, bg.Stderr = &bgOut, &bgOut
+	if err := bg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		out, _ := testlibvirt.Virsh("domjobinfo", r.dom.Name)
+		if strings.Contains(out, "Backup") {
+			break
+		}
+		if i > 600 {
+			t.Fatal("virtnbdbackup's backup job never showed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	pt := r.cycle(t)
+	if err := bg.Wait(); err != nil {
+		t.Fatalf("virtnbdbackup -l inc during a lifeboat cycle: %v\n%s", err, tail(bgOut.String(), 20))
+	}
+	if diskOf(t, pt, "vda").Resync {
+		t.Errorf("the cycle during virtnbdbackup's backup sent vda whole")
+	}
+	cycle2()
+	r.exactNow(t, other, r.p, p2)
+	r.dom.Start()
+	run("inc") // virtnbdbackup's chain is whole
+	r.cycle(t)
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }

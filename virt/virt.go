@@ -129,3 +129,9 @@ func IsBusy(err error) bool {
 func IsNotRunning(err error) bool {
 	return code(err) == libvirt.ErrOperationInvalid && containsAny(err.Error(), "not running", "is not active")
 }
+
+// IsBrokenCheckpoint reports whether err says a checkpoint's bitmaps are
+// missing or inconsistent.
+func IsBrokenCheckpoint(err error) bool {
+	return code(err) == libvirt.ErrCheckpointInconsistent || containsAny(err.Error(), "missing or broken bitmap", "not found in backing chain")
+}

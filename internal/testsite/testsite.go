@@ -3,6 +3,7 @@
 package testsite
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"net"
@@ -133,6 +134,22 @@ func (s *Site) Client(ctx context.Context, compression wire.Compression) (*wire.
 // ClientAs connects as the protected site named site, with a certificate of
 // its own from the site's CA (issued on first use).
 func (s *Site) ClientAs(ctx context.Context, site string, compression wire.Compression) (*wire.Client, error) {
+	return s.client(ctx, site, "dr", compression)
+}
+
+// DialOwn connects "prod" to this site expecting the site's own name (a
+// site of StartAs is not "dr"), closed when the test ends.
+func (s *Site) DialOwn(t testing.TB, compression wire.Compression) *wire.Client {
+	t.Helper()
+	c, err := s.client(context.Background(), "prod", cmp.Or(s.as, "dr"), compression)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func (s *Site) client(ctx context.Context, site, peer string, compression wire.Compression) (*wire.Client, error) {
 	if err := s.IssueSite(site); err != nil {
 		return nil, err
 	}
@@ -142,7 +159,7 @@ func (s *Site) ClientAs(ctx context.Context, site string, compression wire.Compr
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	c, err := wire.Dial(ctx, s.Addr, tlsConf, site, "dr", compression)
+	c, err := wire.Dial(ctx, s.Addr, tlsConf, site, peer, compression)
 	if err != nil {
 		return nil, fmt.Errorf("test site: dial %s as %q: %w", s.Addr, site, err)
 	}
