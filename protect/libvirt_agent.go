@@ -2,6 +2,7 @@ package protect
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -29,6 +30,9 @@ type LibvirtQuiescer struct {
 	// Strict fails the cycle when freezing fails, instead of a crash-consistent point.
 	Strict bool
 	Log    *slog.Logger
+
+	mu      sync.Mutex
+	pending bool // a late freeze or a thaw is still in flight
 }
 
 // freezeCallBound bounds one libvirt freeze or thaw call (libvirt's own agent
@@ -67,6 +71,14 @@ func (q *LibvirtQuiescer) call(f func(ctx context.Context, d *virt.Domain) (int,
 }
 
 func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
+	q.mu.Lock()
+	busy := q.pending
+	q.mu.Unlock()
+	if busy {
+		// A new freeze would queue behind the last one in libvirt, and its
+		// thaw could land in the middle of this instant.
+		return q.fallBack(errors.New("the guest's previous freeze is not confirmed thawed yet; lifeboat keeps thawing it in the background"))
+	}
 	type result struct {
 		n   int
 		err error
@@ -83,27 +95,42 @@ func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	case r := <-landed:
 		if r.err != nil {
 			// A failed freeze may have frozen some file systems.
-			go q.ensureThawed("after a failed freeze")
+			q.background("after a failed freeze", nil)
 			return q.fallBack(fmt.Errorf("libvirt could not freeze the guest's file systems: %w", r.err))
 		}
-		return q.frozen(r.n, start), nil
+		return q.frozen(r.n), nil
 	case <-bound.C:
 	case <-ctx.Done():
 	}
 	// The freeze has not landed in time: no quiesced instant this cycle. When
 	// it lands, the guest is thawed at once.
-	go func() {
-		r := <-landed
-		if r.err == nil {
+	q.background("after a late freeze", func() {
+		if r := <-landed; r.err == nil {
 			q.log().Warn("a freeze landed after its bound: thawing the guest now", "late_by", time.Since(start)-q.limit())
 		}
-		q.ensureThawed("after a late freeze")
+	})
+	return q.fallBack(fmt.Errorf("libvirt's freeze (virDomainFSFreeze, the guest agent's guest-fsfreeze-freeze) did not finish within %v", q.limit()))
+}
+
+// background thaws in the background, after wait (if any) returns; until
+// then the next Freeze falls back at once.
+func (q *LibvirtQuiescer) background(why string, wait func()) {
+	q.mu.Lock()
+	q.pending = true
+	q.mu.Unlock()
+	go func() {
+		if wait != nil {
+			wait()
+		}
+		q.ensureThawed(why)
+		q.mu.Lock()
+		q.pending = false
+		q.mu.Unlock()
 	}()
-	return q.fallBack(fmt.Errorf("libvirt's freeze did not finish within %v", q.limit()))
 }
 
 // frozen is a landed freeze: Thaw thaws, and so does a timer at the bound.
-func (q *LibvirtQuiescer) frozen(n int, start time.Time) *Frozen {
+func (q *LibvirtQuiescer) frozen(n int) *Frozen {
 	var (
 		mu     sync.Mutex
 		thawed bool
@@ -131,7 +158,6 @@ func (q *LibvirtQuiescer) frozen(n int, start time.Time) *Frozen {
 	if n == 0 {
 		f.Note = "the guest agent froze no file system (none mounted?)"
 	}
-	_ = start
 	return f
 }
 

@@ -6,6 +6,7 @@ package virt_test
 
 import (
 	"crypto/sha256"
+	"encoding/json"
 	"encoding/hex"
 	"io"
 	"os"
@@ -438,4 +439,68 @@ func tail(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// guestExec runs a shell command in the guest through libvirt's agent
+// pass-through. Test setup only: it taints the domain, which lifeboat never does.
+func guestExec(t *testing.T, dom *testlibvirt.Domain, script string) {
+	t.Helper()
+	arg, _ := json.Marshal(map[string]any{"execute": "guest-exec", "arguments": map[string]any{"path": "/bin/sh", "arg": []string{"-c", script}}})
+	if _, err := testlibvirt.Virsh("qemu-agent-command", dom.Name, string(arg)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// fsfreezeStatus asks the guest agent, through the pass-through (test only).
+func fsfreezeStatus(dom *testlibvirt.Domain) string {
+	out, err := testlibvirt.Virsh("qemu-agent-command", dom.Name, `{"execute":"guest-fsfreeze-status"}`, "--timeout", "5")
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	return strings.TrimSpace(out)
+}
+
+// A freeze hook that outlasts the freeze bound: the cycle takes a crash-
+// consistent point within the bound, the next cycle does not queue a second
+// freeze behind the first, and the guest is thawed the moment the late
+// freeze lands.
+func TestLibvirtLateFreeze(t *testing.T) {
+	r := newLibvirtRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 32 << 20}}})
+	r.cycle(t)
+	guestExec(t, r.dom, `mkdir -p /etc/qemu/fsfreeze-hook.d && printf '#!/bin/sh\n[ "$1" = freeze ] || exit 0\nsleep 12\necho LB-HOOK-DONE > /dev/console\n' > /etc/qemu/fsfreeze-hook.d/slow && chmod +x /etc/qemu/fsfreeze-hook.d/slow`)
+	time.Sleep(500 * time.Millisecond)
+	const limit, hook, thawWithin = 2 * time.Second, 12 * time.Second, 5 * time.Second
+	r.p.Quiescer = &protect.LibvirtQuiescer{VM: "web1", Domain: *r.p.VM.Libvirt, Level: lifeboat.Filesystem, Limit: limit}
+	offset := len(r.dom.Console())
+	start := time.Now()
+	pt := r.cycle(t)
+	took := time.Since(start)
+	t.Logf("point %d: %s in %v: %s", pt.ID, pt.Consistency, took.Round(time.Millisecond), pt.Note)
+	if pt.Consistency != lifeboat.Crash || took > limit+6*time.Second {
+		t.Fatalf("under a %v freeze bound with a %v hook: point %s after %v, want crash consistent within the bound", limit, hook, pt.Consistency, took)
+	}
+	start = time.Now()
+	pt = r.cycle(t)
+	if took := time.Since(start); pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, "previous freeze") || took > limit {
+		t.Errorf("a cycle while the late freeze is pending: %s in %v (%q), want crash consistent at once, saying why", pt.Consistency, took, pt.Note)
+	}
+	deadline := time.Now().Add(hook + 30*time.Second)
+	for !strings.Contains(r.dom.Console()[offset:], "LB-HOOK-DONE") {
+		if time.Now().After(deadline) {
+			t.Fatal("the freeze hook never ended")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	landed := time.Now()
+	for {
+		st := fsfreezeStatus(r.dom)
+		if strings.Contains(st, `"thawed"`) {
+			break
+		}
+		if time.Since(landed) > thawWithin {
+			t.Fatalf("the guest is not thawed %v after the late freeze landed (agent: %s)", thawWithin, st)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("late freeze: landed -> thawed (guest-fsfreeze-status) in %v, bound %v", time.Since(landed).Round(time.Millisecond), thawWithin)
 }
