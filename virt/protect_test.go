@@ -6,8 +6,8 @@ package virt_test
 
 import (
 	"crypto/sha256"
-	"encoding/json"
 	"encoding/hex"
+	"encoding/json"
 	"io"
 	"os"
 	"os/exec"
