@@ -101,9 +101,27 @@ func (c *cycle) runLibvirt(ctx context.Context) (lifeboat.Point, error) {
 		return lifeboat.Point{}, err
 	}
 	c.report("snapshot", 0)
+	// Until transfer takes over, a failure here ends what was begun: the
+	// backup, the new checkpoint, the bases shown to libvirt.
+	handed := false
+	defer func() {
+		if handed {
+			return
+		}
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
+		defer cancel()
+		if err := c.lv.settle(cctx, c, false, false); err != nil {
+			c.log.Error("ending the libvirt backup failed", "err", err)
+		}
+	}()
 	busyWait := cmp0(c.p.BusyWait, DefaultBusyWait)
 	for attempt := 1; ; attempt++ {
 		if err := c.lv.waitIdle(ctx, c.log, busyWait); err != nil {
+			return lifeboat.Point{}, err
+		}
+		// The bases are shown to libvirt only now, for as short a time as
+		// possible: another tool may refuse to start beside them.
+		if err := c.showBases(ctx); err != nil {
 			return lifeboat.Point{}, err
 		}
 		frz, err := freeze(ctx, c.p.Quiescer)
@@ -121,6 +139,7 @@ func (c *cycle) runLibvirt(ctx context.Context) (lifeboat.Point, error) {
 		}
 		c.log.Info("another libvirt job began as the instant was taken: waiting for it again", "err", err)
 	}
+	handed = true
 	return c.transfer(ctx)
 }
 
@@ -211,9 +230,6 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 			tracked = true
 		}
 		c.disks = append(c.disks, d)
-	}
-	if err := c.showBases(ctx); err != nil {
-		return err
 	}
 	if tracked {
 		c.lv.cp = newCheckpointName(peer, c.id)

@@ -5,9 +5,11 @@ package virt_test
 // in protect, so that they run beside protect's own long tests.
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"io"
 	"os"
 	"os/exec"
@@ -503,4 +505,39 @@ func TestLibvirtLateFreeze(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	t.Logf("late freeze: landed -> thawed (guest-fsfreeze-status) in %v, bound %v", time.Since(landed).Round(time.Millisecond), thawWithin)
+}
+
+// A cycle that fails after its instant (here: the recovery site refuses it
+// before any block is sent) ends the backup, deletes its checkpoint and hides
+// the base again: libvirt shows nothing of lifeboat's, and the next cycle is
+// incremental from the same base and byte-exact.
+func TestLibvirtFailedCycleLosesNothing(t *testing.T) {
+	r := newLibvirtRig(t, testlibvirt.Options{Workload: testguest.FsyncWriter, Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 64 << 20}}})
+	first := r.cycle(t)
+	injected := errors.New("injected: the recovery site went away")
+	for _, hook := range []string{"AfterInstant", "AfterPlan", "BeforeCommit"} {
+		r.p.Hooks = protect.Hooks{}
+		fail := func(context.Context) error { return injected }
+		switch hook {
+		case "AfterInstant":
+			r.p.Hooks.AfterInstant = fail
+		case "AfterPlan":
+			r.p.Hooks.AfterPlan = fail
+		case "BeforeCommit":
+			r.p.Hooks.BeforeCommit = fail
+		}
+		time.Sleep(200 * time.Millisecond)
+		if _, err := r.p.Cycle(ctx(t)); !errors.Is(err, injected) {
+			t.Fatalf("%s: cycle: %v, want the injected failure", hook, err)
+		}
+		r.checkLeftNothing(t)
+		if out, _ := testlibvirt.Virsh("checkpoint-list", r.dom.Name, "--name"); strings.TrimSpace(out) != "" {
+			t.Errorf("%s: after a failed cycle libvirt shows checkpoints: %s", hook, out)
+		}
+	}
+	r.p.Hooks = protect.Hooks{}
+	pt := r.exactNow(t, nil, r.p)[0]
+	if vda := diskOf(t, pt, "vda"); vda.Resync || vda.BaseGeneration != diskOf(t, first, "vda").Generation {
+		t.Errorf("after three failed cycles: %+v, want incremental from point %d's checkpoint", vda, first.ID)
+	}
 }
