@@ -83,7 +83,7 @@ func (c *cycle) prepare(ctx context.Context) error {
 	c.mon = m
 	// A lifeboat that died mid-cycle may have left its fleece behind, keeping
 	// the published generation busy: clear it before touching generations.
-	if err := m.RemoveStale(ctx); err != nil {
+	if err := m.RemoveStale(ctx, ""); err != nil {
 		return err
 	}
 	nodes, err := p.disks(ctx, m)

@@ -259,7 +259,7 @@ func TestRemoveStale(t *testing.T) {
 	}
 	// A client still connected to the stale export must not block removal.
 	connectedClient(t, vm.NBDURI("fl"))
-	if err := m.RemoveStale(ctx); err != nil {
+	if err := m.RemoveStale(ctx, ""); err != nil {
 		t.Fatal(err)
 	}
 	assertNoLeftovers(t, ctx, m)
@@ -277,8 +277,46 @@ func TestRemoveStale(t *testing.T) {
 	if err := f.Teardown(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.RemoveStale(ctx); err != nil {
+	if err := m.RemoveStale(ctx, ""); err != nil {
 		t.Errorf("RemoveStale with nothing stale: %v", err)
+	}
+}
+
+// A dead lifeboat's NBD server is the one this QEMU runs on lifeboat's own
+// socket: RemoveStale stops it, and only it. With nothing on lifeboat's
+// socket, or another process listening there, this QEMU's server (its own,
+// elsewhere) and the other's are left alone.
+func TestRemoveStaleStopsOnlyOwnNBDServer(t *testing.T) {
+	vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 1 << 20})
+	other := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 1 << 20})
+	m, ctx := vm.Monitor(), testCtx(t)
+	running := func(m *qemu.Monitor, whose string) {
+		t.Helper()
+		if err := m.NBDServerStart(ctx, filepath.Join(vm.Dir, "probe.sock")); !errors.Is(err, qemu.ErrNBDServerRunning) {
+			t.Fatalf("%s NBD server was stopped (start: %v)", whose, err)
+		}
+	}
+	for _, sock := range []string{filepath.Join(vm.Dir, "nobody.sock"), other.NBDSocket()} {
+		if ours, err := m.ServesNBD(ctx, sock); err != nil || ours {
+			t.Errorf("ServesNBD(%s) = %v, %v; want false: this QEMU does not listen there", sock, ours, err)
+		}
+		if err := m.RemoveStale(ctx, sock); err != nil {
+			t.Fatal(err)
+		}
+		running(m, "the VM's own")
+		running(other.Monitor(), "another QEMU's")
+	}
+	if ours, err := m.ServesNBD(ctx, vm.NBDSocket()); err != nil || !ours {
+		t.Fatalf("ServesNBD(%s) = %v, %v; want true: this QEMU listens there", vm.NBDSocket(), ours, err)
+	}
+	if err := m.RemoveStale(ctx, vm.NBDSocket()); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.NBDServerStart(ctx, filepath.Join(vm.Dir, "next.sock")); err != nil {
+		t.Fatalf("the server on the socket given to RemoveStale still runs: %v", err)
+	}
+	if err := m.NBDServerStop(ctx); err != nil {
+		t.Fatal(err)
 	}
 }
 
