@@ -39,6 +39,8 @@ type cycle struct {
 	sentBlocks map[lifeboat.Hash]blockRef
 	total      int64
 	start      time.Time
+	// nbdStarted: the cycle started the NBD server on sock, and close stops it.
+	nbdStarted bool
 }
 
 func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
@@ -46,10 +48,10 @@ func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
 		return c.runLibvirt(ctx)
 	}
 	if err := c.prepare(ctx); err != nil {
-		c.close()
+		c.close(ctx)
 		return lifeboat.Point{}, err
 	}
-	defer c.close()
+	defer c.close(ctx)
 	c.report("snapshot", 0)
 	if err := c.prepareFleece(ctx); err != nil {
 		return lifeboat.Point{}, err
@@ -82,8 +84,12 @@ func (c *cycle) prepare(ctx context.Context) error {
 	}
 	c.mon = m
 	// A lifeboat that died mid-cycle may have left its fleece behind, keeping
-	// the published generation busy: clear it before touching generations.
-	if err := m.RemoveStale(ctx); err != nil {
+	// the published generation busy, and its NBD server: clear them before
+	// touching generations.
+	if err := m.RemoveStale(ctx, p.ownNBDSocket()); err != nil {
+		return err
+	}
+	if c.sock, c.nbdStarted, err = p.nbdServer(ctx, m); err != nil {
 		return err
 	}
 	nodes, err := p.disks(ctx, m)
@@ -122,8 +128,7 @@ func (c *cycle) prepare(ctx context.Context) error {
 		}
 		c.disks = append(c.disks, d)
 	}
-	c.sock, err = p.nbdSocket(ctx, m)
-	return err
+	return nil
 }
 
 // prepareFleece readies the fleece of every disk, all but the instant itself,
@@ -257,7 +262,18 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 	return pt, nil
 }
 
-func (c *cycle) close() {
+// close ends the cycle's hold on QEMU, on every path once its fleece is down
+// (exports removed): it stops the NBD server the cycle started, bounded, and
+// logs a failure (the next cycle's RemoveStale stops it), then leaves QMP.
+func (c *cycle) close(ctx context.Context) {
+	if c.nbdStarted {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
+		if err := c.mon.NBDServerStop(cctx); err != nil {
+			c.log.Error("could not stop the NBD server lifeboat started in the VM's QEMU; the next cycle stops it", "socket", c.sock, "err", err)
+		}
+		cancel()
+		c.nbdStarted = false
+	}
 	if c.mon != nil {
 		c.mon.Close()
 	}

@@ -185,16 +185,7 @@ func vmCommand(t *testing.T, g *testguest.Guest, cmd string) {
 // sourceHash is the sha256 of the guest's data disk as the storage daemon serves it.
 func sourceHash(t *testing.T, g *testguest.Guest, size int64) string {
 	t.Helper()
-	src, err := workload.Open(ctx(t), g.StorageNBDSocket(), 0, workload.Disk{Name: g.DiskNode(), Size: size})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
-	h, err := src.Hashes(ctx(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return h[g.DiskNode()]
+	return exportHash(t, g.StorageNBDSocket(), g.DiskNode(), size)
 }
 
 // Protecting a real qemu-system guest through its own QMP: its disk is named

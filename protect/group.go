@@ -39,7 +39,7 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 	defer func() {
 		for _, c := range cycles {
 			if c != nil {
-				c.close()
+				c.close(ctx)
 			}
 		}
 	}()
@@ -47,6 +47,7 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 		c := &cycle{p: p, log: p.log().With("group", g.Name)}
 		cycles[i] = c
 		if err := c.prepare(ctx); err != nil {
+			g.teardown(ctx, cycles[:i])
 			return nil, fmt.Errorf("group %q: vm %q: %w", g.Name, p.VM.Name, err)
 		}
 		c.report("snapshot", 0)
@@ -100,8 +101,11 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 	}
 	for i, c := range cycles {
 		if err := c.export(ctx); err != nil {
-			for _, c := range cycles[i+1:] {
-				c.rollback(ctx)
+			// Export undoes its own failure; every other member is rolled back.
+			for j, c := range cycles {
+				if j != i {
+					c.rollback(ctx)
+				}
 			}
 			return nil, fmt.Errorf("group %q: vm %q: %w", g.Name, c.p.VM.Name, err)
 		}

@@ -96,7 +96,7 @@ func newCheckpointName(peer string, id uint64) string {
 }
 
 func (c *cycle) runLibvirt(ctx context.Context) (lifeboat.Point, error) {
-	defer c.close()
+	defer c.close(ctx)
 	if err := c.prepareLibvirt(ctx); err != nil {
 		return lifeboat.Point{}, err
 	}

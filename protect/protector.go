@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -27,8 +26,9 @@ type VM struct {
 	// Libvirt, when set, is the libvirt domain the VM is, reached through
 	// libvirtd (QMPSocket and NBDSocket are then unused).
 	Libvirt *LibvirtDomain
-	// NBDSocket is the VM's running NBD server, if it has one; otherwise lifeboat
-	// starts one at WorkDir/nbd.sock.
+	// NBDSocket is the VM's running NBD server, if it has one (lifeboat adds
+	// its exports there and never stops it); otherwise each cycle starts one
+	// at WorkDir/nbd.sock and stops it at its end.
 	NBDSocket string
 	// Disks names the disks to protect (by disk name, see qemu.Disks, or by
 	// node name); empty means every writable disk.
@@ -82,6 +82,9 @@ const (
 	DefaultConnections = 4
 )
 
+// nbdPoll is how often a cycle waiting for another's NBD server tries again.
+const nbdPoll = time.Second
+
 // Protector runs cycles for one VM. Cycles of one Protector never overlap.
 type Protector struct {
 	VM       VM
@@ -97,7 +100,9 @@ type Protector struct {
 	Progress    func(Progress)
 	Hooks       Hooks
 	Safety      Safety
-	// BusyWait bounds a libvirt domain's wait for another tool's job to end
+	// BusyWait bounds a cycle's wait for another tool's job to end: a
+	// libvirt domain's job, or an NBD server lifeboat did not start in the
+	// VM's QEMU (a libvirt pull backup's) when the VM has no nbd_socket
 	// (DefaultBusyWait).
 	BusyWait time.Duration
 
@@ -258,19 +263,74 @@ func hasGeneration(n qemu.BlockNode) bool {
 
 func persistentBitmaps(n qemu.BlockNode) bool { return n.Driver == "qcow2" && n.Compat != "0.10" }
 
-// nbdSocket makes sure the VM's QEMU runs an NBD server lifeboat can reach.
-func (p *Protector) nbdSocket(ctx context.Context, m *qemu.Monitor) (string, error) {
+// nbdServer returns the unix socket of the NBD server the cycle's fleece
+// exports go on, and whether lifeboat started that server for this cycle
+// (then the cycle stops it when its exports are gone: a server left running
+// keeps anyone else, such as a libvirt pull backup, from starting theirs).
+//
+// QEMU runs one NBD server per process. With `nbd_socket:` the VM's own
+// server is used and left alone. Otherwise lifeboat starts one on
+// WorkDir/nbd.sock; if a server lifeboat did not start already runs (a dead
+// lifeboat's was stopped by RemoveStale), the cycle waits for it to stop,
+// polling, for at most BusyWait, then fails saying why (the next cycle tries
+// again). It does not use that server: QEMU 7.2 cannot say where it listens,
+// and its owner stops it when done (libvirt at a backup's end), which closes
+// every export on it, lifeboat's included, in the middle of a cycle.
+func (p *Protector) nbdServer(ctx context.Context, m *qemu.Monitor) (sock string, started bool, err error) {
 	if p.VM.NBDSocket != "" {
-		return p.VM.NBDSocket, nil
+		return p.VM.NBDSocket, false, nil
 	}
-	sock := filepath.Join(p.VM.WorkDir, "nbd.sock")
-	if err := m.NBDServerStart(ctx, sock); err != nil {
-		return "", fmt.Errorf("start NBD server in the VM's QEMU: %w", err)
+	sock = p.ownNBDSocket()
+	wait := cmp0(p.BusyWait, DefaultBusyWait)
+	deadline := time.Now().Add(wait)
+	for waited := false; ; waited = true {
+		err := m.NBDServerStart(ctx, sock)
+		if err == nil {
+			if waited {
+				p.log().Info("the other NBD server stopped: the cycle goes on")
+			}
+			return sock, true, nil
+		}
+		if !errors.Is(err, qemu.ErrNBDServerRunning) {
+			return "", false, fmt.Errorf("start NBD server in the VM's QEMU: %w", err)
+		}
+		if !waited {
+			p.log().Warn("the VM's QEMU runs an NBD server lifeboat did not start (a libvirt backup?): waiting for it to stop", "wait", wait)
+		}
+		if time.Now().After(deadline) {
+			return "", false, p.nbdBusy(ctx, m, wait)
+		}
+		select {
+		case <-time.After(nbdPoll):
+		case <-ctx.Done():
+			return "", false, fmt.Errorf("waiting for the VM's QEMU to stop an NBD server lifeboat did not start: %w", context.Cause(ctx))
+		}
 	}
-	if _, err := os.Stat(sock); err != nil {
-		return "", fmt.Errorf("the VM's QEMU already runs an NBD server elsewhere: set `nbd_socket:` of vm %q in the config to its unix socket", p.VM.Name)
+}
+
+// nbdBusy is the error of a cycle that waited in vain for another's NBD
+// server to stop, naming the block jobs that may explain it.
+func (p *Protector) nbdBusy(ctx context.Context, m *qemu.Monitor, waited time.Duration) error {
+	var others []string
+	jobs, _ := m.Jobs(ctx)
+	for _, j := range jobs {
+		if !strings.HasPrefix(j.ID, qemu.OwnPrefix) {
+			others = append(others, fmt.Sprintf("%s %q", j.Type, j.ID))
+		}
 	}
-	return sock, nil
+	running := "no block job runs"
+	if len(others) > 0 {
+		running = "block jobs of another tool run: " + strings.Join(others, ", ")
+	}
+	return fmt.Errorf("the VM's QEMU runs an NBD server lifeboat did not start (a libvirt backup? %s) and it did not stop within %v; QEMU runs one NBD server per process, so lifeboat cannot start its own: the next cycle tries again. If that server stays (it is not a backup's), set `nbd_socket:` of vm %q in the config to its unix socket", running, waited, p.VM.Name)
+}
+
+// ownNBDSocket is where lifeboat starts its NBD server when the config names none.
+func (p *Protector) ownNBDSocket() string {
+	if p.VM.NBDSocket != "" {
+		return ""
+	}
+	return filepath.Join(p.VM.WorkDir, "nbd.sock")
 }
 
 var errCommitUnknown = errors.New("commit outcome unknown")

@@ -213,22 +213,7 @@ func testFleeceNeverFailsGuestWrites(t *testing.T, kind string) {
 // copy-before-write filter in QEMU, no overlay file in the fleece directory.
 func assertNoFleece(t *testing.T, m *qemu.Monitor, dir string) {
 	t.Helper()
-	nodes, err := m.Nodes(ctx(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, n := range nodes {
-		if strings.HasPrefix(n.NodeName, qemu.OwnPrefix) || n.Driver == "copy-before-write" {
-			t.Errorf("node %s (%s) left behind", n.NodeName, n.Driver)
-		}
-	}
-	jobs, err := m.Jobs(ctx(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, j := range jobs {
-		t.Errorf("job %s (%s) left behind", j.ID, j.Type)
-	}
+	testvm.AssertNoLeftovers(t, m)
 	left, _ := filepath.Glob(filepath.Join(dir, "*fleece*"))
 	if len(left) > 0 {
 		t.Errorf("fleece overlays left in %s: %v", dir, left)

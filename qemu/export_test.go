@@ -2,6 +2,7 @@ package qemu_test
 
 import (
 	"bufio"
+	"errors"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -17,9 +18,9 @@ func TestExports(t *testing.T) {
 	vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 1 << 20})
 	m, ctx := vm.Monitor(), testCtx(t)
 
-	// The daemon's server is already up: not an error.
-	if err := m.NBDServerStart(ctx, filepath.Join(vm.Dir, "other.sock")); err != nil {
-		t.Errorf("NBDServerStart on a running server: %v", err)
+	// The daemon's server is already up, and QEMU runs one only.
+	if err := m.NBDServerStart(ctx, filepath.Join(vm.Dir, "other.sock")); !errors.Is(err, qemu.ErrNBDServerRunning) {
+		t.Errorf("NBDServerStart on a running server: err = %v, want ErrNBDServerRunning", err)
 	}
 
 	if err := m.AddBitmap(ctx, "vda", "g1", true, false); err != nil {

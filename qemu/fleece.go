@@ -442,11 +442,14 @@ func (f *Fleece) endWatch() {
 var fleeceNode = regexp.MustCompile(`^` + OwnPrefix + `f[0-9a-f]{6}-[0-9]+$`)
 
 // RemoveStale removes what a lifeboat that died mid-cycle left in QEMU: its
-// exports, block jobs and fleece nodes (named OwnPrefix...) and the fleece
-// overlay files. A stale fleece keeps its published generation busy, so the
-// next cycle's transaction would fail: call this before it. Bitmaps are left
-// alone, as by Teardown.
-func (m *Monitor) RemoveStale(ctx context.Context) error {
+// exports, block jobs and fleece nodes (named OwnPrefix...), the fleece
+// overlay files, and the NBD server it started on ownNBDSocket ("": lifeboat
+// starts none), which would keep anyone else from starting one. A server
+// elsewhere, or on that socket but in another process, is not lifeboat's and
+// is left alone (see ServesNBD). A stale fleece keeps its published
+// generation busy, so the next cycle's transaction would fail: call this
+// before it. Bitmaps are left alone, as by Teardown.
+func (m *Monitor) RemoveStale(ctx context.Context, ownNBDSocket string) error {
 	var errs []error
 	exports, err := m.Exports(ctx)
 	if err != nil {
@@ -490,6 +493,14 @@ func (m *Monitor) RemoveStale(ctx context.Context) error {
 		}
 		if err := os.Remove(file); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("remove stale fleece overlay: %w", err))
+		}
+	}
+	if ownNBDSocket != "" {
+		switch ours, err := m.ServesNBD(ctx, ownNBDSocket); {
+		case err != nil:
+			errs = append(errs, err)
+		case ours:
+			errs = append(errs, m.NBDServerStop(ctx))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

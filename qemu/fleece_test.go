@@ -15,36 +15,6 @@ import (
 	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
-// assertNoLeftovers checks QEMU holds no lifeboat node, job or export.
-func assertNoLeftovers(t *testing.T, ctx context.Context, m *qemu.Monitor) {
-	t.Helper()
-	nodes, err := m.Nodes(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, n := range nodes {
-		if strings.HasPrefix(n.NodeName, qemu.OwnPrefix) || n.Driver == "copy-before-write" {
-			t.Errorf("node %s (%s) left behind", n.NodeName, n.Driver)
-		}
-	}
-	jobs, err := m.Jobs(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, j := range jobs {
-		t.Errorf("job %s (%s) left behind", j.ID, j.Type)
-	}
-	exports, err := m.Exports(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range exports {
-		if strings.HasPrefix(e.ID, qemu.OwnPrefix) {
-			t.Errorf("export %s left behind", e.ID)
-		}
-	}
-}
-
 func TestFleece(t *testing.T) {
 	vm := testvm.Start(t,
 		testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 8 << 20},
@@ -122,7 +92,7 @@ func TestFleece(t *testing.T) {
 		t.Fatal(err)
 	}
 	torn = true
-	assertNoLeftovers(t, ctx, m)
+	testvm.AssertNoLeftovers(t, m)
 	for _, p := range []string{"fa.qcow2", "fb.qcow2"} {
 		if _, err := os.Stat(filepath.Join(vm.Dir, p)); !os.IsNotExist(err) {
 			t.Errorf("fleece overlay %s not removed: %v", p, err)
@@ -154,7 +124,7 @@ func TestFleeceFirstSync(t *testing.T) {
 	if err := f.Teardown(ctx); err != nil {
 		t.Fatal(err)
 	}
-	assertNoLeftovers(t, ctx, m)
+	testvm.AssertNoLeftovers(t, m)
 }
 
 func TestStartFleeceFailureUndoes(t *testing.T) {
@@ -204,7 +174,7 @@ func TestStartFleeceFailureUndoes(t *testing.T) {
 			if after := bitmapsOf(t, ctx, m); after != before {
 				t.Errorf("bitmaps before: %s\nafter the failed fleece: %s", before, after)
 			}
-			assertNoLeftovers(t, ctx, m)
+			testvm.AssertNoLeftovers(t, m)
 			for _, n := range []string{"fa", "fb", "fz"} {
 				if _, err := os.Stat(file(n)); !os.IsNotExist(err) {
 					t.Errorf("overlay %s left behind", n)
@@ -259,10 +229,10 @@ func TestRemoveStale(t *testing.T) {
 	}
 	// A client still connected to the stale export must not block removal.
 	connectedClient(t, vm.NBDURI("fl"))
-	if err := m.RemoveStale(ctx); err != nil {
+	if err := m.RemoveStale(ctx, ""); err != nil {
 		t.Fatal(err)
 	}
-	assertNoLeftovers(t, ctx, m)
+	testvm.AssertNoLeftovers(t, m)
 	if _, err := os.Stat(file); !os.IsNotExist(err) {
 		t.Errorf("stale overlay not removed: %v", err)
 	}
@@ -277,8 +247,46 @@ func TestRemoveStale(t *testing.T) {
 	if err := f.Teardown(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.RemoveStale(ctx); err != nil {
+	if err := m.RemoveStale(ctx, ""); err != nil {
 		t.Errorf("RemoveStale with nothing stale: %v", err)
+	}
+}
+
+// A dead lifeboat's NBD server is the one this QEMU runs on lifeboat's own
+// socket: RemoveStale stops it, and only it. With nothing on lifeboat's
+// socket, or another process listening there, this QEMU's server (its own,
+// elsewhere) and the other's are left alone.
+func TestRemoveStaleStopsOnlyOwnNBDServer(t *testing.T) {
+	vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 1 << 20})
+	other := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 1 << 20})
+	m, ctx := vm.Monitor(), testCtx(t)
+	running := func(m *qemu.Monitor, whose string) {
+		t.Helper()
+		if err := m.NBDServerStart(ctx, filepath.Join(vm.Dir, "probe.sock")); !errors.Is(err, qemu.ErrNBDServerRunning) {
+			t.Fatalf("%s NBD server was stopped (start: %v)", whose, err)
+		}
+	}
+	for _, sock := range []string{filepath.Join(vm.Dir, "nobody.sock"), other.NBDSocket()} {
+		if ours, err := m.ServesNBD(ctx, sock); err != nil || ours {
+			t.Errorf("ServesNBD(%s) = %v, %v; want false: this QEMU does not listen there", sock, ours, err)
+		}
+		if err := m.RemoveStale(ctx, sock); err != nil {
+			t.Fatal(err)
+		}
+		running(m, "the VM's own")
+		running(other.Monitor(), "another QEMU's")
+	}
+	if ours, err := m.ServesNBD(ctx, vm.NBDSocket()); err != nil || !ours {
+		t.Fatalf("ServesNBD(%s) = %v, %v; want true: this QEMU listens there", vm.NBDSocket(), ours, err)
+	}
+	if err := m.RemoveStale(ctx, vm.NBDSocket()); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.NBDServerStart(ctx, filepath.Join(vm.Dir, "next.sock")); err != nil {
+		t.Fatalf("the server on the socket given to RemoveStale still runs: %v", err)
+	}
+	if err := m.NBDServerStop(ctx); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -343,7 +351,7 @@ func TestFleeceBudget(t *testing.T) {
 	if err := f.Teardown(ctx); err != nil {
 		t.Fatal(err)
 	}
-	assertNoLeftovers(t, ctx, m)
+	testvm.AssertNoLeftovers(t, m)
 	if _, err := os.Stat(file); !os.IsNotExist(err) {
 		t.Errorf("overlay not removed: %v", err)
 	}

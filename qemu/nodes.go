@@ -166,7 +166,8 @@ func (b blockInfo) name() string {
 // Disks lists the VM's writable disks, each with its stable Name and the
 // format node that holds it now (NodeName), through stable QMP commands only:
 //
-//   - in a qemu-system, the disks are its block devices (query-block); a
+//   - in a qemu-system, the disks are the nodes behind its guest devices
+//     (query-block entries with a qdev; a -drive no device uses is none); a
 //     disk's name is the device's qdev id (`-device virtio-blk-pci,id=vda`,
 //     libvirt's "virtio-disk0"), else its -drive id, else its node name;
 //   - in a qemu-storage-daemon (no devices), the disks are the nodes its block
@@ -179,7 +180,11 @@ func (b blockInfo) name() string {
 // resolved again at every call. Lifeboat's own nodes and exports
 // (OwnPrefix...) are skipped, read-only disks too, and a block job's filter in
 // front of a disk (another tool's backup) is looked through to the disk's
-// node. Nodes no device or export uses (a backup's scratch node) are no disks.
+// node. Another tool's nodes are no disks: a backup's target or a node no
+// device or export uses, and a view of a disk (a pull backup's scratch node
+// or a fleece, exported over NBD): a node whose backing is another disk's
+// live node reads that disk's writes through it, so it is no disk of its own.
+// (An external snapshot's backing is no live disk: QEMU makes it read-only.)
 func (m *Monitor) Disks(ctx context.Context) ([]BlockNode, error) {
 	nodes, err := m.Nodes(ctx)
 	if err != nil {
@@ -192,8 +197,8 @@ func (m *Monitor) Disks(ctx context.Context) ([]BlockNode, error) {
 	type root struct{ name, node string }
 	var roots []root
 	for _, d := range devs {
-		if d.Inserted == nil || d.Inserted.RO {
-			continue // an empty drive, a cdrom
+		if d.QDev == "" || d.Inserted == nil || d.Inserted.RO {
+			continue // no guest device (a -drive alone), an empty drive, a cdrom
 		}
 		roots = append(roots, root{d.name(), d.Inserted.NodeName})
 	}
@@ -212,15 +217,23 @@ func (m *Monitor) Disks(ctx context.Context) ([]BlockNode, error) {
 			}
 		}
 	}
-	var disks []BlockNode
-	seen, named := map[string]bool{}, map[string]string{}
+	var found []BlockNode
+	seen, files := map[string]bool{}, map[string]bool{}
 	for _, r := range roots {
 		n, ok := formatNode(nodes, r.node)
 		if !ok || n.ReadOnly || strings.HasPrefix(n.NodeName, OwnPrefix) || seen[n.NodeName] {
 			continue
 		}
-		seen[n.NodeName] = true
+		seen[n.NodeName], files[n.Filename] = true, true
 		n.Name = cmp.Or(r.name, n.NodeName)
+		found = append(found, n)
+	}
+	var disks []BlockNode
+	named := map[string]string{}
+	for _, n := range found {
+		if n.BackingFile != "" && files[n.BackingFile] {
+			continue // a view of another disk (QEMU names a backing by its node's file name)
+		}
 		if other, dup := named[n.Name]; dup {
 			// Only a device without an id, named after its node, can meet another's id.
 			return nil, fmt.Errorf("two disks would be named %q (nodes %q and %q): give the device without an id one (`-device ...,id=NAME`)", n.Name, other, n.NodeName)

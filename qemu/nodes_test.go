@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/internal/testvm"
@@ -126,6 +125,35 @@ func TestDiskNamesOnStorageDaemonSurviveNodeRenames(t *testing.T) {
 	}
 }
 
+// In a qemu-storage-daemon every export not lifeboat's serves a disk, but for
+// another tool's pull backup: its scratch node, exported too, is a view of a
+// disk (its backing is the disk's node), during the backup job and after it
+// ends while the export lingers. A push backup's target is exported by no one.
+func TestDisksDuringBackupsOnStorageDaemon(t *testing.T) {
+	vm := testvm.Start(t,
+		testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 4 << 20},
+		testvm.DiskSpec{Name: "vdb", Format: "raw", Size: 2 << 20},
+		testvm.DiskSpec{Name: "vdc", Format: "qcow2", Size: 2 << 20})
+	m, ctx := vm.Monitor(), testCtx(t)
+	const want = "vda=vda,vdb=vdb,vdc=vdc"
+	pulls := []*testvm.Backup{
+		testvm.PullBackup(t, m, "vda", vm.Dir, "backup-vda", ""),
+		testvm.PullBackup(t, m, "vdb", vm.Dir, "backup-vdb", ""),
+	}
+	testvm.PushBackup(t, m, "vdc", vm.Dir)
+	if got := disksOf(t, ctx, m); got != want {
+		t.Errorf("during pull backups of vda and vdb and a push backup of vdc: Disks() = %s, want %s", got, want)
+	}
+	for _, b := range pulls {
+		if err := m.CancelJob(ctx, b.Job); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := disksOf(t, ctx, m); got != want {
+		t.Errorf("with the pull backups' jobs ended but their scratch nodes still exported: Disks() = %s, want %s", got, want)
+	}
+}
+
 // snapshot is an external snapshot of node as a management tool takes it
 // (blockdev-add of an overlay, then blockdev-snapshot): top is the new node.
 func snapshot(t *testing.T, ctx context.Context, m *qemu.Monitor, node, top, file string) {
@@ -158,66 +186,19 @@ func shortTempDir(t *testing.T) string {
 	return dir
 }
 
-// startQEMUSystem starts a real qemu-system-x86_64 (q35, CPUs stopped: its
-// block layer and devices answer QMP like a running VM's, no guest needed)
-// and returns its monitor; the process ends with the test or with stop.
-func startQEMUSystem(t *testing.T, ctx context.Context, dir string, args ...string) (m *qemu.Monitor, stop func()) {
-	t.Helper()
-	testenv.RequireTools(t, "qemu-system-x86_64")
-	sock := filepath.Join(dir, "vm-qmp.sock")
-	os.Remove(sock)
-	cmd := exec.Command("qemu-system-x86_64", append([]string{"-M", "q35", "-S", "-nodefaults", "-display", "none", "-accel", "tcg",
-		"-qmp", "unix:" + sock + ",server=on,wait=off"}, args...)...)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	stopped := false
-	stop = func() {
-		if m != nil {
-			m.Close()
-		}
-		if !stopped {
-			stopped = true
-			cmd.Process.Kill()
-			<-exited
-		}
-	}
-	t.Cleanup(stop)
-	var err error
-	for deadline := time.Now().Add(10 * time.Second); m == nil; {
-		dctx, cancel := context.WithTimeout(ctx, time.Second)
-		m, err = qemu.Dial(dctx, sock)
-		cancel()
-		if err != nil {
-			select {
-			case <-exited:
-				t.Fatalf("qemu-system-x86_64 exited: %s", stderr.String())
-			case <-time.After(50 * time.Millisecond):
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("qemu-system-x86_64 QMP never answered: %v", err)
-			}
-		}
-	}
-	return m, stop
-}
-
 // In a qemu-system a disk is a block device, named by its qdev id: libvirt's
 // renumbering of node names at a restart and an external snapshot leave the
 // name alone. A device without an id is named by its node, a -drive by its id;
-// a read-only device, a node no device uses, and another tool's pull backup
-// (a copy-before-write filter in front of the disk, a scratch node exported
-// over NBD) are no disks, and the disk is still found behind the filter.
+// a read-only device, a node no device uses, a -drive no device uses, and
+// another tool's pull backup (a copy-before-write filter in front of the disk,
+// a scratch node exported over NBD) and push backup (a target node) are no
+// disks, and the disk is still found behind the filters.
 func TestDiskNamesOnQEMUSystem(t *testing.T) {
 	testenv.RequireTools(t, "qemu-system-x86_64", "qemu-img")
 	dir := shortTempDir(t)
 	ctx := testCtx(t)
 	img := func(n string) string { return filepath.Join(dir, n+".qcow2") }
-	for _, n := range []string{"os", "data", "anon", "legacy", "loose"} {
+	for _, n := range []string{"os", "data", "anon", "legacy", "loose", "orphan"} {
 		if err := qemu.CreateImage(ctx, img(n), "qcow2", 2<<20, "", ""); err != nil {
 			t.Fatal(err)
 		}
@@ -233,11 +214,12 @@ func TestDiskNamesOnQEMUSystem(t *testing.T) {
 			"-blockdev", blockdev(3, img("anon")), "-device", "virtio-blk-pci,drive=" + node(3),
 			"-blockdev", blockdev(4, img("loose")), // no device
 			"-drive", "file=" + img("legacy") + ",if=none,id=drive-sata0-0-0", "-device", "ide-hd,drive=drive-sata0-0-0,bus=ide.0",
+			"-drive", "file=" + img("orphan") + ",if=none,id=drive-orphan", // no device
 			"-blockdev", `{"driver":"null-co","node-name":"cd0","read-only":true}`, "-device", "virtio-blk-pci,drive=cd0,id=cdrom0",
 		}
 	}
-	m, stop := startQEMUSystem(t, ctx, dir, args(1)...)
-	got := disksOf(t, ctx, m)
+	vm := testvm.StartSystem(t, dir, args(1)...)
+	got := disksOf(t, ctx, vm.Monitor())
 	// The -drive's node has an automatic name (#blockNNN): check the rest.
 	legacy, rest, _ := strings.Cut(got, ",")
 	if !strings.HasPrefix(legacy, "drive-sata0-0-0=#block") {
@@ -246,10 +228,10 @@ func TestDiskNamesOnQEMUSystem(t *testing.T) {
 	if want := "libvirt-13-format=libvirt-13-format,virtio-disk0=libvirt-11-format,virtio-disk1=libvirt-12-format"; rest != want {
 		t.Errorf("Disks() = %s, want drive-sata0-0-0=#block...,%s", got, want)
 	}
-	stop()
+	vm.Stop()
 
 	// libvirt starts the VM again and numbers the nodes differently.
-	m, _ = startQEMUSystem(t, ctx, dir, args(2)...)
+	m := testvm.StartSystem(t, dir, args(2)...).Monitor()
 	_, rest, _ = strings.Cut(disksOf(t, ctx, m), ",")
 	if want := "libvirt-23-format=libvirt-23-format,virtio-disk0=libvirt-21-format,virtio-disk1=libvirt-22-format"; rest != want {
 		t.Errorf("after a restart with new node names: Disks() = ...,%s, want ...,%s", rest, want)
@@ -257,26 +239,9 @@ func TestDiskNamesOnQEMUSystem(t *testing.T) {
 
 	// An external snapshot of virtio-disk1: a new top node.
 	snapshot(t, ctx, m, "libvirt-22-format", "libvirt-30-format", filepath.Join(dir, "data-snap.qcow2"))
-	// A pull backup of virtio-disk0 by another tool: scratch node, backup job
-	// (its copy-before-write filter goes in front of the disk), NBD export.
-	scratch := filepath.Join(dir, "scratch.qcow2")
-	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-f", "qcow2", scratch, "2M").CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img create: %v: %s", err, out)
-	}
-	for _, c := range []struct {
-		cmd  string
-		args map[string]any
-	}{
-		{"blockdev-add", map[string]any{"driver": "qcow2", "node-name": "backup-vda", "backing": "libvirt-21-format",
-			"file": map[string]any{"driver": "file", "filename": scratch}}},
-		{"blockdev-backup", map[string]any{"device": "libvirt-21-format", "target": "backup-vda", "sync": "none", "job-id": "backup-vda"}},
-		{"nbd-server-start", map[string]any{"addr": map[string]any{"type": "unix", "data": map[string]any{"path": filepath.Join(dir, "backup.sock")}}}},
-		{"block-export-add", map[string]any{"type": "nbd", "id": "backup-vda", "node-name": "backup-vda", "name": "vda"}},
-	} {
-		if err := m.Execute(ctx, c.cmd, c.args, nil); err != nil {
-			t.Fatalf("%s: %v", c.cmd, err)
-		}
-	}
+	// Another tool's backups: a pull backup of virtio-disk0, a push backup of virtio-disk1.
+	testvm.PullBackup(t, m, "libvirt-21-format", dir, "vda", filepath.Join(dir, "backup.sock"))
+	testvm.PushBackup(t, m, "libvirt-30-format", dir)
 	_, rest, _ = strings.Cut(disksOf(t, ctx, m), ",")
 	if want := "libvirt-23-format=libvirt-23-format,virtio-disk0=libvirt-21-format,virtio-disk1=libvirt-30-format"; rest != want {
 		t.Errorf("after an external snapshot and during another tool's backup: Disks() = ...,%s, want ...,%s", rest, want)
@@ -309,9 +274,9 @@ func TestDiskNamesCollide(t *testing.T) {
 	testenv.RequireTools(t, "qemu-system-x86_64")
 	dir := shortTempDir(t)
 	ctx := testCtx(t)
-	m, _ := startQEMUSystem(t, ctx, dir,
+	m := testvm.StartSystem(t, dir,
 		"-blockdev", `{"driver":"null-co","node-name":"vda"}`, "-device", "virtio-blk-pci,drive=vda",
-		"-blockdev", `{"driver":"null-co","node-name":"other"}`, "-device", "virtio-blk-pci,drive=other,id=vda")
+		"-blockdev", `{"driver":"null-co","node-name":"other"}`, "-device", "virtio-blk-pci,drive=other,id=vda").Monitor()
 	_, err := m.Disks(ctx)
 	if err == nil || !strings.Contains(err.Error(), `"vda"`) || !strings.Contains(err.Error(), "id=NAME") {
 		t.Fatalf("Disks() error = %v; want it to name vda and say to give the device an id", err)

@@ -1,5 +1,7 @@
 // Package testvm stands in for a running VM in tests: a qemu-storage-daemon
-// holding the VM's disk images, with QMP, an NBD server and a writable export per disk.
+// holding the VM's disk images, with QMP, an NBD server and a writable export
+// per disk, or a qemu-system as libvirt starts one (System); and another
+// tool's backups beside them (Backup).
 package testvm
 
 import (
