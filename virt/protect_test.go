@@ -180,6 +180,13 @@ func TestLibvirtDomainReplicates(t *testing.T) {
 	if vda := diskOf(t, after, "vda"); vda.Resync {
 		t.Errorf("after a clean stop and start vda was sent whole: %+v", vda)
 	}
+	// The guest shuts itself down (virsh shutdown) and is started again.
+	r.dom.Shutdown()
+	r.dom.Start()
+	after = r.cycle(t)
+	if vda := diskOf(t, after, "vda"); vda.Resync {
+		t.Errorf("after virsh shutdown and start vda was sent whole: %+v", vda)
+	}
 	r.exactAfterStop(t)
 
 	// libvirt logs a taint (custom monitor, agent pass-through) in the

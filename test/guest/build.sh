@@ -88,7 +88,7 @@ done
 echo "$order" > "$r/lib/modules/order"
 
 cp -R "$here/rootfs/." "$r/"
-chmod 0755 "$r/init" "$r"/bin/lb-* "$r/etc/qemu/fsfreeze-hook"
+chmod 0755 "$r/init" "$r"/bin/lb-* "$r/sbin/shutdown" "$r/etc/qemu/fsfreeze-hook"
 
 (cd "$r" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) | gzip -1 > "$stage/initramfs.cpio.gz"
 cp "$kernel" "$stage/vmlinuz"
