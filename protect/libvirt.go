@@ -131,6 +131,9 @@ func (c *cycle) runLibvirt(ctx context.Context) (lifeboat.Point, error) {
 		err = c.beginLibvirt(ctx)
 		frz.thaw(ctx, c.log)
 		if err == nil {
+			if err := c.describePoint(ctx); err != nil {
+				return lifeboat.Point{}, err
+			}
 			c.setLevel(frz)
 			break
 		}
@@ -418,9 +421,15 @@ func (c *cycle) beginLibvirt(ctx context.Context) error {
 	}
 	lv.made = lv.cp != ""
 	lv.started = true
-	instant := time.Now().UTC()
 	c.sock = lv.sock
-	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: instant, Consistency: lifeboat.Crash}
+	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: time.Now().UTC(), Consistency: lifeboat.Crash}
+	return nil
+}
+
+// describePoint completes the point from the backup's exports (each disk's
+// size), once the guest is thawed.
+func (c *cycle) describePoint(ctx context.Context) error {
+	lv := c.lv
 	for _, d := range c.disks {
 		cl, err := nbd.Dial(ctx, "unix:"+lv.sock, d.export, nbd.Options{})
 		if err != nil {

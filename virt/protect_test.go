@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -227,14 +228,18 @@ func TestLibvirtFilesystemConsistentPoints(t *testing.T) {
 	r.p.Quiescer = &protect.LibvirtQuiescer{VM: "web1", Domain: *r.p.VM.Libvirt, Level: lifeboat.Filesystem, Limit: 10 * time.Second}
 	const points = 12
 	var ids []uint64
+	var freezes []time.Duration
 	for i := range points {
 		pt := r.cycle(t)
 		if pt.Consistency != lifeboat.Filesystem {
 			t.Fatalf("cycle %d: point %d is %s (%s), want filesystem", i, pt.ID, pt.Consistency, pt.Note)
 		}
 		ids = append(ids, pt.ID)
+		freezes = append(freezes, pt.Freeze)
 		time.Sleep(100 * time.Millisecond)
 	}
+	slices.Sort(freezes)
+	t.Logf("the guest frozen for: median %v, max %v (freeze, backup begin with its checkpoint, thaw; TCG)", freezes[len(freezes)/2], freezes[len(freezes)-1])
 	files, last := 0, 0
 	for _, id := range ids {
 		c := r.checkFS(t, id)
