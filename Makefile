@@ -5,7 +5,7 @@ GO       ?= go
 BIN      := bin/lifeboat
 PKGS     := ./...
 # Packages whose concurrency gets the race detector in the suite.
-RACE_PKGS := ./nbd/... ./wire/... ./protect/... ./recovery/... ./daemon/... ./qga/...
+RACE_PKGS := ./nbd/... ./wire/... ./protect/... ./recovery/... ./daemon/... ./qga/... ./virt/...
 
 .PHONY: all deps build demo test test-race check bench bench-metadata soak fuzz proto clean guest
 
@@ -27,7 +27,7 @@ check:
 test: deps check
 	$(GO) test -count=1 -timeout 20m $(PKGS)
 	$(GO) test -count=1 -race -short -timeout 20m $(RACE_PKGS)
-	$(GO) test -count=1 -race -timeout 10m -run 'TestLateFreeze|TestQuiesceFailureFallsBackAndThaws' ./protect # guest freeze tests, which -short skips
+	$(GO) test -count=1 -race -timeout 10m -run 'TestLateFreeze|TestQuiesceFailureFallsBackAndThaws|TestLibvirtLateFreeze' ./protect ./virt # guest freeze tests, which -short skips
 
 test-race: deps
 	$(GO) test -count=1 -race -timeout 30m $(PKGS)
