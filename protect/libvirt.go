@@ -38,6 +38,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
 	"github.com/lifeboat-dr/lifeboat/nbd"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/virt"
 )
 
@@ -52,6 +53,7 @@ type virtCycle struct {
 	dom     *virt.Domain
 	desc    *virt.Description
 	run     string // scratch files and the NBD socket, QEMU's to write
+	budgets []int64 // each disk's scratch budget (see Safety)
 	sock    string
 	cp      string // the checkpoint this cycle's instant makes ("" = none)
 	made    bool   // cp exists (the backup began)
@@ -114,6 +116,9 @@ func (c *cycle) runLibvirt(ctx context.Context) (lifeboat.Point, error) {
 			c.log.Error("ending the libvirt backup failed", "err", err)
 		}
 	}()
+	if err := c.prepareScratch(ctx); err != nil {
+		return lifeboat.Point{}, err
+	}
 	busyWait := cmp0(c.p.BusyWait, DefaultBusyWait)
 	for attempt := 1; ; attempt++ {
 		if err := c.lv.waitIdle(ctx, c.log, busyWait); err != nil {
@@ -398,7 +403,7 @@ func (lv *virtCycle) waitIdle(ctx context.Context, log *slog.Logger, limit time.
 // syncs, and the backup is begun again at once.
 func (c *cycle) beginLibvirt(ctx context.Context) error {
 	lv := c.lv
-	b := virt.Backup{Socket: lv.sock, Checkpoint: lv.cp, Others: lv.others}
+	b := virt.Backup{Socket: lv.sock, Checkpoint: lv.cp, Others: lv.others, ReuseScratch: true}
 	if lv.cp != "" {
 		m := cpMeta{Peer: c.p.Target.Peer(), Point: c.id, Lineages: map[string]string{}}
 		for _, d := range c.disks {
@@ -444,6 +449,61 @@ func (c *cycle) describePoint(ctx context.Context) error {
 	return nil
 }
 
+// prepareScratch makes each disk's scratch file before the instant, as the
+// QMP path makes its fleece overlays: the budgets of Safety (a cycle without
+// room is refused before anything starts), a qcow2 of the disk's size
+// reserved up to its budget past its end (the copy-before-write lands in
+// blocks that are already its own and cannot fail for want of space), owned
+// by QEMU's user. The backup reuses it; settle removes it.
+func (c *cycle) prepareScratch(ctx context.Context) error {
+	lv := c.lv
+	for _, d := range c.disks {
+		n, err := lv.dom.Capacity(ctx, d.name)
+		if err != nil {
+			return err
+		}
+		d.size = n
+	}
+	budgets, err := c.fleeceBudgets()
+	if err != nil {
+		return err
+	}
+	lv.budgets = budgets
+	for i, d := range c.disks {
+		f := lv.scratch(d)
+		if err := os.Remove(f); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove the scratch file a previous cycle left: %w", err)
+		}
+		if err := qemu.CreateImage(ctx, f, "qcow2", d.size, "", ""); err != nil {
+			return fmt.Errorf("disk %q: scratch file: %w", d.name, err)
+		}
+		if lv.desc.UID >= 0 {
+			if err := os.Chown(f, lv.desc.UID, lv.desc.GID); err != nil {
+				return fmt.Errorf("disk %q: give the scratch file to QEMU's user: %w", d.name, err)
+			}
+		}
+		unsupported, err := qemu.Reserve(f, budgets[i])
+		if err != nil {
+			return fmt.Errorf("disk %q: reserve %s for the scratch file: %w", d.name, mib(budgets[i]), err)
+		}
+		if unsupported {
+			c.p.warnOnce("unreserved:"+f, "the scratch directory's file system cannot reserve space (no fallocate): the scratch is watched, but a neighbour filling the file system could still make a copy fail the VM's write; put state_dir on ext4, xfs or tmpfs", "scratch", f)
+		}
+	}
+	return nil
+}
+
+// removeScratch removes the scratch files (reused, so libvirt leaves them).
+func (lv *virtCycle) removeScratch(disks []*diskState) error {
+	var errs []error
+	for _, d := range disks {
+		if err := os.Remove(lv.scratch(d)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // scratch is where QEMU keeps, during the cycle, what the guest overwrites of disk d.
 func (lv *virtCycle) scratch(d *diskState) string {
 	return filepath.Join(lv.run, d.name+".scratch.qcow2")
@@ -454,16 +514,15 @@ func (lv *virtCycle) scratch(d *diskState) string {
 // guest's write path before the file system fills, so a copy can never fail
 // the guest's write. The cycle then fails with ErrScratchFull as its cause.
 func (c *cycle) watchScratch(ctx context.Context) (context.Context, func(), error) {
-	budgets, err := c.fleeceBudgets()
-	if err != nil {
-		return ctx, func() {}, err
-	}
+	budgets := c.lv.budgets
 	ctx, cancel := context.WithCancelCause(ctx)
 	stop := make(chan struct{})
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		tick := time.NewTicker(50 * time.Millisecond)
+		// A stat of each scratch file every 10 ms; the other half of the
+		// budget covers what the guest writes until the backup has ended.
+		tick := time.NewTicker(10 * time.Millisecond)
 		defer tick.Stop()
 		for {
 			select {
@@ -476,14 +535,23 @@ func (c *cycle) watchScratch(ctx context.Context) (context.Context, func(), erro
 				if syscall.Stat(c.lv.scratch(d), &st) != nil {
 					continue
 				}
-				if used := st.Blocks * 512; used > budgets[i]/2 {
-					err := fmt.Errorf("disk %q: the backup's scratch file holds %s, past half its budget of %s: %w", d.name, mib(used), mib(budgets[i]), ErrScratchFull)
-					c.lv.setBroken(err)
+				// The file's size, not its blocks: the reservation's
+				// blocks are allocated from the start.
+				if used := st.Size; used > budgets[i]/2 {
+					seen := time.Now()
 					ectx, ecancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
-					if eerr := c.lv.endBackup(ectx); eerr != nil {
+					eerr := c.lv.endBackup(ectx)
+					ecancel()
+					if eerr != nil {
 						c.log.Error("ending the backup whose scratch outgrew its budget failed", "err", eerr)
 					}
-					ecancel()
+					peak := used
+					if syscall.Stat(c.lv.scratch(d), &st) == nil {
+						peak = st.Size
+					}
+					err := fmt.Errorf("disk %q: the backup's scratch file passed half its budget of %s (%s); the backup was ended %v later, the scratch then holding %s: %w",
+						d.name, mib(budgets[i]), mib(used), time.Since(seen).Round(time.Millisecond), mib(peak), ErrScratchFull)
+					c.lv.setBroken(err)
 					cancel(err)
 					return
 				}
@@ -542,6 +610,12 @@ func (lv *virtCycle) settle(ctx context.Context, c *cycle, committed, unknown bo
 	if lv.started {
 		if err := lv.endBackup(ctx); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	if !lv.started {
+		// The backup is over (or never began): QEMU holds no scratch file.
+		if err := lv.removeScratch(c.disks); err != nil {
+			errs = append(errs, fmt.Errorf("remove the scratch files: %w", err))
 		}
 	}
 	fail := func(what, name string, err error) {

@@ -184,7 +184,7 @@ func (m *Monitor) PrepareFleece(ctx context.Context, disks []FleeceDisk) (f *Fle
 		}
 		d.fileMade = true
 		if d.Budget > 0 {
-			unsupported, err := reserve(d.File, d.Budget)
+			unsupported, err := Reserve(d.File, d.Budget)
 			if err != nil {
 				return f, fmt.Errorf("fleece disk %q: reserve %d bytes for overlay %s: %w (free space in its directory, or lower the budget)", d.Node, d.Budget, d.File, err)
 			}
@@ -327,11 +327,11 @@ func (f *Fleece) Teardown(ctx context.Context) error {
 	return nil
 }
 
-// reserve allocates size bytes for the file past its end without changing its
+// Reserve allocates size bytes for the file past its end without changing its
 // size (FALLOC_FL_KEEP_SIZE): the overlay's growth lands in blocks that are
 // already its own, and cannot fail for want of space. unsupported reports a
 // file system without fallocate.
-func reserve(path string, size int64) (unsupported bool, err error) {
+func Reserve(path string, size int64) (unsupported bool, err error) {
 	const keepSize = 0x01 // FALLOC_FL_KEEP_SIZE
 	fh, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {

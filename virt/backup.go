@@ -180,6 +180,9 @@ type Backup struct {
 	// Others are the domain's other disks, left out of the backup and of
 	// the checkpoint (libvirt includes every disk unless told).
 	Others []string
+	// ReuseScratch: the scratch files exist (made, reserved and owned by
+	// the caller, who removes them); libvirt neither creates nor removes them.
+	ReuseScratch bool
 }
 
 // ExportBitmap is the NBD meta context of the changes of disk target in a
@@ -226,7 +229,11 @@ func (d *Domain) BeginBackup(ctx context.Context, b Backup) error {
 		cdoc = libvirt.OptString{s}
 	}
 	err = d.c.call(ctx, "backup-begin of domain "+d.Name, func(l *libvirt.Libvirt) error {
-		return l.DomainBackupBegin(d.d, bdoc, cdoc, 0)
+		var flags libvirt.DomainBackupBeginFlags
+		if b.ReuseScratch {
+			flags |= libvirt.DomainBackupBeginReuseExternal
+		}
+		return l.DomainBackupBegin(d.d, bdoc, cdoc, flags)
 	})
 	if err != nil {
 		return fmt.Errorf("libvirt domain %q: begin backup: %w", d.Name, err)

@@ -195,3 +195,16 @@ func (d *Domain) FSThaw(ctx context.Context) (int, error) {
 	})
 	return int(n), err
 }
+
+// Capacity is the size the guest sees of disk target.
+func (d *Domain) Capacity(ctx context.Context, target string) (int64, error) {
+	var capacity uint64
+	err := d.c.call(ctx, "block info of "+target, func(l *libvirt.Libvirt) (err error) {
+		_, capacity, _, err = l.DomainGetBlockInfo(d.d, target, 0)
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("libvirt domain %q: size of disk %s: %w", d.Name, target, err)
+	}
+	return int64(capacity), nil
+}

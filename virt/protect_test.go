@@ -553,3 +553,55 @@ func TestLibvirtFailedCycleLosesNothing(t *testing.T) {
 		t.Errorf("after three failed cycles: %+v, want incremental from point %d's checkpoint", vda, first.ID)
 	}
 }
+
+// A guest that overwrites more during a cycle than the scratch budget allows:
+// the backup is ended before the scratch outgrows its reservation, the
+// cycle fails saying why and what to do, the guest's writes all succeed, and
+// the next cycle (with room again) sends those blocks too.
+func TestLibvirtScratchBudget(t *testing.T) {
+	r := newLibvirtRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 64 << 20}}})
+	guestExec(t, r.dom, "dd if=/dev/urandom of=/data/big bs=1M count=32 conv=fsync 2>/dev/null; echo LB-BIG-DONE > /dev/console")
+	waitConsole(t, r.dom, 0, "LB-BIG-DONE")
+	r.cycle(t)
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(r.p.VM.WorkDir, &st); err != nil {
+		t.Fatal(err)
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	const budget = 16 << 20
+	r.p.Safety = protect.Safety{FleeceFloor: 64 << 20, FleeceMinBudget: 1 << 20, FleeceShare: float64(budget) / float64(free-(64<<20))}
+	offset := len(r.dom.Console())
+	r.p.Hooks.AfterInstant = func(context.Context) error {
+		// The guest overwrites 32 MiB the instant holds: each first write
+		// of a cluster copies it to the scratch.
+		guestExec(t, r.dom, "dd if=/dev/urandom of=/data/big bs=1M count=32 conv=notrunc,fsync 2>/dev/null && echo LB-OVERWRITE-OK > /dev/console || echo LB-OVERWRITE-FAILED > /dev/console")
+		waitConsole(t, r.dom, offset, "LB-OVERWRITE-")
+		return nil
+	}
+	_, err := r.p.Cycle(ctx(t))
+	if !errors.Is(err, protect.ErrScratchFull) || !strings.Contains(err.Error(), "give state_dir more space") {
+		t.Fatalf("cycle under a %d MiB scratch budget: %v, want ErrScratchFull saying what to do", budget>>20, err)
+	}
+	t.Logf("%v", err)
+	if c := r.dom.Console()[offset:]; !strings.Contains(c, "LB-OVERWRITE-OK") {
+		t.Fatalf("the guest's overwrite failed during the cycle:\n%s", c)
+	}
+	r.checkLeftNothing(t)
+	r.p.Hooks, r.p.Safety = protect.Hooks{}, protect.Safety{}
+	pt := r.exactNow(t, nil, r.p)[0]
+	if vda := diskOf(t, pt, "vda"); vda.Resync || pt.Stats.BytesChanged < 32<<20 {
+		t.Errorf("the cycle after: resync %v, changed %d; want incremental with the 32 MiB overwritten", vda.Resync, pt.Stats.BytesChanged)
+	}
+}
+
+// waitConsole waits for word in the guest's console after offset.
+func waitConsole(t *testing.T, dom *testlibvirt.Domain, offset int, word string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for !strings.Contains(dom.Console()[offset:], word) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest never printed %s", word)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
