@@ -52,7 +52,7 @@ type virtCycle struct {
 	conn    *virt.Conn
 	dom     *virt.Domain
 	desc    *virt.Description
-	run     string // scratch files and the NBD socket, QEMU's to write
+	run     string  // scratch files and the NBD socket, QEMU's to write
 	budgets []int64 // each disk's scratch budget (see Safety)
 	sock    string
 	cp      string // the checkpoint this cycle's instant makes ("" = none)
