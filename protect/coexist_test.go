@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/internal/testvm"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
@@ -40,7 +41,7 @@ type libvirtVM struct {
 	*testvm.System
 	model []byte
 	site  *testsite.Site
-	log   *syncBuffer
+	log   *testenv.LogBuffer
 	p     *protect.Protector
 }
 
@@ -57,7 +58,7 @@ func startLibvirtVM(t *testing.T, site *testsite.Site, name string) *libvirtVM {
 			"-device", "virtio-blk-pci,drive="+sysDiskNode+",id="+sysDisk),
 		model: make([]byte, sysDiskSize),
 		site:  site,
-		log:   &syncBuffer{},
+		log:   &testenv.LogBuffer{},
 	}
 	v.p = &protect.Protector{
 		VM:     protect.VM{Name: name, QMPSocket: v.QMPSocket(), WorkDir: testsite.ShortDir(t)},
@@ -267,7 +268,7 @@ func TestForeignNBDServerIsWaitedFor(t *testing.T) {
 }
 
 // waitLog waits until the log holds n lines saying what.
-func waitLog(t *testing.T, log *syncBuffer, what string, n int) {
+func waitLog(t *testing.T, log *testenv.LogBuffer, what string, n int) {
 	t.Helper()
 	for deadline := time.Now().Add(20 * time.Second); strings.Count(log.String(), what) < n; {
 		if time.Now().After(deadline) {

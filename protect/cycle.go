@@ -96,27 +96,14 @@ func (c *cycle) prepare(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	latest, found, err := p.Target.Latest(ctx, p.VM.Name)
-	if err != nil {
+	if err := c.learnLatest(ctx); err != nil {
 		return err
-	}
-	c.id = 1
-	if found {
-		c.latest = latest
-		c.id = latest.ID + 1
 	}
 	peer := p.Target.Peer()
 	for _, n := range nodes {
 		d := &diskState{name: n.Name, node: n.NodeName, size: n.Size, persistent: persistentBitmaps(n),
 			export: "lifeboat-fleece-" + n.NodeName}
-		h := history{peer: peer}
-		if ld, ok := diskOf(latest, n.Name); found && ok {
-			h.lineage, h.latest, h.gen = ld.Lineage, latest.ID, ld.Generation
-		}
-		if h.lineage == "" {
-			// The disk's first sync here (or its first since lineages exist).
-			h.lineage = newLineage()
-		}
+		h := c.history(n.Name)
 		d.lineage, d.base = h.lineage, h.latest
 		d.new = newGeneration(peer, h.lineage, c.id)
 		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Bitmaps, h)
@@ -129,6 +116,35 @@ func (c *cycle) prepare(ctx context.Context) error {
 		c.disks = append(c.disks, d)
 	}
 	return nil
+}
+
+// learnLatest asks the recovery site for the VM's latest point: this cycle's
+// is the next.
+func (c *cycle) learnLatest(ctx context.Context) error {
+	latest, found, err := c.p.Target.Latest(ctx, c.p.VM.Name)
+	if err != nil {
+		return err
+	}
+	c.id = 1
+	if found {
+		c.latest = latest
+		c.id = latest.ID + 1
+	}
+	return nil
+}
+
+// history is what the latest point says of disk name (a new lineage for a
+// disk it does not hold: the disk's first sync here, or its first since
+// lineages exist).
+func (c *cycle) history(name string) history {
+	h := history{peer: c.p.Target.Peer()}
+	if ld, ok := diskOf(c.latest, name); c.latest.ID != 0 && ok {
+		h.lineage, h.latest, h.gen = ld.Lineage, c.latest.ID, ld.Generation
+	}
+	if h.lineage == "" {
+		h.lineage = newLineage()
+	}
+	return h
 }
 
 // prepareFleece readies the fleece of every disk, all but the instant itself,

@@ -1,7 +1,6 @@
 package protect_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -9,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -22,24 +20,6 @@ import (
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
-
-// syncBuffer is a log sink that tests read while cycles write to it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // A disk keeps its name when its node is renamed: a restart of the VM's
 // qemu-storage-daemon with other node names (as libvirt renumbers them) goes on
@@ -69,7 +49,7 @@ func TestDiskNameSurvivesNodeRenameAndSnapshot(t *testing.T) {
 	}
 	start("libvirt-1-format")
 	t.Cleanup(func() { qsd.Stop(context.Background()) })
-	var logs syncBuffer
+	var logs testenv.LogBuffer
 	r := &rig{
 		disks: []workload.Disk{{Name: "vda", Size: size}},
 		site:  testsite.Start(t, recovery.Options{Keep: 100}),

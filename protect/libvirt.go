@@ -191,14 +191,8 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	latest, found, err := p.Target.Latest(ctx, p.VM.Name)
-	if err != nil {
+	if err := c.learnLatest(ctx); err != nil {
 		return err
-	}
-	c.id = 1
-	if found {
-		c.latest = latest
-		c.id = latest.ID + 1
 	}
 	peer := p.Target.Peer()
 	if err := c.lv.hideLeftovers(ctx, peer, c.log); err != nil {
@@ -219,13 +213,7 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 	tracked := false
 	for _, dk := range disks {
 		d := &diskState{name: dk.Target, node: dk.Target, export: dk.Target, persistent: dk.Format == "qcow2"}
-		var h history
-		if ld, ok := diskOf(latest, dk.Target); found && ok {
-			h.lineage, h.latest, h.gen = ld.Lineage, latest.ID, ld.Generation
-		}
-		if h.lineage == "" {
-			h.lineage = newLineage()
-		}
+		h := c.history(dk.Target)
 		d.lineage, d.base = h.lineage, h.latest
 		d.why = checkpointBase(dk, h, c.lv.ours, metas)
 		if d.why == "" {

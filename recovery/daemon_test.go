@@ -1,34 +1,15 @@
 package recovery
 
 import (
-	"bytes"
 	"log/slog"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/qemu"
 )
-
-// lockedBuffer is a log sink safe for the store's goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // A helper daemon that stops answering (SIGSTOP stands in for the hang seen
 // once in CI: a real qemu-storage-daemon cannot be made to stall on demand)
@@ -37,7 +18,7 @@ func (l *lockedBuffer) String() string {
 func TestStalledHelperDaemonIsReplaced(t *testing.T) {
 	requireQEMU(t)
 	s := openStore(t, t.TempDir(), 100)
-	var logs lockedBuffer
+	var logs testenv.LogBuffer
 	s.log = slog.New(slog.NewTextHandler(&logs, nil))
 	models := writeSeries(t, s, "st", 2)
 

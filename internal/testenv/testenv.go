@@ -4,6 +4,7 @@
 package testenv
 
 import (
+	"bytes"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -63,3 +64,21 @@ func Seed(t testing.TB) uint64 {
 
 // seeds holds each test's seed, by test name.
 var seeds sync.Map
+
+// LogBuffer is a log sink that a test reads while other goroutines write to it.
+type LogBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *LogBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *LogBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
