@@ -129,8 +129,18 @@ type replication struct {
 
 // startReplication runs a fresh recovery site in dir and a protector of vm.
 func startReplication(ctx context.Context, dir, name string, vm *sourceVM, comp wire.Compression, log *slog.Logger) (*replication, error) {
-	r := &replication{Name: name, dir: dir}
-	if err := os.MkdirAll(filepath.Join(dir, "work"), 0o700); err != nil {
+	return newReplication(ctx, dir, protect.VM{Name: name, QMPSocket: vm.Daemon.ClientQMPSocket(), NBDSocket: vm.Daemon.NBDSocket(),
+		Disks: []string{diskName}, WorkDir: filepath.Join(dir, "work")}, comp, log)
+}
+
+// newReplication runs a fresh recovery site in dir and a protector of v
+// (whose first disk Identical compares), as `lifeboat serve` sets one up.
+func newReplication(ctx context.Context, dir string, v protect.VM, comp wire.Compression, log *slog.Logger) (*replication, error) {
+	r := &replication{Name: v.Name, dir: dir}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(v.WorkDir, 0o700); err != nil {
 		return nil, err
 	}
 	site, err := testsite.New(ctx, dir, recovery.Options{Keep: 100, Logger: log})
@@ -143,9 +153,7 @@ func startReplication(ctx context.Context, dir, name string, vm *sourceVM, comp 
 		return nil, err
 	}
 	r.P = &protect.Protector{
-		VM: protect.VM{Name: name, QMPSocket: vm.Daemon.ClientQMPSocket(), NBDSocket: vm.Daemon.NBDSocket(),
-			Disks: []string{diskName}, WorkDir: filepath.Join(dir, "work")},
-		Target: r.Client, Log: log,
+		VM: v, Target: r.Client, Log: log,
 		Readers: protectReaders, ChunkSize: protectChunkSize, Connections: protectConnections,
 	}
 	return r, nil
@@ -196,7 +204,7 @@ func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, phas
 // source image (the source must not be written to since the point's instant,
 // and flushed).
 func (r *replication) Identical(ctx context.Context, id uint64, source string) (bool, error) {
-	img, err := r.Site.Store.ImagePath(r.Name, id, diskName)
+	img, err := r.Site.Store.ImagePath(r.Name, id, r.P.VM.Disks[0])
 	if err != nil {
 		return false, err
 	}
