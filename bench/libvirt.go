@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -13,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -49,6 +51,86 @@ type libvirtRow struct {
 	toolRow          // CPU: Own the tool's own process, Recovery lifeboat's recovery-site children, Source the domain's QEMU
 	Libvirtd float64 // libvirtd's CPU meanwhile
 	Output   int64   // bytes the step produced: lifeboat's on the wire, virtnbdbackup's data file
+	// Steps is how long each of cycleSteps took (lifeboat only).
+	Steps []time.Duration
+}
+
+// cycleSteps are a libvirt cycle's steps, each ending at an event its
+// protector reports (progress, hooks), or its recovery site logs.
+var cycleSteps = []struct{ event, what string }{
+	{"snapshot", "prepare: libvirt connection, the domain's XML, recovery site's latest point, base checkpoint redefined"},
+	{"instant", "instant: no other job, freeze, backup begun with the next checkpoint, thaw, export opened"},
+	{"plan", "plan: the export's block status (allocation, dirty bitmap) on the 64 KiB grid"},
+	{"send", "begin: the recovery site's writer daemon and overlay"},
+	{"drained", "transfer: read, hash, compress, send; the recovery site checks and writes"},
+	{"committed", "commit: last writes, flush, writer daemon stopped, catalog"},
+	{"end", "settle: backup job ended, checkpoints hidden, the base's deleted"},
+}
+
+// timeline is when a cycle's events happened (the first time of each).
+type timeline struct {
+	mu sync.Mutex
+	at map[string]time.Time
+}
+
+func (t *timeline) mark(event string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if _, ok := t.at[event]; !ok {
+		t.at[event] = time.Now()
+	}
+}
+
+func (t *timeline) reset() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.at = map[string]time.Time{}
+}
+
+// steps is how long each of cycleSteps took, nil when an event is missing.
+func (t *timeline) steps() []time.Duration {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []time.Duration
+	prev, ok := t.at["start"]
+	for _, s := range cycleSteps {
+		at, found := t.at[s.event]
+		if !ok || !found {
+			return nil
+		}
+		out = append(out, at.Sub(prev))
+		prev = at
+	}
+	return out
+}
+
+// markHandler passes records on to next and marks the recovery site's
+// commit in a timeline.
+type markHandler struct {
+	next slog.Handler
+	tl   *timeline
+}
+
+func (h *markHandler) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= slog.LevelInfo || h.next.Enabled(ctx, l)
+}
+
+func (h *markHandler) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message == "restore point committed" {
+		h.tl.mark("committed")
+	}
+	if h.next.Enabled(ctx, r.Level) {
+		return h.next.Handle(ctx, r)
+	}
+	return nil
+}
+
+func (h *markHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &markHandler{next: h.next.WithAttrs(as), tl: h.tl}
+}
+
+func (h *markHandler) WithGroup(name string) slog.Handler {
+	return &markHandler{next: h.next.WithGroup(name), tl: h.tl}
 }
 
 // ToolCPU is the CPU of the tool's own processes: lifeboat's (both sites and
@@ -93,6 +175,7 @@ type libvirtRig struct {
 	scratch string       // virtnbdbackup's scratch directory
 	pids    []int        // the domain's QEMU, libvirtd
 	seed    uint64
+	tl      *timeline // of the current lifeboat cycle
 }
 
 // benchLibvirt: lifeboat's initial sync against virtnbdbackup -l full, then
@@ -182,7 +265,7 @@ func (lv *libvirtRig) order(round int) []string {
 
 func startLibvirtRig(ctx context.Context, e *env) (*libvirtRig, error) {
 	c := e.cfg
-	lv := &libvirtRig{e: e, seed: 5}
+	lv := &libvirtRig{e: e, seed: 5, tl: &timeline{}}
 	// QEMU runs as libvirt-qemu: it must pass the run's directory and those
 	// above it to reach the domain's images and the tools' scratch files.
 	if err := os.Chmod(e.dir, 0o711); err != nil {
@@ -293,11 +376,17 @@ func (lv *libvirtRig) lifeboatInitial(ctx context.Context, round int) (libvirtRo
 		lv.e.stop("recovery site", lv.rep.Stop)
 		lv.rep = nil
 	}
-	rep, err := newReplication(ctx, lv.e.path(fmt.Sprintf("lv-site-%d", round)), lv.vm, wire.CompressionZstd, lv.e.log)
+	log := slog.New(&markHandler{next: lv.e.log.Handler(), tl: lv.tl})
+	rep, err := newReplication(ctx, lv.e.path(fmt.Sprintf("lv-site-%d", round)), lv.vm, wire.CompressionZstd, log)
 	if err != nil {
 		return libvirtRow{}, err
 	}
 	lv.rep = rep
+	rep.mark = lv.tl.mark
+	hook := func(event string) func(context.Context) error {
+		return func(context.Context) error { lv.tl.mark(event); return nil }
+	}
+	rep.P.Hooks = protect.Hooks{AfterInstant: hook("instant"), AfterPlan: hook("plan"), BeforeCommit: hook("drained")}
 	// virtnbdbackup freezes the guest's file systems through libvirt
 	// whenever the guest agent answers; lifeboat does the same work here.
 	rep.P.Quiescer = &protect.LibvirtQuiescer{VM: lv.vm.Name, Domain: *lv.vm.Libvirt, Level: lifeboat.Filesystem, Log: lv.e.log}
@@ -311,6 +400,7 @@ func (lv *libvirtRig) lifeboatCycle(ctx context.Context) (libvirtRow, error) {
 		m  measured
 		ph phases
 	)
+	lv.tl.reset()
 	q, l, err := lv.around(func() error {
 		var err error
 		pt, m, ph, err = lv.rep.Cycle(ctx)
@@ -329,7 +419,7 @@ func (lv *libvirtRig) lifeboatCycle(ctx context.Context) (libvirtRow, error) {
 	cpu := lifeboatCPU(m)
 	cpu.Source = q // the domain's QEMU is libvirtd's child, not ours
 	return libvirtRow{toolRow: toolRow{Tool: "lifeboat", M: m, CPU: cpu, Phases: ph, Changed: pt.Stats.BytesChanged,
-		Data: pt.Stats.BytesData, Sent: pt.Stats.BytesSent, Identical: yesNo(ok)}, Libvirtd: l, Output: pt.Stats.BytesSent}, nil
+		Data: pt.Stats.BytesData, Sent: pt.Stats.BytesSent, Identical: yesNo(ok)}, Libvirtd: l, Output: pt.Stats.BytesSent, Steps: lv.tl.steps()}, nil
 }
 
 // vnbArgs are virtnbdbackup's arguments: a backup at level into out.
@@ -658,6 +748,20 @@ func (r *libvirtResult) print(e *env) {
 	t.row("incremental CPU, tool's own, median", secs(col(0, own)), secs(col(1, own)), ratio(col(0, own), col(1, own)), "≤ 1.00×: "+goal(cpuR, 1.0))
 	t.row("incremental CPU, with QEMU and libvirtd, median", secs(col(0, all)), secs(col(1, all)), ratio(col(0, all), col(1, all)), "-")
 	t.flush()
+	if steps := r.Initial[0].Steps; steps != nil {
+		e.printf("\nlifeboat's cycle step by step (each step ends at an event the cycle reports, or its recovery site logs):\n")
+		t = e.table("step", "initial", "incremental, median")
+		for i, s := range cycleSteps {
+			inc := col(0, func(x libvirtRow) float64 {
+				if len(x.Steps) != len(cycleSteps) {
+					return 0
+				}
+				return x.Steps[i].Seconds()
+			})
+			t.row(s.what, secs(steps[i].Seconds()), secs(inc))
+		}
+		t.flush()
+	}
 	e.printf("\nBoth tools protect only %s, freeze the guest's file systems through libvirt (virtnbdbackup always does when the\n"+
 		"agent answers) and read a libvirt pull-mode backup's NBD export of the running domain's QEMU.\n"+
 		"lifeboat: %d readers, %d NBD connections, BLAKE3, zstd (its default; random data does not compress, so only its probe\n"+

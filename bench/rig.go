@@ -125,6 +125,9 @@ type replication struct {
 	Client *wire.Client
 	P      *protect.Protector
 	dir    string
+	// mark, when set, is told when a cycle starts ("start"), reaches each
+	// phase it reports ("snapshot", "send", "commit") and ends ("end").
+	mark func(event string)
 }
 
 // startReplication runs a fresh recovery site in dir and a protector of vm.
@@ -176,8 +179,13 @@ func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, phas
 		pt                lifeboat.Point
 		start, send, comm time.Time
 	)
+	mark := func(string) {}
+	if r.mark != nil {
+		mark = r.mark
+	}
 	r.P.Progress = func(p protect.Progress) {
 		// Called from the cycle's own goroutine, before Cycle returns.
+		mark(p.Phase)
 		switch {
 		case p.Phase == "send" && send.IsZero():
 			send = time.Now()
@@ -188,8 +196,10 @@ func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, phas
 	defer func() { r.P.Progress = nil }()
 	m, err := measure(func() error {
 		start = time.Now()
+		mark("start")
 		var err error
 		pt, err = r.P.Cycle(ctx)
+		mark("end")
 		return err
 	})
 	var ph phases
