@@ -146,6 +146,7 @@ type libvirtResult struct {
 	Change, Write        int64
 	Rounds               int
 	Initial              [2]libvirtRow   // lifeboat, virtnbdbackup -l full: each one's fastest round
+	Unchanged            [2]libvirtRow   // lifeboat, virtnbdbackup -l inc with nothing changed
 	Incr                 [][2]libvirtRow // each round: lifeboat, virtnbdbackup -l inc
 	VnbArgs              []string
 	VnbVersion, Libvirtd string
@@ -222,6 +223,20 @@ func benchLibvirt(ctx context.Context, e *env) (*libvirtResult, error) {
 				res.Initial[i] = row
 			}
 		}
+	}
+	// A round with nothing changed: each tool's fixed cost.
+	for _, tool := range lv.order(0) {
+		e.progress("libvirt, nothing changed: %s", tool)
+		var row libvirtRow
+		if tool == vnbTool {
+			row, err = lv.vnbInc(ctx)
+		} else {
+			row, err = lv.lifeboatCycle(ctx)
+		}
+		if err != nil {
+			return nil, err
+		}
+		res.Unchanged[slices.Index(lv.order(0), tool)] = row
 	}
 	incrRounds := max(c.LibvirtRounds, 1)
 	for round := range incrRounds {
@@ -700,13 +715,14 @@ func (r *libvirtResult) print(e *env) {
 	e.printf("virtnbdbackup %s, %s; the test guest under TCG. Data disk %s: %s qcow2 holding %s of\n"+
 		"random data, written on the host before boot. The change: the guest overwrites %s of it in %s writes at distinct\n"+
 		"random offsets (incompressible content), then fsyncs the disk. Initial: fastest of %s; incremental: %s,\n"+
-		"one change each, both tools after it (which goes first alternates). Page cache hot throughout.\n\n",
+		"one change each, both tools after it (which goes first alternates); before them one round with nothing changed (each\n"+
+		"tool's fixed cost, not in the medians). Page cache hot throughout.\n\n",
 		r.VnbVersion, r.Libvirtd, libvirtDisk, size(r.DiskSize), size(r.Data), size(r.Change), size(r.Write),
 		plural(r.Rounds, "interleaved round"), plural(len(r.Incr), "round"))
 	t := e.table("step", "tool", "time", "prepare / send / commit", "CPU s", "tool's own (lifeboat: process + recovery qemu)", "domain QEMU", "libvirtd", "changed", "output", "replica identical")
 	row := func(step string, x libvirtRow) {
 		ph, changed, own := "-", "-", fmt.Sprintf("%.1f", x.ToolCPU())
-		if x.Sent > 0 {
+		if x.Tool == "lifeboat" {
 			ph, changed = x.Phases.String(), size(x.Changed)
 			own = fmt.Sprintf("%.1f + %.1f", x.CPU.Own, x.CPU.Recovery)
 		}
@@ -715,6 +731,8 @@ func (r *libvirtResult) print(e *env) {
 	}
 	row("initial", r.Initial[0])
 	row("initial", r.Initial[1])
+	row("nothing changed", r.Unchanged[0])
+	row("nothing changed", r.Unchanged[1])
 	for i, rows := range r.Incr {
 		for _, x := range rows {
 			row(fmt.Sprintf("incremental %d", i+1), x)
@@ -750,7 +768,7 @@ func (r *libvirtResult) print(e *env) {
 	t.flush()
 	if steps := r.Initial[0].Steps; steps != nil {
 		e.printf("\nlifeboat's cycle step by step (each step ends at an event the cycle reports, or its recovery site logs):\n")
-		t = e.table("step", "initial", "incremental, median")
+		t = e.table("step", "initial", "nothing changed", "incremental, median")
 		for i, s := range cycleSteps {
 			inc := col(0, func(x libvirtRow) float64 {
 				if len(x.Steps) != len(cycleSteps) {
@@ -758,7 +776,11 @@ func (r *libvirtResult) print(e *env) {
 				}
 				return x.Steps[i].Seconds()
 			})
-			t.row(s.what, secs(steps[i].Seconds()), secs(inc))
+			unchanged := "-"
+			if u := r.Unchanged[0].Steps; len(u) == len(cycleSteps) {
+				unchanged = secs(u[i].Seconds())
+			}
+			t.row(s.what, secs(steps[i].Seconds()), unchanged, secs(inc))
 		}
 		t.flush()
 	}
