@@ -36,7 +36,7 @@ func TestQuickRun(t *testing.T) {
 	if left, _ := os.ReadDir(parent); len(left) != 0 {
 		t.Errorf("the run left %d entries in its temporary directory's parent (e.g. %s)", len(left), left[0].Name())
 	}
-	for _, want := range []string{"machine:", "nbdcopy:", "rsync:", "## 1.", "## 2.", "## 3."} {
+	for _, want := range []string{"machine:", "nbdcopy:", "rsync:", "## 1.", "## 2.", "## 3.", "## 5."} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q", want)
 		}
@@ -126,11 +126,52 @@ func TestQuickRun(t *testing.T) {
 			}
 		}
 	}
+
+	// 5. libvirt, where this host runs it (under CI run must have failed instead)
+	lv := res.Libvirt
+	if lv.Skipped != "" {
+		t.Logf("libvirt: skipped: %s", lv.Skipped)
+		return
+	}
+	if len(lv.Incr) != cfg.LibvirtRounds {
+		t.Fatalf("libvirt: %d incremental rounds, want %d", len(lv.Incr), cfg.LibvirtRounds)
+	}
+	rows := append([][2]libvirtRow{lv.Initial}, lv.Incr...)
+	for i, pair := range rows {
+		lb, vnb := pair[0], pair[1]
+		if lb.M.Wall <= 0 || lb.CPU.Own <= 0 || lb.CPU.Recovery <= 0 || vnb.M.Wall <= 0 || vnb.CPU.Own <= 0 {
+			t.Errorf("libvirt step %d: lifeboat %v %s, virtnbdbackup %v %s: not measured", i, lb.M.Wall, lb.CPU, vnb.M.Wall, vnb.CPU)
+		}
+		if lb.CPU.Source <= 0 {
+			t.Errorf("libvirt step %d: the domain's QEMU not counted", i)
+		}
+		if lb.Identical != "yes" {
+			t.Errorf("libvirt step %d: lifeboat's replica not identical to the disk", i)
+		}
+		want := cfg.LibvirtData
+		if i > 0 {
+			want = cfg.LibvirtChange
+		}
+		// Both tools read exactly the data (initial) or the change (distinct aligned blocks).
+		if lb.Data != want || vnb.Output < want || vnb.Output > want+want/50 {
+			t.Errorf("libvirt step %d: lifeboat sent %d bytes as data, virtnbdbackup wrote %d, for %d", i, lb.Data, vnb.Output, want)
+		}
+	}
+	if u := lv.Unchanged[0]; u.Changed != 0 || u.Identical != "yes" || lv.Unchanged[1].M.Wall <= 0 {
+		t.Errorf("libvirt, nothing changed: lifeboat changed %d bytes (identical %s), virtnbdbackup took %v", u.Changed, u.Identical, lv.Unchanged[1].M.Wall)
+	}
+	if lv.VnbRestored != "yes" {
+		t.Errorf("libvirt: virtnbdbackup's chain restored is not the disk (%s)", lv.VnbRestored)
+	}
 }
 
 func shortTempDir(t *testing.T) string {
 	dir, err := os.MkdirTemp("", "lbbt")
 	if err != nil {
+		t.Fatal(err)
+	}
+	// The libvirt benchmark's QEMU runs as libvirt-qemu and must pass it.
+	if err := os.Chmod(dir, 0o711); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })

@@ -188,13 +188,18 @@ func runDurable(ctx context.Context, out, name string, args ...string) error {
 	if err := runTool(ctx, name, args...); err != nil {
 		return err
 	}
-	f, err := os.OpenFile(out, os.O_RDWR, 0)
+	return fsync(out)
+}
+
+// fsync makes a file or directory durable.
+func fsync(path string) error {
+	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", out, err)
+		return fmt.Errorf("fsync %s: %w", path, err)
 	}
 	return nil
 }

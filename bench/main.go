@@ -1,5 +1,6 @@
 // Command bench is `make bench`: lifeboat's replication measured side by side
-// with named peers (nbdcopy, qemu-img convert, rsync) on the same data in one run.
+// with named peers (nbdcopy, qemu-img convert, rsync, virtnbdbackup) on the
+// same data in one run.
 package main
 
 import (
@@ -35,7 +36,12 @@ type config struct {
 	WireChange int64
 	// Metadata: a sparse disk of MetaDisk with MetaData of data, MetaDiscard of it discarded.
 	MetaDisk, MetaData, MetaDiscard int64
-	Only                            map[string]bool // benchmarks to run; empty: all
+	// libvirt: a domain's data disk of LibvirtDisk holding LibvirtData of
+	// random data; the guest changes LibvirtChange of it in each of
+	// LibvirtRounds incremental rounds.
+	LibvirtDisk, LibvirtData, LibvirtChange int64
+	LibvirtRounds                           int
+	Only                                    map[string]bool // benchmarks to run; empty: all
 }
 
 const (
@@ -50,6 +56,7 @@ func defaultConfig() config {
 		IncrDisks: []int64{16 * gib, 64 * gib}, IncrData: 4 * gib, IncrChange: 64 * mib, IncrMore: 256 * mib,
 		WireChange: 256 * mib,
 		MetaDisk:   16 * tib, MetaData: 3 * gib, MetaDiscard: 4 * tib,
+		LibvirtDisk: 2 * gib, LibvirtData: 1 * gib, LibvirtChange: 128 * mib, LibvirtRounds: 3,
 	}
 }
 
@@ -60,13 +67,14 @@ func quickConfig() config {
 		IncrDisks: []int64{512 * mib, 2 * gib}, IncrData: 128 * mib, IncrChange: 8 * mib, IncrMore: 32 * mib,
 		WireChange: 16 * mib,
 		MetaDisk:   1 * tib, MetaData: 96 * mib, MetaDiscard: 256 * gib,
+		LibvirtDisk: 256 * mib, LibvirtData: 128 * mib, LibvirtChange: 16 * mib, LibvirtRounds: 1,
 	}
 }
 
 // runs says whether a benchmark runs; metadata (minutes on a 16 TiB disk) only when named.
 func (c config) runs(name string) bool { return c.Only[name] || len(c.Only) == 0 && name != "metadata" }
 
-var benchNames = []string{"initial", "incremental", "wire", "metadata"}
+var benchNames = []string{"initial", "incremental", "wire", "metadata", "libvirt"}
 
 func main() {
 	if dir := os.Getenv(recoverySiteEnv); dir != "" {
@@ -83,7 +91,7 @@ func main() {
 		scale  = flag.Float64("scale", 1, "multiply every data size (not disk sizes) by this, e.g. 0.25 for a shorter run")
 	)
 	flag.Usage = func() {
-		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire] [-rounds N] [-scale F] [-tmp DIR] [-cpuprofile FILE]\n"+
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire,libvirt] [-rounds N] [-scale F] [-tmp DIR] [-cpuprofile FILE]\n"+
 			"example: make bench BENCH_ARGS='-only incremental'\n\n")
 		flag.PrintDefaults()
 	}
@@ -103,6 +111,7 @@ func main() {
 		s := func(n int64) int64 { return max(int64(float64(n)**scale)/mib*mib, mib) }
 		cfg.InitData, cfg.IncrData, cfg.IncrChange, cfg.IncrMore, cfg.WireChange, cfg.MetaData =
 			s(cfg.InitData), s(cfg.IncrData), s(cfg.IncrChange), s(cfg.IncrMore), s(cfg.WireChange), s(cfg.MetaData)
+		cfg.LibvirtData, cfg.LibvirtChange = s(cfg.LibvirtData), s(cfg.LibvirtChange)
 	}
 	if *only != "" {
 		cfg.Only = map[string]bool{}
@@ -156,6 +165,7 @@ type results struct {
 	Incremental *incrementalResult
 	Wire        *wireResult
 	Metadata    *metadataResult
+	Libvirt     *libvirtResult
 }
 
 // env is one run's shared state: its temporary directory and its output.
@@ -236,6 +246,12 @@ func run(ctx context.Context, cfg config, tmpParent string, out, prog io.Writer)
 			return res, fmt.Errorf("metadata benchmark: %w", err)
 		}
 		res.Metadata.print(e)
+	}
+	if cfg.runs("libvirt") {
+		if res.Libvirt, err = benchLibvirt(ctx, e); err != nil {
+			return res, fmt.Errorf("libvirt benchmark: %w", err)
+		}
+		res.Libvirt.print(e)
 	}
 	return res, nil
 }

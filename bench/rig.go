@@ -125,12 +125,25 @@ type replication struct {
 	Client *wire.Client
 	P      *protect.Protector
 	dir    string
+	// mark, when set, is told when a cycle starts ("start"), reaches each
+	// phase it reports ("snapshot", "send", "commit") and ends ("end").
+	mark func(event string)
 }
 
 // startReplication runs a fresh recovery site in dir and a protector of vm.
 func startReplication(ctx context.Context, dir, name string, vm *sourceVM, comp wire.Compression, log *slog.Logger) (*replication, error) {
-	r := &replication{Name: name, dir: dir}
-	if err := os.MkdirAll(filepath.Join(dir, "work"), 0o700); err != nil {
+	return newReplication(ctx, dir, protect.VM{Name: name, QMPSocket: vm.Daemon.ClientQMPSocket(), NBDSocket: vm.Daemon.NBDSocket(),
+		Disks: []string{diskName}, WorkDir: filepath.Join(dir, "work")}, comp, log)
+}
+
+// newReplication runs a fresh recovery site in dir and a protector of v
+// (whose first disk Identical compares), as `lifeboat serve` sets one up.
+func newReplication(ctx context.Context, dir string, v protect.VM, comp wire.Compression, log *slog.Logger) (*replication, error) {
+	r := &replication{Name: v.Name, dir: dir}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(v.WorkDir, 0o700); err != nil {
 		return nil, err
 	}
 	site, err := testsite.New(ctx, dir, recovery.Options{Keep: 100, Logger: log})
@@ -143,9 +156,7 @@ func startReplication(ctx context.Context, dir, name string, vm *sourceVM, comp 
 		return nil, err
 	}
 	r.P = &protect.Protector{
-		VM: protect.VM{Name: name, QMPSocket: vm.Daemon.ClientQMPSocket(), NBDSocket: vm.Daemon.NBDSocket(),
-			Disks: []string{diskName}, WorkDir: filepath.Join(dir, "work")},
-		Target: r.Client, Log: log,
+		VM: v, Target: r.Client, Log: log,
 		Readers: protectReaders, ChunkSize: protectChunkSize, Connections: protectConnections,
 	}
 	return r, nil
@@ -168,8 +179,13 @@ func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, phas
 		pt                lifeboat.Point
 		start, send, comm time.Time
 	)
+	mark := func(string) {}
+	if r.mark != nil {
+		mark = r.mark
+	}
 	r.P.Progress = func(p protect.Progress) {
 		// Called from the cycle's own goroutine, before Cycle returns.
+		mark(p.Phase)
 		switch {
 		case p.Phase == "send" && send.IsZero():
 			send = time.Now()
@@ -180,8 +196,10 @@ func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, phas
 	defer func() { r.P.Progress = nil }()
 	m, err := measure(func() error {
 		start = time.Now()
+		mark("start")
 		var err error
 		pt, err = r.P.Cycle(ctx)
+		mark("end")
 		return err
 	})
 	var ph phases
@@ -196,7 +214,7 @@ func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, phas
 // source image (the source must not be written to since the point's instant,
 // and flushed).
 func (r *replication) Identical(ctx context.Context, id uint64, source string) (bool, error) {
-	img, err := r.Site.Store.ImagePath(r.Name, id, diskName)
+	img, err := r.Site.Store.ImagePath(r.Name, id, r.P.VM.Disks[0])
 	if err != nil {
 		return false, err
 	}

@@ -34,12 +34,31 @@ var (
 	buildErr  error
 )
 
-// build runs test/guest/build.sh into CacheDir once per test binary (the
-// script itself does nothing when its outputs are up to date) and returns the
-// kernel and initramfs.
+// build is Build: it skips (fails under CI) when the host lacks the guest's
+// ingredients, and fails when the build does.
 func build(t testing.TB) (kernel, initrd string) {
 	t.Helper()
-	requireGuestInputs(t)
+	if missing := Missing(); missing != "" {
+		if testenv.InCI() {
+			t.Fatal(missing)
+		}
+		t.Skip(missing)
+	}
+	kernel, initrd, err := Kernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kernel, initrd
+}
+
+// Kernel runs test/guest/build.sh into CacheDir once per process (the script
+// itself does nothing when its outputs are up to date) and returns the
+// kernel and initramfs. It is Build for callers without a testing.TB, such
+// as the benchmark harness; check Missing first.
+func Kernel() (kernel, initrd string, err error) {
+	if missing := Missing(); missing != "" {
+		return "", "", errors.New(missing)
+	}
 	dir := CacheDir()
 	buildOnce.Do(func() {
 		root, err := repoRoot()
@@ -53,15 +72,14 @@ func build(t testing.TB) (kernel, initrd string) {
 		buildOut, buildErr = cmd.CombinedOutput()
 	})
 	if buildErr != nil {
-		t.Fatalf("testguest: test/guest/build.sh %s: %v\n%s", dir, buildErr, buildOut)
+		return "", "", fmt.Errorf("testguest: test/guest/build.sh %s: %v\n%s", dir, buildErr, buildOut)
 	}
-	return filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initramfs.cpio.gz")
+	return filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initramfs.cpio.gz"), nil
 }
 
-// requireGuestInputs skips (fails under CI) when the host lacks what the
-// guest is made of, the way testenv.RequireTools does for programs.
-func requireGuestInputs(t testing.TB) {
-	t.Helper()
+// Missing says what the host lacks to build the guest, and how to get it;
+// "" when nothing.
+func Missing() string {
 	kernels, _ := filepath.Glob("/boot/vmlinuz-*")
 	missing := ""
 	switch {
@@ -74,13 +92,9 @@ func requireGuestInputs(t testing.TB) {
 	case mkfs() == "":
 		missing = "mkfs.ext4 (package e2fsprogs)"
 	default:
-		return
+		return ""
 	}
-	msg := "testguest: the test guest needs " + missing + ": run scripts/deps.sh"
-	if testenv.InCI() {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
+	return "testguest: the test guest needs " + missing + ": run scripts/deps.sh"
 }
 
 func exists(path string) bool { _, err := os.Stat(path); return err == nil }
@@ -126,47 +140,48 @@ func Build(t testing.TB) (kernel, initrd string) {
 // ext4 file system: the test guest's data disk.
 func MakeDisk(t testing.TB, path string, size int64, format string) {
 	t.Helper()
-	if format == "raw" {
-		makeFS(t, path, size)
-		return
+	if err := NewDisk(path, size, format); err != nil {
+		t.Fatal(err)
 	}
-	makeDisk(t, path, size)
 }
 
-// makeDisk makes a qcow2 image at path holding an empty ext4 file system.
-func makeDisk(t testing.TB, path string, size int64) {
-	t.Helper()
+// NewDisk is MakeDisk for callers without a testing.TB.
+func NewDisk(path string, size int64, format string) error {
+	if format == "raw" {
+		return makeFS(path, size)
+	}
 	raw := path + ".raw"
 	defer os.Remove(raw)
-	makeFS(t, raw, size)
+	if err := makeFS(raw, size); err != nil {
+		return err
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if out, err := exec.CommandContext(ctx, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path).CombinedOutput(); err != nil {
-		t.Fatalf("testguest: qemu-img convert %s: %v\n%s", path, err, out)
+		return fmt.Errorf("testguest: qemu-img convert %s: %v\n%s", path, err, out)
 	}
+	return nil
 }
 
 // makeFS makes a raw image at raw holding an empty ext4 file system.
-func makeFS(t testing.TB, raw string, size int64) {
-	t.Helper()
+func makeFS(raw string, size int64) error {
 	f, err := os.Create(raw)
 	if err == nil {
 		err = f.Truncate(size)
 		f.Close()
 	}
 	if err != nil {
-		t.Fatalf("testguest: make raw disk %s: %v", raw, err)
+		return fmt.Errorf("testguest: make raw disk %s: %v", raw, err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	// Initialise inode tables and journal now: otherwise the guest kernel
 	// does it lazily in the background, writing to the disk under the tests.
-	run := func(prog string, args ...string) {
-		if out, err := exec.CommandContext(ctx, prog, args...).CombinedOutput(); err != nil {
-			t.Fatalf("testguest: %s %q: %v\n%s", prog, args, err, out)
-		}
+	prog, args := mkfs(), []string{"-q", "-F", "-L", "data", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", raw}
+	if out, err := exec.CommandContext(ctx, prog, args...).CombinedOutput(); err != nil {
+		return fmt.Errorf("testguest: %s %q: %v\n%s", prog, args, err, out)
 	}
-	run(mkfs(), "-q", "-F", "-L", "data", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", raw)
+	return nil
 }
 
 // CheckWriterFile checks one file the FsyncWriter workload wrote (name is its

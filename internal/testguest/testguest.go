@@ -117,7 +117,7 @@ func Boot(t testing.TB, opts Options) *Guest {
 	g.image = opts.Image
 	if g.image == "" {
 		g.image = filepath.Join(g.dir, "data.qcow2")
-		makeDisk(t, g.image, opts.DiskSize)
+		MakeDisk(t, g.image, opts.DiskSize, "qcow2")
 	}
 	format := "raw"
 	if isQcow2(g.image) {

@@ -5,6 +5,7 @@ package testlibvirt
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -33,17 +34,47 @@ var (
 // as root, and fails instead under CI.
 func Require(t testing.TB) {
 	t.Helper()
-	testenv.RequireTools(t, "libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "qemu-img")
-	if os.Geteuid() != 0 {
+	if m := missingHost(); m != "" {
 		if testenv.InCI() {
-			t.Fatal("testlibvirt: the libvirt tests need root (the system libvirtd runs QEMU as libvirt-qemu)")
+			t.Fatal(m)
 		}
-		t.Skip("testlibvirt: the libvirt tests need root")
+		t.Skip(m)
 	}
+	if err := Start(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Missing says what this host lacks to run a test domain, and how to get it
+// ("" when nothing): a program, root, or the test guest's ingredients.
+func Missing() string {
+	if m := missingHost(); m != "" {
+		return m
+	}
+	return testguest.Missing()
+}
+
+func missingHost() string {
+	for _, tool := range []string{"libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "qemu-img"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return "testlibvirt: needs " + tool + " on PATH: run `make deps`"
+		}
+	}
+	if os.Geteuid() != 0 {
+		return "testlibvirt: needs root (the system libvirtd runs QEMU as libvirt-qemu)"
+	}
+	return ""
+}
+
+// Start makes sure libvirtd answers on URI, starting it (and virtlogd) once
+// per process when it does not. It is Require for callers without a
+// testing.TB; check Missing first.
+func Start() error {
 	startOnce.Do(func() { startErr = start() })
 	if startErr != nil {
-		t.Fatalf("testlibvirt: %v", startErr)
+		return fmt.Errorf("testlibvirt: %w", startErr)
 	}
+	return nil
 }
 
 func answers() bool {
@@ -83,11 +114,14 @@ func Virsh(args ...string) (string, error) {
 }
 
 // DiskSpec is one disk of a domain. The first disk (vda) holds the test
-// guest's ext4 file system; others are blank.
+// guest's ext4 file system; others are blank, or From.
 type DiskSpec struct {
 	Target string // vda, vdb
 	Format string // qcow2 (default) or raw
 	Size   int64
+	// From is an image (of Format) to move into the domain's directory as
+	// this disk instead of a blank one: a disk made with data, say.
+	From string
 }
 
 // Options describe a domain.
@@ -95,11 +129,14 @@ type Options struct {
 	Name     string // made unique per test when empty
 	Workload string // testguest.None, FsyncWriter or Counter
 	Disks    []DiskSpec
+	// Parent is the directory the domain's own is made in (default: the
+	// temporary directory). QEMU, as libvirt-qemu, must be able to pass it.
+	Parent string
 }
 
 // Domain is a defined (persistent) test domain.
 type Domain struct {
-	t     testing.TB
+	t     testing.TB // nil for a domain made by New
 	Name  string
 	Dir   string // its files: images, kernel, console log; reachable by QEMU
 	Disks []DiskSpec
@@ -117,13 +154,56 @@ var seq struct {
 func Boot(t testing.TB, opts Options) *Domain {
 	t.Helper()
 	Require(t)
-	kernel, initrd := testguest.Build(t)
+	testguest.Build(t) // skips (fails under CI) without the guest's ingredients
+	d, err := create(opts)
+	if d != nil {
+		d.t = t
+		t.Cleanup(d.cleanup)
+	}
+	if err == nil {
+		err = d.Run(context.Background())
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// New is Boot for callers without a testing.TB, such as the benchmark
+// harness: it starts libvirtd if needed (check Missing first), defines and
+// starts the domain and waits until the guest is ready. The caller removes
+// it (Remove); on an error New removes what it made.
+func New(ctx context.Context, opts Options) (*Domain, error) {
+	if err := Start(); err != nil {
+		return nil, err
+	}
+	d, err := create(opts)
+	if err == nil {
+		err = d.Run(ctx)
+	}
+	if err != nil {
+		if d != nil {
+			d.Remove()
+		}
+		return nil, err
+	}
+	return d, nil
+}
+
+// create makes the domain's files and defines it. A non-nil Domain is
+// returned whenever there is something to remove.
+func create(opts Options) (*Domain, error) {
+	kernel, initrd, err := testguest.Kernel()
+	if err != nil {
+		return nil, err
+	}
 	if opts.Workload == "" {
 		opts.Workload = testguest.None
 	}
 	if len(opts.Disks) == 0 {
 		opts.Disks = []DiskSpec{{Target: "vda", Size: testguest.DefaultDiskSize}}
 	}
+	opts.Disks = append([]DiskSpec(nil), opts.Disks...)
 	if opts.Name == "" {
 		seq.Lock()
 		seq.n++
@@ -132,44 +212,49 @@ func Boot(t testing.TB, opts Options) *Domain {
 	}
 	// t.TempDir's directories are 0700 root: QEMU (libvirt-qemu) could not
 	// reach its images there.
-	dir, err := os.MkdirTemp("", "lbv-")
+	dir, err := os.MkdirTemp(opts.Parent, "lbv-")
 	if err != nil {
-		t.Fatal(err)
+		return nil, fmt.Errorf("testlibvirt: %w", err)
 	}
+	d := &Domain{Name: opts.Name, Dir: dir, Disks: opts.Disks, opts: opts}
 	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
+		return d, fmt.Errorf("testlibvirt: %w", err)
 	}
-	d := &Domain{t: t, Name: opts.Name, Dir: dir, Disks: opts.Disks, opts: opts}
-	t.Cleanup(d.cleanup)
 	// Own copies: libvirt relabels a domain's kernel and initrd, and the
 	// cache is shared by every test.
 	for _, f := range [][2]string{{kernel, "vmlinuz"}, {initrd, "initrd"}} {
 		if err := copyFile(f[0], filepath.Join(dir, f[1])); err != nil {
-			t.Fatal(err)
+			return d, fmt.Errorf("testlibvirt: %w", err)
 		}
 	}
-	for i, ds := range opts.Disks {
+	for i, ds := range d.Disks {
 		if ds.Format == "" {
-			opts.Disks[i].Format = "qcow2"
+			d.Disks[i].Format = "qcow2"
 		}
 		path := d.Image(ds.Target)
-		if i == 0 {
-			testguest.MakeDisk(t, path, ds.Size, opts.Disks[i].Format)
-			continue
-		}
-		if out, err := exec.Command("qemu-img", "create", "-q", "-f", opts.Disks[i].Format, path, strconv.FormatInt(ds.Size, 10)).CombinedOutput(); err != nil {
-			t.Fatalf("testlibvirt: qemu-img create %s: %v: %s", path, err, out)
+		switch {
+		case ds.From != "":
+			if err := os.Rename(ds.From, path); err != nil {
+				return d, fmt.Errorf("testlibvirt: disk %s: %w", ds.Target, err)
+			}
+		case i == 0:
+			if err := testguest.NewDisk(path, ds.Size, d.Disks[i].Format); err != nil {
+				return d, err
+			}
+		default:
+			if out, err := exec.Command("qemu-img", "create", "-q", "-f", d.Disks[i].Format, path, strconv.FormatInt(ds.Size, 10)).CombinedOutput(); err != nil {
+				return d, fmt.Errorf("testlibvirt: qemu-img create %s: %v: %s", path, err, out)
+			}
 		}
 	}
 	xmlPath := filepath.Join(dir, "domain.xml")
 	if err := os.WriteFile(xmlPath, []byte(d.xml()), 0o644); err != nil {
-		t.Fatal(err)
+		return d, fmt.Errorf("testlibvirt: %w", err)
 	}
 	if _, err := Virsh("define", xmlPath); err != nil {
-		t.Fatalf("testlibvirt: %v", err)
+		return d, fmt.Errorf("testlibvirt: %w", err)
 	}
-	d.Start()
-	return d
+	return d, nil
 }
 
 // Image is the path of a disk's image file (its base: an external snapshot
@@ -214,98 +299,148 @@ func (d *Domain) xml() string {
 `, d.Name, d.Dir, d.Dir, d.opts.Workload, disks.String(), d.Dir, d.Dir)
 }
 
+// must fails the test of a domain made by Boot on err. The methods that call
+// it are for tests; a domain made by New has their error-returning cores.
+func (d *Domain) must(err error) {
+	if err == nil {
+		return
+	}
+	if d.t == nil {
+		panic(fmt.Sprintf("testlibvirt: %v (a test helper called on a domain made by New: use the method returning errors)", err))
+	}
+	d.t.Helper()
+	d.t.Fatal(err)
+}
+
+func (d *Domain) helper() {
+	if d.t != nil {
+		d.t.Helper()
+	}
+}
+
 // Start starts the (defined) domain and waits until the guest is ready.
 func (d *Domain) Start() {
-	d.t.Helper()
+	d.helper()
+	d.must(d.Run(context.Background()))
+}
+
+// Run is Start, returning its error.
+func (d *Domain) Run(ctx context.Context) error {
 	before := len(d.Console())
 	if _, err := Virsh("start", d.Name); err != nil {
-		d.t.Fatalf("testlibvirt: %v", err)
+		return fmt.Errorf("testlibvirt: %w", err)
 	}
-	deadline := time.Now().Add(3 * time.Minute)
-	for time.Now().Before(deadline) {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	for ctx.Err() == nil {
 		c := d.Console()
 		if len(c) > before && strings.Contains(c[before:], "lifeboat-guest: ready") {
 			if strings.Contains(c[before:], "error:") {
-				d.t.Fatalf("testlibvirt: %s: the guest reports an error:\n%s", d.Name, c[before:])
+				return fmt.Errorf("testlibvirt: %s: the guest reports an error:\n%s", d.Name, c[before:])
 			}
 			// The agent answers through libvirt once it is ready (asked
 			// through libvirt's own API: the agent pass-through taints).
-			for time.Now().Before(deadline) {
+			for ctx.Err() == nil {
 				if _, err := Virsh("domfsinfo", d.Name); err == nil {
-					return
+					return nil
 				}
-				time.Sleep(200 * time.Millisecond)
+				sleep(ctx, 200*time.Millisecond)
 			}
 		}
-		time.Sleep(200 * time.Millisecond)
+		sleep(ctx, 200*time.Millisecond)
 	}
-	d.t.Fatalf("testlibvirt: %s: the guest was not ready in 3 minutes; console:\n%s", d.Name, d.Console())
+	return fmt.Errorf("testlibvirt: %s: the guest was not ready in 3 minutes (%v); console:\n%s", d.Name, context.Cause(ctx), tail(d.Console(), 30))
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
 }
 
 // Shutdown shuts the guest down through its agent (`virsh shutdown --mode
 // agent`: the test guest handles no ACPI button) and waits until the domain
 // is off.
 func (d *Domain) Shutdown() {
-	d.t.Helper()
+	d.helper()
 	if _, err := Virsh("shutdown", d.Name, "--mode", "agent"); err != nil {
-		d.t.Fatalf("testlibvirt: %v", err)
+		d.must(fmt.Errorf("testlibvirt: %w", err))
 	}
-	if !d.waitOff(2 * time.Minute) {
-		d.t.Fatalf("testlibvirt: %s did not power off 2 minutes after `virsh shutdown`", d.Name)
-	}
+	d.must(d.waitOff(2*time.Minute, "after `virsh shutdown`"))
 }
 
 // Destroy stops the domain at once (as pulling the plug).
 func (d *Domain) Destroy() {
-	d.t.Helper()
+	d.helper()
+	d.must(d.Kill())
+}
+
+// Kill is Destroy, returning its error.
+func (d *Domain) Kill() error {
 	if _, err := Virsh("destroy", d.Name); err != nil {
-		d.t.Fatalf("testlibvirt: %v", err)
+		return fmt.Errorf("testlibvirt: %w", err)
 	}
+	return nil
 }
 
 // QEMUPid is the pid of the domain's QEMU.
 func (d *Domain) QEMUPid() int {
-	d.t.Helper()
-	b, err := os.ReadFile(filepath.Join("/run/libvirt/qemu", d.Name+".pid"))
-	if err != nil {
-		d.t.Fatalf("testlibvirt: pid of %s: %v", d.Name, err)
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		d.t.Fatalf("testlibvirt: pid of %s: %v", d.Name, err)
-	}
+	d.helper()
+	pid, err := d.PID()
+	d.must(err)
 	return pid
 }
 
-func (d *Domain) waitOff(limit time.Duration) bool {
+// PID is QEMUPid, returning its error.
+func (d *Domain) PID() (int, error) {
+	b, err := os.ReadFile(filepath.Join("/run/libvirt/qemu", d.Name+".pid"))
+	if err != nil {
+		return 0, fmt.Errorf("testlibvirt: pid of %s: %w", d.Name, err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("testlibvirt: pid of %s: %w", d.Name, err)
+	}
+	return pid, nil
+}
+
+func (d *Domain) waitOff(limit time.Duration, what string) error {
 	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) {
 		out, err := Virsh("domstate", d.Name)
 		if err == nil && strings.Contains(out, "shut off") {
-			return true
+			return nil
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	return false
+	return fmt.Errorf("testlibvirt: %s still runs %v %s", d.Name, limit, what)
 }
 
 // WaitOff waits until the domain is off.
 func (d *Domain) WaitOff(limit time.Duration) {
-	d.t.Helper()
-	if !d.waitOff(limit) {
-		d.t.Fatalf("testlibvirt: %s still runs after %v", d.Name, limit)
-	}
+	d.helper()
+	d.must(d.waitOff(limit, "later"))
 }
 
 func (d *Domain) cleanup() {
-	Virsh("destroy", d.Name)
-	if _, err := Virsh("undefine", d.Name, "--checkpoints-metadata", "--snapshots-metadata", "--nvram"); err != nil {
-		d.t.Logf("testlibvirt: %v", err)
-	}
 	if d.t.Failed() {
 		d.t.Logf("testlibvirt: %s console:\n%s", d.Name, tail(d.Console(), 30))
 	}
-	os.RemoveAll(d.Dir)
+	if err := d.Remove(); err != nil {
+		d.t.Logf("%v", err)
+	}
+}
+
+// Remove destroys the domain, undefines it (with its checkpoint and
+// snapshot metadata) and deletes its files.
+func (d *Domain) Remove() error {
+	Virsh("destroy", d.Name) // fails when it is off: nothing to do
+	_, err := Virsh("undefine", d.Name, "--checkpoints-metadata", "--snapshots-metadata", "--nvram")
+	if err != nil {
+		err = fmt.Errorf("testlibvirt: %w", err)
+	}
+	return errors.Join(err, os.RemoveAll(d.Dir))
 }
 
 func tail(s string, n int) string {
