@@ -157,6 +157,9 @@ func TestQuickRun(t *testing.T) {
 			t.Errorf("libvirt step %d: lifeboat sent %d bytes as data, virtnbdbackup wrote %d, for %d", i, lb.Data, vnb.Output, want)
 		}
 	}
+	if u := lv.Unchanged[0]; u.Changed != 0 || u.Identical != "yes" || lv.Unchanged[1].M.Wall <= 0 {
+		t.Errorf("libvirt, nothing changed: lifeboat changed %d bytes (identical %s), virtnbdbackup took %v", u.Changed, u.Identical, lv.Unchanged[1].M.Wall)
+	}
 	if lv.VnbRestored != "yes" {
 		t.Errorf("libvirt: virtnbdbackup's chain restored is not the disk (%s)", lv.VnbRestored)
 	}

@@ -146,6 +146,7 @@ type libvirtResult struct {
 	Change, Write        int64
 	Rounds               int
 	Initial              [2]libvirtRow   // lifeboat, virtnbdbackup -l full: each one's fastest round
+	Unchanged            [2]libvirtRow   // lifeboat, virtnbdbackup -l inc with nothing changed
 	Incr                 [][2]libvirtRow // each round: lifeboat, virtnbdbackup -l inc
 	VnbArgs              []string
 	VnbVersion, Libvirtd string
@@ -223,25 +224,20 @@ func benchLibvirt(ctx context.Context, e *env) (*libvirtResult, error) {
 			}
 		}
 	}
+	// A round with nothing changed: each tool's fixed cost.
+	if res.Unchanged, err = lv.incremental(ctx, 0, "nothing changed"); err != nil {
+		return nil, err
+	}
 	incrRounds := max(c.LibvirtRounds, 1)
 	for round := range incrRounds {
-		e.progress("libvirt, incremental round %d/%d: the guest overwrites %s in %s writes", round+1, incrRounds, size(c.LibvirtChange), size(libvirtWrite))
+		what := fmt.Sprintf("incremental round %d/%d", round+1, incrRounds)
+		e.progress("libvirt, %s: the guest overwrites %s in %s writes", what, size(c.LibvirtChange), size(libvirtWrite))
 		if err := lv.change(ctx, round); err != nil {
 			return nil, err
 		}
-		var rows [2]libvirtRow
-		for _, tool := range lv.order(round) {
-			e.progress("libvirt, incremental round %d/%d: %s", round+1, incrRounds, tool)
-			var row libvirtRow
-			if tool == vnbTool {
-				row, err = lv.vnbInc(ctx)
-			} else {
-				row, err = lv.lifeboatCycle(ctx)
-			}
-			if err != nil {
-				return nil, err
-			}
-			rows[slices.Index(lv.order(0), tool)] = row
+		rows, err := lv.incremental(ctx, round, what)
+		if err != nil {
+			return nil, err
 		}
 		res.Incr = append(res.Incr, rows)
 	}
@@ -251,6 +247,28 @@ func benchLibvirt(ctx context.Context, e *env) (*libvirtResult, error) {
 		return nil, err
 	}
 	return res, nil
+}
+
+// incremental is a lifeboat cycle and a virtnbdbackup -l inc, in round's order.
+func (lv *libvirtRig) incremental(ctx context.Context, round int, what string) ([2]libvirtRow, error) {
+	var rows [2]libvirtRow
+	for _, tool := range lv.order(round) {
+		lv.e.progress("libvirt, %s: %s", what, tool)
+		var (
+			row libvirtRow
+			err error
+		)
+		if tool == vnbTool {
+			row, err = lv.vnbInc(ctx)
+		} else {
+			row, err = lv.lifeboatCycle(ctx)
+		}
+		if err != nil {
+			return rows, err
+		}
+		rows[slices.Index(lv.order(0), tool)] = row
+	}
+	return rows, nil
 }
 
 // order is the tools' order in a round: lifeboat first in even rounds,
@@ -700,13 +718,14 @@ func (r *libvirtResult) print(e *env) {
 	e.printf("virtnbdbackup %s, %s; the test guest under TCG. Data disk %s: %s qcow2 holding %s of\n"+
 		"random data, written on the host before boot. The change: the guest overwrites %s of it in %s writes at distinct\n"+
 		"random offsets (incompressible content), then fsyncs the disk. Initial: fastest of %s; incremental: %s,\n"+
-		"one change each, both tools after it (which goes first alternates). Page cache hot throughout.\n\n",
+		"one change each, both tools after it (which goes first alternates); before them one round with nothing changed (each\n"+
+		"tool's fixed cost, not in the medians). Page cache hot throughout.\n\n",
 		r.VnbVersion, r.Libvirtd, libvirtDisk, size(r.DiskSize), size(r.Data), size(r.Change), size(r.Write),
 		plural(r.Rounds, "interleaved round"), plural(len(r.Incr), "round"))
 	t := e.table("step", "tool", "time", "prepare / send / commit", "CPU s", "tool's own (lifeboat: process + recovery qemu)", "domain QEMU", "libvirtd", "changed", "output", "replica identical")
 	row := func(step string, x libvirtRow) {
 		ph, changed, own := "-", "-", fmt.Sprintf("%.1f", x.ToolCPU())
-		if x.Sent > 0 {
+		if x.Tool == "lifeboat" {
 			ph, changed = x.Phases.String(), size(x.Changed)
 			own = fmt.Sprintf("%.1f + %.1f", x.CPU.Own, x.CPU.Recovery)
 		}
@@ -715,6 +734,8 @@ func (r *libvirtResult) print(e *env) {
 	}
 	row("initial", r.Initial[0])
 	row("initial", r.Initial[1])
+	row("nothing changed", r.Unchanged[0])
+	row("nothing changed", r.Unchanged[1])
 	for i, rows := range r.Incr {
 		for _, x := range rows {
 			row(fmt.Sprintf("incremental %d", i+1), x)
@@ -750,7 +771,7 @@ func (r *libvirtResult) print(e *env) {
 	t.flush()
 	if steps := r.Initial[0].Steps; steps != nil {
 		e.printf("\nlifeboat's cycle step by step (each step ends at an event the cycle reports, or its recovery site logs):\n")
-		t = e.table("step", "initial", "incremental, median")
+		t = e.table("step", "initial", "nothing changed", "incremental, median")
 		for i, s := range cycleSteps {
 			inc := col(0, func(x libvirtRow) float64 {
 				if len(x.Steps) != len(cycleSteps) {
@@ -758,7 +779,11 @@ func (r *libvirtResult) print(e *env) {
 				}
 				return x.Steps[i].Seconds()
 			})
-			t.row(s.what, secs(steps[i].Seconds()), secs(inc))
+			unchanged := "-"
+			if u := r.Unchanged[0].Steps; len(u) == len(cycleSteps) {
+				unchanged = secs(u[i].Seconds())
+			}
+			t.row(s.what, secs(steps[i].Seconds()), unchanged, secs(inc))
 		}
 		t.flush()
 	}
