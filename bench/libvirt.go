@@ -225,38 +225,19 @@ func benchLibvirt(ctx context.Context, e *env) (*libvirtResult, error) {
 		}
 	}
 	// A round with nothing changed: each tool's fixed cost.
-	for _, tool := range lv.order(0) {
-		e.progress("libvirt, nothing changed: %s", tool)
-		var row libvirtRow
-		if tool == vnbTool {
-			row, err = lv.vnbInc(ctx)
-		} else {
-			row, err = lv.lifeboatCycle(ctx)
-		}
-		if err != nil {
-			return nil, err
-		}
-		res.Unchanged[slices.Index(lv.order(0), tool)] = row
+	if res.Unchanged, err = lv.incremental(ctx, 0, "nothing changed"); err != nil {
+		return nil, err
 	}
 	incrRounds := max(c.LibvirtRounds, 1)
 	for round := range incrRounds {
-		e.progress("libvirt, incremental round %d/%d: the guest overwrites %s in %s writes", round+1, incrRounds, size(c.LibvirtChange), size(libvirtWrite))
+		what := fmt.Sprintf("incremental round %d/%d", round+1, incrRounds)
+		e.progress("libvirt, %s: the guest overwrites %s in %s writes", what, size(c.LibvirtChange), size(libvirtWrite))
 		if err := lv.change(ctx, round); err != nil {
 			return nil, err
 		}
-		var rows [2]libvirtRow
-		for _, tool := range lv.order(round) {
-			e.progress("libvirt, incremental round %d/%d: %s", round+1, incrRounds, tool)
-			var row libvirtRow
-			if tool == vnbTool {
-				row, err = lv.vnbInc(ctx)
-			} else {
-				row, err = lv.lifeboatCycle(ctx)
-			}
-			if err != nil {
-				return nil, err
-			}
-			rows[slices.Index(lv.order(0), tool)] = row
+		rows, err := lv.incremental(ctx, round, what)
+		if err != nil {
+			return nil, err
 		}
 		res.Incr = append(res.Incr, rows)
 	}
@@ -266,6 +247,28 @@ func benchLibvirt(ctx context.Context, e *env) (*libvirtResult, error) {
 		return nil, err
 	}
 	return res, nil
+}
+
+// incremental is a lifeboat cycle and a virtnbdbackup -l inc, in round's order.
+func (lv *libvirtRig) incremental(ctx context.Context, round int, what string) ([2]libvirtRow, error) {
+	var rows [2]libvirtRow
+	for _, tool := range lv.order(round) {
+		lv.e.progress("libvirt, %s: %s", what, tool)
+		var (
+			row libvirtRow
+			err error
+		)
+		if tool == vnbTool {
+			row, err = lv.vnbInc(ctx)
+		} else {
+			row, err = lv.lifeboatCycle(ctx)
+		}
+		if err != nil {
+			return rows, err
+		}
+		rows[slices.Index(lv.order(0), tool)] = row
+	}
+	return rows, nil
 }
 
 // order is the tools' order in a round: lifeboat first in even rounds,
