@@ -86,6 +86,7 @@ func StartDaemon(ctx context.Context, cfg DaemonConfig) (*Daemon, error) {
 	}
 	defer logf.Close() // the child holds its own descriptor
 	d.cmd = exec.Command("qemu-storage-daemon", args...)
+	d.cmd.Env = daemonEnv(os.Environ())
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
 	if err := d.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start qemu-storage-daemon: %w (is qemu-system-common installed?)", err)
@@ -257,4 +258,29 @@ func procThreads(pid int) string {
 		return "(none)"
 	}
 	return strings.Join(out, ", ")
+}
+
+// mallocTunables keep glibc from serving each NBD request's buffer (128 KiB
+// to 32 MiB) with a fresh mmap: the default threshold does, and every page of
+// it then faults in and is unmapped again. Measured on a daemon receiving
+// 1 GiB over NBD: 5.0 s CPU and 263k page faults before, 0.7 s and 16k after.
+// Freed memory above 128 MiB still goes back to the system.
+const mallocTunables = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728"
+
+// daemonEnv is env with mallocTunables added to GLIBC_TUNABLES, unless the
+// caller already sets either tunable.
+func daemonEnv(env []string) []string {
+	for i, kv := range env {
+		v, ok := strings.CutPrefix(kv, "GLIBC_TUNABLES=")
+		if !ok {
+			continue
+		}
+		if strings.Contains(v, "malloc.mmap_threshold") || strings.Contains(v, "malloc.trim_threshold") {
+			return env
+		}
+		out := append([]string(nil), env...)
+		out[i] = kv + ":" + mallocTunables
+		return out
+	}
+	return append(env, "GLIBC_TUNABLES="+mallocTunables)
 }
