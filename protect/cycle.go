@@ -251,8 +251,9 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 	} else {
 		ctx, unwatch = c.watchFleece(ctx)
 	}
-	defer unwatch()
+	// fleeceFailure runs after unwatch: the watcher has said why by then.
 	defer func() { err = c.fleeceFailure(err) }()
+	defer unwatch()
 	if h := p.Hooks.AfterInstant; h != nil {
 		if err := h(ctx); err != nil {
 			return pt, err

@@ -527,6 +527,10 @@ func (c *cycle) watchScratch(ctx context.Context) (context.Context, func(), erro
 				// blocks are allocated from the start.
 				if used := st.Size; used > budgets[i]/2 {
 					seen := time.Now()
+					// Said before the backup ends: the cycle's reads fail from then on.
+					first := fmt.Errorf("disk %q: the backup's scratch file passed half its budget of %s (%s): %w", d.name, mib(budgets[i]), mib(used), ErrScratchFull)
+					c.lv.setBroken(first)
+					cancel(first)
 					ectx, ecancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
 					eerr := c.lv.endBackup(ectx)
 					ecancel()
@@ -539,8 +543,9 @@ func (c *cycle) watchScratch(ctx context.Context) (context.Context, func(), erro
 					}
 					err := fmt.Errorf("disk %q: the backup's scratch file passed half its budget of %s (%s); the backup was ended %v later, the scratch then holding %s: %w",
 						d.name, mib(budgets[i]), mib(used), time.Since(seen).Round(time.Millisecond), mib(peak), ErrScratchFull)
-					c.lv.setBroken(err)
-					cancel(err)
+					c.lv.mu.Lock()
+					c.lv.broken = err // the same, with how the ending went
+					c.lv.mu.Unlock()
 					return
 				}
 			}
