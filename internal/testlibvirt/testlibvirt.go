@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -81,25 +82,56 @@ func answers() bool {
 	return exec.Command("virsh", "-c", URI, "version").Run() == nil
 }
 
-func start() error {
-	if answers() {
-		return nil
+// virtlogdSocket is where libvirtd's QEMU driver reaches virtlogd: without
+// it answering, every domain start fails ("Failed to connect socket to
+// '/run/libvirt/virtlogd-sock'").
+const virtlogdSocket = "/run/libvirt/virtlogd-sock"
+
+// listening reports whether something accepts connections on the unix
+// socket at path. A socket file alone says nothing: a daemon killed with
+// the machine's previous session leaves its file behind (CI saw exactly
+// that: the file was there, the connection was refused).
+func listening(path string) bool {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return false
 	}
-	if _, err := os.Stat("/run/libvirt/virtlogd-sock"); err != nil {
+	c.Close()
+	return true
+}
+
+func start() error {
+	// virtlogd first and on its own: libvirtd may answer while virtlogd
+	// does not (each is its own daemon, and either may have been killed).
+	if !listening(virtlogdSocket) {
 		if out, err := exec.Command("virtlogd", "-d").CombinedOutput(); err != nil {
 			return fmt.Errorf("start virtlogd: %v: %s", err, out)
 		}
+		if err := waitFor(func() bool { return listening(virtlogdSocket) }); err != nil {
+			return fmt.Errorf("virtlogd started but does not answer on %s", virtlogdSocket)
+		}
+	}
+	if answers() {
+		return nil
 	}
 	if out, err := exec.Command("libvirtd", "-d").CombinedOutput(); err != nil {
 		return fmt.Errorf("start libvirtd: %v: %s", err, out)
 	}
+	if err := waitFor(answers); err != nil {
+		return fmt.Errorf("libvirtd started but does not answer on %s", URI)
+	}
+	return nil
+}
+
+// waitFor polls ok for up to ten seconds.
+func waitFor(ok func() bool) error {
 	for range 100 {
-		if answers() {
+		if ok() {
 			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return fmt.Errorf("libvirtd started but does not answer on %s", URI)
+	return errors.New("timed out")
 }
 
 // Virsh runs virsh against URI and returns its output.
