@@ -54,6 +54,7 @@ fuzz:
 	$(FUZZ) '^FuzzHandshake$$' ./nbd
 	$(FUZZ) '^FuzzReplicate$$' ./wire
 	$(FUZZ) '^FuzzSiteReplies$$' ./wire
+	$(FUZZ) '^FuzzDecodeBlocksFrame$$' ./wire
 	$(FUZZ) '^FuzzQMP$$' ./qemu
 	$(FUZZ) '^FuzzReadReply$$' ./qga
 	$(FUZZ) '^FuzzConfig$$' ./daemon

@@ -79,6 +79,7 @@ func (s *Server) Serve(l net.Listener, tlsConf *tls.Config) error {
 		grpc.InitialConnWindowSize(connWindow),
 		grpc.MaxRecvMsgSize(maxMessage), grpc.MaxSendMsgSize(maxMessage),
 		grpc.ReadBufferSize(1<<20), grpc.WriteBufferSize(1<<20),
+		grpc.ForceServerCodecV2(newFrameCodec()),
 	)
 	wirepb.RegisterReplicationServer(s.grpc, s)
 	return s.grpc.Serve(l)
@@ -250,7 +251,7 @@ func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.Re
 	}()
 
 	var (
-		work    = make(chan *wirepb.Frame, s.Writers*2)
+		work    = make(chan *recvFrame, s.Writers*2)
 		wg      sync.WaitGroup
 		errOnce sync.Once
 		first   error
@@ -264,12 +265,12 @@ func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.Re
 			defer wg.Done()
 			var buf []byte
 			for f := range work {
-				if ctx.Err() != nil {
-					continue // drain
+				if ctx.Err() == nil {
+					if err := s.apply(ctx, w, &f.f, &buf); err != nil {
+						fail(err)
+					}
 				}
-				if err := s.apply(ctx, w, f, &buf); err != nil {
-					fail(err)
-				}
+				f.release() // the frame's bytes may be gRPC's buffer
 			}
 		}()
 	}
@@ -280,7 +281,8 @@ func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.Re
 	}
 
 	for {
-		f, err := st.Recv()
+		f := new(recvFrame)
+		err := st.RecvMsg(f) // frameCodec: a Blocks frame's data stays in gRPC's buffer
 		if err != nil {
 			werr := finish()
 			if errors.Is(err, io.EOF) {
@@ -292,7 +294,7 @@ func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.Re
 			log.Warn("point not received whole", "err", err)
 			return status.Error(codes.Aborted, err.Error())
 		}
-		if c := f.GetCommit(); c != nil {
+		if c := f.f.GetCommit(); c != nil {
 			if err := finish(); err != nil {
 				log.Error("point rejected", "err", err)
 				return status.Error(codes.DataLoss, err.Error())
@@ -309,6 +311,7 @@ func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.Re
 		select {
 		case work <- f:
 		case <-ctx.Done():
+			f.release()
 			werr := finish()
 			if werr == nil {
 				werr = ctx.Err()
