@@ -91,6 +91,8 @@ type Point struct {
 	Freeze time.Duration `json:"freeze_ns,omitempty"`
 	// Note says why the point is less consistent than asked, if it is.
 	Note string `json:"note,omitempty"`
+	// Definition is how to start the VM as it was at this point.
+	Definition *Definition `json:"definition,omitempty"`
 }
 
 // PointDisk is one disk of a point.

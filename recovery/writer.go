@@ -30,6 +30,9 @@ type BeginSpec struct {
 	// it: it must own the VM (the first site to commit a point of a VM owns it).
 	Site  string
 	Disks []DiskSpec // every disk of the VM in this point
+	// Definition is how to start the VM as it was at this point (nil: the
+	// protected site sent none).
+	Definition *lifeboat.Definition
 }
 
 // DiskSpec is one disk of a point being written. A disk the previous point
@@ -543,6 +546,7 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 		Point: lifeboat.Point{
 			VM: vm, ID: id, Instant: w.spec.Instant, Consistency: w.spec.Consistency, Group: w.spec.Group,
 			Site: w.spec.Site, Stats: stats, Freeze: w.spec.Freeze, Note: w.spec.Note,
+			Definition: w.spec.Definition,
 		},
 		Parents: w.parents,
 	}

@@ -9,7 +9,12 @@ import (
 )
 
 func pointToPB(p lifeboat.Point) *wirepb.Point {
+	def, err := lifeboat.EncodeDefinition(p.Definition)
+	if err != nil {
+		def = nil // bounded at the source (protect drops an oversized one with a note)
+	}
 	out := &wirepb.Point{
+		Definition:      def,
 		Vm:              p.VM,
 		Id:              p.ID,
 		InstantUnixNano: p.Instant.UnixNano(),
@@ -45,6 +50,9 @@ func pointFromPB(p *wirepb.Point) (lifeboat.Point, error) {
 		Freeze:      time.Duration(p.FreezeNs),
 		Note:        p.Note,
 		Site:        p.Site,
+	}
+	if out.Definition, err = lifeboat.DecodeDefinition(p.Definition); err != nil {
+		return lifeboat.Point{}, fmt.Errorf("point %d: %w", p.Id, err)
 	}
 	for _, d := range p.Disks {
 		if d == nil {

@@ -15,7 +15,7 @@ type recoveryStore struct{ *recovery.Store }
 func (s recoveryStore) BeginPoint(ctx context.Context, p lifeboat.Point) (PointWriter, error) {
 	spec := recovery.BeginSpec{
 		VM: p.VM, ID: p.ID, Instant: p.Instant, Consistency: p.Consistency,
-		Group: p.Group, Freeze: p.Freeze, Note: p.Note, Site: p.Site,
+		Group: p.Group, Freeze: p.Freeze, Note: p.Note, Site: p.Site, Definition: p.Definition,
 	}
 	for _, d := range p.Disks {
 		spec.Disks = append(spec.Disks, recovery.DiskSpec{Name: d.Name, Size: d.Size, Resync: d.Resync,

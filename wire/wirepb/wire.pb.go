@@ -184,7 +184,10 @@ type Point struct {
 	FreezeNs        int64                  `protobuf:"varint,8,opt,name=freeze_ns,json=freezeNs,proto3" json:"freeze_ns,omitempty"`
 	Note            string                 `protobuf:"bytes,9,opt,name=note,proto3" json:"note,omitempty"`
 	// site is the protected site that sent the point (as its certificate names it).
-	Site          string `protobuf:"bytes,10,opt,name=site,proto3" json:"site,omitempty"`
+	Site string `protobuf:"bytes,10,opt,name=site,proto3" json:"site,omitempty"`
+	// definition is how to start the VM as it was at this point: the JSON of
+	// lifeboat.Definition, at most lifeboat.MaxDefinition bytes.
+	Definition    []byte `protobuf:"bytes,11,opt,name=definition,proto3" json:"definition,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -287,6 +290,13 @@ func (x *Point) GetSite() string {
 		return x.Site
 	}
 	return ""
+}
+
+func (x *Point) GetDefinition() []byte {
+	if x != nil {
+		return x.Definition
+	}
+	return nil
 }
 
 type Disk struct {
@@ -1190,7 +1200,7 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x04site\x18\x01 \x01(\tR\x04site\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\"\x1b\n" +
 	"\tVMRequest\x12\x0e\n" +
-	"\x02vm\x18\x01 \x01(\tR\x02vm\"\xad\x02\n" +
+	"\x02vm\x18\x01 \x01(\tR\x02vm\"\xcd\x02\n" +
 	"\x05Point\x12\x0e\n" +
 	"\x02vm\x18\x01 \x01(\tR\x02vm\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\x04R\x02id\x12*\n" +
@@ -1202,7 +1212,10 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\tfreeze_ns\x18\b \x01(\x03R\bfreezeNs\x12\x12\n" +
 	"\x04note\x18\t \x01(\tR\x04note\x12\x12\n" +
 	"\x04site\x18\n" +
-	" \x01(\tR\x04site\"\xbd\x01\n" +
+	" \x01(\tR\x04site\x12\x1e\n" +
+	"\n" +
+	"definition\x18\v \x01(\fR\n" +
+	"definition\"\xbd\x01\n" +
 	"\x04Disk\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x16\n" +
