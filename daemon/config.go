@@ -6,9 +6,12 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -81,6 +84,82 @@ type VMConfig struct {
 	PreFreeze        []string `yaml:"pre_freeze"`
 	PostThaw         []string `yaml:"post_thaw"`
 	HookTimeout      Duration `yaml:"hook_timeout"`
+	// Definition is how to start the VM elsewhere, where the VM cannot tell
+	// (its qmp: is a storage daemon's, say): each point carries what the VM
+	// tells, and this for the rest.
+	Definition *DefinitionConfig `yaml:"definition"`
+}
+
+// DefinitionConfig is a VM's `definition:`.
+type DefinitionConfig struct {
+	Machine   string `yaml:"machine"`
+	CPUs      int    `yaml:"cpus"`
+	MemoryMiB int64  `yaml:"memory_mib"`
+	Firmware  string `yaml:"firmware"`
+	Kernel    string `yaml:"kernel"`
+	Initrd    string `yaml:"initrd"`
+	Append    string `yaml:"append"`
+	Disks     []struct {
+		Name      string `yaml:"name"`
+		Device    string `yaml:"device"`
+		Serial    string `yaml:"serial"`
+		BootIndex int    `yaml:"boot_index"`
+	} `yaml:"disks"`
+	NICs []struct {
+		Model   string `yaml:"model"`
+		MAC     string `yaml:"mac"`
+		Network string `yaml:"network"`
+	} `yaml:"nics"`
+}
+
+// definition is the config's part of each point's VM definition.
+func (v VMConfig) definition() lifeboat.Definition {
+	c := v.Definition
+	if c == nil {
+		return lifeboat.Definition{}
+	}
+	d := lifeboat.Definition{Source: "config", Machine: c.Machine, CPUs: c.CPUs, MemoryMiB: c.MemoryMiB,
+		Firmware: c.Firmware, Kernel: c.Kernel, Initrd: c.Initrd, Append: c.Append}
+	for _, x := range c.Disks {
+		d.Disks = append(d.Disks, lifeboat.DefinitionDisk{Name: x.Name, Device: x.Device, Serial: x.Serial, BootIndex: x.BootIndex})
+	}
+	for _, x := range c.NICs {
+		d.NICs = append(d.NICs, lifeboat.DefinitionNIC{Model: x.Model, MAC: x.MAC, Network: x.Network})
+	}
+	return d
+}
+
+// check names the first field of a definition that cannot be right.
+func (c *DefinitionConfig) check(disks []string) (field, msg string) {
+	switch {
+	case c.CPUs < 0:
+		return "cpus", "must not be negative"
+	case c.MemoryMiB < 0:
+		return "memory_mib", "must not be negative (MiB, e.g. `memory_mib: 2048`)"
+	}
+	seen := map[string]bool{}
+	for i, d := range c.Disks {
+		f := fmt.Sprintf("disks[%d]", i)
+		switch {
+		case d.Name == "":
+			return f + ".name", "missing: the disk's name as lifeboat names it (`lifeboat status` lists them)"
+		case seen[d.Name]:
+			return f + ".name", fmt.Sprintf("%q appears twice", d.Name)
+		case len(disks) > 0 && !slices.Contains(disks, d.Name):
+			return f + ".name", fmt.Sprintf("%q is not one of the VM's `disks:` (%s)", d.Name, strings.Join(disks, ", "))
+		case d.BootIndex < 0:
+			return f + ".boot_index", "must not be negative"
+		}
+		seen[d.Name] = true
+	}
+	for i, n := range c.NICs {
+		if n.MAC != "" {
+			if _, err := net.ParseMAC(n.MAC); err != nil {
+				return fmt.Sprintf("nics[%d].mac", i), fmt.Sprintf("%q is not a MAC address (write it like 52:54:00:12:34:56)", n.MAC)
+			}
+		}
+	}
+	return "", ""
 }
 
 // LibvirtConfig names a libvirt domain.
@@ -262,6 +341,11 @@ func (c *Config) check() error {
 		}
 		if v.FreezeLimit < 0 || v.HookTimeout < 0 {
 			return c.fail(f+".freeze_limit", "must not be negative")
+		}
+		if v.Definition != nil {
+			if field, msg := v.Definition.check(v.Disks); field != "" {
+				return c.fail(f+".definition."+field, "%s", msg)
+			}
 		}
 	}
 	inGroup := map[string]string{}

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
 )
 
 const goodConfig = `site: prod
@@ -40,6 +42,33 @@ func TestLoadConfig(t *testing.T) {
 	}
 	if c.API != "/var/lib/lifeboat/api.sock" {
 		t.Fatalf("api socket %q", c.API)
+	}
+}
+
+// A VM's definition: what the config says of how to start the VM elsewhere.
+func TestDefinitionConfig(t *testing.T) {
+	body := goodConfig + `  - name: db1
+    qmp: /run/db1-storage.qmp
+    definition:
+      machine: pc-q35-7.2
+      cpus: 4
+      memory_mib: 8192
+      kernel: /boot/vmlinuz
+      disks: [{name: vda, device: virtio-blk-pci, serial: DB-OS, boot_index: 1}]
+      nics: [{model: virtio-net-pci, mac: "52:54:00:12:34:56", network: prod-lan}]
+`
+	c, err := LoadConfig(writeConfig(t, body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := c.VMs[1].definition()
+	if d.Source != "config" || d.Machine != "pc-q35-7.2" || d.CPUs != 4 || d.MemoryMiB != 8192 || d.Kernel != "/boot/vmlinuz" ||
+		len(d.Disks) != 1 || d.Disks[0] != (lifeboat.DefinitionDisk{Name: "vda", Device: "virtio-blk-pci", Serial: "DB-OS", BootIndex: 1}) ||
+		len(d.NICs) != 1 || d.NICs[0] != (lifeboat.DefinitionNIC{Model: "virtio-net-pci", MAC: "52:54:00:12:34:56", Network: "prod-lan"}) {
+		t.Errorf("definition %+v", d)
+	}
+	if d := c.VMs[0].definition(); !d.Empty() {
+		t.Errorf("web1 has no definition: %+v", d)
 	}
 }
 
@@ -80,6 +109,9 @@ func TestConfigErrors(t *testing.T) {
 		{"no state dir", strings.Replace(goodConfig, "state_dir: /var/lib/lifeboat", "", 1), []string{"state_dir", "missing"}},
 		{"no tls", strings.Replace(goodConfig, "tls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}", "", 1), []string{"tls", "lifeboat cert"}},
 		{"unknown field", goodConfig + "colour: blue\n", []string{"colour"}},
+		{"definition of another disk", goodConfig + "  - {name: db1, qmp: /q, disks: [vda], definition: {disks: [{name: vdz}]}}\n", []string{"vms[1] (db1).definition.disks[0].name", "vdz", "vda"}},
+		{"definition with a bad MAC", goodConfig + "  - {name: db1, qmp: /q, definition: {nics: [{mac: 52-54}]}}\n", []string{"definition.nics[0].mac", "52:54:00:12:34:56"}},
+		{"definition with negative memory", goodConfig + "  - {name: db1, qmp: /q, definition: {memory_mib: -1}}\n", []string{"definition.memory_mib", "negative"}},
 		{"bad interval", strings.Replace(goodConfig, "interval: 30s", "interval: often", 1), []string{"often", "30s"}},
 		{"vm without qmp", strings.Replace(goodConfig, "qmp: /run/web1.qmp, ", "", 1), []string{"vms[0] (web1).qmp", "missing"}},
 		{"unknown peer", strings.Replace(goodConfig, "interval: 30s", "interval: 30s, peer: nowhere", 1), []string{"vms[0] (web1).peer", "nowhere"}},

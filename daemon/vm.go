@@ -39,8 +39,9 @@ func newVM(d *Daemon, c VMConfig) *vm {
 	v.p = &protect.Protector{
 		VM: protect.VM{
 			Name: c.Name, QMPSocket: c.QMP, NBDSocket: c.NBDSocket, Disks: c.Disks,
-			WorkDir:  filepath.Join(d.cfg.StateDir, "protect", c.Name),
-			StateDir: d.cfg.StateDir,
+			WorkDir:    filepath.Join(d.cfg.StateDir, "protect", c.Name),
+			StateDir:   d.cfg.StateDir,
+			Definition: c.definition(),
 		},
 		Log:      d.log,
 		Progress: v.onProgress,

@@ -31,6 +31,7 @@ type cycle struct {
 	latest lifeboat.Point
 	stream *wire.PointStream
 	lv     *virtCycle // the libvirt path's state (nil on the QMP path)
+	def    *lifeboat.Definition
 
 	changed, zero, same, dedup, data, sent, done atomic.Int64
 	// sentBlocks is where each block content sent in this point went: a block
@@ -99,6 +100,11 @@ func (c *cycle) prepare(ctx context.Context) error {
 	if err := c.learnLatest(ctx); err != nil {
 		return err
 	}
+	names := make([]string, len(nodes))
+	for i, n := range nodes {
+		names[i] = n.Name
+	}
+	c.readDefinition(ctx, func(ctx context.Context) (lifeboat.Definition, error) { return m.Definition(ctx, names) })
 	peer := p.Target.Peer()
 	for _, n := range nodes {
 		d := &diskState{name: n.Name, node: n.NodeName, size: n.Size, persistent: persistentBitmaps(n),
@@ -176,7 +182,7 @@ func (c *cycle) snapshot(ctx context.Context) error {
 	if err := c.fleece.Snapshot(ctx); err != nil {
 		return err
 	}
-	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: c.fleece.Instant().UTC(), Consistency: lifeboat.Crash}
+	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: c.fleece.Instant().UTC(), Consistency: lifeboat.Crash, Definition: c.def}
 	for _, d := range c.disks {
 		c.point.Disks = append(c.point.Disks, lifeboat.PointDisk{Name: d.name, Size: d.size, Resync: d.old == "",
 			Lineage: d.lineage, Base: d.base, BaseGeneration: d.old, Generation: d.new})

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -178,7 +179,9 @@ func TestQEMUSystemGuestDiskNamedByDeviceID(t *testing.T) {
 	site := testsite.Start(t, recovery.Options{Keep: 10})
 	r := &rig{site: site, disks: []workload.Disk{{Name: "vda", Size: size}}}
 	p := &protect.Protector{
-		VM:     protect.VM{Name: "vm1", QMPSocket: g.VMQMPSocket(), WorkDir: testsite.ShortDir(t)},
+		VM: protect.VM{Name: "vm1", QMPSocket: g.VMQMPSocket(), WorkDir: testsite.ShortDir(t),
+			// What the config adds to what QEMU tells: the disk's serial (its device has none).
+			Definition: lifeboat.Definition{Source: "config", Disks: []lifeboat.DefinitionDisk{{Name: "vda", Serial: "CFG-1"}}}},
 		Target: site.Dial(t, wire.CompressionZstd), Readers: 4,
 	}
 	for i, script := range []string{"", "dd if=/dev/urandom of=/data/devid bs=64k count=32 2>/dev/null && sync"} {
@@ -201,5 +204,34 @@ func TestQEMUSystemGuestDiskNamedByDeviceID(t *testing.T) {
 			t.Fatalf("point %d resynchronised the disk: want it sent incrementally", pt.ID)
 		}
 		r.checkPoint(t, pt.ID, map[string]string{"vda": want})
+		checkDefinition(t, site, pt.ID)
+	}
+}
+
+// checkDefinition checks that the point, as the recovery site's catalog
+// holds it, says how to start the test guest: what its qemu-system was
+// started with (testguest: q35, 1 vCPU, 512 MiB, a direct kernel boot, the
+// data disk on virtio-blk) and the config's serial.
+func checkDefinition(t *testing.T, site *testsite.Site, id uint64) {
+	t.Helper()
+	pt, err := site.Store.Point("vm1", id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := pt.Definition
+	if d == nil {
+		t.Fatalf("point %d carries no VM definition", id)
+	}
+	kernel, _, err := testguest.Kernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Source != "qmp+config" || !strings.HasPrefix(d.Machine, "pc-q35-") || d.CPUs != 1 || d.MemoryMiB != 512 ||
+		d.Kernel != kernel || !strings.Contains(d.Append, "console=ttyS0") {
+		t.Errorf("point %d definition %+v: want qmp+config, pc-q35-*, 1 vCPU, 512 MiB, kernel %s", id, *d, kernel)
+	}
+	want := []lifeboat.DefinitionDisk{{Name: "vda", Device: "virtio-blk-pci", Serial: "CFG-1"}}
+	if !reflect.DeepEqual(d.Disks, want) {
+		t.Errorf("point %d definition disks %+v, want %+v", id, d.Disks, want)
 	}
 }

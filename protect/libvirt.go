@@ -194,6 +194,11 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 	if err := c.learnLatest(ctx); err != nil {
 		return err
 	}
+	targets := make([]string, len(disks))
+	for i, d := range disks {
+		targets[i] = d.Target
+	}
+	c.readDefinition(ctx, func(ctx context.Context) (lifeboat.Definition, error) { return c.lv.dom.Definition(ctx, targets) })
 	peer := p.Target.Peer()
 	if err := c.lv.hideLeftovers(ctx, peer, c.log); err != nil {
 		return err
@@ -415,7 +420,7 @@ func (c *cycle) beginLibvirt(ctx context.Context) error {
 	lv.made = lv.cp != ""
 	lv.started = true
 	c.sock = lv.sock
-	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: time.Now().UTC(), Consistency: lifeboat.Crash}
+	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: time.Now().UTC(), Consistency: lifeboat.Crash, Definition: c.def}
 	return nil
 }
 

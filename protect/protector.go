@@ -39,6 +39,9 @@ type VM struct {
 	// libvirt domain, lifeboat lets QEMU's user search the directories from
 	// it down to WorkDir, which it owns; above it, it only checks.
 	StateDir string
+	// Definition is what the VM's config says of how to start it elsewhere:
+	// each point carries what the VM itself tells, and this for the rest.
+	Definition lifeboat.Definition
 }
 
 // LibvirtDomain names a libvirt domain.

@@ -160,6 +160,17 @@ func TestLibvirtDomainReplicates(t *testing.T) {
 	if d := diskOf(t, first, "vda"); !d.Resync || d.Lineage == "" || d.Generation == "" {
 		t.Fatalf("first point's vda: %+v, want a whole sync starting a checkpoint", d)
 	}
+	// The point carries the domain's definition, its inactive XML among it,
+	// as the recovery site's catalog holds it (what a failover defines).
+	stored, err := r.site.Store.Point(r.p.VM.Name, first.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := stored.Definition; d == nil || d.Source != "libvirt" || d.CPUs != 1 || d.MemoryMiB != 512 ||
+		!strings.HasPrefix(d.Machine, "pc-q35-") || len(d.Disks) != 2 || d.Disks[0].Device != "virtio-blk-pci" ||
+		!strings.Contains(d.DomainXML, "<name>"+r.dom.Name+"</name>") || strings.Contains(d.DomainXML, "<alias") {
+		t.Errorf("point %d's definition: %+v; want libvirt's, 1 vCPU, 512 MiB, q35, vda and vdb on virtio, the inactive domain XML", first.ID, d)
+	}
 	for i := range 3 {
 		time.Sleep(300 * time.Millisecond)
 		pt := r.cycle(t)
