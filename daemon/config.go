@@ -36,9 +36,14 @@ type Config struct {
 	// (vm name -> site name) before its first point; a VM not named here is
 	// owned by the first site that commits a point of it.
 	Owners map[string]string `yaml:"owners"`
-	Peers  []PeerConfig      `yaml:"peers"`
-	VMs    []VMConfig        `yaml:"vms"`
-	Groups []GroupConfig     `yaml:"groups"`
+	// Networks maps, at a recovery site, a production network (as a VM's
+	// definition names its NIC's network) to a local bridge: a failover puts
+	// the NIC there. A NIC on a network not named here, and every NIC of a
+	// test failover, is isolated (a user-mode network with no route out).
+	Networks map[string]string `yaml:"networks"`
+	Peers    []PeerConfig      `yaml:"peers"`
+	VMs      []VMConfig        `yaml:"vms"`
+	Groups   []GroupConfig     `yaml:"groups"`
 }
 
 // GroupConfig is a consistency group: VMs whose points share one instant.
@@ -251,6 +256,14 @@ func (c *Config) check() error {
 	}
 	if len(c.Owners) > 0 && c.Listen == "" {
 		return c.fail("owners", "only a recovery site (one with `listen:`) keeps owners of VMs; remove `owners:` or add `listen:`")
+	}
+	if len(c.Networks) > 0 && c.Listen == "" {
+		return c.fail("networks", "only a recovery site (one with `listen:`) starts failed-over VMs; remove `networks:` or add `listen:`")
+	}
+	for net, br := range c.Networks {
+		if br == "" || strings.ContainsAny(br, ", /") {
+			return c.fail("networks."+net, "%q is not a bridge name: name the local bridge for production network %q, e.g. `%s: br0`", br, net, net)
+		}
 	}
 	for vm, site := range c.Owners {
 		if !nameRE.MatchString(site) {

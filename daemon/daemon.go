@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/pki"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/recovery"
@@ -24,6 +25,7 @@ type Daemon struct {
 	log *slog.Logger
 
 	store   *recovery.Store
+	runs    *failover.Manager // at a recovery site: VMs started from their points
 	server  *wire.Server
 	vms     map[string]*vm
 	groups  map[string]*group
@@ -68,6 +70,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		d.store = st
 		defer st.Close()
+		d.runs = &failover.Manager{Store: st, Dir: filepath.Join(d.cfg.StateDir, "failover"), Site: d.cfg.Site,
+			Networks: d.cfg.Networks, Log: d.log}
 		tlsConf, err := pki.ServerTLS(d.tlsFiles())
 		if err != nil {
 			return fmt.Errorf("config %s: tls: %w", d.cfg.Path(), err)

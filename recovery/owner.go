@@ -17,6 +17,11 @@ type Owner struct {
 	Site  string    `json:"site"`
 	Epoch uint64    `json:"epoch"`
 	Since time.Time `json:"since"`
+	// FailedOver is set when the recovery site took the VM itself: a failover
+	// started it here from a point (FromPoint), so no protected site may
+	// replicate it until it is handed back.
+	FailedOver bool   `json:"failed_over,omitempty"`
+	FromPoint  uint64 `json:"from_point,omitempty"`
 }
 
 // ErrNotOwner is wrapped by the error of a call made for a VM by a site that
@@ -32,6 +37,11 @@ type NotOwnerError struct {
 }
 
 func (e *NotOwnerError) Error() string {
+	if e.Owner.FailedOver {
+		return fmt.Sprintf("vm %q was failed over to recovery site %q at %s (from point %d, epoch %d): it runs there now, and site %q may not replicate it any more. "+
+			"Do not start it here as well. To bring it home, fail it back from %q; to give the failover up, run `lifeboat failover %s --undo` there",
+			e.VM, e.Owner.Site, e.Owner.Since.UTC().Format(time.RFC3339), e.Owner.FromPoint, e.Owner.Epoch, e.Site, e.Owner.Site, e.VM)
+	}
 	how := fmt.Sprintf("since %s, epoch %d", e.Owner.Since.UTC().Format(time.RFC3339), e.Owner.Epoch)
 	if e.Declared {
 		how = "as declared in the recovery site's config (`owners:`)"
@@ -122,25 +132,43 @@ func (s *Store) Owner(vm string) (Owner, bool, error) {
 // it may replicate the VM here. Its first point continues the VM's history
 // (the same lineage, a resync by hashes where its bitmaps cannot prove it).
 func (s *Store) Handover(vm, site string) (Owner, error) {
+	o, _, err := s.handover(vm, Owner{Site: site})
+	return o, err
+}
+
+// TakeOver makes the recovery site itself (named site) the owner of vm under
+// the next epoch, for a failover from point: every protected site is refused
+// from then on, told that the VM was failed over. It returns the owner
+// before, to whom an undo hands the VM back.
+func (s *Store) TakeOver(vm, site string, point uint64) (now, before Owner, err error) {
+	return s.handover(vm, Owner{Site: site, FailedOver: true, FromPoint: point})
+}
+
+func (s *Store) handover(vm string, o Owner) (now, before Owner, err error) {
 	if err := checkName("vm", vm); err != nil {
-		return Owner{}, err
+		return Owner{}, Owner{}, err
 	}
-	var o Owner
-	err := s.db.Update(func(tx *bolt.Tx) error {
-		old, _, err := readOwner(tx, vm)
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		old, ok, err := readOwner(tx, vm)
 		if err != nil {
 			return err
+		}
+		if !ok {
+			if site, declared := s.owners[vm]; declared {
+				old = Owner{Site: site}
+			}
 		}
 		b, err := vmBucketCreate(tx, vm)
 		if err != nil {
 			return err
 		}
-		o = Owner{Site: site, Epoch: old.Epoch + 1, Since: time.Now().UTC()}
+		before = old
+		o.Epoch, o.Since = old.Epoch+1, time.Now().UTC()
 		return putJSON(b, keyOwner, o)
 	})
 	if err != nil {
-		return Owner{}, fmt.Errorf("vm %q: handover to site %q: %w", vm, site, err)
+		return Owner{}, Owner{}, fmt.Errorf("vm %q: handover to site %q: %w", vm, o.Site, err)
 	}
-	s.log.Warn("vm handed over", "vm", vm, "site", site, "epoch", o.Epoch)
-	return o, nil
+	s.log.Warn("vm handed over", "vm", vm, "site", o.Site, "epoch", o.Epoch, "failed_over", o.FailedOver)
+	return o, before, nil
 }

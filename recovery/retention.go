@@ -40,6 +40,17 @@ func (s *Store) ApplyRetention(ctx context.Context, vm string) error {
 	if err := s.finishMerge(ctx, vm); err != nil {
 		return err
 	}
+	pins, err := s.Pins(vm)
+	if err != nil {
+		return err
+	}
+	if len(pins) > 0 {
+		// A VM started from a point reads the chain: no merge until it ends.
+		if n, _ := s.pointCount(vm); n > s.keep {
+			s.log.Info("retention waits: a VM started from a point reads the chain", "vm", vm, "points", n, "keep", s.keep, "pins", len(pins))
+		}
+		return nil
+	}
 	for {
 		var intent *mergeIntent
 		err := s.db.Update(func(tx *bolt.Tx) error {

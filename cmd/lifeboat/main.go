@@ -58,6 +58,7 @@ recovery site, and keeps restore points there that can be exported or powered on
 		newExportCmd(g),
 		newVerifyCmd(g),
 		newHandoverCmd(g),
+		newFailoverCmd(g),
 		newStatusCmd(g),
 		newCertCmd(),
 		newDemoCmd(),

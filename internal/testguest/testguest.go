@@ -239,6 +239,28 @@ func (g *Guest) Stop() {
 	})
 }
 
+// Kill ends the guest as a lost production site does: SIGKILL of its
+// qemu-system and of the storage daemon holding its disk (nothing saved).
+func (g *Guest) Kill() {
+	g.stopOnce.Do(func() {
+		g.counterMu.Lock()
+		if g.counterConn != nil {
+			g.counterConn.Close()
+		}
+		g.counterMu.Unlock()
+		if g.vm != nil && g.vm.cmd.Process != nil {
+			g.vm.cmd.Process.Kill()
+			<-g.vm.done
+		}
+		if g.storage != nil {
+			if err := g.storage.Kill(); err != nil {
+				g.t.Logf("testguest: %s: %v", g.name, err)
+			}
+		}
+		os.RemoveAll(g.sockDir)
+	})
+}
+
 // waitReady waits for the guest to say it is ready on its console and for
 // its agent to answer.
 func (g *Guest) waitReady(begin time.Time) {

@@ -1,0 +1,145 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/failover"
+)
+
+// FailoverRequest starts a VM at this recovery site from one of its points.
+type FailoverRequest struct {
+	Point uint64 `json:"point,omitempty"` // 0: the latest
+	Test  bool   `json:"test,omitempty"`
+	// AgentWait bounds the wait for the guest agent after QEMU runs (0: do
+	// not wait).
+	AgentWait time.Duration `json:"agent_wait_ns,omitempty"`
+}
+
+// RunAction ends or keeps a run.
+type RunAction struct {
+	Action string `json:"action"` // "stop" (a test's end, or a failover's undo) or "commit"
+}
+
+func (a *apiServer) recoveryOnly(w http.ResponseWriter, what, vm string) bool {
+	if a.d.runs == nil {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("site %q is not a recovery site (no `listen:` in %s): run `lifeboat %s` at the recovery site that holds vm %q", a.d.cfg.Site, a.d.cfg.Path(), what, vm))
+		return false
+	}
+	return true
+}
+
+func (a *apiServer) failover(w http.ResponseWriter, r *http.Request) {
+	vm := r.PathValue("vm")
+	if !a.recoveryOnly(w, "failover", vm) {
+		return
+	}
+	var req FailoverRequest
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("failover request: %w", err))
+		return
+	}
+	// The VM outlives this request: its start is not cancelled with it.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 2*time.Minute)
+	defer cancel()
+	run, err := a.d.runs.Start(ctx, vm, failover.Options{Point: req.Point, Test: req.Test})
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	if req.AgentWait > 0 {
+		actx, acancel := context.WithTimeout(r.Context(), req.AgentWait)
+		err := a.d.runs.WaitAgent(actx, run)
+		acancel()
+		if err != nil {
+			a.d.log.Warn("started VM's agent did not answer", "vm", vm, "run", run.ID, "err", err)
+		}
+	}
+	writeJSON(w, http.StatusOK, run)
+}
+
+func (a *apiServer) runs(w http.ResponseWriter, r *http.Request) {
+	if a.d.runs == nil {
+		writeJSON(w, http.StatusOK, []*failover.Run{})
+		return
+	}
+	runs, err := a.d.runs.Runs(r.URL.Query().Get("vm"))
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	if runs == nil {
+		runs = []*failover.Run{}
+	}
+	writeJSON(w, http.StatusOK, runs)
+}
+
+func (a *apiServer) runAction(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if !a.recoveryOnly(w, "failover", id) {
+		return
+	}
+	var req RunAction
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("run request: %w", err))
+		return
+	}
+	runs, err := a.d.runs.Runs("")
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	var run *failover.Run
+	for _, x := range runs {
+		if x.ID == id {
+			run = x
+		}
+	}
+	if run == nil {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("no run %q at site %q (`lifeboat failover --list` lists them)", id, a.d.cfg.Site))
+		return
+	}
+	switch req.Action {
+	case "stop":
+		err = a.d.runs.Stop(context.WithoutCancel(r.Context()), run)
+	case "commit":
+		err = a.d.runs.Commit(run)
+	default:
+		err = fmt.Errorf("unknown action %q: use stop or commit", req.Action)
+	}
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, run)
+}
+
+// Failover starts vm at the recovery site from a point (a test when req.Test).
+func (c *Client) Failover(ctx context.Context, vm string, req FailoverRequest) (*failover.Run, error) {
+	var run failover.Run
+	if err := c.getJSON(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/failover", req, &run); err != nil {
+		return nil, err
+	}
+	return &run, nil
+}
+
+// Runs lists the VMs started from their points at this recovery site (vm's
+// only, unless vm is "").
+func (c *Client) Runs(ctx context.Context, vm string) ([]*failover.Run, error) {
+	var runs []*failover.Run
+	err := c.getJSON(ctx, http.MethodGet, "/v1/runs?vm="+url.QueryEscape(vm), nil, &runs)
+	return runs, err
+}
+
+// RunAction stops or commits a run.
+func (c *Client) RunAction(ctx context.Context, id, action string) (*failover.Run, error) {
+	var run failover.Run
+	if err := c.getJSON(ctx, http.MethodPost, "/v1/runs/"+url.PathEscape(id), RunAction{Action: action}, &run); err != nil {
+		return nil, err
+	}
+	return &run, nil
+}

@@ -1,0 +1,439 @@
+// Package failover runs a VM at the recovery site from one of its points:
+// a writable overlay above the point's image (nothing copied, so the time
+// to a running QEMU does not depend on the disk's size), qemu-system started
+// from the definition the point carries, a persistent dirty bitmap on each
+// overlay from the first instant (what a failback sends home). A real
+// failover takes the VM's ownership for the recovery site under a new
+// epoch, so the production site is refused from then on; a test leaves
+// ownership and replication alone and isolates the VM's network. Retention
+// merges none of the VM's points while a run reads them (recovery.Pin).
+package failover
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
+	"github.com/lifeboat-dr/lifeboat/qemu"
+	"github.com/lifeboat-dr/lifeboat/qga"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+)
+
+// Bitmap is the dirty bitmap each overlay carries from the run's first
+// instant: every block the recovered VM writes.
+const Bitmap = "lifeboat-failover"
+
+// Manager starts and ends runs at one recovery site.
+type Manager struct {
+	Store *recovery.Store
+	// Dir holds one directory per run (state_dir/failover).
+	Dir string
+	// Site is this recovery site's name: the owner a real failover records.
+	Site string
+	// Networks maps a production network (a definition's NIC network) to a
+	// bridge here. A NIC on a network not in it is isolated.
+	Networks map[string]string
+	Log      *slog.Logger
+	// QEMU is the qemu-system binary (default qemu-system-x86_64).
+	QEMU string
+}
+
+// Options says which point and how.
+type Options struct {
+	Point uint64 // 0: the latest
+	Test  bool
+}
+
+// Run is one VM started from a point.
+type Run struct {
+	ID      string    `json:"id"`
+	VM      string    `json:"vm"`
+	Point   uint64    `json:"point"`
+	Instant time.Time `json:"instant"` // the point's
+	Test    bool      `json:"test"`
+	Started time.Time `json:"started"`
+	Dir     string    `json:"dir"`
+	PID     int       `json:"pid"`
+	QMP     string    `json:"qmp"`
+	Agent   string    `json:"agent"`
+	Console string    `json:"console"`
+	// Overlays are the VM's writable images, by disk name, above the point's.
+	Overlays map[string]string `json:"overlays"`
+	// Networks says where each NIC is.
+	Networks []string `json:"networks,omitempty"`
+	// Owner is the VM's owner under the run (a real failover: this site),
+	// Previous the owner before it, to whom an undo hands the VM back.
+	Owner    *recovery.Owner `json:"owner,omitempty"`
+	Previous *recovery.Owner `json:"previous,omitempty"`
+	// ToRunning is the time from the command to QEMU running the guest;
+	// ToAgent to its guest agent answering (0: not yet, or never asked).
+	ToRunning time.Duration `json:"to_running_ns"`
+	ToAgent   time.Duration `json:"to_agent_ns,omitempty"`
+	Committed bool          `json:"committed,omitempty"`
+
+	disks []lifeboat.DefinitionDisk
+}
+
+func (r *Run) pidFile() string  { return filepath.Join(r.Dir, "qemu.pid") }
+func (r *Run) recordFile() string { return filepath.Join(r.Dir, "run.json") }
+
+// Kind names the run for messages: "failover" or "test failover".
+func (r *Run) Kind() string {
+	if r.Test {
+		return "test failover"
+	}
+	return "failover"
+}
+
+func (m *Manager) log() *slog.Logger {
+	if m.Log != nil {
+		return m.Log
+	}
+	return slog.Default()
+}
+
+// Start starts vm from a point. For a real failover (not opts.Test) the
+// recovery site takes the VM's ownership just before the guest's first
+// instruction: a VM that cannot be started leaves ownership where it was.
+// It returns once QEMU runs the guest; WaitAgent waits for its agent.
+func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, err error) {
+	begin := time.Now()
+	pt, err := m.point(vm, opts.Point)
+	if err != nil {
+		return nil, err
+	}
+	def := pt.Definition
+	if def == nil {
+		return nil, fmt.Errorf("vm %q point %d carries no VM definition, so lifeboat cannot tell how to start it: "+
+			"points carry one when the protected site reads it from the VM's qemu-system or libvirt, or from `definition:` in the VM's config there", vm, pt.ID)
+	}
+	if !opts.Test {
+		runs, err := m.Runs(vm)
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range runs {
+			if !r.Test {
+				return nil, fmt.Errorf("vm %q already runs here from point %d (failover %s since %s): stop it first with `lifeboat failover %s --undo`",
+					vm, r.Point, r.ID, r.Started.Format(time.RFC3339), vm)
+			}
+		}
+	}
+	for _, name := range []string{def.Kernel, def.Initrd} {
+		if name == "" {
+			continue
+		}
+		if _, err := os.Stat(name); err != nil {
+			return nil, fmt.Errorf("vm %q boots its kernel directly, and %s is not here: %w (copy it from the protected host, or fix `definition:` in the VM's config)", vm, name, err)
+		}
+	}
+	r := &Run{VM: vm, Point: pt.ID, Instant: pt.Instant, Test: opts.Test, Started: begin.UTC(), Overlays: map[string]string{}}
+	kind := "failover"
+	if opts.Test {
+		kind = "test"
+	}
+	r.ID = fmt.Sprintf("%s-%d-%s-%s", vm, pt.ID, kind, nonce())
+	r.Dir = filepath.Join(m.Dir, r.ID)
+	r.QMP, r.Agent, r.Console = filepath.Join(r.Dir, "qmp.sock"), filepath.Join(r.Dir, "qga.sock"), filepath.Join(r.Dir, "console.log")
+	if len(r.QMP) > 100 {
+		return nil, fmt.Errorf("vm %q: the run's sockets would be under %s, too long a path for a unix socket: give the recovery site a shorter state_dir", vm, r.Dir)
+	}
+	if err := os.MkdirAll(r.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("vm %q: %w", vm, err)
+	}
+	log := m.log().With("vm", vm, "point", pt.ID, "run", r.ID)
+	pinned := false
+	defer func() {
+		if err == nil {
+			return
+		}
+		m.kill(r)
+		if pinned {
+			if perr := m.Store.RemovePin(vm, r.ID); perr != nil {
+				log.Error("removing the pin of a run that did not start", "err", perr)
+			}
+		}
+		os.RemoveAll(r.Dir)
+	}()
+	if err := m.Store.AddPin(vm, r.ID, recovery.Pin{Point: pt.ID, Reason: r.Kind(), Since: r.Started}); err != nil {
+		return nil, err
+	}
+	pinned = true
+	r.disks = disksOf(pt, def)
+	for _, d := range r.disks {
+		base, err := m.Store.ImagePath(vm, pt.ID, d.Name)
+		if err != nil {
+			return nil, err
+		}
+		ov := filepath.Join(r.Dir, "disk-"+strconv.Itoa(len(r.Overlays))+".qcow2")
+		if err := qemu.CreateImage(ctx, ov, "qcow2", 0, base, "qcow2"); err != nil {
+			return nil, fmt.Errorf("vm %q disk %q: overlay above point %d: %w", vm, d.Name, pt.ID, err)
+		}
+		r.Overlays[d.Name] = ov
+	}
+	for _, n := range def.NICs {
+		r.Networks = append(r.Networks, fmt.Sprintf("%s %s: %s", nicModel(n.Model), n.MAC, networkOf(n, r.Test, m.Networks)))
+	}
+	args, err := qemuArgs(vm, def, r, m.Networks)
+	if err != nil {
+		return nil, err
+	}
+	bin := m.QEMU
+	if bin == "" {
+		bin = "qemu-system-x86_64"
+	}
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // the VM outlives lifeboat
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("vm %q: starting %s from point %d: %w: %s", vm, bin, pt.ID, err, strings.TrimSpace(string(out)))
+	}
+	if r.PID, err = readPID(r.pidFile()); err != nil {
+		return nil, fmt.Errorf("vm %q: %w", vm, err)
+	}
+	mon, err := qemu.Dial(ctx, r.QMP)
+	if err != nil {
+		return nil, fmt.Errorf("vm %q: the started VM's QMP: %w", vm, err)
+	}
+	defer mon.Close()
+	for i := range r.disks {
+		if err := mon.AddBitmap(ctx, "lb-d"+strconv.Itoa(i), Bitmap, true, false); err != nil {
+			return nil, fmt.Errorf("vm %q disk %q: change tracking on the overlay: %w", vm, r.disks[i].Name, err)
+		}
+	}
+	if !opts.Test {
+		now, before, err := m.Store.TakeOver(vm, m.Site, pt.ID)
+		if err != nil {
+			return nil, err
+		}
+		r.Owner, r.Previous = &now, &before
+		log.Warn("vm failed over: this recovery site owns it now; its protected site is refused", "epoch", now.Epoch, "previous_owner", before.Site)
+	}
+	if err := m.save(r); err != nil {
+		return nil, err
+	}
+	if err := mon.Execute(ctx, "cont", nil, nil); err != nil {
+		return nil, fmt.Errorf("vm %q: starting the guest's CPUs: %w", vm, err)
+	}
+	r.ToRunning = time.Since(begin)
+	if err := m.save(r); err != nil {
+		return nil, err
+	}
+	log.Info("vm started from its point", "kind", r.Kind(), "to_running", r.ToRunning, "point_age", time.Since(pt.Instant).Round(time.Second))
+	return r, nil
+}
+
+// WaitAgent waits, within ctx, until the run's guest agent answers, and
+// records how long it took from the command.
+func (m *Manager) WaitAgent(ctx context.Context, r *Run) error {
+	for {
+		actx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		a, err := qga.Dial(actx, r.Agent)
+		if err == nil {
+			err = a.Ping(actx)
+			a.Close()
+		}
+		cancel()
+		if err == nil {
+			r.ToAgent = time.Since(r.Started)
+			return m.save(r)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("vm %q (%s of point %d): the guest agent did not answer within the wait: %w (its console: %s)", r.VM, r.Kind(), r.Point, context.Cause(ctx), r.Console)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// Stop ends a run: QEMU quits (killed if it does not), its overlays are
+// deleted, the pin goes. Ending a real failover is an undo: the VM is
+// handed back to the owner it had, under a new epoch, and its protected
+// site replicates it again from its latest point, incrementally.
+func (m *Manager) Stop(ctx context.Context, r *Run) error {
+	log := m.log().With("vm", r.VM, "point", r.Point, "run", r.ID)
+	if err := m.quit(ctx, r); err != nil {
+		return err
+	}
+	if !r.Test && r.Previous != nil && r.Previous.Site != "" {
+		o, err := m.Store.Handover(r.VM, r.Previous.Site)
+		if err != nil {
+			return err
+		}
+		log.Warn("failover undone: the vm is handed back", "site", o.Site, "epoch", o.Epoch)
+	}
+	if err := m.Store.RemovePin(r.VM, r.ID); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(r.Dir); err != nil {
+		return fmt.Errorf("vm %q: removing run %s: %w", r.VM, r.ID, err)
+	}
+	log.Info("run ended", "kind", r.Kind())
+	return nil
+}
+
+// Commit keeps a real failover: an undo is no longer offered.
+func (m *Manager) Commit(r *Run) error {
+	if r.Test {
+		return fmt.Errorf("vm %q: run %s is a test, which is never kept: end it with --test --stop", r.VM, r.ID)
+	}
+	r.Committed = true
+	return m.save(r)
+}
+
+// Runs lists vm's runs (every VM's for ""), oldest first.
+func (m *Manager) Runs(vm string) ([]*Run, error) {
+	ents, err := os.ReadDir(m.Dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []*Run
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(m.Dir, e.Name(), "run.json"))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // a run that never started
+		}
+		if err != nil {
+			return nil, err
+		}
+		var r Run
+		if err := json.Unmarshal(b, &r); err != nil {
+			return nil, fmt.Errorf("run %s: its record is corrupt: %w", e.Name(), err)
+		}
+		if vm == "" || r.VM == vm {
+			out = append(out, &r)
+		}
+	}
+	return out, nil
+}
+
+// Alive reports whether the run's QEMU still runs.
+func (r *Run) Alive() bool {
+	if r.PID <= 0 || syscall.Kill(r.PID, 0) != nil {
+		return false
+	}
+	// A zombie (its parent, init in a container, has not reaped it) is gone.
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", r.PID))
+	if err != nil {
+		return false
+	}
+	if i := strings.LastIndexByte(string(b), ')'); i >= 0 && i+2 < len(b) && b[i+2] == 'Z' {
+		return false
+	}
+	return true
+}
+
+func (m *Manager) point(vm string, id uint64) (lifeboat.Point, error) {
+	if id != 0 {
+		return m.Store.Point(vm, id)
+	}
+	pt, ok, err := m.Store.Latest(vm)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	if !ok {
+		return lifeboat.Point{}, fmt.Errorf("vm %q has no point at this recovery site (`lifeboat points` lists what it has)", vm)
+	}
+	return pt, nil
+}
+
+// disksOf is how each of the point's disks is attached: as the definition
+// says, in its order; a disk it does not name comes last, on virtio.
+func disksOf(pt lifeboat.Point, def *lifeboat.Definition) []lifeboat.DefinitionDisk {
+	var out []lifeboat.DefinitionDisk
+	has := map[string]bool{}
+	for _, pd := range pt.Disks {
+		has[pd.Name] = true
+	}
+	seen := map[string]bool{}
+	for _, d := range def.Disks {
+		if has[d.Name] && !seen[d.Name] {
+			out = append(out, d)
+			seen[d.Name] = true
+		}
+	}
+	for _, pd := range pt.Disks {
+		if !seen[pd.Name] {
+			out = append(out, lifeboat.DefinitionDisk{Name: pd.Name})
+		}
+	}
+	return out
+}
+
+func (m *Manager) save(r *Run) error {
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return fsutil.WriteFileAtomic(r.recordFile(), b, 0o600)
+}
+
+// quit stops the run's QEMU: quit over QMP, then SIGKILL if it is still
+// there after a bound.
+func (m *Manager) quit(ctx context.Context, r *Run) error {
+	if !r.Alive() {
+		return nil
+	}
+	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if mon, err := qemu.Dial(qctx, r.QMP); err == nil {
+		mon.Quit(qctx)
+		mon.Close()
+	}
+	for r.Alive() {
+		select {
+		case <-qctx.Done():
+			m.kill(r)
+			return nil
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+func (m *Manager) kill(r *Run) {
+	if r.PID <= 0 {
+		if pid, err := readPID(r.pidFile()); err == nil {
+			r.PID = pid
+		}
+	}
+	if r.PID > 0 {
+		syscall.Kill(r.PID, syscall.SIGKILL)
+		for i := 0; i < 100 && r.Alive(); i++ {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
+
+func readPID(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, fmt.Errorf("QEMU's pid file: %w", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return 0, fmt.Errorf("QEMU's pid file %s holds %q", path, b)
+	}
+	return pid, nil
+}
+
+func nonce() string {
+	b := make([]byte, 3)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}

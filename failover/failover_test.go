@@ -1,0 +1,162 @@
+package failover_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/failover"
+	"github.com/lifeboat-dr/lifeboat/internal/testguest"
+	"github.com/lifeboat-dr/lifeboat/internal/testsite"
+	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qga"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+func testCtx(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// counterLines sends lines from..to (each acknowledged after the guest's
+// fsync) and returns them.
+func counterLines(t *testing.T, g *testguest.Guest, from, to int) []string {
+	t.Helper()
+	var out []string
+	for i := from; i <= to; i++ {
+		line := fmt.Sprintf("line-%03d", i)
+		if err := g.SendCounter(line); err != nil {
+			t.Fatal(err)
+		}
+		if err := g.WaitCounter(testCtx(t, 30*time.Second), line); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, line)
+	}
+	return out
+}
+
+// guestFile reads a file inside a run's guest, through its agent.
+func guestFile(t *testing.T, r *failover.Run, path string) string {
+	t.Helper()
+	ctx := testCtx(t, 30*time.Second)
+	a, err := qga.Dial(ctx, r.Agent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	out, err := a.Output(ctx, "/bin/cat", path)
+	if err != nil {
+		t.Fatalf("cat %s in the recovered guest: %v", path, err)
+	}
+	return string(out)
+}
+
+func manager(t *testing.T, site *testsite.Site) *failover.Manager {
+	return &failover.Manager{Store: site.Store, Dir: testsite.ShortDir(t), Site: "dr"}
+}
+
+// A real failover after the production site is lost: the guest comes up at
+// the recovery site from the latest point with exactly the lines it had
+// fsynced by then (none written after the point), writes more, and the old
+// production site, back again, is refused and told why. A test failover of
+// an earlier point shows that point's lines, not the latest's.
+func TestFailoverAfterProductionLost(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots guests under TCG: covered by the full (non -short) run")
+	}
+	g := testguest.Boot(t, testguest.Options{Name: "fo", Workload: testguest.Counter})
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	p := &protect.Protector{
+		VM:     protect.VM{Name: "web1", QMPSocket: g.VMQMPSocket(), WorkDir: testsite.ShortDir(t)},
+		Target: site.Dial(t, wire.CompressionZstd), Readers: 4,
+	}
+	first := counterLines(t, g, 1, 5)
+	p1, err := p.Cycle(testCtx(t, 2*time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := append(first, counterLines(t, g, 6, 10)...)
+	p2, err := p.Cycle(testCtx(t, 2*time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	counterLines(t, g, 11, 12) // acknowledged, never replicated
+	g.Kill()
+
+	m := manager(t, site)
+	ctx := testCtx(t, 3*time.Minute)
+	r, err := m.Start(ctx, "web1", failover.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Stop(context.Background(), r) })
+	if err := m.WaitAgent(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("failover of point %d: QEMU running %v after the command, agent answering after %v", r.Point, r.ToRunning, r.ToAgent)
+	if r.Point != p2.ID {
+		t.Errorf("failover chose point %d, want the latest, %d", r.Point, p2.ID)
+	}
+	if got := guestFile(t, r, "/data/counter"); got != strings.Join(second, "\n")+"\n" {
+		t.Errorf("the recovered guest's /data/counter:\n%s\nwant exactly the lines of point %d:\n%s", got, p2.ID, strings.Join(second, "\n"))
+	}
+	// It writes more, on its overlay.
+	a, err := qga.Dial(ctx, r.Agent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Output(ctx, "/bin/sh", "-c", "echo after-failover >> /data/counter && sync"); err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
+	if got := guestFile(t, r, "/data/counter"); !strings.HasSuffix(got, "after-failover\n") {
+		t.Errorf("the recovered guest could not write: %q", got)
+	}
+
+	// The recovery site owns the VM now; the old production site is refused.
+	o, ok, err := site.Store.Owner("web1")
+	if err != nil || !ok || o.Site != "dr" || !o.FailedOver || o.FromPoint != p2.ID || o.Epoch != 2 {
+		t.Errorf("owner after the failover: %+v %v %v, want dr, failed over from point %d, epoch 2", o, ok, err, p2.ID)
+	}
+	g2 := testguest.Boot(t, testguest.Options{Name: "fo2", Image: g.DiskImage()})
+	p.VM.QMPSocket = g2.VMQMPSocket()
+	_, err = p.Cycle(testCtx(t, 2*time.Minute))
+	if err == nil || !strings.Contains(err.Error(), "failed over") {
+		t.Fatalf("the old production site's cycle after the failover: %v, want it refused as failed over", err)
+	}
+	if !strings.Contains(err.Error(), "failed over to recovery site \"dr\"") || !strings.Contains(err.Error(), "--undo") {
+		t.Errorf("the refusal does not say what happened and what to do: %v", err)
+	}
+	t.Logf("old production site told: %v", err)
+
+	// A test of the earlier point, beside the failover: that point's lines.
+	tr, err := m.Start(ctx, "web1", failover.Options{Point: p1.ID, Test: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.WaitAgent(ctx, tr); err != nil {
+		t.Fatal(err)
+	}
+	if got := guestFile(t, tr, "/data/counter"); got != strings.Join(first, "\n")+"\n" {
+		t.Errorf("the test of point %d shows:\n%s\nwant its lines:\n%s", p1.ID, got, strings.Join(first, "\n"))
+	}
+	if err := m.Stop(ctx, tr); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(tr.Dir); !os.IsNotExist(err) {
+		t.Errorf("the test's directory is left: %v", err)
+	}
+	if pins, _ := site.Store.Pins("web1"); len(pins) != 1 {
+		t.Errorf("pins after the test ended: %v, want only the failover's", pins)
+	}
+	runs, _ := m.Runs("web1")
+	if len(runs) != 1 || runs[0].ID != r.ID {
+		t.Errorf("runs: %v, want only the failover", runs)
+	}
+}

@@ -1,0 +1,131 @@
+package failover
+
+import (
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/lifeboat-dr/lifeboat"
+)
+
+// qemuIDRE is what QEMU takes as a device id.
+var qemuIDRE = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9._-]*$`)
+
+// nicModel is the QEMU device for a NIC model as QEMU or libvirt names it.
+func nicModel(m string) string {
+	switch m {
+	case "", "virtio":
+		return "virtio-net-pci"
+	case "e1000e", "e1000", "rtl8139", "vmxnet3":
+		return m
+	}
+	return m
+}
+
+// optEscape doubles the commas of a value inside a -device or -chardev
+// option string, as QEMU's option parser wants.
+func optEscape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+// qemuArgs is the qemu-system command line that starts a VM from def, its
+// disks on overlays (by disk name), paused (-S: the caller adds the dirty
+// bitmaps, then continues it), daemonized, with its QMP, agent and console
+// in the run's directory. A NIC whose production network the recovery
+// site's config maps to a bridge is put on it; any other NIC, and every NIC
+// of a test, is on a user-mode network with no route out (restrict=on).
+func qemuArgs(vm string, def *lifeboat.Definition, r *Run, networks map[string]string) ([]string, error) {
+	machine := def.Machine
+	if machine == "" {
+		machine = "q35"
+	}
+	cpus := max(def.CPUs, 1)
+	mem := def.MemoryMiB
+	if mem <= 0 {
+		mem = 1024
+	}
+	args := []string{
+		"-name", vm + ",debug-threads=on",
+		"-machine", machine,
+		"-accel", "kvm", "-accel", "tcg", // the first that works: KVM where /dev/kvm does
+		"-cpu", "max",
+		"-smp", strconv.Itoa(cpus), "-m", strconv.FormatInt(mem, 10),
+		"-nodefaults", "-no-user-config", "-display", "none",
+		"-S", "-daemonize", "-pidfile", r.pidFile(),
+		"-qmp", "unix:" + optEscape(r.QMP) + ",server=on,wait=off",
+		"-chardev", "file,id=console0,path=" + optEscape(r.Console), "-serial", "chardev:console0",
+		"-device", "virtio-serial-pci,id=lbserial0",
+		"-chardev", "socket,id=qga0,server=on,wait=off,path=" + optEscape(r.Agent),
+		"-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+	}
+	if def.Kernel != "" {
+		args = append(args, "-kernel", def.Kernel)
+		if def.Initrd != "" {
+			args = append(args, "-initrd", def.Initrd)
+		}
+		if def.Append != "" {
+			args = append(args, "-append", def.Append)
+		}
+	}
+	scsi := false
+	for i, d := range r.disks {
+		node := "lb-d" + strconv.Itoa(i)
+		spec, err := json.Marshal(map[string]any{
+			"driver": "qcow2", "node-name": node, "discard": "unmap",
+			"file": map[string]any{"driver": "file", "filename": r.Overlays[d.Name]},
+		})
+		if err != nil {
+			return nil, err
+		}
+		args = append(args, "-blockdev", string(spec))
+		dev := d.Device
+		if dev == "" {
+			dev = "virtio-blk-pci"
+		}
+		opt := dev + ",drive=" + node
+		if strings.HasPrefix(dev, "scsi-") {
+			if !scsi {
+				args = append(args, "-device", "virtio-scsi-pci,id=lbscsi0")
+				scsi = true
+			}
+			opt += ",bus=lbscsi0.0"
+		}
+		if qemuIDRE.MatchString(d.Name) {
+			opt += ",id=" + d.Name
+		}
+		if d.Serial != "" {
+			opt += ",serial=" + optEscape(d.Serial)
+		}
+		if d.BootIndex > 0 {
+			opt += ",bootindex=" + strconv.Itoa(d.BootIndex)
+		}
+		args = append(args, "-device", opt)
+	}
+	for i, n := range def.NICs {
+		id := "lbnet" + strconv.Itoa(i)
+		br := networks[n.Network]
+		if r.Test || br == "" {
+			args = append(args, "-netdev", "user,id="+id+",restrict=on")
+		} else {
+			args = append(args, "-netdev", "bridge,id="+id+",br="+optEscape(br))
+		}
+		opt := nicModel(n.Model) + ",netdev=" + id
+		if n.MAC != "" {
+			opt += ",mac=" + n.MAC
+		}
+		args = append(args, "-device", opt)
+	}
+	return args, nil
+}
+
+// networkOf says where a NIC of a run is: for status and the summary.
+func networkOf(n lifeboat.DefinitionNIC, test bool, networks map[string]string) string {
+	br := networks[n.Network]
+	switch {
+	case test:
+		return "isolated (a test)"
+	case br == "":
+		return fmt.Sprintf("isolated (production network %q is not mapped under networks:)", n.Network)
+	}
+	return "bridge " + br
+}
