@@ -87,7 +87,7 @@ type Run struct {
 	disks []lifeboat.DefinitionDisk
 }
 
-func (r *Run) pidFile() string  { return filepath.Join(r.Dir, "qemu.pid") }
+func (r *Run) pidFile() string    { return filepath.Join(r.Dir, "qemu.pid") }
 func (r *Run) recordFile() string { return filepath.Join(r.Dir, "run.json") }
 
 // Kind names the run for messages: "failover" or "test failover".
