@@ -11,7 +11,9 @@ import (
 	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
+	"github.com/lifeboat-dr/lifeboat/internal/workload"
 	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/qga"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
@@ -158,5 +160,179 @@ func TestFailoverAfterProductionLost(t *testing.T) {
 	runs, _ := m.Runs("web1")
 	if len(runs) != 1 || runs[0].ID != r.ID {
 		t.Errorf("runs: %v, want only the failover", runs)
+	}
+}
+
+// A test failover while replication goes on: points keep arriving during the
+// test (retention waits meanwhile, so nothing under the test is merged), the
+// test's guest writes only its throwaway overlay, and --stop leaves every
+// point verifying and byte-identical to before. Ownership never moves.
+func TestTestFailoverWhileReplicating(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots guests under TCG: covered by the full (non -short) run")
+	}
+	g := testguest.Boot(t, testguest.Options{Name: "tf", Workload: testguest.Counter})
+	site := testsite.Start(t, recovery.Options{Keep: 2})
+	p := &protect.Protector{
+		VM:     protect.VM{Name: "web1", QMPSocket: g.VMQMPSocket(), WorkDir: testsite.ShortDir(t)},
+		Target: site.Dial(t, wire.CompressionZstd), Readers: 4,
+	}
+	cycle := func() uint64 {
+		t.Helper()
+		pt, err := p.Cycle(testCtx(t, 2*time.Minute))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pt.ID
+	}
+	counterLines(t, g, 1, 3)
+	cycle()
+	counterLines(t, g, 4, 6)
+	tested := cycle()
+	hashes := map[uint64]string{}
+	for _, id := range []uint64{1, 2} {
+		hashes[id] = site.PointHash(t, "web1", id, "vda")
+	}
+
+	m := manager(t, site)
+	ctx := testCtx(t, 3*time.Minute)
+	r, err := m.Start(ctx, "web1", failover.Options{Test: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Point != tested || r.Owner != nil {
+		t.Errorf("test run %+v: want point %d and no change of owner", r, tested)
+	}
+	if err := m.WaitAgent(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	a, err := qga.Dial(ctx, r.Agent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Output(ctx, "/bin/sh", "-c", "echo written-by-the-test >> /data/counter && dd if=/dev/urandom of=/data/junk bs=64k count=16 2>/dev/null && sync"); err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
+	// Replication goes on: three more points while the test runs; with
+	// keep: 2 retention would merge, but waits for the test.
+	for i := 7; i <= 9; i++ {
+		counterLines(t, g, i, i)
+		cycle()
+	}
+	if got := pointIDs(t, site); len(got) != 5 {
+		t.Errorf("points during the test: %v, want all 5 (retention waits while the test reads the chain)", got)
+	}
+	for id, want := range hashes {
+		if got := site.PointHash(t, "web1", id, "vda"); got != want {
+			t.Errorf("point %d changed while the test ran", id)
+		}
+	}
+	if err := m.Stop(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	for id, want := range hashes {
+		if got := site.PointHash(t, "web1", id, "vda"); got != want {
+			t.Errorf("point %d is not byte-identical after the test", id)
+		}
+		rep, err := site.Store.Verify(ctx, "web1", id, nil)
+		if err != nil {
+			t.Errorf("point %d does not verify after the test: %v (%+v)", id, err, rep)
+		}
+	}
+	if o, _, _ := site.Store.Owner("web1"); o.Site != "prod" || o.Epoch != 1 || o.FailedOver {
+		t.Errorf("owner after a test: %+v, want prod, epoch 1", o)
+	}
+	// With the test gone, retention catches up.
+	if err := site.Store.ApplyRetention(ctx, "web1"); err != nil {
+		t.Fatal(err)
+	}
+	if got := pointIDs(t, site); len(got) != 2 {
+		t.Errorf("points after the test and retention: %v, want the newest 2", got)
+	}
+}
+
+// An undone failover: the VM goes back to its production site under a new
+// epoch, and the next cycle there is incremental (its bitmap survived), with
+// a byte-exact replica.
+func TestUndoResumesIncrementally(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots guests under TCG: covered by the full (non -short) run")
+	}
+	g := testguest.Boot(t, testguest.Options{Name: "ud", Workload: testguest.Counter})
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	p := &protect.Protector{
+		VM:     protect.VM{Name: "web1", QMPSocket: g.VMQMPSocket(), WorkDir: testsite.ShortDir(t)},
+		Target: site.Dial(t, wire.CompressionZstd), Readers: 4,
+	}
+	counterLines(t, g, 1, 3)
+	if _, err := p.Cycle(testCtx(t, 2*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	m := manager(t, site)
+	ctx := testCtx(t, 3*time.Minute)
+	r, err := m.Start(ctx, "web1", failover.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Cycle(testCtx(t, time.Minute)); err == nil || !strings.Contains(err.Error(), "failed over") {
+		t.Fatalf("a cycle during the failover: %v, want it refused", err)
+	}
+	if err := m.Stop(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	if o, _, _ := site.Store.Owner("web1"); o.Site != "prod" || o.Epoch != 3 || o.FailedOver {
+		t.Errorf("owner after the undo: %+v, want prod under epoch 3", o)
+	}
+	counterLines(t, g, 4, 6)
+	vmCommand(t, g, "stop") // CPUs stopped: the disk can be hashed at the instant
+	pt, err := p.Cycle(testCtx(t, 2*time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := workload.Open(ctx, g.StorageNBDSocket(), 0, workload.Disk{Name: g.DiskNode(), Size: testguest.DefaultDiskSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := src.Hashes(ctx)
+	src.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	vmCommand(t, g, "cont")
+	if got := site.PointHash(t, "web1", pt.ID, "vda"); got != want[g.DiskNode()] {
+		t.Errorf("point %d after the undo is not the production disk", pt.ID)
+	}
+	if pt.Disks[0].Resync {
+		t.Errorf("the cycle after the undo resent the disk whole: %+v", pt.Disks[0])
+	}
+	t.Logf("cycle after the undo: point %d, changed %d bytes, sent %d", pt.ID, pt.Stats.BytesChanged, pt.Stats.BytesSent)
+	if pt.Stats.BytesChanged >= testguest.DefaultDiskSize/2 {
+		t.Errorf("the cycle after the undo changed %d bytes of a %d-byte disk: not incremental", pt.Stats.BytesChanged, testguest.DefaultDiskSize)
+	}
+}
+
+func pointIDs(t *testing.T, site *testsite.Site) []uint64 {
+	t.Helper()
+	pts, err := site.Store.Points("web1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []uint64
+	for _, p := range pts {
+		ids = append(ids, p.ID)
+	}
+	return ids
+}
+
+func vmCommand(t *testing.T, g *testguest.Guest, cmd string) {
+	t.Helper()
+	m, err := qemu.Dial(testCtx(t, 10*time.Second), g.VMQMPSocket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Execute(testCtx(t, 10*time.Second), cmd, nil, nil); err != nil {
+		t.Fatalf("%s: %v", cmd, err)
 	}
 }

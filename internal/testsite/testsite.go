@@ -5,7 +5,10 @@ package testsite
 import (
 	"cmp"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -207,4 +210,26 @@ func ShortDir(t testing.TB) string {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
+}
+
+// PointHash is the sha256 of a point's disk as the site exports it (raw).
+func (s *Site) PointHash(t testing.TB, vm string, id uint64, disk string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), fmt.Sprintf("%s-%d-%s.raw", vm, id, disk))
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := s.Store.Export(ctx, vm, id, disk, out, "raw"); err != nil {
+		t.Fatalf("export vm %s point %d disk %s: %v", vm, id, disk, err)
+	}
+	defer os.Remove(out)
+	f, err := os.Open(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }
