@@ -127,6 +127,21 @@ func TestQuickRun(t *testing.T) {
 		}
 	}
 
+	// 6. failover: the guest came up from each point (checked before libvirt,
+	// which returns early where it is skipped)
+	fo := res.Failover
+	if fo == nil || fo.Skipped != "" {
+		t.Fatalf("failover: not run: %+v", fo)
+	}
+	if len(fo.Rows) != len(cfg.FailoverDisks) {
+		t.Fatalf("failover: %d rows, want %d", len(fo.Rows), len(cfg.FailoverDisks))
+	}
+	for _, x := range fo.Rows {
+		if x.ToRunning <= 0 || x.ToAgent < x.ToRunning || x.Export <= 0 || x.Identical != "yes" {
+			t.Errorf("failover of the %d-byte disk: %+v, want QEMU running, then the agent, the export timed, the point's /data mounted", x.DiskSize, x)
+		}
+	}
+
 	// 5. libvirt, where this host runs it (under CI run must have failed instead)
 	lv := res.Libvirt
 	if lv.Skipped != "" {

@@ -646,6 +646,15 @@ func guestExec(ctx context.Context, domain, path string, args ...string) (string
 func writeDataDisk(ctx context.Context, path string, diskSize, data int64, seed uint64) error {
 	raw := path + ".raw"
 	defer os.Remove(raw)
+	if err := writeRawData(raw, diskSize, data, seed); err != nil {
+		return err
+	}
+	return runTool(ctx, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path)
+}
+
+// writeRawData makes a sparse raw image of diskSize at raw holding data bytes
+// of random data in extents spread evenly over it.
+func writeRawData(raw string, diskSize, data int64, seed uint64) error {
 	f, err := os.Create(raw)
 	if err != nil {
 		return err
@@ -664,10 +673,7 @@ func writeDataDisk(ctx context.Context, path string, diskSize, data int64, seed 
 			return fmt.Errorf("data disk: %w", err)
 		}
 	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return runTool(ctx, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path)
+	return f.Close()
 }
 
 // writeRandomFile writes n random bytes to a new file at path.

@@ -41,7 +41,11 @@ type config struct {
 	// LibvirtRounds incremental rounds.
 	LibvirtDisk, LibvirtData, LibvirtChange int64
 	LibvirtRounds                           int
-	Only                                    map[string]bool // benchmarks to run; empty: all
+	// FailoverDisks are the data disk sizes the failover benchmark starts
+	// the test guest from.
+	FailoverDisks []int64
+	FailoverData  int64           // of random data on each
+	Only          map[string]bool // benchmarks to run; empty: all
 }
 
 const (
@@ -57,6 +61,7 @@ func defaultConfig() config {
 		WireChange: 256 * mib,
 		MetaDisk:   16 * tib, MetaData: 3 * gib, MetaDiscard: 4 * tib,
 		LibvirtDisk: 2 * gib, LibvirtData: 1 * gib, LibvirtChange: 128 * mib, LibvirtRounds: 3,
+		FailoverDisks: []int64{4 * gib, 256 * gib}, FailoverData: 1 * gib,
 	}
 }
 
@@ -68,13 +73,14 @@ func quickConfig() config {
 		WireChange: 16 * mib,
 		MetaDisk:   1 * tib, MetaData: 96 * mib, MetaDiscard: 256 * gib,
 		LibvirtDisk: 256 * mib, LibvirtData: 128 * mib, LibvirtChange: 16 * mib, LibvirtRounds: 1,
+		FailoverDisks: []int64{4 * gib}, FailoverData: 64 * mib,
 	}
 }
 
 // runs says whether a benchmark runs; metadata (minutes on a 16 TiB disk) only when named.
 func (c config) runs(name string) bool { return c.Only[name] || len(c.Only) == 0 && name != "metadata" }
 
-var benchNames = []string{"initial", "incremental", "wire", "metadata", "libvirt"}
+var benchNames = []string{"initial", "incremental", "wire", "metadata", "libvirt", "failover"}
 
 func main() {
 	if dir := os.Getenv(recoverySiteEnv); dir != "" {
@@ -91,7 +97,7 @@ func main() {
 		scale  = flag.Float64("scale", 1, "multiply every data size (not disk sizes) by this, e.g. 0.25 for a shorter run")
 	)
 	flag.Usage = func() {
-		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire,libvirt] [-rounds N] [-scale F] [-tmp DIR] [-cpuprofile FILE]\n"+
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire,libvirt,failover] [-rounds N] [-scale F] [-tmp DIR] [-cpuprofile FILE]\n"+
 			"example: make bench BENCH_ARGS='-only incremental'\n\n")
 		flag.PrintDefaults()
 	}
@@ -166,6 +172,7 @@ type results struct {
 	Wire        *wireResult
 	Metadata    *metadataResult
 	Libvirt     *libvirtResult
+	Failover    *failoverResult
 }
 
 // env is one run's shared state: its temporary directory and its output.
@@ -252,6 +259,12 @@ func run(ctx context.Context, cfg config, tmpParent string, out, prog io.Writer)
 			return res, fmt.Errorf("libvirt benchmark: %w", err)
 		}
 		res.Libvirt.print(e)
+	}
+	if cfg.runs("failover") {
+		if res.Failover, err = benchFailover(ctx, e); err != nil {
+			return res, fmt.Errorf("failover benchmark: %w", err)
+		}
+		res.Failover.print(e)
 	}
 	return res, nil
 }
