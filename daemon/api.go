@@ -149,6 +149,10 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 			if o, ok, err := a.d.store.Owner(name); err == nil && ok {
 				s.Owner, s.Epoch = o.Site, o.Epoch
 			}
+			if err := a.runStatus(&s); err != nil {
+				writeErr(w, http.StatusInternalServerError, err)
+				return
+			}
 			if len(pts) > 0 {
 				last := pts[len(pts)-1]
 				s.LastPoint = &last
@@ -364,4 +368,31 @@ func (a *apiServer) verify(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	st.send(Event{Verify: &rep})
+}
+
+// runStatus adds a replica's runs from its points to its status, and says
+// in its state whether it is failed over here or being tested.
+func (a *apiServer) runStatus(s *VMStatus) error {
+	runs, err := a.d.runs.Runs(s.VM)
+	if err != nil {
+		return err
+	}
+	tests := 0
+	for _, r := range runs {
+		s.Runs = append(s.Runs, RunStatus{ID: r.ID, Kind: r.Kind(), Point: r.Point, Started: r.Started, Running: r.Alive(), Committed: r.Committed})
+		switch {
+		case r.Test:
+			tests++
+		case !r.Alive():
+			s.State = fmt.Sprintf("failed over from point %d, QEMU gone: `lifeboat failover %s --undo` cleans up", r.Point, s.VM)
+		case r.Committed:
+			s.State = fmt.Sprintf("failed over from point %d, committed", r.Point)
+		default:
+			s.State = fmt.Sprintf("failed over from point %d, waiting for --commit or --undo", r.Point)
+		}
+	}
+	if tests > 0 {
+		s.State += fmt.Sprintf(", %d test failover(s) running", tests)
+	}
+	return nil
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/recovery"
 )
 
 // peerReadyTimeout bounds how long a cycle waits for its recovery site to answer.
@@ -87,6 +88,16 @@ func (v *vm) sync(ctx context.Context) (lifeboat.Point, error) {
 	v.progress = nil
 	v.mu.Unlock()
 	if err != nil {
+		if recovery.IsFailedOver(err) {
+			v.mu.Lock()
+			was := v.state
+			v.mu.Unlock()
+			v.setState(stateFailedOver, err)
+			if was != stateFailedOver {
+				v.d.log.Warn("vm was failed over at its recovery site: replication stops until it is handed back (checked every "+failedOverRecheck.String()+")", "vm", v.cfg.Name, "err", err)
+			}
+			return pt, err
+		}
 		v.setState("error", err)
 		v.d.log.Error("cycle failed", "vm", v.cfg.Name, "err", err)
 		return pt, err
@@ -155,9 +166,24 @@ func (v *vm) schedule(ctx context.Context) {
 		}
 		cancel()
 	}
-	// Errors are in status and the log; the next tick retries.
-	runEvery(ctx, time.Duration(v.cfg.Interval), func(ctx context.Context) { v.sync(ctx) })
+	// Errors are in status and the log; the next tick retries. A VM failed
+	// over at its recovery site is only checked now and then: it runs there.
+	runEvery(ctx, time.Duration(v.cfg.Interval), func(ctx context.Context) {
+		v.mu.Lock()
+		wait := v.state == stateFailedOver && time.Since(v.errAt) < failedOverRecheck
+		v.mu.Unlock()
+		if !wait {
+			v.sync(ctx)
+		}
+	})
 }
+
+// stateFailedOver is a protected VM's state once its recovery site has
+// failed it over: the site refuses its points until it is handed back.
+const stateFailedOver = "failed-over"
+
+// failedOverRecheck is how often a failed-over VM's schedule asks again.
+const failedOverRecheck = 5 * time.Minute
 
 // runEvery runs a cycle now and then every interval (never two at once, at least
 // a second apart) until ctx ends; interval 0 means never. Each cycle is bounded.
@@ -203,6 +229,19 @@ type VMStatus struct {
 	LastError string            `json:"last_error,omitempty"`
 	ErrorAt   *time.Time        `json:"error_at,omitempty"`
 	Progress  *protect.Progress `json:"progress,omitempty"`
+	// Runs are, at a recovery site, the VM's runs from its points: its
+	// failover and its tests.
+	Runs []RunStatus `json:"runs,omitempty"`
+}
+
+// RunStatus is one run of a VM from a point, as status shows it.
+type RunStatus struct {
+	ID        string    `json:"id"`
+	Kind      string    `json:"kind"` // "failover" or "test failover"
+	Point     uint64    `json:"point"`
+	Started   time.Time `json:"started"`
+	Running   bool      `json:"running"` // its QEMU is there
+	Committed bool      `json:"committed,omitempty"`
 }
 
 func (v *vm) status(now time.Time) VMStatus {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -36,9 +37,19 @@ type NotOwnerError struct {
 	Declared bool // the owner comes from the recovery site's config, not from a point
 }
 
+// failedOverPhrase is how a refusal for a failed-over VM reads: the
+// protected site learns of the failover from it (the wire carries the text).
+const failedOverPhrase = "was failed over to recovery site"
+
+// IsFailedOver reports whether err is a recovery site's refusal of a VM it
+// failed over (as the protected site receives it, through the wire).
+func IsFailedOver(err error) bool {
+	return err != nil && strings.Contains(err.Error(), failedOverPhrase)
+}
+
 func (e *NotOwnerError) Error() string {
 	if e.Owner.FailedOver {
-		return fmt.Sprintf("vm %q was failed over to recovery site %q at %s (from point %d, epoch %d): it runs there now, and site %q may not replicate it any more. "+
+		return fmt.Sprintf("vm %q "+failedOverPhrase+" %q at %s (from point %d, epoch %d): it runs there now, and site %q may not replicate it any more. "+
 			"Do not start it here as well. To bring it home, fail it back from %q; to give the failover up, run `lifeboat failover %s --undo` there",
 			e.VM, e.Owner.Site, e.Owner.Since.UTC().Format(time.RFC3339), e.Owner.FromPoint, e.Owner.Epoch, e.Site, e.Owner.Site, e.VM)
 	}

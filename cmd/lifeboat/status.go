@@ -64,9 +64,20 @@ func newStatusCmd(g *globals) *cobra.Command {
 				if v.Owner != "" {
 					role = fmt.Sprintf("%s of %s (epoch %d)", v.Role, v.Owner, v.Epoch)
 				}
+				if v.State == "failed-over" {
+					errText = "(below)"
+				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, role, state, last, rpo, points, errText)
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			for _, v := range st.VMs {
+				if v.State == "failed-over" {
+					fmt.Printf("\n%s: %s\n", v.VM, v.LastError)
+				}
+			}
+			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print as JSON")

@@ -1,0 +1,98 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/failover"
+	"github.com/lifeboat-dr/lifeboat/internal/testguest"
+)
+
+// The whole failover as a user runs it, against real sites, a real guest and
+// its real qemu-system: the production site is lost, `failover` at the
+// recovery site brings the guest up from its latest point, `status` there
+// says so, the production site, back, is refused and says why in its own
+// status, and `--undo` hands the VM back, whose next sync succeeds.
+func TestFailoverCommands(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots guests under TCG: covered by the full (non -short) run")
+	}
+	g := testguest.Boot(t, testguest.Options{Name: "cli", Workload: testguest.Counter})
+	dir := shortDir(t)
+	pkiDir := filepath.Join(dir, "pki")
+	run(t, "cert", "ca", "--dir", pkiDir)
+	run(t, "cert", "site", "dr", "--ca", pkiDir, "--out", pkiDir, "--host", "127.0.0.1")
+	run(t, "cert", "site", "prod", "--ca", pkiDir, "--out", pkiDir, "--host", "127.0.0.1")
+	addr := freeAddr(t)
+	drCfg := filepath.Join(dir, "dr.yaml")
+	os.WriteFile(drCfg, []byte(fmt.Sprintf("site: dr\nstate_dir: %s/dr\nlisten: %s\nkeep: 10\ntls: {ca: pki/ca.crt, cert: pki/dr.crt, key: pki/dr.key}\n", dir, addr)), 0o600)
+	prodCfg := filepath.Join(dir, "prod.yaml")
+	writeProd := func(qmp string) {
+		os.WriteFile(prodCfg, []byte(fmt.Sprintf("site: prod\nstate_dir: %s/prod\ntls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}\n"+
+			"peers:\n  - {name: dr, address: %q}\nvms:\n  - {name: vm1, qmp: %s}\n", dir, addr, qmp)), 0o600)
+	}
+	writeProd(g.VMQMPSocket())
+	startSite(t, "dr", drCfg)
+	prod := startSite(t, "prod", prodCfg)
+
+	for i := 1; i <= 3; i++ {
+		line := fmt.Sprintf("line-%d", i)
+		if err := g.SendCounter(line); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := g.WaitCounter(ctx, line)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	run(t, "sync", "vm1", "-c", prodCfg)
+	// The production site is lost: its guest and its lifeboat, kill -9.
+	g.Kill()
+	prod.kill()
+
+	out := run(t, "failover", "vm1", "-c", drCfg)
+	t.Logf("lifeboat failover vm1:\n%s", out)
+	for _, want := range []string{"failover of point 1", "QEMU running", "agent answering", "--commit", "--undo"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("failover's output lacks %q", want)
+		}
+	}
+	var runs []*failover.Run
+	if err := json.Unmarshal([]byte(run(t, "failover", "--list", "--json", "-c", drCfg)), &runs); err != nil || len(runs) != 1 {
+		t.Fatalf("failover --list: %v %v", runs, err)
+	}
+	t.Cleanup(func() { runErr(t, "failover", "vm1", "--undo", "-c", drCfg) })
+	if st := run(t, "status", "-c", drCfg); !strings.Contains(st, "failed over from point 1, waiting for --commit or --undo") {
+		t.Errorf("status at the recovery site:\n%s", st)
+	}
+
+	// Production comes back: its guest on its own disk, its lifeboat.
+	g2 := testguest.Boot(t, testguest.Options{Name: "cli2", Image: g.DiskImage()})
+	writeProd(g2.VMQMPSocket())
+	prod = startSite(t, "prod", prodCfg)
+	out, err := runErr(t, "sync", "vm1", "-c", prodCfg)
+	if err == nil || !strings.Contains(out, "failed over to recovery site") {
+		t.Fatalf("sync at the old production site after the failover: %v\n%s", err, out)
+	}
+	if st := run(t, "status", "-c", prodCfg); !strings.Contains(st, "failed-over") || !strings.Contains(st, "failover vm1 --undo") {
+		t.Errorf("status at the old production site does not say the VM was failed over and what to do:\n%s", st)
+	}
+
+	out = run(t, "failover", "vm1", "--undo", "-c", drCfg)
+	if !strings.Contains(out, "handed back to site prod") {
+		t.Errorf("--undo said:\n%s", out)
+	}
+	out = run(t, "sync", "vm1", "-c", prodCfg)
+	t.Logf("sync after the undo:\n%s", out)
+	if st := run(t, "failover", "--list", "-c", drCfg); !strings.Contains(st, "no VM runs") {
+		t.Errorf("runs after the undo:\n%s", st)
+	}
+}
