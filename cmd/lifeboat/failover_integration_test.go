@@ -25,10 +25,7 @@ func TestFailoverCommands(t *testing.T) {
 	}
 	g := testguest.Boot(t, testguest.Options{Name: "cli", Workload: testguest.Counter})
 	dir := shortDir(t)
-	pkiDir := filepath.Join(dir, "pki")
-	run(t, "cert", "ca", "--dir", pkiDir)
-	run(t, "cert", "site", "dr", "--ca", pkiDir, "--out", pkiDir, "--host", "127.0.0.1")
-	run(t, "cert", "site", "prod", "--ca", pkiDir, "--out", pkiDir, "--host", "127.0.0.1")
+	makePKI(t, dir)
 	addr := freeAddr(t)
 	drCfg := filepath.Join(dir, "dr.yaml")
 	os.WriteFile(drCfg, []byte(fmt.Sprintf("site: dr\nstate_dir: %s/dr\nlisten: %s\nkeep: 10\ntls: {ca: pki/ca.crt, cert: pki/dr.crt, key: pki/dr.key}\n", dir, addr)), 0o600)

@@ -115,6 +115,16 @@ func (s *site) kill() {
 	}
 }
 
+// makePKI makes, with lifeboat cert, a CA and the certificates of sites dr
+// and prod (on 127.0.0.1) in dir/pki, as the configs of the tests name them.
+func makePKI(t *testing.T, dir string) {
+	t.Helper()
+	pkiDir := filepath.Join(dir, "pki")
+	run(t, "cert", "ca", "--dir", pkiDir)
+	run(t, "cert", "site", "dr", "--ca", pkiDir, "--out", pkiDir, "--host", "127.0.0.1")
+	run(t, "cert", "site", "prod", "--ca", pkiDir, "--out", pkiDir, "--host", "127.0.0.1")
+}
+
 func freeAddr(t *testing.T) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -162,10 +172,7 @@ func deployDisks(t *testing.T, specs ...testvm.DiskSpec) *deployment {
 	}
 	t.Cleanup(g.Close)
 	d.guest = g
-	pkiDir := filepath.Join(d.dir, "pki")
-	run(t, "cert", "ca", "--dir", pkiDir)
-	run(t, "cert", "site", "dr", "--ca", pkiDir, "--out", pkiDir, "--host", "127.0.0.1")
-	run(t, "cert", "site", "prod", "--ca", pkiDir, "--out", pkiDir, "--host", "127.0.0.1")
+	makePKI(t, d.dir)
 	addr := freeAddr(t)
 	drCfg := filepath.Join(d.dir, "dr.yaml")
 	os.WriteFile(drCfg, []byte(fmt.Sprintf(`site: dr
