@@ -109,6 +109,8 @@ func TestConfigErrors(t *testing.T) {
 		{"no state dir", strings.Replace(goodConfig, "state_dir: /var/lib/lifeboat", "", 1), []string{"state_dir", "missing"}},
 		{"no tls", strings.Replace(goodConfig, "tls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}", "", 1), []string{"tls", "lifeboat cert"}},
 		{"unknown field", goodConfig + "colour: blue\n", []string{"colour"}},
+		{"networks at a protected site", goodConfig + "networks: {prod-lan: br0}\n", []string{"networks", "listen:"}},
+		{"network on no bridge", strings.Replace(goodConfig, "site: prod", "site: prod\nlisten: 127.0.0.1:7420", 1) + "networks: {prod-lan: 'br 0'}\n", []string{"networks.prod-lan", "bridge"}},
 		{"definition of another disk", goodConfig + "  - {name: db1, qmp: /q, disks: [vda], definition: {disks: [{name: vdz}]}}\n", []string{"vms[1] (db1).definition.disks[0].name", "vdz", "vda"}},
 		{"definition with a bad MAC", goodConfig + "  - {name: db1, qmp: /q, definition: {nics: [{mac: 52-54}]}}\n", []string{"definition.nics[0].mac", "52:54:00:12:34:56"}},
 		{"definition with negative memory", goodConfig + "  - {name: db1, qmp: /q, definition: {memory_mib: -1}}\n", []string{"definition.memory_mib", "negative"}},
