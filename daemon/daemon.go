@@ -80,7 +80,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("config %s: listen %s: %w", d.cfg.Path(), d.cfg.Listen, err)
 		}
-		d.server = &wire.Server{Site: d.cfg.Site, Store: wire.RecoveryStore(st), Log: d.log}
+		d.server = &wire.Server{Site: d.cfg.Site, Store: wire.RecoveryStore(st), Log: d.log, StartVM: d.startForOwner}
 		go func() { errc <- d.server.Serve(l, tlsConf) }()
 		defer d.server.Stop()
 		d.log.Info("recovery service listening", "addr", l.Addr().String())
@@ -158,4 +158,19 @@ func (d *Daemon) vmNames() []string {
 	}
 	sort.Strings(names)
 	return names
+}
+
+// startForOwner starts a VM from point for its owner's planned migration.
+func (d *Daemon) startForOwner(ctx context.Context, vm string, point uint64) (wire.FailoverResult, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	r, err := d.runs.Start(ctx, vm, failover.Options{Point: point})
+	if err != nil {
+		return wire.FailoverResult{}, err
+	}
+	res := wire.FailoverResult{Run: r.ID, Point: r.Point, ToRunning: r.ToRunning}
+	if r.Owner != nil {
+		res.Epoch = r.Owner.Epoch
+	}
+	return res, nil
 }

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
@@ -334,5 +335,87 @@ func vmCommand(t *testing.T, g *testguest.Guest, cmd string) {
 	defer m.Close()
 	if err := m.Execute(testCtx(t, 10*time.Second), cmd, nil, nil); err != nil {
 		t.Fatalf("%s: %v", cmd, err)
+	}
+}
+
+// A planned migration loses nothing: every line the guest acknowledged
+// before the command is in the recovered guest, the production QEMU is gone,
+// and the recovery site owns the VM. Through the agent the guest powers off
+// (a filesystem-consistent point); pressing the power button, which the test
+// guest ignores (no ACPI daemon), ends in its CPUs stopped after the timeout.
+func TestPlannedMigrationLosesNothing(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots guests under TCG: covered by the full (non -short) run")
+	}
+	t.Run("guest powers off through its agent", func(t *testing.T) { plannedMigration(t, true) })
+	t.Run("guest ignores the power button", func(t *testing.T) { plannedMigration(t, false) })
+}
+
+func plannedMigration(t *testing.T, agent bool) {
+	g := testguest.Boot(t, testguest.Options{Name: "pm", Workload: testguest.Counter})
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	p := &protect.Protector{
+		VM:     protect.VM{Name: "web1", QMPSocket: g.VMQMPSocket(), WorkDir: testsite.ShortDir(t)},
+		Target: site.Dial(t, wire.CompressionZstd), Readers: 4,
+	}
+	m := manager(t, site)
+	var started *failover.Run
+	site.SetStartVM(func(ctx context.Context, vm string, point uint64) (wire.FailoverResult, error) {
+		r, err := m.Start(ctx, vm, failover.Options{Point: point})
+		if err != nil {
+			return wire.FailoverResult{}, err
+		}
+		started = r
+		return wire.FailoverResult{Run: r.ID, Point: r.Point, ToRunning: r.ToRunning, Epoch: r.Owner.Epoch}, nil
+	})
+	lines := counterLines(t, g, 1, 3)
+	if _, err := p.Cycle(testCtx(t, 2*time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	lines = append(lines, counterLines(t, g, 4, 8)...) // acknowledged after the last cycle
+	ctx := testCtx(t, 4*time.Minute)
+	opts := protect.MigrateOptions{ShutdownTimeout: 3 * time.Second}
+	if agent {
+		opts.ShutdownTimeout, opts.Agent = time.Minute, g.AgentSocket()
+	}
+	mig, err := p.Migrate(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mig.ShutDown != agent {
+		t.Errorf("the guest shut down: %v, want %v", mig.ShutDown, agent)
+	}
+	if want := map[bool]lifeboat.Consistency{true: lifeboat.Filesystem, false: lifeboat.Crash}[agent]; mig.Point.Consistency != want || !strings.Contains(mig.Point.Note, "planned migration") {
+		t.Errorf("the migration's point: %s (%s), want %s and a note saying why", mig.Point.Consistency, mig.Point.Note, want)
+	}
+	t.Logf("planned migration: point %d (%s: %s), shut down %v, run %s, took %v", mig.Point.ID, mig.Point.Consistency, mig.Point.Note, mig.ShutDown, mig.Run.Run, mig.Took)
+	if started == nil || started.Point != mig.Point.ID {
+		t.Fatalf("the recovery site started %+v, want point %d", started, mig.Point.ID)
+	}
+	t.Cleanup(func() { m.Stop(context.Background(), started) })
+	if err := m.WaitAgent(ctx, started); err != nil {
+		t.Fatal(err)
+	}
+	if got := guestFile(t, started, "/data/counter"); got != strings.Join(lines, "\n")+"\n" {
+		t.Errorf("after the migration /data/counter holds:\n%s\nwant every acknowledged line:\n%s", got, strings.Join(lines, "\n"))
+	}
+	if o, _, _ := site.Store.Owner("web1"); o.Site != "dr" || !o.FailedOver {
+		t.Errorf("owner after the migration: %+v", o)
+	}
+	// The production QEMU quit.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(g.VMQMPSocket()); err != nil {
+			break
+		}
+		if c, err := qemu.Dial(testCtx(t, time.Second), g.VMQMPSocket()); err != nil {
+			break
+		} else {
+			c.Close()
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the production QEMU still answers after the migration")
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

@@ -32,6 +32,11 @@ type cycle struct {
 	stream *wire.PointStream
 	lv     *virtCycle // the libvirt path's state (nil on the QMP path)
 	def    *lifeboat.Definition
+	// quiet is a cycle of a guest that cannot write (shut down, or its CPUs
+	// stopped): no freeze, and the point is as consistent as the guest left it.
+	quiet      bool
+	quietLevel lifeboat.Consistency // what the guest's state makes the point
+	note       string               // says why, in the point
 
 	changed, zero, same, dedup, data, sent, done atomic.Int64
 	// sentBlocks is where each block content sent in this point went: a block
@@ -57,7 +62,11 @@ func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
 	if err := c.prepareFleece(ctx); err != nil {
 		return lifeboat.Point{}, err
 	}
-	frz, err := freeze(ctx, c.p.Quiescer)
+	q := c.p.Quiescer
+	if c.quiet {
+		q = nil // the guest is shut down or paused: nothing to freeze
+	}
+	frz, err := freeze(ctx, q)
 	if err != nil {
 		c.fleece.Teardown(context.WithoutCancel(ctx))
 		return lifeboat.Point{}, err
@@ -68,6 +77,9 @@ func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
 		return lifeboat.Point{}, err
 	}
 	c.setLevel(frz)
+	if c.quiet {
+		c.point.Consistency, c.point.Note = c.quietLevel, c.note
+	}
 	if err := c.export(ctx); err != nil {
 		return lifeboat.Point{}, err
 	}

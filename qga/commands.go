@@ -120,3 +120,18 @@ func (a *Agent) Output(ctx context.Context, path string, args ...string) ([]byte
 	}
 	return r.Stdout, nil
 }
+
+// Shutdown asks the guest to power off (guest-shutdown, mode powerdown). The
+// agent answers nothing when it obeys, so Shutdown returns once the request
+// is sent; the caller watches QEMU (its SHUTDOWN event) for the outcome. An
+// error the agent does answer with is returned.
+func (a *Agent) Shutdown(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	err := a.call(ctx, "guest-shutdown", map[string]string{"mode": "powerdown"}, nil)
+	var agentErr *Error
+	if errors.As(err, &agentErr) {
+		return err
+	}
+	return nil // no answer: the guest is shutting down (or the agent is gone, which QEMU will tell)
+}

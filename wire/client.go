@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/connectivity"
@@ -158,6 +159,17 @@ func (c *Client) BlockMap(ctx context.Context, vm, disk string) (map[int64]lifeb
 			m[b] = hs[i]
 		}
 	}
+}
+
+// Failover asks the recovery site to start vm from point and take it over:
+// a planned migration's last step, once the caller has shut the VM down and
+// sent that point.
+func (c *Client) Failover(ctx context.Context, vm string, point uint64) (FailoverResult, error) {
+	r, err := c.rc.Failover(ctx, &wirepb.FailoverRequest{Vm: vm, Point: point})
+	if err != nil {
+		return FailoverResult{}, fmt.Errorf("vm %q: failover at %s from point %d: %w", vm, c.peer, point, err)
+	}
+	return FailoverResult{Run: r.Run, Point: r.Point, ToRunning: time.Duration(r.ToRunningNs), Epoch: r.Epoch}, nil
 }
 
 // PointStream carries one point to the recovery site.

@@ -291,6 +291,10 @@ func (f *fakeReplication) Replicate(context.Context, ...grpc.CallOption) (grpc.C
 	return nil, errors.New("not fuzzed")
 }
 
+func (f *fakeReplication) Failover(context.Context, *wirepb.FailoverRequest, ...grpc.CallOption) (*wirepb.FailoverReply, error) {
+	return nil, errors.New("not fuzzed")
+}
+
 type chunkStream struct {
 	grpc.ClientStream
 	chunks [][]byte

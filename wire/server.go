@@ -61,8 +61,20 @@ type Server struct {
 	Log   *slog.Logger
 	// Writers is how many blocks messages are decompressed and written at once per point.
 	Writers int
+	// StartVM starts a VM here from one of its points and takes it over,
+	// for its owner's planned migration; nil: this site refuses to.
+	StartVM func(ctx context.Context, vm string, point uint64) (FailoverResult, error)
 
 	grpc *grpc.Server
+}
+
+// FailoverResult is what a recovery site says of a VM it started for a
+// planned migration.
+type FailoverResult struct {
+	Run       string
+	Point     uint64
+	ToRunning time.Duration
+	Epoch     uint64
 }
 
 // Serve accepts protected sites on l with mutual TLS until Stop.
@@ -144,6 +156,26 @@ func (s *Server) authorize(ctx context.Context, vm string) (string, error) {
 		return "", status.Error(codes.Internal, err.Error())
 	}
 	return site, nil
+}
+
+// Failover is a planned migration's last step, asked by the VM's owner.
+func (s *Server) Failover(ctx context.Context, r *wirepb.FailoverRequest) (*wirepb.FailoverReply, error) {
+	site, err := s.authorize(ctx, r.Vm)
+	if err != nil {
+		return nil, err
+	}
+	if s.StartVM == nil {
+		return nil, status.Errorf(codes.Unimplemented, "recovery site %q does not start VMs", s.Site)
+	}
+	if r.Point == 0 {
+		return nil, status.Error(codes.InvalidArgument, "a planned failover names the point it migrates with")
+	}
+	s.Log.Warn("planned failover asked by the vm's owner", "vm", r.Vm, "point", r.Point, "peer", peerName(ctx), "owner", site)
+	res, err := s.StartVM(context.WithoutCancel(ctx), r.Vm, r.Point)
+	if err != nil {
+		return nil, status.Error(codes.FailedPrecondition, err.Error())
+	}
+	return &wirepb.FailoverReply{Run: res.Run, Point: res.Point, ToRunningNs: int64(res.ToRunning), Epoch: res.Epoch}, nil
 }
 
 func (s *Server) Latest(ctx context.Context, r *wirepb.VMRequest) (*wirepb.LatestReply, error) {

@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -30,6 +31,14 @@ type Site struct {
 	opts   recovery.Options
 	// as is the site whose certificate the server presents ("dr").
 	as string
+	// startVM is what the server's StartVM calls (SetStartVM).
+	startVM atomic.Pointer[func(context.Context, string, uint64) (wire.FailoverResult, error)]
+}
+
+// SetStartVM makes the site start VMs for their owners' planned migrations
+// with f (as a daemon does with its failover manager).
+func (s *Site) SetStartVM(f func(ctx context.Context, vm string, point uint64) (wire.FailoverResult, error)) {
+	s.startVM.Store(&f)
 }
 
 // New runs a recovery site in dir (its CA, the "prod" and "dr" certificates and
@@ -102,7 +111,14 @@ func (s *Site) start(ctx context.Context, addr string) error {
 	}
 	s.Store = st
 	s.Addr = l.Addr().String()
-	s.Server = &wire.Server{Site: s.as, Store: wire.RecoveryStore(st)}
+	s.Server = &wire.Server{Site: s.as, Store: wire.RecoveryStore(st),
+		StartVM: func(ctx context.Context, vm string, point uint64) (wire.FailoverResult, error) {
+			f := s.startVM.Load()
+			if f == nil {
+				return wire.FailoverResult{}, fmt.Errorf("test site %s starts no VMs (SetStartVM)", s.as)
+			}
+			return (*f)(ctx, vm, point)
+		}}
 	go s.Server.Serve(l, tlsConf)
 	return nil
 }

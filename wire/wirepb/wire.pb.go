@@ -24,6 +24,128 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type FailoverRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Vm            string                 `protobuf:"bytes,1,opt,name=vm,proto3" json:"vm,omitempty"`
+	Point         uint64                 `protobuf:"varint,2,opt,name=point,proto3" json:"point,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FailoverRequest) Reset() {
+	*x = FailoverRequest{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FailoverRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FailoverRequest) ProtoMessage() {}
+
+func (x *FailoverRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FailoverRequest.ProtoReflect.Descriptor instead.
+func (*FailoverRequest) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *FailoverRequest) GetVm() string {
+	if x != nil {
+		return x.Vm
+	}
+	return ""
+}
+
+func (x *FailoverRequest) GetPoint() uint64 {
+	if x != nil {
+		return x.Point
+	}
+	return 0
+}
+
+type FailoverReply struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// run names the VM's run at the recovery site; to_running_ns is the time
+	// from the request to QEMU running it.
+	Run           string `protobuf:"bytes,1,opt,name=run,proto3" json:"run,omitempty"`
+	Point         uint64 `protobuf:"varint,2,opt,name=point,proto3" json:"point,omitempty"`
+	ToRunningNs   int64  `protobuf:"varint,3,opt,name=to_running_ns,json=toRunningNs,proto3" json:"to_running_ns,omitempty"`
+	Epoch         uint64 `protobuf:"varint,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FailoverReply) Reset() {
+	*x = FailoverReply{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FailoverReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FailoverReply) ProtoMessage() {}
+
+func (x *FailoverReply) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FailoverReply.ProtoReflect.Descriptor instead.
+func (*FailoverReply) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *FailoverReply) GetRun() string {
+	if x != nil {
+		return x.Run
+	}
+	return ""
+}
+
+func (x *FailoverReply) GetPoint() uint64 {
+	if x != nil {
+		return x.Point
+	}
+	return 0
+}
+
+func (x *FailoverReply) GetToRunningNs() int64 {
+	if x != nil {
+		return x.ToRunningNs
+	}
+	return 0
+}
+
+func (x *FailoverReply) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
 type HelloRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Site          string                 `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
@@ -34,7 +156,7 @@ type HelloRequest struct {
 
 func (x *HelloRequest) Reset() {
 	*x = HelloRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[0]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -46,7 +168,7 @@ func (x *HelloRequest) String() string {
 func (*HelloRequest) ProtoMessage() {}
 
 func (x *HelloRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[0]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -59,7 +181,7 @@ func (x *HelloRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloRequest.ProtoReflect.Descriptor instead.
 func (*HelloRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{0}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *HelloRequest) GetSite() string {
@@ -86,7 +208,7 @@ type HelloReply struct {
 
 func (x *HelloReply) Reset() {
 	*x = HelloReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[1]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -98,7 +220,7 @@ func (x *HelloReply) String() string {
 func (*HelloReply) ProtoMessage() {}
 
 func (x *HelloReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[1]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -111,7 +233,7 @@ func (x *HelloReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloReply.ProtoReflect.Descriptor instead.
 func (*HelloReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{1}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *HelloReply) GetSite() string {
@@ -137,7 +259,7 @@ type VMRequest struct {
 
 func (x *VMRequest) Reset() {
 	*x = VMRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[2]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -149,7 +271,7 @@ func (x *VMRequest) String() string {
 func (*VMRequest) ProtoMessage() {}
 
 func (x *VMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[2]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -162,7 +284,7 @@ func (x *VMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMRequest.ProtoReflect.Descriptor instead.
 func (*VMRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{2}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *VMRequest) GetVm() string {
@@ -194,7 +316,7 @@ type Point struct {
 
 func (x *Point) Reset() {
 	*x = Point{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[3]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -206,7 +328,7 @@ func (x *Point) String() string {
 func (*Point) ProtoMessage() {}
 
 func (x *Point) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[3]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -219,7 +341,7 @@ func (x *Point) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Point.ProtoReflect.Descriptor instead.
 func (*Point) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{3}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Point) GetVm() string {
@@ -320,7 +442,7 @@ type Disk struct {
 
 func (x *Disk) Reset() {
 	*x = Disk{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[4]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -332,7 +454,7 @@ func (x *Disk) String() string {
 func (*Disk) ProtoMessage() {}
 
 func (x *Disk) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[4]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -345,7 +467,7 @@ func (x *Disk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Disk.ProtoReflect.Descriptor instead.
 func (*Disk) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{4}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Disk) GetName() string {
@@ -412,7 +534,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[5]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -424,7 +546,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[5]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -437,7 +559,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{5}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Stats) GetBytesChanged() int64 {
@@ -499,7 +621,7 @@ type LatestReply struct {
 
 func (x *LatestReply) Reset() {
 	*x = LatestReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[6]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -511,7 +633,7 @@ func (x *LatestReply) String() string {
 func (*LatestReply) ProtoMessage() {}
 
 func (x *LatestReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[6]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -524,7 +646,7 @@ func (x *LatestReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LatestReply.ProtoReflect.Descriptor instead.
 func (*LatestReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{6}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *LatestReply) GetFound() bool {
@@ -550,7 +672,7 @@ type PointsReply struct {
 
 func (x *PointsReply) Reset() {
 	*x = PointsReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[7]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -562,7 +684,7 @@ func (x *PointsReply) String() string {
 func (*PointsReply) ProtoMessage() {}
 
 func (x *PointsReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[7]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -575,7 +697,7 @@ func (x *PointsReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PointsReply.ProtoReflect.Descriptor instead.
 func (*PointsReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{7}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PointsReply) GetPoints() []*Point {
@@ -595,7 +717,7 @@ type BlockMapRequest struct {
 
 func (x *BlockMapRequest) Reset() {
 	*x = BlockMapRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[8]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -607,7 +729,7 @@ func (x *BlockMapRequest) String() string {
 func (*BlockMapRequest) ProtoMessage() {}
 
 func (x *BlockMapRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[8]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -620,7 +742,7 @@ func (x *BlockMapRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockMapRequest.ProtoReflect.Descriptor instead.
 func (*BlockMapRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{8}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *BlockMapRequest) GetVm() string {
@@ -648,7 +770,7 @@ type BlockMapChunk struct {
 
 func (x *BlockMapChunk) Reset() {
 	*x = BlockMapChunk{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[9]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -660,7 +782,7 @@ func (x *BlockMapChunk) String() string {
 func (*BlockMapChunk) ProtoMessage() {}
 
 func (x *BlockMapChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[9]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -673,7 +795,7 @@ func (x *BlockMapChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockMapChunk.ProtoReflect.Descriptor instead.
 func (*BlockMapChunk) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{9}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *BlockMapChunk) GetBlocks() []int64 {
@@ -706,7 +828,7 @@ type Frame struct {
 
 func (x *Frame) Reset() {
 	*x = Frame{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[10]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -718,7 +840,7 @@ func (x *Frame) String() string {
 func (*Frame) ProtoMessage() {}
 
 func (x *Frame) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[10]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -731,7 +853,7 @@ func (x *Frame) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Frame.ProtoReflect.Descriptor instead.
 func (*Frame) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{10}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Frame) GetBody() isFrame_Body {
@@ -830,7 +952,7 @@ type Begin struct {
 
 func (x *Begin) Reset() {
 	*x = Begin{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[11]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -842,7 +964,7 @@ func (x *Begin) String() string {
 func (*Begin) ProtoMessage() {}
 
 func (x *Begin) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[11]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -855,7 +977,7 @@ func (x *Begin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Begin.ProtoReflect.Descriptor instead.
 func (*Begin) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{11}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Begin) GetPoint() *Point {
@@ -881,7 +1003,7 @@ type Blocks struct {
 
 func (x *Blocks) Reset() {
 	*x = Blocks{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -893,7 +1015,7 @@ func (x *Blocks) String() string {
 func (*Blocks) ProtoMessage() {}
 
 func (x *Blocks) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -906,7 +1028,7 @@ func (x *Blocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Blocks.ProtoReflect.Descriptor instead.
 func (*Blocks) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{12}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Blocks) GetDisk() string {
@@ -963,7 +1085,7 @@ type Zeroes struct {
 
 func (x *Zeroes) Reset() {
 	*x = Zeroes{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -975,7 +1097,7 @@ func (x *Zeroes) String() string {
 func (*Zeroes) ProtoMessage() {}
 
 func (x *Zeroes) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -988,7 +1110,7 @@ func (x *Zeroes) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Zeroes.ProtoReflect.Descriptor instead.
 func (*Zeroes) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{13}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Zeroes) GetDisk() string {
@@ -1029,7 +1151,7 @@ type Copy struct {
 
 func (x *Copy) Reset() {
 	*x = Copy{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1041,7 +1163,7 @@ func (x *Copy) String() string {
 func (*Copy) ProtoMessage() {}
 
 func (x *Copy) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1054,7 +1176,7 @@ func (x *Copy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Copy.ProtoReflect.Descriptor instead.
 func (*Copy) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{14}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Copy) GetDisk() string {
@@ -1108,7 +1230,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1120,7 +1242,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1133,7 +1255,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{15}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Commit) GetStats() *Stats {
@@ -1152,7 +1274,7 @@ type ReplicateReply struct {
 
 func (x *ReplicateReply) Reset() {
 	*x = ReplicateReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1164,7 +1286,7 @@ func (x *ReplicateReply) String() string {
 func (*ReplicateReply) ProtoMessage() {}
 
 func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1177,7 +1299,7 @@ func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateReply.ProtoReflect.Descriptor instead.
 func (*ReplicateReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{16}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ReplicateReply) GetPoint() *Point {
@@ -1191,7 +1313,15 @@ var File_wire_wirepb_wire_proto protoreflect.FileDescriptor
 
 const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\n" +
-	"\x16wire/wirepb/wire.proto\x12\x10lifeboat.wire.v1\"<\n" +
+	"\x16wire/wirepb/wire.proto\x12\x10lifeboat.wire.v1\"7\n" +
+	"\x0fFailoverRequest\x12\x0e\n" +
+	"\x02vm\x18\x01 \x01(\tR\x02vm\x12\x14\n" +
+	"\x05point\x18\x02 \x01(\x04R\x05point\"q\n" +
+	"\rFailoverReply\x12\x10\n" +
+	"\x03run\x18\x01 \x01(\tR\x03run\x12\x14\n" +
+	"\x05point\x18\x02 \x01(\x04R\x05point\x12\"\n" +
+	"\rto_running_ns\x18\x03 \x01(\x03R\vtoRunningNs\x12\x14\n" +
+	"\x05epoch\x18\x04 \x01(\x04R\x05epoch\"<\n" +
 	"\fHelloRequest\x12\x12\n" +
 	"\x04site\x18\x01 \x01(\tR\x04site\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\":\n" +
@@ -1282,13 +1412,14 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x06Commit\x12-\n" +
 	"\x05stats\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.StatsR\x05stats\"?\n" +
 	"\x0eReplicateReply\x12-\n" +
-	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\xfc\x02\n" +
+	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\xcc\x03\n" +
 	"\vReplication\x12E\n" +
 	"\x05Hello\x12\x1e.lifeboat.wire.v1.HelloRequest\x1a\x1c.lifeboat.wire.v1.HelloReply\x12D\n" +
 	"\x06Latest\x12\x1b.lifeboat.wire.v1.VMRequest\x1a\x1d.lifeboat.wire.v1.LatestReply\x12D\n" +
 	"\x06Points\x12\x1b.lifeboat.wire.v1.VMRequest\x1a\x1d.lifeboat.wire.v1.PointsReply\x12P\n" +
 	"\bBlockMap\x12!.lifeboat.wire.v1.BlockMapRequest\x1a\x1f.lifeboat.wire.v1.BlockMapChunk0\x01\x12H\n" +
-	"\tReplicate\x12\x17.lifeboat.wire.v1.Frame\x1a .lifeboat.wire.v1.ReplicateReply(\x01B-Z+github.com/lifeboat-dr/lifeboat/wire/wirepbb\x06proto3"
+	"\tReplicate\x12\x17.lifeboat.wire.v1.Frame\x1a .lifeboat.wire.v1.ReplicateReply(\x01\x12N\n" +
+	"\bFailover\x12!.lifeboat.wire.v1.FailoverRequest\x1a\x1f.lifeboat.wire.v1.FailoverReplyB-Z+github.com/lifeboat-dr/lifeboat/wire/wirepbb\x06proto3"
 
 var (
 	file_wire_wirepb_wire_proto_rawDescOnce sync.Once
@@ -1302,51 +1433,55 @@ func file_wire_wirepb_wire_proto_rawDescGZIP() []byte {
 	return file_wire_wirepb_wire_proto_rawDescData
 }
 
-var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_wire_wirepb_wire_proto_goTypes = []any{
-	(*HelloRequest)(nil),    // 0: lifeboat.wire.v1.HelloRequest
-	(*HelloReply)(nil),      // 1: lifeboat.wire.v1.HelloReply
-	(*VMRequest)(nil),       // 2: lifeboat.wire.v1.VMRequest
-	(*Point)(nil),           // 3: lifeboat.wire.v1.Point
-	(*Disk)(nil),            // 4: lifeboat.wire.v1.Disk
-	(*Stats)(nil),           // 5: lifeboat.wire.v1.Stats
-	(*LatestReply)(nil),     // 6: lifeboat.wire.v1.LatestReply
-	(*PointsReply)(nil),     // 7: lifeboat.wire.v1.PointsReply
-	(*BlockMapRequest)(nil), // 8: lifeboat.wire.v1.BlockMapRequest
-	(*BlockMapChunk)(nil),   // 9: lifeboat.wire.v1.BlockMapChunk
-	(*Frame)(nil),           // 10: lifeboat.wire.v1.Frame
-	(*Begin)(nil),           // 11: lifeboat.wire.v1.Begin
-	(*Blocks)(nil),          // 12: lifeboat.wire.v1.Blocks
-	(*Zeroes)(nil),          // 13: lifeboat.wire.v1.Zeroes
-	(*Copy)(nil),            // 14: lifeboat.wire.v1.Copy
-	(*Commit)(nil),          // 15: lifeboat.wire.v1.Commit
-	(*ReplicateReply)(nil),  // 16: lifeboat.wire.v1.ReplicateReply
+	(*FailoverRequest)(nil), // 0: lifeboat.wire.v1.FailoverRequest
+	(*FailoverReply)(nil),   // 1: lifeboat.wire.v1.FailoverReply
+	(*HelloRequest)(nil),    // 2: lifeboat.wire.v1.HelloRequest
+	(*HelloReply)(nil),      // 3: lifeboat.wire.v1.HelloReply
+	(*VMRequest)(nil),       // 4: lifeboat.wire.v1.VMRequest
+	(*Point)(nil),           // 5: lifeboat.wire.v1.Point
+	(*Disk)(nil),            // 6: lifeboat.wire.v1.Disk
+	(*Stats)(nil),           // 7: lifeboat.wire.v1.Stats
+	(*LatestReply)(nil),     // 8: lifeboat.wire.v1.LatestReply
+	(*PointsReply)(nil),     // 9: lifeboat.wire.v1.PointsReply
+	(*BlockMapRequest)(nil), // 10: lifeboat.wire.v1.BlockMapRequest
+	(*BlockMapChunk)(nil),   // 11: lifeboat.wire.v1.BlockMapChunk
+	(*Frame)(nil),           // 12: lifeboat.wire.v1.Frame
+	(*Begin)(nil),           // 13: lifeboat.wire.v1.Begin
+	(*Blocks)(nil),          // 14: lifeboat.wire.v1.Blocks
+	(*Zeroes)(nil),          // 15: lifeboat.wire.v1.Zeroes
+	(*Copy)(nil),            // 16: lifeboat.wire.v1.Copy
+	(*Commit)(nil),          // 17: lifeboat.wire.v1.Commit
+	(*ReplicateReply)(nil),  // 18: lifeboat.wire.v1.ReplicateReply
 }
 var file_wire_wirepb_wire_proto_depIdxs = []int32{
-	4,  // 0: lifeboat.wire.v1.Point.disks:type_name -> lifeboat.wire.v1.Disk
-	5,  // 1: lifeboat.wire.v1.Point.stats:type_name -> lifeboat.wire.v1.Stats
-	3,  // 2: lifeboat.wire.v1.LatestReply.point:type_name -> lifeboat.wire.v1.Point
-	3,  // 3: lifeboat.wire.v1.PointsReply.points:type_name -> lifeboat.wire.v1.Point
-	11, // 4: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
-	12, // 5: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
-	13, // 6: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
-	15, // 7: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
-	14, // 8: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
-	3,  // 9: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
-	5,  // 10: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
-	3,  // 11: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
-	0,  // 12: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
-	2,  // 13: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
-	2,  // 14: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
-	8,  // 15: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
-	10, // 16: lifeboat.wire.v1.Replication.Replicate:input_type -> lifeboat.wire.v1.Frame
-	1,  // 17: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
-	6,  // 18: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
-	7,  // 19: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
-	9,  // 20: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
-	16, // 21: lifeboat.wire.v1.Replication.Replicate:output_type -> lifeboat.wire.v1.ReplicateReply
-	17, // [17:22] is the sub-list for method output_type
-	12, // [12:17] is the sub-list for method input_type
+	6,  // 0: lifeboat.wire.v1.Point.disks:type_name -> lifeboat.wire.v1.Disk
+	7,  // 1: lifeboat.wire.v1.Point.stats:type_name -> lifeboat.wire.v1.Stats
+	5,  // 2: lifeboat.wire.v1.LatestReply.point:type_name -> lifeboat.wire.v1.Point
+	5,  // 3: lifeboat.wire.v1.PointsReply.points:type_name -> lifeboat.wire.v1.Point
+	13, // 4: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
+	14, // 5: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
+	15, // 6: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
+	17, // 7: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
+	16, // 8: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
+	5,  // 9: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
+	7,  // 10: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
+	5,  // 11: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
+	2,  // 12: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
+	4,  // 13: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
+	4,  // 14: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
+	10, // 15: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
+	12, // 16: lifeboat.wire.v1.Replication.Replicate:input_type -> lifeboat.wire.v1.Frame
+	0,  // 17: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
+	3,  // 18: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
+	8,  // 19: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
+	9,  // 20: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
+	11, // 21: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
+	18, // 22: lifeboat.wire.v1.Replication.Replicate:output_type -> lifeboat.wire.v1.ReplicateReply
+	1,  // 23: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
+	18, // [18:24] is the sub-list for method output_type
+	12, // [12:18] is the sub-list for method input_type
 	12, // [12:12] is the sub-list for extension type_name
 	12, // [12:12] is the sub-list for extension extendee
 	0,  // [0:12] is the sub-list for field type_name
@@ -1357,7 +1492,7 @@ func file_wire_wirepb_wire_proto_init() {
 	if File_wire_wirepb_wire_proto != nil {
 		return
 	}
-	file_wire_wirepb_wire_proto_msgTypes[10].OneofWrappers = []any{
+	file_wire_wirepb_wire_proto_msgTypes[12].OneofWrappers = []any{
 		(*Frame_Begin)(nil),
 		(*Frame_Blocks)(nil),
 		(*Frame_Zeroes)(nil),
@@ -1370,7 +1505,7 @@ func file_wire_wirepb_wire_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_wirepb_wire_proto_rawDesc), len(file_wire_wirepb_wire_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

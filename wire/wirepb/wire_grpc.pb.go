@@ -27,6 +27,7 @@ const (
 	Replication_Points_FullMethodName    = "/lifeboat.wire.v1.Replication/Points"
 	Replication_BlockMap_FullMethodName  = "/lifeboat.wire.v1.Replication/BlockMap"
 	Replication_Replicate_FullMethodName = "/lifeboat.wire.v1.Replication/Replicate"
+	Replication_Failover_FullMethodName  = "/lifeboat.wire.v1.Replication/Failover"
 )
 
 // ReplicationClient is the client API for Replication service.
@@ -44,6 +45,10 @@ type ReplicationClient interface {
 	// Replicate carries one point: Begin, then Blocks and Zeroes in any order, then Commit.
 	// The reply comes only after the point is flushed and committed in the catalog.
 	Replicate(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[Frame, ReplicateReply], error)
+	// Failover asks the recovery site to start the VM from one of its points
+	// and take it over (a planned migration: the caller, its owner, has shut
+	// it down and sent its last point). Only the VM's owner may ask.
+	Failover(ctx context.Context, in *FailoverRequest, opts ...grpc.CallOption) (*FailoverReply, error)
 }
 
 type replicationClient struct {
@@ -116,6 +121,16 @@ func (c *replicationClient) Replicate(ctx context.Context, opts ...grpc.CallOpti
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replication_ReplicateClient = grpc.ClientStreamingClient[Frame, ReplicateReply]
 
+func (c *replicationClient) Failover(ctx context.Context, in *FailoverRequest, opts ...grpc.CallOption) (*FailoverReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FailoverReply)
+	err := c.cc.Invoke(ctx, Replication_Failover_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ReplicationServer is the server API for Replication service.
 // All implementations must embed UnimplementedReplicationServer
 // for forward compatibility.
@@ -131,6 +146,10 @@ type ReplicationServer interface {
 	// Replicate carries one point: Begin, then Blocks and Zeroes in any order, then Commit.
 	// The reply comes only after the point is flushed and committed in the catalog.
 	Replicate(grpc.ClientStreamingServer[Frame, ReplicateReply]) error
+	// Failover asks the recovery site to start the VM from one of its points
+	// and take it over (a planned migration: the caller, its owner, has shut
+	// it down and sent its last point). Only the VM's owner may ask.
+	Failover(context.Context, *FailoverRequest) (*FailoverReply, error)
 	mustEmbedUnimplementedReplicationServer()
 }
 
@@ -155,6 +174,9 @@ func (UnimplementedReplicationServer) BlockMap(*BlockMapRequest, grpc.ServerStre
 }
 func (UnimplementedReplicationServer) Replicate(grpc.ClientStreamingServer[Frame, ReplicateReply]) error {
 	return status.Error(codes.Unimplemented, "method Replicate not implemented")
+}
+func (UnimplementedReplicationServer) Failover(context.Context, *FailoverRequest) (*FailoverReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method Failover not implemented")
 }
 func (UnimplementedReplicationServer) mustEmbedUnimplementedReplicationServer() {}
 func (UnimplementedReplicationServer) testEmbeddedByValue()                     {}
@@ -249,6 +271,24 @@ func _Replication_Replicate_Handler(srv interface{}, stream grpc.ServerStream) e
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replication_ReplicateServer = grpc.ClientStreamingServer[Frame, ReplicateReply]
 
+func _Replication_Failover_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FailoverRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReplicationServer).Failover(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Replication_Failover_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReplicationServer).Failover(ctx, req.(*FailoverRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Replication_ServiceDesc is the grpc.ServiceDesc for Replication service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -267,6 +307,10 @@ var Replication_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Points",
 			Handler:    _Replication_Points_Handler,
+		},
+		{
+			MethodName: "Failover",
+			Handler:    _Replication_Failover_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
