@@ -71,6 +71,7 @@ func (d *Daemon) listenAPI() (*apiServer, error) {
 	mux.HandleFunc("POST /v1/vms/{vm}/verify", a.verify)
 	mux.HandleFunc("POST /v1/vms/{vm}/handover", a.handover)
 	mux.HandleFunc("POST /v1/vms/{vm}/failover", a.failover)
+	mux.HandleFunc("POST /v1/vms/{vm}/migrate", a.migrate)
 	mux.HandleFunc("GET /v1/runs", a.runs)
 	mux.HandleFunc("POST /v1/runs/{id}", a.runAction)
 	a.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}

@@ -143,3 +143,49 @@ func (c *Client) RunAction(ctx context.Context, id, action string) (*failover.Ru
 	}
 	return &run, nil
 }
+
+// MigrateRequest is a planned migration of a protected VM to its recovery site.
+type MigrateRequest struct {
+	ShutdownTimeout time.Duration `json:"shutdown_timeout_ns,omitempty"`
+}
+
+// MigrateReply is what the migration did.
+type MigrateReply struct {
+	Point     uint64        `json:"point"`
+	ShutDown  bool          `json:"shut_down"` // the guest powered off (else its CPUs were stopped)
+	Note      string        `json:"note"`
+	Run       string        `json:"run"`
+	Epoch     uint64        `json:"epoch"`
+	ToRunning time.Duration `json:"to_running_ns"` // at the recovery site, from its request
+	Took      time.Duration `json:"took_ns"`
+	Peer      string        `json:"peer"`
+}
+
+func (a *apiServer) migrate(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("vm")
+	v, ok := a.d.vms[name]
+	if !ok {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q is not protected by site %q (see `vms:` in %s): run `lifeboat failover %s --planned` at the site that protects it", name, a.d.cfg.Site, a.d.cfg.Path(), name))
+		return
+	}
+	var req MigrateRequest
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("migrate request: %w", err))
+		return
+	}
+	mig, err := v.migrate(context.WithoutCancel(r.Context()), req.ShutdownTimeout)
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, MigrateReply{Point: mig.Point.ID, ShutDown: mig.ShutDown, Note: mig.Point.Note, Run: mig.Run.Run,
+		Epoch: mig.Run.Epoch, ToRunning: mig.Run.ToRunning, Took: mig.Took, Peer: v.cfg.Peer})
+}
+
+// Migrate moves a protected VM to its recovery site with no loss (run at
+// the protected site).
+func (c *Client) Migrate(ctx context.Context, vm string, req MigrateRequest) (MigrateReply, error) {
+	var out MigrateReply
+	err := c.getJSON(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/migrate", req, &out)
+	return out, err
+}

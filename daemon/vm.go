@@ -109,6 +109,30 @@ func (v *vm) sync(ctx context.Context) (lifeboat.Point, error) {
 	return pt, nil
 }
 
+// migrate is a planned migration: the VM shut down here, its last point
+// sent, the recovery site running it. The VM is failed over from then on.
+func (v *vm) migrate(ctx context.Context, timeout time.Duration) (protect.Migration, error) {
+	v.cycleMu.Lock()
+	defer v.cycleMu.Unlock()
+	if err := v.ready(ctx); err != nil {
+		return protect.Migration{}, err
+	}
+	v.setState("migrating", nil)
+	mig, err := v.p.Migrate(ctx, protect.MigrateOptions{ShutdownTimeout: timeout, Agent: v.cfg.Agent})
+	if err != nil {
+		v.setState("error", err)
+		v.d.log.Error("planned migration failed", "vm", v.cfg.Name, "err", err)
+		return mig, err
+	}
+	v.mu.Lock()
+	v.last = &mig.Point
+	v.mu.Unlock()
+	// The message reads as the recovery site's refusals will: status says it.
+	v.setState(stateFailedOver, fmt.Errorf("vm %q was failed over to recovery site %q by a planned migration at %s (point %d, epoch %d): it runs there now",
+		v.cfg.Name, v.cfg.Peer, time.Now().UTC().Format(time.RFC3339), mig.Point.ID, mig.Run.Epoch))
+	return mig, nil
+}
+
 func (v *vm) cycle(ctx context.Context) (lifeboat.Point, error) {
 	if err := v.ready(ctx); err != nil {
 		return lifeboat.Point{}, err

@@ -16,13 +16,13 @@ import (
 
 func newFailoverCmd(g *globals) *cobra.Command {
 	var (
-		point                    string
-		test, stop, undo, commit bool
-		list, asJSON             bool
-		agentWait                time.Duration
+		point                      string
+		test, stop, undo, commit   bool
+		list, asJSON, planned      bool
+		agentWait, shutdownTimeout time.Duration
 	)
 	cmd := &cobra.Command{
-		Use:   "failover VM [--point ID|latest] [--test] | --commit | --undo | --test --stop | --list",
+		Use:   "failover VM [--point ID|latest] [--test] | --commit | --undo | --test --stop | --planned | --list",
 		Short: "At a recovery site: run a VM from one of its points (a failover, or a test of one)",
 		Long: `failover starts the VM at this recovery site from a point (the latest unless
 --point says otherwise): a writable overlay above the point's images, nothing copied,
@@ -32,9 +32,14 @@ waits for a decision: --commit keeps it; --undo stops the VM, discards what it w
 hands it back to its production site, which replicates it again incrementally.
 
 --test starts the same on a throwaway overlay with its network isolated, while
-replication goes on; --test --stop ends every test run of the VM.`,
+replication goes on; --test --stop ends every test run of the VM.
+
+--planned, run at the protected site, moves the VM with no loss: it is powered off
+(through its guest agent when it has one), or its CPUs stopped if it does not power
+off in time, a last point is sent, and the recovery site starts the VM from it.`,
 		Example: "  lifeboat failover web1\n  lifeboat failover web1 --point 41\n  lifeboat failover web1 --test\n" +
-			"  lifeboat failover web1 --test --stop\n  lifeboat failover web1 --commit\n  lifeboat failover web1 --undo\n  lifeboat failover --list",
+			"  lifeboat failover web1 --test --stop\n  lifeboat failover web1 --commit\n  lifeboat failover web1 --undo\n  lifeboat failover --list\n" +
+			"  lifeboat failover web1 --planned    # at the protected site",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := g.client()
 			if err != nil {
@@ -58,6 +63,28 @@ replication goes on; --test --stop ends every test run of the VM.`,
 			vm, err := oneVM(args, "lifeboat failover web1")
 			if err != nil {
 				return err
+			}
+			if planned {
+				if test || stop || undo || commit || point != "" {
+					return usagef("--planned takes no other choice: `lifeboat failover %s --planned` at the site that protects it", vm)
+				}
+				if !asJSON {
+					fmt.Fprintf(os.Stderr, "planned migration of vm %s: shutting it down (up to %v), a last cycle, then the recovery site starts it ...\n", vm, shutdownTimeout)
+				}
+				m, err := c.Migrate(ctx, vm, daemon.MigrateRequest{ShutdownTimeout: shutdownTimeout})
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					return printJSON(m)
+				}
+				how := "its CPUs were stopped (it did not power off in time)"
+				if m.ShutDown {
+					how = "the guest powered off cleanly"
+				}
+				fmt.Printf("vm %s migrated to %s with no loss: %s; its last point is %d\n", vm, m.Peer, how, m.Point)
+				fmt.Printf("  running at %s %v after its request (run %s, epoch %d); took %v in all\n", m.Peer, m.ToRunning.Round(time.Millisecond), m.Run, m.Epoch, m.Took.Round(time.Millisecond))
+				return nil
 			}
 			if n := countTrue(stop, undo, commit); n > 1 || (stop && !test) || (test && (undo || commit)) {
 				return usagef("choose one: start (`lifeboat failover %s [--test]`), --commit, --undo, or --test --stop", vm)
@@ -132,6 +159,8 @@ replication goes on; --test --stop ends every test run of the VM.`,
 	cmd.Flags().BoolVar(&undo, "undo", false, "stop the failed-over VM, discard what it wrote, and hand it back to its production site")
 	cmd.Flags().BoolVar(&commit, "commit", false, "keep the failover")
 	cmd.Flags().BoolVar(&list, "list", false, "list the VMs running from their points here")
+	cmd.Flags().BoolVar(&planned, "planned", false, "at the protected site: shut the VM down, send a last point, and have the recovery site start it (no loss)")
+	cmd.Flags().DurationVar(&shutdownTimeout, "shutdown-timeout", 2*time.Minute, "with --planned: how long the guest may take to power off before its CPUs are stopped")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print as JSON")
 	cmd.Flags().DurationVar(&agentWait, "agent-wait", 5*time.Minute, "how long to wait for the guest agent to answer (0: do not wait)")
 	return cmd

@@ -92,4 +92,19 @@ func TestFailoverCommands(t *testing.T) {
 	if st := run(t, "failover", "--list", "-c", drCfg); !strings.Contains(st, "no VM runs") {
 		t.Errorf("runs after the undo:\n%s", st)
 	}
+
+	// A planned migration from the production site (the config names no
+	// agent: the power button, which the test guest ignores, then its CPUs
+	// are stopped).
+	out = run(t, "failover", "vm1", "--planned", "--shutdown-timeout", "3s", "-c", prodCfg)
+	t.Logf("lifeboat failover vm1 --planned:\n%s", out)
+	if !strings.Contains(out, "migrated to dr with no loss") {
+		t.Errorf("--planned said:\n%s", out)
+	}
+	if st := run(t, "status", "-c", drCfg); !strings.Contains(st, "failed over from point") {
+		t.Errorf("status at the recovery site after the migration:\n%s", st)
+	}
+	if st := run(t, "status", "-c", prodCfg); !strings.Contains(st, "by a planned migration") {
+		t.Errorf("status at the production site after the migration:\n%s", st)
+	}
 }
