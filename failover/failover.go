@@ -55,6 +55,7 @@ type Manager struct {
 type Options struct {
 	Point uint64 // 0: the latest
 	Test  bool
+	Plan  string // the recovery plan starting the run, if any
 }
 
 // Run is one VM started from a point.
@@ -64,6 +65,7 @@ type Run struct {
 	Point   uint64    `json:"point"`
 	Instant time.Time `json:"instant"` // the point's
 	Test    bool      `json:"test"`
+	Plan    string    `json:"plan,omitempty"`
 	Started time.Time `json:"started"`
 	Dir     string    `json:"dir"`
 	PID     int       `json:"pid"`
@@ -140,7 +142,7 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 			return nil, fmt.Errorf("vm %q boots its kernel directly, and %s is not here: %w (copy it from the protected host, or fix `definition:` in the VM's config)", vm, name, err)
 		}
 	}
-	r := &Run{VM: vm, Point: pt.ID, Instant: pt.Instant, Test: opts.Test, Started: begin.UTC(), Overlays: map[string]string{}}
+	r := &Run{VM: vm, Point: pt.ID, Instant: pt.Instant, Test: opts.Test, Plan: opts.Plan, Started: begin.UTC(), Overlays: map[string]string{}}
 	kind := "failover"
 	if opts.Test {
 		kind = "test"

@@ -1,0 +1,216 @@
+package failover
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Plan is a recovery plan: steps run in order, the VMs of a step started
+// together, each step waiting for its VMs before the next begins.
+type Plan struct {
+	Name  string
+	Steps []Step
+	// Hooks run for each VM once it is up (after its step's wait), with the
+	// VM's name, point, run, MACs and networks in the environment
+	// (LIFEBOAT_VM, LIFEBOAT_POINT, LIFEBOAT_RUN, LIFEBOAT_TEST,
+	// LIFEBOAT_MACS, LIFEBOAT_NETWORKS, LIFEBOAT_AGENT): re-IP, DNS.
+	Hooks       []string
+	HookTimeout time.Duration // per hook (DefaultHookTimeout)
+}
+
+// Step is one step of a plan.
+type Step struct {
+	VMs []string
+	// WaitAgent: the step ends when every VM's guest agent answers, within
+	// Timeout. Otherwise it ends after Delay.
+	WaitAgent bool
+	Delay     time.Duration
+	Timeout   time.Duration // DefaultStepTimeout
+}
+
+// Defaults of a plan's bounds.
+const (
+	DefaultStepTimeout = 5 * time.Minute
+	DefaultHookTimeout = 2 * time.Minute
+)
+
+// PlanVM is one VM's line of a plan run's summary.
+type PlanVM struct {
+	VM    string `json:"vm"`
+	Step  int    `json:"step"` // from 1
+	Run   string `json:"run,omitempty"`
+	Point uint64 `json:"point,omitempty"`
+	// PointAge is how old the point was at the start: the RPO achieved.
+	PointAge  time.Duration `json:"point_age_ns,omitempty"`
+	Started   time.Time     `json:"started"`
+	Running   time.Time     `json:"running,omitempty"` // QEMU running
+	ToRunning time.Duration `json:"to_running_ns,omitempty"`
+	Agent     time.Time     `json:"agent,omitempty"` // its agent answering (zero: not waited for, or never)
+	ToAgent   time.Duration `json:"to_agent_ns,omitempty"`
+	Error     string        `json:"error,omitempty"`
+}
+
+// PlanEvent is a plan run's progress.
+type PlanEvent struct {
+	At   time.Time `json:"at"`
+	Step int       `json:"step"`
+	VM   string    `json:"vm,omitempty"`
+	What string    `json:"what"`
+}
+
+// RunPlan runs plan: each step's VMs are started from their latest points
+// at once, then the step waits (for every agent, or a delay), then each VM's
+// hooks run; a step with a VM that failed ends the plan, and the VMs
+// already started keep running (`StopPlan` ends a test's). progress gets
+// each event as it happens.
+func (m *Manager) RunPlan(ctx context.Context, p Plan, test bool, progress func(PlanEvent)) ([]PlanVM, error) {
+	var (
+		mu  sync.Mutex
+		out []PlanVM
+	)
+	say := func(step int, vm, what string, args ...any) {
+		if progress != nil {
+			mu.Lock()
+			progress(PlanEvent{At: time.Now().UTC(), Step: step, VM: vm, What: fmt.Sprintf(what, args...)})
+			mu.Unlock()
+		}
+	}
+	for i, st := range p.Steps {
+		n := i + 1
+		say(n, "", "step %d of %d: starting %s", n, len(p.Steps), strings.Join(st.VMs, ", "))
+		rows := make([]PlanVM, len(st.VMs))
+		runs := make([]*Run, len(st.VMs))
+		var wg sync.WaitGroup
+		for j, vm := range st.VMs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				row := PlanVM{VM: vm, Step: n, Started: time.Now().UTC()}
+				r, err := m.Start(ctx, vm, Options{Test: test, Plan: p.Name})
+				if err != nil {
+					row.Error = err.Error()
+					say(n, vm, "failed to start: %v", err)
+				} else {
+					runs[j] = r
+					row.Run, row.Point, row.PointAge = r.ID, r.Point, r.Started.Sub(r.Instant)
+					row.ToRunning, row.Running = r.ToRunning, r.Started.Add(r.ToRunning)
+					say(n, vm, "QEMU running from point %d (%v old) after %v", r.Point, row.PointAge.Round(time.Second), r.ToRunning.Round(time.Millisecond))
+				}
+				rows[j] = row
+			}()
+		}
+		wg.Wait()
+		timeout := st.Timeout
+		if timeout <= 0 {
+			timeout = DefaultStepTimeout
+		}
+		if st.WaitAgent {
+			say(n, "", "waiting for the guest agents (up to %v)", timeout)
+			wctx, cancel := context.WithTimeout(ctx, timeout)
+			for j, r := range runs {
+				if r == nil {
+					continue
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					if err := m.WaitAgent(wctx, r); err != nil {
+						rows[j].Error = err.Error()
+						say(n, r.VM, "agent not answering: %v", err)
+						return
+					}
+					rows[j].ToAgent, rows[j].Agent = r.ToAgent, r.Started.Add(r.ToAgent)
+					say(n, r.VM, "agent answering after %v", r.ToAgent.Round(time.Millisecond))
+				}()
+			}
+			wg.Wait()
+			cancel()
+		} else if st.Delay > 0 {
+			say(n, "", "waiting %v", st.Delay)
+			select {
+			case <-ctx.Done():
+				return append(out, rows...), ctx.Err()
+			case <-time.After(st.Delay):
+			}
+		}
+		for j, r := range runs {
+			if r == nil || rows[j].Error != "" {
+				continue
+			}
+			if err := m.runHooks(ctx, p, r); err != nil {
+				rows[j].Error = err.Error()
+				say(n, r.VM, "%v", err)
+			}
+		}
+		out = append(out, rows...)
+		var failed []string
+		for _, row := range rows {
+			if row.Error != "" {
+				failed = append(failed, row.VM)
+			}
+		}
+		if len(failed) > 0 {
+			return out, fmt.Errorf("plan %q: step %d failed for %s; later steps not run (the VMs started keep running)", p.Name, n, strings.Join(failed, ", "))
+		}
+		say(n, "", "step %d done", n)
+	}
+	return out, nil
+}
+
+func (m *Manager) runHooks(ctx context.Context, p Plan, r *Run) error {
+	timeout := p.HookTimeout
+	if timeout <= 0 {
+		timeout = DefaultHookTimeout
+	}
+	var macs, nets []string
+	for _, n := range r.Networks {
+		nets = append(nets, n)
+		if f := strings.Fields(n); len(f) > 1 {
+			macs = append(macs, strings.TrimSuffix(f[1], ":"))
+		}
+	}
+	for _, h := range p.Hooks {
+		hctx, cancel := context.WithTimeout(ctx, timeout)
+		cmd := exec.CommandContext(hctx, h)
+		cmd.Env = append(os.Environ(), "LIFEBOAT_VM="+r.VM, "LIFEBOAT_POINT="+strconv.FormatUint(r.Point, 10), "LIFEBOAT_RUN="+r.ID,
+			"LIFEBOAT_TEST="+map[bool]string{true: "1", false: "0"}[r.Test], "LIFEBOAT_MACS="+strings.Join(macs, " "),
+			"LIFEBOAT_NETWORKS="+strings.Join(nets, "; "), "LIFEBOAT_AGENT="+r.Agent, "LIFEBOAT_PLAN="+p.Name)
+		out, err := cmd.CombinedOutput()
+		cancel()
+		if err != nil {
+			if errors.Is(hctx.Err(), context.DeadlineExceeded) {
+				err = fmt.Errorf("did not end within %v", timeout)
+			}
+			return fmt.Errorf("hook %s for vm %q: %v: %s", h, r.VM, err, strings.TrimSpace(string(out)))
+		}
+	}
+	return nil
+}
+
+// StopPlan ends every test run the plan started, and says how many.
+func (m *Manager) StopPlan(ctx context.Context, plan string) (int, error) {
+	runs, err := m.Runs("")
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	var errs []error
+	for _, r := range runs {
+		if r.Plan != plan || !r.Test {
+			continue
+		}
+		if err := m.Stop(ctx, r); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		n++
+	}
+	return n, errors.Join(errs...)
+}

@@ -1,0 +1,102 @@
+package failover_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/failover"
+	"github.com/lifeboat-dr/lifeboat/internal/testguest"
+	"github.com/lifeboat-dr/lifeboat/internal/testsite"
+	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qemu"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// replicateDataDisk gives site one point of vm: a fresh ext4 data disk of
+// the test guest, served by a storage daemon (no guest runs at production),
+// its definition from the config: the test guest's kernel, no workload.
+func replicateDataDisk(t *testing.T, site *testsite.Site, vm string) {
+	t.Helper()
+	dir := testsite.ShortDir(t)
+	image := filepath.Join(dir, "vda.qcow2")
+	testguest.MakeDisk(t, image, 64<<20, "qcow2")
+	ctx := testCtx(t, time.Minute)
+	d, err := qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: dir, Args: qemu.DiskArgs("vda", image, "qcow2"), NBD: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Stop(context.Background()) })
+	kernel, initrd := testguest.Build(t)
+	p := &protect.Protector{
+		VM: protect.VM{Name: vm, QMPSocket: d.ClientQMPSocket(), NBDSocket: d.NBDSocket(), Disks: []string{"vda"}, WorkDir: testsite.ShortDir(t),
+			Definition: lifeboat.Definition{Source: "config", Machine: "q35", CPUs: 1, MemoryMiB: 256, Kernel: kernel, Initrd: initrd,
+				Append: "console=ttyS0 panic=-1 lb.workload=none", Disks: []lifeboat.DefinitionDisk{{Name: "vda", Device: "virtio-blk-pci"}}}},
+		Target: site.Dial(t, wire.CompressionZstd), Readers: 4,
+	}
+	if _, err := p.Cycle(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A plan of three VMs in two steps, each waiting for its agents: the second
+// step's VMs start only once the first's agent answers (timestamps in the
+// summary), the hooks run per VM with its name and run in the environment,
+// and `StopPlan` ends every test the plan started.
+func TestPlanStartsInOrder(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots guests under TCG: covered by the full (non -short) run")
+	}
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	for _, vm := range []string{"db1", "app1", "app2"} {
+		replicateDataDisk(t, site, vm)
+	}
+	m := manager(t, site)
+	hookOut := filepath.Join(t.TempDir(), "hooks")
+	hook := filepath.Join(t.TempDir(), "reip")
+	os.WriteFile(hook, []byte("#!/bin/sh\necho \"$LIFEBOAT_VM $LIFEBOAT_TEST $LIFEBOAT_PLAN $LIFEBOAT_RUN\" >> "+hookOut+"\n"), 0o755)
+	plan := failover.Plan{Name: "web-tier", Hooks: []string{hook}, Steps: []failover.Step{
+		{VMs: []string{"db1"}, WaitAgent: true, Timeout: 3 * time.Minute},
+		{VMs: []string{"app1", "app2"}, WaitAgent: true, Timeout: 3 * time.Minute},
+	}}
+	var events []failover.PlanEvent
+	rows, err := m.RunPlan(testCtx(t, 8*time.Minute), plan, true, func(e failover.PlanEvent) { events = append(events, e) })
+	for _, e := range events {
+		t.Logf("%s step %d %s %s", e.At.Format("15:04:05.000"), e.Step, e.VM, e.What)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 3 || rows[0].VM != "db1" || rows[0].Step != 1 || rows[1].Step != 2 || rows[2].Step != 2 {
+		t.Fatalf("summary %+v", rows)
+	}
+	for _, r := range rows {
+		t.Logf("%s: step %d, point %d (%v old), QEMU running after %v, agent after %v", r.VM, r.Step, r.Point, r.PointAge, r.ToRunning, r.ToAgent)
+		if r.Error != "" || r.ToRunning <= 0 || r.ToAgent < r.ToRunning || r.Agent.IsZero() {
+			t.Errorf("%s: %+v", r.VM, r)
+		}
+	}
+	for _, r := range rows[1:] {
+		if r.Started.Before(rows[0].Agent) {
+			t.Errorf("%s started at %s, before db1's agent answered at %s", r.VM, r.Started.Format(time.StampMilli), rows[0].Agent.Format(time.StampMilli))
+		}
+	}
+	b, _ := os.ReadFile(hookOut)
+	for _, r := range rows {
+		if !strings.Contains(string(b), r.VM+" 1 web-tier "+r.Run) {
+			t.Errorf("the hook did not run for %s with its environment:\n%s", r.VM, b)
+		}
+	}
+	n, err := m.StopPlan(testCtx(t, time.Minute), "web-tier")
+	if err != nil || n != 3 {
+		t.Fatalf("StopPlan: %d %v, want 3 stopped", n, err)
+	}
+	if runs, _ := m.Runs(""); len(runs) != 0 {
+		t.Errorf("runs after StopPlan: %v", runs)
+	}
+}
