@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 )
@@ -30,6 +31,7 @@ type Event struct {
 	Point    *lifeboat.Point        `json:"point,omitempty"`
 	Points   []lifeboat.Point       `json:"points,omitempty"`
 	Verify   *recovery.VerifyReport `json:"verify,omitempty"`
+	Plan     []failover.PlanVM      `json:"plan,omitempty"` // a plan run's summary
 	Error    string                 `json:"error,omitempty"`
 }
 
@@ -72,6 +74,8 @@ func (d *Daemon) listenAPI() (*apiServer, error) {
 	mux.HandleFunc("POST /v1/vms/{vm}/handover", a.handover)
 	mux.HandleFunc("POST /v1/vms/{vm}/failover", a.failover)
 	mux.HandleFunc("POST /v1/vms/{vm}/migrate", a.migrate)
+	mux.HandleFunc("POST /v1/plans/{name}/run", a.planRun)
+	mux.HandleFunc("POST /v1/plans/{name}/stop", a.planStop)
 	mux.HandleFunc("GET /v1/runs", a.runs)
 	mux.HandleFunc("POST /v1/runs/{id}", a.runAction)
 	a.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}

@@ -17,6 +17,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
@@ -41,9 +42,52 @@ type Config struct {
 	// the NIC there. A NIC on a network not named here, and every NIC of a
 	// test failover, is isolated (a user-mode network with no route out).
 	Networks map[string]string `yaml:"networks"`
-	Peers    []PeerConfig      `yaml:"peers"`
-	VMs      []VMConfig        `yaml:"vms"`
-	Groups   []GroupConfig     `yaml:"groups"`
+	// Plans are, at a recovery site, recovery plans: `lifeboat plan run NAME`.
+	Plans  []PlanConfig  `yaml:"plans"`
+	Peers  []PeerConfig  `yaml:"peers"`
+	VMs    []VMConfig    `yaml:"vms"`
+	Groups []GroupConfig `yaml:"groups"`
+}
+
+// PlanConfig is a recovery plan: steps of VMs started in order.
+type PlanConfig struct {
+	Name  string `yaml:"name"`
+	Steps []struct {
+		VMs []string `yaml:"vms"`
+		// Wait is "agent" (the default: every VM's guest agent answers),
+		// "none", or a delay such as 30s.
+		Wait    string   `yaml:"wait"`
+		Timeout Duration `yaml:"timeout"` // bounds the agent wait (default 5m)
+	} `yaml:"steps"`
+	Hooks       []string `yaml:"hooks"`
+	HookTimeout Duration `yaml:"hook_timeout"`
+}
+
+// plan is p as the failover manager runs it.
+func (p PlanConfig) plan() failover.Plan {
+	out := failover.Plan{Name: p.Name, Hooks: p.Hooks, HookTimeout: time.Duration(p.HookTimeout)}
+	for _, st := range p.Steps {
+		s := failover.Step{VMs: st.VMs, Timeout: time.Duration(st.Timeout)}
+		switch st.Wait {
+		case "", "agent":
+			s.WaitAgent = true
+		case "none":
+		default:
+			s.Delay, _ = time.ParseDuration(st.Wait) // checked by validate
+		}
+		out.Steps = append(out.Steps, s)
+	}
+	return out
+}
+
+// Plan is the recovery plan named name.
+func (c *Config) Plan(name string) (PlanConfig, bool) {
+	for _, p := range c.Plans {
+		if p.Name == name {
+			return p, true
+		}
+	}
+	return PlanConfig{}, false
 }
 
 // GroupConfig is a consistency group: VMs whose points share one instant.
@@ -256,6 +300,51 @@ func (c *Config) check() error {
 	}
 	if len(c.Owners) > 0 && c.Listen == "" {
 		return c.fail("owners", "only a recovery site (one with `listen:`) keeps owners of VMs; remove `owners:` or add `listen:`")
+	}
+	if len(c.Plans) > 0 && c.Listen == "" {
+		return c.fail("plans", "only a recovery site (one with `listen:`) runs recovery plans; remove `plans:` or add `listen:`")
+	}
+	plans := map[string]bool{}
+	for i, p := range c.Plans {
+		f := fmt.Sprintf("plans[%d]", i)
+		if !nameRE.MatchString(p.Name) || plans[p.Name] {
+			return c.fail(f+".name", "%q is not a usable plan name (letters, digits, '.', '_' or '-', each plan named once)", p.Name)
+		}
+		plans[p.Name] = true
+		if len(p.Steps) == 0 {
+			return c.fail(f+".steps", "a plan needs at least one step, e.g. `steps: [{vms: [db1]}, {vms: [web1, web2]}]`")
+		}
+		in := map[string]int{}
+		for j, st := range p.Steps {
+			sf := fmt.Sprintf("%s.steps[%d]", f, j)
+			if len(st.VMs) == 0 {
+				return c.fail(sf+".vms", "a step names at least one VM")
+			}
+			for _, vm := range st.VMs {
+				if !nameRE.MatchString(vm) {
+					return c.fail(sf+".vms", "%q is not a VM name", vm)
+				}
+				if k, ok := in[vm]; ok {
+					return c.fail(sf+".vms", "vm %q is already in step %d: a VM starts once per plan", vm, k+1)
+				}
+				in[vm] = j
+			}
+			switch st.Wait {
+			case "", "agent", "none":
+			default:
+				if d, err := time.ParseDuration(st.Wait); err != nil || d < 0 {
+					return c.fail(sf+".wait", "%q: use agent (every guest agent answers), none, or a delay such as 30s", st.Wait)
+				}
+			}
+			if st.Timeout < 0 {
+				return c.fail(sf+".timeout", "must not be negative")
+			}
+		}
+		for _, h := range p.Hooks {
+			if !filepath.IsAbs(h) {
+				return c.fail(f+".hooks", "%q: give hooks as absolute paths", h)
+			}
+		}
 	}
 	if len(c.Networks) > 0 && c.Listen == "" {
 		return c.fail("networks", "only a recovery site (one with `listen:`) starts failed-over VMs; remove `networks:` or add `listen:`")

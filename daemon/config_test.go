@@ -45,6 +45,32 @@ func TestLoadConfig(t *testing.T) {
 	}
 }
 
+// A recovery plan as the config writes it and the manager runs it.
+func TestPlanConfig(t *testing.T) {
+	body := strings.Replace(goodConfig, "site: prod", "site: prod\nlisten: 127.0.0.1:7420", 1) + `plans:
+  - name: web-tier
+    steps:
+      - {vms: [db1], timeout: 2m}
+      - {vms: [app1, app2], wait: 30s}
+      - {vms: [lb1], wait: none}
+    hooks: [/usr/local/bin/reip]
+`
+	c, err := LoadConfig(writeConfig(t, body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, ok := c.Plan("web-tier")
+	if !ok {
+		t.Fatal("plan web-tier not found")
+	}
+	p := pc.plan()
+	if len(p.Steps) != 3 || !p.Steps[0].WaitAgent || p.Steps[0].Timeout != 2*time.Minute ||
+		p.Steps[1].WaitAgent || p.Steps[1].Delay != 30*time.Second || len(p.Steps[1].VMs) != 2 ||
+		p.Steps[2].WaitAgent || p.Steps[2].Delay != 0 || len(p.Hooks) != 1 {
+		t.Errorf("plan %+v", p)
+	}
+}
+
 // A VM's definition: what the config says of how to start the VM elsewhere.
 func TestDefinitionConfig(t *testing.T) {
 	body := goodConfig + `  - name: db1
@@ -109,6 +135,9 @@ func TestConfigErrors(t *testing.T) {
 		{"no state dir", strings.Replace(goodConfig, "state_dir: /var/lib/lifeboat", "", 1), []string{"state_dir", "missing"}},
 		{"no tls", strings.Replace(goodConfig, "tls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}", "", 1), []string{"tls", "lifeboat cert"}},
 		{"unknown field", goodConfig + "colour: blue\n", []string{"colour"}},
+		{"plans at a protected site", goodConfig + "plans: [{name: p1, steps: [{vms: [web1]}]}]\n", []string{"plans", "listen:"}},
+		{"plan with a VM twice", strings.Replace(goodConfig, "site: prod", "site: prod\nlisten: 127.0.0.1:7420", 1) + "plans: [{name: p1, steps: [{vms: [db1]}, {vms: [db1, web1]}]}]\n", []string{"plans[0].steps[1].vms", "already in step 1"}},
+		{"plan with a bad wait", strings.Replace(goodConfig, "site: prod", "site: prod\nlisten: 127.0.0.1:7420", 1) + "plans: [{name: p1, steps: [{vms: [db1], wait: forever}]}]\n", []string{"plans[0].steps[0].wait", "30s"}},
 		{"networks at a protected site", goodConfig + "networks: {prod-lan: br0}\n", []string{"networks", "listen:"}},
 		{"network on no bridge", strings.Replace(goodConfig, "site: prod", "site: prod\nlisten: 127.0.0.1:7420", 1) + "networks: {prod-lan: 'br 0'}\n", []string{"networks.prod-lan", "bridge"}},
 		{"definition of another disk", goodConfig + "  - {name: db1, qmp: /q, disks: [vda], definition: {disks: [{name: vdz}]}}\n", []string{"vms[1] (db1).definition.disks[0].name", "vdz", "vda"}},

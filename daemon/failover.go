@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -188,4 +189,87 @@ func (c *Client) Migrate(ctx context.Context, vm string, req MigrateRequest) (Mi
 	var out MigrateReply
 	err := c.getJSON(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/migrate", req, &out)
 	return out, err
+}
+
+// PlanRequest runs a recovery plan (a test of it when Test).
+type PlanRequest struct {
+	Test bool `json:"test,omitempty"`
+}
+
+func (a *apiServer) plan(w http.ResponseWriter, r *http.Request) (PlanConfig, bool) {
+	name := r.PathValue("name")
+	if !a.recoveryOnly(w, "plan", name) {
+		return PlanConfig{}, false
+	}
+	p, ok := a.d.cfg.Plan(name)
+	if !ok {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("no recovery plan %q under `plans:` in %s", name, a.d.cfg.Path()))
+	}
+	return p, ok
+}
+
+func (a *apiServer) planRun(w http.ResponseWriter, r *http.Request) {
+	p, ok := a.plan(w, r)
+	if !ok {
+		return
+	}
+	var req PlanRequest
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("plan request: %w", err))
+		return
+	}
+	st := newStream(w)
+	rows, err := a.d.runs.RunPlan(context.WithoutCancel(r.Context()), p.plan(), req.Test, func(e failover.PlanEvent) {
+		st.send(Event{Progress: e})
+	})
+	out := Event{Plan: rows}
+	if out.Plan == nil {
+		out.Plan = []failover.PlanVM{}
+	}
+	if err != nil {
+		out.Error = err.Error()
+	}
+	st.send(out)
+}
+
+func (a *apiServer) planStop(w http.ResponseWriter, r *http.Request) {
+	p, ok := a.plan(w, r)
+	if !ok {
+		return
+	}
+	n, err := a.d.runs.StopPlan(context.WithoutCancel(r.Context()), p.Name)
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]int{"stopped": n})
+}
+
+// RunPlan runs a recovery plan at the recovery site, handing each progress
+// event to progress; the summary comes with the plan's error, if any.
+func (c *Client) RunPlan(ctx context.Context, name string, test bool, progress func(failover.PlanEvent)) ([]failover.PlanVM, error) {
+	resp, err := c.do(ctx, http.MethodPost, "/v1/plans/"+url.PathEscape(name)+"/run", PlanRequest{Test: test})
+	if err != nil {
+		return nil, err
+	}
+	e, err := events(resp, func(raw json.RawMessage) {
+		var pe failover.PlanEvent
+		if progress != nil && json.Unmarshal(raw, &pe) == nil {
+			progress(pe)
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	if e.Error != "" {
+		return e.Plan, errors.New(e.Error)
+	}
+	return e.Plan, nil
+}
+
+// StopPlan ends the test runs a plan started, and says how many.
+func (c *Client) StopPlan(ctx context.Context, name string) (int, error) {
+	var out map[string]int
+	err := c.getJSON(ctx, http.MethodPost, "/v1/plans/"+url.PathEscape(name)+"/stop", struct{}{}, &out)
+	return out["stopped"], err
 }

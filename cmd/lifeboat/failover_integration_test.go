@@ -28,7 +28,8 @@ func TestFailoverCommands(t *testing.T) {
 	makePKI(t, dir)
 	addr := freeAddr(t)
 	drCfg := filepath.Join(dir, "dr.yaml")
-	os.WriteFile(drCfg, []byte(fmt.Sprintf("site: dr\nstate_dir: %s/dr\nlisten: %s\nkeep: 10\ntls: {ca: pki/ca.crt, cert: pki/dr.crt, key: pki/dr.key}\n", dir, addr)), 0o600)
+	os.WriteFile(drCfg, []byte(fmt.Sprintf("site: dr\nstate_dir: %s/dr\nlisten: %s\nkeep: 10\ntls: {ca: pki/ca.crt, cert: pki/dr.crt, key: pki/dr.key}\n"+
+		"plans: [{name: drill, steps: [{vms: [vm1], timeout: 3m}]}]\n", dir, addr)), 0o600)
 	prodCfg := filepath.Join(dir, "prod.yaml")
 	writeProd := func(qmp string) {
 		os.WriteFile(prodCfg, []byte(fmt.Sprintf("site: prod\nstate_dir: %s/prod\ntls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}\n"+
@@ -106,5 +107,21 @@ func TestFailoverCommands(t *testing.T) {
 	}
 	if st := run(t, "status", "-c", prodCfg); !strings.Contains(st, "by a planned migration") {
 		t.Errorf("status at the production site after the migration:\n%s", st)
+	}
+
+	// A drill of the recovery plan beside the failed-over VM: its summary, then
+	// plan stop ends it and leaves the failover.
+	out = run(t, "plan", "run", "drill", "--test", "-c", drCfg)
+	t.Logf("lifeboat plan run drill --test:\n%s", out)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], "AGENT ANSWERING") || !strings.HasPrefix(lines[1], "1 ") ||
+		!strings.Contains(lines[1], "vm1") || !strings.HasSuffix(lines[1], " -") {
+		t.Errorf("plan run's summary:\n%s", out)
+	}
+	if out := run(t, "plan", "stop", "drill", "-c", drCfg); !strings.Contains(out, "1 test run(s) stopped") {
+		t.Errorf("plan stop said:\n%s", out)
+	}
+	if st := run(t, "failover", "--list", "-c", drCfg); strings.Count(st, "vm1-") != 1 || strings.Contains(st, "test failover") {
+		t.Errorf("runs after plan stop, want the failover alone:\n%s", st)
 	}
 }
