@@ -81,6 +81,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return fmt.Errorf("config %s: listen %s: %w", d.cfg.Path(), d.cfg.Listen, err)
 		}
 		d.server = &wire.Server{Site: d.cfg.Site, Store: wire.RecoveryStore(st), Log: d.log, StartVM: d.startForOwner}
+		d.runs.LastContact = d.server.LastContact
 		go func() { errc <- d.server.Serve(l, tlsConf) }()
 		defer d.server.Stop()
 		d.log.Info("recovery service listening", "addr", l.Addr().String())
@@ -164,7 +165,7 @@ func (d *Daemon) vmNames() []string {
 func (d *Daemon) startForOwner(ctx context.Context, vm string, point uint64) (wire.FailoverResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	r, err := d.runs.Start(ctx, vm, failover.Options{Point: point})
+	r, err := d.runs.Start(ctx, vm, failover.Options{Point: point, Planned: true})
 	if err != nil {
 		return wire.FailoverResult{}, err
 	}

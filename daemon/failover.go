@@ -16,6 +16,9 @@ import (
 type FailoverRequest struct {
 	Point uint64 `json:"point,omitempty"` // 0: the latest
 	Test  bool   `json:"test,omitempty"`
+	// Force fails over although the production site was in contact a
+	// moment ago (it is known lost, or fenced).
+	Force bool `json:"force,omitempty"`
 	// AgentWait bounds the wait for the guest agent after QEMU runs (0: do
 	// not wait).
 	AgentWait time.Duration `json:"agent_wait_ns,omitempty"`
@@ -47,7 +50,7 @@ func (a *apiServer) failover(w http.ResponseWriter, r *http.Request) {
 	// The VM outlives this request: its start is not cancelled with it.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 2*time.Minute)
 	defer cancel()
-	run, err := a.d.runs.Start(ctx, vm, failover.Options{Point: req.Point, Test: req.Test})
+	run, err := a.d.runs.Start(ctx, vm, failover.Options{Point: req.Point, Test: req.Test, Force: req.Force})
 	if err != nil {
 		writeErr(w, http.StatusConflict, err)
 		return
@@ -193,7 +196,8 @@ func (c *Client) Migrate(ctx context.Context, vm string, req MigrateRequest) (Mi
 
 // PlanRequest runs a recovery plan (a test of it when Test).
 type PlanRequest struct {
-	Test bool `json:"test,omitempty"`
+	Test  bool `json:"test,omitempty"`
+	Force bool `json:"force,omitempty"` // see FailoverRequest.Force
 }
 
 func (a *apiServer) plan(w http.ResponseWriter, r *http.Request) (PlanConfig, bool) {
@@ -219,7 +223,7 @@ func (a *apiServer) planRun(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	st := newStream(w)
-	rows, err := a.d.runs.RunPlan(context.WithoutCancel(r.Context()), p.plan(), req.Test, func(e failover.PlanEvent) {
+	rows, err := a.d.runs.RunPlan(context.WithoutCancel(r.Context()), p.plan(), failover.PlanOptions{Test: req.Test, Force: req.Force}, func(e failover.PlanEvent) {
 		st.send(Event{Progress: e})
 	})
 	out := Event{Plan: rows}
@@ -247,8 +251,8 @@ func (a *apiServer) planStop(w http.ResponseWriter, r *http.Request) {
 
 // RunPlan runs a recovery plan at the recovery site, handing each progress
 // event to progress; the summary comes with the plan's error, if any.
-func (c *Client) RunPlan(ctx context.Context, name string, test bool, progress func(failover.PlanEvent)) ([]failover.PlanVM, error) {
-	resp, err := c.do(ctx, http.MethodPost, "/v1/plans/"+url.PathEscape(name)+"/run", PlanRequest{Test: test})
+func (c *Client) RunPlan(ctx context.Context, name string, req PlanRequest, progress func(failover.PlanEvent)) ([]failover.PlanVM, error) {
+	resp, err := c.do(ctx, http.MethodPost, "/v1/plans/"+url.PathEscape(name)+"/run", req)
 	if err != nil {
 		return nil, err
 	}

@@ -194,12 +194,30 @@ func (v *vm) schedule(ctx context.Context) {
 	// over at its recovery site is only checked now and then: it runs there.
 	runEvery(ctx, time.Duration(v.cfg.Interval), func(ctx context.Context) {
 		v.mu.Lock()
-		wait := v.state == stateFailedOver && time.Since(v.errAt) < failedOverRecheck
+		failedOver, since := v.state == stateFailedOver, v.errAt
 		v.mu.Unlock()
-		if !wait {
-			v.sync(ctx)
+		if failedOver && (time.Since(since) < failedOverRecheck || v.stillFailedOver(ctx)) {
+			return
 		}
+		v.sync(ctx)
 	})
+}
+
+// stillFailedOver asks the recovery site, without touching the VM here,
+// whether it still runs the VM (a planned migration shut it down here).
+func (v *vm) stillFailedOver(ctx context.Context) bool {
+	peer, err := v.d.peer(ctx, v.cfg.Peer)
+	if err != nil {
+		return true // cannot tell: leave the VM alone
+	}
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	_, _, err = peer.Latest(lctx, v.cfg.Name)
+	if recovery.IsFailedOver(err) {
+		v.setState(stateFailedOver, err)
+		return true
+	}
+	return err != nil // unreachable: ask again later
 }
 
 // stateFailedOver is a protected VM's state once its recovery site has

@@ -10,6 +10,7 @@
 package failover
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -49,13 +50,31 @@ type Manager struct {
 	Log      *slog.Logger
 	// QEMU is the qemu-system binary (default qemu-system-x86_64).
 	QEMU string
+	// LastContact says when a VM's production site last called about it;
+	// a real failover within ContactWindow (DefaultContactWindow) of it is
+	// refused unless forced: that site is probably still running the VM.
+	LastContact   func(vm string) (site string, at time.Time, ok bool)
+	ContactWindow time.Duration
 }
+
+// DefaultContactWindow is how recent a production site's contact refuses
+// a failover: a few cycles' worth.
+const DefaultContactWindow = 2 * time.Minute
+
+// ErrSplitBrain is wrapped by a failover refused because the production
+// site was in contact a moment ago.
+var ErrSplitBrain = errors.New("the production site seems to be running the VM")
 
 // Options says which point and how.
 type Options struct {
 	Point uint64 // 0: the latest
 	Test  bool
 	Plan  string // the recovery plan starting the run, if any
+	// Force fails over even when the production site was in contact within
+	// the contact window (it is known to be lost, or fenced).
+	Force bool
+	// Planned: the owner asked, having shut the VM down (no split-brain check).
+	Planned bool
 }
 
 // Run is one VM started from a point.
@@ -122,6 +141,14 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 		return nil, fmt.Errorf("vm %q point %d carries no VM definition, so lifeboat cannot tell how to start it: "+
 			"points carry one when the protected site reads it from the VM's qemu-system or libvirt, or from `definition:` in the VM's config there", vm, pt.ID)
 	}
+	if !opts.Test && !opts.Force && !opts.Planned && m.LastContact != nil {
+		window := cmp.Or(m.ContactWindow, DefaultContactWindow)
+		if site, at, ok := m.LastContact(vm); ok && time.Since(at) < window {
+			return nil, fmt.Errorf("vm %q: its production site %q was in contact %v ago (at %s), so it is probably still running the VM, and a failover now would run it at two sites: %w. "+
+				"Move it without loss with `lifeboat failover %s --planned` at %q; if %q is really lost (or fenced), repeat with --force",
+				vm, site, time.Since(at).Round(time.Second), at.UTC().Format(time.RFC3339), ErrSplitBrain, vm, site, site)
+		}
+	}
 	if !opts.Test {
 		runs, err := m.Runs(vm)
 		if err != nil {
@@ -163,6 +190,12 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 			return
 		}
 		m.kill(r)
+		if r.Owner != nil && r.Previous != nil && r.Previous.Site != "" {
+			// It took the VM over but did not start: hand it back.
+			if _, herr := m.Store.Handover(vm, r.Previous.Site); herr != nil {
+				log.Error("handing back a VM whose failover did not start", "site", r.Previous.Site, "err", herr)
+			}
+		}
 		if pinned {
 			if perr := m.Store.RemovePin(vm, r.ID); perr != nil {
 				log.Error("removing the pin of a run that did not start", "err", perr)
@@ -266,6 +299,9 @@ func (m *Manager) WaitAgent(ctx context.Context, r *Run) error {
 // site replicates it again from its latest point, incrementally.
 func (m *Manager) Stop(ctx context.Context, r *Run) error {
 	log := m.log().With("vm", r.VM, "point", r.Point, "run", r.ID)
+	if r.Committed && !r.Test {
+		return fmt.Errorf("vm %q: the failover from point %d was committed: the VM runs here for good, and an undo would throw away what it wrote since; shut it down in the guest if it must stop, and fail it back to bring it home", r.VM, r.Point)
+	}
 	if err := m.quit(ctx, r); err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -162,6 +163,22 @@ func TestFailoverAfterProductionLost(t *testing.T) {
 	if len(runs) != 1 || runs[0].ID != r.ID {
 		t.Errorf("runs: %v, want only the failover", runs)
 	}
+
+	// Committed, the failover is kept: an undo would discard what the VM
+	// wrote here, and is refused.
+	if err := m.Commit(r); err != nil {
+		t.Fatal(err)
+	}
+	if runs, _ := m.Runs("web1"); len(runs) != 1 || !runs[0].Committed {
+		t.Errorf("runs after the commit: %+v", runs)
+	}
+	if err := m.Stop(ctx, r); err == nil || !strings.Contains(err.Error(), "committed") {
+		t.Errorf("undo of a committed failover: %v, want it refused", err)
+	}
+	if !r.Alive() {
+		t.Error("the refused undo stopped the VM")
+	}
+	syscall.Kill(r.PID, syscall.SIGKILL) // the test's own cleanup
 }
 
 // A test failover while replication goes on: points keep arriving during the

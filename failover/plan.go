@@ -70,7 +70,14 @@ type PlanEvent struct {
 // hooks run; a step with a VM that failed ends the plan, and the VMs
 // already started keep running (`StopPlan` ends a test's). progress gets
 // each event as it happens.
-func (m *Manager) RunPlan(ctx context.Context, p Plan, test bool, progress func(PlanEvent)) ([]PlanVM, error) {
+// PlanOptions says how a plan runs.
+type PlanOptions struct {
+	Test  bool // every VM as a test failover
+	Force bool // see Options.Force
+}
+
+func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progress func(PlanEvent)) ([]PlanVM, error) {
+	test := opts.Test
 	var (
 		mu  sync.Mutex
 		out []PlanVM
@@ -93,7 +100,7 @@ func (m *Manager) RunPlan(ctx context.Context, p Plan, test bool, progress func(
 			go func() {
 				defer wg.Done()
 				row := PlanVM{VM: vm, Step: n, Started: time.Now().UTC()}
-				r, err := m.Start(ctx, vm, Options{Test: test, Plan: p.Name})
+				r, err := m.Start(ctx, vm, Options{Test: test, Plan: p.Name, Force: opts.Force})
 				if err != nil {
 					row.Error = err.Error()
 					say(n, vm, "failed to start: %v", err)

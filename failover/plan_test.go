@@ -2,6 +2,7 @@ package failover_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -65,7 +66,7 @@ func TestPlanStartsInOrder(t *testing.T) {
 		{VMs: []string{"app1", "app2"}, WaitAgent: true, Timeout: 3 * time.Minute},
 	}}
 	var events []failover.PlanEvent
-	rows, err := m.RunPlan(testCtx(t, 8*time.Minute), plan, true, func(e failover.PlanEvent) { events = append(events, e) })
+	rows, err := m.RunPlan(testCtx(t, 8*time.Minute), plan, failover.PlanOptions{Test: true}, func(e failover.PlanEvent) { events = append(events, e) })
 	for _, e := range events {
 		t.Logf("%s step %d %s %s", e.At.Format("15:04:05.000"), e.Step, e.VM, e.What)
 	}
@@ -98,5 +99,35 @@ func TestPlanStartsInOrder(t *testing.T) {
 	}
 	if runs, _ := m.Runs(""); len(runs) != 0 {
 		t.Errorf("runs after StopPlan: %v", runs)
+	}
+}
+
+// A real failover while the production site is in contact is refused (it
+// would run the VM at two sites), says what to do, and changes nothing; a
+// test is not refused.
+func TestFailoverRefusedWhileProductionInContact(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a guest under TCG: covered by the full (non -short) run")
+	}
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	replicateDataDisk(t, site, "db1")
+	m := manager(t, site)
+	m.LastContact = site.Server.LastContact
+	_, err := m.Start(testCtx(t, time.Minute), "db1", failover.Options{})
+	if !errors.Is(err, failover.ErrSplitBrain) || !strings.Contains(err.Error(), "--planned") || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("failover while production is in contact: %v, want it refused with what to do", err)
+	}
+	if o, _, _ := site.Store.Owner("db1"); o.Site != "prod" || o.Epoch != 1 {
+		t.Errorf("owner after the refused failover: %+v", o)
+	}
+	if pins, _ := site.Store.Pins("db1"); len(pins) != 0 {
+		t.Errorf("pins after the refused failover: %v", pins)
+	}
+	r, err := m.Start(testCtx(t, time.Minute), "db1", failover.Options{Test: true})
+	if err != nil {
+		t.Fatalf("a test failover while production is in contact: %v", err)
+	}
+	if err := m.Stop(testCtx(t, time.Minute), r); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -66,6 +66,25 @@ type Server struct {
 	StartVM func(ctx context.Context, vm string, point uint64) (FailoverResult, error)
 
 	grpc *grpc.Server
+
+	contacts sync.Map // vm -> contact: the last call about it from its owner
+}
+
+type contact struct {
+	site string
+	at   time.Time
+}
+
+// LastContact says when the VM's owner last called about it (a cycle's
+// Latest, a point's stream): a production site in contact a moment ago is
+// probably running the VM.
+func (s *Server) LastContact(vm string) (site string, at time.Time, ok bool) {
+	v, ok := s.contacts.Load(vm)
+	if !ok {
+		return "", time.Time{}, false
+	}
+	c := v.(contact)
+	return c.site, c.at, true
 }
 
 // FailoverResult is what a recovery site says of a VM it started for a
@@ -155,6 +174,7 @@ func (s *Server) authorize(ctx context.Context, vm string) (string, error) {
 		}
 		return "", status.Error(codes.Internal, err.Error())
 	}
+	s.contacts.Store(vm, contact{site: site, at: time.Now()})
 	return site, nil
 }
 

@@ -19,6 +19,7 @@ func newFailoverCmd(g *globals) *cobra.Command {
 		point                      string
 		test, stop, undo, commit   bool
 		list, asJSON, planned      bool
+		force                      bool
 		agentWait, shutdownTimeout time.Duration
 	)
 	cmd := &cobra.Command{
@@ -131,7 +132,7 @@ off in time, a last point is sent, and the recovery site starts the VM from it.`
 				}
 				return nil
 			}
-			req := daemon.FailoverRequest{Test: test, AgentWait: agentWait}
+			req := daemon.FailoverRequest{Test: test, AgentWait: agentWait, Force: force}
 			if point != "" && point != "latest" {
 				id, err := strconv.ParseUint(point, 10, 64)
 				if err != nil || id == 0 {
@@ -158,6 +159,7 @@ off in time, a last point is sent, and the recovery site starts the VM from it.`
 	cmd.Flags().BoolVar(&stop, "stop", false, "with --test: stop and discard the VM's test runs")
 	cmd.Flags().BoolVar(&undo, "undo", false, "stop the failed-over VM, discard what it wrote, and hand it back to its production site")
 	cmd.Flags().BoolVar(&commit, "commit", false, "keep the failover")
+	cmd.Flags().BoolVar(&force, "force", false, "fail over although the production site was in contact a moment ago (it is known lost, or fenced)")
 	cmd.Flags().BoolVar(&list, "list", false, "list the VMs running from their points here")
 	cmd.Flags().BoolVar(&planned, "planned", false, "at the protected site: shut the VM down, send a last point, and have the recovery site start it (no loss)")
 	cmd.Flags().DurationVar(&shutdownTimeout, "shutdown-timeout", 2*time.Minute, "with --planned: how long the guest may take to power off before its CPUs are stopped")

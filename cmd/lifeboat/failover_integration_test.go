@@ -56,8 +56,14 @@ func TestFailoverCommands(t *testing.T) {
 	g.Kill()
 	prod.kill()
 
-	out := run(t, "failover", "vm1", "-c", drCfg)
-	t.Logf("lifeboat failover vm1:\n%s", out)
+	// The production site was in contact a moment ago: a failover now could
+	// run the VM twice, and is refused unless forced.
+	out, err := runErr(t, "failover", "vm1", "-c", drCfg)
+	if err == nil || !strings.Contains(out, "probably still running the VM") || !strings.Contains(out, "--planned") || !strings.Contains(out, "--force") {
+		t.Fatalf("a failover right after production's last contact: %v\n%s", err, out)
+	}
+	out = run(t, "failover", "vm1", "--force", "-c", drCfg)
+	t.Logf("lifeboat failover vm1 --force:\n%s", out)
 	for _, want := range []string{"failover of point 1", "QEMU running", "agent answering", "--commit", "--undo"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("failover's output lacks %q", want)
@@ -76,7 +82,7 @@ func TestFailoverCommands(t *testing.T) {
 	g2 := testguest.Boot(t, testguest.Options{Name: "cli2", Image: g.DiskImage()})
 	writeProd(g2.VMQMPSocket())
 	prod = startSite(t, "prod", prodCfg)
-	out, err := runErr(t, "sync", "vm1", "-c", prodCfg)
+	out, err = runErr(t, "sync", "vm1", "-c", prodCfg)
 	if err == nil || !strings.Contains(out, "failed over to recovery site") {
 		t.Fatalf("sync at the old production site after the failover: %v\n%s", err, out)
 	}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/lifeboat-dr/lifeboat/daemon"
 	"github.com/lifeboat-dr/lifeboat/failover"
 )
 
@@ -16,7 +17,7 @@ func newPlanCmd(g *globals) *cobra.Command {
 		Use:   "plan run NAME [--test] | plan stop NAME",
 		Short: "At a recovery site: run a recovery plan (VMs started step by step), or end a test of one",
 	}
-	var test, asJSON bool
+	var test, asJSON, force bool
 	run := &cobra.Command{
 		Use:   "run NAME",
 		Short: "Start a plan's VMs from their latest points, step by step",
@@ -33,7 +34,7 @@ the next step. A step with a VM that fails ends the plan; the VMs started keep r
 				return err
 			}
 			begin := time.Now()
-			rows, err := c.RunPlan(cmd.Context(), args[0], test, func(e failover.PlanEvent) {
+			rows, err := c.RunPlan(cmd.Context(), args[0], daemon.PlanRequest{Test: test, Force: force}, func(e failover.PlanEvent) {
 				if !asJSON {
 					vm := ""
 					if e.VM != "" {
@@ -69,6 +70,7 @@ the next step. A step with a VM that fails ends the plan; the VMs started keep r
 	}
 	run.Flags().BoolVar(&test, "test", false, "a test: every VM as a test failover")
 	run.Flags().BoolVar(&asJSON, "json", false, "print the summary as JSON")
+	run.Flags().BoolVar(&force, "force", false, "fail over even VMs whose production site was in contact a moment ago (it is known lost, or fenced)")
 	stop := &cobra.Command{
 		Use:   "stop NAME",
 		Short: "End every test failover a plan started",
