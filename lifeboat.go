@@ -93,6 +93,17 @@ type Point struct {
 	Note string `json:"note,omitempty"`
 	// Definition is how to start the VM as it was at this point.
 	Definition *Definition `json:"definition,omitempty"`
+	// Tested is the last test failover of this point whose guest agent
+	// answered: proof that the point boots.
+	Tested *TestMark `json:"tested,omitempty"`
+}
+
+// TestMark records a test failover of a point.
+type TestMark struct {
+	At        time.Time     `json:"at"`
+	Run       string        `json:"run"`
+	ToRunning time.Duration `json:"to_running_ns"` // the command to QEMU running
+	ToAgent   time.Duration `json:"to_agent_ns"`   // the command to the guest agent answering
 }
 
 // PointDisk is one disk of a point.

@@ -283,6 +283,13 @@ func (m *Manager) WaitAgent(ctx context.Context, r *Run) error {
 		cancel()
 		if err == nil {
 			r.ToAgent = time.Since(r.Started)
+			if r.Test {
+				// The point boots: `points` says when it was last proven so.
+				mark := lifeboat.TestMark{At: time.Now(), Run: r.ID, ToRunning: r.ToRunning, ToAgent: r.ToAgent}
+				if err := m.Store.MarkTested(r.VM, r.Point, mark); err != nil {
+					m.log().Warn("could not mark the point tested", "vm", r.VM, "point", r.Point, "err", err)
+				}
+			}
 			return m.save(r)
 		}
 		select {

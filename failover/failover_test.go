@@ -153,6 +153,13 @@ func TestFailoverAfterProductionLost(t *testing.T) {
 	if err := m.Stop(ctx, tr); err != nil {
 		t.Fatal(err)
 	}
+	// The tested point says so (what `points` shows), the others do not.
+	if pt, err := site.Store.Point("web1", p1.ID); err != nil || pt.Tested == nil || pt.Tested.Run != tr.ID || pt.Tested.ToAgent != tr.ToAgent {
+		t.Errorf("point %d after its test: %+v %v, want it marked tested by %s", p1.ID, pt.Tested, err, tr.ID)
+	}
+	if pt, _ := site.Store.Point("web1", p2.ID); pt.Tested != nil {
+		t.Errorf("point %d, failed over but never tested, is marked tested: %+v", p2.ID, pt.Tested)
+	}
 	if _, err := os.Stat(tr.Dir); !os.IsNotExist(err) {
 		t.Errorf("the test's directory is left: %v", err)
 	}

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/lifeboat-dr/lifeboat"
 )
 
 // Pin keeps retention from merging a VM's points while a VM started from
@@ -98,4 +100,18 @@ func (s *Store) pointCount(vm string) (int, error) {
 		return err
 	})
 	return n, err
+}
+
+// MarkTested records in point id's catalog record that a test failover of
+// it came up (its guest agent answered).
+func (s *Store) MarkTested(vm string, id uint64, m lifeboat.TestMark) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		r, err := pointAt(tx, vm, id)
+		if err != nil {
+			return err
+		}
+		m.At = m.At.UTC()
+		r.Point.Tested = &m
+		return putPoint(vmBucket(tx, vm), r)
+	})
 }

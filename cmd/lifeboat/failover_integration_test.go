@@ -124,6 +124,9 @@ func TestFailoverCommands(t *testing.T) {
 		!strings.Contains(lines[1], "vm1") || !strings.HasSuffix(lines[1], " -") {
 		t.Errorf("plan run's summary:\n%s", out)
 	}
+	if pts := run(t, "points", "vm1", "-c", drCfg); !strings.Contains(pts, "TESTED") || !strings.Contains(pts, "agent +") {
+		t.Errorf("points after the drill do not show the tested point:\n%s", pts)
+	}
 	if out := run(t, "plan", "stop", "drill", "-c", drCfg); !strings.Contains(out, "1 test run(s) stopped") {
 		t.Errorf("plan stop said:\n%s", out)
 	}
