@@ -203,7 +203,7 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 		}
 		os.RemoveAll(r.Dir)
 	}()
-	if err := m.Store.AddPin(vm, r.ID, recovery.Pin{Point: pt.ID, Reason: r.Kind(), Since: r.Started}); err != nil {
+	if err := m.Store.AddPin(ctx, vm, r.ID, recovery.Pin{Point: pt.ID, Reason: r.Kind(), Since: r.Started}); err != nil {
 		return nil, err
 	}
 	pinned = true

@@ -1,6 +1,7 @@
 package recovery
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -40,8 +41,15 @@ func readPins(tx *bolt.Tx, vm string) (map[string]Pin, error) {
 }
 
 // AddPin pins vm's point under name (a failover run's id). The point must
-// exist.
-func (s *Store) AddPin(vm, name string, p Pin) error {
+// exist. It waits, within ctx, for a merge under way to end (retention holds
+// the chain while it merges, and checks the pins once it holds it), so that
+// once AddPin returns the point's images stay as they are.
+func (s *Store) AddPin(ctx context.Context, vm, name string, p Pin) error {
+	unlock, err := s.lockChain(ctx, vm, false)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	return s.db.Update(func(tx *bolt.Tx) error {
 		if _, err := pointAt(tx, vm, p.Point); err != nil {
 			return err
