@@ -2,6 +2,7 @@ package recovery
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -94,6 +95,12 @@ func (s *Store) startDaemonOnce(ctx context.Context, runDir string, names, files
 			spec["discard"] = "unmap" // zeroed ranges leave no data behind
 		}
 		if err := run("opening "+file, func(ctx context.Context) error { return d.Monitor().BlockdevAdd(ctx, spec) }); err != nil {
+			if _, serr := os.Stat(file); serr == nil {
+				// Seen once in CI: QEMU reported a path one byte short of the one
+				// sent. Say so, with the bytes sent, for the next time.
+				sent, _ := json.Marshal(spec)
+				err = fmt.Errorf("%w (the file exists; lifeboat sent %s)", err, sent)
+			}
 			return nil, err
 		}
 		exp := qemu.Export{ID: "e" + strconv.Itoa(i), Node: node, Name: names[i], Writable: writable}

@@ -2,6 +2,8 @@ package recovery
 
 import (
 	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -48,4 +50,24 @@ func TestStalledHelperDaemonIsReplaced(t *testing.T) {
 		t.Errorf("the log does not say the daemon did not answer and what it was doing:\n%s", out)
 	}
 	checkPoint(t, s, "st", 2, models[1])
+}
+
+// A file the helper daemon cannot open though it exists (here: not a qcow2
+// image) fails with QEMU's reason, and says that the file exists and what
+// lifeboat sent: the evidence a misread path (seen once in CI) needs.
+func TestHelperOpenErrorSaysWhatWasSent(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	run, err := s.runDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := filepath.Join(t.TempDir(), "0000000000000004.qcow2")
+	if err := os.WriteFile(bad, []byte("not an image"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.startDaemonOnce(testCtx(t), run, []string{"vda"}, []string{bad}, false)
+	if err == nil || !strings.Contains(err.Error(), "the file exists; lifeboat sent") || !strings.Contains(err.Error(), `"filename":"`+bad+`"`) {
+		t.Fatalf("opening a file that is no image: %v", err)
+	}
 }
