@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/base64"
-	"encoding/json"
 	"fmt"
 	"io/fs"
 	"log/slog"
@@ -582,7 +580,7 @@ func (lv *libvirtRig) change(ctx context.Context, round int) error {
 	// image file sees the new clusters only then).
 	fmt.Fprintf(&script, "; do dd if=/dev/vdc of=/dev/%[1]s bs=%[2]d skip=${p%%:*} seek=${p#*:} count=1 conv=notrunc status=none || exit 1; done\n"+
 		"dd if=/dev/vdc of=/dev/%[1]s count=0 conv=notrunc,fsync status=none\n", libvirtDisk, libvirtWrite)
-	out, code, err := guestExec(ctx, lv.dom.Name, "/bin/sh", "-c", script.String())
+	out, code, err := testlibvirt.GuestExec(ctx, lv.dom.Name, "/bin/sh", "-c", script.String())
 	if err != nil {
 		return err
 	}
@@ -590,54 +588,6 @@ func (lv *libvirtRig) change(ctx context.Context, round int) error {
 		return fmt.Errorf("the guest's change failed (exit %d): %s", code, out)
 	}
 	return nil
-}
-
-// guestExec runs a program in the guest through its agent and waits for it
-// (bounded by ctx): its output and exit code.
-func guestExec(ctx context.Context, domain, path string, args ...string) (string, int, error) {
-	cmd, _ := json.Marshal(map[string]any{"execute": "guest-exec", "arguments": map[string]any{"path": path, "arg": args, "capture-output": true}})
-	out, err := testlibvirt.Virsh("qemu-agent-command", domain, string(cmd))
-	if err != nil {
-		return "", 0, fmt.Errorf("guest-exec in %s: %w", domain, err)
-	}
-	var started struct {
-		Return struct {
-			Pid int `json:"pid"`
-		} `json:"return"`
-	}
-	if err := json.Unmarshal([]byte(out), &started); err != nil {
-		return "", 0, fmt.Errorf("guest-exec in %s: %q: %w", domain, out, err)
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	defer cancel()
-	status := fmt.Sprintf(`{"execute":"guest-exec-status","arguments":{"pid":%d}}`, started.Return.Pid)
-	for {
-		out, err := testlibvirt.Virsh("qemu-agent-command", domain, status)
-		if err != nil {
-			return "", 0, fmt.Errorf("guest-exec-status in %s: %w", domain, err)
-		}
-		var st struct {
-			Return struct {
-				Exited   bool   `json:"exited"`
-				ExitCode int    `json:"exitcode"`
-				Out      string `json:"out-data"`
-				Err      string `json:"err-data"`
-			} `json:"return"`
-		}
-		if err := json.Unmarshal([]byte(out), &st); err != nil {
-			return "", 0, fmt.Errorf("guest-exec-status in %s: %q: %w", domain, out, err)
-		}
-		if st.Return.Exited {
-			o, _ := base64.StdEncoding.DecodeString(st.Return.Out)
-			e, _ := base64.StdEncoding.DecodeString(st.Return.Err)
-			return string(o) + string(e), st.Return.ExitCode, nil
-		}
-		select {
-		case <-ctx.Done():
-			return "", 0, fmt.Errorf("guest program %s in %s: %w", path, domain, context.Cause(ctx))
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }
 
 // writeDataDisk makes a qcow2 image of size at path holding data bytes of

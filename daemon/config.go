@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -42,6 +43,11 @@ type Config struct {
 	// the NIC there. A NIC on a network not named here, and every NIC of a
 	// test failover, is isolated (a user-mode network with no route out).
 	Networks map[string]string `yaml:"networks"`
+	// Libvirt, at a recovery site, is the libvirtd (a URI such as
+	// qemu:///system) that runs failed-over VMs whose points carry a libvirt
+	// domain's XML, as domains of it. Networks may then also map to a
+	// libvirt network: `lan: network:default`.
+	Libvirt string `yaml:"libvirt"`
 	// Plans are, at a recovery site, recovery plans: `lifeboat plan run NAME`.
 	Plans  []PlanConfig  `yaml:"plans"`
 	Peers  []PeerConfig  `yaml:"peers"`
@@ -349,8 +355,25 @@ func (c *Config) check() error {
 	if len(c.Networks) > 0 && c.Listen == "" {
 		return c.fail("networks", "only a recovery site (one with `listen:`) starts failed-over VMs; remove `networks:` or add `listen:`")
 	}
+	if c.Libvirt != "" {
+		if c.Listen == "" {
+			return c.fail("libvirt", "only a recovery site (one with `listen:`) starts failed-over VMs; a protected libvirt domain is named under its VM: `libvirt: {domain: web1}`")
+		}
+		if u, err := url.Parse(c.Libvirt); err != nil || u.Scheme == "" {
+			return c.fail("libvirt", "%q is not a libvirt URI, e.g. `libvirt: qemu:///system`", c.Libvirt)
+		}
+	}
 	for net, br := range c.Networks {
-		if br == "" || strings.ContainsAny(br, ", /") {
+		if lvnet, ok := strings.CutPrefix(br, "network:"); ok {
+			if c.Libvirt == "" {
+				return c.fail("networks."+net, "%q is a libvirt network, and only VMs started under libvirt join one: add `libvirt: qemu:///system`, or name a bridge", br)
+			}
+			if lvnet == "" || strings.ContainsAny(lvnet, ", /") {
+				return c.fail("networks."+net, "%q: name the libvirt network, e.g. `%s: network:default`", br, net)
+			}
+			continue
+		}
+		if br == "" || strings.ContainsAny(br, ", /:") {
 			return c.fail("networks."+net, "%q is not a bridge name: name the local bridge for production network %q, e.g. `%s: br0`", br, net, net)
 		}
 	}

@@ -55,6 +55,10 @@ type Manager struct {
 	// refused unless forced: that site is probably still running the VM.
 	LastContact   func(vm string) (site string, at time.Time, ok bool)
 	ContactWindow time.Duration
+	// Libvirt, when set, is the libvirtd (URI) that runs VMs whose points
+	// carry a libvirt domain's XML: they start as domains of it. Other VMs
+	// run under qemu-system as always.
+	Libvirt string
 }
 
 // DefaultContactWindow is how recent a production site's contact refuses
@@ -104,6 +108,12 @@ type Run struct {
 	ToRunning time.Duration `json:"to_running_ns"`
 	ToAgent   time.Duration `json:"to_agent_ns,omitempty"`
 	Committed bool          `json:"committed,omitempty"`
+	// Libvirt and Domain name the libvirtd and the domain the VM runs as,
+	// when it runs under libvirt.
+	Libvirt string `json:"libvirt,omitempty"`
+	Domain  string `json:"domain,omitempty"`
+	// ImageDirs hold the point's images QEMU's user was let reach.
+	ImageDirs []string `json:"image_dirs,omitempty"`
 
 	disks []lifeboat.DefinitionDisk
 }
@@ -222,31 +232,20 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 	for _, n := range def.NICs {
 		r.Networks = append(r.Networks, fmt.Sprintf("%s %s: %s", nicModel(n.Model), n.MAC, networkOf(n, r.Test, m.Networks)))
 	}
-	args, err := qemuArgs(vm, def, r, m.Networks)
-	if err != nil {
-		return nil, err
-	}
-	bin := m.QEMU
-	if bin == "" {
-		bin = "qemu-system-x86_64"
-	}
-	cmd := exec.CommandContext(ctx, bin, args...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // the VM outlives lifeboat
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("vm %q: starting %s from point %d: %w: %s", vm, bin, pt.ID, err, strings.TrimSpace(string(out)))
-	}
-	if r.PID, err = readPID(r.pidFile()); err != nil {
-		return nil, fmt.Errorf("vm %q: %w", vm, err)
-	}
-	mon, err := qemu.Dial(ctx, r.QMP)
-	if err != nil {
-		return nil, fmt.Errorf("vm %q: the started VM's QMP: %w", vm, err)
-	}
-	defer mon.Close()
-	for i := range r.disks {
-		if err := mon.AddBitmap(ctx, "lb-d"+strconv.Itoa(i), Bitmap, true, false); err != nil {
-			return nil, fmt.Errorf("vm %q disk %q: change tracking on the overlay: %w", vm, r.disks[i].Name, err)
+	if m.Libvirt != "" && def.DomainXML != "" {
+		var dirs []string
+		for _, d := range r.disks {
+			img, err := m.Store.ImagePath(vm, pt.ID, d.Name)
+			if err != nil {
+				return nil, err
+			}
+			dirs = append(dirs, filepath.Dir(img))
 		}
+		if err := m.startDomain(ctx, r, def, dirs); err != nil {
+			return nil, err
+		}
+	} else if err := m.startQEMU(ctx, r, def); err != nil {
+		return nil, err
 	}
 	if !opts.Test {
 		now, before, err := m.Store.TakeOver(vm, m.Site, pt.ID)
@@ -259,7 +258,7 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 	if err := m.save(r); err != nil {
 		return nil, err
 	}
-	if err := mon.Execute(ctx, "cont", nil, nil); err != nil {
+	if err := m.resume(ctx, r); err != nil {
 		return nil, fmt.Errorf("vm %q: starting the guest's CPUs: %w", vm, err)
 	}
 	r.ToRunning = time.Since(begin)
@@ -270,9 +269,61 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 	return r, nil
 }
 
+// startQEMU starts r's VM, paused, under qemu-system, a dirty bitmap on
+// each overlay.
+func (m *Manager) startQEMU(ctx context.Context, r *Run, def *lifeboat.Definition) error {
+	vm := r.VM
+	args, err := qemuArgs(vm, def, r, m.Networks)
+	if err != nil {
+		return err
+	}
+	bin := m.QEMU
+	if bin == "" {
+		bin = "qemu-system-x86_64"
+	}
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // the VM outlives lifeboat
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("vm %q: starting %s from point %d: %w: %s", vm, bin, r.Point, err, strings.TrimSpace(string(out)))
+	}
+	if r.PID, err = readPID(r.pidFile()); err != nil {
+		return fmt.Errorf("vm %q: %w", vm, err)
+	}
+	mon, err := qemu.Dial(ctx, r.QMP)
+	if err != nil {
+		return fmt.Errorf("vm %q: the started VM's QMP: %w", vm, err)
+	}
+	defer mon.Close()
+	for i := range r.disks {
+		if err := mon.AddBitmap(ctx, "lb-d"+strconv.Itoa(i), Bitmap, true, false); err != nil {
+			return fmt.Errorf("vm %q disk %q: change tracking on the overlay: %w", vm, r.disks[i].Name, err)
+		}
+	}
+	return nil
+}
+
+// resume runs the paused guest's CPUs.
+func (m *Manager) resume(ctx context.Context, r *Run) error {
+	if r.Domain != "" {
+		return resumeDomain(ctx, r)
+	}
+	mon, err := qemu.Dial(ctx, r.QMP)
+	if err != nil {
+		return err
+	}
+	defer mon.Close()
+	return mon.Execute(ctx, "cont", nil, nil)
+}
+
 // WaitAgent waits, within ctx, until the run's guest agent answers, and
 // records how long it took from the command.
 func (m *Manager) WaitAgent(ctx context.Context, r *Run) error {
+	if r.Domain != "" {
+		if err := waitDomainAgent(ctx, r); err != nil {
+			return fmt.Errorf("vm %q (%s of point %d, libvirt domain %q): the guest agent did not answer within the wait: %w (its console: %s)", r.VM, r.Kind(), r.Point, r.Domain, err, r.Console)
+		}
+		return m.answered(r)
+	}
 	for {
 		actx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		a, err := qga.Dial(actx, r.Agent)
@@ -282,15 +333,7 @@ func (m *Manager) WaitAgent(ctx context.Context, r *Run) error {
 		}
 		cancel()
 		if err == nil {
-			r.ToAgent = time.Since(r.Started)
-			if r.Test {
-				// The point boots: `points` says when it was last proven so.
-				mark := lifeboat.TestMark{At: time.Now(), Run: r.ID, ToRunning: r.ToRunning, ToAgent: r.ToAgent}
-				if err := m.Store.MarkTested(r.VM, r.Point, mark); err != nil {
-					m.log().Warn("could not mark the point tested", "vm", r.VM, "point", r.Point, "err", err)
-				}
-			}
-			return m.save(r)
+			return m.answered(r)
 		}
 		select {
 		case <-ctx.Done():
@@ -298,6 +341,19 @@ func (m *Manager) WaitAgent(ctx context.Context, r *Run) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// answered records that r's guest agent answered now.
+func (m *Manager) answered(r *Run) error {
+	r.ToAgent = time.Since(r.Started)
+	if r.Test {
+		// The point boots: `points` says when it was last proven so.
+		mark := lifeboat.TestMark{At: time.Now(), Run: r.ID, ToRunning: r.ToRunning, ToAgent: r.ToAgent}
+		if err := m.Store.MarkTested(r.VM, r.Point, mark); err != nil {
+			m.log().Warn("could not mark the point tested", "vm", r.VM, "point", r.Point, "err", err)
+		}
+	}
+	return m.save(r)
 }
 
 // Stop ends a run: QEMU quits (killed if it does not), its overlays are
@@ -431,6 +487,14 @@ func (m *Manager) save(r *Run) error {
 // quit stops the run's QEMU: quit over QMP, then SIGKILL if it is still
 // there after a bound.
 func (m *Manager) quit(ctx context.Context, r *Run) error {
+	if r.Domain != "" {
+		qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		if err := removeDomain(qctx, r); err != nil {
+			return fmt.Errorf("vm %q: removing libvirt domain %q of run %s: %w", r.VM, r.Domain, r.ID, err)
+		}
+		return nil
+	}
 	if !r.Alive() {
 		return nil
 	}
@@ -452,6 +516,14 @@ func (m *Manager) quit(ctx context.Context, r *Run) error {
 }
 
 func (m *Manager) kill(r *Run) {
+	if r.Domain != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := removeDomain(ctx, r); err != nil {
+			m.log().Error("removing the libvirt domain of a run", "vm", r.VM, "domain", r.Domain, "err", err)
+		}
+		return
+	}
 	if r.PID <= 0 {
 		if pid, err := readPID(r.pidFile()); err == nil {
 			r.PID = pid

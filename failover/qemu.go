@@ -127,5 +127,8 @@ func networkOf(n lifeboat.DefinitionNIC, test bool, networks map[string]string) 
 	case br == "":
 		return fmt.Sprintf("isolated (production network %q is not mapped under networks:)", n.Network)
 	}
+	if n, ok := strings.CutPrefix(br, "network:"); ok {
+		return "libvirt network " + n
+	}
 	return "bridge " + br
 }
