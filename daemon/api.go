@@ -392,6 +392,8 @@ func (a *apiServer) runStatus(s *VMStatus) error {
 			s.State = fmt.Sprintf("failed over from point %d, QEMU gone: `lifeboat failover %s --undo` cleans up", r.Point, s.VM)
 		case r.Committed:
 			s.State = fmt.Sprintf("failed over from point %d, committed", r.Point)
+		case !r.CommitBy.IsZero():
+			s.State = fmt.Sprintf("failed over from point %d, waiting for --commit or --undo (commit_after commits it at %s)", r.Point, r.CommitBy.UTC().Format(time.RFC3339))
 		default:
 			s.State = fmt.Sprintf("failed over from point %d, waiting for --commit or --undo", r.Point)
 		}

@@ -43,6 +43,9 @@ type Config struct {
 	// the NIC there. A NIC on a network not named here, and every NIC of a
 	// test failover, is isolated (a user-mode network with no route out).
 	Networks map[string]string `yaml:"networks"`
+	// CommitAfter, at a recovery site, commits a real failover nobody
+	// committed or undid within it (0, the default: wait for the decision).
+	CommitAfter Duration `yaml:"commit_after"`
 	// Libvirt, at a recovery site, is the libvirtd (a URI such as
 	// qemu:///system) that runs failed-over VMs whose points carry a libvirt
 	// domain's XML, as domains of it. Networks may then also map to a
@@ -354,6 +357,12 @@ func (c *Config) check() error {
 	}
 	if len(c.Networks) > 0 && c.Listen == "" {
 		return c.fail("networks", "only a recovery site (one with `listen:`) starts failed-over VMs; remove `networks:` or add `listen:`")
+	}
+	if c.CommitAfter != 0 && c.Listen == "" {
+		return c.fail("commit_after", "only a recovery site (one with `listen:`) runs failovers; remove `commit_after:` or add `listen:`")
+	}
+	if c.CommitAfter < 0 {
+		return c.fail("commit_after", "must not be negative (e.g. `commit_after: 60m`, or 0 to wait for --commit or --undo)")
 	}
 	if c.Libvirt != "" {
 		if c.Listen == "" {

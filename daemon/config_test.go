@@ -139,6 +139,7 @@ func TestConfigErrors(t *testing.T) {
 		{"plan with a VM twice", strings.Replace(goodConfig, "site: prod", "site: prod\nlisten: 127.0.0.1:7420", 1) + "plans: [{name: p1, steps: [{vms: [db1]}, {vms: [db1, web1]}]}]\n", []string{"plans[0].steps[1].vms", "already in step 1"}},
 		{"plan with a bad wait", strings.Replace(goodConfig, "site: prod", "site: prod\nlisten: 127.0.0.1:7420", 1) + "plans: [{name: p1, steps: [{vms: [db1], wait: forever}]}]\n", []string{"plans[0].steps[0].wait", "30s"}},
 		{"networks at a protected site", goodConfig + "networks: {prod-lan: br0}\n", []string{"networks", "listen:"}},
+		{"commit_after at a protected site", goodConfig + "commit_after: 60m\n", []string{"commit_after", "listen:"}},
 		{"libvirt at a protected site", goodConfig + "libvirt: qemu:///system\n", []string{"libvirt", "listen:", "domain:"}},
 		{"libvirt not a URI", strings.Replace(goodConfig, "site: prod", "site: prod\nlisten: 127.0.0.1:7420", 1) + "libvirt: system\n", []string{"libvirt", "URI"}},
 		{"libvirt network without libvirt", strings.Replace(goodConfig, "site: prod", "site: prod\nlisten: 127.0.0.1:7420", 1) + "networks: {lan: 'network:default'}\n", []string{"networks.lan", "libvirt: qemu:///system"}},

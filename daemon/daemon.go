@@ -71,7 +71,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.store = st
 		defer st.Close()
 		d.runs = &failover.Manager{Store: st, Dir: filepath.Join(d.cfg.StateDir, "failover"), Site: d.cfg.Site,
-			Networks: d.cfg.Networks, Libvirt: d.cfg.Libvirt, Log: d.log}
+			Networks: d.cfg.Networks, Libvirt: d.cfg.Libvirt, CommitAfter: time.Duration(d.cfg.CommitAfter), Log: d.log}
 		tlsConf, err := pki.ServerTLS(d.tlsFiles())
 		if err != nil {
 			return fmt.Errorf("config %s: tls: %w", d.cfg.Path(), err)
@@ -84,6 +84,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.runs.LastContact = d.server.LastContact
 		go func() { errc <- d.server.Serve(l, tlsConf) }()
 		defer d.server.Stop()
+		if d.runs.CommitAfter > 0 {
+			go d.commitPolicy(ctx)
+		}
 		d.log.Info("recovery service listening", "addr", l.Addr().String())
 	}
 
@@ -174,4 +177,21 @@ func (d *Daemon) startForOwner(ctx context.Context, vm string, point uint64) (wi
 		res.Epoch = r.Owner.Epoch
 	}
 	return res, nil
+}
+
+// commitPolicy commits, every 15 s, the failovers left undecided for the
+// config's commit_after.
+func (d *Daemon) commitPolicy(ctx context.Context) {
+	t := time.NewTicker(15 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			if _, err := d.runs.CommitDue(now); err != nil {
+				d.log.Error("commit policy", "err", err)
+			}
+		}
+	}
 }

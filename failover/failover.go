@@ -55,6 +55,11 @@ type Manager struct {
 	// refused unless forced: that site is probably still running the VM.
 	LastContact   func(vm string) (site string, at time.Time, ok bool)
 	ContactWindow time.Duration
+	// CommitAfter, when set, commits a real failover left undecided that
+	// long (Zerto's auto-commit): the VM keeps running here, and retention,
+	// which waits while a failover may still be undone, goes on. 0 waits
+	// for `--commit` or `--undo` however long it takes.
+	CommitAfter time.Duration
 	// Libvirt, when set, is the libvirtd (URI) that runs VMs whose points
 	// carry a libvirt domain's XML: they start as domains of it. Other VMs
 	// run under qemu-system as always.
@@ -108,6 +113,9 @@ type Run struct {
 	ToRunning time.Duration `json:"to_running_ns"`
 	ToAgent   time.Duration `json:"to_agent_ns,omitempty"`
 	Committed bool          `json:"committed,omitempty"`
+	// CommitBy is when an undecided real failover commits itself (zero:
+	// never; it waits for a decision).
+	CommitBy time.Time `json:"commit_by,omitzero"`
 	// Libvirt and Domain name the libvirtd and the domain the VM runs as,
 	// when it runs under libvirt.
 	Libvirt string `json:"libvirt,omitempty"`
@@ -253,6 +261,9 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 			return nil, err
 		}
 		r.Owner, r.Previous = &now, &before
+		if m.CommitAfter > 0 {
+			r.CommitBy = r.Started.Add(m.CommitAfter)
+		}
 		log.Warn("vm failed over: this recovery site owns it now; its protected site is refused", "epoch", now.Epoch, "previous_owner", before.Site)
 	}
 	if err := m.save(r); err != nil {
@@ -392,6 +403,29 @@ func (m *Manager) Commit(r *Run) error {
 	}
 	r.Committed = true
 	return m.save(r)
+}
+
+// CommitDue commits every real failover whose CommitBy has passed at now
+// and that is still undecided, and returns them.
+func (m *Manager) CommitDue(now time.Time) ([]*Run, error) {
+	runs, err := m.Runs("")
+	if err != nil {
+		return nil, err
+	}
+	var out []*Run
+	var errs []error
+	for _, r := range runs {
+		if r.Test || r.Committed || r.CommitBy.IsZero() || now.Before(r.CommitBy) {
+			continue
+		}
+		if err := m.Commit(r); err != nil {
+			errs = append(errs, fmt.Errorf("vm %q: committing failover %s: %w", r.VM, r.ID, err))
+			continue
+		}
+		m.log().Warn("failover committed by the commit policy: nobody decided within commit_after", "vm", r.VM, "point", r.Point, "run", r.ID, "started", r.Started)
+		out = append(out, r)
+	}
+	return out, errors.Join(errs...)
 }
 
 // Runs lists vm's runs (every VM's for ""), oldest first.

@@ -2,8 +2,10 @@ package failover_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -116,12 +118,16 @@ func TestFailoverAfterProductionLost(t *testing.T) {
 	g.Kill()
 
 	m := manager(t, site)
+	m.CommitAfter = time.Hour
 	ctx := testCtx(t, 3*time.Minute)
 	r, err := m.Start(ctx, "web1", failover.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { m.Stop(context.Background(), r) })
+	if want := r.Started.Add(time.Hour); !r.CommitBy.Equal(want) {
+		t.Errorf("the failover commits itself at %v, want an hour after its start, %v", r.CommitBy, want)
+	}
 	if err := m.WaitAgent(ctx, r); err != nil {
 		t.Fatal(err)
 	}
@@ -463,5 +469,46 @@ func plannedMigration(t *testing.T, agent bool) {
 			t.Fatal("the production QEMU still answers after the migration")
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// The commit policy commits a real failover nobody decided on by its
+// CommitBy, and nothing else: not a test, not one still within its time, not
+// one that never commits itself. (Run records only: no VM is needed.)
+func TestCommitPolicy(t *testing.T) {
+	m := &failover.Manager{Dir: t.TempDir(), Site: "dr"}
+	now := time.Date(2026, 12, 2, 6, 0, 0, 0, time.UTC)
+	runs := []failover.Run{
+		{ID: "due", VM: "web1", CommitBy: now.Add(-time.Second)},
+		{ID: "later", VM: "db1", CommitBy: now.Add(time.Minute)},
+		{ID: "never", VM: "app1"},
+		{ID: "test", VM: "app2", Test: true, CommitBy: now.Add(-time.Hour)},
+	}
+	for _, r := range runs {
+		dir := filepath.Join(m.Dir, r.ID)
+		r.Dir = dir
+		if err := os.Mkdir(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := json.Marshal(r)
+		if err := os.WriteFile(filepath.Join(dir, "run.json"), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done, err := m.CommitDue(now)
+	if err != nil || len(done) != 1 || done[0].ID != "due" {
+		t.Fatalf("CommitDue committed %v (%v), want run due only", done, err)
+	}
+	got, err := m.Runs("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range got {
+		if r.Committed != (r.ID == "due") {
+			t.Errorf("run %s committed %v", r.ID, r.Committed)
+		}
+	}
+	if again, err := m.CommitDue(now.Add(time.Hour)); err != nil || len(again) != 1 || again[0].ID != "later" {
+		t.Errorf("an hour later CommitDue committed %v (%v), want run later only", again, err)
 	}
 }

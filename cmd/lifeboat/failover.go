@@ -211,6 +211,8 @@ func printRuns(runs []*failover.Run) error {
 			state = "QEMU gone (stop it to clean up)"
 		} else if r.Committed {
 			state = "running, committed"
+		} else if !r.Test && !r.CommitBy.IsZero() {
+			state = "running, waiting for --commit or --undo (commits itself at " + r.CommitBy.UTC().Format("15:04:05") + ")"
 		} else if !r.Test {
 			state = "running, waiting for --commit or --undo"
 		}
