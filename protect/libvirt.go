@@ -129,7 +129,11 @@ func (c *cycle) runLibvirt(ctx context.Context) (lifeboat.Point, error) {
 		if err := c.showBases(ctx); err != nil {
 			return lifeboat.Point{}, err
 		}
-		frz, err := freeze(ctx, c.p.Quiescer)
+		q := c.p.Quiescer
+		if c.quiet {
+			q = nil // the guest is paused: nothing to freeze
+		}
+		frz, err := freeze(ctx, q)
 		if err != nil {
 			return lifeboat.Point{}, err
 		}
@@ -140,6 +144,9 @@ func (c *cycle) runLibvirt(ctx context.Context) (lifeboat.Point, error) {
 				return lifeboat.Point{}, err
 			}
 			c.setLevel(frz)
+			if c.quiet {
+				c.point.Consistency, c.point.Note = c.quietLevel, c.note
+			}
 			break
 		}
 		if !virt.IsBusy(err) || attempt == 3 {

@@ -56,7 +56,7 @@ func (p *Protector) Migrate(ctx context.Context, opts MigrateOptions) (Migration
 	begin := time.Now()
 	shutdownTimeout := opts.ShutdownTimeout
 	if p.VM.Libvirt != nil {
-		return Migration{}, fmt.Errorf("vm %q: planned migration of a libvirt domain is not built yet: shut it down with `virsh shutdown`, run `lifeboat sync`, then `lifeboat failover` at the recovery site", p.VM.Name)
+		return p.migrateLibvirt(ctx, begin)
 	}
 	if shutdownTimeout <= 0 {
 		shutdownTimeout = DefaultShutdownTimeout

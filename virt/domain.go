@@ -208,3 +208,25 @@ func (d *Domain) Capacity(ctx context.Context, target string) (int64, error) {
 	}
 	return int64(capacity), nil
 }
+
+// Suspend pauses the domain's CPUs (virsh suspend).
+func (d *Domain) Suspend(ctx context.Context) error {
+	return d.c.call(ctx, "suspend of domain "+d.Name, func(l *libvirt.Libvirt) error { return l.DomainSuspend(d.d) })
+}
+
+// PowerOff stops the domain at once (virsh destroy: QEMU is told to quit,
+// and flushes its images); it stays defined.
+func (d *Domain) PowerOff(ctx context.Context) error {
+	return d.c.call(ctx, "power-off of domain "+d.Name, func(l *libvirt.Libvirt) error {
+		return l.DomainDestroyFlags(d.d, libvirt.DomainDestroyDefault)
+	})
+}
+
+// SetAutostart sets whether libvirtd starts the domain when it starts.
+func (d *Domain) SetAutostart(ctx context.Context, on bool) error {
+	v := int32(0)
+	if on {
+		v = 1
+	}
+	return d.c.call(ctx, "autostart of domain "+d.Name, func(l *libvirt.Libvirt) error { return l.DomainSetAutostart(d.d, v) })
+}

@@ -2,6 +2,7 @@ package virt_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,9 +10,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testlibvirt"
+	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
 // At a recovery site whose config names a libvirtd, a libvirt domain's point
@@ -122,4 +126,79 @@ func TestLibvirtFailoverRunsTheDomain(t *testing.T) {
 		t.Fatal(err)
 	}
 	gone(run)
+}
+
+// A planned migration of a libvirt domain: the guest frozen through
+// libvirt's agent and paused, a last file-system-consistent point holding
+// every write the guest had acknowledged, the recovery site asked to start
+// it, then the domain here powered off and kept defined with autostart
+// cleared. A refused start leaves the domain paused here (the recovery site
+// may have started it). The recovery site's start is a stub recording the
+// call: starting a libvirt domain there is TestLibvirtFailoverRunsTheDomain's.
+func TestLibvirtPlannedMigration(t *testing.T) {
+	r := newLibvirtRig(t, testlibvirt.Options{Workload: testguest.FsyncWriter, Disks: []testlibvirt.DiskSpec{
+		{Target: "vda", Size: 96 << 20}, {Target: "vdb", Size: 16 << 20, Format: "raw"},
+	}})
+	r.cycle(t)
+	if _, err := testlibvirt.Virsh("autostart", r.dom.Name); err != nil {
+		t.Fatal(err)
+	}
+	var asked []uint64
+	refuse := true
+	r.site.SetStartVM(func(ctx context.Context, vm string, point uint64) (wire.FailoverResult, error) {
+		asked = append(asked, point)
+		if refuse {
+			return wire.FailoverResult{}, errors.New("no room here")
+		}
+		return wire.FailoverResult{Run: "web1-run", Point: point, Epoch: 2}, nil
+	})
+	write := func() {
+		t.Helper()
+		out, code, err := testlibvirt.GuestExec(ctx(t), r.dom.Name, "/bin/sh", "-c",
+			"head -c 2097152 /dev/urandom > /tmp/r && dd if=/tmp/r of=/dev/vdb bs=64k seek=7 conv=fsync status=none")
+		if err != nil || code != 0 {
+			t.Fatalf("the guest's write: %v (exit %d) %s", err, code, out)
+		}
+	}
+	write()
+	if _, err := r.p.Migrate(ctx(t), protect.MigrateOptions{}); err == nil || !strings.Contains(err.Error(), "virsh resume") {
+		t.Fatalf("a migration the recovery site refused: %v, want an error saying how to resume the domain here", err)
+	}
+	if st, _ := testlibvirt.Virsh("domstate", r.dom.Name); !strings.Contains(st, "paused") {
+		t.Errorf("after a refused migration the domain is %q, want paused (the recovery site may run it)", strings.TrimSpace(st))
+	}
+	for _, cmd := range [][]string{{"resume", r.dom.Name}, {"domfsthaw", r.dom.Name}} {
+		if _, err := testlibvirt.Virsh(cmd...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write() // the guest runs again, and writes more
+
+	refuse = false
+	mig, err := r.p.Migrate(ctx(t), protect.MigrateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("planned migration: point %d (%s: %s) in %v", mig.Point.ID, mig.Point.Consistency, mig.Point.Note, mig.Took)
+	if mig.Point.Consistency != lifeboat.Filesystem {
+		t.Errorf("the migration's point is %s (%s), want filesystem", mig.Point.Consistency, mig.Point.Note)
+	}
+	if len(asked) != 2 || asked[1] != mig.Point.ID || mig.Run.Run != "web1-run" {
+		t.Errorf("the recovery site was asked to start points %v (result %+v), want the migration's point %d last", asked, mig.Run, mig.Point.ID)
+	}
+	info, err := testlibvirt.Virsh("dominfo", r.dom.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"shut off", "Persistent:     yes", "Autostart:      disable"} {
+		if !strings.Contains(info, want) {
+			t.Errorf("after the migration the domain here is not %q:\n%s", want, info)
+		}
+	}
+	// Every write the guest acknowledged is in the point.
+	for _, ds := range r.dom.Disks {
+		if got, want := r.pointHash(t, mig.Point.ID, ds.Target), imageHash(t, r.dom.Image(ds.Target)); got != want {
+			t.Errorf("point %d disk %s: sha256 %s, the domain's image %s", mig.Point.ID, ds.Target, got[:12], want[:12])
+		}
+	}
 }
