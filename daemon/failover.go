@@ -15,6 +15,8 @@ import (
 // FailoverRequest starts a VM at this recovery site from one of its points.
 type FailoverRequest struct {
 	Point uint64 `json:"point,omitempty"` // 0: the latest
+	// Before, with no Point: the latest point taken at or before it.
+	Before time.Time `json:"before,omitzero"`
 	Test  bool   `json:"test,omitempty"`
 	// Force fails over although the production site was in contact a
 	// moment ago (it is known lost, or fenced).
@@ -50,7 +52,7 @@ func (a *apiServer) failover(w http.ResponseWriter, r *http.Request) {
 	// The VM outlives this request: its start is not cancelled with it.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 2*time.Minute)
 	defer cancel()
-	run, err := a.d.runs.Start(ctx, vm, failover.Options{Point: req.Point, Test: req.Test, Force: req.Force})
+	run, err := a.d.runs.Start(ctx, vm, failover.Options{Point: req.Point, Before: req.Before, Test: req.Test, Force: req.Force})
 	if err != nil {
 		writeErr(w, http.StatusConflict, err)
 		return
@@ -198,6 +200,8 @@ func (c *Client) Migrate(ctx context.Context, vm string, req MigrateRequest) (Mi
 type PlanRequest struct {
 	Test  bool `json:"test,omitempty"`
 	Force bool `json:"force,omitempty"` // see FailoverRequest.Force
+	// Before: each VM from its latest point taken at or before it.
+	Before time.Time `json:"before,omitzero"`
 }
 
 func (a *apiServer) plan(w http.ResponseWriter, r *http.Request) (PlanConfig, bool) {
@@ -223,7 +227,7 @@ func (a *apiServer) planRun(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	st := newStream(w)
-	rows, err := a.d.runs.RunPlan(context.WithoutCancel(r.Context()), p.plan(), failover.PlanOptions{Test: req.Test, Force: req.Force}, func(e failover.PlanEvent) {
+	rows, err := a.d.runs.RunPlan(context.WithoutCancel(r.Context()), p.plan(), failover.PlanOptions{Test: req.Test, Force: req.Force, Before: req.Before}, func(e failover.PlanEvent) {
 		st.send(Event{Progress: e})
 	})
 	out := Event{Plan: rows}

@@ -77,6 +77,9 @@ var ErrSplitBrain = errors.New("the production site seems to be running the VM")
 // Options says which point and how.
 type Options struct {
 	Point uint64 // 0: the latest
+	// Before, with no Point, takes the latest point taken at or before it
+	// (a plan's VMs all from before a time: an attack, a bad deploy).
+	Before time.Time
 	Test  bool
 	Plan  string // the recovery plan starting the run, if any
 	// Force fails over even when the production site was in contact within
@@ -150,7 +153,7 @@ func (m *Manager) log() *slog.Logger {
 // It returns once QEMU runs the guest; WaitAgent waits for its agent.
 func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, err error) {
 	begin := time.Now()
-	pt, err := m.point(vm, opts.Point)
+	pt, err := m.point(vm, opts.Point, opts.Before)
 	if err != nil {
 		return nil, err
 	}
@@ -473,9 +476,29 @@ func (r *Run) Alive() bool {
 	return true
 }
 
-func (m *Manager) point(vm string, id uint64) (lifeboat.Point, error) {
+func (m *Manager) point(vm string, id uint64, before time.Time) (lifeboat.Point, error) {
 	if id != 0 {
 		return m.Store.Point(vm, id)
+	}
+	if !before.IsZero() {
+		pts, err := m.Store.Points(vm)
+		if err != nil {
+			return lifeboat.Point{}, err
+		}
+		var best *lifeboat.Point
+		for i := range pts {
+			if !pts[i].Instant.After(before) && (best == nil || pts[i].Instant.After(best.Instant)) {
+				best = &pts[i]
+			}
+		}
+		if best == nil {
+			oldest := "it has none"
+			if len(pts) > 0 {
+				oldest = "its oldest is point " + strconv.FormatUint(pts[0].ID, 10) + " of " + pts[0].Instant.UTC().Format(time.RFC3339)
+			}
+			return lifeboat.Point{}, fmt.Errorf("vm %q has no point taken at or before %s here (%s; `lifeboat points %s` lists them)", vm, before.UTC().Format(time.RFC3339), oldest, vm)
+		}
+		return *best, nil
 	}
 	pt, ok, err := m.Store.Latest(vm)
 	if err != nil {

@@ -168,9 +168,16 @@ func TestFailoverAfterProductionLost(t *testing.T) {
 	t.Logf("old production site told: %v", err)
 
 	// A test of the earlier point, beside the failover: that point's lines.
-	tr, err := m.Start(ctx, "web1", failover.Options{Point: p1.ID, Test: true})
+	// It is chosen by time, as a plan's --point TIME does.
+	if _, err := m.Start(ctx, "web1", failover.Options{Before: p1.Instant.Add(-time.Hour), Test: true}); err == nil || !strings.Contains(err.Error(), "no point taken at or before") {
+		t.Errorf("a test from before the first point: %v, want it refused as having no point then", err)
+	}
+	tr, err := m.Start(ctx, "web1", failover.Options{Before: p1.Instant, Test: true})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if tr.Point != p1.ID {
+		t.Errorf("the latest point at or before point %d's instant is %d", p1.ID, tr.Point)
 	}
 	if err := m.WaitAgent(ctx, tr); err != nil {
 		t.Fatal(err)

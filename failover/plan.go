@@ -74,6 +74,9 @@ type PlanEvent struct {
 type PlanOptions struct {
 	Test  bool // every VM as a test failover
 	Force bool // see Options.Force
+	// Before: each VM from its latest point taken at or before it (zero:
+	// its latest).
+	Before time.Time
 }
 
 func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progress func(PlanEvent)) ([]PlanVM, error) {
@@ -100,7 +103,7 @@ func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progres
 			go func() {
 				defer wg.Done()
 				row := PlanVM{VM: vm, Step: n, Started: time.Now().UTC()}
-				r, err := m.Start(ctx, vm, Options{Test: test, Plan: p.Name, Force: opts.Force})
+				r, err := m.Start(ctx, vm, Options{Test: test, Plan: p.Name, Force: opts.Force, Before: opts.Before})
 				if err != nil {
 					row.Error = err.Error()
 					say(n, vm, "failed to start: %v", err)

@@ -133,15 +133,17 @@ off in time, a last point is sent, and the recovery site starts the VM from it.`
 				return nil
 			}
 			req := daemon.FailoverRequest{Test: test, AgentWait: agentWait, Force: force}
-			if point != "" && point != "latest" {
+			if t, ok := pointTime(point); ok {
+				req.Before = t
+			} else if point != "" && point != "latest" {
 				id, err := strconv.ParseUint(point, 10, 64)
 				if err != nil || id == 0 {
-					return usagef("--point %q: give a point's id (`lifeboat points %s`) or latest", point, vm)
+					return usagef("--point %q: give a point's id (`lifeboat points %s`), a time (2026-12-01T09:30:00Z: the latest point at or before it), or latest", point, vm)
 				}
 				req.Point = id
 			}
 			if !asJSON {
-				fmt.Fprintf(os.Stderr, "starting vm %s from %s ...\n", vm, map[bool]string{true: "point " + point, false: "its latest point"}[req.Point != 0])
+				fmt.Fprintf(os.Stderr, "starting vm %s from %s ...\n", vm, map[bool]string{true: "point " + point, false: "its latest point"}[req.Point != 0 || !req.Before.IsZero()])
 			}
 			r, err := c.Failover(ctx, vm, req)
 			if err != nil {
@@ -154,7 +156,7 @@ off in time, a last point is sent, and the recovery site starts the VM from it.`
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&point, "point", "", "the point to start from: its id, or latest (the default)")
+	cmd.Flags().StringVar(&point, "point", "", "the point to start from: its id, a time (RFC 3339: the latest point at or before it), or latest (the default)")
 	cmd.Flags().BoolVar(&test, "test", false, "a test: a throwaway overlay, an isolated network, replication goes on")
 	cmd.Flags().BoolVar(&stop, "stop", false, "with --test: stop and discard the VM's test runs")
 	cmd.Flags().BoolVar(&undo, "undo", false, "stop the failed-over VM, discard what it wrote, and hand it back to its production site")
@@ -224,4 +226,18 @@ func printRuns(runs []*failover.Run) error {
 			r.ToRunning.Round(time.Millisecond), agent, state, r.ID)
 	}
 	return tw.Flush()
+}
+
+// pointTime reads --point as a time (RFC 3339, or its date and time with no
+// zone, read in the local zone): the latest point at or before it.
+func pointTime(s string) (time.Time, bool) {
+	if t, err := time.Parse(time.RFC3339, s); err == nil {
+		return t, true
+	}
+	for _, layout := range []string{"2006-01-02T15:04:05", "2006-01-02 15:04:05", "2006-01-02 15:04"} {
+		if t, err := time.ParseInLocation(layout, s, time.Local); err == nil {
+			return t, true
+		}
+	}
+	return time.Time{}, false
 }

@@ -14,10 +14,11 @@ import (
 
 func newPlanCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
-		Use:   "plan run NAME [--test] | plan stop NAME",
+		Use:   "plan run NAME [--test] [--point latest|TIME] | plan stop NAME",
 		Short: "At a recovery site: run a recovery plan (VMs started step by step), or end a test of one",
 	}
 	var test, asJSON, force bool
+	var point string
 	run := &cobra.Command{
 		Use:   "run NAME",
 		Short: "Start a plan's VMs from their latest points, step by step",
@@ -33,8 +34,14 @@ the next step. A step with a VM that fails ends the plan; the VMs started keep r
 			if err != nil {
 				return err
 			}
+			req := daemon.PlanRequest{Test: test, Force: force}
+			if t, ok := pointTime(point); ok {
+				req.Before = t
+			} else if point != "" && point != "latest" {
+				return usagef("--point %q: give latest, or a time (2026-12-01T09:30:00Z): each VM from its latest point at or before it", point)
+			}
 			begin := time.Now()
-			rows, err := c.RunPlan(cmd.Context(), args[0], daemon.PlanRequest{Test: test, Force: force}, func(e failover.PlanEvent) {
+			rows, err := c.RunPlan(cmd.Context(), args[0], req, func(e failover.PlanEvent) {
 				if !asJSON {
 					vm := ""
 					if e.VM != "" {
@@ -69,6 +76,7 @@ the next step. A step with a VM that fails ends the plan; the VMs started keep r
 		},
 	}
 	run.Flags().BoolVar(&test, "test", false, "a test: every VM as a test failover")
+	run.Flags().StringVar(&point, "point", "latest", "which points: latest, or a time (RFC 3339): each VM from its latest point at or before it")
 	run.Flags().BoolVar(&asJSON, "json", false, "print the summary as JSON")
 	run.Flags().BoolVar(&force, "force", false, "fail over even VMs whose production site was in contact a moment ago (it is known lost, or fenced)")
 	stop := &cobra.Command{
