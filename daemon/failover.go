@@ -17,7 +17,7 @@ type FailoverRequest struct {
 	Point uint64 `json:"point,omitempty"` // 0: the latest
 	// Before, with no Point: the latest point taken at or before it.
 	Before time.Time `json:"before,omitzero"`
-	Test  bool   `json:"test,omitempty"`
+	Test   bool      `json:"test,omitempty"`
 	// Force fails over although the production site was in contact a
 	// moment ago (it is known lost, or fenced).
 	Force bool `json:"force,omitempty"`

@@ -80,8 +80,8 @@ type Options struct {
 	// Before, with no Point, takes the latest point taken at or before it
 	// (a plan's VMs all from before a time: an attack, a bad deploy).
 	Before time.Time
-	Test  bool
-	Plan  string // the recovery plan starting the run, if any
+	Test   bool
+	Plan   string // the recovery plan starting the run, if any
 	// Force fails over even when the production site was in contact within
 	// the contact window (it is known to be lost, or fenced).
 	Force bool
