@@ -24,8 +24,9 @@ import (
 // real failover, once production is lost, as the same domain (name, UUID),
 // defined, with the failover checkpoint libvirt knows of. Inside each, the
 // guest reads exactly the point's disk; stopping each removes the domain,
-// and libvirt hands the point's images back to lifeboat.
-func TestLibvirtFailoverRunsTheDomain(t *testing.T) {
+// and libvirt hands the point's images back to lifeboat. Between the two, a
+// planned migration of the production domain.
+func TestLibvirtFailoverAndPlannedMigration(t *testing.T) {
 	r := newLibvirtRig(t, testlibvirt.Options{Workload: testguest.FsyncWriter, Disks: []testlibvirt.DiskSpec{
 		{Target: "vda", Size: 96 << 20}, {Target: "vdb", Size: 16 << 20, Format: "raw"},
 	}})
@@ -99,47 +100,14 @@ func TestLibvirtFailoverRunsTheDomain(t *testing.T) {
 	}
 	gone(run)
 
-	// Production is lost: its domain is gone from this (shared) libvirtd.
-	r.dom.Destroy()
-	if _, err := testlibvirt.Virsh("undefine", r.dom.Name, "--checkpoints-metadata"); err != nil {
-		t.Fatal(err)
-	}
-	run, err = m.Start(ctx(t), "web1", failover.Options{Force: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if run.Domain != r.dom.Name {
-		t.Errorf("the failover runs as domain %q, want the production domain's name %q", run.Domain, r.dom.Name)
-	}
-	check(run, true)
-	if got, _ := testlibvirt.Virsh("domuuid", run.Domain); strings.TrimSpace(got) != strings.TrimSpace(uuid) {
-		t.Errorf("the failed-over domain's UUID is %s, production's %s", got, uuid)
-	}
-	cps, err := testlibvirt.Virsh("checkpoint-list", run.Domain, "--name")
-	if err != nil || !strings.Contains(cps, failover.Bitmap) {
-		t.Errorf("libvirt's checkpoints of the failed-over domain: %q (%v), want %s (what a failback reads)", cps, err, failover.Bitmap)
-	}
-	if o, _, _ := r.site.Store.Owner("web1"); o.Site != "dr" {
-		t.Errorf("after the failover web1's owner is %+v, want dr", o)
-	}
-	if err := m.Stop(ctx(t), run); err != nil { // undo
-		t.Fatal(err)
-	}
-	gone(run)
-}
-
-// A planned migration of a libvirt domain: the guest frozen through
-// libvirt's agent and paused, a last file-system-consistent point holding
-// every write the guest had acknowledged, the recovery site asked to start
-// it, then the domain here powered off and kept defined with autostart
-// cleared. A refused start leaves the domain paused here (the recovery site
-// may have started it). The recovery site's start is a stub recording the
-// call: starting a libvirt domain there is TestLibvirtFailoverRunsTheDomain's.
-func TestLibvirtPlannedMigration(t *testing.T) {
-	r := newLibvirtRig(t, testlibvirt.Options{Workload: testguest.FsyncWriter, Disks: []testlibvirt.DiskSpec{
-		{Target: "vda", Size: 96 << 20}, {Target: "vdb", Size: 16 << 20, Format: "raw"},
-	}})
-	r.cycle(t)
+	// A planned migration of the production domain: the guest frozen
+	// through libvirt's agent and paused, a last file-system-consistent
+	// point holding every write the guest had acknowledged, the recovery
+	// site asked to start it, then the domain here powered off and kept
+	// defined with autostart cleared. A refused start leaves the domain
+	// paused here (the recovery site may have started it). The recovery
+	// site's start is a stub recording the call here: the real start of a
+	// libvirt domain there is what follows.
 	if _, err := testlibvirt.Virsh("autostart", r.dom.Name); err != nil {
 		t.Fatal(err)
 	}
@@ -201,4 +169,33 @@ func TestLibvirtPlannedMigration(t *testing.T) {
 			t.Errorf("point %d disk %s: sha256 %s, the domain's image %s", mig.Point.ID, ds.Target, got[:12], want[:12])
 		}
 	}
+	pt = mig.Point
+	want = r.pointHash(t, pt.ID, "vdb")
+
+	// Production is lost: its domain is gone from this (shared) libvirtd.
+	if _, err := testlibvirt.Virsh("undefine", r.dom.Name, "--checkpoints-metadata"); err != nil {
+		t.Fatal(err)
+	}
+	run, err = m.Start(ctx(t), "web1", failover.Options{Force: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if run.Domain != r.dom.Name {
+		t.Errorf("the failover runs as domain %q, want the production domain's name %q", run.Domain, r.dom.Name)
+	}
+	check(run, true)
+	if got, _ := testlibvirt.Virsh("domuuid", run.Domain); strings.TrimSpace(got) != strings.TrimSpace(uuid) {
+		t.Errorf("the failed-over domain's UUID is %s, production's %s", got, uuid)
+	}
+	cps, err := testlibvirt.Virsh("checkpoint-list", run.Domain, "--name")
+	if err != nil || !strings.Contains(cps, failover.Bitmap) {
+		t.Errorf("libvirt's checkpoints of the failed-over domain: %q (%v), want %s (what a failback reads)", cps, err, failover.Bitmap)
+	}
+	if o, _, _ := r.site.Store.Owner("web1"); o.Site != "dr" {
+		t.Errorf("after the failover web1's owner is %+v, want dr", o)
+	}
+	if err := m.Stop(ctx(t), run); err != nil { // undo
+		t.Fatal(err)
+	}
+	gone(run)
 }
