@@ -274,6 +274,14 @@ func TestTestFailoverWhileReplicating(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.Close()
+	// A second test at once, of the earlier point.
+	r2, err := m.Start(ctx, "web1", failover.Options{Point: 1, Test: true})
+	if err != nil {
+		t.Fatalf("a second test beside the first: %v", err)
+	}
+	if r2.ID == r.ID || r2.Dir == r.Dir || !r2.Alive() || !r.Alive() || r2.Point != 1 {
+		t.Errorf("two tests at once: %+v and %+v, want both running, apart", r, r2)
+	}
 	// Replication goes on: three more points while the test runs; with
 	// keep: 2 retention would merge, but waits for the test.
 	for i := 7; i <= 9; i++ {
@@ -288,8 +296,10 @@ func TestTestFailoverWhileReplicating(t *testing.T) {
 			t.Errorf("point %d changed while the test ran", id)
 		}
 	}
-	if err := m.Stop(ctx, r); err != nil {
-		t.Fatal(err)
+	for _, run := range []*failover.Run{r, r2} {
+		if err := m.Stop(ctx, run); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for id, want := range hashes {
 		if got := site.PointHash(t, "web1", id, "vda"); got != want {
