@@ -153,6 +153,12 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 			s := VMStatus{VM: name, Role: "replica", State: "replica", Points: len(pts)}
 			if o, ok, err := a.d.store.Owner(name); err == nil && ok {
 				s.Owner, s.Epoch = o.Site, o.Epoch
+				switch {
+				case o.FailedOver:
+					s.State = fmt.Sprintf("failed over here from point %d at %s, but no run of it is recorded here", o.FromPoint, o.Since.UTC().Format(time.RFC3339))
+				case o.Epoch > 1:
+					s.State = fmt.Sprintf("replica, handed to %s at %s (epoch %d)", o.Site, o.Since.UTC().Format(time.RFC3339), o.Epoch)
+				}
 			}
 			if err := a.runStatus(&s); err != nil {
 				writeErr(w, http.StatusInternalServerError, err)

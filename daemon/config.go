@@ -43,6 +43,9 @@ type Config struct {
 	// the NIC there. A NIC on a network not named here, and every NIC of a
 	// test failover, is isolated (a user-mode network with no route out).
 	Networks map[string]string `yaml:"networks"`
+	// Overrides, at a recovery site, change a VM's vCPUs and memory for a
+	// failover here (vm name -> what to change).
+	Overrides map[string]OverrideConfig `yaml:"overrides"`
 	// CommitAfter, at a recovery site, commits a real failover nobody
 	// committed or undid within it (0, the default: wait for the decision).
 	CommitAfter Duration `yaml:"commit_after"`
@@ -56,6 +59,21 @@ type Config struct {
 	Peers  []PeerConfig  `yaml:"peers"`
 	VMs    []VMConfig    `yaml:"vms"`
 	Groups []GroupConfig `yaml:"groups"`
+}
+
+// OverrideConfig is what a recovery site changes of a VM's definition.
+type OverrideConfig struct {
+	CPUs      int   `yaml:"cpus"`
+	MemoryMiB int64 `yaml:"memory_mib"`
+}
+
+// overrides is c's Overrides as the failover manager takes them.
+func (c *Config) overrides() map[string]failover.Override {
+	out := map[string]failover.Override{}
+	for vm, o := range c.Overrides {
+		out[vm] = failover.Override{CPUs: o.CPUs, MemoryMiB: o.MemoryMiB}
+	}
+	return out
 }
 
 // PlanConfig is a recovery plan: steps of VMs started in order.
@@ -357,6 +375,19 @@ func (c *Config) check() error {
 	}
 	if len(c.Networks) > 0 && c.Listen == "" {
 		return c.fail("networks", "only a recovery site (one with `listen:`) starts failed-over VMs; remove `networks:` or add `listen:`")
+	}
+	if len(c.Overrides) > 0 && c.Listen == "" {
+		return c.fail("overrides", "only a recovery site (one with `listen:`) starts failed-over VMs; at the protected site, a VM's definition is under its `definition:`")
+	}
+	for vm, o := range c.Overrides {
+		switch {
+		case o.CPUs < 0:
+			return c.fail("overrides."+vm+".cpus", "must not be negative")
+		case o.MemoryMiB < 0:
+			return c.fail("overrides."+vm+".memory_mib", "must not be negative (MiB, e.g. `memory_mib: 8192`)")
+		case o.CPUs == 0 && o.MemoryMiB == 0:
+			return c.fail("overrides."+vm, "changes nothing: give `cpus:` or `memory_mib:`")
+		}
 	}
 	if c.CommitAfter != 0 && c.Listen == "" {
 		return c.fail("commit_after", "only a recovery site (one with `listen:`) runs failovers; remove `commit_after:` or add `listen:`")

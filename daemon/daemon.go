@@ -71,7 +71,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.store = st
 		defer st.Close()
 		d.runs = &failover.Manager{Store: st, Dir: filepath.Join(d.cfg.StateDir, "failover"), Site: d.cfg.Site,
-			Networks: d.cfg.Networks, Libvirt: d.cfg.Libvirt, CommitAfter: time.Duration(d.cfg.CommitAfter), Log: d.log}
+			Networks: d.cfg.Networks, Libvirt: d.cfg.Libvirt, CommitAfter: time.Duration(d.cfg.CommitAfter), Overrides: d.cfg.overrides(), Log: d.log}
 		tlsConf, err := pki.ServerTLS(d.tlsFiles())
 		if err != nil {
 			return fmt.Errorf("config %s: tls: %w", d.cfg.Path(), err)

@@ -60,10 +60,19 @@ type Manager struct {
 	// which waits while a failover may still be undone, goes on. 0 waits
 	// for `--commit` or `--undo` however long it takes.
 	CommitAfter time.Duration
+	// Overrides change, per VM, what its definition says of its CPUs and
+	// memory, for a failover here.
+	Overrides map[string]Override
 	// Libvirt, when set, is the libvirtd (URI) that runs VMs whose points
 	// carry a libvirt domain's XML: they start as domains of it. Other VMs
 	// run under qemu-system as always.
 	Libvirt string
+}
+
+// Override is what the recovery site changes of a VM's definition.
+type Override struct {
+	CPUs      int
+	MemoryMiB int64
 }
 
 // DefaultContactWindow is how recent a production site's contact refuses
@@ -107,6 +116,10 @@ type Run struct {
 	Overlays map[string]string `json:"overlays"`
 	// Networks says where each NIC is.
 	Networks []string `json:"networks,omitempty"`
+	// CPUs and MemoryMiB are what the VM got here (its definition's, or
+	// the site's override).
+	CPUs      int   `json:"cpus,omitempty"`
+	MemoryMiB int64 `json:"memory_mib,omitempty"`
 	// Owner is the VM's owner under the run (a real failover: this site),
 	// Previous the owner before it, to whom an undo hands the VM back.
 	Owner    *recovery.Owner `json:"owner,omitempty"`
@@ -157,10 +170,15 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 	if err != nil {
 		return nil, err
 	}
-	def := pt.Definition
-	if def == nil {
+	if pt.Definition == nil {
 		return nil, fmt.Errorf("vm %q point %d carries no VM definition, so lifeboat cannot tell how to start it: "+
 			"points carry one when the protected site reads it from the VM's qemu-system or libvirt, or from `definition:` in the VM's config there", vm, pt.ID)
+	}
+	d := *pt.Definition // the catalog's stays as the point carries it
+	def := &d
+	if o, ok := m.Overrides[vm]; ok {
+		def.CPUs = cmp.Or(o.CPUs, def.CPUs)
+		def.MemoryMiB = cmp.Or(o.MemoryMiB, def.MemoryMiB)
 	}
 	if !opts.Test && !opts.Force && !opts.Planned && m.LastContact != nil {
 		window := cmp.Or(m.ContactWindow, DefaultContactWindow)
@@ -190,7 +208,8 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 			return nil, fmt.Errorf("vm %q boots its kernel directly, and %s is not here: %w (copy it from the protected host, or fix `definition:` in the VM's config)", vm, name, err)
 		}
 	}
-	r := &Run{VM: vm, Point: pt.ID, Instant: pt.Instant, Test: opts.Test, Plan: opts.Plan, Started: begin.UTC(), Overlays: map[string]string{}}
+	r := &Run{VM: vm, Point: pt.ID, Instant: pt.Instant, Test: opts.Test, Plan: opts.Plan, Started: begin.UTC(), Overlays: map[string]string{},
+		CPUs: max(def.CPUs, 1), MemoryMiB: cmp.Or(def.MemoryMiB, 1024)}
 	kind := "failover"
 	if opts.Test {
 		kind = "test"

@@ -340,10 +340,24 @@ func TestUndoResumesIncrementally(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := manager(t, site)
+	// The recovery site gives the VM more vCPUs and memory than production.
+	m.Overrides = map[string]failover.Override{"web1": {CPUs: 2, MemoryMiB: 640}}
 	ctx := testCtx(t, 3*time.Minute)
 	r, err := m.Start(ctx, "web1", failover.Options{})
 	if err != nil {
 		t.Fatal(err)
+	}
+	mon, err := qemu.Dial(ctx, r.QMP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := mon.Definition(ctx, nil)
+	mon.Close()
+	if err != nil || got.CPUs != 2 || got.MemoryMiB != 640 || r.CPUs != 2 || r.MemoryMiB != 640 {
+		t.Errorf("the failed-over VM has %d vCPUs and %d MiB (run record: %d, %d; %v), want the override's 2 and 640", got.CPUs, got.MemoryMiB, r.CPUs, r.MemoryMiB, err)
+	}
+	if pt, _ := site.Store.Point("web1", r.Point); pt.Definition != nil && pt.Definition.CPUs == 2 {
+		t.Errorf("the override changed the point's stored definition: %+v", pt.Definition)
 	}
 	if _, err := p.Cycle(testCtx(t, time.Minute)); err == nil || !strings.Contains(err.Error(), "failed over") {
 		t.Fatalf("a cycle during the failover: %v, want it refused", err)

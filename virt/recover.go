@@ -29,6 +29,10 @@ type Recovered struct {
 	Network func(net string) string
 	// Dir takes the files the domain's serial ports and consoles write.
 	Dir string
+	// CPUs and MemoryMiB, when set, replace the domain's (the recovery
+	// site's config may give a VM more or less here).
+	CPUs      int
+	MemoryMiB int64
 }
 
 // RecoveredXML is the domain XML (doc, as a point carries it) rewritten to
@@ -43,6 +47,17 @@ func RecoveredXML(doc string, r Recovered) (out string, dropped []string, err er
 		x.UUID = ""
 	}
 	x.ID = nil
+	if r.CPUs > 0 {
+		x.VCPU = &libvirtxml.DomainVCPU{Value: uint(r.CPUs)}
+		x.VCPUs = nil
+		if x.CPU != nil {
+			x.CPU.Topology = nil // it would contradict the new count
+		}
+	}
+	if r.MemoryMiB > 0 {
+		x.Memory = &libvirtxml.DomainMemory{Value: uint(r.MemoryMiB), Unit: "MiB"}
+		x.CurrentMemory = &libvirtxml.DomainCurrentMemory{Value: uint(r.MemoryMiB), Unit: "MiB"}
+	}
 	if x.Devices == nil {
 		x.Devices = &libvirtxml.DomainDeviceList{}
 	}

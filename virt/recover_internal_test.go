@@ -97,8 +97,20 @@ func TestRecoveredXML(t *testing.T) {
 			t.Errorf("test %v: channels %+v, want the agent's, its path left to libvirt", test, ch)
 		}
 	}
+	// The recovery site's override of vCPUs and memory.
+	doc, _, err := RecoveredXML(productionXML, Recovered{Name: "web1", CPUs: 8, MemoryMiB: 16384})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var o libvirtxml.Domain
+	if err := o.Unmarshal(doc); err != nil {
+		t.Fatal(err)
+	}
+	if o.VCPU == nil || o.VCPU.Value != 8 || o.Memory == nil || memoryBytes(o.Memory.Value, o.Memory.Unit) != 16384<<20 {
+		t.Errorf("overridden to 8 vCPUs and 16 GiB: vcpu %+v memory %+v", o.VCPU, o.Memory)
+	}
 	// A domain without an agent channel gets one: the failover waits for it.
-	doc, _, err := RecoveredXML(strings.Replace(productionXML, "name='org.qemu.guest_agent.0'", "name='org.example.other'", 1), Recovered{Name: "web1"})
+	doc, _, err = RecoveredXML(strings.Replace(productionXML, "name='org.qemu.guest_agent.0'", "name='org.example.other'", 1), Recovered{Name: "web1"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -107,6 +107,9 @@ func TestFailoverCommands(t *testing.T) {
 	if st := run(t, "failover", "--list", "-c", drCfg); !strings.Contains(st, "no VM runs") {
 		t.Errorf("runs after the undo:\n%s", st)
 	}
+	if st := run(t, "status", "-c", drCfg); !strings.Contains(st, "handed to prod at") || !strings.Contains(st, "epoch 3") {
+		t.Errorf("status at the recovery site after the undo does not say the VM was handed back:\n%s", st)
+	}
 
 	// A planned migration from the production site (the config names no
 	// agent: the power button, which the test guest ignores, then its CPUs
