@@ -23,6 +23,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -63,6 +64,12 @@ type Manager struct {
 	// Overrides change, per VM, what its definition says of its CPUs and
 	// memory, for a failover here.
 	Overrides map[string]Override
+	// starting holds the VMs whose real failover is under way, so that two
+	// at once (two commands, a plan and a command) cannot both pass the
+	// check that none runs.
+	mu       sync.Mutex
+	starting map[string]bool
+
 	// Libvirt, when set, is the libvirtd (URI) that runs VMs whose points
 	// carry a libvirt domain's XML: they start as domains of it. Other VMs
 	// run under qemu-system as always.
@@ -189,6 +196,21 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 		}
 	}
 	if !opts.Test {
+		m.mu.Lock()
+		if m.starting[vm] {
+			m.mu.Unlock()
+			return nil, fmt.Errorf("vm %q: another failover of it is starting here now: wait for it (`lifeboat failover --list`)", vm)
+		}
+		if m.starting == nil {
+			m.starting = map[string]bool{}
+		}
+		m.starting[vm] = true
+		m.mu.Unlock()
+		defer func() {
+			m.mu.Lock()
+			delete(m.starting, vm)
+			m.mu.Unlock()
+		}()
 		runs, err := m.Runs(vm)
 		if err != nil {
 			return nil, err

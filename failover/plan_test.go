@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -129,5 +130,42 @@ func TestFailoverRefusedWhileProductionInContact(t *testing.T) {
 	}
 	if err := m.Stop(testCtx(t, time.Minute), r); err != nil {
 		t.Fatal(err)
+	}
+
+	// Three forced failovers at once (three commands): one VM starts.
+	var (
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		started []*failover.Run
+		refused []error
+	)
+	for range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r, err := m.Start(testCtx(t, time.Minute), "db1", failover.Options{Force: true})
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				refused = append(refused, err)
+			} else {
+				started = append(started, r)
+			}
+		}()
+	}
+	wg.Wait()
+	for _, r := range started {
+		defer m.Stop(context.Background(), r)
+	}
+	if len(started) != 1 || len(refused) != 2 {
+		t.Fatalf("three failovers at once: %d started, refused: %v; want one started", len(started), refused)
+	}
+	for _, err := range refused {
+		if !strings.Contains(err.Error(), "starting here now") && !strings.Contains(err.Error(), "already runs here") {
+			t.Errorf("a concurrent failover refused with %v, want it told another runs or starts", err)
+		}
+	}
+	if o, _, _ := site.Store.Owner("db1"); o.Site != "dr" || o.Epoch != 2 {
+		t.Errorf("owner after one failover of three: %+v, want dr at epoch 2", o)
 	}
 }
