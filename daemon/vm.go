@@ -224,8 +224,9 @@ func (v *vm) stillFailedOver(ctx context.Context) bool {
 // failed it over: the site refuses its points until it is handed back.
 const stateFailedOver = "failed-over"
 
-// failedOverRecheck is how often a failed-over VM's schedule asks again.
-const failedOverRecheck = 5 * time.Minute
+// failedOverRecheck is how often a failed-over VM's schedule asks again
+// (one light call): replication resumes this soon after an undo.
+const failedOverRecheck = 30 * time.Second
 
 // runEvery runs a cycle now and then every interval (never two at once, at least
 // a second apart) until ctx ends; interval 0 means never. Each cycle is bounded.
