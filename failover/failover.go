@@ -222,12 +222,16 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 			}
 		}
 	}
-	for _, name := range []string{def.Kernel, def.Initrd} {
+	files := []string{def.Kernel, def.Initrd}
+	if fw := biosOf(def); filepath.IsAbs(fw) {
+		files = append(files, fw) // else a name QEMU finds in its data directory
+	}
+	for _, name := range files {
 		if name == "" {
 			continue
 		}
 		if _, err := os.Stat(name); err != nil {
-			return nil, fmt.Errorf("vm %q boots its kernel directly, and %s is not here: %w (copy it from the protected host, or fix `definition:` in the VM's config)", vm, name, err)
+			return nil, fmt.Errorf("vm %q boots from %s, which is not here: %w (copy it from the protected host, or fix `definition:` in the VM's config)", vm, name, err)
 		}
 	}
 	r := &Run{VM: vm, Point: pt.ID, Instant: pt.Instant, Test: opts.Test, Plan: opts.Plan, Started: begin.UTC(), Overlays: map[string]string{},

@@ -58,6 +58,9 @@ func qemuArgs(vm string, def *lifeboat.Definition, r *Run, networks map[string]s
 		"-chardev", "socket,id=qga0,server=on,wait=off,path=" + optEscape(r.Agent),
 		"-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
 	}
+	if fw := biosOf(def); fw != "" {
+		args = append(args, "-bios", fw)
+	}
 	if def.Kernel != "" {
 		args = append(args, "-kernel", def.Kernel)
 		if def.Initrd != "" {
@@ -131,4 +134,15 @@ func networkOf(n lifeboat.DefinitionNIC, test bool, networks map[string]string) 
 		return "libvirt network " + n
 	}
 	return "bridge " + br
+}
+
+// biosOf is the firmware QEMU loads with -bios: what the VM's QEMU loaded
+// (its -bios, a file or a name in QEMU's data directory such as OVMF.fd), or
+// the config's. A libvirt loader is a pflash image with its NVRAM, which
+// -bios cannot take: such a VM gets QEMU's default, and the run's log says so.
+func biosOf(def *lifeboat.Definition) string {
+	if def.Firmware == "" || def.DomainXML != "" {
+		return ""
+	}
+	return def.Firmware
 }

@@ -1,0 +1,37 @@
+package failover
+
+import (
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/lifeboat-dr/lifeboat"
+)
+
+// The firmware a VM's QEMU loaded (-bios) is what the recovered VM loads; a
+// libvirt loader (pflash with its NVRAM) is not given to -bios.
+func TestQEMUArgsFirmware(t *testing.T) {
+	r := &Run{Dir: "/srv/run", QMP: "/srv/run/qmp.sock", Agent: "/srv/run/qga.sock", Console: "/srv/run/console.log"}
+	for _, c := range []struct {
+		def  lifeboat.Definition
+		want string
+	}{
+		{lifeboat.Definition{Firmware: "/usr/share/ovmf/OVMF.fd"}, "/usr/share/ovmf/OVMF.fd"},
+		{lifeboat.Definition{Firmware: "bios-256k.bin"}, "bios-256k.bin"},
+		{lifeboat.Definition{}, ""},
+		{lifeboat.Definition{Firmware: "/usr/share/OVMF/OVMF_CODE.fd", DomainXML: "<domain/>"}, ""},
+	} {
+		args, err := qemuArgs("web1", &c.def, r, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := slices.Index(args, "-bios")
+		got := ""
+		if i >= 0 {
+			got = args[i+1]
+		}
+		if got != c.want {
+			t.Errorf("firmware %q (libvirt %v): -bios %q, want %q (%s)", c.def.Firmware, c.def.DomainXML != "", got, c.want, strings.Join(args, " "))
+		}
+	}
+}
