@@ -24,12 +24,12 @@ check:
 	@bash scripts/ci-checks.sh
 
 # The whole suite: real QEMU, real NBD, real QMP. Under CI=true a missing tool fails.
-# The guest freeze tests, which -short skips, run once, under the race detector.
+# The guest freeze tests run once, in the -race -short pass, which runs them
+# although they boot guests (testenv.Race).
 FREEZE_TESTS := ^(TestLateFreeze|TestQuiesceFailureFallsBackAndThaws|TestLibvirtLateFreeze)$$
 test: deps check
 	$(GO) test -count=1 -timeout 20m -skip '$(FREEZE_TESTS)' $(PKGS)
 	$(GO) test -count=1 -race -short -timeout 20m $(RACE_PKGS)
-	$(GO) test -count=1 -race -timeout 10m -run '$(FREEZE_TESTS)' ./protect ./virt
 
 test-race: deps
 	$(GO) test -count=1 -race -timeout 30m $(PKGS)

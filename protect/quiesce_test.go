@@ -33,6 +33,17 @@ func bootGuest(t *testing.T, opts testguest.Options) *testguest.Guest {
 	return testguest.Boot(t, opts)
 }
 
+// bootFreezeGuest boots the guest of a freeze test: concurrency-heavy, so
+// it runs under the race detector, in the suite's -race -short pass, and
+// is skipped in the plain pass (make test runs it once).
+func bootFreezeGuest(t *testing.T, opts testguest.Options) *testguest.Guest {
+	t.Helper()
+	if testing.Short() && !testenv.Race {
+		t.Skip("boots a guest under TCG: covered by the full (non -short) run")
+	}
+	return testguest.Boot(t, opts)
+}
+
 func guestProtector(t *testing.T, g *testguest.Guest, site *testsite.Site, name string) *protect.Protector {
 	return &protect.Protector{
 		VM: protect.VM{Name: name, QMPSocket: g.StorageQMPSocket(), NBDSocket: g.StorageNBDSocket(),
@@ -133,7 +144,7 @@ func TestFilesystemConsistentPoints(t *testing.T) {
 // frozen.
 func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 	testenv.RequireTools(t, "qemu-system-x86_64")
-	g := bootGuest(t, testguest.Options{Workload: testguest.FsyncWriter, DiskSize: 64 << 20})
+	g := bootFreezeGuest(t, testguest.Options{Workload: testguest.FsyncWriter, DiskSize: 64 << 20})
 	site := testsite.Start(t, recovery.Options{})
 	p := guestProtector(t, g, site, "g1")
 	const limit = 2 * time.Second
@@ -488,7 +499,7 @@ func waitMarkerGone(marker string, within time.Duration) (time.Time, bool) {
 // thawed at the limit), the thaw guard and a site's start (ThawLeftovers).
 func TestLateFreeze(t *testing.T) {
 	testenv.RequireTools(t, "qemu-system-x86_64")
-	g := bootGuest(t, testguest.Options{Workload: testguest.None, DiskSize: 32 << 20, Name: "late"})
+	g := bootFreezeGuest(t, testguest.Options{Workload: testguest.None, DiskSize: 32 << 20, Name: "late"})
 	if _, err := g.Shell(ctx(t), "cat > /run/probe <<'EOF'\n"+probeScript+"EOF\nsh /run/probe </dev/null >/dev/null 2>&1 &"); err != nil {
 		t.Fatal(err)
 	}

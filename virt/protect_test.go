@@ -43,7 +43,20 @@ type libvirtRig struct {
 
 func newLibvirtRig(t *testing.T, opts testlibvirt.Options) *libvirtRig {
 	t.Helper()
-	if testing.Short() {
+	return newRig(t, opts, false)
+}
+
+// newFreezeRig is the rig of a freeze test: concurrency-heavy, so it runs
+// under the race detector, in the suite's -race -short pass, and is skipped
+// in the plain pass (make test runs it once).
+func newFreezeRig(t *testing.T, opts testlibvirt.Options) *libvirtRig {
+	t.Helper()
+	return newRig(t, opts, true)
+}
+
+func newRig(t *testing.T, opts testlibvirt.Options, freeze bool) *libvirtRig {
+	t.Helper()
+	if testing.Short() && !(testenv.Race && freeze) {
 		t.Skip("boots a libvirt domain under TCG: covered by the full (non -short) run")
 	}
 	dom := testlibvirt.Boot(t, opts)
@@ -507,7 +520,7 @@ func fsfreezeStatus(dom *testlibvirt.Domain) string {
 // freeze behind the first, and the guest is thawed the moment the late
 // freeze lands.
 func TestLibvirtLateFreeze(t *testing.T) {
-	r := newLibvirtRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 32 << 20}}})
+	r := newFreezeRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 32 << 20}}})
 	r.cycle(t)
 	guestExec(t, r.dom, `mkdir -p /etc/qemu/fsfreeze-hook.d && printf '#!/bin/sh\n[ "$1" = freeze ] || exit 0\nsleep 12\necho LB-HOOK-DONE > /dev/console\n' > /etc/qemu/fsfreeze-hook.d/slow && chmod +x /etc/qemu/fsfreeze-hook.d/slow`)
 	time.Sleep(500 * time.Millisecond)
