@@ -283,6 +283,9 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 		if err := qemu.CreateImage(ctx, ov, "qcow2", 0, base, "qcow2"); err != nil {
 			return nil, fmt.Errorf("vm %q disk %q: overlay above point %d: %w", vm, d.Name, pt.ID, err)
 		}
+		if err := os.Chmod(ov, 0o600); err != nil { // what the recovered VM writes is its own
+			return nil, fmt.Errorf("vm %q disk %q: %w", vm, d.Name, err)
+		}
 		r.Overlays[d.Name] = ov
 	}
 	for _, n := range def.NICs {

@@ -63,6 +63,12 @@ func (m *Manager) startDomain(ctx context.Context, r *Run, def *lifeboat.Definit
 	own := filepath.Dir(m.Dir)
 	r.ImageDirs = images
 	for _, dir := range append([]string{r.Dir}, images...) {
+		// Others may pass these directories from now on, so the images in
+		// them are made readable by their owner only (qemu-img creates them
+		// 0644); libvirt gives them to QEMU's user while the domain runs.
+		if err := fsutil.PrivateFiles(dir); err != nil {
+			return fmt.Errorf("vm %q: %w", r.VM, err)
+		}
 		if err := fsutil.LetOthersPass(dir, own); err != nil {
 			return fmt.Errorf("vm %q: %w", r.VM, err)
 		}

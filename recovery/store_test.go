@@ -571,6 +571,12 @@ func TestVerifyFindsCorruption(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A replica is readable by its owner only.
+	if fi, err := os.Stat(img); err != nil {
+		t.Fatal(err)
+	} else if fi.Mode().Perm() != 0o600 {
+		t.Errorf("point 2's image %s: mode %v, want 0600", img, fi.Mode().Perm())
+	}
 	host, guest := dataCluster(t, img)
 	f, err := os.OpenFile(img, os.O_RDWR, 0)
 	if err != nil {

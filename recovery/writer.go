@@ -227,6 +227,11 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		if err := qemu.CreateImage(ctx, path, "qcow2", d.Size, backing[d.Name], bfmt); err != nil {
 			return nil, fmt.Errorf("vm %q disk %q: creating the image of point %d: %w", spec.VM, d.Name, spec.ID, err)
 		}
+		// A replica is the VM's data: its owner's only (qemu-img makes 0644;
+		// a failover under libvirt lets QEMU's user pass these directories).
+		if err := os.Chmod(path, 0o600); err != nil {
+			return nil, fmt.Errorf("vm %q disk %q: the image of point %d: %w", spec.VM, d.Name, spec.ID, err)
+		}
 	}
 
 	names := make([]string, len(spec.Disks))

@@ -81,6 +81,11 @@ func TestLibvirtFailoverAndPlannedMigration(t *testing.T) {
 		if err := syscall.Stat(image, &st); err != nil || st.Uid != 0 {
 			t.Errorf("point %d's image %s is owned by uid %d (%v) after the run, want root's again", pt.ID, image, st.Uid, err)
 		}
+		// Others may pass the store's directories now: its images must be
+		// readable by their owner only.
+		if st.Mode&0o077 != 0 {
+			t.Errorf("point %d's image %s has mode %o after the run: readable by others who may now pass its directory", pt.ID, image, st.Mode&0o777)
+		}
 		if _, err := os.Stat(run.Dir); !os.IsNotExist(err) {
 			t.Errorf("the run's directory %s is still there (%v)", run.Dir, err)
 		}

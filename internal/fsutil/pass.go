@@ -33,3 +33,28 @@ func LetOthersPass(dir, own string) error {
 		}
 	}
 }
+
+// PrivateFiles takes group and other permissions off every regular file in
+// dir (not below it): before another user may pass dir, what it holds must
+// not be readable by the user who can.
+func PrivateFiles(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		fi, err := e.Info()
+		if err != nil {
+			continue // gone meanwhile
+		}
+		if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+			if err := os.Chmod(filepath.Join(dir, e.Name()), perm&^0o077); err != nil {
+				return fmt.Errorf("making %s private: %w", filepath.Join(dir, e.Name()), err)
+			}
+		}
+	}
+	return nil
+}
