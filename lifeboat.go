@@ -26,6 +26,19 @@ var ZeroHash Hash
 // HashBlock returns the content hash of one block's bytes.
 func HashBlock(b []byte) Hash { return Hash(blake3.Sum256(b)) }
 
+// Mismatch returns the offset in data of the first block that does not match
+// its hash in hashes (one per block, the last block possibly short), or -1
+// when every block does.
+func Mismatch(data []byte, hashes []Hash) int64 {
+	for i, h := range hashes {
+		lo := int64(i) * BlockSize
+		if HashBlock(data[lo:min(lo+BlockSize, int64(len(data)))]) != h {
+			return lo
+		}
+	}
+	return -1
+}
+
 // IsZero reports whether h marks a zero block.
 func (h Hash) IsZero() bool { return h == ZeroHash }
 

@@ -13,7 +13,6 @@ import (
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/nbd"
 	"github.com/lifeboat-dr/lifeboat/qemu"
-	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
 // boundedCleanup is how long teardown and rollback may take after a failure.
@@ -29,7 +28,7 @@ type cycle struct {
 	disks  []*diskState
 	point  lifeboat.Point
 	latest lifeboat.Point
-	stream *wire.PointStream
+	stream lifeboat.PointSink
 	lv     *virtCycle // the libvirt path's state (nil on the QMP path)
 	def    *lifeboat.Definition
 	// quiet is a cycle of a guest that cannot write (shut down, or its CPUs

@@ -57,7 +57,8 @@ type Target interface {
 	Peer() string
 	Latest(ctx context.Context, vm string) (lifeboat.Point, bool, error)
 	BlockMap(ctx context.Context, vm, disk string) (map[int64]lifeboat.Hash, error)
-	Begin(ctx context.Context, p lifeboat.Point) (*wire.PointStream, error)
+	// Begin opens point p where it is kept.
+	Begin(ctx context.Context, p lifeboat.Point) (lifeboat.PointSink, error)
 	// Failover asks the recovery site to start the VM from point and take
 	// it over: a planned migration's last step.
 	Failover(ctx context.Context, vm string, point uint64) (wire.FailoverResult, error)

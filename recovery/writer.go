@@ -354,12 +354,8 @@ func (w *Writer) WriteBlocks(ctx context.Context, disk string, off int64, data [
 	if n := blockCount(int64(len(data))); int64(len(hashes)) != n {
 		return fmt.Errorf("vm %q disk %q: %d hashes for %d blocks at offset %d", w.spec.VM, disk, len(hashes), n, off)
 	}
-	for i := range hashes {
-		lo := int64(i) * lifeboat.BlockSize
-		hi := min(lo+lifeboat.BlockSize, int64(len(data)))
-		if lifeboat.HashBlock(data[lo:hi]) != hashes[i] {
-			return &HashMismatchError{VM: w.spec.VM, Disk: disk, Offset: off + lo}
-		}
+	if lo := lifeboat.Mismatch(data, hashes); lo >= 0 {
+		return &HashMismatchError{VM: w.spec.VM, Disk: disk, Offset: off + lo}
 	}
 	if err := d.client.Write(ctx, data, off, false); err != nil {
 		return w.fail(fmt.Errorf("vm %q disk %q: writing %d bytes at offset %d: %w", w.spec.VM, disk, len(data), off, err))

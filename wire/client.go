@@ -172,7 +172,8 @@ func (c *Client) Failover(ctx context.Context, vm string, point uint64) (Failove
 	return FailoverResult{Run: r.Run, Point: r.Point, ToRunning: time.Duration(r.ToRunningNs), Epoch: r.Epoch}, nil
 }
 
-// PointStream carries one point to the recovery site.
+// PointStream carries one point to the recovery site: the lifeboat.PointSink
+// of a cycle that replicates to a chain of points there.
 type PointStream struct {
 	c      *Client
 	cancel context.CancelFunc
@@ -182,7 +183,7 @@ type PointStream struct {
 }
 
 // Begin opens point p (its instant, consistency and every disk) at the recovery site.
-func (c *Client) Begin(ctx context.Context, p lifeboat.Point) (*PointStream, error) {
+func (c *Client) Begin(ctx context.Context, p lifeboat.Point) (lifeboat.PointSink, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	st, err := c.rc.Replicate(ctx)
 	if err != nil {

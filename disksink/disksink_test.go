@@ -1,0 +1,237 @@
+package disksink_test
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/disksink"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/internal/testsite"
+	"github.com/lifeboat-dr/lifeboat/internal/testvm"
+	"github.com/lifeboat-dr/lifeboat/internal/workload"
+	"github.com/lifeboat-dr/lifeboat/nbd"
+	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+const (
+	vdaSize = 48 << 20
+	vdbSize = 24 << 20
+)
+
+var disks = []workload.Disk{{Name: "vda", Size: vdaSize}, {Name: "vdb", Size: vdbSize}}
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	return c
+}
+
+func startVM(t *testing.T) *testvm.VM {
+	return testvm.Start(t,
+		testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: vdaSize},
+		testvm.DiskSpec{Name: "vdb", Format: "raw", Size: vdbSize})
+}
+
+func dial(t *testing.T, vm *testvm.VM) map[string]*nbd.Client {
+	t.Helper()
+	out := map[string]*nbd.Client{}
+	for _, d := range disks {
+		c, err := nbd.Dial(ctx(t), "unix:"+vm.NBDSocket(), d.Name, nbd.Options{Connections: 2, MaxInFlight: 8})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		out[d.Name] = c
+	}
+	return out
+}
+
+// diskTarget is protect.Target over disks: each cycle's point goes into the
+// same disks, and the last committed point is what they hold (kept in
+// memory: this test's target does not outlive it).
+type diskTarget struct {
+	t      *testing.T
+	disks  map[string]*nbd.Client
+	latest lifeboat.Point
+	sink   *disksink.Sink
+}
+
+func (d *diskTarget) Peer() string { return "disk-target" }
+func (d *diskTarget) Latest(context.Context, string) (lifeboat.Point, bool, error) {
+	return d.latest, d.latest.ID != 0, nil
+}
+func (d *diskTarget) BlockMap(context.Context, string, string) (map[int64]lifeboat.Hash, error) {
+	return nil, nil
+}
+func (d *diskTarget) Begin(ctx context.Context, p lifeboat.Point) (lifeboat.PointSink, error) {
+	s, err := disksink.Open(ctx, p, d.disks)
+	d.sink = s
+	return committer{s, d}, err
+}
+func (d *diskTarget) Failover(context.Context, string, uint64) (wire.FailoverResult, error) {
+	return wire.FailoverResult{}, errors.New("a disk target does not start VMs")
+}
+
+// committer records the committed point as the target's latest.
+type committer struct {
+	*disksink.Sink
+	d *diskTarget
+}
+
+func (c committer) Commit(s lifeboat.CycleStats) (lifeboat.Point, error) {
+	p, err := c.Sink.Commit(s)
+	if err == nil {
+		c.d.latest = p
+	}
+	return p, err
+}
+
+// The same cycle that replicates to a recovery site's chain writes, with a
+// disk sink, straight into other disks: the first cycle a thin full copy
+// into empty disks, later ones only what changed, and after each the target
+// disks are byte-identical to the source at the instant.
+func TestCycleIntoDisks(t *testing.T) {
+	src, dst := startVM(t), startVM(t)
+	seed := testenv.Seed(t)
+	guest, err := workload.Open(ctx(t), src.NBDSocket(), seed, disks...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer guest.Close()
+	target := &diskTarget{t: t, disks: dial(t, dst)}
+	p := &protect.Protector{
+		VM:     protect.VM{Name: "vm1", QMPSocket: src.QMPSocket(), NBDSocket: src.NBDSocket(), WorkDir: testsite.ShortDir(t)},
+		Target: target, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
+	}
+	if err := guest.Fill(ctx(t), 0.3); err != nil {
+		t.Fatal(err)
+	}
+	check, err := workload.Open(ctx(t), dst.NBDSocket(), 0, disks...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer check.Close()
+	for i := range 4 {
+		if i > 0 {
+			if _, err := guest.Mixed(ctx(t), 25); err != nil {
+				t.Fatal(err)
+			}
+		}
+		want, err := guest.Hashes(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pt, err := p.Cycle(ctx(t))
+		if err != nil {
+			t.Fatalf("cycle %d: %v", i+1, err)
+		}
+		got, err := check.Hashes(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range disks {
+			if got[d.Name] != want[d.Name] {
+				t.Fatalf("point %d disk %s: target disk sha256 %s, source at the instant %s", pt.ID, d.Name, got[d.Name][:12], want[d.Name][:12])
+			}
+		}
+		s := pt.Stats
+		t.Logf("point %d into disks: changed %d, data %d, zero %d, written %d, zeroed %d",
+			pt.ID, s.BytesChanged, s.BytesData, s.BytesZero, target.sink.Written(), target.sink.Zeroed())
+		if w := target.sink.Written(); w != s.BytesData+s.BytesDedup {
+			t.Errorf("point %d: %d bytes written into the disks, the cycle sent %d data + %d dedup", pt.ID, w, s.BytesData, s.BytesDedup)
+		}
+		if i == 0 && s.BytesData > (vdaSize+vdbSize)*4/10 {
+			t.Errorf("the first copy wrote %d bytes of data for 30%% of %d filled: not thin", s.BytesData, vdaSize+vdbSize)
+		}
+		if i > 0 && s.BytesChanged >= vdaSize+vdbSize {
+			t.Errorf("incremental point %d handled the whole disks (%d bytes)", pt.ID, s.BytesChanged)
+		}
+	}
+}
+
+// What a sink refuses: a block that does not match its hash (and nothing of
+// that call reaches the disk), a target of the wrong size or a disk the point
+// lacks, a copy from a block the point has not written, anything after Abort.
+func TestSinkRefuses(t *testing.T) {
+	vm := startVM(t)
+	cl := dial(t, vm)
+	p := lifeboat.Point{VM: "vm1", ID: 7, Disks: []lifeboat.PointDisk{{Name: "vda", Size: vdaSize}, {Name: "vdb", Size: vdbSize}}}
+
+	if _, err := disksink.Open(ctx(t), lifeboat.Point{VM: "vm1", ID: 7, Disks: []lifeboat.PointDisk{{Name: "vda", Size: vdaSize + 1<<20}, {Name: "vdb", Size: vdbSize}}}, cl); err == nil ||
+		!strings.Contains(err.Error(), `disk "vda"`) || !strings.Contains(err.Error(), "resize") {
+		t.Errorf("a target of the wrong size: %v, want an error naming the disk and what to do", err)
+	}
+	if _, err := disksink.Open(ctx(t), lifeboat.Point{VM: "vm1", ID: 7, Disks: []lifeboat.PointDisk{{Name: "vda", Size: vdaSize}}}, cl); err == nil || !strings.Contains(err.Error(), `"vdb"`) {
+		t.Errorf("a target disk the point lacks: %v", err)
+	}
+	if _, err := disksink.Open(ctx(t), lifeboat.Point{VM: "vm1", ID: 7, Disks: []lifeboat.PointDisk{{Name: "vda", Size: vdaSize}, {Name: "vdb", Size: vdbSize}, {Name: "vdc", Size: 1 << 20}}}, cl); err == nil || !strings.Contains(err.Error(), `"vdc"`) {
+		t.Errorf("a point disk without a target: %v", err)
+	}
+
+	s, err := disksink.Open(ctx(t), p, cl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 2*lifeboat.BlockSize)
+	workload.Random(rand.New(rand.NewPCG(testenv.Seed(t), 1)), data)
+	hashes := []lifeboat.Hash{lifeboat.HashBlock(data[:lifeboat.BlockSize]), lifeboat.HashBlock(data[lifeboat.BlockSize:])}
+	bad := append([]lifeboat.Hash(nil), hashes...)
+	bad[1][0] ^= 1
+	var mm *disksink.HashMismatchError
+	if _, err := s.SendBlocks("vda", 0, data, bad); !errors.As(err, &mm) || mm.Offset != lifeboat.BlockSize || mm.Disk != "vda" {
+		t.Fatalf("a block with a wrong hash: %v, want a HashMismatchError at offset %d", err, lifeboat.BlockSize)
+	}
+	back := make([]byte, len(data))
+	if err := cl["vda"].Read(ctx(t), back, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !lifeboat.AllZero(back) {
+		t.Fatal("a call with a mismatched block wrote some of its blocks")
+	}
+	if err := s.SendCopy("vdb", 0, "vda", 0, lifeboat.BlockSize, hashes[0]); err == nil || !strings.Contains(err.Error(), "send the block itself") {
+		t.Errorf("a copy from a block not written yet: %v", err)
+	}
+	if _, err := s.SendBlocks("vda", 0, data, hashes); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SendCopy("vdb", lifeboat.BlockSize, "vda", 0, lifeboat.BlockSize, hashes[0]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.SendBlocks("vda", 100, data[:lifeboat.BlockSize], hashes[:1]); err == nil {
+		t.Error("a write off the block grid was taken")
+	}
+	if _, err := s.SendBlocks("vdz", 0, data, hashes); err == nil || !strings.Contains(err.Error(), `"vdz"`) {
+		t.Errorf("a write to a disk the point lacks: %v", err)
+	}
+	pt, err := s.Commit(lifeboat.CycleStats{BytesData: 2 * lifeboat.BlockSize})
+	if err != nil || pt.ID != 7 || pt.Stats.BytesData != 2*lifeboat.BlockSize {
+		t.Fatalf("commit: %+v, %v", pt, err)
+	}
+	if err := cl["vdb"].Read(ctx(t), back[:lifeboat.BlockSize], lifeboat.BlockSize); err != nil {
+		t.Fatal(err)
+	}
+	if lifeboat.HashBlock(back[:lifeboat.BlockSize]) != hashes[0] {
+		t.Error("the copied block does not hold its source's bytes")
+	}
+	if _, err := s.SendBlocks("vda", 0, data, hashes); !errors.Is(err, disksink.ErrAborted) {
+		t.Errorf("a write after commit: %v, want ErrAborted", err)
+	}
+
+	s2, err := disksink.Open(ctx(t), p, cl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2.Abort()
+	if err := s2.SendZeroes("vda", 0, lifeboat.BlockSize); !errors.Is(err, disksink.ErrAborted) {
+		t.Errorf("zeroes after abort: %v, want ErrAborted", err)
+	}
+	if _, err := s2.Commit(lifeboat.CycleStats{}); !errors.Is(err, disksink.ErrAborted) {
+		t.Errorf("commit after abort: %v, want ErrAborted", err)
+	}
+}

@@ -1,0 +1,23 @@
+package lifeboat
+
+// PointSink receives one point's blocks, whatever keeps them: the wire
+// client that carries them to a recovery site's chain of points, or a writer
+// into a disk (failback's target, the production disk itself). A cycle reads
+// its source and calls these; it neither knows nor cares which one it has.
+//
+// SendBlocks, SendCopy and SendZeroes are safe for concurrent use. Commit
+// returns the point as kept only once every byte of it is durable; after an
+// error or Abort the sink holds nothing a caller may rely on.
+type PointSink interface {
+	// SendBlocks takes consecutive blocks of disk from off, hashes[i] the
+	// hash of block i, and returns the bytes it put on its way (on the wire,
+	// or written).
+	SendBlocks(disk string, off int64, data []byte, hashes []Hash) (int64, error)
+	// SendCopy says the block at (disk, off) holds the bytes already sent in
+	// this point at (srcDisk, srcOff), of hash h: deduplication.
+	SendCopy(disk string, off int64, srcDisk string, srcOff int64, length int, h Hash) error
+	// SendZeroes says [off, off+length) of disk reads as zeros.
+	SendZeroes(disk string, off, length int64) error
+	Commit(stats CycleStats) (Point, error)
+	Abort()
+}
