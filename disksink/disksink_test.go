@@ -235,3 +235,95 @@ func TestSinkRefuses(t *testing.T) {
 		t.Errorf("commit after abort: %v, want ErrAborted", err)
 	}
 }
+
+// A failback's first cycle: the recovered VM's disks carry a generation that
+// its failover started at point 5's instant (named by protect.Generation for
+// the production site), and the production disks hold point 5. The unchanged
+// cycle takes that generation as its base and writes into the production
+// disks only the blocks the recovered VM changed: no disk is read whole, and
+// afterwards the production disks are byte-identical to the recovered VM's.
+func TestFailbackCycleStartsFromFailoverGeneration(t *testing.T) {
+	rec, prod := startVM(t), startVM(t)
+	seed := testenv.Seed(t)
+	guest, err := workload.Open(ctx(t), rec.NBDSocket(), seed, disks...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer guest.Close()
+	if err := guest.Fill(ctx(t), 0.3); err != nil {
+		t.Fatal(err)
+	}
+	// Point 5, as both sites hold it: its content copied to production's
+	// disks, and the failover's generation started on the recovered VM's.
+	const peer, point = "prod-site", 5
+	shared := lifeboat.Point{VM: "vm1", ID: point}
+	prodDisks := dial(t, prod)
+	for _, d := range disks {
+		buf := make([]byte, d.Size)
+		if err := guest.Client(d.Name).Read(ctx(t), buf, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := prodDisks[d.Name].Write(ctx(t), buf, 0, false); err != nil {
+			t.Fatal(err)
+		}
+		lineage := "feed" + d.Name
+		gen := protect.Generation(peer, lineage, point)
+		if err := rec.Monitor().AddBitmap(ctx(t), d.Name, gen, d.Name == "vda", false); err != nil {
+			t.Fatal(err)
+		}
+		shared.Disks = append(shared.Disks, lifeboat.PointDisk{Name: d.Name, Size: d.Size, Lineage: lineage, Generation: gen})
+	}
+	ops, err := guest.Mixed(ctx(t), 25)
+	if err != nil {
+		t.Fatal(err)
+	}
+	touched := int64(0)
+	for _, blocks := range workload.Touched(ops) {
+		touched += int64(len(blocks)) * lifeboat.BlockSize
+	}
+	want, err := guest.Hashes(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := &failbackTarget{diskTarget{t: t, disks: prodDisks, latest: shared}, peer}
+	p := &protect.Protector{
+		VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: testsite.ShortDir(t)},
+		Target: target, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
+	}
+	pt, err := p.Cycle(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := pt.Stats
+	t.Logf("failback cycle: %d bytes in blocks the recovered VM touched; changed %d, data %d, zero %d, written %d", touched, s.BytesChanged, s.BytesData, s.BytesZero, target.sink.Written())
+	for _, d := range pt.Disks {
+		if d.Resync || d.Base != point {
+			t.Errorf("disk %s: resync %v from base %d, want an incremental from point %d", d.Name, d.Resync, d.Base, point)
+		}
+	}
+	if s.BytesChanged > touched {
+		t.Errorf("the cycle handled %d bytes, more than the %d in blocks the recovered VM touched", s.BytesChanged, touched)
+	}
+	check, err := workload.Open(ctx(t), prod.NBDSocket(), 0, disks...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer check.Close()
+	got, err := check.Hashes(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range disks {
+		if got[d.Name] != want[d.Name] {
+			t.Errorf("production disk %s after failback: sha256 %s, the recovered VM's %s", d.Name, got[d.Name][:12], want[d.Name][:12])
+		}
+	}
+}
+
+// failbackTarget is diskTarget under the production site's name.
+type failbackTarget struct {
+	diskTarget
+	peer string
+}
+
+func (f *failbackTarget) Peer() string { return f.peer }

@@ -41,6 +41,15 @@ func newGeneration(peer, lineage string, id uint64) string {
 	return genPrefix + lineage + "." + strconv.FormatUint(id, 10) + "." + randomHex(4) + "@" + peer
 }
 
+// Generation names a generation that point of lineage starts for the site
+// peer, when something other than a cycle starts it: a failover starts one on
+// each overlay of the recovered VM, at the instant the VM resumes from the
+// point, so that a failback cycle's reconcile (whose target, peer, says it
+// holds point) takes it as the base and sends only what changed since.
+func Generation(peer, lineage string, point uint64) string {
+	return newGeneration(peer, lineage, point)
+}
+
 // newLineage makes the identity of a disk at its first sync.
 func newLineage() string { return randomHex(8) }
 

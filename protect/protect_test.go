@@ -365,7 +365,7 @@ func TestLostBitmapsResyncByHashes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	written := touchedBlocks(ops)
+	written := workload.Touched(ops)
 	r.guest.Close()
 	r.vm.Crash(t)
 	r.openGuest(t)
@@ -431,20 +431,6 @@ func (r *rig) blockHashes(t *testing.T) map[string][]lifeboat.Hash {
 			for ; len(b) > 0; b = b[min(lifeboat.BlockSize, len(b)):] {
 				out[d.Name] = append(out[d.Name], lifeboat.HashBlock(b[:min(lifeboat.BlockSize, len(b))]))
 			}
-		}
-	}
-	return out
-}
-
-// touchedBlocks is, by disk, every block that one of the writes touched.
-func touchedBlocks(ops []workload.Op) map[string]map[int64]bool {
-	out := map[string]map[int64]bool{}
-	for _, op := range ops {
-		if out[op.Disk] == nil {
-			out[op.Disk] = map[int64]bool{}
-		}
-		for b := op.Offset / lifeboat.BlockSize; b*lifeboat.BlockSize < op.Offset+op.Length; b++ {
-			out[op.Disk][b] = true
 		}
 	}
 	return out

@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/nbd"
 )
 
@@ -73,6 +74,20 @@ type Op struct {
 	Kind   string // "data", "pattern", "zero", "trim"
 	Offset int64
 	Length int64
+}
+
+// Touched is, by disk, every block of the grid that one of ops touched.
+func Touched(ops []Op) map[string]map[int64]bool {
+	out := map[string]map[int64]bool{}
+	for _, op := range ops {
+		if out[op.Disk] == nil {
+			out[op.Disk] = map[int64]bool{}
+		}
+		for b := op.Offset / lifeboat.BlockSize; b*lifeboat.BlockSize < op.Offset+op.Length; b++ {
+			out[op.Disk][b] = true
+		}
+	}
+	return out
 }
 
 // Mixed performs n writes: random data, a byte pattern, zeros or a discard, of
