@@ -52,6 +52,25 @@ func dial(t *testing.T, vm *testvm.VM) map[string]*nbd.Client {
 	return out
 }
 
+// openGuest opens a workload on vm's disks (seed 0 for one that only reads).
+func openGuest(t *testing.T, vm *testvm.VM, seed uint64) *workload.Guest {
+	t.Helper()
+	g, err := workload.Open(ctx(t), vm.NBDSocket(), seed, disks...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	return g
+}
+
+// protector protects vm (as "vm1") into target.
+func protector(t *testing.T, vm *testvm.VM, target protect.Target) *protect.Protector {
+	return &protect.Protector{
+		VM:     protect.VM{Name: "vm1", QMPSocket: vm.QMPSocket(), NBDSocket: vm.NBDSocket(), WorkDir: testsite.ShortDir(t)},
+		Target: target, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
+	}
+}
+
 // diskTarget is protect.Target over disks: each cycle's point goes into the
 // same disks, and the last committed point is what they hold (kept in
 // memory: this test's target does not outlive it).
@@ -98,25 +117,13 @@ func (c committer) Commit(s lifeboat.CycleStats) (lifeboat.Point, error) {
 // disks are byte-identical to the source at the instant.
 func TestCycleIntoDisks(t *testing.T) {
 	src, dst := startVM(t), startVM(t)
-	seed := testenv.Seed(t)
-	guest, err := workload.Open(ctx(t), src.NBDSocket(), seed, disks...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer guest.Close()
+	guest := openGuest(t, src, testenv.Seed(t))
 	target := &diskTarget{t: t, disks: dial(t, dst)}
-	p := &protect.Protector{
-		VM:     protect.VM{Name: "vm1", QMPSocket: src.QMPSocket(), NBDSocket: src.NBDSocket(), WorkDir: testsite.ShortDir(t)},
-		Target: target, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
-	}
+	p := protector(t, src, target)
 	if err := guest.Fill(ctx(t), 0.3); err != nil {
 		t.Fatal(err)
 	}
-	check, err := workload.Open(ctx(t), dst.NBDSocket(), 0, disks...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer check.Close()
+	check := openGuest(t, dst, 0)
 	for i := range 4 {
 		if i > 0 {
 			if _, err := guest.Mixed(ctx(t), 25); err != nil {
@@ -244,12 +251,7 @@ func TestSinkRefuses(t *testing.T) {
 // afterwards the production disks are byte-identical to the recovered VM's.
 func TestFailbackCycleStartsFromFailoverGeneration(t *testing.T) {
 	rec, prod := startVM(t), startVM(t)
-	seed := testenv.Seed(t)
-	guest, err := workload.Open(ctx(t), rec.NBDSocket(), seed, disks...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer guest.Close()
+	guest := openGuest(t, rec, testenv.Seed(t))
 	if err := guest.Fill(ctx(t), 0.3); err != nil {
 		t.Fatal(err)
 	}
@@ -286,11 +288,7 @@ func TestFailbackCycleStartsFromFailoverGeneration(t *testing.T) {
 		t.Fatal(err)
 	}
 	target := &failbackTarget{diskTarget{t: t, disks: prodDisks, latest: shared}, peer}
-	p := &protect.Protector{
-		VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: testsite.ShortDir(t)},
-		Target: target, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
-	}
-	pt, err := p.Cycle(ctx(t))
+	pt, err := protector(t, rec, target).Cycle(ctx(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,12 +302,7 @@ func TestFailbackCycleStartsFromFailoverGeneration(t *testing.T) {
 	if s.BytesChanged > touched {
 		t.Errorf("the cycle handled %d bytes, more than the %d in blocks the recovered VM touched", s.BytesChanged, touched)
 	}
-	check, err := workload.Open(ctx(t), prod.NBDSocket(), 0, disks...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer check.Close()
-	got, err := check.Hashes(ctx(t))
+	got, err := openGuest(t, prod, 0).Hashes(ctx(t))
 	if err != nil {
 		t.Fatal(err)
 	}
