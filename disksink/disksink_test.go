@@ -75,7 +75,6 @@ func protector(t *testing.T, vm *testvm.VM, target protect.Target) *protect.Prot
 // same disks, and the last committed point is what they hold (kept in
 // memory: this test's target does not outlive it).
 type diskTarget struct {
-	t      *testing.T
 	disks  map[string]*nbd.Client
 	latest lifeboat.Point
 	sink   *disksink.Sink
@@ -118,7 +117,7 @@ func (c committer) Commit(s lifeboat.CycleStats) (lifeboat.Point, error) {
 func TestCycleIntoDisks(t *testing.T) {
 	src, dst := startVM(t), startVM(t)
 	guest := openGuest(t, src, testenv.Seed(t))
-	target := &diskTarget{t: t, disks: dial(t, dst)}
+	target := &diskTarget{disks: dial(t, dst)}
 	p := protector(t, src, target)
 	if err := guest.Fill(ctx(t), 0.3); err != nil {
 		t.Fatal(err)
@@ -287,7 +286,7 @@ func TestFailbackCycleStartsFromFailoverGeneration(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	target := &failbackTarget{diskTarget{t: t, disks: prodDisks, latest: shared}, peer}
+	target := &failbackTarget{diskTarget{disks: prodDisks, latest: shared}, peer}
 	pt, err := protector(t, rec, target).Cycle(ctx(t))
 	if err != nil {
 		t.Fatal(err)
