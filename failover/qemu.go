@@ -3,9 +3,13 @@ package failover
 import (
 	"encoding/json"
 	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/lifeboat-dr/lifeboat"
 )
@@ -47,17 +51,19 @@ func qemuArgs(vm string, def *lifeboat.Definition, r *Run, networks map[string]s
 	args := []string{
 		"-name", vm + ",debug-threads=on",
 		"-machine", machine,
-		"-accel", "kvm", "-accel", "tcg", // the first that works: KVM where /dev/kvm does
+	}
+	args = append(args, accelArgs()...)
+	args = append(args,
 		"-cpu", "max",
 		"-smp", strconv.Itoa(cpus), "-m", strconv.FormatInt(mem, 10),
 		"-nodefaults", "-no-user-config", "-display", "none",
 		"-S", "-daemonize", "-pidfile", r.pidFile(),
-		"-qmp", "unix:" + optEscape(r.QMP) + ",server=on,wait=off",
-		"-chardev", "file,id=console0,path=" + optEscape(r.Console), "-serial", "chardev:console0",
+		"-qmp", "unix:"+optEscape(r.QMP)+",server=on,wait=off",
+		"-chardev", "file,id=console0,path="+optEscape(r.Console), "-serial", "chardev:console0",
 		"-device", "virtio-serial-pci,id=lbserial0",
-		"-chardev", "socket,id=qga0,server=on,wait=off,path=" + optEscape(r.Agent),
+		"-chardev", "socket,id=qga0,server=on,wait=off,path="+optEscape(r.Agent),
 		"-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-	}
+	)
 	if fw := biosOf(def); fw != "" {
 		args = append(args, "-bios", fw)
 	}
@@ -145,4 +151,33 @@ func biosOf(def *lifeboat.Definition) string {
 		return ""
 	}
 	return def.Firmware
+}
+
+// accelArgs choose the accelerator: KVM where this host's KVM can run an
+// ordinary guest, falling back to TCG if QEMU cannot open it; TCG alone where
+// it cannot. A host whose only KVM is PVM (the kvm_pvm module, without
+// kvm_intel or kvm_amd: nested hosts of some clouds) opens /dev/kvm and
+// creates the VM, but runs only guests built for PVM: any other guest starts
+// and never executes its first instruction, with no error from QEMU.
+var accelArgs = sync.OnceValue(func() []string {
+	return accelFor(kvmModules("/sys/module"))
+})
+
+func accelFor(m map[string]bool) []string {
+	if m["kvm_pvm"] && !m["kvm_intel"] && !m["kvm_amd"] {
+		slog.Warn("this host's KVM is PVM only (kvm_pvm loaded, no kvm_intel or kvm_amd), which does not run ordinary guests: recovered VMs run under TCG, slowly")
+		return []string{"-accel", "tcg"}
+	}
+	return []string{"-accel", "kvm", "-accel", "tcg"} // the first that works
+}
+
+// kvmModules are the KVM modules loaded, by name, from the sysfs dir.
+func kvmModules(dir string) map[string]bool {
+	out := map[string]bool{}
+	for _, name := range []string{"kvm_pvm", "kvm_intel", "kvm_amd"} {
+		if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
+			out[name] = true
+		}
+	}
+	return out
 }

@@ -1,6 +1,8 @@
 package failover
 
 import (
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -32,6 +34,32 @@ func TestQEMUArgsFirmware(t *testing.T) {
 		}
 		if got != c.want {
 			t.Errorf("firmware %q (libvirt %v): -bios %q, want %q (%s)", c.def.Firmware, c.def.DomainXML != "", got, c.want, strings.Join(args, " "))
+		}
+	}
+}
+
+// KVM where the host's KVM runs ordinary guests; TCG alone where its only KVM
+// is PVM, which starts an ordinary guest that never runs (seen on this
+// project's CI machines: /dev/kvm is there, the guest prints nothing).
+func TestAccel(t *testing.T) {
+	for _, c := range []struct {
+		modules []string
+		want    string
+	}{
+		{nil, "-accel kvm -accel tcg"},
+		{[]string{"kvm_intel"}, "-accel kvm -accel tcg"},
+		{[]string{"kvm_amd"}, "-accel kvm -accel tcg"},
+		{[]string{"kvm_pvm", "kvm_intel"}, "-accel kvm -accel tcg"},
+		{[]string{"kvm_pvm"}, "-accel tcg"},
+	} {
+		dir := t.TempDir()
+		for _, m := range c.modules {
+			if err := os.Mkdir(filepath.Join(dir, m), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := strings.Join(accelFor(kvmModules(dir)), " "); got != c.want {
+			t.Errorf("modules %v: %s, want %s", c.modules, got, c.want)
 		}
 	}
 }
