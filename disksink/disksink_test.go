@@ -243,7 +243,7 @@ func TestSinkRefuses(t *testing.T) {
 }
 
 // A failback's first cycle: the recovered VM's disks carry a generation that
-// its failover started at point 5's instant (named by protect.Generation for
+// its failover started at point 5's instant (named by lifeboat.NewGeneration for
 // the production site), and the production disks hold point 5. The unchanged
 // cycle takes that generation as its base and writes into the production
 // disks only the blocks the recovered VM changed: no disk is read whole, and
@@ -268,7 +268,7 @@ func TestFailbackCycleStartsFromFailoverGeneration(t *testing.T) {
 			t.Fatal(err)
 		}
 		lineage := "feed" + d.Name
-		gen := protect.Generation(peer, lineage, point)
+		gen := lifeboat.NewGeneration(peer, lineage, point)
 		if err := rec.Monitor().AddBitmap(ctx(t), d.Name, gen, d.Name == "vda", false); err != nil {
 			t.Fatal(err)
 		}

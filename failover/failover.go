@@ -121,6 +121,13 @@ type Run struct {
 	Console string    `json:"console"`
 	// Overlays are the VM's writable images, by disk name, above the point's.
 	Overlays map[string]string `json:"overlays"`
+	// Generations are the dirty bitmaps on the overlays, by disk name,
+	// started as the VM resumed from the point: each is a generation of the
+	// disk's lineage for the site that owned the VM (lifeboat.NewGeneration),
+	// what a failback to that site reads; Bitmap where the point names no
+	// lineage or the VM had no owner. A libvirt domain's overlays carry the
+	// checkpoint Bitmap instead, and no Generations.
+	Generations map[string]string `json:"generations,omitempty"`
 	// Networks says where each NIC is.
 	Networks []string `json:"networks,omitempty"`
 	// CPUs and MemoryMiB are what the VM got here (its definition's, or
@@ -303,8 +310,13 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 		if err := m.startDomain(ctx, r, def, dirs); err != nil {
 			return nil, err
 		}
-	} else if err := m.startQEMU(ctx, r, def); err != nil {
-		return nil, err
+	} else {
+		if err := m.nameGenerations(r, pt); err != nil {
+			return nil, err
+		}
+		if err := m.startQEMU(ctx, r, def); err != nil {
+			return nil, err
+		}
 	}
 	if !opts.Test {
 		now, before, err := m.Store.TakeOver(vm, m.Site, pt.ID)
@@ -357,11 +369,37 @@ func (m *Manager) startQEMU(ctx context.Context, r *Run, def *lifeboat.Definitio
 	}
 	defer mon.Close()
 	for i := range r.disks {
-		if err := mon.AddBitmap(ctx, "lb-d"+strconv.Itoa(i), Bitmap, true, false); err != nil {
+		if err := mon.AddBitmap(ctx, "lb-d"+strconv.Itoa(i), r.generation(r.disks[i].Name), true, false); err != nil {
 			return fmt.Errorf("vm %q disk %q: change tracking on the overlay: %w", vm, r.disks[i].Name, err)
 		}
 	}
 	return nil
+}
+
+// nameGenerations names the generation each overlay gets (Run.Generations).
+func (m *Manager) nameGenerations(r *Run, pt lifeboat.Point) error {
+	owner, ok, err := m.Store.Owner(r.VM)
+	if err != nil {
+		return fmt.Errorf("vm %q: its owner: %w", r.VM, err)
+	}
+	if !ok || owner.Site == "" || owner.Site == m.Site {
+		return nil
+	}
+	r.Generations = map[string]string{}
+	for _, d := range pt.Disks {
+		if d.Lineage != "" {
+			r.Generations[d.Name] = lifeboat.NewGeneration(owner.Site, d.Lineage, pt.ID)
+		}
+	}
+	return nil
+}
+
+// generation is the bitmap the overlay of disk carries.
+func (r *Run) generation(disk string) string {
+	if g, ok := r.Generations[disk]; ok {
+		return g
+	}
+	return Bitmap
 }
 
 // resume runs the paused guest's CPUs.

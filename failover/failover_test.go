@@ -138,6 +138,7 @@ func TestFailoverAfterProductionLost(t *testing.T) {
 	if got := guestFile(t, r, "/data/counter"); !sameLines(got, second) {
 		t.Errorf("the recovered guest's /data/counter:\n%s\nwant exactly the lines of point %d:\n%s", got, p2.ID, strings.Join(second, "\n"))
 	}
+	checkFailbackGenerations(ctx, t, r, p2)
 	// It writes more, on its overlay.
 	a, err := qga.Dial(ctx, r.Agent)
 	if err != nil {
@@ -541,5 +542,40 @@ func TestCommitPolicy(t *testing.T) {
 	}
 	if again, err := m.CommitDue(now.Add(time.Hour)); err != nil || len(again) != 1 || again[0].ID != "later" {
 		t.Errorf("an hour later CommitDue committed %v (%v), want run later only", again, err)
+	}
+}
+
+// checkFailbackGenerations: each overlay of run r carries, recording, a
+// generation of its disk's lineage in point pt for the site that owned the
+// VM: what a failback to that site takes as its base.
+func checkFailbackGenerations(ctx context.Context, t *testing.T, r *failover.Run, pt lifeboat.Point) {
+	t.Helper()
+	mon, err := qemu.Dial(ctx, r.QMP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	nodes, err := mon.Disks(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recording := map[string]bool{}
+	for _, n := range nodes {
+		for _, b := range n.Bitmaps {
+			recording[b.Name] = b.Recording && !b.Inconsistent
+		}
+	}
+	if r.Previous == nil || r.Previous.Site == "" {
+		t.Fatalf("run %s names no previous owner", r.ID)
+	}
+	for _, d := range pt.Disks {
+		g := r.Generations[d.Name]
+		prefix := fmt.Sprintf("%s%s.%d.", lifeboat.GenerationPrefix, d.Lineage, pt.ID)
+		if !strings.HasPrefix(g, prefix) || !strings.HasSuffix(g, "@"+r.Previous.Site) {
+			t.Errorf("disk %s: the run's generation %q, want %s<nonce>@%s", d.Name, g, prefix, r.Previous.Site)
+		}
+		if !recording[g] {
+			t.Errorf("disk %s: generation %q is not a recording bitmap of the recovered VM (its bitmaps: %v)", d.Name, g, recording)
+		}
 	}
 }

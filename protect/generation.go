@@ -8,24 +8,12 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
-// A generation is a dirty bitmap that holds every write to a disk since the
-// instant of one point. Its name says whose it is and which instant:
-//
-//	lifeboat.<lineage>.<point>.<nonce>@<recovery site>
-//
-// The recovery site's point records the name of the generation its instant
-// started, and the next delta is taken from exactly that generation. A bitmap
-// of that name exists only in an image that descends from the disk at that
-// instant: a disk restored from an older copy, reverted or swapped carries
-// other names, and is resynchronised by hashes instead of being trusted. The
-// nonce tells apart two instants of the same point number (a failed cycle's
-// and its retry's). Generations kept for other recovery sites (another
-// deployment protecting the same VM) are never touched; '@' is not allowed in
-// site names, so the suffix is unambiguous.
-const genPrefix = "lifeboat."
+// genPrefix starts every generation's name (see lifeboat.NewGeneration).
+const genPrefix = lifeboat.GenerationPrefix
 
 // legacyPrefix named generations before lineages ("lifeboat-7"): they prove
 // nothing and are removed.
@@ -38,16 +26,7 @@ func ourGen(name, peer string) bool {
 
 // newGeneration names the generation a cycle of point id starts.
 func newGeneration(peer, lineage string, id uint64) string {
-	return genPrefix + lineage + "." + strconv.FormatUint(id, 10) + "." + randomHex(4) + "@" + peer
-}
-
-// Generation names a generation that point of lineage starts for the site
-// peer, when something other than a cycle starts it: a failover starts one on
-// each overlay of the recovered VM, at the instant the VM resumes from the
-// point, so that a failback cycle's reconcile (whose target, peer, says it
-// holds point) takes it as the base and sends only what changed since.
-func Generation(peer, lineage string, point uint64) string {
-	return newGeneration(peer, lineage, point)
+	return lifeboat.NewGeneration(peer, lineage, id)
 }
 
 // newLineage makes the identity of a disk at its first sync.
