@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
@@ -44,6 +45,7 @@ vms:
 	startSite(t, "dr", drCfg)
 	prod := startSite(t, "prod", prodCfg)
 
+	dom.WaitWriterFiles(time.Minute) // else the points may hold no file to check
 	run(t, "sync", "web1", "-c", prodCfg)
 	run(t, "sync", "web1", "-c", prodCfg)
 	var pts []lifeboat.Point

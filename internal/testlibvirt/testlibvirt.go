@@ -505,6 +505,26 @@ func copyFile(src, dst string) error {
 	return out.Close()
 }
 
+// WaitWriterFiles waits (at most limit) until the guest's FsyncWriter has
+// written a file: a point taken earlier holds none to check.
+func (d *Domain) WaitWriterFiles(limit time.Duration) {
+	d.helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
+	defer cancel()
+	for {
+		out, _, err := GuestExec(ctx, d.Name, "/bin/sh", "-c", "ls /data/w 2>/dev/null | head -1")
+		if err == nil && strings.TrimSpace(out) != "" {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			d.must(fmt.Errorf("testlibvirt: %s: the guest's writer wrote no file in %v (last: %q, %v)", d.Name, limit, out, err))
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
 // GuestExec runs a program in the guest through its agent and waits for it
 // (bounded by ctx): its output and exit code. It uses libvirt's agent
 // pass-through, which libvirt logs as a taint of the domain: tests and the
