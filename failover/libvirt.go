@@ -80,6 +80,7 @@ func (m *Manager) startDomain(ctx context.Context, r *Run, def *lifeboat.Definit
 	doc, dropped, err := virt.RecoveredXML(def.DomainXML, virt.Recovered{
 		Name: name, KeepUUID: !r.Test, Overlays: overlays, Dir: r.Dir,
 		CPUs: m.Overrides[r.VM].CPUs, MemoryMiB: m.Overrides[r.VM].MemoryMiB,
+		NoKVM: pvmOnly(),
 		Network: func(net string) string {
 			if r.Test {
 				return ""

@@ -163,8 +163,13 @@ var accelArgs = sync.OnceValue(func() []string {
 	return accelFor(kvmModules("/sys/module"))
 })
 
+// pvmOnly reports whether this host's only KVM is PVM (see accelArgs).
+var pvmOnly = sync.OnceValue(func() bool { return isPVMOnly(kvmModules("/sys/module")) })
+
+func isPVMOnly(m map[string]bool) bool { return m["kvm_pvm"] && !m["kvm_intel"] && !m["kvm_amd"] }
+
 func accelFor(m map[string]bool) []string {
-	if m["kvm_pvm"] && !m["kvm_intel"] && !m["kvm_amd"] {
+	if isPVMOnly(m) {
 		slog.Warn("this host's KVM is PVM only (kvm_pvm loaded, no kvm_intel or kvm_amd), which does not run ordinary guests: recovered VMs run under TCG, slowly")
 		return []string{"-accel", "tcg"}
 	}

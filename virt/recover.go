@@ -33,6 +33,9 @@ type Recovered struct {
 	// site's config may give a VM more or less here).
 	CPUs      int
 	MemoryMiB int64
+	// NoKVM: this host's KVM cannot run the guest (a PVM-only host), so a
+	// domain of type kvm runs as type qemu (TCG) here.
+	NoKVM bool
 }
 
 // RecoveredXML is the domain XML (doc, as a point carries it) rewritten to
@@ -43,6 +46,9 @@ func RecoveredXML(doc string, r Recovered) (out string, dropped []string, err er
 		return "", nil, fmt.Errorf("the point's libvirt domain XML does not parse: %w", err)
 	}
 	x.Name = r.Name
+	if r.NoKVM && x.Type == "kvm" {
+		x.Type = "qemu"
+	}
 	if !r.KeepUUID {
 		x.UUID = ""
 	}

@@ -109,6 +109,21 @@ func TestRecoveredXML(t *testing.T) {
 	if o.VCPU == nil || o.VCPU.Value != 8 || o.Memory == nil || memoryBytes(o.Memory.Value, o.Memory.Unit) != 16384<<20 {
 		t.Errorf("overridden to 8 vCPUs and 16 GiB: vcpu %+v memory %+v", o.VCPU, o.Memory)
 	}
+	if o.Type != "kvm" {
+		t.Errorf("a kvm domain on a host whose KVM runs it: type %q, want kvm", o.Type)
+	}
+	// On a host whose KVM cannot run it (PVM only), it runs under TCG.
+	doc, _, err = RecoveredXML(productionXML, Recovered{Name: "web1", NoKVM: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var q libvirtxml.Domain
+	if err := q.Unmarshal(doc); err != nil {
+		t.Fatal(err)
+	}
+	if q.Type != "qemu" {
+		t.Errorf("a kvm domain on a host without a usable KVM: type %q, want qemu", q.Type)
+	}
 	// A domain without an agent channel gets one: the failover waits for it.
 	doc, _, err = RecoveredXML(strings.Replace(productionXML, "name='org.qemu.guest_agent.0'", "name='org.example.other'", 1), Recovered{Name: "web1"})
 	if err != nil {
