@@ -1,5 +1,6 @@
-// Package wire is the site-to-site protocol: gRPC over mutual TLS, one stream per
-// restore point, every block carried with its content hash.
+// Package wire is the site-to-site protocol over mutual TLS: gRPC for the
+// calls, and a connection of its own for each restore point (see streamProto),
+// every block carried with its content hash.
 package wire
 
 import (
@@ -8,12 +9,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"sync"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/pki"
@@ -21,8 +24,9 @@ import (
 )
 
 // Version is the protocol's major version; peers of another one are refused.
-// Version 2 carries each disk's lineage and base point, and checks ownership.
-const Version = 2
+// Version 2 carries each disk's lineage and base point, and checks ownership;
+// version 3 sends points on their own connections rather than through gRPC.
+const Version = 3
 
 // Flow-control windows sized for a long fat link: gRPC's 64 KiB default would cap
 // a WAN stream at a few MB/s.
@@ -39,6 +43,12 @@ type Client struct {
 	compression Compression
 	comp        *compressor
 	peer        string
+	addr        string      // the recovery site's address, which point streams dial
+	tls         *tls.Config // the calls' mutual TLS, which point streams use too
+
+	mu      sync.Mutex
+	closed  bool
+	streams map[*PointStream]struct{} // open point streams, which Close ends
 }
 
 // Dial connects to the recovery site named peer and checks that it speaks our
@@ -59,7 +69,7 @@ func Dial(ctx context.Context, address string, tlsConf *tls.Config, site, peer s
 	if err != nil {
 		return nil, fmt.Errorf("recovery site %s: %w", address, err)
 	}
-	c := &Client{conn: conn, rc: wirepb.NewReplicationClient(conn), compression: compression, peer: peer}
+	c := &Client{conn: conn, rc: wirepb.NewReplicationClient(conn), compression: compression, peer: peer, addr: address, tls: tlsConf}
 	if compression == CompressionZstd {
 		c.comp = newCompressor()
 	}
@@ -103,8 +113,38 @@ func (c *Client) Ready(ctx context.Context) error {
 // Peer is the recovery site's name, as it said in Hello.
 func (c *Client) Peer() string { return c.peer }
 
-// Close ends the connection.
-func (c *Client) Close() error { return c.conn.Close() }
+// Close ends the connection and every point stream still open.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	streams := c.streams
+	c.streams = nil
+	c.mu.Unlock()
+	for s := range streams {
+		s.fail(fmt.Errorf("point stream to %s: the client was closed", c.peer))
+	}
+	return c.conn.Close()
+}
+
+// track registers an open stream for Close; false: the client is closed.
+func (c *Client) track(s *PointStream) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	if c.streams == nil {
+		c.streams = map[*PointStream]struct{}{}
+	}
+	c.streams[s] = struct{}{}
+	return true
+}
+
+func (c *Client) untrack(s *PointStream) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.streams, s)
+}
 
 // Latest is the newest committed point of vm at the recovery site.
 func (c *Client) Latest(ctx context.Context, vm string) (lifeboat.Point, bool, error) {
@@ -172,45 +212,134 @@ func (c *Client) Failover(ctx context.Context, vm string, point uint64) (Failove
 	return FailoverResult{Run: r.Run, Point: r.Point, ToRunning: time.Duration(r.ToRunningNs), Epoch: r.Epoch}, nil
 }
 
-// PointStream carries one point to the recovery site: the lifeboat.PointSink
-// of a cycle that replicates to a chain of points there.
+// PointStream carries one point to the recovery site on a connection of its
+// own (see streamProto): the lifeboat.PointSink of a cycle that replicates to
+// a chain of points there.
 type PointStream struct {
-	c      *Client
-	cancel context.CancelFunc
-	mu     sync.Mutex // gRPC streams allow one sender at a time
-	st     grpc.ClientStreamingClient[wirepb.Frame, wirepb.ReplicateReply]
-	failed error
+	c    *Client
+	conn *flushConn
+	stop func() bool // ends the watch of Begin's context
+
+	mu sync.Mutex // one frame at a time; held while writing
+
+	// The server's answer, read by answer: the committed point, or why not.
+	done   chan struct{}
+	reply  *wirepb.ReplicateReply
+	answer error
+
+	failMu sync.Mutex
+	failed error // the stream is over: every later call says why
 }
 
-// Begin opens point p (its instant, consistency and every disk) at the recovery site.
+// Begin opens point p (its instant, consistency and every disk) at the
+// recovery site: it dials the site's address for the point's own connection.
 func (c *Client) Begin(ctx context.Context, p lifeboat.Point) (lifeboat.PointSink, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	st, err := c.rc.Replicate(ctx)
+	conn, err := c.dialStream(ctx)
 	if err != nil {
-		cancel()
-		return nil, fmt.Errorf("open stream to %s: %w", c.peer, err)
+		return nil, fmt.Errorf("vm %q point %d: open a point stream to %s: %w", p.VM, p.ID, c.peer, err)
 	}
-	s := &PointStream{c: c, cancel: cancel, st: st}
-	if err := s.send(&wirepb.Frame{Body: &wirepb.Frame_Begin{Begin: &wirepb.Begin{Point: pointToPB(p)}}}); err != nil {
-		cancel()
+	s := &PointStream{c: c, conn: conn, done: make(chan struct{})}
+	if !c.track(s) {
+		conn.Close()
+		return nil, fmt.Errorf("vm %q point %d: the client of %s was closed", p.VM, p.ID, c.peer)
+	}
+	s.stop = context.AfterFunc(ctx, func() { s.fail(fmt.Errorf("point stream to %s: %w", c.peer, context.Cause(ctx))) })
+	go s.read()
+	if err := s.writeMessage(&wirepb.Frame{Body: &wirepb.Frame_Begin{Begin: &wirepb.Begin{Point: pointToPB(p)}}}); err != nil {
+		s.Abort()
 		return nil, err
 	}
 	return s, nil
 }
 
-func (s *PointStream) send(f *wirepb.Frame) error {
+// dialStream makes a point stream's connection: TCP, then the same mutual TLS
+// as the gRPC calls, asking for streamProto.
+func (c *Client) dialStream(ctx context.Context) (*flushConn, error) {
+	var d net.Dialer
+	raw, err := d.DialContext(ctx, "tcp", c.addr)
+	if err != nil {
+		return nil, err
+	}
+	bc := newBatchConn(raw)
+	conf := c.tls.Clone()
+	conf.NextProtos = []string{streamProto}
+	tc := tls.Client(bc, conf)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	if got := tc.ConnectionState().NegotiatedProtocol; got != streamProto {
+		raw.Close()
+		return nil, fmt.Errorf("the recovery site does not speak %s (it chose %q): upgrade it", streamProto, got)
+	}
+	return &flushConn{Conn: tc, raw: bc}, nil
+}
+
+// read takes the server's one answer, which may come before Commit (the
+// point was refused or failed); then the stream is over.
+func (s *PointStream) read() {
+	defer close(s.done)
+	typ, payload, err := newFrameReader(s.conn).next()
+	switch {
+	case err != nil:
+		s.answer = fmt.Errorf("recovery site %s: the point stream broke: %w", s.c.peer, err)
+	case typ == frameError:
+		s.answer = fmt.Errorf("recovery site %s: %w", s.c.peer, statusFromFrame(payload))
+	case typ == frameReply:
+		r := &wirepb.ReplicateReply{}
+		if err := proto.Unmarshal(payload, r); err != nil {
+			s.answer = fmt.Errorf("recovery site %s: malformed reply: %w", s.c.peer, err)
+		} else {
+			s.reply = r
+		}
+	default:
+		s.answer = fmt.Errorf("recovery site %s: unexpected frame %q", s.c.peer, typ)
+	}
+	putPayload(payload)
+	if s.answer != nil {
+		s.fail(s.answer)
+	}
+}
+
+// fail ends the stream with err, unless it ended already; the connection is
+// closed, which also ends a write blocked on it.
+func (s *PointStream) fail(err error) {
+	s.failMu.Lock()
+	if s.failed == nil {
+		s.failed = err
+	}
+	s.failMu.Unlock()
+	s.conn.Close()
+}
+
+func (s *PointStream) err() error {
+	s.failMu.Lock()
+	defer s.failMu.Unlock()
+	return s.failed
+}
+
+// answerWait bounds how long a failed write waits for the server's reason.
+const answerWait = 5 * time.Second
+
+// write sends one frame's parts. When the write fails, the error is the
+// server's reason if it gave one (it may have refused the point).
+func (s *PointStream) write(parts ...[]byte) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.failed != nil {
-		return s.failed
+	if err := s.err(); err != nil {
+		return err
 	}
-	if err := s.st.Send(f); err != nil {
-		if errors.Is(err, io.EOF) {
-			// The server ended the stream; its reason comes with the reply.
-			_, err = s.st.CloseAndRecv()
+	if err := s.conn.writeParts(parts...); err != nil {
+		select {
+		case <-s.done:
+		case <-time.After(answerWait):
 		}
-		s.failed = fmt.Errorf("send to recovery site %s: %w", s.c.peer, err)
-		return s.failed
+		if ferr := s.err(); ferr != nil {
+			return ferr
+		}
+		err = fmt.Errorf("send to recovery site %s: %w", s.c.peer, err)
+		s.fail(err)
+		return err
 	}
 	return nil
 }
@@ -222,51 +351,69 @@ func (s *PointStream) SendBlocks(disk string, off int64, data []byte, hashes []l
 	if len(data) > MaxChunk {
 		return 0, fmt.Errorf("chunk of %d bytes exceeds the %d-byte limit", len(data), MaxChunk)
 	}
-	b := &wirepb.Blocks{Disk: disk, Offset: off, Hashes: hashesToBytes(hashes), Length: uint32(len(data)), Data: data}
-	var buf []byte
+	b := &wirepb.Blocks{Disk: disk, Offset: off, Hashes: hashesToBytes(hashes), Length: uint32(len(data))}
+	payload := data
 	if s.c.comp != nil {
-		buf = getBuf()
+		buf := getBuf()
 		defer putBuf(buf)
-		b.Data, b.Zstd = s.c.comp.compress(buf, data)
+		payload, b.Zstd = s.c.comp.compress(buf, data)
 	}
-	if err := s.send(&wirepb.Frame{Body: &wirepb.Frame_Blocks{Blocks: b}}); err != nil {
+	head, err := blocksHead(b, len(payload))
+	if err != nil {
 		return 0, err
 	}
-	return int64(len(b.Data) + len(b.Hashes)), nil
+	if err := s.write(head, payload); err != nil {
+		return 0, err
+	}
+	return int64(len(payload) + len(b.Hashes)), nil
 }
 
 // SendCopy says that the block at (disk, off) holds the same bytes as the block
 // already sent in this point at (srcDisk, srcOff): deduplication.
 func (s *PointStream) SendCopy(disk string, off int64, srcDisk string, srcOff int64, length int, h lifeboat.Hash) error {
-	return s.send(&wirepb.Frame{Body: &wirepb.Frame_Copy{Copy: &wirepb.Copy{
+	return s.writeMessage(&wirepb.Frame{Body: &wirepb.Frame_Copy{Copy: &wirepb.Copy{
 		Disk: disk, Offset: off, SrcDisk: srcDisk, SrcOffset: srcOff, Hash: h[:], Length: uint32(length)}}})
 }
 
 // SendZeroes says that [off, off+length) of a disk reads as zeros.
 func (s *PointStream) SendZeroes(disk string, off, length int64) error {
-	return s.send(&wirepb.Frame{Body: &wirepb.Frame_Zeroes{Zeroes: &wirepb.Zeroes{Disk: disk, Offset: off, Length: length}}})
+	return s.writeMessage(&wirepb.Frame{Body: &wirepb.Frame_Zeroes{Zeroes: &wirepb.Zeroes{Disk: disk, Offset: off, Length: length}}})
+}
+
+func (s *PointStream) writeMessage(m *wirepb.Frame) error {
+	f, err := marshalFrame(frameMessage, m)
+	if err != nil {
+		return err
+	}
+	return s.write(f)
 }
 
 // Commit asks the recovery site to flush and commit the point, and waits for it.
 // Only a nil error means the point is durable there.
 func (s *PointStream) Commit(stats lifeboat.CycleStats) (lifeboat.Point, error) {
-	defer s.cancel()
-	if err := s.send(&wirepb.Frame{Body: &wirepb.Frame_Commit{Commit: &wirepb.Commit{Stats: statsToPB(stats)}}}); err != nil {
+	defer s.Abort()
+	if err := s.writeMessage(&wirepb.Frame{Body: &wirepb.Frame_Commit{Commit: &wirepb.Commit{Stats: statsToPB(stats)}}}); err != nil {
 		return lifeboat.Point{}, err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	r, err := s.st.CloseAndRecv()
-	if err != nil {
-		return lifeboat.Point{}, fmt.Errorf("commit at recovery site %s: %w", s.c.peer, err)
+	<-s.done
+	if s.reply == nil {
+		return lifeboat.Point{}, fmt.Errorf("commit: %w", s.err())
 	}
-	return pointFromPB(r.Point)
+	return pointFromPB(s.reply.Point)
 }
 
-// Abort gives the point up; the recovery site discards what it received.
-func (s *PointStream) Abort() { s.cancel() }
+// Abort gives the point up; the recovery site discards what it received. After
+// Commit it only releases the connection.
+func (s *PointStream) Abort() {
+	s.stop()
+	s.c.untrack(s)
+	s.fail(fmt.Errorf("point stream to %s: %w", s.c.peer, errAborted))
+}
 
 var bufPool = sync.Pool{New: func() any { return make([]byte, 0, MaxChunk+1<<10) }}
 
 func getBuf() []byte  { return bufPool.Get().([]byte)[:0] }
 func putBuf(b []byte) { bufPool.Put(b[:0]) } //nolint:staticcheck // slices are fine here
+
+// errAborted ends a stream given up by Abort.
+var errAborted = errors.New("the point was aborted")

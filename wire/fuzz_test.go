@@ -1,19 +1,20 @@
 package wire
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
+	"net"
+	"slices"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/protobuf/encoding/protodelim"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -21,13 +22,13 @@ import (
 )
 
 // The fuzz targets feed arbitrary bytes to what decodes the site protocol: the
-// recovery site's side of Replicate (frames -> proto.Unmarshal -> pointFromPB,
-// apply, statsFromPB) and the protected site's side of the replies (Latest,
-// Points, BlockMap, the commit's reply). Every field of the messages is
-// decoded by the generic protobuf path, so fields added to wire.proto are
-// fuzzed without a change here. Properties: no panic, and what apply hands the
-// store meets the PointWriter contract. The seeds run in every `go test`;
-// `make fuzz` explores further.
+// recovery site's side of a point stream (frames -> decodeFrame ->
+// pointFromPB, apply, statsFromPB, in Server.receive itself) and the
+// protected site's side of the replies (Latest, Points, BlockMap). Every
+// field of the messages is decoded by the generic protobuf path, so fields
+// added to wire.proto are fuzzed without a change here. Properties: no panic,
+// no hang, and what the server hands the store meets the PointWriter
+// contract. The seeds run in every `go test`; `make fuzz` explores further.
 
 // fuzzPoint is the point of the seed streams: two disks, one of them short of
 // a whole last block.
@@ -37,37 +38,41 @@ func fuzzPoint() lifeboat.Point {
 		Disks: []lifeboat.PointDisk{{Name: "vda", Size: 4 << 20, Resync: true}, {Name: "vdb", Size: 1<<20 + 512}}}
 }
 
-// captureStream is the client end of Replicate, keeping every frame as the
-// bytes gRPC would put on the wire.
-type captureStream struct {
-	grpc.ClientStream
-	frames [][]byte
-	reply  *wirepb.ReplicateReply
+// captureConn is the client's end of a point stream with no TLS under it:
+// it keeps the bytes the client writes, as they would be encrypted, and reads
+// back one reply frame, the committed point.
+type captureConn struct {
+	net.Conn
+	out   bytes.Buffer
+	reply *bytes.Reader
 }
 
-func (s *captureStream) Send(f *wirepb.Frame) error {
-	b, err := proto.Marshal(f)
-	if err != nil {
-		return err
-	}
-	s.frames = append(s.frames, b)
-	return nil
-}
+func (c *captureConn) Write(p []byte) (int, error) { return c.out.Write(p) }
+func (c *captureConn) Read(p []byte) (int, error)  { return c.reply.Read(p) }
+func (c *captureConn) Close() error                { return nil }
 
-func (s *captureStream) CloseAndRecv() (*wirepb.ReplicateReply, error) { return s.reply, nil }
-
-// seedFrames are the frames of one real point, produced by the client's own
-// encoder (PointStream): Begin, compressed and raw blocks, a copy, zeroes, Commit.
-func seedFrames(t testing.TB, comp *compressor) [][]byte {
+// seedStream is the stream of one real point, produced by the client's own
+// encoder (PointStream): Begin, compressed and raw blocks, a copy, zeroes,
+// Commit. Each frame starts at the offset in frames.
+func seedStream(t testing.TB, comp *compressor) (stream []byte, frames []int) {
 	p := fuzzPoint()
-	st := &captureStream{reply: &wirepb.ReplicateReply{Point: pointToPB(p)}}
-	ps := &PointStream{c: &Client{comp: comp, peer: "dr"}, cancel: func() {}, st: st}
+	reply, err := marshalFrame(frameReply, &wirepb.ReplicateReply{Point: pointToPB(p)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc := &captureConn{reply: bytes.NewReader(reply)}
+	ps := &PointStream{c: &Client{comp: comp, peer: "dr"}, conn: &flushConn{Conn: cc, raw: newBatchConn(cc)},
+		done: make(chan struct{}), stop: func() bool { return true }}
+	go ps.read()
 	must := func(err error) {
+		t.Helper()
+		frames = append(frames, cc.out.Len())
 		if err != nil {
 			t.Fatal(err)
 		}
 	}
-	must(ps.send(&wirepb.Frame{Body: &wirepb.Frame_Begin{Begin: &wirepb.Begin{Point: pointToPB(p)}}}))
+	frames = append(frames, 0)
+	must(ps.writeMessage(&wirepb.Frame{Body: &wirepb.Frame_Begin{Begin: &wirepb.Begin{Point: pointToPB(p)}}}))
 	text := bytes.Repeat([]byte("lifeboat "), 2*lifeboat.BlockSize/9+1)[:2*lifeboat.BlockSize]
 	random := make([]byte, lifeboat.BlockSize)
 	for i := range random {
@@ -82,7 +87,7 @@ func seedFrames(t testing.TB, comp *compressor) [][]byte {
 		}
 		return hs
 	}
-	_, err := ps.SendBlocks("vda", 0, text, hashes(text))
+	_, err = ps.SendBlocks("vda", 0, text, hashes(text))
 	must(err)
 	_, err = ps.SendBlocks("vda", 2*lifeboat.BlockSize, random, hashes(random))
 	must(err)
@@ -93,18 +98,7 @@ func seedFrames(t testing.TB, comp *compressor) [][]byte {
 	must(ps.SendZeroes("vda", 3*lifeboat.BlockSize, 1<<20))
 	_, err = ps.Commit(lifeboat.CycleStats{BytesChanged: 3 << 20, BytesZero: 1 << 20, BytesData: 3 * lifeboat.BlockSize, BytesSent: 1000, Duration: time.Second})
 	must(err)
-	return st.frames
-}
-
-// delimit joins frames as the fuzz input carries them: each one prefixed by
-// its length (a uvarint, as protodelim writes it).
-func delimit(frames [][]byte) []byte {
-	var out []byte
-	for _, f := range frames {
-		out = binary.AppendUvarint(out, uint64(len(f)))
-		out = append(out, f...)
-	}
-	return out
+	return cc.out.Bytes(), frames[:len(frames)-1]
 }
 
 // fakeWriter stands in for a recovery.Writer. It is a fake on purpose: the
@@ -129,7 +123,8 @@ func (w *fakeWriter) disk(name string) (lifeboat.PointDisk, error) {
 
 func (w *fakeWriter) WriteBlocks(_ context.Context, disk string, off int64, data []byte, hashes []lifeboat.Hash) error {
 	if len(data) > MaxChunk {
-		w.t.Fatalf("apply passed %d bytes, over MaxChunk", len(data))
+		w.t.Errorf("apply passed %d bytes, over MaxChunk", len(data))
+		return errors.New("over MaxChunk")
 	}
 	d, err := w.disk(disk)
 	if err != nil {
@@ -169,7 +164,8 @@ func (w *fakeWriter) WriteZeroes(_ context.Context, disk string, off, length int
 
 func (w *fakeWriter) CopyBlock(_ context.Context, disk string, off int64, srcDisk string, srcOff int64, length int, h lifeboat.Hash) error {
 	if length <= 0 || length > lifeboat.BlockSize {
-		w.t.Fatalf("apply passed a copy of %d bytes", length)
+		w.t.Errorf("apply passed a copy of %d bytes", length)
+		return errors.New("copy over a block")
 	}
 	if _, err := w.disk(disk); err != nil {
 		return err
@@ -190,74 +186,66 @@ func (w *fakeWriter) Commit(_ context.Context, stats lifeboat.CycleStats) (lifeb
 
 func (w *fakeWriter) Abort(context.Context) error { return nil }
 
-// receive is the recovery site's side of one Replicate stream, frame by frame
-// as Server.Replicate takes them (Begin first, then apply, then Commit), on
-// one goroutine: the first error ends it.
-func receive(t *testing.T, in []byte, buf *[]byte) error {
-	s := &Server{Site: "dr"}
-	r := bufio.NewReader(bytes.NewReader(in))
-	next := func() (*wirepb.Frame, error) {
-		f := &wirepb.Frame{}
-		err := protodelim.UnmarshalOptions{MaxSize: maxMessage}.UnmarshalFrom(r, f)
-		return f, err
-	}
-	f, err := next()
-	if err != nil {
-		return err
-	}
-	b := f.GetBegin()
-	if b == nil {
-		return errors.New("stream must start with Begin")
-	}
-	p, err := pointFromPB(b.Point)
-	if err != nil {
-		return err
-	}
-	w := &fakeWriter{t: t, p: p, written: map[string]map[int64]lifeboat.Hash{}}
-	for range 256 {
-		f, err := next()
-		if err != nil {
-			return err
-		}
-		if c := f.GetCommit(); c != nil {
-			pt, err := w.Commit(context.Background(), statsFromPB(c.Stats))
-			if err != nil {
-				return err
-			}
-			_ = pointToPB(pt)
-			return nil
-		}
-		if err := s.apply(context.Background(), w, f, buf); err != nil {
-			return err
-		}
-	}
-	return errors.New("too many frames")
+// fakeStore hands the server a fakeWriter for the point it begins.
+type fakeStore struct {
+	t *testing.T
+}
+
+func (fakeStore) Authorize(string, string) error              { return nil }
+func (fakeStore) Latest(string) (lifeboat.Point, bool, error) { return lifeboat.Point{}, false, nil }
+func (fakeStore) Points(string) ([]lifeboat.Point, error)     { return nil, nil }
+func (fakeStore) EachBlock(string, string, uint64, func(int64, lifeboat.Hash) error) error {
+	return nil
+}
+func (s fakeStore) BeginPoint(_ context.Context, p lifeboat.Point) (PointWriter, error) {
+	return &fakeWriter{t: s.t, p: p, written: map[string]map[int64]lifeboat.Hash{}}, nil
+}
+
+// receive is the recovery site's side of one point stream: Server.receive
+// itself, with one writer so that a copy's source is written before it.
+func receive(t *testing.T, in []byte) error {
+	s := &Server{Site: "dr", Store: fakeStore{t}, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Writers: 1}
+	_, err := s.receive(context.Background(), "prod", "fuzz", newFrameReader(bytes.NewReader(in)), nil)
+	return err
 }
 
 func FuzzReplicate(f *testing.F) {
 	for _, comp := range []*compressor{newCompressor(), nil} {
-		frames := seedFrames(f, comp)
-		f.Add(delimit(frames))
-		f.Add(delimit(frames[:1]))                                             // Begin only
-		f.Add(delimit(frames[1:]))                                             // no Begin
-		f.Add(delimit(append(frames[:1:1], frames[0], frames[len(frames)-1]))) // two Begins
+		stream, at := seedStream(f, comp)
+		f.Add(stream)
+		f.Add(stream[:at[1]])                                                        // Begin only
+		f.Add(stream[at[1]:])                                                        // no Begin
+		f.Add(slices.Concat(stream[:at[1]], stream[:at[1]], stream[at[len(at)-1]:])) // two Begins
+		f.Add(stream[:len(stream)-3])                                                // cut inside Commit
 	}
-	// One decompression buffer for every input, as a server stream keeps one
-	// for all its frames (a fresh MaxChunk buffer each time would be most of
-	// the cost of an input).
-	var buf []byte
 	f.Fuzz(func(t *testing.T, in []byte) {
-		_ = receive(t, in, &buf)
+		_ = receive(t, in)
 	})
 }
 
 // TestReplicateSeed checks that the seed stream is a point the server takes
-// whole: the fuzzer starts from a valid stream, not from one refused early.
+// whole, and that its cut and doubled variants are refused: the fuzzer starts
+// from a valid stream, not from one refused early.
 func TestReplicateSeed(t *testing.T) {
 	for _, comp := range []*compressor{newCompressor(), nil} {
-		var buf []byte
-		if err := receive(t, delimit(seedFrames(t, comp)), &buf); err != nil {
+		stream, at := seedStream(t, comp)
+		if err := receive(t, stream); err != nil {
 			t.Fatalf("compression %v: the seed stream was refused: %v", comp != nil, err)
+		}
+		if len(at) != 7 {
+			t.Fatalf("the seed stream has %d frames, want 7", len(at))
+		}
+		for name, bad := range map[string][]byte{
+			"Begin only":      stream[:at[1]],
+			"no Begin":        stream[at[1]:],
+			"no Commit":       stream[:at[len(at)-1]],
+			"cut in Commit":   stream[:len(stream)-3],
+			"two Begins":      slices.Concat(stream[:at[1]], stream),
+			"copy before src": slices.Concat(stream[:at[1]], stream[at[3]:]),
+		} {
+			if err := receive(t, bad); err == nil {
+				t.Errorf("compression %v: the stream %s was taken as a point", comp != nil, name)
+			}
 		}
 	}
 }
@@ -288,7 +276,7 @@ func (f *fakeReplication) BlockMap(context.Context, *wirepb.BlockMapRequest, ...
 }
 
 func (f *fakeReplication) Replicate(context.Context, ...grpc.CallOption) (grpc.ClientStreamingClient[wirepb.Frame, wirepb.ReplicateReply], error) {
-	return nil, errors.New("not fuzzed")
+	return nil, errors.New("not served: points travel on their own connections")
 }
 
 func (f *fakeReplication) Failover(context.Context, *wirepb.FailoverRequest, ...grpc.CallOption) (*wirepb.FailoverReply, error) {

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/pki"
@@ -65,7 +66,12 @@ type Server struct {
 	// for its owner's planned migration; nil: this site refuses to.
 	StartVM func(ctx context.Context, vm string, point uint64) (FailoverResult, error)
 
-	grpc *grpc.Server
+	mu       sync.Mutex
+	stopped  bool
+	listener net.Listener
+	calls    *connListener
+	grpc     *grpc.Server
+	streams  map[net.Conn]struct{} // the point streams' connections
 
 	contacts sync.Map // vm -> contact: the last call about it from its owner
 }
@@ -96,7 +102,8 @@ type FailoverResult struct {
 	Epoch     uint64
 }
 
-// Serve accepts protected sites on l with mutual TLS until Stop.
+// Serve accepts protected sites on l with mutual TLS until Stop: gRPC calls
+// and point streams on the same address, told apart by ALPN (see streamProto).
 func (s *Server) Serve(l net.Listener, tlsConf *tls.Config) error {
 	if s.Log == nil {
 		s.Log = slog.Default()
@@ -104,24 +111,158 @@ func (s *Server) Serve(l net.Listener, tlsConf *tls.Config) error {
 	if s.Writers <= 0 {
 		s.Writers = 4
 	}
+	conf := tlsConf.Clone()
+	conf.NextProtos = []string{"h2", streamProto}
+	calls := newConnListener(l.Addr())
+	s.mu.Lock()
+	if s.stopped {
+		s.mu.Unlock()
+		return net.ErrClosed
+	}
+	s.listener, s.calls, s.streams = l, calls, map[net.Conn]struct{}{}
 	s.grpc = grpc.NewServer(
-		grpc.Creds(batchCreds{credentials.NewTLS(tlsConf)}),
+		grpc.Creds(handshaken{}),
 		grpc.InitialWindowSize(streamWindow),
 		grpc.InitialConnWindowSize(connWindow),
 		grpc.MaxRecvMsgSize(maxMessage), grpc.MaxSendMsgSize(maxMessage),
 		grpc.ReadBufferSize(1<<20), grpc.WriteBufferSize(1<<20),
-		grpc.ForceServerCodecV2(newFrameCodec()),
 	)
 	wirepb.RegisterReplicationServer(s.grpc, s)
-	return s.grpc.Serve(l)
-}
-
-// Stop ends every stream at once; points in flight are discarded.
-func (s *Server) Stop() {
-	if s.grpc != nil {
-		s.grpc.Stop()
+	s.mu.Unlock()
+	go s.grpc.Serve(calls)
+	for {
+		raw, err := l.Accept()
+		if err != nil {
+			calls.Close()
+			s.mu.Lock()
+			stopped := s.stopped
+			s.mu.Unlock()
+			if stopped {
+				return nil
+			}
+			return err
+		}
+		go s.handshake(raw, conf)
 	}
 }
+
+// handshakeTimeout bounds a connection's TLS handshake and a stream's first frame.
+const handshakeTimeout = 30 * time.Second
+
+// handshake completes a connection's mutual TLS and hands it to gRPC or to
+// the point stream, by the protocol it asked for.
+func (s *Server) handshake(raw net.Conn, conf *tls.Config) {
+	bc := newBatchConn(raw)
+	tc := tls.Server(bc, conf)
+	raw.SetDeadline(time.Now().Add(handshakeTimeout))
+	if err := tc.Handshake(); err != nil {
+		s.Log.Warn("TLS handshake with a peer failed", "addr", raw.RemoteAddr().String(), "err", err)
+		raw.Close()
+		return
+	}
+	raw.SetDeadline(time.Time{})
+	conn := &flushConn{Conn: tc, raw: bc}
+	if tc.ConnectionState().NegotiatedProtocol == streamProto {
+		s.serveStream(conn)
+		return
+	}
+	if !s.calls.push(conn) {
+		conn.Close()
+	}
+}
+
+// Stop ends every call and stream at once; points in flight are discarded.
+func (s *Server) Stop() {
+	s.mu.Lock()
+	s.stopped = true
+	l, g := s.listener, s.grpc
+	for c := range s.streams {
+		c.Close()
+	}
+	s.mu.Unlock()
+	if l != nil {
+		l.Close()
+	}
+	if g != nil {
+		g.Stop()
+	}
+}
+
+// track registers a stream's connection for Stop; false: the server stopped.
+func (s *Server) track(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		return false
+	}
+	s.streams[c] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(c net.Conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.streams, c)
+}
+
+// handshaken is the gRPC server's transport security: Serve has made the
+// mutual TLS handshake already, and this hands gRPC the connection's state.
+type handshaken struct{}
+
+func (handshaken) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	return nil, nil, errors.New("wire: handshaken credentials are for the server only")
+}
+
+func (handshaken) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	st, ok := tlsState(c)
+	if !ok {
+		return nil, nil, errors.New("wire: connection did not come through Serve's TLS handshake")
+	}
+	return c, credentials.TLSInfo{State: st, CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}}, nil
+}
+
+func (handshaken) Info() credentials.ProtocolInfo {
+	return credentials.ProtocolInfo{SecurityProtocol: "tls", SecurityVersion: "1.3"}
+}
+func (h handshaken) Clone() credentials.TransportCredentials { return h }
+func (handshaken) OverrideServerName(string) error           { return nil }
+
+// connListener is the listener gRPC serves: the connections Serve handed it.
+type connListener struct {
+	addr   net.Addr
+	conns  chan net.Conn
+	done   chan struct{}
+	closed sync.Once
+}
+
+func newConnListener(addr net.Addr) *connListener {
+	return &connListener{addr: addr, conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *connListener) push(c net.Conn) bool {
+	select {
+	case l.conns <- c:
+		return true
+	case <-l.done:
+		return false
+	}
+}
+
+func (l *connListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *connListener) Close() error {
+	l.closed.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *connListener) Addr() net.Addr { return l.addr }
 
 // peerSite is the site named by the peer's verified certificate.
 func peerSite(ctx context.Context) (string, error) {
@@ -167,15 +308,20 @@ func (s *Server) authorize(ctx context.Context, vm string) (string, error) {
 	if err != nil {
 		return "", status.Error(codes.Unauthenticated, err.Error())
 	}
+	return site, s.authorizeSite(site, peerName(ctx), vm)
+}
+
+// authorizeSite checks that site, as its certificate names it, owns vm.
+func (s *Server) authorizeSite(site, peer, vm string) error {
 	if err := s.Store.Authorize(vm, site); err != nil {
 		if errors.Is(err, recovery.ErrNotOwner) {
-			s.Log.Warn("refused a site that does not own the vm", "vm", vm, "peer", peerName(ctx), "err", err)
-			return "", status.Error(codes.PermissionDenied, err.Error())
+			s.Log.Warn("refused a site that does not own the vm", "vm", vm, "peer", peer, "err", err)
+			return status.Error(codes.PermissionDenied, err.Error())
 		}
-		return "", status.Error(codes.Internal, err.Error())
+		return status.Error(codes.Internal, err.Error())
 	}
 	s.contacts.Store(vm, contact{site: site, at: time.Now()})
-	return site, nil
+	return nil
 }
 
 // Failover is a planned migration's last step, asked by the VM's owner.
@@ -262,34 +408,85 @@ func (s *Server) BlockMap(r *wirepb.BlockMapRequest, st grpc.ServerStreamingServ
 	return nil
 }
 
-// Replicate receives one point. Blocks are decompressed and written by a few
-// workers; the first error ends the stream and discards the point.
-func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.ReplicateReply]) error {
-	ctx, cancel := context.WithCancel(st.Context())
-	defer cancel()
-	f, err := st.Recv()
+// serveStream receives one point on conn (see streamProto), answers with the
+// committed point or the error, and closes conn.
+func (s *Server) serveStream(conn *flushConn) {
+	if !s.track(conn) {
+		conn.Close()
+		return
+	}
+	defer s.untrack(conn)
+	defer conn.Close()
+	st, _ := tlsState(conn)
+	peer := "unknown peer"
+	site, err := pki.PeerSite(st)
+	var reply *wirepb.ReplicateReply
 	if err != nil {
-		return err
+		err = status.Error(codes.Unauthenticated, err.Error())
+	} else {
+		peer = site + "@" + conn.RemoteAddr().String()
+		conn.SetReadDeadline(time.Now().Add(handshakeTimeout))
+		reply, err = s.receive(context.Background(), site, peer, newFrameReader(conn), func() { conn.SetReadDeadline(time.Time{}) })
+	}
+	conn.SetWriteDeadline(time.Now().Add(handshakeTimeout))
+	if err == nil {
+		f, merr := marshalFrame(frameReply, reply)
+		if merr == nil {
+			if werr := conn.writeParts(f); werr != nil {
+				s.Log.Warn("the reply to a committed point was lost; the client asks again", "peer", peer, "err", werr)
+			}
+			return
+		}
+		err = status.Error(codes.Internal, merr.Error())
+	}
+	// Say why, then read until the client, having read it, hangs up: closing
+	// with its frames unread would reset the connection and lose the reason.
+	if werr := conn.writeParts(statusFrame(err)); werr != nil {
+		return
+	}
+	conn.closeWrite()
+	conn.SetReadDeadline(time.Now().Add(handshakeTimeout))
+	io.Copy(io.Discard, conn)
+}
+
+// receive takes one point from fr: Begin first, then frames applied by a few
+// workers, then Commit. began is called once Begin was read. The first error
+// ends the point, discarded; the error is a gRPC status.
+func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader, began func()) (*wirepb.ReplicateReply, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	typ, payload, err := fr.next()
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "reading the stream's Begin: %v", err)
+	}
+	if began != nil {
+		began()
+	}
+	f, err := decodeFrame(typ, payload)
+	putPayload(payload)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	b := f.GetBegin()
 	if b == nil {
-		return status.Error(codes.InvalidArgument, "stream must start with Begin")
+		return nil, status.Error(codes.InvalidArgument, "stream must start with Begin")
 	}
 	p, err := pointFromPB(b.Point)
 	if err != nil {
-		return status.Error(codes.InvalidArgument, err.Error())
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	if p.Site, err = s.authorize(ctx, p.VM); err != nil {
-		return err
+	if err := s.authorizeSite(site, peer, p.VM); err != nil {
+		return nil, err
 	}
-	log := s.Log.With("vm", p.VM, "point", p.ID, "peer", peerName(ctx))
+	p.Site = site
+	log := s.Log.With("vm", p.VM, "point", p.ID, "peer", peer)
 	w, err := s.Store.BeginPoint(ctx, p)
 	if err != nil {
 		log.Error("cannot begin point", "err", err)
 		if errors.Is(err, recovery.ErrNotOwner) {
-			return status.Error(codes.PermissionDenied, err.Error())
+			return nil, status.Error(codes.PermissionDenied, err.Error())
 		}
-		return status.Error(codes.FailedPrecondition, err.Error())
+		return nil, status.Error(codes.FailedPrecondition, err.Error())
 	}
 	committed := false
 	defer func() {
@@ -302,8 +499,12 @@ func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.Re
 		}
 	}()
 
+	type frame struct {
+		f       *wirepb.Frame
+		payload []byte // the frame's bytes, which f's data may point into
+	}
 	var (
-		work    = make(chan *recvFrame, s.Writers*2)
+		work    = make(chan frame, s.Writers*2)
 		wg      sync.WaitGroup
 		errOnce sync.Once
 		first   error
@@ -311,18 +512,18 @@ func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.Re
 	fail := func(err error) {
 		errOnce.Do(func() { first = err; cancel() })
 	}
-	for range s.Writers {
+	for range max(s.Writers, 1) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			var buf []byte
 			for f := range work {
 				if ctx.Err() == nil {
-					if err := s.apply(ctx, w, &f.f, &buf); err != nil {
+					if err := s.apply(ctx, w, f.f, &buf); err != nil {
 						fail(err)
 					}
 				}
-				f.release() // the frame's bytes may be gRPC's buffer
+				putPayload(f.payload)
 			}
 		}()
 	}
@@ -333,8 +534,7 @@ func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.Re
 	}
 
 	for {
-		f := new(recvFrame)
-		err := st.RecvMsg(f) // frameCodec: a Blocks frame's data stays in gRPC's buffer
+		typ, payload, err := fr.next()
 		if err != nil {
 			werr := finish()
 			if errors.Is(err, io.EOF) {
@@ -344,34 +544,65 @@ func (s *Server) Replicate(st grpc.ClientStreamingServer[wirepb.Frame, wirepb.Re
 				err = werr
 			}
 			log.Warn("point not received whole", "err", err)
-			return status.Error(codes.Aborted, err.Error())
+			return nil, status.Error(codes.Aborted, err.Error())
 		}
-		if c := f.f.GetCommit(); c != nil {
+		f, err := decodeFrame(typ, payload)
+		if err != nil {
+			putPayload(payload)
+			werr := finish()
+			if werr == nil {
+				werr = err
+			}
+			log.Error("point rejected", "err", werr)
+			return nil, status.Error(codes.InvalidArgument, werr.Error())
+		}
+		if c := f.GetCommit(); c != nil {
+			putPayload(payload)
 			if err := finish(); err != nil {
 				log.Error("point rejected", "err", err)
-				return status.Error(codes.DataLoss, err.Error())
+				return nil, status.Error(codes.DataLoss, err.Error())
 			}
 			pt, err := w.Commit(ctx, statsFromPB(c.Stats))
 			if err != nil {
 				log.Error("commit failed", "err", err)
-				return status.Error(codes.Internal, err.Error())
+				return nil, status.Error(codes.Internal, err.Error())
 			}
 			committed = true
 			log.Info("point committed", "disks", len(pt.Disks), "bytes_sent", pt.Stats.BytesSent)
-			return st.SendAndClose(&wirepb.ReplicateReply{Point: pointToPB(pt)})
+			return &wirepb.ReplicateReply{Point: pointToPB(pt)}, nil
 		}
 		select {
-		case work <- f:
+		case work <- frame{f, payload}:
 		case <-ctx.Done():
-			f.release()
+			putPayload(payload)
 			werr := finish()
 			if werr == nil {
 				werr = ctx.Err()
 			}
 			log.Error("point rejected", "err", werr)
-			return status.Error(codes.DataLoss, werr.Error())
+			return nil, status.Error(codes.DataLoss, werr.Error())
 		}
 	}
+}
+
+// decodeFrame decodes a frame of the point stream; a Blocks frame's data is
+// the payload's tail.
+func decodeFrame(typ byte, payload []byte) (*wirepb.Frame, error) {
+	switch typ {
+	case frameBlocks:
+		b, err := decodeBlocks(payload)
+		if err != nil {
+			return nil, err
+		}
+		return &wirepb.Frame{Body: &wirepb.Frame_Blocks{Blocks: b}}, nil
+	case frameMessage:
+		f := &wirepb.Frame{}
+		if err := proto.Unmarshal(payload, f); err != nil {
+			return nil, fmt.Errorf("frame: %w", err)
+		}
+		return f, nil
+	}
+	return nil, fmt.Errorf("unknown frame type %q", typ)
 }
 
 func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame, buf *[]byte) error {

@@ -140,3 +140,46 @@ func TestCopyReferences(t *testing.T) {
 		t.Fatalf("%d points after a refused point", len(pts))
 	}
 }
+
+// A point the recovery site fails early (here: the first chunk's hash does
+// not match) reaches a sender that goes on sending: its next sends fail with
+// the site's reason, not with a reset connection, and nothing is listed.
+func TestEarlyFailureReachesTheSender(t *testing.T) {
+	site := testsite.Start(t, recovery.Options{})
+	c := site.Dial(t, wire.CompressionNone)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	p := point(1)
+	p.Disks[0].Size = 64 << 20
+	st, err := c.Begin(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 1<<20)
+	for i := range chunk {
+		chunk[i] = byte(i * 31)
+	}
+	hs := make([]lifeboat.Hash, len(chunk)/lifeboat.BlockSize)
+	for i := range hs {
+		hs[i] = lifeboat.HashBlock(chunk[i*lifeboat.BlockSize : (i+1)*lifeboat.BlockSize])
+	}
+	bad := append([]byte(nil), chunk...)
+	bad[7] ^= 1
+	if _, err := st.SendBlocks("vda", 0, bad, hs); err != nil {
+		t.Fatalf("the first send failed before the site could look at it: %v", err)
+	}
+	var sendErr error
+	for off := int64(1 << 20); off < p.Disks[0].Size && sendErr == nil; off += 1 << 20 {
+		_, sendErr = st.SendBlocks("vda", off, chunk, hs)
+	}
+	if sendErr == nil {
+		_, sendErr = st.Commit(lifeboat.CycleStats{})
+	}
+	if sendErr == nil || !strings.Contains(sendErr.Error(), "hash") {
+		t.Fatalf("after a corrupt first chunk: %v, want the site's hash mismatch", sendErr)
+	}
+	t.Logf("the sender learnt: %v", sendErr)
+	if pts, _ := site.Store.Points("vm1"); len(pts) != 0 {
+		t.Fatalf("%d points listed after a failed point", len(pts))
+	}
+}

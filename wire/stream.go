@@ -1,0 +1,188 @@
+package wire
+
+import (
+	"bufio"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+
+	spb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/lifeboat-dr/lifeboat/wire/wirepb"
+)
+
+// The point stream. A point's blocks are most of what crosses between sites,
+// and through gRPC each byte of them was copied five times in user space
+// (protobuf's marshal, gRPC's write buffer, HTTP/2 frames, gRPC's read
+// buffers, one contiguous message) and cut into 16 KiB HTTP/2 frames: in
+// `make bench` that was a third of lifeboat's CPU per GiB. So a point travels
+// on a TLS connection of its own, to the same address and with the same
+// mutual TLS as the gRPC calls: the server tells the two apart by the ALPN
+// protocol the client asks for (streamProto, or gRPC's "h2").
+//
+// On the connection, each message is a frame: its type (one byte), the
+// payload's length (4 bytes, big-endian) and the payload. The client sends a
+// Begin, then blocks, zeroes and copies in any number, then a Commit; the
+// server answers once, with a Reply (the committed point) or an Error (a gRPC
+// status: its code and message), and an error may come at any time. A
+// Message frame is a wirepb.Frame (Begin, Zeroes, Copy, Commit); a Blocks
+// frame is the length of its header (4 bytes), the header (a wirepb.Blocks
+// without data) and the data itself, which the receiver reads straight into
+// the buffer it writes from.
+const streamProto = "lifeboat-point/3"
+
+// Frame types.
+const (
+	frameMessage byte = 'M' // wirepb.Frame: Begin, Zeroes, Copy or Commit
+	frameBlocks  byte = 'D' // header length, wirepb.Blocks without data, data
+	frameReply   byte = 'R' // wirepb.ReplicateReply: the point is committed
+	frameError   byte = 'E' // google.rpc.Status: the point is refused or failed
+)
+
+const (
+	frameHead = 5 // type and length
+	// maxFrame bounds a frame's payload: a whole chunk, its hashes and header.
+	maxFrame = MaxChunk + 1<<20
+)
+
+// errFrameTooLarge marks a frame over maxFrame: the peer is not a lifeboat of
+// this version, or the stream is corrupt.
+var errFrameTooLarge = errors.New("frame too large")
+
+// appendHead appends a frame's type and payload length to b.
+func appendHead(b []byte, typ byte, n int) []byte {
+	return binary.BigEndian.AppendUint32(append(b, typ), uint32(n))
+}
+
+// marshalFrame is a whole frame holding message m.
+func marshalFrame(typ byte, m proto.Message) ([]byte, error) {
+	body, err := proto.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	return append(appendHead(make([]byte, 0, frameHead+len(body)), typ, len(body)), body...), nil
+}
+
+// blocksHead is the start of a Blocks frame, up to its data: the frame's head,
+// the header's length and the header (b without data), for dataLen bytes of data.
+func blocksHead(b *wirepb.Blocks, dataLen int) ([]byte, error) {
+	hdr, err := proto.Marshal(b)
+	if err != nil {
+		return nil, err
+	}
+	out := appendHead(make([]byte, 0, frameHead+4+len(hdr)), frameBlocks, 4+len(hdr)+dataLen)
+	out = binary.BigEndian.AppendUint32(out, uint32(len(hdr)))
+	return append(out, hdr...), nil
+}
+
+// decodeBlocks decodes a Blocks frame's payload; the result's data is the
+// payload's tail (not copied).
+func decodeBlocks(payload []byte) (*wirepb.Blocks, error) {
+	if len(payload) < 4 {
+		return nil, fmt.Errorf("blocks frame of %d bytes: no header", len(payload))
+	}
+	n := binary.BigEndian.Uint32(payload)
+	if uint64(n) > uint64(len(payload)-4) {
+		return nil, fmt.Errorf("blocks frame of %d bytes with a %d-byte header", len(payload), n)
+	}
+	b := &wirepb.Blocks{}
+	if err := proto.Unmarshal(payload[4:4+n], b); err != nil {
+		return nil, fmt.Errorf("blocks header: %w", err)
+	}
+	if len(b.Data) != 0 {
+		return nil, errors.New("blocks header carries data")
+	}
+	b.Data = payload[4+n:]
+	return b, nil
+}
+
+// frameReader reads frames. Payloads are read into buffers of a pool, so that
+// a Blocks frame's data is read once, straight from the TLS connection into
+// the buffer the receiver hashes and writes from.
+type frameReader struct {
+	r *bufio.Reader
+}
+
+func newFrameReader(r io.Reader) *frameReader {
+	return &frameReader{r: bufio.NewReaderSize(r, 64<<10)}
+}
+
+// next reads one frame. Its payload is a pooled buffer: give it back with
+// putPayload once nothing reads it.
+func (fr *frameReader) next() (typ byte, payload []byte, err error) {
+	var head [frameHead]byte
+	if _, err := io.ReadFull(fr.r, head[:]); err != nil {
+		return 0, nil, err
+	}
+	n := binary.BigEndian.Uint32(head[1:])
+	if n > maxFrame {
+		return 0, nil, fmt.Errorf("%w: frame %q of %d bytes, at most %d", errFrameTooLarge, head[0], n, maxFrame)
+	}
+	payload = getPayload(int(n))
+	if _, err := io.ReadFull(fr.r, payload); err != nil {
+		putPayload(payload)
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return 0, nil, err
+	}
+	return head[0], payload, nil
+}
+
+// payloadPool holds buffers for whole chunks; smaller frames take plain slices.
+var payloadPool = sync.Pool{New: func() any { b := make([]byte, maxFrame); return &b }}
+
+const smallPayload = 64 << 10
+
+func getPayload(n int) []byte {
+	if n <= smallPayload {
+		return make([]byte, n)
+	}
+	return (*payloadPool.Get().(*[]byte))[:n]
+}
+
+func putPayload(b []byte) {
+	if cap(b) == maxFrame {
+		b = b[:maxFrame]
+		payloadPool.Put(&b)
+	}
+}
+
+// statusFrame is an Error frame saying err: its gRPC status when it has one.
+func statusFrame(err error) []byte {
+	f, merr := marshalFrame(frameError, status.Convert(err).Proto())
+	if merr != nil {
+		f, _ = marshalFrame(frameError, status.New(codes.Internal, err.Error()).Proto())
+	}
+	return f
+}
+
+// statusFromFrame is the error an Error frame's payload says.
+func statusFromFrame(payload []byte) error {
+	var st spb.Status
+	if err := proto.Unmarshal(payload, &st); err != nil {
+		return fmt.Errorf("malformed error from the recovery site: %w", err)
+	}
+	if st.Code == int32(codes.OK) {
+		return errors.New("the recovery site answered with an error frame saying OK")
+	}
+	return status.FromProto(&st).Err()
+}
+
+// tlsState is the TLS state of a connection made by Serve or the point
+// stream's dial.
+func tlsState(c net.Conn) (tls.ConnectionState, bool) {
+	if f, ok := c.(*flushConn); ok {
+		if t, ok := f.Conn.(*tls.Conn); ok {
+			return t.ConnectionState(), true
+		}
+	}
+	return tls.ConnectionState{}, false
+}
