@@ -275,10 +275,6 @@ func (f *fakeReplication) BlockMap(context.Context, *wirepb.BlockMapRequest, ...
 	return &chunkStream{chunks: f.chunks}, nil
 }
 
-func (f *fakeReplication) Replicate(context.Context, ...grpc.CallOption) (grpc.ClientStreamingClient[wirepb.Frame, wirepb.ReplicateReply], error) {
-	return nil, errors.New("not served: points travel on their own connections")
-}
-
 func (f *fakeReplication) Failover(context.Context, *wirepb.FailoverRequest, ...grpc.CallOption) (*wirepb.FailoverReply, error) {
 	return nil, errors.New("not fuzzed")
 }

@@ -812,6 +812,10 @@ func (x *BlockMapChunk) GetHashes() []byte {
 	return nil
 }
 
+// A point does not travel through this service: it has a TLS connection of
+// its own (wire/stream.go), on which Frame, Blocks and ReplicateReply are the
+// messages. Begin, then Blocks, Zeroes and Copy in any order, then Commit; the
+// reply comes only after the point is flushed and committed in the catalog.
 type Frame struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Body:
@@ -1412,13 +1416,12 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x06Commit\x12-\n" +
 	"\x05stats\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.StatsR\x05stats\"?\n" +
 	"\x0eReplicateReply\x12-\n" +
-	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\xcc\x03\n" +
+	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\x82\x03\n" +
 	"\vReplication\x12E\n" +
 	"\x05Hello\x12\x1e.lifeboat.wire.v1.HelloRequest\x1a\x1c.lifeboat.wire.v1.HelloReply\x12D\n" +
 	"\x06Latest\x12\x1b.lifeboat.wire.v1.VMRequest\x1a\x1d.lifeboat.wire.v1.LatestReply\x12D\n" +
 	"\x06Points\x12\x1b.lifeboat.wire.v1.VMRequest\x1a\x1d.lifeboat.wire.v1.PointsReply\x12P\n" +
-	"\bBlockMap\x12!.lifeboat.wire.v1.BlockMapRequest\x1a\x1f.lifeboat.wire.v1.BlockMapChunk0\x01\x12H\n" +
-	"\tReplicate\x12\x17.lifeboat.wire.v1.Frame\x1a .lifeboat.wire.v1.ReplicateReply(\x01\x12N\n" +
+	"\bBlockMap\x12!.lifeboat.wire.v1.BlockMapRequest\x1a\x1f.lifeboat.wire.v1.BlockMapChunk0\x01\x12N\n" +
 	"\bFailover\x12!.lifeboat.wire.v1.FailoverRequest\x1a\x1f.lifeboat.wire.v1.FailoverReplyB-Z+github.com/lifeboat-dr/lifeboat/wire/wirepbb\x06proto3"
 
 var (
@@ -1472,16 +1475,14 @@ var file_wire_wirepb_wire_proto_depIdxs = []int32{
 	4,  // 13: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
 	4,  // 14: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
 	10, // 15: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
-	12, // 16: lifeboat.wire.v1.Replication.Replicate:input_type -> lifeboat.wire.v1.Frame
-	0,  // 17: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
-	3,  // 18: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
-	8,  // 19: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
-	9,  // 20: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
-	11, // 21: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
-	18, // 22: lifeboat.wire.v1.Replication.Replicate:output_type -> lifeboat.wire.v1.ReplicateReply
-	1,  // 23: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
-	18, // [18:24] is the sub-list for method output_type
-	12, // [12:18] is the sub-list for method input_type
+	0,  // 16: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
+	3,  // 17: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
+	8,  // 18: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
+	9,  // 19: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
+	11, // 20: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
+	1,  // 21: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
+	17, // [17:22] is the sub-list for method output_type
+	12, // [12:17] is the sub-list for method input_type
 	12, // [12:12] is the sub-list for extension type_name
 	12, // [12:12] is the sub-list for extension extendee
 	0,  // [0:12] is the sub-list for field type_name

@@ -22,12 +22,11 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Replication_Hello_FullMethodName     = "/lifeboat.wire.v1.Replication/Hello"
-	Replication_Latest_FullMethodName    = "/lifeboat.wire.v1.Replication/Latest"
-	Replication_Points_FullMethodName    = "/lifeboat.wire.v1.Replication/Points"
-	Replication_BlockMap_FullMethodName  = "/lifeboat.wire.v1.Replication/BlockMap"
-	Replication_Replicate_FullMethodName = "/lifeboat.wire.v1.Replication/Replicate"
-	Replication_Failover_FullMethodName  = "/lifeboat.wire.v1.Replication/Failover"
+	Replication_Hello_FullMethodName    = "/lifeboat.wire.v1.Replication/Hello"
+	Replication_Latest_FullMethodName   = "/lifeboat.wire.v1.Replication/Latest"
+	Replication_Points_FullMethodName   = "/lifeboat.wire.v1.Replication/Points"
+	Replication_BlockMap_FullMethodName = "/lifeboat.wire.v1.Replication/BlockMap"
+	Replication_Failover_FullMethodName = "/lifeboat.wire.v1.Replication/Failover"
 )
 
 // ReplicationClient is the client API for Replication service.
@@ -42,9 +41,6 @@ type ReplicationClient interface {
 	Points(ctx context.Context, in *VMRequest, opts ...grpc.CallOption) (*PointsReply, error)
 	// BlockMap streams a disk's block hashes at the latest point, for a resync by hashes.
 	BlockMap(ctx context.Context, in *BlockMapRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BlockMapChunk], error)
-	// Replicate carries one point: Begin, then Blocks and Zeroes in any order, then Commit.
-	// The reply comes only after the point is flushed and committed in the catalog.
-	Replicate(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[Frame, ReplicateReply], error)
 	// Failover asks the recovery site to start the VM from one of its points
 	// and take it over (a planned migration: the caller, its owner, has shut
 	// it down and sent its last point). Only the VM's owner may ask.
@@ -108,19 +104,6 @@ func (c *replicationClient) BlockMap(ctx context.Context, in *BlockMapRequest, o
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replication_BlockMapClient = grpc.ServerStreamingClient[BlockMapChunk]
 
-func (c *replicationClient) Replicate(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[Frame, ReplicateReply], error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Replication_ServiceDesc.Streams[1], Replication_Replicate_FullMethodName, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	x := &grpc.GenericClientStream[Frame, ReplicateReply]{ClientStream: stream}
-	return x, nil
-}
-
-// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type Replication_ReplicateClient = grpc.ClientStreamingClient[Frame, ReplicateReply]
-
 func (c *replicationClient) Failover(ctx context.Context, in *FailoverRequest, opts ...grpc.CallOption) (*FailoverReply, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(FailoverReply)
@@ -143,9 +126,6 @@ type ReplicationServer interface {
 	Points(context.Context, *VMRequest) (*PointsReply, error)
 	// BlockMap streams a disk's block hashes at the latest point, for a resync by hashes.
 	BlockMap(*BlockMapRequest, grpc.ServerStreamingServer[BlockMapChunk]) error
-	// Replicate carries one point: Begin, then Blocks and Zeroes in any order, then Commit.
-	// The reply comes only after the point is flushed and committed in the catalog.
-	Replicate(grpc.ClientStreamingServer[Frame, ReplicateReply]) error
 	// Failover asks the recovery site to start the VM from one of its points
 	// and take it over (a planned migration: the caller, its owner, has shut
 	// it down and sent its last point). Only the VM's owner may ask.
@@ -171,9 +151,6 @@ func (UnimplementedReplicationServer) Points(context.Context, *VMRequest) (*Poin
 }
 func (UnimplementedReplicationServer) BlockMap(*BlockMapRequest, grpc.ServerStreamingServer[BlockMapChunk]) error {
 	return status.Error(codes.Unimplemented, "method BlockMap not implemented")
-}
-func (UnimplementedReplicationServer) Replicate(grpc.ClientStreamingServer[Frame, ReplicateReply]) error {
-	return status.Error(codes.Unimplemented, "method Replicate not implemented")
 }
 func (UnimplementedReplicationServer) Failover(context.Context, *FailoverRequest) (*FailoverReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Failover not implemented")
@@ -264,13 +241,6 @@ func _Replication_BlockMap_Handler(srv interface{}, stream grpc.ServerStream) er
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replication_BlockMapServer = grpc.ServerStreamingServer[BlockMapChunk]
 
-func _Replication_Replicate_Handler(srv interface{}, stream grpc.ServerStream) error {
-	return srv.(ReplicationServer).Replicate(&grpc.GenericServerStream[Frame, ReplicateReply]{ServerStream: stream})
-}
-
-// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
-type Replication_ReplicateServer = grpc.ClientStreamingServer[Frame, ReplicateReply]
-
 func _Replication_Failover_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(FailoverRequest)
 	if err := dec(in); err != nil {
@@ -318,11 +288,6 @@ var Replication_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "BlockMap",
 			Handler:       _Replication_BlockMap_Handler,
 			ServerStreams: true,
-		},
-		{
-			StreamName:    "Replicate",
-			Handler:       _Replication_Replicate_Handler,
-			ClientStreams: true,
 		},
 	},
 	Metadata: "wire/wirepb/wire.proto",
