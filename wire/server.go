@@ -130,8 +130,17 @@ func (s *Server) Serve(l net.Listener, tlsConf *tls.Config) error {
 	wirepb.RegisterReplicationServer(s.grpc, s)
 	s.mu.Unlock()
 	go s.grpc.Serve(calls)
+	var backoff time.Duration
 	for {
 		raw, err := l.Accept()
+		if ne, ok := err.(interface{ Temporary() bool }); ok && ne.Temporary() {
+			// Out of file descriptors, say: wait and go on, as gRPC's own Serve does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.Log.Warn("accepting a connection failed; retrying", "err", err, "in", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
 		if err != nil {
 			calls.Close()
 			s.mu.Lock()
