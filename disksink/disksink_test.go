@@ -251,13 +251,61 @@ func TestSinkRefuses(t *testing.T) {
 func TestFailbackCycleStartsFromFailoverGeneration(t *testing.T) {
 	rec, prod := startVM(t), startVM(t)
 	guest := openGuest(t, rec, testenv.Seed(t))
+	target := shareAPoint(t, rec, prod, guest)
+	ops, err := guest.Mixed(ctx(t), 25)
+	if err != nil {
+		t.Fatal(err)
+	}
+	touched := touchedBytes(ops)
+	pt := failbackCycle(t, rec, prod, guest, target)
+	if s := pt.Stats; s.BytesChanged > touched {
+		t.Errorf("the cycle handled %d bytes, more than the %d in blocks the recovered VM touched", s.BytesChanged, touched)
+	}
+}
+
+// A failback cycle sends the union of both sides' changes since the point
+// they share: the blocks the recovered VM wrote and those the production VM
+// wrote after that point, before its site was lost (invariant 5). After it,
+// the production disks hold exactly what the recovered VM's hold: none of
+// the production-only writes is left. Production's own record of what it
+// wrote is here the workload's list of its writes (ChangedTarget); reading
+// it from the production disk's bitmap is the production site's part.
+func TestFailbackSendsBothSidesChanges(t *testing.T) {
+	rec, prod := startVM(t), startVM(t)
+	seed := testenv.Seed(t)
+	guest := openGuest(t, rec, seed)
+	target := shareAPoint(t, rec, prod, guest)
+	prodOps, err := openGuest(t, prod, seed^0x5eed).Mixed(ctx(t), 12)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recOps, err := guest.Mixed(ctx(t), 12)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target.changed = workload.Touched(prodOps)
+	union := touchedBytes(append(recOps, prodOps...))
+	pt := failbackCycle(t, rec, prod, guest, target)
+	s := pt.Stats
+	t.Logf("union of both sides' changes %d bytes (recovered VM %d, production %d); the cycle handled %d",
+		union, touchedBytes(recOps), touchedBytes(prodOps), s.BytesChanged)
+	if s.BytesChanged > union {
+		t.Errorf("the cycle handled %d bytes, more than the %d in the union of both sides' changes", s.BytesChanged, union)
+	}
+	if s.BytesChanged < touchedBytes(prodOps)-int64(len(disks))*lifeboat.BlockSize {
+		t.Errorf("the cycle handled %d bytes, less than the %d production changed on its own", s.BytesChanged, touchedBytes(prodOps))
+	}
+}
+
+// shareAPoint makes point 5 as both sites hold it after a failover: the
+// recovered VM's disks copied to production's, and the failover's generation
+// started on the recovered VM's disks, named for production's site.
+func shareAPoint(t *testing.T, rec, prod *testvm.VM, guest *workload.Guest) *failbackTarget {
+	t.Helper()
 	if err := guest.Fill(ctx(t), 0.3); err != nil {
 		t.Fatal(err)
 	}
-	// Point 5, as both sites hold it: its content copied to production's
-	// disks, and the failover's generation started on the recovered VM's.
-	const peer, point = "prod-site", 5
-	shared := lifeboat.Point{VM: "vm1", ID: point}
+	shared := lifeboat.Point{VM: "vm1", ID: sharedPoint}
 	prodDisks := dial(t, prod)
 	for _, d := range disks {
 		buf := make([]byte, d.Size)
@@ -268,38 +316,39 @@ func TestFailbackCycleStartsFromFailoverGeneration(t *testing.T) {
 			t.Fatal(err)
 		}
 		lineage := "feed" + d.Name
-		gen := lifeboat.NewGeneration(peer, lineage, point)
+		gen := lifeboat.NewGeneration(prodSite, lineage, sharedPoint)
 		if err := rec.Monitor().AddBitmap(ctx(t), d.Name, gen, d.Name == "vda", false); err != nil {
 			t.Fatal(err)
 		}
 		shared.Disks = append(shared.Disks, lifeboat.PointDisk{Name: d.Name, Size: d.Size, Lineage: lineage, Generation: gen})
 	}
-	ops, err := guest.Mixed(ctx(t), 25)
-	if err != nil {
-		t.Fatal(err)
-	}
-	touched := int64(0)
-	for _, blocks := range workload.Touched(ops) {
-		touched += int64(len(blocks)) * lifeboat.BlockSize
-	}
+	return &failbackTarget{diskTarget: diskTarget{disks: prodDisks, latest: shared}, peer: prodSite}
+}
+
+const (
+	prodSite    = "prod-site"
+	sharedPoint = 5
+)
+
+// failbackCycle runs one cycle from the recovered VM into production's disks
+// and checks that it was incremental from the shared point and that the
+// production disks then read as the recovered VM's.
+func failbackCycle(t *testing.T, rec, prod *testvm.VM, guest *workload.Guest, target *failbackTarget) lifeboat.Point {
+	t.Helper()
 	want, err := guest.Hashes(ctx(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	target := &failbackTarget{diskTarget{disks: prodDisks, latest: shared}, peer}
 	pt, err := protector(t, rec, target).Cycle(ctx(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := pt.Stats
-	t.Logf("failback cycle: %d bytes in blocks the recovered VM touched; changed %d, data %d, zero %d, written %d", touched, s.BytesChanged, s.BytesData, s.BytesZero, target.sink.Written())
+	t.Logf("failback cycle: changed %d, data %d, zero %d, written %d", s.BytesChanged, s.BytesData, s.BytesZero, target.sink.Written())
 	for _, d := range pt.Disks {
-		if d.Resync || d.Base != point {
-			t.Errorf("disk %s: resync %v from base %d, want an incremental from point %d", d.Name, d.Resync, d.Base, point)
+		if d.Resync || d.Base != sharedPoint {
+			t.Errorf("disk %s: resync %v from base %d, want an incremental from point %d", d.Name, d.Resync, d.Base, sharedPoint)
 		}
-	}
-	if s.BytesChanged > touched {
-		t.Errorf("the cycle handled %d bytes, more than the %d in blocks the recovered VM touched", s.BytesChanged, touched)
 	}
 	got, err := openGuest(t, prod, 0).Hashes(ctx(t))
 	if err != nil {
@@ -310,12 +359,33 @@ func TestFailbackCycleStartsFromFailoverGeneration(t *testing.T) {
 			t.Errorf("production disk %s after failback: sha256 %s, the recovered VM's %s", d.Name, got[d.Name][:12], want[d.Name][:12])
 		}
 	}
+	return pt
 }
 
-// failbackTarget is diskTarget under the production site's name.
+// touchedBytes is the size of the blocks ops touched.
+func touchedBytes(ops []workload.Op) int64 {
+	n := int64(0)
+	for _, blocks := range workload.Touched(ops) {
+		n += int64(len(blocks)) * lifeboat.BlockSize
+	}
+	return n
+}
+
+// failbackTarget is diskTarget under the production site's name, which says
+// what production changed on its own (nil: nothing).
 type failbackTarget struct {
 	diskTarget
-	peer string
+	peer    string
+	changed map[string]map[int64]bool
 }
 
 func (f *failbackTarget) Peer() string { return f.peer }
+
+func (f *failbackTarget) TargetChanged(_ context.Context, _, disk string, fn func(off, length int64) error) error {
+	for b := range f.changed[disk] {
+		if err := fn(b*lifeboat.BlockSize, lifeboat.BlockSize); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -90,12 +90,34 @@ func planDisk(ctx context.Context, cl *nbd.Client, d *diskState, known map[int64
 			return nil, fmt.Errorf("dirty blocks of generation %q: %w", d.old, err)
 		}
 	}
-	n := pl.dirty.count()
-	pl.changed = n * lifeboat.BlockSize
-	if nb > 0 && pl.dirty.has(nb-1) {
-		pl.changed -= nb*lifeboat.BlockSize - size // the short last block
-	}
+	pl.count()
 	return pl, nil
+}
+
+// count sets changed from the dirty blocks.
+func (pl *diskPlan) count() {
+	pl.changed = pl.dirty.count() * lifeboat.BlockSize
+	if pl.blocks > 0 && pl.dirty.has(pl.blocks-1) {
+		pl.changed -= pl.blocks*lifeboat.BlockSize - pl.size // the short last block
+	}
+}
+
+// addTargetChanges adds to the blocks to handle those the target changed on
+// its own (see ChangedTarget): each is sent as this site holds it, data or
+// zeros, whatever the generation says of it.
+func (pl *diskPlan) addTargetChanges(ctx context.Context, vm string, t ChangedTarget) error {
+	err := t.TargetChanged(ctx, vm, pl.disk.name, func(off, length int64) error {
+		if off < 0 || length <= 0 || off >= pl.size || length > pl.size-off {
+			return fmt.Errorf("the target says it changed bytes %d+%d, outside the %d-byte disk", off, length, pl.size)
+		}
+		pl.dirty.setRange(off/lifeboat.BlockSize, (off+length+lifeboat.BlockSize-1)/lifeboat.BlockSize)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("what %s changed on its own since its latest point: %w", t.Peer(), err)
+	}
+	pl.count()
+	return nil
 }
 
 // run is a stretch of consecutive dirty blocks, all data or all zero.

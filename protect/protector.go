@@ -64,6 +64,19 @@ type Target interface {
 	Failover(ctx context.Context, vm string, point uint64) (wire.FailoverResult, error)
 }
 
+// ChangedTarget is a Target whose copy of a disk may have changed on its own
+// since the latest point it holds: failback's production disk, which the
+// production VM wrote after the point the failover started from (invariant
+// 5). An incremental cycle to it sends those blocks too, as this site holds
+// them, so that none of the target's own writes survive the cycle.
+type ChangedTarget interface {
+	Target
+	// TargetChanged calls fn for each byte range of the disk that the target
+	// changed since its latest point. An error fails the cycle: a target that
+	// cannot say what it changed is resynchronised by hashes instead.
+	TargetChanged(ctx context.Context, vm, disk string, fn func(off, length int64) error) error
+}
+
 // Progress is what a long cycle reports as it goes.
 type Progress struct {
 	VM    string `json:"vm"`
