@@ -76,39 +76,7 @@ type history struct {
 // whatever moment the interruption hit. Every other generation of ours (other
 // lineages, older or unprovable ones, those of an older lifeboat) is removed.
 func reconcile(ctx context.Context, m *qemu.Monitor, node string, bitmaps []qemu.Bitmap, h history) (string, string, error) {
-	var (
-		base           *qemu.Bitmap
-		newer, discard []string
-	)
-	for i, b := range bitmaps {
-		switch {
-		case strings.HasPrefix(b.Name, legacyPrefix):
-			discard = append(discard, b.Name)
-		case !ourGen(b.Name, h.peer):
-			// Not ours: another deployment's or another tool's.
-		case h.gen != "" && b.Name == h.gen:
-			base = &bitmaps[i]
-		default:
-			if n, ok := genPoint(b.Name, h.peer, h.lineage); ok && h.latest != 0 && n > h.latest && !b.Inconsistent {
-				newer = append(newer, b.Name)
-			} else {
-				discard = append(discard, b.Name)
-			}
-		}
-	}
-	why := ""
-	switch {
-	case h.latest == 0:
-		why = "initial sync: the recovery site has no point of this disk"
-	case h.gen == "":
-		why = fmt.Sprintf("point %d records no change-tracking generation (it was made by an older lifeboat): a hash resync will run", h.latest)
-	case base == nil:
-		why = fmt.Sprintf("generation %q that point %d started is not on the disk (the disk was restored from a copy, reverted or replaced, the VM restarted with a raw disk, or another tool removed the bitmap): a hash resync will run", h.gen, h.latest)
-	case base.Inconsistent:
-		why = fmt.Sprintf("generation %q is inconsistent after an unclean QEMU exit: a hash resync will run", h.gen)
-	case !base.Recording && len(newer) == 0:
-		why = fmt.Sprintf("generation %q was disabled with no newer generation holding the writes since, so it cannot prove it saw every write: a hash resync will run", h.gen)
-	}
+	base, newer, discard, why := changeRecord(bitmaps, h)
 	if why != "" {
 		if base != nil {
 			discard = append(discard, base.Name)
@@ -141,6 +109,57 @@ func reconcile(ctx context.Context, m *qemu.Monitor, node string, bitmaps []qemu
 		}
 	}
 	return base.Name, "", nil
+}
+
+// changeRecord picks, among a disk's bitmaps, the generations that together
+// hold every write since the instant of h's latest point: the generation that
+// point started and the newer ones of its lineage (a cycle interrupted after
+// its instant). why says, when they cannot prove it, what is missing;
+// discard is every other generation of ours, and of older lifeboats.
+func changeRecord(bitmaps []qemu.Bitmap, h history) (base *qemu.Bitmap, newer, discard []string, why string) {
+	for i, b := range bitmaps {
+		switch {
+		case strings.HasPrefix(b.Name, legacyPrefix):
+			discard = append(discard, b.Name)
+		case !ourGen(b.Name, h.peer):
+			// Not ours: another deployment's or another tool's.
+		case h.gen != "" && b.Name == h.gen:
+			base = &bitmaps[i]
+		default:
+			if n, ok := genPoint(b.Name, h.peer, h.lineage); ok && h.latest != 0 && n > h.latest && !b.Inconsistent {
+				newer = append(newer, b.Name)
+			} else {
+				discard = append(discard, b.Name)
+			}
+		}
+	}
+	switch {
+	case h.latest == 0:
+		why = "initial sync: the recovery site has no point of this disk"
+	case h.gen == "":
+		why = fmt.Sprintf("point %d records no change-tracking generation (it was made by an older lifeboat): a hash resync will run", h.latest)
+	case base == nil:
+		why = fmt.Sprintf("generation %q that point %d started is not on the disk (the disk was restored from a copy, reverted or replaced, the VM restarted with a raw disk, or another tool removed the bitmap): a hash resync will run", h.gen, h.latest)
+	case base.Inconsistent:
+		why = fmt.Sprintf("generation %q is inconsistent after an unclean QEMU exit: a hash resync will run", h.gen)
+	case !base.Recording && len(newer) == 0:
+		why = fmt.Sprintf("generation %q was disabled with no newer generation holding the writes since, so it cannot prove it saw every write: a hash resync will run", h.gen)
+	}
+	return base, newer, discard, why
+}
+
+// ChangeRecord names the bitmaps of a disk whose union holds every write since
+// the instant of point latest, kept for the site peer: the generation gen
+// that the point started, then the newer ones of lineage. When they cannot
+// prove it (gone, inconsistent after a crash, disabled with nothing newer),
+// names is nil and why says what is missing. Failback asks it of the
+// production disk: what it wrote after the last point it sent.
+func ChangeRecord(bitmaps []qemu.Bitmap, peer, lineage string, latest uint64, gen string) (names []string, why string) {
+	base, newer, _, why := changeRecord(bitmaps, history{peer: peer, lineage: lineage, latest: latest, gen: gen})
+	if why != "" {
+		return nil, why
+	}
+	return append([]string{base.Name}, newer...), ""
 }
 
 // rollback undoes a failed cycle's generations: old (if any) records again and

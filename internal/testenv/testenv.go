@@ -5,12 +5,14 @@ package testenv
 
 import (
 	"bytes"
+	"context"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"strconv"
 	"sync"
 	"testing"
+	"time"
 )
 
 // InCI reports whether the tests run under CI, where a missing tool is a failure:
@@ -81,4 +83,11 @@ func (l *LogBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// Context is a context that ends after d or with the test.
+func Context(t testing.TB, d time.Duration) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return c
 }

@@ -1,0 +1,209 @@
+// Package failback is the production site's side of a failback: with the
+// production VM stopped, it opens the VM's disk images in a
+// qemu-storage-daemon of its own, says which blocks each disk wrote on its own
+// after the last point it replicated (its change-tracking generations, when
+// they survived), and takes the failback cycles' points into the disks
+// (disksink over the daemon's writable exports).
+package failback
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+
+	"github.com/lifeboat-dr/lifeboat/nbd"
+	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qemu"
+)
+
+// Disk is a production disk image.
+type Disk struct {
+	Name   string // the disk's name in points
+	File   string // its image (its backing chain, if any, is opened with it)
+	Format string // "qcow2" or "raw"
+}
+
+// ErrNoRecord marks a disk whose own record of its writes cannot be trusted
+// or is gone: which blocks it changed must be found by comparing hashes.
+var ErrNoRecord = errors.New("the production disk has no trustworthy record of its own writes")
+
+// Production is the production VM's disks, open for a failback.
+type Production struct {
+	VM     string
+	log    *slog.Logger
+	daemon *qemu.Daemon
+	disks  map[string]*disk
+}
+
+type disk struct {
+	Disk
+	node   string
+	size   int64
+	client *nbd.Client // the writable export, for the failback's points
+}
+
+// Open opens the disks of vm, whose VM must not be running, in a daemon whose
+// runtime files go in dir.
+func Open(ctx context.Context, dir, vm string, disks []Disk, log *slog.Logger) (*Production, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	if len(disks) == 0 {
+		return nil, fmt.Errorf("vm %q: no disks to fail back into", vm)
+	}
+	d, err := qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: dir, NBD: true})
+	if err != nil {
+		return nil, fmt.Errorf("vm %q: %w", vm, err)
+	}
+	p := &Production{VM: vm, log: log.With("vm", vm), daemon: d, disks: map[string]*disk{}}
+	for i, dk := range disks {
+		if err := p.open(ctx, i, dk); err != nil {
+			p.daemon.Kill()
+			p.closeClients()
+			return nil, fmt.Errorf("vm %q disk %q (%s): %w", vm, dk.Name, dk.File, err)
+		}
+	}
+	return p, nil
+}
+
+func (p *Production) open(ctx context.Context, i int, dk Disk) error {
+	if _, dup := p.disks[dk.Name]; dup {
+		return errors.New("named twice")
+	}
+	if dk.Format != "qcow2" && dk.Format != "raw" {
+		return fmt.Errorf("format %q: lifeboat fails back into qcow2 or raw images", dk.Format)
+	}
+	if _, err := os.Stat(dk.File); err != nil {
+		return err
+	}
+	node := "prod" + strconv.Itoa(i)
+	m := p.daemon.Monitor()
+	if err := m.BlockdevAdd(ctx, map[string]any{
+		"driver": dk.Format, "node-name": node, "discard": "unmap",
+		"file": map[string]any{"driver": "file", "filename": dk.File},
+	}); err != nil {
+		return fmt.Errorf("open (is the production VM still running? stop it first): %w", err)
+	}
+	if err := m.ExportAdd(ctx, qemu.Export{ID: "e-" + node, Node: node, Name: dk.Name, Writable: true}); err != nil {
+		return err
+	}
+	c, err := nbd.Dial(ctx, "unix:"+p.daemon.NBDSocket(), dk.Name, nbd.Options{Connections: 4, MaxInFlight: 16})
+	if err != nil {
+		return err
+	}
+	p.disks[dk.Name] = &disk{Disk: dk, node: node, size: c.Size(), client: c}
+	return nil
+}
+
+// Clients are the writable exports of the disks, by name: a failback
+// point's target (disksink.Open).
+func (p *Production) Clients() map[string]*nbd.Client {
+	out := make(map[string]*nbd.Client, len(p.disks))
+	for name, d := range p.disks {
+		out[name] = d.client
+	}
+	return out
+}
+
+// Shared is what the recovery site says of a disk at the latest point the
+// production site replicated to it: the site's name (the namespace of the
+// generations kept for it), the disk's lineage, the point, and the
+// generation the point's instant started.
+type Shared struct {
+	Peer       string
+	Lineage    string
+	Point      uint64
+	Generation string
+}
+
+// scanBitmap is the bitmap Changes merges a disk's generations into.
+const scanBitmap = "lifeboat-failback-scan"
+
+// Changes calls fn for each byte range that the disk wrote after the instant
+// of the shared point: the union of the generation that point started and
+// the newer ones of its lineage. Without those (a raw disk's bitmaps died
+// with its QEMU, a crash left them inconsistent, the disk was replaced or
+// restored) it returns an error wrapping ErrNoRecord that says why; nothing
+// is reported then. The disk's generations are left as they were.
+func (p *Production) Changes(ctx context.Context, name string, sh Shared, fn func(off, length int64) error) error {
+	d, ok := p.disks[name]
+	if !ok {
+		return fmt.Errorf("vm %q: no disk %q at production", p.VM, name)
+	}
+	m := p.daemon.Monitor()
+	nodes, err := m.Nodes(ctx)
+	if err != nil {
+		return err
+	}
+	var bitmaps []qemu.Bitmap
+	for _, n := range nodes {
+		if n.NodeName == d.node {
+			bitmaps = n.Bitmaps
+		}
+	}
+	names, why := protect.ChangeRecord(bitmaps, sh.Peer, sh.Lineage, sh.Point, sh.Generation)
+	if names == nil {
+		return fmt.Errorf("vm %q disk %q: %w: %s", p.VM, name, ErrNoRecord, why)
+	}
+	if err := m.AddBitmap(ctx, d.node, scanBitmap, false, true); err != nil {
+		return err
+	}
+	defer func() {
+		if err := m.RemoveBitmap(context.WithoutCancel(ctx), d.node, scanBitmap); err != nil {
+			p.log.Warn("removing the failback's scan bitmap failed", "disk", name, "err", err)
+		}
+	}()
+	if err := m.MergeBitmaps(ctx, d.node, scanBitmap, names...); err != nil {
+		return err
+	}
+	export := "scan-" + name
+	if err := m.ExportAdd(ctx, qemu.Export{ID: export, Node: d.node, Name: export, Bitmaps: []string{scanBitmap}}); err != nil {
+		return err
+	}
+	defer func() {
+		if err := m.ExportDel(context.WithoutCancel(ctx), export); err != nil {
+			p.log.Warn("removing the failback's scan export failed", "disk", name, "err", err)
+		}
+	}()
+	meta := "qemu:dirty-bitmap:" + scanBitmap
+	c, err := nbd.Dial(ctx, "unix:"+p.daemon.NBDSocket(), export, nbd.Options{MetaContexts: []string{meta}})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	err = c.BlockStatus(ctx, meta, 0, d.size, func(e nbd.Extent) error {
+		if e.Flags&nbd.StateDirty == 0 {
+			return nil
+		}
+		return fn(e.Offset, e.Length)
+	})
+	if err != nil {
+		return fmt.Errorf("vm %q disk %q: reading generations %v: %w", p.VM, name, names, err)
+	}
+	p.log.Info("production's own writes since the shared point, from its generations", "disk", name, "point", sh.Point, "generations", names)
+	return nil
+}
+
+func (p *Production) closeClients() {
+	for _, d := range p.disks {
+		d.client.Close()
+	}
+}
+
+// Close flushes the disks and stops the daemon cleanly (bitmaps are saved).
+func (p *Production) Close(ctx context.Context) error {
+	var errs []error
+	for name, d := range p.disks {
+		if err := d.client.Flush(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("vm %q disk %q: flush: %w", p.VM, name, err))
+		}
+	}
+	p.closeClients()
+	if err := p.daemon.Stop(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
