@@ -11,9 +11,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
+	"slices"
 	"strconv"
 
+	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/nbd"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/qemu"
@@ -90,7 +93,7 @@ func (p *Production) open(ctx context.Context, i int, dk Disk) error {
 	if err := m.ExportAdd(ctx, qemu.Export{ID: "e-" + node, Node: node, Name: dk.Name, Writable: true}); err != nil {
 		return err
 	}
-	c, err := nbd.Dial(ctx, "unix:"+p.daemon.NBDSocket(), dk.Name, nbd.Options{Connections: 4, MaxInFlight: 16})
+	c, err := nbd.Dial(ctx, "unix:"+p.daemon.NBDSocket(), dk.Name, nbd.Options{Connections: 4, MaxInFlight: 16, MetaContexts: []string{"base:allocation"}})
 	if err != nil {
 		return err
 	}
@@ -206,4 +209,74 @@ func (p *Production) Close(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// Hashes calls fn with the hash of every block of the disk that does not read
+// as zeros, in order: what the disk holds, for a comparison by hashes when
+// it has no record of its own writes. Only allocated extents are read.
+func (p *Production) Hashes(ctx context.Context, name string, fn func(block int64, h lifeboat.Hash) error) error {
+	d, ok := p.disks[name]
+	if !ok {
+		return fmt.Errorf("vm %q: no disk %q at production", p.VM, name)
+	}
+	const run = 16 * lifeboat.BlockSize
+	buf := make([]byte, run)
+	var data [][2]int64 // allocated, non-zero extents, on the block grid
+	err := d.client.BlockStatus(ctx, "base:allocation", 0, d.size, func(e nbd.Extent) error {
+		if e.Flags&nbd.StateZero != 0 {
+			return nil
+		}
+		lo := e.Offset / lifeboat.BlockSize * lifeboat.BlockSize
+		hi := min((e.Offset+e.Length+lifeboat.BlockSize-1)/lifeboat.BlockSize*lifeboat.BlockSize, d.size)
+		if n := len(data); n > 0 && data[n-1][1] >= lo {
+			data[n-1][1] = max(data[n-1][1], hi)
+		} else {
+			data = append(data, [2]int64{lo, hi})
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("vm %q disk %q: allocation: %w", p.VM, name, err)
+	}
+	for _, e := range data {
+		for off := e[0]; off < e[1]; off += run {
+			b := buf[:min(run, e[1]-off)]
+			if err := d.client.Read(ctx, b, off); err != nil {
+				return fmt.Errorf("vm %q disk %q: read at %d: %w", p.VM, name, off, err)
+			}
+			for i := 0; i < len(b); i += lifeboat.BlockSize {
+				blk := b[i:min(i+lifeboat.BlockSize, len(b))]
+				if lifeboat.AllZero(blk) {
+					continue
+				}
+				if err := fn((off+int64(i))/lifeboat.BlockSize, lifeboat.HashBlock(blk)); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// Differing calls fn for each block, as a byte range, whose content differs
+// between two block maps (block -> hash of a block that does not read as
+// zeros; a block absent reads as zeros): the shared point's, from the
+// recovery site's catalog, and the production disk's (Hashes). It is what
+// production changed on its own when Changes has no record.
+func Differing(point, production map[int64]lifeboat.Hash, fn func(off, length int64) error) error {
+	for _, b := range slices.Sorted(maps.Keys(production)) {
+		if h, ok := point[b]; !ok || h != production[b] {
+			if err := fn(b*lifeboat.BlockSize, lifeboat.BlockSize); err != nil {
+				return err
+			}
+		}
+	}
+	for _, b := range slices.Sorted(maps.Keys(point)) {
+		if _, ok := production[b]; !ok && !point[b].IsZero() {
+			if err := fn(b*lifeboat.BlockSize, lifeboat.BlockSize); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }

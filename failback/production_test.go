@@ -1,9 +1,12 @@
 package failback_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"maps"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -31,6 +34,7 @@ func ctx(t *testing.T) context.Context { return testenv.Context(t, 2*time.Minute
 // production host makes before it dies).
 type replicated struct {
 	vm     *testvm.VM
+	site   *testsite.Site
 	latest lifeboat.Point
 	peer   string
 	after  []workload.Op // the writes after the latest point
@@ -56,7 +60,7 @@ func replicate(t *testing.T, restart bool) *replicated {
 	if err := g.Fill(ctx(t), 0.3); err != nil {
 		t.Fatal(err)
 	}
-	r := &replicated{vm: vm, peer: target.Peer()}
+	r := &replicated{vm: vm, site: site, peer: target.Peer()}
 	for range 2 {
 		if _, err := g.Mixed(ctx(t), 10); err != nil {
 			t.Fatal(err)
@@ -184,8 +188,65 @@ func TestChangesAfterACrash(t *testing.T) {
 	if _, err := changes(t, p, "vdc", r.shared(t, "vda")); err == nil || !strings.Contains(err.Error(), `no disk "vdc"`) {
 		t.Errorf("a disk production does not have: %v", err)
 	}
+	r.checkDiffering(t, p, "vda")
+	r.checkDiffering(t, p, "vdb")
 	names := slices.Sorted(maps.Keys(p.Clients()))
 	if !slices.Equal(names, []string{"vda", "vdb"}) {
 		t.Errorf("the failback's targets are %v, want vda and vdb", names)
+	}
+}
+
+// checkDiffering compares a disk by hashes with the shared point, as a
+// failback does when production has no record of its writes, and checks the
+// blocks found against a full comparison of the two, block by block.
+func (r *replicated) checkDiffering(t *testing.T, p *failback.Production, disk string) {
+	t.Helper()
+	point, err := r.site.Store.BlockMap("vm1", disk, r.latest.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prod := map[int64]lifeboat.Hash{}
+	if err := p.Hashes(ctx(t), disk, func(b int64, h lifeboat.Hash) error { prod[b] = h; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	found := map[int64]bool{}
+	err = failback.Differing(point, prod, func(off, length int64) error {
+		if length != lifeboat.BlockSize || off%lifeboat.BlockSize != 0 {
+			t.Errorf("disk %s: range %d+%d is not one block", disk, off, length)
+		}
+		found[off/lifeboat.BlockSize] = true
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The truth: the point exported whole, against the production disk read whole.
+	out := filepath.Join(t.TempDir(), disk+".raw")
+	if err := r.site.Store.Export(ctx(t), "vm1", r.latest.ID, disk, out, "raw"); err != nil {
+		t.Fatal(err)
+	}
+	want, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(want))
+	if err := p.Clients()[disk].Read(ctx(t), got, 0); err != nil {
+		t.Fatal(err)
+	}
+	differ := 0
+	for b := int64(0); b*lifeboat.BlockSize < int64(len(want)); b++ {
+		lo, hi := b*lifeboat.BlockSize, min((b+1)*lifeboat.BlockSize, int64(len(want)))
+		d := !bytes.Equal(want[lo:hi], got[lo:hi])
+		if d {
+			differ++
+		}
+		if d != found[b] {
+			t.Errorf("disk %s block %d: differs %v, found by hashes %v", disk, b, d, found[b])
+		}
+	}
+	t.Logf("disk %s: %d of %d blocks differ from point %d, found by hashing the %d blocks production holds data in",
+		disk, differ, (len(want)+lifeboat.BlockSize-1)/lifeboat.BlockSize, r.latest.ID, len(prod))
+	if differ == 0 {
+		t.Errorf("disk %s: production wrote nothing that changed it: the comparison proves nothing", disk)
 	}
 }
