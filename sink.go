@@ -1,5 +1,12 @@
 package lifeboat
 
+import "errors"
+
+// ErrSourcePending is returned (wrapped) by a sink's copy whose source block
+// has not been written in this point yet: its write may still be on its way
+// (a receiver writes with several workers), so the copy is tried again.
+var ErrSourcePending = errors.New("copy source not written yet in this point")
+
 // PointSink receives one point's blocks, whatever keeps them: the wire
 // client that carries them to a recovery site's chain of points, or a writer
 // into a disk (failback's target, the production disk itself). A cycle reads

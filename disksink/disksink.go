@@ -175,8 +175,12 @@ func (s *Sink) SendCopy(name string, off int64, srcName string, srcOff int64, le
 	src.mu.Lock()
 	sh, ok := src.hashes[srcOff/lifeboat.BlockSize]
 	src.mu.Unlock()
-	if !ok || sh != h {
-		return fmt.Errorf("vm %q point %d disk %q: copy at offset %d from disk %q offset %d, which this point has not written with that hash: send the block itself",
+	if !ok {
+		return fmt.Errorf("vm %q point %d disk %q: copy at offset %d from disk %q offset %d: %w",
+			s.point.VM, s.point.ID, name, off, srcName, srcOff, lifeboat.ErrSourcePending)
+	}
+	if sh != h {
+		return fmt.Errorf("vm %q point %d disk %q: copy at offset %d from disk %q offset %d, which this point wrote with another hash: send the block itself",
 			s.point.VM, s.point.ID, name, off, srcName, srcOff)
 	}
 	buf := make([]byte, length)

@@ -200,11 +200,14 @@ func TestSinkRefuses(t *testing.T) {
 	if !lifeboat.AllZero(back) {
 		t.Fatal("a call with a mismatched block wrote some of its blocks")
 	}
-	if err := s.SendCopy("vdb", 0, "vda", 0, lifeboat.BlockSize, hashes[0]); err == nil || !strings.Contains(err.Error(), "send the block itself") {
-		t.Errorf("a copy from a block not written yet: %v", err)
+	if err := s.SendCopy("vdb", 0, "vda", 0, lifeboat.BlockSize, hashes[0]); !errors.Is(err, lifeboat.ErrSourcePending) {
+		t.Errorf("a copy from a block not written yet: %v, want ErrSourcePending", err)
 	}
 	if _, err := s.SendBlocks("vda", 0, data, hashes); err != nil {
 		t.Fatal(err)
+	}
+	if err := s.SendCopy("vdb", 0, "vda", 0, lifeboat.BlockSize, hashes[1]); err == nil || !strings.Contains(err.Error(), "send the block itself") {
+		t.Errorf("a copy from a block written with another hash: %v", err)
 	}
 	if err := s.SendCopy("vdb", lifeboat.BlockSize, "vda", 0, lifeboat.BlockSize, hashes[0]); err != nil {
 		t.Fatal(err)

@@ -424,7 +424,7 @@ func (w *Writer) written(d *writeDisk, b int64) (lifeboat.Hash, bool, error) {
 
 // ErrSourcePending is returned (wrapped) by CopyBlock when the source block has
 // not been written in this point yet.
-var ErrSourcePending = errors.New("copy source not written yet in this point")
+var ErrSourcePending = lifeboat.ErrSourcePending
 
 // CopyBlock writes at (disk, off) one block of length bytes with the content this
 // point already wrote at (srcDisk, srcOff): deduplication within a point. The
