@@ -7,6 +7,11 @@ import "errors"
 // (a receiver writes with several workers), so the copy is tried again.
 var ErrSourcePending = errors.New("copy source not written yet in this point")
 
+// ErrNoChangeRecord marks a disk whose own record of its writes since a point
+// is gone or cannot be trusted (a bitmap lost or left inconsistent by a
+// crash, a disk replaced): what it changed must be found by comparing hashes.
+var ErrNoChangeRecord = errors.New("no trustworthy record of the disk's own writes")
+
 // PointSink receives one point's blocks, whatever keeps them: the wire
 // client that carries them to a recovery site's chain of points, or a writer
 // into a disk (failback's target, the production disk itself). A cycle reads

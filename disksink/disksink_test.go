@@ -259,7 +259,7 @@ func TestFailbackCycleStartsFromFailoverGeneration(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	touched := touchedBytes(ops)
+	touched := workload.TouchedBytes(ops)
 	pt := failbackCycle(t, rec, prod, guest, target)
 	if s := pt.Stats; s.BytesChanged > touched {
 		t.Errorf("the cycle handled %d bytes, more than the %d in blocks the recovered VM touched", s.BytesChanged, touched)
@@ -287,16 +287,16 @@ func TestFailbackSendsBothSidesChanges(t *testing.T) {
 		t.Fatal(err)
 	}
 	target.changed = workload.Touched(prodOps)
-	union := touchedBytes(append(recOps, prodOps...))
+	union := workload.TouchedBytes(append(recOps, prodOps...))
 	pt := failbackCycle(t, rec, prod, guest, target)
 	s := pt.Stats
 	t.Logf("union of both sides' changes %d bytes (recovered VM %d, production %d); the cycle handled %d",
-		union, touchedBytes(recOps), touchedBytes(prodOps), s.BytesChanged)
+		union, workload.TouchedBytes(recOps), workload.TouchedBytes(prodOps), s.BytesChanged)
 	if s.BytesChanged > union {
 		t.Errorf("the cycle handled %d bytes, more than the %d in the union of both sides' changes", s.BytesChanged, union)
 	}
-	if s.BytesChanged < touchedBytes(prodOps)-int64(len(disks))*lifeboat.BlockSize {
-		t.Errorf("the cycle handled %d bytes, less than the %d production changed on its own", s.BytesChanged, touchedBytes(prodOps))
+	if s.BytesChanged < workload.TouchedBytes(prodOps)-int64(len(disks))*lifeboat.BlockSize {
+		t.Errorf("the cycle handled %d bytes, less than the %d production changed on its own", s.BytesChanged, workload.TouchedBytes(prodOps))
 	}
 }
 
@@ -363,15 +363,6 @@ func failbackCycle(t *testing.T, rec, prod *testvm.VM, guest *workload.Guest, ta
 		}
 	}
 	return pt
-}
-
-// touchedBytes is the size of the blocks ops touched.
-func touchedBytes(ops []workload.Op) int64 {
-	n := int64(0)
-	for _, blocks := range workload.Touched(ops) {
-		n += int64(len(blocks)) * lifeboat.BlockSize
-	}
-	return n
 }
 
 // failbackTarget is diskTarget under the production site's name, which says

@@ -31,7 +31,7 @@ type Disk struct {
 
 // ErrNoRecord marks a disk whose own record of its writes cannot be trusted
 // or is gone: which blocks it changed must be found by comparing hashes.
-var ErrNoRecord = errors.New("the production disk has no trustworthy record of its own writes")
+var ErrNoRecord = lifeboat.ErrNoChangeRecord
 
 // Production is the production VM's disks, open for a failback.
 type Production struct {

@@ -14,8 +14,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -197,6 +199,36 @@ func (c *Client) BlockMap(ctx context.Context, vm, disk string) (map[int64]lifeb
 		}
 		for i, b := range ch.Blocks {
 			m[b] = hs[i]
+		}
+	}
+}
+
+// Changed calls fn for each byte range the site's copy of a disk changed on
+// its own since its latest point (see ChangeLister). A site that cannot tell
+// returns an error wrapping lifeboat.ErrNoChangeRecord.
+func (c *Client) Changed(ctx context.Context, vm, disk string, fn func(off, length int64) error) error {
+	st, err := c.rc.Changed(ctx, &wirepb.ChangedRequest{Vm: vm, Disk: disk})
+	if err != nil {
+		return fmt.Errorf("vm %q disk %q: changes at %s: %w", vm, disk, c.peer, err)
+	}
+	for {
+		ch, err := st.Recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if status.Code(err) == codes.FailedPrecondition {
+			return fmt.Errorf("vm %q disk %q at %s: %w: %s", vm, disk, c.peer, lifeboat.ErrNoChangeRecord, status.Convert(err).Message())
+		}
+		if err != nil {
+			return fmt.Errorf("vm %q disk %q: changes at %s: %w", vm, disk, c.peer, err)
+		}
+		if len(ch.Offsets) != len(ch.Lengths) {
+			return fmt.Errorf("vm %q disk %q: changes at %s: malformed chunk (%d offsets, %d lengths)", vm, disk, c.peer, len(ch.Offsets), len(ch.Lengths))
+		}
+		for i, off := range ch.Offsets {
+			if err := fn(off, ch.Lengths[i]); err != nil {
+				return err
+			}
 		}
 	}
 }

@@ -255,6 +255,7 @@ func TestReplicateSeed(t *testing.T) {
 type fakeReplication struct {
 	latest, points []byte
 	chunks         [][]byte
+	changed        []byte
 }
 
 func (f *fakeReplication) Hello(context.Context, *wirepb.HelloRequest, ...grpc.CallOption) (*wirepb.HelloReply, error) {
@@ -273,6 +274,25 @@ func (f *fakeReplication) Points(context.Context, *wirepb.VMRequest, ...grpc.Cal
 
 func (f *fakeReplication) BlockMap(context.Context, *wirepb.BlockMapRequest, ...grpc.CallOption) (grpc.ServerStreamingClient[wirepb.BlockMapChunk], error) {
 	return &chunkStream{chunks: f.chunks}, nil
+}
+
+func (f *fakeReplication) Changed(context.Context, *wirepb.ChangedRequest, ...grpc.CallOption) (grpc.ServerStreamingClient[wirepb.ChangedChunk], error) {
+	return &changedStream{chunk: f.changed}, nil
+}
+
+type changedStream struct {
+	grpc.ClientStream
+	chunk []byte
+}
+
+func (s *changedStream) Recv() (*wirepb.ChangedChunk, error) {
+	if s.chunk == nil {
+		return nil, io.EOF
+	}
+	c := &wirepb.ChangedChunk{}
+	err := proto.Unmarshal(s.chunk, c)
+	s.chunk = nil
+	return c, err
 }
 
 func (f *fakeReplication) Failover(context.Context, *wirepb.FailoverRequest, ...grpc.CallOption) (*wirepb.FailoverReply, error) {
@@ -316,7 +336,7 @@ func joinFields(fields ...[]byte) []byte {
 }
 
 // FuzzSiteReplies feeds the protected site's client what a recovery site answers:
-// a latest point, a point list, two block-map chunks.
+// a latest point, a point list, two block-map chunks, a chunk of changes.
 func FuzzSiteReplies(f *testing.F) {
 	p := pointToPB(fuzzPoint())
 	latest, _ := proto.Marshal(&wirepb.LatestReply{Found: true, Point: p})
@@ -326,11 +346,13 @@ func FuzzSiteReplies(f *testing.F) {
 	h := lifeboat.HashBlock([]byte("x"))
 	chunk, _ := proto.Marshal(&wirepb.BlockMapChunk{Blocks: []int64{0, 5}, Hashes: append(h[:], make([]byte, 32)...)})
 	bad, _ := proto.Marshal(&wirepb.BlockMapChunk{Blocks: []int64{1}, Hashes: h[:31]})
-	f.Add(joinFields(latest, points, chunk, chunk))
-	f.Add(joinFields(nil, points[:len(points)/2], bad, nil))
+	changed, _ := proto.Marshal(&wirepb.ChangedChunk{Offsets: []int64{0, 1 << 20}, Lengths: []int64{65536, 4096}})
+	badChanged, _ := proto.Marshal(&wirepb.ChangedChunk{Offsets: []int64{0, 1 << 20}, Lengths: []int64{65536}})
+	f.Add(joinFields(latest, points, chunk, chunk, changed))
+	f.Add(joinFields(nil, points[:len(points)/2], bad, nil, badChanged))
 	f.Fuzz(func(t *testing.T, in []byte) {
-		fs := splitFields(in, 4)
-		c := &Client{rc: &fakeReplication{latest: fs[0], points: fs[1], chunks: fs[2:]}, peer: "dr"}
+		fs := splitFields(in, 5)
+		c := &Client{rc: &fakeReplication{latest: fs[0], points: fs[1], chunks: fs[2:4], changed: fs[4]}, peer: "dr"}
 		ctx := context.Background()
 		if pt, ok, err := c.Latest(ctx, "vm1"); err == nil && ok {
 			for _, d := range pt.Disks {
@@ -341,5 +363,6 @@ func FuzzSiteReplies(f *testing.F) {
 		}
 		_, _ = c.Points(ctx, "vm1")
 		_, _ = c.BlockMap(ctx, "vm1", "vda")
+		_ = c.Changed(ctx, "vm1", "vda", func(off, length int64) error { return nil })
 	})
 }

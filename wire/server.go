@@ -51,6 +51,14 @@ type PointWriter interface {
 	Abort(ctx context.Context) error
 }
 
+// ChangeLister is a Store whose copy of a disk may change on its own between
+// points (failback's production disks); a chain of points never does.
+type ChangeLister interface {
+	// Changed calls fn for each byte range the disk changed since the latest
+	// point; an error wrapping lifeboat.ErrNoChangeRecord says it cannot tell.
+	Changed(ctx context.Context, vm, disk string, fn func(off, length int64) error) error
+}
+
 // copySourceWait bounds how long a Copy waits for its source block's write.
 var copySourceWait = 10 * time.Second
 
@@ -412,6 +420,37 @@ func (s *Server) BlockMap(r *wirepb.BlockMapRequest, st grpc.ServerStreamingServ
 		return status.Error(codes.NotFound, err.Error())
 	}
 	if len(ch.Blocks) > 0 {
+		return st.Send(ch)
+	}
+	return nil
+}
+
+// Changed streams what the site's copy of a disk changed on its own.
+func (s *Server) Changed(r *wirepb.ChangedRequest, st grpc.ServerStreamingServer[wirepb.ChangedChunk]) error {
+	if _, err := s.authorize(st.Context(), r.Vm); err != nil {
+		return err
+	}
+	cl, ok := s.Store.(ChangeLister)
+	if !ok {
+		return status.Errorf(codes.Unimplemented, "site %q keeps chains of points, whose disks never change on their own", s.Site)
+	}
+	const per = 4096
+	ch := &wirepb.ChangedChunk{}
+	err := cl.Changed(st.Context(), r.Vm, r.Disk, func(off, length int64) error {
+		ch.Offsets, ch.Lengths = append(ch.Offsets, off), append(ch.Lengths, length)
+		if len(ch.Offsets) < per {
+			return nil
+		}
+		err := st.Send(ch)
+		ch = &wirepb.ChangedChunk{}
+		return err
+	})
+	switch {
+	case errors.Is(err, lifeboat.ErrNoChangeRecord):
+		return status.Error(codes.FailedPrecondition, err.Error())
+	case err != nil:
+		return status.Error(codes.Internal, err.Error())
+	case len(ch.Offsets) > 0:
 		return st.Send(ch)
 	}
 	return nil

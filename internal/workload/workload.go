@@ -90,6 +90,15 @@ func Touched(ops []Op) map[string]map[int64]bool {
 	return out
 }
 
+// TouchedBytes is the size of the blocks of the grid that ops touched.
+func TouchedBytes(ops []Op) int64 {
+	n := int64(0)
+	for _, blocks := range Touched(ops) {
+		n += int64(len(blocks)) * lifeboat.BlockSize
+	}
+	return n
+}
+
 // Mixed performs n writes: random data, a byte pattern, zeros or a discard, of
 // 4 KiB to 4 MiB at aligned and unaligned offsets, on random disks.
 func (g *Guest) Mixed(ctx context.Context, n int) ([]Op, error) {

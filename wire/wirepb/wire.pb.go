@@ -812,6 +812,111 @@ func (x *BlockMapChunk) GetHashes() []byte {
 	return nil
 }
 
+type ChangedRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Vm            string                 `protobuf:"bytes,1,opt,name=vm,proto3" json:"vm,omitempty"`
+	Disk          string                 `protobuf:"bytes,2,opt,name=disk,proto3" json:"disk,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChangedRequest) Reset() {
+	*x = ChangedRequest{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChangedRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChangedRequest) ProtoMessage() {}
+
+func (x *ChangedRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChangedRequest.ProtoReflect.Descriptor instead.
+func (*ChangedRequest) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ChangedRequest) GetVm() string {
+	if x != nil {
+		return x.Vm
+	}
+	return ""
+}
+
+func (x *ChangedRequest) GetDisk() string {
+	if x != nil {
+		return x.Disk
+	}
+	return ""
+}
+
+// ChangedChunk is byte ranges: offsets[i] and lengths[i].
+type ChangedChunk struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Offsets       []int64                `protobuf:"varint,1,rep,packed,name=offsets,proto3" json:"offsets,omitempty"`
+	Lengths       []int64                `protobuf:"varint,2,rep,packed,name=lengths,proto3" json:"lengths,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChangedChunk) Reset() {
+	*x = ChangedChunk{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChangedChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChangedChunk) ProtoMessage() {}
+
+func (x *ChangedChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChangedChunk.ProtoReflect.Descriptor instead.
+func (*ChangedChunk) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ChangedChunk) GetOffsets() []int64 {
+	if x != nil {
+		return x.Offsets
+	}
+	return nil
+}
+
+func (x *ChangedChunk) GetLengths() []int64 {
+	if x != nil {
+		return x.Lengths
+	}
+	return nil
+}
+
 // A point does not travel through this service: it has a TLS connection of
 // its own (wire/stream.go), on which Frame, Blocks and ReplicateReply are the
 // messages. Begin, then Blocks, Zeroes and Copy in any order, then Commit; the
@@ -832,7 +937,7 @@ type Frame struct {
 
 func (x *Frame) Reset() {
 	*x = Frame{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -844,7 +949,7 @@ func (x *Frame) String() string {
 func (*Frame) ProtoMessage() {}
 
 func (x *Frame) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -857,7 +962,7 @@ func (x *Frame) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Frame.ProtoReflect.Descriptor instead.
 func (*Frame) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{12}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Frame) GetBody() isFrame_Body {
@@ -956,7 +1061,7 @@ type Begin struct {
 
 func (x *Begin) Reset() {
 	*x = Begin{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -968,7 +1073,7 @@ func (x *Begin) String() string {
 func (*Begin) ProtoMessage() {}
 
 func (x *Begin) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -981,7 +1086,7 @@ func (x *Begin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Begin.ProtoReflect.Descriptor instead.
 func (*Begin) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{13}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Begin) GetPoint() *Point {
@@ -1007,7 +1112,7 @@ type Blocks struct {
 
 func (x *Blocks) Reset() {
 	*x = Blocks{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1019,7 +1124,7 @@ func (x *Blocks) String() string {
 func (*Blocks) ProtoMessage() {}
 
 func (x *Blocks) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1032,7 +1137,7 @@ func (x *Blocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Blocks.ProtoReflect.Descriptor instead.
 func (*Blocks) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{14}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Blocks) GetDisk() string {
@@ -1089,7 +1194,7 @@ type Zeroes struct {
 
 func (x *Zeroes) Reset() {
 	*x = Zeroes{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1101,7 +1206,7 @@ func (x *Zeroes) String() string {
 func (*Zeroes) ProtoMessage() {}
 
 func (x *Zeroes) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1114,7 +1219,7 @@ func (x *Zeroes) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Zeroes.ProtoReflect.Descriptor instead.
 func (*Zeroes) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{15}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Zeroes) GetDisk() string {
@@ -1155,7 +1260,7 @@ type Copy struct {
 
 func (x *Copy) Reset() {
 	*x = Copy{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1167,7 +1272,7 @@ func (x *Copy) String() string {
 func (*Copy) ProtoMessage() {}
 
 func (x *Copy) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1180,7 +1285,7 @@ func (x *Copy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Copy.ProtoReflect.Descriptor instead.
 func (*Copy) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{16}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Copy) GetDisk() string {
@@ -1234,7 +1339,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1246,7 +1351,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1259,7 +1364,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{17}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Commit) GetStats() *Stats {
@@ -1278,7 +1383,7 @@ type ReplicateReply struct {
 
 func (x *ReplicateReply) Reset() {
 	*x = ReplicateReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1290,7 +1395,7 @@ func (x *ReplicateReply) String() string {
 func (*ReplicateReply) ProtoMessage() {}
 
 func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1303,7 +1408,7 @@ func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateReply.ProtoReflect.Descriptor instead.
 func (*ReplicateReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{18}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ReplicateReply) GetPoint() *Point {
@@ -1384,7 +1489,13 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x04disk\x18\x02 \x01(\tR\x04disk\"?\n" +
 	"\rBlockMapChunk\x12\x16\n" +
 	"\x06blocks\x18\x01 \x03(\x03R\x06blocks\x12\x16\n" +
-	"\x06hashes\x18\x02 \x01(\fR\x06hashes\"\x8a\x02\n" +
+	"\x06hashes\x18\x02 \x01(\fR\x06hashes\"4\n" +
+	"\x0eChangedRequest\x12\x0e\n" +
+	"\x02vm\x18\x01 \x01(\tR\x02vm\x12\x12\n" +
+	"\x04disk\x18\x02 \x01(\tR\x04disk\"B\n" +
+	"\fChangedChunk\x12\x18\n" +
+	"\aoffsets\x18\x01 \x03(\x03R\aoffsets\x12\x18\n" +
+	"\alengths\x18\x02 \x03(\x03R\alengths\"\x8a\x02\n" +
 	"\x05Frame\x12/\n" +
 	"\x05begin\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.BeginH\x00R\x05begin\x122\n" +
 	"\x06blocks\x18\x02 \x01(\v2\x18.lifeboat.wire.v1.BlocksH\x00R\x06blocks\x122\n" +
@@ -1416,12 +1527,13 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x06Commit\x12-\n" +
 	"\x05stats\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.StatsR\x05stats\"?\n" +
 	"\x0eReplicateReply\x12-\n" +
-	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\x82\x03\n" +
+	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\xd1\x03\n" +
 	"\vReplication\x12E\n" +
 	"\x05Hello\x12\x1e.lifeboat.wire.v1.HelloRequest\x1a\x1c.lifeboat.wire.v1.HelloReply\x12D\n" +
 	"\x06Latest\x12\x1b.lifeboat.wire.v1.VMRequest\x1a\x1d.lifeboat.wire.v1.LatestReply\x12D\n" +
 	"\x06Points\x12\x1b.lifeboat.wire.v1.VMRequest\x1a\x1d.lifeboat.wire.v1.PointsReply\x12P\n" +
-	"\bBlockMap\x12!.lifeboat.wire.v1.BlockMapRequest\x1a\x1f.lifeboat.wire.v1.BlockMapChunk0\x01\x12N\n" +
+	"\bBlockMap\x12!.lifeboat.wire.v1.BlockMapRequest\x1a\x1f.lifeboat.wire.v1.BlockMapChunk0\x01\x12M\n" +
+	"\aChanged\x12 .lifeboat.wire.v1.ChangedRequest\x1a\x1e.lifeboat.wire.v1.ChangedChunk0\x01\x12N\n" +
 	"\bFailover\x12!.lifeboat.wire.v1.FailoverRequest\x1a\x1f.lifeboat.wire.v1.FailoverReplyB-Z+github.com/lifeboat-dr/lifeboat/wire/wirepbb\x06proto3"
 
 var (
@@ -1436,7 +1548,7 @@ func file_wire_wirepb_wire_proto_rawDescGZIP() []byte {
 	return file_wire_wirepb_wire_proto_rawDescData
 }
 
-var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_wire_wirepb_wire_proto_goTypes = []any{
 	(*FailoverRequest)(nil), // 0: lifeboat.wire.v1.FailoverRequest
 	(*FailoverReply)(nil),   // 1: lifeboat.wire.v1.FailoverReply
@@ -1450,24 +1562,26 @@ var file_wire_wirepb_wire_proto_goTypes = []any{
 	(*PointsReply)(nil),     // 9: lifeboat.wire.v1.PointsReply
 	(*BlockMapRequest)(nil), // 10: lifeboat.wire.v1.BlockMapRequest
 	(*BlockMapChunk)(nil),   // 11: lifeboat.wire.v1.BlockMapChunk
-	(*Frame)(nil),           // 12: lifeboat.wire.v1.Frame
-	(*Begin)(nil),           // 13: lifeboat.wire.v1.Begin
-	(*Blocks)(nil),          // 14: lifeboat.wire.v1.Blocks
-	(*Zeroes)(nil),          // 15: lifeboat.wire.v1.Zeroes
-	(*Copy)(nil),            // 16: lifeboat.wire.v1.Copy
-	(*Commit)(nil),          // 17: lifeboat.wire.v1.Commit
-	(*ReplicateReply)(nil),  // 18: lifeboat.wire.v1.ReplicateReply
+	(*ChangedRequest)(nil),  // 12: lifeboat.wire.v1.ChangedRequest
+	(*ChangedChunk)(nil),    // 13: lifeboat.wire.v1.ChangedChunk
+	(*Frame)(nil),           // 14: lifeboat.wire.v1.Frame
+	(*Begin)(nil),           // 15: lifeboat.wire.v1.Begin
+	(*Blocks)(nil),          // 16: lifeboat.wire.v1.Blocks
+	(*Zeroes)(nil),          // 17: lifeboat.wire.v1.Zeroes
+	(*Copy)(nil),            // 18: lifeboat.wire.v1.Copy
+	(*Commit)(nil),          // 19: lifeboat.wire.v1.Commit
+	(*ReplicateReply)(nil),  // 20: lifeboat.wire.v1.ReplicateReply
 }
 var file_wire_wirepb_wire_proto_depIdxs = []int32{
 	6,  // 0: lifeboat.wire.v1.Point.disks:type_name -> lifeboat.wire.v1.Disk
 	7,  // 1: lifeboat.wire.v1.Point.stats:type_name -> lifeboat.wire.v1.Stats
 	5,  // 2: lifeboat.wire.v1.LatestReply.point:type_name -> lifeboat.wire.v1.Point
 	5,  // 3: lifeboat.wire.v1.PointsReply.points:type_name -> lifeboat.wire.v1.Point
-	13, // 4: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
-	14, // 5: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
-	15, // 6: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
-	17, // 7: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
-	16, // 8: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
+	15, // 4: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
+	16, // 5: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
+	17, // 6: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
+	19, // 7: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
+	18, // 8: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
 	5,  // 9: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
 	7,  // 10: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
 	5,  // 11: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
@@ -1475,14 +1589,16 @@ var file_wire_wirepb_wire_proto_depIdxs = []int32{
 	4,  // 13: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
 	4,  // 14: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
 	10, // 15: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
-	0,  // 16: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
-	3,  // 17: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
-	8,  // 18: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
-	9,  // 19: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
-	11, // 20: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
-	1,  // 21: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
-	17, // [17:22] is the sub-list for method output_type
-	12, // [12:17] is the sub-list for method input_type
+	12, // 16: lifeboat.wire.v1.Replication.Changed:input_type -> lifeboat.wire.v1.ChangedRequest
+	0,  // 17: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
+	3,  // 18: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
+	8,  // 19: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
+	9,  // 20: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
+	11, // 21: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
+	13, // 22: lifeboat.wire.v1.Replication.Changed:output_type -> lifeboat.wire.v1.ChangedChunk
+	1,  // 23: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
+	18, // [18:24] is the sub-list for method output_type
+	12, // [12:18] is the sub-list for method input_type
 	12, // [12:12] is the sub-list for extension type_name
 	12, // [12:12] is the sub-list for extension extendee
 	0,  // [0:12] is the sub-list for field type_name
@@ -1493,7 +1609,7 @@ func file_wire_wirepb_wire_proto_init() {
 	if File_wire_wirepb_wire_proto != nil {
 		return
 	}
-	file_wire_wirepb_wire_proto_msgTypes[12].OneofWrappers = []any{
+	file_wire_wirepb_wire_proto_msgTypes[14].OneofWrappers = []any{
 		(*Frame_Begin)(nil),
 		(*Frame_Blocks)(nil),
 		(*Frame_Zeroes)(nil),
@@ -1506,7 +1622,7 @@ func file_wire_wirepb_wire_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_wirepb_wire_proto_rawDesc), len(file_wire_wirepb_wire_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   19,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,7 @@ const (
 	Replication_Latest_FullMethodName   = "/lifeboat.wire.v1.Replication/Latest"
 	Replication_Points_FullMethodName   = "/lifeboat.wire.v1.Replication/Points"
 	Replication_BlockMap_FullMethodName = "/lifeboat.wire.v1.Replication/BlockMap"
+	Replication_Changed_FullMethodName  = "/lifeboat.wire.v1.Replication/Changed"
 	Replication_Failover_FullMethodName = "/lifeboat.wire.v1.Replication/Failover"
 )
 
@@ -41,6 +42,11 @@ type ReplicationClient interface {
 	Points(ctx context.Context, in *VMRequest, opts ...grpc.CallOption) (*PointsReply, error)
 	// BlockMap streams a disk's block hashes at the latest point, for a resync by hashes.
 	BlockMap(ctx context.Context, in *BlockMapRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BlockMapChunk], error)
+	// Changed streams the byte ranges of a disk that the site's copy changed on
+	// its own since the latest point it holds: failback's production disk,
+	// written after the point the failover started from. FAILED_PRECONDITION
+	// when it has no record it can trust (compare hashes then: BlockMap).
+	Changed(ctx context.Context, in *ChangedRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ChangedChunk], error)
 	// Failover asks the recovery site to start the VM from one of its points
 	// and take it over (a planned migration: the caller, its owner, has shut
 	// it down and sent its last point). Only the VM's owner may ask.
@@ -104,6 +110,25 @@ func (c *replicationClient) BlockMap(ctx context.Context, in *BlockMapRequest, o
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replication_BlockMapClient = grpc.ServerStreamingClient[BlockMapChunk]
 
+func (c *replicationClient) Changed(ctx context.Context, in *ChangedRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ChangedChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Replication_ServiceDesc.Streams[1], Replication_Changed_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ChangedRequest, ChangedChunk]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Replication_ChangedClient = grpc.ServerStreamingClient[ChangedChunk]
+
 func (c *replicationClient) Failover(ctx context.Context, in *FailoverRequest, opts ...grpc.CallOption) (*FailoverReply, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(FailoverReply)
@@ -126,6 +151,11 @@ type ReplicationServer interface {
 	Points(context.Context, *VMRequest) (*PointsReply, error)
 	// BlockMap streams a disk's block hashes at the latest point, for a resync by hashes.
 	BlockMap(*BlockMapRequest, grpc.ServerStreamingServer[BlockMapChunk]) error
+	// Changed streams the byte ranges of a disk that the site's copy changed on
+	// its own since the latest point it holds: failback's production disk,
+	// written after the point the failover started from. FAILED_PRECONDITION
+	// when it has no record it can trust (compare hashes then: BlockMap).
+	Changed(*ChangedRequest, grpc.ServerStreamingServer[ChangedChunk]) error
 	// Failover asks the recovery site to start the VM from one of its points
 	// and take it over (a planned migration: the caller, its owner, has shut
 	// it down and sent its last point). Only the VM's owner may ask.
@@ -151,6 +181,9 @@ func (UnimplementedReplicationServer) Points(context.Context, *VMRequest) (*Poin
 }
 func (UnimplementedReplicationServer) BlockMap(*BlockMapRequest, grpc.ServerStreamingServer[BlockMapChunk]) error {
 	return status.Error(codes.Unimplemented, "method BlockMap not implemented")
+}
+func (UnimplementedReplicationServer) Changed(*ChangedRequest, grpc.ServerStreamingServer[ChangedChunk]) error {
+	return status.Error(codes.Unimplemented, "method Changed not implemented")
 }
 func (UnimplementedReplicationServer) Failover(context.Context, *FailoverRequest) (*FailoverReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Failover not implemented")
@@ -241,6 +274,17 @@ func _Replication_BlockMap_Handler(srv interface{}, stream grpc.ServerStream) er
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replication_BlockMapServer = grpc.ServerStreamingServer[BlockMapChunk]
 
+func _Replication_Changed_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ChangedRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ReplicationServer).Changed(m, &grpc.GenericServerStream[ChangedRequest, ChangedChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Replication_ChangedServer = grpc.ServerStreamingServer[ChangedChunk]
+
 func _Replication_Failover_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(FailoverRequest)
 	if err := dec(in); err != nil {
@@ -287,6 +331,11 @@ var Replication_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "BlockMap",
 			Handler:       _Replication_BlockMap_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Changed",
+			Handler:       _Replication_Changed_Handler,
 			ServerStreams: true,
 		},
 	},

@@ -1,0 +1,296 @@
+package failback
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/disksink"
+	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// Store is the production site's side of the wire during a failback: what
+// the recovery site's failback cycles send to (wire.Server's Store). Its
+// points go into the production disks, and the point the disks hold is
+// recorded in dir, so that a restarted production site still knows it.
+type Store struct {
+	dir string
+	log *slog.Logger
+
+	mu  sync.Mutex
+	vms map[string]*vmFailback
+}
+
+// vmFailback is one VM's failback at production.
+type vmFailback struct {
+	prod *Production
+	rec  record
+}
+
+// record is what the production site keeps of a VM's failback, in
+// dir/<vm>.json: it is rewritten after every point the disks take.
+type record struct {
+	// Owner is the site the failback comes from, which owns the VM now.
+	Owner string `json:"owner"`
+	// Holds is the point the disks hold, as the owner names it: at first the
+	// point the failover started from (its disks' generations those the
+	// failover started on the recovered VM), then each failback point.
+	Holds lifeboat.Point `json:"holds"`
+	// Own is, by disk, production's own generations at the shared point:
+	// what Changes reads production's writes after it from.
+	Own map[string]Shared `json:"own"`
+	// OwnSent: a failback point has been committed since the shared point,
+	// so production's own writes are overwritten (they were in its blocks).
+	OwnSent bool `json:"own_sent"`
+}
+
+// NewStore keeps failback records in dir.
+func NewStore(dir string, log *slog.Logger) (*Store, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, fmt.Errorf("failback records: %w", err)
+	}
+	return &Store{dir: dir, log: log.With("component", "failback"), vms: map[string]*vmFailback{}}, nil
+}
+
+// Prepare readies vm's failback from owner: its disks, open (the production
+// VM stopped), hold point holds; own says, by disk, which of production's
+// generations were current at that point. A VM prepared before keeps what
+// its record says the disks hold.
+func (s *Store) Prepare(vm, owner string, prod *Production, holds lifeboat.Point, own map[string]Shared) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, busy := s.vms[vm]; busy {
+		return fmt.Errorf("vm %q: a failback is prepared already", vm)
+	}
+	for _, d := range holds.Disks {
+		if _, ok := prod.disks[d.Name]; !ok {
+			return fmt.Errorf("vm %q: point %d has disk %q, which production does not", vm, holds.ID, d.Name)
+		}
+	}
+	rec := record{Owner: owner, Holds: holds, Own: own}
+	if b, err := os.ReadFile(s.path(vm)); err == nil {
+		var old record
+		if err := json.Unmarshal(b, &old); err != nil {
+			return fmt.Errorf("vm %q: failback record %s: %w", vm, s.path(vm), err)
+		}
+		if old.Owner == owner && old.Holds.ID >= holds.ID {
+			rec = old
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if err := s.save(vm, rec); err != nil {
+		return err
+	}
+	s.vms[vm] = &vmFailback{prod: prod, rec: rec}
+	return nil
+}
+
+func (s *Store) path(vm string) string { return filepath.Join(s.dir, vm+".json") }
+
+func (s *Store) save(vm string, rec record) error {
+	b, err := json.MarshalIndent(rec, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := fsutil.WriteFileAtomic(s.path(vm), b, 0o600); err != nil {
+		return fmt.Errorf("vm %q: failback record: %w", vm, err)
+	}
+	return nil
+}
+
+func (s *Store) vm(name string) (*vmFailback, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v, ok := s.vms[name]
+	if !ok {
+		return nil, fmt.Errorf("vm %q: no failback is prepared at this production site", name)
+	}
+	return v, nil
+}
+
+// Authorize lets only the site the failback comes from send and read.
+func (s *Store) Authorize(vm, site string) error {
+	v, err := s.vm(vm)
+	if err != nil {
+		return fmt.Errorf("%w: %w", recovery.ErrNotOwner, err)
+	}
+	if site != v.rec.Owner {
+		return fmt.Errorf("%w: vm %q fails back to this site from site %q, which owns it now; site %q may not send or read its points here",
+			recovery.ErrNotOwner, vm, v.rec.Owner, site)
+	}
+	return nil
+}
+
+// Latest is the point the disks hold.
+func (s *Store) Latest(vm string) (lifeboat.Point, bool, error) {
+	v, err := s.vm(vm)
+	if err != nil {
+		return lifeboat.Point{}, false, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return v.rec.Holds, true, nil
+}
+
+// Points is the one point the disks hold.
+func (s *Store) Points(vm string) ([]lifeboat.Point, error) {
+	p, _, err := s.Latest(vm)
+	if err != nil {
+		return nil, err
+	}
+	return []lifeboat.Point{p}, nil
+}
+
+// EachBlock is the hashes of what a disk holds now (point 0 or the latest).
+func (s *Store) EachBlock(vm, disk string, id uint64, fn func(b int64, h lifeboat.Hash) error) error {
+	v, err := s.vm(vm)
+	if err != nil {
+		return err
+	}
+	if held, _, _ := s.Latest(vm); id != 0 && id != held.ID {
+		return fmt.Errorf("vm %q: production holds point %d, not %d", vm, held.ID, id)
+	}
+	return v.prod.Hashes(context.Background(), disk, fn)
+}
+
+// Changed is what production wrote on its own since the shared point, until a
+// failback point has overwritten it.
+func (s *Store) Changed(ctx context.Context, vm, disk string, fn func(off, length int64) error) error {
+	v, err := s.vm(vm)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	sent := v.rec.OwnSent
+	own, ok := v.rec.Own[disk]
+	s.mu.Unlock()
+	if sent {
+		return nil
+	}
+	if !ok {
+		return fmt.Errorf("vm %q disk %q: %w: the shared point names no generation of production's", vm, disk, lifeboat.ErrNoChangeRecord)
+	}
+	return v.prod.Changes(ctx, disk, own, fn)
+}
+
+// BeginPoint takes a failback point into the disks. It must build on the
+// point they hold (or resynchronise every disk): anything else would mix two
+// histories in one disk.
+func (s *Store) BeginPoint(ctx context.Context, p lifeboat.Point) (wire.PointWriter, error) {
+	v, err := s.vm(p.VM)
+	if err != nil {
+		return nil, err
+	}
+	held, _, _ := s.Latest(p.VM)
+	for _, d := range p.Disks {
+		if !d.Resync && d.Base != held.ID {
+			return nil, fmt.Errorf("vm %q point %d disk %q builds on point %d, but production holds point %d", p.VM, p.ID, d.Name, d.Base, held.ID)
+		}
+	}
+	sink, err := disksink.Open(ctx, p, v.prod.Clients())
+	if err != nil {
+		return nil, err
+	}
+	s.log.Info("failback point begun", "vm", p.VM, "point", p.ID, "base", held.ID)
+	return &pointWriter{s: s, vm: v, sink: sink}, nil
+}
+
+// pointWriter is a failback point on its way into the production disks.
+type pointWriter struct {
+	s    *Store
+	vm   *vmFailback
+	sink *disksink.Sink
+}
+
+func (w *pointWriter) WriteBlocks(_ context.Context, disk string, off int64, data []byte, hashes []lifeboat.Hash) error {
+	_, err := w.sink.SendBlocks(disk, off, data, hashes)
+	return err
+}
+
+func (w *pointWriter) WriteZeroes(_ context.Context, disk string, off, length int64) error {
+	return w.sink.SendZeroes(disk, off, length)
+}
+
+func (w *pointWriter) CopyBlock(_ context.Context, disk string, off int64, srcDisk string, srcOff int64, length int, h lifeboat.Hash) error {
+	return w.sink.SendCopy(disk, off, srcDisk, srcOff, length, h)
+}
+
+// Commit flushes the disks, then records that they hold the point.
+func (w *pointWriter) Commit(_ context.Context, stats lifeboat.CycleStats) (lifeboat.Point, error) {
+	p, err := w.sink.Commit(stats)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	w.s.mu.Lock()
+	defer w.s.mu.Unlock()
+	rec := w.vm.rec
+	rec.Holds, rec.OwnSent = p, true
+	if err := w.s.save(p.VM, rec); err != nil {
+		return lifeboat.Point{}, err
+	}
+	w.vm.rec = rec
+	w.s.log.Info("failback point committed", "vm", p.VM, "point", p.ID, "written", w.sink.Written(), "zeroed", w.sink.Zeroed())
+	return p, nil
+}
+
+// Abort leaves the disks part old, part new: the owner's next cycle from the
+// point they held resends every block this one may have written.
+func (w *pointWriter) Abort(context.Context) error {
+	w.sink.Abort()
+	return nil
+}
+
+var (
+	_ wire.Store        = (*Store)(nil)
+	_ wire.ChangeLister = (*Store)(nil)
+)
+
+// Target is the production site as the target of a failback cycle at the
+// site the VM runs at: the wire client to production, which also says what
+// production changed on its own since the shared point (protect.ChangedTarget).
+// When production has no record of it, its disk is compared by hashes with
+// the shared point's block map at this site (SharedMap).
+//
+// Production's record covers its writes since the latest point it sent; when
+// the failover started from an earlier point, the blocks the later points
+// wrote are production's changes too, and are not added here (deferred: the
+// failback command refuses such a failback until it adds them).
+type Target struct {
+	*wire.Client
+	SharedMap func(ctx context.Context, disk string) (map[int64]lifeboat.Hash, error)
+	Log       *slog.Logger
+}
+
+// TargetChanged is what production changed on its own since the shared point.
+func (t *Target) TargetChanged(ctx context.Context, vm, disk string, fn func(off, length int64) error) error {
+	err := t.Client.Changed(ctx, vm, disk, fn)
+	if !errors.Is(err, lifeboat.ErrNoChangeRecord) {
+		return err
+	}
+	log := t.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	log.Warn("production has no record of its own writes since the shared point: comparing its blocks' hashes with the point's", "vm", vm, "disk", disk, "why", err)
+	prod, err := t.Client.BlockMap(ctx, vm, disk)
+	if err != nil {
+		return err
+	}
+	point, err := t.SharedMap(ctx, disk)
+	if err != nil {
+		return fmt.Errorf("vm %q disk %q: the shared point's block map here: %w", vm, disk, err)
+	}
+	return Differing(point, prod, fn)
+}
