@@ -24,7 +24,7 @@ import (
 // a VM whose disks hold that point (copied from the recovery site's store),
 // with the failover's generations on them, named for the production site.
 // (The failover package's own tests run the real one, a qemu-system guest.)
-func (r *replicated) recovered(t *testing.T) (*testvm.VM, *workload.Guest, lifeboat.Point) {
+func (r *replicated) recovered(t *testing.T, from uint64) (*testvm.VM, *workload.Guest, lifeboat.Point) {
 	t.Helper()
 	vm := testvm.Start(t,
 		testvm.DiskSpec{Name: disks[0].Name, Format: "qcow2", Size: disks[0].Size},
@@ -34,10 +34,10 @@ func (r *replicated) recovered(t *testing.T) (*testvm.VM, *workload.Guest, lifeb
 		t.Fatal(err)
 	}
 	t.Cleanup(g.Close)
-	holds := lifeboat.Point{VM: "vm1", ID: r.latest.ID, Instant: r.latest.Instant, Consistency: r.latest.Consistency}
+	holds := lifeboat.Point{VM: "vm1", ID: from}
 	for _, d := range r.latest.Disks {
 		out := filepath.Join(t.TempDir(), d.Name+".raw")
-		if err := r.site.Store.Export(ctx(t), "vm1", r.latest.ID, d.Name, out, "raw"); err != nil {
+		if err := r.site.Store.Export(ctx(t), "vm1", from, d.Name, out, "raw"); err != nil {
 			t.Fatal(err)
 		}
 		b, err := os.ReadFile(out)
@@ -47,7 +47,7 @@ func (r *replicated) recovered(t *testing.T) (*testvm.VM, *workload.Guest, lifeb
 		if err := g.Client(d.Name).Write(ctx(t), b, 0, false); err != nil {
 			t.Fatal(err)
 		}
-		gen := lifeboat.NewGeneration("prod", d.Lineage, r.latest.ID)
+		gen := lifeboat.NewGeneration("prod", d.Lineage, from)
 		if err := vm.Monitor().AddBitmap(ctx(t), d.Name, gen, true, false); err != nil {
 			t.Fatal(err)
 		}
@@ -91,18 +91,25 @@ func (r *replicated) productionServer(t *testing.T, fb *failback.Store) *wire.Cl
 // record: its raw disk, or every disk after the kill), incremental from the
 // shared point, and leaves the production disks exactly as the recovered
 // VM's. A second cycle sends only what the recovered VM wrote since, and the
-// production site, restarted, still knows which point its disks hold.
+// production site, restarted, still knows which point its disks hold. A
+// failover from the point before the latest adds what the latest wrote.
 func TestFailbackOverTheWire(t *testing.T) {
-	for _, crash := range []bool{false, true} {
-		name := map[bool]string{false: "production stopped", true: "production killed"}[crash]
-		t.Run(name, func(t *testing.T) {
-			r := replicate(t, crash)
-			if crash {
+	for _, tc := range []struct {
+		name         string
+		crash, older bool
+	}{{"production stopped", false, false}, {"production killed", true, false}, {"failover from an older point", false, true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := replicate(t, tc.crash)
+			if tc.crash {
 				r.vm.Kill(t)
 			} else {
 				r.vm.PowerOff(t)
 			}
-			rec, guest, holds := r.recovered(t)
+			from := r.latest.ID
+			if tc.older {
+				from--
+			}
+			rec, guest, holds := r.recovered(t, from)
 			recOps, err := guest.Mixed(ctx(t), 15)
 			if err != nil {
 				t.Fatal(err)
@@ -110,7 +117,10 @@ func TestFailbackOverTheWire(t *testing.T) {
 
 			stateDir := t.TempDir()
 			fb, prod := r.prepare(t, stateDir, holds)
-			target := &failback.Target{Client: r.productionServer(t, fb), SharedMap: r.sharedMap}
+			target := &failback.Target{Client: r.productionServer(t, fb), Shared: from, SharedMap: r.pointMap(from)}
+			if tc.older {
+				target.LatestMap = r.pointMap(r.latest.ID)
+			}
 			p := &protect.Protector{
 				VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: testsite.ShortDir(t)},
 				Target: target, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
@@ -118,6 +128,9 @@ func TestFailbackOverTheWire(t *testing.T) {
 
 			pt := r.failbackCycle(t, p, prod, guest, holds.ID)
 			union := workload.TouchedBytes(append(recOps, r.after...))
+			if tc.older {
+				union += r.latest.Stats.BytesChanged // what the latest point wrote, at most
+			}
 			t.Logf("first failback cycle: handled %d bytes (union of both sides' changes %d: recovered %d, production %d), sent %d",
 				pt.Stats.BytesChanged, union, workload.TouchedBytes(recOps), workload.TouchedBytes(r.after), pt.Stats.BytesSent)
 			if pt.Stats.BytesChanged > union+int64(len(disks))*lifeboat.BlockSize {
@@ -161,8 +174,11 @@ func (r *replicated) own() map[string]failback.Shared {
 	return out
 }
 
-func (r *replicated) sharedMap(_ context.Context, disk string) (map[int64]lifeboat.Hash, error) {
-	return r.site.Store.BlockMap("vm1", disk, r.latest.ID)
+// pointMap is the block map of one of the recovery site's points.
+func (r *replicated) pointMap(id uint64) func(context.Context, string) (map[int64]lifeboat.Hash, error) {
+	return func(_ context.Context, disk string) (map[int64]lifeboat.Hash, error) {
+		return r.site.Store.BlockMap("vm1", disk, id)
+	}
 }
 
 // prepare opens the production disks and readies vm1's failback.

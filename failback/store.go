@@ -260,22 +260,47 @@ var (
 // Target is the production site as the target of a failback cycle at the
 // site the VM runs at: the wire client to production, which also says what
 // production changed on its own since the shared point (protect.ChangedTarget).
-// When production has no record of it, its disk is compared by hashes with
-// the shared point's block map at this site (SharedMap).
 //
-// Production's record covers its writes since the latest point it sent; when
-// the failover started from an earlier point, the blocks the later points
-// wrote are production's changes too, and are not added here (deferred: the
-// failback command refuses such a failback until it adds them).
+// Production's record covers its writes since the latest point it sent. When
+// the failover started from an earlier point, what the later points wrote is
+// production's change too: the blocks whose content differs between the
+// shared point's block map here (SharedMap) and the latest's (LatestMap; nil
+// when the failover started from the latest point). When production has no
+// record of its own writes, its disk is compared by hashes with the shared
+// point's map instead, which covers both. Once production holds a failback
+// point, none of its own writes is left: they were all overwritten by it.
 type Target struct {
 	*wire.Client
+	Shared    uint64 // the point the failover started from
 	SharedMap func(ctx context.Context, disk string) (map[int64]lifeboat.Hash, error)
+	LatestMap func(ctx context.Context, disk string) (map[int64]lifeboat.Hash, error)
 	Log       *slog.Logger
 }
 
 // TargetChanged is what production changed on its own since the shared point.
 func (t *Target) TargetChanged(ctx context.Context, vm, disk string, fn func(off, length int64) error) error {
-	err := t.Client.Changed(ctx, vm, disk, fn)
+	held, ok, err := t.Client.Latest(ctx, vm)
+	if err != nil {
+		return err
+	}
+	if !ok || held.ID != t.Shared {
+		return nil // production holds a failback point (or nothing): no writes of its own are left
+	}
+	err = t.Client.Changed(ctx, vm, disk, fn)
+	if err == nil {
+		if t.LatestMap == nil {
+			return nil
+		}
+		shared, err := t.map_(ctx, vm, disk, t.SharedMap, "shared")
+		if err != nil {
+			return err
+		}
+		latest, err := t.map_(ctx, vm, disk, t.LatestMap, "latest")
+		if err != nil {
+			return err
+		}
+		return Differing(shared, latest, fn)
+	}
 	if !errors.Is(err, lifeboat.ErrNoChangeRecord) {
 		return err
 	}
@@ -288,9 +313,17 @@ func (t *Target) TargetChanged(ctx context.Context, vm, disk string, fn func(off
 	if err != nil {
 		return err
 	}
-	point, err := t.SharedMap(ctx, disk)
+	shared, err := t.map_(ctx, vm, disk, t.SharedMap, "shared")
 	if err != nil {
-		return fmt.Errorf("vm %q disk %q: the shared point's block map here: %w", vm, disk, err)
+		return err
 	}
-	return Differing(point, prod, fn)
+	return Differing(shared, prod, fn)
+}
+
+func (t *Target) map_(ctx context.Context, vm, disk string, f func(context.Context, string) (map[int64]lifeboat.Hash, error), which string) (map[int64]lifeboat.Hash, error) {
+	m, err := f(ctx, disk)
+	if err != nil {
+		return nil, fmt.Errorf("vm %q disk %q: the %s point's block map here: %w", vm, disk, which, err)
+	}
+	return m, nil
 }
