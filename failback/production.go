@@ -22,12 +22,9 @@ import (
 	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
-// Disk is a production disk image.
-type Disk struct {
-	Name   string // the disk's name in points
-	File   string // its image (its backing chain, if any, is opened with it)
-	Format string // "qcow2" or "raw"
-}
+// Disk is a production disk image (see protect.ReadImages: what the
+// production site recorded of its VM's disks at its last cycle).
+type Disk = protect.DiskImage
 
 // ErrNoRecord marks a disk whose own record of its writes cannot be trusted
 // or is gone: which blocks it changed must be found by comparing hashes.
@@ -79,14 +76,19 @@ func (p *Production) open(ctx context.Context, i int, dk Disk) error {
 	if dk.Format != "qcow2" && dk.Format != "raw" {
 		return fmt.Errorf("format %q: lifeboat fails back into qcow2 or raw images", dk.Format)
 	}
-	if _, err := os.Stat(dk.File); err != nil {
+	fi, err := os.Stat(dk.File)
+	if err != nil {
 		return err
+	}
+	proto := "file"
+	if fi.Mode()&os.ModeDevice != 0 {
+		proto = "host_device" // a logical volume, say
 	}
 	node := "prod" + strconv.Itoa(i)
 	m := p.daemon.Monitor()
 	if err := m.BlockdevAdd(ctx, map[string]any{
 		"driver": dk.Format, "node-name": node, "discard": "unmap",
-		"file": map[string]any{"driver": "file", "filename": dk.File},
+		"file": map[string]any{"driver": proto, "filename": dk.File},
 	}); err != nil {
 		return fmt.Errorf("open (is the production VM still running? stop it first): %w", err)
 	}

@@ -33,11 +33,12 @@ func ctx(t *testing.T) context.Context { return testenv.Context(t, 2*time.Minute
 // sent, and then written more (the writes after its last point, as a
 // production host makes before it dies).
 type replicated struct {
-	vm     *testvm.VM
-	site   *testsite.Site
-	latest lifeboat.Point
-	peer   string
-	after  []workload.Op // the writes after the latest point
+	vm      *testvm.VM
+	site    *testsite.Site
+	workDir string // the protector's, with its record of the disks' images
+	latest  lifeboat.Point
+	peer    string
+	after   []workload.Op // the writes after the latest point
 }
 
 func replicate(t *testing.T, restart bool) *replicated {
@@ -60,7 +61,7 @@ func replicate(t *testing.T, restart bool) *replicated {
 	if err := g.Fill(ctx(t), 0.3); err != nil {
 		t.Fatal(err)
 	}
-	r := &replicated{vm: vm, site: site, peer: target.Peer()}
+	r := &replicated{vm: vm, site: site, peer: target.Peer(), workDir: p.VM.WorkDir}
 	for range 2 {
 		if _, err := g.Mixed(ctx(t), 10); err != nil {
 			t.Fatal(err)
@@ -88,9 +89,14 @@ func replicate(t *testing.T, restart bool) *replicated {
 // open opens the production VM's disks for a failback (the VM stopped).
 func (r *replicated) open(t *testing.T) *failback.Production {
 	t.Helper()
-	var ds []failback.Disk
-	for _, d := range r.vm.Disks {
-		ds = append(ds, failback.Disk{Name: d.Name, File: r.vm.ImagePath(d.Name), Format: d.Format})
+	ds, err := protect.ReadImages(r.workDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, d := range r.vm.Disks {
+		if want := (failback.Disk{Name: d.Name, File: r.vm.ImagePath(d.Name), Format: d.Format}); i >= len(ds) || ds[i] != want {
+			t.Fatalf("the protector's record of the disks' images is %+v, want %+v at %d", ds, want, i)
+		}
 	}
 	p, err := failback.Open(ctx(t), testsite.ShortDir(t), "vm1", ds, nil)
 	if err != nil {

@@ -46,6 +46,8 @@ type cycle struct {
 	start      time.Time
 	// nbdStarted: the cycle started the NBD server on sock, and close stops it.
 	nbdStarted bool
+	// images are the disks' images, recorded once the point is committed.
+	images []DiskImage
 }
 
 func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
@@ -107,6 +109,11 @@ func (c *cycle) prepare(ctx context.Context) error {
 	nodes, err := p.disks(ctx, m)
 	if err != nil {
 		return err
+	}
+	if images, ok := imagesOf(nodes); ok {
+		c.images = images
+	} else {
+		c.log.Debug("some disk is not a local qcow2 or raw image: no record of the images for a failback")
 	}
 	if err := c.learnLatest(ctx); err != nil {
 		return err

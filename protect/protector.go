@@ -153,6 +153,9 @@ func (p *Protector) Cycle(ctx context.Context) (lifeboat.Point, error) {
 	if err != nil {
 		return lifeboat.Point{}, fmt.Errorf("vm %q: %w", p.VM.Name, err)
 	}
+	if err := saveImages(p.VM.WorkDir, c.images); err != nil {
+		c.log.Warn("recording the disks' images for a failback failed", "err", err)
+	}
 	c.log.Info("point committed", "consistency", pt.Consistency,
 		"changed", pt.Stats.BytesChanged, "zero", pt.Stats.BytesZero, "sent", pt.Stats.BytesSent,
 		"took", time.Since(start).Round(time.Millisecond))
