@@ -74,6 +74,7 @@ func (d *Daemon) listenAPI() (*apiServer, error) {
 	mux.HandleFunc("POST /v1/vms/{vm}/handover", a.handover)
 	mux.HandleFunc("POST /v1/vms/{vm}/failover", a.failover)
 	mux.HandleFunc("POST /v1/vms/{vm}/migrate", a.migrate)
+	mux.HandleFunc("POST /v1/vms/{vm}/failback", a.failback)
 	mux.HandleFunc("POST /v1/plans/{name}/run", a.planRun)
 	mux.HandleFunc("POST /v1/plans/{name}/stop", a.planStop)
 	mux.HandleFunc("GET /v1/runs", a.runs)

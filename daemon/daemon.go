@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/failback"
 	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/pki"
 	"github.com/lifeboat-dr/lifeboat/protect"
@@ -80,7 +81,15 @@ func (d *Daemon) Run(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("config %s: listen %s: %w", d.cfg.Path(), d.cfg.Listen, err)
 		}
-		d.server = &wire.Server{Site: d.cfg.Site, Store: wire.RecoveryStore(st), Log: d.log, StartVM: d.startForOwner}
+		fb, err := failback.NewStore(filepath.Join(d.cfg.StateDir, "failback"), d.log)
+		if err != nil {
+			return err
+		}
+		defer fb.Close(context.WithoutCancel(ctx))
+		// A VM failed over from here comes home through the same listener.
+		fbSite := &failback.Site{Store: fb, RunDir: filepath.Join(d.cfg.StateDir, "failback", "run"), Log: d.log, VM: d.failbackVM}
+		d.server = &wire.Server{Site: d.cfg.Site, Store: failback.Routed{Failback: fb, Other: wire.RecoveryStore(st)}, Log: d.log,
+			StartVM: d.startForOwner, TakeFailback: fbSite.Take}
 		d.runs.LastContact = d.server.LastContact
 		go func() { errc <- d.server.Serve(l, tlsConf) }()
 		defer d.server.Stop()

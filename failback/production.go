@@ -20,6 +20,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/nbd"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/qemu"
+	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
 // Disk is a production disk image (see protect.ReadImages: what the
@@ -113,16 +114,9 @@ func (p *Production) Clients() map[string]*nbd.Client {
 	return out
 }
 
-// Shared is what the recovery site says of a disk at the latest point the
-// production site replicated to it: the site's name (the namespace of the
-// generations kept for it), the disk's lineage, the point, and the
-// generation the point's instant started.
-type Shared struct {
-	Peer       string
-	Lineage    string
-	Point      uint64
-	Generation string
-}
+// Shared is what the recovery site says of a production disk at the latest
+// point production replicated to it.
+type Shared = wire.Shared
 
 // scanBitmap is the bitmap Changes merges a disk's generations into.
 const scanBitmap = "lifeboat-failback-scan"

@@ -97,6 +97,20 @@ func (s *Store) Prepare(vm, owner string, prod *Production, holds lifeboat.Point
 	return nil
 }
 
+// Close closes the disks of every failback this store took.
+func (s *Store) Close(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var errs []error
+	for name, v := range s.vms {
+		if err := v.prod.Close(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("vm %q: %w", name, err))
+		}
+		delete(s.vms, name)
+	}
+	return errors.Join(errs...)
+}
+
 func (s *Store) path(vm string) string { return filepath.Join(s.dir, vm+".json") }
 
 func (s *Store) save(vm string, rec record) error {

@@ -9,7 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -201,6 +203,22 @@ func (c *Client) BlockMap(ctx context.Context, vm, disk string) (map[int64]lifeb
 			m[b] = hs[i]
 		}
 	}
+}
+
+// PrepareFailback asks the production site to take a failback of vm from
+// this site (see Server.PrepareFailback); it returns the point the
+// production disks hold.
+func (c *Client) PrepareFailback(ctx context.Context, vm string, holds lifeboat.Point, own map[string]Shared) (lifeboat.Point, error) {
+	req := &wirepb.PrepareFailbackRequest{Vm: vm, Holds: pointToPB(holds)}
+	for _, disk := range slices.Sorted(maps.Keys(own)) {
+		o := own[disk]
+		req.Own = append(req.Own, &wirepb.OwnGeneration{Disk: disk, Peer: o.Peer, Lineage: o.Lineage, Point: o.Point, Generation: o.Generation})
+	}
+	r, err := c.rc.PrepareFailback(ctx, req)
+	if err != nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q: prepare the failback at %s: %w", vm, c.peer, err)
+	}
+	return pointFromPB(r.Holds)
 }
 
 // Changed calls fn for each byte range the site's copy of a disk changed on

@@ -295,6 +295,10 @@ func (s *changedStream) Recv() (*wirepb.ChangedChunk, error) {
 	return c, err
 }
 
+func (f *fakeReplication) PrepareFailback(context.Context, *wirepb.PrepareFailbackRequest, ...grpc.CallOption) (*wirepb.PrepareFailbackReply, error) {
+	return nil, errors.New("not fuzzed")
+}
+
 func (f *fakeReplication) Failover(context.Context, *wirepb.FailoverRequest, ...grpc.CallOption) (*wirepb.FailoverReply, error) {
 	return nil, errors.New("not fuzzed")
 }

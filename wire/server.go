@@ -73,6 +73,10 @@ type Server struct {
 	// StartVM starts a VM here from one of its points and takes it over,
 	// for its owner's planned migration; nil: this site refuses to.
 	StartVM func(ctx context.Context, vm string, point uint64) (FailoverResult, error)
+	// TakeFailback readies a failback of vm from site, which owns it now,
+	// into this production site's disks (see the PrepareFailback RPC); it
+	// returns the point the disks hold. nil: this site takes no failbacks.
+	TakeFailback func(ctx context.Context, site, vm string, holds lifeboat.Point, own map[string]Shared) (lifeboat.Point, error)
 
 	mu       sync.Mutex
 	stopped  bool
@@ -423,6 +427,47 @@ func (s *Server) BlockMap(r *wirepb.BlockMapRequest, st grpc.ServerStreamingServ
 		return st.Send(ch)
 	}
 	return nil
+}
+
+// Shared is what a recovery site says of a production disk at the latest
+// point production replicated to it: the recovery site's name (the
+// namespace of the generations production kept for it), the disk's lineage,
+// the point, and the generation its instant started.
+type Shared struct {
+	Peer       string `json:"peer"`
+	Lineage    string `json:"lineage"`
+	Point      uint64 `json:"point"`
+	Generation string `json:"generation"`
+}
+
+// PrepareFailback is a failback's first call at the production site. The
+// asking site is the one its certificate names; TakeFailback decides
+// whether it may.
+func (s *Server) PrepareFailback(ctx context.Context, r *wirepb.PrepareFailbackRequest) (*wirepb.PrepareFailbackReply, error) {
+	site, err := peerSite(ctx)
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, err.Error())
+	}
+	if s.TakeFailback == nil {
+		return nil, status.Errorf(codes.Unimplemented, "site %q takes no failbacks (is it the VM's production site, serving with `listen:`?)", s.Site)
+	}
+	holds, err := pointFromPB(r.Holds)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	own := map[string]Shared{}
+	for _, o := range r.Own {
+		own[o.Disk] = Shared{Peer: o.Peer, Lineage: o.Lineage, Point: o.Point, Generation: o.Generation}
+	}
+	s.Log.Warn("failback asked", "vm", r.Vm, "point", holds.ID, "peer", peerName(ctx))
+	held, err := s.TakeFailback(ctx, site, r.Vm, holds, own)
+	if err != nil {
+		if errors.Is(err, recovery.ErrNotOwner) {
+			return nil, status.Error(codes.PermissionDenied, err.Error())
+		}
+		return nil, status.Error(codes.FailedPrecondition, err.Error())
+	}
+	return &wirepb.PrepareFailbackReply{Holds: pointToPB(held)}, nil
 }
 
 // Changed streams what the site's copy of a disk changed on its own.

@@ -59,6 +59,7 @@ recovery site, and keeps restore points there that can be exported or powered on
 		newVerifyCmd(g),
 		newHandoverCmd(g),
 		newFailoverCmd(g),
+		newFailbackCmd(g),
 		newPlanCmd(g),
 		newStatusCmd(g),
 		newCertCmd(),

@@ -812,6 +812,188 @@ func (x *BlockMapChunk) GetHashes() []byte {
 	return nil
 }
 
+type PrepareFailbackRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Vm            string                 `protobuf:"bytes,1,opt,name=vm,proto3" json:"vm,omitempty"`
+	Holds         *Point                 `protobuf:"bytes,2,opt,name=holds,proto3" json:"holds,omitempty"`
+	Own           []*OwnGeneration       `protobuf:"bytes,3,rep,name=own,proto3" json:"own,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareFailbackRequest) Reset() {
+	*x = PrepareFailbackRequest{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareFailbackRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareFailbackRequest) ProtoMessage() {}
+
+func (x *PrepareFailbackRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareFailbackRequest.ProtoReflect.Descriptor instead.
+func (*PrepareFailbackRequest) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *PrepareFailbackRequest) GetVm() string {
+	if x != nil {
+		return x.Vm
+	}
+	return ""
+}
+
+func (x *PrepareFailbackRequest) GetHolds() *Point {
+	if x != nil {
+		return x.Holds
+	}
+	return nil
+}
+
+func (x *PrepareFailbackRequest) GetOwn() []*OwnGeneration {
+	if x != nil {
+		return x.Own
+	}
+	return nil
+}
+
+type OwnGeneration struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Disk          string                 `protobuf:"bytes,1,opt,name=disk,proto3" json:"disk,omitempty"`
+	Peer          string                 `protobuf:"bytes,2,opt,name=peer,proto3" json:"peer,omitempty"`
+	Lineage       string                 `protobuf:"bytes,3,opt,name=lineage,proto3" json:"lineage,omitempty"`
+	Point         uint64                 `protobuf:"varint,4,opt,name=point,proto3" json:"point,omitempty"`
+	Generation    string                 `protobuf:"bytes,5,opt,name=generation,proto3" json:"generation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OwnGeneration) Reset() {
+	*x = OwnGeneration{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OwnGeneration) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OwnGeneration) ProtoMessage() {}
+
+func (x *OwnGeneration) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OwnGeneration.ProtoReflect.Descriptor instead.
+func (*OwnGeneration) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *OwnGeneration) GetDisk() string {
+	if x != nil {
+		return x.Disk
+	}
+	return ""
+}
+
+func (x *OwnGeneration) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+func (x *OwnGeneration) GetLineage() string {
+	if x != nil {
+		return x.Lineage
+	}
+	return ""
+}
+
+func (x *OwnGeneration) GetPoint() uint64 {
+	if x != nil {
+		return x.Point
+	}
+	return 0
+}
+
+func (x *OwnGeneration) GetGeneration() string {
+	if x != nil {
+		return x.Generation
+	}
+	return ""
+}
+
+// PrepareFailbackReply says which point the production disks hold: holds,
+// or a later failback point when a failback was under way already.
+type PrepareFailbackReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Holds         *Point                 `protobuf:"bytes,1,opt,name=holds,proto3" json:"holds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrepareFailbackReply) Reset() {
+	*x = PrepareFailbackReply{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrepareFailbackReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrepareFailbackReply) ProtoMessage() {}
+
+func (x *PrepareFailbackReply) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrepareFailbackReply.ProtoReflect.Descriptor instead.
+func (*PrepareFailbackReply) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *PrepareFailbackReply) GetHolds() *Point {
+	if x != nil {
+		return x.Holds
+	}
+	return nil
+}
+
 type ChangedRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Vm            string                 `protobuf:"bytes,1,opt,name=vm,proto3" json:"vm,omitempty"`
@@ -822,7 +1004,7 @@ type ChangedRequest struct {
 
 func (x *ChangedRequest) Reset() {
 	*x = ChangedRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -834,7 +1016,7 @@ func (x *ChangedRequest) String() string {
 func (*ChangedRequest) ProtoMessage() {}
 
 func (x *ChangedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -847,7 +1029,7 @@ func (x *ChangedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChangedRequest.ProtoReflect.Descriptor instead.
 func (*ChangedRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{12}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ChangedRequest) GetVm() string {
@@ -875,7 +1057,7 @@ type ChangedChunk struct {
 
 func (x *ChangedChunk) Reset() {
 	*x = ChangedChunk{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -887,7 +1069,7 @@ func (x *ChangedChunk) String() string {
 func (*ChangedChunk) ProtoMessage() {}
 
 func (x *ChangedChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -900,7 +1082,7 @@ func (x *ChangedChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChangedChunk.ProtoReflect.Descriptor instead.
 func (*ChangedChunk) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{13}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ChangedChunk) GetOffsets() []int64 {
@@ -937,7 +1119,7 @@ type Frame struct {
 
 func (x *Frame) Reset() {
 	*x = Frame{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -949,7 +1131,7 @@ func (x *Frame) String() string {
 func (*Frame) ProtoMessage() {}
 
 func (x *Frame) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -962,7 +1144,7 @@ func (x *Frame) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Frame.ProtoReflect.Descriptor instead.
 func (*Frame) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{14}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Frame) GetBody() isFrame_Body {
@@ -1061,7 +1243,7 @@ type Begin struct {
 
 func (x *Begin) Reset() {
 	*x = Begin{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1073,7 +1255,7 @@ func (x *Begin) String() string {
 func (*Begin) ProtoMessage() {}
 
 func (x *Begin) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1086,7 +1268,7 @@ func (x *Begin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Begin.ProtoReflect.Descriptor instead.
 func (*Begin) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{15}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Begin) GetPoint() *Point {
@@ -1112,7 +1294,7 @@ type Blocks struct {
 
 func (x *Blocks) Reset() {
 	*x = Blocks{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1124,7 +1306,7 @@ func (x *Blocks) String() string {
 func (*Blocks) ProtoMessage() {}
 
 func (x *Blocks) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1137,7 +1319,7 @@ func (x *Blocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Blocks.ProtoReflect.Descriptor instead.
 func (*Blocks) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{16}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Blocks) GetDisk() string {
@@ -1194,7 +1376,7 @@ type Zeroes struct {
 
 func (x *Zeroes) Reset() {
 	*x = Zeroes{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1206,7 +1388,7 @@ func (x *Zeroes) String() string {
 func (*Zeroes) ProtoMessage() {}
 
 func (x *Zeroes) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1219,7 +1401,7 @@ func (x *Zeroes) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Zeroes.ProtoReflect.Descriptor instead.
 func (*Zeroes) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{17}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Zeroes) GetDisk() string {
@@ -1260,7 +1442,7 @@ type Copy struct {
 
 func (x *Copy) Reset() {
 	*x = Copy{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1272,7 +1454,7 @@ func (x *Copy) String() string {
 func (*Copy) ProtoMessage() {}
 
 func (x *Copy) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1285,7 +1467,7 @@ func (x *Copy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Copy.ProtoReflect.Descriptor instead.
 func (*Copy) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{18}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Copy) GetDisk() string {
@@ -1339,7 +1521,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1351,7 +1533,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1364,7 +1546,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{19}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Commit) GetStats() *Stats {
@@ -1383,7 +1565,7 @@ type ReplicateReply struct {
 
 func (x *ReplicateReply) Reset() {
 	*x = ReplicateReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1395,7 +1577,7 @@ func (x *ReplicateReply) String() string {
 func (*ReplicateReply) ProtoMessage() {}
 
 func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1408,7 +1590,7 @@ func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateReply.ProtoReflect.Descriptor instead.
 func (*ReplicateReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{20}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ReplicateReply) GetPoint() *Point {
@@ -1489,7 +1671,21 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x04disk\x18\x02 \x01(\tR\x04disk\"?\n" +
 	"\rBlockMapChunk\x12\x16\n" +
 	"\x06blocks\x18\x01 \x03(\x03R\x06blocks\x12\x16\n" +
-	"\x06hashes\x18\x02 \x01(\fR\x06hashes\"4\n" +
+	"\x06hashes\x18\x02 \x01(\fR\x06hashes\"\x8a\x01\n" +
+	"\x16PrepareFailbackRequest\x12\x0e\n" +
+	"\x02vm\x18\x01 \x01(\tR\x02vm\x12-\n" +
+	"\x05holds\x18\x02 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05holds\x121\n" +
+	"\x03own\x18\x03 \x03(\v2\x1f.lifeboat.wire.v1.OwnGenerationR\x03own\"\x87\x01\n" +
+	"\rOwnGeneration\x12\x12\n" +
+	"\x04disk\x18\x01 \x01(\tR\x04disk\x12\x12\n" +
+	"\x04peer\x18\x02 \x01(\tR\x04peer\x12\x18\n" +
+	"\alineage\x18\x03 \x01(\tR\alineage\x12\x14\n" +
+	"\x05point\x18\x04 \x01(\x04R\x05point\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x05 \x01(\tR\n" +
+	"generation\"E\n" +
+	"\x14PrepareFailbackReply\x12-\n" +
+	"\x05holds\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05holds\"4\n" +
 	"\x0eChangedRequest\x12\x0e\n" +
 	"\x02vm\x18\x01 \x01(\tR\x02vm\x12\x12\n" +
 	"\x04disk\x18\x02 \x01(\tR\x04disk\"B\n" +
@@ -1527,13 +1723,14 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x06Commit\x12-\n" +
 	"\x05stats\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.StatsR\x05stats\"?\n" +
 	"\x0eReplicateReply\x12-\n" +
-	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\xd1\x03\n" +
+	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\xb6\x04\n" +
 	"\vReplication\x12E\n" +
 	"\x05Hello\x12\x1e.lifeboat.wire.v1.HelloRequest\x1a\x1c.lifeboat.wire.v1.HelloReply\x12D\n" +
 	"\x06Latest\x12\x1b.lifeboat.wire.v1.VMRequest\x1a\x1d.lifeboat.wire.v1.LatestReply\x12D\n" +
 	"\x06Points\x12\x1b.lifeboat.wire.v1.VMRequest\x1a\x1d.lifeboat.wire.v1.PointsReply\x12P\n" +
 	"\bBlockMap\x12!.lifeboat.wire.v1.BlockMapRequest\x1a\x1f.lifeboat.wire.v1.BlockMapChunk0\x01\x12M\n" +
-	"\aChanged\x12 .lifeboat.wire.v1.ChangedRequest\x1a\x1e.lifeboat.wire.v1.ChangedChunk0\x01\x12N\n" +
+	"\aChanged\x12 .lifeboat.wire.v1.ChangedRequest\x1a\x1e.lifeboat.wire.v1.ChangedChunk0\x01\x12c\n" +
+	"\x0fPrepareFailback\x12(.lifeboat.wire.v1.PrepareFailbackRequest\x1a&.lifeboat.wire.v1.PrepareFailbackReply\x12N\n" +
 	"\bFailover\x12!.lifeboat.wire.v1.FailoverRequest\x1a\x1f.lifeboat.wire.v1.FailoverReplyB-Z+github.com/lifeboat-dr/lifeboat/wire/wirepbb\x06proto3"
 
 var (
@@ -1548,60 +1745,68 @@ func file_wire_wirepb_wire_proto_rawDescGZIP() []byte {
 	return file_wire_wirepb_wire_proto_rawDescData
 }
 
-var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_wire_wirepb_wire_proto_goTypes = []any{
-	(*FailoverRequest)(nil), // 0: lifeboat.wire.v1.FailoverRequest
-	(*FailoverReply)(nil),   // 1: lifeboat.wire.v1.FailoverReply
-	(*HelloRequest)(nil),    // 2: lifeboat.wire.v1.HelloRequest
-	(*HelloReply)(nil),      // 3: lifeboat.wire.v1.HelloReply
-	(*VMRequest)(nil),       // 4: lifeboat.wire.v1.VMRequest
-	(*Point)(nil),           // 5: lifeboat.wire.v1.Point
-	(*Disk)(nil),            // 6: lifeboat.wire.v1.Disk
-	(*Stats)(nil),           // 7: lifeboat.wire.v1.Stats
-	(*LatestReply)(nil),     // 8: lifeboat.wire.v1.LatestReply
-	(*PointsReply)(nil),     // 9: lifeboat.wire.v1.PointsReply
-	(*BlockMapRequest)(nil), // 10: lifeboat.wire.v1.BlockMapRequest
-	(*BlockMapChunk)(nil),   // 11: lifeboat.wire.v1.BlockMapChunk
-	(*ChangedRequest)(nil),  // 12: lifeboat.wire.v1.ChangedRequest
-	(*ChangedChunk)(nil),    // 13: lifeboat.wire.v1.ChangedChunk
-	(*Frame)(nil),           // 14: lifeboat.wire.v1.Frame
-	(*Begin)(nil),           // 15: lifeboat.wire.v1.Begin
-	(*Blocks)(nil),          // 16: lifeboat.wire.v1.Blocks
-	(*Zeroes)(nil),          // 17: lifeboat.wire.v1.Zeroes
-	(*Copy)(nil),            // 18: lifeboat.wire.v1.Copy
-	(*Commit)(nil),          // 19: lifeboat.wire.v1.Commit
-	(*ReplicateReply)(nil),  // 20: lifeboat.wire.v1.ReplicateReply
+	(*FailoverRequest)(nil),        // 0: lifeboat.wire.v1.FailoverRequest
+	(*FailoverReply)(nil),          // 1: lifeboat.wire.v1.FailoverReply
+	(*HelloRequest)(nil),           // 2: lifeboat.wire.v1.HelloRequest
+	(*HelloReply)(nil),             // 3: lifeboat.wire.v1.HelloReply
+	(*VMRequest)(nil),              // 4: lifeboat.wire.v1.VMRequest
+	(*Point)(nil),                  // 5: lifeboat.wire.v1.Point
+	(*Disk)(nil),                   // 6: lifeboat.wire.v1.Disk
+	(*Stats)(nil),                  // 7: lifeboat.wire.v1.Stats
+	(*LatestReply)(nil),            // 8: lifeboat.wire.v1.LatestReply
+	(*PointsReply)(nil),            // 9: lifeboat.wire.v1.PointsReply
+	(*BlockMapRequest)(nil),        // 10: lifeboat.wire.v1.BlockMapRequest
+	(*BlockMapChunk)(nil),          // 11: lifeboat.wire.v1.BlockMapChunk
+	(*PrepareFailbackRequest)(nil), // 12: lifeboat.wire.v1.PrepareFailbackRequest
+	(*OwnGeneration)(nil),          // 13: lifeboat.wire.v1.OwnGeneration
+	(*PrepareFailbackReply)(nil),   // 14: lifeboat.wire.v1.PrepareFailbackReply
+	(*ChangedRequest)(nil),         // 15: lifeboat.wire.v1.ChangedRequest
+	(*ChangedChunk)(nil),           // 16: lifeboat.wire.v1.ChangedChunk
+	(*Frame)(nil),                  // 17: lifeboat.wire.v1.Frame
+	(*Begin)(nil),                  // 18: lifeboat.wire.v1.Begin
+	(*Blocks)(nil),                 // 19: lifeboat.wire.v1.Blocks
+	(*Zeroes)(nil),                 // 20: lifeboat.wire.v1.Zeroes
+	(*Copy)(nil),                   // 21: lifeboat.wire.v1.Copy
+	(*Commit)(nil),                 // 22: lifeboat.wire.v1.Commit
+	(*ReplicateReply)(nil),         // 23: lifeboat.wire.v1.ReplicateReply
 }
 var file_wire_wirepb_wire_proto_depIdxs = []int32{
 	6,  // 0: lifeboat.wire.v1.Point.disks:type_name -> lifeboat.wire.v1.Disk
 	7,  // 1: lifeboat.wire.v1.Point.stats:type_name -> lifeboat.wire.v1.Stats
 	5,  // 2: lifeboat.wire.v1.LatestReply.point:type_name -> lifeboat.wire.v1.Point
 	5,  // 3: lifeboat.wire.v1.PointsReply.points:type_name -> lifeboat.wire.v1.Point
-	15, // 4: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
-	16, // 5: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
-	17, // 6: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
-	19, // 7: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
-	18, // 8: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
-	5,  // 9: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
-	7,  // 10: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
-	5,  // 11: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
-	2,  // 12: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
-	4,  // 13: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
-	4,  // 14: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
-	10, // 15: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
-	12, // 16: lifeboat.wire.v1.Replication.Changed:input_type -> lifeboat.wire.v1.ChangedRequest
-	0,  // 17: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
-	3,  // 18: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
-	8,  // 19: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
-	9,  // 20: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
-	11, // 21: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
-	13, // 22: lifeboat.wire.v1.Replication.Changed:output_type -> lifeboat.wire.v1.ChangedChunk
-	1,  // 23: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
-	18, // [18:24] is the sub-list for method output_type
-	12, // [12:18] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	5,  // 4: lifeboat.wire.v1.PrepareFailbackRequest.holds:type_name -> lifeboat.wire.v1.Point
+	13, // 5: lifeboat.wire.v1.PrepareFailbackRequest.own:type_name -> lifeboat.wire.v1.OwnGeneration
+	5,  // 6: lifeboat.wire.v1.PrepareFailbackReply.holds:type_name -> lifeboat.wire.v1.Point
+	18, // 7: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
+	19, // 8: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
+	20, // 9: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
+	22, // 10: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
+	21, // 11: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
+	5,  // 12: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
+	7,  // 13: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
+	5,  // 14: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
+	2,  // 15: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
+	4,  // 16: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
+	4,  // 17: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
+	10, // 18: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
+	15, // 19: lifeboat.wire.v1.Replication.Changed:input_type -> lifeboat.wire.v1.ChangedRequest
+	12, // 20: lifeboat.wire.v1.Replication.PrepareFailback:input_type -> lifeboat.wire.v1.PrepareFailbackRequest
+	0,  // 21: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
+	3,  // 22: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
+	8,  // 23: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
+	9,  // 24: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
+	11, // 25: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
+	16, // 26: lifeboat.wire.v1.Replication.Changed:output_type -> lifeboat.wire.v1.ChangedChunk
+	14, // 27: lifeboat.wire.v1.Replication.PrepareFailback:output_type -> lifeboat.wire.v1.PrepareFailbackReply
+	1,  // 28: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
+	22, // [22:29] is the sub-list for method output_type
+	15, // [15:22] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_wire_wirepb_wire_proto_init() }
@@ -1609,7 +1814,7 @@ func file_wire_wirepb_wire_proto_init() {
 	if File_wire_wirepb_wire_proto != nil {
 		return
 	}
-	file_wire_wirepb_wire_proto_msgTypes[14].OneofWrappers = []any{
+	file_wire_wirepb_wire_proto_msgTypes[17].OneofWrappers = []any{
 		(*Frame_Begin)(nil),
 		(*Frame_Blocks)(nil),
 		(*Frame_Zeroes)(nil),
@@ -1622,7 +1827,7 @@ func file_wire_wirepb_wire_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_wirepb_wire_proto_rawDesc), len(file_wire_wirepb_wire_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   21,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,12 +22,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Replication_Hello_FullMethodName    = "/lifeboat.wire.v1.Replication/Hello"
-	Replication_Latest_FullMethodName   = "/lifeboat.wire.v1.Replication/Latest"
-	Replication_Points_FullMethodName   = "/lifeboat.wire.v1.Replication/Points"
-	Replication_BlockMap_FullMethodName = "/lifeboat.wire.v1.Replication/BlockMap"
-	Replication_Changed_FullMethodName  = "/lifeboat.wire.v1.Replication/Changed"
-	Replication_Failover_FullMethodName = "/lifeboat.wire.v1.Replication/Failover"
+	Replication_Hello_FullMethodName           = "/lifeboat.wire.v1.Replication/Hello"
+	Replication_Latest_FullMethodName          = "/lifeboat.wire.v1.Replication/Latest"
+	Replication_Points_FullMethodName          = "/lifeboat.wire.v1.Replication/Points"
+	Replication_BlockMap_FullMethodName        = "/lifeboat.wire.v1.Replication/BlockMap"
+	Replication_Changed_FullMethodName         = "/lifeboat.wire.v1.Replication/Changed"
+	Replication_PrepareFailback_FullMethodName = "/lifeboat.wire.v1.Replication/PrepareFailback"
+	Replication_Failover_FullMethodName        = "/lifeboat.wire.v1.Replication/Failover"
 )
 
 // ReplicationClient is the client API for Replication service.
@@ -47,6 +48,12 @@ type ReplicationClient interface {
 	// written after the point the failover started from. FAILED_PRECONDITION
 	// when it has no record it can trust (compare hashes then: BlockMap).
 	Changed(ctx context.Context, in *ChangedRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ChangedChunk], error)
+	// PrepareFailback asks a production site to take a failback of a VM from
+	// the asking site, which owns it now. The production VM must be stopped.
+	// holds is the point its disks hold, as the asking site names it (the
+	// point the failover started from, the failover's generations); own is,
+	// by disk, production's generations at the last point it sent there.
+	PrepareFailback(ctx context.Context, in *PrepareFailbackRequest, opts ...grpc.CallOption) (*PrepareFailbackReply, error)
 	// Failover asks the recovery site to start the VM from one of its points
 	// and take it over (a planned migration: the caller, its owner, has shut
 	// it down and sent its last point). Only the VM's owner may ask.
@@ -129,6 +136,16 @@ func (c *replicationClient) Changed(ctx context.Context, in *ChangedRequest, opt
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replication_ChangedClient = grpc.ServerStreamingClient[ChangedChunk]
 
+func (c *replicationClient) PrepareFailback(ctx context.Context, in *PrepareFailbackRequest, opts ...grpc.CallOption) (*PrepareFailbackReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PrepareFailbackReply)
+	err := c.cc.Invoke(ctx, Replication_PrepareFailback_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *replicationClient) Failover(ctx context.Context, in *FailoverRequest, opts ...grpc.CallOption) (*FailoverReply, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(FailoverReply)
@@ -156,6 +173,12 @@ type ReplicationServer interface {
 	// written after the point the failover started from. FAILED_PRECONDITION
 	// when it has no record it can trust (compare hashes then: BlockMap).
 	Changed(*ChangedRequest, grpc.ServerStreamingServer[ChangedChunk]) error
+	// PrepareFailback asks a production site to take a failback of a VM from
+	// the asking site, which owns it now. The production VM must be stopped.
+	// holds is the point its disks hold, as the asking site names it (the
+	// point the failover started from, the failover's generations); own is,
+	// by disk, production's generations at the last point it sent there.
+	PrepareFailback(context.Context, *PrepareFailbackRequest) (*PrepareFailbackReply, error)
 	// Failover asks the recovery site to start the VM from one of its points
 	// and take it over (a planned migration: the caller, its owner, has shut
 	// it down and sent its last point). Only the VM's owner may ask.
@@ -184,6 +207,9 @@ func (UnimplementedReplicationServer) BlockMap(*BlockMapRequest, grpc.ServerStre
 }
 func (UnimplementedReplicationServer) Changed(*ChangedRequest, grpc.ServerStreamingServer[ChangedChunk]) error {
 	return status.Error(codes.Unimplemented, "method Changed not implemented")
+}
+func (UnimplementedReplicationServer) PrepareFailback(context.Context, *PrepareFailbackRequest) (*PrepareFailbackReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method PrepareFailback not implemented")
 }
 func (UnimplementedReplicationServer) Failover(context.Context, *FailoverRequest) (*FailoverReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Failover not implemented")
@@ -285,6 +311,24 @@ func _Replication_Changed_Handler(srv interface{}, stream grpc.ServerStream) err
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replication_ChangedServer = grpc.ServerStreamingServer[ChangedChunk]
 
+func _Replication_PrepareFailback_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PrepareFailbackRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReplicationServer).PrepareFailback(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Replication_PrepareFailback_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReplicationServer).PrepareFailback(ctx, req.(*PrepareFailbackRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Replication_Failover_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(FailoverRequest)
 	if err := dec(in); err != nil {
@@ -321,6 +365,10 @@ var Replication_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Points",
 			Handler:    _Replication_Points_Handler,
+		},
+		{
+			MethodName: "PrepareFailback",
+			Handler:    _Replication_PrepareFailback_Handler,
 		},
 		{
 			MethodName: "Failover",

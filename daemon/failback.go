@@ -1,0 +1,91 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/url"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/failback"
+	"github.com/lifeboat-dr/lifeboat/failover"
+	"github.com/lifeboat-dr/lifeboat/qemu"
+)
+
+// failbackVM is what a failback asked of this (production) site needs to
+// know of one of its VMs.
+func (d *Daemon) failbackVM(ctx context.Context, name string) (failback.VMInfo, bool) {
+	v, ok := d.vms[name]
+	if !ok {
+		return failback.VMInfo{}, false
+	}
+	info := failback.VMInfo{Peer: v.cfg.Peer, WorkDir: v.p.VM.WorkDir}
+	if v.cfg.Libvirt != nil {
+		info.Why = "it is a libvirt domain: failing back into its disks through libvirt is not built yet"
+		return info, true
+	}
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if m, err := qemu.Dial(cctx, v.cfg.QMP); err == nil {
+		m.Close()
+		info.Running = true
+	}
+	return info, true
+}
+
+// failback runs one failback cycle of vm, which runs here after a failover,
+// to its production site.
+func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
+	vm := r.PathValue("vm")
+	if !a.recoveryOnly(w, "failback", vm) {
+		return
+	}
+	runs, err := a.d.runs.Runs(vm)
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	run := lastRealRun(runs)
+	if run == nil {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q does not run at site %q after a failover: there is nothing to fail back (`lifeboat failover --list`)", vm, a.d.cfg.Site))
+		return
+	}
+	home, err := failback.Home(run)
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	ctx := r.Context()
+	c, err := a.d.peer(ctx, home)
+	if err != nil {
+		writeErr(w, http.StatusConflict, fmt.Errorf("vm %q fails back to site %q: %w (add it to `peers:` in %s with the address it listens on)", vm, home, err, a.d.cfg.Path()))
+		return
+	}
+	b := &failback.Back{Run: run, Store: a.d.store, Site: a.d.cfg.Site, Client: c, StateDir: a.d.cfg.StateDir, Log: a.d.log}
+	pt, err := b.Cycle(ctx)
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, pt)
+}
+
+// Failback runs one failback cycle of vm to its production site and returns
+// the point the production disks hold after it.
+func (c *Client) Failback(ctx context.Context, vm string) (lifeboat.Point, error) {
+	var pt lifeboat.Point
+	err := c.getJSON(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/failback", struct{}{}, &pt)
+	return pt, err
+}
+
+// lastRealRun is the newest run of a real (not test) failover, or nil.
+func lastRealRun(runs []*failover.Run) *failover.Run {
+	var last *failover.Run
+	for _, r := range runs {
+		if !r.Test && (last == nil || r.Started.After(last.Started)) {
+			last = r
+		}
+	}
+	return last
+}

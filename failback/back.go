@@ -1,0 +1,109 @@
+package failback
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/failover"
+	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// Back is a failback at the site the VM runs at: cycles from the recovered
+// VM of a failover run to the VM's production site, each sending what
+// changed on either side since the last.
+type Back struct {
+	Run      *failover.Run
+	Store    *recovery.Store // this site's: the points' block maps
+	Site     string          // this site's name, as production named its generations
+	Client   *wire.Client    // to the production site
+	StateDir string
+	Log      *slog.Logger
+	Progress func(protect.Progress)
+}
+
+// Home is the production site: the VM's owner before the failover.
+func Home(run *failover.Run) (string, error) {
+	if run.Test {
+		return "", fmt.Errorf("run %s of vm %q is a test failover: it has nothing to fail back", run.ID, run.VM)
+	}
+	if run.Previous == nil || run.Previous.Site == "" {
+		return "", fmt.Errorf("run %s of vm %q names no owner before the failover: there is no production site to fail back to", run.ID, run.VM)
+	}
+	return run.Previous.Site, nil
+}
+
+// Cycle runs one failback cycle and returns the point the production disks
+// hold after it.
+func (b *Back) Cycle(ctx context.Context) (lifeboat.Point, error) {
+	run := b.Run
+	vm := run.VM
+	if run.Libvirt != "" {
+		return lifeboat.Point{}, fmt.Errorf("vm %q runs under libvirt here: its failback (through libvirt's checkpoints) is not built yet", vm)
+	}
+	shared, err := b.point(vm, run.Point)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	latest, ok, err := b.Store.Latest(vm)
+	if err != nil || !ok {
+		return lifeboat.Point{}, fmt.Errorf("vm %q: no latest point here: %v", vm, err)
+	}
+	holds := lifeboat.Point{VM: vm, ID: shared.ID, Instant: shared.Instant, Consistency: shared.Consistency}
+	for _, d := range shared.Disks {
+		gen := run.Generations[d.Name]
+		if gen == "" {
+			return lifeboat.Point{}, fmt.Errorf("vm %q disk %q: the failover started no generation for the production site on it (its point names no lineage, or the VM had no owner), so a failback would have to compare whole disks: not built yet", vm, d.Name)
+		}
+		holds.Disks = append(holds.Disks, lifeboat.PointDisk{Name: d.Name, Size: d.Size, Lineage: d.Lineage, Generation: gen})
+	}
+	own := map[string]wire.Shared{}
+	for _, d := range latest.Disks {
+		own[d.Name] = wire.Shared{Peer: b.Site, Lineage: d.Lineage, Point: latest.ID, Generation: d.Generation}
+	}
+	held, err := b.Client.PrepareFailback(ctx, vm, holds, own)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	target := &Target{Client: b.Client, Shared: shared.ID, Log: b.Log, SharedMap: b.blockMap(vm, shared.ID)}
+	if latest.ID != shared.ID {
+		target.LatestMap = b.blockMap(vm, latest.ID)
+	}
+	workDir := filepath.Join(run.Dir, "failback")
+	if err := os.MkdirAll(workDir, 0o750); err != nil {
+		return lifeboat.Point{}, err
+	}
+	p := &protect.Protector{
+		VM:     protect.VM{Name: vm, QMPSocket: run.QMP, WorkDir: workDir, StateDir: b.StateDir},
+		Target: target, Log: b.Log, Progress: b.Progress,
+	}
+	pt, err := p.Cycle(ctx)
+	if err != nil {
+		return lifeboat.Point{}, fmt.Errorf("failback of vm %q to %s (its disks held point %d): %w", vm, b.Client.Peer(), held.ID, err)
+	}
+	return pt, nil
+}
+
+func (b *Back) point(vm string, id uint64) (lifeboat.Point, error) {
+	pts, err := b.Store.Points(vm)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	for _, p := range pts {
+		if p.ID == id {
+			return p, nil
+		}
+	}
+	return lifeboat.Point{}, fmt.Errorf("vm %q: point %d, which the failover started from, is not here any more", vm, id)
+}
+
+func (b *Back) blockMap(vm string, id uint64) func(context.Context, string) (map[int64]lifeboat.Hash, error) {
+	return func(_ context.Context, disk string) (map[int64]lifeboat.Hash, error) {
+		return b.Store.BlockMap(vm, disk, id)
+	}
+}
