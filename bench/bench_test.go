@@ -142,6 +142,21 @@ func TestQuickRun(t *testing.T) {
 		}
 	}
 
+	// 7. failback: both sides' changes handled, no more; production = recovered;
+	// production read its data only when its record was lost
+	fb := res.Failback
+	if fb == nil || len(fb.Rows) != 2 {
+		t.Fatalf("failback: %+v, want two rows", fb)
+	}
+	for i, x := range fb.Rows {
+		if !x.Identical || x.Handled != x.Union || x.Union < x.Rec || x.Union < x.Prod || x.Sent > x.Union*105/100 {
+			t.Errorf("failback, %s: %+v: want the production disk as the recovered one, the union handled, at most 1.05× sent", x.Mode, x)
+		}
+		if hashed := i == 1; (x.ProdRead > 0) != hashed {
+			t.Errorf("failback, %s: production read %d bytes of its disk", x.Mode, x.ProdRead)
+		}
+	}
+
 	// 5. libvirt, where this host runs it (under CI run must have failed instead)
 	lv := res.Libvirt
 	if lv.Skipped != "" {

@@ -44,8 +44,11 @@ type config struct {
 	// FailoverDisks are the data disk sizes the failover benchmark starts
 	// the test guest from.
 	FailoverDisks []int64
-	FailoverData  int64           // of random data on each
-	Only          map[string]bool // benchmarks to run; empty: all
+	FailoverData  int64 // of random data on each
+	// Failback: a disk of FailbackDisk holding FailbackData, FailbackProd
+	// written at production after the point, FailbackRec at the recovery site.
+	FailbackDisk, FailbackData, FailbackProd, FailbackRec int64
+	Only                                                  map[string]bool // benchmarks to run; empty: all
 }
 
 const (
@@ -62,6 +65,7 @@ func defaultConfig() config {
 		MetaDisk:   16 * tib, MetaData: 3 * gib, MetaDiscard: 4 * tib,
 		LibvirtDisk: 2 * gib, LibvirtData: 1 * gib, LibvirtChange: 128 * mib, LibvirtRounds: 3,
 		FailoverDisks: []int64{4 * gib, 256 * gib}, FailoverData: 1 * gib,
+		FailbackDisk: 16 * gib, FailbackData: 1 * gib, FailbackProd: 32 * mib, FailbackRec: 256 * mib,
 	}
 }
 
@@ -74,13 +78,14 @@ func quickConfig() config {
 		MetaDisk:   1 * tib, MetaData: 96 * mib, MetaDiscard: 256 * gib,
 		LibvirtDisk: 256 * mib, LibvirtData: 128 * mib, LibvirtChange: 16 * mib, LibvirtRounds: 1,
 		FailoverDisks: []int64{4 * gib}, FailoverData: 64 * mib,
+		FailbackDisk: 1 * gib, FailbackData: 64 * mib, FailbackProd: 4 * mib, FailbackRec: 16 * mib,
 	}
 }
 
 // runs says whether a benchmark runs; metadata (minutes on a 16 TiB disk) only when named.
 func (c config) runs(name string) bool { return c.Only[name] || len(c.Only) == 0 && name != "metadata" }
 
-var benchNames = []string{"initial", "incremental", "wire", "metadata", "libvirt", "failover"}
+var benchNames = []string{"initial", "incremental", "wire", "metadata", "libvirt", "failover", "failback"}
 
 func main() {
 	if dir := os.Getenv(recoverySiteEnv); dir != "" {
@@ -97,7 +102,7 @@ func main() {
 		scale  = flag.Float64("scale", 1, "multiply every data size (not disk sizes) by this, e.g. 0.25 for a shorter run")
 	)
 	flag.Usage = func() {
-		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire,libvirt,failover] [-rounds N] [-scale F] [-tmp DIR] [-cpuprofile FILE]\n"+
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire,libvirt,failover,failback] [-rounds N] [-scale F] [-tmp DIR] [-cpuprofile FILE]\n"+
 			"example: make bench BENCH_ARGS='-only incremental'\n\n")
 		flag.PrintDefaults()
 	}
@@ -173,6 +178,7 @@ type results struct {
 	Metadata    *metadataResult
 	Libvirt     *libvirtResult
 	Failover    *failoverResult
+	Failback    *failbackResult
 }
 
 // env is one run's shared state: its temporary directory and its output.
@@ -265,6 +271,12 @@ func run(ctx context.Context, cfg config, tmpParent string, out, prog io.Writer)
 			return res, fmt.Errorf("failover benchmark: %w", err)
 		}
 		res.Failover.print(e)
+	}
+	if cfg.runs("failback") {
+		if res.Failback, err = benchFailback(ctx, e); err != nil {
+			return res, fmt.Errorf("failback benchmark: %w", err)
+		}
+		res.Failback.print(e)
 	}
 	return res, nil
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/disksink"
@@ -285,6 +286,9 @@ var (
 // point, none of its own writes is left: they were all overwritten by it.
 type Target struct {
 	*wire.Client
+	// Hashed counts the bytes of production's data blocks it compared by
+	// hashes (what production read to answer, where its record was lost).
+	Hashed    atomic.Int64
 	Shared    uint64 // the point the failover started from
 	SharedMap func(ctx context.Context, disk string) (map[int64]lifeboat.Hash, error)
 	LatestMap func(ctx context.Context, disk string) (map[int64]lifeboat.Hash, error)
@@ -327,6 +331,7 @@ func (t *Target) TargetChanged(ctx context.Context, vm, disk string, fn func(off
 	if err != nil {
 		return err
 	}
+	t.Hashed.Add(int64(len(prod)) * lifeboat.BlockSize)
 	shared, err := t.map_(ctx, vm, disk, t.SharedMap, "shared")
 	if err != nil {
 		return err
