@@ -137,7 +137,13 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 	now := time.Now().UTC()
 	out := StatusReply{Site: a.d.cfg.Site, Time: now, VMs: []VMStatus{}}
 	for _, name := range a.d.vmNames() {
-		out.VMs = append(out.VMs, a.d.vms[name].status(now))
+		s := a.d.vms[name].status(now)
+		if a.d.failback != nil {
+			if fb, ok := a.d.failback.Status(name); ok {
+				s.Failback, s.State = &fb, "failing-back"
+			}
+		}
+		out.VMs = append(out.VMs, s)
 	}
 	if a.d.store != nil {
 		names, err := a.d.store.VMs()

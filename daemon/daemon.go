@@ -25,12 +25,13 @@ type Daemon struct {
 	cfg *Config
 	log *slog.Logger
 
-	store   *recovery.Store
-	runs    *failover.Manager // at a recovery site: VMs started from their points
-	server  *wire.Server
-	vms     map[string]*vm
-	groups  map[string]*group
-	metrics *metrics
+	store    *recovery.Store
+	runs     *failover.Manager // at a recovery site: VMs started from their points
+	failback *failback.Store   // at a site with `listen:`: failbacks of its own VMs taken from their recovery site
+	server   *wire.Server
+	vms      map[string]*vm
+	groups   map[string]*group
+	metrics  *metrics
 
 	mu    sync.Mutex
 	peers map[string]*wire.Client
@@ -86,6 +87,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return err
 		}
 		defer fb.Close(context.WithoutCancel(ctx))
+		d.failback = fb
 		// A VM failed over from here comes home through the same listener.
 		fbSite := &failback.Site{Store: fb, RunDir: filepath.Join(d.cfg.StateDir, "failback", "run"), Log: d.log, VM: d.failbackVM}
 		d.server = &wire.Server{Site: d.cfg.Site, Store: failback.Routed{Failback: fb, Other: wire.RecoveryStore(st)}, Log: d.log,

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/failback"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 )
@@ -275,6 +276,8 @@ type VMStatus struct {
 	// Runs are, at a recovery site, the VM's runs from its points: its
 	// failover and its tests.
 	Runs []RunStatus `json:"runs,omitempty"`
+	// Failback is, at the production site, the failback its disks are taking.
+	Failback *failback.Status `json:"failback,omitempty"`
 }
 
 // RunStatus is one run of a VM from a point, as status shows it.

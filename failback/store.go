@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/disksink"
@@ -96,6 +97,25 @@ func (s *Store) Prepare(vm, owner string, prod *Production, holds lifeboat.Point
 	}
 	s.vms[vm] = &vmFailback{prod: prod, rec: rec}
 	return nil
+}
+
+// Status is what the production site shows of a VM's failback.
+type Status struct {
+	From    string    `json:"from"`     // the site the failback comes from, which owns the VM now
+	Holds   uint64    `json:"holds"`    // the point the disks hold
+	Instant time.Time `json:"instant"`  // that point's instant
+	OwnSent bool      `json:"own_sent"` // production's own writes since the shared point are overwritten
+}
+
+// Status is vm's failback, if this store took one.
+func (s *Store) Status(vm string) (Status, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v, ok := s.vms[vm]
+	if !ok {
+		return Status{}, false
+	}
+	return Status{From: v.rec.Owner, Holds: v.rec.Holds.ID, Instant: v.rec.Holds.Instant, OwnSent: v.rec.OwnSent}, true
 }
 
 // Close closes the disks of every failback this store took.

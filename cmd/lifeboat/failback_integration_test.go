@@ -88,6 +88,9 @@ func TestFailbackCommands(t *testing.T) {
 			t.Errorf("failback's output lacks %q", want)
 		}
 	}
+	if st := run(t, "status", "-c", prodCfg); !strings.Contains(st, "failing back from dr: its disks here hold point 3") || !strings.Contains(st, "are overwritten") {
+		t.Errorf("status at production during the failback:\n%s", st)
+	}
 	overlay := rec.Overlays["vda"]
 	if cmp, err := exec.Command("qemu-img", "compare", "-U", g.DiskImage(), overlay).CombinedOutput(); err != nil {
 		t.Fatalf("the production disk after the failback differs from the recovered VM's: %v\n%s", err, cmp)

@@ -64,7 +64,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 				if v.Owner != "" {
 					role = fmt.Sprintf("%s of %s (epoch %d)", v.Role, v.Owner, v.Epoch)
 				}
-				if v.State == "failed-over" {
+				if v.State == "failed-over" || v.Failback != nil {
 					errText = "(below)"
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, role, state, last, rpo, points, errText)
@@ -73,6 +73,15 @@ func newStatusCmd(g *globals) *cobra.Command {
 				return err
 			}
 			for _, v := range st.VMs {
+				if fb := v.Failback; fb != nil {
+					own := "production's own writes since the shared point are still to be overwritten"
+					if fb.OwnSent {
+						own = "production's own writes since the shared point are overwritten"
+					}
+					fmt.Printf("\n%s: failing back from %s: its disks here hold point %d (taken %s); %s. The VM runs at %s until the failback is finalized.\n",
+						v.VM, fb.From, fb.Holds, fb.Instant.UTC().Format(time.RFC3339), own, fb.From)
+					continue
+				}
 				if v.State == "failed-over" {
 					fmt.Printf("\n%s: %s\n", v.VM, v.LastError)
 				}
