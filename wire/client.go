@@ -272,7 +272,7 @@ type PointStream struct {
 
 	mu sync.Mutex // one frame at a time; held while writing
 
-	// The server's answer, read by answer: the committed point, or why not.
+	// The server's one answer, taken by read: the committed point, or why not.
 	done   chan struct{}
 	reply  *wirepb.ReplicateReply
 	answer error
