@@ -2,6 +2,8 @@ package daemon
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -10,6 +12,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/failback"
 	"github.com/lifeboat-dr/lifeboat/failover"
+	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
@@ -62,21 +65,63 @@ func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusConflict, fmt.Errorf("vm %q fails back to site %q: %w (add it to `peers:` in %s with the address it listens on)", vm, home, err, a.d.cfg.Path()))
 		return
 	}
-	b := &failback.Back{Run: run, Store: a.d.store, Site: a.d.cfg.Site, Client: c, StateDir: a.d.cfg.StateDir, Log: a.d.log}
-	pt, err := b.Cycle(ctx)
-	if err != nil {
-		writeErr(w, http.StatusConflict, err)
-		return
+	// From here the answer is a stream: progress, then the point or the error.
+	st := newStream(w)
+	progress := make(chan protect.Progress, 16)
+	b := &failback.Back{Run: run, Store: a.d.store, Site: a.d.cfg.Site, Client: c, StateDir: a.d.cfg.StateDir, Log: a.d.log,
+		Progress: func(p protect.Progress) {
+			select {
+			case progress <- p:
+			default: // the client reads slowly: a later report says as much
+			}
+		}}
+	type result struct {
+		pt  lifeboat.Point
+		err error
 	}
-	writeJSON(w, http.StatusOK, pt)
+	done := make(chan result, 1)
+	go func() {
+		pt, err := b.Cycle(ctx)
+		done <- result{pt, err}
+	}()
+	for {
+		select {
+		case p := <-progress:
+			st.send(Event{Progress: p})
+		case res := <-done:
+			if res.err != nil {
+				st.send(Event{Error: res.err.Error()})
+				return
+			}
+			st.send(Event{Point: &res.pt})
+			return
+		}
+	}
 }
 
-// Failback runs one failback cycle of vm to its production site and returns
-// the point the production disks hold after it.
-func (c *Client) Failback(ctx context.Context, vm string) (lifeboat.Point, error) {
-	var pt lifeboat.Point
-	err := c.getJSON(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/failback", struct{}{}, &pt)
-	return pt, err
+// Failback runs one failback cycle of vm to its production site, reporting
+// progress, and returns the point the production disks hold after it.
+func (c *Client) Failback(ctx context.Context, vm string, progress func(protect.Progress)) (lifeboat.Point, error) {
+	resp, err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/failback", nil)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	e, err := events(resp, func(raw json.RawMessage) {
+		var p protect.Progress
+		if progress != nil && json.Unmarshal(raw, &p) == nil {
+			progress(p)
+		}
+	})
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	if e.Error != "" {
+		return lifeboat.Point{}, errors.New(e.Error)
+	}
+	if e.Point == nil {
+		return lifeboat.Point{}, errors.New("the site answered without a point")
+	}
+	return *e.Point, nil
 }
 
 // lastRealRun is the newest run of a real (not test) failover, or nil.

@@ -2,9 +2,12 @@ package main
 
 import (
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/lifeboat-dr/lifeboat/protect"
 )
 
 func newFailbackCmd(g *globals) *cobra.Command {
@@ -30,7 +33,9 @@ the point. (Finalizing, which brings the VM up at production, is not built yet.)
 			if err != nil {
 				return err
 			}
-			pt, err := c.Failback(cmd.Context(), vm)
+			bar := newProgressLine(os.Stderr)
+			pt, err := c.Failback(cmd.Context(), vm, func(p protect.Progress) { bar.show(p) })
+			bar.done()
 			if err != nil {
 				return err
 			}
