@@ -192,16 +192,21 @@ func (a *apiServer) sync(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q is not protected by site %q (see `vms:` in %s)", r.PathValue("vm"), a.d.cfg.Site, a.d.cfg.Path()))
 		return
 	}
-	st := newStream(w)
 	ch, stop := v.watch()
 	defer stop()
+	streamCycle(newStream(w), ch, func() (lifeboat.Point, error) { return v.sync(r.Context()) })
+}
+
+// streamCycle runs cycle and streams the progress it reports on ch, then its
+// point or its error.
+func streamCycle(st *stream, ch <-chan protect.Progress, cycle func() (lifeboat.Point, error)) {
 	type result struct {
 		pt  lifeboat.Point
 		err error
 	}
 	done := make(chan result, 1)
 	go func() {
-		pt, err := v.sync(r.Context())
+		pt, err := cycle()
 		done <- result{pt, err}
 	}()
 	for {

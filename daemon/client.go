@@ -128,16 +128,7 @@ func (c *Client) Sync(ctx context.Context, vm string, progress func(protect.Prog
 // committed points (one per member of a group). With a group, points that did
 // commit are returned along with the error of the members that did not.
 func (c *Client) SyncAll(ctx context.Context, name string, progress func(protect.Progress)) ([]lifeboat.Point, error) {
-	resp, err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(name)+"/sync", nil)
-	if err != nil {
-		return nil, err
-	}
-	e, err := events(resp, func(raw json.RawMessage) {
-		var p protect.Progress
-		if progress != nil && json.Unmarshal(raw, &p) == nil {
-			progress(p)
-		}
-	})
+	e, err := c.cycle(ctx, "/v1/vms/"+url.PathEscape(name)+"/sync", progress)
 	if err != nil {
 		return nil, err
 	}
@@ -152,6 +143,21 @@ func (c *Client) SyncAll(ctx context.Context, name string, progress func(protect
 		return nil, errors.New("the site answered without a point")
 	}
 	return pts, nil
+}
+
+// cycle posts to path, whose answer is a cycle's stream (streamCycle): the
+// progress goes to progress, and the last event is returned.
+func (c *Client) cycle(ctx context.Context, path string, progress func(protect.Progress)) (Event, error) {
+	resp, err := c.do(ctx, http.MethodPost, path, nil)
+	if err != nil {
+		return Event{}, err
+	}
+	return events(resp, func(raw json.RawMessage) {
+		var p protect.Progress
+		if progress != nil && json.Unmarshal(raw, &p) == nil {
+			progress(p)
+		}
+	})
 }
 
 // Points lists vm's restore points, oldest first.

@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -75,43 +74,13 @@ func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 			default: // the client reads slowly: a later report says as much
 			}
 		}}
-	type result struct {
-		pt  lifeboat.Point
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		pt, err := b.Cycle(ctx)
-		done <- result{pt, err}
-	}()
-	for {
-		select {
-		case p := <-progress:
-			st.send(Event{Progress: p})
-		case res := <-done:
-			if res.err != nil {
-				st.send(Event{Error: res.err.Error()})
-				return
-			}
-			st.send(Event{Point: &res.pt})
-			return
-		}
-	}
+	streamCycle(st, progress, func() (lifeboat.Point, error) { return b.Cycle(ctx) })
 }
 
 // Failback runs one failback cycle of vm to its production site, reporting
 // progress, and returns the point the production disks hold after it.
 func (c *Client) Failback(ctx context.Context, vm string, progress func(protect.Progress)) (lifeboat.Point, error) {
-	resp, err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/failback", nil)
-	if err != nil {
-		return lifeboat.Point{}, err
-	}
-	e, err := events(resp, func(raw json.RawMessage) {
-		var p protect.Progress
-		if progress != nil && json.Unmarshal(raw, &p) == nil {
-			progress(p)
-		}
-	})
+	e, err := c.cycle(ctx, "/v1/vms/"+url.PathEscape(vm)+"/failback", progress)
 	if err != nil {
 		return lifeboat.Point{}, err
 	}
