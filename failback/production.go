@@ -47,13 +47,18 @@ type disk struct {
 }
 
 // Open opens the disks of vm, whose VM must not be running, in a daemon whose
-// runtime files go in dir.
+// runtime files go in dir (one of the VM's own: a daemon a killed lifeboat
+// left there is killed first).
 func Open(ctx context.Context, dir, vm string, disks []Disk, log *slog.Logger) (*Production, error) {
 	if log == nil {
 		log = slog.Default()
 	}
 	if len(disks) == 0 {
 		return nil, fmt.Errorf("vm %q: no disks to fail back into", vm)
+	}
+	// A lifeboat killed during a failback left its daemon holding the images.
+	if err := qemu.KillLeftover(ctx, dir); err != nil {
+		return nil, fmt.Errorf("vm %q: %w", vm, err)
 	}
 	d, err := qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: dir, NBD: true})
 	if err != nil {

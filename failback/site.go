@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/protect"
@@ -16,7 +17,7 @@ import (
 // the failback's points.
 type Site struct {
 	Store  *Store
-	RunDir string // where the disks' daemon keeps its runtime files
+	RunDir string // where each VM's disks' daemon keeps its runtime files (RunDir/<vm>)
 	Log    *slog.Logger
 	// VM is what this site knows of a VM it protects; false: none of that name.
 	VM func(ctx context.Context, name string) (VMInfo, bool)
@@ -67,7 +68,7 @@ func (s *Site) Take(ctx context.Context, site, vm string, holds lifeboat.Point, 
 			return lifeboat.Point{}, fmt.Errorf("vm %q: point %d has disk %q, and this site recorded no image of it", vm, holds.ID, d.Name)
 		}
 	}
-	prod, err := Open(ctx, s.RunDir, vm, images, s.Log)
+	prod, err := Open(ctx, filepath.Join(s.RunDir, vm), vm, images, s.Log)
 	if err != nil {
 		return lifeboat.Point{}, err
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -283,4 +284,45 @@ func daemonEnv(env []string) []string {
 		return out
 	}
 	return append(env, "GLIBC_TUNABLES="+mallocTunables)
+}
+
+// KillLeftover kills the qemu-storage-daemon a crashed lifeboat left
+// running in runDir (its DaemonConfig.Dir), if any, so it neither holds image locks nor writes into
+// files about to be deleted. The pid file is trusted only when the process
+// is a qemu-storage-daemon using that directory.
+func KillLeftover(ctx context.Context, runDir string) error {
+	if runDir == "" {
+		return nil
+	}
+	b, err := os.ReadFile(filepath.Join(runDir, "qsd.pid"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 1 {
+		return nil
+	}
+	isOurs := func() bool {
+		cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		return err == nil && strings.Contains(string(cmd), "qemu-storage-daemon") && strings.Contains(string(cmd), runDir)
+	}
+	if !isOurs() {
+		return nil
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("killing leftover qemu-storage-daemon %d: %w", pid, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	for isOurs() { // a zombie's cmdline reads empty: its locks are gone
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("leftover qemu-storage-daemon %d did not exit after SIGKILL", pid)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil
 }

@@ -656,7 +656,7 @@ func (w *Writer) end() {
 // discardPending deletes what a pending point created, files first, so a crash
 // in between leaves the record to finish the job on the next Open.
 func (s *Store) discardPending(ctx context.Context, vm string, p pendingRecord) error {
-	if err := killLeftoverDaemon(ctx, s.abs(p.RunDir)); err != nil {
+	if err := qemu.KillLeftover(ctx, s.abs(p.RunDir)); err != nil {
 		s.log.Warn("could not stop the daemon of an interrupted point", "vm", vm, "point", p.ID, "err", err)
 	}
 	if err := s.removeFiles(p.Files); err != nil {

@@ -45,6 +45,10 @@ func TestFailbackCommands(t *testing.T) {
 		"    definition: {machine: q35, cpus: 1, memory_mib: 512, kernel: %s, initrd: %s, append: \"console=ttyS0 panic=-1 lb.workload=none\", disks: [{name: vda, device: virtio-blk-pci}]}\n",
 		dir, prodAddr, drAddr, g.StorageQMPSocket(), g.StorageNBDSocket(), kernel, initrd)), 0o600)
 	startSite(t, "dr", drCfg)
+	// Production's lifeboat ends with kill -9: the daemon over its disks that
+	// it started for the failback outlives it, as after a crash, and is
+	// killed after it (a restarted production site kills it first itself).
+	t.Cleanup(func() { qemu.KillLeftover(context.Background(), filepath.Join(dir, "prod", "failback", "run", "vm1")) })
 	prod := startSite(t, "prod", prodCfg)
 	for i := 1; i <= 2; i++ {
 		if err := g.SendCounter(fmt.Sprintf("line-%d", i)); err != nil {
