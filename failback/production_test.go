@@ -256,3 +256,35 @@ func (r *replicated) checkDiffering(t *testing.T, p *failback.Production, disk s
 		t.Errorf("disk %s: production wrote nothing that changed it: the comparison proves nothing", disk)
 	}
 }
+
+// A production lifeboat killed during a failback leaves the daemon over the
+// disks running, holding their locks: the next Open in the same directory
+// kills it first, and then opens the disks. Killed, that daemon leaves the
+// generations inconsistent, so production's own writes are then found by
+// hashes. (The first Production stands in for the dead lifeboat's: its
+// daemon is the one left.)
+func TestOpenKillsALeftoverDaemon(t *testing.T) {
+	r := replicate(t, false)
+	r.vm.PowerOff(t)
+	ds, err := protect.ReadImages(r.workDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := testsite.ShortDir(t)
+	first, err := failback.Open(ctx(t), dir, "vm1", ds, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := failback.Open(ctx(t), dir, "vm1", ds, nil)
+	if err != nil {
+		t.Fatalf("opening the disks again with a daemon left in %s: %v", dir, err)
+	}
+	defer second.Close(context.Background())
+	if _, err := changes(t, second, "vda", r.shared(t, "vda")); !errors.Is(err, failback.ErrNoRecord) || !strings.Contains(err.Error(), "inconsistent") {
+		t.Errorf("vda after its failback daemon was killed: %v, want no record (inconsistent)", err)
+	}
+	r.checkDiffering(t, second, "vda")
+	if err := first.Close(context.Background()); err == nil {
+		t.Error("the first daemon still answered: it was not killed")
+	}
+}
