@@ -30,11 +30,15 @@ type conn struct {
 	wsem chan struct{} // one request writer at a time; a channel so waiting honours ctx
 	hdr  [requestHeaderBytes]byte
 
-	mu         sync.Mutex
-	pending    map[uint64]*request
-	cookie     uint64
-	err        error         // why the connection is dead; set once
-	dead       chan struct{} // closed when err is set
+	mu      sync.Mutex
+	pending map[uint64]*request
+	cookie  uint64
+	err     error         // why the connection is dead; set once
+	dead    chan struct{} // closed when err is set
+	// closing: close has begun. The server may hang up on the disconnect
+	// before close marks the connection dead itself; the reason is still
+	// that the client closed it (ErrClosed), not the server's hang-up.
+	closing    bool
 	readerDone chan struct{}
 }
 
@@ -114,6 +118,9 @@ func (c *conn) fail(err error) {
 	if c.err != nil {
 		c.mu.Unlock()
 		return
+	}
+	if c.closing {
+		err = ErrClosed
 	}
 	c.err = err
 	close(c.dead)
@@ -624,6 +631,9 @@ func cleanMessage(b []byte) string {
 // close sends NBD_CMD_DISC if the connection still works, then closes it; requests
 // still in flight fail with ErrClosed.
 func (c *conn) close() {
+	c.mu.Lock()
+	c.closing = true
+	c.mu.Unlock()
 	if !c.isDead() {
 		t := time.NewTimer(closeWriteBound)
 		select {
