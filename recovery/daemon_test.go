@@ -1,6 +1,7 @@
 package recovery
 
 import (
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -109,6 +110,11 @@ func TestWriterCacheMode(t *testing.T) {
 		if err := d.Monitor().Execute(testCtx(t), "query-named-block-nodes", nil, &nodes); err != nil {
 			t.Fatal(err)
 		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", d.Pid()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		maps := string(b)
 		d.Kill()
 		seen := 0
 		for _, n := range nodes {
@@ -121,6 +127,10 @@ func TestWriterCacheMode(t *testing.T) {
 		}
 		if seen < 2 {
 			t.Errorf("store direct=%v: the daemon has %d qcow2/file nodes, want 2: %+v", direct, seen, nodes)
+		}
+		// Linux AIO's ring shows in the process's mappings as "[aio]".
+		if aio := strings.Contains(maps, "[aio]"); aio != direct {
+			t.Errorf("store direct=%v: the daemon has a Linux AIO context: %v, want %v", direct, aio, direct)
 		}
 		models := writeSeries(t, s, "cm", 3)
 		for i, m := range models {
