@@ -15,6 +15,15 @@ import (
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
+// TestMain lets this test binary serve as the benchmarks' recovery site
+// process, as the bench binary does (startRecoveryProcess runs itself).
+func TestMain(m *testing.M) {
+	if dir := os.Getenv(recoverySiteEnv); dir != "" {
+		os.Exit(serveRecoverySite(dir))
+	}
+	os.Exit(m.Run())
+}
+
 // The harness's smoke version (-quick) runs every benchmark against real
 // qemu-storage-daemons, a real recovery site and the real peers, and its
 // numbers are sane: replicas identical, changes sent as changes, compressible
@@ -175,6 +184,9 @@ func TestQuickRun(t *testing.T) {
 		if lb.CPU.Source <= 0 {
 			t.Errorf("libvirt step %d: the domain's QEMU not counted", i)
 		}
+		if len(lb.Steps) != len(cycleSteps) {
+			t.Errorf("libvirt step %d: lifeboat's cycle steps %v, want all %d (is the recovery site's commit in its log?)", i, lb.Steps, len(cycleSteps))
+		}
 		if lb.Identical != "yes" {
 			t.Errorf("libvirt step %d: lifeboat's replica not identical to the disk", i)
 		}
@@ -227,6 +239,11 @@ func TestParseStat(t *testing.T) {
 		if ok != c.ok || ppid != c.ppid || (sec-c.sec) > 1e-9 || (c.sec-sec) > 1e-9 {
 			t.Errorf("parseStat(%q) = %d, %v, %v; want %d, %v, %v", c.line, ppid, sec, ok, c.ppid, c.sec, c.ok)
 		}
+	}
+	// With the reaped children's fields (16, 17: 30 and 20 ticks here).
+	line := "1234 (lifeboat) S 99 1234 1 0 -1 4194560 100 0 0 0 250 150 30 20 20 0 5 0 1 1 1"
+	if sec, ok := statSeconds(line, true); !ok || sec < 4.5-1e-9 || sec > 4.5+1e-9 {
+		t.Errorf("statSeconds with children = %v, %v; want 4.5, true", sec, ok)
 	}
 }
 

@@ -26,9 +26,10 @@ type cpuUse struct {
 	Self   float64 // this process: both sites, the NBD reads, hashing, zstd, TLS
 	Reaped float64 // children that exited in between (a recovery writer qsd, qemu-img, a peer tool)
 	Live   float64 // children still running at the end (the source qemu-storage-daemon)
+	Site   float64 // a recovery site in a process of its own, with its children (replication.Cycle)
 }
 
-func (u cpuUse) Total() float64 { return u.Self + u.Reaped + u.Live }
+func (u cpuUse) Total() float64 { return u.Self + u.Reaped + u.Live + u.Site }
 
 func sampleCPU() (cpuSample, error) {
 	var self, kids syscall.Rusage
@@ -41,6 +42,11 @@ func sampleCPU() (cpuSample, error) {
 	live, err := childrenCPU(os.Getpid())
 	if err != nil {
 		return cpuSample{}, err
+	}
+	for pid := range live {
+		if _, ok := siteProcesses.Load(pid); ok {
+			delete(live, pid) // a recovery site's, counted apart
+		}
 	}
 	return cpuSample{self: rusageSeconds(self), reaped: rusageSeconds(kids), live: live}, nil
 }
@@ -92,22 +98,48 @@ func childrenCPU(pid int) (map[int]float64, error) {
 // line. The command name in parentheses may hold spaces, so fields count from
 // the last ')'.
 func parseStat(line string) (ppid int, sec float64, ok bool) {
-	i := strings.LastIndexByte(line, ')')
-	if i < 0 {
-		return 0, 0, false
-	}
-	f := strings.Fields(line[i+1:])
-	// f[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
+	f := statFields(line)
 	if len(f) < 13 {
 		return 0, 0, false
 	}
-	ppid, err1 := strconv.Atoi(f[1])
-	ut, err2 := strconv.ParseUint(f[11], 10, 64)
-	st, err3 := strconv.ParseUint(f[12], 10, 64)
-	if err1 != nil || err2 != nil || err3 != nil {
+	ppid, err := strconv.Atoi(f[1])
+	sec, ok = statSeconds(line, false)
+	if err != nil || !ok {
 		return 0, 0, false
 	}
-	return ppid, float64(ut+st) / clockTicks, true
+	return ppid, sec, true
+}
+
+// statFields are a /proc/PID/stat line's fields from the third (state) on.
+func statFields(line string) []string {
+	i := strings.LastIndexByte(line, ')')
+	if i < 0 {
+		return nil
+	}
+	return strings.Fields(line[i+1:])
+}
+
+// statSeconds is utime+stime (fields 14, 15) of a /proc/PID/stat line, with
+// cutime+cstime (16, 17: its reaped children's) when children is set; ok
+// false when the line does not parse.
+func statSeconds(line string, children bool) (sec float64, ok bool) {
+	f := statFields(line)
+	n := 2
+	if children {
+		n = 4
+	}
+	if len(f) < 11+n {
+		return 0, false
+	}
+	var ticks uint64
+	for _, s := range f[11 : 11+n] {
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			return 0, false
+		}
+		ticks += v
+	}
+	return float64(ticks) / clockTicks, true
 }
 
 // measured is one timed step and the CPU it cost.
@@ -150,11 +182,12 @@ func (c cpuSplit) String() string {
 	return fmt.Sprintf("%.1f + %.1f + %.1f", c.Own, c.Source, c.Recovery)
 }
 
-// lifeboatCPU: both sites run in this process; the children reaped during a
-// cycle are the recovery site's (its writer daemon is stopped at commit); the
-// one running throughout is the source VM's daemon.
+// lifeboatCPU: the protected site runs in this process, and the recovery
+// site too unless it runs in a process of its own (Site); the children
+// reaped during a cycle are the recovery site's (its writer daemon is
+// stopped at commit); the one running throughout is the source VM's daemon.
 func lifeboatCPU(m measured) cpuSplit {
-	return cpuSplit{Own: m.CPU.Self, Source: m.CPU.Live, Recovery: m.CPU.Reaped}
+	return cpuSplit{Own: m.CPU.Self, Source: m.CPU.Live, Recovery: m.CPU.Reaped + m.CPU.Site}
 }
 
 // peerCPU: the peer tool is the child reaped during the step.

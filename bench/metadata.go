@@ -1,23 +1,16 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
-	"log/slog"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/lifeboat-dr/lifeboat/pki"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/recovery"
@@ -30,9 +23,6 @@ import (
 // with the peak RSS of each site, the commit and merge times and the size of
 // the catalog's records. The recovery site runs in a process of its own (this
 // binary again, see serveRecoverySite) so that each site's RSS is its own.
-
-// recoverySiteEnv makes the bench binary a recovery site serving the directory it names.
-const recoverySiteEnv = "LIFEBOAT_BENCH_RECOVERY_SITE"
 
 const tib = gib << 10
 
@@ -52,175 +42,6 @@ type metadataResult struct {
 	DiskSize, Data, Discard int64
 	Phases                  []metadataPhase
 	Identical               bool
-}
-
-// siteStats is what the recovery site's process answers to "stats".
-type siteStats struct {
-	Records     []recovery.RecordStat `json:"records"`
-	CatalogSize int64                 `json:"catalog_size"`
-	Image       string                `json:"image"`
-	Err         string                `json:"err,omitempty"`
-}
-
-// serveRecoverySite runs a recovery site on dir (its pki/ and store/) until
-// stdin closes: it prints its address, then answers each "stats VM" line on
-// stdin with a siteStats line. Its log (Info, JSON) goes to dir/site.log.
-func serveRecoverySite(dir string) int {
-	fail := func(err error) int { fmt.Fprintln(os.Stderr, "recovery site:", err); return 1 }
-	ctx := context.Background()
-	logf, err := os.Create(filepath.Join(dir, "site.log"))
-	if err != nil {
-		return fail(err)
-	}
-	defer logf.Close()
-	log := slog.New(slog.NewJSONHandler(logf, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	keep, _ := strconv.Atoi(os.Getenv(recoverySiteEnv + "_KEEP"))
-	st, err := recovery.Open(ctx, filepath.Join(dir, "store"), recovery.Options{Keep: keep, Logger: log})
-	if err != nil {
-		return fail(err)
-	}
-	defer st.Close()
-	tlsConf, err := pki.ServerTLS(pki.SiteFiles(filepath.Join(dir, "pki"), "dr"))
-	if err != nil {
-		return fail(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return fail(err)
-	}
-	srv := &wire.Server{Site: "dr", Store: wire.RecoveryStore(st), Log: log}
-	go srv.Serve(l, tlsConf)
-	defer srv.Stop()
-	fmt.Println(l.Addr().String())
-	in := bufio.NewScanner(os.Stdin)
-	for in.Scan() {
-		vm, ok := strings.CutPrefix(in.Text(), "stats ")
-		if !ok {
-			continue
-		}
-		var s siteStats
-		var err error
-		if s.Records, err = st.RecordStats(vm); err == nil {
-			s.Image, err = st.ImagePath(vm, 0, diskName)
-		}
-		if fi, serr := os.Stat(filepath.Join(dir, "store", "catalog.db")); serr == nil {
-			s.CatalogSize = fi.Size()
-		}
-		if err != nil {
-			s.Err = err.Error()
-		}
-		b, _ := json.Marshal(s)
-		fmt.Println(string(b))
-	}
-	return 0
-}
-
-// recoveryProcess is the recovery site's process, seen from the harness.
-type recoveryProcess struct {
-	dir  string
-	cmd  *exec.Cmd
-	in   io.WriteCloser
-	out  *bufio.Scanner
-	addr string
-}
-
-func startRecoveryProcess(ctx context.Context, dir string, keep int) (*recoveryProcess, error) {
-	pkiDir := filepath.Join(dir, "pki")
-	if err := pki.CreateCA(pkiDir, "bench", 24*time.Hour); err != nil {
-		return nil, err
-	}
-	for _, site := range []string{"prod", "dr"} {
-		if err := pki.IssueSite(pkiDir, pkiDir, site, []string{"127.0.0.1"}, 24*time.Hour); err != nil {
-			return nil, err
-		}
-	}
-	self, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.CommandContext(ctx, self)
-	cmd.Env = append(os.Environ(), recoverySiteEnv+"="+dir, recoverySiteEnv+"_KEEP="+strconv.Itoa(keep))
-	cmd.Stderr = os.Stderr
-	r := &recoveryProcess{dir: dir, cmd: cmd}
-	if r.in, err = cmd.StdinPipe(); err != nil {
-		return nil, err
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting the recovery site's process: %w", err)
-	}
-	r.out = bufio.NewScanner(stdout)
-	r.out.Buffer(nil, 16<<20)
-	if !r.out.Scan() {
-		r.Stop()
-		return nil, errors.New("the recovery site's process exited before printing its address")
-	}
-	r.addr = r.out.Text()
-	return r, nil
-}
-
-func (r *recoveryProcess) client(ctx context.Context) (*wire.Client, error) {
-	tlsConf, err := pki.ClientTLS(pki.SiteFiles(filepath.Join(r.dir, "pki"), "prod"), "127.0.0.1")
-	if err != nil {
-		return nil, err
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	return wire.Dial(ctx, r.addr, tlsConf, "prod", "dr", wire.CompressionZstd)
-}
-
-func (r *recoveryProcess) stats(vm string) (siteStats, error) {
-	var s siteStats
-	if _, err := fmt.Fprintf(r.in, "stats %s\n", vm); err != nil {
-		return s, err
-	}
-	if !r.out.Scan() {
-		return s, errors.New("the recovery site's process exited")
-	}
-	if err := json.Unmarshal(r.out.Bytes(), &s); err != nil {
-		return s, err
-	}
-	if s.Err != "" {
-		return s, errors.New(s.Err)
-	}
-	return s, nil
-}
-
-// Stop closes the site's stdin (it stops, closing its store) and waits, bounded.
-func (r *recoveryProcess) Stop() error {
-	r.in.Close()
-	done := make(chan error, 1)
-	go func() { done <- r.cmd.Wait() }()
-	select {
-	case err := <-done:
-		return err
-	case <-time.After(stopTimeout):
-		r.cmd.Process.Kill()
-		return fmt.Errorf("the recovery site's process did not stop within %s: killed", stopTimeout)
-	}
-}
-
-// resetPeakRSS restarts the kernel's peak RSS (VmHWM) count of process pid.
-func resetPeakRSS(pid int) error {
-	return os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0)
-}
-
-// peakRSS is process pid's VmHWM in bytes.
-func peakRSS(pid int) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-			return kb << 10, err
-		}
-	}
-	return 0, errors.New("no VmHWM in /proc/pid/status")
 }
 
 var mergedTook = regexp.MustCompile(`"msg":"retention: merged".*"took":([0-9]+)`)
@@ -282,7 +103,7 @@ func benchMetadata(ctx context.Context, e *env) (*metadataResult, error) {
 		return nil, err
 	}
 	defer e.stop("recovery site", site.Stop)
-	client, err := site.client(ctx)
+	client, err := site.client(ctx, wire.CompressionZstd)
 	if err != nil {
 		return nil, err
 	}

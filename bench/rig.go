@@ -125,6 +125,8 @@ type replication struct {
 	Client *wire.Client
 	P      *protect.Protector
 	dir    string
+	// remote, when set, is the recovery site's own process (Site is nil).
+	remote *recoveryProcess
 	// mark, when set, is told when a cycle starts ("start"), reaches each
 	// phase it reports ("snapshot", "send", "commit") and ends ("end").
 	mark func(event string)
@@ -139,6 +141,31 @@ func startReplication(ctx context.Context, dir, name string, vm *sourceVM, comp 
 // newReplication runs a fresh recovery site in dir and a protector of v
 // (whose first disk Identical compares), as `lifeboat serve` sets one up.
 func newReplication(ctx context.Context, dir string, v protect.VM, comp wire.Compression, log *slog.Logger) (*replication, error) {
+	return startSite(dir, v, log, func(r *replication) (err error) {
+		if r.Site, err = testsite.New(ctx, dir, recovery.Options{Keep: 100, Logger: log}); err != nil {
+			return err
+		}
+		r.Client, err = r.Site.Client(ctx, comp)
+		return err
+	})
+}
+
+// newRemoteReplication is newReplication with the recovery site in a
+// process of its own, as on another host: its CPU is counted apart from this
+// process's, which is then the protected site's alone.
+func newRemoteReplication(ctx context.Context, dir string, v protect.VM, comp wire.Compression, log *slog.Logger) (*replication, error) {
+	return startSite(dir, v, log, func(r *replication) (err error) {
+		if r.remote, err = startRecoveryProcess(ctx, dir, 100); err != nil {
+			return err
+		}
+		r.Client, err = r.remote.client(ctx, comp)
+		return err
+	})
+}
+
+// startSite makes dir and v's work directory, has start set up the site and
+// r.Client, and makes the protector.
+func startSite(dir string, v protect.VM, log *slog.Logger, start func(*replication) error) (*replication, error) {
 	r := &replication{Name: v.Name, dir: dir}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
@@ -146,12 +173,7 @@ func newReplication(ctx context.Context, dir string, v protect.VM, comp wire.Com
 	if err := os.MkdirAll(v.WorkDir, 0o700); err != nil {
 		return nil, err
 	}
-	site, err := testsite.New(ctx, dir, recovery.Options{Keep: 100, Logger: log})
-	if err != nil {
-		return nil, err
-	}
-	r.Site = site
-	if r.Client, err = site.Client(ctx, comp); err != nil {
+	if err := start(r); err != nil {
 		r.Stop()
 		return nil, err
 	}
@@ -194,6 +216,10 @@ func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, phas
 		}
 	}
 	defer func() { r.P.Progress = nil }()
+	var site0 float64
+	if r.remote != nil {
+		site0 = r.remote.cpu()
+	}
 	m, err := measure(func() error {
 		start = time.Now()
 		mark("start")
@@ -202,6 +228,9 @@ func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, phas
 		mark("end")
 		return err
 	})
+	if r.remote != nil {
+		m.CPU.Site = r.remote.cpu() - site0
+	}
 	var ph phases
 	if err == nil && !send.IsZero() && !comm.IsZero() {
 		end := start.Add(m.Wall)
@@ -214,7 +243,15 @@ func (r *replication) Cycle(ctx context.Context) (lifeboat.Point, measured, phas
 // source image (the source must not be written to since the point's instant,
 // and flushed).
 func (r *replication) Identical(ctx context.Context, id uint64, source string) (bool, error) {
-	img, err := r.Site.Store.ImagePath(r.Name, id, r.P.VM.Disks[0])
+	var (
+		img string
+		err error
+	)
+	if r.remote != nil {
+		img, err = r.remote.imagePath(r.Name, id, r.P.VM.Disks[0])
+	} else {
+		img, err = r.Site.Store.ImagePath(r.Name, id, r.P.VM.Disks[0])
+	}
 	if err != nil {
 		return false, err
 	}
@@ -228,6 +265,9 @@ func (r *replication) Stop() error {
 	}
 	if r.Site != nil {
 		r.Site.Stop()
+	}
+	if r.remote != nil {
+		r.remote.Stop()
 	}
 	return os.RemoveAll(r.dir)
 }
