@@ -128,6 +128,12 @@ type Run struct {
 	// lineage or the VM had no owner. A libvirt domain's overlays carry the
 	// checkpoint Bitmap instead, and no Generations.
 	Generations map[string]string `json:"generations,omitempty"`
+	// Home are the overlays' bitmaps in this site's own namespace, by disk
+	// name, started with Generations but never rotated by a failback
+	// cycle: every write since the VM resumed here, what a failback's
+	// finalize folds into this site's chain of points (a real failover
+	// from a point with lineages only).
+	Home map[string]string `json:"home,omitempty"`
 	// Networks says where each NIC is.
 	Networks []string `json:"networks,omitempty"`
 	// CPUs and MemoryMiB are what the VM got here (its definition's, or
@@ -369,8 +375,14 @@ func (m *Manager) startQEMU(ctx context.Context, r *Run, def *lifeboat.Definitio
 	}
 	defer mon.Close()
 	for i := range r.disks {
-		if err := mon.AddBitmap(ctx, "lb-d"+strconv.Itoa(i), r.generation(r.disks[i].Name), true, false); err != nil {
-			return fmt.Errorf("vm %q disk %q: change tracking on the overlay: %w", vm, r.disks[i].Name, err)
+		names := []string{r.generation(r.disks[i].Name)}
+		if h, ok := r.Home[r.disks[i].Name]; ok {
+			names = append(names, h)
+		}
+		for _, name := range names {
+			if err := mon.AddBitmap(ctx, "lb-d"+strconv.Itoa(i), name, true, false); err != nil {
+				return fmt.Errorf("vm %q disk %q: change tracking on the overlay: %w", vm, r.disks[i].Name, err)
+			}
 		}
 	}
 	return nil
@@ -386,9 +398,15 @@ func (m *Manager) nameGenerations(r *Run, pt lifeboat.Point) error {
 		return nil
 	}
 	r.Generations = map[string]string{}
+	if !r.Test {
+		r.Home = map[string]string{}
+	}
 	for _, d := range pt.Disks {
 		if d.Lineage != "" {
 			r.Generations[d.Name] = lifeboat.NewGeneration(owner.Site, d.Lineage, pt.ID)
+			if !r.Test {
+				r.Home[d.Name] = lifeboat.NewGeneration(m.Site, d.Lineage, pt.ID)
+			}
 		}
 	}
 	return nil
@@ -482,6 +500,31 @@ func (m *Manager) Stop(ctx context.Context, r *Run) error {
 		return fmt.Errorf("vm %q: removing run %s: %w", r.VM, r.ID, err)
 	}
 	log.Info("run ended", "kind", r.Kind())
+	return nil
+}
+
+// Finish ends a real failover whose VM went home: a failback's finalize
+// sent its last state to site, its production site, and folded it into this
+// site's chain of points. QEMU here quits (the guest is shut down by then),
+// the VM is handed to site under a new epoch, the run's pin and directory go.
+func (m *Manager) Finish(ctx context.Context, r *Run, site string) error {
+	if r.Test {
+		return fmt.Errorf("vm %q: run %s is a test: it has no home to go to (end it with --test --stop)", r.VM, r.ID)
+	}
+	if err := m.quit(ctx, r); err != nil {
+		return err
+	}
+	o, err := m.Store.Handover(r.VM, site)
+	if err != nil {
+		return err
+	}
+	if err := m.Store.RemovePin(r.VM, r.ID); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(r.Dir); err != nil {
+		return fmt.Errorf("vm %q: removing run %s: %w", r.VM, r.ID, err)
+	}
+	m.log().Warn("failback finished: the vm is home", "vm", r.VM, "site", o.Site, "epoch", o.Epoch, "run", r.ID)
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -62,63 +63,18 @@ func (p *Protector) Migrate(ctx context.Context, opts MigrateOptions) (Migration
 		shutdownTimeout = DefaultShutdownTimeout
 	}
 	log := p.log()
-	m, err := qemu.Dial(ctx, p.VM.QMPSocket)
+	sd, err := ShutDown(ctx, p.VM.Name, p.VM.QMPSocket, opts.Agent, shutdownTimeout, log)
 	if err != nil {
-		return Migration{}, fmt.Errorf("vm %q: %w", p.VM.Name, err)
-	}
-	defer m.Close()
-	var typ string
-	if err := m.Execute(ctx, "qom-get", map[string]string{"path": "/machine", "property": "type"}, &typ); err != nil {
-		return Migration{}, fmt.Errorf("vm %q: its qmp: %s is not a qemu-system's monitor (a storage daemon's cannot power the VM off): give the VM's own monitor for a planned migration, or shut the VM down yourself, `lifeboat sync` it, and run `lifeboat failover` at the recovery site", p.VM.Name, p.VM.QMPSocket)
-	}
-	if err := m.Execute(ctx, "set-action", map[string]string{"shutdown": "pause"}, nil); err != nil {
-		return Migration{}, fmt.Errorf("vm %q: keeping QEMU up when the guest powers off: %w", p.VM.Name, err)
-	}
-	sub := m.Subscribe("SHUTDOWN")
-	defer sub.Close()
-	log.Warn("planned migration: powering the guest off", "timeout", shutdownTimeout, "through", map[bool]string{true: "its agent", false: "the power button"}[opts.Agent != ""])
-	asked := false
-	if opts.Agent != "" {
-		if a, err := qga.Dial(ctx, opts.Agent); err == nil {
-			err = a.Shutdown(ctx)
-			a.Close()
-			asked = err == nil
-			if err != nil {
-				log.Warn("planned migration: the guest agent refused to power off: pressing the power button", "err", err)
-			}
-		} else {
-			log.Warn("planned migration: no guest agent: pressing the power button", "err", err)
+		if errors.Is(err, errNotSystem) {
+			err = fmt.Errorf("%w: give the VM's own monitor for a planned migration, or shut the VM down yourself, `lifeboat sync` it, and run `lifeboat failover` at the recovery site", err)
 		}
+		return Migration{}, err
 	}
-	if !asked {
-		if err := m.Execute(ctx, "system_powerdown", nil, nil); err != nil {
-			return Migration{}, fmt.Errorf("vm %q: system_powerdown: %w", p.VM.Name, err)
-		}
-	}
-	mig := Migration{}
-	wctx, cancel := context.WithTimeout(ctx, shutdownTimeout)
-	_, err = sub.Next(wctx)
-	cancel()
-	switch {
-	case err == nil:
-		mig.ShutDown = true
-	case ctx.Err() != nil:
-		return Migration{}, ctx.Err()
-	default:
-		log.Warn("planned migration: the guest did not power off in time: stopping its CPUs", "timeout", shutdownTimeout)
-	}
-	// Paused either way: after a shutdown (set-action), or now.
-	if err := m.Execute(ctx, "stop", nil, nil); err != nil {
-		return Migration{}, fmt.Errorf("vm %q: stopping its CPUs: %w", p.VM.Name, err)
-	}
-	if err := waitPaused(ctx, m); err != nil {
-		return Migration{}, fmt.Errorf("vm %q: %w", p.VM.Name, err)
-	}
+	mig := Migration{ShutDown: sd}
 	back := "it is paused here: `cont` on its monitor resumes it"
 	if mig.ShutDown {
 		back = "it is shut down and paused here: `system_reset` then `cont` on its monitor boots it again"
 	}
-	m.Close() // the cycle dials the monitor itself: QMP serves one client per socket
 
 	if !p.mu.TryLock() {
 		return mig, fmt.Errorf("vm %q: a cycle is already running; %s", p.VM.Name, back)
@@ -148,6 +104,71 @@ func (p *Protector) Migrate(ctx context.Context, opts MigrateOptions) (Migration
 	mig.Took = time.Since(begin)
 	log.Warn("planned migration done: the vm runs at its recovery site", "point", pt.ID, "run", mig.Run.Run, "epoch", mig.Run.Epoch, "took", mig.Took.Round(time.Millisecond))
 	return mig, nil
+}
+
+// errNotSystem: the monitor is not a qemu-system's.
+var errNotSystem = errors.New("not a qemu-system's monitor (a storage daemon's cannot power the VM off)")
+
+// ShutDown powers a VM's guest off and leaves its QEMU paused, its disks
+// still open and readable for a last cycle: QEMU is told to pause rather
+// than exit when the guest powers off (set-action); the guest is asked to
+// power off through its agent when it has one (guest-shutdown, which a
+// guest without an ACPI daemon obeys too), else by the power button
+// (system_powerdown); if it has not within timeout, its CPUs are stopped
+// instead. shutDown says which. It needs the VM's own qemu-system monitor.
+func ShutDown(ctx context.Context, vm, qmp, agent string, timeout time.Duration, log *slog.Logger) (shutDown bool, err error) {
+	m, err := qemu.Dial(ctx, qmp)
+	if err != nil {
+		return false, fmt.Errorf("vm %q: %w", vm, err)
+	}
+	defer m.Close() // QMP serves one client per socket: closed before the cycle dials it
+	var typ string
+	if err := m.Execute(ctx, "qom-get", map[string]string{"path": "/machine", "property": "type"}, &typ); err != nil {
+		return false, fmt.Errorf("vm %q: its qmp %s is %w", vm, qmp, errNotSystem)
+	}
+	if err := m.Execute(ctx, "set-action", map[string]string{"shutdown": "pause"}, nil); err != nil {
+		return false, fmt.Errorf("vm %q: keeping QEMU up when the guest powers off: %w", vm, err)
+	}
+	sub := m.Subscribe("SHUTDOWN")
+	defer sub.Close()
+	log.Warn("powering the guest off", "vm", vm, "timeout", timeout, "through", map[bool]string{true: "its agent", false: "the power button"}[agent != ""])
+	asked := false
+	if agent != "" {
+		if a, err := qga.Dial(ctx, agent); err == nil {
+			err = a.Shutdown(ctx)
+			a.Close()
+			asked = err == nil
+			if err != nil {
+				log.Warn("the guest agent refused to power off: pressing the power button", "vm", vm, "err", err)
+			}
+		} else {
+			log.Warn("no guest agent: pressing the power button", "vm", vm, "err", err)
+		}
+	}
+	if !asked {
+		if err := m.Execute(ctx, "system_powerdown", nil, nil); err != nil {
+			return false, fmt.Errorf("vm %q: system_powerdown: %w", vm, err)
+		}
+	}
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	_, err = sub.Next(wctx)
+	cancel()
+	switch {
+	case err == nil:
+		shutDown = true
+	case ctx.Err() != nil:
+		return false, ctx.Err()
+	default:
+		log.Warn("the guest did not power off in time: stopping its CPUs", "vm", vm, "timeout", timeout)
+	}
+	// Paused either way: after a shutdown (set-action), or now.
+	if err := m.Execute(ctx, "stop", nil, nil); err != nil {
+		return shutDown, fmt.Errorf("vm %q: stopping its CPUs: %w", vm, err)
+	}
+	if err := waitPaused(ctx, m); err != nil {
+		return shutDown, fmt.Errorf("vm %q: %w", vm, err)
+	}
+	return shutDown, nil
 }
 
 // waitPaused waits until QEMU says the guest's CPUs are stopped.

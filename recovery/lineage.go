@@ -3,6 +3,9 @@ package recovery
 import (
 	"errors"
 	"fmt"
+	"slices"
+
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/lifeboat-dr/lifeboat"
 )
@@ -58,4 +61,29 @@ func checkLineage(spec BeginSpec, latest *pointRecord) error {
 		}
 	}
 	return nil
+}
+
+// SetGenerations records, by disk name, the bitmap generation that starts at
+// point id of vm on the disks its owner will replicate from: a failback's
+// finalize, whose production site started them on its disks when they
+// took the point's content. The point's owner-to-be may then continue the
+// chain incrementally from it. A disk not of the point is an error.
+func (s *Store) SetGenerations(vm string, id uint64, gens map[string]string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		r, err := pointAt(tx, vm, id)
+		if err != nil {
+			return err
+		}
+		for name, gen := range gens {
+			i := slices.IndexFunc(r.Point.Disks, func(d lifeboat.PointDisk) bool { return d.Name == name })
+			if i < 0 {
+				return fmt.Errorf("vm %q point %d has no disk %q", vm, id, name)
+			}
+			if gen == "" {
+				return fmt.Errorf("vm %q point %d disk %q: an empty generation", vm, id, name)
+			}
+			r.Point.Disks[i].Generation = gen
+		}
+		return putPoint(vmBucket(tx, vm), r)
+	})
 }

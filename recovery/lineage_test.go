@@ -160,3 +160,41 @@ func openStoreOpts(t *testing.T, dir string, opts Options) *Store {
 	t.Cleanup(func() { s.Close() })
 	return s
 }
+
+// A failback's finalize records the generation production started at a
+// point: the next delta must come from it, no longer from the one the point
+// was written with; the change survives a reopen, and bad input is refused.
+func TestSetGenerations(t *testing.T) {
+	requireQEMU(t)
+	dir := t.TempDir()
+	s := openStore(t, dir, 100)
+	m := model{}
+	p := begin(t, s, "web1", 1, m, DiskSpec{Name: "vda", Size: 1 << 20})
+	p.data("vda", 0, 1)
+	p.commit()
+	if err := s.SetGenerations("web1", 1, map[string]string{"vdz": "g"}); err == nil || !strings.Contains(err.Error(), `no disk "vdz"`) {
+		t.Errorf("a disk the point lacks: %v", err)
+	}
+	if err := s.SetGenerations("web1", 7, map[string]string{"vda": "g"}); err == nil {
+		t.Error("a point that does not exist: no error")
+	}
+	if err := s.SetGenerations("web1", 1, map[string]string{"vda": ""}); err == nil {
+		t.Error("an empty generation: no error")
+	}
+	if err := s.SetGenerations("web1", 1, map[string]string{"vda": "prod-home"}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s = openStore(t, dir, 100)
+	stale := follow(t, s, "web1", 2, []DiskSpec{{Name: "vda", Size: 1 << 20}})
+	if stale[0].BaseGeneration != "prod-home" {
+		t.Fatalf("after a reopen the latest point's generation is %q, want prod-home", stale[0].BaseGeneration)
+	}
+	stale[0].BaseGeneration = "gen-vda-1" // the one the point was written with
+	if _, err := s.Begin(testCtx(t), BeginSpec{VM: "web1", ID: 2, Disks: stale}); !errors.Is(err, ErrLineage) {
+		t.Fatalf("a delta from the point's old generation: %v, want ErrLineage", err)
+	}
+	p = begin(t, s, "web1", 2, m, DiskSpec{Name: "vda", Size: 1 << 20})
+	p.data("vda", 1, 1)
+	p.commit()
+}
