@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/failback"
 	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/recovery"
@@ -32,7 +33,9 @@ type Event struct {
 	Points   []lifeboat.Point       `json:"points,omitempty"`
 	Verify   *recovery.VerifyReport `json:"verify,omitempty"`
 	Plan     []failover.PlanVM      `json:"plan,omitempty"` // a plan run's summary
-	Error    string                 `json:"error,omitempty"`
+	// Finalized is what a failback's finalize did.
+	Finalized *failback.Finalized `json:"finalized,omitempty"`
+	Error     string              `json:"error,omitempty"`
 }
 
 // ExportRequest asks for a point's disk as an image file on this site.
@@ -199,7 +202,7 @@ func (a *apiServer) sync(w http.ResponseWriter, r *http.Request) {
 
 // streamCycle runs cycle and streams the progress it reports on ch, then its
 // point or its error.
-func streamCycle(st *stream, ch <-chan protect.Progress, cycle func() (lifeboat.Point, error)) {
+func streamCycle(st *stream, ch <-chan protect.Progress, cycle func() (lifeboat.Point, error), more ...func(*Event)) {
 	type result struct {
 		pt  lifeboat.Point
 		err error
@@ -218,7 +221,11 @@ func streamCycle(st *stream, ch <-chan protect.Progress, cycle func() (lifeboat.
 				st.send(Event{Error: res.err.Error()})
 				return
 			}
-			st.send(Event{Point: &res.pt})
+			e := Event{Point: &res.pt}
+			for _, f := range more {
+				f(&e)
+			}
+			st.send(e)
 			return
 		}
 	}

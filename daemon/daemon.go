@@ -91,7 +91,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		// A VM failed over from here comes home through the same listener.
 		fbSite := &failback.Site{Store: fb, RunDir: filepath.Join(d.cfg.StateDir, "failback", "run"), Log: d.log, VM: d.failbackVM}
 		d.server = &wire.Server{Site: d.cfg.Site, Store: failback.Routed{Failback: fb, Other: wire.RecoveryStore(st)}, Log: d.log,
-			StartVM: d.startForOwner, TakeFailback: fbSite.Take}
+			StartVM: d.startForOwner, TakeFailback: fbSite.Take, EndFailback: fbSite.Finish}
 		d.runs.LastContact = d.server.LastContact
 		go func() { errc <- d.server.Serve(l, tlsConf) }()
 		defer d.server.Stop()

@@ -74,7 +74,23 @@ func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 			default: // the client reads slowly: a later report says as much
 			}
 		}}
-	streamCycle(st, progress, func() (lifeboat.Point, error) { return b.Cycle(ctx) })
+	if r.URL.Query().Get("finalize") == "" {
+		streamCycle(st, progress, func() (lifeboat.Point, error) { return b.Cycle(ctx) })
+		return
+	}
+	var opts failback.FinalizeOptions
+	if s := r.URL.Query().Get("shutdown_timeout"); s != "" {
+		if opts.ShutdownTimeout, err = time.ParseDuration(s); err != nil {
+			st.send(Event{Error: fmt.Sprintf("shutdown_timeout %q: %v", s, err)})
+			return
+		}
+	}
+	var fin failback.Finalized
+	streamCycle(st, progress, func() (lifeboat.Point, error) {
+		var err error
+		fin, err = b.Finalize(ctx, a.d.runs, opts)
+		return fin.Fold, err
+	}, func(e *Event) { e.Finalized = &fin })
 }
 
 // Failback runs one failback cycle of vm to its production site, reporting
@@ -91,6 +107,26 @@ func (c *Client) Failback(ctx context.Context, vm string, progress func(protect.
 		return lifeboat.Point{}, errors.New("the site answered without a point")
 	}
 	return *e.Point, nil
+}
+
+// Finalize brings vm home (see failback.Back.Finalize), reporting the
+// progress of its last cycles; shutdownTimeout 0 is the default.
+func (c *Client) Finalize(ctx context.Context, vm string, shutdownTimeout time.Duration, progress func(protect.Progress)) (failback.Finalized, error) {
+	path := "/v1/vms/" + url.PathEscape(vm) + "/failback?finalize=1"
+	if shutdownTimeout > 0 {
+		path += "&shutdown_timeout=" + url.QueryEscape(shutdownTimeout.String())
+	}
+	e, err := c.cycle(ctx, path, progress)
+	if err != nil {
+		return failback.Finalized{}, err
+	}
+	if e.Error != "" {
+		return failback.Finalized{}, errors.New(e.Error)
+	}
+	if e.Finalized == nil {
+		return failback.Finalized{}, errors.New("the site answered without the finalize's result")
+	}
+	return *e.Finalized, nil
 }
 
 // lastRealRun is the newest run of a real (not test) failover, or nil.

@@ -156,11 +156,25 @@ type Run struct {
 	// when it runs under libvirt.
 	Libvirt string `json:"libvirt,omitempty"`
 	Domain  string `json:"domain,omitempty"`
+	// Finalizing is a failback finalize's progress, once production's disks
+	// took the VM's last state and started the generations that continue
+	// this site's chain from Fold: a repeated finalize goes on from there.
+	Finalizing *Finalizing `json:"finalizing,omitempty"`
 	// ImageDirs hold the point's images QEMU's user was let reach.
 	ImageDirs []string `json:"image_dirs,omitempty"`
 
 	disks []lifeboat.DefinitionDisk
 }
+
+// Finalizing is what a failback finalize did at production (Run.Finalizing).
+type Finalizing struct {
+	Last        uint64            `json:"last"` // the failback point production's disks hold
+	Fold        uint64            `json:"fold"` // the same state, a point of this site's chain
+	Generations map[string]string `json:"generations"`
+}
+
+// Record saves r's record (after a change of Finalizing).
+func (m *Manager) Record(r *Run) error { return m.save(r) }
 
 func (r *Run) pidFile() string    { return filepath.Join(r.Dir, "qemu.pid") }
 func (r *Run) recordFile() string { return filepath.Join(r.Dir, "run.json") }

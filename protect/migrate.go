@@ -126,6 +126,15 @@ func ShutDown(ctx context.Context, vm, qmp, agent string, timeout time.Duration,
 	if err := m.Execute(ctx, "qom-get", map[string]string{"path": "/machine", "property": "type"}, &typ); err != nil {
 		return false, fmt.Errorf("vm %q: its qmp %s is %w", vm, qmp, errNotSystem)
 	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := m.Execute(ctx, "query-status", nil, &st); err != nil {
+		return false, fmt.Errorf("vm %q: query-status: %w", vm, err)
+	}
+	if st.Status == "shutdown" {
+		return true, nil // powered off before (a repeated finalize), QEMU kept
+	}
 	if err := m.Execute(ctx, "set-action", map[string]string{"shutdown": "pause"}, nil); err != nil {
 		return false, fmt.Errorf("vm %q: keeping QEMU up when the guest powers off: %w", vm, err)
 	}

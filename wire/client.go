@@ -221,6 +221,27 @@ func (c *Client) PrepareFailback(ctx context.Context, vm string, holds lifeboat.
 	return pointFromPB(r.Holds)
 }
 
+// FinishFailback ends vm's failback at the production site (see
+// Server.FinishFailback): its disks hold failback point held, this site
+// folded that state into its chain as fold. It returns, by disk, the
+// generations production started at fold.
+func (c *Client) FinishFailback(ctx context.Context, vm string, held uint64, fold lifeboat.Point) (map[string]string, error) {
+	r, err := c.rc.FinishFailback(ctx, &wirepb.FinishFailbackRequest{Vm: vm, Held: held, Fold: pointToPB(fold)})
+	if err != nil {
+		return nil, fmt.Errorf("vm %q: finish the failback at %s: %w", vm, c.peer, err)
+	}
+	gens := map[string]string{}
+	for _, g := range r.Generations {
+		gens[g.Disk] = g.Generation
+	}
+	for _, d := range fold.Disks {
+		if gens[d.Name] == "" {
+			return nil, fmt.Errorf("vm %q: %s started no generation on disk %q", vm, c.peer, d.Name)
+		}
+	}
+	return gens, nil
+}
+
 // Changed calls fn for each byte range the site's copy of a disk changed on
 // its own since its latest point (see ChangeLister). A site that cannot tell
 // returns an error wrapping lifeboat.ErrNoChangeRecord.

@@ -298,6 +298,9 @@ func (s *changedStream) Recv() (*wirepb.ChangedChunk, error) {
 func (f *fakeReplication) PrepareFailback(context.Context, *wirepb.PrepareFailbackRequest, ...grpc.CallOption) (*wirepb.PrepareFailbackReply, error) {
 	return nil, errors.New("not fuzzed")
 }
+func (f *fakeReplication) FinishFailback(context.Context, *wirepb.FinishFailbackRequest, ...grpc.CallOption) (*wirepb.FinishFailbackReply, error) {
+	return nil, errors.New("not fuzzed")
+}
 
 func (f *fakeReplication) Failover(context.Context, *wirepb.FailoverRequest, ...grpc.CallOption) (*wirepb.FailoverReply, error) {
 	return nil, errors.New("not fuzzed")

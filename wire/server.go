@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -77,6 +79,9 @@ type Server struct {
 	// into this production site's disks (see the PrepareFailback RPC); it
 	// returns the point the disks hold. nil: this site takes no failbacks.
 	TakeFailback func(ctx context.Context, site, vm string, holds lifeboat.Point, own map[string]Shared) (lifeboat.Point, error)
+	// EndFailback ends vm's failback from site (see the FinishFailback
+	// RPC): it returns, by disk, the generations started at point fold.
+	EndFailback func(ctx context.Context, site, vm string, held uint64, fold lifeboat.Point) (map[string]string, error)
 
 	mu       sync.Mutex
 	stopped  bool
@@ -468,6 +473,35 @@ func (s *Server) PrepareFailback(ctx context.Context, r *wirepb.PrepareFailbackR
 		return nil, status.Error(codes.FailedPrecondition, err.Error())
 	}
 	return &wirepb.PrepareFailbackReply{Holds: pointToPB(held)}, nil
+}
+
+// FinishFailback is a failback's last call at the production site, from
+// the site the failback came from.
+func (s *Server) FinishFailback(ctx context.Context, r *wirepb.FinishFailbackRequest) (*wirepb.FinishFailbackReply, error) {
+	site, err := peerSite(ctx)
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, err.Error())
+	}
+	if s.EndFailback == nil {
+		return nil, status.Errorf(codes.Unimplemented, "site %q takes no failbacks (is it the VM's production site, serving with `listen:`?)", s.Site)
+	}
+	fold, err := pointFromPB(r.Fold)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	s.Log.Warn("failback finishing", "vm", r.Vm, "point", r.Held, "fold", fold.ID, "peer", peerName(ctx))
+	gens, err := s.EndFailback(ctx, site, r.Vm, r.Held, fold)
+	if err != nil {
+		if errors.Is(err, recovery.ErrNotOwner) {
+			return nil, status.Error(codes.PermissionDenied, err.Error())
+		}
+		return nil, status.Error(codes.FailedPrecondition, err.Error())
+	}
+	reply := &wirepb.FinishFailbackReply{}
+	for _, disk := range slices.Sorted(maps.Keys(gens)) {
+		reply.Generations = append(reply.Generations, &wirepb.DiskGeneration{Disk: disk, Generation: gens[disk]})
+	}
+	return reply, nil
 }
 
 // Changed streams what the site's copy of a disk changed on its own.

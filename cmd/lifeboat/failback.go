@@ -11,7 +11,10 @@ import (
 )
 
 func newFailbackCmd(g *globals) *cobra.Command {
-	var asJSON bool
+	var (
+		asJSON, finalize bool
+		shutdownTimeout  time.Duration
+	)
 	cmd := &cobra.Command{
 		Use:   "failback VM",
 		Short: "Replicate a failed-over VM back into its production site's disks, while it runs here",
@@ -22,8 +25,19 @@ point (from its own change tracking, or by comparing hashes where that was lost)
 The production VM must be stopped, and the production site serving with
 ` + "`listen:`" + `; this site must have it in ` + "`peers:`" + `. Run it again to send what
 changed since; each cycle is incremental. Exits 0 once production has flushed
-the point. (Finalizing, which brings the VM up at production, is not built yet.)`,
-		Example: `  lifeboat failback web1 -c dr.yaml`,
+the point.
+
+With --finalize, the VM comes home: its guest is powered off here (through its
+agent, else the power button; its CPUs are stopped if it has not powered off
+within --shutdown-timeout), a last cycle sends its final state to production,
+the same state becomes a restore point here, production starts the change
+tracking that continues from that point and releases its disks, and the VM
+is handed back to production under a new epoch. Then start the VM at
+production: its next cycle there is incremental, and the points taken before
+the failover stay valid. A finalize that fails leaves the VM powered off here
+and may be run again.`,
+		Example: `  lifeboat failback web1 -c dr.yaml
+  lifeboat failback web1 --finalize -c dr.yaml`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			vm, err := oneVM(args, "lifeboat failback web1")
 			if err != nil {
@@ -34,6 +48,24 @@ the point. (Finalizing, which brings the VM up at production, is not built yet.)
 				return err
 			}
 			bar := newProgressLine(os.Stderr)
+			if finalize {
+				fin, err := c.Finalize(cmd.Context(), vm, shutdownTimeout, func(p protect.Progress) { bar.show(p) })
+				bar.done()
+				if err != nil {
+					return err
+				}
+				if asJSON {
+					return printJSON(fin)
+				}
+				how := "its guest powered off cleanly"
+				if !fin.ShutDown {
+					how = "its guest did not power off in time: its CPUs were stopped (crash-consistent)"
+				}
+				fmt.Printf("vm %s is home at site %s (epoch %d): %s.\n", vm, fin.Home, fin.Epoch, how)
+				fmt.Printf("  production's disks hold failback point %d; here it is restore point %d (%s)\n", fin.Last.ID, fin.Fold.ID, fin.Fold.Consistency)
+				fmt.Printf("  down for %s so far. Start the VM at %s now: its next cycle continues from point %d.\n", fin.Took.Round(time.Millisecond), fin.Home, fin.Fold.ID)
+				return nil
+			}
 			pt, err := c.Failback(cmd.Context(), vm, func(p protect.Progress) { bar.show(p) })
 			bar.done()
 			if err != nil {
@@ -56,6 +88,8 @@ the point. (Finalizing, which brings the VM up at production, is not built yet.)
 			return nil
 		},
 	}
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print the point as JSON")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the point (with --finalize: what it did) as JSON")
+	cmd.Flags().BoolVar(&finalize, "finalize", false, "power the VM off here, send its last state, and hand it back to production")
+	cmd.Flags().DurationVar(&shutdownTimeout, "shutdown-timeout", 0, "with --finalize: how long the guest may take to power off before its CPUs are stopped (default 2m)")
 	return cmd
 }

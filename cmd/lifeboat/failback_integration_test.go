@@ -14,6 +14,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/qemu"
+	"github.com/lifeboat-dr/lifeboat/qga"
 )
 
 // `lifeboat failback` as a user runs it, against real sites and a real
@@ -40,10 +41,13 @@ func TestFailbackCommands(t *testing.T) {
 	// the qcow2 image itself: production records it as the failback's target.
 	// A storage daemon cannot tell how to start the guest: the config does.
 	kernel, initrd := testguest.Build(t)
-	os.WriteFile(prodCfg, []byte(fmt.Sprintf("site: prod\nstate_dir: %s/prod\nlisten: %s\ntls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}\n"+
-		"peers:\n  - {name: dr, address: %q}\nvms:\n  - name: vm1\n    qmp: %s\n    nbd_socket: %s\n"+
-		"    definition: {machine: q35, cpus: 1, memory_mib: 512, kernel: %s, initrd: %s, append: \"console=ttyS0 panic=-1 lb.workload=none\", disks: [{name: vda, device: virtio-blk-pci}]}\n",
-		dir, prodAddr, drAddr, g.StorageQMPSocket(), g.StorageNBDSocket(), kernel, initrd)), 0o600)
+	writeProdCfg := func(g *testguest.Guest) {
+		os.WriteFile(prodCfg, []byte(fmt.Sprintf("site: prod\nstate_dir: %s/prod\nlisten: %s\ntls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}\n"+
+			"peers:\n  - {name: dr, address: %q}\nvms:\n  - name: vm1\n    qmp: %s\n    nbd_socket: %s\n"+
+			"    definition: {machine: q35, cpus: 1, memory_mib: 512, kernel: %s, initrd: %s, append: \"console=ttyS0 panic=-1 lb.workload=none\", disks: [{name: vda, device: virtio-blk-pci}]}\n",
+			dir, prodAddr, drAddr, g.StorageQMPSocket(), g.StorageNBDSocket(), kernel, initrd)), 0o600)
+	}
+	writeProdCfg(g)
 	startSite(t, "dr", drCfg)
 	// Production's lifeboat ends with kill -9: the daemon over its disks that
 	// it started for the failback outlives it, as after a crash, and is
@@ -81,7 +85,7 @@ func TestFailbackCommands(t *testing.T) {
 	if out, err := runErr(t, "failback", "vm1", "-c", drCfg); err == nil || !strings.Contains(out, "prod") {
 		t.Fatalf("a failback with production down: %v\n%s", err, out)
 	}
-	startSite(t, "prod", prodCfg)
+	prod = startSite(t, "prod", prodCfg)
 
 	// The recovered VM is paused, so that its disk stands still for the comparison.
 	pause(t, rec.QMP)
@@ -113,6 +117,87 @@ func TestFailbackCommands(t *testing.T) {
 	if pt.ID != 4 || pt.Stats.BytesChanged != 0 {
 		t.Errorf("a second failback of the paused VM: point %d, %d bytes changed; want point 4 and nothing\n%s", pt.ID, pt.Stats.BytesChanged, out)
 	}
+
+	// Finalize: the recovered guest runs on and writes, then is powered off
+	// through its agent; production takes its last state, which also
+	// becomes a point here, and the VM is handed back to production.
+	cont(t, rec.QMP)
+	guestShell(t, rec.Agent, "dd if=/dev/urandom of=/data/home.bin bs=64k count=8 status=none && sync")
+	stopped := time.Now()
+	out = run(t, "failback", "vm1", "--finalize", "--json", "--shutdown-timeout", "60s", "-c", drCfg)
+	var fin struct {
+		ShutDown bool          `json:"shut_down"`
+		Took     time.Duration `json:"took_ns"`
+		Home     string        `json:"home"`
+		Epoch    uint64        `json:"epoch"`
+		Last     struct {
+			ID uint64 `json:"id"`
+		} `json:"last"`
+		Fold struct {
+			ID          uint64 `json:"id"`
+			Consistency string `json:"consistency"`
+		} `json:"fold"`
+	}
+	if err := json.Unmarshal([]byte(out), &fin); err != nil {
+		t.Fatalf("failback --finalize --json: %v\n%s", err, out)
+	}
+	t.Logf("lifeboat failback vm1 --finalize took %v from the guest's power-off request to production's disks released:\n%s", fin.Took.Round(time.Millisecond), out)
+	if !fin.ShutDown || fin.Home != "prod" || fin.Epoch != 3 || fin.Last.ID != 5 || fin.Fold.ID != 3 || fin.Fold.Consistency != "filesystem" {
+		t.Errorf("finalize: %+v; want the guest powered off, home prod under epoch 3, production at failback point 5, point 3 here (filesystem)", fin)
+	}
+	foldImage := filepath.Join(dir, "dr", "recovery", "vms", "vm1", "vda", fmt.Sprintf("%016d.qcow2", fin.Fold.ID))
+	if cmp, err := exec.Command("qemu-img", "compare", "-U", g.DiskImage(), foldImage).CombinedOutput(); err != nil {
+		t.Fatalf("the production disk after the finalize differs from the recovery site's new point: %v\n%s", err, cmp)
+	}
+	if st := run(t, "failover", "--list", "-c", drCfg); strings.Contains(st, "vm1") {
+		t.Errorf("the failover run is still listed after the finalize:\n%s", st)
+	}
+	if out, err := runErr(t, "failback", "vm1", "-c", drCfg); err == nil {
+		t.Errorf("a failback after the finalize was taken:\n%s", out)
+	}
+
+	// The VM starts at production (its config names the new guest's
+	// sockets) and replicates again, incrementally from the fold's point.
+	home := testguest.Boot(t, testguest.Options{Name: "fb-home", Image: g.DiskImage()})
+	t.Logf("finalize downtime: from the finalize's start to the guest booted at production: %v", time.Since(stopped).Round(time.Millisecond))
+	writeProdCfg(home)
+	prod.kill() // restarted on its new config
+	startSite(t, "prod", prodCfg)
+	out = run(t, "sync", "vm1", "--json", "-c", prodCfg)
+	var next struct {
+		ID    uint64 `json:"id"`
+		Disks []struct {
+			Name   string `json:"name"`
+			Resync bool   `json:"resync"`
+			Base   uint64 `json:"base"`
+		} `json:"disks"`
+		Stats struct {
+			BytesSent int64 `json:"bytes_sent"`
+		} `json:"stats"`
+	}
+	if err := json.Unmarshal([]byte(out), &next); err != nil {
+		t.Fatalf("sync --json: %v\n%s", err, out)
+	}
+	t.Logf("production's first cycle after the finalize: point %d, %d bytes sent", next.ID, next.Stats.BytesSent)
+	if next.ID != fin.Fold.ID+1 || len(next.Disks) != 1 || next.Disks[0].Resync || next.Disks[0].Base != fin.Fold.ID || next.Stats.BytesSent > 16<<20 {
+		t.Errorf("production's first cycle after the finalize: %+v; want point %d, incremental from point %d, a few MiB at most", next, fin.Fold.ID+1, fin.Fold.ID)
+	}
+}
+
+// guestShell runs a shell script in a guest through its agent.
+func guestShell(t *testing.T, agent, script string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	a, err := qga.Dial(ctx, agent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	r, err := a.Exec(ctx, "/bin/sh", []string{"-c", script}, nil)
+	if err != nil || r.ExitCode != 0 {
+		t.Fatalf("in the guest: %q: %v (exit %d) %s", script, err, r.ExitCode, r.Stderr)
+	}
 }
 
 // qemuIO runs one qemu-io command on an image.
@@ -123,8 +208,11 @@ func qemuIO(t *testing.T, image, command string) {
 	}
 }
 
-// pause stops a VM's CPUs through its QMP socket.
-func pause(t *testing.T, socket string) {
+// pause stops a VM's CPUs through its QMP socket, cont resumes them.
+func pause(t *testing.T, socket string) { qmpCommand(t, socket, "stop") }
+func cont(t *testing.T, socket string)  { qmpCommand(t, socket, "cont") }
+
+func qmpCommand(t *testing.T, socket, command string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -133,7 +221,7 @@ func pause(t *testing.T, socket string) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	if err := m.Execute(ctx, "stop", nil, nil); err != nil {
-		t.Fatal(err)
+	if err := m.Execute(ctx, command, nil, nil); err != nil {
+		t.Fatalf("%s on %s: %v", command, socket, err)
 	}
 }

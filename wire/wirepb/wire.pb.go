@@ -994,6 +994,162 @@ func (x *PrepareFailbackReply) GetHolds() *Point {
 	return nil
 }
 
+type FinishFailbackRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Vm            string                 `protobuf:"bytes,1,opt,name=vm,proto3" json:"vm,omitempty"`
+	Held          uint64                 `protobuf:"varint,2,opt,name=held,proto3" json:"held,omitempty"`
+	Fold          *Point                 `protobuf:"bytes,3,opt,name=fold,proto3" json:"fold,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FinishFailbackRequest) Reset() {
+	*x = FinishFailbackRequest{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FinishFailbackRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FinishFailbackRequest) ProtoMessage() {}
+
+func (x *FinishFailbackRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FinishFailbackRequest.ProtoReflect.Descriptor instead.
+func (*FinishFailbackRequest) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *FinishFailbackRequest) GetVm() string {
+	if x != nil {
+		return x.Vm
+	}
+	return ""
+}
+
+func (x *FinishFailbackRequest) GetHeld() uint64 {
+	if x != nil {
+		return x.Held
+	}
+	return 0
+}
+
+func (x *FinishFailbackRequest) GetFold() *Point {
+	if x != nil {
+		return x.Fold
+	}
+	return nil
+}
+
+type FinishFailbackReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Generations   []*DiskGeneration      `protobuf:"bytes,1,rep,name=generations,proto3" json:"generations,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FinishFailbackReply) Reset() {
+	*x = FinishFailbackReply{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FinishFailbackReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FinishFailbackReply) ProtoMessage() {}
+
+func (x *FinishFailbackReply) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FinishFailbackReply.ProtoReflect.Descriptor instead.
+func (*FinishFailbackReply) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *FinishFailbackReply) GetGenerations() []*DiskGeneration {
+	if x != nil {
+		return x.Generations
+	}
+	return nil
+}
+
+type DiskGeneration struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Disk          string                 `protobuf:"bytes,1,opt,name=disk,proto3" json:"disk,omitempty"`
+	Generation    string                 `protobuf:"bytes,2,opt,name=generation,proto3" json:"generation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiskGeneration) Reset() {
+	*x = DiskGeneration{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiskGeneration) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiskGeneration) ProtoMessage() {}
+
+func (x *DiskGeneration) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiskGeneration.ProtoReflect.Descriptor instead.
+func (*DiskGeneration) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *DiskGeneration) GetDisk() string {
+	if x != nil {
+		return x.Disk
+	}
+	return ""
+}
+
+func (x *DiskGeneration) GetGeneration() string {
+	if x != nil {
+		return x.Generation
+	}
+	return ""
+}
+
 type ChangedRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Vm            string                 `protobuf:"bytes,1,opt,name=vm,proto3" json:"vm,omitempty"`
@@ -1004,7 +1160,7 @@ type ChangedRequest struct {
 
 func (x *ChangedRequest) Reset() {
 	*x = ChangedRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1016,7 +1172,7 @@ func (x *ChangedRequest) String() string {
 func (*ChangedRequest) ProtoMessage() {}
 
 func (x *ChangedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1029,7 +1185,7 @@ func (x *ChangedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChangedRequest.ProtoReflect.Descriptor instead.
 func (*ChangedRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{15}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ChangedRequest) GetVm() string {
@@ -1057,7 +1213,7 @@ type ChangedChunk struct {
 
 func (x *ChangedChunk) Reset() {
 	*x = ChangedChunk{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1069,7 +1225,7 @@ func (x *ChangedChunk) String() string {
 func (*ChangedChunk) ProtoMessage() {}
 
 func (x *ChangedChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1082,7 +1238,7 @@ func (x *ChangedChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChangedChunk.ProtoReflect.Descriptor instead.
 func (*ChangedChunk) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{16}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ChangedChunk) GetOffsets() []int64 {
@@ -1119,7 +1275,7 @@ type Frame struct {
 
 func (x *Frame) Reset() {
 	*x = Frame{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1131,7 +1287,7 @@ func (x *Frame) String() string {
 func (*Frame) ProtoMessage() {}
 
 func (x *Frame) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1144,7 +1300,7 @@ func (x *Frame) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Frame.ProtoReflect.Descriptor instead.
 func (*Frame) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{17}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Frame) GetBody() isFrame_Body {
@@ -1243,7 +1399,7 @@ type Begin struct {
 
 func (x *Begin) Reset() {
 	*x = Begin{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1255,7 +1411,7 @@ func (x *Begin) String() string {
 func (*Begin) ProtoMessage() {}
 
 func (x *Begin) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1268,7 +1424,7 @@ func (x *Begin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Begin.ProtoReflect.Descriptor instead.
 func (*Begin) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{18}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Begin) GetPoint() *Point {
@@ -1294,7 +1450,7 @@ type Blocks struct {
 
 func (x *Blocks) Reset() {
 	*x = Blocks{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1306,7 +1462,7 @@ func (x *Blocks) String() string {
 func (*Blocks) ProtoMessage() {}
 
 func (x *Blocks) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1319,7 +1475,7 @@ func (x *Blocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Blocks.ProtoReflect.Descriptor instead.
 func (*Blocks) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{19}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Blocks) GetDisk() string {
@@ -1376,7 +1532,7 @@ type Zeroes struct {
 
 func (x *Zeroes) Reset() {
 	*x = Zeroes{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1388,7 +1544,7 @@ func (x *Zeroes) String() string {
 func (*Zeroes) ProtoMessage() {}
 
 func (x *Zeroes) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1401,7 +1557,7 @@ func (x *Zeroes) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Zeroes.ProtoReflect.Descriptor instead.
 func (*Zeroes) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{20}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Zeroes) GetDisk() string {
@@ -1442,7 +1598,7 @@ type Copy struct {
 
 func (x *Copy) Reset() {
 	*x = Copy{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[21]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1454,7 +1610,7 @@ func (x *Copy) String() string {
 func (*Copy) ProtoMessage() {}
 
 func (x *Copy) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[21]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1467,7 +1623,7 @@ func (x *Copy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Copy.ProtoReflect.Descriptor instead.
 func (*Copy) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{21}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Copy) GetDisk() string {
@@ -1521,7 +1677,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[22]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1533,7 +1689,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[22]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1546,7 +1702,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{22}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Commit) GetStats() *Stats {
@@ -1565,7 +1721,7 @@ type ReplicateReply struct {
 
 func (x *ReplicateReply) Reset() {
 	*x = ReplicateReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[23]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1577,7 +1733,7 @@ func (x *ReplicateReply) String() string {
 func (*ReplicateReply) ProtoMessage() {}
 
 func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[23]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1590,7 +1746,7 @@ func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateReply.ProtoReflect.Descriptor instead.
 func (*ReplicateReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{23}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ReplicateReply) GetPoint() *Point {
@@ -1685,7 +1841,18 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"generation\x18\x05 \x01(\tR\n" +
 	"generation\"E\n" +
 	"\x14PrepareFailbackReply\x12-\n" +
-	"\x05holds\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05holds\"4\n" +
+	"\x05holds\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05holds\"h\n" +
+	"\x15FinishFailbackRequest\x12\x0e\n" +
+	"\x02vm\x18\x01 \x01(\tR\x02vm\x12\x12\n" +
+	"\x04held\x18\x02 \x01(\x04R\x04held\x12+\n" +
+	"\x04fold\x18\x03 \x01(\v2\x17.lifeboat.wire.v1.PointR\x04fold\"Y\n" +
+	"\x13FinishFailbackReply\x12B\n" +
+	"\vgenerations\x18\x01 \x03(\v2 .lifeboat.wire.v1.DiskGenerationR\vgenerations\"D\n" +
+	"\x0eDiskGeneration\x12\x12\n" +
+	"\x04disk\x18\x01 \x01(\tR\x04disk\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x02 \x01(\tR\n" +
+	"generation\"4\n" +
 	"\x0eChangedRequest\x12\x0e\n" +
 	"\x02vm\x18\x01 \x01(\tR\x02vm\x12\x12\n" +
 	"\x04disk\x18\x02 \x01(\tR\x04disk\"B\n" +
@@ -1723,14 +1890,15 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x06Commit\x12-\n" +
 	"\x05stats\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.StatsR\x05stats\"?\n" +
 	"\x0eReplicateReply\x12-\n" +
-	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\xb6\x04\n" +
+	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\x98\x05\n" +
 	"\vReplication\x12E\n" +
 	"\x05Hello\x12\x1e.lifeboat.wire.v1.HelloRequest\x1a\x1c.lifeboat.wire.v1.HelloReply\x12D\n" +
 	"\x06Latest\x12\x1b.lifeboat.wire.v1.VMRequest\x1a\x1d.lifeboat.wire.v1.LatestReply\x12D\n" +
 	"\x06Points\x12\x1b.lifeboat.wire.v1.VMRequest\x1a\x1d.lifeboat.wire.v1.PointsReply\x12P\n" +
 	"\bBlockMap\x12!.lifeboat.wire.v1.BlockMapRequest\x1a\x1f.lifeboat.wire.v1.BlockMapChunk0\x01\x12M\n" +
 	"\aChanged\x12 .lifeboat.wire.v1.ChangedRequest\x1a\x1e.lifeboat.wire.v1.ChangedChunk0\x01\x12c\n" +
-	"\x0fPrepareFailback\x12(.lifeboat.wire.v1.PrepareFailbackRequest\x1a&.lifeboat.wire.v1.PrepareFailbackReply\x12N\n" +
+	"\x0fPrepareFailback\x12(.lifeboat.wire.v1.PrepareFailbackRequest\x1a&.lifeboat.wire.v1.PrepareFailbackReply\x12`\n" +
+	"\x0eFinishFailback\x12'.lifeboat.wire.v1.FinishFailbackRequest\x1a%.lifeboat.wire.v1.FinishFailbackReply\x12N\n" +
 	"\bFailover\x12!.lifeboat.wire.v1.FailoverRequest\x1a\x1f.lifeboat.wire.v1.FailoverReplyB-Z+github.com/lifeboat-dr/lifeboat/wire/wirepbb\x06proto3"
 
 var (
@@ -1745,7 +1913,7 @@ func file_wire_wirepb_wire_proto_rawDescGZIP() []byte {
 	return file_wire_wirepb_wire_proto_rawDescData
 }
 
-var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_wire_wirepb_wire_proto_goTypes = []any{
 	(*FailoverRequest)(nil),        // 0: lifeboat.wire.v1.FailoverRequest
 	(*FailoverReply)(nil),          // 1: lifeboat.wire.v1.FailoverReply
@@ -1762,15 +1930,18 @@ var file_wire_wirepb_wire_proto_goTypes = []any{
 	(*PrepareFailbackRequest)(nil), // 12: lifeboat.wire.v1.PrepareFailbackRequest
 	(*OwnGeneration)(nil),          // 13: lifeboat.wire.v1.OwnGeneration
 	(*PrepareFailbackReply)(nil),   // 14: lifeboat.wire.v1.PrepareFailbackReply
-	(*ChangedRequest)(nil),         // 15: lifeboat.wire.v1.ChangedRequest
-	(*ChangedChunk)(nil),           // 16: lifeboat.wire.v1.ChangedChunk
-	(*Frame)(nil),                  // 17: lifeboat.wire.v1.Frame
-	(*Begin)(nil),                  // 18: lifeboat.wire.v1.Begin
-	(*Blocks)(nil),                 // 19: lifeboat.wire.v1.Blocks
-	(*Zeroes)(nil),                 // 20: lifeboat.wire.v1.Zeroes
-	(*Copy)(nil),                   // 21: lifeboat.wire.v1.Copy
-	(*Commit)(nil),                 // 22: lifeboat.wire.v1.Commit
-	(*ReplicateReply)(nil),         // 23: lifeboat.wire.v1.ReplicateReply
+	(*FinishFailbackRequest)(nil),  // 15: lifeboat.wire.v1.FinishFailbackRequest
+	(*FinishFailbackReply)(nil),    // 16: lifeboat.wire.v1.FinishFailbackReply
+	(*DiskGeneration)(nil),         // 17: lifeboat.wire.v1.DiskGeneration
+	(*ChangedRequest)(nil),         // 18: lifeboat.wire.v1.ChangedRequest
+	(*ChangedChunk)(nil),           // 19: lifeboat.wire.v1.ChangedChunk
+	(*Frame)(nil),                  // 20: lifeboat.wire.v1.Frame
+	(*Begin)(nil),                  // 21: lifeboat.wire.v1.Begin
+	(*Blocks)(nil),                 // 22: lifeboat.wire.v1.Blocks
+	(*Zeroes)(nil),                 // 23: lifeboat.wire.v1.Zeroes
+	(*Copy)(nil),                   // 24: lifeboat.wire.v1.Copy
+	(*Commit)(nil),                 // 25: lifeboat.wire.v1.Commit
+	(*ReplicateReply)(nil),         // 26: lifeboat.wire.v1.ReplicateReply
 }
 var file_wire_wirepb_wire_proto_depIdxs = []int32{
 	6,  // 0: lifeboat.wire.v1.Point.disks:type_name -> lifeboat.wire.v1.Disk
@@ -1780,33 +1951,37 @@ var file_wire_wirepb_wire_proto_depIdxs = []int32{
 	5,  // 4: lifeboat.wire.v1.PrepareFailbackRequest.holds:type_name -> lifeboat.wire.v1.Point
 	13, // 5: lifeboat.wire.v1.PrepareFailbackRequest.own:type_name -> lifeboat.wire.v1.OwnGeneration
 	5,  // 6: lifeboat.wire.v1.PrepareFailbackReply.holds:type_name -> lifeboat.wire.v1.Point
-	18, // 7: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
-	19, // 8: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
-	20, // 9: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
-	22, // 10: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
-	21, // 11: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
-	5,  // 12: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
-	7,  // 13: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
-	5,  // 14: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
-	2,  // 15: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
-	4,  // 16: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
-	4,  // 17: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
-	10, // 18: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
-	15, // 19: lifeboat.wire.v1.Replication.Changed:input_type -> lifeboat.wire.v1.ChangedRequest
-	12, // 20: lifeboat.wire.v1.Replication.PrepareFailback:input_type -> lifeboat.wire.v1.PrepareFailbackRequest
-	0,  // 21: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
-	3,  // 22: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
-	8,  // 23: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
-	9,  // 24: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
-	11, // 25: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
-	16, // 26: lifeboat.wire.v1.Replication.Changed:output_type -> lifeboat.wire.v1.ChangedChunk
-	14, // 27: lifeboat.wire.v1.Replication.PrepareFailback:output_type -> lifeboat.wire.v1.PrepareFailbackReply
-	1,  // 28: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
-	22, // [22:29] is the sub-list for method output_type
-	15, // [15:22] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	5,  // 7: lifeboat.wire.v1.FinishFailbackRequest.fold:type_name -> lifeboat.wire.v1.Point
+	17, // 8: lifeboat.wire.v1.FinishFailbackReply.generations:type_name -> lifeboat.wire.v1.DiskGeneration
+	21, // 9: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
+	22, // 10: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
+	23, // 11: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
+	25, // 12: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
+	24, // 13: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
+	5,  // 14: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
+	7,  // 15: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
+	5,  // 16: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
+	2,  // 17: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
+	4,  // 18: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
+	4,  // 19: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
+	10, // 20: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
+	18, // 21: lifeboat.wire.v1.Replication.Changed:input_type -> lifeboat.wire.v1.ChangedRequest
+	12, // 22: lifeboat.wire.v1.Replication.PrepareFailback:input_type -> lifeboat.wire.v1.PrepareFailbackRequest
+	15, // 23: lifeboat.wire.v1.Replication.FinishFailback:input_type -> lifeboat.wire.v1.FinishFailbackRequest
+	0,  // 24: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
+	3,  // 25: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
+	8,  // 26: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
+	9,  // 27: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
+	11, // 28: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
+	19, // 29: lifeboat.wire.v1.Replication.Changed:output_type -> lifeboat.wire.v1.ChangedChunk
+	14, // 30: lifeboat.wire.v1.Replication.PrepareFailback:output_type -> lifeboat.wire.v1.PrepareFailbackReply
+	16, // 31: lifeboat.wire.v1.Replication.FinishFailback:output_type -> lifeboat.wire.v1.FinishFailbackReply
+	1,  // 32: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
+	25, // [25:33] is the sub-list for method output_type
+	17, // [17:25] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_wire_wirepb_wire_proto_init() }
@@ -1814,7 +1989,7 @@ func file_wire_wirepb_wire_proto_init() {
 	if File_wire_wirepb_wire_proto != nil {
 		return
 	}
-	file_wire_wirepb_wire_proto_msgTypes[17].OneofWrappers = []any{
+	file_wire_wirepb_wire_proto_msgTypes[20].OneofWrappers = []any{
 		(*Frame_Begin)(nil),
 		(*Frame_Blocks)(nil),
 		(*Frame_Zeroes)(nil),
@@ -1827,7 +2002,7 @@ func file_wire_wirepb_wire_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_wirepb_wire_proto_rawDesc), len(file_wire_wirepb_wire_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

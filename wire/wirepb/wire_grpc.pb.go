@@ -28,6 +28,7 @@ const (
 	Replication_BlockMap_FullMethodName        = "/lifeboat.wire.v1.Replication/BlockMap"
 	Replication_Changed_FullMethodName         = "/lifeboat.wire.v1.Replication/Changed"
 	Replication_PrepareFailback_FullMethodName = "/lifeboat.wire.v1.Replication/PrepareFailback"
+	Replication_FinishFailback_FullMethodName  = "/lifeboat.wire.v1.Replication/FinishFailback"
 	Replication_Failover_FullMethodName        = "/lifeboat.wire.v1.Replication/Failover"
 )
 
@@ -54,6 +55,12 @@ type ReplicationClient interface {
 	// point the failover started from, the failover's generations); own is,
 	// by disk, production's generations at the last point it sent there.
 	PrepareFailback(ctx context.Context, in *PrepareFailbackRequest, opts ...grpc.CallOption) (*PrepareFailbackReply, error)
+	// FinishFailback ends a failback at the production site: its disks hold
+	// failback point held, and the asking site has folded that same state into
+	// its chain as point fold. The production site starts, on each disk, the
+	// generation that records the VM's writes from fold on (named in the
+	// reply, for the asking site to record on fold), and releases the disks.
+	FinishFailback(ctx context.Context, in *FinishFailbackRequest, opts ...grpc.CallOption) (*FinishFailbackReply, error)
 	// Failover asks the recovery site to start the VM from one of its points
 	// and take it over (a planned migration: the caller, its owner, has shut
 	// it down and sent its last point). Only the VM's owner may ask.
@@ -146,6 +153,16 @@ func (c *replicationClient) PrepareFailback(ctx context.Context, in *PrepareFail
 	return out, nil
 }
 
+func (c *replicationClient) FinishFailback(ctx context.Context, in *FinishFailbackRequest, opts ...grpc.CallOption) (*FinishFailbackReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FinishFailbackReply)
+	err := c.cc.Invoke(ctx, Replication_FinishFailback_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *replicationClient) Failover(ctx context.Context, in *FailoverRequest, opts ...grpc.CallOption) (*FailoverReply, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(FailoverReply)
@@ -179,6 +196,12 @@ type ReplicationServer interface {
 	// point the failover started from, the failover's generations); own is,
 	// by disk, production's generations at the last point it sent there.
 	PrepareFailback(context.Context, *PrepareFailbackRequest) (*PrepareFailbackReply, error)
+	// FinishFailback ends a failback at the production site: its disks hold
+	// failback point held, and the asking site has folded that same state into
+	// its chain as point fold. The production site starts, on each disk, the
+	// generation that records the VM's writes from fold on (named in the
+	// reply, for the asking site to record on fold), and releases the disks.
+	FinishFailback(context.Context, *FinishFailbackRequest) (*FinishFailbackReply, error)
 	// Failover asks the recovery site to start the VM from one of its points
 	// and take it over (a planned migration: the caller, its owner, has shut
 	// it down and sent its last point). Only the VM's owner may ask.
@@ -210,6 +233,9 @@ func (UnimplementedReplicationServer) Changed(*ChangedRequest, grpc.ServerStream
 }
 func (UnimplementedReplicationServer) PrepareFailback(context.Context, *PrepareFailbackRequest) (*PrepareFailbackReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method PrepareFailback not implemented")
+}
+func (UnimplementedReplicationServer) FinishFailback(context.Context, *FinishFailbackRequest) (*FinishFailbackReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method FinishFailback not implemented")
 }
 func (UnimplementedReplicationServer) Failover(context.Context, *FailoverRequest) (*FailoverReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Failover not implemented")
@@ -329,6 +355,24 @@ func _Replication_PrepareFailback_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Replication_FinishFailback_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FinishFailbackRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReplicationServer).FinishFailback(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Replication_FinishFailback_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReplicationServer).FinishFailback(ctx, req.(*FinishFailbackRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Replication_Failover_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(FailoverRequest)
 	if err := dec(in); err != nil {
@@ -369,6 +413,10 @@ var Replication_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "PrepareFailback",
 			Handler:    _Replication_PrepareFailback_Handler,
+		},
+		{
+			MethodName: "FinishFailback",
+			Handler:    _Replication_FinishFailback_Handler,
 		},
 		{
 			MethodName: "Failover",

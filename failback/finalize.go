@@ -1,0 +1,271 @@
+package failback
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/failover"
+	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// Finalize brings the VM home (`lifeboat failback VM --finalize`):
+//  1. the recovered VM's guest is powered off (protect.ShutDown: through its
+//     agent, else the power button; its CPUs stopped if it has not within
+//     the timeout), QEMU paused with its disks open;
+//  2. a last failback cycle: production's disks take the VM's last state;
+//  3. the fold: a cycle from the same stopped VM into this site's own
+//     chain, out of the overlays' home generations (every write since the
+//     failover), so that this site's latest point is that state too;
+//  4. production starts on its disks the generations that continue the
+//     chain from the fold's point, and releases them (FinishFailback);
+//     this site records them on that point;
+//  5. the VM is handed to production under a new epoch, the recovered
+//     VM's QEMU quits, the failover run ends (failover.Manager.Finish).
+//
+// Then the VM is started at production, and its next cycle there is
+// incremental from the fold's point. A step that fails leaves the VM as it
+// is (the guest powered off, QEMU paused) and Finalize may be run again:
+// every step takes up where the last attempt stopped.
+type Finalized struct {
+	ShutDown bool           `json:"shut_down"` // the guest powered off (else its CPUs were stopped)
+	Last     lifeboat.Point `json:"last"`      // the last failback point, which production's disks hold
+	Fold     lifeboat.Point `json:"fold"`      // the same state, a point of this site's chain
+	Epoch    uint64         `json:"epoch"`     // production's ownership from now on
+	Home     string         `json:"home"`      // the production site
+	// Stopped is when the guest was stopped here, Took how long it was
+	// down until Finalize returned (the VM then waits to be started there).
+	Stopped time.Time     `json:"stopped"`
+	Took    time.Duration `json:"took_ns"`
+}
+
+// FinalizeOptions bound the guest's power-off.
+type FinalizeOptions struct {
+	ShutdownTimeout time.Duration // protect.DefaultShutdownTimeout when 0
+}
+
+// Finalize runs the steps above (see Finalized). m is this site's failover
+// manager, which ends the run.
+func (b *Back) Finalize(ctx context.Context, m *failover.Manager, opts FinalizeOptions) (Finalized, error) {
+	run := b.Run
+	vm := run.VM
+	home, err := Home(run)
+	if err != nil {
+		return Finalized{}, err
+	}
+	if len(run.Home) == 0 {
+		return Finalized{}, fmt.Errorf("vm %q: run %s was started by a lifeboat that kept no home generations on its overlays, so its writes cannot be folded into this site's chain without comparing whole disks: not built yet", vm, run.ID)
+	}
+	latest, ok, err := b.Store.Latest(vm)
+	if err != nil || !ok {
+		return Finalized{}, fmt.Errorf("vm %q: no latest point here: %v", vm, err)
+	}
+	fin := Finalized{Home: home}
+	if latest.ID != run.Point {
+		fold, ok := b.folded(run, latest)
+		if !ok {
+			return Finalized{}, fmt.Errorf("vm %q: this site's latest point is %d, not %d, the one the failover started from: a finalize folds the VM's writes onto that point only (not built yet for a failover from an earlier point)", vm, latest.ID, run.Point)
+		}
+		fin.Fold = fold // an earlier attempt folded already
+	}
+	if f := run.Finalizing; f != nil {
+		// An earlier attempt got as far as production: only this site's
+		// steps are left.
+		if fin.Fold, err = b.Store.Point(vm, f.Fold); err != nil {
+			return fin, err
+		}
+		if fin.Last, _, err = b.Client.Latest(ctx, vm); err != nil {
+			fin.Last = lifeboat.Point{VM: vm, ID: f.Last}
+		}
+		return b.finish(ctx, m, fin, f.Generations)
+	}
+	timeout := opts.ShutdownTimeout
+	if timeout <= 0 {
+		timeout = protect.DefaultShutdownTimeout
+	}
+	fin.Stopped = time.Now()
+	if fin.ShutDown, err = protect.ShutDown(ctx, vm, run.QMP, run.Agent, timeout, b.Log); err != nil {
+		return fin, fmt.Errorf("vm %q: stopping the recovered VM: %w", vm, err)
+	}
+	b.Log.Warn("finalize: the recovered VM is stopped; its last cycles", "vm", vm, "shut_down", fin.ShutDown)
+	if fin.Last, err = b.Cycle(ctx); err != nil {
+		return fin, fmt.Errorf("%w; the recovered VM is stopped (paused): run the finalize again", err)
+	}
+	if fin.Fold.ID == 0 {
+		if fin.Fold, err = b.fold(ctx, latest, fin.ShutDown); err != nil {
+			return fin, fmt.Errorf("vm %q: folding its last state into this site's chain: %w; the recovered VM is stopped (paused): run the finalize again", vm, err)
+		}
+	}
+	gens, err := b.Client.FinishFailback(ctx, vm, fin.Last.ID, fin.Fold)
+	if err != nil {
+		return fin, fmt.Errorf("%w; the recovered VM is stopped (paused): run the finalize again", err)
+	}
+	run.Finalizing = &failover.Finalizing{Last: fin.Last.ID, Fold: fin.Fold.ID, Generations: gens}
+	if err := m.Record(run); err != nil {
+		return fin, err
+	}
+	fin, err = b.finish(ctx, m, fin, gens)
+	fin.Took = time.Since(fin.Stopped)
+	return fin, err
+}
+
+// finish is this site's last steps: production's generations recorded on
+// the fold's point, the VM handed to production, the run ended.
+func (b *Back) finish(ctx context.Context, m *failover.Manager, fin Finalized, gens map[string]string) (Finalized, error) {
+	vm := b.Run.VM
+	if err := b.Store.SetGenerations(vm, fin.Fold.ID, gens); err != nil {
+		return fin, err
+	}
+	if err := m.Finish(ctx, b.Run, fin.Home); err != nil {
+		return fin, err
+	}
+	if o, ok, err := b.Store.Owner(vm); err == nil && ok {
+		fin.Epoch = o.Epoch
+	}
+	b.Log.Warn("failback finalized: start the VM at its production site; its next cycle continues this site's chain", "vm", vm, "home", fin.Home, "epoch", fin.Epoch, "fold", fin.Fold.ID)
+	return fin, nil
+}
+
+// folded is the point an earlier finalize of run folded, if latest is it:
+// a point after the failover's, written by this site itself.
+func (b *Back) folded(run *failover.Run, latest lifeboat.Point) (lifeboat.Point, bool) {
+	if latest.ID <= run.Point || latest.Site != b.Site || latest.Instant.Before(run.Started) {
+		return lifeboat.Point{}, false
+	}
+	return latest, true
+}
+
+// fold writes the stopped recovered VM's state as a point of this site's
+// chain after latest (the failover's point): a cycle out of the overlays'
+// home generations into the store.
+func (b *Back) fold(ctx context.Context, latest lifeboat.Point, shutDown bool) (lifeboat.Point, error) {
+	run := b.Run
+	workDir := filepath.Join(run.Dir, "fold")
+	if err := os.MkdirAll(workDir, 0o750); err != nil {
+		return lifeboat.Point{}, err
+	}
+	t := &foldTarget{store: b.Store, site: b.Site, run: run, latest: latest, shutDown: shutDown}
+	p := &protect.Protector{
+		VM:     protect.VM{Name: run.VM, QMPSocket: run.QMP, WorkDir: workDir, StateDir: b.StateDir},
+		Target: t, Log: b.Log, Progress: b.Progress,
+	}
+	pt, err := p.Cycle(ctx)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	for _, d := range pt.Disks {
+		if d.Resync {
+			// A home generation was missing or broken: the fold compared
+			// hashes (the disk was read whole). Correct, but say so.
+			b.Log.Warn("finalize: the fold resynchronised a disk by hashes", "vm", run.VM, "disk", d.Name)
+		}
+	}
+	return pt, nil
+}
+
+// foldTarget is this site's own store as a protect.Target, for the fold: its
+// latest point is the failover's, seen as started by the overlays' home
+// generations (which tracked every write since), in this site's namespace.
+type foldTarget struct {
+	store    *recovery.Store
+	site     string
+	run      *failover.Run
+	latest   lifeboat.Point
+	shutDown bool
+}
+
+func (t *foldTarget) Peer() string { return t.site }
+
+func (t *foldTarget) Latest(_ context.Context, vm string) (lifeboat.Point, bool, error) {
+	p := t.latest
+	p.Disks = nil
+	for _, d := range t.latest.Disks {
+		if g, ok := t.run.Home[d.Name]; ok {
+			d.Generation = g
+		}
+		p.Disks = append(p.Disks, d)
+	}
+	return p, true, nil
+}
+
+func (t *foldTarget) BlockMap(_ context.Context, vm, disk string) (map[int64]lifeboat.Hash, error) {
+	return t.store.BlockMap(vm, disk, t.latest.ID)
+}
+
+// Begin opens the point in the store. The store checks that a delta comes
+// from the generation its latest point started, the owner's: this delta
+// comes from the home generation started at the same instant instead
+// (Latest), which this site vouches for, so the point names the owner's.
+func (t *foldTarget) Begin(ctx context.Context, p lifeboat.Point) (lifeboat.PointSink, error) {
+	owner := map[string]string{}
+	for _, d := range t.latest.Disks {
+		owner[d.Name] = d.Generation
+	}
+	for i := range p.Disks {
+		if !p.Disks[i].Resync {
+			p.Disks[i].BaseGeneration = owner[p.Disks[i].Name]
+		}
+	}
+	p.Site = t.site
+	p.Definition = t.latest.Definition // the VM's own, not the recovered QEMU's
+	p.Consistency, p.Note = lifeboat.Crash, fmt.Sprintf("failback: the recovered VM's last state, its CPUs stopped (it did not power off), folded from run %s", t.run.ID)
+	if t.shutDown {
+		p.Consistency, p.Note = lifeboat.Filesystem, fmt.Sprintf("failback: the recovered VM's last state, powered off cleanly, folded from run %s", t.run.ID)
+	}
+	w, err := wire.RecoveryStore(t.store).BeginPoint(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	return &localSink{ctx: ctx, w: w}, nil
+}
+
+func (t *foldTarget) Failover(context.Context, string, uint64) (wire.FailoverResult, error) {
+	return wire.FailoverResult{}, errors.New("a fold writes into this site's own store: it starts no VM")
+}
+
+// localSink is a point writer of this site's store as a lifeboat.PointSink.
+type localSink struct {
+	ctx context.Context
+	w   wire.PointWriter
+}
+
+func (s *localSink) SendBlocks(disk string, off int64, data []byte, hashes []lifeboat.Hash) (int64, error) {
+	return int64(len(data)), s.w.WriteBlocks(s.ctx, disk, off, data, hashes)
+}
+
+// SendCopy waits, as the wire's server does, for a source block whose
+// write another reader has under way.
+func (s *localSink) SendCopy(disk string, off int64, srcDisk string, srcOff int64, length int, h lifeboat.Hash) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := s.w.CopyBlock(s.ctx, disk, off, srcDisk, srcOff, length, h)
+		if !errors.Is(err, lifeboat.ErrSourcePending) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-s.ctx.Done():
+			return s.ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+func (s *localSink) SendZeroes(disk string, off, length int64) error {
+	return s.w.WriteZeroes(s.ctx, disk, off, length)
+}
+
+func (s *localSink) Commit(stats lifeboat.CycleStats) (lifeboat.Point, error) {
+	return s.w.Commit(s.ctx, stats)
+}
+
+func (s *localSink) Abort() {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(s.ctx), 30*time.Second)
+	defer cancel()
+	s.w.Abort(ctx)
+}

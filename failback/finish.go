@@ -1,0 +1,113 @@
+package failback
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+)
+
+// A failback ends at the production site (Store.Finish) once its disks hold
+// the recovered VM's last state, the failback point held, and the recovery
+// site has folded that same state into its chain of points as point fold.
+// The disks then start, for the recovery site, the generations that record
+// the VM's writes from that point on, and the daemon over them stops (the
+// bitmaps are saved in the images). When the VM runs here again, its next
+// cycle continues the chain from fold, incrementally.
+
+// homeRecord is what stays of a finished failback, in dir/<vm>.home.json:
+// a repeated Finish of the same fold (the recovery site lost the answer)
+// gets the same generations.
+type homeRecord struct {
+	Owner       string            `json:"owner"` // the site the VM came home from
+	Held        uint64            `json:"held"`
+	Fold        uint64            `json:"fold"`
+	Generations map[string]string `json:"generations"`
+}
+
+func (s *Store) homePath(vm string) string { return filepath.Join(s.dir, vm+".home.json") }
+
+// Finish ends vm's failback from site: its disks must hold point held. It
+// starts on each disk of fold the generation of fold for site, stops the
+// daemon over the disks and forgets the failback; it returns the
+// generations by disk name, which the recovery site records on fold.
+func (s *Store) Finish(ctx context.Context, site, vm string, held uint64, fold lifeboat.Point) (map[string]string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if b, err := os.ReadFile(s.homePath(vm)); err == nil {
+		var h homeRecord
+		if err := json.Unmarshal(b, &h); err != nil {
+			return nil, fmt.Errorf("vm %q: finished failback record %s: %w", vm, s.homePath(vm), err)
+		}
+		if h.Owner == site && h.Fold == fold.ID && h.Held == held {
+			if v, ok := s.vms[vm]; ok { // reopened after a crash before the record went
+				v.prod.Close(context.WithoutCancel(ctx))
+				delete(s.vms, vm)
+			}
+			return h.Generations, os.Remove(s.path(vm))
+		}
+	}
+	v, ok := s.vms[vm]
+	if !ok {
+		return nil, fmt.Errorf("%w: vm %q: no failback is prepared at this production site", recovery.ErrNotOwner, vm)
+	}
+	if v.rec.Owner != site {
+		return nil, fmt.Errorf("%w: vm %q fails back to this site from site %q; site %q may not finish it", recovery.ErrNotOwner, vm, v.rec.Owner, site)
+	}
+	if v.rec.Holds.ID != held {
+		return nil, fmt.Errorf("vm %q: production's disks hold failback point %d, not %d: run the last failback cycle again", vm, v.rec.Holds.ID, held)
+	}
+	gens := map[string]string{}
+	for _, d := range fold.Disks {
+		if _, ok := v.prod.disks[d.Name]; !ok {
+			return nil, fmt.Errorf("vm %q: point %d has disk %q, which production does not", vm, fold.ID, d.Name)
+		}
+		if d.Lineage == "" {
+			return nil, fmt.Errorf("vm %q disk %q: point %d names no lineage", vm, d.Name, fold.ID)
+		}
+		gens[d.Name] = lifeboat.NewGeneration(site, d.Lineage, fold.ID)
+	}
+	if err := v.prod.startGenerations(ctx, gens); err != nil {
+		return nil, err
+	}
+	// The bitmaps are in the images once the daemon has stopped cleanly;
+	// only then is the failback over.
+	if err := v.prod.Close(ctx); err != nil {
+		return nil, fmt.Errorf("vm %q: releasing the disks: %w", vm, err)
+	}
+	delete(s.vms, vm)
+	b, err := json.MarshalIndent(homeRecord{Owner: site, Held: held, Fold: fold.ID, Generations: gens}, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	if err := fsutil.WriteFileAtomic(s.homePath(vm), b, 0o600); err != nil {
+		return nil, fmt.Errorf("vm %q: finished failback record: %w", vm, err)
+	}
+	if err := os.Remove(s.path(vm)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	s.log.Warn("failback finished: the disks hold the recovered VM's last state; start the VM here", "vm", vm, "from", site, "point", held, "fold", fold.ID)
+	return gens, nil
+}
+
+// startGenerations adds a persistent, recording bitmap of each name (by disk).
+func (p *Production) startGenerations(ctx context.Context, gens map[string]string) error {
+	for name, gen := range gens {
+		d := p.disks[name]
+		if err := p.daemon.Monitor().AddBitmap(ctx, d.node, gen, true, false); err != nil {
+			return fmt.Errorf("vm %q disk %q: starting generation %q: %w", p.VM, name, gen, err)
+		}
+	}
+	return nil
+}
+
+// Finish ends vm's failback from site (Store.Finish).
+func (s *Site) Finish(ctx context.Context, site, vm string, held uint64, fold lifeboat.Point) (map[string]string, error) {
+	return s.Store.Finish(ctx, site, vm, held, fold)
+}
