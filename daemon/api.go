@@ -170,6 +170,7 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 					s.State = fmt.Sprintf("replica, handed to %s at %s (epoch %d)", o.Site, o.Since.UTC().Format(time.RFC3339), o.Epoch)
 				}
 			}
+			s.FailingBack = a.d.backStatus(name)
 			if err := a.runStatus(&s); err != nil {
 				writeErr(w, http.StatusInternalServerError, err)
 				return

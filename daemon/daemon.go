@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"log/slog"
 	"net"
 	"os"
@@ -35,6 +37,7 @@ type Daemon struct {
 
 	mu    sync.Mutex
 	peers map[string]*wire.Client
+	backs map[string]*FailingBack // at a recovery site: failbacks of the VMs it runs, by VM (guarded by mu)
 }
 
 // New prepares a site from its config; Run starts it.
@@ -42,7 +45,7 @@ func New(cfg *Config, log *slog.Logger) *Daemon {
 	if log == nil {
 		log = slog.Default()
 	}
-	d := &Daemon{cfg: cfg, log: log.With("site", cfg.Site), vms: map[string]*vm{}, groups: map[string]*group{}, peers: map[string]*wire.Client{}}
+	d := &Daemon{cfg: cfg, log: log.With("site", cfg.Site), vms: map[string]*vm{}, groups: map[string]*group{}, peers: map[string]*wire.Client{}, backs: map[string]*FailingBack{}}
 	for _, vc := range cfg.VMs {
 		d.vms[vc.Name] = newVM(d, vc)
 	}
@@ -164,6 +167,21 @@ func (d *Daemon) peer(ctx context.Context, name string) (*wire.Client, error) {
 	}
 	d.peers[name] = c
 	return c, nil
+}
+
+// dropPeer forgets the cached client c of peer name when err says the peer
+// could not be reached (a restarted peer): the next call dials it afresh
+// instead of failing at once while gRPC backs off.
+func (d *Daemon) dropPeer(name string, c *wire.Client, err error) {
+	if status.Code(err) != codes.Unavailable {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.peers[name] == c {
+		delete(d.peers, name)
+		c.Close()
+	}
 }
 
 func (d *Daemon) vmNames() []string {

@@ -64,18 +64,30 @@ func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusConflict, fmt.Errorf("vm %q fails back to site %q: %w (add it to `peers:` in %s with the address it listens on)", vm, home, err, a.d.cfg.Path()))
 		return
 	}
+	finalize := r.URL.Query().Get("finalize") != ""
+	track, err := a.d.beginBack(vm, home, finalize)
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return
+	}
 	// From here the answer is a stream: progress, then the point or the error.
 	st := newStream(w)
 	progress := make(chan protect.Progress, 16)
 	b := &failback.Back{Run: run, Store: a.d.store, Site: a.d.cfg.Site, Client: c, StateDir: a.d.cfg.StateDir, Log: a.d.log,
 		Progress: func(p protect.Progress) {
+			a.d.backProgress(vm, p)
 			select {
 			case progress <- p:
 			default: // the client reads slowly: a later report says as much
 			}
 		}}
-	if r.URL.Query().Get("finalize") == "" {
-		streamCycle(st, progress, func() (lifeboat.Point, error) { return b.Cycle(ctx) })
+	if !finalize {
+		streamCycle(st, progress, func() (lifeboat.Point, error) {
+			pt, err := b.Cycle(ctx)
+			track.end(a.d, pt.ID, err)
+			a.d.dropPeer(home, c, err)
+			return pt, err
+		})
 		return
 	}
 	var opts failback.FinalizeOptions
@@ -89,8 +101,92 @@ func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 	streamCycle(st, progress, func() (lifeboat.Point, error) {
 		var err error
 		fin, err = b.Finalize(ctx, a.d.runs, opts)
+		track.end(a.d, fin.Last.ID, err)
+		a.d.dropPeer(home, c, err)
+		if err == nil {
+			a.d.mu.Lock()
+			delete(a.d.backs, vm) // home: the VM is not this site's to run any more
+			a.d.mu.Unlock()
+		}
 		return fin.Fold, err
 	}, func(e *Event) { e.Finalized = &fin })
+}
+
+// FailingBack is, at the recovery site, a VM's failback to its production
+// site: the cycle under way, if one is, and how the last one ended.
+type FailingBack struct {
+	To         string            `json:"to"`
+	Running    bool              `json:"running"` // a failback cycle (or finalize) is under way
+	Finalizing bool              `json:"finalizing,omitempty"`
+	Started    time.Time         `json:"started,omitzero"`
+	Progress   *protect.Progress `json:"progress,omitempty"`
+	// Rate is the bytes of changed blocks handled per second since the
+	// send began, ETA the seconds left at that rate.
+	Rate      float64   `json:"rate_bytes_per_second,omitempty"`
+	ETA       float64   `json:"eta_seconds,omitempty"`
+	LastPoint uint64    `json:"last_point,omitempty"` // the failback point production's disks took last
+	LastAt    time.Time `json:"last_at,omitzero"`
+	LastError string    `json:"last_error,omitempty"`
+	sendStart time.Time
+}
+
+// beginBack records that a failback cycle of vm to home starts; one at a time.
+func (d *Daemon) beginBack(vm, home string, finalize bool) (*FailingBack, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	fb := d.backs[vm]
+	if fb == nil {
+		fb = &FailingBack{}
+		d.backs[vm] = fb
+	}
+	if fb.Running {
+		return nil, fmt.Errorf("vm %q: a failback to %s is under way since %s: wait for it (`lifeboat status`)", vm, fb.To, fb.Started.UTC().Format(time.RFC3339))
+	}
+	fb.To, fb.Running, fb.Finalizing, fb.Started, fb.Progress, fb.Rate, fb.ETA, fb.sendStart = home, true, finalize, time.Now(), nil, 0, 0, time.Time{}
+	return fb, nil
+}
+
+// backProgress notes a failback cycle's progress report.
+func (d *Daemon) backProgress(vm string, p protect.Progress) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	fb := d.backs[vm]
+	if fb == nil {
+		return
+	}
+	now := time.Now()
+	fb.Progress = &p
+	if p.Phase == "send" && fb.sendStart.IsZero() {
+		fb.sendStart = now
+	}
+	if el := now.Sub(fb.sendStart).Seconds(); !fb.sendStart.IsZero() && el > 0 && p.Done > 0 {
+		fb.Rate = float64(p.Done) / el
+		fb.ETA = float64(p.Total-p.Done) / fb.Rate
+	}
+}
+
+// end records how a failback cycle ended.
+func (fb *FailingBack) end(d *Daemon, point uint64, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	fb.Running, fb.Progress, fb.ETA = false, nil, 0
+	if err != nil {
+		fb.LastError = err.Error()
+		return
+	}
+	fb.LastError, fb.LastPoint, fb.LastAt = "", point, time.Now()
+}
+
+// backStatus is vm's failback as status shows it, if it had one here.
+func (d *Daemon) backStatus(vm string) *FailingBack {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	fb, ok := d.backs[vm]
+	if !ok {
+		return nil
+	}
+	c := *fb
+	return &c
 }
 
 // Failback runs one failback cycle of vm to its production site, reporting

@@ -278,6 +278,8 @@ type VMStatus struct {
 	Runs []RunStatus `json:"runs,omitempty"`
 	// Failback is, at the production site, the failback its disks are taking.
 	Failback *failback.Status `json:"failback,omitempty"`
+	// FailingBack is, at the recovery site, its failback to production.
+	FailingBack *FailingBack `json:"failing_back,omitempty"`
 }
 
 // RunStatus is one run of a VM from a point, as status shows it.

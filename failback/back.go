@@ -43,30 +43,7 @@ func Home(run *failover.Run) (string, error) {
 func (b *Back) Cycle(ctx context.Context) (lifeboat.Point, error) {
 	run := b.Run
 	vm := run.VM
-	if run.Libvirt != "" {
-		return lifeboat.Point{}, fmt.Errorf("vm %q runs under libvirt here: its failback (through libvirt's checkpoints) is not built yet", vm)
-	}
-	shared, err := b.point(vm, run.Point)
-	if err != nil {
-		return lifeboat.Point{}, err
-	}
-	latest, ok, err := b.Store.Latest(vm)
-	if err != nil || !ok {
-		return lifeboat.Point{}, fmt.Errorf("vm %q: no latest point here: %v", vm, err)
-	}
-	holds := lifeboat.Point{VM: vm, ID: shared.ID, Instant: shared.Instant, Consistency: shared.Consistency}
-	for _, d := range shared.Disks {
-		gen := run.Generations[d.Name]
-		if gen == "" {
-			return lifeboat.Point{}, fmt.Errorf("vm %q disk %q: the failover started no generation for the production site on it (its point names no lineage, or the VM had no owner), so a failback would have to compare whole disks: not built yet", vm, d.Name)
-		}
-		holds.Disks = append(holds.Disks, lifeboat.PointDisk{Name: d.Name, Size: d.Size, Lineage: d.Lineage, Generation: gen})
-	}
-	own := map[string]wire.Shared{}
-	for _, d := range latest.Disks {
-		own[d.Name] = wire.Shared{Peer: b.Site, Lineage: d.Lineage, Point: latest.ID, Generation: d.Generation}
-	}
-	held, err := b.Client.PrepareFailback(ctx, vm, holds, own)
+	shared, latest, held, err := b.prepare(ctx)
 	if err != nil {
 		return lifeboat.Point{}, err
 	}
@@ -87,6 +64,53 @@ func (b *Back) Cycle(ctx context.Context) (lifeboat.Point, error) {
 		return lifeboat.Point{}, fmt.Errorf("failback of vm %q to %s (its disks held point %d): %w", vm, b.Client.Peer(), held.ID, err)
 	}
 	return pt, nil
+}
+
+// prepare asks production to take (or go on with) the failback, and returns
+// the failover's point (shared), this site's latest point before the
+// failover, and the point production's disks hold.
+func (b *Back) prepare(ctx context.Context) (shared, latest, held lifeboat.Point, err error) {
+	run := b.Run
+	vm := run.VM
+	if run.Libvirt != "" {
+		return shared, latest, held, fmt.Errorf("vm %q runs under libvirt here: its failback (through libvirt's checkpoints) is not built yet", vm)
+	}
+	if shared, err = b.point(vm, run.Point); err != nil {
+		return shared, latest, held, err
+	}
+	latest, err = b.latestBefore(vm, run)
+	if err != nil {
+		return shared, latest, held, err
+	}
+	holds := lifeboat.Point{VM: vm, ID: shared.ID, Instant: shared.Instant, Consistency: shared.Consistency}
+	for _, d := range shared.Disks {
+		gen := run.Generations[d.Name]
+		if gen == "" {
+			return shared, latest, held, fmt.Errorf("vm %q disk %q: the failover started no generation for the production site on it (its point names no lineage, or the VM had no owner), so a failback would have to compare whole disks: not built yet", vm, d.Name)
+		}
+		holds.Disks = append(holds.Disks, lifeboat.PointDisk{Name: d.Name, Size: d.Size, Lineage: d.Lineage, Generation: gen})
+	}
+	own := map[string]wire.Shared{}
+	for _, d := range latest.Disks {
+		own[d.Name] = wire.Shared{Peer: b.Site, Lineage: d.Lineage, Point: latest.ID, Generation: d.Generation}
+	}
+	held, err = b.Client.PrepareFailback(ctx, vm, holds, own)
+	return shared, latest, held, err
+}
+
+// latestBefore is this site's latest point of vm from before run started:
+// the latest, unless a finalize of run folded a point after it.
+func (b *Back) latestBefore(vm string, run *failover.Run) (lifeboat.Point, error) {
+	pts, err := b.Store.Points(vm)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	for i := len(pts) - 1; i >= 0; i-- {
+		if _, fold := b.folded(run, pts[i]); !fold {
+			return pts[i], nil
+		}
+	}
+	return lifeboat.Point{}, fmt.Errorf("vm %q: no point here from before its failover", vm)
 }
 
 func (b *Back) point(vm string, id uint64) (lifeboat.Point, error) {

@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
@@ -66,38 +68,46 @@ func (b *Back) Finalize(ctx context.Context, m *failover.Manager, opts FinalizeO
 	if err != nil || !ok {
 		return Finalized{}, fmt.Errorf("vm %q: no latest point here: %v", vm, err)
 	}
-	fin := Finalized{Home: home}
-	if latest.ID != run.Point {
-		fold, ok := b.folded(run, latest)
-		if !ok {
-			return Finalized{}, fmt.Errorf("vm %q: this site's latest point is %d, not %d, the one the failover started from: a finalize folds the VM's writes onto that point only (not built yet for a failover from an earlier point)", vm, latest.ID, run.Point)
-		}
-		fin.Fold = fold // an earlier attempt folded already
-	}
+	fin := Finalized{Home: home, Stopped: time.Now()}
 	if f := run.Finalizing; f != nil {
 		// An earlier attempt got as far as production: only this site's
 		// steps are left.
 		if fin.Fold, err = b.Store.Point(vm, f.Fold); err != nil {
 			return fin, err
 		}
-		if fin.Last, _, err = b.Client.Latest(ctx, vm); err != nil {
-			fin.Last = lifeboat.Point{VM: vm, ID: f.Last}
-		}
+		fin.Last = lifeboat.Point{VM: vm, ID: f.Last}
 		return b.finish(ctx, m, fin, f.Generations)
 	}
-	timeout := opts.ShutdownTimeout
-	if timeout <= 0 {
-		timeout = protect.DefaultShutdownTimeout
-	}
-	fin.Stopped = time.Now()
-	if fin.ShutDown, err = protect.ShutDown(ctx, vm, run.QMP, run.Agent, timeout, b.Log); err != nil {
-		return fin, fmt.Errorf("vm %q: stopping the recovered VM: %w", vm, err)
-	}
-	b.Log.Warn("finalize: the recovered VM is stopped; its last cycles", "vm", vm, "shut_down", fin.ShutDown)
-	if fin.Last, err = b.Cycle(ctx); err != nil {
-		return fin, fmt.Errorf("%w; the recovered VM is stopped (paused): run the finalize again", err)
-	}
-	if fin.Fold.ID == 0 {
+	if fold, ok := b.folded(run, latest); ok {
+		// An earlier attempt folded the VM's last state, after its last
+		// failback cycle: production holds it too, unless the VM ran again.
+		if err := stillStopped(ctx, run); err != nil {
+			return fin, err
+		}
+		fin.Fold, fin.ShutDown = fold, fold.Consistency == lifeboat.Filesystem
+		_, _, held, err := b.prepare(ctx)
+		switch {
+		case err == nil:
+			fin.Last = held
+		case !IsFinished(err):
+			return fin, fmt.Errorf("%w; the recovered VM is stopped (paused): run the finalize again", err)
+		}
+	} else {
+		if latest.ID != run.Point {
+			return Finalized{}, fmt.Errorf("vm %q: this site's latest point is %d, not %d, the one the failover started from: a finalize folds the VM's writes onto that point only (not built yet for a failover from an earlier point)", vm, latest.ID, run.Point)
+		}
+		timeout := opts.ShutdownTimeout
+		if timeout <= 0 {
+			timeout = protect.DefaultShutdownTimeout
+		}
+		fin.Stopped = time.Now()
+		if fin.ShutDown, err = protect.ShutDown(ctx, vm, run.QMP, run.Agent, timeout, b.Log); err != nil {
+			return fin, fmt.Errorf("vm %q: stopping the recovered VM: %w", vm, err)
+		}
+		b.Log.Warn("finalize: the recovered VM is stopped; its last cycles", "vm", vm, "shut_down", fin.ShutDown)
+		if fin.Last, err = b.Cycle(ctx); err != nil {
+			return fin, fmt.Errorf("%w; the recovered VM is stopped (paused): run the finalize again", err)
+		}
 		if fin.Fold, err = b.fold(ctx, latest, fin.ShutDown); err != nil {
 			return fin, fmt.Errorf("vm %q: folding its last state into this site's chain: %w; the recovered VM is stopped (paused): run the finalize again", vm, err)
 		}
@@ -131,6 +141,34 @@ func (b *Back) finish(ctx context.Context, m *failover.Manager, fin Finalized, g
 	b.Log.Warn("failback finalized: start the VM at its production site; its next cycle continues this site's chain", "vm", vm, "home", fin.Home, "epoch", fin.Epoch, "fold", fin.Fold.ID)
 	return fin, nil
 }
+
+// stillStopped checks that the recovered VM's CPUs have not run again since
+// an earlier finalize stopped them: its writes since would be lost.
+func stillStopped(ctx context.Context, run *failover.Run) error {
+	m, err := qemu.Dial(ctx, run.QMP)
+	if err != nil {
+		return fmt.Errorf("vm %q: the recovered VM's QMP: %w", run.VM, err)
+	}
+	defer m.Close()
+	var st struct {
+		Running bool `json:"running"`
+	}
+	if err := m.Execute(ctx, "query-status", nil, &st); err != nil {
+		return fmt.Errorf("vm %q: query-status: %w", run.VM, err)
+	}
+	if st.Running {
+		return fmt.Errorf("vm %q runs here again since an earlier finalize folded its state: what it wrote since would not reach production. Power it off in the guest, or `lifeboat failback %s` to send it first, then finalize again", run.VM, run.VM)
+	}
+	return nil
+}
+
+// finishedPhrase is how production refuses a failback it finished: the
+// recovery site, finalizing again, learns from it that only its own steps are left.
+const finishedPhrase = "was finished here"
+
+// IsFinished reports whether err is production's refusal of a failback it
+// finished already (as it arrives through the wire).
+func IsFinished(err error) bool { return err != nil && strings.Contains(err.Error(), finishedPhrase) }
 
 // folded is the point an earlier finalize of run folded, if latest is it:
 // a point after the failover's, written by this site itself.

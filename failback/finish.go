@@ -33,7 +33,9 @@ type homeRecord struct {
 
 func (s *Store) homePath(vm string) string { return filepath.Join(s.dir, vm+".home.json") }
 
-// Finish ends vm's failback from site: its disks must hold point held. It
+// Finish ends vm's failback from site: its disks must hold point held (a
+// repeated Finish of a failback finished with fold gets its generations,
+// whatever held says). It
 // starts on each disk of fold the generation of fold for site, stops the
 // daemon over the disks and forgets the failback; it returns the
 // generations by disk name, which the recovery site records on fold.
@@ -45,7 +47,7 @@ func (s *Store) Finish(ctx context.Context, site, vm string, held uint64, fold l
 		if err := json.Unmarshal(b, &h); err != nil {
 			return nil, fmt.Errorf("vm %q: finished failback record %s: %w", vm, s.homePath(vm), err)
 		}
-		if h.Owner == site && h.Fold == fold.ID && h.Held == held {
+		if h.Owner == site && h.Fold == fold.ID {
 			if v, ok := s.vms[vm]; ok { // reopened after a crash before the record went
 				v.prod.Close(context.WithoutCancel(ctx))
 				delete(s.vms, vm)

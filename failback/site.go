@@ -47,7 +47,7 @@ func (s *Site) Take(ctx context.Context, site, vm string, holds lifeboat.Point, 
 	if b, err := os.ReadFile(s.Store.homePath(vm)); err == nil {
 		var h homeRecord
 		if json.Unmarshal(b, &h) == nil && h.Owner == site {
-			return lifeboat.Point{}, fmt.Errorf("vm %q: its failback from %q was finished here (its disks took failback point %d, continued by point %d there): run its finalize again at %q, or start the VM here", vm, site, h.Held, h.Fold, site)
+			return lifeboat.Point{}, fmt.Errorf("vm %q: its failback from %q "+finishedPhrase+" (its disks took failback point %d, continued by point %d there): run its finalize again at %q, or start the VM here", vm, site, h.Held, h.Fold, site)
 		}
 	}
 	info, ok := s.VM(ctx, vm)

@@ -528,9 +528,14 @@ func (m *Manager) Finish(ctx context.Context, r *Run, site string) error {
 	if err := m.quit(ctx, r); err != nil {
 		return err
 	}
-	o, err := m.Store.Handover(r.VM, site)
+	o, ok, err := m.Store.Owner(r.VM)
 	if err != nil {
 		return err
+	}
+	if !ok || o.Site != site || o.FailedOver { // else handed over by an attempt that stopped after it
+		if o, err = m.Store.Handover(r.VM, site); err != nil {
+			return err
+		}
 	}
 	if err := m.Store.RemovePin(r.VM, r.ID); err != nil {
 		return err

@@ -115,7 +115,9 @@ var errNotSystem = errors.New("not a qemu-system's monitor (a storage daemon's c
 // power off through its agent when it has one (guest-shutdown, which a
 // guest without an ACPI daemon obeys too), else by the power button
 // (system_powerdown); if it has not within timeout, its CPUs are stopped
-// instead. shutDown says which. It needs the VM's own qemu-system monitor.
+// instead. shutDown says which. A paused guest is resumed first; one
+// powered off already (QEMU kept) is left as it is. It needs the VM's own
+// qemu-system monitor.
 func ShutDown(ctx context.Context, vm, qmp, agent string, timeout time.Duration, log *slog.Logger) (shutDown bool, err error) {
 	m, err := qemu.Dial(ctx, qmp)
 	if err != nil {
@@ -132,8 +134,15 @@ func ShutDown(ctx context.Context, vm, qmp, agent string, timeout time.Duration,
 	if err := m.Execute(ctx, "query-status", nil, &st); err != nil {
 		return false, fmt.Errorf("vm %q: query-status: %w", vm, err)
 	}
-	if st.Status == "shutdown" {
+	switch st.Status {
+	case "shutdown":
 		return true, nil // powered off before (a repeated finalize), QEMU kept
+	case "paused":
+		// A paused guest cannot power off: it runs again for that.
+		log.Warn("the guest is paused: resuming it so that it can power off", "vm", vm)
+		if err := m.Execute(ctx, "cont", nil, nil); err != nil {
+			return false, fmt.Errorf("vm %q: resuming the paused guest to power it off: %w", vm, err)
+		}
 	}
 	if err := m.Execute(ctx, "set-action", map[string]string{"shutdown": "pause"}, nil); err != nil {
 		return false, fmt.Errorf("vm %q: keeping QEMU up when the guest powers off: %w", vm, err)

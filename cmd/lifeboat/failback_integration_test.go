@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,23 +14,29 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/failover"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/qga"
 )
 
-// `lifeboat failback` as a user runs it, against real sites and a real
-// guest: production replicates, is lost (kill -9) after writing a little
-// more, the VM fails over and runs at the recovery site; production, back
-// and serving, takes the failback. Its disk then reads exactly as the
-// recovered VM's (paused, so that nothing moves under the comparison), and
-// a second failback sends nothing. Production's change tracking died with
-// its QEMU here, so its own writes are found by comparing hashes; the
-// failback package's tests cover its record surviving.
-func TestFailbackCommands(t *testing.T) {
+// failbackRig is a VM replicated from prod to dr, then lost at production
+// (kill -9 of its guest and its lifeboat, after its host wrote a little more
+// into the image), failed over and running at dr; production's lifeboat is
+// down.
+type failbackRig struct {
+	g                   *testguest.Guest
+	dir, drCfg, prodCfg string
+	writeProdCfg        func(*testguest.Guest)
+	dr, prod            *site
+	rec                 *failover.Run
+}
+
+func newFailbackRig(t *testing.T) *failbackRig {
 	if testing.Short() {
 		t.Skip("boots a guest under TCG: covered by the full (non -short) run")
 	}
+	r := &failbackRig{}
 	g := testguest.Boot(t, testguest.Options{Name: "fb", Workload: testguest.Counter})
 	dir := shortDir(t)
 	makePKI(t, dir)
@@ -48,7 +56,7 @@ func TestFailbackCommands(t *testing.T) {
 			dir, prodAddr, drAddr, g.StorageQMPSocket(), g.StorageNBDSocket(), kernel, initrd)), 0o600)
 	}
 	writeProdCfg(g)
-	startSite(t, "dr", drCfg)
+	r.dr = startSite(t, "dr", drCfg)
 	// Production's lifeboat ends with kill -9: the daemon over its disks that
 	// it started for the failback outlives it, as after a crash, and is
 	// killed after it (a restarted production site kills it first itself).
@@ -78,8 +86,24 @@ func TestFailbackCommands(t *testing.T) {
 	if err := json.Unmarshal([]byte(run(t, "failover", "--list", "--json", "-c", drCfg)), &runs); err != nil || len(runs) != 1 {
 		t.Fatalf("failover --list: %v %v", runs, err)
 	}
-	rec := runs[0]
 	t.Cleanup(func() { runErr(t, "failover", "vm1", "--undo", "-c", drCfg) })
+	r.g, r.dir, r.drCfg, r.prodCfg, r.writeProdCfg, r.prod, r.rec = g, dir, drCfg, prodCfg, writeProdCfg, prod, runs[0]
+	return r
+}
+
+// `lifeboat failback` as a user runs it, against real sites and a real
+// guest: production replicates, is lost (kill -9) after writing a little
+// more, the VM fails over and runs at the recovery site; production, back
+// and serving, takes the failback. Its disk then reads exactly as the
+// recovered VM's (paused, so that nothing moves under the comparison), and
+// a second failback sends nothing. Production's change tracking died with
+// its QEMU here, so its own writes are found by comparing hashes; the
+// failback package's tests cover its record surviving.
+func TestFailbackCommands(t *testing.T) {
+	r := newFailbackRig(t)
+	g, drCfg, prodCfg, rec := r.g, r.drCfg, r.prodCfg, r.rec
+	prod := r.prod
+	dir := r.dir
 
 	// Before production serves again, a failback is refused and says why.
 	if out, err := runErr(t, "failback", "vm1", "-c", drCfg); err == nil || !strings.Contains(out, "prod") {
@@ -89,7 +113,7 @@ func TestFailbackCommands(t *testing.T) {
 
 	// The recovered VM is paused, so that its disk stands still for the comparison.
 	pause(t, rec.QMP)
-	out = run(t, "failback", "vm1", "-c", drCfg)
+	out := run(t, "failback", "vm1", "-c", drCfg)
 	t.Logf("lifeboat failback vm1:\n%s", out)
 	for _, want := range []string{"production's disks hold failback point 3", "disk vda: incremental from point 2"} {
 		if !strings.Contains(out, want) {
@@ -116,6 +140,10 @@ func TestFailbackCommands(t *testing.T) {
 	}
 	if pt.ID != 4 || pt.Stats.BytesChanged != 0 {
 		t.Errorf("a second failback of the paused VM: point %d, %d bytes changed; want point 4 and nothing\n%s", pt.ID, pt.Stats.BytesChanged, out)
+	}
+
+	if st := run(t, "status", "-c", drCfg); !strings.Contains(st, "failing back to prod: production's disks took failback point 4") {
+		t.Errorf("status at the recovery site after the failbacks:\n%s", st)
 	}
 
 	// Finalize: the recovered guest runs on and writes, then is powered off
@@ -160,7 +188,7 @@ func TestFailbackCommands(t *testing.T) {
 	// sockets) and replicates again, incrementally from the fold's point.
 	home := testguest.Boot(t, testguest.Options{Name: "fb-home", Image: g.DiskImage()})
 	t.Logf("finalize downtime: from the finalize's start to the guest booted at production: %v", time.Since(stopped).Round(time.Millisecond))
-	writeProdCfg(home)
+	r.writeProdCfg(home)
 	prod.kill() // restarted on its new config
 	startSite(t, "prod", prodCfg)
 	out = run(t, "sync", "vm1", "--json", "-c", prodCfg)
@@ -184,8 +212,8 @@ func TestFailbackCommands(t *testing.T) {
 	}
 }
 
-// guestShell runs a shell script in a guest through its agent.
-func guestShell(t *testing.T, agent, script string) {
+// guestShell runs a shell script in a guest through its agent and returns its output.
+func guestShell(t *testing.T, agent, script string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -198,6 +226,7 @@ func guestShell(t *testing.T, agent, script string) {
 	if err != nil || r.ExitCode != 0 {
 		t.Fatalf("in the guest: %q: %v (exit %d) %s", script, err, r.ExitCode, r.Stderr)
 	}
+	return string(r.Stdout)
 }
 
 // qemuIO runs one qemu-io command on an image.
@@ -223,5 +252,98 @@ func qmpCommand(t *testing.T, socket, command string) {
 	defer m.Close()
 	if err := m.Execute(ctx, command, nil, nil); err != nil {
 		t.Fatalf("%s on %s: %v", command, socket, err)
+	}
+}
+
+// Kill -9 of either site at a random moment of a finalize (the seed is
+// logged; LIFEBOAT_SEED replays it): the next finalize completes, the
+// recovered VM no longer runs, production's disk holds exactly the
+// recovery site's new point, and the VM started at production has the file
+// its recovered guest wrote last and replicates incrementally. Two rounds
+// here, twenty under `make soak`.
+func TestFailbackFinalizeKill(t *testing.T) {
+	rounds := 2
+	if !testenv.Short() {
+		rounds = 20
+	}
+	rng := rand.New(rand.NewPCG(testenv.Seed(t), 1))
+	for round := range rounds {
+		victim := []string{"dr", "prod"}[rng.IntN(2)]
+		delay := time.Duration(rng.Int64N(int64(3 * time.Second)))
+		t.Run(fmt.Sprintf("%d-kill-%s-after-%v", round, victim, delay.Round(time.Millisecond)), func(t *testing.T) {
+			finalizeKillRound(t, victim, delay)
+		})
+	}
+}
+
+func finalizeKillRound(t *testing.T, victim string, delay time.Duration) {
+	r := newFailbackRig(t)
+	r.prod = startSite(t, "prod", r.prodCfg)
+	run(t, "failback", "vm1", "-c", r.drCfg)
+	sum := guestShell(t, r.rec.Agent, "dd if=/dev/urandom of=/data/last.bin bs=64k count=16 status=none && sync && sha256sum /data/last.bin")
+	sites := map[string]*site{"dr": r.dr, "prod": r.prod}
+
+	// The first attempt loses a site at delay; the next ones run to their end.
+	var out []byte
+	for attempt := 0; ; attempt++ {
+		if attempt == 4 {
+			t.Fatalf("finalize did not complete in 4 attempts; the last said:\n%s", out)
+		}
+		cmd := exec.Command(binary, "failback", "vm1", "--finalize", "--json", "--shutdown-timeout", "60s", "-c", r.drCfg)
+		var buf, errBuf bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &buf, &errBuf
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		if attempt == 0 {
+			time.Sleep(delay)
+			sites[victim].kill()
+		}
+		err := cmd.Wait()
+		out = append(buf.Bytes(), errBuf.Bytes()...)
+		if err == nil {
+			out = buf.Bytes() // the JSON alone
+		}
+		if attempt == 0 {
+			t.Logf("attempt 0, %s killed after %v: %v\n%s", victim, delay, err, out)
+			sites[victim].start(t)
+		}
+		if err == nil {
+			break // the first attempt may have finished before the kill
+		}
+		t.Logf("attempt %d: %v\n%s", attempt, err, out)
+		time.Sleep(time.Second) // as a user would, before trying again
+	}
+	var fin struct {
+		Fold struct {
+			ID uint64 `json:"id"`
+		} `json:"fold"`
+	}
+	if err := json.Unmarshal(out, &fin); err != nil || fin.Fold.ID == 0 {
+		t.Fatalf("finalize --json: %v\n%s", err, out)
+	}
+	if r.rec.Alive() {
+		t.Errorf("the recovered VM's QEMU (pid %d) still runs after the finalize", r.rec.PID)
+	}
+	foldImage := filepath.Join(r.dir, "dr", "recovery", "vms", "vm1", "vda", fmt.Sprintf("%016d.qcow2", fin.Fold.ID))
+	if cmp, err := exec.Command("qemu-img", "compare", "-U", r.g.DiskImage(), foldImage).CombinedOutput(); err != nil {
+		t.Fatalf("the production disk after the finalize differs from the recovery site's point %d: %v\n%s", fin.Fold.ID, err, cmp)
+	}
+	home := testguest.Boot(t, testguest.Options{Name: "fb-home", Image: r.g.DiskImage()})
+	if got := guestShell(t, home.AgentSocket(), "sha256sum /data/last.bin"); got != sum {
+		t.Errorf("the file the recovered guest wrote last reads at production as %q, want %q", got, sum)
+	}
+	r.writeProdCfg(home)
+	r.prod.kill()
+	r.prod.start(t)
+	out = []byte(run(t, "sync", "vm1", "--json", "-c", r.prodCfg))
+	var next struct {
+		Disks []struct {
+			Resync bool   `json:"resync"`
+			Base   uint64 `json:"base"`
+		} `json:"disks"`
+	}
+	if err := json.Unmarshal(out, &next); err != nil || len(next.Disks) != 1 || next.Disks[0].Resync || next.Disks[0].Base != fin.Fold.ID {
+		t.Errorf("production's first cycle after the finalize: %v %+v; want incremental from point %d\n%s", err, next, fin.Fold.ID, out)
 	}
 }

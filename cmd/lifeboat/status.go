@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/lifeboat-dr/lifeboat/daemon"
 )
 
 func newStatusCmd(g *globals) *cobra.Command {
@@ -85,10 +87,42 @@ func newStatusCmd(g *globals) *cobra.Command {
 				if v.State == "failed-over" {
 					fmt.Printf("\n%s: %s\n", v.VM, v.LastError)
 				}
+				if fb := v.FailingBack; fb != nil {
+					fmt.Printf("\n%s: %s\n", v.VM, failingBack(v.VM, fb))
+				}
 			}
 			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print as JSON")
 	return cmd
+}
+
+// failingBack is the line status prints for a failback at the recovery site.
+func failingBack(vm string, fb *daemon.FailingBack) string {
+	what := "failing back"
+	if fb.Finalizing {
+		what = "finalizing its failback"
+	}
+	if fb.Running {
+		line := fmt.Sprintf("%s to %s since %s", what, fb.To, fb.Started.Format("15:04:05"))
+		if p := fb.Progress; p != nil {
+			line += ": " + p.Phase
+			if p.Total > 0 {
+				line += fmt.Sprintf(" %d%% (%s of %s)", p.Done*100/p.Total, size(p.Done), size(p.Total))
+			}
+			if fb.Rate > 0 {
+				line += fmt.Sprintf(" at %s/s, about %s left", size(int64(fb.Rate)), age(time.Duration(fb.ETA*float64(time.Second))))
+			}
+		}
+		return line
+	}
+	line := fmt.Sprintf("failing back to %s", fb.To)
+	if fb.LastPoint > 0 {
+		line += fmt.Sprintf(": production's disks took failback point %d at %s; `lifeboat failback %s` sends what changed since, `--finalize` brings it home", fb.LastPoint, fb.LastAt.Format("15:04:05"), vm)
+	}
+	if fb.LastError != "" {
+		line += "; the last attempt failed: " + fb.LastError
+	}
+	return line
 }
