@@ -184,7 +184,9 @@ func (b *Back) folded(run *failover.Run, latest lifeboat.Point) (lifeboat.Point,
 // home generations into the store.
 func (b *Back) fold(ctx context.Context, latest lifeboat.Point, shutDown bool) (lifeboat.Point, error) {
 	run := b.Run
-	workDir := filepath.Join(run.Dir, "fold")
+	// The failback cycles' work directory: its NBD socket is how a cycle
+	// knows the server a killed one left in the VM's QEMU for its own.
+	workDir := filepath.Join(run.Dir, "failback")
 	if err := os.MkdirAll(workDir, 0o750); err != nil {
 		return lifeboat.Point{}, err
 	}
