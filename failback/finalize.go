@@ -17,24 +17,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
-// Finalize brings the VM home (`lifeboat failback VM --finalize`):
-//  1. the recovered VM's guest is powered off (protect.ShutDown: through its
-//     agent, else the power button; its CPUs stopped if it has not within
-//     the timeout), QEMU paused with its disks open;
-//  2. a last failback cycle: production's disks take the VM's last state;
-//  3. the fold: a cycle from the same stopped VM into this site's own
-//     chain, out of the overlays' home generations (every write since the
-//     failover), so that this site's latest point is that state too;
-//  4. production starts on its disks the generations that continue the
-//     chain from the fold's point, and releases them (FinishFailback);
-//     this site records them on that point;
-//  5. the VM is handed to production under a new epoch, the recovered
-//     VM's QEMU quits, the failover run ends (failover.Manager.Finish).
-//
-// Then the VM is started at production, and its next cycle there is
-// incremental from the fold's point. A step that fails leaves the VM as it
-// is (the guest powered off, QEMU paused) and Finalize may be run again:
-// every step takes up where the last attempt stopped.
+// Finalized is what a finalize did (Back.Finalize).
 type Finalized struct {
 	ShutDown bool           `json:"shut_down"` // the guest powered off (else its CPUs were stopped)
 	Last     lifeboat.Point `json:"last"`      // the last failback point, which production's disks hold
@@ -52,8 +35,25 @@ type FinalizeOptions struct {
 	ShutdownTimeout time.Duration // protect.DefaultShutdownTimeout when 0
 }
 
-// Finalize runs the steps above (see Finalized). m is this site's failover
-// manager, which ends the run.
+// Finalize brings the VM home (`lifeboat failback VM --finalize`):
+//  1. the recovered VM's guest is powered off (protect.ShutDown: through its
+//     agent, else the power button; its CPUs stopped if it has not within
+//     the timeout), QEMU paused with its disks open;
+//  2. a last failback cycle: production's disks take the VM's last state;
+//  3. the fold: a cycle from the same stopped VM into this site's own
+//     chain, out of the overlays' home generations (every write since the
+//     failover), so that this site's latest point is that state too;
+//  4. production starts on its disks the generations that continue the
+//     chain from the fold's point, and releases them (FinishFailback);
+//     this site records them on that point;
+//  5. the VM is handed to production under a new epoch, the recovered
+//     VM's QEMU quits, the failover run ends (failover.Manager.Finish).
+//
+// m is this site's failover manager, which ends the run. Then the VM is
+// started at production, and its next cycle there is incremental from the
+// fold's point. A step that fails leaves the VM as it is (the guest powered
+// off, QEMU paused) and Finalize may be run again: every step takes up
+// where the last attempt stopped.
 func (b *Back) Finalize(ctx context.Context, m *failover.Manager, opts FinalizeOptions) (Finalized, error) {
 	run := b.Run
 	vm := run.VM
