@@ -98,7 +98,10 @@ func newFailbackRig(t *testing.T) *failbackRig {
 // recovered VM's (paused, so that nothing moves under the comparison), and
 // a second failback sends nothing. Production's change tracking died with
 // its QEMU here, so its own writes are found by comparing hashes; the
-// failback package's tests cover its record surviving.
+// failback package's tests cover its record surviving. Then the recovered
+// guest writes more and --finalize brings the VM home: production's disk
+// equals the recovery site's new point, the run is gone, and the VM booted
+// at production replicates incrementally from that point.
 func TestFailbackCommands(t *testing.T) {
 	r := newFailbackRig(t)
 	g, drCfg, prodCfg, rec := r.g, r.drCfg, r.prodCfg, r.rec
