@@ -258,8 +258,9 @@ func qmpCommand(t *testing.T, socket, command string) {
 	}
 }
 
-// Kill -9 of either site at a random moment of a finalize (the seed is
-// logged; LIFEBOAT_SEED replays it): the next finalize completes, the
+// Kill -9 of either site at a random moment of a failback cycle or of a
+// finalize (the seed is logged; LIFEBOAT_SEED replays it): the step run
+// again completes (after a killed cycle, a finalize follows), the
 // recovered VM no longer runs, production's disk holds exactly the
 // recovery site's new point, and the VM started at production has the file
 // its recovered guest wrote last and replicates incrementally. Two rounds
@@ -273,49 +274,29 @@ func TestFailbackFinalizeKill(t *testing.T) {
 	for round := range rounds {
 		victim := []string{"dr", "prod"}[rng.IntN(2)]
 		delay := time.Duration(rng.Int64N(int64(3 * time.Second)))
-		t.Run(fmt.Sprintf("%d-kill-%s-after-%v", round, victim, delay.Round(time.Millisecond)), func(t *testing.T) {
-			finalizeKillRound(t, victim, delay)
+		step := []string{"finalize", "cycle"}[round%2]
+		if step == "cycle" {
+			delay /= 2 // a failback cycle of the test's few MiB takes about a second
+		}
+		t.Run(fmt.Sprintf("%d-%s-kill-%s-after-%v", round, step, victim, delay.Round(time.Millisecond)), func(t *testing.T) {
+			finalizeKillRound(t, step, victim, delay)
 		})
 	}
 }
 
-func finalizeKillRound(t *testing.T, victim string, delay time.Duration) {
+func finalizeKillRound(t *testing.T, step, victim string, delay time.Duration) {
 	r := newFailbackRig(t)
 	r.prod = startSite(t, "prod", r.prodCfg)
 	run(t, "failback", "vm1", "-c", r.drCfg)
 	sum := guestShell(t, r.rec.Agent, "dd if=/dev/urandom of=/data/last.bin bs=64k count=16 status=none && sync && sha256sum /data/last.bin")
 	sites := map[string]*site{"dr": r.dr, "prod": r.prod}
-
-	// The first attempt loses a site at delay; the next ones run to their end.
+	finalize := []string{"failback", "vm1", "--finalize", "--json", "--shutdown-timeout", "60s", "-c", r.drCfg}
 	var out []byte
-	for attempt := 0; ; attempt++ {
-		if attempt == 4 {
-			t.Fatalf("finalize did not complete in 4 attempts; the last said:\n%s", out)
-		}
-		cmd := exec.Command(binary, "failback", "vm1", "--finalize", "--json", "--shutdown-timeout", "60s", "-c", r.drCfg)
-		var buf, errBuf bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &buf, &errBuf
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		if attempt == 0 {
-			time.Sleep(delay)
-			sites[victim].kill()
-		}
-		err := cmd.Wait()
-		out = append(buf.Bytes(), errBuf.Bytes()...)
-		if err == nil {
-			out = buf.Bytes() // the JSON alone
-		}
-		if attempt == 0 {
-			t.Logf("attempt 0, %s killed after %v: %v\n%s", victim, delay, err, out)
-			sites[victim].start(t)
-		}
-		if err == nil {
-			break // the first attempt may have finished before the kill
-		}
-		t.Logf("attempt %d: %v\n%s", attempt, err, out)
-		time.Sleep(time.Second) // as a user would, before trying again
+	if step == "cycle" {
+		untilDone(t, []string{"failback", "vm1", "-c", r.drCfg}, sites[victim], delay)
+		out = []byte(run(t, finalize...))
+	} else {
+		out = untilDone(t, finalize, sites[victim], delay)
 	}
 	var fin struct {
 		Fold struct {
@@ -348,5 +329,39 @@ func finalizeKillRound(t *testing.T, victim string, delay time.Duration) {
 	}
 	if err := json.Unmarshal(out, &next); err != nil || len(next.Disks) != 1 || next.Disks[0].Resync || next.Disks[0].Base != fin.Fold.ID {
 		t.Errorf("production's first cycle after the finalize: %v %+v; want incremental from point %d\n%s", err, next, fin.Fold.ID, out)
+	}
+}
+
+// untilDone runs lifeboat with args, kills victim (kill -9) delay after the
+// start of the first attempt and starts it again, then runs the command
+// again until it succeeds (at most 3 more times), and returns its stdout.
+func untilDone(t *testing.T, args []string, victim *site, delay time.Duration) []byte {
+	t.Helper()
+	var out []byte
+	for attempt := 0; ; attempt++ {
+		if attempt == 4 {
+			t.Fatalf("lifeboat %v did not complete in 4 attempts; the last said:\n%s", args, out)
+		}
+		cmd := exec.Command(binary, args...)
+		var buf, errBuf bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &buf, &errBuf
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		if attempt == 0 {
+			time.Sleep(delay)
+			victim.kill()
+		}
+		err := cmd.Wait()
+		out = append(buf.Bytes(), errBuf.Bytes()...)
+		if attempt == 0 {
+			t.Logf("attempt 0, %s killed after %v: %v\n%s", victim.name, delay, err, out)
+			victim.start(t)
+		}
+		if err == nil {
+			return buf.Bytes() // the first attempt may have finished before the kill
+		}
+		t.Logf("attempt %d: %v\n%s", attempt, err, out)
+		time.Sleep(time.Second) // as a user would, before trying again
 	}
 }
