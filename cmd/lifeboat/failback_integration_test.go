@@ -276,7 +276,7 @@ func TestFailbackFinalizeKill(t *testing.T) {
 		delay := time.Duration(rng.Int64N(int64(3 * time.Second)))
 		step := []string{"finalize", "cycle"}[round%2]
 		if step == "cycle" {
-			delay /= 2 // a failback cycle of the test's few MiB takes about a second
+			delay /= 6 // a failback cycle of the guest's 32 MiB takes a few tenths of a second
 		}
 		t.Run(fmt.Sprintf("%d-%s-kill-%s-after-%v", round, step, victim, delay.Round(time.Millisecond)), func(t *testing.T) {
 			finalizeKillRound(t, step, victim, delay)
@@ -288,7 +288,11 @@ func finalizeKillRound(t *testing.T, step, victim string, delay time.Duration) {
 	r := newFailbackRig(t)
 	r.prod = startSite(t, "prod", r.prodCfg)
 	run(t, "failback", "vm1", "-c", r.drCfg)
-	sum := guestShell(t, r.rec.Agent, "dd if=/dev/urandom of=/data/last.bin bs=64k count=16 status=none && sync && sha256sum /data/last.bin")
+	count := 16
+	if step == "cycle" {
+		count = 512 // enough for the cycle to be cut in the middle
+	}
+	sum := guestShell(t, r.rec.Agent, fmt.Sprintf("dd if=/dev/urandom of=/data/last.bin bs=64k count=%d status=none && sync && sha256sum /data/last.bin", count))
 	sites := map[string]*site{"dr": r.dr, "prod": r.prod}
 	finalize := []string{"failback", "vm1", "--finalize", "--json", "--shutdown-timeout", "60s", "-c", r.drCfg}
 	var out []byte
