@@ -83,13 +83,16 @@ func TestQuickRun(t *testing.T) {
 
 	// 2. incremental
 	inc := res.Incremental
-	if len(inc.Rows) != 3 {
-		t.Fatalf("incremental: %d rows, want 2 disk sizes and a larger change", len(inc.Rows))
+	if len(inc.Rows) != 4 || inc.Rows[3].Format != "raw" {
+		t.Fatalf("incremental: %d rows, want 2 qcow2 disk sizes, a larger change and a raw disk", len(inc.Rows))
 	}
 	for _, row := range inc.Rows {
 		c := row.Cycle
 		if c.Identical != "yes" {
 			t.Errorf("incremental %s disk, %d written: replica not identical", size(row.DiskSize), row.Written)
+		}
+		if row.Apply.Identical != "yes" || row.Apply.M.Wall <= 0 {
+			t.Errorf("incremental %s %s disk, %d written: the direct application's copy identical: %s, in %s", size(row.DiskSize), row.Format, row.Written, row.Apply.Identical, row.Apply.M.Wall)
 		}
 		// Writes of 4–64 KiB touch one or two 64 KiB blocks each: at least the
 		// bytes written, and far less than the data on the disk.

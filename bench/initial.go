@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 
+	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
@@ -20,6 +22,9 @@ type toolRow struct {
 	Sent      int64  // bytes lifeboat put on the wire
 	Identical string
 	Skipped   string // why the contender did not run
+	// lifeboat with the recovery site in a process of its own: each site's
+	// peak RSS (VmHWM, reset before the cycle; the whole process).
+	ProtRSS, RecRSS int64
 }
 
 type initialResult struct {
@@ -107,23 +112,40 @@ func keepNew(old, new toolRow) bool {
 	return new.Identical == "NO" || new.Skipped == "" && new.M.Wall < old.M.Wall
 }
 
-// lifeboatInitial is one initial sync to a fresh recovery site.
+// lifeboatInitial is one initial sync to a fresh recovery site in a process
+// of its own, as on another host.
 func lifeboatInitial(ctx context.Context, e *env, vm *sourceVM, comp wire.Compression, dir string) (toolRow, error) {
-	rep, err := startReplication(ctx, e.path(dir), "bench-init", vm, comp, e.log)
+	d := e.path(dir)
+	rep, err := newRemoteReplication(ctx, d, protect.VM{Name: "bench-init", QMPSocket: vm.Daemon.ClientQMPSocket(), NBDSocket: vm.Daemon.NBDSocket(),
+		Disks: []string{diskName}, WorkDir: filepath.Join(d, "work")}, comp, e.log)
 	if err != nil {
 		return toolRow{}, err
 	}
 	defer e.stop("recovery site", rep.Stop)
+	site := rep.remote.cmd.Process.Pid
+	for _, pid := range []int{os.Getpid(), site} {
+		if err := resetPeakRSS(pid); err != nil {
+			return toolRow{}, fmt.Errorf("resetting the peak RSS of process %d: %w", pid, err)
+		}
+	}
 	pt, m, ph, err := rep.Cycle(ctx)
 	if err != nil {
+		return toolRow{}, err
+	}
+	row := toolRow{M: m, CPU: lifeboatCPU(m), Phases: ph, Changed: pt.Stats.BytesChanged, Data: pt.Stats.BytesData,
+		Sent: pt.Stats.BytesSent}
+	if row.ProtRSS, err = peakRSS(os.Getpid()); err != nil {
+		return toolRow{}, err
+	}
+	if row.RecRSS, err = peakRSS(site); err != nil {
 		return toolRow{}, err
 	}
 	ok, err := rep.Identical(ctx, pt.ID, vm.Image)
 	if err != nil {
 		return toolRow{}, fmt.Errorf("compare the replica with the source: %w", err)
 	}
-	return toolRow{M: m, CPU: lifeboatCPU(m), Phases: ph, Changed: pt.Stats.BytesChanged, Data: pt.Stats.BytesData,
-		Sent: pt.Stats.BytesSent, Identical: yesNo(ok)}, nil
+	row.Identical = yesNo(ok)
+	return row, nil
 }
 
 // peerRun is one measured run of a peer tool writing out.
@@ -144,7 +166,7 @@ func (r *initialResult) print(e *env) {
 			base = &r.Rows[i]
 		}
 	}
-	t := e.table("contender", "time", "prepare / send / commit", "MiB/s", "CPU s", "own + source qsd + recovery qemu", "sent", "speed vs nbdcopy", "replica identical")
+	t := e.table("contender", "time", "prepare / send / commit", "MiB/s", "CPU s", "own + source qsd + recovery", "sent", "speed vs nbdcopy", "peak RSS: protected / recovery site", "replica identical")
 	for _, row := range r.Rows {
 		if row.Skipped != "" {
 			t.row(row.Tool, "skipped: "+row.Skipped)
@@ -154,19 +176,25 @@ func (r *initialResult) print(e *env) {
 		if base != nil {
 			vs = ratio(base.M.Wall.Seconds(), row.M.Wall.Seconds())
 		}
-		sent, ph := "-", "-"
+		sent, ph, rss := "-", "-", "-"
 		if row.Sent > 0 {
 			sent, ph = size(row.Sent), row.Phases.String()
 		}
+		if row.RecRSS > 0 {
+			rss = size(row.ProtRSS) + " / " + size(row.RecRSS)
+		}
 		t.row(row.Tool, secs(row.M.Wall.Seconds()), ph, fmt.Sprintf("%.0f", mibps(r.Data, row.M.Wall.Seconds())),
-			fmt.Sprintf("%.1f", row.CPU.Total()), row.CPU.String(), sent, vs, row.Identical)
+			fmt.Sprintf("%.1f", row.CPU.Total()), row.CPU.String(), sent, vs, rss, row.Identical)
 	}
 	t.flush()
 	e.printf("\nlifeboat: source qemu-storage-daemon → fleece → NBD (%d connections, %d readers, 1 MiB chunks) → BLAKE3 → zstd →\n"+
-		"gRPC over loopback mutual TLS → recovery site → its writer qemu-storage-daemon → qcow2 overlay, flushed, point\n"+
-		"committed. Prepare: QMP, the fleece transaction, planning, Begin; commit: last writes drained, flush, catalog, teardown.\n"+
-		"MiB/s is of the %s of data. CPU own: lifeboat's process (both sites) or the peer tool; source qsd: the VM's\n"+
-		"qemu-storage-daemon serving the reads; recovery qemu: the recovery site's writer daemon and qemu-img.\n"+
+		"its point stream over loopback mutual TLS → the recovery site, in a process of its own (as on another host) → its\n"+
+		"writer qemu-storage-daemon → qcow2 overlay, flushed, point committed. Prepare: QMP, the fleece transaction, planning,\n"+
+		"Begin; commit: last writes drained, flush, catalog, teardown. MiB/s is of the %s of data. CPU own: lifeboat's\n"+
+		"protected-site process, or the peer tool; source qsd: the VM's qemu-storage-daemon serving the reads; recovery:\n"+
+		"the recovery site's process, its writer daemon and qemu-img. Peak RSS is each whole process's VmHWM, reset before\n"+
+		"the cycle: the protected site holds at most readers × chunk in blocks being read, hashed and compressed, plus the\n"+
+		"stream's send window; the recovery site holds the stream's receive window and the writes in flight to its writer.\n"+
 		"Every contender ends with its copy on disk: lifeboat's commit flushes the replica; neither peer does by default,\n"+
 		"so each peer's output is fsynced within its time. Goal: lifeboat ≥ 1.0× nbdcopy.\n",
 		protectConnections, protectReaders, size(r.Data))

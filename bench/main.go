@@ -32,6 +32,8 @@ type config struct {
 	// IncrMore is a larger change on the first disk, to show the cycle grows with
 	// the changed data; 0 skips it.
 	IncrMore int64
+	// IncrRaw is a raw disk (as a logical volume is) with the same data and change.
+	IncrRaw int64
 	// WireChange is how much of each content kind the bytes-on-the-wire benchmark writes.
 	WireChange int64
 	// Metadata: a sparse disk of MetaDisk with MetaData of data, MetaDiscard of it discarded.
@@ -62,7 +64,7 @@ const (
 func defaultConfig() config {
 	return config{
 		InitDisk: 4 * gib, InitData: 2 * gib, Rounds: 3,
-		IncrDisks: []int64{16 * gib, 64 * gib}, IncrData: 4 * gib, IncrChange: 64 * mib, IncrMore: 256 * mib,
+		IncrDisks: []int64{16 * gib, 64 * gib}, IncrData: 4 * gib, IncrChange: 64 * mib, IncrMore: 256 * mib, IncrRaw: 16 * gib,
 		WireChange: 256 * mib,
 		MetaDisk:   16 * tib, MetaData: 3 * gib, MetaDiscard: 4 * tib,
 		LibvirtDisk: 2 * gib, LibvirtData: 1 * gib, LibvirtChange: 128 * mib, LibvirtRounds: 3, LibvirtInitRounds: 5,
@@ -75,7 +77,7 @@ func defaultConfig() config {
 func quickConfig() config {
 	return config{
 		InitDisk: 256 * mib, InitData: 128 * mib, Rounds: 1,
-		IncrDisks: []int64{512 * mib, 2 * gib}, IncrData: 128 * mib, IncrChange: 8 * mib, IncrMore: 32 * mib,
+		IncrDisks: []int64{512 * mib, 2 * gib}, IncrData: 128 * mib, IncrChange: 8 * mib, IncrMore: 32 * mib, IncrRaw: 512 * mib,
 		WireChange: 16 * mib,
 		MetaDisk:   1 * tib, MetaData: 96 * mib, MetaDiscard: 256 * gib,
 		LibvirtDisk: 256 * mib, LibvirtData: 128 * mib, LibvirtChange: 16 * mib, LibvirtRounds: 1, LibvirtInitRounds: 1,

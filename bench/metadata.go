@@ -77,7 +77,7 @@ func benchMetadata(ctx context.Context, e *env) (*metadataResult, error) {
 	c := e.cfg
 	res := &metadataResult{DiskSize: c.MetaDisk, Data: c.MetaData, Discard: c.MetaDiscard}
 	e.progress("metadata: a %s sparse disk, writing %s of random data", size(c.MetaDisk), size(c.MetaData))
-	vm, err := startVMArgs(ctx, e.path("meta-vm"), c.MetaDisk, 11, discardingDiskArgs)
+	vm, err := startVMArgs(ctx, e.path("meta-vm"), c.MetaDisk, 11, "qcow2", discardingDiskArgs)
 	if err != nil {
 		return nil, err
 	}

@@ -126,3 +126,11 @@ func ratio(a, b float64) string {
 	}
 	return fmt.Sprintf("%.2f×", r)
 }
+
+// goalMet is a goal's cell: the goal and whether this run met it.
+func goalMet(ok bool, goal string) string {
+	if ok {
+		return goal + ": met"
+	}
+	return goal + ": MISSED"
+}

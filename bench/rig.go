@@ -35,6 +35,7 @@ const stopTimeout = 20 * time.Second
 type sourceVM struct {
 	Dir    string
 	Image  string
+	Format string
 	Size   int64
 	Daemon *qemu.Daemon
 	Guest  *workload.Guest
@@ -44,19 +45,20 @@ const diskName = "vda"
 
 // startVM creates a sparse qcow2 disk of size in dir and starts its daemon and guest.
 func startVM(ctx context.Context, dir string, size int64, seed uint64) (*sourceVM, error) {
-	return startVMArgs(ctx, dir, size, seed, qemu.DiskArgs)
+	return startVMArgs(ctx, dir, size, seed, "qcow2", qemu.DiskArgs)
 }
 
-// startVMArgs is startVM with the daemon's disk arguments made by diskArgs.
-func startVMArgs(ctx context.Context, dir string, size int64, seed uint64, diskArgs func(node, image, format string) []string) (*sourceVM, error) {
+// startVMArgs is startVM with a disk of format (qcow2 or raw) and the daemon's
+// disk arguments made by diskArgs.
+func startVMArgs(ctx context.Context, dir string, size int64, seed uint64, format string, diskArgs func(node, image, format string) []string) (*sourceVM, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	v := &sourceVM{Dir: dir, Image: filepath.Join(dir, diskName+".qcow2"), Size: size}
-	if err := qemu.CreateImage(ctx, v.Image, "qcow2", size, "", ""); err != nil {
+	v := &sourceVM{Dir: dir, Image: filepath.Join(dir, diskName+"."+format), Size: size, Format: format}
+	if err := qemu.CreateImage(ctx, v.Image, format, size, "", ""); err != nil {
 		return nil, fmt.Errorf("source disk: %w", err)
 	}
-	d, err := qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: dir, Args: diskArgs(diskName, v.Image, "qcow2"), NBD: true})
+	d, err := qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: dir, Args: diskArgs(diskName, v.Image, format), NBD: true})
 	if err != nil {
 		return nil, fmt.Errorf("source VM: %w", err)
 	}

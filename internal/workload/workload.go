@@ -124,13 +124,19 @@ func (g *Guest) Mixed(ctx context.Context, n int) ([]Op, error) {
 
 // Small performs writes of random data, 4 to 64 KiB each at 4 KiB-aligned
 // offsets, until total bytes are written; the incremental benchmark's workload.
-func (g *Guest) Small(ctx context.Context, total int64) error {
+// record, unless nil, is given each write after it is done (data is the
+// guest's buffer: copy what must be kept).
+func (g *Guest) Small(ctx context.Context, total int64, record func(op Op, data []byte)) error {
 	for done := int64(0); done < total; {
 		d := g.disks[g.rng.IntN(len(g.disks))]
 		length := int64(4<<10) * int64(1+g.rng.IntN(16))
 		off := g.rng.Int64N(d.Size-length+1) &^ (4<<10 - 1)
-		if err := g.Do(ctx, Op{Disk: d.Name, Kind: "data", Offset: off, Length: length}); err != nil {
+		op := Op{Disk: d.Name, Kind: "data", Offset: off, Length: length}
+		if err := g.Do(ctx, op); err != nil {
 			return err
+		}
+		if record != nil {
+			record(op, g.buf[:length])
 		}
 		done += length
 	}
