@@ -240,14 +240,13 @@ func (r *incrementalResult) print(e *env) {
 		e.printf("\nlifeboat / the limits:\n")
 		g := e.table("disk", "written", "speed vs rsync", "goal", "time vs direct apply", "goal")
 		for _, row := range r.Rows {
+			cycle, apply := row.Cycle.M.Wall.Seconds(), row.Apply.M.Wall.Seconds()
 			vs, met := "-", "-"
 			if row.Rsync.Skipped == "" {
-				x := row.Rsync.M.Wall.Seconds() / row.Cycle.M.Wall.Seconds()
-				vs, met = ratio(row.Rsync.M.Wall.Seconds(), row.Cycle.M.Wall.Seconds()), goalMet(x >= 20, "≥ 20×")
+				rs := row.Rsync.M.Wall.Seconds()
+				vs, met = ratio(rs, cycle), goalMet(rs >= 20*cycle, "≥ 20×")
 			}
-			y := row.Cycle.M.Wall.Seconds() / row.Apply.M.Wall.Seconds()
-			g.row(size(row.DiskSize)+" "+row.Format, size(row.Written), vs, met,
-				ratio(row.Cycle.M.Wall.Seconds(), row.Apply.M.Wall.Seconds()), goalMet(y <= 3, "≤ 3×"))
+			g.row(size(row.DiskSize)+" "+row.Format, size(row.Written), vs, met, ratio(cycle, apply), goalMet(cycle <= 3*apply, "≤ 3×"))
 		}
 		g.flush()
 		e.printf("For context, on the %s disk: the initial sync of its %s took %s; a cycle with nothing changed takes %s\n"+

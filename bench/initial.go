@@ -5,9 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 
-	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
@@ -116,8 +114,7 @@ func keepNew(old, new toolRow) bool {
 // of its own, as on another host.
 func lifeboatInitial(ctx context.Context, e *env, vm *sourceVM, comp wire.Compression, dir string) (toolRow, error) {
 	d := e.path(dir)
-	rep, err := newRemoteReplication(ctx, d, protect.VM{Name: "bench-init", QMPSocket: vm.Daemon.ClientQMPSocket(), NBDSocket: vm.Daemon.NBDSocket(),
-		Disks: []string{diskName}, WorkDir: filepath.Join(d, "work")}, comp, e.log)
+	rep, err := newRemoteReplication(ctx, d, vm.protected(d, "bench-init"), comp, e.log)
 	if err != nil {
 		return toolRow{}, err
 	}

@@ -22,8 +22,8 @@ func printMachine(ctx context.Context, e *env) {
 	} {
 		e.printf("%-9s %s\n", strings.TrimPrefix(tool[0], "qemu-storage-")+":", toolVersion(ctx, tool[0], tool[1]))
 	}
-	e.printf("all on one machine, on loopback mutual TLS: the recovery site runs in this process, except in the metadata and\n" +
-		"libvirt benchmarks, where it runs in a process of its own (as on another host); every figure is from this run\n")
+	e.printf("all on one machine, on loopback mutual TLS: the recovery site runs in a process of its own (as on another host) in\n" +
+		"the initial, metadata and libvirt benchmarks, and in this process in the others; every figure is from this run\n")
 }
 
 func cpuModel() string {

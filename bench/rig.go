@@ -136,8 +136,13 @@ type replication struct {
 
 // startReplication runs a fresh recovery site in dir and a protector of vm.
 func startReplication(ctx context.Context, dir, name string, vm *sourceVM, comp wire.Compression, log *slog.Logger) (*replication, error) {
-	return newReplication(ctx, dir, protect.VM{Name: name, QMPSocket: vm.Daemon.ClientQMPSocket(), NBDSocket: vm.Daemon.NBDSocket(),
-		Disks: []string{diskName}, WorkDir: filepath.Join(dir, "work")}, comp, log)
+	return newReplication(ctx, dir, vm.protected(dir, name), comp, log)
+}
+
+// protected is vm as the protector named name, working in dir, sees it.
+func (v *sourceVM) protected(dir, name string) protect.VM {
+	return protect.VM{Name: name, QMPSocket: v.Daemon.ClientQMPSocket(), NBDSocket: v.Daemon.NBDSocket(),
+		Disks: []string{diskName}, WorkDir: filepath.Join(dir, "work")}
 }
 
 // newReplication runs a fresh recovery site in dir and a protector of v
