@@ -21,6 +21,9 @@ func TestMain(m *testing.M) {
 	if dir := os.Getenv(recoverySiteEnv); dir != "" {
 		os.Exit(serveRecoverySite(dir))
 	}
+	if config := os.Getenv(serveEnv); config != "" {
+		os.Exit(serveSite(config))
+	}
 	os.Exit(m.Run())
 }
 

@@ -52,7 +52,14 @@ type config struct {
 	// Failback: a disk of FailbackDisk holding FailbackData, FailbackProd
 	// written at production after the point, FailbackRec at the recovery site.
 	FailbackDisk, FailbackData, FailbackProd, FailbackRec int64
-	Only                                                  map[string]bool // benchmarks to run; empty: all
+	// RPO under load: two disks of RPODisk, written at each of RPORates
+	// (MB/s) for RPODuration; RPOSearch then looks for the highest rate
+	// whose RPO p99 stays within rpoBound.
+	RPODisk     int64
+	RPODuration time.Duration
+	RPORates    []float64
+	RPOSearch   bool
+	Only        map[string]bool // benchmarks to run; empty: all
 }
 
 const (
@@ -70,6 +77,7 @@ func defaultConfig() config {
 		LibvirtDisk: 2 * gib, LibvirtData: 1 * gib, LibvirtChange: 128 * mib, LibvirtRounds: 3, LibvirtInitRounds: 5,
 		FailoverDisks: []int64{4 * gib, 256 * gib}, FailoverData: 1 * gib,
 		FailbackDisk: 16 * gib, FailbackData: 1 * gib, FailbackProd: 32 * mib, FailbackRec: 256 * mib,
+		RPODisk: 8 * gib, RPODuration: 60 * time.Second, RPORates: []float64{20, 40}, RPOSearch: true,
 	}
 }
 
@@ -83,17 +91,21 @@ func quickConfig() config {
 		LibvirtDisk: 256 * mib, LibvirtData: 128 * mib, LibvirtChange: 16 * mib, LibvirtRounds: 1, LibvirtInitRounds: 1,
 		FailoverDisks: []int64{4 * gib}, FailoverData: 64 * mib,
 		FailbackDisk: 1 * gib, FailbackData: 64 * mib, FailbackProd: 4 * mib, FailbackRec: 16 * mib,
+		RPODisk: 1 * gib, RPODuration: 8 * time.Second, RPORates: []float64{20},
 	}
 }
 
 // runs says whether a benchmark runs; metadata (minutes on a 16 TiB disk) only when named.
 func (c config) runs(name string) bool { return c.Only[name] || len(c.Only) == 0 && name != "metadata" }
 
-var benchNames = []string{"initial", "incremental", "wire", "metadata", "libvirt", "failover", "failback"}
+var benchNames = []string{"initial", "incremental", "wire", "metadata", "libvirt", "failover", "failback", "rpo"}
 
 func main() {
 	if dir := os.Getenv(recoverySiteEnv); dir != "" {
 		os.Exit(serveRecoverySite(dir)) // the metadata benchmark's recovery site
+	}
+	if config := os.Getenv(serveEnv); config != "" {
+		os.Exit(serveSite(config)) // a site of the RPO benchmark
 	}
 	exit := 0
 	defer func() { os.Exit(exit) }() // after the deferred profile is written
@@ -106,7 +118,7 @@ func main() {
 		scale  = flag.Float64("scale", 1, "multiply every data size (not disk sizes) by this, e.g. 0.25 for a shorter run")
 	)
 	flag.Usage = func() {
-		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire,libvirt,failover,failback] [-rounds N] [-scale F] [-tmp DIR] [-cpuprofile FILE]\n"+
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire,libvirt,failover,failback,rpo] [-rounds N] [-scale F] [-tmp DIR] [-cpuprofile FILE]\n"+
 			"example: make bench BENCH_ARGS='-only incremental'\n\n")
 		flag.PrintDefaults()
 	}
@@ -184,6 +196,7 @@ type results struct {
 	Libvirt     *libvirtResult
 	Failover    *failoverResult
 	Failback    *failbackResult
+	RPO         *rpoResult
 }
 
 // env is one run's shared state: its temporary directory and its output.
@@ -282,6 +295,12 @@ func run(ctx context.Context, cfg config, tmpParent string, out, prog io.Writer)
 			return res, fmt.Errorf("failback benchmark: %w", err)
 		}
 		res.Failback.print(e)
+	}
+	if cfg.runs("rpo") {
+		if res.RPO, err = benchRPO(ctx, e); err != nil {
+			return res, fmt.Errorf("RPO benchmark: %w", err)
+		}
+		res.RPO.print(e)
 	}
 	return res, nil
 }
