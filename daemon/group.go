@@ -76,5 +76,8 @@ func (g *group) sync(ctx context.Context) ([]lifeboat.Point, error) {
 }
 
 func (g *group) schedule(ctx context.Context) {
-	runEvery(ctx, time.Duration(g.cfg.Interval), func(ctx context.Context) { g.sync(ctx) })
+	runEvery(ctx, time.Duration(g.cfg.Interval), retryAfter, func(ctx context.Context) error {
+		_, err := g.sync(ctx)
+		return err
+	})
 }

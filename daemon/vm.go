@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -193,14 +194,15 @@ func (v *vm) schedule(ctx context.Context) {
 	}
 	// Errors are in status and the log; the next tick retries. A VM failed
 	// over at its recovery site is only checked now and then: it runs there.
-	runEvery(ctx, time.Duration(v.cfg.Interval), func(ctx context.Context) {
+	runEvery(ctx, time.Duration(v.cfg.Interval), retryAfter, func(ctx context.Context) error {
 		v.mu.Lock()
 		failedOver, since := v.state == stateFailedOver, v.errAt
 		v.mu.Unlock()
 		if failedOver && (time.Since(since) < failedOverRecheck || v.stillFailedOver(ctx)) {
-			return
+			return errFailedOverHere
 		}
-		v.sync(ctx)
+		_, err := v.sync(ctx)
+		return err
 	})
 }
 
@@ -221,6 +223,10 @@ func (v *vm) stillFailedOver(ctx context.Context) bool {
 	return err != nil // unreachable: ask again later
 }
 
+// errFailedOverHere is the schedule's answer for a VM that runs at its
+// recovery site: no cycle, wait as after a failure.
+var errFailedOverHere = errors.New("failed over: runs at its recovery site")
+
 // stateFailedOver is a protected VM's state once its recovery site has
 // failed it over: the site refuses its points until it is handed back.
 const stateFailedOver = "failed-over"
@@ -229,9 +235,15 @@ const stateFailedOver = "failed-over"
 // (one light call): replication resumes this soon after an undo.
 const failedOverRecheck = 30 * time.Second
 
-// runEvery runs a cycle now and then every interval (never two at once, at least
-// a second apart) until ctx ends; interval 0 means never. Each cycle is bounded.
-func runEvery(ctx context.Context, every time.Duration, cycle func(context.Context)) {
+// retryAfter is the least wait after a failed cycle before the next.
+const retryAfter = time.Second
+
+// runEvery runs a cycle now and then every interval until ctx ends: each
+// starts an interval after the one before started, or as soon as that one
+// ends if it took longer (never two at once), so that a short interval
+// holds the RPO near one cycle's time; after a failed cycle the next waits
+// at least retry. Interval 0 means never. Each cycle is bounded.
+func runEvery(ctx context.Context, every, retry time.Duration, cycle func(context.Context) error) {
 	if every <= 0 {
 		return
 	}
@@ -245,9 +257,13 @@ func runEvery(ctx context.Context, every time.Duration, cycle func(context.Conte
 		}
 		start := time.Now()
 		cctx, cancel := context.WithTimeout(ctx, max(every*20, 6*time.Hour))
-		cycle(cctx)
+		err := cycle(cctx)
 		cancel()
-		t.Reset(max(every-time.Since(start), time.Second))
+		wait := every - time.Since(start)
+		if err != nil {
+			wait = max(wait, retry)
+		}
+		t.Reset(max(wait, 0))
 	}
 }
 
