@@ -48,7 +48,7 @@ func TestQuickRun(t *testing.T) {
 	if left, _ := os.ReadDir(parent); len(left) != 0 {
 		t.Errorf("the run left %d entries in its temporary directory's parent (e.g. %s)", len(left), left[0].Name())
 	}
-	for _, want := range []string{"machine:", "nbdcopy:", "rsync:", "## 1.", "## 2.", "## 3.", "## 5."} {
+	for _, want := range []string{"machine:", "nbdcopy:", "rsync:", "## 1.", "## 2.", "## 3.", "## 5.", "## 8."} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q", want)
 		}
@@ -170,6 +170,27 @@ func TestQuickRun(t *testing.T) {
 		if hashed := i == 1; (x.ProdRead > 0) != hashed {
 			t.Errorf("failback, %s: production read %d bytes of its disk", x.Mode, x.ProdRead)
 		}
+	}
+
+	// 8. RPO under load: every sample taken, the rate written, points
+	// committed meanwhile, the RPO bounded by the run (a point was listed
+	// at every sample after the first cycle), the last point byte-exact
+	rpo := res.RPO
+	if rpo == nil || len(rpo.Runs) != len(cfg.RPORates) {
+		t.Fatalf("RPO: %+v, want one run a rate of %v", rpo, cfg.RPORates)
+	}
+	for _, x := range rpo.Runs {
+		wantSamples := int(cfg.RPODuration / rpoSample)
+		if len(x.Samples) < wantSamples*8/10 || x.Achieved < x.Rate*0.9 || x.Points < 2 || x.Sent <= 0 || x.CPUProd <= 0 || x.CPURecovery <= 0 || x.CPUSource <= 0 {
+			t.Errorf("RPO at %.0f MB/s: %d samples (want about %d), %.1f MB/s written, %d points, %d bytes sent, CPU %.1f/%.1f/%.1f: not measured",
+				x.Rate, len(x.Samples), wantSamples, x.Achieved, x.Points, x.Sent, x.CPUSource, x.CPUProd, x.CPURecovery)
+		}
+		if x.P50 <= 0 || x.P50 > x.P99 || x.P99 > x.Max || x.Max > cfg.RPODuration.Seconds()+5 {
+			t.Errorf("RPO at %.0f MB/s: p50 %.2f, p99 %.2f, max %.2f s over a %s run", x.Rate, x.P50, x.P99, x.Max, cfg.RPODuration)
+		}
+	}
+	if !rpo.Identical {
+		t.Error("RPO: the last point is not byte-identical to the source disks")
 	}
 
 	// 5. libvirt, where this host runs it (under CI run must have failed instead)

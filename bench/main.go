@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -110,12 +111,14 @@ func main() {
 	exit := 0
 	defer func() { os.Exit(exit) }() // after the deferred profile is written
 	var (
-		quick  = flag.Bool("quick", false, "small sizes: a smoke run of every benchmark in well under a minute")
-		only   = flag.String("only", "", "comma-separated benchmarks to run: "+strings.Join(benchNames, ", ")+" (default: all)")
-		tmp    = flag.String("tmp", "", "parent directory of the benchmark's temporary files (default: $TMPDIR or /tmp)")
-		prof   = flag.String("cpuprofile", "", "write a CPU profile of the harness process to this file (both sites, except where a recovery site runs in a process of its own: FILE.site-PID)")
-		rounds = flag.Int("rounds", 0, "rounds of the initial syncs, each contender's fastest kept (default 3, libvirt 5; 1 with -quick)")
-		scale  = flag.Float64("scale", 1, "multiply every data size (not disk sizes) by this, e.g. 0.25 for a shorter run")
+		quick    = flag.Bool("quick", false, "small sizes: a smoke run of every benchmark in well under a minute")
+		only     = flag.String("only", "", "comma-separated benchmarks to run: "+strings.Join(benchNames, ", ")+" (default: all)")
+		tmp      = flag.String("tmp", "", "parent directory of the benchmark's temporary files (default: $TMPDIR or /tmp)")
+		prof     = flag.String("cpuprofile", "", "write a CPU profile of the harness process to this file (both sites, except where a recovery site runs in a process of its own: FILE.site-PID)")
+		rounds   = flag.Int("rounds", 0, "rounds of the initial syncs, each contender's fastest kept (default 3, libvirt 5; 1 with -quick)")
+		rpoRates = flag.String("rpo-rates", "", "write rates of the RPO benchmark in MB/s, comma-separated (default 20,40, then a search for the highest rate that holds)")
+		rpoTime  = flag.Duration("rpo-duration", 0, "how long the RPO benchmark writes at each rate (default 60s)")
+		scale    = flag.Float64("scale", 1, "multiply every data size (not disk sizes) by this, e.g. 0.25 for a shorter run")
 	)
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "usage: go run ./bench [-quick] [-only initial,incremental,wire,libvirt,failover,failback,rpo] [-rounds N] [-scale F] [-tmp DIR] [-cpuprofile FILE]\n"+
@@ -129,6 +132,20 @@ func main() {
 	}
 	if *rounds > 0 {
 		cfg.Rounds, cfg.LibvirtInitRounds = *rounds, *rounds
+	}
+	if *rpoRates != "" {
+		cfg.RPORates, cfg.RPOSearch = nil, false
+		for _, f := range strings.Split(*rpoRates, ",") {
+			r, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+			if err != nil || r <= 0 {
+				fmt.Fprintf(os.Stderr, "bench: -rpo-rates: %q is not a rate in MB/s (e.g. -rpo-rates 20,40)\n", f)
+				os.Exit(2)
+			}
+			cfg.RPORates = append(cfg.RPORates, r)
+		}
+	}
+	if *rpoTime > 0 {
+		cfg.RPODuration = *rpoTime
 	}
 	if *scale != 1 {
 		if *scale <= 0 || *scale > 1 {

@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"sync"
 	"syscall"
@@ -49,6 +50,19 @@ func serveSite(config string) int {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "site:", err)
 		return 1
+	}
+	if prof := os.Getenv(siteProfileEnv); prof != "" {
+		f, err := os.Create(fmt.Sprintf("%s.site-%d", prof, os.Getpid()))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "site:", err)
+			return 1
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(os.Stderr, "site:", err)
+			return 1
+		}
+		defer pprof.StopCPUProfile()
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
@@ -331,10 +345,18 @@ func freeLoopbackAddr() (string, error) {
 	return l.Addr().String(), nil
 }
 
+// rpoLogsEnv names a directory where the RPO benchmark leaves its sites' logs.
+const rpoLogsEnv = "LIFEBOAT_BENCH_LOGS"
+
 func (rig *rpoRig) stop() {
 	for _, s := range []*serveProcess{rig.prod, rig.dr} {
 		if s != nil {
 			rig.e.stop("site "+s.name, s.Stop)
+			if dir := os.Getenv(rpoLogsEnv); dir != "" {
+				if b, err := os.ReadFile(s.log); err == nil {
+					os.WriteFile(filepath.Join(dir, "rpo-"+s.name+".log"), b, 0o600)
+				}
+			}
 		}
 	}
 	if rig.src != nil {

@@ -19,18 +19,21 @@ import (
 const boundedCleanup = 30 * time.Second
 
 type cycle struct {
-	p      *Protector
-	log    *slog.Logger
-	mon    *qemu.Monitor
-	fleece *qemu.Fleece
-	sock   string
-	id     uint64
-	disks  []*diskState
-	point  lifeboat.Point
-	latest lifeboat.Point
-	stream lifeboat.PointSink
-	lv     *virtCycle // the libvirt path's state (nil on the QMP path)
-	def    *lifeboat.Definition
+	p *Protector
+	// sendAt and commitAt are when the cycle began sending and committing:
+	// its phases' times, for the log.
+	sendAt, commitAt time.Time
+	log              *slog.Logger
+	mon              *qemu.Monitor
+	fleece           *qemu.Fleece
+	sock             string
+	id               uint64
+	disks            []*diskState
+	point            lifeboat.Point
+	latest           lifeboat.Point
+	stream           lifeboat.PointSink
+	lv               *virtCycle // the libvirt path's state (nil on the QMP path)
+	def              *lifeboat.Definition
 	// quiet is a cycle of a guest that cannot write (shut down, or its CPUs
 	// stopped): no freeze, and the point is as consistent as the guest left it.
 	quiet      bool
@@ -404,6 +407,7 @@ func (c *cycle) send(ctx context.Context, sock string) (lifeboat.Point, error) {
 		return lifeboat.Point{}, err
 	}
 	c.stream = st
+	c.sendAt = time.Now()
 	c.report("send", 0)
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -471,6 +475,7 @@ produce:
 	if err := c.instantErr(); err != nil {
 		return lifeboat.Point{}, err // what was read may be from after the instant
 	}
+	c.commitAt = time.Now()
 	c.report("commit", c.sent.Load())
 	stats := lifeboat.CycleStats{
 		BytesChanged: c.changed.Load(), BytesZero: c.zero.Load(), BytesSame: c.same.Load(), BytesDedup: c.dedup.Load(),

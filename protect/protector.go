@@ -156,9 +156,15 @@ func (p *Protector) Cycle(ctx context.Context) (lifeboat.Point, error) {
 	if err := saveImages(p.VM.WorkDir, c.images); err != nil {
 		c.log.Warn("recording the disks' images for a failback failed", "err", err)
 	}
-	c.log.Info("point committed", "consistency", pt.Consistency,
+	end := time.Now()
+	attrs := []any{"consistency", pt.Consistency,
 		"changed", pt.Stats.BytesChanged, "zero", pt.Stats.BytesZero, "sent", pt.Stats.BytesSent,
-		"took", time.Since(start).Round(time.Millisecond))
+		"took", end.Sub(start).Round(time.Millisecond)}
+	if !c.sendAt.IsZero() && !c.commitAt.IsZero() {
+		ms := func(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
+		attrs = append(attrs, "prepare", ms(c.sendAt.Sub(start)), "send", ms(c.commitAt.Sub(c.sendAt)), "commit", ms(end.Sub(c.commitAt)))
+	}
+	c.log.Info("point committed", attrs...)
 	return pt, nil
 }
 
