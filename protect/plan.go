@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/bits"
+	"sync"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/nbd"
@@ -58,21 +59,10 @@ func planDisk(ctx context.Context, cl *nbd.Client, d *diskState, known map[int64
 	size := cl.Size()
 	nb := (size + lifeboat.BlockSize - 1) / lifeboat.BlockSize
 	pl := &diskPlan{disk: d, client: cl, size: size, blocks: nb, dirty: newBitset(nb), data: newBitset(nb), known: known}
-	blockRange := func(e nbd.Extent) (int64, int64) {
-		lo := e.Offset / lifeboat.BlockSize
-		hi := min((e.Offset+e.Length+lifeboat.BlockSize-1)/lifeboat.BlockSize, nb)
-		return lo, hi
-	}
-	err := cl.BlockStatus(ctx, "base:allocation", 0, size, func(e nbd.Extent) error {
-		if e.Flags&nbd.StateZero == 0 {
-			pl.data.setRange(blockRange(e))
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("allocation of the fleece: %w", err)
-	}
 	if d.old == "" {
+		if err := pl.allocation(ctx, [][2]int64{{0, nb}}); err != nil {
+			return nil, err
+		}
 		copy(pl.dirty, pl.data)
 		for b, h := range known {
 			if b < nb && !h.IsZero() {
@@ -82,16 +72,131 @@ func planDisk(ctx context.Context, cl *nbd.Client, d *diskState, known map[int64
 	} else {
 		err := cl.BlockStatus(ctx, d.dirtyContext(), 0, size, func(e nbd.Extent) error {
 			if e.Flags&nbd.StateDirty != 0 {
-				pl.dirty.setRange(blockRange(e))
+				pl.dirty.setRange(pl.blockRange(e.Offset, e.Length))
 			}
 			return nil
 		})
 		if err != nil {
 			return nil, fmt.Errorf("dirty blocks of generation %q: %w", d.old, err)
 		}
+		// Only the dirty blocks' allocation matters. Asking for the whole
+		// disk's costs the source QEMU a walk of every extent of it at every
+		// cycle, which grows as the disk fragments (from 0.1 to 0.7 s within
+		// 30 s of random writes into two 8 GiB disks, the RPO's largest part).
+		if err := pl.allocation(ctx, pl.dirty.spans(nb, maxAllocationSpans)); err != nil {
+			return nil, err
+		}
 	}
 	pl.count()
 	return pl, nil
+}
+
+// maxAllocationSpans bounds the block-status requests of one incremental
+// plan: nearby dirty runs are asked for together.
+const maxAllocationSpans = 1024
+
+// allocationParallel is how many block-status requests are in flight.
+const allocationParallel = 8
+
+func (pl *diskPlan) blockRange(off, length int64) (int64, int64) {
+	return off / lifeboat.BlockSize, min((off+length+lifeboat.BlockSize-1)/lifeboat.BlockSize, pl.blocks)
+}
+
+// allocation marks as data the blocks of spans (block ranges [lo, hi)) with
+// any allocated, non-zero extent, asking base:allocation for each span.
+func (pl *diskPlan) allocation(ctx context.Context, spans [][2]int64) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		mu    sync.Mutex
+		first error
+		wg    sync.WaitGroup
+		next  = make(chan [2]int64)
+	)
+	for range min(allocationParallel, len(spans)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for sp := range next {
+				off := sp[0] * lifeboat.BlockSize
+				length := min(sp[1]*lifeboat.BlockSize, pl.size) - off
+				var data [][2]int64
+				err := pl.client.BlockStatus(ctx, "base:allocation", off, length, func(e nbd.Extent) error {
+					if e.Flags&nbd.StateZero == 0 {
+						lo, hi := pl.blockRange(e.Offset, e.Length)
+						data = append(data, [2]int64{lo, hi})
+					}
+					return nil
+				})
+				mu.Lock()
+				if err != nil && first == nil {
+					first = fmt.Errorf("allocation of the fleece at %d+%d: %w", off, length, err)
+					cancel()
+				}
+				for _, r := range data {
+					pl.data.setRange(r[0], r[1])
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+feed:
+	for _, sp := range spans {
+		select {
+		case next <- sp:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
+	if first == nil && ctx.Err() != nil {
+		first = ctx.Err()
+	}
+	return first
+}
+
+// spans are the runs of set bits among the first n, as block ranges
+// [lo, hi), runs less than a gap apart joined so that there are at most
+// limit: the gap grows from 16 blocks (1 MiB) until they are.
+func (b bitset) spans(n int64, limit int) [][2]int64 {
+	var runs [][2]int64
+	for i := int64(0); i < n; {
+		w := b[i/64] >> (i % 64)
+		if w == 0 {
+			i = (i/64 + 1) * 64
+			continue
+		}
+		i += int64(bits.TrailingZeros64(w))
+		if i >= n {
+			break
+		}
+		lo := i
+		for i < n {
+			w := ^b[i/64] >> (i % 64)
+			if w == 0 {
+				i = (i/64 + 1) * 64
+				continue
+			}
+			i += int64(bits.TrailingZeros64(w))
+			break
+		}
+		runs = append(runs, [2]int64{lo, min(i, n)})
+	}
+	for gap := int64(16); ; gap *= 4 {
+		var out [][2]int64
+		for _, r := range runs {
+			if k := len(out) - 1; k >= 0 && r[0]-out[k][1] < gap {
+				out[k][1] = r[1]
+				continue
+			}
+			out = append(out, r)
+		}
+		if len(out) <= limit {
+			return out
+		}
+		runs = out
+	}
 }
 
 // count sets changed from the dirty blocks.

@@ -3,10 +3,13 @@ package protect
 import (
 	"context"
 	"errors"
+	"fmt"
+	"math/rand/v2"
 	"strings"
 	"testing"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
 // changedTarget says it changed the ranges given, or fails.
@@ -63,5 +66,58 @@ func TestAddTargetChanges(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "what prod changed on its own") {
 			t.Errorf("%s: %v, want an error naming the target", name, err)
 		}
+	}
+}
+
+// The spans an incremental plan asks the allocation of cover every dirty
+// block and only runs of them, are sorted and apart, and are at most the
+// limit, for random bitsets (seed logged; replay with LIFEBOAT_SEED).
+func TestBitsetSpans(t *testing.T) {
+	seed := testenv.Seed(t)
+	rng := rand.New(rand.NewPCG(seed, 1))
+	for round := range 300 {
+		n := int64(1 + rng.IntN(5000))
+		b := newBitset(n)
+		// Runs of random lengths, dense or sparse.
+		density := rng.Float64()
+		for i := int64(0); i < n; {
+			l := int64(1 + rng.IntN(200))
+			if rng.Float64() < density {
+				b.setRange(i, min(i+l, n))
+			}
+			i += l + int64(rng.IntN(100))
+		}
+		limit := 1 + rng.IntN(50)
+		spans := b.spans(n, limit)
+		if len(spans) > limit {
+			t.Fatalf("round %d: %d spans, limit %d", round, len(spans), limit)
+		}
+		covered := newBitset(n)
+		for k, sp := range spans {
+			if sp[0] >= sp[1] || sp[1] > n || !b.has(sp[0]) || !b.has(sp[1]-1) {
+				t.Fatalf("round %d: span %v does not start and end at dirty blocks (of %d)", round, sp, n)
+			}
+			if k > 0 && sp[0] <= spans[k-1][1] {
+				t.Fatalf("round %d: span %v overlaps or touches %v", round, sp, spans[k-1])
+			}
+			covered.setRange(sp[0], sp[1])
+		}
+		for i := range n {
+			if b.has(i) && !covered.has(i) {
+				t.Fatalf("round %d: dirty block %d in no span %v", round, i, spans)
+			}
+		}
+	}
+	// With room for them, the runs themselves, joined when closer than 16 blocks.
+	b := newBitset(300)
+	b.setRange(0, 64)
+	b.setRange(64, 130) // across a word boundary: one run
+	b.setRange(140, 141)
+	b.setRange(200, 299)
+	if got, want := fmt.Sprint(b.spans(300, 100)), "[[0 141] [200 299]]"; got != want {
+		t.Errorf("spans = %s, want %s", got, want)
+	}
+	if got, want := fmt.Sprint(b.spans(300, 1)), "[[0 299]]"; got != want {
+		t.Errorf("spans with limit 1 = %s, want %s", got, want)
 	}
 }
