@@ -537,14 +537,27 @@ func (rig *rpoRig) cpu() [4]float64 {
 }
 
 // identical exports the newest point of each disk from the recovery site and
-// compares it with the source disk, the writer stopped and a point taken after.
+// compares it with the source disk, the writer stopped, a point taken after
+// and the protected site stopped (its empty cycles would otherwise retire
+// the point while the first disk is compared).
 func (rig *rpoRig) identical(ctx context.Context) (bool, error) {
 	if err := rig.waitPoint(ctx, time.Now(), 2*time.Minute); err != nil {
 		return false, err
 	}
-	s, err := rig.status(ctx)
-	if err != nil {
+	prod := rig.prod
+	rig.prod = nil
+	if err := prod.Stop(); err != nil {
 		return false, err
+	}
+	pts, err := rig.dr.api.Points(ctx, rig.vm)
+	if err != nil || len(pts) == 0 {
+		return false, fmt.Errorf("points of %s at the recovery site: %d, %v", rig.vm, len(pts), err)
+	}
+	last := pts[len(pts)-1]
+	for _, p := range pts {
+		if p.ID > last.ID {
+			last = p
+		}
 	}
 	for _, disk := range rig.disks {
 		// The image file holds what the writer wrote (qcow2 metadata
@@ -559,8 +572,8 @@ func (rig *rpoRig) identical(ctx context.Context) (bool, error) {
 			return false, fmt.Errorf("flush of source disk %s: %w", disk.Name, err)
 		}
 		out := filepath.Join(rig.dir, disk.Name+"-export.raw")
-		if _, err := rig.dr.api.Export(ctx, rig.vm, daemon.ExportRequest{Point: s.LastPoint.ID, Disk: disk.Name, Out: out, Format: "raw"}); err != nil {
-			return false, fmt.Errorf("export of point %d, disk %s: %w", s.LastPoint.ID, disk.Name, err)
+		if _, err := rig.dr.api.Export(ctx, rig.vm, daemon.ExportRequest{Point: last.ID, Disk: disk.Name, Out: out, Format: "raw"}); err != nil {
+			return false, fmt.Errorf("export of point %d, disk %s: %w", last.ID, disk.Name, err)
 		}
 		same, err := qemu.Compare(ctx, filepath.Join(rig.dir, disk.Name+".qcow2"), out)
 		os.Remove(out)

@@ -83,6 +83,29 @@ func (s *Store) ApplyRetention(ctx context.Context, vm string) error {
 	}
 }
 
+// retainLater applies the VM's retention in the background: a commit
+// answers without waiting for a merge (the next point's writer waits for
+// the chain instead, after its instant). A failure is logged and retried
+// after the next point.
+func (s *Store) retainLater(vm string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	s.bg.Add(1)
+	go func() {
+		defer s.bg.Done()
+		if err := s.ApplyRetention(s.bgCtx, vm); err != nil && s.bgCtx.Err() == nil {
+			s.log.Error("retention failed; it runs again after the next point", "vm", vm, "err", err)
+		}
+	}()
+}
+
+// SettleRetention waits until the retention started by the commits so far
+// has run; no commit may be in progress meanwhile (tests, tools).
+func (s *Store) SettleRetention() { s.bg.Wait() }
+
 // planMerge plans merging pts[0] into pts[1].
 func planMerge(vm string, pts []pointRecord) (*mergeIntent, error) {
 	drop, keep := pts[0], pts[1]

@@ -56,6 +56,14 @@ type Store struct {
 	writers map[*Writer]struct{}
 	closed  bool
 
+	// Retention runs in the background after a commit (retainLater), so
+	// that the protected site hears of its point without waiting for a
+	// merge; Close cancels it (a merge is recorded and finished by Open)
+	// and waits for it.
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
+	bg       sync.WaitGroup
+
 	// testMergeHook, when set by a test, runs after each merge step; an
 	// error stops the merge there as a crash would.
 	testMergeHook func(step string) error
@@ -115,6 +123,7 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		locks:   map[string]*vmLock{},
 		writers: map[*Writer]struct{}{},
 	}
+	s.bgCtx, s.bgCancel = context.WithCancel(context.Background())
 	s.direct = directIO(filepath.Join(abs, "vms"))
 	if !s.direct {
 		s.log.Warn("the store's file system does not take O_DIRECT: restore points are written through the page cache, which costs more CPU", "dir", abs)
@@ -181,6 +190,8 @@ func (s *Store) Close() error {
 		errs = append(errs, w.Abort(ctx))
 		cancel()
 	}
+	s.bgCancel()
+	s.bg.Wait()
 	errs = append(errs, s.db.Close())
 	return errors.Join(errs...)
 }

@@ -112,6 +112,7 @@ func (p *pointWriter) commit() lifeboat.Point {
 	if err != nil {
 		p.t.Fatalf("Commit: %v", err)
 	}
+	p.w.s.SettleRetention() // the tests look at the chain as retention leaves it
 	return pt
 }
 
@@ -628,6 +629,65 @@ func TestRetentionKeepsNewestPointsIntact(t *testing.T) {
 	}
 	checkPoint(t, s, "r1", 5, models[4])
 	checkPoint(t, s, "r1", 7, m)
+}
+
+// A commit answers without waiting for the retention it starts (the
+// protected site's RPO does not pay for a merge), the next point's writer
+// waits for the merge instead of writing beside it, and the merge then
+// leaves the newest points as they were.
+func TestCommitAnswersBeforeRetention(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	models := writeSeries(t, s, "a1", 3)
+	s.keep = 2
+	started, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	// The hook holds the merge at its first step (a slow merge, on demand).
+	s.testMergeHook = func(step string) error {
+		if step == stepRecorded {
+			once.Do(func() { close(started) })
+			<-release
+		}
+		return nil
+	}
+	m := models[2].clone()
+	p := begin(t, s, "a1", 4, m, DiskSpec{Name: "vda", Size: 4 << 20})
+	p.data("vda", 5, 2)
+	committed := make(chan error, 1)
+	go func() {
+		_, err := p.w.Commit(testCtx(t), lifeboat.CycleStats{BytesData: 1})
+		committed <- err
+	}()
+	select {
+	case err := <-committed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		close(release)
+		t.Fatal("Commit waited for the retention merge it started")
+	}
+	select {
+	case <-started:
+	case <-time.After(30 * time.Second):
+		close(release)
+		t.Fatal("no retention merge started after the commit")
+	}
+	// The next point waits for the chain while the merge holds it.
+	ctx, cancel := context.WithTimeout(testCtx(t), 300*time.Millisecond)
+	_, err := s.Begin(ctx, BeginSpec{VM: "a1", ID: 5, Disks: []DiskSpec{{Name: "vda", Size: 4 << 20}}})
+	cancel()
+	if err == nil {
+		close(release)
+		t.Fatal("a point began while a merge held the chain")
+	}
+	close(release)
+	s.SettleRetention()
+	if got := pointIDs(t, s, "a1"); !slices.Equal(got, []uint64{3, 4}) {
+		t.Fatalf("points after the background retention = %v, want [3 4]", got)
+	}
+	checkPoint(t, s, "a1", 3, models[2])
+	checkPoint(t, s, "a1", 4, m)
 }
 
 func TestRetentionCrashFinishedOnOpen(t *testing.T) {

@@ -597,9 +597,7 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 	_ = os.RemoveAll(w.s.abs(w.rec.RunDir))
 	w.s.log.Info("restore point committed", "vm", vm, "point", id, "bytes_data", stats.BytesData, "bytes_zero", stats.BytesZero)
 
-	if err := w.s.ApplyRetention(ctx, vm); err != nil {
-		w.s.log.Error("retention failed; it runs again after the next point", "vm", vm, "err", err)
-	}
+	w.s.retainLater(vm)
 	return w.s.public(r), nil
 }
 
