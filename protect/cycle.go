@@ -383,17 +383,16 @@ func (c *cycle) send(ctx context.Context, sock string) (lifeboat.Point, error) {
 				return lifeboat.Point{}, err
 			}
 		}
-		pl, err := planDisk(ctx, cl, d, known)
+		var more func(*diskPlan) error
+		if ct, ok := p.Target.(ChangedTarget); ok && d.old != "" {
+			// A resync compares every allocated block's hash already.
+			more = func(pl *diskPlan) error { return pl.addTargetChanges(ctx, p.VM.Name, ct) }
+		}
+		pl, err := planDisk(ctx, cl, d, known, more)
 		if err != nil {
 			return lifeboat.Point{}, fmt.Errorf("disk %q: %w", d.name, err)
 		}
 		pl.known0 = d.old == "" // on a resync, a block the replica never got is zero there
-		if ct, ok := p.Target.(ChangedTarget); ok && d.old != "" {
-			// A resync compares every allocated block's hash already.
-			if err := pl.addTargetChanges(ctx, p.VM.Name, ct); err != nil {
-				return lifeboat.Point{}, fmt.Errorf("disk %q: %w", d.name, err)
-			}
-		}
 		plans = append(plans, pl)
 		c.total += pl.changed
 	}

@@ -55,7 +55,10 @@ type diskPlan struct {
 // unallocated blocks are never read. On a resync there is no generation: the
 // blocks to handle are the allocated ones, and those the recovery site holds
 // as non-zero (known, its block map), which must become zero there.
-func planDisk(ctx context.Context, cl *nbd.Client, d *diskState, known map[int64]lifeboat.Hash) (*diskPlan, error) {
+//
+// more, when set, adds blocks to handle (addTargetChanges) before the
+// allocation of an incremental plan's blocks is asked.
+func planDisk(ctx context.Context, cl *nbd.Client, d *diskState, known map[int64]lifeboat.Hash, more func(*diskPlan) error) (*diskPlan, error) {
 	size := cl.Size()
 	nb := (size + lifeboat.BlockSize - 1) / lifeboat.BlockSize
 	pl := &diskPlan{disk: d, client: cl, size: size, blocks: nb, dirty: newBitset(nb), data: newBitset(nb), known: known}
@@ -78,6 +81,11 @@ func planDisk(ctx context.Context, cl *nbd.Client, d *diskState, known map[int64
 		})
 		if err != nil {
 			return nil, fmt.Errorf("dirty blocks of generation %q: %w", d.old, err)
+		}
+		if more != nil {
+			if err := more(pl); err != nil {
+				return nil, err
+			}
 		}
 		// Only the dirty blocks' allocation matters. Asking for the whole
 		// disk's costs the source QEMU a walk of every extent of it at every
