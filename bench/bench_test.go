@@ -192,6 +192,9 @@ func TestQuickRun(t *testing.T) {
 	if !rpo.Identical {
 		t.Error("RPO: the last point is not byte-identical to the source disks")
 	}
+	if rpo.BaseCPU <= 0 {
+		t.Errorf("RPO: the source's own CPU per MB written, without lifeboat, is %v: not measured", rpo.BaseCPU)
+	}
 
 	// 5. libvirt, where this host runs it (under CI run must have failed instead)
 	lv := res.Libvirt

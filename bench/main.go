@@ -60,6 +60,7 @@ type config struct {
 	RPODuration time.Duration
 	RPORates    []float64
 	RPOSearch   bool
+	RPOBaseline time.Duration   // the writer alone first, for the source's own cost
 	Only        map[string]bool // benchmarks to run; empty: all
 }
 
@@ -78,7 +79,7 @@ func defaultConfig() config {
 		LibvirtDisk: 2 * gib, LibvirtData: 1 * gib, LibvirtChange: 128 * mib, LibvirtRounds: 3, LibvirtInitRounds: 5,
 		FailoverDisks: []int64{4 * gib, 256 * gib}, FailoverData: 1 * gib,
 		FailbackDisk: 16 * gib, FailbackData: 1 * gib, FailbackProd: 32 * mib, FailbackRec: 256 * mib,
-		RPODisk: 8 * gib, RPODuration: 60 * time.Second, RPORates: []float64{20, 40}, RPOSearch: true,
+		RPODisk: 4 * gib, RPODuration: 60 * time.Second, RPORates: []float64{20, 40}, RPOSearch: true, RPOBaseline: 10 * time.Second,
 	}
 }
 
@@ -92,7 +93,7 @@ func quickConfig() config {
 		LibvirtDisk: 256 * mib, LibvirtData: 128 * mib, LibvirtChange: 16 * mib, LibvirtRounds: 1, LibvirtInitRounds: 1,
 		FailoverDisks: []int64{4 * gib}, FailoverData: 64 * mib,
 		FailbackDisk: 1 * gib, FailbackData: 64 * mib, FailbackProd: 4 * mib, FailbackRec: 16 * mib,
-		RPODisk: 1 * gib, RPODuration: 8 * time.Second, RPORates: []float64{20},
+		RPODisk: 1 * gib, RPODuration: 8 * time.Second, RPORates: []float64{20}, RPOBaseline: 2 * time.Second,
 	}
 }
 

@@ -474,6 +474,16 @@ produce:
 	if err := c.instantErr(); err != nil {
 		return lifeboat.Point{}, err // what was read may be from after the instant
 	}
+	if c.lv == nil {
+		// Every block is read: the copy-before-write leaves the guest's write
+		// path now rather than after the recovery site's commit (the bitmaps
+		// stay as they are until the commit's outcome decides).
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
+		if err := c.fleece.Teardown(cctx); err != nil {
+			c.log.Warn("fleece teardown before the commit failed; it is tried again after", "err", err)
+		}
+		cancel()
+	}
 	c.commitAt = time.Now()
 	c.report("commit", c.sent.Load())
 	stats := lifeboat.CycleStats{
