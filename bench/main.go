@@ -93,7 +93,7 @@ func quickConfig() config {
 		LibvirtDisk: 256 * mib, LibvirtData: 128 * mib, LibvirtChange: 16 * mib, LibvirtRounds: 1, LibvirtInitRounds: 1,
 		FailoverDisks: []int64{4 * gib}, FailoverData: 64 * mib,
 		FailbackDisk: 1 * gib, FailbackData: 64 * mib, FailbackProd: 4 * mib, FailbackRec: 16 * mib,
-		RPODisk: 1 * gib, RPODuration: 8 * time.Second, RPORates: []float64{20}, RPOBaseline: 2 * time.Second,
+		RPODisk: 256 * mib, RPODuration: 8 * time.Second, RPORates: []float64{20}, RPOBaseline: 2 * time.Second,
 	}
 }
 
