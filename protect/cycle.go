@@ -19,21 +19,18 @@ import (
 const boundedCleanup = 30 * time.Second
 
 type cycle struct {
-	p *Protector
-	// sendAt and commitAt are when the cycle began sending and committing:
-	// its phases' times, for the log.
-	sendAt, commitAt time.Time
-	log              *slog.Logger
-	mon              *qemu.Monitor
-	fleece           *qemu.Fleece
-	sock             string
-	id               uint64
-	disks            []*diskState
-	point            lifeboat.Point
-	latest           lifeboat.Point
-	stream           lifeboat.PointSink
-	lv               *virtCycle // the libvirt path's state (nil on the QMP path)
-	def              *lifeboat.Definition
+	p      *Protector
+	log    *slog.Logger
+	mon    *qemu.Monitor
+	fleece *qemu.Fleece
+	sock   string
+	id     uint64
+	disks  []*diskState
+	point  lifeboat.Point
+	latest lifeboat.Point
+	stream lifeboat.PointSink
+	lv     *virtCycle // the libvirt path's state (nil on the QMP path)
+	def    *lifeboat.Definition
 	// quiet is a cycle of a guest that cannot write (shut down, or its CPUs
 	// stopped): no freeze, and the point is as consistent as the guest left it.
 	quiet      bool
@@ -47,6 +44,9 @@ type cycle struct {
 	sentBlocks map[lifeboat.Hash]blockRef
 	total      int64
 	start      time.Time
+	// sendAt and commitAt are when the cycle began sending and committing:
+	// its phases' times, for the log.
+	sendAt, commitAt time.Time
 	// nbdStarted: the cycle started the NBD server on sock, and close stops it.
 	nbdStarted bool
 	// images are the disks' images, recorded once the point is committed.
