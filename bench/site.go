@@ -206,19 +206,7 @@ func (r *recoveryProcess) imagePath(vm string, id uint64, disk string) (string, 
 
 // cpu is the CPU the site's process has spent so far, with its children
 // (the writer daemons it started and reaped, and those still running).
-func (r *recoveryProcess) cpu() float64 {
-	pid := r.cmd.Process.Pid
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	sec, _ := statSeconds(string(b), true)
-	live, _ := childrenCPU(pid)
-	for _, s := range live {
-		sec += s
-	}
-	return sec
-}
+func (r *recoveryProcess) cpu() float64 { return processCPU(r.cmd.Process.Pid) }
 
 // Stop closes the site's stdin (it stops, closing its store) and waits, bounded.
 func (r *recoveryProcess) Stop() error {
