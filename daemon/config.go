@@ -160,6 +160,13 @@ type VMConfig struct {
 	PreFreeze        []string `yaml:"pre_freeze"`
 	PostThaw         []string `yaml:"post_thaw"`
 	HookTimeout      Duration `yaml:"hook_timeout"`
+	// Start is the command (argv, no shell) that starts the VM at this site
+	// when a failback has brought it home (`lifeboat failback --finalize`):
+	// `[systemctl, start, qemu@web1]`, say. It is run once the recovery site
+	// has handed the VM back, unless the VM runs already; lifeboat then
+	// waits until the VM's QMP answers and replicates it at once. Without
+	// it the log says to start the VM, and lifeboat waits the same way.
+	Start []string `yaml:"start"`
 	// Definition is how to start the VM elsewhere, where the VM cannot tell
 	// (its qmp: is a storage daemon's, say): each point carries what the VM
 	// tells, and this for the rest.
@@ -506,6 +513,12 @@ func (c *Config) check() error {
 		}
 		if v.FreezeLimit < 0 || v.HookTimeout < 0 {
 			return c.fail(f+".freeze_limit", "must not be negative")
+		}
+		switch {
+		case len(v.Start) > 0 && v.Libvirt != nil:
+			return c.fail(f+".start", "a libvirt domain is started through libvirtd: drop start:")
+		case len(v.Start) > 0 && v.Start[0] == "":
+			return c.fail(f+".start", "the command's first word is empty: give the program and its arguments, e.g. `start: [systemctl, start, qemu@%s]`", v.Name)
 		}
 		if v.Definition != nil {
 			if field, msg := v.Definition.check(v.Disks); field != "" {

@@ -159,6 +159,8 @@ func TestConfigErrors(t *testing.T) {
 		{"duplicate vm", goodConfig + "  - {name: web1, qmp: /x}\n", []string{"appears twice"}},
 		{"libvirt with qmp", goodConfig + "  - {name: db1, qmp: /x, libvirt: {domain: db1}}\n", []string{"vms[1] (db1).libvirt", "drop qmp:"}},
 		{"libvirt with hooks", goodConfig + "  - {name: db1, libvirt: {}, consistency: application, pre_freeze: [x]}\n", []string{"pre_freeze", "fsfreeze-hook"}},
+		{"libvirt with start", goodConfig + "  - {name: db1, libvirt: {}, start: [virsh, start, db1]}\n", []string{"vms[1] (db1).start", "libvirtd"}},
+		{"start without a program", goodConfig + "  - {name: db1, qmp: /db.qmp, start: [\"\", x]}\n", []string{"vms[1] (db1).start", "first word is empty"}},
 		{"bad vm name", strings.Replace(goodConfig, "name: web1", "name: ../web1", 1), []string{"not a VM name"}},
 		{"group of one", goodConfig + "groups:\n  - {name: g, vms: [web1]}\n", []string{"groups[0].vms", "at least two"}},
 		{"group with unknown vm", goodConfig + "  - {name: db1, qmp: /db.qmp}\ngroups:\n  - {name: g, vms: [db1, nope]}\n", []string{"groups[0].vms", "nope"}},

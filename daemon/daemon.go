@@ -26,6 +26,7 @@ import (
 type Daemon struct {
 	cfg *Config
 	log *slog.Logger
+	ctx context.Context // Run's: work the daemon starts in the background ends with it
 
 	store    *recovery.Store
 	runs     *failover.Manager // at a recovery site: VMs started from their points
@@ -64,6 +65,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	d.ctx = ctx
 	errc := make(chan error, 4)
 	// A guest this site left frozen when it died is thawed before anything else.
 	protect.ThawLeftovers(ctx, d.frozenDir(), d.log)
@@ -94,7 +96,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		// A VM failed over from here comes home through the same listener.
 		fbSite := &failback.Site{Store: fb, RunDir: filepath.Join(d.cfg.StateDir, "failback", "run"), Log: d.log, VM: d.failbackVM}
 		d.server = &wire.Server{Site: d.cfg.Site, Store: failback.Routed{Failback: fb, Other: wire.RecoveryStore(st)}, Log: d.log,
-			StartVM: d.startForOwner, TakeFailback: fbSite.Take, EndFailback: fbSite.Finish}
+			StartVM: d.startForOwner, TakeFailback: fbSite.Take, EndFailback: d.endFailback(fbSite.Finish)}
 		d.runs.LastContact = d.server.LastContact
 		go func() { errc <- d.server.Serve(l, tlsConf) }()
 		defer d.server.Stop()

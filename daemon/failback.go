@@ -97,6 +97,12 @@ func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if s := r.URL.Query().Get("wait"); s != "" {
+		if opts.Wait, err = time.ParseDuration(s); err != nil {
+			st.send(Event{Error: fmt.Sprintf("wait %q: %v", s, err)})
+			return
+		}
+	}
 	var fin failback.Finalized
 	streamCycle(st, progress, func() (lifeboat.Point, error) {
 		var err error
@@ -206,11 +212,15 @@ func (c *Client) Failback(ctx context.Context, vm string, progress func(protect.
 }
 
 // Finalize brings vm home (see failback.Back.Finalize), reporting the
-// progress of its last cycles; shutdownTimeout 0 is the default.
-func (c *Client) Finalize(ctx context.Context, vm string, shutdownTimeout time.Duration, progress func(protect.Progress)) (failback.Finalized, error) {
+// progress of its last cycles; opts' zero fields are the defaults (wait 0:
+// it returns once the VM is handed over).
+func (c *Client) Finalize(ctx context.Context, vm string, opts failback.FinalizeOptions, progress func(protect.Progress)) (failback.Finalized, error) {
 	path := "/v1/vms/" + url.PathEscape(vm) + "/failback?finalize=1"
-	if shutdownTimeout > 0 {
-		path += "&shutdown_timeout=" + url.QueryEscape(shutdownTimeout.String())
+	if opts.ShutdownTimeout > 0 {
+		path += "&shutdown_timeout=" + url.QueryEscape(opts.ShutdownTimeout.String())
+	}
+	if opts.Wait > 0 {
+		path += "&wait=" + url.QueryEscape(opts.Wait.String())
 	}
 	e, err := c.cycle(ctx, path, progress)
 	if err != nil {

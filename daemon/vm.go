@@ -35,6 +35,7 @@ type vm struct {
 	errAt    time.Time
 	progress *protect.Progress
 	watchers map[chan protect.Progress]struct{}
+	homing   bool // a failback has ended here and the VM is being brought back (home.go)
 }
 
 func newVM(d *Daemon, c VMConfig) *vm {
@@ -196,8 +197,11 @@ func (v *vm) schedule(ctx context.Context) {
 	// over at its recovery site is only checked now and then: it runs there.
 	runEvery(ctx, time.Duration(v.cfg.Interval), retryAfter, func(ctx context.Context) error {
 		v.mu.Lock()
-		failedOver, since := v.state == stateFailedOver, v.errAt
+		failedOver, since, homing := v.state == stateFailedOver, v.errAt, v.homing
 		v.mu.Unlock()
+		if homing {
+			return errHoming // its homecoming runs its first cycle
+		}
 		if failedOver && (time.Since(since) < failedOverRecheck || v.stillFailedOver(ctx)) {
 			return errFailedOverHere
 		}
@@ -226,6 +230,10 @@ func (v *vm) stillFailedOver(ctx context.Context) bool {
 // errFailedOverHere is the schedule's answer for a VM that runs at its
 // recovery site: no cycle, wait as after a failure.
 var errFailedOverHere = errors.New("failed over: runs at its recovery site")
+
+// errHoming is the schedule's answer for a VM coming home from a failback
+// (home.go): its homecoming runs the first cycle once the VM runs.
+var errHoming = errors.New("coming home from a failback")
 
 // stateFailedOver is a protected VM's state once its recovery site has
 // failed it over: the site refuses its points until it is handed back.

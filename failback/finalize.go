@@ -28,11 +28,23 @@ type Finalized struct {
 	// down until Finalize returned (the VM then waits to be started there).
 	Stopped time.Time     `json:"stopped"`
 	Took    time.Duration `json:"took_ns"`
+	// Resumed is, when the finalize waited for it (FinalizeOptions.Wait),
+	// the first point production sent after the handover: the VM ran there
+	// again at its instant. Down is how long the VM was down at most, from
+	// its stop here to that instant; nil and 0 when it did not run there in
+	// the wait.
+	Resumed *lifeboat.Point `json:"resumed,omitempty"`
+	Down    time.Duration   `json:"down_ns,omitempty"`
 }
 
-// FinalizeOptions bound the guest's power-off.
+// FinalizeOptions bound the guest's power-off, and say how long to wait
+// for the VM to run at production and replicate again.
 type FinalizeOptions struct {
 	ShutdownTimeout time.Duration // protect.DefaultShutdownTimeout when 0
+	// Wait is how long, once the VM is handed over, the finalize waits for
+	// production's first point (its daemon starts the VM, or waits for it
+	// to be started, and cycles at once). 0: it does not wait.
+	Wait time.Duration
 }
 
 // Finalize brings the VM home (`lifeboat failback VM --finalize`):
@@ -76,7 +88,10 @@ func (b *Back) Finalize(ctx context.Context, m *failover.Manager, opts FinalizeO
 			return fin, err
 		}
 		fin.Last = lifeboat.Point{VM: vm, ID: f.Last}
-		return b.finish(ctx, m, fin, f.Generations)
+		if fin, err = b.finish(ctx, m, fin, f.Generations); err != nil {
+			return fin, err
+		}
+		return b.awaitHome(ctx, fin, opts.Wait), nil
 	}
 	if fold, ok := b.folded(run, latest); ok {
 		// An earlier attempt folded the VM's last state, after its last
@@ -122,7 +137,45 @@ func (b *Back) Finalize(ctx context.Context, m *failover.Manager, opts FinalizeO
 	}
 	fin, err = b.finish(ctx, m, fin, gens)
 	fin.Took = time.Since(fin.Stopped)
-	return fin, err
+	if err != nil {
+		return fin, err
+	}
+	return b.awaitHome(ctx, fin, opts.Wait), nil
+}
+
+// homePoll is how often awaitHome looks for production's first point.
+const homePoll = 200 * time.Millisecond
+
+// awaitHome waits, for at most wait, for the first point production sends
+// after fin's handover (a point after the fold, from the VM's home), and
+// notes it in fin. The VM is home whatever comes of the wait: a VM not
+// started there in time is said, not failed.
+func (b *Back) awaitHome(ctx context.Context, fin Finalized, wait time.Duration) Finalized {
+	if wait <= 0 {
+		return fin
+	}
+	vm := b.Run.VM
+	b.Log.Info("finalize: waiting for the VM to run at its production site and replicate again", "vm", vm, "home", fin.Home, "for", wait)
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	t := time.NewTicker(homePoll)
+	defer t.Stop()
+	for {
+		if p, ok, err := b.Store.Latest(vm); err == nil && ok && p.ID > fin.Fold.ID && p.Site == fin.Home {
+			fin.Resumed, fin.Down = &p, p.Instant.Sub(fin.Stopped)
+			b.Log.Warn("finalize: the VM runs at its production site again", "vm", vm, "home", fin.Home, "point", p.ID, "down", fin.Down.Round(time.Millisecond))
+			return fin
+		}
+		if b.Progress != nil {
+			b.Progress(protect.Progress{VM: vm, Point: fin.Fold.ID, Phase: "await"})
+		}
+		select {
+		case <-wctx.Done():
+			b.Log.Warn("finalize: the VM has not replicated from its production site within the wait: start it there", "vm", vm, "home", fin.Home, "waited", wait)
+			return fin
+		case <-t.C:
+		}
+	}
 }
 
 // finish is this site's last steps: production's generations recorded on
@@ -138,7 +191,7 @@ func (b *Back) finish(ctx context.Context, m *failover.Manager, fin Finalized, g
 	if o, ok, err := b.Store.Owner(vm); err == nil && ok {
 		fin.Epoch = o.Epoch
 	}
-	b.Log.Warn("failback finalized: start the VM at its production site; its next cycle continues this site's chain", "vm", vm, "home", fin.Home, "epoch", fin.Epoch, "fold", fin.Fold.ID)
+	b.Log.Warn("failback finalized: the VM is its production site's again, which starts it; its next cycle continues this site's chain", "vm", vm, "home", fin.Home, "epoch", fin.Epoch, "fold", fin.Fold.ID)
 	return fin, nil
 }
 

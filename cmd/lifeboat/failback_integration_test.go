@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -27,7 +28,8 @@ import (
 type failbackRig struct {
 	g                   *testguest.Guest
 	dir, drCfg, prodCfg string
-	writeProdCfg        func(*testguest.Guest)
+	plug                func(*testguest.Guest) // points production's VM sockets at a guest
+	startRequested      string                 // the file the config's start: command makes
 	dr, prod            *site
 	rec                 *failover.Run
 }
@@ -48,14 +50,29 @@ func newFailbackRig(t *testing.T) *failbackRig {
 	// The VM lifeboat protects is the guest's storage daemon, whose disk is
 	// the qcow2 image itself: production records it as the failback's target.
 	// A storage daemon cannot tell how to start the guest: the config does.
+	// Its sockets are symbolic links, as a service's fixed paths are, so that
+	// the guest booted at production after the failback is the same VM to
+	// the same config. Its start: command only asks the test to boot it (a
+	// TCG guest is the test's to start and clean up; the daemon's part, run
+	// the command and wait for the VM's QMP, is the same).
 	kernel, initrd := testguest.Build(t)
-	writeProdCfg := func(g *testguest.Guest) {
-		os.WriteFile(prodCfg, []byte(fmt.Sprintf("site: prod\nstate_dir: %s/prod\nlisten: %s\ntls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}\n"+
-			"peers:\n  - {name: dr, address: %q}\nvms:\n  - name: vm1\n    qmp: %s\n    nbd_socket: %s\n"+
-			"    definition: {machine: q35, cpus: 1, memory_mib: 512, kernel: %s, initrd: %s, append: \"console=ttyS0 panic=-1 lb.workload=none\", disks: [{name: vda, device: virtio-blk-pci}]}\n",
-			dir, prodAddr, drAddr, g.StorageQMPSocket(), g.StorageNBDSocket(), kernel, initrd)), 0o600)
+	qmpLink, nbdLink := filepath.Join(dir, "vm1.qmp"), filepath.Join(dir, "vm1.nbd")
+	r.startRequested = filepath.Join(dir, "start-requested")
+	plug := func(g *testguest.Guest) {
+		for link, target := range map[string]string{qmpLink: g.StorageQMPSocket(), nbdLink: g.StorageNBDSocket()} {
+			if err := os.Symlink(target, link+".new"); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(link+".new", link); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
-	writeProdCfg(g)
+	plug(g)
+	os.WriteFile(prodCfg, []byte(fmt.Sprintf("site: prod\nstate_dir: %s/prod\nlisten: %s\ntls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}\n"+
+		"peers:\n  - {name: dr, address: %q}\nvms:\n  - name: vm1\n    qmp: %s\n    nbd_socket: %s\n    start: [touch, %s]\n"+
+		"    definition: {machine: q35, cpus: 1, memory_mib: 512, kernel: %s, initrd: %s, append: \"console=ttyS0 panic=-1 lb.workload=none\", disks: [{name: vda, device: virtio-blk-pci}]}\n",
+		dir, prodAddr, drAddr, qmpLink, nbdLink, r.startRequested, kernel, initrd)), 0o600)
 	r.dr = startSite(t, "dr", drCfg)
 	// Production's lifeboat ends with kill -9: the daemon over its disks that
 	// it started for the failback outlives it, as after a crash, and is
@@ -87,7 +104,7 @@ func newFailbackRig(t *testing.T) *failbackRig {
 		t.Fatalf("failover --list: %v %v", runs, err)
 	}
 	t.Cleanup(func() { runErr(t, "failover", "vm1", "--undo", "-c", drCfg) })
-	r.g, r.dir, r.drCfg, r.prodCfg, r.writeProdCfg, r.prod, r.rec = g, dir, drCfg, prodCfg, writeProdCfg, prod, runs[0]
+	r.g, r.dir, r.drCfg, r.prodCfg, r.plug, r.prod, r.rec = g, dir, drCfg, prodCfg, plug, prod, runs[0]
 	return r
 }
 
@@ -99,20 +116,22 @@ func newFailbackRig(t *testing.T) *failbackRig {
 // a second failback sends nothing. Production's change tracking died with
 // its QEMU here, so its own writes are found by comparing hashes; the
 // failback package's tests cover its record surviving. Then the recovered
-// guest writes more and --finalize brings the VM home: production's disk
-// equals the recovery site's new point, the run is gone, and the VM booted
-// at production replicates incrementally from that point.
+// guest writes more and --finalize brings the VM home: once the recovery
+// site has handed it over (its QEMU gone), production runs the VM's start:
+// command; its disk then equals the recovery site's new point; the guest
+// booted on it has the file the recovered guest wrote last, and production
+// replicates it at once, incrementally from that point, which the finalize
+// waits for and reports with the VM's downtime.
 func TestFailbackCommands(t *testing.T) {
 	r := newFailbackRig(t)
 	g, drCfg, prodCfg, rec := r.g, r.drCfg, r.prodCfg, r.rec
-	prod := r.prod
 	dir := r.dir
 
 	// Before production serves again, a failback is refused and says why.
 	if out, err := runErr(t, "failback", "vm1", "-c", drCfg); err == nil || !strings.Contains(out, "prod") {
 		t.Fatalf("a failback with production down: %v\n%s", err, out)
 	}
-	prod = startSite(t, "prod", prodCfg)
+	startSite(t, "prod", prodCfg)
 
 	// The recovered VM is paused, so that its disk stands still for the comparison.
 	pause(t, rec.QMP)
@@ -153,12 +172,62 @@ func TestFailbackCommands(t *testing.T) {
 	// through its agent; production takes its last state, which also
 	// becomes a point here, and the VM is handed back to production.
 	cont(t, rec.QMP)
-	guestShell(t, rec.Agent, "dd if=/dev/urandom of=/data/home.bin bs=64k count=8 status=none && sync")
+	sum := guestShell(t, rec.Agent, "dd if=/dev/urandom of=/data/home.bin bs=64k count=8 status=none && sync && sha256sum /data/home.bin")
 	stopped := time.Now()
-	out = run(t, "failback", "vm1", "--finalize", "--json", "--shutdown-timeout", "60s", "-c", drCfg)
+	type result struct {
+		out string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, err := runErr(t, "failback", "vm1", "--finalize", "--json", "--shutdown-timeout", "60s", "--wait", "100s", "-c", drCfg)
+		done <- result{out, err}
+	}()
+	// Production runs its start: command once the VM is handed over: the
+	// recovered VM is gone by then. The test then boots the guest on
+	// production's disk, as the command would have.
+	var home *testguest.Guest
+	var foldImage string
+	deadline := time.Now().Add(90 * time.Second)
+	for home == nil {
+		select {
+		case res := <-done:
+			t.Fatalf("the finalize ended before production asked for the VM to start: %v\n%s", res.err, res.out)
+		case <-time.After(100 * time.Millisecond):
+		}
+		if _, err := os.Stat(r.startRequested); err != nil {
+			if time.Now().After(deadline) {
+				t.Fatalf("production did not run the VM's start: command within 90 s of the finalize's start")
+			}
+			continue
+		}
+		if rec.Alive() {
+			t.Errorf("production ran the VM's start: command while the recovered VM's QEMU (pid %d) still ran", rec.PID)
+		}
+		if st := run(t, "status", "-c", prodCfg); !strings.Contains(st, "coming-home") {
+			t.Errorf("status at production while the VM starts:\n%s", st)
+		}
+		// The disk the VM starts on is the recovery site's newest point, the fold.
+		images, _ := filepath.Glob(filepath.Join(dir, "dr", "recovery", "vms", "vm1", "vda", "????????????????.qcow2"))
+		slices.Sort(images)
+		if len(images) == 0 {
+			t.Fatal("the recovery site holds no point image of vm1")
+		}
+		foldImage = images[len(images)-1]
+		if cmp, err := exec.Command("qemu-img", "compare", "-U", g.DiskImage(), foldImage).CombinedOutput(); err != nil {
+			t.Fatalf("the production disk, when the VM is to start, differs from the recovery site's newest point %s: %v\n%s", foldImage, err, cmp)
+		}
+		home = testguest.Boot(t, testguest.Options{Name: "fb-home", Image: g.DiskImage()})
+		r.plug(home)
+	}
+	res := <-done
+	if res.err != nil {
+		t.Fatalf("lifeboat failback vm1 --finalize: %v\n%s", res.err, res.out)
+	}
 	var fin struct {
 		ShutDown bool          `json:"shut_down"`
 		Took     time.Duration `json:"took_ns"`
+		Down     time.Duration `json:"down_ns"`
 		Home     string        `json:"home"`
 		Epoch    uint64        `json:"epoch"`
 		Last     struct {
@@ -168,17 +237,41 @@ func TestFailbackCommands(t *testing.T) {
 			ID          uint64 `json:"id"`
 			Consistency string `json:"consistency"`
 		} `json:"fold"`
+		Resumed *struct {
+			ID    uint64 `json:"id"`
+			Site  string `json:"site"`
+			Disks []struct {
+				Name   string `json:"name"`
+				Resync bool   `json:"resync"`
+				Base   uint64 `json:"base"`
+			} `json:"disks"`
+			Stats struct {
+				BytesSent int64 `json:"bytes_sent"`
+			} `json:"stats"`
+		} `json:"resumed"`
 	}
-	if err := json.Unmarshal([]byte(out), &fin); err != nil {
-		t.Fatalf("failback --finalize --json: %v\n%s", err, out)
+	if err := json.Unmarshal([]byte(res.out), &fin); err != nil {
+		t.Fatalf("failback --finalize --json: %v\n%s", err, res.out)
 	}
-	t.Logf("lifeboat failback vm1 --finalize took %v from the guest's power-off request to production's disks released:\n%s", fin.Took.Round(time.Millisecond), out)
+	t.Logf("lifeboat failback vm1 --finalize took %v from the guest's power-off request to production's disks released; the VM was down %v until its first point at production (%v from the finalize's start; the test guest's TCG boot took %v of it):\n%s",
+		fin.Took.Round(time.Millisecond), fin.Down.Round(time.Millisecond), time.Since(stopped).Round(time.Millisecond), home.BootTime().Round(time.Millisecond), res.out)
 	if !fin.ShutDown || fin.Home != "prod" || fin.Epoch != 3 || fin.Last.ID != 5 || fin.Fold.ID != 3 || fin.Fold.Consistency != "filesystem" {
 		t.Errorf("finalize: %+v; want the guest powered off, home prod under epoch 3, production at failback point 5, point 3 here (filesystem)", fin)
 	}
-	foldImage := filepath.Join(dir, "dr", "recovery", "vms", "vm1", "vda", fmt.Sprintf("%016d.qcow2", fin.Fold.ID))
-	if cmp, err := exec.Command("qemu-img", "compare", "-U", g.DiskImage(), foldImage).CombinedOutput(); err != nil {
-		t.Fatalf("the production disk after the finalize differs from the recovery site's new point: %v\n%s", err, cmp)
+	// The VM replicates again from production, incrementally from the fold's point.
+	if p := fin.Resumed; p == nil || p.ID != fin.Fold.ID+1 || p.Site != "prod" || len(p.Disks) != 1 || p.Disks[0].Resync || p.Disks[0].Base != fin.Fold.ID || p.Stats.BytesSent > 16<<20 {
+		t.Errorf("production's first point after the finalize: %+v; want point %d from prod, incremental from point %d, a few MiB at most", p, fin.Fold.ID+1, fin.Fold.ID)
+	} else {
+		t.Logf("production's first point after the finalize: %d, %d bytes sent", p.ID, p.Stats.BytesSent)
+	}
+	if fin.Down <= 0 || fin.Down > 100*time.Second {
+		t.Errorf("finalize: down %v: want the time from the guest's stop to production's first point", fin.Down)
+	}
+	if want := filepath.Join(dir, "dr", "recovery", "vms", "vm1", "vda", fmt.Sprintf("%016d.qcow2", fin.Fold.ID)); foldImage != want {
+		t.Errorf("production's disk was compared with %s, the recovery site's newest point when the VM was started; the fold is %s", foldImage, want)
+	}
+	if got := guestShell(t, home.AgentSocket(), "sha256sum /data/home.bin"); got != sum {
+		t.Errorf("the file the recovered guest wrote last reads at production as %q, want %q", got, sum)
 	}
 	if st := run(t, "failover", "--list", "-c", drCfg); strings.Contains(st, "vm1") {
 		t.Errorf("the failover run is still listed after the finalize:\n%s", st)
@@ -186,32 +279,8 @@ func TestFailbackCommands(t *testing.T) {
 	if out, err := runErr(t, "failback", "vm1", "-c", drCfg); err == nil {
 		t.Errorf("a failback after the finalize was taken:\n%s", out)
 	}
-
-	// The VM starts at production (its config names the new guest's
-	// sockets) and replicates again, incrementally from the fold's point.
-	home := testguest.Boot(t, testguest.Options{Name: "fb-home", Image: g.DiskImage()})
-	t.Logf("finalize downtime: from the finalize's start to the guest booted at production: %v", time.Since(stopped).Round(time.Millisecond))
-	r.writeProdCfg(home)
-	prod.kill() // restarted on its new config
-	startSite(t, "prod", prodCfg)
-	out = run(t, "sync", "vm1", "--json", "-c", prodCfg)
-	var next struct {
-		ID    uint64 `json:"id"`
-		Disks []struct {
-			Name   string `json:"name"`
-			Resync bool   `json:"resync"`
-			Base   uint64 `json:"base"`
-		} `json:"disks"`
-		Stats struct {
-			BytesSent int64 `json:"bytes_sent"`
-		} `json:"stats"`
-	}
-	if err := json.Unmarshal([]byte(out), &next); err != nil {
-		t.Fatalf("sync --json: %v\n%s", err, out)
-	}
-	t.Logf("production's first cycle after the finalize: point %d, %d bytes sent", next.ID, next.Stats.BytesSent)
-	if next.ID != fin.Fold.ID+1 || len(next.Disks) != 1 || next.Disks[0].Resync || next.Disks[0].Base != fin.Fold.ID || next.Stats.BytesSent > 16<<20 {
-		t.Errorf("production's first cycle after the finalize: %+v; want point %d, incremental from point %d, a few MiB at most", next, fin.Fold.ID+1, fin.Fold.ID)
+	if st := run(t, "status", "-c", prodCfg); strings.Contains(st, "coming-home") || strings.Contains(st, "failed-over") {
+		t.Errorf("status at production once the VM replicates again:\n%s", st)
 	}
 }
 
@@ -294,7 +363,7 @@ func finalizeKillRound(t *testing.T, step, victim string, delay time.Duration) {
 	}
 	sum := guestShell(t, r.rec.Agent, fmt.Sprintf("dd if=/dev/urandom of=/data/last.bin bs=64k count=%d status=none && sync && sha256sum /data/last.bin", count))
 	sites := map[string]*site{"dr": r.dr, "prod": r.prod}
-	finalize := []string{"failback", "vm1", "--finalize", "--json", "--shutdown-timeout", "60s", "-c", r.drCfg}
+	finalize := []string{"failback", "vm1", "--finalize", "--json", "--shutdown-timeout", "60s", "--wait", "0", "-c", r.drCfg}
 	var out []byte
 	if step == "cycle" {
 		untilDone(t, []string{"failback", "vm1", "-c", r.drCfg}, sites[victim], delay)
@@ -321,8 +390,11 @@ func finalizeKillRound(t *testing.T, step, victim string, delay time.Duration) {
 	if got := guestShell(t, home.AgentSocket(), "sha256sum /data/last.bin"); got != sum {
 		t.Errorf("the file the recovered guest wrote last reads at production as %q, want %q", got, sum)
 	}
-	r.writeProdCfg(home)
+	// Production restarts on its disks (the homecoming of the production
+	// site that took the finalize is not this round's subject: killed
+	// first, it cannot cycle before the test does).
 	r.prod.kill()
+	r.plug(home)
 	r.prod.start(t)
 	out = []byte(run(t, "sync", "vm1", "--json", "-c", r.prodCfg))
 	var next struct {

@@ -46,6 +46,7 @@ type progressLine struct {
 	start time.Time
 	last  time.Time
 	shown bool
+	await time.Time // when a finalize began waiting for the VM to run at production
 }
 
 func newProgressLine(w *os.File) *progressLine {
@@ -60,7 +61,15 @@ func isTerminal(f *os.File) bool {
 
 func (p *progressLine) show(pr protect.Progress) {
 	now := time.Now()
-	if !p.tty && now.Sub(p.last) < 5*time.Second && pr.Phase == "send" {
+	if !p.tty && now.Sub(p.last) < 5*time.Second && (pr.Phase == "send" || pr.Phase == "await") {
+		return
+	}
+	if pr.Phase == "await" {
+		if p.await.IsZero() {
+			p.await = now
+		}
+		p.last = now
+		p.line(fmt.Sprintf("vm %s: handed over; waiting for it to run at its production site and replicate (%s)", pr.VM, now.Sub(p.await).Round(time.Second)))
 		return
 	}
 	p.last = now
@@ -74,17 +83,15 @@ func (p *progressLine) show(pr protect.Progress) {
 		rate = float64(pr.Done) / el
 	}
 	if pr.Phase == "snapshot" {
-		line := fmt.Sprintf("vm %s: taking the instant of every disk", pr.VM)
-		if p.tty {
-			fmt.Fprintf(p.w, "\r\033[K%s", line)
-			p.shown = true
-		} else {
-			fmt.Fprintln(p.w, line)
-		}
+		p.line(fmt.Sprintf("vm %s: taking the instant of every disk", pr.VM))
 		return
 	}
-	line := fmt.Sprintf("vm %s point %d: %-8s %s / %s (%.0f%%), sent %s, %s/s", pr.VM, pr.Point, pr.Phase,
-		size(pr.Done), size(pr.Total), pct, size(pr.Sent), size(int64(rate)))
+	p.line(fmt.Sprintf("vm %s point %d: %-8s %s / %s (%.0f%%), sent %s, %s/s", pr.VM, pr.Point, pr.Phase,
+		size(pr.Done), size(pr.Total), pct, size(pr.Sent), size(int64(rate))))
+}
+
+// line shows one progress line: in place on a terminal, else as a line.
+func (p *progressLine) line(line string) {
 	if p.tty {
 		fmt.Fprintf(p.w, "\r\033[K%s", line)
 		p.shown = true
