@@ -106,8 +106,32 @@ func (s *Store) startDaemonOnce(ctx context.Context, runDir string, names, files
 				// thread pool by itself where the kernel refuses an AIO context.
 				proto["aio"] = "native"
 			}
+			if s.prealloc.Load() {
+				// Every write of a new point allocates a cluster at the
+				// image's end. Growing the file by each write serialises
+				// the writes in the file system (ext4 takes an O_DIRECT
+				// write past the end under its inode lock): the
+				// preallocate filter grows it 128 MiB at a time and cuts
+				// it back to its end when the image is closed. 2800 random
+				// 64 KiB writes into a new overlay through the Writer, 8 in
+				// flight, O_DIRECT, 9 rounds each here: 16 GiB disk 0.73 s
+				// without it, 0.42 s with it (means); 64 GiB 0.91 s, 0.66 s.
+				spec["file"] = map[string]any{"driver": "preallocate", "file": proto}
+			}
 		}
-		if err := run("opening "+file, func(ctx context.Context) error { return d.Monitor().BlockdevAdd(ctx, spec) }); err != nil {
+		add := func(ctx context.Context) error {
+			err := d.Monitor().BlockdevAdd(ctx, spec)
+			if f, ok := spec["file"].(map[string]any); ok && err != nil && f["driver"] == "preallocate" && strings.Contains(err.Error(), "preallocate") {
+				// A QEMU older than 6.0 has no preallocate filter: write
+				// through the file alone from now on.
+				s.log.Warn("this QEMU has no preallocate filter: new restore points are written without it (slower)", "err", err)
+				s.prealloc.Store(false)
+				spec["file"] = proto
+				err = d.Monitor().BlockdevAdd(ctx, spec)
+			}
+			return err
+		}
+		if err := run("opening "+file, add); err != nil {
 			if _, serr := os.Stat(file); serr == nil {
 				// Seen once in CI: QEMU reported a path one byte short of the one
 				// sent. Say so, with the bytes sent, for the next time.

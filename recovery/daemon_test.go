@@ -138,3 +138,34 @@ func TestWriterCacheMode(t *testing.T) {
 		}
 	}
 }
+
+// The writer daemon writes new images through QEMU's preallocate filter (a
+// new point's every write allocates at the image's end; growing the file a
+// write at a time serialises them), and the filter cuts the file back when
+// the image is closed: a committed point's image holds its data and
+// metadata, not the 128 MiB the filter grew it by.
+func TestWriterPreallocates(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	p := begin(t, s, "pa", 1, model{}, DiskSpec{Name: "vda", Size: 4 << 20, Resync: true})
+	p.data("vda", 0, 16)
+	img := s.abs(filepath.Join("vms", "pa", "vda", "0000000000000001.qcow2"))
+	var st syscall.Stat_t
+	if err := syscall.Stat(img, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Size < 64<<20 {
+		t.Errorf("point 1's image being written is %d bytes: the preallocate filter did not grow it", st.Size)
+	}
+	pt := p.commit()
+	if got := s.abs(pt.Disks[0].File); got != img {
+		t.Fatalf("point 1's image is %s, the test looked at %s", got, img)
+	}
+	if err := syscall.Stat(img, &st); err != nil {
+		t.Fatal(err)
+	}
+	// 16 blocks of 64 KiB, plus the qcow2 header, tables and refcounts.
+	if used := st.Blocks * 512; used > 4<<20 || st.Size > 4<<20 {
+		t.Errorf("point 1's image is %d bytes and uses %d on disk after the commit: the preallocated tail was not cut back", st.Size, used)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -50,6 +51,9 @@ type Store struct {
 	// direct: the writer daemon opens new images with O_DIRECT (the store's
 	// file system takes it; see directIO).
 	direct bool
+	// prealloc: the writer daemon puts QEMU's preallocate filter under new
+	// images (see startDaemonOnce); cleared for good if QEMU lacks it.
+	prealloc atomic.Bool
 
 	mu      sync.Mutex
 	locks   map[string]*vmLock
@@ -125,6 +129,7 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	}
 	s.bgCtx, s.bgCancel = context.WithCancel(context.Background())
 	s.direct = directIO(filepath.Join(abs, "vms"))
+	s.prealloc.Store(true)
 	if !s.direct {
 		s.log.Warn("the store's file system does not take O_DIRECT: restore points are written through the page cache, which costs more CPU", "dir", abs)
 	}
