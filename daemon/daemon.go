@@ -93,6 +93,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		defer fb.Close(context.WithoutCancel(ctx))
 		d.failback = fb
+		// A failback finished before this site stopped, its VM not
+		// replicating from here since: bring it home (home.go).
+		for vm, fold := range fb.HomePending() {
+			if v, ok := d.vms[vm]; ok {
+				v.comeHome(ctx, fold)
+			}
+		}
 		// A VM failed over from here comes home through the same listener.
 		fbSite := &failback.Site{Store: fb, RunDir: filepath.Join(d.cfg.StateDir, "failback", "run"), Log: d.log, VM: d.failbackVM}
 		d.server = &wire.Server{Site: d.cfg.Site, Store: failback.Routed{Failback: fb, Other: wire.RecoveryStore(st)}, Log: d.log,

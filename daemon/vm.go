@@ -109,6 +109,12 @@ func (v *vm) sync(ctx context.Context) (lifeboat.Point, error) {
 	v.last = &pt
 	v.mu.Unlock()
 	v.setState("protected", nil)
+	if fb := v.d.failback; fb != nil {
+		// A VM that came home from a failback is home once it replicates.
+		if err := fb.MarkResumed(v.cfg.Name); err != nil {
+			v.d.log.Error("recording that the VM replicates again after its failback", "vm", v.cfg.Name, "err", err)
+		}
+	}
 	return pt, nil
 }
 

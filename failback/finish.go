@@ -29,9 +29,69 @@ type homeRecord struct {
 	Held        uint64            `json:"held"`
 	Fold        uint64            `json:"fold"`
 	Generations map[string]string `json:"generations"`
+	// Resumed: a cycle from here has been committed since (MarkResumed):
+	// the VM is home and replicates. Until then a restarted site brings it
+	// home again (HomePending), and a new failback from Owner is refused
+	// (a late retry of the finished one); after it, a failback is a new
+	// failover's.
+	Resumed bool `json:"resumed,omitempty"`
 }
 
 func (s *Store) homePath(vm string) string { return filepath.Join(s.dir, vm+".home.json") }
+
+// readHome reads vm's finished failback record, if there is one.
+func (s *Store) readHome(vm string) (homeRecord, bool, error) {
+	b, err := os.ReadFile(s.homePath(vm))
+	if errors.Is(err, os.ErrNotExist) {
+		return homeRecord{}, false, nil
+	}
+	var h homeRecord
+	if err == nil {
+		err = json.Unmarshal(b, &h)
+	}
+	if err != nil {
+		return homeRecord{}, false, fmt.Errorf("vm %q: finished failback record %s: %w", vm, s.homePath(vm), err)
+	}
+	return h, true, nil
+}
+
+// HomePending is, by VM, the fold point of each failback finished here
+// whose VM has not replicated from here since: the VMs to bring home.
+func (s *Store) HomePending() map[string]uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[string]uint64{}
+	for vm, fold := range s.pending {
+		out[vm] = fold
+	}
+	return out
+}
+
+// MarkResumed records that vm replicated from here after its failback
+// finished (a cycle committed): it is home. Cheap when there is nothing
+// to record (each cycle calls it).
+func (s *Store) MarkResumed(vm string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.pending[vm]; !ok {
+		return nil
+	}
+	h, ok, err := s.readHome(vm)
+	if err != nil || !ok {
+		delete(s.pending, vm)
+		return err
+	}
+	h.Resumed = true
+	b, err := json.MarshalIndent(h, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := fsutil.WriteFileAtomic(s.homePath(vm), b, 0o600); err != nil {
+		return fmt.Errorf("vm %q: finished failback record: %w", vm, err)
+	}
+	delete(s.pending, vm)
+	return nil
+}
 
 // Finish ends vm's failback from site: its disks must hold point held (a
 // repeated Finish of a failback finished with fold gets its generations,
@@ -42,17 +102,20 @@ func (s *Store) homePath(vm string) string { return filepath.Join(s.dir, vm+".ho
 func (s *Store) Finish(ctx context.Context, site, vm string, held uint64, fold lifeboat.Point) (map[string]string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if b, err := os.ReadFile(s.homePath(vm)); err == nil {
-		var h homeRecord
-		if err := json.Unmarshal(b, &h); err != nil {
-			return nil, fmt.Errorf("vm %q: finished failback record %s: %w", vm, s.homePath(vm), err)
-		}
+	if h, ok, err := s.readHome(vm); err != nil {
+		return nil, err
+	} else if ok {
 		if h.Owner == site && h.Fold == fold.ID {
 			if v, ok := s.vms[vm]; ok { // reopened after a crash before the record went
 				v.prod.Close(context.WithoutCancel(ctx))
 				delete(s.vms, vm)
 			}
-			return h.Generations, os.Remove(s.path(vm))
+			// The failback's own record went with the first Finish, unless
+			// the site died between the two writes.
+			if err := os.Remove(s.path(vm)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, err
+			}
+			return h.Generations, nil
 		}
 	}
 	v, ok := s.vms[vm]
@@ -91,6 +154,7 @@ func (s *Store) Finish(ctx context.Context, site, vm string, held uint64, fold l
 	if err := fsutil.WriteFileAtomic(s.homePath(vm), b, 0o600); err != nil {
 		return nil, fmt.Errorf("vm %q: finished failback record: %w", vm, err)
 	}
+	s.pending[vm] = fold.ID
 	if err := os.Remove(s.path(vm)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}

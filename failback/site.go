@@ -2,10 +2,8 @@ package failback
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -44,11 +42,12 @@ func (s *Site) Take(ctx context.Context, site, vm string, holds lifeboat.Point, 
 		}
 		return held, nil // prepared already: the failback goes on
 	}
-	if b, err := os.ReadFile(s.Store.homePath(vm)); err == nil {
-		var h homeRecord
-		if json.Unmarshal(b, &h) == nil && h.Owner == site {
-			return lifeboat.Point{}, fmt.Errorf("vm %q: its failback from %q "+finishedPhrase+" (its disks took failback point %d, continued by point %d there): run its finalize again at %q, or start the VM here", vm, site, h.Held, h.Fold, site)
-		}
+	if h, ok, err := s.Store.readHome(vm); err != nil {
+		return lifeboat.Point{}, err
+	} else if ok && h.Owner == site && !h.Resumed {
+		// A late retry of the finished failback. Once the VM has replicated
+		// from here, a failback is a new failover's.
+		return lifeboat.Point{}, fmt.Errorf("vm %q: its failback from %q "+finishedPhrase+" (its disks took failback point %d, continued by point %d there): run its finalize again at %q, or start the VM here", vm, site, h.Held, h.Fold, site)
 	}
 	info, ok := s.VM(ctx, vm)
 	if !ok {

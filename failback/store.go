@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,8 +28,9 @@ type Store struct {
 	dir string
 	log *slog.Logger
 
-	mu  sync.Mutex
-	vms map[string]*vmFailback
+	mu      sync.Mutex
+	vms     map[string]*vmFailback
+	pending map[string]uint64 // VM -> fold: failbacks finished here, the VM not replicating since (finish.go)
 }
 
 // vmFailback is one VM's failback at production.
@@ -62,7 +64,25 @@ func NewStore(dir string, log *slog.Logger) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("failback records: %w", err)
 	}
-	return &Store{dir: dir, log: log.With("component", "failback"), vms: map[string]*vmFailback{}}, nil
+	s := &Store{dir: dir, log: log.With("component", "failback"), vms: map[string]*vmFailback{}, pending: map[string]uint64{}}
+	homes, err := filepath.Glob(filepath.Join(dir, "*.home.json"))
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range homes {
+		vm := strings.TrimSuffix(filepath.Base(p), ".home.json")
+		h, ok, err := s.readHome(vm)
+		if err != nil {
+			// One VM's unreadable record must not stop the site: that VM's
+			// failbacks are refused with this error until it is fixed.
+			s.log.Error("reading a finished failback record; fix or remove it", "vm", vm, "err", err)
+			continue
+		}
+		if ok && !h.Resumed {
+			s.pending[vm] = h.Fold
+		}
+	}
+	return s, nil
 }
 
 // Prepare readies vm's failback from owner: its disks, open (the production

@@ -390,21 +390,51 @@ func finalizeKillRound(t *testing.T, step, victim string, delay time.Duration) {
 	if got := guestShell(t, home.AgentSocket(), "sha256sum /data/last.bin"); got != sum {
 		t.Errorf("the file the recovered guest wrote last reads at production as %q, want %q", got, sum)
 	}
-	// Production restarts on its disks (the homecoming of the production
-	// site that took the finalize is not this round's subject: killed
-	// first, it cannot cycle before the test does).
+	// Production restarts before the VM has replicated from there (killed
+	// first, its homecoming cannot have cycled): the restarted site brings
+	// the VM home by itself, and its first cycle is incremental.
 	r.prod.kill()
 	r.plug(home)
 	r.prod.start(t)
-	out = []byte(run(t, "sync", "vm1", "--json", "-c", r.prodCfg))
-	var next struct {
+	type pointJSON struct {
+		ID    uint64 `json:"id"`
+		Site  string `json:"site"`
 		Disks []struct {
 			Resync bool   `json:"resync"`
 			Base   uint64 `json:"base"`
 		} `json:"disks"`
 	}
-	if err := json.Unmarshal(out, &next); err != nil || len(next.Disks) != 1 || next.Disks[0].Resync || next.Disks[0].Base != fin.Fold.ID {
-		t.Errorf("production's first cycle after the finalize: %v %+v; want incremental from point %d\n%s", err, next, fin.Fold.ID, out)
+	var next pointJSON
+	for deadline := time.Now().Add(60 * time.Second); next.ID <= fin.Fold.ID; time.Sleep(250 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the restarted production site sent no point within 60 s of the VM running there; the recovery site's points:\n%s", run(t, "points", "vm1", "-c", r.drCfg))
+		}
+		var pts []json.RawMessage
+		if err := json.Unmarshal([]byte(run(t, "points", "vm1", "--json", "-c", r.drCfg)), &pts); err != nil || len(pts) == 0 {
+			t.Fatalf("points --json: %v", err)
+		}
+		for _, raw := range pts { // the newest
+			var p struct {
+				ID uint64 `json:"id"`
+			}
+			if err := json.Unmarshal(raw, &p); err != nil {
+				t.Fatal(err)
+			}
+			if p.ID > next.ID {
+				next = pointJSON{} // a fresh value: omitted fields must not keep an older point's
+				if err := json.Unmarshal(raw, &next); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	if next.ID != fin.Fold.ID+1 || next.Site != "prod" || len(next.Disks) != 1 || next.Disks[0].Resync || next.Disks[0].Base != fin.Fold.ID {
+		t.Errorf("production's first point after the finalize: %+v; want point %d from prod, incremental from point %d; production's log:\n%s", next, fin.Fold.ID+1, fin.Fold.ID, readFile(r.prod.log))
+	}
+	// Home now: the finished failback's record no longer refuses a new one.
+	rec, err := os.ReadFile(filepath.Join(r.dir, "prod", "failback", "vm1.home.json"))
+	if err != nil || !strings.Contains(string(rec), `"resumed": true`) {
+		t.Errorf("production's record of the finished failback after its first point: %v\n%s", err, rec)
 	}
 }
 
