@@ -13,6 +13,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/bufpool"
 	"github.com/lifeboat-dr/lifeboat/nbd"
 	"github.com/lifeboat-dr/lifeboat/qemu"
 )
@@ -449,7 +450,9 @@ func (w *Writer) CopyBlock(ctx context.Context, disk string, off int64, srcDisk 
 	if have != h {
 		return &HashMismatchError{VM: w.spec.VM, Disk: srcDisk, Offset: srcOff}
 	}
-	buf := make([]byte, length)
+	bp := bufpool.Shared.Get(int(length)) // read into whole before it is hashed
+	defer bufpool.Shared.Put(bp)
+	buf := *bp
 	if err := src.client.Read(ctx, buf, srcOff); err != nil {
 		return w.fail(fmt.Errorf("vm %q disk %q: reading back the copy source at offset %d: %w", w.spec.VM, srcDisk, srcOff, err))
 	}

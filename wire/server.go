@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/bufpool"
 	"github.com/lifeboat-dr/lifeboat/pki"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire/wirepb"
@@ -643,10 +644,9 @@ func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			var buf []byte
 			for f := range work {
 				if ctx.Err() == nil {
-					if err := s.apply(ctx, w, f.f, &buf); err != nil {
+					if err := s.apply(ctx, w, f.f); err != nil {
 						fail(err)
 					}
 				}
@@ -732,7 +732,7 @@ func decodeFrame(typ byte, payload []byte) (*wirepb.Frame, error) {
 	return nil, fmt.Errorf("unknown frame type %q", typ)
 }
 
-func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame, buf *[]byte) error {
+func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame) error {
 	switch body := f.Body.(type) {
 	case *wirepb.Frame_Blocks:
 		b := body.Blocks
@@ -745,10 +745,9 @@ func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame, buf 
 		}
 		data := b.Data
 		if b.Zstd {
-			if cap(*buf) < int(b.Length) {
-				*buf = make([]byte, 0, MaxChunk)
-			}
-			data, err = decompress(*buf, b.Data, int(b.Length))
+			db := bufpool.Shared.Get(int(b.Length))
+			defer bufpool.Shared.Put(db) // WriteBlocks is done with data when it returns
+			data, err = decompress((*db)[:0], b.Data, int(b.Length))
 			if err != nil {
 				return fmt.Errorf("disk %q offset %d: %w", b.Disk, b.Offset, err)
 			}

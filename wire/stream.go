@@ -8,13 +8,13 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"sync"
 
 	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/lifeboat-dr/lifeboat/internal/bufpool"
 	"github.com/lifeboat-dr/lifeboat/wire/wirepb"
 )
 
@@ -136,24 +136,11 @@ func (fr *frameReader) next() (typ byte, payload []byte, err error) {
 	return head[0], payload, nil
 }
 
-// payloadPool holds buffers for whole chunks; smaller frames take plain slices.
-var payloadPool = sync.Pool{New: func() any { b := make([]byte, maxFrame); return &b }}
+// getPayload is a buffer of n bytes from the shared pool, for a frame's
+// payload (read into it whole before anything reads it).
+func getPayload(n int) []byte { return *bufpool.Shared.Get(n) }
 
-const smallPayload = 64 << 10
-
-func getPayload(n int) []byte {
-	if n <= smallPayload {
-		return make([]byte, n)
-	}
-	return (*payloadPool.Get().(*[]byte))[:n]
-}
-
-func putPayload(b []byte) {
-	if cap(b) == maxFrame {
-		b = b[:maxFrame]
-		payloadPool.Put(&b)
-	}
-}
+func putPayload(b []byte) { bufpool.Shared.Put(&b) }
 
 // statusFrame is an Error frame saying err: its gRPC status when it has one.
 func statusFrame(err error) []byte {
