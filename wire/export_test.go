@@ -8,3 +8,6 @@ func SetCopySourceWait(d time.Duration) (restore func()) {
 	copySourceWait = d
 	return func() { copySourceWait = old }
 }
+
+// InflightBytes is the bound on a point's frames read and not yet written.
+const InflightBytes = inflightBytes
