@@ -3,17 +3,13 @@ package wire_test
 import (
 	"context"
 	"math/rand/v2"
-	"net"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
-	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
-	"github.com/lifeboat-dr/lifeboat/pki"
-	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
@@ -75,21 +71,8 @@ func TestReceiveWritesAtOnceWithinBytes(t *testing.T) {
 		{"4MiB", 4 << 20, 24, 8, 200 * time.Millisecond}, // never reached: the bound allows 7
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			site := testsite.Start(t, recovery.Options{})
-			srvTLS, err := pki.ServerTLS(pki.SiteFiles(site.PKI, "dr"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			l, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
 			store := &gateStore{want: tc.want, hold: tc.hold}
-			srv := &wire.Server{Site: "dr", Store: store}
-			go srv.Serve(l, srvTLS)
-			defer srv.Stop()
-			site.Addr = l.Addr().String()
-			c := site.Dial(t, wire.CompressionZstd)
+			c := serveStore(t, store)
 			data := make([]byte, tc.size)
 			workload.Random(rng, data)
 			hs := make([]lifeboat.Hash, tc.size/lifeboat.BlockSize)

@@ -47,23 +47,29 @@ func (w *discardWriter) Commit(context.Context, lifeboat.CycleStats) (lifeboat.P
 }
 func (w *discardWriter) Abort(context.Context) error { return nil }
 
-// BenchmarkWire sends 1 MiB chunks of random data through one point stream over
-// loopback mutual TLS, from 8 goroutines, receiver hashing as the real one does.
-func BenchmarkWire(b *testing.B) {
-	site := testsite.Start(b, recovery.Options{})
+// serveStore serves store on loopback mutual TLS, as the recovery site "dr",
+// and dials it.
+func serveStore(t testing.TB, store wire.Store) *wire.Client {
+	site := testsite.Start(t, recovery.Options{})
 	srvTLS, err := pki.ServerTLS(pki.SiteFiles(site.PKI, "dr"))
 	if err != nil {
-		b.Fatal(err)
+		t.Fatal(err)
 	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		b.Fatal(err)
+		t.Fatal(err)
 	}
-	srv := &wire.Server{Site: "dr", Store: discardStore{}}
+	srv := &wire.Server{Site: "dr", Store: store}
 	go srv.Serve(l, srvTLS)
-	defer srv.Stop()
+	t.Cleanup(srv.Stop)
 	site.Addr = l.Addr().String()
-	c := site.Dial(b, wire.CompressionZstd)
+	return site.Dial(t, wire.CompressionZstd)
+}
+
+// BenchmarkWire sends 1 MiB chunks of random data through one point stream over
+// loopback mutual TLS, from 8 goroutines, receiver hashing as the real one does.
+func BenchmarkWire(b *testing.B) {
+	c := serveStore(b, discardStore{})
 	data := make([]byte, 1<<20)
 	workload.Random(rand.New(rand.NewPCG(testenv.Seed(b), 2)), data)
 	hs := make([]lifeboat.Hash, 16)
