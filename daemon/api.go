@@ -82,7 +82,12 @@ func (d *Daemon) listenAPI() (*apiServer, error) {
 	mux.HandleFunc("POST /v1/plans/{name}/stop", a.planStop)
 	mux.HandleFunc("GET /v1/runs", a.runs)
 	mux.HandleFunc("POST /v1/runs/{id}", a.runAction)
-	a.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	// A request's work (a sync, a failback cycle) ends with the site: when
+	// the site stops, its context is cancelled, the work cleans up (the
+	// fleece and exports it added to the VM's QEMU, the point it was
+	// sending) and Close waits for that.
+	a.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second,
+		BaseContext: func(net.Listener) context.Context { return cmp.Or(d.ctx, context.Background()) }}
 	return a, nil
 }
 
@@ -94,8 +99,12 @@ func (a *apiServer) Serve() error {
 	return err
 }
 
+// apiStopBound bounds the wait at a site's stop for the API's requests,
+// cancelled by then, to clean up and end.
+const apiStopBound = 30 * time.Second
+
 func (a *apiServer) Close() error {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), apiStopBound)
 	defer cancel()
 	return a.srv.Shutdown(ctx)
 }

@@ -400,15 +400,7 @@ func TestKillSitesMidCycle(t *testing.T) {
 	for round, k := range plan {
 		victim := k.victim
 		t.Logf("round %d: kill -9 %s %v into the cycle", round, victim.name, k.after)
-		if err := d.guest.Fill(context.Background(), 0.6); err != nil { // rewrites 150 MiB: a cycle long enough to interrupt
-			t.Fatal(err)
-		}
-		sync := exec.Command(binary, "sync", "vm1", "-c", d.prod.config)
-		var out bytes.Buffer
-		sync.Stdout, sync.Stderr = &out, &out
-		if err := sync.Start(); err != nil {
-			t.Fatal(err)
-		}
+		sync, out := d.startLongSync(t)
 		if k.after < 0 {
 			waitWriting(t, d.dir)
 		} else {
@@ -443,6 +435,23 @@ func TestKillSitesMidCycle(t *testing.T) {
 		d.checkLatest(t, want)
 		run(t, "verify", "vm1", "-c", d.dr.config)
 	}
+}
+
+// startLongSync rewrites 150 MiB of the VM's disk, so that its cycle is long
+// enough to interrupt, and starts `lifeboat sync` of it; out gets what the
+// command prints.
+func (d *deployment) startLongSync(t *testing.T) (sync *exec.Cmd, out *bytes.Buffer) {
+	t.Helper()
+	if err := d.guest.Fill(context.Background(), 0.6); err != nil {
+		t.Fatal(err)
+	}
+	sync = exec.Command(binary, "sync", "vm1", "-c", d.prod.config)
+	out = &bytes.Buffer{}
+	sync.Stdout, sync.Stderr = out, out
+	if err := sync.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return sync, out
 }
 
 // waitWriting waits until the recovery site is writing a point: its writer

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"os/exec"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/qemu"
+)
+
+// stopBound is how long a site may take to stop on SIGTERM in the middle of
+// a cycle: its cycle is cancelled and cleaned up, not waited for.
+const stopBound = 30 * time.Second
+
+// stop is systemd's stop: SIGTERM, then a wait of at most stopBound for the
+// site to exit. It returns how long the site took and how it exited.
+func (s *site) stop(t *testing.T) (time.Duration, error) {
+	t.Helper()
+	start := time.Now()
+	if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.cmd.Wait() }()
+	select {
+	case err := <-done:
+		s.cmd = nil
+		return time.Since(start), err
+	case <-time.After(stopBound):
+		s.kill()
+		t.Fatalf("site %s still ran %v after SIGTERM; its log:\n%s", s.name, stopBound, readFile(s.log))
+		return 0, nil
+	}
+}
+
+// vmBlockState is what of the VM's QEMU a cycle adds and must take away
+// again: its block nodes and its exports.
+func vmBlockState(t *testing.T, qmp string) (nodes, exports []string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	m, err := qemu.Dial(ctx, qmp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	ns, err := m.Nodes(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range ns {
+		nodes = append(nodes, n.NodeName)
+	}
+	es, err := m.Exports(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range es {
+		exports = append(exports, e.ID)
+	}
+	slices.Sort(nodes)
+	slices.Sort(exports)
+	return nodes, exports
+}
+
+// SIGTERM, systemd's stop, of either site in the middle of a cycle (the
+// protected site's while its recovery site hangs): the site exits cleanly
+// within stopBound, the VM's QEMU is left as it was before the
+// cycle (no fleece node, no export), the recovery site's writer daemon is
+// gone, no point appears, and after a restart the next cycle is incremental
+// and byte-exact.
+func TestStopSitesMidCycle(t *testing.T) {
+	d := deploy(t, 256<<20)
+	if err := d.guest.Fill(context.Background(), 0.3); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "sync", "vm1", "-c", d.prod.config)
+	nodes0, exports0 := vmBlockState(t, d.vm.QMPSocket())
+	committed := d.points(t, d.dr.config)[0].ID
+	for _, victim := range []*site{d.prod, d.dr} {
+		sync, out := d.startLongSync(t)
+		waitWriting(t, d.dir)
+		if victim == d.prod {
+			// The recovery site stops answering (SIGSTOP: the one way to
+			// make a real site hang): the cycle cannot end by itself, and
+			// the protected site must still stop, and clean up, at once.
+			if err := d.dr.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(300 * time.Millisecond)
+		}
+		took, err := victim.stop(t)
+		if victim == d.prod {
+			d.dr.cmd.Process.Signal(syscall.SIGCONT)
+		}
+		var exit *exec.ExitError
+		if err != nil && !errors.As(err, &exit) {
+			t.Fatal(err)
+		}
+		if err != nil {
+			t.Errorf("site %s exited with %v on SIGTERM; want 0; its log:\n%s", victim.name, err, readFile(victim.log))
+		}
+		t.Logf("site %s stopped %v after SIGTERM mid-cycle", victim.name, took.Round(time.Millisecond))
+		if err := sync.Wait(); err == nil {
+			t.Logf("the cycle finished before %s stopped", victim.name)
+		} else {
+			t.Logf("sync failed as it should when %s stopped: %s", victim.name, strings.TrimSpace(out.String()))
+		}
+		// The recovery site drops the point it was writing, and its writer,
+		// whichever side stopped (a stopped sender ends its stream).
+		for deadline := time.Now().Add(10 * time.Second); processWith("qemu-storage-daemon", d.dir+"/dr"); time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("the recovery site's writer daemon still runs 10 s after %s stopped", victim.name)
+			}
+		}
+		if victim == d.prod {
+			// The stopped protected site took back everything it added.
+			if nodes, exports := vmBlockState(t, d.vm.QMPSocket()); !slices.Equal(nodes, nodes0) || !slices.Equal(exports, exports0) {
+				t.Errorf("the VM's QEMU after its site stopped mid-cycle: nodes %v, exports %v; before the cycle: %v, %v", nodes, exports, nodes0, exports0)
+			}
+		}
+		victim.start(t)
+		pts := d.points(t, d.dr.config)
+		if latest := pts[len(pts)-1].ID; latest != committed && latest != committed+1 {
+			t.Fatalf("latest point %d after a cycle cut by a stop, want %d (or %d if it committed first)", latest, committed, committed+1)
+		} else {
+			committed = latest
+		}
+		want := d.hashes(t)
+		run(t, "sync", "vm1", "-c", d.prod.config)
+		committed++
+		pts = d.points(t, d.dr.config)
+		last := pts[len(pts)-1]
+		if last.ID != committed {
+			t.Fatalf("latest point %d after the restart's cycle, want %d", last.ID, committed)
+		}
+		for _, dk := range last.Disks {
+			if dk.Resync {
+				t.Errorf("point %d disk %s after %s stopped mid-cycle: a resync, want the change tracking to survive a clean stop", last.ID, dk.Name, victim.name)
+			}
+		}
+		d.checkLatest(t, want)
+		run(t, "verify", "vm1", "-c", d.dr.config)
+	}
+}
