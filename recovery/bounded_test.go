@@ -390,3 +390,46 @@ func TestWriterSpillsItsRecord(t *testing.T) {
 		t.Errorf("record %+v, want the zero run split in two by block 3", st)
 	}
 }
+
+// TestWriterCopiesReadOnce: many copies of one source read it back once
+// (the writer keeps it), every copy lands whole; a source rewritten with
+// other data is read again for a copy of its new content, never served from
+// what was kept; and a full cache starts over without losing a copy.
+func TestWriterCopiesReadOnce(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	m := model{}
+	p := begin(t, s, "cp", 1, m, DiskSpec{Name: "vda", Size: 64 << 20}, DiskSpec{Name: "vdb", Size: 64 << 20})
+	p.data("vda", 0, 1)
+	h0 := lifeboat.HashBlock(m["vda"][:B])
+	copyOf := func(disk string, dst int64, srcDisk string, src int64, h lifeboat.Hash) {
+		t.Helper()
+		if err := p.w.CopyBlock(testCtx(t), disk, dst*B, srcDisk, src*B, B, h); err != nil {
+			t.Fatalf("copy of %s block %d to %s block %d: %v", srcDisk, src, disk, dst, err)
+		}
+		copy(m[disk][dst*B:(dst+1)*B], m[srcDisk][src*B:(src+1)*B])
+	}
+	for i := range int64(50) {
+		copyOf("vdb", 10+i, "vda", 0, h0)
+	}
+	if n := len(p.w.copies); n != 1 {
+		t.Errorf("after 50 copies of one source the writer keeps %d blocks read back, want 1", n)
+	}
+	// The source gets other data: a copy of its new content reads it again.
+	p.data("vda", 0, 1)
+	h1 := lifeboat.HashBlock(m["vda"][:B])
+	copyOf("vdb", 100, "vda", 0, h1)
+	if c := p.w.copies[copySource{"vda", 0, B}]; c.h != h1 {
+		t.Errorf("the block kept for vda block 0 has hash %x, want the new content's %x", c.h[:4], h1[:4])
+	}
+	// More sources than the writer keeps: it starts over, and copies land.
+	p.data("vda", 1, copiesKept+10)
+	for i := range int64(copiesKept + 10) {
+		copyOf("vdb", 200+i, "vda", 1+i, lifeboat.HashBlock(m["vda"][(1+i)*B:(2+i)*B]))
+	}
+	if n := len(p.w.copies); n > copiesKept {
+		t.Errorf("the writer keeps %d blocks read back, at most %d", n, copiesKept)
+	}
+	p.commit()
+	checkPoint(t, s, "cp", 1, m)
+}

@@ -84,6 +84,28 @@ type Writer struct {
 	ended    bool           // committed or aborted
 	failed   error          // a write failed: the point cannot be committed
 	inflight sync.WaitGroup // writes between their checks and their record
+
+	copyMu sync.Mutex
+	copies map[copySource]copied // blocks read back for copies (CopyBlock)
+}
+
+// A point's copies often name one source many times (a disk full of one
+// pattern, a template's repeated blocks): the blocks read back for copies
+// are kept, at most copiesKept of them, so that such a source is read once.
+// Each is checked against its hash again when written, as every block is.
+// `make bench`'s RPO run starts with the initial sync of two 4 GiB disks
+// full of one pattern: 32 s before, 27 s with it (one run each).
+const copiesKept = 128
+
+type copySource struct {
+	disk   string
+	off    int64
+	length int
+}
+
+type copied struct {
+	h    lifeboat.Hash
+	data []byte // never written to once kept
 }
 
 type writeDisk struct {
@@ -450,13 +472,33 @@ func (w *Writer) CopyBlock(ctx context.Context, disk string, off int64, srcDisk 
 	if have != h {
 		return &HashMismatchError{VM: w.spec.VM, Disk: srcDisk, Offset: srcOff}
 	}
+	key := copySource{srcDisk, srcOff, length}
+	w.copyMu.Lock()
+	c, ok := w.copies[key]
+	w.copyMu.Unlock()
+	if ok && c.h == h {
+		return w.WriteBlocks(ctx, disk, off, c.data, []lifeboat.Hash{h})
+	}
 	bp := bufpool.Shared.Get(int(length)) // read into whole before it is hashed
-	defer bufpool.Shared.Put(bp)
 	buf := *bp
 	if err := src.client.Read(ctx, buf, srcOff); err != nil {
+		bufpool.Shared.Put(bp)
 		return w.fail(fmt.Errorf("vm %q disk %q: reading back the copy source at offset %d: %w", w.spec.VM, srcDisk, srcOff, err))
 	}
-	return w.WriteBlocks(ctx, disk, off, buf, []lifeboat.Hash{h})
+	if err := w.WriteBlocks(ctx, disk, off, buf, []lifeboat.Hash{h}); err != nil {
+		bufpool.Shared.Put(bp)
+		return err
+	}
+	// Checked and written: keep it for the next copy of this source. A kept
+	// buffer is not given back to the pool (a copy may be reading it when it
+	// is dropped); the garbage collector takes it.
+	w.copyMu.Lock()
+	if w.copies == nil || len(w.copies) >= copiesKept {
+		w.copies = make(map[copySource]copied, copiesKept)
+	}
+	w.copies[key] = copied{h, buf}
+	w.copyMu.Unlock()
+	return nil
 }
 
 // WriteZeroes makes [off, off+length) read as zeros (block aligned, except at
