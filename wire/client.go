@@ -23,6 +23,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/bufpool"
 	"github.com/lifeboat-dr/lifeboat/pki"
 	"github.com/lifeboat-dr/lifeboat/wire/wirepb"
 )
@@ -425,9 +426,9 @@ func (s *PointStream) SendBlocks(disk string, off int64, data []byte, hashes []l
 	b := &wirepb.Blocks{Disk: disk, Offset: off, Hashes: hashesToBytes(hashes), Length: uint32(len(data))}
 	payload := data
 	if s.c.comp != nil {
-		buf := getBuf()
-		defer putBuf(buf)
-		payload, b.Zstd = s.c.comp.compress(buf, data)
+		buf := bufpool.Shared.Get(len(data) + 1<<10) // what zstd makes of data when it pays
+		defer bufpool.Shared.Put(buf)
+		payload, b.Zstd = s.c.comp.compress(*buf, data)
 	}
 	head, err := blocksHead(b, len(payload))
 	if err != nil {
@@ -480,11 +481,6 @@ func (s *PointStream) Abort() {
 	s.c.untrack(s)
 	s.fail(fmt.Errorf("point stream to %s: %w", s.c.peer, errAborted))
 }
-
-var bufPool = sync.Pool{New: func() any { return make([]byte, 0, MaxChunk+1<<10) }}
-
-func getBuf() []byte  { return bufPool.Get().([]byte)[:0] }
-func putBuf(b []byte) { bufPool.Put(b[:0]) } //nolint:staticcheck // slices are fine here
 
 // errAborted ends a stream given up by Abort.
 var errAborted = errors.New("the point was aborted")

@@ -749,9 +749,9 @@ func decodeFrame(typ byte, payload []byte) (*wirepb.Frame, error) {
 // sync's 4 MiB chunks. Each write waits for the writer daemon's answer, so
 // more at once hide its latency: `make bench`'s incremental cycle of 256
 // MiB of random writes on a 16 GiB disk took 3.70-3.79 s in three runs
-// with 4 writers (8 frames queued), 3.03-3.58 s in three with 16; the memory the frames take is bounded
-// by bytes, not by count (4 writers and 8 queued 4 MiB frames could take
-// 48 MiB, and as much again inflated).
+// with 4 writers (8 frames queued), 3.03-3.58 s in three with 16. The
+// frames' memory is bounded by bytes, not by count (4 writers and 8 queued
+// 4 MiB frames could take 48 MiB, and as much again inflated).
 const (
 	DefaultWriters = 16
 	inflightBytes  = 32 << 20
