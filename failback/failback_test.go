@@ -56,9 +56,9 @@ func (r *replicated) recovered(t *testing.T, from uint64) (*testvm.VM, *workload
 	return vm, g, holds
 }
 
-// productionServer serves failback points for vm1 into the production
-// disks, as site "prod", and returns the recovery site's client of it.
-func (r *replicated) productionServer(t *testing.T, fb *failback.Store) *wire.Client {
+// productionServer serves store (failback points for vm1 into the production
+// disks) as site "prod", and returns the recovery site's client of it.
+func (r *replicated) productionServer(t *testing.T, fb wire.Store) *wire.Client {
 	t.Helper()
 	tlsConf, err := pki.ServerTLS(pki.SiteFiles(r.site.PKI, "prod"))
 	if err != nil {

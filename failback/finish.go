@@ -2,14 +2,12 @@ package failback
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 
 	"github.com/lifeboat-dr/lifeboat"
-	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 )
 
@@ -41,18 +39,9 @@ func (s *Store) homePath(vm string) string { return filepath.Join(s.dir, vm+".ho
 
 // readHome reads vm's finished failback record, if there is one.
 func (s *Store) readHome(vm string) (homeRecord, bool, error) {
-	b, err := os.ReadFile(s.homePath(vm))
-	if errors.Is(err, os.ErrNotExist) {
-		return homeRecord{}, false, nil
-	}
 	var h homeRecord
-	if err == nil {
-		err = json.Unmarshal(b, &h)
-	}
-	if err != nil {
-		return homeRecord{}, false, fmt.Errorf("vm %q: finished failback record %s: %w", vm, s.homePath(vm), err)
-	}
-	return h, true, nil
+	ok, err := readRecord(s.homePath(vm), vm, "finished failback record", &h)
+	return h, ok, err
 }
 
 // HomePending is, by VM, the fold point of each failback finished here
@@ -82,12 +71,8 @@ func (s *Store) MarkResumed(vm string) error {
 		return err
 	}
 	h.Resumed = true
-	b, err := json.MarshalIndent(h, "", "  ")
-	if err != nil {
+	if err := writeRecord(s.homePath(vm), vm, "finished failback record", h); err != nil {
 		return err
-	}
-	if err := fsutil.WriteFileAtomic(s.homePath(vm), b, 0o600); err != nil {
-		return fmt.Errorf("vm %q: finished failback record: %w", vm, err)
 	}
 	delete(s.pending, vm)
 	return nil
@@ -147,12 +132,8 @@ func (s *Store) Finish(ctx context.Context, site, vm string, held uint64, fold l
 		return nil, fmt.Errorf("vm %q: releasing the disks: %w", vm, err)
 	}
 	delete(s.vms, vm)
-	b, err := json.MarshalIndent(homeRecord{Owner: site, Held: held, Fold: fold.ID, Generations: gens}, "", "  ")
-	if err != nil {
+	if err := writeRecord(s.homePath(vm), vm, "finished failback record", homeRecord{Owner: site, Held: held, Fold: fold.ID, Generations: gens}); err != nil {
 		return nil, err
-	}
-	if err := fsutil.WriteFileAtomic(s.homePath(vm), b, 0o600); err != nil {
-		return nil, fmt.Errorf("vm %q: finished failback record: %w", vm, err)
 	}
 	s.pending[vm] = fold.ID
 	if err := os.Remove(s.path(vm)); err != nil && !errors.Is(err, os.ErrNotExist) {

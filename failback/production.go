@@ -20,6 +20,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/nbd"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/qemu"
+	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
@@ -220,41 +221,8 @@ func (p *Production) Hashes(ctx context.Context, name string, fn func(block int6
 	if !ok {
 		return fmt.Errorf("vm %q: no disk %q at production", p.VM, name)
 	}
-	const run = 16 * lifeboat.BlockSize
-	buf := make([]byte, run)
-	var data [][2]int64 // allocated, non-zero extents, on the block grid
-	err := d.client.BlockStatus(ctx, "base:allocation", 0, d.size, func(e nbd.Extent) error {
-		if e.Flags&nbd.StateZero != 0 {
-			return nil
-		}
-		lo := e.Offset / lifeboat.BlockSize * lifeboat.BlockSize
-		hi := min((e.Offset+e.Length+lifeboat.BlockSize-1)/lifeboat.BlockSize*lifeboat.BlockSize, d.size)
-		if n := len(data); n > 0 && data[n-1][1] >= lo {
-			data[n-1][1] = max(data[n-1][1], hi)
-		} else {
-			data = append(data, [2]int64{lo, hi})
-		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("vm %q disk %q: allocation: %w", p.VM, name, err)
-	}
-	for _, e := range data {
-		for off := e[0]; off < e[1]; off += run {
-			b := buf[:min(run, e[1]-off)]
-			if err := d.client.Read(ctx, b, off); err != nil {
-				return fmt.Errorf("vm %q disk %q: read at %d: %w", p.VM, name, off, err)
-			}
-			for i := 0; i < len(b); i += lifeboat.BlockSize {
-				blk := b[i:min(i+lifeboat.BlockSize, len(b))]
-				if lifeboat.AllZero(blk) {
-					continue
-				}
-				if err := fn((off+int64(i))/lifeboat.BlockSize, lifeboat.HashBlock(blk)); err != nil {
-					return err
-				}
-			}
-		}
+	if err := recovery.HashData(ctx, d.client, fn); err != nil {
+		return fmt.Errorf("vm %q disk %q: %w", p.VM, name, err)
 	}
 	return nil
 }

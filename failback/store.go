@@ -101,16 +101,11 @@ func (s *Store) Prepare(vm, owner string, prod *Production, holds lifeboat.Point
 		}
 	}
 	rec := record{Owner: owner, Holds: holds, Own: own}
-	if b, err := os.ReadFile(s.path(vm)); err == nil {
-		var old record
-		if err := json.Unmarshal(b, &old); err != nil {
-			return fmt.Errorf("vm %q: failback record %s: %w", vm, s.path(vm), err)
-		}
-		if old.Owner == owner && old.Holds.ID >= holds.ID {
-			rec = old
-		}
-	} else if !errors.Is(err, os.ErrNotExist) {
+	var old record
+	if ok, err := readRecord(s.path(vm), vm, "failback record", &old); err != nil {
 		return err
+	} else if ok && old.Owner == owner && old.Holds.ID >= holds.ID {
+		rec = old
 	}
 	if err := s.save(vm, rec); err != nil {
 		return err
@@ -155,12 +150,34 @@ func (s *Store) Close(ctx context.Context) error {
 func (s *Store) path(vm string) string { return filepath.Join(s.dir, vm+".json") }
 
 func (s *Store) save(vm string, rec record) error {
-	b, err := json.MarshalIndent(rec, "", "  ")
+	return writeRecord(s.path(vm), vm, "failback record", rec)
+}
+
+// readRecord reads a record file of vm's into v; ok is false when there is
+// none. what names the record in an error.
+func readRecord(path, vm, what string, v any) (ok bool, err error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err == nil {
+		err = json.Unmarshal(b, v)
+	}
+	if err != nil {
+		return false, fmt.Errorf("vm %q: %s %s: %w", vm, what, path, err)
+	}
+	return true, nil
+}
+
+// writeRecord replaces a record file of vm's with v, readable by this site
+// only.
+func writeRecord(path, vm, what string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		return err
 	}
-	if err := fsutil.WriteFileAtomic(s.path(vm), b, 0o600); err != nil {
-		return fmt.Errorf("vm %q: failback record: %w", vm, err)
+	if err := fsutil.WriteFileAtomic(path, b, 0o600); err != nil {
+		return fmt.Errorf("vm %q: %s: %w", vm, what, err)
 	}
 	return nil
 }

@@ -51,6 +51,9 @@ type DiskSpec struct {
 	Base           uint64
 	BaseGeneration string
 	Generation     string
+	// Seed, for Adopt only: an image (absolute path) that already holds the
+	// disk's content at this point; the point's image is an overlay over it.
+	Seed string
 }
 
 // HashMismatchError is returned by WriteBlocks when a block's bytes do not match
@@ -211,9 +214,15 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 			rec.Files = append(rec.Files, wd.file)
 			if latest != nil {
 				if prev, ok := latest.disk(d.Name); ok {
+					if d.Seed != "" {
+						return fmt.Errorf("vm %q disk %q: point %d holds it already, so no image can be adopted for it", spec.VM, d.Name, latest.Point.ID)
+					}
 					backing[d.Name] = s.abs(prev.File)
 					w.parents[d.Name] = latest.Point.ID
 				}
+			}
+			if d.Seed != "" {
+				backing[d.Name] = d.Seed
 			}
 		}
 		b, err := vmBucketCreate(tx, spec.VM)
@@ -246,6 +255,16 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		bfmt := ""
 		if backing[d.Name] != "" {
 			bfmt = "qcow2"
+		}
+		if d.Seed != "" {
+			info, err := qemu.ReadImageInfo(ctx, d.Seed)
+			if err != nil {
+				return nil, fmt.Errorf("vm %q disk %q: the image to adopt: %w", spec.VM, d.Name, err)
+			}
+			if info.VirtualSize != d.Size {
+				return nil, fmt.Errorf("vm %q disk %q: the image to adopt, %s, is %d bytes, not the disk's %d", spec.VM, d.Name, d.Seed, info.VirtualSize, d.Size)
+			}
+			bfmt = info.Format
 		}
 		if err := qemu.CreateImage(ctx, path, "qcow2", d.Size, backing[d.Name], bfmt); err != nil {
 			return nil, fmt.Errorf("vm %q disk %q: creating the image of point %d: %w", spec.VM, d.Name, spec.ID, err)
@@ -298,6 +317,9 @@ func checkSpec(spec BeginSpec) error {
 		seen[d.Name] = true
 		if d.Size <= 0 || d.Size%512 != 0 {
 			return fmt.Errorf("vm %q disk %q: size %d is not a disk size (a positive multiple of 512 bytes)", spec.VM, d.Name, d.Size)
+		}
+		if d.Seed != "" && !filepath.IsAbs(d.Seed) {
+			return fmt.Errorf("vm %q disk %q: the image to adopt, %s, is not an absolute path", spec.VM, d.Name, d.Seed)
 		}
 	}
 	return nil

@@ -1,0 +1,179 @@
+package failback
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+)
+
+// Reversed is what a production site keeps of a VM it now keeps restore
+// points of instead of running (dir/<vm>.reversed.json): protection in
+// reverse, the VM owned and run by Owner.
+type Reversed struct {
+	Owner string    `json:"owner"`
+	Point uint64    `json:"point"` // the failback point the disks held: the first point here
+	Since time.Time `json:"since"`
+	// Seeds are the VM's disk images, moved into the recovery store, by
+	// disk: From where the VM had them, To where the store's chain reads them.
+	Seeds map[string]Seed `json:"seeds"`
+	// Adopted: the store holds the point; until then a Reverse run again
+	// finishes the moves and the adoption.
+	Adopted bool `json:"adopted"`
+}
+
+// Seed is one disk image moved from the VM into the recovery store.
+type Seed struct {
+	From   string `json:"from"`
+	To     string `json:"to"`
+	Format string `json:"format"`
+}
+
+func (s *Store) reversedPath(vm string) string { return filepath.Join(s.dir, vm+".reversed.json") }
+
+// ReversedOf is vm's reversal at this site, if it was reversed here.
+func (s *Store) ReversedOf(vm string) (Reversed, bool, error) {
+	var r Reversed
+	ok, err := readRecord(s.reversedPath(vm), vm, "reversal record", &r)
+	return r, ok, err
+}
+
+func (s *Store) saveReversed(vm string, r Reversed) error {
+	return writeRecord(s.reversedPath(vm), vm, "reversal record", r)
+}
+
+// Reverse makes this production site vm's recovery site, keeping its
+// points in rs, with no copy: the VM failed over to owner for good and is
+// protected from there back to here. The disks must hold a failback point
+// of owner's (a failback cycle committed since the failover: production's
+// own writes after the shared point are overwritten and the disks are the
+// owner's VM at that point's instant). Their images are moved into rs's
+// directory, out of the production VM's reach (started again, it would
+// write into the base of every later point: its start now fails instead),
+// and become that point, the first of the VM here (recovery.Store.Adopt);
+// the owner's next cycle continues it from the generation that point
+// started on the owner's disks, so it sends only what changed since.
+//
+// Every step may be repeated: a Reverse cut off anywhere finishes when run
+// again, and one that finished returns the adopted point.
+func (s *Store) Reverse(ctx context.Context, vm, owner string, rs *recovery.Store) (lifeboat.Point, error) {
+	r, inProgress, err := s.ReversedOf(vm)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	if inProgress && r.Adopted { // finished before
+		if r.Owner != owner {
+			return lifeboat.Point{}, fmt.Errorf("%w: vm %q is protected in reverse by site %q, not %q", recovery.ErrNotOwner, vm, r.Owner, owner)
+		}
+		return rs.Point(vm, r.Point)
+	}
+	var rec record
+	v, err := s.vm(vm)
+	switch {
+	case err == nil:
+		s.mu.Lock()
+		rec = v.rec
+		s.mu.Unlock()
+	case inProgress:
+		// A reversal cut off after the disks were closed: the record says
+		// what they hold.
+		if ok, err := readRecord(s.path(vm), vm, "failback record", &rec); err != nil || !ok {
+			return lifeboat.Point{}, errors.Join(err, fmt.Errorf("vm %q: a reversal is under way, but its failback record %s is gone", vm, s.path(vm)))
+		}
+	default:
+		return lifeboat.Point{}, fmt.Errorf("%w: run `lifeboat failback %s` at site %q first: the reversal takes the disks from a failback", err, vm, owner)
+	}
+	if rec.Owner != owner {
+		return lifeboat.Point{}, fmt.Errorf("%w: vm %q fails back to this site from site %q; site %q may not reverse it", recovery.ErrNotOwner, vm, rec.Owner, owner)
+	}
+	if !rec.OwnSent {
+		return lifeboat.Point{}, fmt.Errorf("vm %q: the disks here still hold production's own writes after point %d: run one failback cycle (`lifeboat failback %s` at site %q) before reversing", vm, rec.Holds.ID, vm, owner)
+	}
+	holds := rec.Holds
+	if !inProgress || r.Point != holds.ID {
+		if v == nil {
+			return lifeboat.Point{}, fmt.Errorf("vm %q: the reversal record names point %d, the disks hold %d: remove %s and run the failback and the reversal again", vm, r.Point, holds.ID, s.reversedPath(vm))
+		}
+		r = Reversed{Owner: owner, Point: holds.ID, Since: time.Now().UTC(), Seeds: map[string]Seed{}}
+		for _, d := range holds.Disks {
+			dk, ok := v.prod.disks[d.Name]
+			if !ok {
+				return lifeboat.Point{}, fmt.Errorf("vm %q: point %d has disk %q, which production does not", vm, holds.ID, d.Name)
+			}
+			to := filepath.Join(rs.Dir(), "vms", vm, d.Name, fmt.Sprintf("seed-%016d.%s", holds.ID, dk.Format))
+			r.Seeds[d.Name] = Seed{From: dk.File, To: to, Format: dk.Format}
+		}
+		if err := s.saveReversed(vm, r); err != nil { // before any image moves
+			return lifeboat.Point{}, err
+		}
+	}
+	if v != nil {
+		// The disks' daemon lets go of the images before they move; they
+		// take no more failback points.
+		s.mu.Lock()
+		delete(s.vms, vm)
+		s.mu.Unlock()
+		if err := v.prod.Close(ctx); err != nil {
+			return lifeboat.Point{}, fmt.Errorf("vm %q: closing the disks: %w", vm, err)
+		}
+	}
+	spec := recovery.BeginSpec{VM: vm, ID: holds.ID, Instant: holds.Instant, Consistency: holds.Consistency, Group: holds.Group,
+		Freeze: holds.Freeze, Note: holds.Note, Site: owner, Definition: holds.Definition}
+	for _, d := range holds.Disks {
+		sd := r.Seeds[d.Name]
+		if err := moveSeed(sd); err != nil {
+			return lifeboat.Point{}, fmt.Errorf("vm %q disk %q: %w", vm, d.Name, err)
+		}
+		spec.Disks = append(spec.Disks, recovery.DiskSpec{Name: d.Name, Size: d.Size, Resync: true,
+			Lineage: d.Lineage, Generation: d.Generation, Seed: sd.To})
+	}
+	pt, found, err := rs.Latest(vm)
+	if err != nil {
+		return lifeboat.Point{}, err
+	}
+	if !found || pt.ID != holds.ID {
+		if pt, err = rs.Adopt(ctx, spec); err != nil {
+			return lifeboat.Point{}, fmt.Errorf("vm %q: adopting its disks as point %d: %w", vm, holds.ID, err)
+		}
+	}
+	r.Adopted = true
+	if err := s.saveReversed(vm, r); err != nil {
+		return lifeboat.Point{}, err
+	}
+	if err := os.Remove(s.path(vm)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return lifeboat.Point{}, err
+	}
+	s.log.Info("vm reversed: this site keeps its restore points now, from its disks", "vm", vm, "owner", owner, "point", pt.ID)
+	return pt, nil
+}
+
+// moveSeed moves a disk image into the recovery store, where the VM's old
+// definition no longer finds it, and makes it read-only. A move cut off
+// before is finished.
+func moveSeed(sd Seed) error {
+	if _, err := os.Stat(sd.To); err == nil {
+		if _, err := os.Stat(sd.From); err == nil {
+			return fmt.Errorf("both %s and %s exist: which holds the disk is unclear; remove the one that does not", sd.From, sd.To)
+		}
+	} else {
+		if err := os.MkdirAll(filepath.Dir(sd.To), 0o750); err != nil {
+			return err
+		}
+		if err := os.Rename(sd.From, sd.To); err != nil {
+			var le *os.LinkError
+			if errors.As(err, &le) && errors.Is(le.Err, errCrossDevice) {
+				return fmt.Errorf("moving the image %s into the recovery store (%s): they are on different file systems; move the image onto state_dir's file system (and the VM's definition with it), then run the reversal again", sd.From, filepath.Dir(sd.To))
+			}
+			return fmt.Errorf("moving the image into the recovery store: %w", err)
+		}
+	}
+	return os.Chmod(sd.To, 0o400)
+}
+
+var errCrossDevice = syscall.EXDEV

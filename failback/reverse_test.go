@@ -1,0 +1,166 @@
+package failback_test
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/lifeboat-dr/lifeboat/failback"
+	"github.com/lifeboat-dr/lifeboat/internal/testsite"
+	"github.com/lifeboat-dr/lifeboat/internal/workload"
+	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// Protection in reverse with no full copy: production wrote after its last
+// point and was stopped, the VM failed over and wrote more, one failback
+// cycle made the production disks the recovered VM's; the reversal makes
+// those disks the first point of the VM in production's own recovery store
+// (moved there, nothing copied, their blocks hashed into its record), and an
+// ordinary cycle from the recovered VM to production is then incremental
+// from that point, sending only what the VM wrote since, every point
+// byte-exact and verified. A production VM started again on its old images
+// no longer finds them; the reversal run again returns the same point.
+func TestReverseProtection(t *testing.T) {
+	r := replicate(t, false)
+	r.vm.PowerOff(t)
+	rec, guest, holds := r.recovered(t, r.latest.ID)
+	if _, err := guest.Mixed(ctx(t), 15); err != nil {
+		t.Fatal(err)
+	}
+	images, err := protect.ReadImages(r.workDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	fb, prod := r.prepare(t, t.TempDir(), holds)
+	rs, err := recovery.Open(ctx(t), filepath.Join(filepath.Dir(images[0].File), "store"), recovery.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rs.Close() })
+	client := r.productionServer(t, failback.Routed{Failback: fb, Other: wire.RecoveryStore(rs)})
+
+	// Before any failback cycle the disks still hold production's own writes.
+	if _, err := fb.Reverse(ctx(t), "vm1", "dr", rs); err == nil {
+		t.Fatal("production reversed vm1 before a failback cycle overwrote its own writes")
+	}
+	fbp := &protect.Protector{
+		VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: testsite.ShortDir(t)},
+		Target: &failback.Target{Client: client, Shared: holds.ID, SharedMap: r.pointMap(holds.ID)}, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
+	}
+	fpt := r.failbackCycle(t, fbp, prod, guest, holds.ID)
+
+	if _, err := fb.Reverse(ctx(t), "vm1", "prod", rs); !errors.Is(err, recovery.ErrNotOwner) {
+		t.Errorf("a site other than the VM's owner reversed it: %v", err)
+	}
+	adopted, err := fb.Reverse(ctx(t), "vm1", "dr", rs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if adopted.ID != fpt.ID {
+		t.Errorf("the adopted point is %d, want the failback point %d", adopted.ID, fpt.ID)
+	}
+	for _, im := range images {
+		if _, err := os.Stat(im.File); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("production's image %s is still where the VM would open it (%v)", im.File, err)
+		}
+	}
+	r.checkPoint(t, rs, adopted.ID, guest)
+	var total int64
+	for _, d := range disks {
+		total += d.Size
+	}
+	if du := dirBytes(t, rs.Dir()) - seedBytes(t, rs.Dir()); du > total/4 {
+		t.Errorf("the store holds %d bytes besides the adopted images, more than a quarter of the disks (%d): was something copied?", du, total)
+	}
+	if again, err := fb.Reverse(ctx(t), "vm1", "dr", rs); err != nil || again.ID != adopted.ID {
+		t.Errorf("a repeated reversal gave point %d, %v; want %d", again.ID, err, adopted.ID)
+	}
+
+	// The VM, protected in reverse: an ordinary cycle to production's store.
+	more, err := guest.Mixed(ctx(t), 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &protect.Protector{
+		VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: fbp.VM.WorkDir},
+		Target: client, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
+	}
+	pt, err := p.Cycle(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range pt.Disks {
+		if d.Resync || d.Base != adopted.ID {
+			t.Errorf("point %d disk %s: resync %v from point %d, want an incremental from the adopted point %d", pt.ID, d.Name, d.Resync, d.Base, adopted.ID)
+		}
+	}
+	touched := workload.TouchedBytes(more)
+	t.Logf("reverse cycle: point %d handled %d bytes, sent %d, for %d the VM wrote since the reversal (disks %d bytes)", pt.ID, pt.Stats.BytesChanged, pt.Stats.BytesSent, touched, total)
+	if pt.Stats.BytesChanged > touched {
+		t.Errorf("the first reverse cycle handled %d bytes, more than the %d the VM wrote since the reversal", pt.Stats.BytesChanged, touched)
+	}
+	r.checkPoint(t, rs, pt.ID, guest)
+}
+
+// checkPoint exports every disk of point id from rs and checks it reads as
+// the guest's disks do now, and that the point verifies.
+func (r *replicated) checkPoint(t *testing.T, rs *recovery.Store, id uint64, guest *workload.Guest) {
+	t.Helper()
+	want, err := guest.Hashes(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range disks {
+		out := filepath.Join(t.TempDir(), d.Name+".raw")
+		if err := rs.Export(ctx(t), "vm1", id, d.Name, out, "raw"); err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.ReadFile(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum := sha256.Sum256(b)
+		if got := hex.EncodeToString(sum[:]); got != want[d.Name] {
+			t.Errorf("production's point %d disk %s reads sha256 %s, the VM's %s", id, d.Name, got[:12], want[d.Name][:12])
+		}
+	}
+	if _, err := rs.Verify(ctx(t), "vm1", id, nil); err != nil {
+		t.Errorf("production's point %d does not verify: %v", id, err)
+	}
+}
+
+// dirBytes is the space the files under dir take.
+func dirBytes(t *testing.T, dir string) int64 {
+	return sumFiles(t, dir, func(string) bool { return true })
+}
+
+// seedBytes is the space the adopted images under dir take.
+func seedBytes(t *testing.T, dir string) int64 {
+	return sumFiles(t, dir, func(name string) bool { m, _ := filepath.Match("seed-*", name); return m })
+}
+
+func sumFiles(t *testing.T, dir string, keep func(string) bool) int64 {
+	t.Helper()
+	var n int64
+	err := filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || !keep(d.Name()) {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		n += fi.Size()
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
