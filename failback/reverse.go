@@ -133,6 +133,11 @@ func (s *Store) Reverse(ctx context.Context, vm, owner string, rs *recovery.Stor
 		spec.Disks = append(spec.Disks, recovery.DiskSpec{Name: d.Name, Size: d.Size, Resync: true,
 			Lineage: d.Lineage, Generation: d.Generation, Seed: sd.To})
 	}
+	if testHookReverseMoved != nil {
+		if err := testHookReverseMoved(); err != nil {
+			return lifeboat.Point{}, err
+		}
+	}
 	pt, found, err := rs.Latest(vm)
 	if err != nil {
 		return lifeboat.Point{}, err
@@ -152,6 +157,10 @@ func (s *Store) Reverse(ctx context.Context, vm, owner string, rs *recovery.Stor
 	s.log.Info("vm reversed: this site keeps its restore points now, from its disks", "vm", vm, "owner", owner, "point", pt.ID)
 	return pt, nil
 }
+
+// testHookReverseMoved, when set (by a test), is called once the images have
+// moved, before the store adopts them: an error stands for the site dying there.
+var testHookReverseMoved func() error
 
 // moveSeed moves a disk image into the recovery store, where the VM's old
 // definition no longer finds it, and makes it read-only. A move cut off

@@ -24,7 +24,9 @@ import (
 // ordinary cycle from the recovered VM to production is then incremental
 // from that point, sending only what the VM wrote since, every point
 // byte-exact and verified. A production VM started again on its old images
-// no longer finds them; the reversal run again returns the same point.
+// no longer finds them; a reversal cut off after the images moved is
+// finished by a restarted site, and one run again returns the same point.
+// (The cut is a test hook: a kill -9 at that instant cannot be aimed.)
 func TestReverseProtection(t *testing.T) {
 	r := replicate(t, false)
 	r.vm.PowerOff(t)
@@ -37,7 +39,8 @@ func TestReverseProtection(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	fb, prod := r.prepare(t, t.TempDir(), holds)
+	stateDir := t.TempDir()
+	fb, prod := r.prepare(t, stateDir, holds)
 	rs, err := recovery.Open(ctx(t), filepath.Join(filepath.Dir(images[0].File), "store"), recovery.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -58,7 +61,22 @@ func TestReverseProtection(t *testing.T) {
 	if _, err := fb.Reverse(ctx(t), "vm1", "prod", rs); !errors.Is(err, recovery.ErrNotOwner) {
 		t.Errorf("a site other than the VM's owner reversed it: %v", err)
 	}
-	adopted, err := fb.Reverse(ctx(t), "vm1", "dr", rs)
+	// The site dies once the images have moved: a restarted site's
+	// reversal finishes the adoption from its record.
+	died := errors.New("production site killed")
+	failback.SetReverseMovedHook(func() error { return died })
+	if _, err := fb.Reverse(ctx(t), "vm1", "dr", rs); !errors.Is(err, died) {
+		t.Fatalf("reversal cut off after the moves: %v", err)
+	}
+	failback.SetReverseMovedHook(nil)
+	if _, found, _ := rs.Latest("vm1"); found {
+		t.Fatal("the store holds a point of vm1 though the reversal was cut off before the adoption")
+	}
+	restarted, err := failback.NewStore(stateDir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	adopted, err := restarted.Reverse(ctx(t), "vm1", "dr", rs)
 	if err != nil {
 		t.Fatal(err)
 	}
