@@ -78,6 +78,7 @@ func (d *Daemon) listenAPI() (*apiServer, error) {
 	mux.HandleFunc("POST /v1/vms/{vm}/failover", a.failover)
 	mux.HandleFunc("POST /v1/vms/{vm}/migrate", a.migrate)
 	mux.HandleFunc("POST /v1/vms/{vm}/failback", a.failback)
+	mux.HandleFunc("POST /v1/vms/{vm}/reverse", a.reverse)
 	mux.HandleFunc("POST /v1/plans/{name}/run", a.planRun)
 	mux.HandleFunc("POST /v1/plans/{name}/stop", a.planStop)
 	mux.HandleFunc("GET /v1/runs", a.runs)
@@ -149,7 +150,9 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 	now := time.Now().UTC()
 	out := StatusReply{Site: a.d.cfg.Site, Time: now, VMs: []VMStatus{}}
 	for _, name := range a.d.vmNames() {
-		s := a.d.vms[name].status(now)
+		v, _ := a.d.vmOf(name)
+		v.reversedHere() // its state says so, whether or not its schedule ran since
+		s := v.status(now)
 		if a.d.failback != nil {
 			if fb, ok := a.d.failback.Status(name); ok {
 				s.Failback, s.State = &fb, "failing-back"
@@ -200,7 +203,7 @@ func (a *apiServer) sync(w http.ResponseWriter, r *http.Request) {
 		a.syncGroup(w, r, g)
 		return
 	}
-	v, ok := a.d.vms[r.PathValue("vm")]
+	v, ok := a.d.vmOf(r.PathValue("vm"))
 	if !ok {
 		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q is not protected by site %q (see `vms:` in %s)", r.PathValue("vm"), a.d.cfg.Site, a.d.cfg.Path()))
 		return
@@ -289,12 +292,12 @@ func (a *apiServer) points(w http.ResponseWriter, r *http.Request) {
 			writeErr(w, http.StatusInternalServerError, err)
 			return
 		}
-		if len(pts) > 0 || a.d.vms[name] == nil {
+		if _, protected := a.d.vmOf(name); len(pts) > 0 || !protected {
 			writeJSON(w, http.StatusOK, pts)
 			return
 		}
 	}
-	v, ok := a.d.vms[name]
+	v, ok := a.d.vmOf(name)
 	if !ok {
 		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q: site %q neither protects it nor holds its points", name, a.d.cfg.Site))
 		return

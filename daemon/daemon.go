@@ -32,9 +32,12 @@ type Daemon struct {
 	runs     *failover.Manager // at a recovery site: VMs started from their points
 	failback *failback.Store   // at a site with `listen:`: failbacks of its own VMs taken from their recovery site
 	server   *wire.Server
-	vms      map[string]*vm
+	vmsMu    sync.RWMutex
+	vms      map[string]*vm // the VMs it protects: its config's, and those protected in reverse (reverse.go)
 	groups   map[string]*group
 	metrics  *metrics
+
+	bg sync.WaitGroup // schedules started after Run began (reverse.go): Run waits for them
 
 	mu    sync.Mutex
 	peers map[string]*wire.Client
@@ -96,14 +99,15 @@ func (d *Daemon) Run(ctx context.Context) error {
 		// A failback finished before this site stopped, its VM not
 		// replicating from here since: bring it home (home.go).
 		for vm, fold := range fb.HomePending() {
-			if v, ok := d.vms[vm]; ok {
+			if v, ok := d.vmOf(vm); ok {
 				v.comeHome(ctx, fold)
 			}
 		}
 		// A VM failed over from here comes home through the same listener.
-		fbSite := &failback.Site{Store: fb, RunDir: filepath.Join(d.cfg.StateDir, "failback", "run"), Log: d.log, VM: d.failbackVM}
+		fbSite := &failback.Site{Store: fb, RunDir: filepath.Join(d.cfg.StateDir, "failback", "run"), Log: d.log, VM: d.failbackVM, Recovery: st}
 		d.server = &wire.Server{Site: d.cfg.Site, Store: failback.Routed{Failback: fb, Other: wire.RecoveryStore(st)}, Log: d.log,
-			StartVM: d.startForOwner, TakeFailback: fbSite.Take, EndFailback: d.endFailback(fbSite.Finish)}
+			StartVM: d.startForOwner, TakeFailback: fbSite.Take, EndFailback: d.endFailback(fbSite.Finish),
+			ReverseVM: fbSite.Reverse}
 		d.runs.LastContact = d.server.LastContact
 		go func() { errc <- d.server.Serve(l, tlsConf) }()
 		defer d.server.Stop()
@@ -113,6 +117,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.log.Info("recovery service listening", "addr", l.Addr().String())
 	}
 
+	configured := d.vmNames() // before the API can add VMs protected in reverse
 	api, err := d.listenAPI()
 	if err != nil {
 		return err
@@ -121,7 +126,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer api.Close()
 
 	var wg sync.WaitGroup
-	for _, v := range d.vms {
+	for _, name := range configured {
+		v, _ := d.vmOf(name)
 		wg.Add(1)
 		go func() { defer wg.Done(); v.schedule(ctx) }()
 	}
@@ -129,10 +135,14 @@ func (d *Daemon) Run(ctx context.Context) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); g.schedule(ctx) }()
 	}
+	defer d.bg.Wait()
 	defer wg.Wait()
 	defer cancel()
+	if d.runs != nil {
+		d.protectReversed()
+	}
 
-	d.log.Info("site running", "api", d.cfg.API, "vms", len(d.vms))
+	d.log.Info("site running", "api", d.cfg.API, "vms", len(d.vmNames()))
 	select {
 	case <-ctx.Done():
 		d.log.Info("site stopping")
@@ -193,7 +203,17 @@ func (d *Daemon) dropPeer(name string, c *wire.Client, err error) {
 	}
 }
 
+// vmOf is the VM of that name this site protects.
+func (d *Daemon) vmOf(name string) (*vm, bool) {
+	d.vmsMu.RLock()
+	defer d.vmsMu.RUnlock()
+	v, ok := d.vms[name]
+	return v, ok
+}
+
 func (d *Daemon) vmNames() []string {
+	d.vmsMu.RLock()
+	defer d.vmsMu.RUnlock()
 	names := make([]string, 0, len(d.vms))
 	for n := range d.vms {
 		names = append(names, n)

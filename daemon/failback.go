@@ -18,7 +18,7 @@ import (
 // failbackVM is what a failback asked of this (production) site needs to
 // know of one of its VMs.
 func (d *Daemon) failbackVM(ctx context.Context, name string) (failback.VMInfo, bool) {
-	v, ok := d.vms[name]
+	v, ok := d.vmOf(name)
 	if !ok {
 		return failback.VMInfo{}, false
 	}
@@ -198,7 +198,11 @@ func (d *Daemon) backStatus(vm string) *FailingBack {
 // Failback runs one failback cycle of vm to its production site, reporting
 // progress, and returns the point the production disks hold after it.
 func (c *Client) Failback(ctx context.Context, vm string, progress func(protect.Progress)) (lifeboat.Point, error) {
-	e, err := c.cycle(ctx, "/v1/vms/"+url.PathEscape(vm)+"/failback", progress)
+	return pointOf(c.cycle(ctx, "/v1/vms/"+url.PathEscape(vm)+"/failback", progress))
+}
+
+// pointOf is the point a streamed answer ended with, or its error.
+func pointOf(e Event, err error) (lifeboat.Point, error) {
 	if err != nil {
 		return lifeboat.Point{}, err
 	}

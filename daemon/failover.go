@@ -169,7 +169,7 @@ type MigrateReply struct {
 
 func (a *apiServer) migrate(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("vm")
-	v, ok := a.d.vms[name]
+	v, ok := a.d.vmOf(name)
 	if !ok {
 		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q is not protected by site %q (see `vms:` in %s): run `lifeboat failover %s --planned` at the site that protects it", name, a.d.cfg.Site, a.d.cfg.Path(), name))
 		return

@@ -19,7 +19,7 @@ type group struct {
 func newGroup(d *Daemon, c GroupConfig) *group {
 	g := &group{d: d, cfg: c}
 	for _, name := range c.VMs {
-		v := d.vms[name]
+		v, _ := d.vmOf(name)
 		v.group = c.Name
 		g.members = append(g.members, v)
 	}

@@ -48,7 +48,7 @@ func (d *Daemon) endFailback(finish func(context.Context, string, string, uint64
 		if err != nil {
 			return nil, err
 		}
-		if v, ok := d.vms[vm]; ok {
+		if v, ok := d.vmOf(vm); ok {
 			v.comeHome(d.ctx, fold.ID)
 		}
 		return gens, nil

@@ -85,7 +85,8 @@ func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	now := time.Now()
 	for _, name := range c.d.vmNames() {
-		s := c.d.vms[name].status(now)
+		v, _ := c.d.vmOf(name)
+		s := v.status(now)
 		if s.LastPoint != nil {
 			ch <- prometheus.MustNewConstMetric(rpoDesc, prometheus.GaugeValue, s.RPO, name, s.Role)
 			ch <- prometheus.MustNewConstMetric(lastDesc, prometheus.GaugeValue, float64(s.LastPoint.ID), name, s.Role)

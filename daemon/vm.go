@@ -36,6 +36,8 @@ type vm struct {
 	progress *protect.Progress
 	watchers map[chan protect.Progress]struct{}
 	homing   bool // a failback has ended here and the VM is being brought back (home.go)
+
+	reverse string // the failover run it is, when protected in reverse from here (reverse.go)
 }
 
 func newVM(d *Daemon, c VMConfig) *vm {
@@ -84,6 +86,11 @@ func (v *vm) watch() (chan protect.Progress, func()) {
 func (v *vm) sync(ctx context.Context) (lifeboat.Point, error) {
 	v.cycleMu.Lock()
 	defer v.cycleMu.Unlock()
+	if v.reversedHere() {
+		v.mu.Lock()
+		defer v.mu.Unlock()
+		return lifeboat.Point{}, errors.New(v.lastErr)
+	}
 	v.setState("syncing", nil)
 	pt, err := v.cycle(ctx)
 	v.d.metrics.cycle(v.cfg.Name, pt, err)
@@ -208,6 +215,9 @@ func (v *vm) schedule(ctx context.Context) {
 		if homing {
 			return errHoming // its homecoming runs its first cycle
 		}
+		if v.reversedHere() {
+			return errReversedHere
+		}
 		if failedOver && (time.Since(since) < failedOverRecheck || v.stillFailedOver(ctx)) {
 			return errFailedOverHere
 		}
@@ -236,6 +246,37 @@ func (v *vm) stillFailedOver(ctx context.Context) bool {
 // errFailedOverHere is the schedule's answer for a VM that runs at its
 // recovery site: no cycle, wait as after a failure.
 var errFailedOverHere = errors.New("failed over: runs at its recovery site")
+
+// reversedHere reports whether this site has taken the VM's points in
+// reverse (failback.Store.Reverse): the VM runs at its old recovery site
+// for good, its disks here are the base of its points, so this site
+// protects it no more; status says so.
+func (v *vm) reversedHere() bool {
+	fb := v.d.failback
+	if fb == nil {
+		return false
+	}
+	r, ok, err := fb.ReversedOf(v.cfg.Name)
+	if err != nil || !ok || !r.Adopted {
+		return false
+	}
+	v.mu.Lock()
+	was := v.state
+	v.mu.Unlock()
+	if was != stateReversed {
+		v.setState(stateReversed, fmt.Errorf("vm %q runs at site %q for good and is protected from there to this site since %s (point %d): this site keeps its restore points (`lifeboat points %s`) and protects it no more; remove it from `vms:`",
+			v.cfg.Name, r.Owner, r.Since.Format(time.RFC3339), r.Point, v.cfg.Name))
+	}
+	return true
+}
+
+// errReversedHere is the schedule's answer for a VM this site keeps the
+// points of, in reverse: no cycle.
+var errReversedHere = errors.New("protected in reverse from its old recovery site")
+
+// stateReversed is a protected VM's state at its old production site once
+// the site keeps its points in reverse.
+const stateReversed = "reversed"
 
 // errHoming is the schedule's answer for a VM coming home from a failback
 // (home.go): its homecoming runs the first cycle once the VM runs.
@@ -310,6 +351,9 @@ type VMStatus struct {
 	Failback *failback.Status `json:"failback,omitempty"`
 	// FailingBack is, at the recovery site, its failback to production.
 	FailingBack *FailingBack `json:"failing_back,omitempty"`
+	// ReverseRun is, for a VM protected in reverse from here, the failover
+	// run it is (`lifeboat protect VM --reverse`).
+	ReverseRun string `json:"reverse_run,omitempty"`
 }
 
 // RunStatus is one run of a VM from a point, as status shows it.
@@ -325,7 +369,8 @@ type RunStatus struct {
 func (v *vm) status(now time.Time) VMStatus {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	s := VMStatus{VM: v.cfg.Name, Role: "protected", State: v.state, Peer: v.cfg.Peer, Group: v.group, LastError: v.lastErr, Progress: v.progress}
+	s := VMStatus{VM: v.cfg.Name, Role: "protected", State: v.state, Peer: v.cfg.Peer, Group: v.group, LastError: v.lastErr, Progress: v.progress,
+		ReverseRun: v.reverse}
 	if v.cfg.Interval > 0 {
 		s.Interval = time.Duration(v.cfg.Interval).String()
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/protect"
@@ -21,6 +22,18 @@ type Site struct {
 	Log    *slog.Logger
 	// VM is what this site knows of a VM it protects; false: none of that name.
 	VM func(ctx context.Context, name string) (VMInfo, bool)
+	// Recovery is this site's recovery store: where a VM protected in
+	// reverse keeps its points (Reverse). nil: no reversal.
+	Recovery *recovery.Store
+}
+
+// Reverse makes this site keep vm's restore points from now on, from site,
+// which owns and runs it (Store.Reverse).
+func (s *Site) Reverse(ctx context.Context, site, vm string) (lifeboat.Point, error) {
+	if s.Recovery == nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q: this site keeps no restore points (serve it with `listen:`)", vm)
+	}
+	return s.Store.Reverse(ctx, vm, site, s.Recovery)
 }
 
 // VMInfo is a protected VM as the production site knows it.
@@ -48,6 +61,11 @@ func (s *Site) Take(ctx context.Context, site, vm string, holds lifeboat.Point, 
 		// A late retry of the finished failback. Once the VM has replicated
 		// from here, a failback is a new failover's.
 		return lifeboat.Point{}, fmt.Errorf("vm %q: its failback from %q "+finishedPhrase+" (its disks took failback point %d, continued by point %d there): run its finalize again at %q, or start the VM here", vm, site, h.Held, h.Fold, site)
+	}
+	if r, ok, err := s.Store.ReversedOf(vm); err != nil {
+		return lifeboat.Point{}, err
+	} else if ok && r.Adopted {
+		return lifeboat.Point{}, fmt.Errorf("vm %q is protected in reverse from %q since %s: this site keeps its restore points, its disks are no longer here to fail back into (fail it over here instead)", vm, r.Owner, r.Since.Format(time.RFC3339))
 	}
 	info, ok := s.VM(ctx, vm)
 	if !ok {

@@ -162,8 +162,19 @@ type Run struct {
 	Finalizing *Finalizing `json:"finalizing,omitempty"`
 	// ImageDirs hold the point's images QEMU's user was let reach.
 	ImageDirs []string `json:"image_dirs,omitempty"`
+	// Reverse is set once the VM, failed over for good, is protected from
+	// here back to its old production site (`lifeboat protect VM --reverse`).
+	Reverse *Reverse `json:"reverse,omitempty"`
 
 	disks []lifeboat.DefinitionDisk
+}
+
+// Reverse is a run's protection in reverse (Run.Reverse).
+type Reverse struct {
+	Peer     string        `json:"peer"`     // the old production site, which keeps the VM's points now
+	Point    uint64        `json:"point"`    // its first point there: the disks it had, adopted
+	Interval time.Duration `json:"interval"` // how often a cycle runs
+	Since    time.Time     `json:"since"`
 }
 
 // Finalizing is what a failback finalize did at production (Run.Finalizing).

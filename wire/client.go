@@ -284,6 +284,17 @@ func (c *Client) Failover(ctx context.Context, vm string, point uint64) (Failove
 	return FailoverResult{Run: r.Run, Point: r.Point, ToRunning: time.Duration(r.ToRunningNs), Epoch: r.Epoch}, nil
 }
 
+// Reverse asks the production site, whose disks took a failback point from
+// this site, to keep vm's restore points from now on, those disks the first
+// (see Server.Reverse); it returns that point.
+func (c *Client) Reverse(ctx context.Context, vm string) (lifeboat.Point, error) {
+	r, err := c.rc.Reverse(ctx, &wirepb.ReverseRequest{Vm: vm})
+	if err != nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q: protection in reverse at %s: %w", vm, c.peer, err)
+	}
+	return pointFromPB(r.Point)
+}
+
 // PointStream carries one point to the recovery site on a connection of its
 // own (see streamProto): the lifeboat.PointSink of a cycle that replicates to
 // a chain of points there.

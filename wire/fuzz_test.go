@@ -306,6 +306,10 @@ func (f *fakeReplication) Failover(context.Context, *wirepb.FailoverRequest, ...
 	return nil, errors.New("not fuzzed")
 }
 
+func (f *fakeReplication) Reverse(context.Context, *wirepb.ReverseRequest, ...grpc.CallOption) (*wirepb.ReverseReply, error) {
+	return nil, errors.New("not fuzzed")
+}
+
 type chunkStream struct {
 	grpc.ClientStream
 	chunks [][]byte

@@ -85,6 +85,10 @@ type Server struct {
 	// EndFailback ends vm's failback from site (see the FinishFailback
 	// RPC): it returns, by disk, the generations started at point fold.
 	EndFailback func(ctx context.Context, site, vm string, held uint64, fold lifeboat.Point) (map[string]string, error)
+	// ReverseVM makes this production site keep vm's points from now on,
+	// its disks (which took a failback point from site) the first (see the
+	// Reverse RPC). nil: this site takes no reversal.
+	ReverseVM func(ctx context.Context, site, vm string) (lifeboat.Point, error)
 
 	mu       sync.Mutex
 	stopped  bool
@@ -505,6 +509,27 @@ func (s *Server) FinishFailback(ctx context.Context, r *wirepb.FinishFailbackReq
 		reply.Generations = append(reply.Generations, &wirepb.DiskGeneration{Disk: disk, Generation: gens[disk]})
 	}
 	return reply, nil
+}
+
+// Reverse makes this production site keep a VM's restore points, from the
+// site that owns and runs it now (protection in reverse).
+func (s *Server) Reverse(ctx context.Context, r *wirepb.ReverseRequest) (*wirepb.ReverseReply, error) {
+	site, err := peerSite(ctx)
+	if err != nil {
+		return nil, status.Error(codes.Unauthenticated, err.Error())
+	}
+	if s.ReverseVM == nil {
+		return nil, status.Errorf(codes.Unimplemented, "site %q takes no reversal (is it the VM's production site, serving with `listen:`?)", s.Site)
+	}
+	s.Log.Warn("protection in reverse asked", "vm", r.Vm, "peer", peerName(ctx))
+	pt, err := s.ReverseVM(ctx, site, r.Vm)
+	if err != nil {
+		if errors.Is(err, recovery.ErrNotOwner) {
+			return nil, status.Error(codes.PermissionDenied, err.Error())
+		}
+		return nil, status.Error(codes.FailedPrecondition, err.Error())
+	}
+	return &wirepb.ReverseReply{Point: pointToPB(pt)}, nil
 }
 
 // Changed streams what the site's copy of a disk changed on its own.

@@ -60,6 +60,7 @@ recovery site, and keeps restore points there that can be exported or powered on
 		newHandoverCmd(g),
 		newFailoverCmd(g),
 		newFailbackCmd(g),
+		newProtectCmd(g),
 		newPlanCmd(g),
 		newStatusCmd(g),
 		newCertCmd(),

@@ -66,7 +66,10 @@ func newStatusCmd(g *globals) *cobra.Command {
 				if v.Owner != "" {
 					role = fmt.Sprintf("%s of %s (epoch %d)", v.Role, v.Owner, v.Epoch)
 				}
-				if v.State == "failed-over" || v.Failback != nil {
+				if v.ReverseRun != "" {
+					role = "protected in reverse to " + v.Peer
+				}
+				if v.State == "failed-over" || v.State == "reversed" || v.Failback != nil {
 					errText = "(below)"
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, role, state, last, rpo, points, errText)
@@ -84,7 +87,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 						v.VM, fb.From, fb.Holds, fb.Instant.UTC().Format(time.RFC3339), own, fb.From)
 					continue
 				}
-				if v.State == "failed-over" {
+				if v.State == "failed-over" || v.State == "reversed" {
 					fmt.Printf("\n%s: %s\n", v.VM, v.LastError)
 				}
 				if fb := v.FailingBack; fb != nil {

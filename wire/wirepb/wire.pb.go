@@ -24,6 +24,94 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type ReverseRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Vm            string                 `protobuf:"bytes,1,opt,name=vm,proto3" json:"vm,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReverseRequest) Reset() {
+	*x = ReverseRequest{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReverseRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReverseRequest) ProtoMessage() {}
+
+func (x *ReverseRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReverseRequest.ProtoReflect.Descriptor instead.
+func (*ReverseRequest) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *ReverseRequest) GetVm() string {
+	if x != nil {
+		return x.Vm
+	}
+	return ""
+}
+
+type ReverseReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Point         *Point                 `protobuf:"bytes,1,opt,name=point,proto3" json:"point,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReverseReply) Reset() {
+	*x = ReverseReply{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReverseReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReverseReply) ProtoMessage() {}
+
+func (x *ReverseReply) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReverseReply.ProtoReflect.Descriptor instead.
+func (*ReverseReply) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ReverseReply) GetPoint() *Point {
+	if x != nil {
+		return x.Point
+	}
+	return nil
+}
+
 type FailoverRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Vm            string                 `protobuf:"bytes,1,opt,name=vm,proto3" json:"vm,omitempty"`
@@ -34,7 +122,7 @@ type FailoverRequest struct {
 
 func (x *FailoverRequest) Reset() {
 	*x = FailoverRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[0]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -46,7 +134,7 @@ func (x *FailoverRequest) String() string {
 func (*FailoverRequest) ProtoMessage() {}
 
 func (x *FailoverRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[0]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -59,7 +147,7 @@ func (x *FailoverRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailoverRequest.ProtoReflect.Descriptor instead.
 func (*FailoverRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{0}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *FailoverRequest) GetVm() string {
@@ -90,7 +178,7 @@ type FailoverReply struct {
 
 func (x *FailoverReply) Reset() {
 	*x = FailoverReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[1]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -102,7 +190,7 @@ func (x *FailoverReply) String() string {
 func (*FailoverReply) ProtoMessage() {}
 
 func (x *FailoverReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[1]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -115,7 +203,7 @@ func (x *FailoverReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailoverReply.ProtoReflect.Descriptor instead.
 func (*FailoverReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{1}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *FailoverReply) GetRun() string {
@@ -156,7 +244,7 @@ type HelloRequest struct {
 
 func (x *HelloRequest) Reset() {
 	*x = HelloRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[2]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -168,7 +256,7 @@ func (x *HelloRequest) String() string {
 func (*HelloRequest) ProtoMessage() {}
 
 func (x *HelloRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[2]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -181,7 +269,7 @@ func (x *HelloRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloRequest.ProtoReflect.Descriptor instead.
 func (*HelloRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{2}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *HelloRequest) GetSite() string {
@@ -208,7 +296,7 @@ type HelloReply struct {
 
 func (x *HelloReply) Reset() {
 	*x = HelloReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[3]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -220,7 +308,7 @@ func (x *HelloReply) String() string {
 func (*HelloReply) ProtoMessage() {}
 
 func (x *HelloReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[3]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -233,7 +321,7 @@ func (x *HelloReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HelloReply.ProtoReflect.Descriptor instead.
 func (*HelloReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{3}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *HelloReply) GetSite() string {
@@ -259,7 +347,7 @@ type VMRequest struct {
 
 func (x *VMRequest) Reset() {
 	*x = VMRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[4]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -271,7 +359,7 @@ func (x *VMRequest) String() string {
 func (*VMRequest) ProtoMessage() {}
 
 func (x *VMRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[4]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -284,7 +372,7 @@ func (x *VMRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMRequest.ProtoReflect.Descriptor instead.
 func (*VMRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{4}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *VMRequest) GetVm() string {
@@ -316,7 +404,7 @@ type Point struct {
 
 func (x *Point) Reset() {
 	*x = Point{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[5]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -328,7 +416,7 @@ func (x *Point) String() string {
 func (*Point) ProtoMessage() {}
 
 func (x *Point) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[5]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -341,7 +429,7 @@ func (x *Point) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Point.ProtoReflect.Descriptor instead.
 func (*Point) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{5}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Point) GetVm() string {
@@ -442,7 +530,7 @@ type Disk struct {
 
 func (x *Disk) Reset() {
 	*x = Disk{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[6]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -454,7 +542,7 @@ func (x *Disk) String() string {
 func (*Disk) ProtoMessage() {}
 
 func (x *Disk) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[6]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -467,7 +555,7 @@ func (x *Disk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Disk.ProtoReflect.Descriptor instead.
 func (*Disk) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{6}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Disk) GetName() string {
@@ -534,7 +622,7 @@ type Stats struct {
 
 func (x *Stats) Reset() {
 	*x = Stats{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[7]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -546,7 +634,7 @@ func (x *Stats) String() string {
 func (*Stats) ProtoMessage() {}
 
 func (x *Stats) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[7]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -559,7 +647,7 @@ func (x *Stats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stats.ProtoReflect.Descriptor instead.
 func (*Stats) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{7}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Stats) GetBytesChanged() int64 {
@@ -621,7 +709,7 @@ type LatestReply struct {
 
 func (x *LatestReply) Reset() {
 	*x = LatestReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[8]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -633,7 +721,7 @@ func (x *LatestReply) String() string {
 func (*LatestReply) ProtoMessage() {}
 
 func (x *LatestReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[8]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -646,7 +734,7 @@ func (x *LatestReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LatestReply.ProtoReflect.Descriptor instead.
 func (*LatestReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{8}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *LatestReply) GetFound() bool {
@@ -672,7 +760,7 @@ type PointsReply struct {
 
 func (x *PointsReply) Reset() {
 	*x = PointsReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[9]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -684,7 +772,7 @@ func (x *PointsReply) String() string {
 func (*PointsReply) ProtoMessage() {}
 
 func (x *PointsReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[9]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -697,7 +785,7 @@ func (x *PointsReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PointsReply.ProtoReflect.Descriptor instead.
 func (*PointsReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{9}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PointsReply) GetPoints() []*Point {
@@ -717,7 +805,7 @@ type BlockMapRequest struct {
 
 func (x *BlockMapRequest) Reset() {
 	*x = BlockMapRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[10]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -729,7 +817,7 @@ func (x *BlockMapRequest) String() string {
 func (*BlockMapRequest) ProtoMessage() {}
 
 func (x *BlockMapRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[10]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -742,7 +830,7 @@ func (x *BlockMapRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockMapRequest.ProtoReflect.Descriptor instead.
 func (*BlockMapRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{10}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *BlockMapRequest) GetVm() string {
@@ -770,7 +858,7 @@ type BlockMapChunk struct {
 
 func (x *BlockMapChunk) Reset() {
 	*x = BlockMapChunk{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[11]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -782,7 +870,7 @@ func (x *BlockMapChunk) String() string {
 func (*BlockMapChunk) ProtoMessage() {}
 
 func (x *BlockMapChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[11]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -795,7 +883,7 @@ func (x *BlockMapChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockMapChunk.ProtoReflect.Descriptor instead.
 func (*BlockMapChunk) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{11}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *BlockMapChunk) GetBlocks() []int64 {
@@ -823,7 +911,7 @@ type PrepareFailbackRequest struct {
 
 func (x *PrepareFailbackRequest) Reset() {
 	*x = PrepareFailbackRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -835,7 +923,7 @@ func (x *PrepareFailbackRequest) String() string {
 func (*PrepareFailbackRequest) ProtoMessage() {}
 
 func (x *PrepareFailbackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[12]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -848,7 +936,7 @@ func (x *PrepareFailbackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareFailbackRequest.ProtoReflect.Descriptor instead.
 func (*PrepareFailbackRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{12}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *PrepareFailbackRequest) GetVm() string {
@@ -885,7 +973,7 @@ type OwnGeneration struct {
 
 func (x *OwnGeneration) Reset() {
 	*x = OwnGeneration{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -897,7 +985,7 @@ func (x *OwnGeneration) String() string {
 func (*OwnGeneration) ProtoMessage() {}
 
 func (x *OwnGeneration) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[13]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -910,7 +998,7 @@ func (x *OwnGeneration) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OwnGeneration.ProtoReflect.Descriptor instead.
 func (*OwnGeneration) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{13}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *OwnGeneration) GetDisk() string {
@@ -959,7 +1047,7 @@ type PrepareFailbackReply struct {
 
 func (x *PrepareFailbackReply) Reset() {
 	*x = PrepareFailbackReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -971,7 +1059,7 @@ func (x *PrepareFailbackReply) String() string {
 func (*PrepareFailbackReply) ProtoMessage() {}
 
 func (x *PrepareFailbackReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[14]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -984,7 +1072,7 @@ func (x *PrepareFailbackReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareFailbackReply.ProtoReflect.Descriptor instead.
 func (*PrepareFailbackReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{14}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *PrepareFailbackReply) GetHolds() *Point {
@@ -1005,7 +1093,7 @@ type FinishFailbackRequest struct {
 
 func (x *FinishFailbackRequest) Reset() {
 	*x = FinishFailbackRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1017,7 +1105,7 @@ func (x *FinishFailbackRequest) String() string {
 func (*FinishFailbackRequest) ProtoMessage() {}
 
 func (x *FinishFailbackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[15]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1030,7 +1118,7 @@ func (x *FinishFailbackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishFailbackRequest.ProtoReflect.Descriptor instead.
 func (*FinishFailbackRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{15}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *FinishFailbackRequest) GetVm() string {
@@ -1063,7 +1151,7 @@ type FinishFailbackReply struct {
 
 func (x *FinishFailbackReply) Reset() {
 	*x = FinishFailbackReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1075,7 +1163,7 @@ func (x *FinishFailbackReply) String() string {
 func (*FinishFailbackReply) ProtoMessage() {}
 
 func (x *FinishFailbackReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[16]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1088,7 +1176,7 @@ func (x *FinishFailbackReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishFailbackReply.ProtoReflect.Descriptor instead.
 func (*FinishFailbackReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{16}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *FinishFailbackReply) GetGenerations() []*DiskGeneration {
@@ -1108,7 +1196,7 @@ type DiskGeneration struct {
 
 func (x *DiskGeneration) Reset() {
 	*x = DiskGeneration{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1120,7 +1208,7 @@ func (x *DiskGeneration) String() string {
 func (*DiskGeneration) ProtoMessage() {}
 
 func (x *DiskGeneration) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[17]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1133,7 +1221,7 @@ func (x *DiskGeneration) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DiskGeneration.ProtoReflect.Descriptor instead.
 func (*DiskGeneration) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{17}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DiskGeneration) GetDisk() string {
@@ -1160,7 +1248,7 @@ type ChangedRequest struct {
 
 func (x *ChangedRequest) Reset() {
 	*x = ChangedRequest{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1172,7 +1260,7 @@ func (x *ChangedRequest) String() string {
 func (*ChangedRequest) ProtoMessage() {}
 
 func (x *ChangedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[18]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1185,7 +1273,7 @@ func (x *ChangedRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChangedRequest.ProtoReflect.Descriptor instead.
 func (*ChangedRequest) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{18}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ChangedRequest) GetVm() string {
@@ -1213,7 +1301,7 @@ type ChangedChunk struct {
 
 func (x *ChangedChunk) Reset() {
 	*x = ChangedChunk{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1225,7 +1313,7 @@ func (x *ChangedChunk) String() string {
 func (*ChangedChunk) ProtoMessage() {}
 
 func (x *ChangedChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[19]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1238,7 +1326,7 @@ func (x *ChangedChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChangedChunk.ProtoReflect.Descriptor instead.
 func (*ChangedChunk) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{19}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ChangedChunk) GetOffsets() []int64 {
@@ -1275,7 +1363,7 @@ type Frame struct {
 
 func (x *Frame) Reset() {
 	*x = Frame{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1287,7 +1375,7 @@ func (x *Frame) String() string {
 func (*Frame) ProtoMessage() {}
 
 func (x *Frame) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[20]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1300,7 +1388,7 @@ func (x *Frame) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Frame.ProtoReflect.Descriptor instead.
 func (*Frame) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{20}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Frame) GetBody() isFrame_Body {
@@ -1399,7 +1487,7 @@ type Begin struct {
 
 func (x *Begin) Reset() {
 	*x = Begin{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[21]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1411,7 +1499,7 @@ func (x *Begin) String() string {
 func (*Begin) ProtoMessage() {}
 
 func (x *Begin) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[21]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1424,7 +1512,7 @@ func (x *Begin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Begin.ProtoReflect.Descriptor instead.
 func (*Begin) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{21}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Begin) GetPoint() *Point {
@@ -1450,7 +1538,7 @@ type Blocks struct {
 
 func (x *Blocks) Reset() {
 	*x = Blocks{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[22]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1462,7 +1550,7 @@ func (x *Blocks) String() string {
 func (*Blocks) ProtoMessage() {}
 
 func (x *Blocks) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[22]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1475,7 +1563,7 @@ func (x *Blocks) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Blocks.ProtoReflect.Descriptor instead.
 func (*Blocks) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{22}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Blocks) GetDisk() string {
@@ -1532,7 +1620,7 @@ type Zeroes struct {
 
 func (x *Zeroes) Reset() {
 	*x = Zeroes{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[23]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1544,7 +1632,7 @@ func (x *Zeroes) String() string {
 func (*Zeroes) ProtoMessage() {}
 
 func (x *Zeroes) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[23]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1557,7 +1645,7 @@ func (x *Zeroes) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Zeroes.ProtoReflect.Descriptor instead.
 func (*Zeroes) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{23}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Zeroes) GetDisk() string {
@@ -1598,7 +1686,7 @@ type Copy struct {
 
 func (x *Copy) Reset() {
 	*x = Copy{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[24]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1610,7 +1698,7 @@ func (x *Copy) String() string {
 func (*Copy) ProtoMessage() {}
 
 func (x *Copy) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[24]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1623,7 +1711,7 @@ func (x *Copy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Copy.ProtoReflect.Descriptor instead.
 func (*Copy) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{24}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Copy) GetDisk() string {
@@ -1677,7 +1765,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[25]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1689,7 +1777,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[25]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1702,7 +1790,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{25}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Commit) GetStats() *Stats {
@@ -1721,7 +1809,7 @@ type ReplicateReply struct {
 
 func (x *ReplicateReply) Reset() {
 	*x = ReplicateReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[26]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1733,7 +1821,7 @@ func (x *ReplicateReply) String() string {
 func (*ReplicateReply) ProtoMessage() {}
 
 func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[26]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1746,7 +1834,7 @@ func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateReply.ProtoReflect.Descriptor instead.
 func (*ReplicateReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{26}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ReplicateReply) GetPoint() *Point {
@@ -1760,7 +1848,11 @@ var File_wire_wirepb_wire_proto protoreflect.FileDescriptor
 
 const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\n" +
-	"\x16wire/wirepb/wire.proto\x12\x10lifeboat.wire.v1\"7\n" +
+	"\x16wire/wirepb/wire.proto\x12\x10lifeboat.wire.v1\" \n" +
+	"\x0eReverseRequest\x12\x0e\n" +
+	"\x02vm\x18\x01 \x01(\tR\x02vm\"=\n" +
+	"\fReverseReply\x12-\n" +
+	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point\"7\n" +
 	"\x0fFailoverRequest\x12\x0e\n" +
 	"\x02vm\x18\x01 \x01(\tR\x02vm\x12\x14\n" +
 	"\x05point\x18\x02 \x01(\x04R\x05point\"q\n" +
@@ -1890,7 +1982,7 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x06Commit\x12-\n" +
 	"\x05stats\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.StatsR\x05stats\"?\n" +
 	"\x0eReplicateReply\x12-\n" +
-	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\x98\x05\n" +
+	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point2\xe5\x05\n" +
 	"\vReplication\x12E\n" +
 	"\x05Hello\x12\x1e.lifeboat.wire.v1.HelloRequest\x1a\x1c.lifeboat.wire.v1.HelloReply\x12D\n" +
 	"\x06Latest\x12\x1b.lifeboat.wire.v1.VMRequest\x1a\x1d.lifeboat.wire.v1.LatestReply\x12D\n" +
@@ -1899,7 +1991,8 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\aChanged\x12 .lifeboat.wire.v1.ChangedRequest\x1a\x1e.lifeboat.wire.v1.ChangedChunk0\x01\x12c\n" +
 	"\x0fPrepareFailback\x12(.lifeboat.wire.v1.PrepareFailbackRequest\x1a&.lifeboat.wire.v1.PrepareFailbackReply\x12`\n" +
 	"\x0eFinishFailback\x12'.lifeboat.wire.v1.FinishFailbackRequest\x1a%.lifeboat.wire.v1.FinishFailbackReply\x12N\n" +
-	"\bFailover\x12!.lifeboat.wire.v1.FailoverRequest\x1a\x1f.lifeboat.wire.v1.FailoverReplyB-Z+github.com/lifeboat-dr/lifeboat/wire/wirepbb\x06proto3"
+	"\bFailover\x12!.lifeboat.wire.v1.FailoverRequest\x1a\x1f.lifeboat.wire.v1.FailoverReply\x12K\n" +
+	"\aReverse\x12 .lifeboat.wire.v1.ReverseRequest\x1a\x1e.lifeboat.wire.v1.ReverseReplyB-Z+github.com/lifeboat-dr/lifeboat/wire/wirepbb\x06proto3"
 
 var (
 	file_wire_wirepb_wire_proto_rawDescOnce sync.Once
@@ -1913,75 +2006,80 @@ func file_wire_wirepb_wire_proto_rawDescGZIP() []byte {
 	return file_wire_wirepb_wire_proto_rawDescData
 }
 
-var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_wire_wirepb_wire_proto_goTypes = []any{
-	(*FailoverRequest)(nil),        // 0: lifeboat.wire.v1.FailoverRequest
-	(*FailoverReply)(nil),          // 1: lifeboat.wire.v1.FailoverReply
-	(*HelloRequest)(nil),           // 2: lifeboat.wire.v1.HelloRequest
-	(*HelloReply)(nil),             // 3: lifeboat.wire.v1.HelloReply
-	(*VMRequest)(nil),              // 4: lifeboat.wire.v1.VMRequest
-	(*Point)(nil),                  // 5: lifeboat.wire.v1.Point
-	(*Disk)(nil),                   // 6: lifeboat.wire.v1.Disk
-	(*Stats)(nil),                  // 7: lifeboat.wire.v1.Stats
-	(*LatestReply)(nil),            // 8: lifeboat.wire.v1.LatestReply
-	(*PointsReply)(nil),            // 9: lifeboat.wire.v1.PointsReply
-	(*BlockMapRequest)(nil),        // 10: lifeboat.wire.v1.BlockMapRequest
-	(*BlockMapChunk)(nil),          // 11: lifeboat.wire.v1.BlockMapChunk
-	(*PrepareFailbackRequest)(nil), // 12: lifeboat.wire.v1.PrepareFailbackRequest
-	(*OwnGeneration)(nil),          // 13: lifeboat.wire.v1.OwnGeneration
-	(*PrepareFailbackReply)(nil),   // 14: lifeboat.wire.v1.PrepareFailbackReply
-	(*FinishFailbackRequest)(nil),  // 15: lifeboat.wire.v1.FinishFailbackRequest
-	(*FinishFailbackReply)(nil),    // 16: lifeboat.wire.v1.FinishFailbackReply
-	(*DiskGeneration)(nil),         // 17: lifeboat.wire.v1.DiskGeneration
-	(*ChangedRequest)(nil),         // 18: lifeboat.wire.v1.ChangedRequest
-	(*ChangedChunk)(nil),           // 19: lifeboat.wire.v1.ChangedChunk
-	(*Frame)(nil),                  // 20: lifeboat.wire.v1.Frame
-	(*Begin)(nil),                  // 21: lifeboat.wire.v1.Begin
-	(*Blocks)(nil),                 // 22: lifeboat.wire.v1.Blocks
-	(*Zeroes)(nil),                 // 23: lifeboat.wire.v1.Zeroes
-	(*Copy)(nil),                   // 24: lifeboat.wire.v1.Copy
-	(*Commit)(nil),                 // 25: lifeboat.wire.v1.Commit
-	(*ReplicateReply)(nil),         // 26: lifeboat.wire.v1.ReplicateReply
+	(*ReverseRequest)(nil),         // 0: lifeboat.wire.v1.ReverseRequest
+	(*ReverseReply)(nil),           // 1: lifeboat.wire.v1.ReverseReply
+	(*FailoverRequest)(nil),        // 2: lifeboat.wire.v1.FailoverRequest
+	(*FailoverReply)(nil),          // 3: lifeboat.wire.v1.FailoverReply
+	(*HelloRequest)(nil),           // 4: lifeboat.wire.v1.HelloRequest
+	(*HelloReply)(nil),             // 5: lifeboat.wire.v1.HelloReply
+	(*VMRequest)(nil),              // 6: lifeboat.wire.v1.VMRequest
+	(*Point)(nil),                  // 7: lifeboat.wire.v1.Point
+	(*Disk)(nil),                   // 8: lifeboat.wire.v1.Disk
+	(*Stats)(nil),                  // 9: lifeboat.wire.v1.Stats
+	(*LatestReply)(nil),            // 10: lifeboat.wire.v1.LatestReply
+	(*PointsReply)(nil),            // 11: lifeboat.wire.v1.PointsReply
+	(*BlockMapRequest)(nil),        // 12: lifeboat.wire.v1.BlockMapRequest
+	(*BlockMapChunk)(nil),          // 13: lifeboat.wire.v1.BlockMapChunk
+	(*PrepareFailbackRequest)(nil), // 14: lifeboat.wire.v1.PrepareFailbackRequest
+	(*OwnGeneration)(nil),          // 15: lifeboat.wire.v1.OwnGeneration
+	(*PrepareFailbackReply)(nil),   // 16: lifeboat.wire.v1.PrepareFailbackReply
+	(*FinishFailbackRequest)(nil),  // 17: lifeboat.wire.v1.FinishFailbackRequest
+	(*FinishFailbackReply)(nil),    // 18: lifeboat.wire.v1.FinishFailbackReply
+	(*DiskGeneration)(nil),         // 19: lifeboat.wire.v1.DiskGeneration
+	(*ChangedRequest)(nil),         // 20: lifeboat.wire.v1.ChangedRequest
+	(*ChangedChunk)(nil),           // 21: lifeboat.wire.v1.ChangedChunk
+	(*Frame)(nil),                  // 22: lifeboat.wire.v1.Frame
+	(*Begin)(nil),                  // 23: lifeboat.wire.v1.Begin
+	(*Blocks)(nil),                 // 24: lifeboat.wire.v1.Blocks
+	(*Zeroes)(nil),                 // 25: lifeboat.wire.v1.Zeroes
+	(*Copy)(nil),                   // 26: lifeboat.wire.v1.Copy
+	(*Commit)(nil),                 // 27: lifeboat.wire.v1.Commit
+	(*ReplicateReply)(nil),         // 28: lifeboat.wire.v1.ReplicateReply
 }
 var file_wire_wirepb_wire_proto_depIdxs = []int32{
-	6,  // 0: lifeboat.wire.v1.Point.disks:type_name -> lifeboat.wire.v1.Disk
-	7,  // 1: lifeboat.wire.v1.Point.stats:type_name -> lifeboat.wire.v1.Stats
-	5,  // 2: lifeboat.wire.v1.LatestReply.point:type_name -> lifeboat.wire.v1.Point
-	5,  // 3: lifeboat.wire.v1.PointsReply.points:type_name -> lifeboat.wire.v1.Point
-	5,  // 4: lifeboat.wire.v1.PrepareFailbackRequest.holds:type_name -> lifeboat.wire.v1.Point
-	13, // 5: lifeboat.wire.v1.PrepareFailbackRequest.own:type_name -> lifeboat.wire.v1.OwnGeneration
-	5,  // 6: lifeboat.wire.v1.PrepareFailbackReply.holds:type_name -> lifeboat.wire.v1.Point
-	5,  // 7: lifeboat.wire.v1.FinishFailbackRequest.fold:type_name -> lifeboat.wire.v1.Point
-	17, // 8: lifeboat.wire.v1.FinishFailbackReply.generations:type_name -> lifeboat.wire.v1.DiskGeneration
-	21, // 9: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
-	22, // 10: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
-	23, // 11: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
-	25, // 12: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
-	24, // 13: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
-	5,  // 14: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
-	7,  // 15: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
-	5,  // 16: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
-	2,  // 17: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
-	4,  // 18: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
-	4,  // 19: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
-	10, // 20: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
-	18, // 21: lifeboat.wire.v1.Replication.Changed:input_type -> lifeboat.wire.v1.ChangedRequest
-	12, // 22: lifeboat.wire.v1.Replication.PrepareFailback:input_type -> lifeboat.wire.v1.PrepareFailbackRequest
-	15, // 23: lifeboat.wire.v1.Replication.FinishFailback:input_type -> lifeboat.wire.v1.FinishFailbackRequest
-	0,  // 24: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
-	3,  // 25: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
-	8,  // 26: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
-	9,  // 27: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
-	11, // 28: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
-	19, // 29: lifeboat.wire.v1.Replication.Changed:output_type -> lifeboat.wire.v1.ChangedChunk
-	14, // 30: lifeboat.wire.v1.Replication.PrepareFailback:output_type -> lifeboat.wire.v1.PrepareFailbackReply
-	16, // 31: lifeboat.wire.v1.Replication.FinishFailback:output_type -> lifeboat.wire.v1.FinishFailbackReply
-	1,  // 32: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
-	25, // [25:33] is the sub-list for method output_type
-	17, // [17:25] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	7,  // 0: lifeboat.wire.v1.ReverseReply.point:type_name -> lifeboat.wire.v1.Point
+	8,  // 1: lifeboat.wire.v1.Point.disks:type_name -> lifeboat.wire.v1.Disk
+	9,  // 2: lifeboat.wire.v1.Point.stats:type_name -> lifeboat.wire.v1.Stats
+	7,  // 3: lifeboat.wire.v1.LatestReply.point:type_name -> lifeboat.wire.v1.Point
+	7,  // 4: lifeboat.wire.v1.PointsReply.points:type_name -> lifeboat.wire.v1.Point
+	7,  // 5: lifeboat.wire.v1.PrepareFailbackRequest.holds:type_name -> lifeboat.wire.v1.Point
+	15, // 6: lifeboat.wire.v1.PrepareFailbackRequest.own:type_name -> lifeboat.wire.v1.OwnGeneration
+	7,  // 7: lifeboat.wire.v1.PrepareFailbackReply.holds:type_name -> lifeboat.wire.v1.Point
+	7,  // 8: lifeboat.wire.v1.FinishFailbackRequest.fold:type_name -> lifeboat.wire.v1.Point
+	19, // 9: lifeboat.wire.v1.FinishFailbackReply.generations:type_name -> lifeboat.wire.v1.DiskGeneration
+	23, // 10: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
+	24, // 11: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
+	25, // 12: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
+	27, // 13: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
+	26, // 14: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
+	7,  // 15: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
+	9,  // 16: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
+	7,  // 17: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
+	4,  // 18: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
+	6,  // 19: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
+	6,  // 20: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
+	12, // 21: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
+	20, // 22: lifeboat.wire.v1.Replication.Changed:input_type -> lifeboat.wire.v1.ChangedRequest
+	14, // 23: lifeboat.wire.v1.Replication.PrepareFailback:input_type -> lifeboat.wire.v1.PrepareFailbackRequest
+	17, // 24: lifeboat.wire.v1.Replication.FinishFailback:input_type -> lifeboat.wire.v1.FinishFailbackRequest
+	2,  // 25: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
+	0,  // 26: lifeboat.wire.v1.Replication.Reverse:input_type -> lifeboat.wire.v1.ReverseRequest
+	5,  // 27: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
+	10, // 28: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
+	11, // 29: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
+	13, // 30: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
+	21, // 31: lifeboat.wire.v1.Replication.Changed:output_type -> lifeboat.wire.v1.ChangedChunk
+	16, // 32: lifeboat.wire.v1.Replication.PrepareFailback:output_type -> lifeboat.wire.v1.PrepareFailbackReply
+	18, // 33: lifeboat.wire.v1.Replication.FinishFailback:output_type -> lifeboat.wire.v1.FinishFailbackReply
+	3,  // 34: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
+	1,  // 35: lifeboat.wire.v1.Replication.Reverse:output_type -> lifeboat.wire.v1.ReverseReply
+	27, // [27:36] is the sub-list for method output_type
+	18, // [18:27] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_wire_wirepb_wire_proto_init() }
@@ -1989,7 +2087,7 @@ func file_wire_wirepb_wire_proto_init() {
 	if File_wire_wirepb_wire_proto != nil {
 		return
 	}
-	file_wire_wirepb_wire_proto_msgTypes[20].OneofWrappers = []any{
+	file_wire_wirepb_wire_proto_msgTypes[22].OneofWrappers = []any{
 		(*Frame_Begin)(nil),
 		(*Frame_Blocks)(nil),
 		(*Frame_Zeroes)(nil),
@@ -2002,7 +2100,7 @@ func file_wire_wirepb_wire_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_wirepb_wire_proto_rawDesc), len(file_wire_wirepb_wire_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

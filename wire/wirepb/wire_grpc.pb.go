@@ -30,6 +30,7 @@ const (
 	Replication_PrepareFailback_FullMethodName = "/lifeboat.wire.v1.Replication/PrepareFailback"
 	Replication_FinishFailback_FullMethodName  = "/lifeboat.wire.v1.Replication/FinishFailback"
 	Replication_Failover_FullMethodName        = "/lifeboat.wire.v1.Replication/Failover"
+	Replication_Reverse_FullMethodName         = "/lifeboat.wire.v1.Replication/Reverse"
 )
 
 // ReplicationClient is the client API for Replication service.
@@ -65,6 +66,11 @@ type ReplicationClient interface {
 	// and take it over (a planned migration: the caller, its owner, has shut
 	// it down and sent its last point). Only the VM's owner may ask.
 	Failover(ctx context.Context, in *FailoverRequest, opts ...grpc.CallOption) (*FailoverReply, error)
+	// Reverse asks a production site whose disks took a failback point from
+	// the asking site (the VM's owner, which keeps running it) to keep the
+	// VM's restore points from now on, those disks its first: protection in
+	// reverse, with no full copy. The reply is that point.
+	Reverse(ctx context.Context, in *ReverseRequest, opts ...grpc.CallOption) (*ReverseReply, error)
 }
 
 type replicationClient struct {
@@ -173,6 +179,16 @@ func (c *replicationClient) Failover(ctx context.Context, in *FailoverRequest, o
 	return out, nil
 }
 
+func (c *replicationClient) Reverse(ctx context.Context, in *ReverseRequest, opts ...grpc.CallOption) (*ReverseReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReverseReply)
+	err := c.cc.Invoke(ctx, Replication_Reverse_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ReplicationServer is the server API for Replication service.
 // All implementations must embed UnimplementedReplicationServer
 // for forward compatibility.
@@ -206,6 +222,11 @@ type ReplicationServer interface {
 	// and take it over (a planned migration: the caller, its owner, has shut
 	// it down and sent its last point). Only the VM's owner may ask.
 	Failover(context.Context, *FailoverRequest) (*FailoverReply, error)
+	// Reverse asks a production site whose disks took a failback point from
+	// the asking site (the VM's owner, which keeps running it) to keep the
+	// VM's restore points from now on, those disks its first: protection in
+	// reverse, with no full copy. The reply is that point.
+	Reverse(context.Context, *ReverseRequest) (*ReverseReply, error)
 	mustEmbedUnimplementedReplicationServer()
 }
 
@@ -239,6 +260,9 @@ func (UnimplementedReplicationServer) FinishFailback(context.Context, *FinishFai
 }
 func (UnimplementedReplicationServer) Failover(context.Context, *FailoverRequest) (*FailoverReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Failover not implemented")
+}
+func (UnimplementedReplicationServer) Reverse(context.Context, *ReverseRequest) (*ReverseReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method Reverse not implemented")
 }
 func (UnimplementedReplicationServer) mustEmbedUnimplementedReplicationServer() {}
 func (UnimplementedReplicationServer) testEmbeddedByValue()                     {}
@@ -391,6 +415,24 @@ func _Replication_Failover_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Replication_Reverse_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReverseRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReplicationServer).Reverse(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Replication_Reverse_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReplicationServer).Reverse(ctx, req.(*ReverseRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Replication_ServiceDesc is the grpc.ServiceDesc for Replication service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -421,6 +463,10 @@ var Replication_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Failover",
 			Handler:    _Replication_Failover_Handler,
+		},
+		{
+			MethodName: "Reverse",
+			Handler:    _Replication_Reverse_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
