@@ -13,6 +13,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/qemu"
+	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
 // failbackVM is what a failback asked of this (production) site needs to
@@ -40,47 +41,15 @@ func (d *Daemon) failbackVM(ctx context.Context, name string) (failback.VMInfo, 
 // to its production site.
 func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 	vm := r.PathValue("vm")
-	if !a.recoveryOnly(w, "failback", vm) {
-		return
-	}
-	runs, err := a.d.runs.Runs(vm)
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
-	run := lastRealRun(runs)
-	if run == nil {
-		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q does not run at site %q after a failover: there is nothing to fail back (`lifeboat failover --list`)", vm, a.d.cfg.Site))
-		return
-	}
-	home, err := failback.Home(run)
-	if err != nil {
-		writeErr(w, http.StatusConflict, err)
-		return
-	}
-	ctx := r.Context()
-	c, err := a.d.peer(ctx, home)
-	if err != nil {
-		writeErr(w, http.StatusConflict, fmt.Errorf("vm %q fails back to site %q: %w (add it to `peers:` in %s with the address it listens on)", vm, home, err, a.d.cfg.Path()))
-		return
-	}
 	finalize := r.URL.Query().Get("finalize") != ""
-	track, err := a.d.beginBack(vm, home, finalize)
-	if err != nil {
-		writeErr(w, http.StatusConflict, err)
+	bc, ok := a.startBack(w, r, vm, "fail back", finalize, nil)
+	if !ok {
 		return
 	}
+	ctx, home, c, track, b, progress := r.Context(), bc.home, bc.c, bc.track, bc.back, bc.progress
 	// From here the answer is a stream: progress, then the point or the error.
 	st := newStream(w)
-	progress := make(chan protect.Progress, 16)
-	b := &failback.Back{Run: run, Store: a.d.store, Site: a.d.cfg.Site, Client: c, StateDir: a.d.cfg.StateDir, Log: a.d.log,
-		Progress: func(p protect.Progress) {
-			a.d.backProgress(vm, p)
-			select {
-			case progress <- p:
-			default: // the client reads slowly: a later report says as much
-			}
-		}}
+	var err error
 	if !finalize {
 		streamCycle(st, progress, func() (lifeboat.Point, error) {
 			pt, err := b.Cycle(ctx)
@@ -116,6 +85,67 @@ func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 		}
 		return fin.Fold, err
 	}, func(e *Event) { e.Finalized = &fin })
+}
+
+// backCall is a failback (or a reversal) begun at the recovery site: the
+// VM's failover run, its production site and a client of it, the status
+// entry that tracks it, and the failback to run, reporting to progress.
+type backCall struct {
+	home     string
+	c        *wire.Client
+	track    *FailingBack
+	back     *failback.Back
+	progress chan protect.Progress
+}
+
+// startBack begins what (a failback, a reversal) of vm, which runs here
+// after a failover: check, if not nil, refuses a run unfit for it. When it
+// returns false it has answered w.
+func (a *apiServer) startBack(w http.ResponseWriter, r *http.Request, vm, what string, finalize bool, check func(*failover.Run) error) (*backCall, bool) {
+	if !a.recoveryOnly(w, what, vm) {
+		return nil, false
+	}
+	runs, err := a.d.runs.Runs(vm)
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return nil, false
+	}
+	run := lastRealRun(runs)
+	if run == nil {
+		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q does not run at site %q after a failover: there is nothing to %s (`lifeboat failover --list`)", vm, a.d.cfg.Site, what))
+		return nil, false
+	}
+	if check != nil {
+		if err := check(run); err != nil {
+			writeErr(w, http.StatusConflict, err)
+			return nil, false
+		}
+	}
+	home, err := failback.Home(run)
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return nil, false
+	}
+	c, err := a.d.peer(r.Context(), home)
+	if err != nil {
+		writeErr(w, http.StatusConflict, fmt.Errorf("vm %q: to %s it, site %q: %w (add it to `peers:` in %s with the address it listens on)", vm, what, home, err, a.d.cfg.Path()))
+		return nil, false
+	}
+	track, err := a.d.beginBack(vm, home, finalize)
+	if err != nil {
+		writeErr(w, http.StatusConflict, err)
+		return nil, false
+	}
+	bc := &backCall{home: home, c: c, track: track, progress: make(chan protect.Progress, 16)}
+	bc.back = &failback.Back{Run: run, Store: a.d.store, Site: a.d.cfg.Site, Client: c, StateDir: a.d.cfg.StateDir, Log: a.d.log,
+		Progress: func(p protect.Progress) {
+			a.d.backProgress(vm, p)
+			select {
+			case bc.progress <- p:
+			default: // the client reads slowly: a later report says as much
+			}
+		}}
+	return bc, true
 }
 
 // FailingBack is, at the recovery site, a VM's failback to its production

@@ -12,7 +12,6 @@ import (
 	"github.com/lifeboat-dr/lifeboat/failback"
 	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/protect"
-	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
 // Protection in reverse: a VM failed over here for good is protected from
@@ -43,53 +42,23 @@ func (a *apiServer) reverse(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusConflict, fmt.Errorf("vm %q is protected by this site's config (`vms:` in %s): protection in reverse is for a VM failed over here", vm, a.d.cfg.Path()))
 		return
 	}
-	runs, err := a.d.runs.Runs(vm)
-	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
-	run := lastRealRun(runs)
-	switch {
-	case run == nil:
-		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q does not run at site %q after a failover: there is nothing to protect in reverse (`lifeboat failover --list`)", vm, a.d.cfg.Site))
-		return
-	case !run.Committed:
-		writeErr(w, http.StatusConflict, fmt.Errorf("vm %q: its failover (run %s) is not committed: commit it first (`lifeboat failover %s --commit`), since a VM protected in reverse stays here", vm, run.ID, vm))
-		return
-	case run.Libvirt != "":
-		writeErr(w, http.StatusConflict, fmt.Errorf("vm %q runs under libvirt here: protection in reverse needs its failback, which through libvirt's checkpoints is not built yet", vm))
-		return
-	}
-	home, err := failback.Home(run)
-	if err != nil {
-		writeErr(w, http.StatusConflict, err)
-		return
-	}
-	ctx := r.Context()
-	c, err := a.d.peer(ctx, home)
-	if err != nil {
-		writeErr(w, http.StatusConflict, fmt.Errorf("vm %q is protected in reverse to site %q: %w (add it to `peers:` in %s with the address it listens on)", vm, home, err, a.d.cfg.Path()))
-		return
-	}
-	track, err := a.d.beginBack(vm, home, false)
-	if err != nil {
-		writeErr(w, http.StatusConflict, err)
+	bc, ok := a.startBack(w, r, vm, "protect in reverse", false, func(run *failover.Run) error {
+		switch {
+		case !run.Committed:
+			return fmt.Errorf("vm %q: its failover (run %s) is not committed: commit it first (`lifeboat failover %s --commit`), since a VM protected in reverse stays here", vm, run.ID, vm)
+		case run.Libvirt != "":
+			return fmt.Errorf("vm %q runs under libvirt here: protection in reverse needs its failback, which through libvirt's checkpoints is not built yet", vm)
+		}
+		return nil
+	})
+	if !ok {
 		return
 	}
 	st := newStream(w)
-	progress := make(chan protect.Progress, 16)
-	b := &failback.Back{Run: run, Store: a.d.store, Site: a.d.cfg.Site, Client: c, StateDir: a.d.cfg.StateDir, Log: a.d.log,
-		Progress: func(p protect.Progress) {
-			a.d.backProgress(vm, p)
-			select {
-			case progress <- p:
-			default:
-			}
-		}}
-	streamCycle(st, progress, func() (lifeboat.Point, error) {
-		pt, err := a.d.reverseRun(ctx, run, b, c, interval)
-		track.end(a.d, pt.ID, err)
-		a.d.dropPeer(home, c, err)
+	streamCycle(st, bc.progress, func() (lifeboat.Point, error) {
+		pt, err := a.d.reverseRun(r.Context(), bc.back, interval)
+		bc.track.end(a.d, pt.ID, err)
+		a.d.dropPeer(bc.home, bc.c, err)
 		return pt, err
 	})
 }
@@ -98,7 +67,8 @@ func (a *apiServer) reverse(w http.ResponseWriter, r *http.Request) {
 // first point there (after a failback cycle, when they do not hold one of
 // this site's failback points yet), records the reversal in the run, and
 // starts protecting the VM to that site. It returns the adopted point.
-func (d *Daemon) reverseRun(ctx context.Context, run *failover.Run, b *failback.Back, c *wire.Client, interval time.Duration) (lifeboat.Point, error) {
+func (d *Daemon) reverseRun(ctx context.Context, b *failback.Back, interval time.Duration) (lifeboat.Point, error) {
+	run, c := b.Run, b.Client
 	adopted, err := c.Reverse(ctx, run.VM)
 	if err != nil {
 		// Production adopts disks that hold a failback point: send one.
