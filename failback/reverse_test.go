@@ -26,7 +26,9 @@ import (
 // byte-exact and verified. A production VM started again on its old images
 // no longer finds them; a reversal cut off after the images moved is
 // finished by a restarted site, and one run again returns the same point.
-// (The cut is a test hook: a kill -9 at that instant cannot be aimed.)
+// Retention then merges later points into the adopted point's image, never
+// into the moved image under it. (The cut is a test hook: a kill -9 at
+// that instant cannot be aimed.)
 func TestReverseProtection(t *testing.T) {
 	r := replicate(t, false)
 	r.vm.PowerOff(t)
@@ -41,7 +43,7 @@ func TestReverseProtection(t *testing.T) {
 
 	stateDir := t.TempDir()
 	fb, prod := r.prepare(t, stateDir, holds)
-	rs, err := recovery.Open(ctx(t), filepath.Join(filepath.Dir(images[0].File), "store"), recovery.Options{})
+	rs, err := recovery.Open(ctx(t), filepath.Join(filepath.Dir(images[0].File), "store"), recovery.Options{Keep: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,6 +126,31 @@ func TestReverseProtection(t *testing.T) {
 		t.Errorf("the first reverse cycle handled %d bytes, more than the %d the VM wrote since the reversal", pt.Stats.BytesChanged, touched)
 	}
 	r.checkPoint(t, rs, pt.ID, guest)
+
+	// Retention merges the later points into the adopted one's image, a
+	// thin overlay: the moved image under it stays as it was.
+	if _, err := guest.Mixed(ctx(t), 4); err != nil {
+		t.Fatal(err)
+	}
+	pt3, err := p.Cycle(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs.SettleRetention()
+	pts, err := rs.Points("vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pts) != 2 || pts[0].ID != pt.ID || pts[1].ID != pt3.ID {
+		t.Errorf("after retention (keep 2) production holds %+v, want points %d and %d", pts, pt.ID, pt3.ID)
+	}
+	r.checkPoint(t, rs, pt3.ID, guest)
+	if _, err := rs.Verify(ctx(t), "vm1", pt.ID, nil); err != nil {
+		t.Errorf("point %d, merged into the adopted image, does not verify: %v", pt.ID, err)
+	}
+	if n := seedBytes(t, rs.Dir()); n == 0 {
+		t.Error("the adopted images are gone from the store after retention")
+	}
 }
 
 // checkPoint exports every disk of point id from rs and checks it reads as
