@@ -54,8 +54,9 @@ func (s *Store) saveReversed(vm string, r Reversed) error {
 // of owner's (a failback cycle committed since the failover: production's
 // own writes after the shared point are overwritten and the disks are the
 // owner's VM at that point's instant). Their images are moved into rs's
-// directory, out of the production VM's reach (started again, it would
-// write into the base of every later point: its start now fails instead),
+// directory (or, where that is another file system, renamed where they
+// are), out of the production VM's reach (started again, it would write
+// into the base of every later point: its start now fails instead),
 // and become that point, the first of the VM here (recovery.Store.Adopt);
 // the owner's next cycle continues it from the generation that point
 // started on the owner's disks, so it sends only what changed since.
@@ -106,8 +107,7 @@ func (s *Store) Reverse(ctx context.Context, vm, owner string, rs *recovery.Stor
 			if !ok {
 				return lifeboat.Point{}, fmt.Errorf("vm %q: point %d has disk %q, which production does not", vm, holds.ID, d.Name)
 			}
-			to := filepath.Join(rs.Dir(), "vms", vm, d.Name, fmt.Sprintf("seed-%016d.%s", holds.ID, dk.Format))
-			r.Seeds[d.Name] = Seed{From: dk.File, To: to, Format: dk.Format}
+			r.Seeds[d.Name] = Seed{From: dk.File, To: seedPath(rs.Dir(), vm, d.Name, holds.ID, dk), Format: dk.Format}
 		}
 		if err := s.saveReversed(vm, r); err != nil { // before any image moves
 			return lifeboat.Point{}, err
@@ -158,13 +158,34 @@ func (s *Store) Reverse(ctx context.Context, vm, owner string, rs *recovery.Stor
 	return pt, nil
 }
 
+// seedPath is where a disk image goes when it becomes the base of the VM's
+// points: into the store, or, when the store is on another file system
+// (where a rename cannot take it, and a copy is what the reversal avoids),
+// beside where it was, under a name the VM's definition does not use.
+func seedPath(store, vm, disk string, id uint64, dk *disk) string {
+	in := filepath.Join(store, "vms", vm, disk, fmt.Sprintf("seed-%016d.%s", id, dk.Format))
+	if sameFS(filepath.Dir(dk.File), store) {
+		return in
+	}
+	return fmt.Sprintf("%s.lifeboat-%s-point-%d", dk.File, vm, id)
+}
+
+// sameFS reports whether two existing paths are on one file system.
+func sameFS(a, b string) bool {
+	var sa, sb syscall.Stat_t
+	if syscall.Stat(a, &sa) != nil || syscall.Stat(b, &sb) != nil {
+		return true // the rename says what is wrong
+	}
+	return sa.Dev == sb.Dev
+}
+
 // testHookReverseMoved, when set (by a test), is called once the images have
 // moved, before the store adopts them: an error stands for the site dying there.
 var testHookReverseMoved func() error
 
-// moveSeed moves a disk image into the recovery store, where the VM's old
-// definition no longer finds it, and makes it read-only. A move cut off
-// before is finished.
+// moveSeed moves a disk image where the VM's old definition no longer
+// finds it (seedPath), and makes it read-only. A move cut off before is
+// finished.
 func moveSeed(sd Seed) error {
 	if _, err := os.Stat(sd.To); err == nil {
 		if _, err := os.Stat(sd.From); err == nil {
@@ -175,14 +196,8 @@ func moveSeed(sd Seed) error {
 			return err
 		}
 		if err := os.Rename(sd.From, sd.To); err != nil {
-			var le *os.LinkError
-			if errors.As(err, &le) && errors.Is(le.Err, errCrossDevice) {
-				return fmt.Errorf("moving the image %s into the recovery store (%s): they are on different file systems; move the image onto state_dir's file system (and the VM's definition with it), then run the reversal again", sd.From, filepath.Dir(sd.To))
-			}
-			return fmt.Errorf("moving the image into the recovery store: %w", err)
+			return fmt.Errorf("moving the image out of the VM's reach: %w", err)
 		}
 	}
 	return os.Chmod(sd.To, 0o400)
 }
-
-var errCrossDevice = syscall.EXDEV
