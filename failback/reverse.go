@@ -97,6 +97,14 @@ func (s *Store) Reverse(ctx context.Context, vm, owner string, rs *recovery.Stor
 		return lifeboat.Point{}, fmt.Errorf("vm %q: the disks here still hold production's own writes after point %d: run one failback cycle (`lifeboat failback %s` at site %q) before reversing", vm, rec.Holds.ID, vm, owner)
 	}
 	holds := rec.Holds
+	// The store must take the VM before anything moves: a store that keeps
+	// another VM of that name (this site is a recovery site of another's)
+	// would refuse the adoption once the disks were out of the VM's reach.
+	if pt, found, err := rs.Latest(vm); err != nil {
+		return lifeboat.Point{}, err
+	} else if found && pt.ID != holds.ID {
+		return lifeboat.Point{}, fmt.Errorf("vm %q: this site keeps restore points of a VM of that name already (point %d, from site %q): it cannot keep this one's too; nothing was moved", vm, pt.ID, pt.Site)
+	}
 	if !inProgress || r.Point != holds.ID {
 		if v == nil {
 			return lifeboat.Point{}, fmt.Errorf("vm %q: the reversal record names point %d, the disks hold %d: remove %s and run the failback and the reversal again", vm, r.Point, holds.ID, s.reversedPath(vm))

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
+	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/failback"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
@@ -23,7 +25,8 @@ import (
 // (moved there, nothing copied, their blocks hashed into its record), and an
 // ordinary cycle from the recovered VM to production is then incremental
 // from that point, sending only what the VM wrote since, every point
-// byte-exact and verified. A production VM started again on its old images
+// byte-exact and verified. A store that keeps another VM of that name is
+// refused before anything moves. A production VM started again on its old images
 // no longer finds them; a reversal cut off after the images moved is
 // finished by a restarted site, and one run again returns the same point.
 // Retention then merges later points into the adopted point's image, never
@@ -63,6 +66,29 @@ func TestReverseProtection(t *testing.T) {
 	if _, err := fb.Reverse(ctx(t), "vm1", "prod", rs); !errors.Is(err, recovery.ErrNotOwner) {
 		t.Errorf("a site other than the VM's owner reversed it: %v", err)
 	}
+	// A store that keeps another VM of that name refuses before anything moves.
+	other, err := recovery.Open(ctx(t), t.TempDir(), recovery.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Close() })
+	w, err := other.Begin(ctx(t), recovery.BeginSpec{VM: "vm1", ID: 1, Site: "elsewhere",
+		Disks: []recovery.DiskSpec{{Name: "vda", Size: 1 << 20, Resync: true, Lineage: "another"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Commit(ctx(t), lifeboat.CycleStats{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fb.Reverse(ctx(t), "vm1", "dr", other); err == nil || !strings.Contains(err.Error(), "nothing was moved") {
+		t.Errorf("a store keeping another vm1 took the reversal: %v", err)
+	}
+	for _, im := range images {
+		if _, err := os.Stat(im.File); err != nil {
+			t.Errorf("after the refused reversal production's image %s: %v", im.File, err)
+		}
+	}
+
 	// The site dies once the images have moved: a restarted site's
 	// reversal finishes the adoption from its record.
 	died := errors.New("production site killed")
