@@ -23,9 +23,13 @@ func (d *Daemon) failbackVM(ctx context.Context, name string) (failback.VMInfo, 
 	if !ok {
 		return failback.VMInfo{}, false
 	}
-	info := failback.VMInfo{Peer: v.cfg.Peer, WorkDir: v.p.VM.WorkDir}
+	info := failback.VMInfo{Peer: v.cfg.Peer, WorkDir: v.p.VM.WorkDir, Libvirt: v.cfg.Libvirt != nil}
 	if v.cfg.Libvirt != nil {
-		info.Why = "it is a libvirt domain: failing back into its disks through libvirt is not built yet"
+		on, err := v.domainActive(ctx)
+		if err != nil {
+			info.Why = fmt.Sprintf("libvirt cannot say whether domain %q runs: %v", v.cfg.Libvirt.Domain, err)
+		}
+		info.Running = on
 		return info, true
 	}
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)

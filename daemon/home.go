@@ -13,6 +13,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/virt"
 )
 
 // A failback ends at this production site when the recovery site finishes
@@ -83,7 +84,11 @@ func (v *vm) homecoming(ctx context.Context, fold uint64) error {
 		return err
 	}
 	if !v.runs(ctx) {
-		if len(v.cfg.Start) > 0 {
+		if v.cfg.Libvirt != nil {
+			if err := v.startDomain(ctx, log); err != nil {
+				log.Error("failback finished: starting the libvirt domain failed; start it by hand (virsh start), lifeboat waits for it", "domain", v.cfg.Libvirt.Domain, "err", err)
+			}
+		} else if len(v.cfg.Start) > 0 {
 			if err := v.start(ctx, log); err != nil {
 				// The VM may still be started by hand: keep waiting for it.
 				log.Error("failback finished: the config's start: command failed; start the VM here by hand, lifeboat waits for it", "err", err)
@@ -151,6 +156,10 @@ func (v *vm) start(ctx context.Context, log *slog.Logger) error {
 // (a QEMU that waits for `cont` or an incoming migration has not; a storage
 // daemon, which has no run state, runs when it answers).
 func (v *vm) runs(ctx context.Context) bool {
+	if v.cfg.Libvirt != nil {
+		on, _ := v.domainActive(ctx)
+		return on
+	}
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	m, err := qemu.Dial(cctx, v.cfg.QMP)
@@ -170,6 +179,39 @@ func (v *vm) runs(ctx context.Context) bool {
 		return false
 	}
 	return st.Status != "prelaunch" && st.Status != "inmigrate"
+}
+
+// domainActive reports whether the VM's libvirt domain runs.
+func (v *vm) domainActive(ctx context.Context) (bool, error) {
+	var on bool
+	err := v.withDomain(ctx, func(ctx context.Context, d *virt.Domain) (err error) {
+		on, err = d.Active(ctx)
+		return err
+	})
+	return on, err
+}
+
+// startDomain starts the VM's libvirt domain (virsh start).
+func (v *vm) startDomain(ctx context.Context, log *slog.Logger) error {
+	log.Warn("failback finished: starting the libvirt domain here", "domain", v.cfg.Libvirt.Domain)
+	return v.withDomain(ctx, func(ctx context.Context, d *virt.Domain) error { return d.Start(ctx) })
+}
+
+// withDomain calls f with the VM's libvirt domain, on a connection of its
+// own, bounded.
+func (v *vm) withDomain(ctx context.Context, f func(context.Context, *virt.Domain) error) error {
+	cctx, cancel := context.WithTimeout(ctx, homeStartTimeout)
+	defer cancel()
+	conn, err := virt.Dial(cctx, v.cfg.Libvirt.URI)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	d, err := conn.Domain(cctx, v.cfg.Libvirt.Domain)
+	if err != nil {
+		return err
+	}
+	return f(cctx, d)
 }
 
 // poll calls ok every homePoll until it says yes or ctx ends, saying now and

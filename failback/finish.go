@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 )
 
@@ -83,8 +84,10 @@ func (s *Store) MarkResumed(vm string) error {
 // whatever held says). It
 // starts on each disk of fold the generation of fold for site, stops the
 // daemon over the disks and forgets the failback; it returns the
-// generations by disk name, which the recovery site records on fold.
-func (s *Store) Finish(ctx context.Context, site, vm string, held uint64, fold lifeboat.Point) (map[string]string, error) {
+// generations by disk name, which the recovery site records on fold. name,
+// if not nil, names a disk's generation (a libvirt domain's are its
+// checkpoint's); else lifeboat.NewGeneration does.
+func (s *Store) Finish(ctx context.Context, site, vm string, held uint64, fold lifeboat.Point, name func(lifeboat.PointDisk) string) (map[string]string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if h, ok, err := s.readHome(vm); err != nil {
@@ -121,7 +124,13 @@ func (s *Store) Finish(ctx context.Context, site, vm string, held uint64, fold l
 		if d.Lineage == "" {
 			return nil, fmt.Errorf("vm %q disk %q: point %d names no lineage", vm, d.Name, fold.ID)
 		}
-		gens[d.Name] = lifeboat.NewGeneration(site, d.Lineage, fold.ID)
+		if name != nil {
+			if g := name(d); g != "" {
+				gens[d.Name] = g
+			}
+		} else {
+			gens[d.Name] = lifeboat.NewGeneration(site, d.Lineage, fold.ID)
+		}
 	}
 	if err := v.prod.startGenerations(ctx, gens); err != nil {
 		return nil, err
@@ -154,7 +163,44 @@ func (p *Production) startGenerations(ctx context.Context, gens map[string]strin
 	return nil
 }
 
-// Finish ends vm's failback from site (Store.Finish).
+// Finish ends vm's failback from site (Store.Finish). A libvirt domain's
+// generations are one checkpoint of its qcow2 disks, kept among its hidden
+// checkpoints, so that its next cycle, through libvirt, continues from it;
+// its raw disks get none (they are compared by hashes at every cycle).
 func (s *Site) Finish(ctx context.Context, site, vm string, held uint64, fold lifeboat.Point) (map[string]string, error) {
-	return s.Store.Finish(ctx, site, vm, held, fold)
+	info, ok := s.VM(ctx, vm)
+	if !ok || !info.Libvirt {
+		return s.Store.Finish(ctx, site, vm, held, fold, nil)
+	}
+	images, err := protect.ReadImages(info.WorkDir)
+	if err != nil {
+		return nil, fmt.Errorf("vm %q: %w", vm, err)
+	}
+	format := map[string]string{}
+	for _, im := range images {
+		format[im.Name] = im.Format
+	}
+	cp := protect.HomeCheckpoint(site, fold.ID)
+	gens, err := s.Store.Finish(ctx, site, vm, held, fold, func(d lifeboat.PointDisk) string {
+		if format[d.Name] != "qcow2" {
+			return ""
+		}
+		return cp
+	})
+	if err != nil {
+		return nil, err
+	}
+	lineages := map[string]string{}
+	for _, d := range fold.Disks {
+		if gens[d.Name] != "" {
+			lineages[d.Name] = d.Lineage
+			cp = gens[d.Name] // a repeated Finish answers the first one's
+		}
+	}
+	if len(lineages) > 0 {
+		if err := protect.KeepCheckpoint(info.WorkDir, cp, site, fold.ID, lineages); err != nil {
+			return nil, fmt.Errorf("vm %q: %w", vm, err)
+		}
+	}
+	return gens, nil
 }

@@ -54,7 +54,7 @@ func TestHomeRecordResumed(t *testing.T) {
 		t.Errorf("HomePending of the restarted store = %v, want none", got)
 	}
 	// A repeated Finish of the same fold still gets its generations.
-	if gens, err := s2.Finish(context.Background(), "dr", "vm1", 5, lifeboat.Point{VM: "vm1", ID: 3}); err != nil || gens["vda"] != "g" {
+	if gens, err := s2.Finish(context.Background(), "dr", "vm1", 5, lifeboat.Point{VM: "vm1", ID: 3}, nil); err != nil || gens["vda"] != "g" {
 		t.Errorf("a repeated Finish: %v %v", gens, err)
 	}
 }

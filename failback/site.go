@@ -41,6 +41,7 @@ type VMInfo struct {
 	Peer    string // the recovery site it replicates to
 	WorkDir string // its protector's, which records its disk images
 	Running bool   // its QEMU answers: it must be stopped for a failback
+	Libvirt bool   // a libvirt domain: its generations are libvirt checkpoints
 	Why     string // why it cannot take a failback, if it cannot
 }
 

@@ -25,6 +25,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -198,6 +199,7 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	c.images = libvirtImages(disks)
 	if err := c.learnLatest(ctx); err != nil {
 		return err
 	}
@@ -246,6 +248,50 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 				d.new = c.lv.cp
 			}
 		}
+	}
+	return nil
+}
+
+// libvirtImages is the images of a domain's disks that a failback can
+// write into (each disk's active layer, a local qcow2 or raw file), or nil
+// when some disk has none.
+func libvirtImages(disks []virt.Disk) []DiskImage {
+	var images []DiskImage
+	for _, d := range disks {
+		if d.File == "" || (d.Format != "qcow2" && d.Format != "raw") {
+			return nil
+		}
+		images = append(images, DiskImage{Name: d.Target, File: d.File, Format: d.Format})
+	}
+	return images
+}
+
+// HomeCheckpoint names the checkpoint, and so the bitmaps, that a
+// failback's finalize starts on a libvirt domain's disks at production for
+// the recovery site peer at its point id: the generation the domain's next
+// cycle continues from.
+func HomeCheckpoint(peer string, id uint64) string { return newCheckpointName(peer, id) }
+
+// KeepCheckpoint records checkpoint name among the hidden checkpoints of the
+// VM whose protector works in workDir: it tracks disks (target -> lineage)
+// for the recovery site peer from its point id, its bitmaps named name and
+// started in the images by the caller. The VM's next cycle redefines it as
+// its base, and libvirt then checks that the bitmaps are there.
+func KeepCheckpoint(workDir, name, peer string, id uint64, lineages map[string]string) error {
+	meta, err := json.Marshal(cpMeta{Peer: peer, Point: id, Lineages: lineages})
+	if err != nil {
+		return err
+	}
+	doc, err := virt.CheckpointDoc(name, cpDescPrefix+string(meta), time.Now(), slices.Sorted(maps.Keys(lineages)))
+	if err != nil {
+		return err
+	}
+	dir := filepath.Join(workDir, "checkpoints")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("lifeboat's checkpoint records: %w", err)
+	}
+	if err := fsutil.WriteFileAtomic(filepath.Join(dir, name+".xml"), []byte(doc), 0o600); err != nil {
+		return fmt.Errorf("record checkpoint %q: %w", name, err)
 	}
 	return nil
 }

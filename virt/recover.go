@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	libvirt "github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
@@ -216,11 +217,7 @@ func (c *Conn) StartRecovered(ctx context.Context, doc string, persistent bool) 
 // CreateCheckpoint makes a checkpoint named name of the given disks: each
 // gets a persistent dirty bitmap of that name from this instant.
 func (d *Domain) CreateCheckpoint(ctx context.Context, name string, disks []string) error {
-	cp := libvirtxml.DomainCheckpoint{Name: name, Disks: &libvirtxml.DomainCheckpointDisks{}}
-	for _, t := range disks {
-		cp.Disks.Disks = append(cp.Disks.Disks, libvirtxml.DomainCheckpointDisk{Name: t, Checkpoint: "bitmap", Bitmap: name})
-	}
-	doc, err := cp.Marshal()
+	doc, err := CheckpointDoc(name, "", time.Time{}, disks)
 	if err != nil {
 		return err
 	}
@@ -228,6 +225,29 @@ func (d *Domain) CreateCheckpoint(ctx context.Context, name string, disks []stri
 		_, err := l.DomainCheckpointCreateXML(d.d, doc, 0)
 		return err
 	})
+}
+
+// CheckpointDoc is the XML of a checkpoint named name of disks (targets),
+// each tracked by a bitmap of that name: what CreateCheckpoint makes, and,
+// with a creation time, what RedefineCheckpoint takes for bitmaps started
+// outside libvirt.
+func CheckpointDoc(name, description string, created time.Time, disks []string) (string, error) {
+	cp := libvirtxml.DomainCheckpoint{Name: name, Description: description, Disks: &libvirtxml.DomainCheckpointDisks{}}
+	if !created.IsZero() {
+		cp.CreationTime = strconv.FormatInt(created.Unix(), 10)
+	}
+	for _, t := range disks {
+		cp.Disks.Disks = append(cp.Disks.Disks, libvirtxml.DomainCheckpointDisk{Name: t, Checkpoint: "bitmap", Bitmap: name})
+	}
+	return cp.Marshal()
+}
+
+// Start starts the defined domain (virsh start); a running one is no error.
+func (d *Domain) Start(ctx context.Context) error {
+	if on, err := d.Active(ctx); err == nil && on {
+		return nil
+	}
+	return d.c.call(ctx, "start of domain "+d.Name, func(l *libvirt.Libvirt) error { return l.DomainCreate(d.d) })
 }
 
 // Resume runs the domain's CPUs.
