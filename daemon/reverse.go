@@ -46,8 +46,6 @@ func (a *apiServer) reverse(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case !run.Committed:
 			return fmt.Errorf("vm %q: its failover (run %s) is not committed: commit it first (`lifeboat failover %s --commit`), since a VM protected in reverse stays here", vm, run.ID, vm)
-		case run.Libvirt != "":
-			return fmt.Errorf("vm %q runs under libvirt here: protection in reverse needs its failback, which through libvirt's checkpoints is not built yet", vm)
 		}
 		return nil
 	})
@@ -109,12 +107,17 @@ func (d *Daemon) protectReverse(run *failover.Run) error {
 	}
 	c := VMConfig{Name: run.VM, QMP: run.QMP, Peer: rv.Peer, Interval: Duration(rv.Interval), RPOTarget: Duration(3 * rv.Interval),
 		Consistency: string(lifeboat.Crash), OnQuiesceFailure: "crash"}
-	if run.Agent != "" {
+	switch {
+	case run.Domain != "":
+		// Its libvirt domain: reached through libvirtd, frozen through its agent.
+		c.QMP, c.Libvirt, c.Consistency = "", &LibvirtConfig{URI: run.Libvirt, Domain: run.Domain}, string(lifeboat.Filesystem)
+	case run.Agent != "":
 		c.Consistency, c.Agent = string(lifeboat.Filesystem), run.Agent
 	}
 	v := newVM(d, c)
 	// The failback cycles' directory: one NBD server socket lifeboat knows
-	// as its own in the run's QEMU, whichever of them left it.
+	// as its own in the run's QEMU, whichever of them left it (under
+	// libvirt: the hidden checkpoints its cycles continue from).
 	v.p.VM.WorkDir = filepath.Join(run.Dir, "failback")
 	v.reverse = run.ID
 	d.vms[run.VM] = v

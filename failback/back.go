@@ -55,15 +55,25 @@ func (b *Back) Cycle(ctx context.Context) (lifeboat.Point, error) {
 	if err := os.MkdirAll(workDir, 0o750); err != nil {
 		return lifeboat.Point{}, err
 	}
-	p := &protect.Protector{
-		VM:     protect.VM{Name: vm, QMPSocket: run.QMP, WorkDir: workDir, StateDir: b.StateDir},
-		Target: target, Log: b.Log, Progress: b.Progress,
-	}
+	p := &protect.Protector{VM: b.recovered(workDir), Target: target, Log: b.Log, Progress: b.Progress}
 	pt, err := p.Cycle(ctx)
 	if err != nil {
 		return lifeboat.Point{}, fmt.Errorf("failback of vm %q to %s (its disks held point %d): %w", vm, b.Client.Peer(), held.ID, err)
 	}
 	return pt, nil
+}
+
+// recovered is the recovered VM as a cycle reads it, working in workDir:
+// through its QMP socket, or through libvirt when it runs as a libvirt
+// domain here (its generations are then checkpoints of lifeboat's, kept in
+// workDir: failover.Manager starts them).
+func (b *Back) recovered(workDir string) protect.VM {
+	run := b.Run
+	v := protect.VM{Name: run.VM, QMPSocket: run.QMP, WorkDir: workDir, StateDir: b.StateDir}
+	if run.Domain != "" {
+		v.QMPSocket, v.Libvirt = "", &protect.LibvirtDomain{URI: run.Libvirt, Domain: run.Domain}
+	}
+	return v
 }
 
 // prepare asks production to take (or go on with) the failback, and returns
@@ -72,9 +82,6 @@ func (b *Back) Cycle(ctx context.Context) (lifeboat.Point, error) {
 func (b *Back) prepare(ctx context.Context) (shared, latest, held lifeboat.Point, err error) {
 	run := b.Run
 	vm := run.VM
-	if run.Libvirt != "" {
-		return shared, latest, held, fmt.Errorf("vm %q runs under libvirt here: its failback (through libvirt's checkpoints) is not built yet", vm)
-	}
 	if shared, err = b.point(vm, run.Point); err != nil {
 		return shared, latest, held, err
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/virt"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
@@ -116,7 +117,14 @@ func (b *Back) Finalize(ctx context.Context, m *failover.Manager, opts FinalizeO
 			timeout = protect.DefaultShutdownTimeout
 		}
 		fin.Stopped = time.Now()
-		if fin.ShutDown, err = protect.ShutDown(ctx, vm, run.QMP, run.Agent, timeout, b.Log); err != nil {
+		if run.Domain != "" {
+			// libvirt ends QEMU when its guest powers off: the guest is
+			// frozen and paused instead, as for a planned migration.
+			fin.ShutDown, err = protect.PauseDomain(ctx, vm, protect.LibvirtDomain{URI: run.Libvirt, Domain: run.Domain}, b.Log)
+		} else {
+			fin.ShutDown, err = protect.ShutDown(ctx, vm, run.QMP, run.Agent, timeout, b.Log)
+		}
+		if err != nil {
 			return fin, fmt.Errorf("vm %q: stopping the recovered VM: %w", vm, err)
 		}
 		b.Log.Warn("finalize: the recovered VM is stopped; its last cycles", "vm", vm, "shut_down", fin.ShutDown)
@@ -198,6 +206,15 @@ func (b *Back) finish(ctx context.Context, m *failover.Manager, fin Finalized, g
 // stillStopped checks that the recovered VM's CPUs have not run again since
 // an earlier finalize stopped them: its writes since would be lost.
 func stillStopped(ctx context.Context, run *failover.Run) error {
+	if run.Domain != "" {
+		return run.WithDomain(ctx, func(d *virt.Domain) error {
+			running, err := d.Running(ctx)
+			if err == nil && running {
+				err = ranAgain(run.VM)
+			}
+			return err
+		})
+	}
 	m, err := qemu.Dial(ctx, run.QMP)
 	if err != nil {
 		return fmt.Errorf("vm %q: the recovered VM's QMP: %w", run.VM, err)
@@ -210,9 +227,13 @@ func stillStopped(ctx context.Context, run *failover.Run) error {
 		return fmt.Errorf("vm %q: query-status: %w", run.VM, err)
 	}
 	if st.Running {
-		return fmt.Errorf("vm %q runs here again since an earlier finalize folded its state: what it wrote since would not reach production. Power it off in the guest, or `lifeboat failback %s` to send it first, then finalize again", run.VM, run.VM)
+		return ranAgain(run.VM)
 	}
 	return nil
+}
+
+func ranAgain(vm string) error {
+	return fmt.Errorf("vm %q runs here again since an earlier finalize folded its state: what it wrote since would not reach production. Power it off in the guest, or `lifeboat failback %s` to send it first, then finalize again", vm, vm)
 }
 
 // finishedPhrase is how production refuses a failback it finished: the
@@ -244,10 +265,7 @@ func (b *Back) fold(ctx context.Context, latest lifeboat.Point, shutDown bool) (
 		return lifeboat.Point{}, err
 	}
 	t := &foldTarget{store: b.Store, site: b.Site, run: run, latest: latest, shutDown: shutDown}
-	p := &protect.Protector{
-		VM:     protect.VM{Name: run.VM, QMPSocket: run.QMP, WorkDir: workDir, StateDir: b.StateDir},
-		Target: t, Log: b.Log, Progress: b.Progress,
-	}
+	p := &protect.Protector{VM: b.recovered(workDir), Target: t, Log: b.Log, Progress: b.Progress}
 	pt, err := p.Cycle(ctx)
 	if err != nil {
 		return lifeboat.Point{}, err

@@ -338,7 +338,7 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 			}
 			dirs = append(dirs, filepath.Dir(img))
 		}
-		if err := m.startDomain(ctx, r, def, dirs); err != nil {
+		if err := m.startDomain(ctx, r, pt, def, dirs); err != nil {
 			return nil, err
 		}
 	} else {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
+	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/virt"
 )
 
@@ -39,7 +40,7 @@ func domainName(doc string, r *Run) (string, error) {
 }
 
 // startDomain starts r's VM, paused, as a libvirt domain from def's XML.
-func (m *Manager) startDomain(ctx context.Context, r *Run, def *lifeboat.Definition, images []string) error {
+func (m *Manager) startDomain(ctx context.Context, r *Run, pt lifeboat.Point, def *lifeboat.Definition, images []string) error {
 	name, err := domainName(def.DomainXML, r)
 	if err != nil {
 		return fmt.Errorf("vm %q: %w", r.VM, err)
@@ -107,6 +108,9 @@ func (m *Manager) startDomain(ctx context.Context, r *Run, def *lifeboat.Definit
 		slices.Sort(logs)
 		r.Console = logs[0]
 	}
+	if ok, err := m.startCheckpoints(ctx, s.Domain, r, pt); err != nil || ok {
+		return err
+	}
 	targets := make([]string, 0, len(r.disks))
 	for _, d := range r.disks {
 		targets = append(targets, d.Name)
@@ -117,9 +121,44 @@ func (m *Manager) startDomain(ctx context.Context, r *Run, def *lifeboat.Definit
 	return nil
 }
 
+// startCheckpoints starts, on a real failover's paused domain, the
+// generations a failback reads (Run.Generations, for the VM's owner) and
+// folds (Run.Home, this site's own) as two checkpoints of lifeboat's,
+// hidden among those of the failback cycles' work directory, whose libvirt
+// cycles continue from them. false: the point names no lineage or the VM
+// had no owner (the plain Bitmap checkpoint then).
+func (m *Manager) startCheckpoints(ctx context.Context, dom *virt.Domain, r *Run, pt lifeboat.Point) (bool, error) {
+	if err := m.nameGenerations(r, pt); err != nil || len(r.Generations) == 0 || r.Test {
+		r.Generations, r.Home = nil, nil
+		return false, err
+	}
+	owner, _, err := m.Store.Owner(r.VM)
+	if err != nil {
+		return false, err
+	}
+	lineages := map[string]string{}
+	for _, d := range pt.Disks {
+		if d.Lineage != "" && r.Generations[d.Name] != "" {
+			lineages[d.Name] = d.Lineage
+		}
+	}
+	workDir := filepath.Join(r.Dir, "failback")
+	back, home := protect.HomeCheckpoint(owner.Site, pt.ID), protect.HomeCheckpoint(m.Site, pt.ID)
+	for _, c := range []struct{ name, peer string }{{back, owner.Site}, {home, m.Site}} {
+		if err := protect.StartCheckpoint(ctx, dom, workDir, c.name, c.peer, pt.ID, lineages); err != nil {
+			return false, fmt.Errorf("vm %q: change tracking on the overlays (libvirt checkpoint %s of domain %q): %w", r.VM, c.name, dom.Name, err)
+		}
+	}
+	r.Generations, r.Home = map[string]string{}, map[string]string{}
+	for disk := range lineages {
+		r.Generations[disk], r.Home[disk] = back, home
+	}
+	return true, nil
+}
+
 // resumeDomain runs the paused domain's CPUs.
 func resumeDomain(ctx context.Context, r *Run) error {
-	return withDomain(ctx, r, func(d *virt.Domain) error { return d.Resume(ctx) })
+	return r.WithDomain(ctx, func(d *virt.Domain) error { return d.Resume(ctx) })
 }
 
 // removeDomain powers the run's domain off and undefines it (its bitmaps
@@ -188,7 +227,8 @@ func liveDomainRuns(r *Run) (bool, error) {
 	return false, nil
 }
 
-func withDomain(ctx context.Context, r *Run, f func(d *virt.Domain) error) error {
+// WithDomain calls f with the libvirt domain the run's VM runs as.
+func (r *Run) WithDomain(ctx context.Context, f func(d *virt.Domain) error) error {
 	c, err := virt.Dial(ctx, r.Libvirt)
 	if err != nil {
 		return fmt.Errorf("vm %q: the recovery site's libvirt: %w", r.VM, err)
@@ -203,7 +243,7 @@ func withDomain(ctx context.Context, r *Run, f func(d *virt.Domain) error) error
 
 // waitDomainAgent asks libvirt until the guest agent answers, within ctx.
 func waitDomainAgent(ctx context.Context, r *Run) error {
-	return withDomain(ctx, r, func(d *virt.Domain) error {
+	return r.WithDomain(ctx, func(d *virt.Domain) error {
 		for {
 			actx, cancel := context.WithTimeout(ctx, 2*time.Second)
 			err := d.AgentAnswers(actx)

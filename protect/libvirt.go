@@ -278,11 +278,7 @@ func HomeCheckpoint(peer string, id uint64) string { return newCheckpointName(pe
 // started in the images by the caller. The VM's next cycle redefines it as
 // its base, and libvirt then checks that the bitmaps are there.
 func KeepCheckpoint(workDir, name, peer string, id uint64, lineages map[string]string) error {
-	meta, err := json.Marshal(cpMeta{Peer: peer, Point: id, Lineages: lineages})
-	if err != nil {
-		return err
-	}
-	doc, err := virt.CheckpointDoc(name, cpDescPrefix+string(meta), time.Now(), slices.Sorted(maps.Keys(lineages)))
+	doc, err := checkpointDoc(name, peer, id, lineages)
 	if err != nil {
 		return err
 	}
@@ -294,6 +290,35 @@ func KeepCheckpoint(workDir, name, peer string, id uint64, lineages map[string]s
 		return fmt.Errorf("record checkpoint %q: %w", name, err)
 	}
 	return nil
+}
+
+// StartCheckpoint makes checkpoint name on a running or paused domain (its
+// bitmaps start now), as KeepCheckpoint describes it, and hides it among
+// the checkpoints of the VM whose protector works in workDir: the
+// generation a failover starts on the recovered domain's overlays, from
+// which that VM's cycles to peer continue.
+func StartCheckpoint(ctx context.Context, dom *virt.Domain, workDir, name, peer string, id uint64, lineages map[string]string) error {
+	doc, err := checkpointDoc(name, peer, id, lineages)
+	if err != nil {
+		return err
+	}
+	if err := dom.CreateCheckpointXML(ctx, doc); err != nil {
+		return err
+	}
+	lv := &virtCycle{dom: dom, saved: filepath.Join(workDir, "checkpoints")}
+	if err := os.MkdirAll(lv.saved, 0o700); err != nil {
+		return fmt.Errorf("lifeboat's checkpoint records: %w", err)
+	}
+	return lv.hide(ctx, name)
+}
+
+// checkpointDoc is the XML of a checkpoint of lifeboat's (see KeepCheckpoint).
+func checkpointDoc(name, peer string, id uint64, lineages map[string]string) (string, error) {
+	meta, err := json.Marshal(cpMeta{Peer: peer, Point: id, Lineages: lineages})
+	if err != nil {
+		return "", err
+	}
+	return virt.CheckpointDoc(name, cpDescPrefix+string(meta), time.Now(), slices.Sorted(maps.Keys(lineages)))
 }
 
 // checkpointBase says why disk dk has no base ("" when the checkpoint its

@@ -3,6 +3,7 @@ package protect
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -33,15 +34,7 @@ func (p *Protector) migrateLibvirt(ctx context.Context, begin time.Time) (Migrat
 	if active, err := dom.Active(ctx); err != nil || !active {
 		return Migration{}, fmt.Errorf("vm %q: libvirt domain %q does not run (%v): start it, or, if it was shut down cleanly, `lifeboat failover %s` at the recovery site from its last point", p.VM.Name, lv.Domain, err, p.VM.Name)
 	}
-	frozen := false
-	fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	if n, err := dom.FSFreeze(fctx); err == nil {
-		frozen = true
-		log.Warn("planned migration: the guest's file systems are frozen", "domain", lv.Domain, "filesystems", n)
-	} else {
-		log.Warn("planned migration: the guest could not be frozen (no agent?): the point will be crash-consistent, with every acknowledged write", "domain", lv.Domain, "err", err)
-	}
-	cancel()
+	frozen := freezeDomain(ctx, dom, "planned migration", log)
 	// undo lets the domain run on here: before the recovery site was asked.
 	undo := func(cause error) error {
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
@@ -89,4 +82,46 @@ func (p *Protector) migrateLibvirt(ctx context.Context, begin time.Time) (Migrat
 	mig.Took = time.Since(begin)
 	log.Warn("planned migration done: the vm runs at its recovery site", "point", pt.ID, "run", mig.Run.Run, "epoch", mig.Run.Epoch, "took", mig.Took.Round(time.Millisecond))
 	return mig, nil
+}
+
+// freezeDomain freezes the guest's file systems through libvirt's agent,
+// bounded, and says whether it did; what says why is the log.
+func freezeDomain(ctx context.Context, dom *virt.Domain, what string, log *slog.Logger) bool {
+	fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	n, err := dom.FSFreeze(fctx)
+	if err != nil {
+		log.Warn(what+": the guest could not be frozen (no agent?): the point will be crash-consistent, with every acknowledged write", "domain", dom.Name, "err", err)
+		return false
+	}
+	log.Warn(what+": the guest's file systems are frozen", "domain", dom.Name, "filesystems", n)
+	return true
+}
+
+// PauseDomain stops a libvirt domain's guest for good without letting its
+// QEMU go (libvirt would end QEMU at a power-off, and a cycle reads the
+// disks through it): its file systems frozen through libvirt's agent where
+// it answers, then its CPUs paused. It says whether the freeze held. A
+// failback's finalize at a recovery site that runs the VM under libvirt
+// stops it so, as a planned migration does.
+func PauseDomain(ctx context.Context, vm string, lv LibvirtDomain, log *slog.Logger) (frozen bool, err error) {
+	conn, err := virt.Dial(ctx, lv.URI)
+	if err != nil {
+		return false, fmt.Errorf("vm %q: %w", vm, err)
+	}
+	defer conn.Close()
+	dom, err := conn.Domain(ctx, lv.Domain)
+	if err != nil {
+		return false, fmt.Errorf("vm %q: %w", vm, err)
+	}
+	if running, err := dom.Running(ctx); err != nil {
+		return false, fmt.Errorf("vm %q: %w", vm, err)
+	} else if !running {
+		return false, nil // paused (or off) already: as an earlier attempt left it
+	}
+	frozen = freezeDomain(ctx, dom, "finalize", log)
+	if err := dom.Suspend(ctx); err != nil {
+		return frozen, fmt.Errorf("vm %q: pausing libvirt domain %q: %w", vm, lv.Domain, err)
+	}
+	return frozen, nil
 }

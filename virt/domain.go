@@ -133,6 +133,16 @@ func (d *Domain) Active(ctx context.Context) (bool, error) {
 	return n == 1, err
 }
 
+// Running reports whether the domain's CPUs run (not paused, not off).
+func (d *Domain) Running(ctx context.Context) (bool, error) {
+	var state int32
+	err := d.c.call(ctx, "state of domain "+d.Name, func(l *libvirt.Libvirt) (err error) {
+		state, _, err = l.DomainGetState(d.d, 0)
+		return err
+	})
+	return libvirt.DomainState(state) == libvirt.DomainRunning, err
+}
+
 // Persistent reports whether the domain is defined (its checkpoints outlive
 // a shutdown) rather than transient.
 func (d *Domain) Persistent(ctx context.Context) (bool, error) {

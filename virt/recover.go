@@ -221,7 +221,13 @@ func (d *Domain) CreateCheckpoint(ctx context.Context, name string, disks []stri
 	if err != nil {
 		return err
 	}
-	return d.c.call(ctx, "checkpoint "+name+" of domain "+d.Name, func(l *libvirt.Libvirt) error {
+	return d.CreateCheckpointXML(ctx, doc)
+}
+
+// CreateCheckpointXML makes the checkpoint doc describes (CheckpointDoc):
+// its bitmaps start now.
+func (d *Domain) CreateCheckpointXML(ctx context.Context, doc string) error {
+	return d.c.call(ctx, "checkpoint of domain "+d.Name, func(l *libvirt.Libvirt) error {
 		_, err := l.DomainCheckpointCreateXML(d.d, doc, 0)
 		return err
 	})
