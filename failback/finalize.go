@@ -109,9 +109,6 @@ func (b *Back) Finalize(ctx context.Context, m *failover.Manager, opts FinalizeO
 			return fin, fmt.Errorf("%w; the recovered VM is stopped (paused): run the finalize again", err)
 		}
 	} else {
-		if latest.ID != run.Point {
-			return Finalized{}, fmt.Errorf("vm %q: this site's latest point is %d, not %d, the one the failover started from: a finalize folds the VM's writes onto that point only (not built yet for a failover from an earlier point)", vm, latest.ID, run.Point)
-		}
 		timeout := opts.ShutdownTimeout
 		if timeout <= 0 {
 			timeout = protect.DefaultShutdownTimeout
@@ -281,8 +278,13 @@ func (b *Back) fold(ctx context.Context, latest lifeboat.Point, shutDown bool) (
 }
 
 // foldTarget is this site's own store as a protect.Target, for the fold: its
-// latest point is the failover's, seen as started by the overlays' home
-// generations (which tracked every write since), in this site's namespace.
+// latest point is seen as started by the overlays' home generations (which
+// tracked every write since the failover's point), in this site's
+// namespace. When the failover started from an earlier point than the
+// latest, the blocks whose content differs between the two are the
+// target's own changes (protect.ChangedTarget): the fold sends them too, as
+// the recovered VM holds them, so that the new point is the VM's state and
+// not the latest's where the VM left those blocks as they were.
 type foldTarget struct {
 	store    *recovery.Store
 	site     string
@@ -307,6 +309,22 @@ func (t *foldTarget) Latest(_ context.Context, vm string) (lifeboat.Point, bool,
 
 func (t *foldTarget) BlockMap(_ context.Context, vm, disk string) (map[int64]lifeboat.Hash, error) {
 	return t.store.BlockMap(vm, disk, t.latest.ID)
+}
+
+// TargetChanged is what the latest point changed after the failover's.
+func (t *foldTarget) TargetChanged(_ context.Context, vm, disk string, fn func(off, length int64) error) error {
+	if t.latest.ID == t.run.Point {
+		return nil
+	}
+	from, err := t.store.BlockMap(vm, disk, t.run.Point)
+	if err != nil {
+		return fmt.Errorf("vm %q disk %q: the failover's point %d: %w", vm, disk, t.run.Point, err)
+	}
+	latest, err := t.store.BlockMap(vm, disk, t.latest.ID)
+	if err != nil {
+		return fmt.Errorf("vm %q disk %q: the latest point %d: %w", vm, disk, t.latest.ID, err)
+	}
+	return Differing(from, latest, fn)
 }
 
 // Begin opens the point in the store. The store checks that a delta comes
@@ -380,3 +398,5 @@ func (s *localSink) Abort() {
 	defer cancel()
 	s.w.Abort(ctx)
 }
+
+var _ protect.ChangedTarget = (*foldTarget)(nil)

@@ -34,7 +34,18 @@ type failbackRig struct {
 	rec                 *failover.Run
 }
 
-func newFailbackRig(t *testing.T) *failbackRig {
+// rigOptions vary newFailbackRig: arguments for its failover, and what runs
+// between production's two points.
+type rigOptions struct {
+	failover     []string
+	betweenSyncs func(g *testguest.Guest)
+}
+
+func newFailbackRig(t *testing.T, opts ...rigOptions) *failbackRig {
+	var o rigOptions
+	if len(opts) > 0 {
+		o = opts[0]
+	}
 	if testing.Short() {
 		t.Skip("boots a guest under TCG: covered by the full (non -short) run")
 	}
@@ -90,6 +101,9 @@ func newFailbackRig(t *testing.T) *failbackRig {
 			t.Fatal(err)
 		}
 		run(t, "sync", "vm1", "-c", prodCfg)
+		if i == 1 && o.betweenSyncs != nil {
+			o.betweenSyncs(g)
+		}
 	}
 
 	// Production is lost: its guest and its lifeboat, kill -9; its host
@@ -97,7 +111,7 @@ func newFailbackRig(t *testing.T) *failbackRig {
 	g.Kill()
 	prod.kill()
 	qemuIO(t, g.DiskImage(), "write -P 0x5a 3M 192k")
-	out := run(t, "failover", "vm1", "--force", "-c", drCfg)
+	out := run(t, append([]string{"failover", "vm1", "--force", "-c", drCfg}, o.failover...)...)
 	t.Logf("lifeboat failover vm1 --force:\n%s", out)
 	var runs []*failover.Run
 	if err := json.Unmarshal([]byte(run(t, "failover", "--list", "--json", "-c", drCfg)), &runs); err != nil || len(runs) != 1 {
@@ -469,5 +483,46 @@ func untilDone(t *testing.T, args []string, victim *site, delay time.Duration) [
 		}
 		t.Logf("attempt %d: %v\n%s", attempt, err, out)
 		time.Sleep(time.Second) // as a user would, before trying again
+	}
+}
+
+// A finalize after a failover from a point before the latest: the fold is
+// written on top of the latest point, so the blocks that point changed
+// after the failover's, which the recovered VM holds as the earlier point
+// had them, are sent too (production wrote 256 KiB into free space of its
+// disk between its two points, which the recovered VM never has).
+// Production's disk, after the last failback cycle, then equals the fold's
+// point here: both are the recovered VM's last state.
+func TestFailbackFinalizeFromEarlierPoint(t *testing.T) {
+	r := newFailbackRig(t, rigOptions{failover: []string{"--point", "1"}, betweenSyncs: func(g *testguest.Guest) {
+		// As a guest write, through the VM's block layer; past the guest
+		// file system's data (a small file system on a larger disk).
+		out, err := exec.Command("qemu-io", "-f", "raw", "-c", "write -P 0xab 200M 256k",
+			"nbd+unix:///vda?socket="+g.StorageNBDSocket()).CombinedOutput()
+		if err != nil {
+			t.Fatalf("qemu-io: %v\n%s", err, out)
+		}
+	}})
+	if r.rec.Point != 1 {
+		t.Fatalf("the failover started from point %d, want 1", r.rec.Point)
+	}
+	startSite(t, "prod", r.prodCfg)
+	guestShell(t, r.rec.Agent, "echo after-failover >> /data/counter && sync")
+	out, err := runErr(t, "failback", "vm1", "--finalize", "--json", "--shutdown-timeout", "60s", "--wait", "0", "-c", r.drCfg)
+	if err != nil {
+		t.Fatalf("lifeboat failback vm1 --finalize after a failover from point 1: %v\n%s", err, out)
+	}
+	var fin struct {
+		Fold pointJSON `json:"fold"`
+	}
+	if err := json.Unmarshal([]byte(out), &fin); err != nil {
+		t.Fatalf("failback --finalize --json: %v\n%s", err, out)
+	}
+	if fin.Fold.ID != 3 || len(fin.Fold.Disks) != 1 || fin.Fold.Disks[0].Resync || fin.Fold.Disks[0].Base != 2 {
+		t.Errorf("the fold: %+v; want point 3, on top of the latest point 2, not a resync", fin.Fold)
+	}
+	fold := filepath.Join(r.dir, "dr", "recovery", "vms", "vm1", "vda", fmt.Sprintf("%016d.qcow2", fin.Fold.ID))
+	if cmp, err := exec.Command("qemu-img", "compare", "-U", r.g.DiskImage(), fold).CombinedOutput(); err != nil {
+		t.Fatalf("production's disk after the finalize differs from the fold's point %s: %v\n%s", fold, err, cmp)
 	}
 }
