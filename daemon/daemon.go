@@ -37,7 +37,8 @@ type Daemon struct {
 	groups   map[string]*group
 	metrics  *metrics
 
-	bg sync.WaitGroup // schedules started after Run began (reverse.go): Run waits for them
+	bg       sync.WaitGroup // schedules started after Run began (reverse.go): Run waits for them
+	bgClosed bool           // Run is ending: no more of them (guarded by vmsMu)
 
 	mu    sync.Mutex
 	peers map[string]*wire.Client
@@ -137,6 +138,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	defer d.bg.Wait()
 	defer wg.Wait()
+	defer func() {
+		d.vmsMu.Lock()
+		d.bgClosed = true
+		d.vmsMu.Unlock()
+	}()
 	defer cancel()
 	if d.runs != nil {
 		d.protectReversed()

@@ -43,8 +43,7 @@ func (a *apiServer) reverse(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	bc, ok := a.startBack(w, r, vm, "protect in reverse", false, func(run *failover.Run) error {
-		switch {
-		case !run.Committed:
+		if !run.Committed {
 			return fmt.Errorf("vm %q: its failover (run %s) is not committed: commit it first (`lifeboat failover %s --commit`), since a VM protected in reverse stays here", vm, run.ID, vm)
 		}
 		return nil
@@ -98,6 +97,10 @@ func (d *Daemon) reverseRun(ctx context.Context, b *failback.Back, interval time
 func (d *Daemon) protectReverse(run *failover.Run) error {
 	rv := run.Reverse
 	d.vmsMu.Lock()
+	if d.bgClosed {
+		d.vmsMu.Unlock()
+		return fmt.Errorf("vm %q: site %q is stopping: its protection in reverse starts with the site", run.VM, d.cfg.Site)
+	}
 	if v, ok := d.vms[run.VM]; ok {
 		d.vmsMu.Unlock()
 		if v.reverse != run.ID {

@@ -41,10 +41,13 @@ func (s *Store) Adopt(ctx context.Context, spec BeginSpec) (lifeboat.Point, erro
 	}
 	var stats lifeboat.CycleStats
 	for _, ds := range spec.Disks {
+		s.log.Info("adopting a disk image: hashing its data blocks into the point's record (read here, nothing is copied)", "vm", spec.VM, "disk", ds.Name, "point", spec.ID, "image", ds.Seed)
+		t := time.Now()
 		n, err := w.recordSeed(ctx, ds.Name)
 		if err != nil {
 			return abort(err)
 		}
+		s.log.Info("disk image adopted", "vm", spec.VM, "disk", ds.Name, "point", spec.ID, "data", n, "took", time.Since(t).Round(time.Millisecond))
 		stats.BytesData += n
 		stats.BytesChanged += ds.Size
 	}
