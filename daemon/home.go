@@ -182,9 +182,8 @@ func (v *vm) runs(ctx context.Context) bool {
 }
 
 // domainActive reports whether the VM's libvirt domain runs.
-func (v *vm) domainActive(ctx context.Context) (bool, error) {
-	var on bool
-	err := v.withDomain(ctx, func(ctx context.Context, d *virt.Domain) (err error) {
+func (v *vm) domainActive(ctx context.Context) (on bool, err error) {
+	err = v.withDomain(ctx, func(ctx context.Context, d *virt.Domain) (err error) {
 		on, err = d.Active(ctx)
 		return err
 	})
@@ -197,21 +196,11 @@ func (v *vm) startDomain(ctx context.Context, log *slog.Logger) error {
 	return v.withDomain(ctx, func(ctx context.Context, d *virt.Domain) error { return d.Start(ctx) })
 }
 
-// withDomain calls f with the VM's libvirt domain, on a connection of its
-// own, bounded.
+// withDomain calls f with the VM's libvirt domain, bounded.
 func (v *vm) withDomain(ctx context.Context, f func(context.Context, *virt.Domain) error) error {
 	cctx, cancel := context.WithTimeout(ctx, homeStartTimeout)
 	defer cancel()
-	conn, err := virt.Dial(cctx, v.cfg.Libvirt.URI)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	d, err := conn.Domain(cctx, v.cfg.Libvirt.Domain)
-	if err != nil {
-		return err
-	}
-	return f(cctx, d)
+	return virt.WithDomain(cctx, v.cfg.Libvirt.URI, v.cfg.Libvirt.Domain, func(d *virt.Domain) error { return f(cctx, d) })
 }
 
 // poll calls ok every homePoll until it says yes or ctx ends, saying now and

@@ -229,16 +229,10 @@ func liveDomainRuns(r *Run) (bool, error) {
 
 // WithDomain calls f with the libvirt domain the run's VM runs as.
 func (r *Run) WithDomain(ctx context.Context, f func(d *virt.Domain) error) error {
-	c, err := virt.Dial(ctx, r.Libvirt)
-	if err != nil {
+	if err := virt.WithDomain(ctx, r.Libvirt, r.Domain, f); err != nil {
 		return fmt.Errorf("vm %q: the recovery site's libvirt: %w", r.VM, err)
 	}
-	defer c.Close()
-	d, err := c.Domain(ctx, r.Domain)
-	if err != nil {
-		return err
-	}
-	return f(d)
+	return nil
 }
 
 // waitDomainAgent asks libvirt until the guest agent answers, within ctx.

@@ -123,6 +123,21 @@ func parseDAC(label string) (uid, gid int, ok bool) {
 	return uid, gid, err1 == nil && err2 == nil
 }
 
+// WithDomain calls f with domain name of the libvirtd of uri, on a
+// connection of its own that ends with the call.
+func WithDomain(ctx context.Context, uri, name string, f func(*Domain) error) error {
+	c, err := Dial(ctx, uri)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	d, err := c.Domain(ctx, name)
+	if err != nil {
+		return err
+	}
+	return f(d)
+}
+
 // Active reports whether the domain runs.
 func (d *Domain) Active(ctx context.Context) (bool, error) {
 	var n int32
