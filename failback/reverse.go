@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 )
 
@@ -135,7 +137,7 @@ func (s *Store) Reverse(ctx context.Context, vm, owner string, rs *recovery.Stor
 		Freeze: holds.Freeze, Note: holds.Note, Site: owner, Definition: holds.Definition}
 	for _, d := range holds.Disks {
 		sd := r.Seeds[d.Name]
-		if err := moveSeed(sd); err != nil {
+		if err := moveSeed(ctx, sd); err != nil {
 			return lifeboat.Point{}, fmt.Errorf("vm %q disk %q: %w", vm, d.Name, err)
 		}
 		spec.Disks = append(spec.Disks, recovery.DiskSpec{Name: d.Name, Size: d.Size, Resync: true,
@@ -192,14 +194,25 @@ func sameFS(a, b string) bool {
 var testHookReverseMoved func() error
 
 // moveSeed moves a disk image where the VM's old definition no longer
-// finds it (seedPath), and makes it read-only. A move cut off before is
+// finds it (seedPath), and makes it read-only. A backing file the image
+// names relative to its directory is named by its absolute path first, so
+// that the image still finds it once moved. A move cut off before is
 // finished.
-func moveSeed(sd Seed) error {
+func moveSeed(ctx context.Context, sd Seed) error {
 	if _, err := os.Stat(sd.To); err == nil {
 		if _, err := os.Stat(sd.From); err == nil {
 			return fmt.Errorf("both %s and %s exist: which holds the disk is unclear; remove the one that does not", sd.From, sd.To)
 		}
 	} else {
+		info, err := qemu.ReadImageInfo(ctx, sd.From)
+		if err != nil {
+			return err
+		}
+		if b := info.BackingFile; b != "" && !filepath.IsAbs(b) && !strings.Contains(b, ":") {
+			if err := qemu.RebaseUnsafe(ctx, sd.From, filepath.Join(filepath.Dir(sd.From), b), info.BackingFormat); err != nil {
+				return fmt.Errorf("naming the backing file of %s by its absolute path before the move: %w", sd.From, err)
+			}
+		}
 		if err := os.MkdirAll(filepath.Dir(sd.To), 0o750); err != nil {
 			return err
 		}

@@ -1,7 +1,9 @@
 package failback
 
 import (
+	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -36,7 +38,7 @@ func TestSeedPath(t *testing.T) {
 		t.Errorf("store on another file system: %s, want a new name beside %s", to, file)
 	}
 	sd := Seed{From: file, To: to, Format: "qcow2"}
-	if err := moveSeed(sd); err != nil {
+	if err := moveSeed(context.Background(), sd); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(file); !os.IsNotExist(err) {
@@ -45,7 +47,39 @@ func TestSeedPath(t *testing.T) {
 	if fi, err := os.Stat(to); err != nil || fi.Mode().Perm() != 0o400 {
 		t.Errorf("the moved image: %v %v, want read-only", fi, err)
 	}
-	if err := moveSeed(sd); err != nil {
+	if err := moveSeed(context.Background(), sd); err != nil {
 		t.Errorf("a repeated move (cut off after the rename): %v", err)
+	}
+}
+
+// An image whose backing file it names relative to its own directory (as
+// `qemu-img create -b base.qcow2` writes it) still reads through it once
+// moved into the store.
+func TestSeedKeepsItsBacking(t *testing.T) {
+	images, store := t.TempDir(), t.TempDir()
+	qemuImg := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("qemu-img", args...).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img %v: %v\n%s", args, err, out)
+		}
+	}
+	base, top := filepath.Join(images, "base.qcow2"), filepath.Join(images, "top.qcow2")
+	qemuImg("create", "-q", "-f", "qcow2", base, "1M")
+	if out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", "write -P 0x5c 0 64k", base).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-io: %v\n%s", err, out)
+	}
+	cmd := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
+	cmd.Dir = images
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img create: %v\n%s", err, out)
+	}
+	dk := &disk{Disk: Disk{Name: "vda", File: top, Format: "qcow2"}}
+	sd := Seed{From: top, To: seedPath(store, "web1", "vda", 3, dk), Format: "qcow2"}
+	if err := moveSeed(context.Background(), sd); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x5c 0 64k", sd.To).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "read 65536/65536") {
+		t.Errorf("the moved image does not read its backing's data: %v\n%s", err, out)
 	}
 }

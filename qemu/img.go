@@ -36,6 +36,8 @@ type ImageInfo struct {
 	VirtualSize int64
 	ActualSize  int64  // bytes allocated on the host
 	BackingFile string // as recorded in the image ("" for none)
+	// BackingFormat is the backing file's format as recorded ("" if none).
+	BackingFormat string
 	Compat      string // qcow2 only: "0.10" or "1.1"
 	Bitmaps     []string
 	Dirty       bool // qcow2 lazy refcounts left dirty by an unclean exit
@@ -54,6 +56,7 @@ func ReadImageInfo(ctx context.Context, path string) (ImageInfo, error) {
 		VirtualSize    int64  `json:"virtual-size"`
 		ActualSize     int64  `json:"actual-size"`
 		BackingFile    string `json:"backing-filename"`
+		BackingFormat  string `json:"backing-filename-format"`
 		DirtyFlag      bool   `json:"dirty-flag"`
 		FormatSpecific struct {
 			Type string `json:"type"`
@@ -71,7 +74,7 @@ func ReadImageInfo(ctx context.Context, path string) (ImageInfo, error) {
 	}
 	info := ImageInfo{
 		Format: raw.Format, VirtualSize: raw.VirtualSize, ActualSize: raw.ActualSize,
-		BackingFile: raw.BackingFile, Dirty: raw.DirtyFlag,
+		BackingFile: raw.BackingFile, BackingFormat: raw.BackingFormat, Dirty: raw.DirtyFlag,
 	}
 	if raw.FormatSpecific.Type == "qcow2" {
 		info.Compat = raw.FormatSpecific.Data.Compat
