@@ -38,10 +38,10 @@ type ImageInfo struct {
 	BackingFile string // as recorded in the image ("" for none)
 	// BackingFormat is the backing file's format as recorded ("" if none).
 	BackingFormat string
-	Compat      string // qcow2 only: "0.10" or "1.1"
-	Bitmaps     []string
-	Dirty       bool // qcow2 lazy refcounts left dirty by an unclean exit
-	Corrupt     bool
+	Compat        string // qcow2 only: "0.10" or "1.1"
+	Bitmaps       []string
+	Dirty         bool // qcow2 lazy refcounts left dirty by an unclean exit
+	Corrupt       bool
 }
 
 // ReadImageInfo reads an image's header (qemu-img info -U: works on images a
