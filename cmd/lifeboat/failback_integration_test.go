@@ -251,18 +251,7 @@ func TestFailbackCommands(t *testing.T) {
 			ID          uint64 `json:"id"`
 			Consistency string `json:"consistency"`
 		} `json:"fold"`
-		Resumed *struct {
-			ID    uint64 `json:"id"`
-			Site  string `json:"site"`
-			Disks []struct {
-				Name   string `json:"name"`
-				Resync bool   `json:"resync"`
-				Base   uint64 `json:"base"`
-			} `json:"disks"`
-			Stats struct {
-				BytesSent int64 `json:"bytes_sent"`
-			} `json:"stats"`
-		} `json:"resumed"`
+		Resumed *pointJSON `json:"resumed"`
 	}
 	if err := json.Unmarshal([]byte(res.out), &fin); err != nil {
 		t.Fatalf("failback --finalize --json: %v\n%s", err, res.out)
