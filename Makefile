@@ -45,7 +45,7 @@ bench-metadata: deps
 
 # Long fault and soak campaigns (a short version of each runs in `make test`).
 soak: deps
-	LIFEBOAT_LONG=1 $(GO) test -count=1 -timeout 60m -run 'Fault|Soak|Kill' ./...
+	LIFEBOAT_LONG=1 $(GO) test -count=1 -timeout 60m -run 'Fault|Soak|Kill|TestLibvirtFailbackCommands' ./...
 
 # Every fuzz target for FUZZTIME each (go test -fuzz takes one target at a
 # time). Their seeds run in `make test` too.

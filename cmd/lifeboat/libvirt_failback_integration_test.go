@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/failover"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testlibvirt"
 )
@@ -41,8 +42,14 @@ func TestLibvirtFailbackCommands(t *testing.T) {
 	for _, tc := range []struct {
 		name               string
 		drLibvirt, reverse bool
-	}{{"dr runs qemu-system", false, false}, {"dr runs libvirt", true, false}, {"dr runs libvirt, protected in reverse", true, true}} {
-		t.Run(tc.name, func(t *testing.T) { libvirtFailback(t, tc.drLibvirt, tc.reverse) })
+		long               bool // `make soak` only: its paths are the other cases' and TestFailbackCommands'
+	}{{"dr runs qemu-system", false, false, true}, {"dr runs libvirt", true, false, false}, {"dr runs libvirt, protected in reverse", true, true, false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.long && testenv.Short() {
+				t.Skip("a long case: `make soak` (LIFEBOAT_LONG=1) runs it")
+			}
+			libvirtFailback(t, tc.drLibvirt, tc.reverse)
+		})
 	}
 }
 
