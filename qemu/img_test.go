@@ -93,7 +93,7 @@ func TestImageChainOperations(t *testing.T) {
 		t.Error("Compare with a missing image succeeded")
 	}
 
-	if err := qemu.Commit(ctx, "top.qcow2"); err != nil {
+	if err := qemu.Commit(ctx, "top.qcow2", false); err != nil {
 		t.Fatal(err)
 	}
 	io("base.qcow2", "read -P 1 0 64k", "read -P 2 64k 64k")

@@ -402,6 +402,13 @@ func (w *Writer) WriteBlocks(ctx context.Context, disk string, off int64, data [
 	if lo := lifeboat.Mismatch(data, hashes); lo >= 0 {
 		return &HashMismatchError{VM: w.spec.VM, Disk: disk, Offset: off + lo}
 	}
+	return w.writeChecked(ctx, d, off, data, hashes)
+}
+
+// writeChecked writes blocks already checked against their hashes and
+// records them, within the count of w.inflight that the caller took.
+func (w *Writer) writeChecked(ctx context.Context, d *writeDisk, off int64, data []byte, hashes []lifeboat.Hash) error {
+	disk := d.spec.Name
 	if err := d.client.Write(ctx, data, off, false); err != nil {
 		return w.fail(fmt.Errorf("vm %q disk %q: writing %d bytes at offset %d: %w", w.spec.VM, disk, len(data), off, err))
 	}
@@ -499,7 +506,19 @@ func (w *Writer) CopyBlock(ctx context.Context, disk string, off int64, srcDisk 
 	c, ok := w.copies[key]
 	w.copyMu.Unlock()
 	if ok && c.h == h {
-		return w.WriteBlocks(ctx, disk, off, c.data, []lifeboat.Hash{h})
+		// c.data was checked against h when it was first written, and a
+		// kept buffer is never written again: hashing it once more for every
+		// copy (a disk full of one pattern is thousands of copies of one
+		// block) would check nothing new.
+		dst, err := w.disk(disk)
+		if err != nil {
+			return err
+		}
+		defer w.inflight.Done()
+		if err := w.checkRange(dst, off, int64(len(c.data))); err != nil {
+			return err
+		}
+		return w.writeChecked(ctx, dst, off, c.data, []lifeboat.Hash{h})
 	}
 	bp := bufpool.Shared.Get(int(length)) // read into whole before it is hashed
 	buf := *bp
