@@ -287,6 +287,32 @@ func chainOf(tx *bolt.Tx, vm, disk string, id uint64) ([]level, error) {
 	return chain, nil
 }
 
+// chainFiles returns disk's images at point id and below it, newest first
+// (paths relative to the store).
+func chainFiles(tx *bolt.Tx, vm, disk string, id uint64) ([]string, error) {
+	var files []string
+	for cur := id; cur != 0; {
+		r, ok, err := readPoint(tx, vm, cur)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return nil, fmt.Errorf("vm %q disk %q: point %d in the chain is missing from the catalog: %w", vm, disk, cur, errCatalog)
+		}
+		d, ok := r.disk(disk)
+		if !ok {
+			return nil, fmt.Errorf("vm %q point %d has no disk %q: %w", vm, cur, disk, ErrNoDisk)
+		}
+		files = append(files, d.File)
+		next := r.Parents[disk]
+		if next >= cur {
+			return nil, fmt.Errorf("vm %q disk %q: point %d names a later parent %d: %w", vm, disk, cur, next, errCatalog)
+		}
+		cur = next
+	}
+	return files, nil
+}
+
 // eachFolded calls fn for every data block of the block map the chain makes
 // (newest record first; within one, in block order): a record's block counts
 // unless a newer record says anything of it or a size change made it unknown.

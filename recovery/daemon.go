@@ -44,15 +44,18 @@ var testHookDaemonStarted func(*qemu.Daemon)
 
 // startDaemon starts a qemu-storage-daemon in runDir that opens the qcow2
 // images files (each with its backing chain) and exports them over NBD as
-// names. A daemon that does not answer a command in helperCommandTimeout
+// names. Where chains names a file's backing images (newest first, all qcow2
+// images of the store), they are opened read-only and without QEMU's image
+// locks, so that a retention merge may commit into them meanwhile (see
+// vmLock); the last one's own backing, if any, is opened as its header says. A daemon that does not answer a command in helperCommandTimeout
 // (seen once in CI under heavy load; what it was doing is logged) is killed
 // and one more is started: it has opened images and nothing else, so nothing
 // is lost by killing it.
-func (s *Store) startDaemon(ctx context.Context, runDir string, names, files []string, writable bool) (*qemu.Daemon, error) {
-	d, err := s.startDaemonOnce(ctx, runDir, names, files, writable)
+func (s *Store) startDaemon(ctx context.Context, runDir string, names, files []string, chains [][]string, writable bool) (*qemu.Daemon, error) {
+	d, err := s.startDaemonOnce(ctx, runDir, names, files, chains, writable)
 	if errors.Is(err, errUnanswered) && ctx.Err() == nil {
 		s.log.Warn("qemu-storage-daemon did not answer; starting another", "dir", runDir, "err", err)
-		d, err = s.startDaemonOnce(ctx, runDir, names, files, writable)
+		d, err = s.startDaemonOnce(ctx, runDir, names, files, chains, writable)
 	}
 	return d, err
 }
@@ -60,7 +63,7 @@ func (s *Store) startDaemon(ctx context.Context, runDir string, names, files []s
 // errUnanswered marks a command a daemon did not answer in helperCommandTimeout.
 var errUnanswered = errors.New("qemu-storage-daemon did not answer")
 
-func (s *Store) startDaemonOnce(ctx context.Context, runDir string, names, files []string, writable bool) (*qemu.Daemon, error) {
+func (s *Store) startDaemonOnce(ctx context.Context, runDir string, names, files []string, chains [][]string, writable bool) (*qemu.Daemon, error) {
 	d, err := qemu.StartDaemon(ctx, qemu.DaemonConfig{Dir: runDir, NBD: true})
 	if err != nil {
 		return nil, err
@@ -119,6 +122,9 @@ func (s *Store) startDaemonOnce(ctx context.Context, runDir string, names, files
 				spec["file"] = map[string]any{"driver": "preallocate", "file": proto}
 			}
 		}
+		if i < len(chains) && len(chains[i]) > 0 {
+			spec["backing"] = s.unlockedChain(chains[i])
+		}
 		add := func(ctx context.Context) error {
 			err := d.Monitor().BlockdevAdd(ctx, spec)
 			if f, ok := spec["file"].(map[string]any); ok && err != nil && f["driver"] == "preallocate" && strings.Contains(err.Error(), "preallocate") {
@@ -146,6 +152,22 @@ func (s *Store) startDaemonOnce(ctx context.Context, runDir string, names, files
 		}
 	}
 	return d, nil
+}
+
+// unlockedChain is the blockdev-add options of a chain of qcow2 images,
+// newest first: read-only, without image locks, with the writer's cache mode.
+// The last one's backing is left to its header.
+func (s *Store) unlockedChain(files []string) map[string]any {
+	proto := map[string]any{"driver": "file", "filename": files[0], "locking": "off"}
+	spec := map[string]any{"driver": "qcow2", "read-only": true, "file": proto}
+	if s.direct {
+		spec["cache"] = map[string]any{"direct": true}
+		proto["aio"] = "native"
+	}
+	if len(files) > 1 {
+		spec["backing"] = s.unlockedChain(files[1:])
+	}
+	return spec
 }
 
 // directIO reports whether files in dir can be opened with O_DIRECT, which

@@ -67,7 +67,7 @@ func TestHelperOpenErrorSaysWhatWasSent(t *testing.T) {
 	if err := os.WriteFile(bad, []byte("not an image"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	_, err = s.startDaemonOnce(testCtx(t), run, []string{"vda"}, []string{bad}, false)
+	_, err = s.startDaemonOnce(testCtx(t), run, []string{"vda"}, []string{bad}, nil, false)
 	if err == nil || !strings.Contains(err.Error(), "the file exists; lifeboat sent") || !strings.Contains(err.Error(), `"filename":"`+bad+`"`) {
 		t.Fatalf("opening a file that is no image: %v", err)
 	}
@@ -96,7 +96,7 @@ func TestWriterCacheMode(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		d, err := s.startDaemonOnce(testCtx(t), run, []string{"vda"}, []string{img}, true)
+		d, err := s.startDaemonOnce(testCtx(t), run, []string{"vda"}, []string{img}, nil, true)
 		if err != nil {
 			t.Fatal(err)
 		}

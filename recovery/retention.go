@@ -52,12 +52,16 @@ func (s *Store) ApplyRetention(ctx context.Context, vm string) error {
 		return nil
 	}
 	for {
-		var intent *mergeIntent
+		var (
+			intent *mergeIntent
+			latest uint64
+		)
 		err := s.db.Update(func(tx *bolt.Tx) error {
 			pts, err := readPoints(tx, vm)
 			if err != nil || len(pts) <= s.keep {
 				return err
 			}
+			latest = pts[len(pts)-1].Point.ID
 			intent, err = planMerge(vm, pts)
 			if err != nil {
 				return err
@@ -76,18 +80,17 @@ func (s *Store) ApplyRetention(ctx context.Context, vm string) error {
 		}
 		s.log.Info("retention: merging the oldest point into the next", "vm", vm, "drop", intent.Drop, "into", intent.Keep)
 		var took mergeTimes
-		if err := s.runMerge(ctx, vm, intent, &took); err != nil {
+		if err := s.runMerge(ctx, vm, intent, intent.Keep == latest, &took); err != nil {
 			return fmt.Errorf("vm %q: merging point %d into %d (it is finished on the next attempt or restart): %w", vm, intent.Drop, intent.Keep, err)
 		}
 		s.log.Info("retention: merged", "vm", vm, "drop", intent.Drop, "into", intent.Keep, "took", took.total.Round(time.Millisecond),
-			"commit", took.commit.Round(time.Millisecond), "check", took.check.Round(time.Millisecond))
+			"commit", took.commit.Round(time.Millisecond), "check", took.check.Round(time.Millisecond), "waited", took.waited.Round(time.Millisecond))
 	}
 }
 
 // retainLater applies the VM's retention in the background: a commit
-// answers without waiting for a merge (the next point's writer waits for
-// the chain instead, after its instant). A failure is logged and retried
-// after the next point.
+// answers without waiting for a merge, and the next point is written beside
+// it (see vmLock). A failure is logged and retried after the next point.
 func (s *Store) retainLater(vm string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -146,22 +149,56 @@ func planMerge(vm string, pts []pointRecord) (*mergeIntent, error) {
 
 // finishMerge completes a merge recorded for vm, if any.
 func (s *Store) finishMerge(ctx context.Context, vm string) error {
-	var intent *mergeIntent
-	if err := s.db.View(func(tx *bolt.Tx) (err error) { intent, err = readIntent(tx, vm); return err }); err != nil || intent == nil {
+	var (
+		intent *mergeIntent
+		latest uint64
+	)
+	if err := s.db.View(func(tx *bolt.Tx) (err error) {
+		if intent, err = readIntent(tx, vm); err != nil || intent == nil {
+			return err
+		}
+		pts, err := readPoints(tx, vm)
+		if len(pts) > 0 {
+			latest = pts[len(pts)-1].Point.ID
+		}
+		return err
+	}); err != nil || intent == nil {
 		return err
 	}
 	s.log.Warn("finishing an interrupted retention merge", "vm", vm, "drop", intent.Drop, "into", intent.Keep, "cataloged", intent.Done)
-	return s.runMerge(ctx, vm, intent, &mergeTimes{})
+	return s.runMerge(ctx, vm, intent, intent.Keep == latest, &mergeTimes{})
 }
 
 // mergeTimes is where a merge's time went, for its log line.
-type mergeTimes struct{ total, commit, check time.Duration }
+type mergeTimes struct{ total, commit, check, waited time.Duration }
 
 // runMerge performs (or repeats: every step is idempotent) a recorded merge.
-func (s *Store) runMerge(ctx context.Context, vm string, m *mergeIntent, took *mergeTimes) error {
+// The caller holds the chain alone. A writer may be writing the next point
+// meanwhile, except when m.Keep is the latest point (keepLatest): a writer's
+// own image names that point's image as its backing, which the merge
+// deletes, so the merge then holds the writer slot throughout. The shape is
+// held while headers, the catalog and the files a writer opens change.
+func (s *Store) runMerge(ctx context.Context, vm string, m *mergeIntent, keepLatest bool, took *mergeTimes) error {
 	start := time.Now()
 	defer func() { took.total = time.Since(start) }()
+	l := s.vmLock(vm)
+	shape := func() (func(), error) {
+		t := time.Now()
+		defer func() { took.waited += time.Since(t) }()
+		return l.lockShape(ctx, vm)
+	}
+	if keepLatest {
+		t := time.Now()
+		if err := l.lockWriter(ctx, vm); err != nil {
+			return err
+		}
+		took.waited += time.Since(t)
+		defer l.unlockWriter()
+	}
 	if !m.Done {
+		if err := s.refreshAbove(vm, m); err != nil {
+			return err
+		}
 		if err := s.mergeHook(stepRecorded); err != nil {
 			return err
 		}
@@ -175,18 +212,16 @@ func (s *Store) runMerge(ctx context.Context, vm string, m *mergeIntent, took *m
 		if err := s.mergeHook(stepCommitted); err != nil {
 			return err
 		}
-		if err := s.resizeMerged(ctx, vm, m); err != nil {
+		// Headers change: Drop's image's size, and the backing named by the
+		// image above Keep's. A writer being set up reads them.
+		unlock, err := shape()
+		if err != nil {
 			return err
 		}
-		if err := s.mergeHook(stepResized); err != nil {
+		err = s.rewriteHeaders(ctx, vm, m)
+		unlock()
+		if err != nil {
 			return err
-		}
-		for _, d := range m.Disks {
-			for _, above := range d.Above {
-				if err := qemu.RebaseUnsafe(ctx, s.abs(above), s.abs(d.Into), "qcow2"); err != nil {
-					return fmt.Errorf("disk %q: rebasing %s onto %s: %w", d.Name, above, d.Into, err)
-				}
-			}
 		}
 		if err := s.mergeHook(stepRebased); err != nil {
 			return err
@@ -197,6 +232,12 @@ func (s *Store) runMerge(ctx context.Context, vm string, m *mergeIntent, took *m
 			return err
 		}
 		took.check = time.Since(checkStart)
+		// The catalog's chain changes: a writer being set up reads it and
+		// then opens the files it names, Keep's old image among them.
+		if unlock, err = shape(); err != nil {
+			return err
+		}
+		defer unlock()
 		if err := s.db.Update(func(tx *bolt.Tx) error { return catalogMerge(tx, vm, m, learned) }); err != nil {
 			return fmt.Errorf("catalog update: %w", err)
 		}
@@ -214,6 +255,59 @@ func (s *Store) runMerge(ctx context.Context, vm string, m *mergeIntent, took *m
 		}
 		return b.Delete(keyIntent)
 	})
+}
+
+// refreshAbove names, for each disk, the images of the points whose parent
+// is Keep now, and records it: a point committed since the merge was planned
+// (its writer began when Keep was the latest) names Keep's image as its
+// backing, and must be rebased before that image is deleted.
+func (s *Store) refreshAbove(vm string, m *mergeIntent) error {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		pts, err := readPoints(tx, vm)
+		if err != nil {
+			return err
+		}
+		for i := range m.Disks {
+			d := &m.Disks[i]
+			d.Above = nil
+			for _, p := range pts {
+				if p.Parents[d.Name] != m.Keep {
+					continue
+				}
+				if pd, ok := p.disk(d.Name); ok {
+					d.Above = append(d.Above, pd.File)
+				}
+			}
+		}
+		b, err := vmBucketCreate(tx, vm)
+		if err != nil {
+			return err
+		}
+		return putIntent(b, m)
+	})
+	if err != nil {
+		return fmt.Errorf("recording the images above point %d: %w", m.Keep, err)
+	}
+	return nil
+}
+
+// rewriteHeaders gives Drop's images Keep's sizes and rebases the images
+// above Keep's onto them (metadata only: the chain reads the same).
+func (s *Store) rewriteHeaders(ctx context.Context, vm string, m *mergeIntent) error {
+	if err := s.resizeMerged(ctx, vm, m); err != nil {
+		return err
+	}
+	if err := s.mergeHook(stepResized); err != nil {
+		return err
+	}
+	for _, d := range m.Disks {
+		for _, above := range d.Above {
+			if err := qemu.RebaseUnsafe(ctx, s.abs(above), s.abs(d.Into), "qcow2"); err != nil {
+				return fmt.Errorf("disk %q: rebasing %s onto %s: %w", d.Name, above, d.Into, err)
+			}
+		}
+	}
+	return nil
 }
 
 // commitImage commits a merge's newer image of one disk into the older,
@@ -338,7 +432,7 @@ func (s *Store) checkMerged(ctx context.Context, vm string, m *mergeIntent) (map
 		return nil, err
 	}
 	defer os.RemoveAll(run)
-	daemon, err := s.startDaemon(ctx, run, names, files, false)
+	daemon, err := s.startDaemon(ctx, run, names, files, nil, false)
 	if err != nil {
 		return nil, fmt.Errorf("opening the merged images to check them: %w", err)
 	}

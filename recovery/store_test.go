@@ -673,21 +673,100 @@ func TestCommitAnswersBeforeRetention(t *testing.T) {
 		close(release)
 		t.Fatal("no retention merge started after the commit")
 	}
-	// The next point waits for the chain while the merge holds it.
-	ctx, cancel := context.WithTimeout(testCtx(t), 300*time.Millisecond)
-	_, err := s.Begin(ctx, BeginSpec{VM: "a1", ID: 5, Disks: []DiskSpec{{Name: "vda", Size: 4 << 20}}})
+	// The next point is written beside the merge: it begins while the merge
+	// is held before its data is committed, and goes on writing while the
+	// merge commits, rewrites headers and deletes point 2's image.
+	bctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+	w5, err := s.Begin(bctx, BeginSpec{VM: "a1", ID: 5, Instant: time.Unix(1005, 0).UTC(),
+		Disks: follow(t, s, "a1", 5, []DiskSpec{{Name: "vda", Size: 4 << 20}})})
 	cancel()
-	if err == nil {
+	if err != nil {
 		close(release)
-		t.Fatal("a point began while a merge held the chain")
+		t.Fatalf("a point could not begin beside a merge of older points: %v", err)
 	}
+	m5 := m.clone()
+	t.Cleanup(func() { w5.Abort(context.Background()) })
+	p5 := &pointWriter{t: t, w: w5, m: m5, rng: rand.New(rand.NewPCG(testenv.Seed(t), 5))}
+	p5.data("vda", 7, 3)
 	close(release)
-	s.SettleRetention()
+	p5.zeros("vda", 40, 2)
+	s.SettleRetention() // 1 into 2, then 2 into 3, beside the writer
 	if got := pointIDs(t, s, "a1"); !slices.Equal(got, []uint64{3, 4}) {
 		t.Fatalf("points after the background retention = %v, want [3 4]", got)
 	}
-	checkPoint(t, s, "a1", 3, models[2])
+	p5.data("vda", 1, 2) // reads back nothing, but the writer's chain was merged under it
+	p5.commit()          // and 3 into 4
+	if got := pointIDs(t, s, "a1"); !slices.Equal(got, []uint64{4, 5}) {
+		t.Fatalf("points after the next commit's retention = %v, want [4 5]", got)
+	}
 	checkPoint(t, s, "a1", 4, m)
+	checkPoint(t, s, "a1", 5, m5)
+}
+
+// TestMergeIntoLatestWaitsForWriter: with keep 1 the merge's Keep is the
+// latest point, whose image a writer's new image names as its backing; the
+// merge deletes that image. So such a merge and a writer exclude each other,
+// and a point committed while the merge waited is rebased before the image
+// goes.
+func TestMergeIntoLatestWaitsForWriter(t *testing.T) {
+	requireQEMU(t)
+	hold := func(s *Store) (started, release chan struct{}) {
+		started, release = make(chan struct{}), make(chan struct{})
+		var once sync.Once
+		s.testMergeHook = func(step string) error {
+			if step == stepRecorded {
+				once.Do(func() { close(started); <-release })
+			}
+			return nil
+		}
+		return started, release
+	}
+	t.Run("a point waits for the merge", func(t *testing.T) {
+		s := openStore(t, t.TempDir(), 100)
+		models := writeSeries(t, s, "a1", 2)
+		s.keep = 1
+		started, release := hold(s)
+		s.retainLater("a1")
+		<-started
+		ctx, cancel := context.WithTimeout(testCtx(t), 300*time.Millisecond)
+		_, err := s.Begin(ctx, BeginSpec{VM: "a1", ID: 3, Instant: time.Unix(1003, 0).UTC(),
+			Disks: follow(t, s, "a1", 3, []DiskSpec{{Name: "vda", Size: 4 << 20}})})
+		cancel()
+		close(release)
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("a point began while the latest point's image was being merged (Begin: %v)", err)
+		}
+		s.SettleRetention()
+		if got := pointIDs(t, s, "a1"); !slices.Equal(got, []uint64{2}) {
+			t.Fatalf("points = %v, want [2]", got)
+		}
+		checkPoint(t, s, "a1", 2, models[1])
+	})
+	t.Run("the merge waits for the point", func(t *testing.T) {
+		s := openStore(t, t.TempDir(), 100)
+		models := writeSeries(t, s, "a1", 2)
+		s.keep = 1
+		started, release := hold(s)
+		close(release)
+		m3 := models[1].clone()
+		p3 := begin(t, s, "a1", 3, m3, DiskSpec{Name: "vda", Size: 4 << 20}) // its image's backing is point 2's
+		p3.data("vda", 2, 2)
+		s.retainLater("a1") // plans 1 into 2, 2 being the latest
+		select {
+		case <-started:
+			t.Fatal("a merge into the latest point ran while a point was written on it")
+		case <-time.After(300 * time.Millisecond):
+		}
+		p3.commit() // the merge runs now, and finds point 3 above point 2
+		<-started
+		if got := pointIDs(t, s, "a1"); !slices.Equal(got, []uint64{3}) {
+			t.Fatalf("points = %v, want [3]", got)
+		}
+		checkPoint(t, s, "a1", 3, m3)
+		if fs := imageFiles(t, s, "a1"); len(fs) != 1 {
+			t.Errorf("images left: %v, want one", fs)
+		}
+	})
 }
 
 func TestRetentionCrashFinishedOnOpen(t *testing.T) {

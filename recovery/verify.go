@@ -85,7 +85,7 @@ func (s *Store) Verify(ctx context.Context, vm string, id uint64, progress func(
 		return rep, err
 	}
 	defer os.RemoveAll(run)
-	daemon, err := s.startDaemon(ctx, run, names, files, false)
+	daemon, err := s.startDaemon(ctx, run, names, files, nil, false)
 	if err != nil {
 		return rep, fmt.Errorf("vm %q point %d: opening the point to verify: %w", vm, p.ID, err)
 	}

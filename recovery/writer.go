@@ -78,8 +78,6 @@ type Writer struct {
 	disks   map[string]*writeDisk
 	daemon  *qemu.Daemon
 
-	unlockChain func()
-
 	endMu sync.Mutex // serializes Commit and Abort
 
 	mu       sync.Mutex
@@ -148,23 +146,25 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	if err := l.lockWriter(ctx, spec.VM); err != nil {
 		return nil, err
 	}
-	unlockChain, err := s.lockChain(ctx, spec.VM, false)
+	// The shape, while the chain is read from the catalog and opened: a
+	// retention merge may run beside the writer, but not rewrite what this
+	// reads (see vmLock).
+	unlockShape, err := l.lockShape(ctx, spec.VM)
 	if err != nil {
 		l.unlockWriter()
 		return nil, err
 	}
+	defer unlockShape()
 	w := &Writer{
-		s:           s,
-		spec:        spec,
-		parents:     map[string]uint64{},
-		disks:       map[string]*writeDisk{},
-		unlockChain: unlockChain,
-		rec:         pendingRecord{ID: spec.ID},
+		s:       s,
+		spec:    spec,
+		parents: map[string]uint64{},
+		disks:   map[string]*writeDisk{},
+		rec:     pendingRecord{ID: spec.ID},
 	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		unlockChain()
 		l.unlockWriter()
 		return nil, errors.New("recovery store is closed")
 	}
@@ -191,6 +191,7 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	// Plan each disk's image and its backing, then record it all as pending
 	// before any file exists.
 	backing := map[string]string{}
+	chains := map[string][]string{} // each disk's committed images below its new one, newest first
 	rec := w.rec
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		var latest *pointRecord
@@ -219,6 +220,13 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 					}
 					backing[d.Name] = s.abs(prev.File)
 					w.parents[d.Name] = latest.Point.ID
+					files, err := chainFiles(tx, spec.VM, d.Name, latest.Point.ID)
+					if err != nil {
+						return err
+					}
+					for _, f := range files {
+						chains[d.Name] = append(chains[d.Name], s.abs(f))
+					}
 				}
 			}
 			if d.Seed != "" {
@@ -278,10 +286,11 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 
 	names := make([]string, len(spec.Disks))
 	files := make([]string, len(spec.Disks))
+	below := make([][]string, len(spec.Disks))
 	for i, d := range spec.Disks {
-		names[i], files[i] = d.Name, s.abs(w.disks[d.Name].file)
+		names[i], files[i], below[i] = d.Name, s.abs(w.disks[d.Name].file), chains[d.Name]
 	}
-	w.daemon, err = s.startDaemon(ctx, s.abs(w.rec.RunDir), names, files, true)
+	w.daemon, err = s.startDaemon(ctx, s.abs(w.rec.RunDir), names, files, below, true)
 	if err != nil {
 		return nil, fmt.Errorf("vm %q point %d: %w", spec.VM, spec.ID, err)
 	}
@@ -730,7 +739,6 @@ func (w *Writer) end() {
 	w.mu.Lock()
 	w.ended = true
 	w.mu.Unlock()
-	w.unlockChain()
 	w.s.vmLock(w.spec.VM).unlockWriter()
 	w.s.mu.Lock()
 	delete(w.s.writers, w)
