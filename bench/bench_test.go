@@ -81,6 +81,21 @@ func TestQuickRun(t *testing.T) {
 			if row.CPU.Source <= 0 || row.CPU.Recovery <= 0 {
 				t.Errorf("initial sync: %s: CPU %s: the source or recovery QEMU processes not counted", row.Tool, row.CPU)
 			}
+			// Memory is bounded by the pipeline, not the data: more data than
+			// the bound crosses, and neither site grows by the bound.
+			if cfg.InitData <= rssGrowthBound {
+				t.Fatalf("initial sync: %d bytes of data cannot show an RSS bound of %d", cfg.InitData, rssGrowthBound)
+			}
+			for _, site := range []struct {
+				name       string
+				peak, base int64
+			}{{"protected", row.ProtRSS, row.ProtRSSBase}, {"recovery", row.RecRSS, row.RecRSSBase}} {
+				if site.peak <= 0 || site.base <= 0 || site.peak < site.base {
+					t.Errorf("initial sync: %s: the %s site's RSS not measured (peak %d, at the start %d)", row.Tool, site.name, site.peak, site.base)
+				} else if g := site.peak - site.base; g > rssGrowthBound {
+					t.Errorf("initial sync: %s: the %s site's RSS grew by %s for %s of data, over the bound of %s", row.Tool, site.name, size(g), size(cfg.InitData), size(rssGrowthBound))
+				}
+			}
 		}
 	}
 

@@ -21,9 +21,19 @@ type toolRow struct {
 	Identical string
 	Skipped   string // why the contender did not run
 	// lifeboat with the recovery site in a process of its own: each site's
-	// peak RSS (VmHWM, reset before the cycle; the whole process).
-	ProtRSS, RecRSS int64
+	// peak RSS (VmHWM, reset before the cycle; the whole process), and its
+	// RSS when the cycle began (the peak's growth is what the cycle took).
+	ProtRSS, RecRSS         int64
+	ProtRSSBase, RecRSSBase int64
 }
+
+// rssGrowthBound bounds how much each site's RSS may grow during an initial
+// sync, whatever its size. The protected site holds at most readers × 1 MiB
+// chunks being read, hashed and compressed (twice that with their
+// compressed copies: 16 MiB) and the stream's send buffer; the recovery site
+// holds at most the stream's in-flight budget (wire's inflightBytes, 32 MiB)
+// and its frame buffers. The rest is the Go runtime's headroom (GOGC).
+const rssGrowthBound = 96 << 20
 
 type initialResult struct {
 	DiskSize, Data int64
@@ -120,9 +130,13 @@ func lifeboatInitial(ctx context.Context, e *env, vm *sourceVM, comp wire.Compre
 	}
 	defer e.stop("recovery site", rep.Stop)
 	site := rep.remote.cmd.Process.Pid
-	for _, pid := range []int{os.Getpid(), site} {
+	var base [2]int64
+	for i, pid := range []int{os.Getpid(), site} {
 		if err := resetPeakRSS(pid); err != nil {
 			return toolRow{}, fmt.Errorf("resetting the peak RSS of process %d: %w", pid, err)
+		}
+		if base[i], err = procStatus(pid, "VmRSS:"); err != nil {
+			return toolRow{}, err
 		}
 	}
 	pt, m, ph, err := rep.Cycle(ctx)
@@ -130,7 +144,7 @@ func lifeboatInitial(ctx context.Context, e *env, vm *sourceVM, comp wire.Compre
 		return toolRow{}, err
 	}
 	row := toolRow{M: m, CPU: lifeboatCPU(m), Phases: ph, Changed: pt.Stats.BytesChanged, Data: pt.Stats.BytesData,
-		Sent: pt.Stats.BytesSent}
+		Sent: pt.Stats.BytesSent, ProtRSSBase: base[0], RecRSSBase: base[1]}
 	if row.ProtRSS, err = peakRSS(os.Getpid()); err != nil {
 		return toolRow{}, err
 	}
@@ -178,7 +192,8 @@ func (r *initialResult) print(e *env) {
 			sent, ph = size(row.Sent), row.Phases.String()
 		}
 		if row.RecRSS > 0 {
-			rss = size(row.ProtRSS) + " / " + size(row.RecRSS)
+			rss = fmt.Sprintf("%s (+%s) / %s (+%s)", size(row.ProtRSS), size(row.ProtRSS-row.ProtRSSBase),
+				size(row.RecRSS), size(row.RecRSS-row.RecRSSBase))
 		}
 		t.row(row.Tool, secs(row.M.Wall.Seconds()), ph, fmt.Sprintf("%.0f", mibps(r.Data, row.M.Wall.Seconds())),
 			fmt.Sprintf("%.1f", row.CPU.Total()), row.CPU.String(), sent, vs, rss, row.Identical)
@@ -190,11 +205,12 @@ func (r *initialResult) print(e *env) {
 		"Begin; commit: last writes drained, flush, catalog, teardown. MiB/s is of the %s of data. CPU own: lifeboat's\n"+
 		"protected-site process, or the peer tool; source qsd: the VM's qemu-storage-daemon serving the reads; recovery:\n"+
 		"the recovery site's process, its writer daemon and qemu-img. Peak RSS is each whole process's VmHWM, reset before\n"+
-		"the cycle: the protected site holds at most readers × chunk in blocks being read, hashed and compressed, plus the\n"+
-		"stream's send window; the recovery site holds the stream's receive window and the writes in flight to its writer.\n"+
+		"the cycle, and (+) its growth over the RSS the cycle began with, bounded whatever the disk's size (%s each, asserted\n"+
+		"by the suite's quick run): the protected site holds at most readers × chunk in blocks being read, hashed and\n"+
+		"compressed, plus the stream's send buffer; the recovery site the stream's in-flight budget (32 MiB) and its frames.\n"+
 		"Every contender ends with its copy on disk: lifeboat's commit flushes the replica; neither peer does by default,\n"+
 		"so each peer's output is fsynced within its time. Goal: lifeboat ≥ 1.0× nbdcopy.\n",
-		protectConnections, protectReaders, size(r.Data))
+		protectConnections, protectReaders, size(r.Data), size(rssGrowthBound))
 }
 
 // missing says why a peer tool cannot run, or "".

@@ -229,18 +229,21 @@ func resetPeakRSS(pid int) error {
 }
 
 // peakRSS is process pid's VmHWM in bytes.
-func peakRSS(pid int) (int64, error) {
+func peakRSS(pid int) (int64, error) { return procStatus(pid, "VmHWM:") }
+
+// procStatus is a size (kB) that process pid's /proc status gives under key, in bytes.
+func procStatus(pid int, key string) (int64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+		if v, ok := strings.CutPrefix(line, key); ok {
 			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
 			return kb << 10, err
 		}
 	}
-	return 0, errors.New("no VmHWM in /proc/pid/status")
+	return 0, fmt.Errorf("no %s in /proc/%d/status", strings.TrimSuffix(key, ":"), pid)
 }
 
 // lastLogged is when the site's process last logged msg (site.log is JSON,
