@@ -59,3 +59,54 @@ func BenchmarkCompress(b *testing.B) {
 		c.compress(dst, data)
 	}
 }
+
+// TestCompressHuffmanWherePays: the compressor drops zstd's Huffman stage on
+// a link whose literals are random (a random write in a run of one byte) and
+// takes it up again when they are text-like; every chunk round-trips.
+func TestCompressHuffmanWherePays(t *testing.T) {
+	c := newCompressor()
+	rng := rand.New(rand.NewPCG(testenv.Seed(t), 3))
+	mixed := func() []byte { // the RPO bench's blocks: one random write in a block of 0x5a
+		b := bytes.Repeat([]byte{0x5a}, 64<<10)
+		off, n := rng.IntN(8)*4096, (1+rng.IntN(8))*4096
+		for i := off; i < off+n; i++ {
+			b[i] = byte(rng.Uint32())
+		}
+		return b
+	}
+	words := make([][]byte, 256)
+	for i := range words {
+		w := make([]byte, 3+rng.IntN(8))
+		for j := range w {
+			w[j] = 'a' + byte(rng.IntN(26))
+		}
+		words[i] = w
+	}
+	letters := func() []byte { // words of a vocabulary: matches, and literals Huffman shrinks
+		var b []byte
+		for len(b) < 64<<10 {
+			b = append(append(b, words[rng.IntN(len(words))]...), ' ')
+		}
+		return b[:64<<10]
+	}
+	for _, phase := range []struct {
+		name    string
+		block   func() []byte
+		entropy bool
+	}{{"random literals", mixed, false}, {"text-like literals", letters, true}, {"random literals again", mixed, false}} {
+		for k := range 2 * sampleEvery {
+			b := phase.block()
+			out, z := c.compress(make([]byte, 0, len(b)+1<<10), b)
+			if !z {
+				t.Fatalf("%s: block %d, a compressible block was sent raw (%q..., %d bytes: %d with Huffman, %d without)", phase.name, k, b[:20], len(b), len(c.enc.EncodeAll(b, nil)), len(c.raw.EncodeAll(b, nil)))
+			}
+			back, err := decompress(nil, out, len(b))
+			if err != nil || !bytes.Equal(back, b) {
+				t.Fatalf("%s: round trip failed: %v", phase.name, err)
+			}
+		}
+		if got := c.entropy.Load(); got != phase.entropy {
+			t.Errorf("%s: Huffman stage on = %v, want %v", phase.name, got, phase.entropy)
+		}
+	}
+}

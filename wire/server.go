@@ -805,7 +805,7 @@ func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame) erro
 		}
 		data := b.Data
 		if b.Zstd {
-			db := bufpool.Shared.Get(int(b.Length))
+			db := bufpool.Shared.Get(int(b.Length) + decodeSlack)
 			defer bufpool.Shared.Put(db) // WriteBlocks is done with data when it returns
 			data, err = decompress((*db)[:0], b.Data, int(b.Length))
 			if err != nil {
