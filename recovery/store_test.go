@@ -690,7 +690,8 @@ func TestCommitAnswersBeforeRetention(t *testing.T) {
 	p5.data("vda", 7, 3)
 	close(release)
 	p5.zeros("vda", 40, 2)
-	s.SettleRetention() // 1 into 2, then 2 into 3, beside the writer
+	p5.zeros("vda", 24, zeroProbe/B+4) // long: asks the chain which blocks hold data, mid-merge
+	s.SettleRetention()                // 1 into 2, then 2 into 3, beside the writer
 	if got := pointIDs(t, s, "a1"); !slices.Equal(got, []uint64{3, 4}) {
 		t.Fatalf("points after the background retention = %v, want [3 4]", got)
 	}

@@ -91,13 +91,9 @@ func newFailbackRig(t *testing.T, opts ...rigOptions) *failbackRig {
 	t.Cleanup(func() { qemu.KillLeftover(context.Background(), filepath.Join(dir, "prod", "failback", "run", "vm1")) })
 	prod := startSite(t, "prod", prodCfg)
 	for i := 1; i <= 2; i++ {
-		if err := g.SendCounter(fmt.Sprintf("line-%d", i)); err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		err := g.WaitCounter(ctx, fmt.Sprintf("line-%d", i))
-		cancel()
-		if err != nil {
+		// A line may be stored twice (Count resends a lost one): the test
+		// compares the file between sites, never its lines.
+		if err := g.Count(fmt.Sprintf("line-%d", i)); err != nil {
 			t.Fatal(err)
 		}
 		run(t, "sync", "vm1", "-c", prodCfg)

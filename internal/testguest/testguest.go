@@ -316,6 +316,26 @@ func (g *Guest) SendCounter(line string) error {
 	return nil
 }
 
+// Count sends line to the counter workload and waits until the guest has
+// stored it. A line sent while lb-counter reopens its port can be lost, so
+// it is sent once more if no acknowledgement came in 10 s (the guest may then
+// store it twice); the wait ends 30 s after that.
+func (g *Guest) Count(line string) error {
+	var err error
+	for try := range 2 {
+		if err = g.SendCounter(line); err != nil {
+			return err
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(10+20*try)*time.Second)
+		err = g.WaitCounter(ctx, line)
+		cancel()
+		if err == nil {
+			return nil
+		}
+	}
+	return err
+}
+
 // WaitCounter waits until the guest has acknowledged line: it is then fsynced
 // in /data/counter.
 func (g *Guest) WaitCounter(ctx context.Context, line string) error {
