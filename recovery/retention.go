@@ -202,13 +202,14 @@ func (s *Store) runMerge(ctx context.Context, vm string, m *mergeIntent, keepLat
 		if err := s.mergeHook(stepRecorded); err != nil {
 			return err
 		}
+		commitStart := time.Now()
 		for _, d := range m.Disks {
 			// Committing again after a crash copies the same clusters again.
 			if err := s.commitImage(ctx, vm, d); err != nil {
 				return err
 			}
 		}
-		took.commit = time.Since(start)
+		took.commit = time.Since(commitStart)
 		if err := s.mergeHook(stepCommitted); err != nil {
 			return err
 		}
