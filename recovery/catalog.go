@@ -249,24 +249,40 @@ type level struct {
 	limit int64
 }
 
+// walkChain calls fn for each point of disk's chain at point id, the point
+// itself first and its base last, with the point's record of the disk.
+func walkChain(tx *bolt.Tx, vm, disk string, id uint64, fn func(r *pointRecord, d lifeboat.PointDisk) error) error {
+	for cur := id; cur != 0; {
+		r, ok, err := readPoint(tx, vm, cur)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return fmt.Errorf("vm %q disk %q: point %d in the chain is missing from the catalog: %w", vm, disk, cur, errCatalog)
+		}
+		d, ok := r.disk(disk)
+		if !ok {
+			return fmt.Errorf("vm %q point %d has no disk %q: %w", vm, cur, disk, ErrNoDisk)
+		}
+		if err := fn(&r, d); err != nil {
+			return err
+		}
+		next := r.Parents[disk]
+		if next >= cur {
+			return fmt.Errorf("vm %q disk %q: point %d names a later parent %d: %w", vm, disk, cur, next, errCatalog)
+		}
+		cur = next
+	}
+	return nil
+}
+
 // chainOf returns the records that make up disk's block map at point id, the
 // point's own first and its base last.
 func chainOf(tx *bolt.Tx, vm, disk string, id uint64) ([]level, error) {
 	recs := sub(vmBucket(tx, vm), bucketRecs)
 	var chain []level
 	limit, above := maxBlock, int64(-1)
-	for cur := id; cur != 0; {
-		r, ok, err := readPoint(tx, vm, cur)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			return nil, fmt.Errorf("vm %q disk %q: point %d in the chain is missing from the catalog: %w", vm, disk, cur, errCatalog)
-		}
-		d, ok := r.disk(disk)
-		if !ok {
-			return nil, fmt.Errorf("vm %q point %d has no disk %q: %w", vm, cur, disk, ErrNoDisk)
-		}
+	err := walkChain(tx, vm, disk, id, func(r *pointRecord, d lifeboat.PointDisk) error {
 		if above >= 0 {
 			if w := wholeBlocks(d.Size, above); w >= 0 {
 				limit = min(limit, w)
@@ -275,14 +291,13 @@ func chainOf(tx *bolt.Tx, vm, disk string, id uint64) ([]level, error) {
 		above = d.Size
 		rec, ok := openRecord(recs, r.recordKey(disk))
 		if !ok {
-			return nil, fmt.Errorf("vm %q disk %q: the block record of point %d is missing from the catalog: %w", vm, disk, cur, errCatalog)
+			return fmt.Errorf("vm %q disk %q: the block record of point %d is missing from the catalog: %w", vm, disk, r.Point.ID, errCatalog)
 		}
-		chain = append(chain, level{id: cur, rec: rec, limit: limit})
-		next := r.Parents[disk]
-		if next >= cur {
-			return nil, fmt.Errorf("vm %q disk %q: point %d names a later parent %d: %w", vm, disk, cur, next, errCatalog)
-		}
-		cur = next
+		chain = append(chain, level{id: r.Point.ID, rec: rec, limit: limit})
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	return chain, nil
 }
@@ -291,24 +306,12 @@ func chainOf(tx *bolt.Tx, vm, disk string, id uint64) ([]level, error) {
 // (paths relative to the store).
 func chainFiles(tx *bolt.Tx, vm, disk string, id uint64) ([]string, error) {
 	var files []string
-	for cur := id; cur != 0; {
-		r, ok, err := readPoint(tx, vm, cur)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			return nil, fmt.Errorf("vm %q disk %q: point %d in the chain is missing from the catalog: %w", vm, disk, cur, errCatalog)
-		}
-		d, ok := r.disk(disk)
-		if !ok {
-			return nil, fmt.Errorf("vm %q point %d has no disk %q: %w", vm, cur, disk, ErrNoDisk)
-		}
+	err := walkChain(tx, vm, disk, id, func(_ *pointRecord, d lifeboat.PointDisk) error {
 		files = append(files, d.File)
-		next := r.Parents[disk]
-		if next >= cur {
-			return nil, fmt.Errorf("vm %q disk %q: point %d names a later parent %d: %w", vm, disk, cur, next, errCatalog)
-		}
-		cur = next
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	return files, nil
 }
