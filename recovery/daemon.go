@@ -47,10 +47,11 @@ var testHookDaemonStarted func(*qemu.Daemon)
 // names. Where chains names a file's backing images (newest first, all qcow2
 // images of the store), they are opened read-only and without QEMU's image
 // locks, so that a retention merge may commit into them meanwhile (see
-// vmLock); the last one's own backing, if any, is opened as its header says. A daemon that does not answer a command in helperCommandTimeout
-// (seen once in CI under heavy load; what it was doing is logged) is killed
-// and one more is started: it has opened images and nothing else, so nothing
-// is lost by killing it.
+// vmLock); the last one's own backing, if any, is opened as its header says.
+// A daemon that does not answer a command in helperCommandTimeout (seen once
+// in CI under heavy load; what it was doing is logged) is killed and one more
+// is started: it has opened images and nothing else, so nothing is lost by
+// killing it.
 func (s *Store) startDaemon(ctx context.Context, runDir string, names, files []string, chains [][]string, writable bool) (*qemu.Daemon, error) {
 	d, err := s.startDaemonOnce(ctx, runDir, names, files, chains, writable)
 	if errors.Is(err, errUnanswered) && ctx.Err() == nil {
