@@ -16,6 +16,66 @@ import (
 // dirty bit is one block and a block never straddles two clusters.
 const BlockSize = 64 << 10
 
+// SubBlock is the unit in which a block's changed parts are tracked and sent:
+// a small write dirties the sub-blocks it touches, not its whole block (random
+// 4-64 KiB writes dirty 2.7 times their bytes in whole blocks, 1.0 times in
+// sub-blocks). A block's hash is still of the whole block.
+const SubBlock = 4 << 10
+
+// Dirty is a set of one block's sub-blocks: bit i is bytes [i*SubBlock,
+// (i+1)*SubBlock) of the block.
+type Dirty uint16
+
+// AllDirty is every sub-block of a block.
+const AllDirty Dirty = 1<<(BlockSize/SubBlock) - 1
+
+// DirtyOf is the set of sub-blocks that bytes [lo, hi) of a block touch.
+func DirtyOf(lo, hi int64) Dirty {
+	if hi <= lo {
+		return 0
+	}
+	a, b := max(lo, 0)/SubBlock, min((hi+SubBlock-1)/SubBlock, BlockSize/SubBlock)
+	return Dirty((1<<b - 1) &^ (1<<a - 1))
+}
+
+// Ranges are the byte ranges [start, end) of the set, ascending and apart,
+// in a block of n bytes (the disk's last block may be short).
+func (d Dirty) Ranges(n int) [][2]int {
+	var out [][2]int
+	for i := 0; i < BlockSize/SubBlock; {
+		if d&(1<<i) == 0 {
+			i++
+			continue
+		}
+		j := i
+		for j < BlockSize/SubBlock && d&(1<<j) != 0 {
+			j++
+		}
+		if lo := i * SubBlock; lo < n {
+			out = append(out, [2]int{lo, min(j*SubBlock, n)})
+		}
+		i = j
+	}
+	return out
+}
+
+// Bytes is how many bytes the set covers in a block of n bytes.
+func (d Dirty) Bytes(n int) int {
+	t := 0
+	for _, r := range d.Ranges(n) {
+		t += r[1] - r[0]
+	}
+	return t
+}
+
+// Gather appends to dst the set's bytes of block, range after range.
+func (d Dirty) Gather(dst, block []byte) []byte {
+	for _, r := range d.Ranges(len(block)) {
+		dst = append(dst, block[r[0]:r[1]]...)
+	}
+	return dst
+}
+
 // Hash is the BLAKE3-256 content hash of one block.
 type Hash [32]byte
 

@@ -1,6 +1,9 @@
 package lifeboat
 
-import "testing"
+import (
+	"slices"
+	"testing"
+)
 
 // Mismatch finds the first block that differs from its hash, a short last
 // block included, and only that one.
@@ -19,5 +22,37 @@ func TestMismatch(t *testing.T) {
 		if got, want := Mismatch(data, bad), int64(i)*BlockSize; got != want {
 			t.Errorf("block %d's hash wrong: Mismatch says %d, want %d", i, got, want)
 		}
+	}
+}
+
+func TestDirtyRanges(t *testing.T) {
+	cases := []struct {
+		d    Dirty
+		n    int
+		want [][2]int
+	}{
+		{0, BlockSize, nil},
+		{AllDirty, BlockSize, [][2]int{{0, BlockSize}}},
+		{0b1011, BlockSize, [][2]int{{0, 8192}, {12288, 16384}}},
+		{1 << 15, BlockSize, [][2]int{{61440, 65536}}},
+		{AllDirty, 10000, [][2]int{{0, 10000}}}, // a short last block
+		{1 << 3, 10000, nil},                    // past its end
+	}
+	for _, c := range cases {
+		if got := c.d.Ranges(c.n); !slices.Equal(got, c.want) {
+			t.Errorf("Dirty(%016b).Ranges(%d) = %v, want %v", c.d, c.n, got, c.want)
+		}
+	}
+	if got := DirtyOf(4095, 4097); got != 0b11 {
+		t.Errorf("DirtyOf(4095, 4097) = %b, want 11", got)
+	}
+	if got := DirtyOf(0, 1<<20); got != AllDirty {
+		t.Errorf("DirtyOf(0, 1 MiB) = %b, want all", got)
+	}
+	if got := DirtyOf(-5, 1); got != 1 {
+		t.Errorf("DirtyOf(-5, 1) = %b, want 1", got)
+	}
+	if got := Dirty(0b101).Bytes(BlockSize); got != 8192 {
+		t.Errorf("Bytes = %d, want 8192", got)
 	}
 }

@@ -25,6 +25,12 @@ type PointSink interface {
 	// hash of block i, and returns the bytes it put on its way (on the wire,
 	// or written).
 	SendBlocks(disk string, off int64, data []byte, hashes []Hash) (int64, error)
+	// SendPatch takes one block of disk at off (block aligned), whose bytes
+	// are block and hash h, of which only the sub-blocks in dirty changed
+	// since the point the delta is computed from: a sink may send only
+	// those, the rest being what the target holds already. It returns the
+	// bytes it put on its way.
+	SendPatch(disk string, off int64, block []byte, h Hash, dirty Dirty) (int64, error)
 	// SendCopy says the block at (disk, off) holds the bytes already sent in
 	// this point at (srcDisk, srcOff), of hash h: deduplication.
 	SendCopy(disk string, off int64, srcDisk string, srcOff int64, length int, h Hash) error

@@ -155,6 +155,47 @@ func (s *Sink) SendBlocks(name string, off int64, data []byte, hashes []lifeboat
 	return int64(len(data)), nil
 }
 
+// SendPatch writes the whole block: the target is the disk itself, written
+// in place, and the block is at hand (checked against h like any other).
+func (s *Sink) SendPatch(name string, off int64, block []byte, h lifeboat.Hash, _ lifeboat.Dirty) (int64, error) {
+	return s.SendBlocks(name, off, block, []lifeboat.Hash{h})
+}
+
+// WritePatch writes the changed parts of the block at off (the sub-blocks
+// of dirty, data their bytes one range after another) once data matches sum;
+// the rest of the block is the disk's own, the point the delta was computed
+// from, and h is the whole block's hash after it.
+func (s *Sink) WritePatch(name string, off int64, dirty lifeboat.Dirty, data []byte, sum, h lifeboat.Hash) error {
+	d, err := s.start(name)
+	if err != nil {
+		return err
+	}
+	n := min(lifeboat.BlockSize, d.size-off)
+	if err := d.checkRange(s, off, n); err != nil {
+		return err
+	}
+	ranges := dirty.Ranges(int(n))
+	if t := dirty.Bytes(int(n)); len(ranges) == 0 || t != len(data) {
+		return fmt.Errorf("vm %q point %d disk %q: a patch of block %d with %d bytes for %d changed", s.point.VM, s.point.ID, name, off, len(data), t)
+	}
+	if lifeboat.HashBlock(data) != sum {
+		return &HashMismatchError{VM: s.point.VM, Disk: name, Point: s.point.ID, Offset: off}
+	}
+	p := 0
+	for _, r := range ranges {
+		l := r[1] - r[0]
+		if err := d.c.Write(s.ctx, data[p:p+l], off+int64(r[0]), false); err != nil {
+			return s.fail(fmt.Errorf("vm %q point %d disk %q: writing %d bytes at offset %d: %w", s.point.VM, s.point.ID, name, l, off+int64(r[0]), err))
+		}
+		p += l
+	}
+	d.mu.Lock()
+	d.hashes[off/lifeboat.BlockSize] = h
+	d.mu.Unlock()
+	s.written.Add(int64(len(data)))
+	return nil
+}
+
 // SendCopy reads the source block back from its target disk, checks it
 // against h and writes it at (name, off).
 func (s *Sink) SendCopy(name string, off int64, srcName string, srcOff int64, length int, h lifeboat.Hash) error {

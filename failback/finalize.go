@@ -368,6 +368,12 @@ func (s *localSink) SendBlocks(disk string, off int64, data []byte, hashes []lif
 	return int64(len(data)), s.w.WriteBlocks(s.ctx, disk, off, data, hashes)
 }
 
+// SendPatch writes a block's changed parts, as the wire's receiver does.
+func (s *localSink) SendPatch(disk string, off int64, block []byte, h lifeboat.Hash, dirty lifeboat.Dirty) (int64, error) {
+	parts := dirty.Gather(nil, block)
+	return int64(len(parts)), s.w.WritePatch(s.ctx, disk, off, dirty, parts, lifeboat.HashBlock(parts), h)
+}
+
 // SendCopy waits, as the wire's server does, for a source block whose
 // write another reader has under way.
 func (s *localSink) SendCopy(disk string, off int64, srcDisk string, srcOff int64, length int, h lifeboat.Hash) error {

@@ -295,6 +295,10 @@ func (w *pointWriter) WriteZeroes(_ context.Context, disk string, off, length in
 	return w.sink.SendZeroes(disk, off, length)
 }
 
+func (w *pointWriter) WritePatch(_ context.Context, disk string, off int64, dirty lifeboat.Dirty, data []byte, sum, h lifeboat.Hash) error {
+	return w.sink.WritePatch(disk, off, dirty, data, sum, h)
+}
+
 func (w *pointWriter) CopyBlock(_ context.Context, disk string, off int64, srcDisk string, srcOff int64, length int, h lifeboat.Hash) error {
 	return w.sink.SendCopy(disk, off, srcDisk, srcOff, length, h)
 }

@@ -186,7 +186,7 @@ func (c *cycle) prepareFleece(ctx context.Context) error {
 		fdisks = append(fdisks, qemu.FleeceDisk{
 			Node: d.node, File: c.fleeceFile(d),
 			NewBitmap: d.new, OldBitmap: d.old, Persistent: d.persistent, ExportName: d.export,
-			Budget: budgets[i],
+			Granularity: qemu.TrackGranularity(d.size), Budget: budgets[i],
 		})
 	}
 	fl, err := c.mon.PrepareFleece(ctx, fdisks)
@@ -570,6 +570,7 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 		zero
 		skip
 		dup
+		patch // one block changed in part (pl.partial): its changed parts
 	)
 	var (
 		runStart int64 = -1
@@ -608,6 +609,15 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 			}
 		case skip:
 			c.same.Add(l)
+		case patch:
+			sent, err := c.stream.SendPatch(pl.disk.name, o, data[runStart:end], hashes[0], pl.partial[o/lifeboat.BlockSize])
+			if err != nil {
+				return err
+			}
+			c.data.Add(l)
+			c.sent.Add(sent)
+			// Not a deduplication source: the receiver has only its changed
+			// parts from this point.
 		}
 		runStart = -1
 		hashes = hashes[:0]
@@ -631,9 +641,11 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 				k = skip
 			} else if _, ok := c.dupOf(h); ok {
 				k = dup
+			} else if _, ok := pl.partial[idx]; ok {
+				k = patch
 			}
 		}
-		if runStart >= 0 && k != runKind {
+		if runStart >= 0 && (k != runKind || k == patch) {
 			if err := flush(b); err != nil {
 				return err
 			}
@@ -642,7 +654,7 @@ func (c *cycle) readAndSend(ctx context.Context, j job, buf []byte, hashes []lif
 			runStart, runKind = b, k
 		}
 		switch k {
-		case send:
+		case send, patch:
 			hashes = append(hashes, h)
 		case dup:
 			r, _ := c.dupOf(h)

@@ -44,6 +44,10 @@ type diskPlan struct {
 	changed int64  // bytes of changed blocks
 	dirty   bitset // blocks to handle
 	data    bitset // blocks with any allocated, non-zero extent at the instant
+	// partial holds the blocks of dirty that changed only in part, with the
+	// sub-blocks that did (a block absent from it changed whole): a generation
+	// finer than the block grid says so, and the block is sent as a patch.
+	partial map[int64]lifeboat.Dirty
 	// known is the recovery site's block map on a resync (nil otherwise); known0
 	// says that a block absent from it reads as zeros there.
 	known  map[int64]lifeboat.Hash
@@ -75,7 +79,7 @@ func planDisk(ctx context.Context, cl *nbd.Client, d *diskState, known map[int64
 	} else {
 		err := cl.BlockStatus(ctx, d.dirtyContext(), 0, size, func(e nbd.Extent) error {
 			if e.Flags&nbd.StateDirty != 0 {
-				pl.dirty.setRange(pl.blockRange(e.Offset, e.Length))
+				pl.markDirty(e.Offset, e.Length)
 			}
 			return nil
 		})
@@ -105,6 +109,78 @@ const maxAllocationSpans = 1024
 
 // allocationParallel is how many block-status requests are in flight.
 const allocationParallel = 8
+
+// maxPartial bounds the blocks a plan keeps as changed in part (about 40 MiB
+// of map): past it, a block changed in part is sent whole.
+const maxPartial = 1 << 20
+
+// markDirty marks bytes [off, off+length) changed: the blocks it covers whole
+// as whole, those it covers in part by their sub-blocks.
+func (pl *diskPlan) markDirty(off, length int64) {
+	end := min(off+length, pl.size)
+	if off < 0 || end <= off {
+		return
+	}
+	lo, hi := pl.blockRange(off, end-off)
+	inLo, inHi := lo, hi
+	if pl.markPart(lo, off, end) {
+		inLo++
+	}
+	if hi-1 > lo && pl.markPart(hi-1, off, end) {
+		inHi--
+	}
+	if inLo < inHi {
+		pl.markWhole(inLo, inHi)
+	}
+}
+
+// markPart marks the sub-blocks of block b that bytes [off, end) touch, and
+// reports whether that is not the whole block.
+func (pl *diskPlan) markPart(b, off, end int64) bool {
+	bs := b * lifeboat.BlockSize
+	n := int(min(lifeboat.BlockSize, pl.size-bs))
+	d := lifeboat.DirtyOf(off-bs, end-bs)
+	if d.Bytes(n) == n {
+		return false
+	}
+	if !pl.dirty.has(b) {
+		pl.dirty.set(b)
+		if len(pl.partial) < maxPartial {
+			if pl.partial == nil {
+				pl.partial = make(map[int64]lifeboat.Dirty)
+			}
+			pl.partial[b] = d
+		}
+		return true
+	}
+	if old, ok := pl.partial[b]; ok { // else it changed whole already
+		if d |= old; d.Bytes(n) == n {
+			delete(pl.partial, b)
+		} else {
+			pl.partial[b] = d
+		}
+	}
+	return true
+}
+
+// markWhole marks blocks [lo, hi) changed whole.
+func (pl *diskPlan) markWhole(lo, hi int64) {
+	pl.dirty.setRange(lo, hi)
+	if len(pl.partial) == 0 {
+		return
+	}
+	if hi-lo < int64(len(pl.partial)) {
+		for b := lo; b < hi; b++ {
+			delete(pl.partial, b)
+		}
+		return
+	}
+	for b := range pl.partial {
+		if lo <= b && b < hi {
+			delete(pl.partial, b)
+		}
+	}
+}
 
 func (pl *diskPlan) blockRange(off, length int64) (int64, int64) {
 	return off / lifeboat.BlockSize, min((off+length+lifeboat.BlockSize-1)/lifeboat.BlockSize, pl.blocks)
@@ -223,7 +299,7 @@ func (pl *diskPlan) addTargetChanges(ctx context.Context, vm string, t ChangedTa
 		if off < 0 || length <= 0 || off >= pl.size || length > pl.size-off {
 			return fmt.Errorf("the target says it changed bytes %d+%d, outside the %d-byte disk", off, length, pl.size)
 		}
-		pl.dirty.setRange(off/lifeboat.BlockSize, (off+length+lifeboat.BlockSize-1)/lifeboat.BlockSize)
+		pl.markWhole(off/lifeboat.BlockSize, (off+length+lifeboat.BlockSize-1)/lifeboat.BlockSize)
 		return nil
 	})
 	if err != nil {

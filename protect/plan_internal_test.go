@@ -121,3 +121,55 @@ func TestBitsetSpans(t *testing.T) {
 		t.Errorf("spans with limit 1 = %s, want %s", got, want)
 	}
 }
+
+// A generation finer than the block grid marks the blocks its extents cover
+// whole as whole and the others by the sub-blocks they touch, as a model of
+// every sub-block says, for extents of any alignment; a block the target
+// changed on its own is whole whatever the generation said of it.
+func TestMarkDirtySubBlocks(t *testing.T) {
+	seed := testenv.Seed(t)
+	r := rand.New(rand.NewPCG(seed, 0))
+	const nb = 40
+	for round := range 200 {
+		size := int64(nb * lifeboat.BlockSize)
+		if r.IntN(2) == 0 {
+			size -= 1 + r.Int64N(lifeboat.BlockSize-1) // a short last block
+		}
+		blocks := (size + lifeboat.BlockSize - 1) / lifeboat.BlockSize
+		pl := &diskPlan{disk: &diskState{name: "vda"}, size: size, blocks: blocks, dirty: newBitset(blocks), data: newBitset(blocks)}
+		model := make([]lifeboat.Dirty, blocks)
+		// Ascending, disjoint extents, as a block-status reply gives them.
+		for off := r.Int64N(3 * lifeboat.SubBlock); off < size; {
+			unit := []int64{512, lifeboat.SubBlock, 16 << 10}[r.IntN(3)]
+			length := (1 + r.Int64N(40)) * unit
+			if r.IntN(5) == 0 {
+				length = (1 + r.Int64N(4)) * lifeboat.BlockSize
+			}
+			pl.markDirty(off, length)
+			for sb := off / lifeboat.SubBlock; sb*lifeboat.SubBlock < min(off+length, size); sb++ {
+				model[sb*lifeboat.SubBlock/lifeboat.BlockSize] |= 1 << (sb % (lifeboat.BlockSize / lifeboat.SubBlock))
+			}
+			off += length + r.Int64N(6)*unit
+		}
+		var whole [2]int64
+		if round%2 == 1 {
+			whole[0] = r.Int64N(blocks)
+			whole[1] = whole[0] + 1 + r.Int64N(blocks-whole[0])
+			pl.markWhole(whole[0], whole[1])
+		}
+		for b := range blocks {
+			n := int(min(lifeboat.BlockSize, size-b*lifeboat.BlockSize))
+			want := model[b]
+			if b >= whole[0] && b < whole[1] {
+				want = lifeboat.AllDirty
+			}
+			if pl.dirty.has(b) != (want != 0) {
+				t.Fatalf("seed %d round %d: block %d dirty %v, model %016b", seed, round, b, pl.dirty.has(b), want)
+			}
+			got, part := pl.partial[b]
+			if wantPart := want != 0 && want.Bytes(n) != n; part != wantPart || (part && got != want) {
+				t.Fatalf("seed %d round %d: block %d of %d bytes: partial %v %016b, model %016b", seed, round, b, n, part, got, want)
+			}
+		}
+	}
+}

@@ -1,25 +1,45 @@
 package qemu
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 
 	"github.com/lifeboat-dr/lifeboat"
 )
 
-// Bitmaps are always made on lifeboat's block grid, whatever the image's
-// cluster size, so one dirty bit is one lifeboat block.
+// bitmapGranularity is the granularity of a bitmap made without one: the
+// block grid, so that one dirty bit is one lifeboat block.
 const bitmapGranularity = lifeboat.BlockSize
 
-// AddBitmap adds a dirty bitmap (one generation) to a node. A persistent
-// bitmap needs a qcow2 v3 node; a disabled one records nothing until enabled.
-func (m *Monitor) AddBitmap(ctx context.Context, node, name string, persistent, disabled bool) error {
-	return wrapBitmap(m.Execute(ctx, "block-dirty-bitmap-add", addBitmapArgs(node, name, persistent, disabled), nil), node, name)
+// maxBitmapBits bounds the bits of one generation that TrackGranularity
+// picks: 8 MiB of the VM's memory (a bitmap lives in its QEMU).
+const maxBitmapBits = 64 << 20
+
+// TrackGranularity is the granularity lifeboat tracks a disk of size bytes
+// at: the finest power of two from lifeboat.SubBlock up to lifeboat.BlockSize
+// whose bitmap stays within maxBitmapBits. A dirty bit finer than a block
+// lets a cycle send only the parts of a block that a small write touched:
+// 4 KiB up to 256 GiB, 16 KiB for 1 TiB, a whole block from 4 TiB.
+func TrackGranularity(size int64) int64 {
+	g := int64(lifeboat.SubBlock)
+	for g < lifeboat.BlockSize && size/g > maxBitmapBits {
+		g *= 2
+	}
+	return g
 }
 
-func addBitmapArgs(node, name string, persistent, disabled bool) map[string]any {
+// AddBitmap adds a dirty bitmap (one generation) to a node, on the block
+// grid. A persistent bitmap needs a qcow2 v3 node; a disabled one records
+// nothing until enabled.
+func (m *Monitor) AddBitmap(ctx context.Context, node, name string, persistent, disabled bool) error {
+	return wrapBitmap(m.Execute(ctx, "block-dirty-bitmap-add", addBitmapArgs(node, name, persistent, disabled, 0), nil), node, name)
+}
+
+// addBitmapArgs are block-dirty-bitmap-add's; granularity 0 is the block grid's.
+func addBitmapArgs(node, name string, persistent, disabled bool, granularity int64) map[string]any {
 	return map[string]any{
-		"node": node, "name": name, "granularity": bitmapGranularity,
+		"node": node, "name": name, "granularity": cmp.Or(granularity, bitmapGranularity),
 		"persistent": persistent, "disabled": disabled,
 	}
 }
@@ -76,7 +96,7 @@ func (m *Monitor) Transaction(ctx context.Context, actions ...Action) error {
 
 // AddBitmapAction is block-dirty-bitmap-add as a transaction action.
 func AddBitmapAction(node, name string, persistent, disabled bool) Action {
-	return Action{"block-dirty-bitmap-add", addBitmapArgs(node, name, persistent, disabled)}
+	return Action{"block-dirty-bitmap-add", addBitmapArgs(node, name, persistent, disabled, 0)}
 }
 
 // RemoveBitmapAction is block-dirty-bitmap-remove as a transaction action.

@@ -23,7 +23,10 @@ type FleeceDisk struct {
 	NewBitmap  string // generation to add, enabled: it tracks writes from the instant on
 	OldBitmap  string // generation to disable at the instant and publish on the export ("" for a first sync: no bitmap published)
 	Persistent bool   // make NewBitmap persistent (qcow2 v3 only; see BlockNode.PersistentBitmaps)
-	ExportName string // NBD export name of the fleece node
+	// Granularity is NewBitmap's, in bytes (a power of two; 0: the block
+	// grid's). Generations of different granularities merge.
+	Granularity int64
+	ExportName  string // NBD export name of the fleece node
 	// Budget is how far the overlay may grow, in bytes: that much of its file
 	// system is reserved for it as soon as it is made (so no neighbour can take
 	// the space the copy-before-write needs), and once the overlay's file grows
@@ -226,7 +229,7 @@ func (f *Fleece) Snapshot(ctx context.Context) (err error) {
 	}
 	var actions []Action
 	for _, d := range f.disks {
-		actions = append(actions, AddBitmapAction(d.Node, d.NewBitmap, d.Persistent, false))
+		actions = append(actions, Action{"block-dirty-bitmap-add", addBitmapArgs(d.Node, d.NewBitmap, d.Persistent, false, d.Granularity)})
 		if d.OldBitmap != "" {
 			actions = append(actions, DisableBitmapAction(d.Node, d.OldBitmap))
 		}

@@ -414,6 +414,43 @@ func (w *Writer) WriteBlocks(ctx context.Context, disk string, off int64, data [
 	return w.writeChecked(ctx, d, off, data, hashes)
 }
 
+// WritePatch writes the changed parts of the block at off: the sub-blocks of
+// dirty, whose bytes are data one range after another, after checking data
+// against sum. The rest of the block is what the chain below holds, the
+// point's base, which the delta was computed from (Begin checked its
+// lineage); h is the whole block's hash, recorded as written. A mismatch
+// returns a *HashMismatchError and writes nothing.
+func (w *Writer) WritePatch(ctx context.Context, disk string, off int64, dirty lifeboat.Dirty, data []byte, sum, h lifeboat.Hash) error {
+	d, err := w.disk(disk)
+	if err != nil {
+		return err
+	}
+	defer w.inflight.Done()
+	n := min(lifeboat.BlockSize, d.spec.Size-off)
+	if err := w.checkRange(d, off, n); err != nil {
+		return err
+	}
+	ranges := dirty.Ranges(int(n))
+	if t := dirty.Bytes(int(n)); len(ranges) == 0 || t != len(data) {
+		return fmt.Errorf("vm %q disk %q: a patch of block %d with %d bytes for %d changed", w.spec.VM, disk, off, len(data), t)
+	}
+	if lifeboat.HashBlock(data) != sum {
+		return &HashMismatchError{VM: w.spec.VM, Disk: disk, Offset: off}
+	}
+	p := 0
+	for _, r := range ranges {
+		l := r[1] - r[0]
+		if err := d.client.Write(ctx, data[p:p+l], off+int64(r[0]), false); err != nil {
+			return w.fail(fmt.Errorf("vm %q disk %q: writing %d bytes at offset %d: %w", w.spec.VM, disk, l, off+int64(r[0]), err))
+		}
+		p += l
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.pend.putData(off/lifeboat.BlockSize, h)
+	return w.flushFull(d)
+}
+
 // writeChecked writes blocks already checked against their hashes and
 // records them, within the count of w.inflight that the caller took.
 func (w *Writer) writeChecked(ctx context.Context, d *writeDisk, off int64, data []byte, hashes []lifeboat.Hash) error {

@@ -50,6 +50,7 @@ type Client struct {
 	peer        string
 	addr        string      // the recovery site's address, which point streams dial
 	tls         *tls.Config // the calls' mutual TLS, which point streams use too
+	v3          bool        // speak point stream version 3 only (tests of an older peer)
 
 	mu      sync.Mutex
 	closed  bool
@@ -305,6 +306,8 @@ type PointStream struct {
 
 	mu sync.Mutex // one frame at a time; held while writing
 
+	patches bool // the server speaks version 4: a block's changed parts may be sent alone
+
 	// The server's one answer, taken by read: the committed point, or why not.
 	done   chan struct{}
 	reply  *wirepb.ReplicateReply
@@ -317,11 +320,11 @@ type PointStream struct {
 // Begin opens point p (its instant, consistency and every disk) at the
 // recovery site: it dials the site's address for the point's own connection.
 func (c *Client) Begin(ctx context.Context, p lifeboat.Point) (lifeboat.PointSink, error) {
-	conn, err := c.dialStream(ctx)
+	conn, proto, err := c.dialStream(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("vm %q point %d: open a point stream to %s: %w", p.VM, p.ID, c.peer, err)
 	}
-	s := &PointStream{c: c, conn: conn, done: make(chan struct{})}
+	s := &PointStream{c: c, conn: conn, done: make(chan struct{}), patches: proto == streamProto}
 	if !c.track(s) {
 		conn.Close()
 		return nil, fmt.Errorf("vm %q point %d: the client of %s was closed", p.VM, p.ID, c.peer)
@@ -336,26 +339,37 @@ func (c *Client) Begin(ctx context.Context, p lifeboat.Point) (lifeboat.PointSin
 }
 
 // dialStream makes a point stream's connection: TCP, then the same mutual TLS
-// as the gRPC calls, asking for streamProto.
-func (c *Client) dialStream(ctx context.Context) (*flushConn, error) {
+// as the gRPC calls, asking for streamProto or streamProtoV3; it returns the
+// version the server chose.
+func (c *Client) dialStream(ctx context.Context) (*flushConn, string, error) {
 	var d net.Dialer
 	raw, err := d.DialContext(ctx, "tcp", c.addr)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	bc := newBatchConn(raw)
 	conf := c.tls.Clone()
-	conf.NextProtos = []string{streamProto}
+	conf.NextProtos = c.streamProtos()
 	tc := tls.Client(bc, conf)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
-		return nil, err
+		return nil, "", err
 	}
-	if got := tc.ConnectionState().NegotiatedProtocol; got != streamProto {
+	got := tc.ConnectionState().NegotiatedProtocol
+	if got != streamProto && got != streamProtoV3 {
 		raw.Close()
-		return nil, fmt.Errorf("the recovery site does not speak %s (it chose %q): upgrade it", streamProto, got)
+		return nil, "", fmt.Errorf("the recovery site does not speak %s (it chose %q): upgrade it", streamProto, got)
 	}
-	return &flushConn{Conn: tc, raw: bc}, nil
+	return &flushConn{Conn: tc, raw: bc}, got, nil
+}
+
+// streamProtos are the point stream versions the client asks for, the
+// newest first.
+func (c *Client) streamProtos() []string {
+	if c.v3 {
+		return []string{streamProtoV3}
+	}
+	return []string{streamProto, streamProtoV3}
 }
 
 // read takes the server's one answer, which may come before Commit (the
@@ -441,7 +455,7 @@ func (s *PointStream) SendBlocks(disk string, off int64, data []byte, hashes []l
 		defer bufpool.Shared.Put(buf)
 		payload, b.Zstd = s.c.comp.compress(*buf, data)
 	}
-	head, err := blocksHead(b, len(payload))
+	head, err := dataHead(frameBlocks, b, len(payload))
 	if err != nil {
 		return 0, err
 	}
@@ -449,6 +463,34 @@ func (s *PointStream) SendBlocks(disk string, off int64, data []byte, hashes []l
 		return 0, err
 	}
 	return int64(len(payload) + len(b.Hashes)), nil
+}
+
+// SendPatch sends the changed parts of one block: the sub-blocks of dirty,
+// with their hash and the whole block's, compressed where it pays. To a
+// server of protocol version 3 it sends the whole block.
+func (s *PointStream) SendPatch(disk string, off int64, block []byte, h lifeboat.Hash, dirty lifeboat.Dirty) (int64, error) {
+	if !s.patches || dirty == 0 || len(block) > lifeboat.BlockSize {
+		return s.SendBlocks(disk, off, block, []lifeboat.Hash{h})
+	}
+	pb := bufpool.Shared.Get(len(block))
+	defer bufpool.Shared.Put(pb)
+	parts := dirty.Gather((*pb)[:0], block)
+	sum := lifeboat.HashBlock(parts)
+	p := &wirepb.Patch{Disk: disk, Offset: off, Dirty: uint32(dirty), Sum: sum[:], Hash: h[:], Length: uint32(len(parts))}
+	payload := parts
+	if s.c.comp != nil {
+		buf := bufpool.Shared.Get(len(parts) + 1<<10)
+		defer bufpool.Shared.Put(buf)
+		payload, p.Zstd = s.c.comp.compress(*buf, parts)
+	}
+	head, err := dataHead(framePatch, p, len(payload))
+	if err != nil {
+		return 0, err
+	}
+	if err := s.write(head, payload); err != nil {
+		return 0, err
+	}
+	return int64(len(payload) + 2*len(h)), nil
 }
 
 // SendCopy says that the block at (disk, off) holds the same bytes as the block

@@ -11,3 +11,8 @@ func SetCopySourceWait(d time.Duration) (restore func()) {
 
 // InflightBytes is the bound on a point's frames read and not yet written.
 const InflightBytes = inflightBytes
+
+// SpeakV3 makes a server or client speak point stream version 3 only, as a
+// lifeboat before patches did.
+func (s *Server) SpeakV3() { s.v3 = true }
+func (c *Client) SpeakV3() { c.v3 = true }

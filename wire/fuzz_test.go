@@ -62,7 +62,7 @@ func seedStream(t testing.TB, comp *compressor) (stream []byte, frames []int) {
 	}
 	cc := &captureConn{reply: bytes.NewReader(reply)}
 	ps := &PointStream{c: &Client{comp: comp, peer: "dr"}, conn: &flushConn{Conn: cc, raw: newBatchConn(cc)},
-		done: make(chan struct{}), stop: func() bool { return true }}
+		done: make(chan struct{}), stop: func() bool { return true }, patches: true}
 	go ps.read()
 	must := func(err error) {
 		t.Helper()
@@ -96,6 +96,10 @@ func seedStream(t testing.TB, comp *compressor) (stream []byte, frames []int) {
 	_, err = ps.SendBlocks("vdb", 1<<20, tail, hashes(tail))
 	must(err)
 	must(ps.SendZeroes("vda", 3*lifeboat.BlockSize, 1<<20))
+	_, err = ps.SendPatch("vda", 20*lifeboat.BlockSize, text[:lifeboat.BlockSize], lifeboat.HashBlock(text[:lifeboat.BlockSize]), 0b1000_0000_0000_0110)
+	must(err)
+	_, err = ps.SendPatch("vdb", 1<<20, tail, lifeboat.HashBlock(tail), 1)
+	must(err)
 	_, err = ps.Commit(lifeboat.CycleStats{BytesChanged: 3 << 20, BytesZero: 1 << 20, BytesData: 3 * lifeboat.BlockSize, BytesSent: 1000, Duration: time.Second})
 	must(err)
 	return cc.out.Bytes(), frames[:len(frames)-1]
@@ -148,6 +152,27 @@ func (w *fakeWriter) WriteBlocks(_ context.Context, disk string, off int64, data
 	for i, h := range hashes {
 		w.written[disk][off/lifeboat.BlockSize+int64(i)] = h
 	}
+	return nil
+}
+
+func (w *fakeWriter) WritePatch(_ context.Context, disk string, off int64, dirty lifeboat.Dirty, data []byte, sum, h lifeboat.Hash) error {
+	d, err := w.disk(disk)
+	if err != nil {
+		return err
+	}
+	if off < 0 || off%lifeboat.BlockSize != 0 || off >= d.Size {
+		return fmt.Errorf("patch at %d outside disk %q", off, disk)
+	}
+	if n := int(min(lifeboat.BlockSize, d.Size-off)); dirty.Bytes(n) != len(data) || len(data) == 0 {
+		return fmt.Errorf("patch of %d bytes for %d changed", len(data), dirty.Bytes(n))
+	}
+	if lifeboat.HashBlock(data) != sum {
+		return errors.New("patch hash mismatch")
+	}
+	if w.written[disk] == nil {
+		w.written[disk] = map[int64]lifeboat.Hash{}
+	}
+	w.written[disk][off/lifeboat.BlockSize] = h
 	return nil
 }
 
@@ -232,9 +257,11 @@ func TestReplicateSeed(t *testing.T) {
 		if err := receive(t, stream); err != nil {
 			t.Fatalf("compression %v: the seed stream was refused: %v", comp != nil, err)
 		}
-		if len(at) != 7 {
-			t.Fatalf("the seed stream has %d frames, want 7", len(at))
+		if len(at) != 9 {
+			t.Fatalf("the seed stream has %d frames, want 9", len(at))
 		}
+		flipped := slices.Clone(stream)
+		flipped[at[7]-1] ^= 1 // the last byte of the first patch's data
 		for name, bad := range map[string][]byte{
 			"Begin only":      stream[:at[1]],
 			"no Begin":        stream[at[1]:],
@@ -242,6 +269,7 @@ func TestReplicateSeed(t *testing.T) {
 			"cut in Commit":   stream[:len(stream)-3],
 			"two Begins":      slices.Concat(stream[:at[1]], stream),
 			"copy before src": slices.Concat(stream[:at[1]], stream[at[3]:]),
+			"patch corrupted": flipped,
 		} {
 			if err := receive(t, bad); err == nil {
 				t.Errorf("compression %v: the stream %s was taken as a point", comp != nil, name)

@@ -47,6 +47,10 @@ type Store interface {
 type PointWriter interface {
 	WriteBlocks(ctx context.Context, disk string, off int64, data []byte, hashes []lifeboat.Hash) error
 	WriteZeroes(ctx context.Context, disk string, off, length int64) error
+	// WritePatch writes the changed parts of one block (the sub-blocks of
+	// dirty, data their bytes one range after another) after checking data
+	// against sum; h is the whole block's hash once they are written.
+	WritePatch(ctx context.Context, disk string, off int64, dirty lifeboat.Dirty, data []byte, sum, h lifeboat.Hash) error
 	// CopyBlock writes at (disk, off) the block this point wrote at (srcDisk,
 	// srcOff), checked against h; an error wrapping ErrSourcePending means the
 	// source's write has not finished yet.
@@ -89,6 +93,8 @@ type Server struct {
 	// its disks (which took a failback point from site) the first (see the
 	// Reverse RPC). nil: this site takes no reversal.
 	ReverseVM func(ctx context.Context, site, vm string) (lifeboat.Point, error)
+
+	v3 bool // speak point stream version 3 only (tests of an older peer)
 
 	mu       sync.Mutex
 	stopped  bool
@@ -136,7 +142,7 @@ func (s *Server) Serve(l net.Listener, tlsConf *tls.Config) error {
 		s.Writers = DefaultWriters
 	}
 	conf := tlsConf.Clone()
-	conf.NextProtos = []string{"h2", streamProto}
+	conf.NextProtos = s.protos()
 	calls := newConnListener(l.Addr())
 	s.mu.Lock()
 	if s.stopped {
@@ -179,6 +185,14 @@ func (s *Server) Serve(l net.Listener, tlsConf *tls.Config) error {
 	}
 }
 
+// protos are the protocols the server's listener speaks, by preference.
+func (s *Server) protos() []string {
+	if s.v3 {
+		return []string{"h2", streamProtoV3}
+	}
+	return []string{"h2", streamProto, streamProtoV3}
+}
+
 // handshakeTimeout bounds a connection's TLS handshake and a stream's first frame.
 const handshakeTimeout = 30 * time.Second
 
@@ -195,7 +209,7 @@ func (s *Server) handshake(raw net.Conn, conf *tls.Config) {
 	}
 	raw.SetDeadline(time.Time{})
 	conn := &flushConn{Conn: tc, raw: bc}
-	if tc.ConnectionState().NegotiatedProtocol == streamProto {
+	if p := tc.ConnectionState().NegotiatedProtocol; p == streamProto || p == streamProtoV3 {
 		s.serveStream(conn)
 		return
 	}
@@ -758,6 +772,12 @@ func decodeFrame(typ byte, payload []byte) (*wirepb.Frame, error) {
 			return nil, err
 		}
 		return &wirepb.Frame{Body: &wirepb.Frame_Blocks{Blocks: b}}, nil
+	case framePatch:
+		p, err := decodePatch(payload)
+		if err != nil {
+			return nil, err
+		}
+		return &wirepb.Frame{Body: &wirepb.Frame_Patch{Patch: p}}, nil
 	case frameMessage:
 		f := &wirepb.Frame{}
 		if err := proto.Unmarshal(payload, f); err != nil {
@@ -789,6 +809,9 @@ func frameWeight(f *wirepb.Frame, payload []byte) int64 {
 	if b := f.GetBlocks(); b != nil && b.Zstd {
 		n += int64(b.Length)
 	}
+	if p := f.GetPatch(); p != nil && p.Zstd {
+		n += int64(p.Length)
+	}
 	return min(n, inflightBytes)
 }
 
@@ -815,6 +838,25 @@ func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame) erro
 			return fmt.Errorf("disk %q offset %d: %d data bytes, header said %d", b.Disk, b.Offset, len(data), b.Length)
 		}
 		return w.WriteBlocks(ctx, b.Disk, b.Offset, data, hs)
+	case *wirepb.Frame_Patch:
+		p := body.Patch
+		sum, err1 := hashesFromBytes(p.Sum)
+		h, err2 := hashesFromBytes(p.Hash)
+		if err1 != nil || err2 != nil || len(sum) != 1 || len(h) != 1 || p.Dirty == 0 || p.Dirty > uint32(lifeboat.AllDirty) || p.Length > lifeboat.BlockSize {
+			return fmt.Errorf("disk %q offset %d: malformed patch of one block", p.Disk, p.Offset)
+		}
+		data := p.Data
+		if p.Zstd {
+			db := bufpool.Shared.Get(int(p.Length) + decodeSlack)
+			defer bufpool.Shared.Put(db)
+			var err error
+			if data, err = decompress((*db)[:0], p.Data, int(p.Length)); err != nil {
+				return fmt.Errorf("disk %q offset %d: %w", p.Disk, p.Offset, err)
+			}
+		} else if len(data) != int(p.Length) {
+			return fmt.Errorf("disk %q offset %d: %d patch bytes, header said %d", p.Disk, p.Offset, len(data), p.Length)
+		}
+		return w.WritePatch(ctx, p.Disk, p.Offset, lifeboat.Dirty(p.Dirty), data, sum[0], h[0])
 	case *wirepb.Frame_Zeroes:
 		z := body.Zeroes
 		return w.WriteZeroes(ctx, z.Disk, z.Offset, z.Length)

@@ -35,13 +35,22 @@ import (
 // Message frame is a wirepb.Frame (Begin, Zeroes, Copy, Commit); a Blocks
 // frame is the length of its header (4 bytes), the header (a wirepb.Blocks
 // without data) and the data itself, which the receiver reads straight into
-// the buffer it writes from.
-const streamProto = "lifeboat-point/3"
+// the buffer it writes from. A Patch frame is laid out as a Blocks frame is,
+// its header a wirepb.Patch without data: the changed parts of one block.
+//
+// Version 4 added the Patch frame. A client asks for both versions, and does
+// not send patches to a server that chose streamProtoV3 (it sends their
+// blocks whole).
+const (
+	streamProto   = "lifeboat-point/4"
+	streamProtoV3 = "lifeboat-point/3"
+)
 
 // Frame types.
 const (
 	frameMessage byte = 'M' // wirepb.Frame: Begin, Zeroes, Copy or Commit
 	frameBlocks  byte = 'D' // header length, wirepb.Blocks without data, data
+	framePatch   byte = 'P' // header length, wirepb.Patch without data, data (version 4)
 	frameReply   byte = 'R' // wirepb.ReplicateReply: the point is committed
 	frameError   byte = 'E' // google.rpc.Status: the point is refused or failed
 )
@@ -70,37 +79,63 @@ func marshalFrame(typ byte, m proto.Message) ([]byte, error) {
 	return append(appendHead(make([]byte, 0, frameHead+len(body)), typ, len(body)), body...), nil
 }
 
-// blocksHead is the start of a Blocks frame, up to its data: the frame's head,
-// the header's length and the header (b without data), for dataLen bytes of data.
-func blocksHead(b *wirepb.Blocks, dataLen int) ([]byte, error) {
-	hdr, err := proto.Marshal(b)
+// dataHead is the start of a Blocks or Patch frame, up to its data: the
+// frame's head, the header's length and the header (hdr, without data), for
+// dataLen bytes of data.
+func dataHead(typ byte, hdr proto.Message, dataLen int) ([]byte, error) {
+	h, err := proto.Marshal(hdr)
 	if err != nil {
 		return nil, err
 	}
-	out := appendHead(make([]byte, 0, frameHead+4+len(hdr)), frameBlocks, 4+len(hdr)+dataLen)
-	out = binary.BigEndian.AppendUint32(out, uint32(len(hdr)))
-	return append(out, hdr...), nil
+	out := appendHead(make([]byte, 0, frameHead+4+len(h)), typ, 4+len(h)+dataLen)
+	out = binary.BigEndian.AppendUint32(out, uint32(len(h)))
+	return append(out, h...), nil
+}
+
+// splitData splits a Blocks or Patch frame's payload into its header, decoded
+// into hdr, and its data (the payload's tail, not copied).
+func splitData(payload []byte, hdr proto.Message) ([]byte, error) {
+	if len(payload) < 4 {
+		return nil, fmt.Errorf("data frame of %d bytes: no header", len(payload))
+	}
+	n := binary.BigEndian.Uint32(payload)
+	if uint64(n) > uint64(len(payload)-4) {
+		return nil, fmt.Errorf("data frame of %d bytes with a %d-byte header", len(payload), n)
+	}
+	if err := proto.Unmarshal(payload[4:4+n], hdr); err != nil {
+		return nil, fmt.Errorf("data frame's header: %w", err)
+	}
+	return payload[4+n:], nil
 }
 
 // decodeBlocks decodes a Blocks frame's payload; the result's data is the
 // payload's tail (not copied).
 func decodeBlocks(payload []byte) (*wirepb.Blocks, error) {
-	if len(payload) < 4 {
-		return nil, fmt.Errorf("blocks frame of %d bytes: no header", len(payload))
-	}
-	n := binary.BigEndian.Uint32(payload)
-	if uint64(n) > uint64(len(payload)-4) {
-		return nil, fmt.Errorf("blocks frame of %d bytes with a %d-byte header", len(payload), n)
-	}
 	b := &wirepb.Blocks{}
-	if err := proto.Unmarshal(payload[4:4+n], b); err != nil {
-		return nil, fmt.Errorf("blocks header: %w", err)
+	data, err := splitData(payload, b)
+	if err != nil {
+		return nil, err
 	}
 	if len(b.Data) != 0 {
 		return nil, errors.New("blocks header carries data")
 	}
-	b.Data = payload[4+n:]
+	b.Data = data
 	return b, nil
+}
+
+// decodePatch decodes a Patch frame's payload; the result's data is the
+// payload's tail (not copied).
+func decodePatch(payload []byte) (*wirepb.Patch, error) {
+	p := &wirepb.Patch{}
+	data, err := splitData(payload, p)
+	if err != nil {
+		return nil, err
+	}
+	if len(p.Data) != 0 {
+		return nil, errors.New("patch header carries data")
+	}
+	p.Data = data
+	return p, nil
 }
 
 // frameReader reads frames. Payloads are read into buffers of a pool, so that

@@ -1356,6 +1356,7 @@ type Frame struct {
 	//	*Frame_Zeroes
 	//	*Frame_Commit
 	//	*Frame_Copy
+	//	*Frame_Patch
 	Body          isFrame_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1443,6 +1444,15 @@ func (x *Frame) GetCopy() *Copy {
 	return nil
 }
 
+func (x *Frame) GetPatch() *Patch {
+	if x != nil {
+		if x, ok := x.Body.(*Frame_Patch); ok {
+			return x.Patch
+		}
+	}
+	return nil
+}
+
 type isFrame_Body interface {
 	isFrame_Body()
 }
@@ -1467,6 +1477,10 @@ type Frame_Copy struct {
 	Copy *Copy `protobuf:"bytes,5,opt,name=copy,proto3,oneof"`
 }
 
+type Frame_Patch struct {
+	Patch *Patch `protobuf:"bytes,6,opt,name=patch,proto3,oneof"`
+}
+
 func (*Frame_Begin) isFrame_Body() {}
 
 func (*Frame_Blocks) isFrame_Body() {}
@@ -1476,6 +1490,8 @@ func (*Frame_Zeroes) isFrame_Body() {}
 func (*Frame_Commit) isFrame_Body() {}
 
 func (*Frame_Copy) isFrame_Body() {}
+
+func (*Frame_Patch) isFrame_Body() {}
 
 // Begin opens a point: the instant and every disk of the VM at it.
 type Begin struct {
@@ -1608,6 +1624,111 @@ func (x *Blocks) GetData() []byte {
 	return nil
 }
 
+// Patch is the changed parts of one block of a disk (protocol lifeboat-point/4):
+// dirty is the set of its 4 KiB sub-blocks that changed since the point the delta
+// is computed from, data their bytes one range after another (zstd-compressed when
+// zstd is set; length bytes uncompressed), sum the BLAKE3 hash of those bytes and
+// hash the whole block's after them.
+type Patch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Disk          string                 `protobuf:"bytes,1,opt,name=disk,proto3" json:"disk,omitempty"`
+	Offset        int64                  `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"`
+	Dirty         uint32                 `protobuf:"varint,3,opt,name=dirty,proto3" json:"dirty,omitempty"`
+	Sum           []byte                 `protobuf:"bytes,4,opt,name=sum,proto3" json:"sum,omitempty"`
+	Hash          []byte                 `protobuf:"bytes,5,opt,name=hash,proto3" json:"hash,omitempty"`
+	Length        uint32                 `protobuf:"varint,6,opt,name=length,proto3" json:"length,omitempty"`
+	Zstd          bool                   `protobuf:"varint,7,opt,name=zstd,proto3" json:"zstd,omitempty"`
+	Data          []byte                 `protobuf:"bytes,8,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Patch) Reset() {
+	*x = Patch{}
+	mi := &file_wire_wirepb_wire_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Patch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Patch) ProtoMessage() {}
+
+func (x *Patch) ProtoReflect() protoreflect.Message {
+	mi := &file_wire_wirepb_wire_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Patch.ProtoReflect.Descriptor instead.
+func (*Patch) Descriptor() ([]byte, []int) {
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *Patch) GetDisk() string {
+	if x != nil {
+		return x.Disk
+	}
+	return ""
+}
+
+func (x *Patch) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *Patch) GetDirty() uint32 {
+	if x != nil {
+		return x.Dirty
+	}
+	return 0
+}
+
+func (x *Patch) GetSum() []byte {
+	if x != nil {
+		return x.Sum
+	}
+	return nil
+}
+
+func (x *Patch) GetHash() []byte {
+	if x != nil {
+		return x.Hash
+	}
+	return nil
+}
+
+func (x *Patch) GetLength() uint32 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+func (x *Patch) GetZstd() bool {
+	if x != nil {
+		return x.Zstd
+	}
+	return false
+}
+
+func (x *Patch) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 // Zeroes is a range of a disk that reads as zeros at the instant.
 type Zeroes struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1620,7 +1741,7 @@ type Zeroes struct {
 
 func (x *Zeroes) Reset() {
 	*x = Zeroes{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[25]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1632,7 +1753,7 @@ func (x *Zeroes) String() string {
 func (*Zeroes) ProtoMessage() {}
 
 func (x *Zeroes) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[25]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1645,7 +1766,7 @@ func (x *Zeroes) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Zeroes.ProtoReflect.Descriptor instead.
 func (*Zeroes) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{25}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Zeroes) GetDisk() string {
@@ -1686,7 +1807,7 @@ type Copy struct {
 
 func (x *Copy) Reset() {
 	*x = Copy{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[26]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1698,7 +1819,7 @@ func (x *Copy) String() string {
 func (*Copy) ProtoMessage() {}
 
 func (x *Copy) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[26]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1711,7 +1832,7 @@ func (x *Copy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Copy.ProtoReflect.Descriptor instead.
 func (*Copy) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{26}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Copy) GetDisk() string {
@@ -1765,7 +1886,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[27]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1777,7 +1898,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[27]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1790,7 +1911,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{27}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Commit) GetStats() *Stats {
@@ -1809,7 +1930,7 @@ type ReplicateReply struct {
 
 func (x *ReplicateReply) Reset() {
 	*x = ReplicateReply{}
-	mi := &file_wire_wirepb_wire_proto_msgTypes[28]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1821,7 +1942,7 @@ func (x *ReplicateReply) String() string {
 func (*ReplicateReply) ProtoMessage() {}
 
 func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
-	mi := &file_wire_wirepb_wire_proto_msgTypes[28]
+	mi := &file_wire_wirepb_wire_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1834,7 +1955,7 @@ func (x *ReplicateReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicateReply.ProtoReflect.Descriptor instead.
 func (*ReplicateReply) Descriptor() ([]byte, []int) {
-	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{28}
+	return file_wire_wirepb_wire_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ReplicateReply) GetPoint() *Point {
@@ -1950,13 +2071,14 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x04disk\x18\x02 \x01(\tR\x04disk\"B\n" +
 	"\fChangedChunk\x12\x18\n" +
 	"\aoffsets\x18\x01 \x03(\x03R\aoffsets\x12\x18\n" +
-	"\alengths\x18\x02 \x03(\x03R\alengths\"\x8a\x02\n" +
+	"\alengths\x18\x02 \x03(\x03R\alengths\"\xbb\x02\n" +
 	"\x05Frame\x12/\n" +
 	"\x05begin\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.BeginH\x00R\x05begin\x122\n" +
 	"\x06blocks\x18\x02 \x01(\v2\x18.lifeboat.wire.v1.BlocksH\x00R\x06blocks\x122\n" +
 	"\x06zeroes\x18\x03 \x01(\v2\x18.lifeboat.wire.v1.ZeroesH\x00R\x06zeroes\x122\n" +
 	"\x06commit\x18\x04 \x01(\v2\x18.lifeboat.wire.v1.CommitH\x00R\x06commit\x12,\n" +
-	"\x04copy\x18\x05 \x01(\v2\x16.lifeboat.wire.v1.CopyH\x00R\x04copyB\x06\n" +
+	"\x04copy\x18\x05 \x01(\v2\x16.lifeboat.wire.v1.CopyH\x00R\x04copy\x12/\n" +
+	"\x05patch\x18\x06 \x01(\v2\x17.lifeboat.wire.v1.PatchH\x00R\x05patchB\x06\n" +
 	"\x04body\"6\n" +
 	"\x05Begin\x12-\n" +
 	"\x05point\x18\x01 \x01(\v2\x17.lifeboat.wire.v1.PointR\x05point\"\x8c\x01\n" +
@@ -1966,7 +2088,16 @@ const file_wire_wirepb_wire_proto_rawDesc = "" +
 	"\x06hashes\x18\x03 \x01(\fR\x06hashes\x12\x16\n" +
 	"\x06length\x18\x04 \x01(\rR\x06length\x12\x12\n" +
 	"\x04zstd\x18\x05 \x01(\bR\x04zstd\x12\x12\n" +
-	"\x04data\x18\x06 \x01(\fR\x04data\"L\n" +
+	"\x04data\x18\x06 \x01(\fR\x04data\"\xaf\x01\n" +
+	"\x05Patch\x12\x12\n" +
+	"\x04disk\x18\x01 \x01(\tR\x04disk\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x03R\x06offset\x12\x14\n" +
+	"\x05dirty\x18\x03 \x01(\rR\x05dirty\x12\x10\n" +
+	"\x03sum\x18\x04 \x01(\fR\x03sum\x12\x12\n" +
+	"\x04hash\x18\x05 \x01(\fR\x04hash\x12\x16\n" +
+	"\x06length\x18\x06 \x01(\rR\x06length\x12\x12\n" +
+	"\x04zstd\x18\a \x01(\bR\x04zstd\x12\x12\n" +
+	"\x04data\x18\b \x01(\fR\x04data\"L\n" +
 	"\x06Zeroes\x12\x12\n" +
 	"\x04disk\x18\x01 \x01(\tR\x04disk\x12\x16\n" +
 	"\x06offset\x18\x02 \x01(\x03R\x06offset\x12\x16\n" +
@@ -2006,7 +2137,7 @@ func file_wire_wirepb_wire_proto_rawDescGZIP() []byte {
 	return file_wire_wirepb_wire_proto_rawDescData
 }
 
-var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_wire_wirepb_wire_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_wire_wirepb_wire_proto_goTypes = []any{
 	(*ReverseRequest)(nil),         // 0: lifeboat.wire.v1.ReverseRequest
 	(*ReverseReply)(nil),           // 1: lifeboat.wire.v1.ReverseReply
@@ -2033,10 +2164,11 @@ var file_wire_wirepb_wire_proto_goTypes = []any{
 	(*Frame)(nil),                  // 22: lifeboat.wire.v1.Frame
 	(*Begin)(nil),                  // 23: lifeboat.wire.v1.Begin
 	(*Blocks)(nil),                 // 24: lifeboat.wire.v1.Blocks
-	(*Zeroes)(nil),                 // 25: lifeboat.wire.v1.Zeroes
-	(*Copy)(nil),                   // 26: lifeboat.wire.v1.Copy
-	(*Commit)(nil),                 // 27: lifeboat.wire.v1.Commit
-	(*ReplicateReply)(nil),         // 28: lifeboat.wire.v1.ReplicateReply
+	(*Patch)(nil),                  // 25: lifeboat.wire.v1.Patch
+	(*Zeroes)(nil),                 // 26: lifeboat.wire.v1.Zeroes
+	(*Copy)(nil),                   // 27: lifeboat.wire.v1.Copy
+	(*Commit)(nil),                 // 28: lifeboat.wire.v1.Commit
+	(*ReplicateReply)(nil),         // 29: lifeboat.wire.v1.ReplicateReply
 }
 var file_wire_wirepb_wire_proto_depIdxs = []int32{
 	7,  // 0: lifeboat.wire.v1.ReverseReply.point:type_name -> lifeboat.wire.v1.Point
@@ -2051,35 +2183,36 @@ var file_wire_wirepb_wire_proto_depIdxs = []int32{
 	19, // 9: lifeboat.wire.v1.FinishFailbackReply.generations:type_name -> lifeboat.wire.v1.DiskGeneration
 	23, // 10: lifeboat.wire.v1.Frame.begin:type_name -> lifeboat.wire.v1.Begin
 	24, // 11: lifeboat.wire.v1.Frame.blocks:type_name -> lifeboat.wire.v1.Blocks
-	25, // 12: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
-	27, // 13: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
-	26, // 14: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
-	7,  // 15: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
-	9,  // 16: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
-	7,  // 17: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
-	4,  // 18: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
-	6,  // 19: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
-	6,  // 20: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
-	12, // 21: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
-	20, // 22: lifeboat.wire.v1.Replication.Changed:input_type -> lifeboat.wire.v1.ChangedRequest
-	14, // 23: lifeboat.wire.v1.Replication.PrepareFailback:input_type -> lifeboat.wire.v1.PrepareFailbackRequest
-	17, // 24: lifeboat.wire.v1.Replication.FinishFailback:input_type -> lifeboat.wire.v1.FinishFailbackRequest
-	2,  // 25: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
-	0,  // 26: lifeboat.wire.v1.Replication.Reverse:input_type -> lifeboat.wire.v1.ReverseRequest
-	5,  // 27: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
-	10, // 28: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
-	11, // 29: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
-	13, // 30: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
-	21, // 31: lifeboat.wire.v1.Replication.Changed:output_type -> lifeboat.wire.v1.ChangedChunk
-	16, // 32: lifeboat.wire.v1.Replication.PrepareFailback:output_type -> lifeboat.wire.v1.PrepareFailbackReply
-	18, // 33: lifeboat.wire.v1.Replication.FinishFailback:output_type -> lifeboat.wire.v1.FinishFailbackReply
-	3,  // 34: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
-	1,  // 35: lifeboat.wire.v1.Replication.Reverse:output_type -> lifeboat.wire.v1.ReverseReply
-	27, // [27:36] is the sub-list for method output_type
-	18, // [18:27] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	26, // 12: lifeboat.wire.v1.Frame.zeroes:type_name -> lifeboat.wire.v1.Zeroes
+	28, // 13: lifeboat.wire.v1.Frame.commit:type_name -> lifeboat.wire.v1.Commit
+	27, // 14: lifeboat.wire.v1.Frame.copy:type_name -> lifeboat.wire.v1.Copy
+	25, // 15: lifeboat.wire.v1.Frame.patch:type_name -> lifeboat.wire.v1.Patch
+	7,  // 16: lifeboat.wire.v1.Begin.point:type_name -> lifeboat.wire.v1.Point
+	9,  // 17: lifeboat.wire.v1.Commit.stats:type_name -> lifeboat.wire.v1.Stats
+	7,  // 18: lifeboat.wire.v1.ReplicateReply.point:type_name -> lifeboat.wire.v1.Point
+	4,  // 19: lifeboat.wire.v1.Replication.Hello:input_type -> lifeboat.wire.v1.HelloRequest
+	6,  // 20: lifeboat.wire.v1.Replication.Latest:input_type -> lifeboat.wire.v1.VMRequest
+	6,  // 21: lifeboat.wire.v1.Replication.Points:input_type -> lifeboat.wire.v1.VMRequest
+	12, // 22: lifeboat.wire.v1.Replication.BlockMap:input_type -> lifeboat.wire.v1.BlockMapRequest
+	20, // 23: lifeboat.wire.v1.Replication.Changed:input_type -> lifeboat.wire.v1.ChangedRequest
+	14, // 24: lifeboat.wire.v1.Replication.PrepareFailback:input_type -> lifeboat.wire.v1.PrepareFailbackRequest
+	17, // 25: lifeboat.wire.v1.Replication.FinishFailback:input_type -> lifeboat.wire.v1.FinishFailbackRequest
+	2,  // 26: lifeboat.wire.v1.Replication.Failover:input_type -> lifeboat.wire.v1.FailoverRequest
+	0,  // 27: lifeboat.wire.v1.Replication.Reverse:input_type -> lifeboat.wire.v1.ReverseRequest
+	5,  // 28: lifeboat.wire.v1.Replication.Hello:output_type -> lifeboat.wire.v1.HelloReply
+	10, // 29: lifeboat.wire.v1.Replication.Latest:output_type -> lifeboat.wire.v1.LatestReply
+	11, // 30: lifeboat.wire.v1.Replication.Points:output_type -> lifeboat.wire.v1.PointsReply
+	13, // 31: lifeboat.wire.v1.Replication.BlockMap:output_type -> lifeboat.wire.v1.BlockMapChunk
+	21, // 32: lifeboat.wire.v1.Replication.Changed:output_type -> lifeboat.wire.v1.ChangedChunk
+	16, // 33: lifeboat.wire.v1.Replication.PrepareFailback:output_type -> lifeboat.wire.v1.PrepareFailbackReply
+	18, // 34: lifeboat.wire.v1.Replication.FinishFailback:output_type -> lifeboat.wire.v1.FinishFailbackReply
+	3,  // 35: lifeboat.wire.v1.Replication.Failover:output_type -> lifeboat.wire.v1.FailoverReply
+	1,  // 36: lifeboat.wire.v1.Replication.Reverse:output_type -> lifeboat.wire.v1.ReverseReply
+	28, // [28:37] is the sub-list for method output_type
+	19, // [19:28] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_wire_wirepb_wire_proto_init() }
@@ -2093,6 +2226,7 @@ func file_wire_wirepb_wire_proto_init() {
 		(*Frame_Zeroes)(nil),
 		(*Frame_Commit)(nil),
 		(*Frame_Copy)(nil),
+		(*Frame_Patch)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2100,7 +2234,7 @@ func file_wire_wirepb_wire_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_wire_wirepb_wire_proto_rawDesc), len(file_wire_wirepb_wire_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   29,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
