@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -20,63 +19,12 @@ import (
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
-// smallFS mounts a 40 MiB file system of the kind given ("tmpfs", or "ext4" on
-// a loop-mounted image) and returns its path; it is unmounted when the test
-// ends. Mounting needs root (CAP_SYS_ADMIN): without it the test skips, and
-// fails under CI.
-func smallFS(t *testing.T, kind string) string {
-	t.Helper()
-	dir := testsite.ShortDir(t)
-	var cmd *exec.Cmd
-	switch kind {
-	case "tmpfs":
-		cmd = exec.Command("mount", "-t", "tmpfs", "-o", "size=40m", "lifeboat-test", dir)
-	case "ext4":
-		testenv.RequireTools(t, "mkfs.ext4")
-		img := filepath.Join(t.TempDir(), "fs.img")
-		if out, err := exec.Command("truncate", "-s", "40M", img).CombinedOutput(); err != nil {
-			t.Fatalf("%v: %s", err, out)
-		}
-		if out, err := exec.Command("mkfs.ext4", "-q", img).CombinedOutput(); err != nil {
-			t.Fatalf("mkfs.ext4: %v: %s", err, out)
-		}
-		cmd = exec.Command("mount", "-o", "loop", img, dir)
-	}
-	if out, err := cmd.CombinedOutput(); err != nil {
-		msg := "needs to mount a 40 MiB " + kind + " (run as root): " + strings.TrimSpace(string(out))
-		if testenv.InCI() {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", dir, err, out)
-		}
-	})
-	return dir
-}
+// smallFS is a 40 MiB file system of the kind given (see testenv.SmallFS).
+func smallFS(t *testing.T, kind string) string { return testenv.SmallFS(t, kind, 40) }
 
 // fillUp writes path until its file system is full: a neighbour taking every
 // free byte of state_dir while a cycle runs.
-func fillUp(t *testing.T, path string) {
-	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, 1<<20)
-	for i := 0; i < 64; i++ {
-		if _, err := f.Write(buf); err != nil {
-			if !strings.Contains(err.Error(), "no space left") {
-				t.Fatalf("fill %s: %v", path, err)
-			}
-			return
-		}
-	}
-	t.Fatalf("fill %s: 64 MiB written to a 40 MiB file system", path)
-}
+func fillUp(t *testing.T, path string) { testenv.FillUp(t, path, 64) }
 
 // With the fleece directory (VM.WorkDir) on a 40 MiB file system that a
 // neighbour fills up after the instant, the guest overwrites its disk while the

@@ -38,7 +38,7 @@ func (s *Store) ApplyRetention(ctx context.Context, vm string) error {
 	}
 	defer unlock()
 	if err := s.finishMerge(ctx, vm); err != nil {
-		return err
+		return s.full(fmt.Errorf("vm %q: finishing the merge recorded before: %w", vm, err))
 	}
 	pins, err := s.Pins(vm)
 	if err != nil {
@@ -81,7 +81,7 @@ func (s *Store) ApplyRetention(ctx context.Context, vm string) error {
 		s.log.Info("retention: merging the oldest point into the next", "vm", vm, "drop", intent.Drop, "into", intent.Keep)
 		var took mergeTimes
 		if err := s.runMerge(ctx, vm, intent, intent.Keep == latest, &took); err != nil {
-			return fmt.Errorf("vm %q: merging point %d into %d (it is finished on the next attempt or restart): %w", vm, intent.Drop, intent.Keep, err)
+			return s.full(fmt.Errorf("vm %q: merging point %d into %d (it is finished on the next attempt or restart): %w", vm, intent.Drop, intent.Keep, err))
 		}
 		s.log.Info("retention: merged", "vm", vm, "drop", intent.Drop, "into", intent.Keep, "took", took.total.Round(time.Millisecond),
 			"commit", took.commit.Round(time.Millisecond), "check", took.check.Round(time.Millisecond), "waited", took.waited.Round(time.Millisecond))

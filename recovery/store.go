@@ -12,8 +12,10 @@ import (
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -203,6 +205,22 @@ func (s *Store) Close() error {
 
 // Dir is the store's directory (absolute).
 func (s *Store) Dir() string { return s.dir }
+
+// ErrStoreFull marks an error of a write or merge that found the store's
+// file system full.
+var ErrStoreFull = errors.New("the store's file system is full")
+
+// full says, of an error that came from a full file system (QEMU and its
+// tools say ENOSPC in words), that the store is full and what to do.
+func (s *Store) full(err error) error {
+	if err == nil || errors.Is(err, ErrStoreFull) {
+		return err
+	}
+	if msg := err.Error(); errors.Is(err, syscall.ENOSPC) || strings.Contains(msg, "No space left") || strings.Contains(msg, "no space left") || strings.Contains(msg, "ENOSPC") {
+		return fmt.Errorf("%w (%s): free space there, or lower retention's keep; nothing listed is lost: %w", ErrStoreFull, s.dir, err)
+	}
+	return err
+}
 
 // Keep is how many points per VM retention keeps.
 func (s *Store) Keep() int { return s.keep }

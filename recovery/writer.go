@@ -369,6 +369,7 @@ func (w *Writer) drain(ctx context.Context) error {
 
 // fail records that a write failed: the point is now unfit to commit.
 func (w *Writer) fail(err error) error {
+	err = w.s.full(err)
 	w.mu.Lock()
 	if w.failed == nil {
 		w.failed = err

@@ -1,0 +1,112 @@
+package recovery
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+)
+
+// A store whose file system fills up (a real 64 MiB ext4, filled by a
+// neighbour) loses nothing:
+//   - a point whose writes find no room fails, with an error that says so
+//     (ErrStoreFull),
+//     and is not listed; the points before it read as they did;
+//   - a retention merge that finds no room (it must allocate clusters in the
+//     older image) fails and leaves every listed point readable and
+//     verifiable, the dropped one hidden; once there is room it finishes;
+//   - once there is room, the next point is written and reads right.
+func TestStoreFullLosesNothing(t *testing.T) {
+	requireQEMU(t)
+	fs := testenv.SmallFS(t, "ext4", 64)
+	neighbour := filepath.Join(fs, "neighbour")
+	s := openStore(t, filepath.Join(fs, "store"), 1)
+	const size = 16 << 20
+	m := model{}
+
+	// Point 1 holds data in the first half only: the second half of its
+	// image is unallocated, so a merge of later data into it needs room.
+	p := begin(t, s, "vm1", 1, m, DiskSpec{Name: "vda", Size: size, Resync: true})
+	p.data("vda", 0, 128)
+	p.commit()
+	checkPoint(t, s, "vm1", 1, m)
+
+	// A neighbour takes all but 1 MiB; point 2 writes 6 MiB.
+	leaveFree(t, neighbour, 1)
+	w2 := m.clone()
+	p = begin(t, s, "vm1", 2, w2, DiskSpec{Name: "vda", Size: size})
+	buf := make([]byte, 6<<20)
+	for i := range buf {
+		buf[i] = byte(p.rng.Uint32())
+	}
+	err := p.w.WriteBlocks(testCtx(t), "vda", 8<<20, buf, hashes(buf))
+	if err == nil {
+		_, err = p.w.Commit(testCtx(t), lifeboat.CycleStats{BytesData: 1})
+	}
+	if err == nil {
+		t.Fatal("point 2 committed 6 MiB into a file system with 1 MiB free")
+	}
+	t.Logf("point 2 on a full file system: %v", err)
+	if !errors.Is(err, ErrStoreFull) {
+		t.Errorf("point 2 failed with %q: it does not say the store is full", err)
+	}
+	p.w.Abort(testCtx(t))
+	if got := pointIDs(t, s, "vm1"); !slices.Equal(got, []uint64{1}) {
+		t.Fatalf("points after a point failed for room: %v, want [1]", got)
+	}
+	checkPoint(t, s, "vm1", 1, m)
+
+	// With 4 MiB free, point 2 writes 2 MiB into the second half and
+	// commits; merging it into point 1's image needs 2 MiB more.
+	leaveFree(t, neighbour, 4)
+	p = begin(t, s, "vm1", 2, m, DiskSpec{Name: "vda", Size: size})
+	p.data("vda", 128, 32)
+	if _, err := p.w.Commit(testCtx(t), lifeboat.CycleStats{BytesData: 1}); err != nil {
+		t.Fatalf("point 2, 2 MiB with 4 MiB free: %v", err)
+	}
+	s.SettleRetention()
+	leaveFree(t, neighbour, 0)
+	err = s.ApplyRetention(testCtx(t), "vm1")
+	t.Logf("retention on a full file system: %v", err)
+	if !errors.Is(err, ErrStoreFull) {
+		t.Errorf("retention on a full file system: %v, want an error that says the store is full", err)
+	}
+	if got := pointIDs(t, s, "vm1"); !slices.Equal(got, []uint64{2}) {
+		t.Fatalf("points after a merge on a full file system: %v, want [2] (point 1 is being dropped)", got)
+	}
+	checkPoint(t, s, "vm1", 2, m)
+
+	// Room again: the merge finishes, and point 3 is written.
+	if err := os.Remove(neighbour); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ApplyRetention(testCtx(t), "vm1"); err != nil {
+		t.Fatalf("retention with room again: %v", err)
+	}
+	checkPoint(t, s, "vm1", 2, m)
+	if files := imageFiles(t, s, "vm1"); len(files) != 1 {
+		t.Errorf("images after the merge: %v, want 1", files)
+	}
+	p = begin(t, s, "vm1", 3, m, DiskSpec{Name: "vda", Size: size})
+	p.data("vda", 100, 60)
+	p.commit()
+	checkPoint(t, s, "vm1", 3, m)
+}
+
+// leaveFree makes the file neighbour fill its file system but for mib MiB.
+func leaveFree(t *testing.T, neighbour string, mib int64) {
+	t.Helper()
+	os.Remove(neighbour)
+	testenv.FillUp(t, neighbour, 128)
+	fi, err := os.Stat(neighbour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(neighbour, max(fi.Size()-mib<<20, 0)); err != nil {
+		t.Fatal(err)
+	}
+}
