@@ -27,6 +27,11 @@ func (s *Store) runDir() (string, error) {
 		parent = os.TempDir()
 	}
 	d, err := os.MkdirTemp(parent, "w")
+	if errors.Is(err, syscall.ENOSPC) && parent != os.TempDir() {
+		// A full store must still verify, export and fail over: the
+		// daemon's sockets need no room of the store's.
+		d, err = os.MkdirTemp(os.TempDir(), "lifeboat-w")
+	}
 	if err != nil {
 		return "", fmt.Errorf("creating a runtime directory for qemu-storage-daemon: %w", err)
 	}

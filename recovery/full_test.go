@@ -19,6 +19,8 @@ import (
 //   - a retention merge that finds no room (it must allocate clusters in the
 //     older image) fails and leaves every listed point readable and
 //     verifiable, the dropped one hidden; once there is room it finishes;
+//   - export and verify work while it is full (their daemons' sockets go
+//     elsewhere when the store has no room for them);
 //   - once there is room, the next point is written and reads right.
 func TestStoreFullLosesNothing(t *testing.T) {
 	requireQEMU(t)
