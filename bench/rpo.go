@@ -403,15 +403,20 @@ func freeLoopbackAddr() (string, error) {
 // rpoLogsEnv names a directory where the RPO benchmark leaves its sites' logs.
 const rpoLogsEnv = "LIFEBOAT_BENCH_LOGS"
 
+// keepLog copies a stopped site's log where rpoLogsEnv says, if it says.
+func keepLog(s *serveProcess) {
+	if dir := os.Getenv(rpoLogsEnv); dir != "" {
+		if b, err := os.ReadFile(s.log); err == nil {
+			os.WriteFile(filepath.Join(dir, "rpo-"+s.name+".log"), b, 0o600)
+		}
+	}
+}
+
 func (rig *rpoRig) stop() {
 	for _, s := range []*serveProcess{rig.prod, rig.dr} {
 		if s != nil {
 			rig.e.stop("site "+s.name, s.Stop)
-			if dir := os.Getenv(rpoLogsEnv); dir != "" {
-				if b, err := os.ReadFile(s.log); err == nil {
-					os.WriteFile(filepath.Join(dir, "rpo-"+s.name+".log"), b, 0o600)
-				}
-			}
+			keepLog(s)
 		}
 	}
 	if rig.src != nil {
@@ -628,7 +633,9 @@ func (rig *rpoRig) identical(ctx context.Context) (bool, error) {
 	}
 	prod := rig.prod
 	rig.prod = nil
-	if err := prod.Stop(); err != nil {
+	err := prod.Stop()
+	keepLog(prod)
+	if err != nil {
 		return false, err
 	}
 	pts, err := rig.dr.api.Points(ctx, rig.vm)
