@@ -110,3 +110,19 @@ func TestCompressHuffmanWherePays(t *testing.T) {
 		}
 	}
 }
+
+// A stream of small incompressible payloads (patches of random writes):
+// what compressing where it pays costs per byte.
+func BenchmarkCompressSmallRandom(b *testing.B) {
+	c := newCompressor()
+	rng := rand.New(rand.NewPCG(testenv.Seed(b), 2))
+	data := make([]byte, 24<<10)
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	dst := make([]byte, 0, MaxChunk)
+	b.SetBytes(int64(len(data)))
+	for b.Loop() {
+		c.compress(dst, data)
+	}
+}
