@@ -53,7 +53,8 @@ func build(t testing.TB) (kernel, initrd string) {
 
 // Kernel runs test/guest/build.sh into CacheDir once per process (the script
 // itself does nothing when its outputs are up to date) and returns the
-// kernel and initramfs. It is Build for callers without a testing.TB, such
+// kernel (uncompressed where QEMU can boot it straight: pvhKernel) and the
+// initramfs. It is Build for callers without a testing.TB, such
 // as the benchmark harness; check Missing first.
 func Kernel() (kernel, initrd string, err error) {
 	if missing := Missing(); missing != "" {
@@ -74,8 +75,14 @@ func Kernel() (kernel, initrd string, err error) {
 	if buildErr != nil {
 		return "", "", fmt.Errorf("testguest: test/guest/build.sh %s: %v\n%s", dir, buildErr, buildOut)
 	}
-	return filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initramfs.cpio.gz"), nil
+	pvhOnce.Do(func() { pvhPath = pvhKernel(dir) })
+	return pvhPath, filepath.Join(dir, "initramfs.cpio.gz"), nil
 }
+
+var (
+	pvhOnce sync.Once
+	pvhPath string
+)
 
 // Missing says what the host lacks to build the guest, and how to get it;
 // "" when nothing.
