@@ -1,6 +1,7 @@
 package disksink_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"math/rand/v2"
@@ -382,4 +383,59 @@ func (f *failbackTarget) TargetChanged(_ context.Context, _, disk string, fn fun
 		}
 	}
 	return nil
+}
+
+// A patch (failback's writer takes them from the wire) writes only its
+// sub-blocks, once they match their hash; the rest of the block stays the
+// disk's own, and a copy from the patched block checks it whole.
+func TestSinkWritesPatches(t *testing.T) {
+	vm := startVM(t)
+	cl := dial(t, vm)
+	p := lifeboat.Point{VM: "vm1", ID: 3, Disks: []lifeboat.PointDisk{{Name: "vda", Size: vdaSize}, {Name: "vdb", Size: vdbSize}}}
+	rng := rand.New(rand.NewPCG(testenv.Seed(t), 1))
+	old := make([]byte, lifeboat.BlockSize)
+	workload.Random(rng, old)
+	if err := cl["vda"].Write(ctx(t), old, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	s, err := disksink.Open(ctx(t), p, cl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := bytes.Clone(old)
+	dirty := lifeboat.Dirty(0b0110_0000_0000_1001)
+	for _, r := range dirty.Ranges(len(block)) {
+		workload.Random(rng, block[r[0]:r[1]])
+	}
+	parts := dirty.Gather(nil, block)
+	bad := bytes.Clone(parts)
+	bad[0] ^= 1
+	var mm *disksink.HashMismatchError
+	if err := s.WritePatch("vda", 0, dirty, bad, lifeboat.HashBlock(parts), lifeboat.HashBlock(block)); !errors.As(err, &mm) {
+		t.Fatalf("a patch that does not match its hash: %v, want a HashMismatchError", err)
+	}
+	if err := s.WritePatch("vda", 0, dirty, parts[1:], lifeboat.HashBlock(parts[1:]), lifeboat.HashBlock(block)); err == nil {
+		t.Fatal("a patch one byte short of its sub-blocks was taken")
+	}
+	back := make([]byte, lifeboat.BlockSize)
+	if err := cl["vda"].Read(ctx(t), back, 0); err != nil || !bytes.Equal(back, old) {
+		t.Fatalf("refused patches changed the disk (%v)", err)
+	}
+	if err := s.WritePatch("vda", 0, dirty, parts, lifeboat.HashBlock(parts), lifeboat.HashBlock(block)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SendCopy("vdb", 0, "vda", 0, lifeboat.BlockSize, lifeboat.HashBlock(block)); err != nil {
+		t.Fatalf("a copy from the patched block: %v", err)
+	}
+	if _, err := s.Commit(lifeboat.CycleStats{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"vda", "vdb"} {
+		if err := cl[d].Read(ctx(t), back, 0); err != nil || !bytes.Equal(back, block) {
+			t.Errorf("disk %s block 0 after the patch is not the patched block (%v)", d, err)
+		}
+	}
+	if w := s.Written(); w != int64(len(parts))+lifeboat.BlockSize {
+		t.Errorf("written %d bytes, want the patch's %d and the copy's block", w, len(parts))
+	}
 }
