@@ -6,6 +6,7 @@ package lifeboat
 import (
 	"encoding/hex"
 	"fmt"
+	"math/bits"
 	"time"
 
 	"github.com/zeebo/blake3"
@@ -61,6 +62,9 @@ func (d Dirty) Ranges(n int) [][2]int {
 
 // Bytes is how many bytes the set covers in a block of n bytes.
 func (d Dirty) Bytes(n int) int {
+	if n >= BlockSize {
+		return bits.OnesCount16(uint16(d)) * SubBlock
+	}
 	t := 0
 	for _, r := range d.Ranges(n) {
 		t += r[1] - r[0]
@@ -74,6 +78,32 @@ func (d Dirty) Gather(dst, block []byte) []byte {
 		dst = append(dst, block[r[0]:r[1]]...)
 	}
 	return dst
+}
+
+// Split checks that data holds the set's bytes of a block of n bytes, range
+// after range (a patch), and returns each range's offset in the block with
+// its bytes.
+func (d Dirty) Split(n int, data []byte) ([]Part, error) {
+	var parts []Part
+	p := 0
+	for _, r := range d.Ranges(n) {
+		l := r[1] - r[0]
+		if p+l > len(data) {
+			break
+		}
+		parts = append(parts, Part{Off: int64(r[0]), Data: data[p : p+l]})
+		p += l
+	}
+	if want := d.Bytes(n); len(parts) == 0 || p != len(data) || p != want {
+		return nil, fmt.Errorf("a patch of %d bytes for %d changed in a block of %d", len(data), want, n)
+	}
+	return parts, nil
+}
+
+// Part is one range of a patch: its offset in the block and its bytes.
+type Part struct {
+	Off  int64
+	Data []byte
 }
 
 // Hash is the BLAKE3-256 content hash of one block.

@@ -55,4 +55,20 @@ func TestDirtyRanges(t *testing.T) {
 	if got := Dirty(0b101).Bytes(BlockSize); got != 8192 {
 		t.Errorf("Bytes = %d, want 8192", got)
 	}
+	if got := Dirty(1 << 14).Bytes(10000 + 50000); got != 60000-57344 {
+		t.Errorf("Bytes of a short last sub-block = %d, want %d", got, 60000-57344)
+	}
+	data := make([]byte, 8192)
+	for i := range data {
+		data[i] = byte(i / SubBlock)
+	}
+	parts, err := Dirty(0b101).Split(BlockSize, data)
+	if err != nil || len(parts) != 2 || parts[0].Off != 0 || parts[1].Off != 2*SubBlock || parts[1].Data[0] != 1 || len(parts[1].Data) != SubBlock {
+		t.Errorf("Split = %+v, %v: want parts at 0 and 8192 of 4 KiB each", parts, err)
+	}
+	for _, bad := range [][]byte{data[:8191], append(data, 0), nil} {
+		if _, err := Dirty(0b101).Split(BlockSize, bad); err == nil {
+			t.Errorf("Split took %d bytes for 8192 changed", len(bad))
+		}
+	}
 }

@@ -174,20 +174,17 @@ func (s *Sink) WritePatch(name string, off int64, dirty lifeboat.Dirty, data []b
 	if err := d.checkRange(s, off, n); err != nil {
 		return err
 	}
-	ranges := dirty.Ranges(int(n))
-	if t := dirty.Bytes(int(n)); len(ranges) == 0 || t != len(data) {
-		return fmt.Errorf("vm %q point %d disk %q: a patch of block %d with %d bytes for %d changed", s.point.VM, s.point.ID, name, off, len(data), t)
+	parts, err := dirty.Split(int(n), data)
+	if err != nil {
+		return fmt.Errorf("vm %q point %d disk %q offset %d: %w", s.point.VM, s.point.ID, name, off, err)
 	}
 	if lifeboat.HashBlock(data) != sum {
 		return &HashMismatchError{VM: s.point.VM, Disk: name, Point: s.point.ID, Offset: off}
 	}
-	p := 0
-	for _, r := range ranges {
-		l := r[1] - r[0]
-		if err := d.c.Write(s.ctx, data[p:p+l], off+int64(r[0]), false); err != nil {
-			return s.fail(fmt.Errorf("vm %q point %d disk %q: writing %d bytes at offset %d: %w", s.point.VM, s.point.ID, name, l, off+int64(r[0]), err))
+	for _, p := range parts {
+		if err := d.c.Write(s.ctx, p.Data, off+p.Off, false); err != nil {
+			return s.fail(fmt.Errorf("vm %q point %d disk %q: writing %d bytes at offset %d: %w", s.point.VM, s.point.ID, name, len(p.Data), off+p.Off, err))
 		}
-		p += l
 	}
 	d.mu.Lock()
 	d.hashes[off/lifeboat.BlockSize] = h

@@ -431,20 +431,17 @@ func (w *Writer) WritePatch(ctx context.Context, disk string, off int64, dirty l
 	if err := w.checkRange(d, off, n); err != nil {
 		return err
 	}
-	ranges := dirty.Ranges(int(n))
-	if t := dirty.Bytes(int(n)); len(ranges) == 0 || t != len(data) {
-		return fmt.Errorf("vm %q disk %q: a patch of block %d with %d bytes for %d changed", w.spec.VM, disk, off, len(data), t)
+	parts, err := dirty.Split(int(n), data)
+	if err != nil {
+		return fmt.Errorf("vm %q disk %q offset %d: %w", w.spec.VM, disk, off, err)
 	}
 	if lifeboat.HashBlock(data) != sum {
 		return &HashMismatchError{VM: w.spec.VM, Disk: disk, Offset: off}
 	}
-	p := 0
-	for _, r := range ranges {
-		l := r[1] - r[0]
-		if err := d.client.Write(ctx, data[p:p+l], off+int64(r[0]), false); err != nil {
-			return w.fail(fmt.Errorf("vm %q disk %q: writing %d bytes at offset %d: %w", w.spec.VM, disk, l, off+int64(r[0]), err))
+	for _, p := range parts {
+		if err := d.client.Write(ctx, p.Data, off+p.Off, false); err != nil {
+			return w.fail(fmt.Errorf("vm %q disk %q: writing %d bytes at offset %d: %w", w.spec.VM, disk, len(p.Data), off+p.Off, err))
 		}
-		p += l
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -163,8 +163,8 @@ func (w *fakeWriter) WritePatch(_ context.Context, disk string, off int64, dirty
 	if off < 0 || off%lifeboat.BlockSize != 0 || off >= d.Size {
 		return fmt.Errorf("patch at %d outside disk %q", off, disk)
 	}
-	if n := int(min(lifeboat.BlockSize, d.Size-off)); dirty.Bytes(n) != len(data) || len(data) == 0 {
-		return fmt.Errorf("patch of %d bytes for %d changed", len(data), dirty.Bytes(n))
+	if _, err := dirty.Split(int(min(lifeboat.BlockSize, d.Size-off)), data); err != nil {
+		return err
 	}
 	if lifeboat.HashBlock(data) != sum {
 		return errors.New("patch hash mismatch")

@@ -815,6 +815,24 @@ func frameWeight(f *wirepb.Frame, payload []byte) int64 {
 	return min(n, inflightBytes)
 }
 
+// inflate is a data frame's data as its header says it is: decompressed
+// into a pooled buffer when zstd is set (release gives it back once nothing
+// reads it), else as it came; either way exactly length bytes.
+func inflate(data []byte, zstd bool, length uint32) (out []byte, release func(), err error) {
+	if !zstd {
+		if len(data) != int(length) {
+			return nil, nil, fmt.Errorf("%d data bytes, header said %d", len(data), length)
+		}
+		return data, func() {}, nil
+	}
+	db := bufpool.Shared.Get(int(length) + decodeSlack)
+	if out, err = decompress((*db)[:0], data, int(length)); err != nil {
+		bufpool.Shared.Put(db)
+		return nil, nil, err
+	}
+	return out, func() { bufpool.Shared.Put(db) }, nil
+}
+
 func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame) error {
 	switch body := f.Body.(type) {
 	case *wirepb.Frame_Blocks:
@@ -826,17 +844,11 @@ func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame) erro
 		if err != nil {
 			return fmt.Errorf("disk %q offset %d: %w", b.Disk, b.Offset, err)
 		}
-		data := b.Data
-		if b.Zstd {
-			db := bufpool.Shared.Get(int(b.Length) + decodeSlack)
-			defer bufpool.Shared.Put(db) // WriteBlocks is done with data when it returns
-			data, err = decompress((*db)[:0], b.Data, int(b.Length))
-			if err != nil {
-				return fmt.Errorf("disk %q offset %d: %w", b.Disk, b.Offset, err)
-			}
-		} else if len(data) != int(b.Length) {
-			return fmt.Errorf("disk %q offset %d: %d data bytes, header said %d", b.Disk, b.Offset, len(data), b.Length)
+		data, release, err := inflate(b.Data, b.Zstd, b.Length)
+		if err != nil {
+			return fmt.Errorf("disk %q offset %d: %w", b.Disk, b.Offset, err)
 		}
+		defer release() // WriteBlocks is done with data when it returns
 		return w.WriteBlocks(ctx, b.Disk, b.Offset, data, hs)
 	case *wirepb.Frame_Patch:
 		p := body.Patch
@@ -845,17 +857,11 @@ func (s *Server) apply(ctx context.Context, w PointWriter, f *wirepb.Frame) erro
 		if err1 != nil || err2 != nil || len(sum) != 1 || len(h) != 1 || p.Dirty == 0 || p.Dirty > uint32(lifeboat.AllDirty) || p.Length > lifeboat.BlockSize {
 			return fmt.Errorf("disk %q offset %d: malformed patch of one block", p.Disk, p.Offset)
 		}
-		data := p.Data
-		if p.Zstd {
-			db := bufpool.Shared.Get(int(p.Length) + decodeSlack)
-			defer bufpool.Shared.Put(db)
-			var err error
-			if data, err = decompress((*db)[:0], p.Data, int(p.Length)); err != nil {
-				return fmt.Errorf("disk %q offset %d: %w", p.Disk, p.Offset, err)
-			}
-		} else if len(data) != int(p.Length) {
-			return fmt.Errorf("disk %q offset %d: %d patch bytes, header said %d", p.Disk, p.Offset, len(data), p.Length)
+		data, release, err := inflate(p.Data, p.Zstd, p.Length)
+		if err != nil {
+			return fmt.Errorf("disk %q offset %d: %w", p.Disk, p.Offset, err)
 		}
+		defer release()
 		return w.WritePatch(ctx, p.Disk, p.Offset, lifeboat.Dirty(p.Dirty), data, sum[0], h[0])
 	case *wirepb.Frame_Zeroes:
 		z := body.Zeroes
