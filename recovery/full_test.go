@@ -1,6 +1,7 @@
 package recovery
 
 import (
+	"bytes"
 	"errors"
 	"os"
 	"path/filepath"
@@ -111,4 +112,45 @@ func leaveFree(t *testing.T, neighbour string, mib int64) {
 	if err := os.Truncate(neighbour, max(fi.Size()-mib<<20, 0)); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A patch whose sub-blocks do not match their hash, or do not fill them, is
+// refused and writes nothing: the point, committed without it, reads as the
+// one below. A good patch writes only its sub-blocks over the point below.
+func TestWritePatchChecksItsBytes(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	m := model{}
+	p := begin(t, s, "vm1", 1, m, DiskSpec{Name: "vda", Size: 1 << 20, Resync: true})
+	p.data("vda", 0, 16)
+	p.commit()
+
+	block := bytes.Clone(m["vda"][:B])
+	dirty := lifeboat.Dirty(0b1001)
+	for _, r := range dirty.Ranges(B) {
+		for i := r[0]; i < r[1]; i++ {
+			block[i] = byte(p.rng.Uint32())
+		}
+	}
+	parts := dirty.Gather(nil, block)
+	bad := bytes.Clone(parts)
+	bad[len(bad)-1] ^= 1
+	p = begin(t, s, "vm1", 2, m, DiskSpec{Name: "vda", Size: 1 << 20})
+	var mm *HashMismatchError
+	if err := p.w.WritePatch(testCtx(t), "vda", 0, dirty, bad, lifeboat.HashBlock(parts), lifeboat.HashBlock(block)); !errors.As(err, &mm) {
+		t.Fatalf("a corrupted patch: %v, want a HashMismatchError", err)
+	}
+	if err := p.w.WritePatch(testCtx(t), "vda", 0, dirty, parts[:len(parts)-1], lifeboat.HashBlock(parts[:len(parts)-1]), lifeboat.HashBlock(block)); err == nil {
+		t.Fatal("a patch a byte short of its sub-blocks was taken")
+	}
+	p.commit()
+	checkPoint(t, s, "vm1", 2, m) // as point 1: nothing of the refused patches
+
+	p = begin(t, s, "vm1", 3, m, DiskSpec{Name: "vda", Size: 1 << 20})
+	if err := p.w.WritePatch(testCtx(t), "vda", 0, dirty, parts, lifeboat.HashBlock(parts), lifeboat.HashBlock(block)); err != nil {
+		t.Fatal(err)
+	}
+	copy(m["vda"], block)
+	p.commit()
+	checkPoint(t, s, "vm1", 3, m)
 }
