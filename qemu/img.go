@@ -89,6 +89,11 @@ func ReadImageInfo(ctx context.Context, path string) (ImageInfo, error) {
 // CreateImage creates an image. With a backing file, a size <= 0 takes the
 // backing file's size; the backing path is recorded absolute, because a
 // daemonized QEMU resolves relative names against its own working directory.
+// With a backing file and a size, the backing is not opened (-u): qemu-img
+// would otherwise open its whole chain only to check it. A recovery point's
+// two images above 24 points took 115 ms to create that way, 35 ms with -u
+// (QEMU 7.2 here); whoever opens the new image opens its chain and finds
+// a missing one there.
 // opts are extra -o options such as "compat=0.10" or "cluster_size=2M".
 func CreateImage(ctx context.Context, path, format string, size int64, backing, backingFormat string, opts ...string) error {
 	args := []string{"create", "-q", "-f", format}
@@ -101,6 +106,9 @@ func CreateImage(ctx context.Context, path, format string, size int64, backing, 
 			return fmt.Errorf("create %s: backing file %s needs its format (qcow2, raw, ...)", path, backing)
 		}
 		args = append(args, "-b", abs, "-F", backingFormat)
+		if size > 0 {
+			args = append(args, "-u")
+		}
 	}
 	if len(opts) > 0 {
 		args = append(args, "-o", strings.Join(opts, ","))
