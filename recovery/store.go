@@ -60,7 +60,11 @@ type Store struct {
 	mu      sync.Mutex
 	locks   map[string]*vmLock
 	writers map[*Writer]struct{}
-	closed  bool
+	// spares are the writers made ahead for VMs' next points (see spare),
+	// lastCommit when each VM's latest point was committed.
+	spares     map[string]*spare
+	lastCommit map[string]time.Time
+	closed     bool
 
 	// Retention runs in the background after a commit (retainLater), so
 	// that the protected site hears of its point without waiting for a
@@ -128,6 +132,9 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		log:     log.With("component", "recovery"),
 		locks:   map[string]*vmLock{},
 		writers: map[*Writer]struct{}{},
+		spares:  map[string]*spare{},
+		// A VM's first commit since Open makes no spare: its next point may be far off.
+		lastCommit: map[string]time.Time{},
 	}
 	s.bgCtx, s.bgCancel = context.WithCancel(context.Background())
 	s.direct = directIO(filepath.Join(abs, "vms"))
@@ -169,7 +176,11 @@ func (s *Store) recover(ctx context.Context) error {
 			return fmt.Errorf("recovery store: finishing the interrupted retention merge of vm %q: %w", vm, err)
 		}
 	}
-	// Nothing runs yet: whatever a crash left in the runtime directory is stale.
+	// Nothing runs yet: whatever a crash left in the runtime directory is
+	// stale, and so are the images of writers made ahead.
+	if err := sweepSpares(ctx, s.dir); err != nil {
+		s.log.Warn("could not clear what writers made ahead left", "err", err)
+	}
 	run := filepath.Join(s.dir, "run")
 	entries, _ := os.ReadDir(run)
 	for _, e := range entries {
@@ -199,6 +210,12 @@ func (s *Store) Close() error {
 	}
 	s.bgCancel()
 	s.bg.Wait()
+	s.mu.Lock()
+	for vm, sp := range s.spares {
+		delete(s.spares, vm)
+		s.discardSpare(sp)
+	}
+	s.mu.Unlock()
 	errs = append(errs, s.db.Close())
 	return errors.Join(errs...)
 }

@@ -71,12 +71,15 @@ func (e *HashMismatchError) Error() string {
 // Writer writes one point. WriteBlocks and WriteZeroes are safe for concurrent
 // use; Commit or Abort ends it.
 type Writer struct {
-	s       *Store
-	spec    BeginSpec
-	rec     pendingRecord
-	parents map[string]uint64
-	disks   map[string]*writeDisk
-	daemon  *qemu.Daemon
+	s    *Store
+	spec BeginSpec
+	rec  pendingRecord
+	// frequent: this point came within spareIdle of the VM's last commit,
+	// so its commit makes the next point's writer ahead (see spare).
+	frequent bool
+	parents  map[string]uint64
+	disks    map[string]*writeDisk
+	daemon   *qemu.Daemon
 
 	endMu sync.Mutex // serializes Commit and Abort
 
@@ -169,6 +172,9 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		return nil, errors.New("recovery store is closed")
 	}
 	s.writers[w] = struct{}{}
+	if t, ok := s.lastCommit[spec.VM]; ok && time.Since(t) < spareIdle {
+		w.frequent = true
+	}
 	s.mu.Unlock()
 	defer func() {
 		if err != nil {
@@ -188,6 +194,10 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	if w.rec.RunDir, err = s.runDir(); err != nil {
 		return nil, err
 	}
+	// The writer made ahead for this point, if there is one: taken under
+	// the shape, so it is finished; used if it fits the chain read below.
+	sp := s.takeSpare(spec.VM)
+	useSpare := false
 	// Plan each disk's image and its backing, then record it all as pending
 	// before any file exists.
 	backing := map[string]string{}
@@ -208,6 +218,10 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		}
 		if err := checkLineage(spec, latest); err != nil {
 			return err
+		}
+		if sp != nil && sp.fits(spec, latest) {
+			useSpare = true
+			rec.RunDir = sp.runDir
 		}
 		for _, d := range spec.Disks {
 			wd := &writeDisk{spec: d, file: imageRel(spec.VM, d.Name, spec.ID)}
@@ -250,11 +264,30 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		return putJSON(b.Bucket(bucketPending), idKey(spec.ID), rec)
 	})
 	if err != nil {
+		if sp != nil {
+			s.discardSpare(sp)
+		}
 		return nil, fmt.Errorf("vm %q point %d: recording the point as pending: %w", spec.VM, spec.ID, err)
 	}
+	fresh := w.rec.RunDir
 	w.rec = rec // only now may an abort delete the files it names
+	if sp != nil && !useSpare {
+		s.log.Info("the writer made ahead does not fit the chain any more; making another", "vm", spec.VM, "point", spec.ID, "made_above", sp.parent)
+		s.discardSpare(sp)
+	}
+	if useSpare {
+		os.RemoveAll(fresh)
+		err := w.adoptSpare(sp)
+		s.discardSpare(sp) // what the writer did not take
+		if err != nil {
+			return nil, err
+		}
+	}
 
 	for _, d := range spec.Disks {
+		if useSpare {
+			break
+		}
 		wd := w.disks[d.Name]
 		path := s.abs(wd.file)
 		if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
@@ -290,9 +323,11 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	for i, d := range spec.Disks {
 		names[i], files[i], below[i] = d.Name, s.abs(w.disks[d.Name].file), chains[d.Name]
 	}
-	w.daemon, err = s.startDaemon(ctx, s.abs(w.rec.RunDir), names, files, below, true)
-	if err != nil {
-		return nil, fmt.Errorf("vm %q point %d: %w", spec.VM, spec.ID, err)
+	if !useSpare {
+		w.daemon, err = s.startDaemon(ctx, s.abs(w.rec.RunDir), names, files, below, true)
+		if err != nil {
+			return nil, fmt.Errorf("vm %q point %d: %w", spec.VM, spec.ID, err)
+		}
 	}
 	for _, d := range spec.Disks {
 		c, err := dialExport(ctx, w.daemon, d.Name, d.Size)
@@ -727,6 +762,12 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 	_ = os.RemoveAll(w.s.abs(w.rec.RunDir))
 	w.s.log.Info("restore point committed", "vm", vm, "point", id, "bytes_data", stats.BytesData, "bytes_zero", stats.BytesZero)
 
+	w.s.mu.Lock()
+	w.s.lastCommit[vm] = time.Now()
+	w.s.mu.Unlock()
+	if w.frequent {
+		w.s.prepareSpare(vm)
+	}
 	w.s.retainLater(vm)
 	return w.s.public(r), nil
 }
