@@ -25,10 +25,13 @@ import (
 // the chain is still the one it opened: the same latest point, the same
 // image of each disk (a merge into the latest point changes it), the same
 // disks and sizes. Otherwise, or when unused for spareIdle, it is thrown
-// away. It is made under the VM's shape, as a Begin opens the chain, and
-// its images live beside the points' as spare-*.part files until a Begin
-// renames them: Open deletes such files and kills daemons left in the
-// runtime directory by a crash.
+// away. It is made under the VM's shape, as a Begin opens the chain; a
+// Begin waits for the spare being made, and then needs no shape: the chain
+// is open, and its catalog transaction checks that the spare still fits
+// (a merge's catalog change is one transaction too). Its images live beside
+// the points' as spare-*.part files until a Begin renames them: Open
+// deletes such files and kills daemons left in the runtime directory by a
+// crash.
 type spare struct {
 	vm     string
 	parent uint64            // the latest point when it was made
@@ -36,9 +39,14 @@ type spare struct {
 	sizes  map[string]int64
 	images map[string]string // disk → the spare's image (absolute)
 	runDir string
-	daemon *qemu.Daemon
+	daemon *qemu.Daemon // nil if it could not be made
 	timer  *time.Timer
+	ready  chan struct{} // closed once made, or not
 }
+
+// errSpareUnfit: the spare does not fit the chain (the catalog transaction
+// that found it is rolled back).
+var errSpareUnfit = errors.New("the writer made ahead does not fit the chain")
 
 // spareIdle is how soon after a commit the next Begin must come for its VM
 // to get a spare, and how long an unused spare is kept.
@@ -64,33 +72,34 @@ func (s *Store) prepareSpare(vm string) {
 		<-l.shape
 		return
 	}
+	if old := s.spares[vm]; old != nil {
+		// Not taken (the last Begin came while it was being made): made
+		// above an older point.
+		delete(s.spares, vm)
+		go func() { <-old.ready; s.discardSpare(old) }()
+	}
+	sp := &spare{vm: vm, ready: make(chan struct{})}
+	s.spares[vm] = sp
 	s.bg.Add(1)
 	s.mu.Unlock()
 	go func() {
 		defer s.bg.Done()
-		// The shape is released only once the spare is listed or gone, so
-		// a Begin (which takes the shape first) always finds it finished.
-		defer func() { <-l.shape }()
-		sp, err := s.makeSpare(s.bgCtx, vm)
-		if err != nil {
-			if s.bgCtx.Err() == nil {
-				s.log.Warn("could not make the next point's writer ahead; the next Begin makes it", "vm", vm, "err", err)
-			}
-			return
-		}
-		if sp == nil {
-			return
+		defer close(sp.ready)
+		err := s.makeSpare(s.bgCtx, sp)
+		<-l.shape
+		if err != nil && s.bgCtx.Err() == nil {
+			s.log.Warn("could not make the next point's writer ahead; the next Begin makes it", "vm", vm, "err", err)
 		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		if s.closed {
+		if s.spares[vm] != sp {
+			return // taken by a Begin meanwhile
+		}
+		if sp.daemon == nil || s.closed {
+			delete(s.spares, vm)
 			s.discardSpare(sp)
 			return
 		}
-		if old := s.spares[vm]; old != nil {
-			s.discardSpare(old)
-		}
-		s.spares[vm] = sp
 		sp.timer = time.AfterFunc(spareIdle, func() {
 			s.mu.Lock()
 			defer s.mu.Unlock()
@@ -102,10 +111,12 @@ func (s *Store) prepareSpare(vm string) {
 	}()
 }
 
-// makeSpare creates the images of vm's next point above its latest and
-// starts their writing daemon; nil if the VM has no point. The shape is held.
-func (s *Store) makeSpare(ctx context.Context, vm string) (_ *spare, err error) {
-	sp := &spare{vm: vm, files: map[string]string{}, sizes: map[string]int64{}, images: map[string]string{}}
+// makeSpare creates the images of the VM's next point above its latest
+// and starts their writing daemon, which it leaves nil if the VM has no
+// point or on an error (what was made is deleted). The shape is held.
+func (s *Store) makeSpare(ctx context.Context, sp *spare) (err error) {
+	vm := sp.vm
+	sp.files, sp.sizes, sp.images = map[string]string{}, map[string]int64{}, map[string]string{}
 	chains := map[string][]string{}
 	var disks []string
 	err = s.db.View(func(tx *bolt.Tx) error {
@@ -129,19 +140,21 @@ func (s *Store) makeSpare(ctx context.Context, vm string) (_ *spare, err error) 
 		return nil
 	})
 	if err != nil || len(disks) == 0 {
-		return nil, err
+		return err
 	}
 	if sp.runDir, err = s.runDir(); err != nil {
-		return nil, err
+		return err
 	}
 	if filepath.Dir(sp.runDir) != filepath.Join(s.dir, "run") {
 		// Open would not find its daemon after a crash.
 		os.RemoveAll(sp.runDir)
-		return nil, nil
+		sp.runDir = ""
+		return nil
 	}
 	defer func() {
 		if err != nil {
 			s.discardSpare(sp)
+			sp.daemon = nil
 		}
 	}()
 	names := make([]string, len(disks))
@@ -149,19 +162,17 @@ func (s *Store) makeSpare(ctx context.Context, vm string) (_ *spare, err error) 
 	below := make([][]string, len(disks))
 	for i, disk := range disks {
 		img := s.abs(spareImage(vm, disk, sp.runDir))
-		if err := qemu.CreateImage(ctx, img, "qcow2", sp.sizes[disk], s.abs(sp.files[disk]), "qcow2"); err != nil {
-			return nil, fmt.Errorf("disk %q: %w", disk, err)
-		}
 		sp.images[disk] = img
+		if err := qemu.CreateImage(ctx, img, "qcow2", sp.sizes[disk], s.abs(sp.files[disk]), "qcow2"); err != nil {
+			return fmt.Errorf("disk %q: %w", disk, err)
+		}
 		if err := os.Chmod(img, 0o600); err != nil {
-			return nil, err
+			return err
 		}
 		names[i], files[i], below[i] = disk, img, chains[disk]
 	}
-	if sp.daemon, err = s.startDaemon(ctx, sp.runDir, names, files, below, true); err != nil {
-		return nil, err
-	}
-	return sp, nil
+	sp.daemon, err = s.startDaemon(ctx, sp.runDir, names, files, below, true)
+	return err
 }
 
 // discardSpare stops a spare's daemon and deletes its images and runtime
@@ -181,16 +192,29 @@ func (s *Store) discardSpare(sp *spare) {
 	}
 }
 
-// takeSpare removes vm's spare from the store and returns it, or nil.
-func (s *Store) takeSpare(vm string) *spare {
+// takeSpare removes vm's spare from the store and returns it once made, or
+// nil if there is none or it could not be made.
+func (s *Store) takeSpare(ctx context.Context, vm string) (*spare, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	sp := s.spares[vm]
-	if sp != nil {
-		delete(s.spares, vm)
+	delete(s.spares, vm)
+	s.mu.Unlock()
+	if sp == nil {
+		return nil, nil
+	}
+	select {
+	case <-sp.ready:
+	case <-ctx.Done():
+		go func() { <-sp.ready; s.discardSpare(sp) }()
+		return nil, fmt.Errorf("vm %q: waiting for the writer made ahead: %w", vm, ctx.Err())
+	}
+	if sp.timer != nil {
 		sp.timer.Stop()
 	}
-	return sp
+	if sp.daemon == nil {
+		return nil, nil
+	}
+	return sp, nil
 }
 
 // fits says whether a spare made above latest can write the point spec

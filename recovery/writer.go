@@ -149,15 +149,31 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	if err := l.lockWriter(ctx, spec.VM); err != nil {
 		return nil, err
 	}
-	// The shape, while the chain is read from the catalog and opened: a
-	// retention merge may run beside the writer, but not rewrite what this
-	// reads (see vmLock).
-	unlockShape, err := l.lockShape(ctx, spec.VM)
+	// The writer made ahead for this point, if there is one (see spare).
+	sp, err := s.takeSpare(ctx, spec.VM)
 	if err != nil {
 		l.unlockWriter()
 		return nil, err
 	}
-	defer unlockShape()
+	// The shape, while the chain is read from the catalog and opened: a
+	// retention merge may run beside the writer, but not rewrite what this
+	// reads (see vmLock). A spare has its chain open: the catalog
+	// transaction below checks it still fits, and a merge's own is atomic.
+	unlockShape := func() {}
+	defer func() { unlockShape() }()
+	lockShape := func() error {
+		unlockShape, err = l.lockShape(ctx, spec.VM)
+		if err != nil {
+			unlockShape = func() {}
+		}
+		return err
+	}
+	if sp == nil {
+		if err := lockShape(); err != nil {
+			l.unlockWriter()
+			return nil, err
+		}
+	}
 	w := &Writer{
 		s:       s,
 		spec:    spec,
@@ -169,6 +185,9 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	if s.closed {
 		s.mu.Unlock()
 		l.unlockWriter()
+		if sp != nil {
+			s.discardSpare(sp)
+		}
 		return nil, errors.New("recovery store is closed")
 	}
 	s.writers[w] = struct{}{}
@@ -194,16 +213,17 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	if w.rec.RunDir, err = s.runDir(); err != nil {
 		return nil, err
 	}
-	// The writer made ahead for this point, if there is one: taken under
-	// the shape, so it is finished; used if it fits the chain read below.
-	sp := s.takeSpare(spec.VM)
-	useSpare := false
 	// Plan each disk's image and its backing, then record it all as pending
-	// before any file exists.
-	backing := map[string]string{}
-	chains := map[string][]string{} // each disk's committed images below its new one, newest first
-	rec := w.rec
-	err = s.db.Update(func(tx *bolt.Tx) error {
+	// before any file exists; with the spare if it fits the chain.
+	var (
+		useSpare = sp != nil
+		backing  map[string]string
+		chains   map[string][]string // each disk's committed images below its new one, newest first
+		rec      pendingRecord
+	)
+	record := func(tx *bolt.Tx) error {
+		backing, chains, rec = map[string]string{}, map[string][]string{}, w.rec
+		w.disks, w.parents = map[string]*writeDisk{}, map[string]uint64{}
 		var latest *pointRecord
 		if pts, err := readPoints(tx, spec.VM); err != nil {
 			return err
@@ -219,8 +239,10 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		if err := checkLineage(spec, latest); err != nil {
 			return err
 		}
-		if sp != nil && sp.fits(spec, latest) {
-			useSpare = true
+		if useSpare {
+			if !sp.fits(spec, latest) {
+				return errSpareUnfit
+			}
 			rec.RunDir = sp.runDir
 		}
 		for _, d := range spec.Disks {
@@ -262,19 +284,24 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 			}
 		}
 		return putJSON(b.Bucket(bucketPending), idKey(spec.ID), rec)
-	})
+	}
+	err = s.db.Update(record)
+	if errors.Is(err, errSpareUnfit) {
+		s.log.Info("the writer made ahead does not fit the chain any more; making another", "vm", spec.VM, "point", spec.ID, "made_above", sp.parent)
+		useSpare = false
+		s.discardSpare(sp)
+		if err = lockShape(); err == nil {
+			err = s.db.Update(record)
+		}
+	}
 	if err != nil {
-		if sp != nil {
+		if useSpare {
 			s.discardSpare(sp)
 		}
 		return nil, fmt.Errorf("vm %q point %d: recording the point as pending: %w", spec.VM, spec.ID, err)
 	}
 	fresh := w.rec.RunDir
 	w.rec = rec // only now may an abort delete the files it names
-	if sp != nil && !useSpare {
-		s.log.Info("the writer made ahead does not fit the chain any more; making another", "vm", spec.VM, "point", spec.ID, "made_above", sp.parent)
-		s.discardSpare(sp)
-	}
 	if useSpare {
 		os.RemoveAll(fresh)
 		err := w.adoptSpare(sp)
