@@ -145,6 +145,7 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	if err := checkSpec(spec); err != nil {
 		return nil, err
 	}
+	began := time.Now()
 	l := s.vmLock(spec.VM)
 	if err := l.lockWriter(ctx, spec.VM); err != nil {
 		return nil, err
@@ -363,7 +364,8 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		}
 		w.disks[d.Name].client = c
 	}
-	s.log.Info("writing restore point", "vm", spec.VM, "point", spec.ID, "disks", len(spec.Disks))
+	s.log.Info("writing restore point", "vm", spec.VM, "point", spec.ID, "disks", len(spec.Disks),
+		"made_ahead", useSpare, "took", time.Since(began).Round(time.Millisecond))
 	return w, nil
 }
 
