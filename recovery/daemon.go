@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -100,107 +101,144 @@ func (s *Store) startDaemonOnce(ctx context.Context, runDir string, names, files
 	if testHookDaemonStarted != nil {
 		testHookDaemonStarted(d)
 	}
-	// run is one command, bounded by helperCommandTimeout within ctx.
-	run := func(what string, cmd func(context.Context) error) error {
-		cctx, cancel := context.WithTimeout(ctx, helperCommandTimeout)
-		defer cancel()
-		err := cmd(cctx)
-		if err == nil {
-			return nil
-		}
-		if cctx.Err() != nil && ctx.Err() == nil {
-			err = fmt.Errorf("%s: %w in %v: %w (%s)", what, errUnanswered, helperCommandTimeout, err, d.Diagnosis())
-		} else {
-			err = fmt.Errorf("%s: %w", what, err)
-		}
-		return errors.Join(err, d.Kill())
-	}
+	run := func(what string, cmd func(context.Context) error) error { return bounded(ctx, d, what, cmd) }
 	prealloc := int64(0)
 	if writable && s.prealloc.Load() {
 		prealloc = preallocSize(filepath.Dir(files[0]))
 	}
 	for i, file := range files {
-		node := "d" + strconv.Itoa(i)
-		proto := map[string]any{"driver": "file", "filename": file}
-		spec := map[string]any{
-			"driver":    "qcow2",
-			"node-name": node,
-			"read-only": !writable,
-			"file":      proto,
-		}
-		if writable {
-			spec["discard"] = "unmap" // zeroed ranges leave no data behind
-			if s.direct {
-				// A point's blocks are written once and not read back soon:
-				// the page cache would only cost a copy of each, and on some
-				// hosts that copy is most of the writer's CPU (see directIO).
-				spec["cache"] = map[string]any{"direct": true}
-				// With O_DIRECT, Linux AIO submits each write from the
-				// daemon's own thread instead of handing it to a worker
-				// thread and back: 2048 random 64 KiB writes cost the daemon
-				// 0.5 CPU s instead of 0.8 here. QEMU falls back to its
-				// thread pool by itself where the kernel refuses an AIO context.
-				proto["aio"] = "native"
-			}
-			if prealloc > 0 {
-				// Every write of a new point allocates a cluster at the
-				// image's end. Growing the file by each write serialises
-				// the writes in the file system (ext4 takes an O_DIRECT
-				// write past the end under its inode lock): the
-				// preallocate filter grows it 128 MiB at a time and cuts
-				// it back to its end when the image is closed. 2800 random
-				// 64 KiB writes into a new overlay through the Writer, 8 in
-				// flight, O_DIRECT, 9 rounds each here: 16 GiB disk 0.73 s
-				// without it, 0.42 s with it (means); 64 GiB 0.91 s, 0.66 s.
-				spec["file"] = map[string]any{"driver": "preallocate", "prealloc-size": prealloc, "file": proto}
-			}
-		}
+		var below string
 		if i < len(chains) && len(chains[i]) > 0 {
-			spec["backing"] = s.unlockedChain(chains[i])
-		}
-		add := func(ctx context.Context) error {
-			err := d.Monitor().BlockdevAdd(ctx, spec)
-			if f, ok := spec["file"].(map[string]any); ok && err != nil && f["driver"] == "preallocate" && strings.Contains(err.Error(), "preallocate") {
-				// A QEMU older than 6.0 has no preallocate filter: write
-				// through the file alone from now on.
-				s.log.Warn("this QEMU has no preallocate filter: new restore points are written without it (slower)", "err", err)
-				s.prealloc.Store(false)
-				spec["file"] = proto
-				err = d.Monitor().BlockdevAdd(ctx, spec)
+			if err := run("opening the chain below "+file, func(ctx context.Context) (err error) {
+				below, err = s.addChain(ctx, d, i, "", chains[i])
+				return err
+			}); err != nil {
+				return nil, err
 			}
-			return err
 		}
-		if err := run("opening "+file, add); err != nil {
-			if _, serr := os.Stat(file); serr == nil {
-				// Seen once in CI: QEMU reported a path one byte short of the one
-				// sent. Say so, with the bytes sent, for the next time.
-				sent, _ := json.Marshal(spec)
-				err = fmt.Errorf("%w (the file exists; lifeboat sent %s)", err, sent)
-			}
-			return nil, err
-		}
-		exp := qemu.Export{ID: "e" + strconv.Itoa(i), Node: node, Name: names[i], Writable: writable}
-		if err := run("exporting "+file, func(ctx context.Context) error { return d.Monitor().ExportAdd(ctx, exp) }); err != nil {
+		if err := s.openImage(ctx, d, i, names[i], file, below, writable, prealloc); err != nil {
 			return nil, err
 		}
 	}
 	return d, nil
 }
 
-// unlockedChain is the blockdev-add options of a chain of qcow2 images,
-// newest first: read-only, without image locks, with the writer's cache mode.
-// The last one's backing is left to its header.
-func (s *Store) unlockedChain(files []string) map[string]any {
-	proto := map[string]any{"driver": "file", "filename": files[0], "locking": "off"}
-	spec := map[string]any{"driver": "qcow2", "read-only": true, "file": proto}
-	if s.direct {
-		spec["cache"] = map[string]any{"direct": true}
-		proto["aio"] = "native"
+// bounded runs one command of d's, bounded by helperCommandTimeout within
+// ctx; on an error it kills d.
+func bounded(ctx context.Context, d *qemu.Daemon, what string, cmd func(context.Context) error) error {
+	cctx, cancel := context.WithTimeout(ctx, helperCommandTimeout)
+	defer cancel()
+	err := cmd(cctx)
+	if err == nil {
+		return nil
 	}
-	if len(files) > 1 {
-		spec["backing"] = s.unlockedChain(files[1:])
+	if cctx.Err() != nil && ctx.Err() == nil {
+		err = fmt.Errorf("%s: %w in %v: %w (%s)", what, errUnanswered, helperCommandTimeout, err, d.Diagnosis())
+	} else {
+		err = fmt.Errorf("%s: %w", what, err)
 	}
-	return spec
+	return errors.Join(err, d.Kill())
+}
+
+// openImage opens file in d as node d<i>, above the node below ("" for
+// none: its header says), and exports it as name.
+func (s *Store) openImage(ctx context.Context, d *qemu.Daemon, i int, name, file, below string, writable bool, prealloc int64) error {
+	run := func(what string, cmd func(context.Context) error) error { return bounded(ctx, d, what, cmd) }
+	node := "d" + strconv.Itoa(i)
+	proto := map[string]any{"driver": "file", "filename": file}
+	spec := map[string]any{
+		"driver":    "qcow2",
+		"node-name": node,
+		"read-only": !writable,
+		"file":      proto,
+	}
+	if writable {
+		spec["discard"] = "unmap" // zeroed ranges leave no data behind
+		if s.direct {
+			// A point's blocks are written once and not read back soon:
+			// the page cache would only cost a copy of each, and on some
+			// hosts that copy is most of the writer's CPU (see directIO).
+			spec["cache"] = map[string]any{"direct": true}
+			// With O_DIRECT, Linux AIO submits each write from the
+			// daemon's own thread instead of handing it to a worker
+			// thread and back: 2048 random 64 KiB writes cost the daemon
+			// 0.5 CPU s instead of 0.8 here. QEMU falls back to its
+			// thread pool by itself where the kernel refuses an AIO context.
+			proto["aio"] = "native"
+		}
+		if prealloc > 0 {
+			// Every write of a new point allocates a cluster at the
+			// image's end. Growing the file by each write serialises
+			// the writes in the file system (ext4 takes an O_DIRECT
+			// write past the end under its inode lock): the
+			// preallocate filter grows it 128 MiB at a time and cuts
+			// it back to its end when the image is closed. 2800 random
+			// 64 KiB writes into a new overlay through the Writer, 8 in
+			// flight, O_DIRECT, 9 rounds each here: 16 GiB disk 0.73 s
+			// without it, 0.42 s with it (means); 64 GiB 0.91 s, 0.66 s.
+			spec["file"] = map[string]any{"driver": "preallocate", "prealloc-size": prealloc, "file": proto}
+		}
+	}
+	if below != "" {
+		spec["backing"] = below
+	}
+	add := func(ctx context.Context) error {
+		err := d.Monitor().BlockdevAdd(ctx, spec)
+		if f, ok := spec["file"].(map[string]any); ok && err != nil && f["driver"] == "preallocate" && strings.Contains(err.Error(), "preallocate") {
+			// A QEMU older than 6.0 has no preallocate filter: write
+			// through the file alone from now on.
+			s.log.Warn("this QEMU has no preallocate filter: new restore points are written without it (slower)", "err", err)
+			s.prealloc.Store(false)
+			spec["file"] = proto
+			err = d.Monitor().BlockdevAdd(ctx, spec)
+		}
+		return err
+	}
+	if err := run("opening "+file, add); err != nil {
+		if _, serr := os.Stat(file); serr == nil {
+			// Seen once in CI: QEMU reported a path one byte short of the one
+			// sent. Say so, with the bytes sent, for the next time.
+			sent, _ := json.Marshal(spec)
+			err = fmt.Errorf("%w (the file exists; lifeboat sent %s)", err, sent)
+		}
+		return err
+	}
+	exp := qemu.Export{ID: "e" + strconv.Itoa(i), Node: node, Name: name, Writable: writable}
+	return run("exporting "+file, func(ctx context.Context) error { return d.Monitor().ExportAdd(ctx, exp) })
+}
+
+// addChain opens a chain of qcow2 images in d (newest first), each its own
+// node, read-only, without image locks, with the writer's cache mode, above
+// the node below ("" for none: the last one's backing is left to its
+// header), and returns the newest one's node name. Named nodes outlive the
+// image above them, so that a writer's daemon can go on to the next point
+// (see carry).
+func (s *Store) addChain(ctx context.Context, d *qemu.Daemon, disk int, below string, files []string) (string, error) {
+	for j := len(files) - 1; j >= 0; j-- {
+		name := chainNode(disk, files[j])
+		proto := map[string]any{"driver": "file", "filename": files[j], "locking": "off"}
+		spec := map[string]any{"driver": "qcow2", "node-name": name, "read-only": true, "file": proto}
+		if s.direct {
+			spec["cache"] = map[string]any{"direct": true}
+			proto["aio"] = "native"
+		}
+		if below != "" {
+			spec["backing"] = below
+		}
+		if err := d.Monitor().BlockdevAdd(ctx, spec); err != nil {
+			return "", fmt.Errorf("opening %s: %w", files[j], err)
+		}
+		below = name
+	}
+	return below, nil
+}
+
+// chainNode names the node of disk's image file in a writer's daemon (a
+// node name is at most 31 letters, digits and "-._", whatever the path).
+func chainNode(disk int, file string) string {
+	h := fnv.New64a()
+	h.Write([]byte(file))
+	return fmt.Sprintf("c%d-%016x", disk, h.Sum64())
 }
 
 // directIO reports whether files in dir can be opened with O_DIRECT, which

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -42,7 +43,20 @@ type spare struct {
 	daemon *qemu.Daemon // nil if it could not be made
 	timer  *time.Timer
 	ready  chan struct{} // closed once made, or not
+	// The daemon's layout: each disk's index (its nodes d<i>, e<i>) and
+	// the node below its top; carried counts the points it went on from.
+	index   map[string]int
+	below   map[string]string
+	carried int
 }
+
+// A writer's daemon goes on to write the next point (carry): at commit its
+// top images are closed, and the spare made from it opens the committed
+// images above the chain it has open and the next images above them,
+// instead of opening the whole chain again. It goes on at most maxCarry
+// times: merges delete images it still holds open (the chain reads the
+// same through them, see vmLock), and their room comes back when it stops.
+const maxCarry = 16
 
 // errSpareUnfit: the spare does not fit the chain (the catalog transaction
 // that found it is rolled back).
@@ -59,17 +73,26 @@ func spareImage(vm, disk, runDir string) string {
 
 // prepareSpare makes vm's next writer in the background, if nothing else
 // holds the VM's shape now (a merge rewriting it, a Begin): never waits.
-func (s *Store) prepareSpare(vm string) {
+//
+// from, if not nil, is the committed writer's daemon to go on from (see
+// maxCarry), which prepareSpare owns from then on.
+func (s *Store) prepareSpare(vm string, from *spare) {
 	l := s.vmLock(vm)
 	select {
 	case l.shape <- struct{}{}:
 	default:
+		if from != nil {
+			s.discardSpare(from)
+		}
 		return
 	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		<-l.shape
+		if from != nil {
+			s.discardSpare(from)
+		}
 		return
 	}
 	if old := s.spares[vm]; old != nil {
@@ -85,7 +108,18 @@ func (s *Store) prepareSpare(vm string) {
 	go func() {
 		defer s.bg.Done()
 		defer close(sp.ready)
-		err := s.makeSpare(s.bgCtx, sp)
+		var err error
+		if from != nil {
+			if err = s.carrySpare(s.bgCtx, sp, from); err != nil {
+				s.discardSpare(from)
+				if s.bgCtx.Err() == nil {
+					s.log.Warn("the writer's daemon could not go on to the next point; opening the chain again", "vm", vm, "err", err)
+				}
+			}
+		}
+		if from == nil || err != nil {
+			err = s.makeSpare(s.bgCtx, sp)
+		}
 		<-l.shape
 		if err != nil && s.bgCtx.Err() == nil {
 			s.log.Warn("could not make the next point's writer ahead; the next Begin makes it", "vm", vm, "err", err)
@@ -117,6 +151,7 @@ func (s *Store) prepareSpare(vm string) {
 func (s *Store) makeSpare(ctx context.Context, sp *spare) (err error) {
 	vm := sp.vm
 	sp.files, sp.sizes, sp.images = map[string]string{}, map[string]int64{}, map[string]string{}
+	sp.index, sp.below = map[string]int{}, map[string]string{}
 	chains := map[string][]string{}
 	var disks []string
 	err = s.db.View(func(tx *bolt.Tx) error {
@@ -170,9 +205,81 @@ func (s *Store) makeSpare(ctx context.Context, sp *spare) (err error) {
 			return err
 		}
 		names[i], files[i], below[i] = disk, img, chains[disk]
+		sp.index[disk], sp.below[disk] = i, chainNode(i, chains[disk][0])
 	}
 	sp.daemon, err = s.startDaemon(ctx, sp.runDir, names, files, below, true)
 	return err
+}
+
+// carrySpare makes sp from the daemon of the point just committed (from):
+// its images, closed at the commit, are opened read-only above the chain
+// the daemon holds, and the next images above them. The shape is held.
+// On an error sp holds nothing; from is the caller's to discard.
+func (s *Store) carrySpare(ctx context.Context, sp *spare, from *spare) error {
+	vm := sp.vm
+	var latest *pointRecord
+	err := s.db.View(func(tx *bolt.Tx) error {
+		pts, err := readPoints(tx, vm)
+		if err == nil && len(pts) > 0 {
+			latest = &pts[len(pts)-1]
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if latest == nil || latest.Point.ID != from.parent || len(latest.Point.Disks) != len(from.index) {
+		return errors.New("the latest point is not the one the daemon wrote")
+	}
+	for _, d := range latest.Point.Disks {
+		if _, ok := from.index[d.Name]; !ok || d.File != from.files[d.Name] {
+			// A merge into the latest point replaced its image.
+			return fmt.Errorf("disk %q: the latest point's image is not the one the daemon wrote", d.Name)
+		}
+	}
+	prealloc := int64(0)
+	if s.prealloc.Load() {
+		prealloc = preallocSize(s.abs(filepath.Dir(latest.Point.Disks[0].File)))
+	}
+	next := &spare{vm: vm, parent: latest.Point.ID, runDir: from.runDir, daemon: from.daemon, carried: from.carried,
+		files: map[string]string{}, sizes: map[string]int64{}, images: map[string]string{},
+		index: from.index, below: map[string]string{}}
+	for _, d := range latest.Point.Disks {
+		i := from.index[d.Name]
+		var top string
+		if err := bounded(ctx, next.daemon, "opening "+d.File, func(ctx context.Context) (err error) {
+			top, err = s.addChain(ctx, next.daemon, i, from.below[d.Name], []string{s.abs(d.File)})
+			return err
+		}); err != nil {
+			return err
+		}
+		img := s.abs(spareImage(vm, d.Name, next.runDir))
+		next.images[d.Name] = img
+		if err := qemu.CreateImage(ctx, img, "qcow2", d.Size, s.abs(d.File), "qcow2"); err != nil {
+			s.removeSpareImages(next)
+			return fmt.Errorf("disk %q: %w", d.Name, err)
+		}
+		if err := os.Chmod(img, 0o600); err != nil {
+			s.removeSpareImages(next)
+			return err
+		}
+		if err := s.openImage(ctx, next.daemon, i, d.Name, img, top, true, prealloc); err != nil {
+			s.removeSpareImages(next)
+			return err
+		}
+		next.files[d.Name], next.sizes[d.Name], next.below[d.Name] = d.File, d.Size, top
+	}
+	// Field by field: a Begin waiting for sp reads its ready channel.
+	sp.parent, sp.files, sp.sizes, sp.images, sp.runDir = next.parent, next.files, next.sizes, next.images, next.runDir
+	sp.daemon, sp.index, sp.below, sp.carried = next.daemon, next.index, next.below, next.carried
+	return nil
+}
+
+// removeSpareImages deletes the images a spare made.
+func (s *Store) removeSpareImages(sp *spare) {
+	for _, img := range sp.images {
+		_ = os.Remove(img)
+	}
 }
 
 // discardSpare stops a spare's daemon and deletes its images and runtime
@@ -242,6 +349,7 @@ func (w *Writer) adoptSpare(sp *spare) error {
 		delete(sp.images, name)
 	}
 	w.daemon = sp.daemon
+	w.index, w.below, w.carried = sp.index, sp.below, sp.carried
 	sp.daemon, sp.runDir = nil, "" // the writer's now
 	return nil
 }
@@ -267,4 +375,19 @@ func sweepSpares(ctx context.Context, dir string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// roomToCarry says whether w's daemon may go on to the next point: its
+// runtime directory is where Open looks after a crash, and the store has
+// room for the images that merges delete while the daemon holds them
+// (256 MiB free, as the preallocate filter asks).
+func (s *Store) roomToCarry(w *Writer) bool {
+	if filepath.Dir(s.abs(w.rec.RunDir)) != filepath.Join(s.dir, "run") || len(w.spec.Disks) == 0 {
+		return false
+	}
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(s.abs(w.disks[w.spec.Disks[0].Name].file), &st); err != nil {
+		return false
+	}
+	return int64(st.Bavail)*int64(st.Bsize) >= 256<<20
 }

@@ -1,12 +1,15 @@
 package recovery
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
 )
 
 // spareOf waits for the retention and the writer made ahead that the last
@@ -189,4 +192,61 @@ func TestWriterMadeAheadAfterACrash(t *testing.T) {
 		}
 	}
 	checkPoint(t, s2, "vm1", 3, m)
+}
+
+// A writer's daemon goes on to the next point (its chain stays open) up to
+// maxCarry times, while retention merges below it at every commit (keep
+// 3): every point reads back byte-exact and verifies, and then a fresh
+// daemon opens the chain again.
+func TestWriterDaemonGoesOn(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 3)
+	const size = 4 << 20
+	m := model{}
+	pids := map[int]int{} // daemon → points it wrote
+	var order []int
+	for id := uint64(1); id <= maxCarry+4; id++ {
+		spareOf(s, "vm1")
+		p := begin(t, s, "vm1", id, m, DiskSpec{Name: "vda", Size: size, Resync: id == 1}, DiskSpec{Name: "vdb", Size: size, Resync: id == 1})
+		pid := p.w.daemon.Pid()
+		if pids[pid] == 0 {
+			order = append(order, pid)
+		}
+		pids[pid]++
+		p.data("vda", p.rng.Int64N(60), 1+p.rng.Int64N(4))
+		p.data("vdb", p.rng.Int64N(60), 1+p.rng.Int64N(4))
+		p.zeros("vdb", p.rng.Int64N(60), 1)
+		if id > 1 {
+			// A patch: the rest of its block is read through the chain
+			// the daemon holds, which merges have rewritten below it.
+			p.patch("vdb", p.rng.Int64N(60), lifeboat.Dirty(1+p.rng.Uint32N(0xfffe)))
+		}
+		p.commit()
+		checkPoint(t, s, "vm1", id, m)
+	}
+	// Point 1 has its own daemon; point 2's goes on for maxCarry more.
+	if len(order) < 3 || pids[order[1]] != maxCarry+1 {
+		counts := []int{}
+		for _, pid := range order {
+			counts = append(counts, pids[pid])
+		}
+		t.Fatalf("points per daemon, in order: %v; want 1, %d, then a fresh one", counts, maxCarry+1)
+	}
+}
+
+// patch writes random bytes over the sub-blocks dirty of block b, as a
+// patch (the rest of the block is the chain's).
+func (p *pointWriter) patch(disk string, b int64, dirty lifeboat.Dirty) {
+	p.t.Helper()
+	block := bytes.Clone(p.m[disk][b*B : (b+1)*B])
+	for _, r := range dirty.Ranges(B) {
+		for i := r[0]; i < r[1]; i++ {
+			block[i] = byte(p.rng.Uint32())
+		}
+	}
+	parts := dirty.Gather(nil, block)
+	if err := p.w.WritePatch(testCtx(p.t), disk, b*B, dirty, parts, lifeboat.HashBlock(parts), lifeboat.HashBlock(block)); err != nil {
+		p.t.Fatalf("WritePatch %s block %d: %v", disk, b, err)
+	}
+	copy(p.m[disk][b*B:], block)
 }

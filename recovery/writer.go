@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -77,9 +78,14 @@ type Writer struct {
 	// frequent: this point came within spareIdle of the VM's last commit,
 	// so its commit makes the next point's writer ahead (see spare).
 	frequent bool
-	parents  map[string]uint64
-	disks    map[string]*writeDisk
-	daemon   *qemu.Daemon
+	// The daemon's layout (see spare): each disk's index, the node below
+	// its top, and how many points the daemon went on from.
+	index   map[string]int
+	below   map[string]string
+	carried int
+	parents map[string]uint64
+	disks   map[string]*writeDisk
+	daemon  *qemu.Daemon
 
 	endMu sync.Mutex // serializes Commit and Abort
 
@@ -352,6 +358,13 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		names[i], files[i], below[i] = d.Name, s.abs(w.disks[d.Name].file), chains[d.Name]
 	}
 	if !useSpare {
+		w.index, w.below = map[string]int{}, map[string]string{}
+		for i, d := range spec.Disks {
+			w.index[d.Name] = i
+			if c := chains[d.Name]; len(c) > 0 {
+				w.below[d.Name] = chainNode(i, c[0])
+			}
+		}
 		w.daemon, err = s.startDaemon(ctx, s.abs(w.rec.RunDir), names, files, below, true)
 		if err != nil {
 			return nil, fmt.Errorf("vm %q point %d: %w", spec.VM, spec.ID, err)
@@ -728,10 +741,20 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 	for _, d := range w.disks {
 		d.client.Close()
 	}
-	// A clean quit closes the images: metadata written, locks released for
-	// the next point's qemu-img and retention's commit.
-	if err := w.daemon.Stop(ctx); err != nil {
-		return lifeboat.Point{}, fmt.Errorf("vm %q point %d: stopping the writing daemon: %w", vm, id, err)
+	// Closing the images writes their metadata and releases their locks for
+	// retention's commit: a clean quit of the daemon, or, where it goes on
+	// to the next point (see maxCarry), deleting their nodes.
+	carry := w.frequent && w.carried < maxCarry && w.s.roomToCarry(w)
+	if carry {
+		if err := w.closeTops(ctx); err != nil {
+			w.s.log.Warn("closing the point's images in the writer's daemon failed; stopping it", "vm", vm, "point", id, "err", err)
+			carry = false
+		}
+	}
+	if !carry {
+		if err := w.daemon.Stop(ctx); err != nil {
+			return lifeboat.Point{}, fmt.Errorf("vm %q point %d: stopping the writing daemon: %w", vm, id, err)
+		}
 	}
 	if err := w.s.syncDirs(w.rec.Files); err != nil {
 		return lifeboat.Point{}, fmt.Errorf("vm %q point %d: %w", vm, id, err)
@@ -788,14 +811,23 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 		return lifeboat.Point{}, fmt.Errorf("vm %q point %d: committing to the catalog: %w", vm, id, err)
 	}
 	w.end()
-	_ = os.RemoveAll(w.s.abs(w.rec.RunDir))
+	var from *spare
+	if carry {
+		from = &spare{vm: vm, parent: id, runDir: w.rec.RunDir, daemon: w.daemon, index: w.index, below: w.below,
+			carried: w.carried + 1, files: map[string]string{}}
+		for name, d := range w.disks {
+			from.files[name] = d.file
+		}
+	} else {
+		_ = os.RemoveAll(w.s.abs(w.rec.RunDir))
+	}
 	w.s.log.Info("restore point committed", "vm", vm, "point", id, "bytes_data", stats.BytesData, "bytes_zero", stats.BytesZero)
 
 	w.s.mu.Lock()
 	w.s.lastCommit[vm] = time.Now()
 	w.s.mu.Unlock()
 	if w.frequent {
-		w.s.prepareSpare(vm)
+		w.s.prepareSpare(vm, from)
 	}
 	w.s.retainLater(vm)
 	return w.s.public(r), nil
@@ -892,6 +924,23 @@ func (s *Store) syncDirs(rels []string) error {
 		f.Close()
 		if err != nil {
 			return fmt.Errorf("syncing directory %s: %w", dir, err)
+		}
+	}
+	return nil
+}
+
+// closeTops removes every disk's export and closes its image in the
+// writer's daemon, leaving the chain below open.
+func (w *Writer) closeTops(ctx context.Context) error {
+	for name, i := range w.index {
+		if _, ok := w.disks[name]; !ok {
+			return fmt.Errorf("disk %q is in the daemon but not in the point", name)
+		}
+		if err := w.daemon.Monitor().ExportDelForce(ctx, "e"+strconv.Itoa(i)); err != nil {
+			return err
+		}
+		if err := w.daemon.Monitor().BlockdevDel(ctx, "d"+strconv.Itoa(i)); err != nil {
+			return err
 		}
 	}
 	return nil
