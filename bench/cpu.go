@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -19,17 +20,24 @@ const clockTicks = 100
 type cpuSample struct {
 	self, reaped float64
 	live         map[int]float64 // pid -> CPU seconds
+	writers      map[int]float64 // the live ones that are a recovery site's writer daemons
 }
+
+// writerDaemon matches the command line of a recovery site's writer
+// daemon: its runtime directory is the store's run/wNNN (or the temporary
+// directory's), which a writer's daemon keeps from one point to the next.
+var writerDaemon = regexp.MustCompile(`qemu-storage-daemon\x00.*/(lifeboat-)?w[0-9]+/qmp\.sock`)
 
 // cpuUse is the CPU spent between two samples, in seconds.
 type cpuUse struct {
 	Self   float64 // this process: both sites, the NBD reads, hashing, zstd, TLS
 	Reaped float64 // children that exited in between (a recovery writer qsd, qemu-img, a peer tool)
 	Live   float64 // children still running at the end (the source qemu-storage-daemon)
+	Writer float64 // of those, a recovery site's writer daemons (kept from one point to the next)
 	Site   float64 // a recovery site in a process of its own, with its children (replication.Cycle)
 }
 
-func (u cpuUse) Total() float64 { return u.Self + u.Reaped + u.Live + u.Site }
+func (u cpuUse) Total() float64 { return u.Self + u.Reaped + u.Live + u.Writer + u.Site }
 
 func sampleCPU() (cpuSample, error) {
 	var self, kids syscall.Rusage
@@ -43,12 +51,18 @@ func sampleCPU() (cpuSample, error) {
 	if err != nil {
 		return cpuSample{}, err
 	}
-	for pid := range live {
+	writers := map[int]float64{}
+	for pid, sec := range live {
 		if _, ok := siteProcesses.Load(pid); ok {
 			delete(live, pid) // a recovery site's, counted apart
+			continue
+		}
+		if cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && writerDaemon.Match(cmd) {
+			delete(live, pid)
+			writers[pid] = sec
 		}
 	}
-	return cpuSample{self: rusageSeconds(self), reaped: rusageSeconds(kids), live: live}, nil
+	return cpuSample{self: rusageSeconds(self), reaped: rusageSeconds(kids), live: live, writers: writers}, nil
 }
 
 func rusageSeconds(r syscall.Rusage) float64 {
@@ -64,9 +78,16 @@ func (s cpuSample) since(before cpuSample) cpuUse {
 	for pid, sec := range s.live {
 		u.Live += sec - before.live[pid]
 	}
-	for pid, sec := range before.live {
-		if _, ok := s.live[pid]; !ok {
-			u.Reaped -= sec
+	for pid, sec := range s.writers {
+		u.Writer += sec - before.writers[pid]
+	}
+	for _, m := range []map[int]float64{before.live, before.writers} {
+		for pid, sec := range m {
+			if _, ok := s.live[pid]; !ok {
+				if _, ok := s.writers[pid]; !ok {
+					u.Reaped -= sec
+				}
+			}
 		}
 	}
 	u.Reaped = max(u.Reaped, 0)
@@ -184,10 +205,11 @@ func (c cpuSplit) String() string {
 
 // lifeboatCPU: the protected site runs in this process, and the recovery
 // site too unless it runs in a process of its own (Site); the children
-// reaped during a cycle are the recovery site's (its writer daemon is
-// stopped at commit); the one running throughout is the source VM's daemon.
+// reaped during a cycle are the recovery site's (a writer daemon stopped at
+// commit, qemu-img), and so are its writer daemons still running (kept for
+// the next point); the other one running throughout is the source VM's daemon.
 func lifeboatCPU(m measured) cpuSplit {
-	return cpuSplit{Own: m.CPU.Self, Source: m.CPU.Live, Recovery: m.CPU.Reaped + m.CPU.Site}
+	return cpuSplit{Own: m.CPU.Self, Source: m.CPU.Live, Recovery: m.CPU.Reaped + m.CPU.Writer + m.CPU.Site}
 }
 
 // peerCPU: the peer tool is the child reaped during the step.
