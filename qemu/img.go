@@ -42,6 +42,9 @@ type ImageInfo struct {
 	Bitmaps       []string
 	Dirty         bool // qcow2 lazy refcounts left dirty by an unclean exit
 	Corrupt       bool
+	// ExtendedL2 says a qcow2 image has subclusters (extended_l2=on): 32 per
+	// cluster, each allocated on its own.
+	ExtendedL2 bool
 }
 
 // ReadImageInfo reads an image's header (qemu-img info -U: works on images a
@@ -61,9 +64,10 @@ func ReadImageInfo(ctx context.Context, path string) (ImageInfo, error) {
 		FormatSpecific struct {
 			Type string `json:"type"`
 			Data struct {
-				Compat  string `json:"compat"`
-				Corrupt bool   `json:"corrupt"`
-				Bitmaps []struct {
+				Compat     string `json:"compat"`
+				Corrupt    bool   `json:"corrupt"`
+				ExtendedL2 bool   `json:"extended-l2"`
+				Bitmaps    []struct {
 					Name string `json:"name"`
 				} `json:"bitmaps"`
 			} `json:"data"`
@@ -79,6 +83,7 @@ func ReadImageInfo(ctx context.Context, path string) (ImageInfo, error) {
 	if raw.FormatSpecific.Type == "qcow2" {
 		info.Compat = raw.FormatSpecific.Data.Compat
 		info.Corrupt = raw.FormatSpecific.Data.Corrupt
+		info.ExtendedL2 = raw.FormatSpecific.Data.ExtendedL2
 		for _, b := range raw.FormatSpecific.Data.Bitmaps {
 			info.Bitmaps = append(info.Bitmaps, b.Name)
 		}

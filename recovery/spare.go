@@ -198,11 +198,8 @@ func (s *Store) makeSpare(ctx context.Context, sp *spare) (err error) {
 	for i, disk := range disks {
 		img := s.abs(spareImage(vm, disk, sp.runDir))
 		sp.images[disk] = img
-		if err := qemu.CreateImage(ctx, img, "qcow2", sp.sizes[disk], s.abs(sp.files[disk]), "qcow2"); err != nil {
+		if err := createPointImage(ctx, img, sp.sizes[disk], s.abs(sp.files[disk]), "qcow2"); err != nil {
 			return fmt.Errorf("disk %q: %w", disk, err)
-		}
-		if err := os.Chmod(img, 0o600); err != nil {
-			return err
 		}
 		names[i], files[i], below[i] = disk, img, chains[disk]
 		sp.index[disk], sp.below[disk] = i, chainNode(i, chains[disk][0])
@@ -255,13 +252,9 @@ func (s *Store) carrySpare(ctx context.Context, sp *spare, from *spare) error {
 		}
 		img := s.abs(spareImage(vm, d.Name, next.runDir))
 		next.images[d.Name] = img
-		if err := qemu.CreateImage(ctx, img, "qcow2", d.Size, s.abs(d.File), "qcow2"); err != nil {
+		if err := createPointImage(ctx, img, d.Size, s.abs(d.File), "qcow2"); err != nil {
 			s.removeSpareImages(next)
 			return fmt.Errorf("disk %q: %w", d.Name, err)
-		}
-		if err := os.Chmod(img, 0o600); err != nil {
-			s.removeSpareImages(next)
-			return err
 		}
 		if err := s.openImage(ctx, next.daemon, i, d.Name, img, top, true, prealloc); err != nil {
 			s.removeSpareImages(next)

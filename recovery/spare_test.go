@@ -232,6 +232,16 @@ func TestWriterDaemonGoesOn(t *testing.T) {
 		}
 		t.Fatalf("points per daemon, in order: %v; want 1, %d, then a fresh one", counts, maxCarry+1)
 	}
+	// The daemon that went on is stopped after its last commit, in the
+	// background, and its runtime directory deleted.
+	s.SettleRetention()
+	if alive(order[1]) {
+		t.Errorf("the daemon that wrote points 2–%d (pid %d) still runs", maxCarry+2, order[1])
+	}
+	runs, _ := filepath.Glob(filepath.Join(s.Dir(), "run", "*"))
+	if len(runs) > 2 { // the fresh writer's and its spare's at most
+		t.Errorf("runtime directories left: %v", runs)
+	}
 }
 
 // patch writes random bytes over the sub-blocks dirty of block b, as a
