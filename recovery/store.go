@@ -73,6 +73,11 @@ type Store struct {
 	bgCtx    context.Context
 	bgCancel context.CancelFunc
 	bg       sync.WaitGroup
+	// stops are daemons being stopped in the background (inBackground);
+	// Close waits for them last.
+	stopMu    sync.Mutex
+	stops     sync.WaitGroup
+	stopsDone bool
 
 	// testMergeHook, when set by a test, runs after each merge step; an
 	// error stops the merge there as a crash would.
@@ -216,6 +221,10 @@ func (s *Store) Close() error {
 		s.discardSpare(sp)
 	}
 	s.mu.Unlock()
+	s.stopMu.Lock()
+	s.stopsDone = true
+	s.stopMu.Unlock()
+	s.stops.Wait()
 	errs = append(errs, s.db.Close())
 	return errors.Join(errs...)
 }

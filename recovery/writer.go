@@ -954,31 +954,20 @@ func (w *Writer) closeTops(ctx context.Context) error {
 }
 
 // stopLater stops a writer's daemon that no longer holds an image open for
-// writing, in the background, then deletes its runtime directory. Close
-// waits for it; a crash leaves it to the next Open (sweepSpares).
+// writing, in the background (see inBackground), then deletes its runtime
+// directory.
 func (s *Store) stopLater(d *qemu.Daemon, vm string, point uint64, runDir string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		// Close has waited for the background already: stop it here.
-		d.Kill()
-		_ = os.RemoveAll(s.abs(runDir))
-		return
-	}
-	s.bg.Add(1)
-	go func() {
-		defer s.bg.Done()
+	s.inBackground(func() {
 		start := time.Now()
-		// Not cut short by Close, which waits: a quit, not a kill.
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(s.bgCtx), time.Minute)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
 		if err := d.Stop(ctx); err != nil {
 			s.log.Warn("stopping the daemon that wrote the VM's last points", "vm", vm, "point", point, "err", err)
 		} else {
-			s.log.Debug("stopped the daemon that wrote the VM's last points", "vm", vm, "point", point, "took", time.Since(start).Round(time.Millisecond))
+			s.log.Info("stopped the daemon that wrote the VM's last points", "vm", vm, "point", point, "took", time.Since(start).Round(time.Millisecond))
 		}
 		_ = os.RemoveAll(s.abs(runDir))
-	}()
+	})
 }
 
 // pointImageOpts are the qcow2 options of every image the store creates for
