@@ -318,51 +318,9 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		}
 	}
 
-	for _, d := range spec.Disks {
-		if useSpare {
-			break
-		}
-		wd := w.disks[d.Name]
-		path := s.abs(wd.file)
-		if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-			return nil, fmt.Errorf("vm %q disk %q: %w", spec.VM, d.Name, err)
-		}
-		bfmt := ""
-		if backing[d.Name] != "" {
-			bfmt = "qcow2"
-		}
-		if d.Seed != "" {
-			info, err := qemu.ReadImageInfo(ctx, d.Seed)
-			if err != nil {
-				return nil, fmt.Errorf("vm %q disk %q: the image to adopt: %w", spec.VM, d.Name, err)
-			}
-			if info.VirtualSize != d.Size {
-				return nil, fmt.Errorf("vm %q disk %q: the image to adopt, %s, is %d bytes, not the disk's %d", spec.VM, d.Name, d.Seed, info.VirtualSize, d.Size)
-			}
-			bfmt = info.Format
-		}
-		if err := createPointImage(ctx, path, d.Size, backing[d.Name], bfmt); err != nil {
-			return nil, fmt.Errorf("vm %q disk %q: creating the image of point %d: %w", spec.VM, d.Name, spec.ID, err)
-		}
-	}
-
-	names := make([]string, len(spec.Disks))
-	files := make([]string, len(spec.Disks))
-	below := make([][]string, len(spec.Disks))
-	for i, d := range spec.Disks {
-		names[i], files[i], below[i] = d.Name, s.abs(w.disks[d.Name].file), chains[d.Name]
-	}
 	if !useSpare {
-		w.index, w.below = map[string]int{}, map[string]string{}
-		for i, d := range spec.Disks {
-			w.index[d.Name] = i
-			if c := chains[d.Name]; len(c) > 0 {
-				w.below[d.Name] = chainNode(i, c[0])
-			}
-		}
-		w.daemon, err = s.startDaemon(ctx, s.abs(w.rec.RunDir), names, files, below, true)
-		if err != nil {
-			return nil, fmt.Errorf("vm %q point %d: %w", spec.VM, spec.ID, err)
+		if err := s.openWriter(ctx, w, backing, chains); err != nil {
+			return nil, err
 		}
 	}
 	for _, d := range spec.Disks {
@@ -375,6 +333,51 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	s.log.Info("writing restore point", "vm", spec.VM, "point", spec.ID, "disks", len(spec.Disks),
 		"made_ahead", useSpare, "took", time.Since(began).Round(time.Millisecond))
 	return w, nil
+}
+
+// openWriter creates the images of w's point, each above the image that
+// backing names for its disk (or an image to adopt, or nothing), and starts
+// the daemon that writes them with every disk's chain open below (chains:
+// the committed images, newest first). Begin without a writer made ahead.
+func (s *Store) openWriter(ctx context.Context, w *Writer, backing map[string]string, chains map[string][]string) error {
+	spec := w.spec
+	names := make([]string, len(spec.Disks))
+	files := make([]string, len(spec.Disks))
+	below := make([][]string, len(spec.Disks))
+	w.index, w.below = map[string]int{}, map[string]string{}
+	for i, d := range spec.Disks {
+		path := s.abs(w.disks[d.Name].file)
+		if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+			return fmt.Errorf("vm %q disk %q: %w", spec.VM, d.Name, err)
+		}
+		bfmt := ""
+		if backing[d.Name] != "" {
+			bfmt = "qcow2"
+		}
+		if d.Seed != "" {
+			info, err := qemu.ReadImageInfo(ctx, d.Seed)
+			if err != nil {
+				return fmt.Errorf("vm %q disk %q: the image to adopt: %w", spec.VM, d.Name, err)
+			}
+			if info.VirtualSize != d.Size {
+				return fmt.Errorf("vm %q disk %q: the image to adopt, %s, is %d bytes, not the disk's %d", spec.VM, d.Name, d.Seed, info.VirtualSize, d.Size)
+			}
+			bfmt = info.Format
+		}
+		if err := createPointImage(ctx, path, d.Size, backing[d.Name], bfmt); err != nil {
+			return fmt.Errorf("vm %q disk %q: creating the image of point %d: %w", spec.VM, d.Name, spec.ID, err)
+		}
+		names[i], files[i], below[i] = d.Name, path, chains[d.Name]
+		w.index[d.Name] = i
+		if c := chains[d.Name]; len(c) > 0 {
+			w.below[d.Name] = chainNode(i, c[0])
+		}
+	}
+	var err error
+	if w.daemon, err = s.startDaemon(ctx, s.abs(w.rec.RunDir), names, files, below, true); err != nil {
+		return fmt.Errorf("vm %q point %d: %w", spec.VM, spec.ID, err)
+	}
+	return nil
 }
 
 func checkSpec(spec BeginSpec) error {
