@@ -2,9 +2,11 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -21,6 +23,11 @@ type incrementalRow struct {
 	Cycle                   toolRow
 	Rsync                   toolRow
 	Apply                   toolRow // the same writes applied to a raw copy: an incremental cycle's limit
+	// Rounds: each round writes a new change of the same size and replicates
+	// it; Cycle and Apply are the median rounds', CycleWalls and ApplyWalls
+	// every round's.
+	Rounds                 int
+	CycleWalls, ApplyWalls []float64
 }
 
 type incrementalResult struct {
@@ -109,60 +116,91 @@ func incrementalOn(ctx context.Context, e *env, diskSize int64, format string, m
 		changes = append(changes, c.IncrMore)
 	}
 	for i, change := range changes {
-		row := incrementalRow{DiskSize: diskSize, Format: format, Data: c.IncrData, Written: change, Initial: initial, Empty: empty}
-		e.progress("incremental, %s disk: %s of random 4–64 KiB writes, then one cycle", what, size(change))
-		var writes []write
-		if err := vm.Guest.Small(ctx, change, func(op workload.Op, data []byte) {
-			writes = append(writes, write{op.Offset, bytes.Clone(data)})
-		}); err != nil {
-			return nil, err
+		row := incrementalRow{DiskSize: diskSize, Format: format, Data: c.IncrData, Written: change, Initial: initial, Empty: empty, Rounds: 1}
+		if i == 0 {
+			row.Rounds = max(c.IncrRounds, 1)
 		}
-		if err := vm.Flush(ctx); err != nil {
-			return nil, err
-		}
-		pt, m, ph, err := rep.Cycle(ctx)
-		if err != nil {
-			return nil, err
-		}
-		row.Cycle = toolRow{Tool: "lifeboat", M: m, CPU: lifeboatCPU(m), Phases: ph,
-			Changed: pt.Stats.BytesChanged, Sent: pt.Stats.BytesSent}
-		ok, err := rep.Identical(ctx, pt.ID, vm.Image)
-		if err != nil {
-			return nil, fmt.Errorf("compare the replica with the source: %w", err)
-		}
-		row.Cycle.Identical = yesNo(ok)
-
-		row.Rsync.Tool = "rsync"
-		switch {
-		case !haveRsync:
-			row.Rsync.Skipped = missing("rsync")
-		case i > 0:
-			row.Rsync.Skipped = "not run for the larger change (its cost is reading both files, as above)"
-		default:
-			e.progress("incremental, %s disk: rsync", what)
-			args := append(append([]string(nil), rsync...), vm.Image, replica)
-			row.Rsync.M, err = measure(func() error { return runDurable(ctx, replica, "rsync", args...) })
+		var cycles, applies []toolRow
+		for round := range row.Rounds {
+			e.progress("incremental, %s disk: %s of random 4–64 KiB writes, then one cycle (round %d/%d)", what, size(change), round+1, row.Rounds)
+			var writes []write
+			if err := vm.Guest.Small(ctx, change, func(op workload.Op, data []byte) {
+				writes = append(writes, write{op.Offset, bytes.Clone(data)})
+			}); err != nil {
+				return nil, err
+			}
+			if err := vm.Flush(ctx); err != nil {
+				return nil, err
+			}
+			pt, m, ph, err := rep.Cycle(ctx)
 			if err != nil {
 				return nil, err
 			}
-			row.Rsync.CPU = peerCPU(row.Rsync.M)
-		}
+			cycle := toolRow{Tool: "lifeboat", M: m, CPU: lifeboatCPU(m), Phases: ph,
+				Changed: pt.Stats.BytesChanged, Sent: pt.Stats.BytesSent}
+			ok, err := rep.Identical(ctx, pt.ID, vm.Image)
+			if err != nil {
+				return nil, fmt.Errorf("compare the replica with the source: %w", err)
+			}
+			cycle.Identical = yesNo(ok)
+			cycles = append(cycles, cycle)
 
-		e.progress("incremental, %s disk: the same writes applied to a raw copy (pwrite, fdatasync)", what)
-		row.Apply = toolRow{Tool: "direct apply"}
-		row.Apply.M, err = measure(func() error { return applyWrites(direct, writes) })
-		if err != nil {
-			return nil, err
+			if round == 0 {
+				row.Rsync.Tool = "rsync"
+				switch {
+				case !haveRsync:
+					row.Rsync.Skipped = missing("rsync")
+				case i > 0:
+					row.Rsync.Skipped = "not run for the larger change (its cost is reading both files, as above)"
+				default:
+					e.progress("incremental, %s disk: rsync", what)
+					args := append(append([]string(nil), rsync...), vm.Image, replica)
+					row.Rsync.M, err = measure(func() error { return runDurable(ctx, replica, "rsync", args...) })
+					if err != nil {
+						return nil, err
+					}
+					row.Rsync.CPU = peerCPU(row.Rsync.M)
+				}
+			}
+
+			e.progress("incremental, %s disk: the same writes applied to a raw copy (pwrite, fdatasync)", what)
+			apply := toolRow{Tool: "direct apply"}
+			apply.M, err = measure(func() error { return applyWrites(direct, writes) })
+			if err != nil {
+				return nil, err
+			}
+			apply.CPU = cpuSplit{Own: apply.M.CPU.Self}
+			ok, err = qemu.Compare(ctx, vm.Image, direct)
+			if err != nil {
+				return nil, fmt.Errorf("compare the direct copy with the source: %w", err)
+			}
+			apply.Identical = yesNo(ok)
+			applies = append(applies, apply)
 		}
-		row.Apply.CPU = cpuSplit{Own: row.Apply.M.CPU.Self}
-		ok, err = qemu.Compare(ctx, vm.Image, direct)
-		if err != nil {
-			return nil, fmt.Errorf("compare the direct copy with the source: %w", err)
-		}
-		row.Apply.Identical = yesNo(ok)
+		row.Cycle, row.CycleWalls = medianRound(cycles)
+		row.Apply, row.ApplyWalls = medianRound(applies)
 		rows = append(rows, row)
 	}
 	return rows, nil
+}
+
+// medianRound returns the round of median wall time (the lower of the two
+// middle ones for an even count), marked not identical if any round was
+// not, and every round's wall time in seconds, in order.
+func medianRound(rounds []toolRow) (toolRow, []float64) {
+	walls := make([]float64, len(rounds))
+	idx := make([]int, len(rounds))
+	for i, r := range rounds {
+		walls[i], idx[i] = r.M.Wall.Seconds(), i
+	}
+	slices.SortFunc(idx, func(a, b int) int { return cmp.Compare(walls[a], walls[b]) })
+	m := rounds[idx[(len(idx)-1)/2]]
+	for _, r := range rounds {
+		if r.Identical != "yes" {
+			m.Identical = r.Identical
+		}
+	}
+	return m, walls
 }
 
 // write is one guest write, kept for the direct application.
@@ -205,10 +243,22 @@ func rsyncArgs() []string {
 	return []string{"--inplace", "--no-whole-file", "--ignore-times"}
 }
 
+// roundsOf lists each round's time, in order.
+func roundsOf(walls []float64) string {
+	if len(walls) < 2 {
+		return "-"
+	}
+	parts := make([]string, len(walls))
+	for i, w := range walls {
+		parts[i] = fmt.Sprintf("%.2f", w)
+	}
+	return strings.Join(parts, " / ")
+}
+
 func (r *incrementalResult) print(e *env) {
 	e.printf("\n## 2. Incremental cycle: random 4–64 KiB writes, then one cycle (zstd) vs rsync %s of the image file, and vs the same writes applied directly to a copy\n\n",
 		strings.Join(r.RsyncArgs, " "))
-	t := e.table("disk", "data", "written", "changed (64 KiB blocks)", "sent", "lifeboat", "prepare / send / commit", "CPU s", "own + source qsd + recovery qemu", "rsync", "CPU s", "lifeboat speed vs rsync", "CPU vs rsync", "direct apply", "lifeboat time vs apply", "replica identical")
+	t := e.table("disk", "data", "written", "changed (64 KiB blocks)", "sent", "lifeboat", "rounds", "prepare / send / commit", "CPU s", "own + source qsd + recovery qemu", "rsync", "CPU s", "lifeboat speed vs rsync", "CPU vs rsync", "direct apply", "lifeboat time vs apply", "replica identical")
 	for _, row := range r.Rows {
 		rs, rsCPU, vs, vsCPU := "-", "-", "-", "-"
 		if row.Rsync.Skipped == "" {
@@ -221,7 +271,7 @@ func (r *incrementalResult) print(e *env) {
 			same += " (direct copy: " + row.Apply.Identical + ")"
 		}
 		t.row(size(row.DiskSize)+" "+row.Format, size(row.Data), size(row.Written), size(row.Cycle.Changed), size(row.Cycle.Sent),
-			secs(row.Cycle.M.Wall.Seconds()), row.Cycle.Phases.String(), fmt.Sprintf("%.1f", row.Cycle.CPU.Total()), row.Cycle.CPU.String(), rs, rsCPU, vs, vsCPU,
+			secs(row.Cycle.M.Wall.Seconds()), roundsOf(row.CycleWalls), row.Cycle.Phases.String(), fmt.Sprintf("%.1f", row.Cycle.CPU.Total()), row.Cycle.CPU.String(), rs, rsCPU, vs, vsCPU,
 			secs(row.Apply.M.Wall.Seconds()), ratio(row.Cycle.M.Wall.Seconds(), row.Apply.M.Wall.Seconds()), same)
 	}
 	t.flush()
@@ -230,11 +280,13 @@ func (r *incrementalResult) print(e *env) {
 			e.printf("rsync on %s %s: skipped: %s\n", size(row.DiskSize), row.Format, row.Rsync.Skipped)
 		}
 	}
-	e.printf("\nOne run each. Goals: lifeboat ≥ 20× rsync, and within 3× of the direct application. rsync reads both image files\n" +
-		"whole (a raw image's whole virtual size); lifeboat reads only the blocks the dirty bitmap names. Direct apply: this\n" +
-		"process pwrites the very writes the guest made (kept in memory) into a raw copy of the disk and fdatasyncs it, the\n" +
-		"least an incremental cycle must do. CPU counts lifeboat's process and the QEMU daemons on both sides; rsync's, its\n" +
-		"processes and the (idle) source daemon.\n")
+	e.printf("\nThe first change is made and replicated %d times on each disk (each round new writes of the same size): lifeboat and\n"+
+		"direct apply are the median round's (rounds: each round's cycle, in order), rsync the first round's; the larger change\n"+
+		"runs once. Goals: lifeboat ≥ 20× rsync, and within 3× of the direct application. rsync reads both image files\n"+
+		"whole (a raw image's whole virtual size); lifeboat reads only the blocks the dirty bitmap names. Direct apply: this\n"+
+		"process pwrites the very writes the guest made (kept in memory) into a raw copy of the disk and fdatasyncs it, the\n"+
+		"least an incremental cycle must do. CPU counts lifeboat's process and the QEMU daemons on both sides; rsync's, its\n"+
+		"processes and the (idle) source daemon.\n", e.cfg.IncrRounds)
 	if len(r.Rows) > 0 {
 		first := r.Rows[0]
 		e.printf("\nlifeboat / the limits:\n")

@@ -30,6 +30,9 @@ type config struct {
 	// Incremental: disks of IncrDisks each holding IncrData, IncrChange of small writes.
 	IncrDisks            []int64
 	IncrData, IncrChange int64
+	// IncrRounds is how many times the change IncrChange is written and
+	// replicated on each disk: the figures are the median round's.
+	IncrRounds int
 	// IncrMore is a larger change on the first disk, to show the cycle grows with
 	// the changed data; 0 skips it.
 	IncrMore int64
@@ -73,7 +76,7 @@ const (
 func defaultConfig() config {
 	return config{
 		InitDisk: 4 * gib, InitData: 2 * gib, Rounds: 3,
-		IncrDisks: []int64{16 * gib, 64 * gib}, IncrData: 4 * gib, IncrChange: 64 * mib, IncrMore: 256 * mib, IncrRaw: 16 * gib,
+		IncrDisks: []int64{16 * gib, 64 * gib}, IncrData: 4 * gib, IncrChange: 64 * mib, IncrMore: 256 * mib, IncrRaw: 16 * gib, IncrRounds: 3,
 		WireChange: 256 * mib,
 		MetaDisk:   16 * tib, MetaData: 3 * gib, MetaDiscard: 4 * tib,
 		LibvirtDisk: 2 * gib, LibvirtData: 1 * gib, LibvirtChange: 128 * mib, LibvirtRounds: 3, LibvirtInitRounds: 5,
@@ -87,7 +90,7 @@ func defaultConfig() config {
 func quickConfig() config {
 	return config{
 		InitDisk: 256 * mib, InitData: 128 * mib, Rounds: 1,
-		IncrDisks: []int64{512 * mib, 2 * gib}, IncrData: 128 * mib, IncrChange: 8 * mib, IncrMore: 32 * mib, IncrRaw: 512 * mib,
+		IncrDisks: []int64{512 * mib, 2 * gib}, IncrData: 128 * mib, IncrChange: 8 * mib, IncrMore: 32 * mib, IncrRaw: 512 * mib, IncrRounds: 1,
 		WireChange: 16 * mib,
 		MetaDisk:   1 * tib, MetaData: 96 * mib, MetaDiscard: 256 * gib,
 		LibvirtDisk: 256 * mib, LibvirtData: 128 * mib, LibvirtChange: 16 * mib, LibvirtRounds: 1, LibvirtInitRounds: 1,
