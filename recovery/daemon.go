@@ -154,11 +154,23 @@ func (s *Store) openImage(ctx context.Context, d *qemu.Daemon, i int, name, file
 	}
 	if writable {
 		spec["discard"] = "unmap" // zeroed ranges leave no data behind
+		// No flush to the disk while the point is written: qcow2 syncs
+		// each new L2 table's L1 entry (a flush per 256 MiB of the disk
+		// that the point first writes into, with subclusters), and a
+		// point not committed is thrown away whole, so the order in which
+		// its metadata reaches the disk does not matter until the commit,
+		// which fdatasyncs every image once its node is closed
+		// (Writer.Commit: syncFiles). 2800 random writes spread over a
+		// new overlay of a 64 GiB disk (qemu-img bench, 3 runs each):
+		// 64 KiB 0.37–0.41 s, 0.24–0.28 s without the flushes; 4 KiB
+		// 0.32–0.37 s, 0.19–0.25 s.
+		cache := map[string]any{"no-flush": true}
+		spec["cache"] = cache
 		if s.direct {
 			// A point's blocks are written once and not read back soon:
 			// the page cache would only cost a copy of each, and on some
 			// hosts that copy is most of the writer's CPU (see directIO).
-			spec["cache"] = map[string]any{"direct": true}
+			cache["direct"] = true
 			// With O_DIRECT, Linux AIO submits each write from the
 			// daemon's own thread instead of handing it to a worker
 			// thread and back: 2048 random 64 KiB writes cost the daemon

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -762,6 +763,9 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 		}
 	}
 	closed := time.Now()
+	if err := w.s.syncFiles(w.rec.Files); err != nil {
+		return lifeboat.Point{}, fmt.Errorf("vm %q point %d: %w", vm, id, err)
+	}
 	if err := w.s.syncDirs(w.rec.Files); err != nil {
 		return lifeboat.Point{}, fmt.Errorf("vm %q point %d: %w", vm, id, err)
 	}
@@ -914,6 +918,26 @@ func (s *Store) discardPending(ctx context.Context, vm string, p pendingRecord) 
 		}
 		return b.Delete(idKey(p.ID))
 	})
+}
+
+// syncFiles makes the point images rels durable (fdatasync), after the
+// daemon that wrote them closed them: it writes them without flushes (see
+// openImage), so this is where their data and metadata reach the disk.
+func (s *Store) syncFiles(rels []string) error {
+	for _, rel := range rels {
+		f, err := os.Open(s.abs(rel))
+		if err != nil {
+			return fmt.Errorf("syncing %s: %w", rel, err)
+		}
+		err = syscall.Fdatasync(int(f.Fd()))
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return s.full(fmt.Errorf("syncing %s: %w", rel, err))
+		}
+	}
+	return nil
 }
 
 // syncDirs makes the directory entries of new images durable before the
