@@ -920,6 +920,10 @@ func (s *Store) discardPending(ctx context.Context, vm string, p pendingRecord) 
 	})
 }
 
+// testHookSync, when set (by a test), is called before each image's
+// fdatasync at commit, and its error taken as the fdatasync's.
+var testHookSync func(rel string) error
+
 // syncFiles makes the point images rels durable (fdatasync), after the
 // daemon that wrote them closed them: it writes them without flushes (see
 // openImage), so this is where their data and metadata reach the disk.
@@ -929,7 +933,12 @@ func (s *Store) syncFiles(rels []string) error {
 		if err != nil {
 			return fmt.Errorf("syncing %s: %w", rel, err)
 		}
-		err = syscall.Fdatasync(int(f.Fd()))
+		if testHookSync != nil {
+			err = testHookSync(rel)
+		}
+		if err == nil {
+			err = syscall.Fdatasync(int(f.Fd()))
+		}
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
