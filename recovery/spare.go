@@ -199,7 +199,7 @@ func (s *Store) makeSpare(ctx context.Context, sp *spare) (err error) {
 	for i, disk := range disks {
 		img := s.abs(spareImage(vm, disk, sp.runDir))
 		sp.images[disk] = img
-		if err := createPointImage(ctx, img, sp.sizes[disk], s.abs(sp.files[disk]), "qcow2"); err != nil {
+		if err := s.createPointImage(ctx, img, sp.sizes[disk], s.abs(sp.files[disk]), "qcow2"); err != nil {
 			return fmt.Errorf("disk %q: %w", disk, err)
 		}
 		names[i], files[i], below[i] = disk, img, chains[disk]
@@ -253,7 +253,7 @@ func (s *Store) carrySpare(ctx context.Context, sp *spare, from *spare) error {
 		}
 		img := s.abs(spareImage(vm, d.Name, next.runDir))
 		next.images[d.Name] = img
-		if err := createPointImage(ctx, img, d.Size, s.abs(d.File), "qcow2"); err != nil {
+		if err := s.createPointImage(ctx, img, d.Size, s.abs(d.File), "qcow2"); err != nil {
 			s.removeSpareImages(next)
 			return fmt.Errorf("disk %q: %w", d.Name, err)
 		}

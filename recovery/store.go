@@ -56,6 +56,9 @@ type Store struct {
 	// prealloc: the writer daemon puts QEMU's preallocate filter under new
 	// images (see startDaemonOnce); cleared for good if QEMU lacks it.
 	prealloc atomic.Bool
+	// plainImages: this QEMU makes no qcow2 subclusters (older than 5.2),
+	// so points are created without pointImageOpts (createPointImage).
+	plainImages atomic.Bool
 
 	mu      sync.Mutex
 	locks   map[string]*vmLock

@@ -54,3 +54,38 @@ func TestPointImagesHaveSubclusters(t *testing.T) {
 		t.Fatalf("points after retention: %v, want the last 2", ids)
 	}
 }
+
+// A qemu-img that does not know extended_l2 (QEMU older than 5.2) refuses
+// the option by name; the store then makes plain images from then on, and
+// the points are whole. Simulated with an option this qemu-img refuses the
+// same way ("Invalid parameter 'extended_l2_…'").
+func TestPointImagesWithoutSubclusters(t *testing.T) {
+	requireQEMU(t)
+	saved := pointImageOpts
+	t.Cleanup(func() { pointImageOpts = saved })
+	pointImageOpts = []string{"extended_l2_older_qemu=on"}
+	s := openStore(t, t.TempDir(), 24)
+	const size = 4 << 20
+	m := model{}
+	for id := uint64(1); id <= 3; id++ {
+		spareOf(s, "vm1")
+		p := begin(t, s, "vm1", id, m, DiskSpec{Name: "vda", Size: size, Resync: id == 1})
+		p.data("vda", p.rng.Int64N(60), 2)
+		if id > 1 {
+			p.patch("vda", p.rng.Int64N(60), 0x00f0)
+		}
+		file := p.w.disks["vda"].file
+		p.commit()
+		info, err := qemu.ReadImageInfo(testCtx(t), s.abs(file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.ExtendedL2 {
+			t.Errorf("point %d: image %s has subclusters", id, file)
+		}
+		checkPoint(t, s, "vm1", id, m)
+	}
+	if !s.plainImages.Load() {
+		t.Error("the store did not note that this QEMU makes plain images only")
+	}
+}

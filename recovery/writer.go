@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -365,7 +366,7 @@ func (s *Store) openWriter(ctx context.Context, w *Writer, backing map[string]st
 			}
 			bfmt = info.Format
 		}
-		if err := createPointImage(ctx, path, d.Size, backing[d.Name], bfmt); err != nil {
+		if err := s.createPointImage(ctx, path, d.Size, backing[d.Name], bfmt); err != nil {
 			return fmt.Errorf("vm %q disk %q: creating the image of point %d: %w", spec.VM, d.Name, spec.ID, err)
 		}
 		names[i], files[i], below[i] = d.Name, path, chains[d.Name]
@@ -1022,8 +1023,22 @@ var pointImageOpts = []string{"extended_l2=on"}
 // createPointImage creates a point's image of size bytes above backing (none
 // when ""), readable by its owner only: a replica is the VM's data (qemu-img
 // makes 0644; a failover under libvirt lets QEMU's user pass the directories).
-func createPointImage(ctx context.Context, path string, size int64, backing, backingFormat string) error {
-	if err := qemu.CreateImage(ctx, path, "qcow2", size, backing, backingFormat, pointImageOpts...); err != nil {
+// A qemu-img that does not know pointImageOpts (QEMU older than 5.2) makes
+// it plain, and every later one, with a warning once.
+func (s *Store) createPointImage(ctx context.Context, path string, size int64, backing, backingFormat string) error {
+	opts := pointImageOpts
+	if s.plainImages.Load() {
+		opts = nil
+	}
+	err := qemu.CreateImage(ctx, path, "qcow2", size, backing, backingFormat, opts...)
+	if err != nil && len(opts) > 0 && strings.Contains(err.Error(), "extended_l2") {
+		if !s.plainImages.Swap(true) {
+			s.log.Warn("this QEMU cannot make qcow2 subclusters (5.2 or later can): new restore points are plain qcow2, slower to write in part and to merge", "err", err)
+		}
+		_ = os.Remove(path)
+		err = qemu.CreateImage(ctx, path, "qcow2", size, backing, backingFormat)
+	}
+	if err != nil {
 		return err
 	}
 	return os.Chmod(path, 0o600)
