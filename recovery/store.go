@@ -167,6 +167,15 @@ func (s *Store) recover(ctx context.Context) error {
 	if err := s.db.View(func(tx *bolt.Tx) error { vms = listVMs(tx); return nil }); err != nil {
 		return err
 	}
+	// Nothing runs yet: whatever a crash left in the runtime directory is
+	// stale, and so are the images of writers made ahead. Its daemons go
+	// first: one may hold an image that a merge must finish writing (a
+	// merge's read-back check opens the merged point with QEMU's locks; a
+	// lifeboat killed meanwhile leaves it running, and the merge's commit
+	// then failed to get its write lock, found by `make soak`).
+	if err := sweepSpares(ctx, s.dir); err != nil {
+		s.log.Warn("could not clear what writers made ahead left", "err", err)
+	}
 	for _, vm := range vms {
 		var pending []pendingRecord
 		err := s.db.View(func(tx *bolt.Tx) (err error) { pending, err = readPending(tx, vm); return err })
@@ -183,11 +192,6 @@ func (s *Store) recover(ctx context.Context) error {
 		if err := s.finishMerge(ctx, vm); err != nil {
 			return fmt.Errorf("recovery store: finishing the interrupted retention merge of vm %q: %w", vm, err)
 		}
-	}
-	// Nothing runs yet: whatever a crash left in the runtime directory is
-	// stale, and so are the images of writers made ahead.
-	if err := sweepSpares(ctx, s.dir); err != nil {
-		s.log.Warn("could not clear what writers made ahead left", "err", err)
 	}
 	run := filepath.Join(s.dir, "run")
 	entries, _ := os.ReadDir(run)
