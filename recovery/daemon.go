@@ -174,8 +174,11 @@ func (s *Store) openImage(ctx context.Context, d *qemu.Daemon, i int, name, file
 			// With O_DIRECT, Linux AIO submits each write from the
 			// daemon's own thread instead of handing it to a worker
 			// thread and back: 2048 random 64 KiB writes cost the daemon
-			// 0.5 CPU s instead of 0.8 here. QEMU falls back to its
-			// thread pool by itself where the kernel refuses an AIO context.
+			// 0.5 CPU s instead of 0.8 here. Where the kernel refuses an
+			// AIO context (fs.aio-max-nr reached: seen once 64 leftover
+			// daemons of killed sites held them all), QEMU 7.2 fails the
+			// blockdev-add ("Unable to use native AIO") rather than fall
+			// back to its thread pool: not handled yet.
 			proto["aio"] = "native"
 		}
 		if prealloc > 0 {
