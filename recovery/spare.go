@@ -282,9 +282,7 @@ func (s *Store) discardSpare(sp *spare) {
 	if sp.timer != nil {
 		sp.timer.Stop()
 	}
-	for _, img := range sp.images {
-		_ = os.Remove(img) // its daemon may hold it open: unlinked all the same
-	}
+	s.removeSpareImages(sp) // its daemon may hold them open: unlinked all the same
 	d, runDir := sp.daemon, sp.runDir
 	s.inBackground(func() {
 		if d != nil {
