@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -71,13 +72,22 @@ func runErr(t *testing.T, args ...string) (string, error) {
 type site struct {
 	name, config, log string
 	cmd               *exec.Cmd
+	// orphans are the QEMU daemons of this site's killed processes: a
+	// restarted site sweeps them itself (what some tests are about), and the
+	// test's cleanup kills what is left, or every killed site of a long run
+	// would keep its daemons, and with them its Linux AIO contexts, until
+	// the machine's fs.aio-max-nr refuses new ones.
+	orphans []int
 }
 
 func startSite(t *testing.T, name, config string) *site {
 	t.Helper()
 	s := &site{name: name, config: config, log: config + ".log"}
 	s.start(t)
-	t.Cleanup(func() { s.kill() })
+	t.Cleanup(func() {
+		s.kill()
+		killOrphans(s.orphans)
+	})
 	return s
 }
 
@@ -106,12 +116,53 @@ func (s *site) start(t *testing.T) {
 	}
 }
 
-// kill is kill -9: no cleanup of any kind runs in the site.
+// kill is kill -9: no cleanup of any kind runs in the site. The QEMU daemons
+// it started live on (a restarted site must deal with them); they are noted
+// for the test's cleanup.
 func (s *site) kill() {
 	if s.cmd != nil && s.cmd.Process != nil {
+		s.orphans = append(s.orphans, childDaemons(s.cmd.Process.Pid)...)
 		s.cmd.Process.Signal(syscall.SIGKILL)
 		s.cmd.Wait()
 		s.cmd = nil
+	}
+}
+
+// childDaemons lists the qemu-storage-daemon processes whose parent is pid.
+func childDaemons(pid int) []int {
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		child, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", child))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces, so split after its ')'.
+		i := bytes.LastIndexByte(stat, ')')
+		f := strings.Fields(string(stat[i+1:]))
+		if len(f) > 1 && f[1] == strconv.Itoa(pid) && isDaemon(child) {
+			out = append(out, child)
+		}
+	}
+	return out
+}
+
+func isDaemon(pid int) bool {
+	cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	arg0, _, _ := bytes.Cut(cmd, []byte{0})
+	return err == nil && filepath.Base(string(arg0)) == "qemu-storage-daemon"
+}
+
+// killOrphans kills those of pids that are still QEMU daemons.
+func killOrphans(pids []int) {
+	for _, pid := range pids {
+		if isDaemon(pid) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
 	}
 }
 
