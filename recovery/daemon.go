@@ -140,6 +140,55 @@ func bounded(ctx context.Context, d *qemu.Daemon, what string, cmd func(context.
 	return errors.Join(err, d.Kill())
 }
 
+// testHookBlockdevAdd, when set, may refuse a blockdev-add before QEMU sees
+// it (tests: errors a real QEMU gives only when the whole machine is short of
+// something).
+var testHookBlockdevAdd func(spec map[string]any) error
+
+// blockdevAdd adds the node spec describes to d. Linux AIO needs a context
+// of the kernel's, and a host has fs.aio-max-nr events for all of them
+// (1024 per QEMU daemon that uses it: a host running many VMs with
+// aio=native, or daemons that a crash left, can use them all). QEMU 7.2 then
+// fails the blockdev-add ("Unable to use native AIO") instead of falling back
+// to its thread pool, which would fail every point from then on: the store
+// falls back itself, with a warning, and opens files without native AIO from
+// then on.
+func (s *Store) blockdevAdd(ctx context.Context, d *qemu.Daemon, spec map[string]any) error {
+	if s.noNativeAIO.Load() {
+		withoutNativeAIO(spec)
+	}
+	add := func() error {
+		if h := testHookBlockdevAdd; h != nil {
+			if err := h(spec); err != nil {
+				return err
+			}
+		}
+		return d.Monitor().BlockdevAdd(ctx, spec)
+	}
+	err := add()
+	if err != nil && strings.Contains(err.Error(), "native AIO") && withoutNativeAIO(spec) {
+		if !s.noNativeAIO.Swap(true) {
+			s.log.Warn("the kernel refused QEMU a Linux AIO context (is fs.aio-max-nr reached? see /proc/sys/fs/aio-nr): restore points are written through QEMU's thread pool from now on (more CPU)", "err", err)
+		}
+		err = add()
+	}
+	return err
+}
+
+// withoutNativeAIO removes aio=native from every file node of spec and says
+// whether there was one.
+func withoutNativeAIO(spec map[string]any) bool {
+	found := false
+	for m := spec; m != nil; {
+		if m["aio"] == "native" {
+			delete(m, "aio")
+			found = true
+		}
+		m, _ = m["file"].(map[string]any)
+	}
+	return found
+}
+
 // openImage opens file in d as node d<i>, above the node below ("" for
 // none: its header says), and exports it as name.
 func (s *Store) openImage(ctx context.Context, d *qemu.Daemon, i int, name, file, below string, writable bool, prealloc int64) error {
@@ -175,10 +224,7 @@ func (s *Store) openImage(ctx context.Context, d *qemu.Daemon, i int, name, file
 			// daemon's own thread instead of handing it to a worker
 			// thread and back: 2048 random 64 KiB writes cost the daemon
 			// 0.5 CPU s instead of 0.8 here. Where the kernel refuses an
-			// AIO context (fs.aio-max-nr reached: seen once 64 leftover
-			// daemons of killed sites held them all), QEMU 7.2 fails the
-			// blockdev-add ("Unable to use native AIO") rather than fall
-			// back to its thread pool: not handled yet.
+			// AIO context, blockdevAdd falls back to the thread pool.
 			proto["aio"] = "native"
 		}
 		if prealloc > 0 {
@@ -198,14 +244,14 @@ func (s *Store) openImage(ctx context.Context, d *qemu.Daemon, i int, name, file
 		spec["backing"] = below
 	}
 	add := func(ctx context.Context) error {
-		err := d.Monitor().BlockdevAdd(ctx, spec)
+		err := s.blockdevAdd(ctx, d, spec)
 		if f, ok := spec["file"].(map[string]any); ok && err != nil && f["driver"] == "preallocate" && strings.Contains(err.Error(), "preallocate") {
 			// A QEMU older than 6.0 has no preallocate filter: write
 			// through the file alone from now on.
 			s.log.Warn("this QEMU has no preallocate filter: new restore points are written without it (slower)", "err", err)
 			s.prealloc.Store(false)
 			spec["file"] = proto
-			err = d.Monitor().BlockdevAdd(ctx, spec)
+			err = s.blockdevAdd(ctx, d, spec)
 		}
 		return err
 	}
@@ -240,7 +286,7 @@ func (s *Store) addChain(ctx context.Context, d *qemu.Daemon, disk int, below st
 		if below != "" {
 			spec["backing"] = below
 		}
-		if err := d.Monitor().BlockdevAdd(ctx, spec); err != nil {
+		if err := s.blockdevAdd(ctx, d, spec); err != nil {
 			return "", fmt.Errorf("opening %s: %w", files[j], err)
 		}
 		below = name

@@ -59,6 +59,9 @@ type Store struct {
 	// plainImages: this QEMU makes no qcow2 subclusters (older than 5.2),
 	// so points are created without pointImageOpts (createPointImage).
 	plainImages atomic.Bool
+	// noNativeAIO: the kernel refused QEMU a Linux AIO context; files are
+	// opened with QEMU's thread pool from then on (blockdevAdd).
+	noNativeAIO atomic.Bool
 
 	mu      sync.Mutex
 	locks   map[string]*vmLock

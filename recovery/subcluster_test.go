@@ -1,6 +1,8 @@
 package recovery
 
 import (
+	"fmt"
+	"sync/atomic"
 	"testing"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -87,5 +89,53 @@ func TestPointImagesWithoutSubclusters(t *testing.T) {
 	}
 	if !s.plainImages.Load() {
 		t.Error("the store did not note that this QEMU makes plain images only")
+	}
+}
+
+// TestWriterWithoutNativeAIO: where the kernel refuses QEMU a Linux AIO
+// context (fs.aio-max-nr reached), QEMU 7.2 fails the blockdev-add; the store
+// must fall back to QEMU's thread pool rather than fail every point. The
+// refusal is injected (testHookBlockdevAdd, with QEMU's own message): using
+// up the machine's AIO events for real would fail every other test running
+// beside this one.
+func TestWriterWithoutNativeAIO(t *testing.T) {
+	requireQEMU(t)
+	var refused, native atomic.Int32
+	testHookBlockdevAdd = func(spec map[string]any) error {
+		for m := spec; m != nil; m, _ = m["file"].(map[string]any) {
+			if m["aio"] == "native" {
+				native.Add(1)
+				if refused.Add(1) == 1 {
+					return fmt.Errorf("Could not open '%v': Unable to use native AIO: failed to create linux AIO context: Resource temporarily unavailable", m["filename"])
+				}
+			}
+		}
+		return nil
+	}
+	t.Cleanup(func() { testHookBlockdevAdd = nil })
+	s := openStore(t, t.TempDir(), 24)
+	if !s.direct {
+		t.Skip("the test directory's file system has no O_DIRECT: the writer uses no native AIO there")
+	}
+	const size = 4 << 20
+	m := model{}
+	for id := uint64(1); id <= 3; id++ {
+		spareOf(s, "vm1")
+		p := begin(t, s, "vm1", id, m, DiskSpec{Name: "vda", Size: size, Resync: id == 1})
+		p.data("vda", p.rng.Int64N(60), 2)
+		if id > 1 {
+			p.patch("vda", p.rng.Int64N(60), 0x0f00)
+		}
+		p.commit()
+		checkPoint(t, s, "vm1", id, m)
+	}
+	if refused.Load() == 0 {
+		t.Fatal("no blockdev-add asked for native AIO: the test tests nothing")
+	}
+	if !s.noNativeAIO.Load() {
+		t.Error("the store did not note that native AIO is refused")
+	}
+	if n := native.Load(); n != 1 {
+		t.Errorf("%d blockdev-adds asked for native AIO; after the first refusal none should", n)
 	}
 }
