@@ -67,17 +67,7 @@ func TestPointImagesWithoutSubclusters(t *testing.T) {
 	t.Cleanup(func() { pointImageOpts = saved })
 	pointImageOpts = []string{"extended_l2_older_qemu=on"}
 	s := openStore(t, t.TempDir(), 24)
-	const size = 4 << 20
-	m := model{}
-	for id := uint64(1); id <= 3; id++ {
-		spareOf(s, "vm1")
-		p := begin(t, s, "vm1", id, m, DiskSpec{Name: "vda", Size: size, Resync: id == 1})
-		p.data("vda", p.rng.Int64N(60), 2)
-		if id > 1 {
-			p.patch("vda", p.rng.Int64N(60), 0x00f0)
-		}
-		file := p.w.disks["vda"].file
-		p.commit()
+	writeThreePoints(t, s, func(id uint64, file string) {
 		info, err := qemu.ReadImageInfo(testCtx(t), s.abs(file))
 		if err != nil {
 			t.Fatal(err)
@@ -85,8 +75,7 @@ func TestPointImagesWithoutSubclusters(t *testing.T) {
 		if info.ExtendedL2 {
 			t.Errorf("point %d: image %s has subclusters", id, file)
 		}
-		checkPoint(t, s, "vm1", id, m)
-	}
+	})
 	if !s.plainImages.Load() {
 		t.Error("the store did not note that this QEMU makes plain images only")
 	}
@@ -117,18 +106,7 @@ func TestWriterWithoutNativeAIO(t *testing.T) {
 	if !s.direct {
 		t.Skip("the test directory's file system has no O_DIRECT: the writer uses no native AIO there")
 	}
-	const size = 4 << 20
-	m := model{}
-	for id := uint64(1); id <= 3; id++ {
-		spareOf(s, "vm1")
-		p := begin(t, s, "vm1", id, m, DiskSpec{Name: "vda", Size: size, Resync: id == 1})
-		p.data("vda", p.rng.Int64N(60), 2)
-		if id > 1 {
-			p.patch("vda", p.rng.Int64N(60), 0x0f00)
-		}
-		p.commit()
-		checkPoint(t, s, "vm1", id, m)
-	}
+	writeThreePoints(t, s, func(uint64, string) {})
 	if refused.Load() == 0 {
 		t.Fatal("no blockdev-add asked for native AIO: the test tests nothing")
 	}
@@ -137,5 +115,26 @@ func TestWriterWithoutNativeAIO(t *testing.T) {
 	}
 	if n := native.Load(); n != 1 {
 		t.Errorf("%d blockdev-adds asked for native AIO; after the first refusal none should", n)
+	}
+}
+
+// writeThreePoints writes points 1–3 of vm1 (a resync, then blocks and a
+// patch each), calls check with each point's image of vda once committed,
+// and checks that every point reads back byte-exact.
+func writeThreePoints(t *testing.T, s *Store, check func(id uint64, file string)) {
+	t.Helper()
+	const size = 4 << 20
+	m := model{}
+	for id := uint64(1); id <= 3; id++ {
+		spareOf(s, "vm1")
+		p := begin(t, s, "vm1", id, m, DiskSpec{Name: "vda", Size: size, Resync: id == 1})
+		p.data("vda", p.rng.Int64N(60), 2)
+		if id > 1 {
+			p.patch("vda", p.rng.Int64N(60), 0x00f0)
+		}
+		file := p.w.disks["vda"].file
+		p.commit()
+		check(id, file)
+		checkPoint(t, s, "vm1", id, m)
 	}
 }
