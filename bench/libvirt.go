@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -138,7 +139,8 @@ type libvirtResult struct {
 	Incr                 [][2]libvirtRow // each round: lifeboat, virtnbdbackup -l inc
 	VnbArgs              []string
 	VnbVersion, Libvirtd string
-	VnbRestored          string // virtnbdbackup's chain restored and compared with the disk at the end
+	VnbRestored          string    // virtnbdbackup's chain restored and compared with the disk at the end
+	Floor                floorCost // what lifeboat cannot skip for the data, beyond virtnbdbackup's work
 }
 
 // libvirtMissing says why the libvirt benchmark cannot run, or "".
@@ -181,6 +183,7 @@ func benchLibvirt(ctx context.Context, e *env) (*libvirtResult, error) {
 		res.Skipped = why
 		return res, nil
 	}
+	res.Floor = measureFloor(res.Data)
 	res.VnbVersion = toolVersion(ctx, vnbTool, "--version")
 	res.Libvirtd = toolVersion(ctx, "libvirtd", "--version")
 	lv, err := startLibvirtRig(ctx, e)
@@ -720,6 +723,15 @@ func (r *libvirtResult) print(e *env) {
 	t.row("incremental CPU, tool's own at both sites, median", secs(col(0, own)), secs(col(1, own)), ratio(col(0, own), col(1, own)), "-")
 	t.row("incremental CPU, with QEMU and libvirtd, median", secs(col(0, all)), secs(col(1, all)), ratio(col(0, all), col(1, all)), "-")
 	t.flush()
+	vnb := r.Initial[1]
+	floor := vnb.AllCPU() + r.Floor.Total().Seconds()
+	best := floor / float64(runtime.NumCPU())
+	e.printf("\nThe initial sync's floor on this machine: virtnbdbackup's -l full took %.1f CPU s with the domain's QEMU and\n"+
+		"libvirtd; lifeboat must also hash the %s at both sites (%.2f s each) and seal and open it (%.2f s): %.1f CPU s\n"+
+		"at the least with both sites on these %d CPUs, so no lifeboat can take less than %.2f s here, %s virtnbdbackup's\n"+
+		"time (lifeboat took %s).\n",
+		vnb.AllCPU(), size(r.Data), r.Floor.Hash.Seconds(), r.Floor.Crypt.Seconds(), floor, runtime.NumCPU(), best,
+		ratio(best, vnb.M.Wall.Seconds()), secs(r.Initial[0].M.Wall.Seconds()))
 	if steps := r.Initial[0].Steps; steps != nil {
 		e.printf("\nlifeboat's cycle step by step (each step ends at an event the cycle reports, or its recovery site logs):\n")
 		t = e.table("step", "initial", "nothing changed", "incremental, median")
