@@ -298,7 +298,9 @@ func (c *Client) Reverse(ctx context.Context, vm string) (lifeboat.Point, error)
 
 // PointStream carries one point to the recovery site on a connection of its
 // own (see streamProto): the lifeboat.PointSink of a cycle that replicates to
-// a chain of points there.
+// a chain of points there. A point sends each block once at most (as data, a
+// patch, zeros or a copy): the recovery site applies the frames of a point
+// concurrently and in no particular order, so two frames for one block race.
 type PointStream struct {
 	c    *Client
 	conn *flushConn
