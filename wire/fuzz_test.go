@@ -35,7 +35,7 @@ import (
 func fuzzPoint() lifeboat.Point {
 	return lifeboat.Point{VM: "vm1", ID: 7, Instant: time.Unix(1700000000, 5).UTC(), Consistency: lifeboat.Filesystem,
 		Group: "g", Freeze: 3 * time.Millisecond, Note: "n",
-		Disks: []lifeboat.PointDisk{{Name: "vda", Size: 4 << 20, Resync: true}, {Name: "vdb", Size: 1<<20 + 512}}}
+		Disks: []lifeboat.PointDisk{{Name: "vda", Size: 4<<20 + 512, Resync: true}, {Name: "vdb", Size: 1<<20 + 512}}}
 }
 
 // captureConn is the client's end of a point stream with no TLS under it:
@@ -98,7 +98,9 @@ func seedStream(t testing.TB, comp *compressor) (stream []byte, frames []int) {
 	must(ps.SendZeroes("vda", 3*lifeboat.BlockSize, 1<<20))
 	_, err = ps.SendPatch("vda", 20*lifeboat.BlockSize, text[:lifeboat.BlockSize], lifeboat.HashBlock(text[:lifeboat.BlockSize]), 0b1000_0000_0000_0110)
 	must(err)
-	_, err = ps.SendPatch("vdb", 1<<20, tail, lifeboat.HashBlock(tail), 1)
+	// A patch of a short last block (vda's: vdb's was sent whole above, and
+	// a point names each block once).
+	_, err = ps.SendPatch("vda", 4<<20, tail, lifeboat.HashBlock(tail), 1)
 	must(err)
 	_, err = ps.Commit(lifeboat.CycleStats{BytesChanged: 3 << 20, BytesZero: 1 << 20, BytesData: 3 * lifeboat.BlockSize, BytesSent: 1000, Duration: time.Second})
 	must(err)

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -131,6 +132,62 @@ func TestPatchesReachTheChain(t *testing.T) {
 			}
 			if _, err := site.Store.Verify(ctx, "vm1", 2, nil); err != nil {
 				t.Fatalf("verify: %v", err)
+			}
+		})
+	}
+}
+
+// A point stream that names a block a second time (blocks, a patch, zeros or
+// a copy over a block sent before) is refused: the recovery site applies a
+// point's frames concurrently, so the two would race and the block could
+// hold one frame's bytes under the other's record. Nothing is committed.
+func TestBlockSentTwiceIsRefused(t *testing.T) {
+	const size = 4 << 20
+	seed := testenv.Seed(t)
+	site := testsite.Start(t, recovery.Options{})
+	c := site.Dial(t, wire.CompressionNone)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	r := rand.New(rand.NewPCG(seed, 2))
+	blk := make([]byte, lifeboat.BlockSize)
+	workload.Random(r, blk)
+	h := lifeboat.HashBlock(blk)
+	for i, tc := range []struct {
+		name  string
+		again func(st lifeboat.PointSink) error
+	}{
+		{"blocks", func(st lifeboat.PointSink) error {
+			_, err := st.SendBlocks("vda", 3*lifeboat.BlockSize, blk, []lifeboat.Hash{h})
+			return err
+		}},
+		{"patch", func(st lifeboat.PointSink) error {
+			_, err := st.SendPatch("vda", 3*lifeboat.BlockSize, blk, h, 0x00f0)
+			return err
+		}},
+		{"zeroes", func(st lifeboat.PointSink) error { return st.SendZeroes("vda", 0, 8*lifeboat.BlockSize) }},
+		{"copy", func(st lifeboat.PointSink) error {
+			return st.SendCopy("vda", 3*lifeboat.BlockSize, "vda", 3*lifeboat.BlockSize, lifeboat.BlockSize, h)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := lifeboat.Point{VM: "vm1", ID: uint64(i + 1), Instant: time.Now().UTC(), Consistency: lifeboat.Crash,
+				Disks: []lifeboat.PointDisk{{Name: "vda", Size: size, Lineage: "0123456789abcdef", Resync: true, Generation: "g1"}}}
+			st, err := c.Begin(ctx, p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := st.SendBlocks("vda", 3*lifeboat.BlockSize, blk, []lifeboat.Hash{h}); err != nil {
+				t.Fatal(err)
+			}
+			err = tc.again(st)
+			if err == nil {
+				_, err = st.Commit(lifeboat.CycleStats{})
+			}
+			if err == nil || !strings.Contains(err.Error(), `disk "vda": block at offset 196608 sent twice in one point`) {
+				t.Fatalf("a block sent twice: %v; want it refused, naming the disk and the block", err)
+			}
+			if _, ok, err := site.Store.Latest("vm1"); err != nil || ok {
+				t.Fatalf("latest point after a refused stream: %v, %v; want none", ok, err)
 			}
 		})
 	}

@@ -673,6 +673,7 @@ func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader
 		payload []byte // the frame's bytes, which f's data may point into
 	}
 	var (
+		named   = newPointBlocks(p) // the reader's alone: no lock
 		work    = make(chan frame, s.Writers)
 		budget  = semaphore.NewWeighted(inflightBytes)
 		wg      sync.WaitGroup
@@ -702,6 +703,16 @@ func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader
 		wg.Wait()
 		return first
 	}
+	// reject ends the stream on err, met with payload in hand: the writers'
+	// first error, if one came first, is what the point failed of.
+	reject := func(payload []byte, err error, code codes.Code) error {
+		putPayload(payload)
+		if werr := finish(); werr != nil {
+			err = werr
+		}
+		log.Error("point rejected", "err", err)
+		return status.Error(code, err.Error())
+	}
 
 	for {
 		typ, payload, err := fr.next()
@@ -717,14 +728,11 @@ func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader
 			return nil, status.Error(codes.Aborted, err.Error())
 		}
 		f, err := decodeFrame(typ, payload)
+		if err == nil && f.GetCommit() == nil {
+			err = named.claim(f)
+		}
 		if err != nil {
-			putPayload(payload)
-			werr := finish()
-			if werr == nil {
-				werr = err
-			}
-			log.Error("point rejected", "err", werr)
-			return nil, status.Error(codes.InvalidArgument, werr.Error())
+			return nil, reject(payload, err, codes.InvalidArgument)
 		}
 		if c := f.GetCommit(); c != nil {
 			putPayload(payload)
@@ -751,13 +759,7 @@ func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader
 			}
 		}
 		if err != nil {
-			putPayload(payload)
-			werr := finish()
-			if werr == nil {
-				werr = err
-			}
-			log.Error("point rejected", "err", werr)
-			return nil, status.Error(codes.DataLoss, werr.Error())
+			return nil, reject(payload, err, codes.DataLoss)
 		}
 	}
 }
