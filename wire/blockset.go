@@ -14,73 +14,90 @@ import (
 // the record of the other: the point is refused instead.
 var errSentTwice = errors.New("sent twice in one point (a point names each block once at most)")
 
-// blockSet is the set of blocks a point stream has named for one disk: one bit per
-// block, in regions of 1 GiB allocated as they are touched (2 KiB each; a
-// region written whole shares one full region), so that it stays small on a
-// sparse or a huge disk: a 16 TiB disk written whole costs nothing beyond
-// its full regions' map entries.
-type blockSet map[int64]*[regionWords]uint64
+// blockSet is the set of blocks a point stream has named for one disk: one
+// bit per block, in regions of 1 GiB allocated as they are touched (2 KiB
+// each), and a region once full shares one full region whatever filled it.
+// So it costs little on a sparse or a huge disk: an incremental point's
+// scattered blocks a few regions, a 16 TiB disk sent whole its map entries
+// only, where a bitmap of the whole disk (the protected site's plan) would
+// be 32 MiB for every point.
+type blockSet map[int64]*region
 
 const (
 	regionBlocks = 1 << 30 / lifeboat.BlockSize
 	regionWords  = regionBlocks / 64
 )
 
-// fullRegion stands for a region whose every block is in the set. It is
-// never written.
-var fullRegion = func() *[regionWords]uint64 {
-	var r [regionWords]uint64
-	for i := range r {
-		r[i] = ^uint64(0)
-	}
-	return &r
-}()
-
-// add adds blocks [first, end) to the set, or, when one of them is in it
-// already, adds none and returns the first such block and false.
-func (s blockSet) add(first, end int64) (int64, bool) {
-	for b := first; b < end; {
-		reg, lo := b/regionBlocks, b%regionBlocks
-		hi := min(regionBlocks, lo+end-b)
-		if r := s[reg]; r != nil {
-			if dup := firstSet(r, lo, hi); dup >= 0 {
-				return reg*regionBlocks + dup, false
-			}
-		}
-		b += hi - lo
-	}
-	for b := first; b < end; {
-		reg, lo := b/regionBlocks, b%regionBlocks
-		hi := min(regionBlocks, lo+end-b)
-		r := s[reg]
-		switch {
-		case lo == 0 && hi == regionBlocks:
-			s[reg] = fullRegion // it had none of them: now it has all
-		case r == nil:
-			r = new([regionWords]uint64)
-			s[reg] = r
-			fallthrough
-		default:
-			for i := lo; i < hi; i++ {
-				r[i/64] |= 1 << (i % 64)
-			}
-		}
-		b += hi - lo
-	}
-	return 0, true
+// region is the blocks of one region of the disk in the set.
+type region struct {
+	n    int64 // blocks set
+	bits [regionWords]uint64
 }
 
-// firstSet is the first block of [lo, hi) set in r, or -1.
-func firstSet(r *[regionWords]uint64, lo, hi int64) int64 {
-	if r == fullRegion {
+// fullRegion stands for every region whose blocks are all in the set. Its
+// bits are not read (n says it is full) and it is never written.
+var fullRegion = &region{n: regionBlocks}
+
+// first is the first block of [lo, hi) in r, or -1.
+func (r *region) first(lo, hi int64) int64 {
+	if r.n == regionBlocks {
 		return lo
 	}
 	for i := lo; i < hi; i++ {
-		if r[i/64]&(1<<(i%64)) != 0 {
+		if r.bits[i/64]&(1<<(i%64)) != 0 {
 			return i
 		}
 	}
 	return -1
+}
+
+// spans calls fn with each region that blocks [first, end) touch and the
+// part of them in it, while fn returns true.
+func spans(first, end int64, fn func(reg, lo, hi int64) bool) {
+	for b := first; b < end; {
+		reg, lo := b/regionBlocks, b%regionBlocks
+		hi := min(regionBlocks, lo+end-b)
+		if !fn(reg, lo, hi) {
+			return
+		}
+		b += hi - lo
+	}
+}
+
+// add adds blocks [first, end) to the set, or, when one of them is in it
+// already, adds none and returns the first such block and false.
+func (s blockSet) add(first, end int64) (int64, bool) {
+	dup := int64(-1)
+	spans(first, end, func(reg, lo, hi int64) bool {
+		if r := s[reg]; r != nil {
+			if i := r.first(lo, hi); i >= 0 {
+				dup = reg*regionBlocks + i
+			}
+		}
+		return dup < 0
+	})
+	if dup >= 0 {
+		return dup, false
+	}
+	spans(first, end, func(reg, lo, hi int64) bool {
+		r := s[reg]
+		if r == nil {
+			if hi-lo == regionBlocks {
+				s[reg] = fullRegion
+				return true
+			}
+			r = new(region)
+			s[reg] = r
+		}
+		for i := lo; i < hi; i++ {
+			r.bits[i/64] |= 1 << (i % 64)
+		}
+		if r.n += hi - lo; r.n == regionBlocks {
+			s[reg] = fullRegion // its bitmap goes
+		}
+		return true
+	})
+	return 0, true
 }
 
 // pointBlocks is what a point stream has named so far, per disk, within

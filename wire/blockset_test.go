@@ -3,8 +3,8 @@ package wire
 import "testing"
 
 // A block set adds a range whole or not at all, finds a block named before
-// in every kind of region (partial, whole, none), and a whole region costs no
-// bitmap of its own.
+// in every kind of region (partial, whole, none), and a full region costs no
+// bitmap of its own, however it was filled.
 func TestBlockSet(t *testing.T) {
 	s := blockSet{}
 	add := func(first, end int64, wantOK bool, wantDup int64) {
@@ -31,6 +31,14 @@ func TestBlockSet(t *testing.T) {
 	add(3*regionBlocks+7, 3*regionBlocks+8, true, 0)
 	add(regionBlocks-6, regionBlocks-5, true, 0)
 	add(regionBlocks-7, regionBlocks+1, false, regionBlocks-6)
+	// A region filled piece by piece gives its bitmap up too.
+	for b := int64(4 * regionBlocks); b < 5*regionBlocks; b += 16 {
+		add(b, b+16, true, 0)
+	}
+	if s[4] != fullRegion {
+		t.Fatal("a region filled in pieces keeps a bitmap of its own")
+	}
+	add(5*regionBlocks-1, 5*regionBlocks, false, 5*regionBlocks-1)
 	// A 16 TiB range of 64 KiB blocks: one map entry per region, no bitmaps.
 	s = blockSet{}
 	add(0, 16<<40/(64<<10), true, 0)
