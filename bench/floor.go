@@ -4,6 +4,7 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
+	"runtime"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -25,6 +26,14 @@ type floorCost struct {
 
 // Total is the floor's CPU time: the hash at both sites, seal and open.
 func (f floorCost) Total() time.Duration { return 2*f.Hash + f.Crypt }
+
+// limit is the least CPU time lifeboat can spend on the data where a peer
+// spent peerCPU (its reads and writes, which lifeboat must do too) and the
+// least wall time that takes with both sites on this machine's CPUs.
+func (f floorCost) limit(peerCPU float64) (cpu, wall float64) {
+	cpu = peerCPU + f.Total().Seconds()
+	return cpu, cpu / float64(runtime.NumCPU())
+}
 
 // measureFloor measures floorCost for data bytes (the best of 3 passes: noise
 // only ever adds time).

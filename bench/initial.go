@@ -241,14 +241,12 @@ func (r *initialResult) printGoals(e *env, base *toolRow) {
 		goalMet(best.CPU.Total() <= 2*nbdCPU, "≤ 2×"))
 	t.flush()
 	f := r.Floor
-	floor := nbdCPU + f.Total().Seconds()
-	cpus := float64(runtime.NumCPU())
-	bestWall := floor / cpus
+	floor, bestWall := f.limit(nbdCPU)
 	e.printf("\nThe floor on this machine: BLAKE3 of the %s costs %.2f CPU s and lifeboat hashes it at both sites (the recovery\n"+
 		"site checks each block before it writes it); sealing and opening it (AES-GCM, TLS's) costs %.2f s. Beyond the %.1f s\n"+
 		"nbdcopy and its server spend to read and write it, that is %.1f CPU s at the least, with both sites on these %d CPUs:\n"+
 		"no lifeboat can take less than %.2f s here, %s nbdcopy's speed (lifeboat takes %s; CPU floor %.1f s, %s nbdcopy's).\n",
-		size(r.Data), f.Hash.Seconds(), f.Crypt.Seconds(), nbdCPU, floor, int(cpus), bestWall, ratio(nbdWall, bestWall),
+		size(r.Data), f.Hash.Seconds(), f.Crypt.Seconds(), nbdCPU, floor, runtime.NumCPU(), bestWall, ratio(nbdWall, bestWall),
 		secs(best.M.Wall.Seconds()), floor, ratio(floor, nbdCPU))
 }
 

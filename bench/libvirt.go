@@ -724,8 +724,7 @@ func (r *libvirtResult) print(e *env) {
 	t.row("incremental CPU, with QEMU and libvirtd, median", secs(col(0, all)), secs(col(1, all)), ratio(col(0, all), col(1, all)), "-")
 	t.flush()
 	vnb := r.Initial[1]
-	floor := vnb.AllCPU() + r.Floor.Total().Seconds()
-	best := floor / float64(runtime.NumCPU())
+	floor, best := r.Floor.limit(vnb.AllCPU())
 	e.printf("\nThe initial sync's floor on this machine: virtnbdbackup's -l full took %.1f CPU s with the domain's QEMU and\n"+
 		"libvirtd; lifeboat must also hash the %s at both sites (%.2f s each) and seal and open it (%.2f s): %.1f CPU s\n"+
 		"at the least with both sites on these %d CPUs, so no lifeboat can take less than %.2f s here, %s virtnbdbackup's\n"+
