@@ -113,6 +113,18 @@ type Hash [32]byte
 // zero block is sent and stored as a zero range, never as bytes.
 var ZeroHash Hash
 
+// UnknownHash marks a block whose content a recovery site cannot vouch for:
+// a size change of the disk altered it (the short last block of the smaller
+// size) and no later write recorded it. It is no block's hash (BLAKE3 gives
+// all ones with odds of 2^-256), so whoever compares a block with it finds
+// them different and sends or reads the block.
+var UnknownHash = func() (h Hash) {
+	for i := range h {
+		h[i] = 0xff
+	}
+	return h
+}()
+
 // HashBlock returns the content hash of one block's bytes.
 func HashBlock(b []byte) Hash { return Hash(blake3.Sum256(b)) }
 
@@ -135,6 +147,9 @@ func (h Hash) IsZero() bool { return h == ZeroHash }
 func (h Hash) String() string {
 	if h.IsZero() {
 		return "zero"
+	}
+	if h == UnknownHash {
+		return "unknown"
 	}
 	return hex.EncodeToString(h[:8])
 }

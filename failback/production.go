@@ -231,10 +231,11 @@ func (p *Production) Hashes(ctx context.Context, name string, fn func(block int6
 // between two block maps (block -> hash of a block that does not read as
 // zeros; a block absent reads as zeros): the shared point's, from the
 // recovery site's catalog, and the production disk's (Hashes). It is what
-// production changed on its own when Changes has no record.
+// production changed on its own when Changes has no record. A block either
+// map holds as lifeboat.UnknownHash differs, whatever the other holds.
 func Differing(point, production map[int64]lifeboat.Hash, fn func(off, length int64) error) error {
 	for _, b := range slices.Sorted(maps.Keys(production)) {
-		if h, ok := point[b]; !ok || h != production[b] {
+		if h, ok := point[b]; !ok || h != production[b] || h == lifeboat.UnknownHash {
 			if err := fn(b*lifeboat.BlockSize, lifeboat.BlockSize); err != nil {
 				return err
 			}

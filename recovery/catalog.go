@@ -341,25 +341,47 @@ func eachFolded(chain []level, fn func(b int64, h lifeboat.Hash) error) error {
 	return nil
 }
 
-// unknownBlocks are the blocks of the chain's top whose content a size change
-// altered (the short last block of the smaller size) and that no newer record
-// wrote: they may read as anything.
+// unknownBlocks are the blocks of disk's block map at point id whose content
+// a size change altered and that no record above the change wrote: the short
+// last block of the smaller size, where the disk grew or shrank. No record's
+// hash holds for them (the recorded block was shorter or longer), and they
+// read as whatever the image below held there, with zeros past the cut. A
+// block that a smaller size above cut off whole reads as zeros: not unknown.
 func unknownBlocks(tx *bolt.Tx, vm, disk string, id uint64) (map[int64]bool, error) {
+	recs := sub(vmBucket(tx, vm), bucketRecs)
 	out := map[int64]bool{}
-	above := int64(-1)
-	for cur := id; cur != 0; {
-		r, ok, err := readPoint(tx, vm, cur)
-		if err != nil || !ok {
-			return out, err
+	var above []record                  // the records walked, newest first
+	size, least := int64(-1), int64(-1) // the size of the point walked last, the least size walked
+	err := walkChain(tx, vm, disk, id, func(r *pointRecord, d lifeboat.PointDisk) error {
+		if size >= 0 && d.Size != size && min(d.Size, size)%lifeboat.BlockSize != 0 {
+			b := min(d.Size, size) / lifeboat.BlockSize
+			written := out[b] || b*lifeboat.BlockSize >= least
+			for _, rec := range above {
+				if written {
+					break
+				}
+				has, err := rec.has(b)
+				if err != nil {
+					return err
+				}
+				written = has
+			}
+			if !written {
+				out[b] = true
+			}
 		}
-		d, _ := r.disk(disk)
-		if above >= 0 && d.Size != above && min(d.Size, above)%lifeboat.BlockSize != 0 {
-			out[min(d.Size, above)/lifeboat.BlockSize] = true
+		size = d.Size
+		if least < 0 || d.Size < least {
+			least = d.Size
 		}
-		above = d.Size
-		cur = r.Parents[disk]
-	}
-	return out, nil
+		rec, ok := openRecord(recs, r.recordKey(disk))
+		if !ok {
+			return fmt.Errorf("vm %q disk %q: the block record of point %d is missing from the catalog: %w", vm, disk, r.Point.ID, errCatalog)
+		}
+		above = append(above, rec)
+		return nil
+	})
+	return out, err
 }
 
 // errCatalog marks a catalog that contradicts itself.

@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -315,9 +317,10 @@ func (s *Store) Latest(vm string) (lifeboat.Point, bool, error) {
 
 // EachBlock calls fn for every data block of the disk's block map at point id
 // (0 = latest): the content hash of the newest write of each block from the
-// disk's base up to that point. Blocks written as zeros, never written, or
-// whose content a resize of the disk changed (its last block) are not
-// reported; all but the last read as zeros. Blocks come newest record first,
+// disk's base up to that point. Blocks written as zeros or never written are
+// not reported: they read as zeros. A block whose content a resize of the disk
+// altered (its short last block) is reported last, with lifeboat.UnknownHash:
+// whoever compares it sends or reads it. The rest come newest record first,
 // in block order within each. It reads the catalog in one transaction and
 // holds no more than one block in memory.
 func (s *Store) EachBlock(vm, disk string, id uint64, fn func(b int64, h lifeboat.Hash) error) error {
@@ -330,7 +333,25 @@ func (s *Store) EachBlock(vm, disk string, id uint64, fn func(b int64, h lifeboa
 		if err != nil {
 			return err
 		}
-		return eachFolded(chain, fn)
+		unknown, err := unknownBlocks(tx, vm, disk, r.Point.ID)
+		if err != nil {
+			return err
+		}
+		err = eachFolded(chain, func(b int64, h lifeboat.Hash) error {
+			if unknown[b] {
+				return nil // no record above the resize holds it: none below does either
+			}
+			return fn(b, h)
+		})
+		if err != nil {
+			return err
+		}
+		for _, b := range slices.Sorted(maps.Keys(unknown)) {
+			if err := fn(b, lifeboat.UnknownHash); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 }
 

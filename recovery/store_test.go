@@ -838,8 +838,8 @@ func TestDiskGrowsShrinksAndIsAdded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := bm[16]; ok {
-		t.Error("the block whose size changed with the disk is still in the block map")
+	if h := bm[16]; h != lifeboat.UnknownHash {
+		t.Errorf("the block whose size changed with the disk: the block map says %s, want unknown", h)
 	}
 
 	// vda shrinks to a short last block; vdb stays.
@@ -944,4 +944,61 @@ func TestReadersWhileAPointIsWritten(t *testing.T) {
 	s.keep = 100
 	p.commit()
 	checkPoint(t, s, "rw", 3, m)
+}
+
+// A disk's size changes from point to point, to sizes off the block grid, and
+// its block map still describes every block: a block's hash, absent when it
+// reads as zeros, or lifeboat.UnknownHash where a size change altered the
+// block without a write (the short last block of the smaller size: no record
+// holds its content). Left out, such a block read as zeros to a hash resync,
+// which then skipped it when the source had zeroed it, and the point kept the
+// replica's old bytes while `verify` said OK.
+func TestBlockMapAcrossResizes(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	m := model{}
+	steps := []struct {
+		size    int64
+		write   []int64 // blocks written whole (the last one short when the disk ends there)
+		unknown []int64 // blocks the map must report as unknown
+	}{
+		{20*B + B/2, []int64{0, 5, 19, 20}, nil},
+		{40 * B, []int64{3}, []int64{20}},       // grew from a short last block, not written since
+		{12*B + 3*B/4, []int64{1}, []int64{12}}, // shrank into block 12
+		{30 * B, nil, []int64{12}},              // grew again: block 12 still holds only its first 48 KiB
+		{30 * B, []int64{12, 25}, nil},          // written: known again
+		{30*B + B/4, []int64{3}, nil},           // a grow from the grid: the new short block reads as zeros
+	}
+	for i, st := range steps {
+		id := uint64(i + 1)
+		p := begin(t, s, "rs", id, m, DiskSpec{Name: "vda", Size: st.size})
+		for _, b := range st.write {
+			p.data("vda", b, 1)
+		}
+		p.commit()
+		checkPoint(t, s, "rs", id, m)
+		bm, err := s.BlockMap("rs", "vda", id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var unknown []int64
+		for b := range blockCount(st.size) {
+			blk := m["vda"][b*B : min((b+1)*B, st.size)]
+			h, ok := bm[b]
+			switch {
+			case h == lifeboat.UnknownHash:
+				unknown = append(unknown, b)
+			case lifeboat.AllZero(blk) && ok, !lifeboat.AllZero(blk) && h != lifeboat.HashBlock(blk):
+				t.Errorf("point %d (size %d) block %d: map says %s (present %v), the disk holds %s", id, st.size, b, h, ok, lifeboat.HashBlock(blk))
+			}
+		}
+		for b := range bm {
+			if b >= blockCount(st.size) {
+				t.Errorf("point %d: block map has block %d, past the disk's end", id, b)
+			}
+		}
+		if !slices.Equal(unknown, st.unknown) {
+			t.Errorf("point %d (size %d): unknown blocks %v, want %v", id, st.size, unknown, st.unknown)
+		}
+	}
 }
