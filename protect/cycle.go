@@ -133,7 +133,7 @@ func (c *cycle) prepare(ctx context.Context) error {
 		h := c.history(n.Name)
 		d.lineage, d.base = h.lineage, h.latest
 		d.new = newGeneration(peer, h.lineage, c.id)
-		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Bitmaps, h)
+		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Size, n.Bitmaps, h)
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", n.Name, err)
 		}
@@ -166,7 +166,7 @@ func (c *cycle) learnLatest(ctx context.Context) error {
 func (c *cycle) history(name string) history {
 	h := history{peer: c.p.Target.Peer()}
 	if ld, ok := diskOf(c.latest, name); c.latest.ID != 0 && ok {
-		h.lineage, h.latest, h.gen = ld.Lineage, c.latest.ID, ld.Generation
+		h.lineage, h.latest, h.gen, h.size = ld.Lineage, c.latest.ID, ld.Generation, ld.Size
 	}
 	if h.lineage == "" {
 		h.lineage = newLineage()

@@ -62,6 +62,21 @@ type history struct {
 	lineage string
 	latest  uint64 // the latest point holding the disk (0: none)
 	gen     string // the generation that point started ("" if it records none)
+	size    int64  // the disk's size at that point (0: none)
+}
+
+// resizedWhy says why a disk whose size changed since the latest point is
+// resynchronised, or "" when it did not change. A shrink drops the writes in
+// what it cut off from every generation, and a grow after it adds clean bits:
+// the generations cannot show whether a shrink happened, so any size change
+// costs a hash resync (a resize resets VMware's change tracking too). A shrink
+// and a grow back to the very same size between two cycles leaves no trace at
+// all (docs/ARCHITECTURE.md).
+func resizedWhy(h history, now int64) string {
+	if h.latest == 0 || h.size == 0 || now == 0 || h.size == now {
+		return ""
+	}
+	return fmt.Sprintf("the disk's size changed from %d to %d bytes since point %d, and change tracking cannot show whether it shrank in between (a shrink forgets the writes it cut off): a hash resync will run", h.size, now, h.latest)
 }
 
 // reconcile brings a disk's generations to a known state before a cycle. It
@@ -75,8 +90,12 @@ type history struct {
 // those are merged into it, and it is enabled again, so no write is lost
 // whatever moment the interruption hit. Every other generation of ours (other
 // lineages, older or unprovable ones, those of an older lifeboat) is removed.
-func reconcile(ctx context.Context, m *qemu.Monitor, node string, bitmaps []qemu.Bitmap, h history) (string, string, error) {
+// A disk whose size is not the one h recorded (size: now) is resynchronised.
+func reconcile(ctx context.Context, m *qemu.Monitor, node string, size int64, bitmaps []qemu.Bitmap, h history) (string, string, error) {
 	base, newer, discard, why := changeRecord(bitmaps, h)
+	if why == "" {
+		why = resizedWhy(h, size)
+	}
 	if why != "" {
 		if base != nil {
 			discard = append(discard, base.Name)

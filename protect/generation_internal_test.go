@@ -18,7 +18,7 @@ import (
 func TestReconcileStates(t *testing.T) {
 	vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 16 << 20})
 	m := vm.Monitor()
-	const lin, peer = "00112233aabbccdd", "dr"
+	const lin, peer, size = "00112233aabbccdd", "dr", 16 << 20
 	g1 := "lifeboat." + lin + ".1.aaaaaaaa@dr"
 	g2 := "lifeboat." + lin + ".2.bbbbbbbb@dr"
 	g2b := "lifeboat." + lin + ".2.cccccccc@dr" // another instant of point 2 (a failed cycle's)
@@ -37,21 +37,25 @@ func TestReconcileStates(t *testing.T) {
 		survive []string // bitmaps left, sorted
 	}{
 		{"the latest point's generation, recording", []bm{{g1, false}, {other, false}, {orphan, false}, {"lifeboat-1", false}},
-			history{peer, lin, 1, g1}, g1, "", []string{g1, other}},
+			history{peer, lin, 1, g1, size}, g1, "", []string{g1, other}},
 		{"a cycle cut off after its instant: merged back", []bm{{g1, true}, {g2, false}},
-			history{peer, lin, 1, g1}, g1, "", []string{g1}},
+			history{peer, lin, 1, g1, size}, g1, "", []string{g1}},
 		{"a commit that landed, its outcome unknown to the source", []bm{{g1, true}, {g2, false}},
-			history{peer, lin, 2, g2}, g2, "", []string{g2}},
+			history{peer, lin, 2, g2, size}, g2, "", []string{g2}},
 		{"another instant of the same point number", []bm{{g1, true}, {g2b, false}},
-			history{peer, lin, 2, g2}, "", "is not on the disk", nil},
+			history{peer, lin, 2, g2, size}, "", "is not on the disk", nil},
 		{"disabled with nothing newer", []bm{{g1, true}},
-			history{peer, lin, 1, g1}, "", "cannot prove it saw every write", nil},
+			history{peer, lin, 1, g1, size}, "", "cannot prove it saw every write", nil},
 		{"an older generation only (a restored copy)", []bm{{g1, false}},
-			history{peer, lin, 2, g2}, "", "is not on the disk", nil},
+			history{peer, lin, 2, g2, size}, "", "is not on the disk", nil},
 		{"a point of an older lifeboat", []bm{{"lifeboat-1", false}},
-			history{peer, lin, 1, ""}, "", "records no change-tracking generation", nil},
+			history{peer, lin, 1, "", size}, "", "records no change-tracking generation", nil},
+		{"the disk grew since the point (it may have shrunk first)", []bm{{g1, false}, {other, false}},
+			history{peer, lin, 1, g1, size - 64<<10}, "", "size changed from 16711680 to 16777216 bytes", []string{other}},
+		{"the disk shrank since the point", []bm{{g1, false}},
+			history{peer, lin, 1, g1, size + 512}, "", "size changed", nil},
 		{"the first sync", []bm{{other, false}},
-			history{peer, lin, 0, ""}, "", "initial sync", []string{other}},
+			history{peer, lin, 0, "", size}, "", "initial sync", []string{other}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -74,7 +78,7 @@ func TestReconcileStates(t *testing.T) {
 			if n, err = m.Node(ctx, "vda"); err != nil {
 				t.Fatal(err)
 			}
-			base, why, err := reconcile(ctx, m, "vda", n.Bitmaps, tc.h)
+			base, why, err := reconcile(ctx, m, "vda", n.Size, n.Bitmaps, tc.h)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -534,6 +534,11 @@ func (c *cycle) prepareScratch(ctx context.Context) error {
 			return err
 		}
 		d.size = n
+		if why := resizedWhy(c.history(d.name), n); why != "" && d.old != "" {
+			d.why = why
+			c.log.Info("disk will be sent whole", "disk", d.name, "why", d.why)
+			d.old, d.dirty = "", ""
+		}
 	}
 	budgets, err := c.fleeceBudgets()
 	if err != nil {
