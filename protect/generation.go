@@ -111,20 +111,23 @@ func reconcile(ctx context.Context, m *qemu.Monitor, node string, size int64, bi
 	if base == nil {
 		return "", why, nil
 	}
-	// Enable first, then merge: every write lands in base from here on.
-	if !base.Recording {
-		if err := m.EnableBitmap(ctx, node, base.Name); err != nil {
-			return "", "", fmt.Errorf("re-enable generation %q: %w", base.Name, err)
-		}
-	}
+	// One transaction: the newer generations merged into base, base enabled,
+	// the newer ones removed, all or nothing. Done step by step, a merge that
+	// failed (another tool removed a newer generation meanwhile) left base
+	// recording and trusted without the writes the newer one held.
+	var actions []qemu.Action
 	if len(newer) > 0 {
-		if err := m.MergeBitmaps(ctx, node, base.Name, newer...); err != nil {
-			return "", "", fmt.Errorf("merge %v into generation %q: %w", newer, base.Name, err)
-		}
-		for _, name := range newer {
-			if err := m.RemoveBitmap(ctx, node, name); err != nil {
-				return "", "", fmt.Errorf("remove merged generation %q: %w", name, err)
-			}
+		actions = append(actions, qemu.MergeBitmapsAction(node, base.Name, newer...))
+	}
+	if !base.Recording {
+		actions = append(actions, qemu.EnableBitmapAction(node, base.Name))
+	}
+	for _, name := range newer {
+		actions = append(actions, qemu.RemoveBitmapAction(node, name))
+	}
+	if len(actions) > 0 {
+		if err := m.Transaction(ctx, actions...); err != nil {
+			return "", "", fmt.Errorf("merge %v into generation %q and enable it: %w", newer, base.Name, err)
 		}
 	}
 	return base.Name, "", nil
@@ -182,19 +185,22 @@ func ChangeRecord(bitmaps []qemu.Bitmap, peer, lineage string, latest uint64, ge
 }
 
 // rollback undoes a failed cycle's generations: old (if any) records again and
-// holds everything new held, and new is gone. With no old generation the disk
-// is resynchronised next time anyway, so new is simply removed.
+// holds everything new held, and new is gone, in one transaction. Should it
+// fail (new is gone: another tool removed it), old stays disabled, and the
+// next cycle, finding it disabled with nothing newer, resyncs: step by step,
+// old was enabled before the merge failed and trusted without new's writes.
+// With no old generation the disk is resynchronised next time anyway, so new
+// is simply removed.
 func rollback(ctx context.Context, m *qemu.Monitor, node, old, new string) error {
-	if old != "" {
-		if err := m.EnableBitmap(ctx, node, old); err != nil {
-			return fmt.Errorf("re-enable generation %q: %w", old, err)
+	if old == "" {
+		if err := m.RemoveBitmap(ctx, node, new); err != nil {
+			return fmt.Errorf("remove generation %q: %w", new, err)
 		}
-		if err := m.MergeBitmaps(ctx, node, old, new); err != nil {
-			return fmt.Errorf("merge generation %q into %q: %w", new, old, err)
-		}
+		return nil
 	}
-	if err := m.RemoveBitmap(ctx, node, new); err != nil {
-		return fmt.Errorf("remove generation %q: %w", new, err)
+	err := m.Transaction(ctx, qemu.MergeBitmapsAction(node, old, new), qemu.EnableBitmapAction(node, old), qemu.RemoveBitmapAction(node, new))
+	if err != nil {
+		return fmt.Errorf("merge generation %q back into %q and enable it: %w", new, old, err)
 	}
 	return nil
 }
