@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -201,6 +202,14 @@ func (c *cycle) prepareFleece(ctx context.Context) error {
 // generation, old one disabled, copy-before-write into the fleece).
 func (c *cycle) snapshot(ctx context.Context) error {
 	if err := c.fleece.Snapshot(ctx); err != nil {
+		if errors.Is(err, qemu.ErrOutcomeUnknown) {
+			// The error names the disks by node: say which disks they are.
+			var disks []string
+			for _, d := range c.disks {
+				disks = append(disks, d.name+"="+d.node)
+			}
+			c.log.Warn("the fleece transaction got no reply; QEMU was asked what it did and that was undone", "disks", strings.Join(disks, ","), "err", err)
+		}
 		return err
 	}
 	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: c.fleece.Instant().UTC(), Consistency: lifeboat.Crash, Definition: c.def}

@@ -493,6 +493,9 @@ func (c *cycle) beginLibvirt(ctx context.Context) error {
 	}
 	build()
 	if err := lv.dom.BeginBackup(ctx, b); err != nil {
+		if virt.NoAnswer(err) {
+			return c.learnBegin(ctx, err)
+		}
 		return err
 	}
 	lv.made = lv.cp != ""
@@ -500,6 +503,78 @@ func (c *cycle) beginLibvirt(ctx context.Context) error {
 	c.sock = lv.sock
 	c.point = lifeboat.Point{VM: c.p.VM.Name, ID: c.id, Instant: time.Now().UTC(), Consistency: lifeboat.Crash, Definition: c.def}
 	return nil
+}
+
+// learnBegin finds out what libvirt did with a backup-begin that got no
+// answer (the cycle's context ended, the connection broke): it may have begun
+// the backup, and made the new checkpoint with it. Until that is known the
+// backup counts as begun, so that settle leaves the scratch files QEMU may
+// have open (the next cycle ends a backup of lifeboat's left running before
+// it removes them). The call's connection is closed by then: libvirt is asked
+// on a new one, bounded, and what it says is marked for settle to end and
+// delete as after any failed cycle. It returns cause with what was found.
+func (c *cycle) learnBegin(ctx context.Context, cause error) error {
+	lv := c.lv
+	lv.started, lv.made = true, lv.cp != ""
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
+	defer cancel()
+	began, err := lv.askBegun(cctx, c.p.VM.Libvirt)
+	if err != nil {
+		c.log.Error("the backup's begin got no answer and libvirt could not be asked whether it began: the next cycle ends a backup of lifeboat's left running, and hides its checkpoint", "domain", lv.dom.Name, "err", err)
+		return fmt.Errorf("%w; libvirt could not be asked afterwards whether the backup began: %w", cause, err)
+	}
+	lv.started = began
+	if lv.cp != "" {
+		cps, err := lv.dom.Checkpoints(cctx)
+		if err == nil {
+			lv.made = slices.ContainsFunc(cps, func(cp virt.Checkpoint) bool { return cp.Name == lv.cp })
+		}
+	}
+	c.log.Warn("the backup's begin got no answer; libvirt, asked afterwards, says what it did, and that is ended as after a failed cycle",
+		"domain", lv.dom.Name, "backup_began", began, "checkpoint", lv.cp, "checkpoint_made", lv.made)
+	if !began && !lv.made {
+		return fmt.Errorf("%w; libvirt, asked afterwards, had not begun the backup", cause)
+	}
+	return fmt.Errorf("%w; libvirt, asked afterwards, had begun the backup (checkpoint %q made: %v): it is ended and the checkpoint deleted, as after any failed cycle", cause, lv.cp, lv.made)
+}
+
+// askBegun reconnects to libvirt and waits, bounded by ctx, until a
+// backup-begin cut off mid-call is over: lifeboat's backup runs (true), or
+// the domain runs no job (false). A begin still in progress holds the
+// domain's job before its backup shows.
+func (lv *virtCycle) askBegun(ctx context.Context, d *LibvirtDomain) (bool, error) {
+	conn, err := virt.Dial(ctx, d.URI)
+	if err != nil {
+		return false, err
+	}
+	dom, err := conn.Domain(ctx, d.Domain)
+	if err != nil {
+		conn.Close()
+		return false, err
+	}
+	lv.conn.Close()
+	lv.conn, lv.dom = conn, dom
+	for {
+		running, sock, err := dom.BackupRunning(ctx)
+		if err != nil {
+			return false, err
+		}
+		if running {
+			return sock == lv.sock, nil // one backup at a time: another tool's means ours did not begin
+		}
+		job, err := dom.Job(ctx)
+		if err != nil {
+			return false, err
+		}
+		if job == "" {
+			return false, nil
+		}
+		select {
+		case <-ctx.Done():
+			return false, fmt.Errorf("libvirt domain %q still runs a %s job: %w", dom.Name, job, context.Cause(ctx))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // describePoint completes the point from the backup's exports (each disk's

@@ -3,6 +3,7 @@ package protect_test
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -165,5 +166,69 @@ func assertNoFleece(t *testing.T, m *qemu.Monitor, dir string) {
 	left, _ := filepath.Glob(filepath.Join(dir, "*fleece*"))
 	if len(left) > 0 {
 		t.Errorf("fleece overlays left in %s: %v", dir, left)
+	}
+}
+
+// A cycle whose fleece transaction runs in QEMU but whose reply it never gets
+// (its context ends: the site's stop, or the command timeout while QEMU
+// drains slow storage for the transaction) must not leave the fleece behind:
+// the backup job's copy-before-write filter would stay in the guest's write
+// path, unwatched, after the cycle returned, copying every first write into
+// state_dir with no bound (and a full state_dir then fails the guest's
+// writes). The reply is lost by a proxy in front of the real QMP socket: no
+// real QEMU can be made to lose it on demand. The cycle must remove every job,
+// node and overlay of its own, and keep every write since point 1 (including
+// those after the lost instant) for the next cycle, which is incremental and
+// byte-exact.
+func TestTransactionReplyLostLeavesNoFilter(t *testing.T) {
+	r := newRig(t, wire.CompressionZstd)
+	if err := r.guest.Fill(ctx(t), 0.3); err != nil {
+		t.Fatal(err)
+	}
+	r.cycle(t)
+	var logs testenv.LogBuffer
+	r.p.Log = slog.New(slog.NewTextHandler(&logs, nil))
+	cctx, cancel := context.WithCancel(ctx(t))
+	defer cancel()
+	qmp := r.p.VM.QMPSocket
+	r.p.VM.QMPSocket = r.vm.LossyQMPSocket(t, testvm.LostCommand{
+		Match: func(cmd []byte) bool {
+			return strings.Contains(string(cmd), `"transaction"`) && strings.Contains(string(cmd), "blockdev-backup")
+		},
+		Ran: true,
+		Lost: func() {
+			// QEMU has run the transaction: the guest writes after the
+			// instant (into the new generation), then the cycle is cancelled.
+			if _, err := r.guest.Mixed(ctx(t), 10); err != nil {
+				t.Error(err)
+			}
+			cancel()
+		},
+	})
+	_, err := r.p.Cycle(cctx)
+	if !errors.Is(err, qemu.ErrOutcomeUnknown) || !errors.Is(err, context.Canceled) {
+		t.Errorf("cycle = %v; want an error saying the transaction's outcome is unknown, from the cancel", err)
+	}
+	t.Logf("cycle: %v", err)
+	testvm.AssertNoLeftovers(t, r.vm.Monitor())
+	overlays, _ := filepath.Glob(filepath.Join(r.p.VM.WorkDir, "*-fleece.qcow2"))
+	if len(overlays) > 0 {
+		t.Errorf("fleece overlays left after the cycle returned: %v", overlays)
+	}
+	if l := logs.String(); !strings.Contains(l, "vm=vm1") || !strings.Contains(l, "vda=vda") || !strings.Contains(l, "had run it") {
+		t.Errorf("no warning naming the VM, its disks and what QEMU had done:\n%s", l)
+	}
+	if len(r.points(t)) != 1 {
+		t.Fatalf("%d points after the failed cycle, want 1", len(r.points(t)))
+	}
+	r.p.VM.QMPSocket = qmp
+	if _, err := r.guest.Mixed(ctx(t), 10); err != nil {
+		t.Fatal(err)
+	}
+	pt := r.cycle(t)
+	for _, d := range pt.Disks {
+		if d.Resync {
+			t.Errorf("disk %s resynchronised after the lost reply; want incremental (its generations intact)", d.Name)
+		}
 	}
 }

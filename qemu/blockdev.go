@@ -111,7 +111,8 @@ func (m *Monitor) CancelJob(ctx context.Context, jobID string) error {
 	sub := m.Subscribe("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 	defer sub.Close()
 	err := m.Execute(ctx, "block-job-cancel", map[string]any{"device": jobID, "force": true}, nil)
-	if qe := (*QMPError)(nil); errors.As(err, &qe) && qe.Class == "DeviceNotFound" {
+	// QEMU 7.2 says DeviceNotActive ("Block job 'x' not found").
+	if qe := (*QMPError)(nil); errors.As(err, &qe) && (qe.Class == "DeviceNotActive" || qe.Class == "DeviceNotFound") {
 		return nil
 	}
 	if err != nil {

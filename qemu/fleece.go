@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -241,7 +242,14 @@ func (f *Fleece) Snapshot(ctx context.Context) (err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := m.Transaction(ctx, actions...); err != nil {
-		return fmt.Errorf("fleece transaction: %w", err)
+		if qe := (*QMPError)(nil); errors.As(err, &qe) {
+			return fmt.Errorf("fleece transaction: %w", err) // refused: none of it happened
+		}
+		// Sent, but no reply (ctx ended, the connection broke): QEMU may
+		// have run it. ctx may be over: ask on a fresh one.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
+		defer cancel()
+		return fmt.Errorf("fleece transaction: %w (%w); %s", ErrOutcomeUnknown, err, f.learn(cctx))
 	}
 	f.instant = time.Now()
 	for i := range f.disks {
@@ -249,6 +257,53 @@ func (f *Fleece) Snapshot(ctx context.Context) (err error) {
 		f.disks[i].bitmapsTurned = true
 	}
 	return nil
+}
+
+// ErrOutcomeUnknown is in the error of a Snapshot whose transaction was sent
+// but got no reply: QEMU may have run it. Snapshot then asked QEMU what it did,
+// says so in the error, and undid whatever it found.
+var ErrOutcomeUnknown = errors.New("its outcome is unknown")
+
+// learn finds out what QEMU did with a transaction whose reply was lost, and
+// marks it for undo; it says what it found. QMP answers a monitor's commands
+// in order, so its queries are answered only once the transaction is over;
+// and the transaction is atomic, so its jobs and new generations are all
+// there or none. The jobs are cancelled by their ids in any case (one that
+// does not exist is no error), so a job that went unseen is not left in the
+// guest's write path. Called with f.mu held.
+func (f *Fleece) learn(ctx context.Context) string {
+	for i := range f.disks {
+		f.disks[i].jobStarted = true
+	}
+	jobs, err := f.m.Jobs(ctx)
+	var nodes []BlockNode
+	if err == nil {
+		nodes, err = f.m.Nodes(ctx)
+	}
+	if err != nil {
+		return fmt.Sprintf("QEMU could not be asked what it did (%v): its backup jobs are cancelled by id; any generation it added stays for the next cycle's reconcile to merge back", err)
+	}
+	var found []string
+	for i := range f.disks {
+		d := &f.disks[i]
+		var what []string
+		if slices.ContainsFunc(jobs, func(j BlockJob) bool { return j.ID == d.job }) {
+			what = append(what, fmt.Sprintf("backup job %q", d.job))
+		}
+		if n, err := findNode(nodes, d.Node); err == nil {
+			if _, ok := n.Bitmap(d.NewBitmap); ok {
+				d.bitmapsTurned = true
+				what = append(what, fmt.Sprintf("new generation %q", d.NewBitmap))
+			}
+		}
+		if len(what) > 0 {
+			found = append(found, fmt.Sprintf("disk %q: %s", d.Node, strings.Join(what, " and ")))
+		}
+	}
+	if len(found) == 0 {
+		return "QEMU, asked afterwards, had not run it: nothing of it to undo"
+	}
+	return fmt.Sprintf("QEMU, asked afterwards, had run it (%s): its jobs are cancelled, its nodes deleted and the new generations merged back into the old ones, as for any failed instant", strings.Join(found, "; "))
 }
 
 // Export publishes every fleece node read-only on the monitor's NBD server,

@@ -356,3 +356,88 @@ func TestFleeceBudget(t *testing.T) {
 		t.Errorf("overlay not removed: %v", err)
 	}
 }
+
+// A fleece transaction whose reply is lost (the caller's context ended: a
+// site's stop, the command timeout while QEMU drains slow storage) may or may
+// not have run in QEMU. Snapshot must find out and undo what it ran: no
+// backup job (its copy-before-write filter would stay in the guest's write
+// path with no watch), no node, no overlay, and the generations as before,
+// with every write since the instant kept in the old one.
+func TestSnapshotReplyLost(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ran  bool // QEMU got the transaction and ran it; else it never saw it
+		want string
+	}{
+		{"reply lost", true, "had run it"},
+		{"command lost", false, "had not run it"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			vm := testvm.Start(t,
+				testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 4 << 20},
+				testvm.DiskSpec{Name: "vdb", Format: "raw", Size: 4 << 20},
+			)
+			ctx := testCtx(t)
+			for _, d := range []string{"vda", "vdb"} {
+				if err := vm.Monitor().AddBitmap(ctx, d, "g1", d == "vda", false); err != nil {
+					t.Fatal(err)
+				}
+				qemuIO(t, false, vm.NBDURI(d), "write -P 1 0 64k")
+			}
+			sctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			lossy := vm.LossyQMPSocket(t, testvm.LostCommand{
+				Match: func(cmd []byte) bool { return strings.Contains(string(cmd), "blockdev-backup") },
+				Ran:   tc.ran,
+				Lost: func() {
+					// A guest write after the instant (when it ran), then
+					// the caller gives up waiting.
+					for _, d := range []string{"vda", "vdb"} {
+						qemuIO(t, false, vm.NBDURI(d), "write -P 2 1M 64k")
+					}
+					cancel()
+				},
+			})
+			m, err := qemu.Dial(ctx, lossy)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close()
+			file := func(n string) string { return filepath.Join(vm.Dir, n) }
+			f, err := m.PrepareFleece(ctx, []qemu.FleeceDisk{
+				{Node: "vda", File: file("fa"), NewBitmap: "g2", OldBitmap: "g1", Persistent: true, Budget: 2 << 20},
+				{Node: "vdb", File: file("fb"), NewBitmap: "g2", OldBitmap: "g1", Budget: 2 << 20},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = f.Snapshot(sctx)
+			if !errors.Is(err, qemu.ErrOutcomeUnknown) || !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("Snapshot = %v; want ErrOutcomeUnknown, context.Canceled and %q", err, tc.want)
+			}
+			t.Logf("Snapshot: %v", err)
+			testvm.AssertNoLeftovers(t, vm.Monitor())
+			for _, n := range []string{"fa", "fb"} {
+				if _, err := os.Stat(file(n)); !os.IsNotExist(err) {
+					t.Errorf("overlay %s left behind", n)
+				}
+			}
+			// Both writes, before and after the instant, are in g1, which
+			// records again; g2 is gone.
+			for _, d := range []string{"vda", "vdb"} {
+				n, err := vm.Monitor().Node(ctx, d)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if g1, ok := n.Bitmap("g1"); !ok || !g1.Recording || g1.Busy || g1.Count != 128<<10 {
+					t.Errorf("%s: g1 = %+v (present %v); want recording, not busy, 131072 bytes dirty", d, g1, ok)
+				}
+				if g2, ok := n.Bitmap("g2"); ok {
+					t.Errorf("%s: g2 left behind: %+v", d, g2)
+				}
+			}
+			// The guest writes on, and QEMU copies nothing anywhere.
+			qemuIO(t, false, vm.NBDURI("vda"), "write -P 3 0 1M")
+		})
+	}
+}

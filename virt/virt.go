@@ -113,6 +113,11 @@ func code(err error) libvirt.ErrorNumber {
 	return 0
 }
 
+// NoAnswer reports whether err is a call's failure without libvirt's answer
+// (its context ended, which closes the connection, or the connection broke)
+// rather than libvirt's refusal: what the call asked may have happened.
+func NoAnswer(err error) bool { return err != nil && code(err) == 0 }
+
 // IsBusy reports whether err says another job holds the domain (a backup of
 // another tool, a migration, a block job): worth waiting for and retrying.
 func IsBusy(err error) bool {
