@@ -182,6 +182,10 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 					s.State = fmt.Sprintf("replica, handed to %s at %s (epoch %d)", o.Site, o.Since.UTC().Format(time.RFC3339), o.Epoch)
 				}
 			}
+			if f, ok := a.d.store.RetentionFailure(name); ok {
+				// A merge that failed holds the VM's oldest points until it finishes.
+				s.LastError, s.ErrorAt = "retention: "+f.Err, &f.At
+			}
 			s.FailingBack = a.d.backStatus(name)
 			if err := a.runStatus(&s); err != nil {
 				writeErr(w, http.StatusInternalServerError, err)

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -153,4 +154,60 @@ func TestWritePatchChecksItsBytes(t *testing.T) {
 	copy(m["vda"], block)
 	p.commit()
 	checkPoint(t, s, "vm1", 3, m)
+}
+
+// A merge that failed because the store is full stays recorded; a site
+// restarted while the store is still full opens it all the same (its points
+// listed, readable, the dropped one hidden), says why retention is stuck
+// (RetentionFailure, what `lifeboat status` shows), and retention finishes
+// the merge once there is room.
+func TestOpenFullStoreWithAFailedMerge(t *testing.T) {
+	requireQEMU(t)
+	fs := testenv.SmallFS(t, "ext4", 64)
+	neighbour := filepath.Join(fs, "neighbour")
+	dir := filepath.Join(fs, "store")
+	s := openStore(t, dir, 1)
+	const size = 16 << 20
+	m := model{}
+	p := begin(t, s, "vm1", 1, m, DiskSpec{Name: "vda", Size: size, Resync: true})
+	p.data("vda", 0, 128)
+	p.commit()
+	leaveFree(t, neighbour, 4)
+	p = begin(t, s, "vm1", 2, m, DiskSpec{Name: "vda", Size: size})
+	p.data("vda", 128, 32)
+	if _, err := p.w.Commit(testCtx(t), lifeboat.CycleStats{BytesData: 1}); err != nil {
+		t.Fatal(err)
+	}
+	s.SettleRetention()
+	leaveFree(t, neighbour, 0)
+	if err := s.ApplyRetention(testCtx(t), "vm1"); !errors.Is(err, ErrStoreFull) {
+		t.Fatalf("retention on a full store: %v, want ErrStoreFull", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s2 := openStore(t, dir, 1) // Open must not fail
+	if got := pointIDs(t, s2, "vm1"); !slices.Equal(got, []uint64{2}) {
+		t.Fatalf("points after Open: %v, want [2] (point 1 is being dropped)", got)
+	}
+	checkPoint(t, s2, "vm1", 2, m)
+	f, ok := s2.RetentionFailure("vm1")
+	if !ok || !strings.Contains(f.Err, "free space") || !strings.Contains(f.Err, "point 1 into 2") {
+		t.Errorf("retention failure after Open: %+v %v, want the merge named and told to free space", f, ok)
+	}
+
+	if err := os.Remove(neighbour); err != nil {
+		t.Fatal(err)
+	}
+	if err := s2.ApplyRetention(testCtx(t), "vm1"); err != nil {
+		t.Fatalf("retention with room again: %v", err)
+	}
+	if f, ok := s2.RetentionFailure("vm1"); ok {
+		t.Errorf("retention ran through, but its failure is still reported: %+v", f)
+	}
+	if files := imageFiles(t, s2, "vm1"); len(files) != 1 {
+		t.Errorf("images after the merge: %v, want 1", files)
+	}
+	checkPoint(t, s2, "vm1", 2, m)
 }

@@ -30,26 +30,46 @@ const (
 // every moment), rebases k+2's image onto k's (metadata only), then in one
 // catalog transaction drops k and makes k's image k+1's, with the folded block
 // record; only then is k+1's old image deleted. The merge is recorded before it
-// starts, and a crash at any step is finished by Open.
+// starts, and a crash at any step is finished by Open. A merge that fails stays
+// recorded and is finished first by the next retention, once no pin holds the
+// VM; until then RetentionFailure says why.
 func (s *Store) ApplyRetention(ctx context.Context, vm string) error {
+	err := s.applyRetention(ctx, vm)
+	if err != nil && ctx.Err() == nil {
+		s.setRetentionFailure(vm, err)
+	}
+	return err
+}
+
+func (s *Store) applyRetention(ctx context.Context, vm string) error {
 	unlock, err := s.lockChain(ctx, vm, true)
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	if err := s.finishMerge(ctx, vm); err != nil {
-		return s.full(fmt.Errorf("vm %q: finishing the merge recorded before: %w", vm, err))
-	}
+	// The pins first: a merge recorded before rewrites the chain as much as
+	// a new one.
 	pins, err := s.Pins(vm)
 	if err != nil {
 		return err
 	}
 	if len(pins) > 0 {
 		// A VM started from a point reads the chain: no merge until it ends.
-		if n, _ := s.pointCount(vm); n > s.keep {
-			s.log.Info("retention waits: a VM started from a point reads the chain", "vm", vm, "points", n, "keep", s.keep, "pins", len(pins))
+		recorded, err := s.recordedMerge(vm)
+		if err != nil {
+			return err
+		}
+		if n, _ := s.pointCount(vm); n > s.keep || recorded != nil {
+			log := s.log.With("vm", vm, "points", n, "keep", s.keep, "pins", len(pins))
+			if recorded != nil {
+				log = log.With("recorded_merge_drop", recorded.Drop, "recorded_merge_into", recorded.Keep)
+			}
+			log.Info("retention waits: a VM started from a point reads the chain")
 		}
 		return nil
+	}
+	if err := s.finishMerge(ctx, vm); err != nil {
+		return err
 	}
 	for {
 		var (
@@ -76,6 +96,7 @@ func (s *Store) ApplyRetention(ctx context.Context, vm string) error {
 			return fmt.Errorf("vm %q: recording a retention merge: %w", vm, err)
 		}
 		if intent == nil {
+			s.clearRetentionFailure(vm)
 			return nil
 		}
 		s.log.Info("retention: merging the oldest point into the next", "vm", vm, "drop", intent.Drop, "into", intent.Keep)
@@ -147,7 +168,17 @@ func planMerge(vm string, pts []pointRecord) (*mergeIntent, error) {
 	return m, nil
 }
 
-// finishMerge completes a merge recorded for vm, if any.
+// recordedMerge is the merge recorded for vm and not finished, if any.
+func (s *Store) recordedMerge(vm string) (intent *mergeIntent, err error) {
+	err = s.db.View(func(tx *bolt.Tx) error {
+		intent, err = readIntent(tx, vm)
+		return err
+	})
+	return intent, err
+}
+
+// finishMerge completes a merge recorded for vm, if any. Its error names the
+// VM and the merge, and says what to do when the store is full.
 func (s *Store) finishMerge(ctx context.Context, vm string) error {
 	var (
 		intent *mergeIntent
@@ -165,8 +196,41 @@ func (s *Store) finishMerge(ctx context.Context, vm string) error {
 	}); err != nil || intent == nil {
 		return err
 	}
-	s.log.Warn("finishing an interrupted retention merge", "vm", vm, "drop", intent.Drop, "into", intent.Keep, "cataloged", intent.Done)
-	return s.runMerge(ctx, vm, intent, intent.Keep == latest, &mergeTimes{})
+	s.log.Warn("finishing a retention merge recorded before", "vm", vm, "drop", intent.Drop, "into", intent.Keep, "cataloged", intent.Done)
+	if err := s.runMerge(ctx, vm, intent, intent.Keep == latest, &mergeTimes{}); err != nil {
+		return s.full(fmt.Errorf("vm %q: finishing the merge of point %d into %d recorded before (point %d stays hidden, the others read as they should; retention retries it after the next point): %w",
+			vm, intent.Drop, intent.Keep, intent.Drop, err))
+	}
+	return nil
+}
+
+// RetentionFailure is why the VM's retention last failed, and when; a merge
+// that fails stays recorded and the VM keeps its points until retention runs
+// through again.
+type RetentionFailure struct {
+	Err string
+	At  time.Time
+}
+
+// RetentionFailure says why vm's retention failed, while it has not run
+// through since (false: it has, or it never failed).
+func (s *Store) RetentionFailure(vm string) (RetentionFailure, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f, ok := s.retentionFailures[vm]
+	return f, ok
+}
+
+func (s *Store) setRetentionFailure(vm string, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.retentionFailures[vm] = RetentionFailure{Err: err.Error(), At: time.Now().UTC()}
+}
+
+func (s *Store) clearRetentionFailure(vm string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.retentionFailures, vm)
 }
 
 // mergeTimes is where a merge's time went, for its log line.

@@ -72,7 +72,10 @@ type Store struct {
 	// lastCommit when each VM's latest point was committed.
 	spares     map[string]*spare
 	lastCommit map[string]time.Time
-	closed     bool
+	// retentionFailures are why VMs' retention failed, until it runs
+	// through (RetentionFailure).
+	retentionFailures map[string]RetentionFailure
+	closed            bool
 
 	// Retention runs in the background after a commit (retainLater), so
 	// that the protected site hears of its point without waiting for a
@@ -104,7 +107,11 @@ func checkName(kind, name string) error {
 
 // Open opens (creating if needed) the store in dir. It discards points that
 // were being written when the site stopped and finishes interrupted retention
-// merges, so what it lists afterwards is only whole, committed points.
+// merges, so what it lists afterwards is only whole, committed points. A
+// merge that cannot finish now (the store full, a merged image that does not
+// read back, a pin) is logged and left recorded for retention to retry: the
+// store opens all the same, since the chain reads right meanwhile and the
+// point being dropped stays hidden.
 func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
@@ -147,7 +154,8 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		writers: map[*Writer]struct{}{},
 		spares:  map[string]*spare{},
 		// A VM's first commit since Open makes no spare: its next point may be far off.
-		lastCommit: map[string]time.Time{},
+		lastCommit:        map[string]time.Time{},
+		retentionFailures: map[string]RetentionFailure{},
 	}
 	s.bgCtx, s.bgCancel = context.WithCancel(context.Background())
 	s.direct = directIO(filepath.Join(abs, "vms"))
@@ -194,8 +202,9 @@ func (s *Store) recover(ctx context.Context) error {
 				return fmt.Errorf("recovery store: discarding interrupted point %d of vm %q: %w", p.ID, vm, err)
 			}
 		}
-		if err := s.finishMerge(ctx, vm); err != nil {
-			return fmt.Errorf("recovery store: finishing the interrupted retention merge of vm %q: %w", vm, err)
+		s.finishMergeOnOpen(ctx, vm)
+		if ctx.Err() != nil {
+			return fmt.Errorf("recovery store: opening: %w", ctx.Err())
 		}
 	}
 	run := filepath.Join(s.dir, "run")
@@ -204,6 +213,29 @@ func (s *Store) recover(ctx context.Context) error {
 		_ = os.RemoveAll(filepath.Join(run, e.Name()))
 	}
 	return nil
+}
+
+// finishMergeOnOpen finishes the merge recorded for vm, unless a pin holds
+// the VM (a failover's VM outlives lifeboat and reads the chain). A failure
+// is logged and recorded (RetentionFailure), not returned: one VM's merge
+// must not keep the site from starting, for it and every other VM.
+func (s *Store) finishMergeOnOpen(ctx context.Context, vm string) {
+	m, err := s.recordedMerge(vm)
+	if err == nil && m != nil {
+		var pins map[string]Pin
+		if pins, err = s.Pins(vm); err == nil && len(pins) > 0 {
+			s.log.Warn("a retention merge recorded before waits: a VM started from a point reads the chain; retention finishes it once no run does",
+				"vm", vm, "drop", m.Drop, "into", m.Keep, "pins", len(pins))
+			return
+		}
+	}
+	if err == nil {
+		err = s.finishMerge(ctx, vm)
+	}
+	if err != nil && ctx.Err() == nil {
+		s.setRetentionFailure(vm, err)
+		s.log.Error("retention: the merge recorded before could not finish; the store opens all the same and retention tries again after the VM's next point", "vm", vm, "err", err)
+	}
 }
 
 // Close aborts the points still being written and closes the catalog.
