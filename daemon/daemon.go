@@ -83,6 +83,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 		defer st.Close()
 		d.runs = &failover.Manager{Store: st, Dir: filepath.Join(d.cfg.StateDir, "failover"), Site: d.cfg.Site,
 			Networks: d.cfg.Networks, Libvirt: d.cfg.Libvirt, CommitAfter: time.Duration(d.cfg.CommitAfter), Overrides: d.cfg.overrides(), Log: d.log}
+		// Before any failover can start: a start this site's stop cut short
+		// left a pin that would hold retention for good.
+		if err := d.runs.ReleaseCrashedStarts(ctx); err != nil {
+			d.log.Error("failover starts cut short by a stop of this site", "err", err)
+		}
 		tlsConf, err := pki.ServerTLS(d.tlsFiles())
 		if err != nil {
 			return fmt.Errorf("config %s: tls: %w", d.cfg.Path(), err)

@@ -32,6 +32,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/qga"
 	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/virt"
 )
 
 // Bitmap is the dirty bitmap each overlay carries from the run's first
@@ -190,6 +191,12 @@ func (m *Manager) Record(r *Run) error { return m.save(r) }
 func (r *Run) pidFile() string    { return filepath.Join(r.Dir, "qemu.pid") }
 func (r *Run) recordFile() string { return filepath.Join(r.Dir, "run.json") }
 
+// place gives run r (its ID set) its directory and the files QEMU makes there.
+func (m *Manager) place(r *Run) {
+	r.Dir = filepath.Join(m.Dir, r.ID)
+	r.QMP, r.Agent, r.Console = filepath.Join(r.Dir, "qmp.sock"), filepath.Join(r.Dir, "qga.sock"), filepath.Join(r.Dir, "console.log")
+}
+
 // Kind names the run for messages: "failover" or "test failover".
 func (r *Run) Kind() string {
 	if r.Test {
@@ -279,8 +286,7 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 		kind = "test"
 	}
 	r.ID = fmt.Sprintf("%s-%d-%s-%s", vm, pt.ID, kind, nonce())
-	r.Dir = filepath.Join(m.Dir, r.ID)
-	r.QMP, r.Agent, r.Console = filepath.Join(r.Dir, "qmp.sock"), filepath.Join(r.Dir, "qga.sock"), filepath.Join(r.Dir, "console.log")
+	m.place(r)
 	if len(r.QMP) > 100 {
 		return nil, fmt.Errorf("vm %q: the run's sockets would be under %s, too long a path for a unix socket: give the recovery site a shorter state_dir", vm, r.Dir)
 	}
@@ -617,6 +623,113 @@ func (m *Manager) Runs(vm string) ([]*Run, error) {
 		}
 	}
 	return out, nil
+}
+
+// ReleaseCrashedStarts ends the starts that a stop of lifeboat cut short.
+// Start pins the VM before it makes the overlays and starts QEMU, and
+// records the run (run.json) only once QEMU is there, paused before the
+// guest's first instruction: a lifeboat killed in between leaves a pin that
+// no run names, which nothing else removes, so retention would wait for
+// good. Such a start's QEMU, if it is still there before the guest's first
+// instruction, is killed (as Start does on a failure), its directory deleted
+// and its pin removed. A QEMU of it whose guest has run, or a libvirt domain
+// of it that still exists, reads the point's chain: its pin stays, and the
+// error says what to do. The daemon calls it as it starts, before any Start.
+func (m *Manager) ReleaseCrashedStarts(ctx context.Context) error {
+	vms, err := m.Store.VMs()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, vm := range vms {
+		pins, err := m.Store.Pins(vm)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for id, pin := range pins {
+			r := &Run{ID: id, VM: vm, Point: pin.Point, Test: pin.Reason == (&Run{Test: true}).Kind()}
+			m.place(r)
+			if _, err := os.Stat(r.recordFile()); !errors.Is(err, os.ErrNotExist) {
+				if err != nil {
+					errs = append(errs, fmt.Errorf("vm %q: run %s: %w", vm, id, err))
+				}
+				continue // a run that started (or a record lifeboat cannot read)
+			}
+			if err := m.endCrashedStart(ctx, r); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if err := m.Store.RemovePin(vm, id); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if err := os.RemoveAll(r.Dir); err != nil {
+				errs = append(errs, fmt.Errorf("vm %q: removing the directory of run %s: %w", vm, id, err))
+			}
+			m.log().Warn("released the pin of a failover start that lifeboat did not finish (it stopped meanwhile); retention goes on",
+				"vm", vm, "point", pin.Point, "run", id, "since", pin.Since)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// endCrashedStart stops what the cut-short start of r left running, if the
+// guest never ran, and fails if something of it still reads the chain.
+func (m *Manager) endCrashedStart(ctx context.Context, r *Run) error {
+	what := fmt.Sprintf("vm %q: the %s %s from point %d, which lifeboat did not finish starting,", r.VM, r.Kind(), r.ID, r.Point)
+	if doc, err := os.ReadFile(filepath.Join(r.Dir, "domain.xml")); err == nil {
+		name, err := virt.DomainName(string(doc))
+		if err != nil {
+			return fmt.Errorf("%s left %s: %w", what, filepath.Join(r.Dir, "domain.xml"), err)
+		}
+		uri := cmp.Or(m.Libvirt, virt.DefaultURI)
+		c, err := virt.Dial(ctx, uri)
+		if err != nil {
+			return fmt.Errorf("%s may have left libvirt domain %q, and libvirt at %s cannot be asked: %w; its pin stays, so retention waits", what, name, uri, err)
+		}
+		defer c.Close()
+		if exists, err := c.Exists(ctx, name); err != nil || exists {
+			return errors.Join(fmt.Errorf("%s left libvirt domain %q at %s, which may read the point's chain: its pin stays, so retention waits. "+
+				"Remove the domain (`virsh -c %s destroy %s; virsh -c %s undefine %s`) and restart lifeboat to release it", what, name, uri, uri, name, uri, name), err)
+		}
+		return nil
+	}
+	pid, err := readPID(r.pidFile())
+	if err != nil {
+		return nil // no QEMU started
+	}
+	r.PID = pid
+	if !r.Alive() || !r.ownsProcess() {
+		return nil // gone, or the pid is another process's now
+	}
+	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var status struct {
+		Status string `json:"status"`
+	}
+	mon, err := qemu.Dial(qctx, r.QMP)
+	if err == nil {
+		err = mon.Execute(qctx, "query-status", nil, &status)
+		mon.Close()
+	}
+	if err != nil || status.Status != "prelaunch" {
+		state := cmp.Or(status.Status, fmt.Sprintf("unknown (%v)", err))
+		return fmt.Errorf("%s left QEMU pid %d, in state %s: its guest may have run, and it reads the point's chain, so its pin stays and retention waits. "+
+			"If nothing should run from it, stop it (`kill %d`) and restart lifeboat to release the pin", what, pid, state, pid)
+	}
+	m.kill(r) // paused before the guest's first instruction: nothing of it is lost
+	if r.Alive() {
+		return fmt.Errorf("%s left QEMU pid %d, which does not die: its pin stays, so retention waits", what, pid)
+	}
+	return nil
+}
+
+// ownsProcess reports whether r.PID is the QEMU r's start ran: its command
+// line names the run's pid file (a pid is reused once its process is gone).
+func (r *Run) ownsProcess() bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", r.PID))
+	return err == nil && strings.Contains(string(b), r.pidFile())
 }
 
 // Alive reports whether the run's QEMU still runs.
