@@ -318,7 +318,8 @@ func (s *Store) inBackground(stop func()) {
 }
 
 // takeSpare removes vm's spare from the store and returns it once made, or
-// nil if there is none or it could not be made.
+// nil if there is none, it could not be made, or its daemon has exited
+// since (killed, out of memory): the Begin then opens the chain itself.
 func (s *Store) takeSpare(ctx context.Context, vm string) (*spare, error) {
 	s.mu.Lock()
 	sp := s.spares[vm]
@@ -338,6 +339,13 @@ func (s *Store) takeSpare(ctx context.Context, vm string) (*spare, error) {
 	}
 	if sp.daemon == nil {
 		return nil, nil
+	}
+	select {
+	case <-sp.daemon.Exited():
+		s.log.Warn("the writer made ahead for the VM's next point is gone; opening the chain again", "vm", vm, "daemon", sp.daemon.Diagnosis())
+		s.discardSpare(sp)
+		return nil, nil
+	default:
 	}
 	return sp, nil
 }

@@ -153,6 +153,22 @@ func TestWriterMadeAheadThatNoLongerFits(t *testing.T) {
 	}
 }
 
+// twoPointsAndASpare commits points 1 and 2 of vm's disk vda (size bytes)
+// in a row, so that a writer is made ahead for point 3, and returns it.
+func twoPointsAndASpare(t *testing.T, s *Store, vm string, size int64, m model) *spare {
+	t.Helper()
+	for id := uint64(1); id <= 2; id++ {
+		p := begin(t, s, vm, id, m, DiskSpec{Name: "vda", Size: size, Resync: id == 1})
+		p.data("vda", p.rng.Int64N(60), 3)
+		p.commit()
+	}
+	sp := spareOf(s, vm)
+	if sp == nil || sp.daemon == nil {
+		t.Fatal("no writer made ahead after two points in a row")
+	}
+	return sp
+}
+
 // A lifeboat that stops with a writer made ahead leaves its daemon and
 // images; the next Open kills the one and deletes the others, and the
 // chain goes on.
@@ -162,15 +178,7 @@ func TestWriterMadeAheadAfterACrash(t *testing.T) {
 	s := openStore(t, dir, 24)
 	const size = 4 << 20
 	m := model{}
-	for id := uint64(1); id <= 2; id++ {
-		p := begin(t, s, "vm1", id, m, DiskSpec{Name: "vda", Size: size, Resync: id == 1})
-		p.data("vda", p.rng.Int64N(60), 3)
-		p.commit()
-	}
-	sp := spareOf(s, "vm1")
-	if sp == nil {
-		t.Fatal("no writer made ahead")
-	}
+	sp := twoPointsAndASpare(t, s, "vm1", size, m)
 	pid := sp.daemon.Pid()
 	if len(spareParts(t, s)) == 0 {
 		t.Fatal("the writer made ahead has no image")
@@ -259,4 +267,32 @@ func (p *pointWriter) patch(disk string, b int64, dirty lifeboat.Dirty) {
 		p.t.Fatalf("WritePatch %s block %d: %v", disk, b, err)
 	}
 	copy(p.m[disk][b*B:], block)
+}
+
+// A writer made ahead whose daemon died between points (the OOM killer, a
+// crash of QEMU; here a real SIGKILL) is not handed to the next Begin, which
+// would fail on its NBD socket: the Begin discards it, opens the chain
+// itself, and the point is written and reads right.
+func TestDeadWriterMadeAheadIsNotTaken(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 24)
+	const size = 4 << 20
+	m := model{}
+	sp := twoPointsAndASpare(t, s, "vm1", size, m)
+	dead, runDir := sp.daemon, sp.runDir
+	if err := dead.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	p := begin(t, s, "vm1", 3, m, DiskSpec{Name: "vda", Size: size})
+	if p.w.daemon == dead {
+		t.Fatal("the writer took the dead daemon made ahead")
+	}
+	p.data("vda", p.rng.Int64N(60), 3)
+	p.commit()
+	checkPoint(t, s, "vm1", 3, m)
+	s.SettleRetention()
+	s.stops.Wait() // the discarded spare's removal runs in the background
+	if _, err := os.Stat(runDir); !os.IsNotExist(err) {
+		t.Errorf("the dead spare's runtime directory %s: %v, want it removed", runDir, err)
+	}
 }
