@@ -214,8 +214,11 @@ func (a *apiServer) sync(w http.ResponseWriter, r *http.Request) {
 	}
 	ch, stop := v.watch()
 	defer stop()
-	streamCycle(newStream(w), ch, func() (lifeboat.Point, error) { return v.sync(r.Context()) })
+	streamCycle(newStream(w), ch, func() (lifeboat.Point, error) { return v.sync(r.Context(), wantWhole(r)) })
 }
+
+// wantWhole reports whether a sync asks for every disk sent whole (?whole=1).
+func wantWhole(r *http.Request) bool { return r.URL.Query().Get("whole") == "1" }
 
 // streamCycle runs cycle and streams the progress it reports on ch, then its
 // point or its error.
@@ -270,7 +273,7 @@ func (a *apiServer) syncGroup(w http.ResponseWriter, r *http.Request, g *group) 
 	}
 	done := make(chan result, 1)
 	go func() {
-		pts, err := g.sync(r.Context())
+		pts, err := g.sync(r.Context(), wantWhole(r))
 		done <- result{pts, err}
 	}()
 	for {

@@ -114,7 +114,7 @@ func (c *Client) Status(ctx context.Context) (StatusReply, error) {
 
 // Sync runs one cycle of vm now and returns its committed point.
 func (c *Client) Sync(ctx context.Context, vm string, progress func(protect.Progress)) (lifeboat.Point, error) {
-	pts, err := c.SyncAll(ctx, vm, progress)
+	pts, err := c.SyncAll(ctx, vm, false, progress)
 	if err != nil {
 		return lifeboat.Point{}, err
 	}
@@ -127,8 +127,12 @@ func (c *Client) Sync(ctx context.Context, vm string, progress func(protect.Prog
 // SyncAll runs one cycle of a VM or a consistency group now and returns the
 // committed points (one per member of a group). With a group, points that did
 // commit are returned along with the error of the members that did not.
-func (c *Client) SyncAll(ctx context.Context, name string, progress func(protect.Progress)) ([]lifeboat.Point, error) {
-	e, err := c.cycle(ctx, "/v1/vms/"+url.PathEscape(name)+"/sync", progress)
+func (c *Client) SyncAll(ctx context.Context, name string, whole bool, progress func(protect.Progress)) ([]lifeboat.Point, error) {
+	path := "/v1/vms/" + url.PathEscape(name) + "/sync"
+	if whole {
+		path += "?whole=1"
+	}
+	e, err := c.cycle(ctx, path, progress)
 	if err != nil {
 		return nil, err
 	}

@@ -27,11 +27,14 @@ func newGroup(d *Daemon, c GroupConfig) *group {
 }
 
 // sync runs one group cycle now.
-func (g *group) sync(ctx context.Context) ([]lifeboat.Point, error) {
+func (g *group) sync(ctx context.Context, whole bool) ([]lifeboat.Point, error) {
 	// Members are locked in config order, as everywhere, so two syncs cannot deadlock.
 	for _, v := range g.members {
 		v.cycleMu.Lock()
 		defer v.cycleMu.Unlock()
+		if whole {
+			v.p.Whole = true
+		}
 	}
 	pg := &protect.Group{Name: g.cfg.Name}
 	for _, v := range g.members {
@@ -77,7 +80,7 @@ func (g *group) sync(ctx context.Context) ([]lifeboat.Point, error) {
 
 func (g *group) schedule(ctx context.Context) {
 	runEvery(ctx, time.Duration(g.cfg.Interval), retryAfter, func(ctx context.Context) error {
-		_, err := g.sync(ctx)
+		_, err := g.sync(ctx, false)
 		return err
 	})
 }

@@ -82,10 +82,14 @@ func (v *vm) watch() (chan protect.Progress, func()) {
 	}
 }
 
-// sync runs one cycle now.
-func (v *vm) sync(ctx context.Context) (lifeboat.Point, error) {
+// sync runs one cycle now; whole makes it send every disk whole, and the
+// cycles after it until one commits (protect.Protector.Whole).
+func (v *vm) sync(ctx context.Context, whole bool) (lifeboat.Point, error) {
 	v.cycleMu.Lock()
 	defer v.cycleMu.Unlock()
+	if whole {
+		v.p.Whole = true
+	}
 	if v.reversedHere() {
 		v.mu.Lock()
 		defer v.mu.Unlock()
@@ -221,7 +225,7 @@ func (v *vm) schedule(ctx context.Context) {
 		if failedOver && (time.Since(since) < failedOverRecheck || v.stillFailedOver(ctx)) {
 			return errFailedOverHere
 		}
-		_, err := v.sync(ctx)
+		_, err := v.sync(ctx, false)
 		return err
 	})
 }

@@ -134,7 +134,8 @@ func (c *cycle) prepare(ctx context.Context) error {
 		h := c.history(n.Name)
 		d.lineage, d.base = h.lineage, h.latest
 		d.new = newGeneration(peer, h.lineage, c.id)
-		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Size, n.Bitmaps, h)
+		d.whole = p.Whole
+		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Bitmaps, h, cmp.Or(c.wholeWhy(), resizedWhy(h, n.Size)))
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", n.Name, err)
 		}
@@ -144,6 +145,14 @@ func (c *cycle) prepare(ctx context.Context) error {
 		c.disks = append(c.disks, d)
 	}
 	return nil
+}
+
+// wholeWhy is why every disk is sent whole, "" when it is not (Protector.Whole).
+func (c *cycle) wholeWhy() string {
+	if !c.p.Whole {
+		return ""
+	}
+	return "asked to send the disk whole (`lifeboat sync --whole`): every block is read and sent again, whatever the recovery site holds"
 }
 
 // learnLatest asks the recovery site for the VM's latest point: this cycle's
@@ -387,7 +396,7 @@ func (c *cycle) send(ctx context.Context, sock string) (lifeboat.Point, error) {
 		}
 		defer cl.Close()
 		var known map[int64]lifeboat.Hash
-		if d.old == "" && hasDisk(c.latest, d.name) {
+		if d.old == "" && hasDisk(c.latest, d.name) && !d.whole {
 			if known, err = p.Target.BlockMap(ctx, p.VM.Name, d.name); err != nil {
 				return lifeboat.Point{}, err
 			}
@@ -401,7 +410,7 @@ func (c *cycle) send(ctx context.Context, sock string) (lifeboat.Point, error) {
 		if err != nil {
 			return lifeboat.Point{}, fmt.Errorf("disk %q: %w", d.name, err)
 		}
-		pl.known0 = d.old == "" // on a resync, a block the replica never got is zero there
+		pl.known0 = d.old == "" && !d.whole // on a resync, a block the replica never got is zero there
 		plans = append(plans, pl)
 		c.total += pl.changed
 	}

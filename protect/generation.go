@@ -90,11 +90,12 @@ func resizedWhy(h history, now int64) string {
 // those are merged into it, and it is enabled again, so no write is lost
 // whatever moment the interruption hit. Every other generation of ours (other
 // lineages, older or unprovable ones, those of an older lifeboat) is removed.
-// A disk whose size is not the one h recorded (size: now) is resynchronised.
-func reconcile(ctx context.Context, m *qemu.Monitor, node string, size int64, bitmaps []qemu.Bitmap, h history) (string, string, error) {
+// A disk the caller has a reason to resynchronise (force: resizedWhy, a
+// whole send) is resynchronised whatever its generations prove.
+func reconcile(ctx context.Context, m *qemu.Monitor, node string, bitmaps []qemu.Bitmap, h history, force string) (string, string, error) {
 	base, newer, discard, why := changeRecord(bitmaps, h)
 	if why == "" {
-		why = resizedWhy(h, size)
+		why = force
 	}
 	if why != "" {
 		if base != nil {

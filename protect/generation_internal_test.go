@@ -78,7 +78,7 @@ func TestReconcileStates(t *testing.T) {
 			if n, err = m.Node(ctx, "vda"); err != nil {
 				t.Fatal(err)
 			}
-			base, why, err := reconcile(ctx, m, "vda", n.Size, n.Bitmaps, tc.h)
+			base, why, err := reconcile(ctx, m, "vda", n.Bitmaps, tc.h, resizedWhy(tc.h, n.Size))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -230,6 +230,10 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 		h := c.history(dk.Target)
 		d.lineage, d.base = h.lineage, h.latest
 		d.why = checkpointBase(dk, h, c.lv.ours, metas)
+		if d.why == "" && c.p.Whole {
+			d.why = c.wholeWhy()
+		}
+		d.whole = c.p.Whole
 		if d.why == "" {
 			d.old = h.gen
 			d.dirty = virt.ExportBitmap(dk.Target)

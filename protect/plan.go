@@ -71,6 +71,9 @@ func planDisk(ctx context.Context, cl *nbd.Client, d *diskState, known map[int64
 			return nil, err
 		}
 		copy(pl.dirty, pl.data)
+		if d.whole {
+			pl.dirty.setRange(0, nb) // the rest as zeros: whatever the replica held there
+		}
 		for b, h := range known {
 			if b < nb && !h.IsZero() {
 				pl.dirty.set(b)

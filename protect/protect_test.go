@@ -594,3 +594,82 @@ func TestSmallWritesSendTheirSubBlocks(t *testing.T) {
 		}
 	}
 }
+
+// A replica a failing disk damaged is repaired by a whole send (`lifeboat
+// sync --whole`, Protector.Whole). A hash resync compares the source's
+// hashes with the catalog's, which still hold, so it sends nothing for a
+// damaged block; a whole send reads and sends every block, the rest as
+// zeros, and its point holds the whole disk: byte-exact (r.cycle), verify
+// passes on it, while the point below still reads the damage. Whole is
+// cleared by the commit, and the next cycle is incremental again.
+func TestWholeSendRepairsADamagedReplica(t *testing.T) {
+	r := newRig(t, wire.CompressionZstd)
+	if err := r.guest.Fill(ctx(t), 0.5); err != nil {
+		t.Fatal(err)
+	}
+	r.cycle(t)
+	// Bytes of a data cluster of point 1's vda image go bad in its file.
+	img, err := r.site.Store.ImagePath("vm1", 1, "vda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("qemu-img", "map", "-U", "--output=json", "-f", "qcow2", img).Output()
+	if err != nil {
+		t.Fatalf("qemu-img map %s: %v", img, err)
+	}
+	var extents []struct {
+		Data   bool  `json:"data"`
+		Offset int64 `json:"offset"`
+		Length int64 `json:"length"`
+	}
+	if err := json.Unmarshal(out, &extents); err != nil {
+		t.Fatal(err)
+	}
+	host := int64(-1)
+	for _, e := range extents {
+		if e.Data && e.Length >= lifeboat.BlockSize {
+			host = e.Offset
+			break
+		}
+	}
+	if host < 0 {
+		t.Fatalf("point 1's image %s has no data cluster: %s", img, out)
+	}
+	f, err := os.OpenFile(img, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(make([]byte, 4096), host+8192); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if _, err := r.site.Store.Verify(ctx(t), "vm1", 1, nil); err == nil {
+		t.Fatal("verify passed point 1 with a damaged cluster")
+	} else {
+		t.Logf("verify, as advised: %v", err)
+	}
+
+	r.p.Whole = true
+	pt := r.cycle(t)
+	for _, d := range pt.Disks {
+		if !d.Resync {
+			t.Errorf("point %d disk %s: incremental, want it sent whole", pt.ID, d.Name)
+		}
+	}
+	if r.p.Whole {
+		t.Error("Whole is still set after the point committed")
+	}
+	if _, err := r.site.Store.Verify(ctx(t), "vm1", pt.ID, nil); err != nil {
+		t.Fatalf("verify of the whole send's point %d: %v", pt.ID, err)
+	}
+	if _, err := r.site.Store.Verify(ctx(t), "vm1", 1, nil); err == nil {
+		t.Error("verify passed point 1, which the whole send does not rewrite")
+	}
+	if _, err := r.guest.Mixed(ctx(t), 5); err != nil {
+		t.Fatal(err)
+	}
+	pt = r.cycle(t)
+	if vda := diskNamed(t, pt, "vda"); vda.Resync {
+		t.Errorf("point %d after the whole send: vda resync, want incremental", pt.ID)
+	}
+}

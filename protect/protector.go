@@ -125,6 +125,13 @@ type Protector struct {
 	// VM's QEMU (a libvirt pull backup's) when the VM has no nbd_socket
 	// (DefaultBusyWait).
 	BusyWait time.Duration
+	// Whole makes the cycles send every disk whole, whatever the recovery
+	// site holds: every allocated block read and sent, every other range
+	// sent as zeros, so that the point holds the whole disk and shadows
+	// whatever the replica's older images hold (the repair of a replica a
+	// failing disk damaged: `lifeboat sync --whole`). It is cleared once
+	// such a point is committed.
+	Whole bool
 
 	mu     sync.Mutex
 	warned map[string]bool
@@ -153,6 +160,7 @@ func (p *Protector) Cycle(ctx context.Context) (lifeboat.Point, error) {
 	if err != nil {
 		return lifeboat.Point{}, fmt.Errorf("vm %q: %w", p.VM.Name, err)
 	}
+	p.Whole = false
 	if err := saveImages(p.VM.WorkDir, c.images); err != nil {
 		c.log.Warn("recording the disks' images for a failback failed", "err", err)
 	}
@@ -176,6 +184,7 @@ type diskState struct {
 	persistent bool
 	old        string // generation read for dirty blocks; "" = resync
 	why        string // why a resync
+	whole      bool   // sent whole (Protector.Whole): no block skipped by its hash
 	new        string // generation this point's instant starts
 	lineage    string // the disk's identity at the recovery site
 	base       uint64 // the point the delta is computed from (0: none)

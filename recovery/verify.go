@@ -47,8 +47,8 @@ type VerifyError struct {
 }
 
 func (e *VerifyError) Error() string {
-	return fmt.Sprintf("vm %q point %d disk %q: block at offset %d reads %s, recorded %s: the image is damaged; restore from another point or resync the VM",
-		e.VM, e.Point, e.Disk, e.Offset, e.Got, e.Want)
+	return fmt.Sprintf("vm %q point %d disk %q: block at offset %d reads %s, recorded %s: the image is damaged; a failover or export can take another point (`lifeboat points %s`), and `lifeboat sync %s --whole` at its protected site repairs the replica (a point holding the whole disk)",
+		e.VM, e.Point, e.Disk, e.Offset, e.Got, e.Want, e.VM, e.VM)
 }
 
 // verifyWorkers is how many blocks are read and hashed at once.

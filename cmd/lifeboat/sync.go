@@ -11,14 +11,21 @@ import (
 )
 
 func newSyncCmd(g *globals) *cobra.Command {
-	var asJSON bool
+	var asJSON, whole bool
 	cmd := &cobra.Command{
 		Use:   "sync VM|GROUP",
 		Short: "Run one replication cycle of a VM (or a consistency group) now",
 		Long: `Run one replication cycle now. The first is the initial sync of all allocated
 data; later ones send only the blocks written since the last point. Exits 0 only
-when the recovery site has committed the point.`,
-		Example: `  lifeboat sync web1 -c site.yaml`,
+when the recovery site has committed the point.
+
+--whole sends every disk whole, whatever the recovery site holds: every allocated
+block is read and sent, the rest as zeros. The point then holds the whole disk, so
+it repairs a replica that ` + "`lifeboat verify`" + ` found damaged (a failing disk at
+the recovery site): it and the points after it no longer read the damaged images.
+Until such a point commits, every cycle of the VM sends whole.`,
+		Example: `  lifeboat sync web1 -c site.yaml
+  lifeboat sync web1 --whole     # after verify found web1's replica damaged`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			vm, err := oneVM(args, "lifeboat sync web1")
 			if err != nil {
@@ -29,7 +36,7 @@ when the recovery site has committed the point.`,
 				return err
 			}
 			bar := newProgressLine(os.Stderr)
-			pts, err := c.SyncAll(cmd.Context(), vm, func(p protect.Progress) { bar.show(p) })
+			pts, err := c.SyncAll(cmd.Context(), vm, whole, func(p protect.Progress) { bar.show(p) })
 			bar.done()
 			if asJSON && len(pts) > 0 {
 				var v any = pts
@@ -59,5 +66,6 @@ when the recovery site has committed the point.`,
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the committed point as JSON")
+	cmd.Flags().BoolVar(&whole, "whole", false, "send every disk whole, whatever the recovery site holds (repairs a damaged replica)")
 	return cmd
 }
