@@ -21,6 +21,9 @@ type FailoverRequest struct {
 	// Force fails over although the production site was in contact a
 	// moment ago (it is known lost, or fenced).
 	Force bool `json:"force,omitempty"`
+	// AcceptDamage starts the VM even from a point with an image cut short
+	// (failover.Options.AcceptDamage).
+	AcceptDamage bool `json:"accept_damage,omitempty"`
 	// AgentWait bounds the wait for the guest agent after QEMU runs (0: do
 	// not wait).
 	AgentWait time.Duration `json:"agent_wait_ns,omitempty"`
@@ -52,7 +55,7 @@ func (a *apiServer) failover(w http.ResponseWriter, r *http.Request) {
 	// The VM outlives this request: its start is not cancelled with it.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 2*time.Minute)
 	defer cancel()
-	run, err := a.d.runs.Start(ctx, vm, failover.Options{Point: req.Point, Before: req.Before, Test: req.Test, Force: req.Force})
+	run, err := a.d.runs.Start(ctx, vm, failover.Options{Point: req.Point, Before: req.Before, Test: req.Test, Force: req.Force, AcceptDamage: req.AcceptDamage})
 	if err != nil {
 		writeErr(w, http.StatusConflict, err)
 		return

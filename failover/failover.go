@@ -104,6 +104,10 @@ type Options struct {
 	Force bool
 	// Planned: the owner asked, having shut the VM down (no split-brain check).
 	Planned bool
+	// AcceptDamage starts the VM even from a point an image of which was cut
+	// short since it was written (recovery.Store.CheckImages), whose lost
+	// clusters QEMU reads as zeros: a last resort, logged.
+	AcceptDamage bool
 }
 
 // Run is one VM started from a point.
@@ -317,6 +321,12 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 		return nil, err
 	}
 	pinned = true
+	if err := m.Store.CheckImages(vm, pt.ID); err != nil {
+		if !opts.AcceptDamage {
+			return nil, fmt.Errorf("%w (to start it all the same, reading zeros where the file was cut: --accept-damage)", err)
+		}
+		log.Warn("starting from a point with a damaged image, as asked (--accept-damage): the guest reads zeros where the file was cut", "err", err)
+	}
 	r.disks = disksOf(pt, def)
 	for _, d := range r.disks {
 		base, err := m.Store.ImagePath(vm, pt.ID, d.Name)

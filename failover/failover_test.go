@@ -3,6 +3,7 @@ package failover_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -577,5 +578,50 @@ func checkFailbackGenerations(ctx context.Context, t *testing.T, r *failover.Run
 		if !recording[g] {
 			t.Errorf("disk %s: generation %q is not a recording bitmap of the recovered VM (its bitmaps: %v)", d.Name, g, recording)
 		}
+	}
+}
+
+// A point whose image was cut short since it was written (a failing disk, an
+// operator's truncate) reads its lost clusters as zeros: QEMU pads reads past
+// a file's end without a word. A failover from it is refused, naming the
+// disk, the file and --accept-damage; the runs and pins are as before. With
+// AcceptDamage it starts all the same (a last resort).
+func TestFailoverRefusesATruncatedPoint(t *testing.T) {
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	replicateDataDisk(t, site, "tr")
+	pt, err := site.Store.Point("tr", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(pt.Disks[0].File)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cut := st.Size() / 2 &^ (64<<10 - 1)
+	if err := os.Truncate(pt.Disks[0].File, cut); err != nil {
+		t.Fatal(err)
+	}
+	m := manager(t, site)
+	ctx := testCtx(t, 2*time.Minute)
+	r, err := m.Start(ctx, "tr", failover.Options{Test: true})
+	if err == nil {
+		m.Stop(context.Background(), r)
+		t.Fatalf("a test failover started from point %d, whose image lost its last %d of %d bytes", pt.ID, st.Size()-cut, st.Size())
+	}
+	if !errors.Is(err, qemu.ErrTruncated) || !strings.Contains(err.Error(), `disk "vda"`) || !strings.Contains(err.Error(), "--accept-damage") {
+		t.Errorf("refused with %v; want ErrTruncated naming disk vda and --accept-damage", err)
+	}
+	if runs, _ := m.Runs("tr"); len(runs) != 0 {
+		t.Errorf("runs after the refusal: %v", runs)
+	}
+	if pins, _ := site.Store.Pins("tr"); len(pins) != 0 {
+		t.Errorf("pins after the refusal: %v", pins)
+	}
+	r, err = m.Start(ctx, "tr", failover.Options{Test: true, AcceptDamage: true})
+	if err != nil {
+		t.Fatalf("with AcceptDamage: %v", err)
+	}
+	if err := m.Stop(context.Background(), r); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -23,6 +23,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
 // DefaultKeep is how many points per VM retention keeps when Options.Keep is 0.
@@ -445,6 +446,37 @@ func (s *Store) ImagePath(vm string, id uint64, disk string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("vm %q point %d has no disk %q (it has %s): %w", vm, p.ID, disk, diskNames(p.Disks), ErrNoDisk)
+}
+
+// CheckImages checks that no image a point reads through (each disk's
+// chain, the point's own first) was cut short since it was written: the
+// start of every cluster its refcounts use lies within its file
+// (qemu.CheckQcow2End: a few metadata reads per image, whatever its size).
+// QEMU reads the clusters past a truncated file's end as zeros, so a VM
+// started from such a point would boot on zeroed data without a word. An
+// error wraps qemu.ErrTruncated and names the VM, point, disk and file.
+func (s *Store) CheckImages(vm string, id uint64) error {
+	p, err := s.Point(vm, id)
+	if err != nil {
+		return err
+	}
+	for _, d := range p.Disks {
+		var files []string
+		err := s.db.View(func(tx *bolt.Tx) error {
+			var err error
+			files, err = chainFiles(tx, vm, d.Name, p.ID)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		for _, f := range files {
+			if err := qemu.CheckQcow2End(s.abs(f)); err != nil {
+				return fmt.Errorf("vm %q point %d disk %q: %w; the point does not read as it was written: take an earlier point whose chain does not hold this image (`lifeboat points %s`), or `lifeboat sync %s --whole` at its protected site for a new one", vm, p.ID, d.Name, err, vm, vm)
+			}
+		}
+	}
+	return nil
 }
 
 func diskNames(ds []lifeboat.PointDisk) string {
