@@ -951,23 +951,26 @@ func (s *Store) syncFiles(rels []string) error {
 }
 
 // syncDirs makes the directory entries of new images durable before the
-// catalog names them.
+// catalog names them: each image's directory, and the directories above it
+// up to the store's, which a VM's or a disk's first point created (a clean
+// directory's fsync costs next to nothing).
 func (s *Store) syncDirs(rels []string) error {
 	seen := map[string]bool{}
 	for _, rel := range rels {
-		dir := filepath.Dir(s.abs(rel))
-		if seen[dir] {
-			continue
-		}
-		seen[dir] = true
-		f, err := os.Open(dir)
-		if err != nil {
-			return err
-		}
-		err = f.Sync()
-		f.Close()
-		if err != nil {
-			return fmt.Errorf("syncing directory %s: %w", dir, err)
+		for dir := filepath.Dir(s.abs(rel)); !seen[dir]; dir = filepath.Dir(dir) {
+			seen[dir] = true
+			f, err := os.Open(dir)
+			if err != nil {
+				return err
+			}
+			err = f.Sync()
+			f.Close()
+			if err != nil {
+				return fmt.Errorf("syncing directory %s: %w", dir, err)
+			}
+			if dir == filepath.Clean(s.dir) || dir == filepath.Dir(dir) {
+				break
+			}
 		}
 	}
 	return nil
