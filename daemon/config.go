@@ -511,8 +511,11 @@ func (c *Config) check() error {
 		if (len(v.PreFreeze) > 0 || len(v.PostThaw) > 0) && v.Libvirt != nil {
 			return c.fail(f+".pre_freeze", "hooks run through the agent's guest-exec, which libvirt offers only through its pass-through (it taints the domain): put them in the guest's fsfreeze-hook directory (/etc/qemu/fsfreeze-hook.d), which libvirt's freeze runs")
 		}
-		if v.FreezeLimit < 0 || v.HookTimeout < 0 {
+		if v.FreezeLimit < 0 {
 			return c.fail(f+".freeze_limit", "must not be negative")
+		}
+		if v.HookTimeout < 0 {
+			return c.fail(f+".hook_timeout", "must not be negative")
 		}
 		switch {
 		case len(v.Start) > 0 && v.Libvirt != nil:
@@ -559,6 +562,13 @@ func (c *Config) check() error {
 		}
 		if g.Interval < 0 {
 			return c.fail(f+".interval", "must not be negative")
+		}
+		// Members have no interval of their own: their RPO target comes from
+		// the group's, so that status and metrics say when the group is behind.
+		for j := range c.VMs {
+			if v := &c.VMs[j]; inGroup[v.Name] == g.Name && v.RPOTarget == 0 {
+				v.RPOTarget = 3 * g.Interval
+			}
 		}
 	}
 	return nil

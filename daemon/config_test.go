@@ -196,3 +196,37 @@ func TestExampleConfigLoads(t *testing.T) {
 		t.Fatalf("rpo_target default: %v", time.Duration(c.VMs[0].RPOTarget))
 	}
 }
+
+// A consistency group's members have no interval of their own (the config
+// refuses one), so the rpo_target default, 3 × interval, gave them none: a
+// group whose cycles failed for hours never showed as behind, in status or
+// metrics, while a lone VM with the same interval did. Members now take the
+// group's interval for their target and show it.
+func TestGroupMembersFallBehind(t *testing.T) {
+	body := strings.Replace(goodConfig, ", interval: 30s", "", 1) +
+		"  - {name: db1, qmp: /db.qmp}\n  - {name: solo, qmp: /solo.qmp, interval: 1m}\n" +
+		"groups:\n  - {name: shop, vms: [web1, db1], interval: 1m}\n"
+	c, err := LoadConfig(writeConfig(t, body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := New(c, nil)
+	hourOld := &lifeboat.Point{ID: 7, Instant: time.Now().Add(-time.Hour)}
+	for _, name := range []string{"solo", "web1", "db1"} {
+		v, _ := d.vmOf(name)
+		v.last = hourOld
+		s := v.status(time.Now())
+		if !s.Behind || s.RPOTarget != 180 || s.Interval != "1m0s" {
+			t.Errorf("vm %s (group %q): last point an hour old under an interval of 1m: behind %v, rpo_target_seconds %v, interval %q; want behind, 180, 1m0s",
+				name, s.Group, s.Behind, s.RPOTarget, s.Interval)
+		}
+	}
+}
+
+// A negative hook_timeout is reported under its own name.
+func TestNegativeHookTimeoutNamesItsField(t *testing.T) {
+	body := strings.Replace(goodConfig, "interval: 30s", "interval: 30s, consistency: application, agent: /a.sock, hook_timeout: -5s", 1)
+	if _, err := LoadConfig(writeConfig(t, body)); err == nil || !strings.Contains(err.Error(), ".hook_timeout") {
+		t.Fatalf("a negative hook_timeout: %v, want an error naming hook_timeout", err)
+	}
+}

@@ -20,7 +20,7 @@ func newGroup(d *Daemon, c GroupConfig) *group {
 	g := &group{d: d, cfg: c}
 	for _, name := range c.VMs {
 		v, _ := d.vmOf(name)
-		v.group = c.Name
+		v.group, v.groupInterval = c.Name, time.Duration(c.Interval)
 		g.members = append(g.members, v)
 	}
 	return g

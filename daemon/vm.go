@@ -25,8 +25,9 @@ type vm struct {
 	cfg VMConfig
 	p   *protect.Protector
 
-	cycleMu sync.Mutex // one cycle at a time
-	group   string     // the consistency group it belongs to, if any
+	cycleMu       sync.Mutex    // one cycle at a time
+	group         string        // the consistency group it belongs to, if any
+	groupInterval time.Duration // its group's interval, if any
 
 	mu       sync.Mutex
 	state    string
@@ -377,6 +378,8 @@ func (v *vm) status(now time.Time) VMStatus {
 		ReverseRun: v.reverse}
 	if v.cfg.Interval > 0 {
 		s.Interval = time.Duration(v.cfg.Interval).String()
+	} else if v.groupInterval > 0 {
+		s.Interval = v.groupInterval.String() // the group's, which syncs it
 	}
 	if v.last != nil {
 		p := *v.last
