@@ -177,9 +177,10 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 				s.Owner, s.Epoch = o.Site, o.Epoch
 				switch {
 				case o.FailedOver:
-					s.State = fmt.Sprintf("failed over here from point %d at %s, but no run of it is recorded here", o.FromPoint, o.Since.UTC().Format(time.RFC3339))
+					s.State = stateFailedOverHere
+					s.Detail = fmt.Sprintf("failed over here from point %d at %s, but no run of it is recorded here", o.FromPoint, o.Since.UTC().Format(time.RFC3339))
 				case o.Epoch > 1:
-					s.State = fmt.Sprintf("replica, handed to %s at %s (epoch %d)", o.Site, o.Since.UTC().Format(time.RFC3339), o.Epoch)
+					s.Detail = fmt.Sprintf("replica, handed to %s at %s (epoch %d)", o.Site, o.Since.UTC().Format(time.RFC3339), o.Epoch)
 				}
 			}
 			if f, ok := a.d.store.RetentionFailure(name); ok {
@@ -430,21 +431,24 @@ func (a *apiServer) runStatus(s *VMStatus) error {
 	tests := 0
 	for _, r := range runs {
 		s.Runs = append(s.Runs, RunStatus{ID: r.ID, Kind: r.Kind(), Point: r.Point, Started: r.Started, Running: r.Alive(), Committed: r.Committed})
+		if !r.Test {
+			s.State = stateFailedOverHere
+		}
 		switch {
 		case r.Test:
 			tests++
 		case !r.Alive():
-			s.State = fmt.Sprintf("failed over from point %d, QEMU gone: `lifeboat failover %s --undo` cleans up", r.Point, s.VM)
+			s.Detail = fmt.Sprintf("failed over from point %d, QEMU gone: `lifeboat failover %s --undo` cleans up", r.Point, s.VM)
 		case r.Committed:
-			s.State = fmt.Sprintf("failed over from point %d, committed", r.Point)
+			s.Detail = fmt.Sprintf("failed over from point %d, committed", r.Point)
 		case !r.CommitBy.IsZero():
-			s.State = fmt.Sprintf("failed over from point %d, waiting for --commit or --undo (commit_after commits it at %s)", r.Point, r.CommitBy.UTC().Format(time.RFC3339))
+			s.Detail = fmt.Sprintf("failed over from point %d, waiting for --commit or --undo (commit_after commits it at %s)", r.Point, r.CommitBy.UTC().Format(time.RFC3339))
 		default:
-			s.State = fmt.Sprintf("failed over from point %d, waiting for --commit or --undo", r.Point)
+			s.Detail = fmt.Sprintf("failed over from point %d, waiting for --commit or --undo", r.Point)
 		}
 	}
 	if tests > 0 {
-		s.State += fmt.Sprintf(", %d test failover(s) running", tests)
+		s.Detail = cmp.Or(s.Detail, s.State) + fmt.Sprintf(", %d test failover(s) running", tests)
 	}
 	return nil
 }

@@ -327,13 +327,22 @@ func runEvery(ctx context.Context, every, retry time.Duration, cycle func(contex
 	}
 }
 
+// stateFailedOverHere is a replica's state while a failover of it runs, or
+// is recorded, at this recovery site.
+const stateFailedOverHere = "failed-over-here"
+
 // VMStatus is what `lifeboat status` shows of one VM.
 type VMStatus struct {
 	VM   string `json:"vm"`
 	Role string `json:"role"` // "protected" (this site protects it) or "replica" (this site holds its points)
-	// State: idle (never synced), syncing, protected, error.
-	State string `json:"state"`
-	Peer  string `json:"peer,omitempty"`
+	// State, one word for scripts: a protected VM's idle (never synced),
+	// syncing, protected, error, failed-over, reversed, failing-back; a
+	// replica's replica or failed-over-here (a failover of it runs, or is
+	// recorded, at this site). Detail says it in words where there is more
+	// to say.
+	State  string `json:"state"`
+	Detail string `json:"detail,omitempty"`
+	Peer   string `json:"peer,omitempty"`
 	// Owner is, for a replica, the protected site that owns the VM here, and
 	// Epoch the number of its ownership (raised by every handover).
 	Owner     string          `json:"owner,omitempty"`

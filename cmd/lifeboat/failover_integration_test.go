@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/lifeboat-dr/lifeboat/daemon"
 	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 )
@@ -67,6 +68,12 @@ func TestFailoverCommands(t *testing.T) {
 	t.Cleanup(func() { runErr(t, "failover", "vm1", "--undo", "-c", drCfg) })
 	if st := run(t, "status", "-c", drCfg); !strings.Contains(st, "failed over from point 1, waiting for --commit or --undo") {
 		t.Errorf("status at the recovery site:\n%s", st)
+	}
+	// For scripts, the state is one word and the sentence is its detail.
+	var st daemon.StatusReply
+	if err := json.Unmarshal([]byte(run(t, "status", "--json", "-c", drCfg)), &st); err != nil || len(st.VMs) != 1 ||
+		st.VMs[0].State != "failed-over-here" || !strings.Contains(st.VMs[0].Detail, "failed over from point 1") {
+		t.Errorf("status --json at the recovery site: %+v %v; want vm1 failed-over-here, its detail naming point 1", st.VMs, err)
 	}
 
 	// Production comes back: its guest on its own disk, its lifeboat.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"os"
 	"text/tabwriter"
@@ -46,7 +47,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 				if v.Behind {
 					rpo += fmt.Sprintf(" (BEHIND target %s)", age(time.Duration(v.RPOTarget*float64(time.Second))))
 				}
-				state := v.State
+				state := cmp.Or(v.Detail, v.State)
 				if v.Progress != nil && v.Progress.Total > 0 {
 					state = fmt.Sprintf("%s %d%%", v.State, v.Progress.Done*100/v.Progress.Total)
 				}
