@@ -11,6 +11,7 @@ import (
 	"io"
 	"maps"
 	"net"
+	"os"
 	"slices"
 	"sync"
 	"time"
@@ -420,6 +421,14 @@ func (s *PointStream) err() error {
 // answerWait bounds how long a failed write waits for the server's reason.
 const answerWait = 5 * time.Second
 
+// streamStall bounds one frame's write: a recovery site that takes in nothing
+// for this long (stopped, its store's disk hung, a connection gone half-open)
+// fails the point, so that the cycle ends, its fleece leaves the guest's write
+// path and the next cycle tries again; before, the cycle waited for its own
+// bound (up to 6 hours). A healthy site's reads stall only while its in-flight
+// budget is full: seconds.
+var streamStall = 2 * time.Minute
+
 // write sends one frame's parts. When the write fails, the error is the
 // server's reason if it gave one (it may have refused the point).
 func (s *PointStream) write(parts ...[]byte) error {
@@ -428,6 +437,7 @@ func (s *PointStream) write(parts ...[]byte) error {
 	if err := s.err(); err != nil {
 		return err
 	}
+	s.conn.SetWriteDeadline(time.Now().Add(streamStall))
 	if err := s.conn.writeParts(parts...); err != nil {
 		select {
 		case <-s.done:
@@ -435,6 +445,9 @@ func (s *PointStream) write(parts ...[]byte) error {
 		}
 		if ferr := s.err(); ferr != nil {
 			return ferr
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = fmt.Errorf("it took in nothing for %v (is it stopped, or its store's disk hung?): %w", streamStall, err)
 		}
 		err = fmt.Errorf("send to recovery site %s: %w", s.c.peer, err)
 		s.fail(err)

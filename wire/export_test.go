@@ -16,3 +16,10 @@ const InflightBytes = inflightBytes
 // lifeboat before patches did.
 func (s *Server) SpeakV3() { s.v3 = true }
 func (c *Client) SpeakV3() { c.v3 = true }
+
+// SetStreamStall shortens the bound on a point stream's stalled write for tests.
+func SetStreamStall(d time.Duration) (restore func()) {
+	old := streamStall
+	streamStall = d
+	return func() { streamStall = old }
+}

@@ -51,6 +51,8 @@ func (c *captureConn) Write(p []byte) (int, error) { return c.out.Write(p) }
 func (c *captureConn) Read(p []byte) (int, error)  { return c.reply.Read(p) }
 func (c *captureConn) Close() error                { return nil }
 
+func (c *captureConn) SetWriteDeadline(time.Time) error { return nil }
+
 // seedStream is the stream of one real point, produced by the client's own
 // encoder (PointStream): Begin, compressed and raw blocks, a copy, zeroes,
 // Commit. Each frame starts at the offset in frames.
