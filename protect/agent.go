@@ -113,7 +113,8 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 		return q.fallBack(fmt.Errorf("guest agent %s: %w", q.Socket, err))
 	}
 	since := time.Now()
-	if _, err := a.Freeze(fctx); err != nil {
+	n, err := a.Freeze(fctx)
+	if err != nil {
 		// The freeze may still happen (an agent busy in a slow fsfreeze hook
 		// freezes when the hook ends, answering late), or have happened half:
 		// the thaw loop starts now and runs until the guest is confirmed
@@ -140,7 +141,7 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	if app {
 		level = lifeboat.Application
 	}
-	return &Frozen{Level: level, Since: since, Thaw: func(ctx context.Context) (bool, error) {
+	f := &Frozen{Level: level, Since: since, Thaw: func(ctx context.Context) (bool, error) {
 		timer.Stop()
 		mu.Lock()
 		if run == nil {
@@ -159,7 +160,28 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 		case <-wait.C:
 		}
 		return held, fmt.Errorf("guest %s not confirmed thawed within %v; lifeboat keeps trying in the background", q.VM, limit)
-	}}, nil
+	}}
+	if n == 0 {
+		// The agent is in its frozen state all the same (its hooks ran, and
+		// only guest-fsfreeze-thaw ends that state): thawed as any freeze is.
+		return q.frozeNothing(ctx, f)
+	}
+	return f, nil
+}
+
+// frozeNothing downgrades a freeze that froze no file system to crash, or,
+// under a strict policy, thaws at once and fails the cycle.
+func (q *AgentQuiescer) frozeNothing(ctx context.Context, f *Frozen) (*Frozen, error) {
+	note := frozeNothing(q.Level)
+	if q.Strict {
+		if _, err := f.Thaw(context.WithoutCancel(ctx)); err != nil {
+			q.log().Error("thaw after a freeze of no file system", "err", err)
+		}
+		return q.fallBack(errors.New(note))
+	}
+	q.log().Warn("the freeze froze no file system: this point is crash consistent", "note", note)
+	f.Level, f.Note = lifeboat.Crash, note
+	return f, nil
 }
 
 // thawRun is one run of the thaw loop in the background.

@@ -98,7 +98,12 @@ func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 			q.background("after a failed freeze", nil)
 			return q.fallBack(fmt.Errorf("libvirt could not freeze the guest's file systems: %w", r.err))
 		}
-		return q.frozen(r.n), nil
+		f := q.frozen(r.n)
+		if r.n == 0 && q.Strict {
+			f.Thaw(ctx)
+			return q.fallBack(errors.New(f.Note))
+		}
+		return f, nil
 	case <-bound.C:
 	case <-ctx.Done():
 	}
@@ -156,7 +161,8 @@ func (q *LibvirtQuiescer) frozen(n int) *Frozen {
 		return held, nil
 	}}
 	if n == 0 {
-		f.Note = "the guest agent froze no file system (none mounted?)"
+		f.Level, f.Note = lifeboat.Crash, frozeNothing(q.Level)
+		q.log().Warn("the freeze froze no file system: this point is crash consistent", "note", f.Note)
 	}
 	return f
 }

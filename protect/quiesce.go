@@ -29,6 +29,18 @@ type Frozen struct {
 	Thaw func(ctx context.Context) (held bool, err error)
 }
 
+// frozeNothing is the note of a freeze that froze no file system. qemu-ga
+// answers guest-fsfreeze-freeze with the number it froze, and with success and
+// 0 when none it can freeze is mounted (it skips file systems without FIFREEZE:
+// ZFS, FUSE, tmpfs): the instant is then crash consistent, whatever hooks ran.
+func frozeNothing(level lifeboat.Consistency) string {
+	note := "the guest agent froze no file system (none it can freeze is mounted; qemu-ga skips those without FIFREEZE, such as ZFS and FUSE)"
+	if level == lifeboat.Application {
+		note += "; the application hooks ran around the instant, but with no file system frozen what they flushed is not known to be on disk"
+	}
+	return note
+}
+
 // freezeState is a cycle's view of its freeze: what it reached and how long
 // the guest was held.
 type freezeState struct {

@@ -228,6 +228,79 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 	}
 }
 
+// A guest with no file system the agent can freeze (here /data unmounted;
+// in the field ZFS or FUSE, which qemu-ga skips) answers guest-fsfreeze-freeze
+// with success and 0: nothing was quiesced, so the point is recorded crash
+// consistent with a note saying why, also when application hooks ran around
+// it; a strict policy fails the cycle. The agent is left thawed every time.
+func TestFreezeOfNoFileSystemIsCrashConsistent(t *testing.T) {
+	testenv.RequireTools(t, "qemu-system-x86_64")
+	g := bootGuest(t, testguest.Options{Workload: testguest.None, DiskSize: 32 << 20, Name: "nofs"})
+	if out, err := g.Shell(ctx(t), "umount /data && grep -c ' /data ' /proc/mounts || true"); err != nil || strings.TrimSpace(out) != "0" {
+		t.Fatalf("umount /data: %q, %v", out, err)
+	}
+	a, err := qga.Dial(ctx(t), g.AgentSocket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := a.Freeze(ctx(t))
+	a.Thaw(ctx(t)) // a freeze of nothing leaves the agent in its frozen state all the same
+	a.Close()
+	if err != nil || n != 0 {
+		t.Fatalf("the guest's agent froze %d file systems (%v); this test needs a guest where it freezes none", n, err)
+	}
+	if st, err := g.WaitThawed(ctx(t), 10*time.Second); err != nil {
+		t.Fatalf("guest-fsfreeze-status %q: %v", st, err)
+	}
+	site := testsite.Start(t, recovery.Options{})
+	p := guestProtector(t, g, site, "g1")
+	hooks := filepath.Join(t.TempDir(), "hooks.log")
+
+	for _, tc := range []struct {
+		level lifeboat.Consistency
+		note  string // in the point's note, beside the agent's count
+		hooks string // what the host hooks logged
+	}{
+		{level: lifeboat.Filesystem, note: "froze no file system"},
+		{level: lifeboat.Application, note: "application hooks ran", hooks: "pre g1\npost g1\n"},
+	} {
+		t.Run(string(tc.level), func(t *testing.T) {
+			os.Remove(hooks)
+			p.Quiescer = &protect.AgentQuiescer{VM: "g1", Socket: g.AgentSocket(), Level: tc.level, Limit: 5 * time.Second, MarkerDir: t.TempDir(),
+				PreFreeze: []string{"echo pre $LIFEBOAT_VM >> " + hooks}, PostThaw: []string{"echo post $LIFEBOAT_VM >> " + hooks}}
+			pt, err := p.Cycle(ctx(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("point %d: %s: %s", pt.ID, pt.Consistency, pt.Note)
+			if pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, "froze no file system") || !strings.Contains(pt.Note, tc.note) {
+				t.Errorf("asked for %s, the agent froze no file system: point recorded %s (note %q); want crash, saying why", tc.level, pt.Consistency, pt.Note)
+			}
+			if b, _ := os.ReadFile(hooks); string(b) != tc.hooks {
+				t.Errorf("host hooks logged %q, want %q", b, tc.hooks)
+			}
+			if st, err := g.WaitThawed(ctx(t), 10*time.Second); err != nil {
+				t.Fatalf("after the cycle: guest-fsfreeze-status %q: %v", st, err)
+			}
+		})
+	}
+
+	t.Run("strict", func(t *testing.T) {
+		p.Quiescer = &protect.AgentQuiescer{VM: "g1", Socket: g.AgentSocket(), Level: lifeboat.Filesystem, Limit: 5 * time.Second, MarkerDir: t.TempDir(), Strict: true}
+		before, _ := site.Store.Points("g1")
+		_, err := p.Cycle(ctx(t))
+		if err == nil || !strings.Contains(err.Error(), "froze no file system") {
+			t.Errorf("strict policy, the agent froze no file system: cycle error %v; want the cycle to fail, saying why", err)
+		}
+		if after, _ := site.Store.Points("g1"); len(after) != len(before) {
+			t.Errorf("a point was committed although the strict policy forbids a crash-consistent one")
+		}
+		if st, err := g.WaitThawed(ctx(t), 10*time.Second); err != nil {
+			t.Fatalf("after the failed cycle: guest-fsfreeze-status %q: %v", st, err)
+		}
+	})
+}
+
 // A consistency group of two guests: each group point holds both guests at one
 // instant. A host loop sends a counter to both guests, the next value only once
 // both have fsynced the last, so at any instant their files differ by at most

@@ -576,6 +576,29 @@ func TestLibvirtLateFreeze(t *testing.T) {
 	t.Logf("late freeze: landed -> thawed (guest-fsfreeze-status) in %v, bound %v", time.Since(landed).Round(time.Millisecond), thawWithin)
 }
 
+// A guest with no file system its agent can freeze (/data unmounted): libvirt's
+// freeze answers success and 0, and the point is recorded crash consistent,
+// saying why; a strict policy fails the cycle. The guest is left thawed.
+func TestLibvirtFreezeOfNoFileSystemIsCrashConsistent(t *testing.T) {
+	r := newLibvirtRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 32 << 20}}})
+	guestExec(t, r.dom, "umount /data")
+	time.Sleep(time.Second) // guest-exec does not wait for the command
+	q := &protect.LibvirtQuiescer{VM: "web1", Domain: *r.p.VM.Libvirt, Level: lifeboat.Filesystem, Limit: 10 * time.Second}
+	r.p.Quiescer = q
+	pt := r.cycle(t)
+	t.Logf("point %d: %s: %s", pt.ID, pt.Consistency, pt.Note)
+	if pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, "froze no file system") {
+		t.Errorf("the agent froze no file system: point recorded %s (note %q); want crash, saying why", pt.Consistency, pt.Note)
+	}
+	q.Strict = true
+	if _, err := r.p.Cycle(ctx(t)); err == nil || !strings.Contains(err.Error(), "froze no file system") {
+		t.Errorf("strict policy, the agent froze no file system: cycle error %v; want the cycle to fail, saying why", err)
+	}
+	if st := fsfreezeStatus(r.dom); !strings.Contains(st, `"thawed"`) {
+		t.Errorf("after the cycles the agent says %s, want thawed", st)
+	}
+}
+
 // A cycle that fails after its instant (here: the recovery site refuses it
 // before any block is sent) ends the backup, deletes its checkpoint and hides
 // the base again: libvirt shows nothing of lifeboat's, and the next cycle is
