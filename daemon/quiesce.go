@@ -34,6 +34,26 @@ func (d *Daemon) quiescer(c VMConfig) (protect.Quiescer, error) {
 	}, nil
 }
 
+// quiescer is the VM's one quiescer for the daemon's life, shared by its own
+// cycles and its group's. It remembers a freeze not yet confirmed thawed (a
+// guest fsfreeze hook that outlasted freeze_limit): the VM's next cycle then
+// falls back to crash at once instead of queueing a freeze on the busy agent
+// and removing the marker of the pending one. A vm's config is fixed for its
+// life (a new config means a restart, where the markers take over).
+func (v *vm) quiescer() (protect.Quiescer, error) {
+	v.quiesceMu.Lock()
+	defer v.quiesceMu.Unlock()
+	if v.quiesce != nil {
+		return v.quiesce, nil
+	}
+	q, err := v.d.quiescer(v.cfg)
+	if err != nil {
+		return nil, err
+	}
+	v.quiesce = q
+	return q, nil
+}
+
 // guardCommand starts a thaw guard: this very binary, as `lifeboat thaw-guard`.
 func (d *Daemon) guardCommand() []string {
 	exe, err := os.Executable()

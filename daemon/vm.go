@@ -39,6 +39,9 @@ type vm struct {
 	homing   bool // a failback has ended here and the VM is being brought back (home.go)
 
 	reverse string // the failover run it is, when protected in reverse from here (reverse.go)
+
+	quiesceMu sync.Mutex
+	quiesce   protect.Quiescer // made once (v.quiescer), nil until then or under crash consistency
 }
 
 func newVM(d *Daemon, c VMConfig) *vm {
@@ -175,7 +178,7 @@ func (v *vm) ready(ctx context.Context) error {
 	if err := peer.Ready(rctx); err != nil {
 		return fmt.Errorf("vm %q: %w", v.cfg.Name, err)
 	}
-	q, err := v.d.quiescer(v.cfg)
+	q, err := v.quiescer()
 	if err != nil {
 		return fmt.Errorf("vm %q: %w", v.cfg.Name, err)
 	}

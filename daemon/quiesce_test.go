@@ -1,0 +1,115 @@
+package daemon
+
+import (
+	"context"
+	"flag"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/internal/testguest"
+	"github.com/lifeboat-dr/lifeboat/internal/testsite"
+	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// TestMain lets this test binary be the thaw guard the daemon starts before
+// each freeze: guardCommand is os.Executable() thaw-guard, as in lifeboat.
+func TestMain(m *testing.M) {
+	if len(os.Args) > 1 && os.Args[1] == "thaw-guard" {
+		fs := flag.NewFlagSet("thaw-guard", flag.ExitOnError)
+		socket, marker := fs.String("socket", "", ""), fs.String("marker", "", "")
+		fs.Parse(os.Args[2:])
+		if err := protect.RunThawGuard(context.Background(), *socket, *marker, os.Stdin, 0, slog.Default()); err != nil {
+			slog.Error("thaw guard", "err", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// slowFreezeHook is a guest fsfreeze hook that outlasts freeze_limit.
+const slowFreezeHook = `#!/bin/sh
+[ "$1" = freeze ] || exit 0
+sleep 12
+`
+
+// The daemon's cycles of one VM share its quiescer, so a freeze still
+// pending from one cycle (a guest fsfreeze hook past freeze_limit) is known
+// to the next: it falls back to crash at once, and the pending freeze's
+// marker stays until that freeze is confirmed thawed.
+func TestDaemonCyclesShareTheVMsQuiescer(t *testing.T) {
+	testenv.RequireTools(t, "qemu-system-x86_64")
+	if testing.Short() {
+		t.Skip("boots a guest under TCG: covered by the full (non -short) run")
+	}
+	g := testguest.Boot(t, testguest.Options{Workload: testguest.None, DiskSize: 32 << 20, Name: "dq"})
+	site := testsite.Start(t, recovery.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+
+	const limit = 2 * time.Second
+	state := testsite.ShortDir(t)
+	d := New(&Config{Site: "prod", StateDir: state, VMs: []VMConfig{{
+		Name: "g1", QMP: g.StorageQMPSocket(), NBDSocket: g.StorageNBDSocket(), Disks: []string{g.DiskNode()}, Peer: "dr",
+		Agent: g.AgentSocket(), Consistency: "filesystem", OnQuiesceFailure: "crash", FreezeLimit: Duration(limit),
+	}}}, nil)
+	d.peers["dr"] = site.Dial(t, wire.CompressionZstd)
+	v := d.vms["g1"]
+	marker := filepath.Join(d.frozenDir(), "g1.frozen")
+	cycle := func(want lifeboat.Consistency) (lifeboat.Point, time.Duration) {
+		t.Helper()
+		start := time.Now()
+		pt, err := v.sync(ctx, false)
+		took := time.Since(start)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("point %d: %s in %v: %s", pt.ID, pt.Consistency, took.Round(time.Millisecond), pt.Note)
+		if pt.Consistency != want {
+			t.Fatalf("point %d is %s (%q), want %s", pt.ID, pt.Consistency, pt.Note, want)
+		}
+		return pt, took
+	}
+	cycle(lifeboat.Filesystem) // the initial sync, so that the cycles below are short
+
+	t.Run("next cycle while the late freeze is pending", func(t *testing.T) {
+		if _, err := g.Shell(ctx, "mkdir -p /etc/qemu/fsfreeze-hook.d && cat > /etc/qemu/fsfreeze-hook.d/slow <<'EOF'\n"+slowFreezeHook+"EOF\nchmod +x /etc/qemu/fsfreeze-hook.d/slow"); err != nil {
+			t.Fatal(err)
+		}
+		pt, _ := cycle(lifeboat.Crash)
+		if !strings.Contains(pt.Note, "guest-fsfreeze-freeze") {
+			t.Errorf("the late freeze's point says %q, want the freeze named", pt.Note)
+		}
+		pt, took := cycle(lifeboat.Crash)
+		if !strings.Contains(pt.Note, "previous freeze") || took > limit {
+			t.Errorf("the cycle while the late freeze is pending took %v (note %q); want a fallback at once, within freeze_limit %v, saying the previous freeze is not confirmed thawed", took, pt.Note, limit)
+		}
+		if _, err := os.Stat(marker); err != nil {
+			t.Errorf("the freeze marker went while the late freeze is still pending: %v", err)
+		}
+		// The late freeze lands when the hook ends, and is thawed then.
+		if _, err := g.WaitThawed(ctx, 40*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			if _, err := os.Stat(marker); os.IsNotExist(err) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the marker %s stays after the late freeze was thawed", marker)
+			}
+		}
+		if _, err := g.Shell(ctx, "rm -f /etc/qemu/fsfreeze-hook.d/slow"); err != nil {
+			t.Fatal(err)
+		}
+		cycle(lifeboat.Filesystem)
+	})
+}
