@@ -15,6 +15,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qga"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
@@ -44,7 +45,9 @@ sleep 12
 // The daemon's cycles of one VM share its quiescer, so a freeze still
 // pending from one cycle (a guest fsfreeze hook past freeze_limit) is known
 // to the next: it falls back to crash at once, and the pending freeze's
-// marker stays until that freeze is confirmed thawed.
+// marker stays until that freeze is confirmed thawed. A freeze that qemu-ga
+// refuses because another agent client holds the guest frozen is left to
+// that client, unless lifeboat's own marker says a dead site left it.
 func TestDaemonCyclesShareTheVMsQuiescer(t *testing.T) {
 	testenv.RequireTools(t, "qemu-system-x86_64")
 	if testing.Short() {
@@ -78,6 +81,17 @@ func TestDaemonCyclesShareTheVMsQuiescer(t *testing.T) {
 		}
 		return pt, took
 	}
+	otherClientFreezes := func() {
+		t.Helper()
+		a, err := qga.Dial(ctx, g.AgentSocket())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.Close()
+		if n, err := a.Freeze(ctx); err != nil || n == 0 {
+			t.Fatalf("another client's freeze: %d file systems, %v", n, err)
+		}
+	}
 	cycle(lifeboat.Filesystem) // the initial sync, so that the cycles below are short
 
 	t.Run("next cycle while the late freeze is pending", func(t *testing.T) {
@@ -109,6 +123,49 @@ func TestDaemonCyclesShareTheVMsQuiescer(t *testing.T) {
 		}
 		if _, err := g.Shell(ctx, "rm -f /etc/qemu/fsfreeze-hook.d/slow"); err != nil {
 			t.Fatal(err)
+		}
+		cycle(lifeboat.Filesystem)
+	})
+
+	t.Run("another client's freeze", func(t *testing.T) {
+		otherClientFreezes()
+		defer func() {
+			a, err := qga.Dial(ctx, g.AgentSocket())
+			if err != nil {
+				t.Fatal(err)
+			}
+			a.Thaw(ctx)
+			a.Close()
+		}()
+		pt, _ := cycle(lifeboat.Crash)
+		if !strings.Contains(pt.Note, "refused") {
+			t.Errorf("the point's note %q does not say the agent refused the freeze", pt.Note)
+		}
+		time.Sleep(2 * time.Second) // a background thaw, were one started, lands within this
+		if st, err := g.WaitThawed(ctx, time.Second); err == nil || st != "frozen" {
+			t.Errorf("lifeboat ended the freeze another agent client holds: the guest is %q (%v)", st, err)
+		}
+		if _, err := os.Stat(marker); !os.IsNotExist(err) {
+			t.Errorf("a marker stays for a freeze that is not lifeboat's: %v", err)
+		}
+	})
+
+	t.Run("a freeze a dead site left", func(t *testing.T) {
+		otherClientFreezes()
+		if err := os.WriteFile(marker, []byte(g.AgentSocket()+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cycle(lifeboat.Crash)
+		if st, err := g.WaitThawed(ctx, 20*time.Second); err != nil {
+			t.Fatalf("the freeze lifeboat's marker names was not thawed: %q, %v", st, err)
+		}
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			if _, err := os.Stat(marker); os.IsNotExist(err) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the marker %s stays after the guest was thawed", marker)
+			}
 		}
 		cycle(lifeboat.Filesystem)
 	})

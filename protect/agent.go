@@ -92,7 +92,13 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 		}
 		postThaw = func() { q.runHooks(context.WithoutCancel(ctx), "post-thaw", q.PostThaw) }
 	}
+	// A marker already there is a freeze of lifeboat's not confirmed thawed
+	// (a site that died, or a thaw loop that gave up): the agent refuses a
+	// new freeze while that one holds, and lifeboat must thaw it.
+	leftover := false
 	if q.MarkerDir != "" {
+		_, err := os.Stat(q.marker())
+		leftover = err == nil
 		if err := os.MkdirAll(q.MarkerDir, 0o750); err == nil {
 			os.WriteFile(q.marker(), []byte(q.Socket+"\n"), 0o600)
 		}
@@ -107,13 +113,27 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	}
 	a, err := qga.Dial(fctx, q.Socket)
 	if err != nil {
-		q.removeMarker()
+		if !leftover {
+			q.removeMarker()
+		}
 		guard.dismiss()
 		postThaw()
 		return q.fallBack(fmt.Errorf("guest agent %s: %w", q.Socket, err))
 	}
 	since := time.Now()
 	n, err := a.Freeze(fctx)
+	var refused *qga.Error
+	if errors.As(err, &refused) && !leftover {
+		// The agent answered no: qemu-ga thaws what it froze before it
+		// answers an error, so nothing is frozen on lifeboat's behalf. When
+		// the guest is frozen already (the agent then refuses every freeze),
+		// another agent client froze it, and that freeze is its to end.
+		a.Close()
+		q.removeMarker()
+		guard.dismiss()
+		postThaw()
+		return q.fallBack(fmt.Errorf("guest-fsfreeze-freeze: %w (nothing frozen by lifeboat; a freeze another agent client holds is left to it)", err))
+	}
 	if err != nil {
 		// The freeze may still happen (an agent busy in a slow fsfreeze hook
 		// freezes when the hook ends, answering late), or have happened half:
