@@ -71,8 +71,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer cancel()
 	d.ctx = ctx
 	errc := make(chan error, 4)
-	// A guest this site left frozen when it died is thawed before anything else.
-	protect.ThawLeftovers(ctx, d.frozenDir(), d.log)
+	// A guest this site left frozen when it died is thawed before its VM's
+	// next freeze: in the background by the VM's quiescer, which falls back
+	// meanwhile; a VM no longer configured here delays the start a minute at
+	// most, and not at all when its QEMU is gone.
+	protect.ThawLeftovers(d.frozenDir(), d.agentQuiescer, d.log)
 
 	if d.cfg.Listen != "" {
 		st, err := recovery.Open(ctx, filepath.Join(d.cfg.StateDir, "recovery"), recovery.Options{Keep: d.cfg.Keep, Owners: d.cfg.Owners, Logger: d.log})

@@ -54,6 +54,20 @@ func (v *vm) quiescer() (protect.Quiescer, error) {
 	return q, nil
 }
 
+// agentQuiescer is the agent quiescer of a VM configured here, if it has one.
+func (d *Daemon) agentQuiescer(name string) *protect.AgentQuiescer {
+	v, ok := d.vmOf(name)
+	if !ok {
+		return nil
+	}
+	q, err := v.quiescer()
+	if err != nil {
+		return nil
+	}
+	aq, _ := q.(*protect.AgentQuiescer)
+	return aq
+}
+
 // guardCommand starts a thaw guard: this very binary, as `lifeboat thaw-guard`.
 func (d *Daemon) guardCommand() []string {
 	exe, err := os.Executable()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -113,14 +114,7 @@ func TestDaemonCyclesShareTheVMsQuiescer(t *testing.T) {
 		if _, err := g.WaitThawed(ctx, 40*time.Second); err != nil {
 			t.Fatal(err)
 		}
-		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-			if _, err := os.Stat(marker); os.IsNotExist(err) {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("the marker %s stays after the late freeze was thawed", marker)
-			}
-		}
+		waitMarkerGone(t, marker, "the marker %s stays after the late freeze was thawed")
 		if _, err := g.Shell(ctx, "rm -f /etc/qemu/fsfreeze-hook.d/slow"); err != nil {
 			t.Fatal(err)
 		}
@@ -159,14 +153,116 @@ func TestDaemonCyclesShareTheVMsQuiescer(t *testing.T) {
 		if st, err := g.WaitThawed(ctx, 20*time.Second); err != nil {
 			t.Fatalf("the freeze lifeboat's marker names was not thawed: %q, %v", st, err)
 		}
-		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-			if _, err := os.Stat(marker); os.IsNotExist(err) {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("the marker %s stays after the guest was thawed", marker)
-			}
-		}
+		waitMarkerGone(t, marker, "the marker %s stays after the guest was thawed")
 		cycle(lifeboat.Filesystem)
 	})
+}
+
+// startSite runs the daemon of cfg until the test ends and returns how long
+// its API socket took to appear.
+func startSite(t *testing.T, cfg *Config) time.Duration {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() { done <- New(cfg, nil).Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	for time.Since(start) < 30*time.Second {
+		if _, err := os.Stat(cfg.API); err == nil {
+			return time.Since(start)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("no API socket %s 30 s after the site started", cfg.API)
+	return 0
+}
+
+// writeMarker leaves a freeze marker as a site that died while vm was frozen.
+func writeMarker(t *testing.T, state, vm, socket string) string {
+	t.Helper()
+	marker := filepath.Join(state, "frozen", vm+".frozen")
+	if err := os.MkdirAll(filepath.Dir(marker), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(marker, []byte(socket+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return marker
+}
+
+// A site that died with guests frozen leaves markers; when their VMs have
+// since been shut down or removed, no QEMU serves their agent sockets (gone:
+// ENOENT; left behind by a QEMU killed with -9: ECONNREFUSED, made here by a
+// listener closed without unlinking its socket, as a killed QEMU leaves it).
+// Nothing there can be frozen: the site starts at once and drops the
+// markers, instead of retrying each socket for a minute at every start.
+func TestStaleFreezeMarkersDoNotDelayStart(t *testing.T) {
+	state := testsite.ShortDir(t)
+	gone := writeMarker(t, state, "removed", filepath.Join(state, "no-such-vm", "qga.sock"))
+	dead := filepath.Join(state, "dead-qga.sock")
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: dead, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetUnlinkOnClose(false)
+	l.Close()
+	killed := writeMarker(t, state, "killed", dead)
+
+	took := startSite(t, &Config{Site: "prod", StateDir: state, API: filepath.Join(state, "api.sock")})
+	t.Logf("API socket up %v after the start", took.Round(time.Millisecond))
+	if took > 5*time.Second {
+		t.Errorf("the site took %v to start with two freeze markers of VMs no QEMU runs", took)
+	}
+	for _, m := range []string{gone, killed} {
+		if _, err := os.Stat(m); !os.IsNotExist(err) {
+			t.Errorf("the marker %s of a VM no QEMU runs stays, so every start tries it again: %v", m, err)
+		}
+	}
+}
+
+// A guest a dead site left frozen whose VM is configured here is thawed in
+// the background by the VM's own quiescer: the site starts without waiting,
+// and the guest is thawed and its marker gone soon after.
+func TestLeftoverFreezeIsThawedAfterStart(t *testing.T) {
+	testenv.RequireTools(t, "qemu-system-x86_64")
+	if testing.Short() {
+		t.Skip("boots a guest under TCG: covered by the full (non -short) run")
+	}
+	g := testguest.Boot(t, testguest.Options{Workload: testguest.None, DiskSize: 32 << 20, Name: "left"})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	a, err := qga.Dial(ctx, g.AgentSocket())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := a.Freeze(ctx); err != nil || n == 0 {
+		t.Fatalf("freeze: %d file systems, %v", n, err)
+	}
+	a.Close()
+	state := testsite.ShortDir(t)
+	marker := writeMarker(t, state, "g1", g.AgentSocket())
+
+	took := startSite(t, &Config{Site: "prod", StateDir: state, API: filepath.Join(state, "api.sock"), VMs: []VMConfig{{
+		Name: "g1", QMP: g.StorageQMPSocket(), NBDSocket: g.StorageNBDSocket(), Disks: []string{g.DiskNode()}, Peer: "dr",
+		Agent: g.AgentSocket(), Consistency: "filesystem", Interval: Duration(time.Hour),
+	}}})
+	t.Logf("API socket up %v after the start", took.Round(time.Millisecond))
+	if st, err := g.WaitThawed(ctx, 20*time.Second); err != nil {
+		t.Fatalf("the guest the dead site left frozen: %q, %v", st, err)
+	}
+	waitMarkerGone(t, marker, "the marker %s stays after its guest was thawed")
+}
+
+// waitMarkerGone waits until the freeze marker is gone: the quiescer removes
+// it once the guest is confirmed thawed.
+func waitMarkerGone(t *testing.T, marker, failure string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(marker); os.IsNotExist(err) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf(failure, marker)
+		}
+	}
 }

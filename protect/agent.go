@@ -245,7 +245,12 @@ func (q *AgentQuiescer) thawInBackground(a *qga.Agent, guard *guardProcess, post
 // thaw runs the one thaw loop (qga.EnsureThawed) and removes the freeze marker
 // once the guest is confirmed thawed. a may be nil.
 func (q *AgentQuiescer) thaw(ctx context.Context, a *qga.Agent) error {
-	if err := qga.EnsureThawed(ctx, q.Socket, a, q.log()); err != nil {
+	err := qga.EnsureThawed(ctx, q.Socket, a, q.log())
+	if errors.Is(err, qga.ErrNoGuest) {
+		q.log().Warn("nothing to thaw: dropping the freeze marker", "socket", q.Socket, "why", err)
+		err = nil
+	}
+	if err != nil {
 		q.log().Error("could not confirm the guest is thawed; its guard and marker stay so that it is thawed later", "err", err)
 		return fmt.Errorf("vm %q: %w", q.VM, err)
 	}
@@ -297,10 +302,21 @@ func (q *AgentQuiescer) runHooks(ctx context.Context, what string, cmds []string
 	return errors.Join(errs...)
 }
 
-// ThawLeftovers thaws every guest that a site left frozen when it died: each
-// marker in dir names an agent socket. Called when a site starts.
-func ThawLeftovers(ctx context.Context, dir string, log *slog.Logger) {
+// leftoverWait bounds how long a site's start waits for the thaw of a guest
+// it left frozen whose VM has no quiescer of its own to fall back with.
+const leftoverWait = time.Minute
+
+// ThawLeftovers thaws every guest that a site left frozen when it died (each
+// marker in dir names a VM and its agent socket), all at once, when the site
+// starts. A VM for which own gives a quiescer (own may be nil) is thawed by
+// it in the background: its freezes fall back to crash until the guest is
+// confirmed thawed, so a thaw never lands in a new freeze's instant.
+// ThawLeftovers waits for the others, up to leftoverWait in all, then lets
+// them go on in the background. A marker whose socket no QEMU serves is
+// dropped at once: no guest runs there that could be frozen.
+func ThawLeftovers(dir string, own func(vm string) *AgentQuiescer, log *slog.Logger) {
 	entries, _ := os.ReadDir(dir)
+	var wait []<-chan struct{}
 	for _, e := range entries {
 		vm, ok := strings.CutSuffix(e.Name(), ".frozen")
 		if !ok {
@@ -310,10 +326,29 @@ func ThawLeftovers(ctx context.Context, dir string, log *slog.Logger) {
 		if err != nil {
 			continue
 		}
-		q := &AgentQuiescer{VM: vm, Socket: strings.TrimSpace(string(b)), MarkerDir: dir, Log: log}
-		q.log().Warn("this site stopped while the guest was frozen: thawing it")
-		tctx, cancel := context.WithTimeout(ctx, time.Minute)
-		q.thaw(tctx, nil)
-		cancel()
+		socket := strings.TrimSpace(string(b))
+		var q *AgentQuiescer
+		if own != nil {
+			q = own(vm)
+		}
+		mine := q != nil && q.Socket == socket && q.MarkerDir == dir
+		if !mine {
+			q = &AgentQuiescer{VM: vm, Socket: socket, MarkerDir: dir, Log: log}
+		}
+		q.log().Warn("this site stopped while the guest was frozen: thawing it", "socket", socket)
+		r := q.thawInBackground(nil, nil, func() {})
+		if !mine {
+			wait = append(wait, r.done)
+		}
+	}
+	bound := time.NewTimer(leftoverWait)
+	defer bound.Stop()
+	for _, done := range wait {
+		select {
+		case <-done:
+		case <-bound.C:
+			log.Warn("guests this site left frozen are not confirmed thawed yet: going on, thawing them in the background", "waited", leftoverWait)
+			return
+		}
 	}
 }

@@ -3,6 +3,7 @@ package protect
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -67,7 +68,9 @@ func RunThawGuard(ctx context.Context, socket, marker string, in io.Reader, boun
 	}
 	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
-	if err := qga.EnsureThawed(ctx, socket, nil, log); err != nil {
+	if err := qga.EnsureThawed(ctx, socket, nil, log); errors.Is(err, qga.ErrNoGuest) {
+		log.Warn("nothing to thaw: dropping the freeze marker", "socket", socket, "marker", marker, "why", err)
+	} else if err != nil {
 		return fmt.Errorf("thaw guard: %w; its marker %s stays for the site's next start", err, marker)
 	}
 	os.Remove(marker)

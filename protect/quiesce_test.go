@@ -731,7 +731,7 @@ func TestLateFreeze(t *testing.T) {
 		confirmThawed("the thaw guard")
 		freezeBehindOurBack()
 		os.WriteFile(marker, []byte(g.AgentSocket()+"\n"), 0o600)
-		protect.ThawLeftovers(ctx(t), markers, slog.Default())
+		protect.ThawLeftovers(markers, nil, slog.Default())
 		confirmThawed("ThawLeftovers")
 	})
 }

@@ -5,8 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"syscall"
 	"time"
 )
+
+// ErrNoGuest is EnsureThawed's answer when nothing serves the agent's socket:
+// it is gone or refuses connections, so no QEMU runs there, and no guest that
+// could be frozen. A live QEMU's chardev never refuses: a client beyond the one
+// it serves waits in its backlog.
+var ErrNoGuest = errors.New("no QEMU serves the guest agent's socket (the VM is shut down or removed): no guest runs there that could be frozen")
 
 // The thaw loop's pace. An attempt is one connection: sync, thaw, status. An
 // agent busy in a slow fsfreeze hook answers nothing until the hook ends, so
@@ -21,7 +28,8 @@ const (
 
 // EnsureThawed thaws the guest's file systems behind socket and returns once
 // the agent says guest-fsfreeze-status "thawed", or an error when ctx ends
-// first (DefaultThawBound when ctx has no deadline). It is lifeboat's one way to
+// first (DefaultThawBound when ctx has no deadline), or at once ErrNoGuest
+// when no QEMU serves socket. It is lifeboat's one way to
 // thaw a guest, safe whatever state the agent and the connection are in: a
 // freeze that timed out and lands later (the guest's fsfreeze hook still
 // running), a connection whose replies are out of step, an agent that is
@@ -50,6 +58,10 @@ func EnsureThawed(ctx context.Context, socket string, a *Agent, log *slog.Logger
 		actx, cancel := context.WithTimeout(ctx, thawAttempt)
 		if a == nil {
 			a, lastErr = Dial(actx, socket) // syncs with a fresh id
+			if errors.Is(lastErr, syscall.ENOENT) || errors.Is(lastErr, syscall.ECONNREFUSED) {
+				cancel()
+				return fmt.Errorf("qga: %w: %w", ErrNoGuest, lastErr)
+			}
 		}
 		if lastErr == nil {
 			lastErr = a.thawAndCheck(actx) // a call on a connection out of step resyncs first
