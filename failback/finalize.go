@@ -94,21 +94,35 @@ func (b *Back) Finalize(ctx context.Context, m *failover.Manager, opts FinalizeO
 		}
 		return b.awaitHome(ctx, fin, opts.Wait), nil
 	}
-	if fold, ok := b.folded(run, latest); ok {
+	fold, folded := b.folded(run, latest)
+	if folded {
 		// An earlier attempt folded the VM's last state, after its last
 		// failback cycle: production holds it too, unless the VM ran again.
 		if err := stillStopped(ctx, run); err != nil {
 			return fin, err
 		}
-		fin.Fold, fin.ShutDown = fold, fold.Consistency == lifeboat.Filesystem
+		wrote, why := writtenSince(ctx, run, fold)
 		_, _, held, err := b.prepare(ctx)
 		switch {
-		case err == nil:
-			fin.Last = held
-		case !IsFinished(err):
+		case IsFinished(err) && wrote:
+			return fin, fmt.Errorf("vm %q: production finished its failback with fold point %d, and the recovered VM wrote here since (%s): those writes cannot reach production any more. Not built yet: bringing them home; the VM is stopped (paused) here", vm, fold.ID, why)
+		case err != nil && !IsFinished(err):
 			return fin, fmt.Errorf("%w; the recovered VM is stopped (paused): run the finalize again", err)
+		case err == nil && why != "":
+			// The VM ran again after the fold (the operator resumed the
+			// service here meanwhile), or nothing proves it did not: the
+			// old fold is not its state any more. Stopped again, it takes
+			// a last cycle and a new fold on top of the old one.
+			b.Log.Warn("finalize: the recovered VM may have written since the earlier fold: a last failback cycle and a new fold", "vm", vm, "fold", fold.ID, "why", why)
+			folded, latest = false, fold
+		default:
+			fin.Fold, fin.ShutDown = fold, fold.Consistency == lifeboat.Filesystem
+			if err == nil {
+				fin.Last = held
+			}
 		}
-	} else {
+	}
+	if !folded {
 		timeout := opts.ShutdownTimeout
 		if timeout <= 0 {
 			timeout = protect.DefaultShutdownTimeout
@@ -229,8 +243,45 @@ func stillStopped(ctx context.Context, run *failover.Run) error {
 	return nil
 }
 
+// writtenSince says whether the recovered VM may have written since fold
+// was taken: why is empty only when every disk's generation that the fold
+// started is there, consistent and clean (nothing written since); wrote is
+// true when one of them shows writes. A libvirt domain's generations are
+// checkpoints that libvirt keeps: they are not looked at, so nothing is
+// proven there.
+func writtenSince(ctx context.Context, run *failover.Run, fold lifeboat.Point) (wrote bool, why string) {
+	if run.Domain != "" {
+		return false, "a libvirt domain's checkpoints are not inspected"
+	}
+	m, err := qemu.Dial(ctx, run.QMP)
+	if err != nil {
+		return false, fmt.Sprintf("the recovered VM's QMP: %v", err)
+	}
+	defer m.Close()
+	disks, err := m.Disks(ctx)
+	if err != nil {
+		return false, fmt.Sprintf("its disks: %v", err)
+	}
+	for _, d := range fold.Disks {
+		n, _, err := qemu.FindDisk(disks, d.Name)
+		if err != nil {
+			return false, err.Error()
+		}
+		bm, ok := n.Bitmap(d.Generation)
+		switch {
+		case !ok:
+			return false, fmt.Sprintf("disk %q has no generation %q of fold point %d", d.Name, d.Generation, fold.ID)
+		case bm.Inconsistent:
+			return false, fmt.Sprintf("disk %q: generation %q of fold point %d is inconsistent", d.Name, d.Generation, fold.ID)
+		case bm.Count > 0:
+			return true, fmt.Sprintf("disk %q: %d bytes written since fold point %d", d.Name, bm.Count, fold.ID)
+		}
+	}
+	return false, ""
+}
+
 func ranAgain(vm string) error {
-	return fmt.Errorf("vm %q runs here again since an earlier finalize folded its state: what it wrote since would not reach production. Power it off in the guest, or `lifeboat failback %s` to send it first, then finalize again", vm, vm)
+	return fmt.Errorf("vm %q runs here again since an earlier finalize folded its state: stop it (power it off in the guest, or pause it), then finalize again: a last failback cycle and a new fold then take what it wrote since", vm)
 }
 
 // finishedPhrase is how production refuses a failback it finished: the
@@ -261,7 +312,8 @@ func (b *Back) fold(ctx context.Context, latest lifeboat.Point, shutDown bool) (
 	if err := os.MkdirAll(workDir, 0o750); err != nil {
 		return lifeboat.Point{}, err
 	}
-	t := &foldTarget{store: b.Store, site: b.Site, run: run, latest: latest, shutDown: shutDown}
+	_, refold := b.folded(run, latest)
+	t := &foldTarget{store: b.Store, site: b.Site, run: run, latest: latest, refold: refold, shutDown: shutDown}
 	p := &protect.Protector{VM: b.recovered(workDir), Target: t, Log: b.Log, Progress: b.Progress}
 	pt, err := p.Cycle(ctx)
 	if err != nil {
@@ -285,11 +337,16 @@ func (b *Back) fold(ctx context.Context, latest lifeboat.Point, shutDown bool) (
 // target's own changes (protect.ChangedTarget): the fold sends them too, as
 // the recovered VM holds them, so that the new point is the VM's state and
 // not the latest's where the VM left those blocks as they were.
+//
+// A fold on top of an earlier fold of the run (refold: the VM ran again
+// after it) is an ordinary incremental cycle from that fold's point, whose
+// generations it started on the overlays.
 type foldTarget struct {
 	store    *recovery.Store
 	site     string
 	run      *failover.Run
 	latest   lifeboat.Point
+	refold   bool
 	shutDown bool
 }
 
@@ -297,6 +354,9 @@ func (t *foldTarget) Peer() string { return t.site }
 
 func (t *foldTarget) Latest(_ context.Context, vm string) (lifeboat.Point, bool, error) {
 	p := t.latest
+	if t.refold {
+		return p, true, nil
+	}
 	p.Disks = nil
 	for _, d := range t.latest.Disks {
 		if g, ok := t.run.Home[d.Name]; ok {
@@ -311,9 +371,10 @@ func (t *foldTarget) BlockMap(_ context.Context, vm, disk string) (map[int64]lif
 	return t.store.BlockMap(vm, disk, t.latest.ID)
 }
 
-// TargetChanged is what the latest point changed after the failover's.
+// TargetChanged is what the latest point changed after the failover's (an
+// earlier fold of the run holds the VM's own state: nothing).
 func (t *foldTarget) TargetChanged(_ context.Context, vm, disk string, fn func(off, length int64) error) error {
-	if t.latest.ID == t.run.Point {
+	if t.latest.ID == t.run.Point || t.refold {
 		return nil
 	}
 	from, err := t.store.BlockMap(vm, disk, t.run.Point)

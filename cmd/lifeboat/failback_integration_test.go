@@ -511,3 +511,90 @@ func TestFailbackFinalizeFromEarlierPoint(t *testing.T) {
 		t.Fatalf("production's disk after the finalize differs from the fold's point %s: %v\n%s", fold, err, cmp)
 	}
 }
+
+// A finalize that fails after its fold (here production cannot write its
+// finished-failback record; in life a network cut or a restart of
+// production) leaves the recovered VM stopped. The operator resumes the
+// service at the recovery site meanwhile and the guest writes. The next
+// finalize is refused while the VM runs; once it is stopped, the finalize
+// must not reuse the old fold, which lacks those writes: the VM's disk
+// must reach production and this site's chain alike, so production's disk
+// equals a new fold point, not the old one.
+func TestFailbackFinalizeAfterTheVMRanAgain(t *testing.T) {
+	r := newFailbackRig(t)
+	r.prod = startSite(t, "prod", r.prodCfg)
+	run(t, "failback", "vm1", "-c", r.drCfg)
+	home := filepath.Join(r.dir, "prod", "failback", "vm1.home.json")
+	if err := os.WriteFile(home, []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	finalize := []string{"failback", "vm1", "--finalize", "--json", "--shutdown-timeout", "60s", "--wait", "0", "-c", r.drCfg}
+	if out, err := runErr(t, finalize...); err == nil || !strings.Contains(out, "vm1.home.json") {
+		t.Fatalf("a finalize whose FinishFailback production refused: %v\n%s", err, out)
+	}
+	points := filepath.Join(r.dir, "dr", "recovery", "vms", "vm1", "vda")
+	images, _ := filepath.Glob(filepath.Join(points, "????????????????.qcow2"))
+	slices.Sort(images)
+	firstFold := images[len(images)-1]
+	if err := os.Remove(home); err != nil {
+		t.Fatal(err)
+	}
+
+	// The service comes back here: the guest powered off, so it is reset and run.
+	qmpCommand(t, r.rec.QMP, "system_reset")
+	cont(t, r.rec.QMP)
+	waitAgent(t, r.rec.Agent)
+	guestShell(t, r.rec.Agent, "dd if=/dev/urandom of=/data/late.bin bs=64k count=8 status=none && sync")
+	if out, err := runErr(t, finalize...); err == nil || !strings.Contains(out, "runs here again") {
+		t.Fatalf("a finalize while the recovered VM runs again: %v\n%s", err, out)
+	}
+	pause(t, r.rec.QMP)
+	out := run(t, finalize...)
+	var fin struct {
+		ShutDown bool `json:"shut_down"`
+		Last     struct {
+			ID uint64 `json:"id"`
+		} `json:"last"`
+		Fold struct {
+			ID uint64 `json:"id"`
+		} `json:"fold"`
+	}
+	if err := json.Unmarshal([]byte(out), &fin); err != nil {
+		t.Fatalf("failback --finalize --json: %v\n%s", err, out)
+	}
+	fold := filepath.Join(points, fmt.Sprintf("%016d.qcow2", fin.Fold.ID))
+	if fold == firstFold {
+		t.Fatalf("the finalize reused fold %s, taken before the VM ran again", firstFold)
+	}
+	if !fin.ShutDown {
+		t.Errorf("the finalize did not power the guest off cleanly before its new fold:\n%s", out)
+	}
+	if cmp, err := exec.Command("qemu-img", "compare", "-U", r.g.DiskImage(), fold).CombinedOutput(); err != nil {
+		t.Errorf("production's disk (failback point %d) differs from the recovery site's fold point %d, which production's next cycle continues: %v\n%s", fin.Last.ID, fin.Fold.ID, err, cmp)
+	}
+	if err := exec.Command("qemu-img", "compare", "-U", r.g.DiskImage(), firstFold).Run(); err == nil {
+		t.Errorf("production's disk equals the fold taken before the VM ran again (%s): the guest's later writes are lost", firstFold)
+	}
+}
+
+// waitAgent waits until a guest's agent answers.
+func waitAgent(t *testing.T, socket string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		a, err := qga.Dial(ctx, socket)
+		if err == nil {
+			err = a.Ping(ctx)
+			a.Close()
+		}
+		cancel()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest's agent %s did not answer within 2 minutes: %v", socket, err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
