@@ -175,7 +175,7 @@ func failbackOnce(ctx context.Context, e *env, killed bool) (row failbackRow, er
 	}
 	holds := lifeboat.Point{VM: "fb", ID: shared.ID, Disks: []lifeboat.PointDisk{{Name: d.Name, Size: d.Size, Lineage: d.Lineage, Generation: gen}}}
 	own := map[string]failback.Shared{d.Name: {Peer: rep.Client.Peer(), Lineage: d.Lineage, Point: shared.ID, Generation: d.Generation}}
-	if err := store.Prepare("fb", "dr", prod, holds, own); err != nil {
+	if err := store.Prepare(ctx, "fb", "dr", prod, holds, own); err != nil {
 		return row, err
 	}
 	client, stop, err := productionServer(ctx, rep, store)

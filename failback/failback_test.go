@@ -151,7 +151,7 @@ func TestFailbackOverTheWire(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := again.Prepare("vm1", "dr", prod, holds, r.own()); err != nil {
+			if err := again.Prepare(ctx(t), "vm1", "dr", prod, holds, r.own()); err != nil {
 				t.Fatal(err)
 			}
 			if l, _, _ := again.Latest("vm1"); l.ID != pt2.ID {
@@ -189,7 +189,7 @@ func (r *replicated) prepare(t *testing.T, dir string, holds lifeboat.Point) (*f
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := fb.Prepare("vm1", "dr", prod, holds, r.own()); err != nil {
+	if err := fb.Prepare(ctx(t), "vm1", "dr", prod, holds, r.own()); err != nil {
 		t.Fatal(err)
 	}
 	return fb, prod
@@ -198,6 +198,13 @@ func (r *replicated) prepare(t *testing.T, dir string, holds lifeboat.Point) (*f
 // failbackCycle runs one failback cycle and checks that it built on base
 // and left the production disks as the recovered VM's.
 func (r *replicated) failbackCycle(t *testing.T, p *protect.Protector, prod *failback.Production, guest *workload.Guest, base uint64) lifeboat.Point {
+	t.Helper()
+	return r.failbackCycleResyncing(t, p, prod, guest, base, nil)
+}
+
+// failbackCycleResyncing is failbackCycle where the disks named in resync
+// are compared by hashes instead.
+func (r *replicated) failbackCycleResyncing(t *testing.T, p *protect.Protector, prod *failback.Production, guest *workload.Guest, base uint64, resync map[string]bool) lifeboat.Point {
 	t.Helper()
 	want, err := guest.Hashes(ctx(t))
 	if err != nil {
@@ -208,8 +215,8 @@ func (r *replicated) failbackCycle(t *testing.T, p *protect.Protector, prod *fai
 		t.Fatal(err)
 	}
 	for _, d := range pt.Disks {
-		if d.Resync || d.Base != base {
-			t.Errorf("point %d disk %s: resync %v from base %d, want an incremental from point %d", pt.ID, d.Name, d.Resync, d.Base, base)
+		if d.Resync != resync[d.Name] || !d.Resync && d.Base != base {
+			t.Errorf("point %d disk %s: resync %v from base %d, want resync %v (else an incremental from point %d)", pt.ID, d.Name, d.Resync, d.Base, resync[d.Name], base)
 		}
 	}
 	for _, d := range disks {
@@ -223,4 +230,80 @@ func (r *replicated) failbackCycle(t *testing.T, p *protect.Protector, prod *fai
 		}
 	}
 	return pt
+}
+
+// The production VM runs between two failback cycles: production's site
+// restarts after the first (its daemon lets go of the disks), the VM is
+// started there (autostart after a reboot, or by hand), writes, and is
+// stopped or dies. Those writes are production's own, after its disks
+// took the failback point: the next cycle must overwrite them. The
+// generation production started at that point's commit says which blocks
+// they are (the qcow2 disk, the VM stopped cleanly: still incremental);
+// where it cannot (the raw disk, whose bitmaps die with its QEMU; a VM
+// killed, which leaves them inconsistent) the disk is compared by hashes.
+func TestFailbackProductionWritesBetweenCycles(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		kill   bool
+		resync map[string]bool
+	}{
+		{"production VM stopped", false, map[string]bool{"vdb": true}},
+		{"production VM killed", true, map[string]bool{"vda": true, "vdb": true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := replicate(t, false)
+			r.vm.PowerOff(t)
+			rec, guest, holds := r.recovered(t, r.latest.ID)
+			if _, err := guest.Mixed(ctx(t), 10); err != nil {
+				t.Fatal(err)
+			}
+			stateDir := t.TempDir()
+			fb, prod := r.prepare(t, stateDir, holds)
+			workDir := testsite.ShortDir(t)
+			protector := func(fb *failback.Store) *protect.Protector {
+				target := &failback.Target{Client: r.productionServer(t, fb), Shared: holds.ID, SharedMap: r.pointMap(holds.ID)}
+				return &protect.Protector{
+					VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: workDir},
+					Target: target, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
+				}
+			}
+			pt := r.failbackCycle(t, protector(fb), prod, guest, holds.ID)
+
+			// Production's site restarts: its daemon lets go of the disks.
+			if err := fb.Close(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			r.vm.PowerOn(t)
+			pg, err := workload.Open(ctx(t), r.vm.NBDSocket(), testenv.Seed(t)+99, disks...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, d := range disks {
+				if err := pg.Do(ctx(t), workload.Op{Disk: d.Name, Kind: "data", Offset: 3 << 20, Length: 4 * lifeboat.BlockSize}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			pg.Close()
+			if tc.kill {
+				r.vm.Kill(t)
+			} else {
+				r.vm.PowerOff(t)
+			}
+
+			// The failback goes on: production takes it again from its
+			// record (as Site.Take does after a restart).
+			again, err := failback.NewStore(stateDir, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			prod2 := r.open(t)
+			if err := again.Prepare(ctx(t), "vm1", "dr", prod2, holds, r.own()); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := guest.Mixed(ctx(t), 3); err != nil {
+				t.Fatal(err)
+			}
+			r.failbackCycleResyncing(t, protector(again), prod2, guest, pt.ID, tc.resync)
+		})
+	}
 }

@@ -135,6 +135,7 @@ func (s *Store) Finish(ctx context.Context, site, vm string, held uint64, fold l
 	if err := v.prod.startGenerations(ctx, gens); err != nil {
 		return nil, err
 	}
+	v.prod.removeBitmaps(ctx, v.rec.Since)
 	// The bitmaps are in the images once the daemon has stopped cleanly;
 	// only then is the failback over.
 	if err := v.prod.Close(ctx); err != nil {

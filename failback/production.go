@@ -15,6 +15,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/nbd"
@@ -134,43 +135,90 @@ const scanBitmap = "lifeboat-failback-scan"
 // restored) it returns an error wrapping ErrNoRecord that says why; nothing
 // is reported then. The disk's generations are left as they were.
 func (p *Production) Changes(ctx context.Context, name string, sh Shared, fn func(off, length int64) error) error {
-	d, ok := p.disks[name]
-	if !ok {
-		return fmt.Errorf("vm %q: no disk %q at production", p.VM, name)
-	}
-	m := p.daemon.Monitor()
-	nodes, err := m.Nodes(ctx)
+	d, n, err := p.node(ctx, name)
 	if err != nil {
 		return err
 	}
-	var bitmaps []qemu.Bitmap
-	for _, n := range nodes {
-		if n.NodeName == d.node {
-			bitmaps = n.Bitmaps
-		}
-	}
-	names, why := protect.ChangeRecord(bitmaps, sh.Peer, sh.Lineage, sh.Point, sh.Generation)
+	names, why := protect.ChangeRecord(n.Bitmaps, sh.Peer, sh.Lineage, sh.Point, sh.Generation)
 	if names == nil {
 		return fmt.Errorf("vm %q disk %q: %w: %s", p.VM, name, ErrNoRecord, why)
 	}
+	if err := p.scan(ctx, d, names, fn); err != nil {
+		return err
+	}
+	p.log.Info("production's own writes since the shared point, from its generations", "disk", name, "point", sh.Point, "generations", names)
+	return nil
+}
+
+// WrittenSince calls fn for each byte range written into the disk since
+// generation gen started (Store: at the commit of the failback point the
+// disk holds): what a VM started here meanwhile wrote. Without gen, or
+// with gen inconsistent or disabled, it returns an error wrapping
+// ErrNoRecord that says why; nothing is reported then.
+func (p *Production) WrittenSince(ctx context.Context, name, gen string, fn func(off, length int64) error) error {
+	d, n, err := p.node(ctx, name)
+	if err != nil {
+		return err
+	}
+	if why := sinceWhy(n, gen); why != "" {
+		return fmt.Errorf("vm %q disk %q: %w: %s", p.VM, name, ErrNoRecord, why)
+	}
+	return p.scan(ctx, d, []string{gen}, fn)
+}
+
+// sinceWhy says why the node's bitmap gen does not prove which blocks the
+// disk wrote since it started, or "" when it does.
+func sinceWhy(n qemu.BlockNode, gen string) string {
+	b, ok := n.Bitmap(gen)
+	switch {
+	case gen == "":
+		return "no generation was started at the failback point the disk holds (a record of an older lifeboat)"
+	case !ok:
+		return fmt.Sprintf("generation %q is not on the disk (a raw disk, whose bitmaps die with its QEMU; or the disk was restored, replaced, or its bitmaps removed)", gen)
+	case b.Inconsistent:
+		return fmt.Sprintf("generation %q is inconsistent after an unclean QEMU exit", gen)
+	case !b.Recording:
+		return fmt.Sprintf("generation %q is disabled: it cannot prove it saw every write", gen)
+	}
+	return ""
+}
+
+// node is a disk and its node as the daemon has it now (its bitmaps).
+func (p *Production) node(ctx context.Context, name string) (*disk, qemu.BlockNode, error) {
+	d, ok := p.disks[name]
+	if !ok {
+		return nil, qemu.BlockNode{}, fmt.Errorf("vm %q: no disk %q at production", p.VM, name)
+	}
+	n, err := p.daemon.Monitor().Node(ctx, d.node)
+	if err != nil {
+		return nil, qemu.BlockNode{}, fmt.Errorf("vm %q disk %q: %w", p.VM, name, err)
+	}
+	return d, n, nil
+}
+
+// scan calls fn for each byte range dirty in the union of the disk's bitmaps
+// names (merged into a scratch bitmap, read over NBD). The bitmaps are left
+// as they were.
+func (p *Production) scan(ctx context.Context, d *disk, names []string, fn func(off, length int64) error) error {
+	m := p.daemon.Monitor()
 	if err := m.AddBitmap(ctx, d.node, scanBitmap, false, true); err != nil {
 		return err
 	}
 	defer func() {
 		if err := m.RemoveBitmap(context.WithoutCancel(ctx), d.node, scanBitmap); err != nil {
-			p.log.Warn("removing the failback's scan bitmap failed", "disk", name, "err", err)
+			p.log.Warn("removing the failback's scan bitmap failed", "disk", d.Name, "err", err)
 		}
 	}()
 	if err := m.MergeBitmaps(ctx, d.node, scanBitmap, names...); err != nil {
 		return err
 	}
-	export := "scan-" + name
+	export := "scan-" + d.Name
 	if err := m.ExportAdd(ctx, qemu.Export{ID: export, Node: d.node, Name: export, Bitmaps: []string{scanBitmap}}); err != nil {
 		return err
 	}
 	defer func() {
 		if err := m.ExportDel(context.WithoutCancel(ctx), export); err != nil {
-			p.log.Warn("removing the failback's scan export failed", "disk", name, "err", err)
+			p.log.Warn("removing the failback's scan export failed", "disk", d.Name, "err", err)
 		}
 	}()
 	meta := "qemu:dirty-bitmap:" + scanBitmap
@@ -186,10 +234,53 @@ func (p *Production) Changes(ctx context.Context, name string, sh Shared, fn fun
 		return fn(e.Offset, e.Length)
 	})
 	if err != nil {
-		return fmt.Errorf("vm %q disk %q: reading generations %v: %w", p.VM, name, names, err)
+		return fmt.Errorf("vm %q disk %q: reading generations %v: %w", p.VM, d.Name, names, err)
 	}
-	p.log.Info("production's own writes since the shared point, from its generations", "disk", name, "point", sh.Point, "generations", names)
 	return nil
+}
+
+// startSince starts, on each disk of pt, a generation that records every
+// write from now on (WrittenSince), and returns their names by disk. A raw
+// disk's is in the daemon's memory only: it dies with the daemon, and a
+// disk reopened without it is compared by hashes. The names start as the
+// legacy generations' did: the VM's next ordinary cycle here removes any
+// that is left.
+func (p *Production) startSince(ctx context.Context, pt lifeboat.Point) (map[string]string, error) {
+	gens := map[string]string{}
+	m := p.daemon.Monitor()
+	for _, pd := range pt.Disks {
+		d, ok := p.disks[pd.Name]
+		if !ok {
+			return gens, fmt.Errorf("vm %q: point %d has disk %q, which production does not", p.VM, pt.ID, pd.Name)
+		}
+		gen := sincePrefix + strings.TrimPrefix(lifeboat.NewGeneration(pt.Site, pd.Lineage, pt.ID), lifeboat.GenerationPrefix)
+		if err := m.AddBitmap(ctx, d.node, gen, d.Format == "qcow2", false); err != nil {
+			return gens, fmt.Errorf("vm %q disk %q: starting generation %q: %w", p.VM, pd.Name, gen, err)
+		}
+		gens[pd.Name] = gen
+	}
+	return gens, nil
+}
+
+// sincePrefix starts the name of the generations started at each failback
+// point's commit.
+const sincePrefix = "lifeboat-failback."
+
+// removeBitmaps removes the bitmaps gens (by disk), those that are there.
+func (p *Production) removeBitmaps(ctx context.Context, gens map[string]string) {
+	for name, gen := range gens {
+		d, n, err := p.node(ctx, name)
+		if err != nil {
+			p.log.Warn("a failback generation is left on the disk", "disk", name, "generation", gen, "err", err)
+			continue
+		}
+		if _, ok := n.Bitmap(gen); !ok {
+			continue
+		}
+		if err := p.daemon.Monitor().RemoveBitmap(ctx, d.node, gen); err != nil {
+			p.log.Warn("a failback generation is left on the disk", "disk", name, "generation", gen, "err", err)
+		}
+	}
 }
 
 func (p *Production) closeClients() {

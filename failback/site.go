@@ -98,7 +98,7 @@ func (s *Site) Take(ctx context.Context, site, vm string, holds lifeboat.Point, 
 	if err != nil {
 		return lifeboat.Point{}, err
 	}
-	if err := s.Store.Prepare(vm, site, prod, holds, own); err != nil {
+	if err := s.Store.Prepare(ctx, vm, site, prod, holds, own); err != nil {
 		prod.Close(context.WithoutCancel(ctx))
 		return lifeboat.Point{}, err
 	}

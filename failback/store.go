@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -54,6 +55,10 @@ type record struct {
 	// OwnSent: a failback point has been committed since the shared point,
 	// so production's own writes are overwritten (they were in its blocks).
 	OwnSent bool `json:"own_sent"`
+	// Since are, by disk, the generations started as the disks took Holds
+	// (a failback point): every write since, what a VM started here while
+	// lifeboat did not hold the disks wrote (Changed).
+	Since map[string]string `json:"since,omitempty"`
 }
 
 // NewStore keeps failback records in dir.
@@ -88,8 +93,8 @@ func NewStore(dir string, log *slog.Logger) (*Store, error) {
 // Prepare readies vm's failback from owner: its disks, open (the production
 // VM stopped), hold point holds; own says, by disk, which of production's
 // generations were current at that point. A VM prepared before keeps what
-// its record says the disks hold.
-func (s *Store) Prepare(vm, owner string, prod *Production, holds lifeboat.Point, own map[string]Shared) error {
+// its record says the disks hold (see reopened).
+func (s *Store) Prepare(ctx context.Context, vm, owner string, prod *Production, holds lifeboat.Point, own map[string]Shared) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if _, busy := s.vms[vm]; busy {
@@ -105,13 +110,42 @@ func (s *Store) Prepare(vm, owner string, prod *Production, holds lifeboat.Point
 	if ok, err := readRecord(s.path(vm), vm, "failback record", &old); err != nil {
 		return err
 	} else if ok && old.Owner == owner && old.Holds.ID >= holds.ID {
-		rec = old
+		rec = s.reopened(ctx, prod, old)
 	}
 	if err := s.save(vm, rec); err != nil {
 		return err
 	}
 	s.vms[vm] = &vmFailback{prod: prod, rec: rec}
 	return nil
+}
+
+// reopened is rec, the record of a failback whose disks lifeboat let go
+// of (a restart of this site), for the disks prod opened again: whatever
+// a VM started here meanwhile wrote must be overwritten too. Before the
+// first failback point it is among production's own writes (Changes);
+// after it, the generation started at that point's commit holds it
+// (WrittenSince). A disk whose generation cannot prove it (a raw disk, a
+// VM killed here, a record of an older lifeboat) loses the generation of
+// the point it holds in rec, so that the next failback cycle compares it
+// by hashes (a resync) instead of sending only the recovered VM's changes.
+func (s *Store) reopened(ctx context.Context, prod *Production, rec record) record {
+	if !rec.OwnSent {
+		return rec
+	}
+	disks := slices.Clone(rec.Holds.Disks)
+	for i, d := range disks {
+		_, n, err := prod.node(ctx, d.Name)
+		why := sinceWhy(n, rec.Since[d.Name])
+		if err != nil {
+			why = err.Error()
+		}
+		if why != "" && d.Generation != "" {
+			s.log.Warn("failback: production's disk may have been written since lifeboat let go of it, and nothing proves what: its next failback cycle compares it by hashes", "vm", prod.VM, "disk", d.Name, "point", rec.Holds.ID, "why", why)
+			disks[i].Generation = ""
+		}
+	}
+	rec.Holds.Disks = disks
+	return rec
 }
 
 // Status is what the production site shows of a VM's failback.
@@ -238,18 +272,19 @@ func (s *Store) EachBlock(vm, disk string, id uint64, fn func(b int64, h lifeboa
 }
 
 // Changed is what production wrote on its own since the shared point, until a
-// failback point has overwritten it.
+// failback point has overwritten it; after that, what was written into the
+// disk since it took that point (by a VM started here meanwhile).
 func (s *Store) Changed(ctx context.Context, vm, disk string, fn func(off, length int64) error) error {
 	v, err := s.vm(vm)
 	if err != nil {
 		return err
 	}
 	s.mu.Lock()
-	sent := v.rec.OwnSent
+	sent, since := v.rec.OwnSent, v.rec.Since[disk]
 	own, ok := v.rec.Own[disk]
 	s.mu.Unlock()
 	if sent {
-		return nil
+		return v.prod.WrittenSince(ctx, disk, since, fn)
 	}
 	if !ok {
 		return fmt.Errorf("vm %q disk %q: %w: the shared point names no generation of production's", vm, disk, lifeboat.ErrNoChangeRecord)
@@ -303,19 +338,29 @@ func (w *pointWriter) CopyBlock(_ context.Context, disk string, off int64, srcDi
 	return w.sink.SendCopy(disk, off, srcDisk, srcOff, length, h)
 }
 
-// Commit flushes the disks, then records that they hold the point.
-func (w *pointWriter) Commit(_ context.Context, stats lifeboat.CycleStats) (lifeboat.Point, error) {
+// Commit flushes the disks, starts the generations that record every write
+// from the point on, then records that the disks hold the point. Until the
+// record is written, the last point's generations hold this one's writes
+// too: a point that fails here is sent again from there.
+func (w *pointWriter) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboat.Point, error) {
 	p, err := w.sink.Commit(stats)
 	if err != nil {
 		return lifeboat.Point{}, err
 	}
 	w.s.mu.Lock()
 	defer w.s.mu.Unlock()
-	rec := w.vm.rec
-	rec.Holds, rec.OwnSent = p, true
-	if err := w.s.save(p.VM, rec); err != nil {
+	since, err := w.vm.prod.startSince(ctx, p)
+	if err != nil {
+		w.vm.prod.removeBitmaps(context.WithoutCancel(ctx), since)
 		return lifeboat.Point{}, err
 	}
+	rec := w.vm.rec
+	rec.Holds, rec.OwnSent, rec.Since = p, true, since
+	if err := w.s.save(p.VM, rec); err != nil {
+		w.vm.prod.removeBitmaps(context.WithoutCancel(ctx), since)
+		return lifeboat.Point{}, err
+	}
+	w.vm.prod.removeBitmaps(ctx, w.vm.rec.Since)
 	w.vm.rec = rec
 	w.s.log.Info("failback point committed", "vm", p.VM, "point", p.ID, "written", w.sink.Written(), "zeroed", w.sink.Zeroed())
 	return p, nil
@@ -344,7 +389,10 @@ var (
 // when the failover started from the latest point). When production has no
 // record of its own writes, its disk is compared by hashes with the shared
 // point's map instead, which covers both. Once production holds a failback
-// point, none of its own writes is left: they were all overwritten by it.
+// point, its own writes since the shared point are overwritten; what a VM
+// started there since wrote is what production's generation started at
+// that point's commit holds (Store.Changed), or production's Latest names
+// no generation for the disk and the cycle compares it by hashes.
 type Target struct {
 	*wire.Client
 	// Hashed counts the bytes of production's data blocks it compared by
@@ -362,8 +410,14 @@ func (t *Target) TargetChanged(ctx context.Context, vm, disk string, fn func(off
 	if err != nil {
 		return err
 	}
-	if !ok || held.ID != t.Shared {
-		return nil // production holds a failback point (or nothing): no writes of its own are left
+	if !ok {
+		return nil
+	}
+	if held.ID != t.Shared {
+		if err := t.Client.Changed(ctx, vm, disk, fn); err != nil {
+			return fmt.Errorf("vm %q disk %q: what production wrote since it took failback point %d: %w", vm, disk, held.ID, err)
+		}
+		return nil
 	}
 	err = t.Client.Changed(ctx, vm, disk, fn)
 	if err == nil {
