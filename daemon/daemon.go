@@ -40,9 +40,10 @@ type Daemon struct {
 	bg       sync.WaitGroup // schedules started after Run began (reverse.go): Run waits for them
 	bgClosed bool           // Run is ending: no more of them (guarded by vmsMu)
 
-	mu    sync.Mutex
-	peers map[string]*wire.Client
-	backs map[string]*FailingBack // at a recovery site: failbacks of the VMs it runs, by VM (guarded by mu)
+	mu      sync.Mutex
+	peers   map[string]*wire.Client
+	backs   map[string]*FailingBack // at a recovery site: failbacks of the VMs it runs, by VM (guarded by mu)
+	undoing map[string]bool         // at a recovery site: VMs whose failover is being undone (guarded by mu)
 }
 
 // New prepares a site from its config; Run starts it.
@@ -50,7 +51,7 @@ func New(cfg *Config, log *slog.Logger) *Daemon {
 	if log == nil {
 		log = slog.Default()
 	}
-	d := &Daemon{cfg: cfg, log: log.With("site", cfg.Site), vms: map[string]*vm{}, groups: map[string]*group{}, peers: map[string]*wire.Client{}, backs: map[string]*FailingBack{}}
+	d := &Daemon{cfg: cfg, log: log.With("site", cfg.Site), vms: map[string]*vm{}, groups: map[string]*group{}, peers: map[string]*wire.Client{}, backs: map[string]*FailingBack{}, undoing: map[string]bool{}}
 	for _, vc := range cfg.VMs {
 		d.vms[vc.Name] = newVM(d, vc)
 	}

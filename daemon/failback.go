@@ -140,6 +140,16 @@ func (a *apiServer) startBack(w http.ResponseWriter, r *http.Request, vm, what s
 		writeErr(w, http.StatusConflict, err)
 		return nil, false
 	}
+	if run.FailbackSince.IsZero() {
+		// From here production's disks may take this VM's state: the
+		// failover cannot be undone any more (failover.Manager.Stop).
+		run.FailbackSince = time.Now()
+		if err := a.d.runs.Record(run); err != nil {
+			track.end(a.d, 0, err)
+			writeErr(w, http.StatusInternalServerError, err)
+			return nil, false
+		}
+	}
 	bc := &backCall{home: home, c: c, track: track, progress: make(chan protect.Progress, 16)}
 	bc.back = &failback.Back{Run: run, Store: a.d.store, Site: a.d.cfg.Site, Client: c, StateDir: a.d.cfg.StateDir, Log: a.d.log,
 		Progress: func(p protect.Progress) {
@@ -182,8 +192,30 @@ func (d *Daemon) beginBack(vm, home string, finalize bool) (*FailingBack, error)
 	if fb.Running {
 		return nil, fmt.Errorf("vm %q: a failback to %s is under way since %s: wait for it (`lifeboat status`)", vm, fb.To, fb.Started.UTC().Format(time.RFC3339))
 	}
+	if d.undoing[vm] {
+		return nil, fmt.Errorf("vm %q: its failover is being undone: there is nothing to fail back", vm)
+	}
 	fb.To, fb.Running, fb.Finalizing, fb.Started, fb.Progress, fb.Rate, fb.ETA, fb.sendStart = home, true, finalize, time.Now(), nil, 0, 0, time.Time{}
 	return fb, nil
+}
+
+// holdUndo keeps a failback of vm from starting until release, and refuses
+// while one is under way.
+func (d *Daemon) holdUndo(vm string) (release func(), err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if fb := d.backs[vm]; fb != nil && fb.Running {
+		return nil, fmt.Errorf("vm %q: a failback to %s is under way since %s: its failover cannot be undone (a failback that began writes into production's disks: finish it with `lifeboat failback %s --finalize`)", vm, fb.To, fb.Started.UTC().Format(time.RFC3339), vm)
+	}
+	if d.undoing[vm] {
+		return nil, fmt.Errorf("vm %q: its failover is being undone already", vm)
+	}
+	d.undoing[vm] = true
+	return func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		delete(d.undoing, vm)
+	}, nil
 }
 
 // backProgress notes a failback cycle's progress report.

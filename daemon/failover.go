@@ -97,23 +97,28 @@ func (a *apiServer) runAction(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadRequest, fmt.Errorf("run request: %w", err))
 		return
 	}
-	runs, err := a.d.runs.Runs("")
+	run, status, err := a.d.run(id)
 	if err != nil {
-		writeErr(w, http.StatusInternalServerError, err)
-		return
-	}
-	var run *failover.Run
-	for _, x := range runs {
-		if x.ID == id {
-			run = x
-		}
-	}
-	if run == nil {
-		writeErr(w, http.StatusNotFound, fmt.Errorf("no run %q at site %q (`lifeboat failover --list` lists them)", id, a.d.cfg.Site))
+		writeErr(w, status, err)
 		return
 	}
 	switch req.Action {
 	case "stop":
+		if !run.Test {
+			// An undo and a failback of the VM exclude each other: the
+			// undo is refused once a failback began (Manager.Stop), which
+			// the run's record, read again now, says.
+			release, herr := a.d.holdUndo(run.VM)
+			if herr != nil {
+				writeErr(w, http.StatusConflict, herr)
+				return
+			}
+			defer release()
+			if run, status, err = a.d.run(id); err != nil {
+				writeErr(w, status, err)
+				return
+			}
+		}
 		err = a.d.runs.Stop(context.WithoutCancel(r.Context()), run)
 	case "commit":
 		err = a.d.runs.Commit(run)
@@ -283,4 +288,18 @@ func (c *Client) StopPlan(ctx context.Context, name string) (int, error) {
 	var out map[string]int
 	err := c.getJSON(ctx, http.MethodPost, "/v1/plans/"+url.PathEscape(name)+"/stop", struct{}{}, &out)
 	return out["stopped"], err
+}
+
+// run is this site's run id, or an error and its HTTP status.
+func (d *Daemon) run(id string) (*failover.Run, int, error) {
+	runs, err := d.runs.Runs("")
+	if err != nil {
+		return nil, http.StatusInternalServerError, err
+	}
+	for _, x := range runs {
+		if x.ID == id {
+			return x, http.StatusOK, nil
+		}
+	}
+	return nil, http.StatusNotFound, fmt.Errorf("no run %q at site %q (`lifeboat failover --list` lists them)", id, d.cfg.Site)
 }

@@ -154,6 +154,10 @@ type Run struct {
 	ToRunning time.Duration `json:"to_running_ns"`
 	ToAgent   time.Duration `json:"to_agent_ns,omitempty"`
 	Committed bool          `json:"committed,omitempty"`
+	// FailbackSince is when a failback to Previous began: its cycles
+	// write this VM's state into production's disks, so an undo would hand
+	// production disks that hold neither its own last state nor this VM's.
+	FailbackSince time.Time `json:"failback_since,omitzero"`
 	// CommitBy is when an undecided real failover commits itself (zero:
 	// never; it waits for a decision).
 	CommitBy time.Time `json:"commit_by,omitzero"`
@@ -523,6 +527,10 @@ func (m *Manager) Stop(ctx context.Context, r *Run) error {
 	log := m.log().With("vm", r.VM, "point", r.Point, "run", r.ID)
 	if r.Committed && !r.Test {
 		return fmt.Errorf("vm %q: the failover from point %d was committed: the VM runs here for good, and an undo would throw away what it wrote since; shut it down in the guest if it must stop, and fail it back to bring it home", r.VM, r.Point)
+	}
+	if !r.Test && !r.FailbackSince.IsZero() {
+		return fmt.Errorf("vm %q: a failback to %q began at %s: its cycles write this VM's state into production's disks over production's own writes after the last point it sent (and a cycle cut short leaves them part old, part new), so an undo would hand production disks that hold neither its state nor this VM's. Bring the VM home with `lifeboat failback %s --finalize`: production's disks then equal this VM's. To give up what the VM wrote here instead, production's disks would first have to be restored from a copy of their own, which lifeboat does not keep",
+			r.VM, r.Previous.Site, r.FailbackSince.UTC().Format(time.RFC3339), r.VM)
 	}
 	if err := m.quit(ctx, r); err != nil {
 		return err

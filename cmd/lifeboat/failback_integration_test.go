@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -113,7 +114,13 @@ func newFailbackRig(t *testing.T, opts ...rigOptions) *failbackRig {
 	if err := json.Unmarshal([]byte(run(t, "failover", "--list", "--json", "-c", drCfg)), &runs); err != nil || len(runs) != 1 {
 		t.Fatalf("failover --list: %v %v", runs, err)
 	}
-	t.Cleanup(func() { runErr(t, "failover", "vm1", "--undo", "-c", drCfg) })
+	t.Cleanup(func() {
+		// An undo is refused once a failback began: the recovered QEMU,
+		// which outlives lifeboat, is killed then.
+		if _, err := runErr(t, "failover", "vm1", "--undo", "-c", drCfg); err != nil && runs[0].Alive() {
+			syscall.Kill(runs[0].PID, syscall.SIGKILL)
+		}
+	})
 	r.g, r.dir, r.drCfg, r.prodCfg, r.plug, r.prod, r.rec = g, dir, drCfg, prodCfg, plug, prod, runs[0]
 	return r
 }
@@ -597,4 +604,33 @@ func waitAgent(t *testing.T, socket string) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+}
+
+// A failover cannot be undone once a failback began: its cycles wrote the
+// recovered VM's state into production's disks over production's own
+// writes after its last point (the rig's 192 KiB of 0x5a at 3 MiB), so an
+// undo would hand production disks that hold neither its state nor the
+// recovered VM's. The undo is refused and says what to do; the recovered
+// VM runs on and the failback can still be finished.
+func TestFailoverUndoRefusedAfterAFailback(t *testing.T) {
+	r := newFailbackRig(t)
+	r.prod = startSite(t, "prod", r.prodCfg)
+	run(t, "failback", "vm1", "-c", r.drCfg)
+	out, err := runErr(t, "failover", "vm1", "--undo", "-c", r.drCfg)
+	if err == nil {
+		t.Fatalf("the failover was undone after a failback cycle had written into production's disks:\n%s", out)
+	}
+	for _, want := range []string{`vm "vm1"`, "a failback to \"prod\" began", "lifeboat failback vm1 --finalize"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the undo's refusal lacks %q:\n%s", want, out)
+		}
+	}
+	if !r.rec.Alive() {
+		t.Errorf("the recovered VM's QEMU (pid %d) is gone after the refused undo", r.rec.PID)
+	}
+	if st := run(t, "status", "-c", r.prodCfg); !strings.Contains(st, "failing back from dr") {
+		t.Errorf("status at production after the refused undo:\n%s", st)
+	}
+	// The failback goes on.
+	run(t, "failback", "vm1", "-c", r.drCfg)
 }
