@@ -140,18 +140,11 @@ func (a *apiServer) startBack(w http.ResponseWriter, r *http.Request, vm, what s
 		writeErr(w, http.StatusConflict, err)
 		return nil, false
 	}
-	if run.FailbackSince.IsZero() {
-		// From here production's disks may take this VM's state: the
-		// failover cannot be undone any more (failover.Manager.Stop).
-		run.FailbackSince = time.Now()
-		if err := a.d.runs.Record(run); err != nil {
-			track.end(a.d, 0, err)
-			writeErr(w, http.StatusInternalServerError, err)
-			return nil, false
-		}
-	}
 	bc := &backCall{home: home, c: c, track: track, progress: make(chan protect.Progress, 16)}
-	bc.back = &failback.Back{Run: run, Store: a.d.store, Site: a.d.cfg.Site, Client: c, StateDir: a.d.cfg.StateDir, Log: a.d.log,
+	// Once production takes the failback, its disks may take this VM's
+	// state: the run records it, and the failover cannot be undone any
+	// more (failover.Manager.Stop).
+	bc.back = &failback.Back{Run: run, Store: a.d.store, Site: a.d.cfg.Site, Client: c, StateDir: a.d.cfg.StateDir, Log: a.d.log, Began: a.d.runs.Record,
 		Progress: func(p protect.Progress) {
 			a.d.backProgress(vm, p)
 			select {

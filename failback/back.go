@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/failover"
@@ -25,6 +26,10 @@ type Back struct {
 	StateDir string
 	Log      *slog.Logger
 	Progress func(protect.Progress)
+	// Began, if set, records the run (failover.Manager.Record) once
+	// production first took its failback: its disks may take points from
+	// then on, and the failover can no longer be undone.
+	Began func(*failover.Run) error
 }
 
 // Home is the production site: the VM's owner before the failover.
@@ -46,6 +51,12 @@ func (b *Back) Cycle(ctx context.Context) (lifeboat.Point, error) {
 	shared, latest, held, err := b.prepare(ctx)
 	if err != nil {
 		return lifeboat.Point{}, err
+	}
+	if run.FailbackSince.IsZero() && b.Began != nil {
+		run.FailbackSince = time.Now()
+		if err := b.Began(run); err != nil {
+			return lifeboat.Point{}, fmt.Errorf("vm %q: recording that its failback began: %w", vm, err)
+		}
 	}
 	target := &Target{Client: b.Client, Shared: shared.ID, Log: b.Log, SharedMap: b.blockMap(vm, shared.ID)}
 	if latest.ID != shared.ID {

@@ -611,9 +611,17 @@ func waitAgent(t *testing.T, socket string) {
 // writes after its last point (the rig's 192 KiB of 0x5a at 3 MiB), so an
 // undo would hand production disks that hold neither its state nor the
 // recovered VM's. The undo is refused and says what to do; the recovered
-// VM runs on and the failback can still be finished.
+// VM runs on and the failback can still be finished. A failback that
+// production never took (it was down) does not count.
 func TestFailoverUndoRefusedAfterAFailback(t *testing.T) {
 	r := newFailbackRig(t)
+	if out, err := runErr(t, "failback", "vm1", "-c", r.drCfg); err == nil {
+		t.Fatalf("a failback with production down went through:\n%s", out)
+	}
+	var runs []*failover.Run
+	if err := json.Unmarshal([]byte(run(t, "failover", "--list", "--json", "-c", r.drCfg)), &runs); err != nil || len(runs) != 1 || !runs[0].FailbackSince.IsZero() {
+		t.Errorf("the run after a failback production did not take: %+v %v; want one, no failback begun", runs, err)
+	}
 	r.prod = startSite(t, "prod", r.prodCfg)
 	run(t, "failback", "vm1", "-c", r.drCfg)
 	out, err := runErr(t, "failover", "vm1", "--undo", "-c", r.drCfg)
