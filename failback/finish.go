@@ -57,6 +57,18 @@ func (s *Store) HomePending() map[string]uint64 {
 	return out
 }
 
+// forgetHome drops vm's finished failback record: a new failover of the
+// VM superseded it.
+func (s *Store) forgetHome(vm string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := os.Remove(s.homePath(vm)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("vm %q: finished failback record: %w", vm, err)
+	}
+	delete(s.pending, vm)
+	return nil
+}
+
 // MarkResumed records that vm replicated from here after its failback
 // finished (a cycle committed): it is home. Cheap when there is nothing
 // to record (each cycle calls it).

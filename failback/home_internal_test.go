@@ -29,7 +29,8 @@ func TestHomeRecordResumed(t *testing.T) {
 		t.Fatalf("HomePending = %v, want vm1 at fold 3", got)
 	}
 	site := &Site{Store: s, Log: s.log, VM: func(context.Context, string) (VMInfo, bool) { return VMInfo{}, false }}
-	_, err = site.Take(context.Background(), "dr", "vm1", lifeboat.Point{VM: "vm1", ID: 7}, nil)
+	// The finished failback's failover started from point 2, before the fold.
+	_, err = site.Take(context.Background(), "dr", "vm1", lifeboat.Point{VM: "vm1", ID: 2}, nil)
 	if !IsFinished(err) {
 		t.Errorf("a failback from dr before the VM replicated from home: %v; want it refused as finished", err)
 	}
@@ -56,5 +57,31 @@ func TestHomeRecordResumed(t *testing.T) {
 	// A repeated Finish of the same fold still gets its generations.
 	if gens, err := s2.Finish(context.Background(), "dr", "vm1", 5, lifeboat.Point{VM: "vm1", ID: 3}, nil); err != nil || gens["vda"] != "g" {
 		t.Errorf("a repeated Finish: %v %v", gens, err)
+	}
+}
+
+// A failback finished at production whose VM never ran there since (lost
+// again first) does not refuse the failback of a new failover from the
+// fold point or later: that failback is taken, and the record goes.
+func TestHomeRecordSupersededByANewFailover(t *testing.T) {
+	dir := t.TempDir()
+	rec := `{"owner": "dr", "held": 5, "fold": 3, "generations": {"vda": "g"}}`
+	if err := os.WriteFile(filepath.Join(dir, "vm1.home.json"), []byte(rec), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewStore(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	site := &Site{Store: s, Log: s.log, VM: func(context.Context, string) (VMInfo, bool) { return VMInfo{}, false }}
+	_, err = site.Take(context.Background(), "dr", "vm1", lifeboat.Point{VM: "vm1", ID: 3}, nil)
+	if err == nil || IsFinished(err) || !strings.Contains(err.Error(), "not protected by this site") {
+		t.Errorf("the failback of a new failover from the fold point: %v; want it taken past the record (here: refused for the VM this test does not have)", err)
+	}
+	if got := s.HomePending(); len(got) != 0 {
+		t.Errorf("HomePending after a new failover's failback = %v, want none", got)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "vm1.home.json")); !os.IsNotExist(err) {
+		t.Errorf("the finished failback's record is still there: %v", err)
 	}
 }

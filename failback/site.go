@@ -58,9 +58,18 @@ func (s *Site) Take(ctx context.Context, site, vm string, holds lifeboat.Point, 
 	}
 	if h, ok, err := s.Store.readHome(vm); err != nil {
 		return lifeboat.Point{}, err
+	} else if ok && h.Owner == site && !h.Resumed && holds.ID >= h.Fold {
+		// A new failover's, from the fold point or later: the VM was lost
+		// again before it ran here. The finished failback is history, and
+		// production's disks hold the fold's state.
+		if err := s.Store.forgetHome(vm); err != nil {
+			return lifeboat.Point{}, err
+		}
+		s.Store.log.Warn("a new failover fails back: the VM never ran here after its last failback, whose record goes", "vm", vm, "from", site, "fold", h.Fold, "point", holds.ID)
 	} else if ok && h.Owner == site && !h.Resumed {
-		// A late retry of the finished failback. Once the VM has replicated
-		// from here, a failback is a new failover's.
+		// A late retry of the finished failback (its failover's point is
+		// before the fold). Once the VM has replicated from here, or
+		// failed over again, a failback is a new failover's.
 		return lifeboat.Point{}, fmt.Errorf("vm %q: its failback from %q "+finishedPhrase+" (its disks took failback point %d, continued by point %d there): run its finalize again at %q, or start the VM here", vm, site, h.Held, h.Fold, site)
 	}
 	if r, ok, err := s.Store.ReversedOf(vm); err != nil {

@@ -642,3 +642,36 @@ func TestFailoverUndoRefusedAfterAFailback(t *testing.T) {
 	// The failback goes on.
 	run(t, "failback", "vm1", "-c", r.drCfg)
 }
+
+// A finalize completes, but the VM never runs at production (its host is
+// lost again before the VM starts), so production's record of the
+// finished failback stays "not resumed". The VM fails over again, from
+// the fold point, and its failback must be taken: it is a new failover's,
+// not a late retry of the finished one (which production refuses).
+// Production's disk then equals the recovered VM's.
+func TestFailbackAfterAFinalizeTheVMNeverRanAfter(t *testing.T) {
+	r := newFailbackRig(t)
+	r.prod = startSite(t, "prod", r.prodCfg)
+	run(t, "failback", "vm1", "-c", r.drCfg)
+	run(t, "failback", "vm1", "--finalize", "--shutdown-timeout", "60s", "--wait", "0", "-c", r.drCfg)
+	r.prod.kill()
+	t.Logf("second failover:\n%s", run(t, "failover", "vm1", "--force", "-c", r.drCfg))
+	var runs []*failover.Run
+	if err := json.Unmarshal([]byte(run(t, "failover", "--list", "--json", "-c", r.drCfg)), &runs); err != nil || len(runs) != 1 {
+		t.Fatalf("failover --list: %v %v", runs, err)
+	}
+	second := runs[0]
+	t.Cleanup(func() {
+		if second.Alive() {
+			syscall.Kill(second.PID, syscall.SIGKILL) // its failover cannot be undone after the failback
+		}
+	})
+	r.prod.start(t)
+	pause(t, second.QMP)
+	if out, err := runErr(t, "failback", "vm1", "-c", r.drCfg); err != nil {
+		t.Fatalf("the failback of a new failover from point %d, after a finalize whose VM never ran at production, is refused: %v\n%s", second.Point, err, out)
+	}
+	if cmp, err := exec.Command("qemu-img", "compare", "-U", r.g.DiskImage(), second.Overlays["vda"]).CombinedOutput(); err != nil {
+		t.Errorf("production's disk after the failback differs from the recovered VM's: %v\n%s", err, cmp)
+	}
+}
