@@ -19,6 +19,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/failover"
+	"github.com/lifeboat-dr/lifeboat/pki"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
@@ -313,6 +314,9 @@ func (c *Config) check() error {
 	if !nameRE.MatchString(c.Site) {
 		return c.fail("site", "%q is not a site name: use letters, digits, '.', '_' or '-', e.g. `site: dr-east`", c.Site)
 	}
+	if err := pki.CheckSiteName(c.Site); err != nil {
+		return c.fail("site", "%v", err) // a site must be able to hold a certificate of its name
+	}
 	if c.StateDir == "" {
 		return c.fail("state_dir", "missing: set the directory for the catalog, replicas and sockets, e.g. `state_dir: /var/lib/lifeboat`")
 	}
@@ -435,6 +439,9 @@ func (c *Config) check() error {
 		f := fmt.Sprintf("peers[%d]", i)
 		if !nameRE.MatchString(p.Name) {
 			return c.fail(f+".name", "%q is not a site name", p.Name)
+		}
+		if err := pki.CheckSiteName(p.Name); err != nil {
+			return c.fail(f+".name", "%v", err)
 		}
 		if peers[p.Name] {
 			return c.fail(f+".name", "%q appears twice", p.Name)

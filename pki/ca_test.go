@@ -232,3 +232,28 @@ func TestSplitHosts(t *testing.T) {
 		}
 	}
 }
+
+// A site named ca (any case), issued into the CA's own directory as the
+// README's setup does for every site, replaced the CA's key and certificate:
+// no site could be issued again. The name is refused, and the CA stays.
+func TestSiteNamedCAIsRefused(t *testing.T) {
+	caDir := newCA(t, "test CA")
+	keyBefore, err := os.ReadFile(filepath.Join(caDir, CAKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"ca", "CA", "Ca"} {
+		if err := IssueSite(caDir, caDir, name, []string{"ca.example.net"}, day); err == nil || !strings.Contains(err.Error(), "the CA's own") {
+			t.Errorf("IssueSite(site %q) = %v, want a refusal naming the CA's files", name, err)
+		}
+	}
+	if keyAfter, _ := os.ReadFile(filepath.Join(caDir, CAKeyFile)); string(keyBefore) != string(keyAfter) {
+		t.Fatal("the CA's private key changed")
+	}
+	if c := mustLoad(t, filepath.Join(caDir, CACertFile)); !c.IsCA {
+		t.Errorf("ca.crt now holds %q, not a CA certificate", c.Subject.CommonName)
+	}
+	if err := IssueSite(caDir, caDir, "canada", nil, day); err != nil {
+		t.Errorf("a site named canada: %v", err)
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"time"
 )
 
@@ -53,6 +54,12 @@ var siteName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 func CheckSiteName(name string) error {
 	if !siteName.MatchString(name) {
 		return fmt.Errorf("site name %q is not usable: use 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. \"dr-east\")", name)
+	}
+	// A site's files are NAME.crt and NAME.key, beside the CA's ca.crt and
+	// ca.key in the directory the README issues into: a site named ca would
+	// overwrite the CA's own key and certificate.
+	if strings.EqualFold(name, "ca") {
+		return fmt.Errorf("site name %q is not usable: its files would be the CA's own (%s, %s); name the site otherwise (e.g. \"ca-east\", \"canada\")", name, CACertFile, CAKeyFile)
 	}
 	return nil
 }

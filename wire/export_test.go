@@ -23,3 +23,10 @@ func SetStreamStall(d time.Duration) (restore func()) {
 	streamStall = d
 	return func() { streamStall = old }
 }
+
+// SetStreamIdle shortens the bound on the wait for a point stream's next frame.
+func SetStreamIdle(d time.Duration) (restore func()) {
+	old := streamIdle
+	streamIdle = d
+	return func() { streamIdle = old }
+}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"os"
 	"slices"
 	"sync"
 	"time"
@@ -156,6 +157,18 @@ func (s *Server) Serve(l net.Listener, tlsConf *tls.Config) error {
 		grpc.InitialConnWindowSize(connWindow),
 		grpc.MaxRecvMsgSize(maxMessage), grpc.MaxSendMsgSize(maxMessage),
 		grpc.ReadBufferSize(1<<20), grpc.WriteBufferSize(1<<20),
+		grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			if err := s.notSelf(ctx); err != nil {
+				return nil, err
+			}
+			return h(ctx, req)
+		}),
+		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+			if err := s.notSelf(ss.Context()); err != nil {
+				return err
+			}
+			return h(srv, ss)
+		}),
 	)
 	wirepb.RegisterReplicationServer(s.grpc, s)
 	s.mu.Unlock()
@@ -322,6 +335,27 @@ func peerSite(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("peer %s did not use TLS", p.Addr)
 	}
 	return pki.PeerSite(ti.State)
+}
+
+// notSelf refuses a remote peer whose certificate names this very site: no
+// remote peer can be it, and after a failover this site owns the VM, so such
+// a peer (two sites given one name, a copied certificate) would pass as the
+// owner of every VM failed over here, read its points and write into its
+// chain while it runs here.
+func (s *Server) notSelf(ctx context.Context) error {
+	site, err := peerSite(ctx)
+	if err != nil {
+		return nil // each call says so itself
+	}
+	return s.checkNotSelf(site, peerName(ctx))
+}
+
+func (s *Server) checkNotSelf(site, peer string) error {
+	if site != s.Site {
+		return nil
+	}
+	s.Log.Error("refused a remote peer whose certificate names this site", "peer", peer, "site", s.Site)
+	return status.Errorf(codes.PermissionDenied, "%s presents a certificate of site %q, which is this recovery site's own name: two sites were given one name, or a certificate was copied; issue that site a certificate of its own name (`lifeboat cert site NAME`)", peer, s.Site)
 }
 
 func peerName(ctx context.Context) string {
@@ -579,6 +613,13 @@ func (s *Server) Changed(r *wirepb.ChangedRequest, st grpc.ServerStreamingServer
 
 // serveStream receives one point on conn (see streamProto), answers with the
 // committed point or the error, and closes conn.
+// streamIdle bounds the wait for a point stream's next frame, from Begin on:
+// a protected site whose cycle hung or whose host stopped (its kernel may
+// still answer, so TCP keepalive never ends the connection) frees the point
+// and the VM's writer slot. Far above any pause of a working cycle (its
+// client gives up after streamStall without progress).
+var streamIdle = 10 * time.Minute
+
 func (s *Server) serveStream(conn *flushConn) {
 	if !s.track(conn) {
 		conn.Close()
@@ -594,8 +635,16 @@ func (s *Server) serveStream(conn *flushConn) {
 		err = status.Error(codes.Unauthenticated, err.Error())
 	} else {
 		peer = site + "@" + conn.RemoteAddr().String()
-		conn.SetReadDeadline(time.Now().Add(handshakeTimeout))
-		reply, err = s.receive(context.Background(), site, peer, newFrameReader(conn), func() { conn.SetReadDeadline(time.Time{}) })
+		if err = s.checkNotSelf(site, peer); err == nil {
+			conn.SetReadDeadline(time.Now().Add(handshakeTimeout))
+			fr := newFrameReader(conn)
+			reply, err = s.receive(context.Background(), site, peer, fr, func() {
+				// From Begin on, each frame must come within streamIdle: a
+				// silent peer held the point, its writer and the VM's one
+				// writer slot until the site restarted.
+				fr.before = func() { conn.SetReadDeadline(time.Now().Add(streamIdle)) }
+			})
+		}
 	}
 	conn.SetWriteDeadline(time.Now().Add(handshakeTimeout))
 	if err == nil {
@@ -720,6 +769,9 @@ func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader
 			werr := finish()
 			if errors.Is(err, io.EOF) {
 				err = fmt.Errorf("stream ended without Commit")
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				err = fmt.Errorf("the protected site sent nothing for %v (its cycle hung, or its host stopped): %w", streamIdle, err)
 			}
 			if werr != nil {
 				err = werr

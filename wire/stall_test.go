@@ -11,7 +11,9 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
+	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
@@ -81,4 +83,45 @@ func TestStalledRecoverySiteFailsThePoint(t *testing.T) {
 		t.Errorf("the stall was noticed after %v, with a 1 s bound", took)
 	}
 	t.Logf("after %v: %v", took.Round(time.Millisecond), err)
+}
+
+// A protected site that sends a point's Begin and then nothing (its cycle
+// hung, or its host stopped while its kernel still answers) held the point,
+// its writer daemon and the VM's one writer slot until the recovery site
+// restarted. The wait for each frame is bounded: the point is discarded,
+// saying why, and the next point of the VM is taken.
+func TestSilentProtectedSiteFreesThePoint(t *testing.T) {
+	defer wire.SetStreamIdle(time.Second)()
+	site := testsite.Start(t, recovery.Options{})
+	c := site.Dial(t, wire.CompressionNone)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	p := lifeboat.Point{VM: "vm1", ID: 1, Instant: time.Now().UTC(), Consistency: lifeboat.Crash,
+		Disks: []lifeboat.PointDisk{{Name: "vda", Size: 1 << 20, Lineage: "0123456789abcdef", Resync: true, Generation: "g1"}}}
+	silent, err := c.Begin(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3 * time.Second) // sends nothing more
+	_, err = silent.Commit(lifeboat.CycleStats{})
+	if err == nil || !strings.Contains(err.Error(), "sent nothing for 1s") {
+		t.Errorf("the silent stream's commit: %v, want the recovery site's reason (it sent nothing)", err)
+	}
+	// The writer slot is free: the same point is taken now.
+	st, err := c.Begin(ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 1<<20)
+	workload.Random(rand.New(rand.NewPCG(testenv.Seed(t), 2)), data)
+	var hs []lifeboat.Hash
+	for b := 0; b < len(data); b += lifeboat.BlockSize {
+		hs = append(hs, lifeboat.HashBlock(data[b:b+lifeboat.BlockSize]))
+	}
+	if _, err := st.SendBlocks("vda", 0, data, hs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Commit(lifeboat.CycleStats{}); err != nil {
+		t.Fatalf("the next point after a silent one: %v", err)
+	}
 }

@@ -143,6 +143,9 @@ func decodePatch(payload []byte) (*wirepb.Patch, error) {
 // the buffer the receiver hashes and writes from.
 type frameReader struct {
 	r *bufio.Reader
+	// before, if set, is called before each frame is read (the point
+	// stream's idle deadline).
+	before func()
 }
 
 func newFrameReader(r io.Reader) *frameReader {
@@ -152,6 +155,9 @@ func newFrameReader(r io.Reader) *frameReader {
 // next reads one frame. Its payload is a pooled buffer: give it back with
 // putPayload once nothing reads it.
 func (fr *frameReader) next() (typ byte, payload []byte, err error) {
+	if fr.before != nil {
+		fr.before()
+	}
 	var head [frameHead]byte
 	if _, err := io.ReadFull(fr.r, head[:]); err != nil {
 		return 0, nil, err

@@ -22,7 +22,10 @@ func newCertCmd() *cobra.Command {
 a peer with any other certificate is refused.
 
 Create the CA once, on a machine you trust, then issue one certificate per site
-and copy the --out directory (ca.crt, NAME.crt, NAME.key) to that site.`,
+and copy ca.crt, NAME.crt and NAME.key to that site, and nothing else: never
+ca.key (who holds it can make a certificate of any site's name) nor another
+site's key. A certificate cannot be revoked: if a site's key leaks, create a new
+CA and issue every site again.`,
 		Example: `  lifeboat cert ca --dir ./ca --name "acme lifeboat CA"
   lifeboat cert site dr-east --ca ./ca --out ./dr-east --host dr-east.example.com --host 10.0.0.5`,
 		Args: cobra.NoArgs,
