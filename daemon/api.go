@@ -18,6 +18,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/failback"
 	"github.com/lifeboat-dr/lifeboat/failover"
+	"github.com/lifeboat-dr/lifeboat/pki"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 )
@@ -141,14 +142,47 @@ func (s *stream) send(e Event) {
 
 // StatusReply is `lifeboat status`.
 type StatusReply struct {
-	Site string     `json:"site"`
-	Time time.Time  `json:"time"`
-	VMs  []VMStatus `json:"vms"`
+	Site string    `json:"site"`
+	Time time.Time `json:"time"`
+	// Certificate is the site certificate's end of validity: when it
+	// passes, every peer refuses this site and replication stops.
+	Certificate *CertificateStatus `json:"certificate,omitempty"`
+	VMs         []VMStatus         `json:"vms"`
+}
+
+// CertificateStatus is when the site's own certificate ends (tls.cert).
+type CertificateStatus struct {
+	File     string    `json:"file"`
+	NotAfter time.Time `json:"not_after"`
+	DaysLeft float64   `json:"days_left"`
+	Warning  string    `json:"warning,omitempty"` // within certWarnDays, or expired: what to do
+}
+
+// certWarnDays is how long before its end a site certificate is shown as due.
+const certWarnDays = 30
+
+// certificateStatus reads the site certificate's dates (nil without one).
+func (d *Daemon) certificateStatus(now time.Time) *CertificateStatus {
+	if d.cfg.TLS.Cert == "" {
+		return nil
+	}
+	c, err := pki.LoadCert(d.cfg.TLS.Cert)
+	if err != nil {
+		return &CertificateStatus{File: d.cfg.TLS.Cert, Warning: err.Error()}
+	}
+	s := &CertificateStatus{File: d.cfg.TLS.Cert, NotAfter: c.NotAfter.UTC(), DaysLeft: c.NotAfter.Sub(now).Hours() / 24}
+	switch {
+	case s.DaysLeft <= 0:
+		s.Warning = fmt.Sprintf("expired on %s: every peer refuses this site; issue it again (`lifeboat cert site %s`), taken at the next connection", s.NotAfter.Format(time.DateOnly), d.cfg.Site)
+	case s.DaysLeft <= certWarnDays:
+		s.Warning = fmt.Sprintf("expires on %s, in %.0f days: issue it again (`lifeboat cert site %s`), taken at the next connection without a restart", s.NotAfter.Format(time.DateOnly), s.DaysLeft, d.cfg.Site)
+	}
+	return s
 }
 
 func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 	now := time.Now().UTC()
-	out := StatusReply{Site: a.d.cfg.Site, Time: now, VMs: []VMStatus{}}
+	out := StatusReply{Site: a.d.cfg.Site, Time: now, Certificate: a.d.certificateStatus(now), VMs: []VMStatus{}}
 	for _, name := range a.d.vmNames() {
 		v, _ := a.d.vmOf(name)
 		v.reversedHere() // its state says so, whether or not its schedule ran since

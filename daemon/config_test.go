@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/pki"
 )
 
 const goodConfig = `site: prod
@@ -228,5 +230,35 @@ func TestNegativeHookTimeoutNamesItsField(t *testing.T) {
 	body := strings.Replace(goodConfig, "interval: 30s", "interval: 30s, consistency: application, agent: /a.sock, hook_timeout: -5s", 1)
 	if _, err := LoadConfig(writeConfig(t, body)); err == nil || !strings.Contains(err.Error(), ".hook_timeout") {
 		t.Fatalf("a negative hook_timeout: %v, want an error naming hook_timeout", err)
+	}
+}
+
+// When the site certificate ends, every peer refuses the site and replication
+// stops; status says so 30 days ahead, with what to do, and not before.
+func TestStatusWarnsOfTheCertificatesEnd(t *testing.T) {
+	dir := t.TempDir()
+	if err := pki.CreateCA(dir, "test CA", 1000*24*time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	c, err := LoadConfig(writeConfig(t, goodConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		days int
+		warn bool
+	}{{365, false}, {10, true}} {
+		out := filepath.Join(dir, fmt.Sprint(tc.days))
+		if err := pki.IssueSite(dir, out, c.Site, []string{"127.0.0.1"}, time.Duration(tc.days)*24*time.Hour); err != nil {
+			t.Fatal(err)
+		}
+		c.TLS.Cert = pki.SiteFiles(out, c.Site).Cert
+		s := New(c, nil).certificateStatus(time.Now())
+		if s == nil || (s.Warning != "") != tc.warn || s.DaysLeft < float64(tc.days)-1 || s.DaysLeft > float64(tc.days)+1 {
+			t.Errorf("a certificate valid %d days: %+v; want days_left ~%d, warning %v", tc.days, s, tc.days, tc.warn)
+		}
+		if tc.warn && !strings.Contains(s.Warning, "lifeboat cert site "+c.Site) {
+			t.Errorf("the warning %q does not say what to do", s.Warning)
+		}
 	}
 }

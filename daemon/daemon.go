@@ -72,6 +72,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer cancel()
 	d.ctx = ctx
 	errc := make(chan error, 4)
+	if c := d.certificateStatus(time.Now()); c != nil && c.Warning != "" {
+		d.log.Warn("site certificate "+c.Warning, "file", c.File)
+	}
 	// A guest this site left frozen when it died is thawed before its VM's
 	// next freeze: in the background by the VM's quiescer, which falls back
 	// meanwhile; a VM no longer configured here delays the start a minute at

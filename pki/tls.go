@@ -5,8 +5,10 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -19,13 +21,72 @@ func ServerTLS(f Files) (*tls.Config, error) {
 	if err != nil {
 		return nil, err
 	}
+	sc := newSiteCert(f, x509.ExtKeyUsageServerAuth, m.cert)
 	return &tls.Config{
 		MinVersion:       tls.VersionTLS13,
-		Certificates:     []tls.Certificate{m.cert},
+		GetCertificate:   func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return sc.get(), nil },
 		ClientAuth:       tls.RequireAndVerifyClientCert,
 		ClientCAs:        m.roots,
 		VerifyConnection: requireSite,
 	}, nil
+}
+
+// siteCert is a site's own certificate as its files hold it now: a renewal
+// (`lifeboat cert site NAME` run again into the same files) is presented from
+// the next handshake on, without a restart. Before, a site went on presenting
+// the certificate it started with until it expired, renewed file or not. A
+// pair that does not load and check (a renewal half written, a key that is
+// not the certificate's, another site's name) is not taken: the one in use
+// stays.
+type siteCert struct {
+	f     Files
+	usage x509.ExtKeyUsage
+	mu    sync.Mutex
+	cert  tls.Certificate
+	stamp string // the files' sizes and modification times when cert was loaded
+}
+
+func newSiteCert(f Files, usage x509.ExtKeyUsage, cert tls.Certificate) *siteCert {
+	return &siteCert{f: f, usage: usage, cert: cert, stamp: fileStamp(f)}
+}
+
+func (s *siteCert) get() *tls.Certificate {
+	st := fileStamp(s.f)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st != s.stamp {
+		s.stamp = st
+		if m, err := loadMaterial(s.f, s.usage); err == nil && sameSite(m.cert.Leaf, s.cert.Leaf) {
+			s.cert = m.cert
+		}
+	}
+	c := s.cert
+	return &c
+}
+
+func sameSite(a, b *x509.Certificate) bool {
+	if a == nil || b == nil {
+		return false
+	}
+	sa, err := siteOf(a)
+	if err != nil {
+		return false
+	}
+	sb, err := siteOf(b)
+	return err == nil && sa == sb
+}
+
+// fileStamp is what changes when the certificate or key file is rewritten.
+func fileStamp(f Files) string {
+	var b strings.Builder
+	for _, p := range []string{f.Cert, f.Key} {
+		if fi, err := os.Stat(p); err == nil {
+			fmt.Fprintf(&b, "%d.%d;", fi.Size(), fi.ModTime().UnixNano())
+		} else {
+			b.WriteString("-;")
+		}
+	}
+	return b.String()
 }
 
 // ClientTLS returns the config a site dials another with: it verifies the
@@ -40,7 +101,7 @@ func ClientTLS(f Files, serverName string) (*tls.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	cert := m.cert
+	sc := newSiteCert(f, x509.ExtKeyUsageClientAuth, m.cert)
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		RootCAs:    m.roots,
@@ -49,7 +110,7 @@ func ClientTLS(f Files, serverName string) (*tls.Config, error) {
 		// other acceptable CAs: the server then says "unknown authority",
 		// which points at the real problem, instead of "no certificate".
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-			return &cert, nil
+			return sc.get(), nil
 		},
 		VerifyConnection: requireSite,
 	}, nil

@@ -1,6 +1,7 @@
 package pki
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -395,4 +396,63 @@ func rawFiles(t *testing.T, f Files) (tls.Certificate, *x509.CertPool) {
 	roots := x509.NewCertPool()
 	roots.AddCert(mustLoad(t, f.CA))
 	return cert, roots
+}
+
+// A site certificate issued again into the same files (`lifeboat cert site
+// NAME`) is presented from the next handshake on, by a server and by a
+// client, without a restart; before, a site presented what it started with
+// until it expired. A pair that does not check (another site's name) is not
+// taken: the one in use stays.
+func TestRenewedCertificateTakenWithoutRestart(t *testing.T) {
+	caDir := newCA(t, "test CA")
+	out := filepath.Join(t.TempDir(), "dr")
+	if err := IssueSite(caDir, out, "dr", []string{"127.0.0.1"}, day); err != nil {
+		t.Fatal(err)
+	}
+	f := SiteFiles(out, "dr")
+	srv, err := ServerTLS(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := ClientTLS(f, "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	presented := func() ([]byte, []byte) {
+		s, err := srv.GetCertificate(&tls.ClientHelloInfo{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := cli.GetClientCertificate(&tls.CertificateRequestInfo{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.Certificate[0], c.Certificate[0]
+	}
+	time.Sleep(10 * time.Millisecond) // a new modification time
+	if err := IssueSite(caDir, out, "dr", []string{"127.0.0.1"}, 30*day); err != nil {
+		t.Fatal(err)
+	}
+	renewed := mustLoad(t, f.Cert)
+	if s, c := presented(); !bytes.Equal(s, renewed.Raw) || !bytes.Equal(c, renewed.Raw) {
+		t.Errorf("after the renewal the server and client still present the certificate they loaded, not the renewed one")
+	}
+	// Another site's pair copied over the files is not taken.
+	other := filepath.Join(t.TempDir(), "prod")
+	if err := IssueSite(caDir, other, "prod", []string{"127.0.0.1"}, day); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(10 * time.Millisecond)
+	for _, p := range [][2]string{{SiteFiles(other, "prod").Cert, f.Cert}, {SiteFiles(other, "prod").Key, f.Key}} {
+		data, err := os.ReadFile(p[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p[1], data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if s, c := presented(); !bytes.Equal(s, renewed.Raw) || !bytes.Equal(c, renewed.Raw) {
+		t.Errorf("another site's certificate copied over dr's files was presented as dr's")
+	}
 }

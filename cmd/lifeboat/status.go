@@ -32,6 +32,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 				return printJSON(st)
 			}
 			fmt.Printf("site %s, %s\n", st.Site, st.Time.Format(time.RFC3339))
+			if c := st.Certificate; c != nil && c.Warning != "" {
+				fmt.Printf("site certificate %s: %s\n", c.File, c.Warning)
+			}
 			if len(st.VMs) == 0 {
 				fmt.Println("no VMs: add some under `vms:` in the config")
 				return nil
