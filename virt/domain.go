@@ -62,6 +62,10 @@ func (d *Domain) Describe(ctx context.Context) (*Description, error) {
 		return nil, err
 	}
 	if !active {
+		if d.migratedAway(ctx) {
+			// Starting it here would run the guest twice on shared storage.
+			return nil, fmt.Errorf("libvirt domain %q is shut off here because it was migrated to another host: protect it where it runs now (point `libvirt.uri` of this VM there); do not start it here", d.Name)
+		}
 		return nil, fmt.Errorf("libvirt domain %q is not running (start it with `virsh start %s`)", d.Name, d.Name)
 	}
 	var doc string
@@ -146,6 +150,17 @@ func (d *Domain) Active(ctx context.Context) (bool, error) {
 		return err
 	})
 	return n == 1, err
+}
+
+// migratedAway reports whether the domain is shut off because it migrated
+// to another host (false when libvirt cannot say).
+func (d *Domain) migratedAway(ctx context.Context) bool {
+	var state, reason int32
+	err := d.c.call(ctx, "state of domain "+d.Name, func(l *libvirt.Libvirt) (err error) {
+		state, reason, err = l.DomainGetState(d.d, 0)
+		return err
+	})
+	return err == nil && libvirt.DomainState(state) == libvirt.DomainShutoff && libvirt.DomainShutoffReason(reason) == libvirt.DomainShutoffMigrated
 }
 
 // Running reports whether the domain's CPUs run (not paused, not off).
