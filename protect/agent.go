@@ -169,17 +169,7 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 		}
 		r, held := run, !expired
 		mu.Unlock()
-		// The thaw itself takes milliseconds; what is left after limit goes
-		// on in the background, and the next freeze waits for it.
-		wait := time.NewTimer(limit)
-		defer wait.Stop()
-		select {
-		case <-r.done:
-			return held, r.err
-		case <-ctx.Done():
-		case <-wait.C:
-		}
-		return held, fmt.Errorf("guest %s not confirmed thawed within %v; lifeboat keeps trying in the background", q.VM, limit)
+		return held, r.wait(ctx, limit, q.VM)
 	}}
 	if n == 0 {
 		// The agent is in its frozen state all the same (its hooks ran, and
@@ -208,6 +198,21 @@ func (q *AgentQuiescer) frozeNothing(ctx context.Context, f *Frozen) (*Frozen, e
 type thawRun struct {
 	done chan struct{} // closed when the run ends; err is then set
 	err  error
+}
+
+// wait waits for the run's outcome, up to limit: the thaw itself takes
+// milliseconds; what is left after limit goes on in the background, and the
+// next freeze waits for it.
+func (r *thawRun) wait(ctx context.Context, limit time.Duration, vm string) error {
+	t := time.NewTimer(limit)
+	defer t.Stop()
+	select {
+	case <-r.done:
+		return r.err
+	case <-ctx.Done():
+	case <-t.C:
+	}
+	return fmt.Errorf("guest %s not confirmed thawed within %v; lifeboat keeps trying in the background", vm, limit)
 }
 
 func (r *thawRun) running() bool {

@@ -19,7 +19,8 @@ import (
 //
 // The guest is never left frozen: a freeze that lands after the bound (a
 // slow hook) is thawed the moment it lands, and every thaw is retried until
-// libvirt confirms it. Each freeze uses a connection of its own, so a
+// libvirt confirms it, also while the domain is paused (libvirt refuses
+// agent calls then, and the guest resumes frozen). Each freeze uses a connection of its own, so a
 // libvirt call that hangs past its bound never takes the cycle's with it.
 type LibvirtQuiescer struct {
 	VM     string
@@ -32,7 +33,7 @@ type LibvirtQuiescer struct {
 	Log    *slog.Logger
 
 	mu      sync.Mutex
-	pending bool // a late freeze or a thaw is still in flight
+	thawing *thawRun // the latest thaw loop (after a late freeze, if any)
 }
 
 // freezeCallBound bounds one libvirt freeze or thaw call (libvirt's own agent
@@ -72,7 +73,7 @@ func (q *LibvirtQuiescer) call(f func(ctx context.Context, d *virt.Domain) (int,
 
 func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	q.mu.Lock()
-	busy := q.pending
+	busy := q.thawing.running()
 	q.mu.Unlock()
 	if busy {
 		// A new freeze would queue behind the last one in libvirt, and its
@@ -117,48 +118,52 @@ func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	return q.fallBack(fmt.Errorf("libvirt's freeze (virDomainFSFreeze, the guest agent's guest-fsfreeze-freeze) did not finish within %v", q.limit()))
 }
 
-// background thaws in the background, after wait (if any) returns; until
-// then the next Freeze falls back at once.
-func (q *LibvirtQuiescer) background(why string, wait func()) {
+// background runs the thaw loop in the background, after wait (if any)
+// returns; until it ends, the next Freeze falls back at once.
+func (q *LibvirtQuiescer) background(why string, wait func()) *thawRun {
+	r := &thawRun{done: make(chan struct{})}
 	q.mu.Lock()
-	q.pending = true
+	q.thawing = r
 	q.mu.Unlock()
 	go func() {
+		defer close(r.done)
 		if wait != nil {
 			wait()
 		}
-		q.ensureThawed(why)
-		q.mu.Lock()
-		q.pending = false
-		q.mu.Unlock()
+		r.err = q.ensureThawed(why)
 	}()
+	return r
 }
 
 // frozen is a landed freeze: Thaw thaws, and so does a timer at the bound.
+// As on the QMP path, Thaw waits for the thaw loop up to the bound; what is
+// left (a paused domain) goes on in the background.
 func (q *LibvirtQuiescer) frozen(n int) *Frozen {
 	var (
-		mu     sync.Mutex
-		thawed bool
+		mu      sync.Mutex
+		run     *thawRun // set once, by Thaw or by the timer
+		expired bool
 	)
-	thaw := func(why string) bool {
+	limit := q.limit()
+	timer := time.AfterFunc(limit, func() {
 		mu.Lock()
 		defer mu.Unlock()
-		if thawed {
-			return false
+		if run != nil {
+			return
 		}
-		thawed = true
-		q.ensureThawed(why)
-		return true
-	}
-	timer := time.AfterFunc(q.limit(), func() {
-		if thaw("the freeze bound expired") {
-			q.log().Warn("the guest was frozen past its bound: thawed it", "limit", q.limit())
-		}
+		expired = true
+		q.log().Warn("the guest was frozen past its bound: thawing it now", "limit", limit)
+		run = q.background("the freeze bound expired", nil)
 	})
 	f := &Frozen{Level: q.Level, Since: time.Now(), Thaw: func(ctx context.Context) (bool, error) {
-		held := timer.Stop()
-		thaw("after the instant")
-		return held, nil
+		timer.Stop()
+		mu.Lock()
+		if run == nil {
+			run = q.background("after the instant", nil)
+		}
+		r, held := run, !expired
+		mu.Unlock()
+		return held, r.wait(ctx, limit, q.VM)
 	}}
 	if n == 0 {
 		f.Level, f.Note = lifeboat.Crash, frozeNothing(q.Level)
@@ -167,22 +172,54 @@ func (q *LibvirtQuiescer) frozen(n int) *Frozen {
 	return f
 }
 
-// ensureThawed thaws until libvirt confirms it, for up to freezeCallBound:
-// a thaw refused because the freeze still holds libvirt's job lock, or
-// because libvirtd was restarting, is tried again.
-func (q *LibvirtQuiescer) ensureThawed(why string) {
-	deadline := time.Now().Add(freezeCallBound)
+// ensureThawed thaws until libvirt confirms it, for up to thawBound (the
+// QMP path's thaw loop's): a thaw refused because the freeze still holds
+// libvirt's job lock, because libvirtd was restarting, or because the
+// domain is paused is tried again. libvirt answers an agent call on a paused
+// domain "domain is not running", and its guest resumes as frozen as it
+// stopped; only a domain that is off has nothing frozen.
+func (q *LibvirtQuiescer) ensureThawed(why string) error {
+	start := time.Now()
+	deadline := start.Add(thawBound)
+	thawCmd := fmt.Sprintf("virsh -c %s domfsthaw %s", cmpStr(q.Domain.URI, virt.DefaultURI), q.Domain.Domain)
+	warned := false
 	for attempt := 1; ; attempt++ {
-		_, err := q.call(func(ctx context.Context, d *virt.Domain) (int, error) { return d.FSThaw(ctx) })
-		if err == nil {
-			return
-		}
-		if virt.IsNotRunning(err) {
-			return // nothing is frozen in a domain that does not run
+		var paused, off bool
+		_, err := q.call(func(ctx context.Context, d *virt.Domain) (int, error) {
+			n, err := d.FSThaw(ctx)
+			if virt.IsNotRunning(err) {
+				p, serr := d.Paused(ctx)
+				if serr != nil {
+					return n, fmt.Errorf("%w; and its state: %w", err, serr)
+				}
+				paused, off = p, !p
+				if off {
+					// Only an active domain can be paused: check it is not.
+					active, serr := d.Active(ctx)
+					if serr != nil {
+						return n, fmt.Errorf("%w; and its state: %w", err, serr)
+					}
+					off = !active
+				}
+			}
+			return n, err
+		})
+		switch {
+		case err == nil:
+			if warned {
+				q.log().Warn("guest confirmed thawed", "why", why, "attempts", attempt, "took", time.Since(start).Round(time.Millisecond))
+			}
+			return nil
+		case off:
+			return nil // nothing is frozen in a domain that does not run
+		case paused && !warned:
+			warned = true
+			q.log().Error("the domain was paused while its guest was frozen: libvirt refuses to thaw it until it resumes, and it resumes frozen; lifeboat keeps thawing it in the background. If it stays frozen, run `"+thawCmd+"`",
+				"why", why, "bound", thawBound, "err", err)
 		}
 		if time.Now().After(deadline) {
-			q.log().Error("could not thaw the guest: thaw it with `virsh domfsthaw`", "why", why, "attempts", attempt, "err", err)
-			return
+			q.log().Error("could not thaw the guest: thaw it with `"+thawCmd+"`", "why", why, "attempts", attempt, "err", err)
+			return fmt.Errorf("guest of libvirt domain %q not confirmed thawed after %v and %d attempts (last: %w): thaw it with `%s`", q.Domain.Domain, thawBound, attempt, err, thawCmd)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}

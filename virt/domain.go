@@ -165,12 +165,26 @@ func (d *Domain) migratedAway(ctx context.Context) bool {
 
 // Running reports whether the domain's CPUs run (not paused, not off).
 func (d *Domain) Running(ctx context.Context) (bool, error) {
+	state, err := d.state(ctx)
+	return state == libvirt.DomainRunning, err
+}
+
+// Paused reports whether the domain is stopped with its guest's state kept
+// (paused by an admin or by QEMU on an I/O error, suspended to RAM): it
+// goes on where it stopped when it resumes. libvirt refuses guest-agent
+// calls meanwhile ("domain is not running").
+func (d *Domain) Paused(ctx context.Context) (bool, error) {
+	state, err := d.state(ctx)
+	return state == libvirt.DomainPaused || state == libvirt.DomainPmsuspended, err
+}
+
+func (d *Domain) state(ctx context.Context) (libvirt.DomainState, error) {
 	var state int32
 	err := d.c.call(ctx, "state of domain "+d.Name, func(l *libvirt.Libvirt) (err error) {
 		state, _, err = l.DomainGetState(d.d, 0)
 		return err
 	})
-	return libvirt.DomainState(state) == libvirt.DomainRunning, err
+	return libvirt.DomainState(state), err
 }
 
 // Persistent reports whether the domain is defined (its checkpoints outlive

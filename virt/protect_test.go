@@ -563,17 +563,57 @@ func TestLibvirtLateFreeze(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	landed := time.Now()
+	waitThawed(t, r.dom, thawWithin, "the late freeze landed")
+	t.Logf("late freeze: landed -> thawed (guest-fsfreeze-status) in %v, bound %v", time.Since(landed).Round(time.Millisecond), thawWithin)
+}
+
+// waitThawed waits until the guest agent says the guest is thawed, failing
+// the test past within (since what, for the message).
+func waitThawed(t *testing.T, dom *testlibvirt.Domain, within time.Duration, what string) {
+	t.Helper()
+	start := time.Now()
 	for {
-		st := fsfreezeStatus(r.dom)
+		st := fsfreezeStatus(dom)
 		if strings.Contains(st, `"thawed"`) {
-			break
+			return
 		}
-		if time.Since(landed) > thawWithin {
-			t.Fatalf("the guest is not thawed %v after the late freeze landed (agent: %s)", thawWithin, st)
+		if time.Since(start) > within {
+			t.Fatalf("the guest is not thawed %v after %s (agent: %s)", within, what, st)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Logf("late freeze: landed -> thawed (guest-fsfreeze-status) in %v, bound %v", time.Since(landed).Round(time.Millisecond), thawWithin)
+}
+
+// A domain paused while its guest is frozen (QEMU pauses it on ENOSPC in the
+// freeze's sync under werror=enospc; an admin's `virsh suspend`): libvirt
+// answers every agent call "domain is not running", which is not "nothing is
+// frozen", for the guest resumes frozen. The thaw says it is not confirmed,
+// the next freeze falls back while it is pending, and the thaw lands once
+// the domain resumes.
+func TestLibvirtThawOfPausedDomainLandsOnResume(t *testing.T) {
+	r := newFreezeRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 32 << 20}}})
+	const limit, thawWithin = 3 * time.Second, 10 * time.Second
+	q := &protect.LibvirtQuiescer{VM: "web1", Domain: *r.p.VM.Libvirt, Level: lifeboat.Filesystem, Limit: limit}
+	f, err := q.Freeze(ctx(t))
+	if err != nil || f.Level != lifeboat.Filesystem {
+		t.Fatalf("freeze: %+v %v", f, err)
+	}
+	t.Cleanup(func() { testlibvirt.Virsh("domfsthaw", r.dom.Name) }) // whatever the test left
+	if _, err := testlibvirt.Virsh("suspend", r.dom.Name); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Thaw(ctx(t)); err == nil || !strings.Contains(err.Error(), "not confirmed thawed") {
+		t.Errorf("thaw of a frozen guest whose domain is paused: %v; want an error saying it is not confirmed thawed", err)
+	}
+	if f, err := q.Freeze(ctx(t)); err != nil || f.Level != lifeboat.Crash || !strings.Contains(f.Note, "previous freeze") {
+		t.Errorf("a freeze while the paused guest's thaw is pending: %+v %v; want crash consistent at once, saying why", f, err)
+	}
+	if _, err := testlibvirt.Virsh("resume", r.dom.Name); err != nil {
+		t.Fatal(err)
+	}
+	resumed := time.Now()
+	waitThawed(t, r.dom, thawWithin, "its domain resumed: lifeboat's thaw gave up while it was paused")
+	t.Logf("resumed -> thawed (guest-fsfreeze-status) in %v", time.Since(resumed).Round(time.Millisecond))
 }
 
 // A guest with no file system its agent can freeze (/data unmounted): libvirt's

@@ -130,7 +130,8 @@ func IsBusy(err error) bool {
 	return false
 }
 
-// IsNotRunning reports whether err says the domain is not running.
+// IsNotRunning reports whether err says the domain is not running. libvirt
+// says so of a paused domain too (a guest-agent call): see Domain.Paused.
 func IsNotRunning(err error) bool {
 	return code(err) == libvirt.ErrOperationInvalid && containsAny(err.Error(), "not running", "is not active")
 }
