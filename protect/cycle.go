@@ -253,9 +253,9 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 		}
 		if c.lv != nil {
 			if serr := c.lv.settle(cctx, c, committed, unknown); serr != nil {
-				c.log.Error("ending the libvirt backup failed", "err", serr)
+				c.log.Error("ending the libvirt backup failed; the next cycle ends and hides what was left", "err", serr)
 				if err == nil {
-					err = fmt.Errorf("point %d committed, but ending the libvirt backup failed: %w", c.id, serr)
+					err = fmt.Errorf("point %d committed, but lifeboat could not clean up after it in libvirt: %w; the next cycle ends and hides what was left first", c.id, serr)
 				}
 			}
 			return
@@ -289,6 +289,8 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 	}()
 	var unwatch func()
 	if c.lv != nil {
+		// unwatch only waits for a break in progress: the scratch watch
+		// goes on until settle has ended the backup.
 		ctx, unwatch, err = c.watchScratch(ctx)
 		if err != nil {
 			return pt, err

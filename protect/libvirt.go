@@ -50,8 +50,11 @@ const DefaultBusyWait = 10 * time.Minute
 
 // virtCycle is a cycle's libvirt state.
 type virtCycle struct {
-	conn    *virt.Conn
-	dom     *virt.Domain
+	uri     string       // the connection's, to redial it
+	log     *slog.Logger // nil outside a cycle
+	connMu  sync.Mutex   // guards conn and dom once the scratch watcher runs
+	conn    *virt.Conn   // see do: replaced when it breaks
+	dom     *virt.Domain // on conn
 	desc    *virt.Description
 	run     string  // scratch files and the NBD socket, QEMU's to write
 	budgets []int64 // each disk's scratch budget (see Safety)
@@ -66,6 +69,8 @@ type virtCycle struct {
 
 	mu     sync.Mutex
 	broken error // why the backup was ended before the cycle was done
+
+	unwatch func() // stops the scratch watcher (see settle); nil when none runs
 }
 
 // cpMeta is what lifeboat writes in a checkpoint's description: whose it
@@ -175,7 +180,7 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	c.lv = &virtCycle{conn: conn}
+	c.lv = &virtCycle{uri: lv.URI, log: c.log, conn: conn}
 	if c.lv.dom, err = conn.Domain(ctx, lv.Domain); err != nil {
 		return err
 	}
@@ -522,7 +527,7 @@ func (c *cycle) learnBegin(ctx context.Context, cause error) error {
 	lv.started, lv.made = true, lv.cp != ""
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
 	defer cancel()
-	began, err := lv.askBegun(cctx, c.p.VM.Libvirt)
+	began, err := lv.askBegun(cctx)
 	if err != nil {
 		c.log.Error("the backup's begin got no answer and libvirt could not be asked whether it began: the next cycle ends a backup of lifeboat's left running, and hides its checkpoint", "domain", lv.dom.Name, "err", err)
 		return fmt.Errorf("%w; libvirt could not be asked afterwards whether the backup began: %w", cause, err)
@@ -546,18 +551,11 @@ func (c *cycle) learnBegin(ctx context.Context, cause error) error {
 // backup-begin cut off mid-call is over: lifeboat's backup runs (true), or
 // the domain runs no job (false). A begin still in progress holds the
 // domain's job before its backup shows.
-func (lv *virtCycle) askBegun(ctx context.Context, d *LibvirtDomain) (bool, error) {
-	conn, err := virt.Dial(ctx, d.URI)
-	if err != nil {
+func (lv *virtCycle) askBegun(ctx context.Context) (bool, error) {
+	if err := lv.redial(ctx, lv.domain()); err != nil {
 		return false, err
 	}
-	dom, err := conn.Domain(ctx, d.Domain)
-	if err != nil {
-		conn.Close()
-		return false, err
-	}
-	lv.conn.Close()
-	lv.conn, lv.dom = conn, dom
+	dom := lv.domain()
 	for {
 		running, sock, err := dom.BackupRunning(ctx)
 		if err != nil {
@@ -664,15 +662,19 @@ func (lv *virtCycle) scratch(d *diskState) string {
 	return filepath.Join(lv.run, d.name+".scratch.qcow2")
 }
 
-// watch ends the backup when a scratch file outgrows half its budget (see
-// Safety): ending the job takes the copy-before-write filter out of the
+// watchScratch ends the backup when a scratch file outgrows half its budget
+// (see Safety): ending the job takes the copy-before-write filter out of the
 // guest's write path before the file system fills, so a copy can never fail
 // the guest's write. The cycle then fails with ErrScratchFull as its cause.
-func (c *cycle) watchScratch(ctx context.Context) (context.Context, func(), error) {
+// The watch goes on, past the cycle's reads and its commit, until settle has
+// ended the backup (the guest's writes are copied into the scratch until
+// then); settled waits only for a break in progress to be said.
+func (c *cycle) watchScratch(ctx context.Context) (_ context.Context, settled func(), _ error) {
 	budgets := c.lv.budgets
 	ctx, cancel := context.WithCancelCause(ctx)
 	stop := make(chan struct{})
 	done := make(chan struct{})
+	var breaking sync.Mutex // held from a break's first word to its last
 	go func() {
 		defer close(done)
 		// A stat of each scratch file every 10 ms; the other half of the
@@ -693,6 +695,8 @@ func (c *cycle) watchScratch(ctx context.Context) (context.Context, func(), erro
 				// The file's size, not its blocks: the reservation's
 				// blocks are allocated from the start.
 				if used := st.Size; used > budgets[i]/2 {
+					breaking.Lock()
+					defer breaking.Unlock()
 					seen := time.Now()
 					// Said before the backup ends: the cycle's reads fail from then on.
 					first := fmt.Errorf("disk %q: the backup's scratch file passed half its budget of %s (%s): %w", d.name, mib(budgets[i]), mib(used), ErrScratchFull)
@@ -718,7 +722,9 @@ func (c *cycle) watchScratch(ctx context.Context) (context.Context, func(), erro
 			}
 		}
 	}()
-	return ctx, func() { close(stop); <-done; cancel(nil) }, nil
+	var once sync.Once
+	c.lv.unwatch = func() { once.Do(func() { close(stop); <-done; cancel(nil) }) }
+	return ctx, func() { breaking.Lock(); breaking.Unlock() }, nil
 }
 
 // ErrScratchFull is the cause of a cycle whose backup was ended because a
@@ -740,21 +746,85 @@ func (lv *virtCycle) err() error {
 }
 
 // endBackup ends lifeboat's backup job and waits, bounded by ctx, until
-// libvirt has stopped it.
+// libvirt has confirmed it stopped.
 func (lv *virtCycle) endBackup(ctx context.Context) error {
-	if err := lv.dom.AbortBackup(ctx); err != nil {
+	if err := lv.do(ctx, func(d *virt.Domain) error { return d.AbortBackup(ctx) }); err != nil {
 		return err
 	}
 	for {
-		running, _, err := lv.dom.BackupRunning(ctx)
+		var running bool
+		err := lv.do(ctx, func(d *virt.Domain) (err error) {
+			running, _, err = d.BackupRunning(ctx)
+			return err
+		})
 		if err != nil || !running {
-			lv.started = false
 			return err
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("libvirt domain %q: the backup job did not end: %w", lv.dom.Name, context.Cause(ctx))
+			return fmt.Errorf("libvirt domain %q: the backup job did not end: %w", lv.domain().Name, context.Cause(ctx))
 		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// domain is the domain on the cycle's current connection.
+func (lv *virtCycle) domain() *virt.Domain {
+	lv.connMu.Lock()
+	defer lv.connMu.Unlock()
+	return lv.dom
+}
+
+// redialTries bounds how often do reconnects for one call.
+const redialTries = 5
+
+// do runs a call on the domain. When it gets no answer because the
+// connection broke (libvirtd restarted, as a package upgrade does; a
+// network blip on a remote URI) and ctx allows, do connects again and
+// repeats it: libvirtd keeps the domain's jobs across its restart, so the
+// cleanup must reach them. Only idempotent calls go through do.
+func (lv *virtCycle) do(ctx context.Context, f func(d *virt.Domain) error) error {
+	for try := 1; ; try++ {
+		d := lv.domain()
+		err := f(d)
+		if !virt.NoAnswer(err) || try == redialTries || ctx.Err() != nil {
+			return err
+		}
+		if rerr := lv.redial(ctx, d); rerr != nil {
+			return fmt.Errorf("%w; connecting to libvirt again: %w", err, rerr)
+		}
+		if lv.log != nil {
+			lv.log.Warn("the connection to libvirt broke (libvirtd restarted?): connected again to end what this cycle began", "uri", cmpStr(lv.uri, virt.DefaultURI), "err", err)
+		}
+	}
+}
+
+// redial replaces the connection that old's call broke on with a new one,
+// bounded by ctx; a connection another caller made since is kept.
+func (lv *virtCycle) redial(ctx context.Context, old *virt.Domain) error {
+	lv.connMu.Lock()
+	defer lv.connMu.Unlock()
+	if lv.dom != old {
+		return nil
+	}
+	if lv.conn == nil {
+		return errors.New("no connection of this cycle's to make again")
+	}
+	for {
+		conn, err := virt.Dial(ctx, lv.uri)
+		if err == nil {
+			var dom *virt.Domain
+			if dom, err = conn.Domain(ctx, old.Name); err == nil {
+				lv.conn.Close()
+				lv.conn, lv.dom = conn, dom
+				return nil
+			}
+			conn.Close()
+		}
+		select {
+		case <-ctx.Done(): // libvirtd restarting takes a moment: wait, bounded
+			return err
+		case <-time.After(200 * time.Millisecond):
 		}
 	}
 }
@@ -765,12 +835,23 @@ func (lv *virtCycle) endBackup(ctx context.Context) error {
 // are hidden again; the others are deleted with their bitmaps. libvirt keeps
 // every checkpoint's bitmap recording, so deleting one never loses
 // another's writes.
+//
+// Every call reconnects when the connection broke (see do). What still could
+// not be done is in the error, which says what was left in libvirt: the
+// next cycle ends a backup of lifeboat's left running and hides its
+// checkpoints before anything else.
 func (lv *virtCycle) settle(ctx context.Context, c *cycle, committed, unknown bool) error {
 	var errs []error
 	if lv.started {
 		if err := lv.endBackup(ctx); err != nil {
-			errs = append(errs, err)
+			errs = append(errs, fmt.Errorf("lifeboat's backup job still runs in libvirt domain %q (its NBD server at %s, the copy-before-write of the guest's writes into the scratch files in %s, no longer watched once this cycle returns; `virsh domjobabort %s` ends it): %w",
+				lv.domain().Name, lv.sock, lv.run, lv.domain().Name, err))
+		} else {
+			lv.started = false
 		}
+	}
+	if lv.unwatch != nil {
+		lv.unwatch() // the backup is over, or this cycle can do no more
 	}
 	if !lv.started {
 		// The backup is over (or never began): QEMU holds no scratch file.
@@ -782,19 +863,21 @@ func (lv *virtCycle) settle(ctx context.Context, c *cycle, committed, unknown bo
 		// The next cycle keeps only what proves its base; nothing is lost.
 		c.log.Error("checkpoint bookkeeping failed; the next cycle repairs it", "checkpoint", name, "what", what, "err", err)
 	}
+	hide := func(name string) {
+		if err := lv.hide(ctx, name); err != nil {
+			fail("hide", name, err)
+			errs = append(errs, fmt.Errorf("lifeboat's checkpoint %q stays visible in libvirt (other backup tools may refuse to run beside it): %w", name, err))
+		}
+	}
 	if lv.made {
 		if committed || unknown {
-			if err := lv.hide(ctx, lv.cp); err != nil {
-				fail("hide", lv.cp, err)
-			}
-		} else if err := lv.dom.DeleteCheckpoint(ctx, lv.cp); err != nil {
+			hide(lv.cp)
+		} else if err := lv.do(ctx, func(d *virt.Domain) error { return d.DeleteCheckpoint(ctx, lv.cp) }); err != nil {
 			fail("delete", lv.cp, err)
 		}
 	}
 	for _, name := range lv.shown {
-		if err := lv.hide(ctx, name); err != nil {
-			fail("hide", name, err)
-		}
+		hide(name)
 	}
 	if committed {
 		for _, cp := range lv.ours {
@@ -830,7 +913,11 @@ func (lv *virtCycle) hideLeftovers(ctx context.Context, peer string, log *slog.L
 // hide records a checkpoint's XML in state_dir and deletes its libvirt
 // metadata; its bitmaps go on recording.
 func (lv *virtCycle) hide(ctx context.Context, name string) error {
-	doc, err := lv.dom.CheckpointXML(ctx, name)
+	var doc string
+	err := lv.do(ctx, func(d *virt.Domain) (err error) {
+		doc, err = d.CheckpointXML(ctx, name)
+		return err
+	})
 	if err != nil {
 		return err
 	}
@@ -840,7 +927,7 @@ func (lv *virtCycle) hide(ctx context.Context, name string) error {
 	if err := fsutil.WriteFileAtomic(lv.record(name), []byte(doc), 0o600); err != nil {
 		return fmt.Errorf("record checkpoint %q: %w", name, err)
 	}
-	return lv.dom.HideCheckpoint(ctx, name)
+	return lv.do(ctx, func(d *virt.Domain) error { return d.HideCheckpoint(ctx, name) })
 }
 
 // drop deletes a hidden checkpoint with its bitmaps: libvirt is given it
@@ -853,10 +940,11 @@ func (lv *virtCycle) drop(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	if err := lv.dom.RedefineCheckpoint(ctx, string(doc)); err != nil && !virt.IsBrokenCheckpoint(err) {
+	err = lv.do(ctx, func(d *virt.Domain) error { return d.RedefineCheckpoint(ctx, string(doc)) })
+	if err != nil && !virt.IsBrokenCheckpoint(err) {
 		return err
 	} else if err == nil {
-		if err := lv.dom.DeleteCheckpoint(ctx, name); err != nil {
+		if err := lv.do(ctx, func(d *virt.Domain) error { return d.DeleteCheckpoint(ctx, name) }); err != nil {
 			return err
 		}
 	}
@@ -923,6 +1011,8 @@ func (c *cycle) showBases(ctx context.Context) error {
 }
 
 func (lv *virtCycle) close() {
+	lv.connMu.Lock()
+	defer lv.connMu.Unlock()
 	if lv.conn != nil {
 		lv.conn.Close()
 	}

@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -712,6 +713,79 @@ func TestLibvirtScratchBudget(t *testing.T) {
 	if vda := diskOf(t, pt, "vda"); vda.Resync || pt.Stats.BytesChanged < 32<<20 {
 		t.Errorf("the cycle after: resync %v, changed %d; want incremental with the 32 MiB overwritten", vda.Resync, pt.Stats.BytesChanged)
 	}
+}
+
+// The cycle's only connection to libvirtd breaks after the instant (libvirtd
+// restarted by a package upgrade, which keeps the domain's backup job; a
+// network blip on a remote URI). The point commits and the cleanup connects
+// again: the backup ends, the checkpoints are hidden, the scratch files are
+// gone, so nothing of lifeboat's goes on copying the guest's writes into a
+// scratch that no cycle watches, and the next cycle is incremental.
+func TestLibvirtCycleCleansUpAfterConnectionLoss(t *testing.T) {
+	r := newLibvirtRig(t, testlibvirt.Options{Workload: testguest.FsyncWriter, Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 64 << 20}}})
+	guestExec(t, r.dom, "dd if=/dev/urandom of=/data/big bs=1M count=24 conv=fsync 2>/dev/null; echo LB-BIG-DONE > /dev/console")
+	waitConsole(t, r.dom, 0, "LB-BIG-DONE")
+	r.cycle(t)
+	dropped := 0
+	r.p.Hooks.BeforeCommit = func(context.Context) error {
+		dropped = dropLibvirtConnections(t)
+		return nil
+	}
+	pt, err := r.p.Cycle(ctx(t))
+	if dropped == 0 {
+		t.Fatal("the cycle held no connection to libvirtd to drop")
+	}
+	if err != nil {
+		t.Fatalf("cycle whose libvirt connection broke before its commit: point %d, %v; want it committed and cleaned up on a new connection", pt.ID, err)
+	}
+	if out, _ := testlibvirt.Virsh("checkpoint-list", r.dom.Name, "--name"); strings.TrimSpace(out) != "" {
+		t.Errorf("after the cycle libvirt shows lifeboat's checkpoints: %s", out)
+	}
+	r.checkLeftNothing(t)
+	// The guest overwrites what the instant held: a backup left running
+	// would copy each first write of a cluster into its scratch.
+	offset := len(r.dom.Console())
+	guestExec(t, r.dom, "dd if=/dev/urandom of=/data/big bs=1M count=24 conv=notrunc,fsync 2>/dev/null; echo LB-OVER-DONE > /dev/console")
+	waitConsole(t, r.dom, offset, "LB-OVER-DONE")
+	if fi, err := os.Stat(filepath.Join(r.p.VM.WorkDir, "libvirt", "vda.scratch.qcow2")); err == nil {
+		t.Errorf("after the cycle the guest's overwrite of 24 MiB grew a scratch file to %d MiB", fi.Size()>>20)
+	}
+	r.p.Hooks = protect.Hooks{}
+	next := r.cycle(t)
+	if vda := diskOf(t, next, "vda"); vda.Resync || vda.BaseGeneration != diskOf(t, pt, "vda").Generation {
+		t.Errorf("the cycle after: %+v, want incremental from point %d's checkpoint", vda, pt.ID)
+	}
+}
+
+// dropLibvirtConnections shuts down every connection this process holds to
+// the system libvirtd, as a libvirtd restart does, and says how many.
+func dropLibvirtConnections(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if link, _ := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); !strings.HasPrefix(link, "socket:") {
+			continue
+		}
+		sa, err := syscall.Getpeername(fd)
+		if err != nil {
+			continue
+		}
+		if u, ok := sa.(*syscall.SockaddrUnix); ok && strings.HasSuffix(u.Name, "/libvirt/libvirt-sock") {
+			if err := syscall.Shutdown(fd, syscall.SHUT_RDWR); err != nil {
+				t.Fatalf("shut down the connection to %s: %v", u.Name, err)
+			}
+			n++
+		}
+	}
+	return n
 }
 
 // waitConsole waits for word in the guest's console after offset.
