@@ -79,7 +79,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	// next freeze: in the background by the VM's quiescer, which falls back
 	// meanwhile; a VM no longer configured here delays the start a minute at
 	// most, and not at all when its QEMU is gone.
-	protect.ThawLeftovers(d.frozenDir(), d.agentQuiescer, d.log)
+	protect.ThawLeftovers(d.frozenDir(), d.vmQuiescer, d.log)
 
 	if d.cfg.Listen != "" {
 		st, err := recovery.Open(ctx, filepath.Join(d.cfg.StateDir, "recovery"), recovery.Options{Keep: d.cfg.Keep, Owners: d.cfg.Owners, Logger: d.log})

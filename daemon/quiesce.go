@@ -18,9 +18,11 @@ func (d *Daemon) quiescer(c VMConfig) (protect.Quiescer, error) {
 	if c.Libvirt != nil {
 		return &protect.LibvirtQuiescer{
 			VM: c.Name, Domain: protect.LibvirtDomain{URI: c.Libvirt.URI, Domain: c.Libvirt.Domain}, Level: level,
-			Limit:  time.Duration(c.FreezeLimit),
-			Strict: c.OnQuiesceFailure == "fail",
-			Log:    d.log,
+			Limit:     time.Duration(c.FreezeLimit),
+			Strict:    c.OnQuiesceFailure == "fail",
+			MarkerDir: d.frozenDir(),
+			Guard:     d.guardCommand(),
+			Log:       d.log,
 		}, nil
 	}
 	return &protect.AgentQuiescer{
@@ -54,8 +56,8 @@ func (v *vm) quiescer() (protect.Quiescer, error) {
 	return q, nil
 }
 
-// agentQuiescer is the agent quiescer of a VM configured here, if it has one.
-func (d *Daemon) agentQuiescer(name string) *protect.AgentQuiescer {
+// vmQuiescer is the quiescer of a VM configured here, if it has one.
+func (d *Daemon) vmQuiescer(name string) protect.Quiescer {
 	v, ok := d.vmOf(name)
 	if !ok {
 		return nil
@@ -64,8 +66,7 @@ func (d *Daemon) agentQuiescer(name string) *protect.AgentQuiescer {
 	if err != nil {
 		return nil
 	}
-	aq, _ := q.(*protect.AgentQuiescer)
-	return aq
+	return q
 }
 
 // guardCommand starts a thaw guard: this very binary, as `lifeboat thaw-guard`.

@@ -2,17 +2,17 @@ package daemon
 
 import (
 	"context"
-	"flag"
-	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/internal/testguard"
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/protect"
@@ -24,16 +24,7 @@ import (
 // TestMain lets this test binary be the thaw guard the daemon starts before
 // each freeze: guardCommand is os.Executable() thaw-guard, as in lifeboat.
 func TestMain(m *testing.M) {
-	if len(os.Args) > 1 && os.Args[1] == "thaw-guard" {
-		fs := flag.NewFlagSet("thaw-guard", flag.ExitOnError)
-		socket, marker := fs.String("socket", "", ""), fs.String("marker", "", "")
-		fs.Parse(os.Args[2:])
-		if err := protect.RunThawGuard(context.Background(), *socket, *marker, os.Stdin, 0, slog.Default()); err != nil {
-			slog.Error("thaw guard", "err", err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
+	testguard.Serve()
 	os.Exit(m.Run())
 }
 
@@ -264,5 +255,24 @@ func waitMarkerGone(t *testing.T, marker, failure string) {
 		if time.Now().After(deadline) {
 			t.Fatalf(failure, marker)
 		}
+	}
+}
+
+// The quiescer of a libvirt VM gets the thaw guard and the marker directory
+// of an agent VM: a site killed while either is frozen leaves a guard that
+// thaws it, and a marker its next start thaws it by.
+func TestQuiescersOfBothPathsAreGuarded(t *testing.T) {
+	d := New(&Config{Site: "prod", StateDir: t.TempDir()}, nil)
+	agent, err := d.quiescer(VMConfig{Name: "a", Agent: "/run/a.sock", Consistency: "filesystem"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lv, err := d.quiescer(VMConfig{Name: "l", Libvirt: &LibvirtConfig{Domain: "l"}, Consistency: "filesystem"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	aq, lq := agent.(*protect.AgentQuiescer), lv.(*protect.LibvirtQuiescer)
+	if len(lq.Guard) == 0 || !slices.Equal(lq.Guard, aq.Guard) || lq.MarkerDir == "" || lq.MarkerDir != aq.MarkerDir {
+		t.Errorf("libvirt quiescer: guard %q, markers %q; agent quiescer: guard %q, markers %q; want the same, set", lq.Guard, lq.MarkerDir, aq.Guard, aq.MarkerDir)
 	}
 }

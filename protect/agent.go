@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -63,9 +62,9 @@ func (q *AgentQuiescer) log() *slog.Logger {
 	return q.Log.With("vm", q.VM)
 }
 
-func (q *AgentQuiescer) marker() string {
-	return filepath.Join(q.MarkerDir, q.VM+".frozen")
-}
+func (q *AgentQuiescer) marker() string { return markerPath(q.MarkerDir, q.VM) }
+
+func (q *AgentQuiescer) guest() FrozenGuest { return FrozenGuest{Socket: q.Socket} }
 
 // Freeze quiesces the guest: host pre-freeze hooks, then guest-fsfreeze-freeze,
 // all within the freeze limit. The returned Thaw thaws, and so does a timer at
@@ -95,22 +94,8 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	// A marker already there is a freeze of lifeboat's not confirmed thawed
 	// (a site that died, or a thaw loop that gave up): the agent refuses a
 	// new freeze while that one holds, and lifeboat must thaw it.
-	leftover := false
-	if q.MarkerDir != "" {
-		_, err := os.Stat(q.marker())
-		leftover = err == nil
-		if err := os.MkdirAll(q.MarkerDir, 0o750); err == nil {
-			os.WriteFile(q.marker(), []byte(q.Socket+"\n"), 0o600)
-		}
-	}
-	var guard *guardProcess
-	if len(q.Guard) > 0 {
-		g, err := startGuard(q.Guard, q.Socket, q.marker(), q.log())
-		if err != nil {
-			q.log().Error("no thaw guard for this freeze", "err", err)
-		}
-		guard = g
-	}
+	leftover := writeMarker(q.MarkerDir, q.VM, q.guest())
+	guard := startGuard(q.Guard, q.guest(), q.marker(), q.log())
 	a, err := qga.Dial(fctx, q.Socket)
 	if err != nil {
 		if !leftover {
@@ -250,17 +235,21 @@ func (q *AgentQuiescer) thawInBackground(a *qga.Agent, guard *guardProcess, post
 // thaw runs the one thaw loop (qga.EnsureThawed) and removes the freeze marker
 // once the guest is confirmed thawed. a may be nil.
 func (q *AgentQuiescer) thaw(ctx context.Context, a *qga.Agent) error {
-	err := qga.EnsureThawed(ctx, q.Socket, a, q.log())
-	if errors.Is(err, qga.ErrNoGuest) {
-		q.log().Warn("nothing to thaw: dropping the freeze marker", "socket", q.Socket, "why", err)
-		err = nil
-	}
-	if err != nil {
+	if err := q.guest().thaw(ctx, a, "", q.log()); err != nil {
 		q.log().Error("could not confirm the guest is thawed; its guard and marker stay so that it is thawed later", "err", err)
 		return fmt.Errorf("vm %q: %w", q.VM, err)
 	}
 	q.removeMarker()
 	return nil
+}
+
+// thawLeftover thaws g, left frozen by a site that died, in the background
+// when it is this quiescer's guest: its freezes fall back meanwhile.
+func (q *AgentQuiescer) thawLeftover(g FrozenGuest, dir string) *thawRun {
+	if g.Libvirt != nil || g.Socket != q.Socket || dir != q.MarkerDir {
+		return nil
+	}
+	return q.thawInBackground(nil, nil, func() {})
 }
 
 func (q *AgentQuiescer) removeMarker() {
@@ -305,55 +294,4 @@ func (q *AgentQuiescer) runHooks(ctx context.Context, what string, cmds []string
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// leftoverWait bounds how long a site's start waits for the thaw of a guest
-// it left frozen whose VM has no quiescer of its own to fall back with.
-const leftoverWait = time.Minute
-
-// ThawLeftovers thaws every guest that a site left frozen when it died (each
-// marker in dir names a VM and its agent socket), all at once, when the site
-// starts. A VM for which own gives a quiescer (own may be nil) is thawed by
-// it in the background: its freezes fall back to crash until the guest is
-// confirmed thawed, so a thaw never lands in a new freeze's instant.
-// ThawLeftovers waits for the others, up to leftoverWait in all, then lets
-// them go on in the background. A marker whose socket no QEMU serves is
-// dropped at once: no guest runs there that could be frozen.
-func ThawLeftovers(dir string, own func(vm string) *AgentQuiescer, log *slog.Logger) {
-	entries, _ := os.ReadDir(dir)
-	var wait []<-chan struct{}
-	for _, e := range entries {
-		vm, ok := strings.CutSuffix(e.Name(), ".frozen")
-		if !ok {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
-		if err != nil {
-			continue
-		}
-		socket := strings.TrimSpace(string(b))
-		var q *AgentQuiescer
-		if own != nil {
-			q = own(vm)
-		}
-		mine := q != nil && q.Socket == socket && q.MarkerDir == dir
-		if !mine {
-			q = &AgentQuiescer{VM: vm, Socket: socket, MarkerDir: dir, Log: log}
-		}
-		q.log().Warn("this site stopped while the guest was frozen: thawing it", "socket", socket)
-		r := q.thawInBackground(nil, nil, func() {})
-		if !mine {
-			wait = append(wait, r.done)
-		}
-	}
-	bound := time.NewTimer(leftoverWait)
-	defer bound.Stop()
-	for _, done := range wait {
-		select {
-		case <-done:
-		case <-bound.C:
-			log.Warn("guests this site left frozen are not confirmed thawed yet: going on, thawing them in the background", "waited", leftoverWait)
-			return
-		}
-	}
 }

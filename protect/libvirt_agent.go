@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
 	"time"
 
@@ -20,8 +21,10 @@ import (
 // The guest is never left frozen: a freeze that lands after the bound (a
 // slow hook) is thawed the moment it lands, and every thaw is retried until
 // libvirt confirms it, also while the domain is paused (libvirt refuses
-// agent calls then, and the guest resumes frozen). Each freeze uses a connection of its own, so a
-// libvirt call that hangs past its bound never takes the cycle's with it.
+// agent calls then, and the guest resumes frozen); as on the QMP path, a
+// freeze marker and a thaw guard cover a lifeboat that dies meanwhile. Each
+// freeze uses a connection of its own, so a libvirt call that hangs past its
+// bound never takes the cycle's with it.
 type LibvirtQuiescer struct {
 	VM     string
 	Domain LibvirtDomain
@@ -30,7 +33,14 @@ type LibvirtQuiescer struct {
 	Limit time.Duration
 	// Strict fails the cycle when freezing fails, instead of a crash-consistent point.
 	Strict bool
-	Log    *slog.Logger
+	// MarkerDir holds a marker while the guest is frozen, so that a site that
+	// died meanwhile thaws it at its next start (ThawLeftovers).
+	MarkerDir string
+	// Guard is the command that starts a thaw guard (e.g. lifeboat thaw-guard):
+	// a process that thaws the guest through libvirtd if this one dies while
+	// it is frozen.
+	Guard []string
+	Log   *slog.Logger
 
 	mu      sync.Mutex
 	thawing *thawRun // the latest thaw loop (after a late freeze, if any)
@@ -48,6 +58,19 @@ func (q *LibvirtQuiescer) log() *slog.Logger {
 	return l.With("vm", q.VM, "domain", q.Domain.Domain)
 }
 
+func (q *LibvirtQuiescer) guest() FrozenGuest { return FrozenGuest{Libvirt: &q.Domain} }
+
+func (q *LibvirtQuiescer) marker() string { return markerPath(q.MarkerDir, q.VM) }
+
+func (q *LibvirtQuiescer) removeMarker() {
+	if q.MarkerDir != "" {
+		os.Remove(q.marker())
+	}
+}
+
+// uri is the domain's libvirt URI, "" spelled out.
+func (d LibvirtDomain) uri() string { return cmpStr(d.URI, virt.DefaultURI) }
+
 func (q *LibvirtQuiescer) limit() time.Duration {
 	if q.Limit > 0 {
 		return q.Limit
@@ -55,16 +78,17 @@ func (q *LibvirtQuiescer) limit() time.Duration {
 	return DefaultFreezeLimit
 }
 
-// call runs one call on a fresh connection, bounded by freezeCallBound.
-func (q *LibvirtQuiescer) call(f func(ctx context.Context, d *virt.Domain) (int, error)) (int, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), freezeCallBound)
+// libvirtCall runs one call on a fresh connection, bounded by ctx and
+// freezeCallBound.
+func libvirtCall(ctx context.Context, dom LibvirtDomain, f func(ctx context.Context, d *virt.Domain) (int, error)) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, freezeCallBound)
 	defer cancel()
-	c, err := virt.Dial(ctx, q.Domain.URI)
+	c, err := virt.Dial(ctx, dom.URI)
 	if err != nil {
 		return 0, err
 	}
 	defer c.Close()
-	d, err := c.Domain(ctx, q.Domain.Domain)
+	d, err := c.Domain(ctx, dom.Domain)
 	if err != nil {
 		return 0, err
 	}
@@ -84,10 +108,14 @@ func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 		n   int
 		err error
 	}
+	// The marker and the guard go first: from the freeze call on, the
+	// guest may be frozen, whatever becomes of this process.
+	writeMarker(q.MarkerDir, q.VM, q.guest())
+	guard := startGuard(q.Guard, q.guest(), q.marker(), q.log())
 	start := time.Now()
 	landed := make(chan result, 1)
 	go func() {
-		n, err := q.call(func(ctx context.Context, d *virt.Domain) (int, error) { return d.FSFreeze(ctx) })
+		n, err := libvirtCall(context.Background(), q.Domain, func(ctx context.Context, d *virt.Domain) (int, error) { return d.FSFreeze(ctx) })
 		landed <- result{n, err}
 	}()
 	bound := time.NewTimer(q.limit())
@@ -96,10 +124,10 @@ func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	case r := <-landed:
 		if r.err != nil {
 			// A failed freeze may have frozen some file systems.
-			q.background("after a failed freeze", nil)
+			q.background("after a failed freeze", nil, guard)
 			return q.fallBack(fmt.Errorf("libvirt could not freeze the guest's file systems: %w", r.err))
 		}
-		f := q.frozen(r.n)
+		f := q.frozen(r.n, guard)
 		if r.n == 0 && q.Strict {
 			f.Thaw(ctx)
 			return q.fallBack(errors.New(f.Note))
@@ -114,13 +142,15 @@ func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 		if r := <-landed; r.err == nil {
 			q.log().Warn("a freeze landed after its bound: thawing the guest now", "late_by", time.Since(start)-q.limit())
 		}
-	})
+	}, guard)
 	return q.fallBack(fmt.Errorf("libvirt's freeze (virDomainFSFreeze, the guest agent's guest-fsfreeze-freeze) did not finish within %v", q.limit()))
 }
 
 // background runs the thaw loop in the background, after wait (if any)
-// returns; until it ends, the next Freeze falls back at once.
-func (q *LibvirtQuiescer) background(why string, wait func()) *thawRun {
+// returns; until it ends, the next Freeze falls back at once. Once the guest
+// is confirmed thawed, its marker goes and its guard is dismissed; if it is
+// not, both stay, so that it is thawed later.
+func (q *LibvirtQuiescer) background(why string, wait func(), guard *guardProcess) *thawRun {
 	r := &thawRun{done: make(chan struct{})}
 	q.mu.Lock()
 	q.thawing = r
@@ -130,15 +160,29 @@ func (q *LibvirtQuiescer) background(why string, wait func()) *thawRun {
 		if wait != nil {
 			wait()
 		}
-		r.err = q.ensureThawed(why)
+		ctx, cancel := context.WithTimeout(context.Background(), thawBound)
+		defer cancel()
+		if r.err = thawLibvirt(ctx, q.Domain, why, q.log()); r.err == nil {
+			q.removeMarker()
+			guard.dismiss()
+		}
 	}()
 	return r
+}
+
+// thawLeftover thaws g, left frozen by a site that died, in the background
+// when it is this quiescer's domain: its freezes fall back meanwhile.
+func (q *LibvirtQuiescer) thawLeftover(g FrozenGuest, dir string) *thawRun {
+	if g.Libvirt == nil || g.Libvirt.uri() != q.Domain.uri() || g.Libvirt.Domain != q.Domain.Domain || dir != q.MarkerDir {
+		return nil
+	}
+	return q.background("its site stopped while it was frozen", nil, nil)
 }
 
 // frozen is a landed freeze: Thaw thaws, and so does a timer at the bound.
 // As on the QMP path, Thaw waits for the thaw loop up to the bound; what is
 // left (a paused domain) goes on in the background.
-func (q *LibvirtQuiescer) frozen(n int) *Frozen {
+func (q *LibvirtQuiescer) frozen(n int, guard *guardProcess) *Frozen {
 	var (
 		mu      sync.Mutex
 		run     *thawRun // set once, by Thaw or by the timer
@@ -153,13 +197,13 @@ func (q *LibvirtQuiescer) frozen(n int) *Frozen {
 		}
 		expired = true
 		q.log().Warn("the guest was frozen past its bound: thawing it now", "limit", limit)
-		run = q.background("the freeze bound expired", nil)
+		run = q.background("the freeze bound expired", nil, guard)
 	})
 	f := &Frozen{Level: q.Level, Since: time.Now(), Thaw: func(ctx context.Context) (bool, error) {
 		timer.Stop()
 		mu.Lock()
 		if run == nil {
-			run = q.background("after the instant", nil)
+			run = q.background("after the instant", nil, guard)
 		}
 		r, held := run, !expired
 		mu.Unlock()
@@ -172,20 +216,20 @@ func (q *LibvirtQuiescer) frozen(n int) *Frozen {
 	return f
 }
 
-// ensureThawed thaws until libvirt confirms it, for up to thawBound (the
-// QMP path's thaw loop's): a thaw refused because the freeze still holds
-// libvirt's job lock, because libvirtd was restarting, or because the
-// domain is paused is tried again. libvirt answers an agent call on a paused
-// domain "domain is not running", and its guest resumes as frozen as it
-// stopped; only a domain that is off has nothing frozen.
-func (q *LibvirtQuiescer) ensureThawed(why string) error {
+// thawLibvirt thaws dom's guest until libvirt confirms it or ctx ends (the
+// quiescer's thaw loop gives it thawBound, as on the QMP path; a thaw guard
+// its own bound): a thaw refused because the freeze still holds libvirt's job
+// lock, because libvirtd was restarting, or because the domain is paused is
+// tried again. libvirt answers an agent call on a paused domain "domain is
+// not running", and its guest resumes as frozen as it stopped; only a domain
+// that is off, or gone, has nothing frozen.
+func thawLibvirt(ctx context.Context, dom LibvirtDomain, why string, log *slog.Logger) error {
 	start := time.Now()
-	deadline := start.Add(thawBound)
-	thawCmd := fmt.Sprintf("virsh -c %s domfsthaw %s", cmpStr(q.Domain.URI, virt.DefaultURI), q.Domain.Domain)
+	thawCmd := fmt.Sprintf("virsh -c %s domfsthaw %s", dom.uri(), dom.Domain)
 	warned := false
 	for attempt := 1; ; attempt++ {
 		var paused, off bool
-		_, err := q.call(func(ctx context.Context, d *virt.Domain) (int, error) {
+		_, err := libvirtCall(ctx, dom, func(ctx context.Context, d *virt.Domain) (int, error) {
 			n, err := d.FSThaw(ctx)
 			if virt.IsNotRunning(err) {
 				p, serr := d.Paused(ctx)
@@ -207,21 +251,25 @@ func (q *LibvirtQuiescer) ensureThawed(why string) error {
 		switch {
 		case err == nil:
 			if warned {
-				q.log().Warn("guest confirmed thawed", "why", why, "attempts", attempt, "took", time.Since(start).Round(time.Millisecond))
+				log.Warn("guest confirmed thawed", "why", why, "attempts", attempt, "took", time.Since(start).Round(time.Millisecond))
 			}
 			return nil
 		case off:
 			return nil // nothing is frozen in a domain that does not run
+		case virt.IsNoDomain(err):
+			log.Warn("nothing to thaw: the domain is gone", "why", why, "err", err)
+			return nil
 		case paused && !warned:
 			warned = true
-			q.log().Error("the domain was paused while its guest was frozen: libvirt refuses to thaw it until it resumes, and it resumes frozen; lifeboat keeps thawing it in the background. If it stays frozen, run `"+thawCmd+"`",
-				"why", why, "bound", thawBound, "err", err)
+			log.Error("the domain was paused while its guest was frozen: libvirt refuses to thaw it until it resumes, and it resumes frozen; lifeboat keeps thawing it in the background. If it stays frozen, run `"+thawCmd+"`",
+				"why", why, "err", err)
 		}
-		if time.Now().After(deadline) {
-			q.log().Error("could not thaw the guest: thaw it with `"+thawCmd+"`", "why", why, "attempts", attempt, "err", err)
-			return fmt.Errorf("guest of libvirt domain %q not confirmed thawed after %v and %d attempts (last: %w): thaw it with `%s`", q.Domain.Domain, thawBound, attempt, err, thawCmd)
+		select {
+		case <-ctx.Done():
+			log.Error("could not thaw the guest: thaw it with `"+thawCmd+"`", "why", why, "attempts", attempt, "err", err)
+			return fmt.Errorf("guest of libvirt domain %q not confirmed thawed after %v and %d attempts (last: %w): thaw it with `%s`", dom.Domain, time.Since(start).Round(time.Second), attempt, err, thawCmd)
+		case <-time.After(200 * time.Millisecond):
 		}
-		time.Sleep(200 * time.Millisecond)
 	}
 }
 

@@ -725,7 +725,7 @@ func TestLateFreeze(t *testing.T) {
 		}
 		freezeBehindOurBack()
 		os.WriteFile(marker, []byte(g.AgentSocket()+"\n"), 0o600)
-		if err := protect.RunThawGuard(ctx(t), g.AgentSocket(), marker, strings.NewReader(""), 30*time.Second, slog.Default()); err != nil {
+		if err := protect.RunThawGuard(ctx(t), protect.FrozenGuest{Socket: g.AgentSocket()}, marker, strings.NewReader(""), 30*time.Second, slog.Default()); err != nil {
 			t.Fatal(err)
 		}
 		confirmThawed("the thaw guard")

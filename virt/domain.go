@@ -26,7 +26,7 @@ func (c *Conn) Domain(ctx context.Context, name string) (*Domain, error) {
 	})
 	if err != nil {
 		if code(err) == libvirt.ErrNoDomain {
-			return nil, fmt.Errorf("libvirt at %s has no domain %q (see `virsh -c %s list --all`; check `libvirt: domain:` in the config)", c.uri, name, c.uri)
+			return nil, fmt.Errorf("libvirt at %s has no domain %q (see `virsh -c %s list --all`; check `libvirt: domain:` in the config): %w", c.uri, name, c.uri, err)
 		}
 		return nil, err
 	}

@@ -136,6 +136,10 @@ func IsNotRunning(err error) bool {
 	return code(err) == libvirt.ErrOperationInvalid && containsAny(err.Error(), "not running", "is not active")
 }
 
+// IsNoDomain reports whether err says libvirt has no domain of that name
+// (undefined, or a transient domain that stopped).
+func IsNoDomain(err error) bool { return code(err) == libvirt.ErrNoDomain }
+
 // IsBrokenCheckpoint reports whether err says a checkpoint's bitmaps are
 // missing or inconsistent.
 func IsBrokenCheckpoint(err error) bool {
