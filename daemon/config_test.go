@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -260,5 +261,27 @@ func TestStatusWarnsOfTheCertificatesEnd(t *testing.T) {
 		if tc.warn && !strings.Contains(s.Warning, "lifeboat cert site "+c.Site) {
 			t.Errorf("the warning %q does not say what to do", s.Warning)
 		}
+	}
+}
+
+// A site whose certificate names another site is refused at start, naming
+// both: before, only its peers noticed, each in its own words.
+func TestSiteWithAnotherSitesCertificateDoesNotStart(t *testing.T) {
+	dir := t.TempDir()
+	if err := pki.CreateCA(dir, "test CA", 1000*24*time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	c, err := LoadConfig(writeConfig(t, goodConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pki.IssueSite(dir, dir, "elsewhere", []string{"127.0.0.1"}, 365*24*time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	c.TLS.Cert = pki.SiteFiles(dir, "elsewhere").Cert
+	c.StateDir = t.TempDir()
+	err = New(c, nil).Run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), `is site "elsewhere"'s`) || !strings.Contains(err.Error(), fmt.Sprintf("%q", c.Site)) {
+		t.Fatalf("a site started with another site's certificate: %v", err)
 	}
 }

@@ -65,6 +65,9 @@ func New(cfg *Config, log *slog.Logger) *Daemon {
 // Run serves the site until ctx ends: the recovery service if `listen` is set, the
 // protected VMs' schedules, and the local API.
 func (d *Daemon) Run(ctx context.Context) error {
+	if err := d.checkOwnCertificate(); err != nil {
+		return err
+	}
 	if err := os.MkdirAll(d.cfg.StateDir, 0o750); err != nil {
 		return fmt.Errorf("state_dir %s: %w", d.cfg.StateDir, err)
 	}
@@ -171,6 +174,24 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		return err
 	}
+}
+
+// checkOwnCertificate refuses to start a site whose certificate names
+// another site: every peer would refuse it, or take it for that site.
+func (d *Daemon) checkOwnCertificate() error {
+	if d.cfg.TLS.Cert == "" {
+		return nil
+	}
+	c, err := pki.LoadCert(d.cfg.TLS.Cert)
+	if err != nil {
+		return nil // the TLS setup says what is wrong with the file
+	}
+	site, err := pki.CertSite(c)
+	if err != nil || site == d.cfg.Site {
+		return nil
+	}
+	return fmt.Errorf("config %s: this is site %q, but its certificate %s is site %q's: peers would refuse this site, or take it for %q; set `site: %s`, or issue this site a certificate of its own (`lifeboat cert site %s`)",
+		d.cfg.Path(), d.cfg.Site, d.cfg.TLS.Cert, site, site, site, d.cfg.Site)
 }
 
 func (d *Daemon) tlsFiles() pki.Files {

@@ -140,6 +140,9 @@ func verifiedSite(cs tls.ConnectionState) (string, error) {
 }
 
 // siteOf returns the site a certificate was issued for, from its URI SAN.
+// CertSite is the site a site certificate names.
+func CertSite(c *x509.Certificate) (string, error) { return siteOf(c) }
+
 func siteOf(c *x509.Certificate) (string, error) {
 	var sites []string
 	for _, u := range c.URIs {
