@@ -234,10 +234,11 @@ func TestNegativeHookTimeoutNamesItsField(t *testing.T) {
 	}
 }
 
-// When the site certificate ends, every peer refuses the site and replication
-// stops; status says so 30 days ahead, with what to do, and not before.
-func TestStatusWarnsOfTheCertificatesEnd(t *testing.T) {
-	dir := t.TempDir()
+// configWithCA is goodConfig loaded, and a test CA in dir to issue its
+// site certificates from.
+func configWithCA(t *testing.T) (dir string, c *Config) {
+	t.Helper()
+	dir = t.TempDir()
 	if err := pki.CreateCA(dir, "test CA", 1000*24*time.Hour); err != nil {
 		t.Fatal(err)
 	}
@@ -245,6 +246,13 @@ func TestStatusWarnsOfTheCertificatesEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return dir, c
+}
+
+// When the site certificate ends, every peer refuses the site and replication
+// stops; status says so 30 days ahead, with what to do, and not before.
+func TestStatusWarnsOfTheCertificatesEnd(t *testing.T) {
+	dir, c := configWithCA(t)
 	for _, tc := range []struct {
 		days int
 		warn bool
@@ -267,20 +275,13 @@ func TestStatusWarnsOfTheCertificatesEnd(t *testing.T) {
 // A site whose certificate names another site is refused at start, naming
 // both: before, only its peers noticed, each in its own words.
 func TestSiteWithAnotherSitesCertificateDoesNotStart(t *testing.T) {
-	dir := t.TempDir()
-	if err := pki.CreateCA(dir, "test CA", 1000*24*time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	c, err := LoadConfig(writeConfig(t, goodConfig))
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, c := configWithCA(t)
 	if err := pki.IssueSite(dir, dir, "elsewhere", []string{"127.0.0.1"}, 365*24*time.Hour); err != nil {
 		t.Fatal(err)
 	}
 	c.TLS.Cert = pki.SiteFiles(dir, "elsewhere").Cert
 	c.StateDir = t.TempDir()
-	err = New(c, nil).Run(context.Background())
+	err := New(c, nil).Run(context.Background())
 	if err == nil || !strings.Contains(err.Error(), `is site "elsewhere"'s`) || !strings.Contains(err.Error(), fmt.Sprintf("%q", c.Site)) {
 		t.Fatalf("a site started with another site's certificate: %v", err)
 	}
