@@ -3,6 +3,7 @@ package wire_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -183,8 +184,9 @@ func TestBlockSentTwiceIsRefused(t *testing.T) {
 			if err == nil {
 				_, err = st.Commit(lifeboat.CycleStats{})
 			}
-			if err == nil || !strings.Contains(err.Error(), `disk "vda": block at offset 196608 sent twice in one point`) {
-				t.Fatalf("a block sent twice: %v; want it refused, naming the disk and the block", err)
+			want := fmt.Sprintf(`vm "vm1" point %d: disk "vda": block at offset 196608 sent twice in one point`, p.ID)
+			if err == nil || !strings.Contains(err.Error(), want) {
+				t.Fatalf("a block sent twice: %v; want it refused, naming the VM, the point, the disk and the block", err)
 			}
 			if _, ok, err := site.Store.Latest("vm1"); err != nil || ok {
 				t.Fatalf("latest point after a refused stream: %v, %v; want none", ok, err)

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -754,13 +755,21 @@ func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader
 	}
 	// reject ends the stream on err, met with payload in hand: the writers'
 	// first error, if one came first, is what the point failed of.
+	// withPoint names the VM and point in what goes back to the protected
+	// site, where the message did not already.
+	withPoint := func(err error) error {
+		if strings.Contains(err.Error(), fmt.Sprintf("vm %q", p.VM)) {
+			return err
+		}
+		return fmt.Errorf("vm %q point %d: %w", p.VM, p.ID, err)
+	}
 	reject := func(payload []byte, err error, code codes.Code) error {
 		putPayload(payload)
 		if werr := finish(); werr != nil {
 			err = werr
 		}
 		log.Error("point rejected", "err", err)
-		return status.Error(code, err.Error())
+		return status.Error(code, withPoint(err).Error())
 	}
 
 	for {
@@ -777,7 +786,7 @@ func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader
 				err = werr
 			}
 			log.Warn("point not received whole", "err", err)
-			return nil, status.Error(codes.Aborted, err.Error())
+			return nil, status.Error(codes.Aborted, withPoint(err).Error())
 		}
 		f, err := decodeFrame(typ, payload)
 		if err == nil && f.GetCommit() == nil {
