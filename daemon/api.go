@@ -80,6 +80,7 @@ func (d *Daemon) listenAPI() (*apiServer, error) {
 	mux.HandleFunc("POST /v1/vms/{vm}/migrate", a.migrate)
 	mux.HandleFunc("POST /v1/vms/{vm}/failback", a.failback)
 	mux.HandleFunc("POST /v1/vms/{vm}/reverse", a.reverse)
+	mux.HandleFunc("POST /v1/vms/{vm}/unprotect", a.unprotect)
 	mux.HandleFunc("POST /v1/plans/{name}/run", a.planRun)
 	mux.HandleFunc("POST /v1/plans/{name}/stop", a.planStop)
 	mux.HandleFunc("GET /v1/runs", a.runs)
@@ -249,7 +250,7 @@ func (a *apiServer) sync(w http.ResponseWriter, r *http.Request) {
 	}
 	ch, stop := v.watch()
 	defer stop()
-	streamCycle(newStream(w), ch, func() (lifeboat.Point, error) { return v.sync(r.Context(), wantWhole(r)) })
+	streamCycle(newStream(w), ch, func() (lifeboat.Point, error) { return v.sync(r.Context(), wantWhole(r), true) })
 }
 
 // wantWhole reports whether a sync asks for every disk sent whole (?whole=1).
@@ -308,7 +309,7 @@ func (a *apiServer) syncGroup(w http.ResponseWriter, r *http.Request, g *group) 
 	}
 	done := make(chan result, 1)
 	go func() {
-		pts, err := g.sync(r.Context(), wantWhole(r))
+		pts, err := g.sync(r.Context(), wantWhole(r), true)
 		done <- result{pts, err}
 	}()
 	for {

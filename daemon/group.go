@@ -26,12 +26,22 @@ func newGroup(d *Daemon, c GroupConfig) *group {
 	return g
 }
 
-// sync runs one group cycle now.
-func (g *group) sync(ctx context.Context, whole bool) ([]lifeboat.Point, error) {
+// sync runs one group cycle now. A member unprotected before it joined the
+// group (`lifeboat unprotect`) is protected again when resume is set (a
+// user's `lifeboat sync GROUP`); otherwise the group waits for that.
+func (g *group) sync(ctx context.Context, whole, resume bool) ([]lifeboat.Point, error) {
 	// Members are locked in config order, as everywhere, so two syncs cannot deadlock.
 	for _, v := range g.members {
 		v.cycleMu.Lock()
 		defer v.cycleMu.Unlock()
+		if v.isUnprotected() {
+			if !resume {
+				return nil, fmt.Errorf("group %q: member vm %q is unprotected (`lifeboat unprotect`): `lifeboat sync %s` protects it again with the group", g.cfg.Name, v.cfg.Name, g.cfg.Name)
+			}
+			if err := v.resume(); err != nil {
+				return nil, fmt.Errorf("group %q: %w", g.cfg.Name, err)
+			}
+		}
 		if whole {
 			v.p.Whole = true
 		}
@@ -80,7 +90,7 @@ func (g *group) sync(ctx context.Context, whole bool) ([]lifeboat.Point, error) 
 
 func (g *group) schedule(ctx context.Context) {
 	runEvery(ctx, time.Duration(g.cfg.Interval), retryAfter, func(ctx context.Context) error {
-		_, err := g.sync(ctx, false)
+		_, err := g.sync(ctx, false, false)
 		return err
 	})
 }

@@ -106,7 +106,7 @@ func (v *vm) homecoming(ctx context.Context, fold uint64) error {
 		return nil // its group's schedule cycles it with the others
 	}
 	for i := 0; ; i++ {
-		_, err := v.sync(ctx, false)
+		_, err := v.sync(ctx, false, true) // a VM failed back home is protected again
 		if err == nil || !recovery.IsFailedOver(err) || i == homeResumeTries {
 			return err
 		}

@@ -62,7 +62,7 @@ func TestDaemonCyclesShareTheVMsQuiescer(t *testing.T) {
 	cycle := func(want lifeboat.Consistency) (lifeboat.Point, time.Duration) {
 		t.Helper()
 		start := time.Now()
-		pt, err := v.sync(ctx, false)
+		pt, err := v.sync(ctx, false, false)
 		took := time.Since(start)
 		if err != nil {
 			t.Fatal(err)

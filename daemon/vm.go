@@ -42,6 +42,8 @@ type vm struct {
 
 	quiesceMu sync.Mutex
 	quiesce   protect.Quiescer // made once (v.quiescer), nil until then or under crash consistency
+
+	unprotected *Unprotected // set by `lifeboat unprotect` (unprotect.go), guarded by mu
 }
 
 func newVM(d *Daemon, c VMConfig) *vm {
@@ -59,6 +61,7 @@ func newVM(d *Daemon, c VMConfig) *vm {
 	if c.Libvirt != nil {
 		v.p.VM.Libvirt = &protect.LibvirtDomain{URI: c.Libvirt.URI, Domain: c.Libvirt.Domain}
 	}
+	v.loadUnprotected()
 	return v
 }
 
@@ -87,10 +90,20 @@ func (v *vm) watch() (chan protect.Progress, func()) {
 }
 
 // sync runs one cycle now; whole makes it send every disk whole, and the
-// cycles after it until one commits (protect.Protector.Whole).
-func (v *vm) sync(ctx context.Context, whole bool) (lifeboat.Point, error) {
+// cycles after it until one commits (protect.Protector.Whole). An
+// unprotected VM is protected again when resume is set (a user's `lifeboat
+// sync`), and otherwise refused.
+func (v *vm) sync(ctx context.Context, whole, resume bool) (lifeboat.Point, error) {
 	v.cycleMu.Lock()
 	defer v.cycleMu.Unlock()
+	if v.isUnprotected() {
+		if !resume {
+			return lifeboat.Point{}, errUnprotected
+		}
+		if err := v.resume(); err != nil {
+			return lifeboat.Point{}, err
+		}
+	}
 	if whole {
 		v.p.Whole = true
 	}
@@ -208,7 +221,9 @@ func (v *vm) schedule(ctx context.Context) {
 			v.mu.Lock()
 			if v.last == nil {
 				v.last = &pt
-				v.state = "protected"
+				if v.state == "idle" {
+					v.state = "protected"
+				}
 			}
 			v.mu.Unlock()
 		}
@@ -226,10 +241,16 @@ func (v *vm) schedule(ctx context.Context) {
 		if v.reversedHere() {
 			return errReversedHere
 		}
+		if v.isUnprotected() {
+			return errUnprotected
+		}
 		if failedOver && (time.Since(since) < failedOverRecheck || v.stillFailedOver(ctx)) {
 			return errFailedOverHere
 		}
-		_, err := v.sync(ctx, false)
+		_, err := v.sync(ctx, false, false)
+		if errors.Is(err, errUnprotected) {
+			return nil // unprotected while it waited for the lock
+		}
 		return err
 	})
 }
@@ -339,7 +360,8 @@ type VMStatus struct {
 	VM   string `json:"vm"`
 	Role string `json:"role"` // "protected" (this site protects it) or "replica" (this site holds its points)
 	// State, one word for scripts: a protected VM's idle (never synced),
-	// syncing, protected, error, failed-over, reversed, failing-back; a
+	// syncing, protected, error, failed-over, reversed, failing-back,
+	// unprotected (`lifeboat unprotect`: no cycles); a
 	// replica's replica or failed-over-here (a failover of it runs, or is
 	// recorded, at this site). Detail says it in words where there is more
 	// to say.
@@ -398,9 +420,12 @@ func (v *vm) status(now time.Time) VMStatus {
 		s.LastPoint = &p
 		s.RPO = now.Sub(p.Instant).Seconds()
 	}
-	if t := time.Duration(v.cfg.RPOTarget); t > 0 {
+	if t := time.Duration(v.cfg.RPOTarget); t > 0 && v.unprotected == nil {
 		s.RPOTarget = t.Seconds()
 		s.Behind = v.last == nil || s.RPO > s.RPOTarget
+	}
+	if v.unprotected != nil {
+		s.State, s.Detail = stateUnprotected, v.unprotected.detail(v.cfg.Name)
 	}
 	if !v.errAt.IsZero() && v.lastErr != "" {
 		t := v.errAt

@@ -146,6 +146,27 @@ func TestDiskNameSurvivesNodeRenameAndSnapshot(t *testing.T) {
 	if pt = r.cycle(t); pt.Disks[0].Name != "vda" || pt.Disks[0].Resync {
 		t.Fatalf("the cycle after the resync: point disks %+v, want vda, sent incrementally", pt.Disks)
 	}
+	// Released: the generation on the new top is gone; the stale one the
+	// snapshot left on the read-only node below it (QEMU will not change
+	// it) is reported as left, with what to do.
+	rel, err := r.p.Release(ctx(t), r.p.Target.Peer())
+	if err != nil {
+		t.Fatalf("release: %v", err)
+	}
+	nodes, err := m.Nodes(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		for _, b := range n.Bitmaps {
+			if strings.HasPrefix(b.Name, lifeboat.GenerationPrefix) && !n.ReadOnly {
+				t.Errorf("after release, generation %q is left on node %q", b.Name, n.NodeName)
+			}
+		}
+	}
+	if len(rel.Removed) != 1 || len(rel.Left) != 1 || !strings.Contains(rel.Left[0], "qemu-img bitmap --remove") || !strings.Contains(rel.Left[0], "libvirt-2-format") {
+		t.Errorf("release after an external snapshot reported %+v, want the top's generation removed and the read-only node's left with advice", rel)
+	}
 	os.Remove(overlay)
 }
 

@@ -232,6 +232,57 @@ func TestLibvirtDomainReplicates(t *testing.T) {
 	if recs, _ := filepath.Glob(filepath.Join(r.p.VM.WorkDir, "checkpoints", "*.xml")); len(recs) != 1 {
 		t.Errorf("lifeboat keeps %d checkpoint records, want 1 (the latest point's): %v", len(recs), recs)
 	}
+
+	// Released (`lifeboat unprotect`): the hidden checkpoint is deleted
+	// with its bitmap, which leaves the image (QEMU saved its bitmaps as it
+	// stopped), and its record goes.
+	if b := imageBitmaps(t, r.dom.Image("vda")); !slices.ContainsFunc(b, isGeneration) {
+		t.Fatalf("vda's image holds bitmaps %q, none of lifeboat's: the release below would prove nothing", b)
+	}
+	r.dom.Start()
+	rel, err := r.p.Release(ctx(t), r.p.Target.Peer())
+	if err != nil {
+		t.Fatalf("release: %v", err)
+	}
+	if len(rel.Removed) != 1 || !strings.Contains(rel.Removed[0], "(hidden)") {
+		t.Errorf("release reported %+v, want the one hidden checkpoint removed", rel)
+	}
+	if recs, _ := filepath.Glob(filepath.Join(r.p.VM.WorkDir, "checkpoints", "*.xml")); len(recs) != 0 {
+		t.Errorf("after release lifeboat keeps checkpoint records %v", recs)
+	}
+	if out, err := testlibvirt.Virsh("checkpoint-list", r.dom.Name, "--name"); err != nil || len(strings.Fields(out)) != 0 {
+		t.Errorf("after release libvirt lists checkpoints %q (%v)", out, err)
+	}
+	r.dom.Destroy()
+	if b := imageBitmaps(t, r.dom.Image("vda")); slices.ContainsFunc(b, isGeneration) {
+		t.Errorf("after release vda's image still holds lifeboat's bitmaps: %q", b)
+	}
+}
+
+func isGeneration(name string) bool { return strings.HasPrefix(name, lifeboat.GenerationPrefix) }
+
+// imageBitmaps names the persistent bitmaps of a qcow2 image QEMU has not open.
+func imageBitmaps(t *testing.T, image string) []string {
+	t.Helper()
+	out, err := exec.Command("qemu-img", "info", "-U", "--output=json", image).Output()
+	if err != nil {
+		t.Fatalf("qemu-img info %s: %v", image, err)
+	}
+	var info struct {
+		Specific struct {
+			Data struct {
+				Bitmaps []struct{ Name string } `json:"bitmaps"`
+			} `json:"data"`
+		} `json:"format-specific"`
+	}
+	if err := json.Unmarshal(out, &info); err != nil {
+		t.Fatalf("qemu-img info %s: %v", image, err)
+	}
+	var names []string
+	for _, b := range info.Specific.Data.Bitmaps {
+		names = append(names, b.Name)
+	}
+	return names
 }
 
 func grepLines(s, word string) string {

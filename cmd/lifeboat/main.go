@@ -61,6 +61,7 @@ recovery site, and keeps restore points there that can be exported or powered on
 		newFailoverCmd(g),
 		newFailbackCmd(g),
 		newProtectCmd(g),
+		newUnprotectCmd(g),
 		newPlanCmd(g),
 		newStatusCmd(g),
 		newCertCmd(),

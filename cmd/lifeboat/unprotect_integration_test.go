@@ -1,0 +1,139 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/daemon"
+)
+
+// `lifeboat unprotect`: a VM on its own schedule stops cycling, lifeboat's
+// generations leave its disks (another tool's bitmap stays), status says so,
+// it stays unprotected across a restart of the site, and `lifeboat sync`
+// protects it again with a byte-exact hash resync.
+func TestUnprotect(t *testing.T) {
+	d := deploy(t, 32<<20)
+	if err := d.guest.Fill(context.Background(), 0.4); err != nil {
+		t.Fatal(err)
+	}
+	// The VM on a schedule of its own.
+	cfg, err := os.ReadFile(d.prod.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(d.prod.config, []byte(strings.Replace(string(cfg), "nbd_socket:", "interval: 1s, nbd_socket:", 1)), 0o600)
+	d.prod.kill()
+	d.prod.start(t)
+	deadline := time.Now().Add(time.Minute)
+	for len(d.points(t, d.dr.config)) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no two points from the schedule in a minute:\n%s", readFile(d.prod.log))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	m := d.vm.Monitor()
+	if err := m.AddBitmap(context.Background(), "vda", "users-own", true, false); err != nil {
+		t.Fatal(err)
+	}
+	generations := func() []string {
+		t.Helper()
+		nodes, err := m.Nodes(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, n := range nodes {
+			for _, b := range n.Bitmaps {
+				if strings.HasPrefix(b.Name, "lifeboat") {
+					out = append(out, n.NodeName+":"+b.Name)
+				}
+			}
+		}
+		return out
+	}
+
+	var u daemon.Unprotected
+	if err := json.Unmarshal([]byte(run(t, "unprotect", "vm1", "--json", "-c", d.prod.config)), &u); err != nil {
+		t.Fatal(err)
+	}
+	if u.VM != "vm1" || u.Peer != "dr" || len(u.Removed) != 2 || u.Error != "" {
+		t.Fatalf("unprotect answered %+v, want vm1's 2 generations for dr removed", u)
+	}
+	if g := generations(); len(g) > 0 {
+		t.Fatalf("after unprotect, lifeboat's generations are left in the VM: %v", g)
+	}
+	n, err := m.Node(context.Background(), "vda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, ok := n.Bitmap("users-own"); !ok || !b.Recording {
+		t.Fatalf("unprotect removed or stopped another tool's bitmap: %+v", n.Bitmaps)
+	}
+	status := func() daemon.VMStatus {
+		t.Helper()
+		var st daemon.StatusReply
+		if err := json.Unmarshal([]byte(run(t, "status", "--json", "-c", d.prod.config)), &st); err != nil {
+			t.Fatal(err)
+		}
+		for _, v := range st.VMs {
+			if v.VM == "vm1" {
+				return v
+			}
+		}
+		t.Fatalf("status shows no vm1: %+v", st)
+		return daemon.VMStatus{}
+	}
+	check := func(when string) {
+		t.Helper()
+		pts := len(d.points(t, d.dr.config))
+		time.Sleep(3 * time.Second) // three intervals
+		if got := len(d.points(t, d.dr.config)); got != pts {
+			t.Fatalf("%s: %d points became %d: the schedule still cycles an unprotected VM", when, pts, got)
+		}
+		if g := generations(); len(g) > 0 {
+			t.Fatalf("%s: generations came back: %v", when, g)
+		}
+		if s := status(); s.State != "unprotected" || !strings.Contains(s.Detail, "lifeboat sync vm1") || s.Behind {
+			t.Fatalf("%s: status of vm1: state %q, detail %q, behind %v; want unprotected, saying how to protect it again", when, s.State, s.Detail, s.Behind)
+		}
+	}
+	check("after unprotect")
+	if out := run(t, "status", "-c", d.prod.config); !strings.Contains(out, "unprotected") {
+		t.Fatalf("status does not say vm1 is unprotected:\n%s", out)
+	}
+	d.prod.kill()
+	d.prod.start(t)
+	check("after a restart of the site")
+
+	// Protected again: a hash resync, byte-exact, and the schedule goes on.
+	if _, err := d.guest.Mixed(context.Background(), 10); err != nil {
+		t.Fatal(err)
+	}
+	want := d.hashes(t)
+	out := run(t, "sync", "vm1", "-c", d.prod.config)
+	if !strings.Contains(out, "committed") {
+		t.Fatalf("sync after unprotect: %s", out)
+	}
+	pts := d.points(t, d.dr.config)
+	last := pts[len(pts)-1]
+	for _, disk := range last.Disks {
+		if !disk.Resync {
+			t.Errorf("disk %s of the first point after unprotect was sent incrementally", disk.Name)
+		}
+	}
+	d.checkLatest(t, want)
+	if s := status(); s.State == "unprotected" {
+		t.Fatalf("after sync, vm1 is still %q: %s", s.State, s.Detail)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for len(d.points(t, d.dr.config)) <= len(pts) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the schedule did not resume after sync:\n%s", readFile(d.prod.log))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
