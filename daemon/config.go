@@ -535,6 +535,11 @@ func (c *Config) check() error {
 				return c.fail(f+".definition."+field, "%s", msg)
 			}
 		}
+		for j := range i {
+			if why := sameDisks(&c.VMs[j], v); why != "" {
+				return c.fail(f, "vm %q and vm %q (vms[%d]) are %s, replicated to the same site %q: each would take the other's change tracking for its own and resync every cycle; protect it once (list its disks under one entry), or send the other to another peer", v.Name, c.VMs[j].Name, j, why, v.Peer)
+			}
+		}
 	}
 	inGroup := map[string]string{}
 	for i := range c.Groups {
@@ -598,4 +603,31 @@ func (c *Config) Peer(name string) (PeerConfig, bool) {
 		}
 	}
 	return PeerConfig{}, false
+}
+
+// sameDisks says how two VM entries of the config protect the same disks to
+// the same recovery site, or "" when they do not: the same libvirt domain,
+// or the same QMP socket with a disk in common (no `disks:` is every disk).
+func sameDisks(a, b *VMConfig) string {
+	if a.Peer != b.Peer {
+		return ""
+	}
+	if a.Libvirt != nil || b.Libvirt != nil {
+		if a.Libvirt != nil && b.Libvirt != nil && a.Libvirt.URI == b.Libvirt.URI && a.Libvirt.Domain == b.Libvirt.Domain {
+			return fmt.Sprintf("the same libvirt domain %q", a.Libvirt.Domain)
+		}
+		return ""
+	}
+	if a.QMP != b.QMP {
+		return ""
+	}
+	if len(a.Disks) == 0 || len(b.Disks) == 0 {
+		return fmt.Sprintf("the same VM (QMP %s, and one of them takes every disk)", a.QMP)
+	}
+	for _, d := range a.Disks {
+		if slices.Contains(b.Disks, d) {
+			return fmt.Sprintf("the same disk %q (QMP %s)", d, a.QMP)
+		}
+	}
+	return ""
 }

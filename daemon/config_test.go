@@ -103,6 +103,19 @@ func TestDefinitionConfig(t *testing.T) {
 
 // A libvirt domain needs no socket: its domain name defaults to the VM's,
 // and a quiesced point needs no agent socket (libvirt owns the agent).
+// Two entries may share a VM when their disks or their recovery sites differ.
+func TestSharedVMConfig(t *testing.T) {
+	body := strings.Replace(goodConfig, `  - {name: dr, address: "dr.example.net:7420"}`, `  - {name: dr, address: "dr.example.net:7420"}
+  - {name: dr2, address: "dr2.example.net:7420"}`, 1) +
+		"  - {name: web1-far, qmp: /run/web1.qmp, peer: dr2}\n" +
+		"  - {name: a, qmp: /q, disks: [vda], peer: dr}\n  - {name: b, qmp: /q, disks: [vdb], peer: dr}\n" +
+		"  - {name: d1, libvirt: {domain: d}, peer: dr}\n  - {name: d2, libvirt: {domain: d}, peer: dr2}\n"
+	body = strings.Replace(body, "interval: 30s}", "interval: 30s, peer: dr}", 1)
+	if _, err := LoadConfig(writeConfig(t, body)); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestLibvirtConfig(t *testing.T) {
 	body := goodConfig + "  - {name: db1, libvirt: {}, consistency: filesystem}\n  - {name: web2, libvirt: {uri: 'qemu+ssh://h/system', domain: w2}}\n"
 	c, err := LoadConfig(writeConfig(t, body))
@@ -160,6 +173,9 @@ func TestConfigErrors(t *testing.T) {
 		{"bad consistency", strings.Replace(goodConfig, "interval: 30s", "interval: 30s, consistency: perfect", 1), []string{"consistency", "perfect", "filesystem"}},
 		{"quiesce without agent", strings.Replace(goodConfig, "interval: 30s", "interval: 30s, consistency: filesystem", 1), []string{"agent", "guest agent"}},
 		{"duplicate vm", goodConfig + "  - {name: web1, qmp: /x}\n", []string{"appears twice"}},
+		{"one libvirt domain twice", goodConfig + "  - {name: db1, libvirt: {}}\n  - {name: db2, libvirt: {domain: db1}}\n", []string{"vms[2] (db2)", "same libvirt domain \"db1\"", "site \"dr\""}},
+		{"one VM's disks twice", goodConfig + "  - {name: db1, qmp: /run/web1.qmp, disks: [vdb]}\n", []string{"vms[1] (db1)", "vm \"web1\"", "every disk"}},
+		{"one disk twice", goodConfig + "  - {name: db1, qmp: /q, disks: [vda, vdb]}\n  - {name: db2, qmp: /q, disks: [vdb]}\n", []string{"vms[2] (db2)", "same disk \"vdb\""}},
 		{"libvirt with qmp", goodConfig + "  - {name: db1, qmp: /x, libvirt: {domain: db1}}\n", []string{"vms[1] (db1).libvirt", "drop qmp:"}},
 		{"libvirt with hooks", goodConfig + "  - {name: db1, libvirt: {}, consistency: application, pre_freeze: [x]}\n", []string{"pre_freeze", "fsfreeze-hook"}},
 		{"libvirt with start", goodConfig + "  - {name: db1, libvirt: {}, start: [virsh, start, db1]}\n", []string{"vms[1] (db1).start", "libvirtd"}},

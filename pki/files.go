@@ -45,6 +45,9 @@ func loadKey(role, path, hint string) (crypto.Signer, []byte, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	if err := checkKeyMode(role, path); err != nil {
+		return nil, nil, err
+	}
 	block, _ := pem.Decode(data)
 	if block == nil || block.Type != "PRIVATE KEY" {
 		return nil, nil, fmt.Errorf("%s file %s: no PEM PRIVATE KEY block in it; is it the right file?", role, path)
@@ -58,6 +61,24 @@ func loadKey(role, path, hint string) (crypto.Signer, []byte, error) {
 		return nil, nil, fmt.Errorf("%s file %s: a %T cannot sign", role, path, k)
 	}
 	return s, data, nil
+}
+
+// checkKeyMode refuses a private key that every user of the machine may read,
+// or that others than its owner may change: whoever reads a site's key can
+// pose as that site to every other, and there is no revocation. Readable by
+// its group is allowed (a service user's group), as ssh's host keys are not.
+func checkKeyMode(role, path string) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("%s file %s: %w", role, path, err)
+	}
+	switch m := fi.Mode().Perm(); {
+	case m&0o004 != 0:
+		return fmt.Errorf("%s file %s is readable by every user of this machine (mode %04o): whoever reads it can pose as its owner; `chmod 600 %s` (or 640 with the group of the user lifeboat runs as)", role, path, m, path)
+	case m&0o022 != 0:
+		return fmt.Errorf("%s file %s may be changed by others than its owner (mode %04o): `chmod 600 %s`", role, path, m, path)
+	}
+	return nil
 }
 
 func readPEMFile(role, path, hint string) ([]byte, error) {

@@ -257,6 +257,14 @@ func TestLoadRefuses(t *testing.T) {
 	expired := issueAt(t, caDir, "old", now.Add(-10*day), now.Add(-day))
 	future := issueAt(t, caDir, "new", now.Add(day), now.Add(10*day))
 	missing := filepath.Join(t.TempDir(), "nowhere", "site-c.crt")
+	worldKey := newSite(t, caDir, "site-w", "localhost")
+	if err := os.Chmod(worldKey.Key, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	writableKey := newSite(t, caDir, "site-x", "localhost")
+	if err := os.Chmod(writableKey.Key, 0o620); err != nil {
+		t.Fatal(err)
+	}
 	expiredEnd := mustLoad(t, expired.Cert).NotAfter.UTC().Format(time.RFC3339)
 	futureStart := mustLoad(t, future.Cert).NotBefore.UTC().Format(time.RFC3339)
 
@@ -273,6 +281,8 @@ func TestLoadRefuses(t *testing.T) {
 		{"cert of another CA", Files{CA: a.CA, Cert: stranger.Cert, Key: stranger.Key}, []string{stranger.Cert, "not a site certificate of the CA", `"test CA"`}},
 		{"cert as CA", Files{CA: a.Cert, Cert: a.Cert, Key: a.Key}, []string{"not a CA certificate"}},
 		{"key as cert", Files{CA: a.CA, Cert: a.Key, Key: a.Key}, []string{"no PEM CERTIFICATE"}},
+		{"key every user may read", worldKey, []string{"key file " + worldKey.Key, "readable by every user", "mode 0644", "chmod 600 " + worldKey.Key}},
+		{"key others may change", writableKey, []string{"key file " + writableKey.Key, "changed by others", "mode 0620", "chmod 600"}},
 		{"expired", expired, []string{expired.Cert, "expired on " + expiredEnd, "valid from", "lifeboat cert site old"}},
 		{"not yet valid", future, []string{future.Cert, "not valid yet", "valid from " + futureStart, "clock"}},
 	}
@@ -296,6 +306,13 @@ func TestLoadRefuses(t *testing.T) {
 	}
 	if _, err := ClientTLS(a, ""); err == nil {
 		t.Error("ClientTLS without a server name succeeded")
+	}
+	// Readable by its group (the service user's) is allowed.
+	if err := os.Chmod(a.Key, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ServerTLS(a); err != nil {
+		t.Errorf("a key of mode 0640 refused: %v", err)
 	}
 }
 
