@@ -109,8 +109,9 @@ func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 		err error
 	}
 	// The marker and the guard go first: from the freeze call on, the
-	// guest may be frozen, whatever becomes of this process.
-	writeMarker(q.MarkerDir, q.VM, q.guest())
+	// guest may be frozen, whatever becomes of this process. A marker
+	// already there is a freeze of lifeboat's not confirmed thawed.
+	leftover := writeMarker(q.MarkerDir, q.VM, q.guest())
 	guard := startGuard(q.Guard, q.guest(), q.marker(), q.log())
 	start := time.Now()
 	landed := make(chan result, 1)
@@ -122,6 +123,16 @@ func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	defer bound.Stop()
 	select {
 	case r := <-landed:
+		if r.err != nil && virt.AgentRefused(r.err) && !leftover {
+			// The agent answered no, and qemu-ga thaws what it froze before
+			// it answers an error: nothing is frozen on lifeboat's behalf.
+			// When the guest is frozen already (the agent then refuses every
+			// freeze), another agent client froze it (virsh domfsfreeze, a
+			// backup tool), and that freeze is its to end.
+			q.removeMarker()
+			guard.dismiss()
+			return q.fallBack(fmt.Errorf("libvirt could not freeze the guest's file systems: %w (nothing frozen by lifeboat; a freeze another agent client holds is left to it)", r.err))
+		}
 		if r.err != nil {
 			// A failed freeze may have frozen some file systems.
 			q.background("after a failed freeze", nil, guard)

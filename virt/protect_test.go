@@ -850,3 +850,30 @@ func waitConsole(t *testing.T, dom *testlibvirt.Domain, offset int, word string)
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// Another client of the guest agent froze the guest (`virsh domfsfreeze`, a
+// backup tool's own freeze): lifeboat's freeze is refused, the point is
+// crash consistent, saying so, and the other client's freeze is left to it:
+// lifeboat does not thaw the guest underneath it.
+func TestLibvirtFreezeHeldByAnotherClientIsLeftToIt(t *testing.T) {
+	r := newLibvirtRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 32 << 20}}})
+	if out, err := testlibvirt.Virsh("domfsfreeze", r.dom.Name); err != nil {
+		t.Fatalf("virsh domfsfreeze: %v: %s", err, out)
+	}
+	t.Cleanup(func() { testlibvirt.Virsh("domfsthaw", r.dom.Name) })
+	dir := t.TempDir()
+	q := &protect.LibvirtQuiescer{VM: "web1", Domain: *r.p.VM.Libvirt, Level: lifeboat.Filesystem, Limit: 10 * time.Second, MarkerDir: dir}
+	r.p.Quiescer = q
+	pt := r.cycle(t)
+	t.Logf("point %d: %s: %s", pt.ID, pt.Consistency, pt.Note)
+	if pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, "left to it") {
+		t.Errorf("a freeze another client holds: point %s (note %q); want crash consistent, saying the other freeze is left to its client", pt.Consistency, pt.Note)
+	}
+	time.Sleep(2 * time.Second) // a thaw loop of lifeboat's would have thawed by now
+	if st := fsfreezeStatus(r.dom); !strings.Contains(st, `"frozen"`) {
+		t.Errorf("lifeboat thawed a freeze another client holds: the agent says %s", st)
+	}
+	if m, _ := filepath.Glob(filepath.Join(dir, "*")); len(m) != 0 {
+		t.Errorf("freeze markers left for a freeze lifeboat does not hold: %v", m)
+	}
+}

@@ -136,6 +136,20 @@ func IsNotRunning(err error) bool {
 	return code(err) == libvirt.ErrOperationInvalid && containsAny(err.Error(), "not running", "is not active")
 }
 
+// AgentRefused reports whether err is the guest agent's own answer "no" to
+// a command libvirt passed it (libvirt 9.0 reports it as an internal error;
+// later versions as VIR_ERR_AGENT_COMMAND_FAILED), not a call that got no
+// answer. qemu-ga thaws what a freeze it refuses froze before it answers.
+func AgentRefused(err error) bool {
+	switch code(err) {
+	case libvirt.ErrAgentCommandFailed:
+		return true
+	case libvirt.ErrInternalError:
+		return containsAny(err.Error(), "unable to execute QEMU agent command")
+	}
+	return false
+}
+
 // IsNoDomain reports whether err says libvirt has no domain of that name
 // (undefined, or a transient domain that stopped).
 func IsNoDomain(err error) bool { return code(err) == libvirt.ErrNoDomain }
