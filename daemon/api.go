@@ -81,6 +81,7 @@ func (d *Daemon) listenAPI() (*apiServer, error) {
 	mux.HandleFunc("POST /v1/vms/{vm}/failback", a.failback)
 	mux.HandleFunc("POST /v1/vms/{vm}/reverse", a.reverse)
 	mux.HandleFunc("POST /v1/vms/{vm}/unprotect", a.unprotect)
+	mux.HandleFunc("POST /v1/vms/{vm}/forget", a.forget)
 	mux.HandleFunc("POST /v1/plans/{name}/run", a.planRun)
 	mux.HandleFunc("POST /v1/plans/{name}/stop", a.planStop)
 	mux.HandleFunc("GET /v1/runs", a.runs)

@@ -62,6 +62,7 @@ recovery site, and keeps restore points there that can be exported or powered on
 		newFailbackCmd(g),
 		newProtectCmd(g),
 		newUnprotectCmd(g),
+		newForgetCmd(g),
 		newPlanCmd(g),
 		newStatusCmd(g),
 		newCertCmd(),

@@ -3,12 +3,14 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/daemon"
+	"github.com/lifeboat-dr/lifeboat/recovery"
 )
 
 // `lifeboat unprotect`: a VM on its own schedule stops cycling, lifeboat's
@@ -135,5 +137,32 @@ func TestUnprotect(t *testing.T) {
 			t.Fatalf("the schedule did not resume after sync:\n%s", readFile(d.prod.log))
 		}
 		time.Sleep(200 * time.Millisecond)
+	}
+
+	// Out of protection for good: unprotected, then forgotten at the
+	// recovery site. Without --yes forget only says what would go.
+	run(t, "unprotect", "vm1", "-c", d.prod.config)
+	count := len(d.points(t, d.dr.config))
+	if out, err := runErr(t, "forget", "vm1", "-c", d.dr.config); err == nil || !strings.Contains(out, "--yes") || !strings.Contains(out, fmt.Sprintf("the %d restore points", count)) {
+		t.Fatalf("forget without --yes: %v: %s; want a refusal saying what would go", err, out)
+	}
+	if got := len(d.points(t, d.dr.config)); got != count {
+		t.Fatalf("forget without --yes deleted points: %d became %d", count, got)
+	}
+	if out, err := runErr(t, "forget", "vm1", "--yes", "-c", d.prod.config); err == nil || !strings.Contains(out, "not a recovery site") {
+		t.Fatalf("forget at the protected site: %v: %s", err, out)
+	}
+	var f recovery.Forgotten
+	if err := json.Unmarshal([]byte(run(t, "forget", "vm1", "--yes", "--json", "-c", d.dr.config)), &f); err != nil {
+		t.Fatal(err)
+	}
+	if len(f.Points) != count || f.Owner != "prod" || f.Bytes == 0 {
+		t.Fatalf("forget answered %+v, want %d points of prod's deleted", f, count)
+	}
+	if pts := d.points(t, d.dr.config); len(pts) != 0 {
+		t.Fatalf("after forget the recovery site lists points %v", pts)
+	}
+	if out := run(t, "status", "-c", d.dr.config); strings.Contains(out, "vm1") {
+		t.Fatalf("after forget the recovery site's status shows vm1:\n%s", out)
 	}
 }

@@ -45,6 +45,9 @@ func WriteFileAtomic(path string, data []byte, perm fs.FileMode) error {
 	return syncDir(dir)
 }
 
+// SyncDir makes a rename, creation or removal in dir durable.
+func SyncDir(dir string) error { return syncDir(dir) }
+
 // syncDir makes a rename in dir durable.
 func syncDir(dir string) error {
 	d, err := os.Open(dir)

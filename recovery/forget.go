@@ -1,0 +1,134 @@
+package recovery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
+)
+
+// Forgotten is what Forget deleted.
+type Forgotten struct {
+	VM     string   `json:"vm"`
+	Points []uint64 `json:"points"`
+	Owner  string   `json:"owner,omitempty"` // the protected site that owned it
+	Bytes  int64    `json:"bytes"`           // the size of the files deleted
+}
+
+// Forget deletes every restore point of vm with its images, block records and
+// owner: a VM taken out of protection for good (its protected site should
+// run `lifeboat unprotect` first, or its next cycle syncs it whole again, as
+// a new VM of whichever site sends it first). It waits for a point being
+// written, a merge, an export or a verify of the VM, as long as ctx allows,
+// and refuses while a failover or test failover reads a point (a pin), while
+// the VM is failed over here, and when a point's image lies outside the store
+// (the production disks of a VM protected in reverse). The catalog forgets
+// first, then the files go: a crash between leaves files no point names,
+// which a second Forget removes.
+func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
+	f := Forgotten{VM: vm}
+	if err := checkName("VM", vm); err != nil {
+		return f, err
+	}
+	l := s.vmLock(vm)
+	if err := l.lockWriter(ctx, vm); err != nil {
+		return f, err
+	}
+	defer l.unlockWriter()
+	unlock, err := s.lockChain(ctx, vm, true)
+	if err != nil {
+		return f, err
+	}
+	defer unlock()
+	unshape, err := l.lockShape(ctx, vm)
+	if err != nil {
+		return f, err
+	}
+	defer unshape()
+	dir := s.abs(filepath.Join("vms", vm))
+	known := false
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		if vmBucket(tx, vm) == nil {
+			return nil
+		}
+		known = true
+		pins, err := readPins(tx, vm)
+		if err != nil {
+			return err
+		}
+		if len(pins) > 0 {
+			var names []string
+			for name := range pins {
+				names = append(names, name)
+			}
+			slices.Sort(names)
+			return fmt.Errorf("vm %q: a failover or test failover reads its points (%s): stop it first (`lifeboat failover %s --undo` or `--test --stop`), then forget the VM", vm, strings.Join(names, ", "), vm)
+		}
+		o, owned, err := readOwner(tx, vm)
+		if err != nil {
+			return err
+		}
+		if owned && o.FailedOver {
+			return fmt.Errorf("vm %q was failed over here from point %d: its points are the disks it runs on; forget it only once it no longer runs here", vm, o.FromPoint)
+		}
+		if owned {
+			f.Owner = o.Site
+		}
+		pts, err := readPoints(tx, vm)
+		if err != nil {
+			return err
+		}
+		for _, p := range pts {
+			f.Points = append(f.Points, p.Point.ID)
+			for _, d := range p.Point.Disks {
+				if filepath.IsAbs(d.File) && !strings.HasPrefix(d.File, dir+string(filepath.Separator)) {
+					return fmt.Errorf("vm %q: point %d disk %q lies outside the store (%s): the VM is protected in reverse onto its own disks, which lifeboat does not delete", vm, p.Point.ID, d.Name, d.File)
+				}
+			}
+		}
+		return tx.Bucket(bucketVMs).DeleteBucket([]byte(vm))
+	})
+	if err != nil {
+		return f, err
+	}
+	s.mu.Lock()
+	sp := s.spares[vm]
+	delete(s.spares, vm)
+	delete(s.lastCommit, vm)
+	delete(s.retentionFailures, vm)
+	s.mu.Unlock()
+	if sp != nil {
+		go func() { <-sp.ready; s.discardSpare(sp) }()
+	}
+	_ = filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if fi, err := d.Info(); err == nil {
+				f.Bytes += fi.Size()
+			}
+		}
+		return nil
+	})
+	if err := os.RemoveAll(dir); err != nil {
+		return f, fmt.Errorf("vm %q: its points are forgotten, but its files under %s could not all be deleted: %w (delete them by hand)", vm, dir, err)
+	}
+	if !known && f.Bytes == 0 {
+		return f, fmt.Errorf("vm %q has no restore point at this site: %w", vm, ErrUnknownVM)
+	}
+	if err := fsutil.SyncDir(s.abs("vms")); err != nil {
+		return f, err
+	}
+	s.log.Warn("vm forgotten: every restore point deleted", "vm", vm, "points", len(f.Points), "bytes", f.Bytes, "owner", f.Owner)
+	return f, nil
+}
+
+// ErrUnknownVM is wrapped by the error of a call about a VM the store holds
+// nothing of.
+var ErrUnknownVM = errors.New("unknown VM")

@@ -1,0 +1,76 @@
+package recovery
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Forget deletes a VM's points, images and records, and leaves the other
+// VMs' alone; it refuses while a run pins a point and for a VM failed over
+// here; a VM forgotten can be replicated again from nothing, by any site.
+func TestForget(t *testing.T) {
+	requireQEMU(t)
+	dir := t.TempDir()
+	s := openStore(t, dir, 100)
+	writeSeries(t, s, "gone", 3)
+	models := writeSeries(t, s, "stays", 2)
+
+	if err := s.AddPin(testCtx(t), "gone", "gone-2-test-abc", Pin{Point: 2, Reason: "test failover", Since: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Forget(testCtx(t), "gone"); err == nil || !strings.Contains(err.Error(), "gone-2-test-abc") || !strings.Contains(err.Error(), "--test --stop") {
+		t.Fatalf("forget of a pinned VM: %v; want a refusal naming the run and what to do", err)
+	}
+	if got := pointIDs(t, s, "gone"); len(got) != 3 {
+		t.Fatalf("a refused forget changed the points: %v", got)
+	}
+	if err := s.RemovePin("gone", "gone-2-test-abc"); err != nil {
+		t.Fatal(err)
+	}
+	f, err := s.Forget(testCtx(t), "gone")
+	if err != nil {
+		t.Fatalf("forget: %v", err)
+	}
+	if len(f.Points) != 3 || f.Bytes == 0 {
+		t.Errorf("forget reported %+v, want 3 points and the bytes freed", f)
+	}
+	if pts, err := s.Points("gone"); err != nil || len(pts) != 0 {
+		t.Errorf("after forget: points %v (%v)", pts, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "vms", "gone")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("after forget the VM's directory is still there: %v", err)
+	}
+	if _, ok, _ := s.Owner("gone"); ok {
+		t.Error("after forget the VM still has an owner")
+	}
+	for i, m := range models {
+		checkPoint(t, s, "stays", uint64(i+1), m)
+	}
+	if _, err := s.Forget(testCtx(t), "gone"); !errors.Is(err, ErrUnknownVM) {
+		t.Errorf("second forget: %v, want ErrUnknownVM", err)
+	}
+	if _, err := s.Forget(testCtx(t), "../stays"); err == nil {
+		t.Error("forget of a name with a path in it was accepted")
+	}
+	// Replicated again from nothing: the store takes it as a new VM.
+	again := writeSeries(t, s, "gone", 2)
+	checkPoint(t, s, "gone", 2, again[1])
+
+	// Failed over here: its points are the disks it runs on.
+	if _, _, err := s.TakeOver("stays", "dr", 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Forget(testCtx(t), "stays"); err == nil || !strings.Contains(err.Error(), "failed over here") {
+		t.Fatalf("forget of a VM failed over here: %v; want a refusal", err)
+	}
+	// After a restart the store opens without the forgotten VM's records.
+	s.Close()
+	s = openStore(t, dir, 100)
+	if vms, err := s.VMs(); err != nil || strings.Join(vms, ",") != "gone,stays" {
+		t.Errorf("after a restart the store lists %v (%v)", vms, err)
+	}
+}
