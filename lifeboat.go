@@ -245,6 +245,12 @@ type PointDisk struct {
 	// Generation is the bitmap generation this point's instant started on the
 	// source: the next delta is taken from it, and only from it.
 	Generation string `json:"generation,omitempty"`
+	// Whole is set, by the recovery site, when this point wrote every block
+	// of the disk into its own image (as data or zeros, no patch), so that
+	// nothing of it reads through the points below but zeros: `lifeboat sync
+	// --whole`. Retention drops the points below it without a merge, which a
+	// damaged older image cannot pass.
+	Whole bool `json:"whole,omitempty"`
 }
 
 // CycleStats counts what a cycle did.

@@ -662,6 +662,17 @@ func TestWholeSendRepairsADamagedReplica(t *testing.T) {
 	if _, err := r.site.Store.Verify(ctx(t), "vm1", pt.ID, nil); err != nil {
 		t.Fatalf("verify of the whole send's point %d: %v", pt.ID, err)
 	}
+	// The recovery site records that it holds the disks whole, so that
+	// retention may drop the damaged points below it without a merge.
+	if stored, err := r.site.Store.Point("vm1", pt.ID); err != nil {
+		t.Fatal(err)
+	} else {
+		for _, d := range stored.Disks {
+			if !d.Whole {
+				t.Errorf("point %d disk %s, sent whole, is not recorded whole at the recovery site", pt.ID, d.Name)
+			}
+		}
+	}
 	if _, err := r.site.Store.Verify(ctx(t), "vm1", 1, nil); err == nil {
 		t.Error("verify passed point 1, which the whole send does not rewrite")
 	}
@@ -671,5 +682,8 @@ func TestWholeSendRepairsADamagedReplica(t *testing.T) {
 	pt = r.cycle(t)
 	if vda := diskNamed(t, pt, "vda"); vda.Resync {
 		t.Errorf("point %d after the whole send: vda resync, want incremental", pt.ID)
+	}
+	if stored, err := r.site.Store.Point("vm1", pt.ID); err != nil || diskNamed(t, stored, "vda").Whole {
+		t.Errorf("point %d, incremental, recorded whole (%v)", pt.ID, err)
 	}
 }

@@ -315,6 +315,22 @@ func (r record) eachZeros(fn func(lo, hi int64) error) error {
 	return nil
 }
 
+// covers reports whether the record holds every one of a disk's n blocks,
+// as data or in a zero run (the two never overlap: putData punches a run,
+// putZeros deletes the data in it).
+func (r record) covers(n int64) (bool, error) {
+	var got int64
+	c := r.d.Cursor() // Stats would miss what this transaction put
+	for k, _ := c.First(); k != nil; k, _ = c.Next() {
+		got++
+	}
+	err := r.eachZeros(func(lo, hi int64) error {
+		got += min(hi, n) - min(lo, n)
+		return nil
+	})
+	return got >= n, err
+}
+
 // entries counts the record's data blocks and zero runs.
 func (r record) entries() (data, zeros int) {
 	return r.d.Stats().KeyN, r.z.Stats().KeyN

@@ -7,6 +7,9 @@ import (
 	"maps"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -67,6 +70,9 @@ func (s *Store) applyRetention(ctx context.Context, vm string) error {
 			log.Info("retention waits: a VM started from a point reads the chain")
 		}
 		return nil
+	}
+	if err := s.dropBelowWhole(ctx, vm); err != nil {
+		return err
 	}
 	if err := s.finishMerge(ctx, vm); err != nil {
 		return err
@@ -726,3 +732,119 @@ func (s *Store) mergeHook(step string) error {
 
 // errMergeStopped is what test hooks return to stop a merge.
 var errMergeStopped = errors.New("merge stopped by test hook")
+
+// wholeAbove is the index in pts of the newest point that retention may keep
+// as the oldest without a merge, or 0 when there is none: a point that
+// holds every disk with a parent whole (lifeboat.PointDisk.Whole), not the latest
+// (a writer's image, and a writer made ahead, name the latest as backing),
+// with keep points from it on, and above the point a recorded merge keeps.
+func wholeAbove(pts []pointRecord, keep int, m *mergeIntent) int {
+	lo := 1
+	if m != nil {
+		lo = slices.IndexFunc(pts, func(p pointRecord) bool { return p.Point.ID == m.Keep }) + 1
+		lo = max(lo, 1)
+	}
+	for w := min(len(pts)-keep, len(pts)-2); w >= lo; w-- {
+		whole := true
+		for _, d := range pts[w].Point.Disks {
+			if pts[w].Parents[d.Name] != 0 && !d.Whole {
+				whole = false
+			}
+		}
+		if whole {
+			return w
+		}
+	}
+	return 0
+}
+
+// dropBelowWhole drops, without a merge, the oldest points retention drops
+// when a later point holds its disks whole (wholeAbove): that point's images
+// lose their backing (metadata only: they read the same), then one catalog
+// transaction deletes the points below it, their block records and a merge
+// recorded among them, and records the files to delete, which go last (Open
+// finishes a crash after the catalog, as a merge's last step). This is how a
+// replica repaired by `lifeboat sync --whole` gets rid of the damaged points
+// below: their merge's read-back check trips on the damage, so a merge of
+// them never finishes, and the VM's points would grow without bound.
+func (s *Store) dropBelowWhole(ctx context.Context, vm string) error {
+	var (
+		pts    []pointRecord
+		intent *mergeIntent
+	)
+	if err := s.db.View(func(tx *bolt.Tx) (err error) {
+		if pts, err = readPoints(tx, vm); err != nil {
+			return err
+		}
+		intent, err = readIntent(tx, vm)
+		return err
+	}); err != nil {
+		return err
+	}
+	w := wholeAbove(pts, s.keep, intent)
+	if w == 0 {
+		return nil
+	}
+	top := pts[w]
+	unlock, err := s.vmLock(vm).lockShape(ctx, vm)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	for _, d := range top.Point.Disks {
+		if top.Parents[d.Name] == 0 {
+			continue
+		}
+		if err := qemu.RebaseUnsafe(ctx, s.abs(d.File), "", ""); err != nil {
+			return fmt.Errorf("vm %q: retention: point %d disk %q holds the disk whole, but taking its image off the points below failed: %w", vm, top.Point.ID, d.Name, err)
+		}
+	}
+	m := &mergeIntent{Drop: pts[w-1].Point.ID, Keep: top.Point.ID, Done: true}
+	inStore := func(file string) bool {
+		return !filepath.IsAbs(file) || strings.HasPrefix(file, s.dir+string(filepath.Separator))
+	}
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		b := vmBucket(tx, vm)
+		recs := b.Bucket(bucketRecs)
+		drop := slices.Clone(pts[:w])
+		if intent != nil && !intent.Done {
+			// The point a recorded merge drops is out of readPoints' list.
+			if p, ok, err := readPoint(tx, vm, intent.Drop); err != nil {
+				return err
+			} else if ok {
+				drop = append(drop, p)
+			}
+		}
+		if intent != nil {
+			m.Remove = append(m.Remove, intent.Remove...)
+		}
+		for _, p := range drop {
+			for _, d := range p.Point.Disks {
+				if inStore(d.File) {
+					m.Remove = append(m.Remove, d.File)
+				}
+				if err := recs.DeleteBucket(p.recordKey(d.Name)); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
+					return err
+				}
+			}
+			if err := b.Bucket(bucketPoints).Delete(idKey(p.Point.ID)); err != nil {
+				return err
+			}
+		}
+		top.Parents = maps.Clone(top.Parents)
+		for name := range top.Parents {
+			top.Parents[name] = 0
+		}
+		if err := putPoint(b, top); err != nil {
+			return err
+		}
+		return putIntent(b, m)
+	})
+	if err != nil {
+		return fmt.Errorf("vm %q: retention: dropping the points below point %d, which holds the disks whole: %w", vm, top.Point.ID, err)
+	}
+	unlock()
+	s.log.Info("retention: dropped the oldest points without a merge: a later point holds the disks whole", "vm", vm,
+		"dropped", w, "from", pts[0].Point.ID, "below", top.Point.ID)
+	return s.runMerge(ctx, vm, m, false, &mergeTimes{})
+}

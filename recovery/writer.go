@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -129,6 +130,9 @@ type writeDisk struct {
 	// in the catalog (the record bucket recs/<id><disk>), and the flushes.
 	mu   sync.Mutex
 	pend pendingBatch
+
+	patches atomic.Int64 // blocks written as patches: the image is not whole (lifeboat.PointDisk.Whole)
+	touched atomic.Int64 // blocks written as data or zeros, a block written twice counted twice
 }
 
 // nbdOptions is how the writer and the verifier talk to their daemon:
@@ -520,6 +524,7 @@ func (w *Writer) WritePatch(ctx context.Context, disk string, off int64, dirty l
 			return w.fail(fmt.Errorf("vm %q disk %q: writing %d bytes at offset %d: %w", w.spec.VM, disk, len(p.Data), off+p.Off, err))
 		}
 	}
+	d.patches.Add(1)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.pend.putData(off/lifeboat.BlockSize, h)
@@ -536,6 +541,7 @@ func (w *Writer) writeChecked(ctx context.Context, d *writeDisk, off int64, data
 	// Record after the write: a block is in the record only once its bytes
 	// went to the image. Concurrent writes of one block are the caller's race.
 	first := off / lifeboat.BlockSize
+	d.touched.Add(int64(len(hashes)))
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for i, h := range hashes {
@@ -681,6 +687,7 @@ func (w *Writer) WriteZeroes(ctx context.Context, disk string, off, length int64
 		return w.fail(fmt.Errorf("vm %q disk %q: zeroing %d bytes at offset %d: %w", w.spec.VM, disk, length, off, err))
 	}
 	first, n := off/lifeboat.BlockSize, blockCount(length)
+	d.touched.Add(n)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.pend.putZeros(first, first+n)
@@ -801,9 +808,6 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 		if err := claim(tx, b, vm, w.spec.Site, time.Now()); err != nil {
 			return err
 		}
-		if err := putPoint(b, r); err != nil {
-			return err
-		}
 		for name, d := range w.disks {
 			rec, ok := openRecord(b.Bucket(bucketRecs), recKey(id, name))
 			if !ok {
@@ -815,6 +819,24 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 			if err != nil {
 				return err
 			}
+			// Whole only when no patch was written, and, counted exactly
+			// (a cursor over the record), only when the writes' count could be.
+			n := blockCount(d.spec.Size)
+			if w.parents[name] == 0 || d.patches.Load() > 0 || d.touched.Load() < n {
+				continue
+			}
+			whole, err := rec.covers(n)
+			if err != nil {
+				return err
+			}
+			for i := range r.Point.Disks {
+				if r.Point.Disks[i].Name == name {
+					r.Point.Disks[i].Whole = whole
+				}
+			}
+		}
+		if err := putPoint(b, r); err != nil {
+			return err
 		}
 		return b.Bucket(bucketPending).Delete(idKey(id))
 	})
