@@ -86,7 +86,8 @@ func (v *vm) unprotect(ctx context.Context) (Unprotected, error) {
 	defer v.cycleMu.Unlock()
 	u.Since = time.Now().UTC()
 	if err := v.saveUnprotected(u); err != nil {
-		return u, err
+		// Nothing recorded, nothing done: the VM is protected as before.
+		return Unprotected{VM: u.VM, Peer: u.Peer}, err
 	}
 	v.mu.Lock()
 	v.unprotected = &u

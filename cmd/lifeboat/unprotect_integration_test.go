@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -75,20 +76,7 @@ func TestUnprotect(t *testing.T) {
 	if b, ok := n.Bitmap("users-own"); !ok || !b.Recording {
 		t.Fatalf("unprotect removed or stopped another tool's bitmap: %+v", n.Bitmaps)
 	}
-	status := func() daemon.VMStatus {
-		t.Helper()
-		var st daemon.StatusReply
-		if err := json.Unmarshal([]byte(run(t, "status", "--json", "-c", d.prod.config)), &st); err != nil {
-			t.Fatal(err)
-		}
-		for _, v := range st.VMs {
-			if v.VM == "vm1" {
-				return v
-			}
-		}
-		t.Fatalf("status shows no vm1: %+v", st)
-		return daemon.VMStatus{}
-	}
+	status := func() daemon.VMStatus { t.Helper(); return statusOf(t, d.prod.config) }
 	check := func(when string) {
 		t.Helper()
 		pts := len(d.points(t, d.dr.config))
@@ -164,5 +152,43 @@ func TestUnprotect(t *testing.T) {
 	}
 	if out := run(t, "status", "-c", d.dr.config); strings.Contains(out, "vm1") {
 		t.Fatalf("after forget the recovery site's status shows vm1:\n%s", out)
+	}
+}
+
+// statusOf is the status --json of vm1 at the site of config.
+func statusOf(t *testing.T, config string) daemon.VMStatus {
+	t.Helper()
+	var st daemon.StatusReply
+	if err := json.Unmarshal([]byte(run(t, "status", "--json", "-c", config)), &st); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range st.VMs {
+		if v.VM == "vm1" {
+			return v
+		}
+	}
+	t.Fatalf("status shows no vm1: %+v", st)
+	return daemon.VMStatus{}
+}
+
+// A site whose state_dir refuses the unprotected record (here a directory
+// stands where the file goes; a full or read-only file system does the
+// same) has not unprotected the VM: unprotect must fail and say why, not
+// report success while the VM goes on cycling.
+func TestUnprotectRecordNotWritten(t *testing.T) {
+	d := deploy(t, 16<<20)
+	run(t, "sync", "vm1", "-c", d.prod.config)
+	if err := os.MkdirAll(filepath.Join(d.dir, "prod", "protect", "vm1", "unprotected.json", "in-the-way"), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	out, err := runErr(t, "unprotect", "vm1", "-c", d.prod.config)
+	if err == nil {
+		t.Fatalf("unprotect succeeded though its record could not be written:\n%s", out)
+	}
+	if !strings.Contains(out, "unprotected.json") {
+		t.Errorf("unprotect's error does not say what failed:\n%s", out)
+	}
+	if s := statusOf(t, d.prod.config); s.State == "unprotected" {
+		t.Errorf("status says vm1 is unprotected, though nothing was recorded: %s", s.Detail)
 	}
 }
