@@ -36,6 +36,10 @@ const stateUnprotected = "unprotected"
 // errUnprotected is the schedule's answer for an unprotected VM: no cycle.
 var errUnprotected = errors.New("unprotected (`lifeboat unprotect`): no cycles until `lifeboat sync` protects it again")
 
+// errReleasing is an unprotected record's Error while its release runs,
+// and after a site died during it.
+const errReleasing = "the release was under way, and had not ended when this was recorded (the site stopped during it?)"
+
 func (v *vm) unprotectedPath() string { return filepath.Join(v.p.VM.WorkDir, "unprotected.json") }
 
 // loadUnprotected reads the VM's unprotected record as the site starts. A
@@ -85,6 +89,9 @@ func (v *vm) unprotect(ctx context.Context) (Unprotected, error) {
 	v.cycleMu.Lock()
 	defer v.cycleMu.Unlock()
 	u.Since = time.Now().UTC()
+	// Until the release ends, the record says it has not: a site that dies
+	// meanwhile starts saying to run unprotect again, not that it finished.
+	u.Error = errReleasing
 	if err := v.saveUnprotected(u); err != nil {
 		// Nothing recorded, nothing done: the VM is protected as before.
 		return Unprotected{VM: u.VM, Peer: u.Peer}, err
@@ -95,7 +102,7 @@ func (v *vm) unprotect(ctx context.Context) (Unprotected, error) {
 	v.mu.Unlock()
 	v.setState(stateUnprotected, nil)
 	rel, err := v.p.Release(ctx, v.cfg.Peer)
-	u.Released = rel
+	u.Released, u.Error = rel, ""
 	if err != nil {
 		u.Error = err.Error()
 	}

@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -190,5 +192,55 @@ func TestUnprotectRecordNotWritten(t *testing.T) {
 	}
 	if s := statusOf(t, d.prod.config); s.State == "unprotected" {
 		t.Errorf("status says vm1 is unprotected, though nothing was recorded: %s", s.Detail)
+	}
+}
+
+// A site that dies between writing the unprotected record and the end of
+// the release (here: killed while the VM's QEMU does not answer) starts with
+// the VM unprotected; status must say the release did not finish and how to
+// finish it, not that lifeboat's change tracking was taken out. Unprotect
+// run again finishes it.
+func TestUnprotectInterruptedRelease(t *testing.T) {
+	d := deploy(t, 16<<20)
+	run(t, "sync", "vm1", "-c", d.prod.config)
+	pid := d.vm.Daemon.Pid()
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	cont := func() { syscall.Kill(pid, syscall.SIGCONT) }
+	defer cont()
+	cmd := exec.Command(binary, "unprotect", "vm1", "-c", d.prod.config)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	record := filepath.Join(d.dir, "prod", "protect", "vm1", "unprotected.json")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat(record); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("unprotect wrote no record in 30s:\n%s", readFile(d.prod.log))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond) // the release waits for the stopped QEMU
+	d.prod.kill()
+	cont()
+	d.prod.start(t)
+	s := statusOf(t, d.prod.config)
+	if s.State != "unprotected" || !strings.Contains(s.Detail, "lifeboat unprotect vm1") {
+		t.Fatalf("after a site died during unprotect: state %q, detail %q; want unprotected, saying to run `lifeboat unprotect vm1` again", s.State, s.Detail)
+	}
+	var u daemon.Unprotected
+	if err := json.Unmarshal([]byte(run(t, "unprotect", "vm1", "--json", "-c", d.prod.config)), &u); err != nil {
+		t.Fatal(err)
+	}
+	if len(u.Removed) != 2 || u.Error != "" {
+		t.Fatalf("unprotect run again answered %+v, want vm1's 2 generations removed", u)
+	}
+	if s := statusOf(t, d.prod.config); strings.Contains(s.Detail, "did not finish") {
+		t.Fatalf("after unprotect finished, status still says it did not: %s", s.Detail)
 	}
 }
