@@ -151,6 +151,10 @@ func (v *vm) sync(ctx context.Context, whole, resume bool) (lifeboat.Point, erro
 func (v *vm) migrate(ctx context.Context, timeout time.Duration) (protect.Migration, error) {
 	v.cycleMu.Lock()
 	defer v.cycleMu.Unlock()
+	if v.isUnprotected() {
+		// Its last point would be a hash resync of every disk, with the guest down.
+		return protect.Migration{}, fmt.Errorf("vm %q is unprotected (`lifeboat unprotect`): run `lifeboat sync %s` to protect it again (a hash resync while it runs), then migrate it", v.cfg.Name, v.cfg.Name)
+	}
 	if err := v.ready(ctx); err != nil {
 		return protect.Migration{}, err
 	}

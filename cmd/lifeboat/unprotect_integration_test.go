@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/daemon"
+	"github.com/lifeboat-dr/lifeboat/internal/testvm"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 )
 
@@ -242,5 +244,43 @@ func TestUnprotectInterruptedRelease(t *testing.T) {
 	}
 	if s := statusOf(t, d.prod.config); strings.Contains(s.Detail, "did not finish") {
 		t.Fatalf("after unprotect finished, status still says it did not: %s", s.Detail)
+	}
+}
+
+// A planned migration (`failover --planned`) of an unprotected VM would
+// shut it down, send a last point (a whole hash resync, with the guest
+// down) and run it at the recovery site while status here still said
+// "unprotected": it is refused, saying to protect the VM again first.
+func TestUnprotectedVMNotMigrated(t *testing.T) {
+	d := deploy(t, 16<<20)
+	dir := shortDir(t)
+	image := filepath.Join(dir, "vda.qcow2")
+	if err := qemu.CreateImage(context.Background(), image, "qcow2", 16<<20, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	sys := testvm.StartSystem(t, dir,
+		"-blockdev", fmt.Sprintf(`{"driver":"qcow2","node-name":"vda-node","file":{"driver":"file","filename":%q}}`, image),
+		"-device", "virtio-blk-pci,drive=vda-node,id=vda")
+	cfg, err := os.ReadFile(d.prod.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := strings.Index(string(cfg), "vms:")
+	d.prod.kill()
+	os.WriteFile(d.prod.config, []byte(string(cfg[:i])+"vms:\n  - {name: vm1, qmp: "+sys.QMPSocket()+"}\n"), 0o600)
+	d.prod.start(t)
+	run(t, "sync", "vm1", "-c", d.prod.config)
+	run(t, "unprotect", "vm1", "-c", d.prod.config)
+
+	out, err := runErr(t, "failover", "vm1", "--planned", "--shutdown-timeout", "1s", "-c", d.prod.config)
+	if err == nil {
+		runErr(t, "failover", "vm1", "--undo", "-c", d.dr.config)
+		t.Fatalf("a planned migration of an unprotected VM ran:\n%s", out)
+	}
+	if !strings.Contains(out, "unprotected") || !strings.Contains(out, "lifeboat sync vm1") {
+		t.Errorf("the refusal does not say why and what to do:\n%s", out)
+	}
+	if s := statusOf(t, d.prod.config); s.State != "unprotected" {
+		t.Errorf("after the refused migration, vm1 is %q: %s", s.State, s.LastError)
 	}
 }
