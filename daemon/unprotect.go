@@ -88,6 +88,15 @@ func (v *vm) unprotect(ctx context.Context) (Unprotected, error) {
 	}
 	v.cycleMu.Lock()
 	defer v.cycleMu.Unlock()
+	// The record's Peer is the first site whose generations are not yet
+	// released: one the config no longer names is released too.
+	peers := []string{v.cfg.Peer}
+	v.mu.Lock()
+	if prev := v.unprotected; prev != nil && prev.Error != "" && prev.Peer != "" && prev.Peer != v.cfg.Peer {
+		peers = []string{prev.Peer, v.cfg.Peer}
+	}
+	v.mu.Unlock()
+	u.Peer = peers[0]
 	u.Since = time.Now().UTC()
 	// Until the release ends, the record says it has not: a site that dies
 	// meanwhile starts saying to run unprotect again, not that it finished.
@@ -101,7 +110,18 @@ func (v *vm) unprotect(ctx context.Context) (Unprotected, error) {
 	v.progress = nil
 	v.mu.Unlock()
 	v.setState(stateUnprotected, nil)
-	rel, err := v.p.Release(ctx, v.cfg.Peer)
+	var rel protect.Released
+	var err error
+	for _, peer := range peers {
+		u.Peer = peer
+		var r protect.Released
+		r, err = v.p.Release(ctx, peer)
+		rel.Removed = append(rel.Removed, r.Removed...)
+		rel.Left = append(rel.Left, r.Left...)
+		if err != nil {
+			break
+		}
+	}
 	u.Released, u.Error = rel, ""
 	if err != nil {
 		u.Error = err.Error()

@@ -284,3 +284,42 @@ func TestUnprotectedVMNotMigrated(t *testing.T) {
 		t.Errorf("after the refused migration, vm1 is %q: %s", s.State, s.LastError)
 	}
 }
+
+// A release that did not finish (the VM was shut down), then the VM's entry
+// sent to another recovery site: unprotect run again must still take out
+// the generations kept for the site it was unprotected from, or they record
+// every write for good while status says the release finished.
+func TestUnprotectFinishesAfterPeerChanged(t *testing.T) {
+	d := deploy(t, 16<<20)
+	run(t, "sync", "vm1", "-c", d.prod.config)
+	d.vm.PowerOff(t)
+	if out, err := runErr(t, "unprotect", "vm1", "-c", d.prod.config); err == nil {
+		t.Fatalf("unprotect of a shut-down VM succeeded:\n%s", out)
+	}
+	d.vm.PowerOn(t)
+	cfg, err := os.ReadFile(d.prod.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Another recovery site (its address is never dialled here).
+	s := strings.Replace(string(cfg), "peers:\n", "peers:\n  - {name: dr2, address: \"127.0.0.1:1\"}\n", 1)
+	s = strings.Replace(s, "name: vm1,", "name: vm1, peer: dr2,", 1)
+	d.prod.kill()
+	os.WriteFile(d.prod.config, []byte(s), 0o600)
+	d.prod.start(t)
+	run(t, "unprotect", "vm1", "-c", d.prod.config)
+	nodes, err := d.vm.Monitor().Nodes(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		for _, b := range n.Bitmaps {
+			if strings.HasSuffix(b.Name, "@dr") {
+				t.Errorf("after unprotect ran again, generation %s for site dr is left on node %s", b.Name, n.NodeName)
+			}
+		}
+	}
+	if st := statusOf(t, d.prod.config); strings.Contains(st.Detail, "did not finish") {
+		t.Errorf("status: %s", st.Detail)
+	}
+}
