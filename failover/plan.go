@@ -4,12 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/recovery"
 )
 
 // Plan is a recovery plan: steps run in order, the VMs of a step started
@@ -65,11 +70,6 @@ type PlanEvent struct {
 	What string    `json:"what"`
 }
 
-// RunPlan runs plan: each step's VMs are started from their latest points
-// at once, then the step waits (for every agent, or a delay), then each VM's
-// hooks run; a step with a VM that failed ends the plan, and the VMs
-// already started keep running (`StopPlan` ends a test's). progress gets
-// each event as it happens.
 // PlanOptions says how a plan runs.
 type PlanOptions struct {
 	Test  bool // every VM as a test failover
@@ -79,6 +79,13 @@ type PlanOptions struct {
 	Before time.Time
 }
 
+// RunPlan runs plan: each VM's point is chosen before any starts (its
+// latest, or its latest at or before opts.Before; one group instant for the
+// VMs of a consistency group, planPoints), then each step's VMs are started
+// at once, the step waits (for every agent, or a delay), then each VM's
+// hooks run; a step with a VM that failed ends the plan, and the VMs
+// already started keep running (`StopPlan` ends a test's). progress gets
+// each event as it happens.
 func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progress func(PlanEvent)) ([]PlanVM, error) {
 	test := opts.Test
 	var (
@@ -92,6 +99,14 @@ func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progres
 			mu.Unlock()
 		}
 	}
+	// Every VM's point is chosen, and pinned, before the first starts: a VM
+	// with none must not leave the VMs of earlier steps failed over, and
+	// retention must not merge a later step's point meanwhile.
+	points, release, err := m.planPoints(ctx, p, opts.Before, func(what string) { say(0, "", "%s", what) })
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	for i, st := range p.Steps {
 		n := i + 1
 		say(n, "", "step %d of %d: starting %s", n, len(p.Steps), strings.Join(st.VMs, ", "))
@@ -103,7 +118,7 @@ func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progres
 			go func() {
 				defer wg.Done()
 				row := PlanVM{VM: vm, Step: n, Started: time.Now().UTC()}
-				r, err := m.Start(ctx, vm, Options{Test: test, Plan: p.Name, Force: opts.Force, Before: opts.Before})
+				r, err := m.Start(ctx, vm, Options{Point: points[vm], Test: test, Plan: p.Name, Force: opts.Force})
 				if err != nil {
 					row.Error = err.Error()
 					say(n, vm, "failed to start: %v", err)
@@ -172,6 +187,113 @@ func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progres
 		say(n, "", "step %d done", n)
 	}
 	return out, nil
+}
+
+// planPoints chooses the point each VM of p starts from: its latest, or its
+// latest taken at or before before. VMs of p whose points come from one
+// consistency group take the newest group point they all hold, so that they
+// start from one instant (a member's own cycles, or a group cycle that
+// committed some members' points only, leave them different latests). The
+// points are pinned until release. A VM with no such point is an error that
+// names every one, and nothing is pinned.
+func (m *Manager) planPoints(ctx context.Context, p Plan, before time.Time, say func(string)) (_ map[string]uint64, release func(), err error) {
+	held := map[string][]lifeboat.Point{} // each VM's candidates, oldest first
+	groups := map[string][]string{}       // group name: the VMs of p holding its points
+	var vms, missing []string
+	for _, st := range p.Steps {
+		for _, vm := range st.VMs {
+			pts, err := m.Store.Points(vm)
+			if err != nil {
+				return nil, nil, err
+			}
+			if !before.IsZero() {
+				pts = slices.DeleteFunc(pts, func(pt lifeboat.Point) bool { return pt.Instant.After(before) })
+			}
+			if len(pts) == 0 {
+				if _, err := m.point(vm, 0, before); err != nil {
+					missing = append(missing, err.Error())
+				}
+				continue
+			}
+			vms, held[vm] = append(vms, vm), pts
+			seen := map[string]bool{}
+			for _, pt := range pts {
+				if g := groupName(pt.Group); g != "" && !seen[g] {
+					seen[g] = true
+					groups[g] = append(groups[g], vm)
+				}
+			}
+		}
+	}
+	if len(missing) > 0 {
+		return nil, nil, fmt.Errorf("plan %q: nothing started: %s", p.Name, strings.Join(missing, "; "))
+	}
+	out := map[string]uint64{}
+	for _, vm := range vms {
+		out[vm] = held[vm][len(held[vm])-1].ID
+	}
+	for _, g := range slices.Sorted(maps.Keys(groups)) {
+		members := groups[g]
+		if len(members) < 2 {
+			continue
+		}
+		// The newest group point of the first member that every other holds.
+		var tag string
+		pts := held[members[0]]
+		for i := len(pts) - 1; i >= 0 && tag == ""; i-- {
+			if groupName(pts[i].Group) != g {
+				continue
+			}
+			tag = pts[i].Group
+			for _, vm := range members[1:] {
+				if !slices.ContainsFunc(held[vm], func(pt lifeboat.Point) bool { return pt.Group == tag }) {
+					tag = ""
+					break
+				}
+			}
+		}
+		if tag == "" {
+			return nil, nil, fmt.Errorf("plan %q: nothing started: vms %s hold points of consistency group %q but none of one group point all of them hold%s (`lifeboat points VM` lists them; `lifeboat sync %s` at the protected site takes one)",
+				p.Name, strings.Join(members, ", "), g, beforeText(before), g)
+		}
+		for _, vm := range members {
+			i := slices.IndexFunc(held[vm], func(pt lifeboat.Point) bool { return pt.Group == tag })
+			out[vm] = held[vm][i].ID
+		}
+		say(fmt.Sprintf("%s start from consistency group %q's point %s, the newest all of them hold", strings.Join(members, ", "), g, tag))
+	}
+	id := "plan-" + p.Name + "-" + nonce()
+	var pinned []string
+	release = func() {
+		for _, vm := range pinned {
+			if err := m.Store.RemovePin(vm, id); err != nil {
+				m.log().Error("removing a plan's pin", "plan", p.Name, "vm", vm, "err", err)
+			}
+		}
+	}
+	for _, vm := range vms {
+		if err := m.Store.AddPin(ctx, vm, id, recovery.Pin{Point: out[vm], Reason: "recovery plan " + p.Name, Since: time.Now().UTC()}); err != nil {
+			release()
+			return nil, nil, fmt.Errorf("plan %q: nothing started: vm %q point %d: %w", p.Name, vm, out[vm], err)
+		}
+		pinned = append(pinned, vm)
+	}
+	return out, release, nil
+}
+
+// groupName is the consistency group of a point's group tag (NAME@INSTANT).
+func groupName(tag string) string {
+	if i := strings.LastIndexByte(tag, '@'); i >= 0 {
+		return tag[:i]
+	}
+	return tag
+}
+
+func beforeText(before time.Time) string {
+	if before.IsZero() {
+		return ""
+	}
+	return " at or before " + before.UTC().Format(time.RFC3339)
 }
 
 func (m *Manager) runHooks(ctx context.Context, p Plan, r *Run) error {

@@ -25,6 +25,14 @@ import (
 // its definition from the config: the test guest's kernel, no workload.
 func replicateDataDisk(t *testing.T, site *testsite.Site, vm string) {
 	t.Helper()
+	if _, err := dataDiskProtector(t, site, vm).Cycle(testCtx(t, time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// dataDiskProtector is replicateDataDisk's protector of vm, before any cycle.
+func dataDiskProtector(t *testing.T, site *testsite.Site, vm string) *protect.Protector {
+	t.Helper()
 	dir := testsite.ShortDir(t)
 	image := filepath.Join(dir, "vda.qcow2")
 	testguest.MakeDisk(t, image, 64<<20, "qcow2")
@@ -41,9 +49,7 @@ func replicateDataDisk(t *testing.T, site *testsite.Site, vm string) {
 				Append: "console=ttyS0 panic=-1 lb.workload=none", Disks: []lifeboat.DefinitionDisk{{Name: "vda", Device: "virtio-blk-pci"}}}},
 		Target: site.Dial(t, wire.CompressionZstd), Readers: 4,
 	}
-	if _, err := p.Cycle(ctx); err != nil {
-		t.Fatal(err)
-	}
+	return p
 }
 
 // A plan of three VMs in two steps, each waiting for its agents: the second
@@ -167,5 +173,79 @@ func TestFailoverRefusedWhileProductionInContact(t *testing.T) {
 	}
 	if o, _, _ := site.Store.Owner("db1"); o.Site != "dr" || o.Epoch != 2 {
 		t.Errorf("owner after one failover of three: %+v, want dr at epoch 2", o)
+	}
+}
+
+// A plan whose later step's VM has no point at or before --point TIME
+// starts nothing: before, the first step's VMs were started (a real plan
+// failed them over) and the plan then failed at the step with no point.
+func TestPlanWithoutAPointBeforeStartsNothing(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts QEMU: covered by the full (non -short) run")
+	}
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	replicateDataDisk(t, site, "db1")
+	before := time.Now()
+	replicateDataDisk(t, site, "app1") // its only point is after before
+	m := manager(t, site)
+	plan := failover.Plan{Name: "web-tier", Steps: []failover.Step{{VMs: []string{"db1"}}, {VMs: []string{"app1"}}}}
+	rows, err := m.RunPlan(testCtx(t, 2*time.Minute), plan, failover.PlanOptions{Test: true, Before: before}, nil)
+	runs, _ := m.Runs("")
+	for _, r := range runs {
+		m.Stop(context.Background(), r)
+	}
+	if err == nil || !strings.Contains(err.Error(), `"app1"`) || !strings.Contains(err.Error(), "nothing started") {
+		t.Errorf("plan with app1 having no point before %s: %v, want it refused naming app1", before.Format(time.RFC3339Nano), err)
+	}
+	if len(runs) != 0 || len(rows) != 0 {
+		t.Errorf("runs after the refused plan: %v (summary %+v), want none", runs, rows)
+	}
+	for _, vm := range []string{"db1", "app1"} {
+		if pins, _ := site.Store.Pins(vm); len(pins) != 0 {
+			t.Errorf("vm %s: pins after the refused plan: %v", vm, pins)
+		}
+	}
+}
+
+// The VMs of a consistency group start from one group instant: db1's own
+// cycle after the group point (`lifeboat sync db1`) made its latest point
+// newer than app1's, and the plan started each from its latest.
+func TestPlanStartsAGroupFromOneInstant(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts QEMU: covered by the full (non -short) run")
+	}
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	db1, app1 := dataDiskProtector(t, site, "db1"), dataDiskProtector(t, site, "app1")
+	g := &protect.Group{Name: "tier", Members: []*protect.Protector{db1, app1}}
+	pts, err := g.Cycle(testCtx(t, time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db1.Cycle(testCtx(t, time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	m := manager(t, site)
+	plan := failover.Plan{Name: "web-tier", Steps: []failover.Step{{VMs: []string{"db1", "app1"}}}}
+	rows, err := m.RunPlan(testCtx(t, 2*time.Minute), plan, failover.PlanOptions{Test: true}, nil)
+	defer m.StopPlan(context.Background(), "web-tier")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rows {
+		pt, err := site.Store.Point(r.VM, r.Point)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pt.Group != pts[0].Group {
+			t.Errorf("%s started from point %d (group %q), want the group point %q", r.VM, r.Point, pt.Group, pts[0].Group)
+		}
+	}
+	if n, err := m.StopPlan(testCtx(t, time.Minute), "web-tier"); err != nil || n != 2 {
+		t.Errorf("StopPlan: %d %v", n, err)
+	}
+	for _, vm := range []string{"db1", "app1"} {
+		if pins, _ := site.Store.Pins(vm); len(pins) != 0 {
+			t.Errorf("vm %s: pins after the plan: %v", vm, pins)
+		}
 	}
 }
