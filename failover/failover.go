@@ -70,6 +70,9 @@ type Manager struct {
 	// check that none runs.
 	mu       sync.Mutex
 	starting map[string]bool
+	// plans are the plans running now, by name: one run of a plan at a
+	// time, and StopPlan ends a drill under way before its runs.
+	plans map[string]*planRun
 
 	// Libvirt, when set, is the libvirtd (URI) that runs VMs whose points
 	// carry a libvirt domain's XML: they start as domains of it. Other VMs

@@ -86,8 +86,31 @@ type PlanOptions struct {
 // hooks run; a step with a VM that failed ends the plan, and the VMs
 // already started keep running (`StopPlan` ends a test's). progress gets
 // each event as it happens.
-func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progress func(PlanEvent)) ([]PlanVM, error) {
+func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progress func(PlanEvent)) (_ []PlanVM, err error) {
 	test := opts.Test
+	ctx, cancel := context.WithCancelCause(ctx)
+	pr := &planRun{test: test, since: time.Now().UTC(), cancel: cancel, done: make(chan struct{})}
+	m.mu.Lock()
+	if r, ok := m.plans[p.Name]; ok {
+		m.mu.Unlock()
+		cancel(nil)
+		return nil, fmt.Errorf("plan %q is running here now (a %s since %s): wait for it to end; `lifeboat failover --list` lists what it started", p.Name, r.kind(), r.since.Format(time.RFC3339))
+	}
+	if m.plans == nil {
+		m.plans = map[string]*planRun{}
+	}
+	m.plans[p.Name] = pr
+	m.mu.Unlock()
+	defer func() {
+		if err != nil && context.Cause(ctx) == errPlanStopped {
+			err = fmt.Errorf("%w: %w", errPlanStopped, err)
+		}
+		cancel(nil)
+		m.mu.Lock()
+		delete(m.plans, p.Name)
+		m.mu.Unlock()
+		close(pr.done)
+	}()
 	var (
 		mu  sync.Mutex
 		out []PlanVM
@@ -326,8 +349,41 @@ func (m *Manager) runHooks(ctx context.Context, p Plan, r *Run) error {
 	return nil
 }
 
-// StopPlan ends every test run the plan started, and says how many.
+// planRun is a plan running now (Manager.plans).
+type planRun struct {
+	test   bool
+	since  time.Time
+	cancel context.CancelCauseFunc
+	done   chan struct{} // closed once RunPlan returned
+}
+
+func (r *planRun) kind() string {
+	if r.test {
+		return "drill"
+	}
+	return "real failover"
+}
+
+var errPlanStopped = errors.New("the drill was stopped (`lifeboat plan stop`)")
+
+// StopPlan ends every test run the plan started, and says how many. A drill
+// of it under way is ended first, so that no later step starts a VM after
+// the stop; a real run of it under way is not, and refuses the stop.
 func (m *Manager) StopPlan(ctx context.Context, plan string) (int, error) {
+	m.mu.Lock()
+	pr := m.plans[plan]
+	m.mu.Unlock()
+	if pr != nil {
+		if !pr.test {
+			return 0, fmt.Errorf("plan %q is failing its VMs over for real now (since %s), not a drill: `plan stop` ends drills only; once it ends, `lifeboat failover VM --undo` gives up each VM it started", plan, pr.since.Format(time.RFC3339))
+		}
+		pr.cancel(errPlanStopped)
+		select {
+		case <-pr.done:
+		case <-ctx.Done():
+			return 0, fmt.Errorf("plan %q: waiting for its drill to stop: %w", plan, ctx.Err())
+		}
+	}
 	runs, err := m.Runs("")
 	if err != nil {
 		return 0, err

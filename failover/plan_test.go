@@ -249,3 +249,69 @@ func TestPlanStartsAGroupFromOneInstant(t *testing.T) {
 		}
 	}
 }
+
+// `plan stop` during a drill ends the drill before its runs: before, the
+// stop ended the runs there were, and the drill went on to start the next
+// step's VMs after it, which ran on. A second run of the plan while one
+// runs is refused: before, it started a second copy of every VM.
+func TestPlanStopDuringADrill(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts QEMU: covered by the full (non -short) run")
+	}
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	replicateDataDisk(t, site, "db1")
+	replicateDataDisk(t, site, "app1")
+	m := manager(t, site)
+	t.Cleanup(func() {
+		runs, _ := m.Runs("")
+		for _, r := range runs {
+			m.Stop(context.Background(), r)
+		}
+	})
+	plan := failover.Plan{Name: "web-tier", Steps: []failover.Step{{VMs: []string{"db1"}, Delay: 5 * time.Second}, {VMs: []string{"app1"}}}}
+	// drill starts the plan's drill and returns once its first step waits.
+	drill := func() <-chan error {
+		running := make(chan struct{})
+		var once sync.Once
+		done := make(chan error, 1)
+		go func() {
+			_, err := m.RunPlan(testCtx(t, 2*time.Minute), plan, failover.PlanOptions{Test: true}, func(e failover.PlanEvent) {
+				if strings.HasPrefix(e.What, "waiting") {
+					once.Do(func() { close(running) })
+				}
+			})
+			done <- err
+		}()
+		select {
+		case <-running:
+		case err := <-done:
+			t.Fatalf("the drill ended before its first step's wait: %v", err)
+		}
+		return done
+	}
+	done := drill()
+	n, err := m.StopPlan(testCtx(t, time.Minute), "web-tier")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = <-done
+	if err == nil || !strings.Contains(err.Error(), "plan stop") {
+		t.Errorf("the stopped drill ended with %v, want it told it was stopped", err)
+	}
+	if runs, _ := m.Runs(""); n != 1 || len(runs) != 0 {
+		t.Errorf("StopPlan stopped %d run(s); runs once the drill ended: %d, want none", n, len(runs))
+		for _, r := range runs {
+			t.Logf("left running: %s", r.ID)
+		}
+	}
+
+	done = drill()
+	rows, err := m.RunPlan(testCtx(t, 2*time.Minute), plan, failover.PlanOptions{Test: true}, nil)
+	if err == nil || !strings.Contains(err.Error(), "running here now") {
+		t.Errorf("a second run of the plan while a drill runs: %v (summary %+v), want it refused", err, rows)
+	}
+	if _, err := m.StopPlan(testCtx(t, time.Minute), "web-tier"); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+}
