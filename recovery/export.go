@@ -2,16 +2,27 @@ package recovery
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
 // Export writes point id's (0 = latest) view of a disk to out as a standalone
 // image in format (raw, qcow2, vmdk, vdi, vhdx: anything qemu-img writes),
-// leaving zeros unallocated. A failed export removes what it wrote.
+// leaving zeros unallocated. The image is written beside out (mode 0600) and
+// renamed to it once whole: a failed export leaves a file that was at out as
+// it was, and never a part of an image under out's name.
 func (s *Store) Export(ctx context.Context, vm string, id uint64, disk, out, format string) error {
+	if fi, err := os.Stat(out); err == nil && fi.IsDir() {
+		return fmt.Errorf("vm %q disk %q: %s is a directory: give the image's file name (-o %s)", vm, disk, out, filepath.Join(out, vm+"-"+disk+".img"))
+	}
+	dir := filepath.Dir(out)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("vm %q disk %q: cannot export to %s: its directory %s does not exist (create it, or give another -o)", vm, disk, out, dir)
+	}
 	unlock, err := s.lockChain(ctx, vm, false)
 	if err != nil {
 		return err
@@ -24,9 +35,19 @@ func (s *Store) Export(ctx context.Context, vm string, id uint64, disk, out, for
 	if format == "" {
 		format = "raw"
 	}
-	if err := qemu.Convert(ctx, src, "qcow2", out, format); err != nil {
-		os.Remove(out)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(out)+".lifeboat-export-*")
+	if err != nil {
+		return fmt.Errorf("vm %q disk %q: exporting point %d to %s: %w", vm, disk, id, out, err)
+	}
+	tmp := f.Name()
+	f.Close()
+	if err := qemu.Convert(ctx, src, "qcow2", tmp, format); err != nil {
+		os.Remove(tmp)
 		return fmt.Errorf("vm %q disk %q: exporting point %d to %s as %s: %w", vm, disk, id, out, format, err)
+	}
+	if err := os.Rename(tmp, out); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("vm %q disk %q: exporting point %d to %s: %w", vm, disk, id, out, err)
 	}
 	return nil
 }

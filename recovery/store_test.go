@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -910,6 +911,44 @@ func TestExportFormats(t *testing.T) {
 	}
 	if err := s.Export(testCtx(t), "ex", 7, "vda", filepath.Join(t.TempDir(), "x"), "raw"); !errors.Is(err, ErrNoPoint) {
 		t.Errorf("Export of a missing point: %v, want ErrNoPoint", err)
+	}
+}
+
+// An export that fails leaves a file already at its path as it was (before,
+// it was deleted), and one into a missing directory says so.
+func TestExportFailureKeepsAnExistingFile(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	models := writeSeries(t, s, "ex", 2)
+	dir := t.TempDir()
+	out := filepath.Join(dir, "vda.raw")
+	old := []byte("an earlier export the user keeps")
+	if err := os.WriteFile(out, old, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		point  uint64
+		format string
+	}{{2, "no-such-format"}, {7, "raw"}} {
+		if err := s.Export(testCtx(t), "ex", c.point, "vda", out, c.format); err == nil {
+			t.Errorf("export of point %d as %s succeeded", c.point, c.format)
+		}
+		if b, err := os.ReadFile(out); err != nil || !bytes.Equal(b, old) {
+			t.Errorf("after a failed export of point %d as %s, the file there reads %q (%v), want it as it was", c.point, c.format, b, err)
+		}
+	}
+	if err := s.Export(testCtx(t), "ex", 2, "vda", out, "raw"); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(out); !bytes.Equal(b, models[1]["vda"]) {
+		t.Error("an export over an existing file differs from what was written")
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Errorf("files beside the export: %v, want only it", ents)
+	}
+	missing := filepath.Join(dir, "no-such-dir", "vda.raw")
+	if err := s.Export(testCtx(t), "ex", 2, "vda", missing, "raw"); err == nil || !strings.Contains(err.Error(), "does not exist") {
+		t.Errorf("export into a missing directory: %v, want it said", err)
 	}
 }
 
