@@ -441,7 +441,14 @@ func (a *apiServer) verify(w http.ResponseWriter, r *http.Request) {
 	if !a.needStore(w, name) {
 		return
 	}
-	id, _ := strconv.ParseUint(r.URL.Query().Get("point"), 10, 64)
+	var id uint64 // 0: the latest
+	if q := r.URL.Query().Get("point"); q != "" && q != "latest" {
+		var err error
+		if id, err = strconv.ParseUint(q, 10, 64); err != nil {
+			writeErr(w, http.StatusBadRequest, fmt.Errorf("vm %q: point %q is not a point ID: give one from `lifeboat points %s`, or latest", name, q, name))
+			return
+		}
+	}
 	st := newStream(w)
 	last := time.Time{}
 	rep, err := a.d.store.Verify(r.Context(), name, id, func(done, total int64) {
