@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -95,6 +96,11 @@ func (g *globals) client() (*daemon.Client, error) {
 func oneVM(args []string, example string) (string, error) {
 	if len(args) != 1 {
 		return "", usagef("name one VM, e.g. `%s`", example)
+	}
+	// A name that no VM can have ('/', a leading '.') would not even reach
+	// the site's API as one path element ("..": a 404).
+	if vm := args[0]; vm == "" || strings.ContainsRune(vm, '/') || strings.HasPrefix(vm, ".") || strings.HasPrefix(vm, "-") {
+		return "", usagef("%q is not a VM's name (letters, digits, '_', '-' and '.', not starting with '.' or '-'): `lifeboat status` lists the VMs, e.g. `%s`", vm, example)
 	}
 	return args[0], nil
 }

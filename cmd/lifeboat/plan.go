@@ -56,6 +56,9 @@ the next step. A step with a VM that fails ends the plan; the VMs started keep r
 				}
 				return err
 			}
+			if len(rows) == 0 {
+				return err // nothing started: no summary to show
+			}
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "STEP\tVM\tPOINT\tPOINT AGE (RPO)\tSTARTED\tQEMU RUNNING\tAGENT ANSWERING\tERROR")
 			for _, r := range rows {
