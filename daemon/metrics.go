@@ -73,6 +73,8 @@ var (
 	lastDesc   = prometheus.NewDesc("lifeboat_last_point_id", "ID of the VM's newest committed point.", []string{"vm", "role"}, nil)
 	errDesc    = prometheus.NewDesc("lifeboat_vm_in_error", "1 when the VM's last cycle failed.", []string{"vm"}, nil)
 	targetDesc = prometheus.NewDesc("lifeboat_rpo_target_seconds", "The VM's RPO target (rpo_target).", []string{"vm"}, nil)
+	unprotDesc = prometheus.NewDesc("lifeboat_vm_unprotected",
+		"1 when `lifeboat unprotect` took the VM out of protection: it has no cycles, and no RPO is reported for it.", []string{"vm"}, nil)
 )
 
 func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -80,6 +82,7 @@ func (c *statusCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- lastDesc
 	ch <- errDesc
 	ch <- targetDesc
+	ch <- unprotDesc
 }
 
 func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
@@ -87,7 +90,12 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, name := range c.d.vmNames() {
 		v, _ := c.d.vmOf(name)
 		s := v.status(now)
-		if s.LastPoint != nil {
+		unprotected := 0.0
+		if s.State == stateUnprotected {
+			unprotected = 1
+		}
+		ch <- prometheus.MustNewConstMetric(unprotDesc, prometheus.GaugeValue, unprotected, name)
+		if s.LastPoint != nil && unprotected == 0 {
 			ch <- prometheus.MustNewConstMetric(rpoDesc, prometheus.GaugeValue, s.RPO, name, s.Role)
 			ch <- prometheus.MustNewConstMetric(lastDesc, prometheus.GaugeValue, float64(s.LastPoint.ID), name, s.Role)
 		}

@@ -80,14 +80,17 @@ func (v *vm) unprotect(ctx context.Context) (Unprotected, error) {
 	if v.reversedHere() {
 		return u, fmt.Errorf("vm %q runs at its old recovery site and is protected from there to this site: this site protects it no more, there is nothing of its own to release; remove it from `vms:`", v.cfg.Name)
 	}
+	v.cycleMu.Lock()
+	defer v.cycleMu.Unlock()
 	v.mu.Lock()
-	homing := v.homing
+	homing, failedOver := v.homing, v.state == stateFailedOver
 	v.mu.Unlock()
 	if homing {
 		return u, fmt.Errorf("vm %q is coming home from a failback: unprotect it once its first cycle here has run (`lifeboat status`)", v.cfg.Name)
 	}
-	v.cycleMu.Lock()
-	defer v.cycleMu.Unlock()
+	if failedOver {
+		return u, fmt.Errorf("vm %q was failed over and runs at recovery site %q: there is nothing to unprotect here until it is handed back (a failback home, or `lifeboat failover %s --undo` there); to retire it there, `lifeboat forget %s` at that site once no run of it is left", v.cfg.Name, v.cfg.Peer, v.cfg.Name, v.cfg.Name)
+	}
 	// The record's Peer is the first site whose generations are not yet
 	// released: one the config no longer names is released too.
 	peers := []string{v.cfg.Peer}

@@ -60,6 +60,11 @@ type PlanVM struct {
 	Agent     time.Time     `json:"agent,omitempty"` // its agent answering (zero: not waited for, or never)
 	ToAgent   time.Duration `json:"to_agent_ns,omitempty"`
 	Error     string        `json:"error,omitempty"`
+	// Already is set for a VM of a real plan that was failed over here
+	// before the plan ran (by hand, or by an earlier run of a plan that
+	// stopped): it counts as started and is not started again (Run is its
+	// run, Point its point); its hooks and agent wait are not run.
+	Already bool `json:"already,omitempty"`
 }
 
 // PlanEvent is a plan run's progress.
@@ -141,6 +146,26 @@ func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progres
 			go func() {
 				defer wg.Done()
 				row := PlanVM{VM: vm, Step: n, Started: time.Now().UTC()}
+				if !test {
+					// A VM failed over here already is up: the plan goes on.
+					if r, err := m.failedOverRun(vm); err != nil {
+						row.Error = err.Error()
+						say(n, vm, "failed to start: %v", err)
+						rows[j] = row
+						return
+					} else if r != nil {
+						row.Run, row.Point, row.PointAge, row.Already = r.ID, r.Point, r.Started.Sub(r.Instant), true
+						row.Started = r.Started
+						other := ""
+						if r.Point != points[vm] {
+							other = fmt.Sprintf(", not the plan's point %d", points[vm])
+						}
+						say(n, vm, "already failed over here (run %s from point %d%s, since %s): counted as started, not started again; the plan's hooks and agent wait are not run for it",
+							r.ID, r.Point, other, r.Started.Format(time.RFC3339))
+						rows[j] = row
+						return
+					}
+				}
 				r, err := m.Start(ctx, vm, Options{Point: points[vm], Test: test, Plan: p.Name, Force: opts.Force})
 				if err != nil {
 					row.Error = err.Error()
@@ -401,4 +426,18 @@ func (m *Manager) StopPlan(ctx context.Context, plan string) (int, error) {
 		n++
 	}
 	return n, errors.Join(errs...)
+}
+
+// failedOverRun is vm's real (not test) run here, or nil when it has none.
+func (m *Manager) failedOverRun(vm string) (*Run, error) {
+	runs, err := m.Runs(vm)
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range runs {
+		if !r.Test {
+			return r, nil
+		}
+	}
+	return nil, nil
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -314,4 +315,43 @@ func TestPlanStopDuringADrill(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-done
+}
+
+// A real plan after the operator failed one of its VMs over by hand (the
+// database first, as a runbook may say): that VM counts as started, with its
+// run and point, and the plan goes on with the later steps. Before, the
+// plan failed at that step ("already runs here") and started nothing after.
+func TestPlanCountsAVMFailedOverByHand(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts QEMU: covered by the full (non -short) run")
+	}
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	replicateDataDisk(t, site, "db1")
+	replicateDataDisk(t, site, "app1")
+	m := manager(t, site)
+	byHand, err := m.Start(testCtx(t, 2*time.Minute), "db1", failover.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		runs, _ := m.Runs("")
+		for _, r := range runs {
+			m.Stop(context.Background(), r)
+		}
+	})
+	plan := failover.Plan{Name: "web-tier", Steps: []failover.Step{{VMs: []string{"db1"}}, {VMs: []string{"app1"}}}}
+	var events []string
+	rows, err := m.RunPlan(testCtx(t, 2*time.Minute), plan, failover.PlanOptions{}, func(e failover.PlanEvent) { events = append(events, e.VM+": "+e.What) })
+	if err != nil {
+		t.Fatalf("plan with db1 failed over by hand: %v\nevents: %q", err, events)
+	}
+	if len(rows) != 2 || !rows[0].Already || rows[0].Run != byHand.ID || rows[0].Point != byHand.Point || rows[1].VM != "app1" || rows[1].Already || rows[1].Run == "" {
+		t.Fatalf("summary %+v; want db1 counted as started by its run %s, app1 started by the plan", rows, byHand.ID)
+	}
+	if !slices.ContainsFunc(events, func(e string) bool { return strings.Contains(e, "already failed over here") }) {
+		t.Errorf("no event says db1 was already failed over: %q", events)
+	}
+	if runs, _ := m.Runs("db1"); len(runs) != 1 {
+		t.Errorf("db1 has %d runs after the plan, want its one by hand", len(runs))
+	}
 }

@@ -87,6 +87,11 @@ func TestFailoverCommands(t *testing.T) {
 	if st := run(t, "status", "-c", prodCfg); !strings.Contains(st, "failed-over") || !strings.Contains(st, "failover vm1 --undo") {
 		t.Errorf("status at the old production site does not say the VM was failed over and what to do:\n%s", st)
 	}
+	// Unprotect of a VM that runs at its recovery site is refused, saying
+	// why; it would hide the failed-over state behind "unprotected".
+	if out, err := runErr(t, "unprotect", "vm1", "-c", prodCfg); err == nil || !strings.Contains(out, "runs at recovery site") {
+		t.Errorf("unprotect of the failed-over vm1: %v\n%s; want a refusal", err, out)
+	}
 
 	out = run(t, "failover", "vm1", "--undo", "-c", drCfg)
 	if !strings.Contains(out, "handed back to site prod") {

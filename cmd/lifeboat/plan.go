@@ -69,8 +69,12 @@ the next step. A step with a VM that fails ends the plan; the VMs started keep r
 				if r.Error != "" {
 					errText = r.Error
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%d\t%v\t%s\t+%v\t%s\t%s\n", r.Step, r.VM, r.Point, r.PointAge.Round(time.Second),
-					r.Started.Local().Format("15:04:05.000"), r.ToRunning.Round(time.Millisecond), agent, errText)
+				running := fmt.Sprintf("+%v", r.ToRunning.Round(time.Millisecond))
+				if r.Already {
+					running = "already, by run " + r.Run
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%d\t%v\t%s\t%s\t%s\t%s\n", r.Step, r.VM, r.Point, r.PointAge.Round(time.Second),
+					r.Started.Local().Format("15:04:05.000"), running, agent, errText)
 			}
 			if ferr := tw.Flush(); ferr != nil {
 				return ferr

@@ -94,6 +94,11 @@ func TestUnprotect(t *testing.T) {
 		if s := status(); s.State != "unprotected" || !strings.Contains(s.Detail, "lifeboat sync vm1") || s.Behind {
 			t.Fatalf("%s: status of vm1: state %q, detail %q, behind %v; want unprotected, saying how to protect it again", when, s.State, s.Detail, s.Behind)
 		}
+		// A monitor alerting on the RPO hears of no RPO for it, and why.
+		m := scrape(t, filepath.Join(d.dir, "prod", "api.sock"))
+		if !strings.Contains(m, `lifeboat_vm_unprotected{vm="vm1"} 1`) || strings.Contains(m, `lifeboat_rpo_seconds{role="protected",vm="vm1"}`) {
+			t.Fatalf("%s: metrics of an unprotected vm1, want lifeboat_vm_unprotected 1 and no RPO:\n%s", when, m)
+		}
 	}
 	check("after unprotect")
 	if out := run(t, "status", "-c", d.prod.config); !strings.Contains(out, "unprotected") {
