@@ -256,19 +256,7 @@ func TestPlanStartsAGroupFromOneInstant(t *testing.T) {
 // step's VMs after it, which ran on. A second run of the plan while one
 // runs is refused: before, it started a second copy of every VM.
 func TestPlanStopDuringADrill(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts QEMU: covered by the full (non -short) run")
-	}
-	site := testsite.Start(t, recovery.Options{Keep: 10})
-	replicateDataDisk(t, site, "db1")
-	replicateDataDisk(t, site, "app1")
-	m := manager(t, site)
-	t.Cleanup(func() {
-		runs, _ := m.Runs("")
-		for _, r := range runs {
-			m.Stop(context.Background(), r)
-		}
-	})
+	m := twoVMPlanSite(t)
 	plan := failover.Plan{Name: "web-tier", Steps: []failover.Step{{VMs: []string{"db1"}, Delay: 5 * time.Second}, {VMs: []string{"app1"}}}}
 	// drill starts the plan's drill and returns once its first step waits.
 	drill := func() <-chan error {
@@ -322,23 +310,11 @@ func TestPlanStopDuringADrill(t *testing.T) {
 // run and point, and the plan goes on with the later steps. Before, the
 // plan failed at that step ("already runs here") and started nothing after.
 func TestPlanCountsAVMFailedOverByHand(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts QEMU: covered by the full (non -short) run")
-	}
-	site := testsite.Start(t, recovery.Options{Keep: 10})
-	replicateDataDisk(t, site, "db1")
-	replicateDataDisk(t, site, "app1")
-	m := manager(t, site)
+	m := twoVMPlanSite(t)
 	byHand, err := m.Start(testCtx(t, 2*time.Minute), "db1", failover.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		runs, _ := m.Runs("")
-		for _, r := range runs {
-			m.Stop(context.Background(), r)
-		}
-	})
 	plan := failover.Plan{Name: "web-tier", Steps: []failover.Step{{VMs: []string{"db1"}}, {VMs: []string{"app1"}}}}
 	var events []string
 	rows, err := m.RunPlan(testCtx(t, 2*time.Minute), plan, failover.PlanOptions{}, func(e failover.PlanEvent) { events = append(events, e.VM+": "+e.What) })
@@ -354,4 +330,24 @@ func TestPlanCountsAVMFailedOverByHand(t *testing.T) {
 	if runs, _ := m.Runs("db1"); len(runs) != 1 {
 		t.Errorf("db1 has %d runs after the plan, want its one by hand", len(runs))
 	}
+}
+
+// twoVMPlanSite is a recovery site holding one point of db1 and of app1, and
+// its manager, whose runs end with the test.
+func twoVMPlanSite(t *testing.T) *failover.Manager {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("starts QEMU: covered by the full (non -short) run")
+	}
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	replicateDataDisk(t, site, "db1")
+	replicateDataDisk(t, site, "app1")
+	m := manager(t, site)
+	t.Cleanup(func() {
+		runs, _ := m.Runs("")
+		for _, r := range runs {
+			m.Stop(context.Background(), r)
+		}
+	})
+	return m
 }
