@@ -38,16 +38,19 @@ func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
 	if err := checkName("VM", vm); err != nil {
 		return f, err
 	}
-	l := s.vmLock(vm)
-	if err := l.lockWriter(ctx, vm); err != nil {
-		return f, err
-	}
-	defer l.unlockWriter()
+	// The chain before the writer slot, as a merge into the latest point
+	// takes them (see runMerge): the other way round, each waits for the
+	// other.
 	unlock, err := s.lockChain(ctx, vm, true)
 	if err != nil {
 		return f, err
 	}
 	defer unlock()
+	l := s.vmLock(vm)
+	if err := l.lockWriter(ctx, vm); err != nil {
+		return f, err
+	}
+	defer l.unlockWriter()
 	unshape, err := l.lockShape(ctx, vm)
 	if err != nil {
 		return f, err

@@ -1,6 +1,7 @@
 package recovery
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -72,5 +73,40 @@ func TestForget(t *testing.T) {
 	s = openStore(t, dir, 100)
 	if vms, err := s.VMs(); err != nil || strings.Join(vms, ",") != "gone,stays" {
 		t.Errorf("after a restart the store lists %v (%v)", vms, err)
+	}
+}
+
+// A forget that comes while a point is written waits for it, and a merge
+// into the latest point (keep 1) that comes meanwhile takes the chain and
+// then waits for the same writer slot. Before, forget held the writer slot
+// and then waited for the chain, the merge the other way round: once the
+// point ended, each waited for the other until the forget's context ran
+// out (and the VM's points with it).
+func TestForgetBesideAMergeIntoTheLatestPoint(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	models := writeSeries(t, s, "fm", 2)
+	s.keep = 1
+	p3 := begin(t, s, "fm", 3, models[1].clone(), DiskSpec{Name: "vda", Size: 4 << 20})
+	p3.data("vda", 2, 2)
+	forgot := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_, err := s.Forget(ctx, "fm")
+		forgot <- err
+	}()
+	time.Sleep(300 * time.Millisecond) // forget waits for the point being written
+	s.retainLater("fm")                // plans 1 into 2, the latest: waits for the point too
+	time.Sleep(300 * time.Millisecond)
+	if err := p3.w.Abort(testCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-forgot; err != nil {
+		t.Fatalf("forget beside a merge into the latest point: %v", err)
+	}
+	s.SettleRetention()
+	if got := pointIDs(t, s, "fm"); len(got) != 0 {
+		t.Errorf("points after forget: %v, want none", got)
 	}
 }
