@@ -13,6 +13,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
 // Forgotten is what Forget deleted.
@@ -29,8 +30,8 @@ type Forgotten struct {
 // a new VM of whichever site sends it first). It waits for a point being
 // written, a merge, an export or a verify of the VM, as long as ctx allows,
 // and refuses while a failover or test failover reads a point (a pin), while
-// the VM is failed over here, and when a point's image lies outside the store
-// (the production disks of a VM protected in reverse). The catalog forgets
+// the VM is failed over here, and when its images read through one outside
+// the store (the production disks of a VM protected in reverse). The catalog forgets
 // first, then the files go: a crash between leaves files no point names,
 // which a second Forget removes.
 func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
@@ -57,6 +58,9 @@ func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
 	}
 	defer unshape()
 	dir := s.abs(filepath.Join("vms", vm))
+	if err := s.checkBackingsInside(ctx, vm, dir); err != nil {
+		return f, err
+	}
 	known := false
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		if vmBucket(tx, vm) == nil {
@@ -91,11 +95,6 @@ func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
 		}
 		for _, p := range pts {
 			f.Points = append(f.Points, p.Point.ID)
-			for _, d := range p.Point.Disks {
-				if filepath.IsAbs(d.File) && !strings.HasPrefix(d.File, dir+string(filepath.Separator)) {
-					return fmt.Errorf("vm %q: point %d disk %q lies outside the store (%s): the VM is protected in reverse onto its own disks, which lifeboat does not delete", vm, p.Point.ID, d.Name, d.File)
-				}
-			}
 		}
 		return tx.Bucket(bucketVMs).DeleteBucket([]byte(vm))
 	})
@@ -130,6 +129,56 @@ func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
 	}
 	s.log.Warn("vm forgotten: every restore point deleted", "vm", vm, "points", len(f.Points), "bytes", f.Bytes, "owner", f.Owner)
 	return f, nil
+}
+
+// checkBackingsInside refuses a VM whose images read through an image
+// outside dir, its directory in the store: the seed of a VM protected in
+// reverse onto disks on another file system (failback.Reverse renames them
+// where they are), the backing of its first point's image and of the image
+// merges make of it. The points' own images always lie in the store. The
+// caller holds the chain, the writer slot and the shape.
+func (s *Store) checkBackingsInside(ctx context.Context, vm, dir string) error {
+	var pts []pointRecord
+	if err := s.db.View(func(tx *bolt.Tx) error {
+		var err error
+		if pts, err = readPoints(tx, vm); err != nil {
+			return err
+		}
+		// The point a recorded merge drops is out of readPoints' list.
+		intent, err := readIntent(tx, vm)
+		if err != nil || intent == nil || intent.Done {
+			return err
+		}
+		p, ok, err := readPoint(tx, vm, intent.Drop)
+		if ok {
+			pts = append(pts, p)
+		}
+		return err
+	}); err != nil {
+		return err
+	}
+	for _, p := range pts {
+		for _, d := range p.Point.Disks {
+			if p.Parents[d.Name] != 0 {
+				continue // backed by the point below
+			}
+			if _, err := os.Stat(s.abs(d.File)); errors.Is(err, fs.ErrNotExist) {
+				continue // nothing to read through, nothing to leave behind
+			}
+			info, err := qemu.ReadImageInfo(ctx, s.abs(d.File))
+			if err != nil {
+				return fmt.Errorf("vm %q: point %d disk %q: %w", vm, p.Point.ID, d.Name, err)
+			}
+			b := info.BackingFile
+			if b != "" && !filepath.IsAbs(b) {
+				b = filepath.Join(filepath.Dir(s.abs(d.File)), b)
+			}
+			if b != "" && !strings.HasPrefix(filepath.Clean(b), dir+string(filepath.Separator)) {
+				return fmt.Errorf("vm %q: point %d disk %q reads through %s, outside the store: the VM is protected in reverse onto its own disks, which lifeboat does not delete", vm, p.Point.ID, d.Name, b)
+			}
+		}
+	}
+	return nil
 }
 
 // ErrUnknownVM is wrapped by the error of a call about a VM the store holds

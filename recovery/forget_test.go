@@ -3,11 +3,15 @@ package recovery
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
 // Forget deletes a VM's points, images and records, and leaves the other
@@ -108,5 +112,62 @@ func TestForgetBesideAMergeIntoTheLatestPoint(t *testing.T) {
 	s.SettleRetention()
 	if got := pointIDs(t, s, "fm"); len(got) != 0 {
 		t.Errorf("points after forget: %v, want none", got)
+	}
+}
+
+// adoptSeed adopts a 4 MiB qcow2 image made in dir, its first 8 blocks
+// random data, as point 1 of vm (protection in reverse), and returns the
+// image's path and the model of the point.
+func adoptSeed(t *testing.T, s *Store, dir, vm string) (string, model) {
+	t.Helper()
+	m := model{"vda": make([]byte, 4<<20)}
+	rng := rand.New(rand.NewPCG(testenv.Seed(t), 1))
+	for i := range 8 * B {
+		m["vda"][i] = byte(rng.Uint32())
+	}
+	raw, seed := filepath.Join(dir, vm+"-vda.raw"), filepath.Join(dir, vm+"-vda.qcow2")
+	if err := os.WriteFile(raw, m["vda"], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := qemu.Convert(testCtx(t), raw, "raw", seed, "qcow2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Adopt(testCtx(t), BeginSpec{VM: vm, ID: 1, Instant: time.Unix(1001, 0).UTC(),
+		Disks: []DiskSpec{{Name: "vda", Size: 4 << 20, Resync: true, Lineage: "lineage-vda", Generation: "gen-vda-1", Seed: seed}}}); err != nil {
+		t.Fatalf("Adopt: %v", err)
+	}
+	return seed, m
+}
+
+// A VM protected in reverse onto disks on another file system than the
+// store: its first point's image is an overlay over the old production
+// disk, renamed where it was (failback.Reverse). Forget refuses it, as it
+// says, rather than delete the overlays and leave that disk behind, read by
+// nothing and named by no record. Before, the check looked at the points'
+// own images, which always lie in the store, and the forget went through.
+func TestForgetRefusesAVMProtectedInReverseOntoItsOwnDisks(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	seed, m := adoptSeed(t, s, t.TempDir(), "rv")
+	p := begin(t, s, "rv", 2, m, DiskSpec{Name: "vda", Size: 4 << 20})
+	p.data("vda", 20, 3)
+	p.commit()
+	if _, err := s.Forget(testCtx(t), "rv"); err == nil || !strings.Contains(err.Error(), "outside the store") || !strings.Contains(err.Error(), seed) {
+		t.Fatalf("forget of a VM protected in reverse onto its own disks: %v; want a refusal naming %s", err, seed)
+	}
+	if got := pointIDs(t, s, "rv"); len(got) != 2 {
+		t.Fatalf("a refused forget changed the points: %v", got)
+	}
+	checkPoint(t, s, "rv", 2, m)
+
+	// On the store's file system the seed was moved into the VM's
+	// directory: the VM's to forget with its points.
+	in := filepath.Join(s.Dir(), "vms", "rv2", "vda")
+	if err := os.MkdirAll(in, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	adoptSeed(t, s, in, "rv2")
+	if f, err := s.Forget(testCtx(t), "rv2"); err != nil || len(f.Points) != 1 {
+		t.Fatalf("forget of a VM whose seed lies in the store: %+v, %v", f, err)
 	}
 }
