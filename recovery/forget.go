@@ -13,7 +13,6 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
-	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
 // Forgotten is what Forget deleted.
@@ -138,44 +137,26 @@ func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
 // merges make of it. The points' own images always lie in the store. The
 // caller holds the chain, the writer slot and the shape.
 func (s *Store) checkBackingsInside(ctx context.Context, vm, dir string) error {
-	var pts []pointRecord
-	if err := s.db.View(func(tx *bolt.Tx) error {
-		var err error
+	var (
+		pts    []pointRecord
+		intent *mergeIntent
+	)
+	if err := s.db.View(func(tx *bolt.Tx) (err error) {
 		if pts, err = readPoints(tx, vm); err != nil {
 			return err
 		}
-		// The point a recorded merge drops is out of readPoints' list.
-		intent, err := readIntent(tx, vm)
-		if err != nil || intent == nil || intent.Done {
-			return err
-		}
-		p, ok, err := readPoint(tx, vm, intent.Drop)
-		if ok {
-			pts = append(pts, p)
-		}
+		intent, err = readIntent(tx, vm)
 		return err
 	}); err != nil {
 		return err
 	}
-	for _, p := range pts {
-		for _, d := range p.Point.Disks {
-			if p.Parents[d.Name] != 0 {
-				continue // backed by the point below
-			}
-			if _, err := os.Stat(s.abs(d.File)); errors.Is(err, fs.ErrNotExist) {
-				continue // nothing to read through, nothing to leave behind
-			}
-			info, err := qemu.ReadImageInfo(ctx, s.abs(d.File))
-			if err != nil {
-				return fmt.Errorf("vm %q: point %d disk %q: %w", vm, p.Point.ID, d.Name, err)
-			}
-			b := info.BackingFile
-			if b != "" && !filepath.IsAbs(b) {
-				b = filepath.Join(filepath.Dir(s.abs(d.File)), b)
-			}
-			if b != "" && !strings.HasPrefix(filepath.Clean(b), dir+string(filepath.Separator)) {
-				return fmt.Errorf("vm %q: point %d disk %q reads through %s, outside the store: the VM is protected in reverse onto its own disks, which lifeboat does not delete", vm, p.Point.ID, d.Name, b)
-			}
+	seeds, err := s.seedsBelow(ctx, vm, pts, intent)
+	if err != nil {
+		return err
+	}
+	for _, seed := range seeds {
+		if !strings.HasPrefix(seed, dir+string(filepath.Separator)) {
+			return fmt.Errorf("vm %q: its points read through %s, outside the store: the VM is protected in reverse onto its own disks, which lifeboat does not delete", vm, seed)
 		}
 	}
 	return nil

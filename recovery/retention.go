@@ -758,6 +758,46 @@ func wholeAbove(pts []pointRecord, keep int, m *mergeIntent) int {
 	return 0
 }
 
+// seedsBelow lists the images that the bases of pts (and of the point a
+// recorded merge drops) read through: the disks a reversal adopted
+// (Adopt), which no record names. dropBelowWhole drops them with the
+// points, Forget refuses those outside the store.
+func (s *Store) seedsBelow(ctx context.Context, vm string, pts []pointRecord, intent *mergeIntent) ([]string, error) {
+	if intent != nil && !intent.Done {
+		if err := s.db.View(func(tx *bolt.Tx) error {
+			p, ok, err := readPoint(tx, vm, intent.Drop)
+			if ok {
+				pts = append(slices.Clip(pts), p)
+			}
+			return err
+		}); err != nil {
+			return nil, err
+		}
+	}
+	var seeds []string
+	for _, p := range pts {
+		for _, d := range p.Point.Disks {
+			if p.Parents[d.Name] != 0 {
+				continue
+			}
+			if _, err := os.Stat(s.abs(d.File)); errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			info, err := qemu.ReadImageInfo(ctx, s.abs(d.File))
+			if err != nil {
+				return nil, fmt.Errorf("vm %q: retention: point %d disk %q: %w", vm, p.Point.ID, d.Name, err)
+			}
+			if b := info.BackingFile; b != "" {
+				if !filepath.IsAbs(b) {
+					b = filepath.Join(filepath.Dir(s.abs(d.File)), b)
+				}
+				seeds = append(seeds, filepath.Clean(b))
+			}
+		}
+	}
+	return seeds, nil
+}
+
 // dropBelowWhole drops, without a merge, the oldest points retention drops
 // when a later point holds its disks whole (wholeAbove): that point's images
 // lose their backing (metadata only: they read the same), then one catalog
@@ -786,6 +826,13 @@ func (s *Store) dropBelowWhole(ctx context.Context, vm string) error {
 		return nil
 	}
 	top := pts[w]
+	inStore := func(file string) bool {
+		return !filepath.IsAbs(file) || strings.HasPrefix(file, s.dir+string(filepath.Separator))
+	}
+	seeds, err := s.seedsBelow(ctx, vm, pts[:w], intent)
+	if err != nil {
+		return err
+	}
 	unlock, err := s.vmLock(vm).lockShape(ctx, vm)
 	if err != nil {
 		return err
@@ -800,8 +847,12 @@ func (s *Store) dropBelowWhole(ctx context.Context, vm string) error {
 		}
 	}
 	m := &mergeIntent{Drop: pts[w-1].Point.ID, Keep: top.Point.ID, Done: true}
-	inStore := func(file string) bool {
-		return !filepath.IsAbs(file) || strings.HasPrefix(file, s.dir+string(filepath.Separator))
+	for _, seed := range seeds {
+		if inStore(seed) {
+			m.Remove = append(m.Remove, seed)
+		} else {
+			s.log.Warn("retention: the disk image a reversal adopted lies outside the store and no point reads it any more: delete it by hand", "vm", vm, "image", seed)
+		}
 	}
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		b := vmBucket(tx, vm)

@@ -91,3 +91,37 @@ func TestRetentionDropsDamagedPointsBelowAWholePoint(t *testing.T) {
 	}
 	checkPoint(t, s, "rp", 7, m)
 }
+
+// A VM protected in reverse: its first point's image is an overlay over the
+// old production disk, moved into the store (failback.Reverse). Once a
+// later point holds the disk whole, retention drops that point without a
+// merge, and the disk under it with it: nothing reads it any more. Before,
+// the overlay went and the disk stayed, a whole disk's size that only a
+// forget of the VM would free.
+func TestRetentionDropsTheSeedBelowAWholePoint(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	in := filepath.Join(s.Dir(), "vms", "rs", "vda")
+	if err := os.MkdirAll(in, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	seed, m := adoptSeed(t, s, in, "rs")
+	p := begin(t, s, "rs", 2, m, DiskSpec{Name: "vda", Size: 4 << 20, Resync: true})
+	p.data("vda", 0, 20)
+	p.zeros("vda", 20, 44)
+	p.commit()
+	p = begin(t, s, "rs", 3, m, DiskSpec{Name: "vda", Size: 4 << 20})
+	p.data("vda", 30, 2)
+	p.commit()
+	s.keep = 2
+	if err := s.ApplyRetention(testCtx(t), "rs"); err != nil {
+		t.Fatalf("retention: %v", err)
+	}
+	if got := pointIDs(t, s, "rs"); !slices.Equal(got, []uint64{2, 3}) {
+		t.Fatalf("points after retention: %v, want [2 3]", got)
+	}
+	checkPoint(t, s, "rs", 3, m)
+	if _, err := os.Stat(seed); !os.IsNotExist(err) {
+		t.Errorf("the adopted disk under the dropped point is left: %v", err)
+	}
+}
