@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -30,9 +31,9 @@ type Forgotten struct {
 // written, a merge, an export or a verify of the VM, as long as ctx allows,
 // and refuses while a failover or test failover reads a point (a pin), while
 // the VM is failed over here, and when its images read through one outside
-// the store (the production disks of a VM protected in reverse). The catalog forgets
-// first, then the files go: a crash between leaves files no point names,
-// which a second Forget removes.
+// the store (the production disks of a VM protected in reverse). Its files
+// are set aside, the catalog forgets, then they are deleted; Open finishes
+// or undoes a forget a crash cut short (sweepForgotten).
 func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
 	f := Forgotten{VM: vm}
 	if err := checkName("VM", vm); err != nil {
@@ -61,7 +62,7 @@ func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
 		return f, err
 	}
 	known := false
-	err = s.db.Update(func(tx *bolt.Tx) error {
+	err = s.db.View(func(tx *bolt.Tx) error {
 		if vmBucket(tx, vm) == nil {
 			return nil
 		}
@@ -95,10 +96,37 @@ func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
 		for _, p := range pts {
 			f.Points = append(f.Points, p.Point.ID)
 		}
-		return tx.Bucket(bucketVMs).DeleteBucket([]byte(vm))
+		return nil
 	})
 	if err != nil {
 		return f, err
+	}
+	// The files go aside first, the catalog forgets, then they are deleted:
+	// Open puts them back after a crash before the catalog, and deletes them
+	// after it (sweepForgotten), so no point is ever listed without its
+	// files, and no file of a forgotten VM is left among a new one's.
+	trash := s.abs(filepath.Join("vms", forgottenPrefix+vm+"-"+fmt.Sprintf("%08x", rand.Uint32())))
+	if err := os.Rename(dir, trash); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return f, fmt.Errorf("vm %q: setting its files aside: %w", vm, err)
+	} else if err != nil {
+		trash = ""
+	}
+	if err := fsutil.SyncDir(s.abs("vms")); err != nil {
+		return f, err
+	}
+	if err := s.forgetHook("aside"); err != nil {
+		return f, err
+	}
+	if known {
+		err = s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketVMs).DeleteBucket([]byte(vm)) })
+		if err != nil {
+			if trash != "" {
+				if rerr := os.Rename(trash, dir); rerr != nil {
+					err = fmt.Errorf("%w; and putting its files back from %s failed: %w (the site's next start does it)", err, trash, rerr)
+				}
+			}
+			return f, fmt.Errorf("vm %q: forgetting its points in the catalog: %w", vm, err)
+		}
 	}
 	s.mu.Lock()
 	sp := s.spares[vm]
@@ -109,16 +137,21 @@ func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
 	if sp != nil {
 		go func() { <-sp.ready; s.discardSpare(sp) }()
 	}
-	_ = filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() {
-			if fi, err := d.Info(); err == nil {
-				f.Bytes += fi.Size()
+	if err := s.forgetHook("cataloged"); err != nil {
+		return f, err
+	}
+	if trash != "" {
+		_ = filepath.WalkDir(trash, func(_ string, d fs.DirEntry, err error) error {
+			if err == nil && !d.IsDir() {
+				if fi, err := d.Info(); err == nil {
+					f.Bytes += fi.Size()
+				}
 			}
+			return nil
+		})
+		if err := os.RemoveAll(trash); err != nil {
+			return f, fmt.Errorf("vm %q: its points are forgotten, but its files under %s could not all be deleted: %w (the site's next start deletes them)", vm, trash, err)
 		}
-		return nil
-	})
-	if err := os.RemoveAll(dir); err != nil {
-		return f, fmt.Errorf("vm %q: its points are forgotten, but its files under %s could not all be deleted: %w (delete them by hand)", vm, dir, err)
 	}
 	if !known && f.Bytes == 0 {
 		return f, fmt.Errorf("vm %q has no restore point at this site: %w", vm, ErrUnknownVM)
@@ -165,3 +198,47 @@ func (s *Store) checkBackingsInside(ctx context.Context, vm, dir string) error {
 // ErrUnknownVM is wrapped by the error of a call about a VM the store holds
 // nothing of.
 var ErrUnknownVM = errors.New("unknown VM")
+
+// forgottenPrefix starts the name under vms/ of a forgotten VM's files until
+// they are deleted (no VM name starts with a dot).
+const forgottenPrefix = ".forgotten-"
+
+// sweepForgotten finishes what a Forget cut short left under vms/: files set
+// aside for a VM the catalog still holds go back (the forget did not happen);
+// those of a VM it forgot are deleted.
+func (s *Store) sweepForgotten() {
+	vms := s.abs("vms")
+	ents, _ := os.ReadDir(vms)
+	for _, e := range ents {
+		rest, ok := strings.CutPrefix(e.Name(), forgottenPrefix)
+		if !ok || len(rest) < 10 || rest[len(rest)-9] != '-' {
+			continue
+		}
+		vm, trash := rest[:len(rest)-9], filepath.Join(vms, e.Name())
+		known := false
+		_ = s.db.View(func(tx *bolt.Tx) error { known = vmBucket(tx, vm) != nil; return nil })
+		dir := filepath.Join(vms, vm)
+		if _, err := os.Stat(dir); known && errors.Is(err, os.ErrNotExist) {
+			if err := os.Rename(trash, dir); err != nil {
+				s.log.Error("a forget of the VM was cut short before the catalog: putting its files back failed", "vm", vm, "from", trash, "err", err)
+				continue
+			}
+			s.log.Warn("a forget of the VM was cut short before the catalog forgot it: its files are back, nothing was forgotten", "vm", vm)
+			continue
+		}
+		if err := os.RemoveAll(trash); err != nil {
+			s.log.Error("deleting the files of a forgotten VM", "vm", vm, "dir", trash, "err", err)
+			continue
+		}
+		s.log.Warn("deleted the files of a VM forgotten before a crash", "vm", vm)
+	}
+	_ = fsutil.SyncDir(vms)
+}
+
+// forgetHook runs the test hook after a step of Forget, if a test set one.
+func (s *Store) forgetHook(step string) error {
+	if s.testForgetHook == nil {
+		return nil
+	}
+	return s.testForgetHook(step)
+}

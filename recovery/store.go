@@ -94,6 +94,9 @@ type Store struct {
 	// testMergeHook, when set by a test, runs after each merge step; an
 	// error stops the merge there as a crash would.
 	testMergeHook func(step string) error
+	// testForgetHook, when set by a test, runs after each step of Forget; an
+	// error stops it there as a crash would.
+	testForgetHook func(step string) error
 }
 
 // names of VMs and disks become directory names and qemu option values.
@@ -190,6 +193,7 @@ func (s *Store) recover(ctx context.Context) error {
 	if err := sweepSpares(ctx, s.dir); err != nil {
 		s.log.Warn("could not clear what writers made ahead left", "err", err)
 	}
+	s.sweepForgotten()
 	for _, vm := range vms {
 		var pending []pendingRecord
 		err := s.db.View(func(tx *bolt.Tx) (err error) { pending, err = readPending(tx, vm); return err })
