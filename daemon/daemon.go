@@ -71,6 +71,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := os.MkdirAll(d.cfg.StateDir, 0o750); err != nil {
 		return fmt.Errorf("state_dir %s: %w", d.cfg.StateDir, err)
 	}
+	unlock, err := d.lockStateDir()
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	d.ctx = ctx
