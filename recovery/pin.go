@@ -72,7 +72,8 @@ func (s *Store) AddPin(ctx context.Context, vm, name string, p Pin) error {
 
 // RemovePin removes a pin; a missing one is fine (a repeat).
 func (s *Store) RemovePin(vm, name string) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+	last := false
+	err := s.db.Update(func(tx *bolt.Tx) error {
 		pins, err := readPins(tx, vm)
 		if err != nil || pins == nil {
 			return err
@@ -83,10 +84,18 @@ func (s *Store) RemovePin(vm, name string) error {
 			return err
 		}
 		if len(pins) == 0 {
+			last = true
 			return b.Delete(keyPins)
 		}
 		return putJSON(b, keyPins, pins)
 	})
+	if err == nil && last {
+		// Retention waited for the pin: it catches up now, not at the VM's
+		// next point, which may never come (production lost, or the VM
+		// protected elsewhere since).
+		s.retainLater(vm)
+	}
+	return err
 }
 
 // Pins are vm's pins, by name.

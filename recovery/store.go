@@ -175,6 +175,15 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, err
 	}
+	// A VM with more points than keep (keep lowered since, or merges that
+	// waited for a pin): retention catches up now, not at its next point,
+	// which may never come (production lost, the VM protected elsewhere).
+	vms, _ := s.VMs()
+	for _, vm := range vms {
+		if n, err := s.pointCount(vm); err == nil && n > s.keep {
+			s.retainLater(vm)
+		}
+	}
 	return s, nil
 }
 

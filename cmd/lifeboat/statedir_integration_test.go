@@ -45,3 +45,48 @@ func TestSecondSiteOnAStateDirIsRefused(t *testing.T) {
 		}
 	}
 }
+
+// A recovery site restarted with a lower `keep:` merges down to it at once,
+// also for a VM that sends no more points (its production site is gone), and
+// the latest point stays byte-exact. Before, retention ran only after a
+// commit, so such a VM kept its old count for good.
+func TestKeepLoweredCatchesUpAtStart(t *testing.T) {
+	d := deploy(t, 16<<20)
+	ctx := context.Background()
+	var want map[string]string
+	for range 4 {
+		if _, err := d.guest.Mixed(ctx, 4); err != nil {
+			t.Fatal(err)
+		}
+		want = d.hashes(t)
+		run(t, "sync", "vm1", "-c", d.prod.config)
+	}
+	d.prod.kill()
+	if n := len(d.points(t, d.dr.config)); n != 4 {
+		t.Fatalf("%d points before keep was lowered, want 4", n)
+	}
+	cfg, err := os.ReadFile(d.dr.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(d.dr.config, []byte(strings.Replace(string(cfg), "keep: 10", "keep: 2", 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d.dr.kill()
+	d.dr.start(t)
+	var ids []uint64
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		ids = ids[:0]
+		for _, p := range d.points(t, d.dr.config) {
+			ids = append(ids, p.ID)
+		}
+		if len(ids) == 2 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if fmt.Sprint(ids) != "[3 4]" {
+		t.Fatalf("points a minute after a restart with keep 2: %v, want [3 4]", ids)
+	}
+	d.checkLatest(t, want)
+	run(t, "verify", "vm1", "--point", "3", "-c", d.dr.config)
+}
