@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -89,6 +90,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	// most, and not at all when its QEMU is gone.
 	protect.ThawLeftovers(d.frozenDir(), d.vmQuiescer, d.log)
 
+	if d.cfg.Listen == "" {
+		if err := d.checkNoRuns(); err != nil {
+			return err
+		}
+	}
 	if d.cfg.Listen != "" {
 		st, err := recovery.Open(ctx, filepath.Join(d.cfg.StateDir, "recovery"), recovery.Options{Keep: d.cfg.Keep, Owners: d.cfg.Owners, Logger: d.log})
 		if err != nil {
@@ -179,6 +185,23 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		return err
 	}
+}
+
+// checkNoRuns refuses to start a site without `listen:` whose state_dir
+// holds VMs started from restore points here: without the recovery service
+// nothing would commit, undo, stop or fail them back, and their pins would
+// hold retention when it comes back.
+func (d *Daemon) checkNoRuns() error {
+	runs, err := (&failover.Manager{Dir: filepath.Join(d.cfg.StateDir, "failover")}).Runs("")
+	if err != nil || len(runs) == 0 {
+		return err
+	}
+	var names []string
+	for _, r := range runs {
+		names = append(names, fmt.Sprintf("vm %s: %s %s from point %d", r.VM, r.Kind(), r.ID, r.Point))
+	}
+	return fmt.Errorf("config %s: no `listen:`, but this site was a recovery site and runs VMs started from its restore points (%s): without the recovery service nothing could commit, undo, stop or fail them back. Put `listen:` back and end them first (`lifeboat failover VM --test --stop`, `--undo`, or `lifeboat failback VM --finalize`)",
+		d.cfg.Path(), strings.Join(names, "; "))
 }
 
 // checkOwnCertificate refuses to start a site whose certificate names

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 )
 
 // A second site started on a state_dir a running site serves (a copied
@@ -89,4 +91,46 @@ func TestKeepLoweredCatchesUpAtStart(t *testing.T) {
 	}
 	d.checkLatest(t, want)
 	run(t, "verify", "vm1", "--point", "3", "-c", d.dr.config)
+}
+
+// A recovery site whose `listen:` was removed while a VM runs there from one
+// of its points does not start, naming the run: nothing could stop, commit
+// or fail it back without the recovery service. Before, the site started as
+// a protected site only, and the run's QEMU ran on, out of every command's
+// reach (`failover --list` said nothing of it).
+func TestListenRemovedWithARunIsRefused(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots guests under TCG: covered by the full (non -short) run")
+	}
+	g := testguest.Boot(t, testguest.Options{Name: "nolisten", Workload: testguest.Counter})
+	dir := shortDir(t)
+	makePKI(t, dir)
+	addr := freeAddr(t)
+	drCfg := filepath.Join(dir, "dr.yaml")
+	drYAML := fmt.Sprintf("site: dr\nstate_dir: %s/dr\nlisten: %s\nkeep: 10\ntls: {ca: pki/ca.crt, cert: pki/dr.crt, key: pki/dr.key}\n", dir, addr)
+	os.WriteFile(drCfg, []byte(drYAML), 0o600)
+	prodCfg := filepath.Join(dir, "prod.yaml")
+	os.WriteFile(prodCfg, []byte(fmt.Sprintf("site: prod\nstate_dir: %s/prod\ntls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}\n"+
+		"peers:\n  - {name: dr, address: %q}\nvms:\n  - {name: vm1, qmp: %s}\n", dir, addr, g.VMQMPSocket())), 0o600)
+	dr := startSite(t, "dr", drCfg)
+	startSite(t, "prod", prodCfg)
+	run(t, "sync", "vm1", "-c", prodCfg)
+	run(t, "failover", "vm1", "--test", "-c", drCfg)
+	t.Cleanup(func() {
+		os.WriteFile(drCfg, []byte(drYAML), 0o600)
+		if dr.cmd == nil {
+			dr.start(t)
+		}
+		run(t, "failover", "vm1", "--test", "--stop", "-c", drCfg)
+	})
+
+	dr.kill()
+	os.WriteFile(drCfg, []byte(strings.Replace(drYAML, "listen: "+addr+"\n", "", 1)), 0o600)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	out, err := exec.CommandContext(ctx, binary, "serve", "-c", drCfg).CombinedOutput()
+	timedOut := ctx.Err() != nil
+	cancel()
+	if timedOut || err == nil || !strings.Contains(string(out), "vm vm1: test failover vm1-1-") || !strings.Contains(string(out), "--test --stop") {
+		t.Fatalf("`lifeboat serve` without `listen:` while a test failover runs there: %v (ran for the whole 15 s: %v)\n%s\nwant it refused, naming the run and how to end it", err, timedOut, out)
+	}
 }
