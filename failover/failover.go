@@ -688,8 +688,12 @@ func (m *Manager) ReleaseCrashedStarts(ctx context.Context) error {
 			if err := os.RemoveAll(r.Dir); err != nil {
 				errs = append(errs, fmt.Errorf("vm %q: removing the directory of run %s: %w", vm, id, err))
 			}
-			m.log().Warn("released the pin of a failover start that lifeboat did not finish (it stopped meanwhile); retention goes on",
-				"vm", vm, "point", pin.Point, "run", id, "since", pin.Since)
+			what := "a failover start"
+			if strings.HasPrefix(pin.Reason, "recovery plan ") {
+				what = "a " + pin.Reason + "'s run" // its points chosen up front (planPoints)
+			}
+			m.log().Warn("released the pin of "+what+" that lifeboat did not finish (it stopped meanwhile); retention goes on",
+				"vm", vm, "point", pin.Point, "pin", id, "since", pin.Since)
 		}
 	}
 	return errors.Join(errs...)
