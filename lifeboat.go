@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"math/bits"
+	"strings"
 	"time"
 
 	"github.com/zeebo/blake3"
@@ -214,6 +215,15 @@ type Point struct {
 	// Tested is the last test failover of this point whose guest agent
 	// answered: proof that the point boots.
 	Tested *TestMark `json:"tested,omitempty"`
+}
+
+// GroupName is the consistency group of a point's group tag (NAME@INSTANT,
+// Point.Group): the points of one group instant share the whole tag.
+func GroupName(tag string) string {
+	if i := strings.LastIndexByte(tag, '@'); i >= 0 {
+		return tag[:i]
+	}
+	return tag
 }
 
 // TestMark records a test failover of a point.

@@ -266,7 +266,7 @@ func (m *Manager) planPoints(ctx context.Context, p Plan, before time.Time, say 
 			vms, held[vm] = append(vms, vm), pts
 			seen := map[string]bool{}
 			for _, pt := range pts {
-				if g := groupName(pt.Group); g != "" && !seen[g] {
+				if g := lifeboat.GroupName(pt.Group); g != "" && !seen[g] {
 					seen[g] = true
 					groups[g] = append(groups[g], vm)
 				}
@@ -289,7 +289,7 @@ func (m *Manager) planPoints(ctx context.Context, p Plan, before time.Time, say 
 		var tag string
 		pts := held[members[0]]
 		for i := len(pts) - 1; i >= 0 && tag == ""; i-- {
-			if groupName(pts[i].Group) != g {
+			if lifeboat.GroupName(pts[i].Group) != g {
 				continue
 			}
 			tag = pts[i].Group
@@ -327,14 +327,6 @@ func (m *Manager) planPoints(ctx context.Context, p Plan, before time.Time, say 
 		pinned = append(pinned, vm)
 	}
 	return out, release, nil
-}
-
-// groupName is the consistency group of a point's group tag (NAME@INSTANT).
-func groupName(tag string) string {
-	if i := strings.LastIndexByte(tag, '@'); i >= 0 {
-		return tag[:i]
-	}
-	return tag
 }
 
 func beforeText(before time.Time) string {

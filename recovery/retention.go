@@ -81,10 +81,14 @@ func (s *Store) applyRetention(ctx context.Context, vm string) error {
 		var (
 			intent *mergeIntent
 			latest uint64
+			held   string
 		)
 		err := s.db.Update(func(tx *bolt.Tx) error {
 			pts, err := readPoints(tx, vm)
 			if err != nil || len(pts) <= s.keep {
+				return err
+			}
+			if held, err = heldForGroup(tx, vm, pts); err != nil || held != "" {
 				return err
 			}
 			latest = pts[len(pts)-1].Point.ID
@@ -102,6 +106,9 @@ func (s *Store) applyRetention(ctx context.Context, vm string) error {
 			return fmt.Errorf("vm %q: recording a retention merge: %w", vm, err)
 		}
 		if intent == nil {
+			if held != "" {
+				s.log.Warn("retention waits: "+held, "vm", vm, "keep", s.keep)
+			}
 			s.clearRetentionFailure(vm)
 			return nil
 		}
@@ -113,6 +120,49 @@ func (s *Store) applyRetention(ctx context.Context, vm string) error {
 		s.log.Info("retention: merged", "vm", vm, "drop", intent.Drop, "into", intent.Keep, "took", took.total.Round(time.Millisecond),
 			"commit", took.commit.Round(time.Millisecond), "check", took.check.Round(time.Millisecond), "waited", took.waited.Round(time.Millisecond))
 	}
+}
+
+// heldForGroup says why vm's oldest point must stay, "" when it may be
+// merged away: it is the newest instant of its consistency group that vm
+// shares with another VM here, and vm holds later points of the group (a
+// group cycle that committed some members only left them apart). A plan
+// starts the group from an instant all its VMs hold: dropping this one would
+// leave them none. A VM with no later point of the group (taken out of it)
+// is no longer held.
+func heldForGroup(tx *bolt.Tx, vm string, pts []pointRecord) (string, error) {
+	tag := pts[0].Point.Group
+	if tag == "" {
+		return "", nil
+	}
+	g := lifeboat.GroupName(tag)
+	later := map[string]bool{}
+	for _, r := range pts[1:] {
+		if lifeboat.GroupName(r.Point.Group) == g {
+			later[r.Point.Group] = true
+		}
+	}
+	if len(later) == 0 {
+		return "", nil
+	}
+	for _, other := range listVMs(tx) {
+		if other == vm {
+			continue
+		}
+		ops, err := readPoints(tx, other)
+		if err != nil {
+			return "", err
+		}
+		holds, shares := false, false
+		for _, r := range ops {
+			holds = holds || r.Point.Group == tag
+			shares = shares || later[r.Point.Group]
+		}
+		if holds && !shares {
+			return fmt.Sprintf("point %d is consistency group %q's last instant (%s) that vm %q holds too; it stays until a later group point of both is committed (`lifeboat sync %s` at the protected site), or vm %q's points are gone (`lifeboat forget %s`)",
+				pts[0].Point.ID, g, tag, other, g, other, other), nil
+		}
+	}
+	return "", nil
 }
 
 // retainLater applies the VM's retention in the background: a commit
