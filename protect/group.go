@@ -120,7 +120,7 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 			errs = append(errs, fmt.Errorf("group %q: vm %q: %w", g.Name, c.p.VM.Name, err))
 			continue
 		}
-		c.p.Whole = false
+		c.committed()
 		points = append(points, pt)
 	}
 	return points, errors.Join(errs...)

@@ -160,10 +160,7 @@ func (p *Protector) Cycle(ctx context.Context) (lifeboat.Point, error) {
 	if err != nil {
 		return lifeboat.Point{}, fmt.Errorf("vm %q: %w", p.VM.Name, err)
 	}
-	p.Whole = false
-	if err := saveImages(p.VM.WorkDir, c.images); err != nil {
-		c.log.Warn("recording the disks' images for a failback failed", "err", err)
-	}
+	c.committed()
 	end := time.Now()
 	attrs := []any{"consistency", pt.Consistency,
 		"changed", pt.Stats.BytesChanged, "zero", pt.Stats.BytesZero, "sent", pt.Stats.BytesSent,
@@ -174,6 +171,16 @@ func (p *Protector) Cycle(ctx context.Context) (lifeboat.Point, error) {
 	}
 	c.log.Info("point committed", attrs...)
 	return pt, nil
+}
+
+// committed records at this site what a committed point settles: the whole
+// send it was asked for is done, and the disks' images are where a failback
+// writes (a group member's as well as a VM's own).
+func (c *cycle) committed() {
+	c.p.Whole = false
+	if err := saveImages(c.p.VM.WorkDir, c.images); err != nil {
+		c.log.Warn("recording the disks' images for a failback failed", "err", err)
+	}
 }
 
 // diskState is one disk within one cycle.
