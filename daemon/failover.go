@@ -210,6 +210,7 @@ type PlanRequest struct {
 	Force bool `json:"force,omitempty"` // see FailoverRequest.Force
 	// Before: each VM from its latest point taken at or before it.
 	Before time.Time `json:"before,omitzero"`
+	Apart  bool      `json:"apart,omitempty"` // see failover.PlanOptions.Apart
 }
 
 func (a *apiServer) plan(w http.ResponseWriter, r *http.Request) (PlanConfig, bool) {
@@ -235,7 +236,7 @@ func (a *apiServer) planRun(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	st := newStream(w)
-	rows, err := a.d.runs.RunPlan(context.WithoutCancel(r.Context()), p.plan(), failover.PlanOptions{Test: req.Test, Force: req.Force, Before: req.Before}, func(e failover.PlanEvent) {
+	rows, err := a.d.runs.RunPlan(context.WithoutCancel(r.Context()), p.plan(), failover.PlanOptions{Test: req.Test, Force: req.Force, Before: req.Before, Apart: req.Apart}, func(e failover.PlanEvent) {
 		st.send(Event{Progress: e})
 	})
 	out := Event{Plan: rows}

@@ -161,7 +161,7 @@ func TestReleaseCrashedStartsReleasesAPlansPin(t *testing.T) {
 	m := &Manager{Store: st, Dir: testsite.ShortDir(t), Site: "dr", Log: quiet}
 	commitPoint(ctx, t, st, "vm1", 1)
 	commitPoint(ctx, t, st, "vm1", 2)
-	points, release, err := m.planPoints(ctx, Plan{Name: "drill", Steps: []Step{{VMs: []string{"vm1"}}}}, time.Time{}, func(string) {})
+	points, release, err := m.planPoints(ctx, Plan{Name: "drill", Steps: []Step{{VMs: []string{"vm1"}}}}, time.Time{}, false, func(string) {})
 	if err != nil || points["vm1"] != 2 {
 		t.Fatalf("planPoints: %v %v", points, err)
 	}

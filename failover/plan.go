@@ -82,6 +82,12 @@ type PlanOptions struct {
 	// Before: each VM from its latest point taken at or before it (zero:
 	// its latest).
 	Before time.Time
+	// Apart starts each VM of a consistency group from its own point when
+	// the group's VMs hold no group point in common (a member refused for
+	// long, retention merged their last one away): not consistent with one
+	// another, which the plan then says. Without it such a plan starts
+	// nothing.
+	Apart bool
 }
 
 // RunPlan runs plan: each VM's point is chosen before any starts (its
@@ -130,7 +136,7 @@ func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progres
 	// Every VM's point is chosen, and pinned, before the first starts: a VM
 	// with none must not leave the VMs of earlier steps failed over, and
 	// retention must not merge a later step's point meanwhile.
-	points, release, err := m.planPoints(ctx, p, opts.Before, func(what string) { say(0, "", "%s", what) })
+	points, release, err := m.planPoints(ctx, p, opts.Before, opts.Apart, func(what string) { say(0, "", "%s", what) })
 	if err != nil {
 		return nil, err
 	}
@@ -244,7 +250,7 @@ func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progres
 // committed some members' points only, leave them different latests). The
 // points are pinned until release. A VM with no such point is an error that
 // names every one, and nothing is pinned.
-func (m *Manager) planPoints(ctx context.Context, p Plan, before time.Time, say func(string)) (_ map[string]uint64, release func(), err error) {
+func (m *Manager) planPoints(ctx context.Context, p Plan, before time.Time, apart bool, say func(string)) (_ map[string]uint64, release func(), err error) {
 	held := map[string][]lifeboat.Point{} // each VM's candidates, oldest first
 	groups := map[string][]string{}       // group name: the VMs of p holding its points
 	var vms, missing []string
@@ -300,9 +306,14 @@ func (m *Manager) planPoints(ctx context.Context, p Plan, before time.Time, say 
 				}
 			}
 		}
+		if tag == "" && apart {
+			say(fmt.Sprintf("%s hold no point of consistency group %q in common%s: each starts from its own point (--apart), NOT consistent with one another",
+				strings.Join(members, ", "), g, beforeText(before)))
+			continue
+		}
 		if tag == "" {
-			return nil, nil, fmt.Errorf("plan %q: nothing started: vms %s hold points of consistency group %q but none of one group point all of them hold%s (`lifeboat points VM` lists them; `lifeboat sync %s` at the protected site takes one)",
-				p.Name, strings.Join(members, ", "), g, beforeText(before), g)
+			return nil, nil, fmt.Errorf("plan %q: nothing started: vms %s hold points of consistency group %q but none of one group point all of them hold%s (`lifeboat points VM` lists them; `lifeboat sync %s` at the protected site takes one; `lifeboat plan run %s --apart` starts each from its own point, not consistent with one another)",
+				p.Name, strings.Join(members, ", "), g, beforeText(before), g, p.Name)
 		}
 		for _, vm := range members {
 			i := slices.IndexFunc(held[vm], func(pt lifeboat.Point) bool { return pt.Group == tag })

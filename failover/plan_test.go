@@ -365,11 +365,44 @@ func TestPlanStartsAGroupAfterRetentionOfPartialGroupPoints(t *testing.T) {
 	if _, err := site.Store.Handover("app1", owner.Site); err != nil {
 		t.Fatal(err)
 	}
-	runTierPlan(t, site, first)
+	m := runTierPlan(t, site, first)
 	// Retention merges the oldest point into the next: while the shared
 	// instant is db1's oldest, db1 keeps every point, as under a pin.
 	if pts, _ := site.Store.Points("db1"); len(pts) != 4 || pts[0].Group != first {
 		t.Errorf("db1 holds %d points, want all 4, its oldest the group point it shares with app1", len(pts))
+	}
+	if _, err := m.StopPlan(testCtx(t, time.Minute), "web-tier"); err != nil {
+		t.Fatal(err)
+	}
+	// Bounded: past twice keep points the hold is given up, so a member
+	// refused for good does not fill the store. The group's VMs then hold
+	// no instant in common: a plan starts nothing, saying what to do, and
+	// --apart starts each from its own point, saying they are not
+	// consistent with one another.
+	if _, err := site.Store.Handover("app1", owner.Site); err != nil {
+		t.Fatal(err)
+	}
+	if pts, err := g.Cycle(testCtx(t, time.Minute)); err == nil || len(pts) != 1 {
+		t.Fatalf("group cycle with app1 refused: %v %v", pts, err)
+	}
+	site.Store.SettleRetention()
+	if pts, _ := site.Store.Points("db1"); len(pts) != 2 || pts[0].Group == first {
+		t.Fatalf("db1 past twice keep: %d points (oldest %q), want 2: the hold bounded", len(pts), pts[0].Group)
+	}
+	if _, err := site.Store.Handover("app1", owner.Site); err != nil {
+		t.Fatal(err)
+	}
+	plan := failover.Plan{Name: "web-tier", Steps: []failover.Step{{VMs: []string{"db1", "app1"}}}}
+	if _, err := m.RunPlan(testCtx(t, time.Minute), plan, failover.PlanOptions{Test: true}, nil); err == nil || !strings.Contains(err.Error(), "--apart") {
+		t.Fatalf("plan of a group with no common instant: %v; want nothing started, naming --apart", err)
+	}
+	var events []string
+	rows, err := m.RunPlan(testCtx(t, 2*time.Minute), plan, failover.PlanOptions{Test: true, Apart: true}, func(e failover.PlanEvent) { events = append(events, e.What) })
+	if err != nil || len(rows) != 2 {
+		t.Fatalf("plan --apart: %v %+v", err, rows)
+	}
+	if !slices.ContainsFunc(events, func(e string) bool { return strings.Contains(e, "NOT consistent") }) {
+		t.Errorf("plan --apart does not say its VMs are not consistent with one another: %q", events)
 	}
 }
 

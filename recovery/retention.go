@@ -82,14 +82,23 @@ func (s *Store) applyRetention(ctx context.Context, vm string) error {
 			intent *mergeIntent
 			latest uint64
 			held   string
+			over   string // a hold given up: the VM holds twice keep points
 		)
 		err := s.db.Update(func(tx *bolt.Tx) error {
 			pts, err := readPoints(tx, vm)
 			if err != nil || len(pts) <= s.keep {
 				return err
 			}
-			if held, err = heldForGroup(tx, vm, pts); err != nil || held != "" {
+			if held, err = heldForGroup(tx, vm, pts); err != nil {
 				return err
+			}
+			// The hold is bounded: a member refused for good must not fill
+			// the store with the others' points.
+			if held != "" && len(pts) > 2*s.keep {
+				over, held = held, ""
+			}
+			if held != "" {
+				return nil
 			}
 			latest = pts[len(pts)-1].Point.ID
 			intent, err = planMerge(vm, pts)
@@ -111,6 +120,9 @@ func (s *Store) applyRetention(ctx context.Context, vm string) error {
 			}
 			s.clearRetentionFailure(vm)
 			return nil
+		}
+		if over != "" {
+			s.log.Warn("retention merges away a consistency group's last common instant: the VM holds twice keep points since, and waiting longer would fill the store; a plan of the group then needs --apart, each VM from its own point", "vm", vm, "keep", s.keep, "was", over)
 		}
 		s.log.Info("retention: merging the oldest point into the next", "vm", vm, "drop", intent.Drop, "into", intent.Keep)
 		var took mergeTimes

@@ -17,7 +17,7 @@ func newPlanCmd(g *globals) *cobra.Command {
 		Use:   "plan run NAME [--test] [--point latest|TIME] | plan stop NAME",
 		Short: "At a recovery site: run a recovery plan (VMs started step by step), or end a test of one",
 	}
-	var test, asJSON, force bool
+	var test, asJSON, force, apart bool
 	var point string
 	run := &cobra.Command{
 		Use:   "run NAME",
@@ -34,7 +34,7 @@ the next step. A step with a VM that fails ends the plan; the VMs started keep r
 			if err != nil {
 				return err
 			}
-			req := daemon.PlanRequest{Test: test, Force: force}
+			req := daemon.PlanRequest{Test: test, Force: force, Apart: apart}
 			if t, ok := pointTime(point); ok {
 				req.Before = t
 			} else if point != "" && point != "latest" {
@@ -85,6 +85,7 @@ the next step. A step with a VM that fails ends the plan; the VMs started keep r
 	run.Flags().BoolVar(&test, "test", false, "a test: every VM as a test failover")
 	run.Flags().StringVar(&point, "point", "latest", "which points: latest, or a time (RFC 3339): each VM from its latest point at or before it")
 	run.Flags().BoolVar(&asJSON, "json", false, "print the summary as JSON")
+	run.Flags().BoolVar(&apart, "apart", false, "start the VMs of a consistency group each from its own point when they hold no group point in common (not consistent with one another; without it such a plan starts nothing)")
 	run.Flags().BoolVar(&force, "force", false, "fail over even VMs whose production site was in contact a moment ago (it is known lost, or fenced)")
 	stop := &cobra.Command{
 		Use:   "stop NAME",
