@@ -140,6 +140,18 @@ func (p *Protector) releaseLibvirt(ctx context.Context, peer string, r *Released
 		if err := lv.endBackup(ctx); err != nil {
 			return err
 		}
+		r.Removed = append(r.Removed, fmt.Sprintf("domain %s: lifeboat's backup job, left running by a cycle cut off", dl.Domain))
+	}
+	// No backup of ours runs now, so QEMU holds nothing in the scratch
+	// directory; what a cycle cut off left there (its scratch files, which
+	// libvirt leaves to lifeboat, and the socket of a QEMU that died) goes.
+	run := filepath.Dir(lv.sock)
+	left, _ := os.ReadDir(run)
+	if err := os.RemoveAll(run); err != nil {
+		return fmt.Errorf("remove lifeboat's backup scratch directory: %w", err)
+	}
+	for _, e := range left {
+		r.Removed = append(r.Removed, fmt.Sprintf("domain %s: %s, left by a cycle cut off", dl.Domain, filepath.Join(run, e.Name())))
 	}
 	cps, err := lv.dom.Checkpoints(ctx)
 	if err != nil {

@@ -26,6 +26,9 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == "freeze-and-wait" {
 		freezeAndWait(os.Args[2:])
 	}
+	if len(os.Args) > 1 && os.Args[1] == "cycle-and-wait" {
+		cycleAndWait(os.Args[2:])
+	}
 	os.Exit(m.Run())
 }
 
@@ -58,6 +61,18 @@ func freezeAndWait(args []string) {
 // and its guard's are in the returned file.
 func killedWhileFrozen(t *testing.T, dom *testlibvirt.Domain, markers string, guard bool) (log string) {
 	t.Helper()
+	return killedOnWord(t, "FROZEN", func() {
+		if st := fsfreezeStatus(dom); !strings.Contains(st, `"frozen"`) {
+			t.Fatalf("after the freeze the agent says %s, want frozen", st)
+		}
+	}, "freeze-and-wait", "--domain="+dom.Name, "--markers="+markers, fmt.Sprintf("--guard=%v", guard))
+}
+
+// killedOnWord runs a lifeboat (this binary, with args) and kills it with
+// -9 once it says word on stdout and check (if any) has run. Its log (and
+// its children's) is in the returned file.
+func killedOnWord(t *testing.T, word string, check func(), args ...string) (log string) {
+	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -67,9 +82,9 @@ func killedWhileFrozen(t *testing.T, dom *testlibvirt.Domain, markers string, gu
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	// The log is a file, not a pipe: the guard inherits it, and Wait would
+	// The log is a file, not a pipe: a guard inherits it, and Wait would
 	// wait for it to close.
-	cmd := exec.Command(exe, "freeze-and-wait", "--domain="+dom.Name, "--markers="+markers, fmt.Sprintf("--guard=%v", guard))
+	cmd := exec.Command(exe, args...)
 	cmd.Stderr = logf
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -86,18 +101,18 @@ func killedWhileFrozen(t *testing.T, dom *testlibvirt.Domain, markers string, gu
 	}()
 	select {
 	case line := <-said:
-		if line != "FROZEN\n" {
+		if line != word+"\n" {
 			cmd.Wait()
 			b, _ := os.ReadFile(logf.Name())
-			t.Fatalf("the freezing lifeboat said %q; its log:\n%s", line, b)
+			t.Fatalf("the lifeboat (%s) said %q; its log:\n%s", args[0], line, b)
 		}
 	case <-time.After(2 * time.Minute):
-		t.Fatal("the freezing lifeboat did not freeze the guest within 2 minutes")
+		t.Fatalf("the lifeboat (%s) did not say %s within 2 minutes", args[0], word)
 	}
-	if st := fsfreezeStatus(dom); !strings.Contains(st, `"frozen"`) {
-		t.Fatalf("after the freeze the agent says %s, want frozen", st)
+	if check != nil {
+		check()
 	}
-	if err := cmd.Process.Kill(); err != nil { // SIGKILL: no deferred thaw runs
+	if err := cmd.Process.Kill(); err != nil { // SIGKILL: no deferred cleanup runs
 		t.Fatal(err)
 	}
 	cmd.Wait()
