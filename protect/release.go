@@ -153,6 +153,20 @@ func (p *Protector) releaseLibvirt(ctx context.Context, peer string, r *Released
 	for _, e := range left {
 		r.Removed = append(r.Removed, fmt.Sprintf("domain %s: %s, left by a cycle cut off", dl.Domain, filepath.Join(run, e.Name())))
 	}
+	// libvirt deletes a checkpoint's bitmaps only from a running domain's
+	// images: one that is off is said so, before anything is changed.
+	checked := false
+	mustRun := func() error {
+		if checked {
+			return nil
+		}
+		checked = true
+		if _, err := lv.dom.Describe(ctx); err != nil {
+			return fmt.Errorf("%w; libvirt removes lifeboat's checkpoints with their bitmaps only from a running domain (to leave it off instead, remove from each of its qcow2 images every bitmap named lifeboat.….%s: `qemu-img info IMAGE` names them, `qemu-img bitmap --remove IMAGE NAME` removes one)",
+				err, cpNameUnsafe.ReplaceAllString(peer, "_"))
+		}
+		return nil
+	}
 	cps, err := lv.dom.Checkpoints(ctx)
 	if err != nil {
 		return err
@@ -160,6 +174,9 @@ func (p *Protector) releaseLibvirt(ctx context.Context, peer string, r *Released
 	for _, cp := range cps {
 		if _, ok := ourCheckpoint(cp, peer); !ok {
 			continue
+		}
+		if err := mustRun(); err != nil {
+			return err
 		}
 		if err := lv.do(ctx, func(d *virt.Domain) error { return d.DeleteCheckpoint(ctx, cp.Name) }); err != nil {
 			return fmt.Errorf("libvirt domain %q: delete checkpoint %q: %w", dl.Domain, cp.Name, err)
@@ -177,6 +194,9 @@ func (p *Protector) releaseLibvirt(ctx context.Context, peer string, r *Released
 	for _, cp := range records {
 		if _, ok := ourCheckpoint(cp, peer); !ok {
 			continue // kept for another recovery site
+		}
+		if err := mustRun(); err != nil {
+			return err
 		}
 		if err := lv.drop(ctx, cp.Name); err != nil {
 			return fmt.Errorf("libvirt domain %q: delete hidden checkpoint %q: %w", dl.Domain, cp.Name, err)

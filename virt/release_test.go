@@ -96,6 +96,19 @@ func TestLibvirtReleaseLeavesNothingOfOurs(t *testing.T) {
 		t.Fatalf("lifeboat keeps checkpoint records %v, want one", records())
 	}
 
+	t.Run("shut off", func(t *testing.T) {
+		r.dom.Destroy()
+		defer r.dom.Start()
+		rel, err := r.p.Release(ctx(t), peer)
+		t.Logf("release of the domain shut off: %+v %v", rel, err)
+		if err == nil || !strings.Contains(err.Error(), "not running") || !strings.Contains(err.Error(), "qemu-img bitmap --remove") {
+			t.Errorf("release of the domain shut off: %v; want it refused, saying to start it or how to clean its images", err)
+		}
+		if len(rel.Removed) != 0 || len(records()) != 1 {
+			t.Errorf("release of the domain shut off removed %q, records left %v; want nothing removed", rel.Removed, records())
+		}
+	})
+
 	t.Run("beside another tool's backup", func(t *testing.T) {
 		// The user's own pull backup, with its checkpoint, as virsh begins it.
 		dir := filepath.Join(r.dom.Dir, "theirs")
