@@ -155,13 +155,12 @@ func (p *Protector) releaseLibvirt(ctx context.Context, peer string, r *Released
 	}
 	// libvirt deletes a checkpoint's bitmaps only from a running domain's
 	// images: one that is off is said so, before anything is changed.
-	checked := false
-	mustRun := func() error {
-		if checked {
+	var desc *virt.Description
+	mustRun := func() (err error) {
+		if desc != nil {
 			return nil
 		}
-		checked = true
-		if _, err := lv.dom.Describe(ctx); err != nil {
+		if desc, err = lv.dom.Describe(ctx); err != nil {
 			return fmt.Errorf("%w; libvirt removes lifeboat's checkpoints with their bitmaps only from a running domain (to leave it off instead, remove from each of its qcow2 images every bitmap named lifeboat.….%s: `qemu-img info IMAGE` names them, `qemu-img bitmap --remove IMAGE NAME` removes one)",
 				err, cpNameUnsafe.ReplaceAllString(peer, "_"))
 		}
@@ -202,6 +201,14 @@ func (p *Protector) releaseLibvirt(ctx context.Context, peer string, r *Released
 			return fmt.Errorf("libvirt domain %q: delete hidden checkpoint %q: %w", dl.Domain, cp.Name, err)
 		}
 		r.Removed = append(r.Removed, fmt.Sprintf("domain %s: checkpoint %s (hidden)", dl.Domain, cp.Name))
+		// A disk taken out of the domain since (virsh detach-disk) took
+		// the checkpoint's bitmap with it, beyond libvirt's reach.
+		for _, disk := range cp.Disks {
+			if !slices.ContainsFunc(desc.Disks, func(d virt.Disk) bool { return d.Target == disk }) {
+				r.Left = append(r.Left, fmt.Sprintf("domain %s: disk %s is not among its writable disks any more: its image keeps bitmap %s, which libvirt cannot reach; `qemu-img bitmap --remove IMAGE %s` removes it while no VM has the image open",
+					dl.Domain, disk, cp.Name, cp.Name))
+			}
+		}
 	}
 	return nil
 }

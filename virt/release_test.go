@@ -80,11 +80,13 @@ func virshFields(t *testing.T, args ...string) []string {
 // libvirt users do around it: it runs beside another tool's backup job
 // without ending it or touching its checkpoint; after a lifeboat killed
 // mid-cycle it leaves nothing of lifeboat's (no job, checkpoint, bitmap,
-// scratch file or socket); and then the user's internal snapshots revert and
+// scratch file or socket); the bitmap of a disk taken out of the domain,
+// which libvirt cannot reach, it names; a domain shut off it refuses before
+// changing anything, saying what to do; and then the user's internal snapshots revert and
 // virtnbdbackup's full and incremental backups run.
 func TestLibvirtReleaseLeavesNothingOfOurs(t *testing.T) {
 	testenv.RequireTools(t, "virtnbdbackup")
-	r := newLibvirtRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 64 << 20}}})
+	r := newLibvirtRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 64 << 20}, {Target: "vdb", Size: 16 << 20}}})
 	peer := r.p.Target.Peer()
 	records := func() []string {
 		recs, _ := filepath.Glob(filepath.Join(r.p.VM.WorkDir, "checkpoints", "*.xml"))
@@ -107,6 +109,10 @@ func TestLibvirtReleaseLeavesNothingOfOurs(t *testing.T) {
 		if len(rel.Removed) != 0 || len(records()) != 1 {
 			t.Errorf("release of the domain shut off removed %q, records left %v; want nothing removed", rel.Removed, records())
 		}
+		// vdb, tracked by lifeboat's checkpoint, is taken out of the domain.
+		if _, err := testlibvirt.Virsh("detach-disk", r.dom.Name, "vdb", "--config"); err != nil {
+			t.Fatal(err)
+		}
 	})
 
 	t.Run("beside another tool's backup", func(t *testing.T) {
@@ -126,6 +132,9 @@ func TestLibvirtReleaseLeavesNothingOfOurs(t *testing.T) {
 		}
 		rel, err := r.p.Release(ctx(t), peer)
 		t.Logf("release beside another tool's backup: %+v %v", rel, err)
+		if len(rel.Left) != 1 || !strings.Contains(rel.Left[0], "vdb") || !strings.Contains(rel.Left[0], "qemu-img bitmap --remove") {
+			t.Errorf("release left %q; want it to name vdb's bitmap, which it cannot reach once vdb left the domain, and how to remove it", rel.Left)
+		}
 		if out, _ := testlibvirt.Virsh("domjobinfo", r.dom.Name); !strings.Contains(out, "Backup") {
 			t.Errorf("the other tool's backup job ended by the release: %s", out)
 		}
@@ -180,6 +189,9 @@ func TestLibvirtReleaseLeavesNothingOfOurs(t *testing.T) {
 	r.dom.Destroy()
 	if b := imageBitmaps(t, r.dom.Image("vda")); slices.ContainsFunc(b, isGeneration) || !slices.Contains(b, "theirs") {
 		t.Errorf("after the release vda's image holds bitmaps %q; want the other tool's (theirs) and none of lifeboat's", b)
+	}
+	if b := imageBitmaps(t, r.dom.Image("vdb")); !slices.ContainsFunc(b, isGeneration) {
+		t.Errorf("the image vdb was holds bitmaps %q, none of lifeboat's: the release said it left one", b)
 	}
 	r.dom.Start()
 
