@@ -177,10 +177,12 @@ func heldForGroup(tx *bolt.Tx, vm string, pts []pointRecord) (string, error) {
 	return "", nil
 }
 
-// retainLater applies the VM's retention in the background: a commit
-// answers without waiting for a merge, and the next point is written beside
-// it (see vmLock). A failure is logged and retried after the next point.
-func (s *Store) retainLater(vm string) {
+// retainLater applies the VMs' retention in the background, one VM after
+// another: a commit answers without waiting for a merge, and the next point
+// is written beside it (see vmLock); Open's catch-up of every VM past keep
+// starts one merge at a time, not hundreds of QEMU processes at once. A
+// failure is logged and retried after the next point.
+func (s *Store) retainLater(vms ...string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -189,8 +191,10 @@ func (s *Store) retainLater(vm string) {
 	s.bg.Add(1)
 	go func() {
 		defer s.bg.Done()
-		if err := s.ApplyRetention(s.bgCtx, vm); err != nil && s.bgCtx.Err() == nil {
-			s.log.Error("retention failed; it runs again after the next point", "vm", vm, "err", err)
+		for _, vm := range vms {
+			if err := s.ApplyRetention(s.bgCtx, vm); err != nil && s.bgCtx.Err() == nil {
+				s.log.Error("retention failed; it runs again after the next point", "vm", vm, "err", err)
+			}
 		}
 	}()
 }

@@ -178,11 +178,17 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	// A VM with more points than keep (keep lowered since, or merges that
 	// waited for a pin): retention catches up now, not at its next point,
 	// which may never come (production lost, the VM protected elsewhere).
+	// One VM after another: hundreds of VMs past a lowered keep must not
+	// each start a merge at once.
 	vms, _ := s.VMs()
+	var past []string
 	for _, vm := range vms {
 		if n, err := s.pointCount(vm); err == nil && n > s.keep {
-			s.retainLater(vm)
+			past = append(past, vm)
 		}
+	}
+	if len(past) > 0 {
+		s.retainLater(past...)
 	}
 	return s, nil
 }
