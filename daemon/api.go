@@ -219,6 +219,10 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 					s.Detail = fmt.Sprintf("replica, handed to %s at %s (epoch %d)", o.Site, o.Since.UTC().Format(time.RFC3339), o.Epoch)
 				}
 			}
+			if why, ok := a.d.store.RetentionHeld(name); ok {
+				// Up to twice keep points, for good if the VM sends no more.
+				s.Detail = cmp.Or(s.Detail, s.State) + fmt.Sprintf("; %d points, keep %d: retention waits: %s", len(pts), a.d.store.Keep(), why)
+			}
 			if f, ok := a.d.store.RetentionFailure(name); ok {
 				// A merge that failed holds the VM's oldest points until it finishes.
 				s.LastError, s.ErrorAt = "retention: "+f.Err, &f.At

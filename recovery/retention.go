@@ -114,6 +114,7 @@ func (s *Store) applyRetention(ctx context.Context, vm string) error {
 		if err != nil {
 			return fmt.Errorf("vm %q: recording a retention merge: %w", vm, err)
 		}
+		s.setRetentionHeld(vm, held)
 		if intent == nil {
 			if held != "" {
 				s.log.Warn("retention waits: "+held, "vm", vm, "keep", s.keep)
@@ -303,6 +304,27 @@ func (s *Store) clearRetentionFailure(vm string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.retentionFailures, vm)
+}
+
+// RetentionHeld says why vm's retention keeps its oldest point past keep
+// for its consistency group (heldForGroup), while it does: up to twice keep
+// points, for good if the VM sends no more, and the count alone would not
+// say why.
+func (s *Store) RetentionHeld(vm string) (string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	why, ok := s.retentionHeld[vm]
+	return why, ok
+}
+
+func (s *Store) setRetentionHeld(vm, why string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if why == "" {
+		delete(s.retentionHeld, vm)
+	} else {
+		s.retentionHeld[vm] = why
+	}
 }
 
 // mergeTimes is where a merge's time went, for its log line.

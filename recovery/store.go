@@ -76,7 +76,10 @@ type Store struct {
 	// retentionFailures are why VMs' retention failed, until it runs
 	// through (RetentionFailure).
 	retentionFailures map[string]RetentionFailure
-	closed            bool
+	// retentionHeld are why VMs' oldest points stay for their group
+	// (RetentionHeld).
+	retentionHeld map[string]string
+	closed        bool
 
 	// Retention runs in the background after a commit (retainLater), so
 	// that the protected site hears of its point without waiting for a
@@ -160,6 +163,7 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		// A VM's first commit since Open makes no spare: its next point may be far off.
 		lastCommit:        map[string]time.Time{},
 		retentionFailures: map[string]RetentionFailure{},
+		retentionHeld:     map[string]string{},
 	}
 	s.bgCtx, s.bgCancel = context.WithCancel(context.Background())
 	s.direct = directIO(filepath.Join(abs, "vms"))
