@@ -28,6 +28,9 @@ func (d *Daemon) lockStateDir() (unlock func(), err error) {
 			return nil, fmt.Errorf("config %s: state_dir %s is in use by another lifeboat (%s): two sites on one state_dir would undo each other's work; stop it first, or give this site a state_dir of its own",
 				d.cfg.Path(), d.cfg.StateDir, cmp.Or(strings.TrimSpace(string(holder)), "which did not say who it is"))
 		}
+		if errors.Is(err, syscall.ENOLCK) || errors.Is(err, syscall.ENOTSUP) || errors.Is(err, syscall.EINVAL) {
+			return nil, fmt.Errorf("state_dir %s: its file system does not lock files (%w), which lifeboat needs to keep two sites off one state_dir and for its catalog: put state_dir on a local file system", d.cfg.StateDir, err)
+		}
 		return nil, fmt.Errorf("state_dir %s: locking %s: %w", d.cfg.StateDir, path, err)
 	}
 	f.Truncate(0)
