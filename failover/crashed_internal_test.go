@@ -44,15 +44,7 @@ func TestReleaseCrashedStarts(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
-			quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-			st, err := recovery.Open(ctx, testsite.ShortDir(t), recovery.Options{Keep: 2, Logger: quiet})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { st.Close() })
-			m := &Manager{Store: st, Dir: testsite.ShortDir(t), Site: "dr", Log: quiet}
-			commitPoint(ctx, t, st, "vm1", 1)
-			commitPoint(ctx, t, st, "vm1", 2)
+			st, m := twoPointSite(ctx, t)
 
 			// What a failover start of point 2 leaves when lifeboat dies.
 			r := &Run{VM: "vm1", Point: 2, ID: "vm1-2-failover-" + nonce(), Overlays: map[string]string{}, disks: []lifeboat.DefinitionDisk{{Name: "vda"}}}
@@ -152,15 +144,7 @@ func TestReleaseCrashedStartsReleasesAPlansPin(t *testing.T) {
 	testenv.RequireTools(t, "qemu-img", "qemu-storage-daemon")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	st, err := recovery.Open(ctx, testsite.ShortDir(t), recovery.Options{Keep: 2, Logger: quiet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	m := &Manager{Store: st, Dir: testsite.ShortDir(t), Site: "dr", Log: quiet}
-	commitPoint(ctx, t, st, "vm1", 1)
-	commitPoint(ctx, t, st, "vm1", 2)
+	st, m := twoPointSite(ctx, t)
 	points, release, err := m.planPoints(ctx, Plan{Name: "drill", Steps: []Step{{VMs: []string{"vm1"}}}}, time.Time{}, false, func(string) {})
 	if err != nil || points["vm1"] != 2 {
 		t.Fatalf("planPoints: %v %v", points, err)
@@ -187,4 +171,20 @@ func TestReleaseCrashedStartsReleasesAPlansPin(t *testing.T) {
 	if len(pins) != 0 || !slices.Equal(ids, []uint64{2, 3}) {
 		t.Errorf("after the release: pins %v, points %v (keep 2); want no pin, points [2 3]", pins, ids)
 	}
+}
+
+// twoPointSite is a recovery store (keep 2) holding points 1 and 2 of vm1,
+// and a manager of runs on it, both quiet.
+func twoPointSite(ctx context.Context, t *testing.T) (*recovery.Store, *Manager) {
+	t.Helper()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	st, err := recovery.Open(ctx, testsite.ShortDir(t), recovery.Options{Keep: 2, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	m := &Manager{Store: st, Dir: testsite.ShortDir(t), Site: "dr", Log: quiet}
+	commitPoint(ctx, t, st, "vm1", 1)
+	commitPoint(ctx, t, st, "vm1", 2)
+	return st, m
 }

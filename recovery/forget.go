@@ -170,17 +170,8 @@ func (s *Store) Forget(ctx context.Context, vm string) (Forgotten, error) {
 // merges make of it. The points' own images always lie in the store. The
 // caller holds the chain, the writer slot and the shape.
 func (s *Store) checkBackingsInside(ctx context.Context, vm, dir string) error {
-	var (
-		pts    []pointRecord
-		intent *mergeIntent
-	)
-	if err := s.db.View(func(tx *bolt.Tx) (err error) {
-		if pts, err = readPoints(tx, vm); err != nil {
-			return err
-		}
-		intent, err = readIntent(tx, vm)
-		return err
-	}); err != nil {
+	pts, intent, err := s.pointsAndMerge(vm)
+	if err != nil {
 		return err
 	}
 	seeds, err := s.seedsBelow(ctx, vm, pts, intent)

@@ -896,17 +896,8 @@ func (s *Store) seedsBelow(ctx context.Context, vm string, pts []pointRecord, in
 // below: their merge's read-back check trips on the damage, so a merge of
 // them never finishes, and the VM's points would grow without bound.
 func (s *Store) dropBelowWhole(ctx context.Context, vm string) error {
-	var (
-		pts    []pointRecord
-		intent *mergeIntent
-	)
-	if err := s.db.View(func(tx *bolt.Tx) (err error) {
-		if pts, err = readPoints(tx, vm); err != nil {
-			return err
-		}
-		intent, err = readIntent(tx, vm)
-		return err
-	}); err != nil {
+	pts, intent, err := s.pointsAndMerge(vm)
+	if err != nil {
 		return err
 	}
 	w := wholeAbove(pts, s.keep, intent)
@@ -986,4 +977,17 @@ func (s *Store) dropBelowWhole(ctx context.Context, vm string) error {
 	s.log.Info("retention: dropped the oldest points without a merge: a later point holds the disks whole", "vm", vm,
 		"dropped", w, "from", pts[0].Point.ID, "below", top.Point.ID)
 	return s.runMerge(ctx, vm, m, false, &mergeTimes{})
+}
+
+// pointsAndMerge reads vm's points (readPoints) and the merge recorded for
+// it, if any, in one transaction.
+func (s *Store) pointsAndMerge(vm string) (pts []pointRecord, intent *mergeIntent, err error) {
+	err = s.db.View(func(tx *bolt.Tx) error {
+		if pts, err = readPoints(tx, vm); err != nil {
+			return err
+		}
+		intent, err = readIntent(tx, vm)
+		return err
+	})
+	return pts, intent, err
 }
