@@ -791,9 +791,9 @@ func (m *Manager) point(vm string, id uint64, before time.Time) (lifeboat.Point,
 		if best == nil {
 			oldest := "it has none"
 			if len(pts) > 0 {
-				oldest = "its oldest is point " + strconv.FormatUint(pts[0].ID, 10) + " of " + pts[0].Instant.UTC().Format(time.RFC3339)
+				oldest = "its oldest is point " + strconv.FormatUint(pts[0].ID, 10) + " of " + instantText(pts[0].Instant)
 			}
-			return lifeboat.Point{}, fmt.Errorf("vm %q has no point taken at or before %s here (%s; `lifeboat points %s` lists them)", vm, before.UTC().Format(time.RFC3339), oldest, vm)
+			return lifeboat.Point{}, fmt.Errorf("vm %q has no point taken at or before %s here (%s; `lifeboat points %s` lists them)", vm, instantText(before), oldest, vm)
 		}
 		return *best, nil
 	}

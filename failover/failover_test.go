@@ -174,6 +174,14 @@ func TestFailoverAfterProductionLost(t *testing.T) {
 	if _, err := m.Start(ctx, "web1", failover.Options{Before: p1.Instant.Add(-time.Hour), Test: true}); err == nil || !strings.Contains(err.Error(), "no point taken at or before") {
 		t.Errorf("a test from before the first point: %v, want it refused as having no point then", err)
 	}
+	// A millisecond before the first point: the refusal's two times must not
+	// read alike (they did when printed to the second).
+	justBefore := p1.Instant.Add(-time.Millisecond)
+	_, err = m.Start(ctx, "web1", failover.Options{Before: justBefore, Test: true})
+	if err == nil || !strings.Contains(err.Error(), justBefore.UTC().Format(time.RFC3339Nano)) || !strings.Contains(err.Error(), p1.Instant.UTC().Format(time.RFC3339Nano)) {
+		t.Errorf("a test from just before the first point: %v, want it refused naming both times exactly (%s, %s)", err,
+			justBefore.UTC().Format(time.RFC3339Nano), p1.Instant.UTC().Format(time.RFC3339Nano))
+	}
 	tr, err := m.Start(ctx, "web1", failover.Options{Before: p1.Instant, Test: true})
 	if err != nil {
 		t.Fatal(err)

@@ -344,8 +344,13 @@ func beforeText(before time.Time) string {
 	if before.IsZero() {
 		return ""
 	}
-	return " at or before " + before.UTC().Format(time.RFC3339)
+	return " at or before " + instantText(before)
 }
+
+// instantText writes a point's instant, or a time compared with one, as
+// exactly as `lifeboat points` lists instants: two in one second must not
+// read alike in "no point at or before T; its oldest is point N of T".
+func instantText(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 
 func (m *Manager) runHooks(ctx context.Context, p Plan, r *Run) error {
 	timeout := p.HookTimeout
