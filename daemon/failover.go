@@ -276,7 +276,13 @@ func (c *Client) RunPlan(ctx context.Context, name string, req PlanRequest, prog
 		}
 	})
 	if err != nil {
-		return nil, err
+		// The site's daemon went away mid-plan (a restart, a crash): what
+		// it started keeps running, and a run of the plan again counts it.
+		next := fmt.Sprintf("`lifeboat plan run %s` again counts the VMs failed over already and starts the others", name)
+		if req.Test {
+			next = fmt.Sprintf("`lifeboat plan stop %s` ends the drill's test runs", name)
+		}
+		return nil, fmt.Errorf("plan %q: %w; the VMs it started before that keep running: `lifeboat failover --list` lists them; %s", name, err, next)
 	}
 	if e.Error != "" {
 		return e.Plan, errors.New(e.Error)
