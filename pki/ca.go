@@ -8,7 +8,9 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"fmt"
+	"io/fs"
 	"math/big"
 	"net"
 	"net/url"
@@ -207,6 +209,33 @@ func issueSite(caDir, outDir, site string, hosts []string, notBefore, notAfter t
 		if err := fsutil.WriteFileAtomic(outCA, caPEM, 0o644); err != nil {
 			return fmt.Errorf("issue site %q: %w", site, err)
 		}
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		return fmt.Errorf("issue site %q: %w", site, err)
+	}
+	if err := recordIssued(caDir, c); err != nil {
+		return fmt.Errorf("issue site %q: %w", site, err)
+	}
+	return copyCRL(caDir, outDir, site)
+}
+
+// copyCRL copies the CA's revocation list, if it has one, beside the ca.crt
+// copy a site gets: a new site learns what is revoked with its certificate.
+func copyCRL(caDir, outDir, site string) error {
+	data, err := os.ReadFile(filepath.Join(caDir, CRLFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	dst := filepath.Join(outDir, CRLFile)
+	if err == nil {
+		var same bool
+		if _, same, err = sameFile(dst, data); err == nil && !same {
+			err = fsutil.WriteFileAtomic(dst, data, 0o644)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("issue site %q: copy the revocation list: %w", site, err)
 	}
 	return nil
 }

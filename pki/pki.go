@@ -34,15 +34,18 @@ const clockSkew = 5 * time.Minute
 var ErrExists = errors.New("already exists")
 
 // Files names the PEM files a site uses for mutual TLS: the deployment CA's
-// certificate, the site's certificate and the site's private key.
-type Files struct{ CA, Cert, Key string }
+// certificate, the site's certificate and the site's private key, and the
+// CA's revocation list (see Revocations; "" checks none).
+type Files struct{ CA, Cert, Key, CRL string }
 
-// SiteFiles returns the files IssueSite writes for site into dir.
+// SiteFiles returns the files IssueSite writes for site into dir, with the
+// revocation list beside the CA's certificate.
 func SiteFiles(dir, site string) Files {
 	return Files{
 		CA:   filepath.Join(dir, CACertFile),
 		Cert: filepath.Join(dir, site+".crt"),
 		Key:  filepath.Join(dir, site+".key"),
+		CRL:  filepath.Join(dir, CRLFile),
 	}
 }
 

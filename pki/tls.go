@@ -15,7 +15,10 @@ import (
 // ServerTLS returns the config a site listens with: it presents f.Cert and
 // accepts only clients whose certificate the CA in f.CA issued for a site.
 // TLS 1.3 only. The files are checked now, so a wrong, expired or mismatched
-// file is reported at start-up rather than as a peer's failed handshake.
+// file is reported at start-up rather than as a peer's failed handshake. It
+// does not look at revocation: a revoked client completes the handshake and
+// is refused by each call (wire.Server, with Revocations), so that it hears
+// why rather than "bad certificate".
 func ServerTLS(f Files) (*tls.Config, error) {
 	m, err := loadMaterial(f, x509.ExtKeyUsageServerAuth)
 	if err != nil {
@@ -92,12 +95,17 @@ func fileStamp(f Files) string {
 // ClientTLS returns the config a site dials another with: it verifies the
 // server against the CA in f.CA only (never the system's roots) and against
 // serverName, the DNS name or IP address being dialled, which must be one of
-// the hosts the server's certificate was issued for. It presents f.Cert.
+// the hosts the server's certificate was issued for, and refuses a server
+// whose certificate f.CRL revokes. It presents f.Cert.
 func ClientTLS(f Files, serverName string) (*tls.Config, error) {
 	if serverName == "" {
 		return nil, errors.New("client TLS: no server name: pass the host name or IP address being dialled, one of the --host values its certificate was issued with")
 	}
 	m, err := loadMaterial(f, x509.ExtKeyUsageClientAuth)
+	if err != nil {
+		return nil, err
+	}
+	rev, err := LoadRevocations(f)
 	if err != nil {
 		return nil, err
 	}
@@ -112,7 +120,18 @@ func ClientTLS(f Files, serverName string) (*tls.Config, error) {
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return sc.get(), nil
 		},
-		VerifyConnection: requireSite,
+		// VerifyConnection, unlike VerifyPeerCertificate, runs on a
+		// resumed session too: a server revoked since is refused all the
+		// same.
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if err := requireSite(cs); err != nil {
+				return err
+			}
+			if err := rev.CheckPeer(cs); err != nil {
+				return fmt.Errorf("this site refuses the server: %w", err)
+			}
+			return nil
+		},
 	}, nil
 }
 

@@ -1,0 +1,308 @@
+package pki
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
+)
+
+// Revocation. `lifeboat cert revoke` adds a site certificate to the CA's
+// revocation list, CADIR/ca.crl: an X.509 CRL signed by the CA, so a copy
+// carried to each site beside ca.crt cannot be forged by whoever carries it
+// (`openssl crl -in ca.crl -text` reads it). A site reads its copy at every
+// connection it makes or takes when the file changed (its size and time), so
+// a revocation takes effect without a restart.
+const (
+	CRLFile = "ca.crl"
+	// IssuedDir, inside the CA directory, keeps a copy of every certificate
+	// the CA issued, by serial: what `lifeboat cert revoke SERIAL` finds.
+	IssuedDir = "issued"
+)
+
+// ErrRevoked is what a revoked certificate's error matches with errors.Is.
+var ErrRevoked = errors.New("certificate revoked")
+
+// RevokedError is a peer's certificate found in the revocation list.
+type RevokedError struct {
+	Site    string // the site the certificate names
+	Subject string
+	Serial  string
+	At      time.Time // when it was revoked
+	List    string    // the revocation list file
+}
+
+func (e *RevokedError) Error() string {
+	return fmt.Sprintf("the certificate of site %q (subject %q, serial %s) is revoked (since %s, in %s)",
+		e.Site, e.Subject, e.Serial, e.At.UTC().Format(time.RFC3339), e.List)
+}
+
+func (e *RevokedError) Is(target error) bool { return target == ErrRevoked }
+
+// Serial is how lifeboat writes a certificate's serial number: upper-case
+// hex, as `openssl x509 -serial` prints it.
+func Serial(c *x509.Certificate) string { return fmt.Sprintf("%X", c.SerialNumber) }
+
+// parseSerial reads a serial typed as Serial prints it, or with colons
+// between bytes or a leading 0x, as other tools print it.
+func parseSerial(s string) (*big.Int, bool) {
+	h := strings.ReplaceAll(strings.TrimPrefix(strings.ToLower(strings.TrimSpace(s)), "0x"), ":", "")
+	n, ok := new(big.Int).SetString(h, 16)
+	if !ok || n.Sign() <= 0 || h == "" {
+		return nil, false
+	}
+	return n, true
+}
+
+// Revoke adds a certificate the CA in caDir issued to its revocation list,
+// caDir/ca.crl, creating the list on first use. what is the certificate's
+// file (a site's NAME.crt) or its serial (as `lifeboat cert revoke` and
+// `openssl x509 -serial` print it). It returns the certificate revoked and
+// whether it was revoked already (the list is then left as it was).
+func Revoke(caDir, what string) (c *x509.Certificate, already bool, err error) {
+	caCertPath, caKeyPath := filepath.Join(caDir, CACertFile), filepath.Join(caDir, CAKeyFile)
+	hint := fmt.Sprintf("point --ca at the directory `lifeboat cert ca` wrote (it holds %s and %s)", CACertFile, CAKeyFile)
+	ca, err := loadCert("CA cert", caCertPath, hint)
+	if err != nil {
+		return nil, false, fmt.Errorf("revoke: %w", err)
+	}
+	caKey, _, err := loadKey("CA key", caKeyPath, hint)
+	if err != nil {
+		return nil, false, fmt.Errorf("revoke: %w", err)
+	}
+	if !publicKeysEqual(ca.PublicKey, caKey.Public()) {
+		return nil, false, fmt.Errorf("revoke: CA key file %s does not belong to CA cert file %s; restore the pair from the same `lifeboat cert ca` run", caKeyPath, caCertPath)
+	}
+	c, err = findIssued(caDir, ca, what)
+	if err != nil {
+		return nil, false, fmt.Errorf("revoke: %w", err)
+	}
+	listPath := filepath.Join(caDir, CRLFile)
+	list, err := readCRL(listPath, ca)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, false, fmt.Errorf("revoke: %w", err)
+	}
+	var (
+		entries []x509.RevocationListEntry
+		number  = big.NewInt(0)
+	)
+	if list != nil {
+		entries, number = list.RevokedCertificateEntries, list.Number
+		for _, e := range entries {
+			if e.SerialNumber.Cmp(c.SerialNumber) == 0 {
+				return c, true, nil
+			}
+		}
+	}
+	now := time.Now()
+	entries = append(entries, x509.RevocationListEntry{SerialNumber: c.SerialNumber, RevocationTime: now.UTC().Truncate(time.Second)})
+	der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
+		RevokedCertificateEntries: entries,
+		Number:                    new(big.Int).Add(number, big.NewInt(1)),
+		ThisUpdate:                now.Add(-clockSkew),
+		// Sites do not ask for a fresher list: it lasts as long as the CA.
+		NextUpdate: ca.NotAfter,
+	}, ca, caKey)
+	if err != nil {
+		return nil, false, fmt.Errorf("revoke: sign the revocation list: %w", err)
+	}
+	if err := fsutil.WriteFileAtomic(listPath, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}), 0o644); err != nil {
+		return nil, false, fmt.Errorf("revoke: %w", err)
+	}
+	return c, false, nil
+}
+
+// findIssued is the certificate what names (its file, or its serial among
+// those the CA recorded in IssuedDir), checked to be one ca issued.
+func findIssued(caDir string, ca *x509.Certificate, what string) (*x509.Certificate, error) {
+	if _, err := os.Stat(what); err == nil {
+		c, err := loadCert("cert", what, "")
+		if err != nil {
+			return nil, fmt.Errorf("%w; name a site's certificate file (NAME.crt) or its serial", err)
+		}
+		if err := c.CheckSignatureFrom(ca); err != nil {
+			return nil, fmt.Errorf("cert file %s (subject %q, serial %s) was not issued by the CA in %s (%q): %v; revoke it with the CA that issued it", what, c.Subject.String(), Serial(c), caDir, ca.Subject.CommonName, err)
+		}
+		if c.IsCA {
+			return nil, fmt.Errorf("cert file %s is the CA's own certificate, which cannot be revoked: to stop trusting it, create a new CA (`lifeboat cert ca --dir DIR --force`) and issue every site again", what)
+		}
+		return c, nil
+	}
+	n, ok := parseSerial(what)
+	if !ok {
+		return nil, fmt.Errorf("%q is neither a certificate file nor a serial number; e.g. `lifeboat cert revoke %s/prod.crt --ca %s`", what, caDir, caDir)
+	}
+	path := filepath.Join(caDir, IssuedDir, fmt.Sprintf("%X.crt", n))
+	c, err := loadCert("cert", path, "")
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("serial %X: the CA in %s issued no certificate of that serial (it records those it issues in %s); check the serial (`openssl x509 -noout -serial -in NAME.crt`), or pass the certificate file itself", n, caDir, filepath.Join(caDir, IssuedDir))
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := c.CheckSignatureFrom(ca); err != nil {
+		return nil, fmt.Errorf("%s was not issued by the CA in %s: %v", path, caDir, err)
+	}
+	return c, nil
+}
+
+// recordIssued keeps a copy of c in the CA's IssuedDir, for revoking it by
+// serial later.
+func recordIssued(caDir string, c *x509.Certificate) error {
+	dir := filepath.Join(caDir, IssuedDir)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("record the issued certificate: %w", err)
+	}
+	return fsutil.WriteFileAtomic(filepath.Join(dir, Serial(c)+".crt"), encodeCert(c.Raw), 0o644)
+}
+
+// readCRL reads and checks the revocation list at path: a PEM (or DER) CRL
+// signed by ca. A missing file matches fs.ErrNotExist.
+func readCRL(path string, ca *x509.Certificate) (*x509.RevocationList, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, notExistError(fmt.Sprintf("revocation list %s: no such file", path))
+		}
+		return nil, fmt.Errorf("revocation list %s: %w", path, err)
+	}
+	der := data
+	if bytes.Contains(data, []byte("-----BEGIN")) {
+		block, _ := pem.Decode(data)
+		if block == nil || block.Type != "X509 CRL" {
+			return nil, fmt.Errorf("revocation list %s: no PEM X509 CRL block in it", path)
+		}
+		der = block.Bytes
+	}
+	rl, err := x509.ParseRevocationList(der)
+	if err != nil {
+		return nil, fmt.Errorf("revocation list %s: %w", path, err)
+	}
+	if err := rl.CheckSignatureFrom(ca); err != nil {
+		return nil, fmt.Errorf("revocation list %s was not signed by the deployment CA %q: %w", path, ca.Subject.CommonName, err)
+	}
+	return rl, nil
+}
+
+// Revocations is a site's view of the CA's revocation list (Files.CRL). The
+// file is read again when it changes, at the next check. Once the site has
+// read a list it never runs without one: a list that is removed, or that
+// does not read or check, fails every check (every peer is refused) until it
+// is put right. A file absent from the start means nothing is revoked yet.
+type Revocations struct {
+	path string
+	ca   *x509.Certificate
+
+	mu      sync.Mutex
+	stamp   string
+	seen    bool                 // a list was read: from now on one must be there
+	revoked map[string]time.Time // serial (Serial) -> when it was revoked
+	err     error                // the last read's failure, which every check returns
+}
+
+// LoadRevocations reads f.CRL, checked against the CA in f.CA; nil when
+// f.CRL is empty (no revocation checks). A list that does not read or check
+// is an error now, naming the file and what to do.
+func LoadRevocations(f Files) (*Revocations, error) {
+	if f.CRL == "" {
+		return nil, nil
+	}
+	ca, err := loadCert("CA cert", f.CA, "")
+	if err != nil {
+		return nil, err
+	}
+	r := &Revocations{path: f.CRL, ca: ca}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.reload()
+	if r.err != nil {
+		return nil, r.err
+	}
+	return r, nil
+}
+
+// Path is the revocation list's file.
+func (r *Revocations) Path() string { return r.path }
+
+// reload reads the list if it changed since the last read, or if that read
+// failed (a copy caught half written reads whole a moment later).
+func (r *Revocations) reload() {
+	st := crlStamp(r.path)
+	if st == r.stamp && r.err == nil {
+		return
+	}
+	r.stamp = st
+	rl, err := readCRL(r.path, r.ca)
+	switch {
+	case errors.Is(err, fs.ErrNotExist) && !r.seen:
+		r.revoked, r.err = nil, nil
+		return
+	case errors.Is(err, fs.ErrNotExist):
+		r.err = fmt.Errorf("revocation list %s was removed after this site had read it: every peer is refused until it is back (copy %s from the CA's directory, where `lifeboat cert revoke` writes it)", r.path, CRLFile)
+		return
+	case err != nil:
+		r.err = fmt.Errorf("%w: every peer is refused until it reads (copy %s again from the CA's directory, where `lifeboat cert revoke` writes it)", err, CRLFile)
+		return
+	}
+	revoked := make(map[string]time.Time, len(rl.RevokedCertificateEntries))
+	for _, e := range rl.RevokedCertificateEntries {
+		revoked[fmt.Sprintf("%X", e.SerialNumber)] = e.RevocationTime
+	}
+	r.seen, r.revoked, r.err = true, revoked, nil
+}
+
+func crlStamp(path string) string {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return "-"
+	}
+	return fmt.Sprintf("%d.%d", fi.Size(), fi.ModTime().UnixNano())
+}
+
+// Check says whether c may be a peer: a *RevokedError if the list revokes
+// it, the list's own error if it does not read (fail closed), else nil. A
+// nil Revocations revokes nothing.
+func (r *Revocations) Check(c *x509.Certificate) error {
+	if r == nil {
+		return nil
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.reload()
+	if r.err != nil {
+		return r.err
+	}
+	at, ok := r.revoked[Serial(c)]
+	if !ok {
+		return nil
+	}
+	site, err := siteOf(c)
+	if err != nil {
+		site = c.Subject.CommonName
+	}
+	return &RevokedError{Site: site, Subject: c.Subject.String(), Serial: Serial(c), At: at, List: r.path}
+}
+
+// CheckPeer is Check of the certificate the peer of a handshake presented
+// (resumed or not: Go restores the peer's certificates with the session).
+func (r *Revocations) CheckPeer(cs tls.ConnectionState) error {
+	if r == nil {
+		return nil
+	}
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("the peer presented no certificate")
+	}
+	return r.Check(cs.PeerCertificates[0])
+}

@@ -1,0 +1,212 @@
+package pki
+
+import (
+	"crypto/tls"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// revoke revokes what in caDir and copies the list to each site's
+// directory, as an operator does.
+func revoke(t *testing.T, caDir, what string, to ...Files) {
+	t.Helper()
+	if _, _, err := Revoke(caDir, what); err != nil {
+		t.Fatalf("Revoke %s: %v", what, err)
+	}
+	data, err := os.ReadFile(filepath.Join(caDir, CRLFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range to {
+		if err := os.WriteFile(f.CRL, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestRevoke(t *testing.T) {
+	caDir := newCA(t, "test CA")
+	a := newSite(t, caDir, "site-a", "localhost")
+	b := newSite(t, caDir, "site-b", "localhost")
+	other := newSite(t, newCA(t, "other CA"), "site-a", "localhost")
+	ca, ac, bc := mustLoad(t, filepath.Join(caDir, CACertFile)), mustLoad(t, a.Cert), mustLoad(t, b.Cert)
+
+	// By file, then again: the second says so and changes nothing.
+	c, already, err := Revoke(caDir, a.Cert)
+	if err != nil || already || Serial(c) != Serial(ac) {
+		t.Fatalf("Revoke %s: %v, already %v, serial %v; want a's serial revoked now", a.Cert, err, already, c)
+	}
+	list := filepath.Join(caDir, CRLFile)
+	before, _ := os.ReadFile(list)
+	if _, already, err := Revoke(caDir, a.Cert); err != nil || !already {
+		t.Errorf("revoking a again: already %v, %v; want already", already, err)
+	}
+	if after, _ := os.ReadFile(list); string(after) != string(before) {
+		t.Error("revoking a again rewrote the list")
+	}
+	// By serial, as openssl prints it (colons, lower case) too.
+	s := strings.ToLower(Serial(bc))
+	if len(s)%2 == 1 {
+		s = "0" + s
+	}
+	var colons []string
+	for i := 0; i < len(s); i += 2 {
+		colons = append(colons, s[i:i+2])
+	}
+	if c, _, err := Revoke(caDir, strings.Join(colons, ":")); err != nil || Serial(c) != Serial(bc) {
+		t.Fatalf("Revoke by serial %s: %v, %v", Serial(bc), c, err)
+	}
+	rev, err := LoadRevocations(Files{CA: filepath.Join(caDir, CACertFile), CRL: list})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ name, serial string }{{"site-a", Serial(ac)}, {"site-b", Serial(bc)}} {
+		cert := ac
+		if c.name == "site-b" {
+			cert = bc
+		}
+		err := rev.Check(cert)
+		var re *RevokedError
+		if !errors.As(err, &re) || !errors.Is(err, ErrRevoked) || re.Site != c.name || re.Serial != c.serial {
+			t.Errorf("Check %s: %v, want it revoked", c.name, err)
+		}
+	}
+	if err := rev.Check(ca); err != nil {
+		t.Errorf("Check of a certificate not revoked: %v", err)
+	}
+
+	notCert := filepath.Join(t.TempDir(), "notes.txt")
+	os.WriteFile(notCert, []byte("not a certificate\n"), 0o600)
+	for _, tt := range []struct{ what, want string }{
+		{"0123ABCD", "issued no certificate of that serial"},
+		{"not-a-serial", "neither a certificate file nor a serial"},
+		{notCert, "no PEM CERTIFICATE"},
+		{a.Key, "no PEM CERTIFICATE"},
+		{other.Cert, "was not issued by the CA"},
+		{filepath.Join(caDir, CACertFile), "the CA's own certificate"},
+	} {
+		if _, _, err := Revoke(caDir, tt.what); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("Revoke %q: %v, want an error saying %q", tt.what, err, tt.want)
+		}
+	}
+	if after, _ := os.ReadFile(list); len(after) == 0 {
+		t.Error("a refused revocation emptied the list")
+	}
+
+	// A site issued after a revocation gets the list with its certificate.
+	c2 := newSite(t, caDir, "site-c", "localhost")
+	if _, err := os.Stat(c2.CRL); err != nil {
+		t.Errorf("site issued after a revocation has no copy of the list: %v", err)
+	}
+}
+
+// A server revoked after a session with it was made is refused when the
+// client resumes that session, and the server's check of a resumed
+// session's client finds a revoked client: VerifyConnection runs on
+// resumption, VerifyPeerCertificate does not.
+func TestRevokedPeerRefusedOnResumedSession(t *testing.T) {
+	caDir := newCA(t, "test CA")
+	a := newSite(t, caDir, "site-a", "localhost")
+	b := newSite(t, caDir, "site-b", "localhost")
+	server := serverTLS(t, b)
+	client := clientTLS(t, a, "localhost")
+	client.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+	var resumed bool
+	verifyClient := client.VerifyConnection
+	client.VerifyConnection = func(cs tls.ConnectionState) error {
+		resumed = cs.DidResume
+		return verifyClient(cs)
+	}
+	var atServer tls.ConnectionState
+	verifyServer := server.VerifyConnection
+	server.VerifyConnection = func(cs tls.ConnectionState) error {
+		atServer = cs
+		return verifyServer(cs)
+	}
+	for i := range 2 {
+		if r := handshake(t, server, client); r.clientErr != nil || r.serverErr != nil {
+			t.Fatalf("connection %d: client %v, server %v", i, r.clientErr, r.serverErr)
+		}
+	}
+	if !resumed || !atServer.DidResume {
+		t.Fatalf("the second connection did not resume its session (client %v, server %v): the test proves nothing", resumed, atServer.DidResume)
+	}
+
+	revoke(t, caDir, b.Cert, a)
+	r := handshake(t, server, client)
+	if r.clientErr == nil || !strings.Contains(r.clientErr.Error(), "revoked") || !strings.Contains(r.clientErr.Error(), `"site-b"`) ||
+		!strings.Contains(r.clientErr.Error(), Serial(mustLoad(t, b.Cert))) {
+		t.Errorf("resuming with a revoked server: %v, want a refusal naming site-b, its serial and \"revoked\"", r.clientErr)
+	}
+
+	revoke(t, caDir, a.Cert, b)
+	rev, err := LoadRevocations(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !atServer.DidResume {
+		t.Fatal("the server's last connection was not a resumed one")
+	}
+	if err := rev.CheckPeer(atServer); !errors.Is(err, ErrRevoked) || !strings.Contains(err.Error(), `"site-a"`) {
+		t.Errorf("server's check of a resumed session's revoked client: %v, want site-a revoked", err)
+	}
+}
+
+// A revocation list that does not read or check is an error at start, naming
+// the file; once read, a list changed on disk is taken at the next check, and
+// one that stops reading, or goes, fails every check (fail closed).
+func TestRevocationListFailsClosed(t *testing.T) {
+	caDir := newCA(t, "test CA")
+	a := newSite(t, caDir, "site-a", "localhost")
+	b := newSite(t, caDir, "site-b", "localhost")
+	bc := mustLoad(t, b.Cert)
+
+	os.WriteFile(a.CRL, []byte("-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n"), 0o644)
+	if _, err := LoadRevocations(a); err == nil || !strings.Contains(err.Error(), a.CRL) || !strings.Contains(err.Error(), "copy ca.crl again") {
+		t.Errorf("garbage list: %v, want an error naming %s and what to do", err, a.CRL)
+	}
+	if _, err := ClientTLS(a, "localhost"); err == nil {
+		t.Error("ClientTLS took a garbage revocation list")
+	}
+	otherCA := newCA(t, "other CA")
+	other := newSite(t, otherCA, "x", "localhost")
+	revoke(t, otherCA, other.Cert, a)
+	if _, err := LoadRevocations(a); err == nil || !strings.Contains(err.Error(), "not signed by the deployment CA") {
+		t.Errorf("another CA's list: %v, want it refused", err)
+	}
+	if err := os.Chmod(a.CRL, 0); err == nil && os.Geteuid() != 0 {
+		if _, err := LoadRevocations(a); err == nil || !strings.Contains(err.Error(), a.CRL) {
+			t.Errorf("unreadable list: %v, want an error naming it", err)
+		}
+	}
+
+	// No list yet: nothing revoked; one copied in later is taken.
+	os.Remove(a.CRL)
+	rev, err := LoadRevocations(a)
+	if err != nil {
+		t.Fatalf("no list yet: %v", err)
+	}
+	if err := rev.Check(bc); err != nil {
+		t.Fatalf("no list: %v", err)
+	}
+	revoke(t, caDir, b.Cert, a)
+	if err := rev.Check(bc); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("after the list was copied in: %v, want b revoked", err)
+	}
+	ac := mustLoad(t, a.Cert)
+	if err := rev.Check(ac); err != nil {
+		t.Fatalf("a, not revoked: %v", err)
+	}
+	// Broken, then gone: every check fails, naming the file.
+	os.WriteFile(a.CRL, []byte("half a cop"), 0o644)
+	if err := rev.Check(ac); err == nil || errors.Is(err, ErrRevoked) || !strings.Contains(err.Error(), "every peer is refused") {
+		t.Errorf("list broken on disk: %v, want every check to fail", err)
+	}
+	os.Remove(a.CRL)
+	if err := rev.Check(ac); err == nil || !strings.Contains(err.Error(), "was removed") {
+		t.Errorf("list removed: %v, want every check to fail", err)
+	}
+}
