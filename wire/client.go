@@ -14,6 +14,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -66,8 +67,21 @@ func Dial(ctx context.Context, address string, tlsConf *tls.Config, site, peer s
 		return nil, fmt.Errorf("recovery site %s: no peer name to check its certificate against", address)
 	}
 	tlsConf = pki.RequirePeer(tlsConf, peer)
+	recheck := recheckPeer(tlsConf)
 	conn, err := grpc.NewClient(address,
 		grpc.WithTransportCredentials(batchCreds{credentials.NewTLS(tlsConf)}),
+		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoke grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			if err := recheck(); err != nil {
+				return fmt.Errorf("recovery site %s at %s: %w", peer, address, err)
+			}
+			return invoke(ctx, method, req, reply, cc, opts...)
+		}),
+		grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, stream grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+			if err := recheck(); err != nil {
+				return nil, fmt.Errorf("recovery site %s at %s: %w", peer, address, err)
+			}
+			return stream(ctx, desc, cc, method, opts...)
+		}),
 		grpc.WithInitialWindowSize(streamWindow),
 		grpc.WithInitialConnWindowSize(connWindow),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessage), grpc.MaxCallSendMsgSize(maxMessage)),
@@ -95,6 +109,31 @@ func Dial(ctx context.Context, address string, tlsConf *tls.Config, site, peer s
 	}
 	c.peer = hello.Site
 	return c, nil
+}
+
+// recheckPeer makes c remember the state of each handshake it verifies, and
+// returns a check that verifies the latest again: a call on a connection
+// made before the server's certificate was revoked (a revocation list is
+// read again when it changes) is refused, as a new connection would be.
+func recheckPeer(c *tls.Config) func() error {
+	verify := c.VerifyConnection
+	if verify == nil {
+		return func() error { return nil }
+	}
+	var last atomic.Pointer[tls.ConnectionState]
+	c.VerifyConnection = func(cs tls.ConnectionState) error {
+		if err := verify(cs); err != nil {
+			return err
+		}
+		last.Store(&cs)
+		return nil
+	}
+	return func() error {
+		if cs := last.Load(); cs != nil {
+			return verify(*cs)
+		}
+		return nil
+	}
 }
 
 // Ready waits, within ctx, until the connection to the recovery site is up. A

@@ -234,7 +234,7 @@ func (s fakeStore) BeginPoint(_ context.Context, p lifeboat.Point) (PointWriter,
 // itself, with one writer so that a copy's source is written before it.
 func receive(t *testing.T, in []byte) error {
 	s := &Server{Site: "dr", Store: fakeStore{t}, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Writers: 1}
-	_, err := s.receive(context.Background(), "prod", "fuzz", newFrameReader(bytes.NewReader(in)), nil)
+	_, err := s.receive(context.Background(), "prod", "fuzz", newFrameReader(bytes.NewReader(in)), nil, nil)
 	return err
 }
 

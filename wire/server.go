@@ -72,6 +72,10 @@ type ChangeLister interface {
 // copySourceWait bounds how long a Copy waits for its source block's write.
 var copySourceWait = 10 * time.Second
 
+// stillEvery is how often an open point stream's peer is checked against the
+// revocation list while its frames come (and once more before the commit).
+const stillEvery = time.Second
+
 // Server is a recovery site's face to protected sites.
 type Server struct {
 	wirepb.UnimplementedReplicationServer
@@ -95,6 +99,11 @@ type Server struct {
 	// its disks (which took a failback point from site) the first (see the
 	// Reverse RPC). nil: this site takes no reversal.
 	ReverseVM func(ctx context.Context, site, vm string) (lifeboat.Point, error)
+	// Revocations is the CA's revocation list as this site holds it: a peer
+	// whose certificate it revokes is refused every call and point stream,
+	// and a point it streams is not committed once the list revokes it.
+	// nil: nothing is revoked.
+	Revocations *pki.Revocations
 
 	v3 bool // speak point stream version 3 only (tests of an older peer)
 
@@ -159,13 +168,13 @@ func (s *Server) Serve(l net.Listener, tlsConf *tls.Config) error {
 		grpc.MaxRecvMsgSize(maxMessage), grpc.MaxSendMsgSize(maxMessage),
 		grpc.ReadBufferSize(1<<20), grpc.WriteBufferSize(1<<20),
 		grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			if err := s.notSelf(ctx); err != nil {
+			if err := s.admitCall(ctx); err != nil {
 				return nil, err
 			}
 			return h(ctx, req)
 		}),
 		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			if err := s.notSelf(ss.Context()); err != nil {
+			if err := s.admitCall(ss.Context()); err != nil {
 				return err
 			}
 			return h(srv, ss)
@@ -338,18 +347,47 @@ func peerSite(ctx context.Context) (string, error) {
 	return pki.PeerSite(ti.State)
 }
 
-// notSelf refuses a remote peer whose certificate names this very site: no
-// remote peer can be it, and after a failover this site owns the VM, so such
-// a peer (two sites given one name, a copied certificate) would pass as the
-// owner of every VM failed over here, read its points and write into its
-// chain while it runs here.
-func (s *Server) notSelf(ctx context.Context) error {
+// admitCall is admit for a gRPC call, checked at every call: a connection
+// made before a revocation serves no call after it.
+func (s *Server) admitCall(ctx context.Context) error {
 	site, err := peerSite(ctx)
 	if err != nil {
 		return nil // each call says so itself
 	}
-	return s.checkNotSelf(site, peerName(ctx))
+	p, _ := peer.FromContext(ctx)
+	return s.admit(site, peerName(ctx), p.AuthInfo.(credentials.TLSInfo).State)
 }
+
+// admit refuses a peer this site serves nothing: one whose certificate names
+// this very site (checkNotSelf), or is revoked (checkRevoked).
+func (s *Server) admit(site, peer string, cs tls.ConnectionState) error {
+	if err := s.checkNotSelf(site, peer); err != nil {
+		return err
+	}
+	return s.checkRevoked(peer, cs)
+}
+
+// checkRevoked refuses a peer whose certificate the revocation list revokes,
+// and every peer while the list cannot be read (fail closed). The TLS
+// handshake let it in so that it hears why here, not "bad certificate".
+func (s *Server) checkRevoked(peer string, cs tls.ConnectionState) error {
+	err := s.Revocations.CheckPeer(cs)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, pki.ErrRevoked):
+		s.Log.Error("refused a peer whose certificate is revoked", "peer", peer, "err", err)
+		return status.Errorf(codes.PermissionDenied, "site %q refuses %s: %v; revocation is for good: a site to be trusted again needs a new certificate (`lifeboat cert site NAME --ca DIR --out DIR`)", s.Site, peer, err)
+	}
+	s.Log.Error("refused a peer: the revocation list cannot be read", "peer", peer, "err", err)
+	return status.Errorf(codes.Unavailable, "site %q cannot check %s against its revocation list: %v", s.Site, peer, err)
+}
+
+// checkNotSelf refuses a remote peer whose certificate names this very site:
+// no remote peer can be it, and after a failover this site owns the VM, so
+// such a peer (two sites given one name, a copied certificate) would pass as
+// the owner of every VM failed over here, read its points and write into its
+// chain while it runs here.
 
 func (s *Server) checkNotSelf(site, peer string) error {
 	if site != s.Site {
@@ -636,10 +674,11 @@ func (s *Server) serveStream(conn *flushConn) {
 		err = status.Error(codes.Unauthenticated, err.Error())
 	} else {
 		peer = site + "@" + conn.RemoteAddr().String()
-		if err = s.checkNotSelf(site, peer); err == nil {
+		if err = s.admit(site, peer, st); err == nil {
 			conn.SetReadDeadline(time.Now().Add(handshakeTimeout))
 			fr := newFrameReader(conn)
-			reply, err = s.receive(context.Background(), site, peer, fr, func() {
+			still := func() error { return s.checkRevoked(peer, st) }
+			reply, err = s.receive(context.Background(), site, peer, fr, still, func() {
 				// From Begin on, each frame must come within streamIdle: a
 				// silent peer held the point, its writer and the VM's one
 				// writer slot until the site restarted.
@@ -669,9 +708,12 @@ func (s *Server) serveStream(conn *flushConn) {
 }
 
 // receive takes one point from fr: Begin first, then frames applied by a few
-// workers, then Commit. began is called once Begin was read. The first error
-// ends the point, discarded; the error is a gRPC status.
-func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader, began func()) (*wirepb.ReplicateReply, error) {
+// workers, then Commit. began is called once Begin was read. still, if set,
+// says whether the peer may still send: it is asked at least every
+// stillEvery while frames come, and right before the commit, so that a point
+// of a site revoked meanwhile is never committed. The first error ends the
+// point, discarded; the error is a gRPC status.
+func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader, still func() error, began func()) (*wirepb.ReplicateReply, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	typ, payload, err := fr.next()
@@ -772,8 +814,19 @@ func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader
 		return status.Error(code, withPoint(err).Error())
 	}
 
+	if still == nil {
+		still = func() error { return nil }
+	}
+	asked := time.Now()
 	for {
 		typ, payload, err := fr.next()
+		if err == nil && time.Since(asked) >= stillEvery {
+			asked = time.Now()
+			if err := still(); err != nil {
+				st := status.Convert(err)
+				return nil, reject(payload, errors.New(st.Message()), st.Code())
+			}
+		}
 		if err != nil {
 			werr := finish()
 			if errors.Is(err, io.EOF) {
@@ -800,6 +853,11 @@ func (s *Server) receive(ctx context.Context, site, peer string, fr *frameReader
 			if err := finish(); err != nil {
 				log.Error("point rejected", "err", err)
 				return nil, status.Error(codes.DataLoss, err.Error())
+			}
+			if err := still(); err != nil {
+				st := status.Convert(err)
+				log.Error("point not committed", "err", st.Message())
+				return nil, status.Error(st.Code(), withPoint(errors.New(st.Message())).Error())
 			}
 			pt, err := w.Commit(ctx, statsFromPB(c.Stats))
 			if err != nil {

@@ -97,6 +97,11 @@ func (s *Site) start(ctx context.Context, addr string) error {
 		st.Close()
 		return fmt.Errorf("test site: %w", err)
 	}
+	rev, err := pki.LoadRevocations(pki.SiteFiles(s.PKI, s.as))
+	if err != nil {
+		st.Close()
+		return fmt.Errorf("test site: %w", err)
+	}
 	var l net.Listener
 	for i := 0; ; i++ { // a restarted site takes its old port back, which may linger briefly
 		l, err = net.Listen("tcp", addr)
@@ -111,7 +116,7 @@ func (s *Site) start(ctx context.Context, addr string) error {
 	}
 	s.Store = st
 	s.Addr = l.Addr().String()
-	s.Server = &wire.Server{Site: s.as, Store: wire.RecoveryStore(st),
+	s.Server = &wire.Server{Site: s.as, Store: wire.RecoveryStore(st), Revocations: rev,
 		StartVM: func(ctx context.Context, vm string, point uint64) (wire.FailoverResult, error) {
 			f := s.startVM.Load()
 			if f == nil {
