@@ -129,6 +129,10 @@ type TLSConfig struct {
 	CA   string `yaml:"ca"`
 	Cert string `yaml:"cert"`
 	Key  string `yaml:"key"`
+	// CRL is the CA's revocation list (`lifeboat cert revoke` writes it);
+	// unset: ca.crl beside ca, if it is there or comes. Named here, it must
+	// be there at start.
+	CRL string `yaml:"crl"`
 }
 
 // PeerConfig is a recovery site this site replicates to.
@@ -325,7 +329,7 @@ func (c *Config) check() error {
 		c.API = filepath.Join(c.StateDir, "api.sock")
 	}
 	c.API = abs(c.API)
-	c.TLS.CA, c.TLS.Cert, c.TLS.Key = abs(c.TLS.CA), abs(c.TLS.Cert), abs(c.TLS.Key)
+	c.TLS.CA, c.TLS.Cert, c.TLS.Key, c.TLS.CRL = abs(c.TLS.CA), abs(c.TLS.Cert), abs(c.TLS.Key), abs(c.TLS.CRL)
 	needTLS := c.Listen != "" || len(c.VMs) > 0
 	if needTLS && (c.TLS.CA == "" || c.TLS.Cert == "" || c.TLS.Key == "") {
 		return c.fail("tls", "ca, cert and key are all needed: sites only talk over mutual TLS (create them with `lifeboat cert ca` and `lifeboat cert site %s`)", c.Site)

@@ -302,3 +302,31 @@ func TestSiteWithAnotherSitesCertificateDoesNotStart(t *testing.T) {
 		t.Fatalf("a site started with another site's certificate: %v", err)
 	}
 }
+
+// A revocation list that does not read stops the site's start, naming the
+// file and what to do: served anyway, a revoked peer would be served. So
+// does a `crl:` named but missing; ca.crl absent beside ca.crt is no list yet.
+func TestUnreadableRevocationListStopsTheStart(t *testing.T) {
+	dir, c := configWithCA(t)
+	if err := pki.IssueSite(dir, dir, c.Site, []string{"127.0.0.1"}, 365*24*time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	f := pki.SiteFiles(dir, c.Site)
+	c.TLS = TLSConfig{CA: f.CA, Cert: f.Cert, Key: f.Key}
+	c.StateDir = t.TempDir()
+	d := New(c, nil)
+	if _, err := d.revocations(); err != nil {
+		t.Fatalf("no ca.crl beside ca.crt yet: %v, want no list and no error", err)
+	}
+	if err := os.WriteFile(f.CRL, []byte("-----BEGIN X509 CRL-----\nnot one\n-----END X509 CRL-----\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	err := d.Run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), f.CRL) || !strings.Contains(err.Error(), "copy ca.crl again") || !strings.Contains(err.Error(), "does not start") {
+		t.Errorf("a site started with a malformed revocation list: %v, want an error naming %s and what to do", err, f.CRL)
+	}
+	c.TLS.CRL = filepath.Join(dir, "elsewhere.crl")
+	if err := New(c, nil).Run(context.Background()); err == nil || !strings.Contains(err.Error(), "crl") || !strings.Contains(err.Error(), c.TLS.CRL) {
+		t.Errorf("a site whose `crl:` names a missing file: %v, want an error naming it", err)
+	}
+}

@@ -69,6 +69,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.checkOwnCertificate(); err != nil {
 		return err
 	}
+	rev, err := d.revocations()
+	if err != nil {
+		return err
+	}
 	if err := os.MkdirAll(d.cfg.StateDir, 0o750); err != nil {
 		return fmt.Errorf("state_dir %s: %w", d.cfg.StateDir, err)
 	}
@@ -132,7 +136,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		// A VM failed over from here comes home through the same listener.
 		fbSite := &failback.Site{Store: fb, RunDir: filepath.Join(d.cfg.StateDir, "failback", "run"), Log: d.log, VM: d.failbackVM, Recovery: st}
-		d.server = &wire.Server{Site: d.cfg.Site, Store: failback.Routed{Failback: fb, Other: wire.RecoveryStore(st)}, Log: d.log,
+		d.server = &wire.Server{Site: d.cfg.Site, Store: failback.Routed{Failback: fb, Other: wire.RecoveryStore(st)}, Log: d.log, Revocations: rev,
 			StartVM: d.startForOwner, TakeFailback: fbSite.Take, EndFailback: d.endFailback(fbSite.Finish),
 			ReverseVM: fbSite.Reverse}
 		d.runs.LastContact = d.server.LastContact
@@ -223,7 +227,32 @@ func (d *Daemon) checkOwnCertificate() error {
 }
 
 func (d *Daemon) tlsFiles() pki.Files {
-	return pki.Files{CA: d.cfg.TLS.CA, Cert: d.cfg.TLS.Cert, Key: d.cfg.TLS.Key}
+	crl := d.cfg.TLS.CRL
+	if crl == "" && d.cfg.TLS.CA != "" {
+		crl = filepath.Join(filepath.Dir(d.cfg.TLS.CA), pki.CRLFile)
+	}
+	return pki.Files{CA: d.cfg.TLS.CA, Cert: d.cfg.TLS.Cert, Key: d.cfg.TLS.Key, CRL: crl}
+}
+
+// revocations reads the CA's revocation list as the site starts: one that
+// does not read or check stops the start (never ignored: a revoked peer
+// would be served), as does a `crl:` named but missing. The wire server
+// checks its peers against it, and each dial reads it likewise (ClientTLS).
+func (d *Daemon) revocations() (*pki.Revocations, error) {
+	if d.cfg.TLS.CA == "" {
+		return nil, nil
+	}
+	f := d.tlsFiles()
+	if d.cfg.TLS.CRL != "" {
+		if _, err := os.Stat(f.CRL); err != nil {
+			return nil, fmt.Errorf("config %s: tls: crl: %w; copy %s from the CA's directory (`lifeboat cert revoke` writes it there), or remove `crl:` while nothing is revoked", d.cfg.Path(), err, pki.CRLFile)
+		}
+	}
+	rev, err := pki.LoadRevocations(f)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: tls: %w; the site does not start without a revocation list it can read", d.cfg.Path(), err)
+	}
+	return rev, nil
 }
 
 // peer returns a connection to a recovery site, dialling it on first use.

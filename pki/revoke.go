@@ -226,9 +226,8 @@ func LoadRevocations(f Files) (*Revocations, error) {
 	r := &Revocations{path: f.CRL, ca: ca}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.reload()
-	if r.err != nil {
-		return nil, r.err
+	if err := r.reload(); err != nil {
+		return nil, fmt.Errorf("%w; copy %s again from the CA's directory, where `lifeboat cert revoke` writes it", err, CRLFile)
 	}
 	return r, nil
 }
@@ -237,30 +236,32 @@ func LoadRevocations(f Files) (*Revocations, error) {
 func (r *Revocations) Path() string { return r.path }
 
 // reload reads the list if it changed since the last read, or if that read
-// failed (a copy caught half written reads whole a moment later).
-func (r *Revocations) reload() {
+// failed (a copy caught half written reads whole a moment later). A failure
+// is kept in r.err, which every check returns, and returned as it came.
+func (r *Revocations) reload() error {
 	st := crlStamp(r.path)
 	if st == r.stamp && r.err == nil {
-		return
+		return nil
 	}
 	r.stamp = st
 	rl, err := readCRL(r.path, r.ca)
 	switch {
 	case errors.Is(err, fs.ErrNotExist) && !r.seen:
 		r.revoked, r.err = nil, nil
-		return
+		return nil
 	case errors.Is(err, fs.ErrNotExist):
 		r.err = fmt.Errorf("revocation list %s was removed after this site had read it: every peer is refused until it is back (copy %s from the CA's directory, where `lifeboat cert revoke` writes it)", r.path, CRLFile)
-		return
+		return r.err
 	case err != nil:
 		r.err = fmt.Errorf("%w: every peer is refused until it reads (copy %s again from the CA's directory, where `lifeboat cert revoke` writes it)", err, CRLFile)
-		return
+		return err
 	}
 	revoked := make(map[string]time.Time, len(rl.RevokedCertificateEntries))
 	for _, e := range rl.RevokedCertificateEntries {
 		revoked[fmt.Sprintf("%X", e.SerialNumber)] = e.RevocationTime
 	}
 	r.seen, r.revoked, r.err = true, revoked, nil
+	return nil
 }
 
 func crlStamp(path string) string {
@@ -280,8 +281,7 @@ func (r *Revocations) Check(c *x509.Certificate) error {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.reload()
-	if r.err != nil {
+	if r.reload(); r.err != nil {
 		return r.err
 	}
 	at, ok := r.revoked[Serial(c)]

@@ -24,13 +24,15 @@ a peer with any other certificate is refused.
 Create the CA once, on a machine you trust, then issue one certificate per site
 and copy ca.crt, NAME.crt and NAME.key to that site, and nothing else: never
 ca.key (who holds it can make a certificate of any site's name) nor another
-site's key. A certificate cannot be revoked: if a site's key leaks, create a new
-CA and issue every site again.`,
+site's key. If a site's key leaks (its host compromised or decommissioned),
+revoke its certificate with ` + "`lifeboat cert revoke`" + ` and copy the CA's ca.crl to
+every site, beside ca.crt: every other site refuses it from its next call on.`,
 		Example: `  lifeboat cert ca --dir ./ca --name "acme lifeboat CA"
-  lifeboat cert site dr-east --ca ./ca --out ./dr-east --host dr-east.example.com --host 10.0.0.5`,
+  lifeboat cert site dr-east --ca ./ca --out ./dr-east --host dr-east.example.com --host 10.0.0.5
+  lifeboat cert revoke ./dr-east/dr-east.crt --ca ./ca`,
 		Args: cobra.NoArgs,
 	}
-	cmd.AddCommand(newCertCACmd(), newCertSiteCmd())
+	cmd.AddCommand(newCertCACmd(), newCertSiteCmd(), newCertRevokeCmd())
 	return cmd
 }
 
@@ -144,6 +146,53 @@ for the same NAME renews the certificate.`,
 	cmd.MarkFlagRequired("out")
 	cmd.MarkFlagDirname("ca")
 	cmd.MarkFlagDirname("out")
+	return cmd
+}
+
+func newCertRevokeCmd() *cobra.Command {
+	var caDir string
+	cmd := &cobra.Command{
+		Use:   "revoke CERT|SERIAL --ca DIR",
+		Short: "Revoke a site certificate: every site refuses it",
+		Long: `Add a site certificate to the CA's revocation list, DIR/ca.crl (an X.509 CRL
+signed by the CA), creating the list on first use. Name the certificate by its
+file (NAME.crt) or its serial (as ` + "`openssl x509 -noout -serial`" + ` prints it; the
+CA records every certificate it issues in DIR/issued/).
+
+Then copy DIR/ca.crl to every site, beside its ca.crt (or where its config's
+tls.crl says). A site reads the list again when the file changes: from its
+next call or connection on it refuses the revoked site, a point that site is
+streaming is not committed, and no restart is needed. Revocation is for good:
+a site to be trusted again gets a new certificate (` + "`lifeboat cert site`" + `).`,
+		Example: `  lifeboat cert revoke ./dr-east/dr-east.crt --ca ./ca`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) != 1 {
+				return fmt.Errorf("lifeboat cert revoke takes one certificate file or serial, got %d arguments; e.g. `lifeboat cert revoke ./ca/prod.crt --ca ./ca`", len(args))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, already, err := pki.Revoke(caDir, args[0])
+			if err != nil {
+				return err
+			}
+			site, err := pki.CertSite(c)
+			if err != nil {
+				site = c.Subject.CommonName
+			}
+			out := cmd.OutOrStdout()
+			if already {
+				fmt.Fprintf(out, "the certificate of site %q (subject %q, serial %s) was revoked already; %s is unchanged\n", site, c.Subject.String(), pki.Serial(c), filepath.Join(caDir, pki.CRLFile))
+				return nil
+			}
+			fmt.Fprintf(out, "revoked the certificate of site %q (subject %q, serial %s)\n", site, c.Subject.String(), pki.Serial(c))
+			fmt.Fprintf(out, "next: copy %s to every site, beside its ca.crt; each refuses %q from its next connection or call, without a restart\n", filepath.Join(caDir, pki.CRLFile), site)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&caDir, "ca", "", "`DIR` of the CA, as made by lifeboat cert ca (its ca.key signs the list)")
+	cmd.MarkFlagRequired("ca")
+	cmd.MarkFlagDirname("ca")
 	return cmd
 }
 

@@ -5,8 +5,11 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/spf13/cobra"
 
 	"github.com/lifeboat-dr/lifeboat/pki"
 )
@@ -111,7 +114,10 @@ func TestCertExamples(t *testing.T) {
 	// The parent's Example is the whole story, CA then a site; the
 	// subcommands' Examples are the same story told one step each.
 	groups := map[string][]string{"cert": strings.Split(root.Example, "\n")}
-	for _, c := range root.Commands() {
+	story := map[string]int{"ca": 0, "site": 1, "revoke": 2} // a revocation comes last
+	cmds := root.Commands()
+	slices.SortFunc(cmds, func(a, b *cobra.Command) int { return story[a.Name()] - story[b.Name()] })
+	for _, c := range cmds {
 		groups["cert subcommands"] = append(groups["cert subcommands"], c.Example)
 	}
 	for _, c := range append(root.Commands(), root) {
