@@ -65,7 +65,7 @@ func loadKey(role, path, hint string) (crypto.Signer, []byte, error) {
 
 // checkKeyMode refuses a private key that every user of the machine may read,
 // or that others than its owner may change: whoever reads a site's key can
-// pose as that site to every other, and there is no revocation. Readable by
+// pose as that site to every other until its certificate is revoked. Readable by
 // its group is allowed (a service user's group), as ssh's host keys are not.
 func checkKeyMode(role, path string) error {
 	fi, err := os.Stat(path)
