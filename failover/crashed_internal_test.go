@@ -117,7 +117,13 @@ func TestReleaseCrashedStarts(t *testing.T) {
 // commitPoint commits point id of vm: one 1 MiB disk, its first block written.
 func commitPoint(ctx context.Context, t *testing.T, st *recovery.Store, vm string, id uint64) {
 	t.Helper()
-	w, err := st.Begin(ctx, recovery.BeginSpec{VM: vm, ID: id, Instant: time.Now(), Consistency: lifeboat.Crash,
+	commitPointAt(ctx, t, st, vm, id, time.Now())
+}
+
+// commitPointAt is commitPoint with the instant the protected site's clock gave it.
+func commitPointAt(ctx context.Context, t *testing.T, st *recovery.Store, vm string, id uint64, instant time.Time) {
+	t.Helper()
+	w, err := st.Begin(ctx, recovery.BeginSpec{VM: vm, ID: id, Instant: instant, Consistency: lifeboat.Crash,
 		Disks: []recovery.DiskSpec{{Name: "vda", Size: 1 << 20, Resync: id == 1, Lineage: "l1",
 			Base: id - 1, BaseGeneration: fmt.Sprint("g", id-1), Generation: fmt.Sprint("g", id)}}})
 	if err != nil {
@@ -177,14 +183,21 @@ func TestReleaseCrashedStartsReleasesAPlansPin(t *testing.T) {
 // and a manager of runs on it, both quiet.
 func twoPointSite(ctx context.Context, t *testing.T) (*recovery.Store, *Manager) {
 	t.Helper()
+	st, m := quietSite(ctx, t, 2)
+	commitPoint(ctx, t, st, "vm1", 1)
+	commitPoint(ctx, t, st, "vm1", 2)
+	return st, m
+}
+
+// quietSite is an empty recovery store keeping keep points and a manager of
+// runs on it, both quiet.
+func quietSite(ctx context.Context, t *testing.T, keep int) (*recovery.Store, *Manager) {
+	t.Helper()
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	st, err := recovery.Open(ctx, testsite.ShortDir(t), recovery.Options{Keep: 2, Logger: quiet})
+	st, err := recovery.Open(ctx, testsite.ShortDir(t), recovery.Options{Keep: keep, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	m := &Manager{Store: st, Dir: testsite.ShortDir(t), Site: "dr", Log: quiet}
-	commitPoint(ctx, t, st, "vm1", 1)
-	commitPoint(ctx, t, st, "vm1", 2)
-	return st, m
+	return st, &Manager{Store: st, Dir: testsite.ShortDir(t), Site: "dr", Log: quiet}
 }

@@ -782,10 +782,13 @@ func (m *Manager) point(vm string, id uint64, before time.Time) (lifeboat.Point,
 		if err != nil {
 			return lifeboat.Point{}, err
 		}
+		// The newest by id, the order points were taken in, as a plan
+		// chooses: instants come from the protected site's wall clock,
+		// which can step back, so a newer point may carry an older instant.
 		var best *lifeboat.Point
 		for i := range pts {
-			if !pts[i].Instant.After(before) && (best == nil || pts[i].Instant.After(best.Instant)) {
-				best = &pts[i]
+			if !pts[i].Instant.After(before) {
+				best = &pts[i] // oldest first
 			}
 		}
 		if best == nil {
