@@ -73,6 +73,9 @@ type Manager struct {
 	// plans are the plans running now, by name: one run of a plan at a
 	// time, and StopPlan ends a drill under way before its runs.
 	plans map[string]*planRun
+	// commits are the undecided real failovers' commit deadlines as this
+	// process measures them, by run ID (CommitDue).
+	commits map[string]commitClock
 
 	// Libvirt, when set, is the libvirtd (URI) that runs VMs whose points
 	// carry a libvirt domain's XML: they start as domains of it. Other VMs
@@ -386,6 +389,11 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 	if err := m.save(r); err != nil {
 		return nil, err
 	}
+	if !r.CommitBy.IsZero() {
+		m.mu.Lock()
+		m.commitClock()[r.ID] = commitClock{seen: begin, left: m.CommitAfter}
+		m.mu.Unlock()
+	}
 	if err := m.resume(ctx, r); err != nil {
 		return nil, fmt.Errorf("vm %q: starting the guest's CPUs: %w", vm, err)
 	}
@@ -594,17 +602,58 @@ func (m *Manager) Commit(r *Run) error {
 	return m.save(r)
 }
 
-// CommitDue commits every real failover whose CommitBy has passed at now
-// and that is still undecided, and returns them.
+// commitClock is how long an undecided failover had left before it commits
+// itself when this process first saw it, and when that was, with the
+// monotonic clock's reading: the wall clock can step (an NTP step after a
+// recovery host's boot, `date -s`), and a step forward committed every
+// undecided failover at once, after which it can no longer be undone.
+type commitClock struct {
+	seen time.Time
+	left time.Duration
+}
+
+// commitClock is m.commits, made; m.mu is held.
+func (m *Manager) commitClock() map[string]commitClock {
+	if m.commits == nil {
+		m.commits = map[string]commitClock{}
+	}
+	return m.commits
+}
+
+// CommitDue commits every real failover that is still undecided and whose
+// CommitBy has passed, and returns them. now is the wall clock's time: a
+// run this process did not start (the site restarted since) has what its
+// recorded CommitBy leaves at now; from then on, and for a run it
+// started, time is measured by the monotonic clock, which no step moves.
 func (m *Manager) CommitDue(now time.Time) ([]*Run, error) {
 	runs, err := m.Runs("")
 	if err != nil {
 		return nil, err
 	}
+	m.mu.Lock()
+	clocks := m.commitClock()
+	due := map[string]bool{}
+	for _, r := range runs {
+		if r.Test || r.Committed || r.CommitBy.IsZero() {
+			continue
+		}
+		c, ok := clocks[r.ID]
+		if !ok {
+			c = commitClock{seen: time.Now(), left: r.CommitBy.Sub(now)}
+			clocks[r.ID] = c
+		}
+		due[r.ID] = time.Since(c.seen) >= c.left
+	}
+	for id := range clocks {
+		if _, ok := due[id]; !ok {
+			delete(clocks, id) // decided, or gone
+		}
+	}
+	m.mu.Unlock()
 	var out []*Run
 	var errs []error
 	for _, r := range runs {
-		if r.Test || r.Committed || r.CommitBy.IsZero() || now.Before(r.CommitBy) {
+		if !due[r.ID] {
 			continue
 		}
 		if err := m.Commit(r); err != nil {

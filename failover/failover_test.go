@@ -530,15 +530,7 @@ func TestCommitPolicy(t *testing.T) {
 		{ID: "test", VM: "app2", Test: true, CommitBy: now.Add(-time.Hour)},
 	}
 	for _, r := range runs {
-		dir := filepath.Join(m.Dir, r.ID)
-		r.Dir = dir
-		if err := os.Mkdir(dir, 0o700); err != nil {
-			t.Fatal(err)
-		}
-		b, _ := json.Marshal(r)
-		if err := os.WriteFile(filepath.Join(dir, "run.json"), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
+		recordRun(t, m, r)
 	}
 	done, err := m.CommitDue(now)
 	if err != nil || len(done) != 1 || done[0].ID != "due" {
@@ -553,8 +545,49 @@ func TestCommitPolicy(t *testing.T) {
 			t.Errorf("run %s committed %v", r.ID, r.Committed)
 		}
 	}
+	// An hour later, the site restarted meanwhile: what is left of a run's
+	// time is what its CommitBy says.
+	m = &failover.Manager{Dir: m.Dir, Site: "dr"}
 	if again, err := m.CommitDue(now.Add(time.Hour)); err != nil || len(again) != 1 || again[0].ID != "later" {
 		t.Errorf("an hour later CommitDue committed %v (%v), want run later only", again, err)
+	}
+}
+
+// The recovery site's wall clock steps forward (an NTP step after the
+// host's boot, `date -s`) while a failover waits for its decision: it still
+// commits itself commit_after after it was seen undecided, not at once. Its
+// time is measured by the monotonic clock, which no step moves; the steps
+// are the times the daemon's ticker hands CommitDue. Before, the first tick
+// after the step committed it, and it could no longer be undone.
+func TestCommitPolicyAcrossAClockStep(t *testing.T) {
+	m := &failover.Manager{Dir: t.TempDir(), Site: "dr"}
+	now := time.Date(2026, 12, 2, 6, 0, 0, 0, time.UTC)
+	recordRun(t, m, failover.Run{ID: "fo", VM: "web1", Started: now, CommitBy: now.Add(time.Hour)})
+	// First seen at 06:00, then stepped to 08:00, then back to 07:00.
+	for _, tick := range []time.Time{now, now.Add(2 * time.Hour), now.Add(time.Hour)} {
+		if done, err := m.CommitDue(tick); err != nil || len(done) != 0 {
+			t.Fatalf("CommitDue at %s (an hour left when first seen, moments ago) committed %v (%v), want nothing", tick.Format(time.TimeOnly), done, err)
+		}
+	}
+	// A run first seen with no time left commits at once (a test cannot
+	// wait for the hour of the first).
+	recordRun(t, m, failover.Run{ID: "fo2", VM: "db1", Started: now, CommitBy: now})
+	if done, err := m.CommitDue(now.Add(time.Hour)); err != nil || len(done) != 1 || done[0].ID != "fo2" {
+		t.Errorf("CommitDue committed %v (%v), want run fo2 only, with no time left when first seen", done, err)
+	}
+}
+
+// recordRun writes r as m's run record, as a failover's start leaves it
+// (no VM is needed).
+func recordRun(t *testing.T, m *failover.Manager, r failover.Run) {
+	t.Helper()
+	r.Dir = filepath.Join(m.Dir, r.ID)
+	if err := os.Mkdir(r.Dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(r)
+	if err := os.WriteFile(filepath.Join(r.Dir, "run.json"), b, 0o600); err != nil {
+		t.Fatal(err)
 	}
 }
 
