@@ -198,11 +198,17 @@ func ParseConsistency(s string) (Consistency, error) {
 
 // Point is one restore point of one VM at the recovery site.
 type Point struct {
-	VM          string      `json:"vm"`
-	ID          uint64      `json:"id"`
-	Instant     time.Time   `json:"instant"`
-	Consistency Consistency `json:"consistency"`
-	Group       string      `json:"group,omitempty"`
+	VM      string    `json:"vm"`
+	ID      uint64    `json:"id"`
+	Instant time.Time `json:"instant"`
+	// LocalInstant is the instant by the clock of the recovery site that
+	// holds the point (Instant is by the protected site's, which may be
+	// minutes off): Instant brought within what that site saw of the
+	// cycle, from its Begin less the cycle's Duration up to its Begin.
+	// Zero in a point recorded before it was.
+	LocalInstant time.Time   `json:"local_instant,omitzero"`
+	Consistency  Consistency `json:"consistency"`
+	Group        string      `json:"group,omitempty"`
 	// Site is the protected site that sent the point (its certificate's name).
 	Site   string        `json:"site,omitempty"`
 	Disks  []PointDisk   `json:"disks"`
@@ -215,6 +221,15 @@ type Point struct {
 	// Tested is the last test failover of this point whose guest agent
 	// answered: proof that the point boots.
 	Tested *TestMark `json:"tested,omitempty"`
+}
+
+// Age is how old the point's data is at now, by the clock of the site
+// that holds it (LocalInstant, where there is one).
+func (p Point) Age(now time.Time) time.Duration {
+	if !p.LocalInstant.IsZero() {
+		return now.Sub(p.LocalInstant)
+	}
+	return now.Sub(p.Instant)
 }
 
 // GroupName is the consistency group of a point's group tag (NAME@INSTANT,

@@ -235,7 +235,7 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 			if len(pts) > 0 {
 				last := pts[len(pts)-1]
 				s.LastPoint = &last
-				s.RPO = now.Sub(last.Instant).Seconds()
+				s.RPO = last.Age(now).Seconds()
 			}
 			out.VMs = append(out.VMs, s)
 		}

@@ -117,7 +117,7 @@ func (c *statusCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, name := range names {
 		if p, ok, err := c.d.store.Latest(name); err == nil && ok {
-			ch <- prometheus.MustNewConstMetric(rpoDesc, prometheus.GaugeValue, now.Sub(p.Instant).Seconds(), name, "replica")
+			ch <- prometheus.MustNewConstMetric(rpoDesc, prometheus.GaugeValue, p.Age(now).Seconds(), name, "replica")
 			ch <- prometheus.MustNewConstMetric(lastDesc, prometheus.GaugeValue, float64(p.ID), name, "replica")
 		}
 	}

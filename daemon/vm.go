@@ -422,7 +422,7 @@ func (v *vm) status(now time.Time) VMStatus {
 	if v.last != nil {
 		p := *v.last
 		s.LastPoint = &p
-		s.RPO = now.Sub(p.Instant).Seconds()
+		s.RPO = p.Age(now).Seconds()
 	}
 	if t := time.Duration(v.cfg.RPOTarget); t > 0 && v.unprotected == nil {
 		s.RPOTarget = t.Seconds()

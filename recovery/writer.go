@@ -78,6 +78,9 @@ type Writer struct {
 	s    *Store
 	spec BeginSpec
 	rec  pendingRecord
+	// began is when Begin was asked, by this site's clock: after the
+	// point's instant, whatever the protected site's clock says of it.
+	began time.Time
 	// frequent: this point came within spareIdle of the VM's last commit,
 	// so its commit makes the next point's writer ahead (see spare).
 	frequent bool
@@ -190,6 +193,7 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	w := &Writer{
 		s:       s,
 		spec:    spec,
+		began:   began,
 		parents: map[string]uint64{},
 		disks:   map[string]*writeDisk{},
 		rec:     pendingRecord{ID: spec.ID},
@@ -780,7 +784,8 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 
 	r := pointRecord{
 		Point: lifeboat.Point{
-			VM: vm, ID: id, Instant: w.spec.Instant, Consistency: w.spec.Consistency, Group: w.spec.Group,
+			VM: vm, ID: id, Instant: w.spec.Instant, LocalInstant: localInstant(w.spec.Instant, w.began, stats.Duration),
+			Consistency: w.spec.Consistency, Group: w.spec.Group,
 			Site: w.spec.Site, Stats: stats, Freeze: w.spec.Freeze, Note: w.spec.Note,
 			Definition: w.spec.Definition,
 		},
@@ -1067,4 +1072,20 @@ func (s *Store) createPointImage(ctx context.Context, path string, size int64, b
 		return err
 	}
 	return os.Chmod(path, 0o600)
+}
+
+// localInstant places a point's instant, stamped by the protected site's
+// clock, on this site's: the instant came before the cycle's Begin (began,
+// here) and after the cycle's start, at most took (its Duration) before
+// that. Within those bounds the instant is kept as it is; a clock minutes
+// off puts it at the nearer bound.
+func localInstant(instant, began time.Time, took time.Duration) time.Time {
+	began = began.Round(0).UTC() // the wall clock's reading, as instants are
+	if instant.After(began) {
+		return began
+	}
+	if from := began.Add(-took); instant.Before(from) {
+		return from
+	}
+	return instant
 }
