@@ -82,3 +82,25 @@ func TestReplicaRPOAcrossClocks(t *testing.T) {
 		}
 	}
 }
+
+// A protected VM failed over at its recovery site asks again every 30 s
+// whether it still is, so that replication resumes soon after an undo. The
+// refusal's time is the wall clock's: once the clock stepped back an hour
+// (an NTP step, `date -s`), the refusal seemed to come from the future, and
+// the old check (time.Since(since) < 30 s) held replication back for that
+// hour.
+func TestFailedOverRecheckAfterAClockStep(t *testing.T) {
+	now := time.Now().UTC()
+	for _, tt := range []struct {
+		since time.Time
+		quiet bool
+	}{
+		{now.Add(-10 * time.Second), true},
+		{now.Add(-failedOverRecheck), false},
+		{now.Add(time.Hour), false}, // recorded before the clock stepped back an hour
+	} {
+		if got := refusedLately(tt.since, now); got != tt.quiet {
+			t.Errorf("refused at %s, now %s: waits to ask again %v, want %v", tt.since.Format(time.TimeOnly), now.Format(time.TimeOnly), got, tt.quiet)
+		}
+	}
+}

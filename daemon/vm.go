@@ -248,7 +248,7 @@ func (v *vm) schedule(ctx context.Context) {
 		if v.isUnprotected() {
 			return errUnprotected
 		}
-		if failedOver && (time.Since(since) < failedOverRecheck || v.stillFailedOver(ctx)) {
+		if failedOver && (refusedLately(since, time.Now()) || v.stillFailedOver(ctx)) {
 			return errFailedOverHere
 		}
 		_, err := v.sync(ctx, false, false)
@@ -322,6 +322,16 @@ const stateFailedOver = "failed-over"
 // failedOverRecheck is how often a failed-over VM's schedule asks again
 // (one light call): replication resumes this soon after an undo.
 const failedOverRecheck = 30 * time.Second
+
+// refusedLately reports whether a refusal recorded at since, by the wall
+// clock, came less than failedOverRecheck before now. One recorded after
+// now did not: the clock stepped back since (an NTP step, `date -s`), and
+// before, a step back of an hour kept replication stopped for that hour
+// after the failover's undo.
+func refusedLately(since, now time.Time) bool {
+	ago := now.Sub(since)
+	return ago >= 0 && ago < failedOverRecheck
+}
 
 // retryAfter is the least wait after a failed cycle before the next.
 const retryAfter = time.Second
