@@ -293,13 +293,26 @@ const finishedPhrase = "was finished here"
 func IsFinished(err error) bool { return err != nil && strings.Contains(err.Error(), finishedPhrase) }
 
 // folded is the point an earlier finalize of run folded, if latest is it:
-// a point after the failover's, written by this site itself.
+// a point after the failover's, written by this site itself, whose note
+// names run (or, from a lifeboat whose folds named no run, taken after run
+// started). The note decides where there is one: this site's clock may have
+// stepped back since the failover, and the fold then seems to come first.
 func (b *Back) folded(run *failover.Run, latest lifeboat.Point) (lifeboat.Point, bool) {
-	if latest.ID <= run.Point || latest.Site != b.Site || latest.Instant.Before(run.Started) {
+	if latest.ID <= run.Point || latest.Site != b.Site {
+		return lifeboat.Point{}, false
+	}
+	if _, of, ok := strings.Cut(latest.Note, foldedFrom); ok {
+		if of != run.ID {
+			return lifeboat.Point{}, false
+		}
+	} else if latest.Instant.Before(run.Started) {
 		return lifeboat.Point{}, false
 	}
 	return latest, true
 }
+
+// foldedFrom ends a fold point's note, before its run's id.
+const foldedFrom = ", folded from run "
 
 // fold writes the stopped recovered VM's state as a point of this site's
 // chain after latest (the failover's point): a cycle out of the overlays'
@@ -404,9 +417,9 @@ func (t *foldTarget) Begin(ctx context.Context, p lifeboat.Point) (lifeboat.Poin
 	}
 	p.Site = t.site
 	p.Definition = t.latest.Definition // the VM's own, not the recovered QEMU's
-	p.Consistency, p.Note = lifeboat.Crash, fmt.Sprintf("failback: the recovered VM's last state, its CPUs stopped (it did not power off), folded from run %s", t.run.ID)
+	p.Consistency, p.Note = lifeboat.Crash, fmt.Sprintf("failback: the recovered VM's last state, its CPUs stopped (it did not power off)%s%s", foldedFrom, t.run.ID)
 	if t.shutDown {
-		p.Consistency, p.Note = lifeboat.Filesystem, fmt.Sprintf("failback: the recovered VM's last state, powered off cleanly, folded from run %s", t.run.ID)
+		p.Consistency, p.Note = lifeboat.Filesystem, fmt.Sprintf("failback: the recovered VM's last state, powered off cleanly%s%s", foldedFrom, t.run.ID)
 	}
 	w, err := wire.RecoveryStore(t.store).BeginPoint(ctx, p)
 	if err != nil {
