@@ -239,6 +239,23 @@ func (g *Guest) Stop() {
 	})
 }
 
+// Signal sends sig to the guest's qemu-system and, with storage, to the
+// qemu-storage-daemon holding its disk: SIGSTOP of both is a VM whose QEMU
+// hangs (its monitor, its agent's port and its block layer all stop
+// answering), of the qemu-system alone a guest that cannot write; SIGCONT
+// resumes them.
+func (g *Guest) Signal(sig syscall.Signal, storage bool) error {
+	if err := g.vm.cmd.Process.Signal(sig); err != nil {
+		return fmt.Errorf("testguest: %s: signal qemu-system-x86_64: %w", g.name, err)
+	}
+	if storage {
+		if err := syscall.Kill(g.storage.Pid(), sig); err != nil {
+			return fmt.Errorf("testguest: %s: signal qemu-storage-daemon: %w", g.name, err)
+		}
+	}
+	return nil
+}
+
 // Kill ends the guest as a lost production site does: SIGKILL of its
 // qemu-system and of the storage daemon holding its disk (nothing saved).
 func (g *Guest) Kill() {

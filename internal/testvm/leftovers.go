@@ -2,6 +2,7 @@ package testvm
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -14,29 +15,43 @@ func AssertNoLeftovers(t testing.TB, m *qemu.Monitor) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
-	nodes, err := m.Nodes(ctx)
+	left, err := Leftovers(ctx, m)
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, l := range left {
+		t.Errorf("%s left behind", l)
+	}
+}
+
+// Leftovers says what QEMU holds of a fleece (see AssertNoLeftovers), one
+// entry a thing; none when it holds nothing.
+func Leftovers(ctx context.Context, m *qemu.Monitor) ([]string, error) {
+	nodes, err := m.Nodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var left []string
 	for _, n := range nodes {
 		if strings.HasPrefix(n.NodeName, qemu.OwnPrefix) || n.Driver == "copy-before-write" {
-			t.Errorf("node %s (%s) left behind", n.NodeName, n.Driver)
+			left = append(left, fmt.Sprintf("node %s (%s)", n.NodeName, n.Driver))
 		}
 	}
 	jobs, err := m.Jobs(ctx)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	for _, j := range jobs {
-		t.Errorf("job %s (%s) left behind", j.ID, j.Type)
+		left = append(left, fmt.Sprintf("job %s (%s)", j.ID, j.Type))
 	}
 	exports, err := m.Exports(ctx)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	for _, e := range exports {
 		if strings.HasPrefix(e.ID, qemu.OwnPrefix) {
-			t.Errorf("export %s left behind", e.ID)
+			left = append(left, "export "+e.ID)
 		}
 	}
+	return left, nil
 }

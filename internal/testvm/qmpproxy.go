@@ -31,17 +31,74 @@ type LostCommand struct {
 // lose a reply on demand, hence the proxy; everything else is the real QMP.
 func (v *VM) LossyQMPSocket(t testing.TB, lost LostCommand) string {
 	t.Helper()
-	path := filepath.Join(v.Dir, "qmp-lossy.sock")
+	var (
+		mu     sync.Mutex
+		once   sync.Once
+		lostID string // the id of the command whose reply is dropped
+	)
+	idOf := func(line []byte) string {
+		var m struct {
+			ID json.RawMessage `json:"id"`
+		}
+		json.Unmarshal(line, &m)
+		return string(m.ID)
+	}
+	toQEMU := func(line []byte) bool {
+		if !lost.Match(bytes.TrimSpace(line)) {
+			return false
+		}
+		drop := false
+		once.Do(func() {
+			if lost.Ran {
+				mu.Lock()
+				lostID = idOf(line)
+				mu.Unlock()
+			} else {
+				drop = true
+				lost.Lost()
+			}
+		})
+		return drop
+	}
+	toClient := func(line []byte) bool {
+		mu.Lock()
+		drop := lostID != "" && idOf(line) == lostID
+		if drop {
+			lostID = ""
+		}
+		mu.Unlock()
+		if drop {
+			lost.Lost()
+		}
+		return drop
+	}
+	return proxyQMP(t, filepath.Join(v.Dir, "qmp-lossy.sock"), v.QMPSocket(), toQEMU, toClient)
+}
+
+// TapQMPSocket is a QMP socket at path in front of upstream (a QMP socket)
+// that passes everything through, calling before with each line a client
+// sends before QEMU gets it: a test acts at the moment a command is sent
+// (stops QEMU with SIGSTOP while the command is in flight, say).
+func TapQMPSocket(t testing.TB, path, upstream string, before func(line []byte)) string {
+	t.Helper()
+	return proxyQMP(t, path, upstream,
+		func(line []byte) bool { before(bytes.TrimSpace(line)); return false },
+		func([]byte) bool { return false })
+}
+
+// proxyQMP serves a socket at path in front of upstream, a connection to
+// upstream for each client, passing lines either way but those that toQEMU
+// or toClient drop, until the test ends.
+func proxyQMP(t testing.TB, path, upstream string, toQEMU, toClient func(line []byte) (drop bool)) string {
+	t.Helper()
 	l, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatalf("testvm: %v", err)
 	}
 	var (
-		mu     sync.Mutex
-		conns  []net.Conn
-		wg     sync.WaitGroup
-		once   sync.Once
-		lostID string // the id of the command whose reply is dropped
+		mu    sync.Mutex
+		conns []net.Conn
+		wg    sync.WaitGroup
 	)
 	track := func(c net.Conn) {
 		mu.Lock()
@@ -58,13 +115,6 @@ func (v *VM) LossyQMPSocket(t testing.TB, lost LostCommand) string {
 		wg.Wait()
 		os.Remove(path)
 	})
-	idOf := func(line []byte) string {
-		var m struct {
-			ID json.RawMessage `json:"id"`
-		}
-		json.Unmarshal(line, &m)
-		return string(m.ID)
-	}
 	// relay copies lines from src to dst, but those drop says, until either ends.
 	relay := func(dst, src net.Conn, drop func(line []byte) bool) {
 		defer wg.Done()
@@ -90,7 +140,7 @@ func (v *VM) LossyQMPSocket(t testing.TB, lost LostCommand) string {
 			if err != nil {
 				return
 			}
-			u, err := net.Dial("unix", v.QMPSocket())
+			u, err := net.Dial("unix", upstream)
 			if err != nil {
 				c.Close()
 				continue
@@ -98,35 +148,8 @@ func (v *VM) LossyQMPSocket(t testing.TB, lost LostCommand) string {
 			track(c)
 			track(u)
 			wg.Add(2)
-			go relay(u, c, func(line []byte) bool { // client to QEMU
-				if !lost.Match(bytes.TrimSpace(line)) {
-					return false
-				}
-				drop := false
-				once.Do(func() {
-					if lost.Ran {
-						mu.Lock()
-						lostID = idOf(line)
-						mu.Unlock()
-					} else {
-						drop = true
-						lost.Lost()
-					}
-				})
-				return drop
-			})
-			go relay(c, u, func(line []byte) bool { // QEMU to client
-				mu.Lock()
-				drop := lostID != "" && idOf(line) == lostID
-				if drop {
-					lostID = ""
-				}
-				mu.Unlock()
-				if drop {
-					lost.Lost()
-				}
-				return drop
-			})
+			go relay(u, c, toQEMU)
+			go relay(c, u, toClient)
 		}
 	}()
 	return path
