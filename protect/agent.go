@@ -146,7 +146,7 @@ func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 	if app {
 		level = lifeboat.Application
 	}
-	f := &Frozen{Level: level, Since: since, Thaw: func(ctx context.Context) (bool, error) {
+	f := &Frozen{Level: level, Since: since, Limit: limit, Thaw: func(ctx context.Context) (bool, error) {
 		timer.Stop()
 		mu.Lock()
 		if run == nil {
@@ -265,7 +265,7 @@ func (q *AgentQuiescer) fallBack(err error) (*Frozen, error) {
 	}
 	note := "quiescing failed, crash consistent: " + err.Error()
 	q.log().Warn("quiescing failed: this point is crash consistent", "err", err)
-	return &Frozen{Level: lifeboat.Crash, Note: note}, nil
+	return &Frozen{Level: lifeboat.Crash, Note: note, Limit: q.limit()}, nil
 }
 
 // thawBound is how long lifeboat keeps trying to thaw a guest whose agent does

@@ -52,6 +52,9 @@ type cycle struct {
 	nbdStarted bool
 	// images are the disks' images, recorded once the point is committed.
 	images []DiskImage
+	// detached: a group member's step on its unanswering QEMU went on in
+	// the background, which cleans up and unlocks the member (bounded).
+	detached bool
 }
 
 func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {

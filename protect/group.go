@@ -29,16 +29,20 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 	if len(g.Members) == 0 {
 		return nil, fmt.Errorf("group %q has no member", g.Name)
 	}
-	for _, p := range g.Members {
+	cycles := make([]*cycle, len(g.Members))
+	for i, p := range g.Members {
 		if !p.mu.TryLock() {
 			return nil, fmt.Errorf("group %q: vm %q: a cycle is already running", g.Name, p.VM.Name)
 		}
-		defer p.mu.Unlock()
+		defer func() {
+			if c := cycles[i]; c == nil || !c.detached {
+				p.mu.Unlock()
+			}
+		}()
 	}
-	cycles := make([]*cycle, len(g.Members))
 	defer func() {
 		for _, c := range cycles {
-			if c != nil {
+			if c != nil && !c.detached {
 				c.close(ctx)
 			}
 		}
@@ -74,10 +78,11 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 			break
 		}
 	}
+	bound := instantBound(frozen)
 	snapped := 0
 	if err == nil {
 		for _, c := range cycles {
-			if err = c.snapshot(ctx); err != nil {
+			if err = c.bounded(ctx, "fleece transaction (the group's instant)", bound, c.snapshot); err != nil {
 				err = fmt.Errorf("group %q: vm %q: %w", g.Name, c.p.VM.Name, err)
 				break
 			}
@@ -100,7 +105,7 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 		c.point.Group = groupTag
 	}
 	for i, c := range cycles {
-		if err := c.export(ctx); err != nil {
+		if err := c.bounded(ctx, "fleece export", bound, c.export); err != nil {
 			// Export undoes its own failure; every other member is rolled back.
 			for j, c := range cycles {
 				if j != i {
@@ -128,11 +133,70 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 
 func (g *Group) teardown(ctx context.Context, cs []*cycle) {
 	for _, c := range cs {
-		if c.fleece != nil {
+		if c.fleece != nil && !c.detached {
 			c.fleece.Teardown(context.WithoutCancel(ctx))
 		}
 	}
 }
+
+// instantBound is how long a member's step of the group's instant (its
+// transaction, its export) may take: its members' smallest freeze limit.
+// A transaction takes milliseconds; one that takes longer than a freeze is
+// held is not the group's instant.
+func instantBound(frozen []*freezeState) time.Duration {
+	bound := DefaultFreezeLimit
+	for _, f := range frozen {
+		if f != nil && f.f != nil && f.f.Limit > 0 {
+			bound = min(bound, f.f.Limit)
+		}
+	}
+	return bound
+}
+
+// bounded runs step, one QMP step of a group member, waiting at most bound.
+// A member whose QEMU does not answer in time (hung, stopped) fails the
+// group's cycle now, rather than holding the others' cycle, and their
+// fleece in their guests' write path, until it answers (before: until the
+// cycle's context ended, hours in the daemon, and a late answer made a group
+// point of instants seconds apart). The step goes on in the background, on a
+// context of its own bounded by hungWait, and once it has returned the
+// member's fleece is torn down and its generations turned back; the member
+// stays locked until then (c.detached: the group leaves it alone), so none
+// of its cycles starts meanwhile.
+func (c *cycle) bounded(ctx context.Context, what string, bound time.Duration, step func(context.Context) error) error {
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hungWait)
+	log := c.log // the step may change c.log
+	done := make(chan error, 1)
+	go func() { done <- step(sctx) }()
+	t := time.NewTimer(bound)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		cancel()
+		return err
+	case <-t.C:
+	}
+	c.detached = true
+	log.Error("the VM's QEMU did not answer in time: the group's cycle fails; lifeboat cleans up after it once it answers", "step", what, "bound", bound)
+	go func() {
+		defer cancel()
+		err := <-done
+		if err == nil {
+			c.rollback(sctx) // the step landed late: undo the instant
+		} else if c.fleece != nil {
+			c.fleece.Teardown(sctx) // the step undid itself; what is left goes
+		}
+		c.close(sctx)
+		c.p.mu.Unlock()
+		c.log.Info("the VM's QEMU answered again: its part of the failed group cycle is cleaned up", "err", err)
+	}()
+	return fmt.Errorf("its QEMU did not answer the %s within %v (hung or stopped?): the group's cycle fails, and lifeboat tears down its fleece once it answers", what, bound)
+}
+
+// hungWait bounds how long lifeboat waits in the background for a group
+// member's QEMU that did not answer in time, to clean up after it; past it,
+// the member's next cycle clears what is left (RemoveStale).
+const hungWait = 10 * time.Minute
 
 // rollback undoes a cycle whose instant was taken but whose point will not be
 // sent: fleece down, the new generation merged back into the old one.

@@ -210,7 +210,7 @@ func (q *LibvirtQuiescer) frozen(n int, guard *guardProcess) *Frozen {
 		q.log().Warn("the guest was frozen past its bound: thawing it now", "limit", limit)
 		run = q.background("the freeze bound expired", nil, guard)
 	})
-	f := &Frozen{Level: q.Level, Since: time.Now(), Thaw: func(ctx context.Context) (bool, error) {
+	f := &Frozen{Level: q.Level, Since: time.Now(), Limit: q.limit(), Thaw: func(ctx context.Context) (bool, error) {
 		timer.Stop()
 		mu.Lock()
 		if run == nil {
@@ -289,5 +289,5 @@ func (q *LibvirtQuiescer) fallBack(err error) (*Frozen, error) {
 		return nil, fmt.Errorf("quiesce: %w (on_quiesce_failure: fail)", err)
 	}
 	q.log().Warn("quiescing failed: this point is crash consistent", "err", err)
-	return &Frozen{Level: lifeboat.Crash, Note: "quiesce failed: " + err.Error()}, nil
+	return &Frozen{Level: lifeboat.Crash, Note: "quiesce failed: " + err.Error(), Limit: q.limit()}, nil
 }

@@ -23,6 +23,9 @@ type Frozen struct {
 	Note  string
 	// Since is when the guest's writes stopped (zero when nothing was frozen).
 	Since time.Time
+	// Limit is the quiescer's freeze limit, also on a fallback: a group
+	// gives each member's instant no longer than its members' smallest.
+	Limit time.Duration
 	// Thaw lets the guest write again. held is false when the freeze bound
 	// expired before Thaw and the guest was thawed already: the instant taken
 	// since is then only crash consistent.
