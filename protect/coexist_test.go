@@ -35,8 +35,8 @@ const (
 )
 
 // libvirtVM is a qemu-system as libvirt starts one: a qcow2 disk on device
-// virtio-disk0 (node libvirt-1-format) and no NBD server. model is the disk's
-// content as the guest wrote it.
+// virtio-disk0 (node libvirt-1-format) and no NBD server (args are more of
+// qemu-system's). model is the disk's content as the guest wrote it.
 type libvirtVM struct {
 	*testvm.System
 	model []byte
@@ -45,7 +45,7 @@ type libvirtVM struct {
 	p     *protect.Protector
 }
 
-func startLibvirtVM(t *testing.T, site *testsite.Site, name string) *libvirtVM {
+func startLibvirtVM(t *testing.T, site *testsite.Site, name string, args ...string) *libvirtVM {
 	t.Helper()
 	dir := testsite.ShortDir(t)
 	image := filepath.Join(dir, "vda.qcow2")
@@ -53,9 +53,9 @@ func startLibvirtVM(t *testing.T, site *testsite.Site, name string) *libvirtVM {
 		t.Fatal(err)
 	}
 	v := &libvirtVM{
-		System: testvm.StartSystem(t, dir,
+		System: testvm.StartSystem(t, dir, append([]string{
 			"-blockdev", fmt.Sprintf(`{"driver":"qcow2","node-name":%q,"file":{"driver":"file","filename":%q,"node-name":"libvirt-1-storage"}}`, sysDiskNode, image),
-			"-device", "virtio-blk-pci,drive="+sysDiskNode+",id="+sysDisk),
+			"-device", "virtio-blk-pci,drive=" + sysDiskNode + ",id=" + sysDisk}, args...)...),
 		model: make([]byte, sysDiskSize),
 		site:  site,
 		log:   &testenv.LogBuffer{},

@@ -50,6 +50,8 @@ type cycle struct {
 	sendAt, commitAt time.Time
 	// nbdStarted: the cycle started the NBD server on sock, and close stops it.
 	nbdStarted bool
+	// unlock gives back the work dir's cycle lock (lockWorkDir).
+	unlock func()
 	// images are the disks' images, recorded once the point is committed.
 	images []DiskImage
 	// detached: a group member's step on its unanswering QEMU went on in
@@ -104,10 +106,20 @@ func (c *cycle) prepare(ctx context.Context) error {
 		return fmt.Errorf("connect to QMP %s: %w (is the VM running? check `qmp:` in the config)", p.VM.QMPSocket, err)
 	}
 	c.mon = m
+	// The work dir's lock, held until the cycle's NBD server is stopped, tells
+	// another lifeboat that what this cycle adds to the VM's QEMU is a live
+	// cycle's; and whatever the lock's previous holder left is a dead one's.
+	if c.unlock, err = p.lockWorkDir(ctx); err != nil {
+		return err
+	}
 	// A lifeboat that died mid-cycle may have left its fleece behind, keeping
 	// the published generation busy, and its NBD server: clear them before
 	// touching generations.
-	if err := m.RemoveStale(ctx, p.ownNBDSocket()); err != nil {
+	removed, err := m.RemoveStale(ctx, p.liveElsewhere, p.ownNBDSockets()...)
+	if len(removed) > 0 {
+		c.log.Warn("removed from the VM's QEMU what a lifeboat cycle that is over left (killed mid-cycle?); the generations stay for this cycle to reconcile", "removed", strings.Join(removed, ", "))
+	}
+	if err != nil {
 		return err
 	}
 	if c.sock, c.nbdStarted, err = p.nbdServer(ctx, m); err != nil {
@@ -340,6 +352,10 @@ func (c *cycle) close(ctx context.Context) {
 		}
 		cancel()
 		c.nbdStarted = false
+	}
+	if c.unlock != nil {
+		c.unlock()
+		c.unlock = nil
 	}
 	if c.mon != nil {
 		c.mon.Close()

@@ -28,7 +28,7 @@ type VM struct {
 	Libvirt *LibvirtDomain
 	// NBDSocket is the VM's running NBD server, if it has one (lifeboat adds
 	// its exports there and never stops it); otherwise each cycle starts one
-	// at WorkDir/nbd.sock and stops it at its end.
+	// at WorkDir/lifeboat-nbd.sock and stops it at its end.
 	NBDSocket string
 	// Disks names the disks to protect (by disk name, see qemu.Disks, or by
 	// node name); empty means every writable disk.
@@ -314,13 +314,14 @@ func persistentBitmaps(n qemu.BlockNode) bool { return n.Driver == "qcow2" && n.
 // keeps anyone else, such as a libvirt pull backup, from starting theirs).
 //
 // QEMU runs one NBD server per process. With `nbd_socket:` the VM's own
-// server is used and left alone. Otherwise lifeboat starts one on
-// WorkDir/nbd.sock; if a server lifeboat did not start already runs (a dead
-// lifeboat's was stopped by RemoveStale), the cycle waits for it to stop,
-// polling, for at most BusyWait, then fails saying why (the next cycle tries
-// again). It does not use that server: QEMU 7.2 cannot say where it listens,
-// and its owner stops it when done (libvirt at a backup's end), which closes
-// every export on it, lifeboat's included, in the middle of a cycle.
+// server is used and left alone. Otherwise lifeboat starts one in its work
+// dir; if a server already runs, examineServer says whose: a dead lifeboat
+// cycle's (killed, its state_dir since moved or its VM renamed) is stopped at
+// once. Any other, another lifeboat's cycle under way or another tool's, the
+// cycle waits for, polling, for at most BusyWait, then fails saying why (the
+// next cycle tries again). It does not use that server: its owner stops it
+// when done (libvirt at a backup's end), which closes every export on it,
+// lifeboat's included, in the middle of a cycle.
 func (p *Protector) nbdServer(ctx context.Context, m *qemu.Monitor) (sock string, started bool, err error) {
 	if p.VM.NBDSocket != "" {
 		return p.VM.NBDSocket, false, nil
@@ -339,11 +340,20 @@ func (p *Protector) nbdServer(ctx context.Context, m *qemu.Monitor) (sock string
 		if !errors.Is(err, qemu.ErrNBDServerRunning) {
 			return "", false, fmt.Errorf("start NBD server in the VM's QEMU: %w", err)
 		}
+		srv := p.examineServer(m)
+		if srv.over {
+			if err := p.stopOver(ctx, m, srv); err != nil {
+				return "", false, err
+			}
+			if err := m.NBDServerStart(ctx, sock); err == nil {
+				return sock, true, nil
+			}
+		}
 		if !waited {
-			p.log().Warn("the VM's QEMU runs an NBD server lifeboat did not start (a libvirt backup?): waiting for it to stop", "wait", wait)
+			p.log().Warn(srv.waiting(), "wait", wait)
 		}
 		if time.Now().After(deadline) {
-			return "", false, p.nbdBusy(ctx, m, wait)
+			return "", false, srv.busy(p, p.foreignJobs(ctx, m), wait)
 		}
 		select {
 		case <-time.After(nbdPoll):
@@ -353,9 +363,9 @@ func (p *Protector) nbdServer(ctx context.Context, m *qemu.Monitor) (sock string
 	}
 }
 
-// nbdBusy is the error of a cycle that waited in vain for another's NBD
-// server to stop, naming the block jobs that may explain it.
-func (p *Protector) nbdBusy(ctx context.Context, m *qemu.Monitor, waited time.Duration) error {
+// foreignJobs names the block jobs of other tools that may explain a server
+// lifeboat waits for.
+func (p *Protector) foreignJobs(ctx context.Context, m *qemu.Monitor) string {
 	var others []string
 	jobs, _ := m.Jobs(ctx)
 	for _, j := range jobs {
@@ -363,11 +373,10 @@ func (p *Protector) nbdBusy(ctx context.Context, m *qemu.Monitor, waited time.Du
 			others = append(others, fmt.Sprintf("%s %q", j.Type, j.ID))
 		}
 	}
-	running := "no block job runs"
-	if len(others) > 0 {
-		running = "block jobs of another tool run: " + strings.Join(others, ", ")
+	if len(others) == 0 {
+		return "no block job runs"
 	}
-	return fmt.Errorf("the VM's QEMU runs an NBD server lifeboat did not start (a libvirt backup? %s) and it did not stop within %v; QEMU runs one NBD server per process, so lifeboat cannot start its own: the next cycle tries again. If that server stays (it is not a backup's), set `nbd_socket:` of vm %q in the config to its unix socket", running, waited, p.VM.Name)
+	return "block jobs of another tool run: " + strings.Join(others, ", ")
 }
 
 // ownNBDSocket is where lifeboat starts its NBD server when the config names none.
@@ -375,7 +384,16 @@ func (p *Protector) ownNBDSocket() string {
 	if p.VM.NBDSocket != "" {
 		return ""
 	}
-	return filepath.Join(p.VM.WorkDir, "nbd.sock")
+	return filepath.Join(p.VM.WorkDir, nbdSocketName)
+}
+
+// ownNBDSockets are where a lifeboat may have started its NBD server in this
+// VM's work dir, this version and the ones before.
+func (p *Protector) ownNBDSockets() []string {
+	if p.VM.NBDSocket != "" {
+		return nil
+	}
+	return []string{p.ownNBDSocket(), filepath.Join(p.VM.WorkDir, legacyNBDSocketName)}
 }
 
 var errCommitUnknown = errors.New("commit outcome unknown")

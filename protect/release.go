@@ -61,7 +61,7 @@ func (p *Protector) releaseQMP(ctx context.Context, peer string, r *Released) er
 		return fmt.Errorf("connect to QMP %s: %w (the VM must be running: its QEMU holds the change tracking; a shut-down VM's qcow2 images can be cleaned with `qemu-img info` and `qemu-img bitmap --remove IMAGE NAME` for each bitmap named lifeboat.…@%s)", p.VM.QMPSocket, err, peer)
 	}
 	defer m.Close()
-	if err := m.RemoveStale(ctx, p.ownNBDSocket()); err != nil {
+	if _, err := m.RemoveStale(ctx, p.liveElsewhere, p.ownNBDSockets()...); err != nil {
 		return err
 	}
 	disks, err := p.disks(ctx, m)

@@ -6,6 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 )
@@ -66,6 +69,77 @@ func (m *Monitor) ServesNBD(ctx context.Context, unixSocket string) (bool, error
 		return false, fmt.Errorf("check NBD socket %s: %w", unixSocket, err)
 	}
 	return pid == qemuPID, nil
+}
+
+// UnixListener is a unix socket a QEMU process listens on.
+type UnixListener struct {
+	// Path is the path the socket was bound to: the file may have been moved
+	// or removed since (QEMU still listens, but nobody can connect by path).
+	Path string
+	// Clients is how many connections QEMU accepted on it are still open.
+	Clients int
+}
+
+// UnixListeners lists the unix sockets the monitor's QEMU process listens on
+// (its QMP sockets, chardevs, its NBD server...). QMP cannot say where the NBD
+// server listens (QEMU 7.2 has no query for it), so this asks the kernel:
+// the socket inodes among the process's file descriptors, looked up in
+// /proc/PID/net/unix. It needs the right to read the process's fds (the same
+// user, or root); without it, it returns an error and no guess.
+func (m *Monitor) UnixListeners() ([]UnixListener, error) {
+	pid, err := peerPID(m.conn)
+	if err != nil || pid <= 0 {
+		return nil, fmt.Errorf("list QEMU's unix sockets: the monitor's process is unknown (%v)", err)
+	}
+	fdDir := fmt.Sprintf("/proc/%d/fd", pid)
+	fds, err := os.ReadDir(fdDir)
+	if err != nil {
+		return nil, fmt.Errorf("list QEMU's unix sockets: %w", err)
+	}
+	inodes := map[string]bool{}
+	for _, fd := range fds {
+		l, err := os.Readlink(filepath.Join(fdDir, fd.Name()))
+		if ino, ok := strings.CutPrefix(l, "socket:["); err == nil && ok {
+			inodes[strings.TrimSuffix(ino, "]")] = true
+		}
+	}
+	table, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/unix", pid))
+	if err != nil {
+		return nil, fmt.Errorf("list QEMU's unix sockets: %w", err)
+	}
+	return parseUnixTable(string(table), inodes), nil
+}
+
+// parseUnixTable picks from /proc/net/unix the listening sockets whose inode
+// is one of the process's, with the count of the process's connections on
+// each (an accepted connection carries its listener's path).
+func parseUnixTable(table string, inodes map[string]bool) []UnixListener {
+	const (
+		acceptCon   = 0x10000 // __SO_ACCEPTCON: listening
+		unconnected = "01"
+		connected   = "03"
+	)
+	var out []UnixListener
+	clients := map[string]int{}
+	for _, line := range strings.Split(table, "\n")[1:] {
+		// Num RefCount Protocol Flags Type St Inode Path
+		f := strings.Fields(line)
+		if len(f) < 8 || !inodes[f[6]] || strings.HasPrefix(f[7], "@") {
+			continue // not QEMU's, unbound, or abstract
+		}
+		path := strings.Join(f[7:], " ")
+		flags, _ := strconv.ParseUint(f[3], 16, 32)
+		switch {
+		case flags&acceptCon != 0 && f[5] == unconnected:
+			out = append(out, UnixListener{Path: path})
+		case f[5] == connected:
+			clients[path]++
+		}
+	}
+	for i := range out {
+		out[i].Clients = clients[out[i].Path]
+	}
+	return out
 }
 
 // peerPID is the process at the other end of a unix socket: for a

@@ -501,50 +501,71 @@ var fleeceNode = regexp.MustCompile(`^` + OwnPrefix + `f[0-9a-f]{6}-[0-9]+$`)
 
 // RemoveStale removes what a lifeboat that died mid-cycle left in QEMU: its
 // exports, block jobs and fleece nodes (named OwnPrefix...), the fleece
-// overlay files, and the NBD server it started on ownNBDSocket ("": lifeboat
-// starts none), which would keep anyone else from starting one. A server
-// elsewhere, or on that socket but in another process, is not lifeboat's and
-// is left alone (see ServesNBD). A stale fleece keeps its published
-// generation busy, so the next cycle's transaction would fail: call this
-// before it. Bitmaps are left alone, as by Teardown.
-func (m *Monitor) RemoveStale(ctx context.Context, ownNBDSocket string) error {
+// overlay files, and the NBD server it started on one of ownNBDSockets,
+// which would keep anyone else from starting one. A server elsewhere, or on
+// such a socket but in another process, is not lifeboat's and is left alone
+// (see ServesNBD). A fleece whose overlay file live (non-nil) reports as a
+// cycle's still under way (another lifeboat's protecting the same VM) is
+// left alone too, its export and job with it. A stale fleece keeps its
+// published generation busy, so the next cycle's transaction would fail:
+// call this before it. Bitmaps are left alone, as by Teardown. It returns
+// what it removed.
+func (m *Monitor) RemoveStale(ctx context.Context, live func(overlay string) bool, ownNBDSockets ...string) (removed []string, err error) {
 	var errs []error
+	note := func(what string, err error) {
+		if err != nil {
+			errs = append(errs, err)
+		} else {
+			removed = append(removed, what)
+		}
+	}
+	// Exports and jobs first: a fleece's node is added before them, so each
+	// listed here has its node in the list below.
 	exports, err := m.Exports(ctx)
 	if err != nil {
-		return fmt.Errorf("remove stale lifeboat objects: %w", err)
-	}
-	for _, e := range exports {
-		if strings.HasPrefix(e.ID, OwnPrefix) && !e.ShuttingDown {
-			errs = append(errs, m.ExportDelForce(ctx, e.ID))
-		}
+		return nil, fmt.Errorf("remove stale lifeboat objects: %w", err)
 	}
 	jobs, err := m.Jobs(ctx)
 	if err != nil {
-		return fmt.Errorf("remove stale lifeboat objects: %w", err)
-	}
-	for _, j := range jobs {
-		if strings.HasPrefix(j.ID, OwnPrefix) {
-			errs = append(errs, m.CancelJob(ctx, j.ID))
-		}
+		return nil, fmt.Errorf("remove stale lifeboat objects: %w", err)
 	}
 	nodes, err := m.Nodes(ctx)
 	if err != nil {
-		return fmt.Errorf("remove stale lifeboat objects: %w", err)
+		return nil, fmt.Errorf("remove stale lifeboat objects: %w", err)
 	}
 	files := make(map[string]string, len(nodes))
 	for _, n := range nodes {
 		files[n.NodeName] = n.Filename
 	}
+	// The fleeces of cycles under way, by their overlay node's name, which
+	// starts their export's and job's.
+	kept := map[string]bool{}
 	for _, n := range nodes {
-		if !fleeceNode.MatchString(n.NodeName) {
+		// The overlay node's own filename is a json: pseudo-name (its backing
+		// is overridden); its protocol child names the file.
+		if file, ok := files[n.NodeName+"-file"]; ok && live != nil && fleeceNode.MatchString(n.NodeName) && live(file) {
+			kept[n.NodeName] = true
+		}
+	}
+	for _, e := range exports {
+		if strings.HasPrefix(e.ID, OwnPrefix) && !e.ShuttingDown && !kept[strings.TrimSuffix(e.ID, "-exp")] {
+			note("export "+e.ID, m.ExportDelForce(ctx, e.ID))
+		}
+	}
+	for _, j := range jobs {
+		if strings.HasPrefix(j.ID, OwnPrefix) && !kept[strings.TrimSuffix(j.ID, "-job")] {
+			note("block job "+j.ID, m.CancelJob(ctx, j.ID))
+		}
+	}
+	for _, n := range nodes {
+		if !fleeceNode.MatchString(n.NodeName) || kept[n.NodeName] {
 			continue
 		}
 		if err := m.BlockdevDel(ctx, n.NodeName); err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		// The overlay node's own filename is a json: pseudo-name (its backing
-		// is overridden); its protocol child names the file.
+		removed = append(removed, "fleece node "+n.NodeName)
 		file, ok := files[n.NodeName+"-file"]
 		if !ok {
 			continue
@@ -553,18 +574,18 @@ func (m *Monitor) RemoveStale(ctx context.Context, ownNBDSocket string) error {
 			errs = append(errs, fmt.Errorf("remove stale fleece overlay: %w", err))
 		}
 	}
-	if ownNBDSocket != "" {
-		switch ours, err := m.ServesNBD(ctx, ownNBDSocket); {
+	for _, sock := range ownNBDSockets {
+		switch ours, err := m.ServesNBD(ctx, sock); {
 		case err != nil:
 			errs = append(errs, err)
 		case ours:
-			errs = append(errs, m.NBDServerStop(ctx))
+			note("NBD server on "+sock, m.NBDServerStop(ctx))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("remove stale lifeboat objects: %w", err)
+		return removed, fmt.Errorf("remove stale lifeboat objects: %w", err)
 	}
-	return nil
+	return removed, nil
 }
 
 // removeExports deletes the fleece's exports still up; the ones that fail stay

@@ -229,7 +229,7 @@ func TestRemoveStale(t *testing.T) {
 	}
 	// A client still connected to the stale export must not block removal.
 	connectedClient(t, vm.NBDURI("fl"))
-	if err := m.RemoveStale(ctx, ""); err != nil {
+	if _, err := m.RemoveStale(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
 	testvm.AssertNoLeftovers(t, m)
@@ -247,7 +247,7 @@ func TestRemoveStale(t *testing.T) {
 	if err := f.Teardown(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.RemoveStale(ctx, ""); err != nil {
+	if _, err := m.RemoveStale(ctx, nil); err != nil {
 		t.Errorf("RemoveStale with nothing stale: %v", err)
 	}
 }
@@ -270,7 +270,7 @@ func TestRemoveStaleStopsOnlyOwnNBDServer(t *testing.T) {
 		if ours, err := m.ServesNBD(ctx, sock); err != nil || ours {
 			t.Errorf("ServesNBD(%s) = %v, %v; want false: this QEMU does not listen there", sock, ours, err)
 		}
-		if err := m.RemoveStale(ctx, sock); err != nil {
+		if _, err := m.RemoveStale(ctx, nil, sock); err != nil {
 			t.Fatal(err)
 		}
 		running(m, "the VM's own")
@@ -279,7 +279,7 @@ func TestRemoveStaleStopsOnlyOwnNBDServer(t *testing.T) {
 	if ours, err := m.ServesNBD(ctx, vm.NBDSocket()); err != nil || !ours {
 		t.Fatalf("ServesNBD(%s) = %v, %v; want true: this QEMU listens there", vm.NBDSocket(), ours, err)
 	}
-	if err := m.RemoveStale(ctx, vm.NBDSocket()); err != nil {
+	if _, err := m.RemoveStale(ctx, nil, vm.NBDSocket()); err != nil {
 		t.Fatal(err)
 	}
 	if err := m.NBDServerStart(ctx, filepath.Join(vm.Dir, "next.sock")); err != nil {

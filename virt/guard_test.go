@@ -1,19 +1,18 @@
 package virt_test
 
 import (
-	"bufio"
 	"context"
 	"flag"
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/internal/testguard"
 	"github.com/lifeboat-dr/lifeboat/internal/testlibvirt"
 	"github.com/lifeboat-dr/lifeboat/protect"
@@ -73,50 +72,12 @@ func killedWhileFrozen(t *testing.T, dom *testlibvirt.Domain, markers string, gu
 // its children's) is in the returned file.
 func killedOnWord(t *testing.T, word string, check func(), args ...string) (log string) {
 	t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(t.TempDir(), "lifeboat.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	// The log is a file, not a pipe: a guard inherits it, and Wait would
-	// wait for it to close.
-	cmd := exec.Command(exe, args...)
-	cmd.Stderr = logf
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	said := make(chan string, 1)
-	go func() {
-		line, _ := bufio.NewReader(out).ReadString('\n')
-		said <- line
-	}()
-	select {
-	case line := <-said:
-		if line != word+"\n" {
-			cmd.Wait()
-			b, _ := os.ReadFile(logf.Name())
-			t.Fatalf("the lifeboat (%s) said %q; its log:\n%s", args[0], line, b)
-		}
-	case <-time.After(2 * time.Minute):
-		t.Fatalf("the lifeboat (%s) did not say %s within 2 minutes", args[0], word)
-	}
+	l := testenv.StartLifeboat(t, word, args...)
 	if check != nil {
 		check()
 	}
-	if err := cmd.Process.Kill(); err != nil { // SIGKILL: no deferred cleanup runs
-		t.Fatal(err)
-	}
-	cmd.Wait()
-	return logf.Name()
+	l.Kill()
+	return l.Log
 }
 
 func waitGone(t *testing.T, path string, within time.Duration, what string) {
