@@ -20,6 +20,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/failover"
 	"github.com/lifeboat-dr/lifeboat/pki"
+	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
@@ -486,6 +487,15 @@ func (c *Config) check() error {
 			return c.fail(f+".qmp", "missing: the VM's QMP unix socket, e.g. `qmp: /run/qemu/%s.qmp`, or for a libvirt domain `libvirt: {domain: %s}`", v.Name, v.Name)
 		}
 		v.QMP, v.NBDSocket, v.Agent = abs(v.QMP), abs(v.NBDSocket), abs(v.Agent)
+		if v.Libvirt == nil {
+			own := v.NBDSocket
+			if own == "" {
+				own = protect.NBDSocketPath(filepath.Join(c.StateDir, "protect", v.Name))
+			}
+			if len(own) > maxUnixPath {
+				return c.fail(f+".nbd_socket", "the VM's NBD socket would be %s, %d bytes, and a unix socket's path holds at most %d: set `nbd_socket:` to a shorter path (e.g. /run/lifeboat/%s.nbd), or use a shorter state_dir", own, len(own), maxUnixPath, v.Name)
+			}
+		}
 		if v.Peer == "" && len(c.Peers) == 1 {
 			v.Peer = c.Peers[0].Name
 		}
@@ -635,3 +645,7 @@ func sameDisks(a, b *VMConfig) string {
 	}
 	return ""
 }
+
+// maxUnixPath is the longest path a unix socket can be bound to on Linux
+// (sun_path holds 108 bytes with the terminating NUL).
+const maxUnixPath = 107

@@ -181,6 +181,8 @@ func TestConfigErrors(t *testing.T) {
 		{"libvirt with start", goodConfig + "  - {name: db1, libvirt: {}, start: [virsh, start, db1]}\n", []string{"vms[1] (db1).start", "libvirtd"}},
 		{"start without a program", goodConfig + "  - {name: db1, qmp: /db.qmp, start: [\"\", x]}\n", []string{"vms[1] (db1).start", "first word is empty"}},
 		{"bad vm name", strings.Replace(goodConfig, "name: web1", "name: ../web1", 1), []string{"not a VM name"}},
+		{"nbd socket path too long", strings.Replace(goodConfig, "state_dir: /var/lib/lifeboat", "state_dir: /var/lib/"+strings.Repeat("l", 80), 1), []string{"vms[0] (web1).nbd_socket", "lifeboat-nbd.sock", "at most 107", "nbd_socket:"}},
+		{"nbd_socket too long", strings.Replace(goodConfig, "qmp: /run/web1.qmp, ", "qmp: /run/web1.qmp, nbd_socket: /run/"+strings.Repeat("n", 110)+", ", 1), []string{"vms[0] (web1).nbd_socket", "at most 107"}},
 		{"group of one", goodConfig + "groups:\n  - {name: g, vms: [web1]}\n", []string{"groups[0].vms", "at least two"}},
 		{"group with unknown vm", goodConfig + "  - {name: db1, qmp: /db.qmp}\ngroups:\n  - {name: g, vms: [db1, nope]}\n", []string{"groups[0].vms", "nope"}},
 		{"group member with interval", goodConfig + "  - {name: db1, qmp: /db.qmp}\ngroups:\n  - {name: g, vms: [web1, db1]}\n", []string{"own interval", "on the group"}},

@@ -384,8 +384,12 @@ func (p *Protector) ownNBDSocket() string {
 	if p.VM.NBDSocket != "" {
 		return ""
 	}
-	return filepath.Join(p.VM.WorkDir, nbdSocketName)
+	return NBDSocketPath(p.VM.WorkDir)
 }
+
+// NBDSocketPath is where a cycle of a VM whose work dir is workDir starts
+// its NBD server when the config names no nbd_socket.
+func NBDSocketPath(workDir string) string { return filepath.Join(workDir, nbdSocketName) }
 
 // ownNBDSockets are where a lifeboat may have started its NBD server in this
 // VM's work dir, this version and the ones before.
