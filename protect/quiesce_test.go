@@ -185,7 +185,10 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 		setup string // run in the guest before the cycle
 	}{
 		// The agent is stopped for a while: it answers nothing within the bound.
-		{"agent silent", "(kill -STOP $(pidof qemu-ga); sleep 5; kill -CONT $(pidof qemu-ga)) >/dev/null 2>&1 &"},
+		// Stopped before the shell returns (only its waking is in the
+		// background): stopped in the background too, a loaded machine let
+		// the cycle's freeze reach the agent first.
+		{"agent silent", "P=$(pidof qemu-ga); kill -STOP $P; (sleep 5; kill -CONT $P) >/dev/null 2>&1 &"},
 		// A guest fsfreeze hook hangs: the freeze does not return within the bound.
 		{"freeze hangs", "mkdir -p /etc/qemu/fsfreeze-hook.d && printf '#!/bin/sh\\n[ \"$1\" = freeze ] && sleep 6\\nexit 0\\n' > /etc/qemu/fsfreeze-hook.d/slow && chmod +x /etc/qemu/fsfreeze-hook.d/slow"},
 	}
@@ -219,7 +222,7 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 	// Strict policy: the cycle fails instead, and nothing is committed.
 	q.Strict = true
 	before, _ := site.Store.Points("g1")
-	g.Shell(ctx(t), "(kill -STOP $(pidof qemu-ga); sleep 4; kill -CONT $(pidof qemu-ga)) >/dev/null 2>&1 &")
+	g.Shell(ctx(t), "P=$(pidof qemu-ga); kill -STOP $P; (sleep 4; kill -CONT $P) >/dev/null 2>&1 &")
 	if _, err := p.Cycle(ctx(t)); err == nil || !strings.Contains(err.Error(), "policy") {
 		t.Fatalf("strict policy: cycle error %v", err)
 	}
