@@ -138,7 +138,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		fbSite := &failback.Site{Store: fb, RunDir: filepath.Join(d.cfg.StateDir, "failback", "run"), Log: d.log, VM: d.failbackVM, Recovery: st}
 		d.server = &wire.Server{Site: d.cfg.Site, Store: failback.Routed{Failback: fb, Other: wire.RecoveryStore(st)}, Log: d.log, Revocations: rev,
 			StartVM: d.startForOwner, TakeFailback: fbSite.Take, EndFailback: d.endFailback(fbSite.Finish),
-			ReverseVM: fbSite.Reverse}
+			ReverseVM: fbSite.Reverse, ContactFile: filepath.Join(d.cfg.StateDir, "contacts.json")}
 		d.runs.LastContact = d.server.LastContact
 		go func() { errc <- d.server.Serve(l, tlsConf) }()
 		defer d.server.Stop()

@@ -33,6 +33,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/qga"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/virt"
+	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
 // Bitmap is the dirty bitmap each overlay carries from the run's first
@@ -52,10 +53,11 @@ type Manager struct {
 	Log      *slog.Logger
 	// QEMU is the qemu-system binary (default qemu-system-x86_64).
 	QEMU string
-	// LastContact says when a VM's production site last called about it;
-	// a real failover within ContactWindow (DefaultContactWindow) of it is
-	// refused unless forced: that site is probably still running the VM.
-	LastContact   func(vm string) (site string, at time.Time, ok bool)
+	// LastContact says when a VM's production site last called about it
+	// (wire.Server.LastContact); a real failover within ContactWindow
+	// (DefaultContactWindow) of it is refused unless forced: that site is
+	// probably still running the VM. nil: no check.
+	LastContact   func(vm string) wire.Contact
 	ContactWindow time.Duration
 	// CommitAfter, when set, commits a real failover left undecided that
 	// long (Zerto's auto-commit): the VM keeps running here, and retention,
@@ -88,14 +90,6 @@ type Override struct {
 	CPUs      int
 	MemoryMiB int64
 }
-
-// DefaultContactWindow is how recent a production site's contact refuses
-// a failover: a few cycles' worth.
-const DefaultContactWindow = 2 * time.Minute
-
-// ErrSplitBrain is wrapped by a failover refused because the production
-// site was in contact a moment ago.
-var ErrSplitBrain = errors.New("the production site seems to be running the VM")
 
 // Options says which point and how.
 type Options struct {
@@ -246,12 +240,9 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 		def.CPUs = cmp.Or(o.CPUs, def.CPUs)
 		def.MemoryMiB = cmp.Or(o.MemoryMiB, def.MemoryMiB)
 	}
-	if !opts.Test && !opts.Force && !opts.Planned && m.LastContact != nil {
-		window := cmp.Or(m.ContactWindow, DefaultContactWindow)
-		if site, at, ok := m.LastContact(vm); ok && time.Since(at) < window {
-			return nil, fmt.Errorf("vm %q: its production site %q was in contact %v ago (at %s), so it is probably still running the VM, and a failover now would run it at two sites: %w. "+
-				"Move it without loss with `lifeboat failover %s --planned` at %q; if %q is really lost (or fenced), repeat with --force",
-				vm, site, time.Since(at).Round(time.Second), at.UTC().Format(time.RFC3339), ErrSplitBrain, vm, site, site)
+	if !opts.Test && !opts.Force && !opts.Planned {
+		if err := m.checkContact(vm); err != nil {
+			return nil, err
 		}
 	}
 	if !opts.Test {

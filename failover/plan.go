@@ -140,6 +140,14 @@ func (m *Manager) RunPlan(ctx context.Context, p Plan, opts PlanOptions, progres
 	if err != nil {
 		return nil, err
 	}
+	if !test && !opts.Force {
+		// The split-brain guard for every VM before the first starts: a
+		// refusal at a later step would leave the earlier ones failed over.
+		if err := m.planContacts(p); err != nil {
+			release()
+			return nil, err
+		}
+	}
 	defer release()
 	for i, st := range p.Steps {
 		n := i + 1
@@ -437,6 +445,36 @@ func (m *Manager) StopPlan(ctx context.Context, plan string) (int, error) {
 }
 
 // failedOverRun is vm's real (not test) run here, or nil when it has none.
+// planContacts is the split-brain guard (checkContact) of each VM of a
+// real plan that is not failed over here yet.
+func (m *Manager) planContacts(p Plan) error {
+	var (
+		first error
+		more  []string
+	)
+	for _, st := range p.Steps {
+		for _, vm := range st.VMs {
+			if r, err := m.failedOverRun(vm); err != nil {
+				return fmt.Errorf("plan %q: nothing started: %w", p.Name, err)
+			} else if r != nil {
+				continue
+			}
+			if err := m.checkContact(vm); err == nil {
+				continue
+			} else if first == nil {
+				first = err
+			} else {
+				more = append(more, "; "+err.Error())
+			}
+		}
+	}
+	if first != nil {
+		return fmt.Errorf("plan %q: nothing started: %w%s (`lifeboat plan run %s --force` starts them all when their production sites are known lost or fenced)",
+			p.Name, first, strings.Join(more, ""), p.Name)
+	}
+	return nil
+}
+
 func (m *Manager) failedOverRun(vm string) (*Run, error) {
 	runs, err := m.Runs(vm)
 	if err != nil {

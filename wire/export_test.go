@@ -30,3 +30,10 @@ func SetStreamIdle(d time.Duration) (restore func()) {
 	streamIdle = d
 	return func() { streamIdle = old }
 }
+
+// SetBootClock makes the boot clock (boot ID, time since boot) f's for tests.
+func SetBootClock(f func() (string, time.Duration, error)) (restore func()) {
+	old := bootClock
+	bootClock = f
+	return func() { bootClock = old }
+}

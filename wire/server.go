@@ -104,6 +104,10 @@ type Server struct {
 	// and a point it streams is not committed once the list revokes it.
 	// nil: nothing is revoked.
 	Revocations *pki.Revocations
+	// ContactFile records each VM's owner's last call (state_dir's
+	// contacts.json), so that the split-brain guard can date a call made
+	// before a restart of this site (LastContact). "": kept in memory only.
+	ContactFile string
 
 	v3 bool // speak point stream version 3 only (tests of an older peer)
 
@@ -114,24 +118,12 @@ type Server struct {
 	grpc     *grpc.Server
 	streams  map[net.Conn]struct{} // the point streams' connections
 
-	contacts sync.Map // vm -> contact: the last call about it from its owner
-}
-
-type contact struct {
-	site string
-	at   time.Time
-}
-
-// LastContact says when the VM's owner last called about it (a cycle's
-// Latest, a point's stream): a production site in contact a moment ago is
-// probably running the VM.
-func (s *Server) LastContact(vm string) (site string, at time.Time, ok bool) {
-	v, ok := s.contacts.Load(vm)
-	if !ok {
-		return "", time.Time{}, false
-	}
-	c := v.(contact)
-	return c.site, c.at, true
+	// cmu guards the watch of peers' calls (contact.go): since when, what
+	// this run heard, what ContactFile holds.
+	cmu     sync.Mutex
+	started time.Time
+	heard   map[string]heard
+	records map[string]contactRecord
 }
 
 // FailoverResult is what a recovery site says of a VM it started for a
@@ -152,6 +144,9 @@ func (s *Server) Serve(l net.Listener, tlsConf *tls.Config) error {
 	if s.Writers <= 0 {
 		s.Writers = DefaultWriters
 	}
+	s.cmu.Lock()
+	s.watch()
+	s.cmu.Unlock()
 	conf := tlsConf.Clone()
 	conf.NextProtos = s.protos()
 	calls := newConnListener(l.Addr())
@@ -440,7 +435,7 @@ func (s *Server) authorizeSite(site, peer, vm string) error {
 		}
 		return status.Error(codes.Internal, err.Error())
 	}
-	s.contacts.Store(vm, contact{site: site, at: time.Now()})
+	s.recordContact(site, vm)
 	return nil
 }
 

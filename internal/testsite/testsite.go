@@ -116,7 +116,7 @@ func (s *Site) start(ctx context.Context, addr string) error {
 	}
 	s.Store = st
 	s.Addr = l.Addr().String()
-	s.Server = &wire.Server{Site: s.as, Store: wire.RecoveryStore(st), Revocations: rev,
+	s.Server = &wire.Server{Site: s.as, Store: wire.RecoveryStore(st), Revocations: rev, ContactFile: filepath.Join(s.Dir, "contacts.json"),
 		StartVM: func(ctx context.Context, vm string, point uint64) (wire.FailoverResult, error) {
 			f := s.startVM.Load()
 			if f == nil {
