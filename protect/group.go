@@ -4,14 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
 )
 
 // Group is a consistency group: VMs whose points share one instant (a web tier
-// and its database). All members are frozen, one transaction runs per QEMU
-// process, all are thawed; then each member's point is sent and committed.
+// and its database). All members are frozen at once (group_freeze.go), one
+// transaction runs per QEMU process, all are thawed at once; then each
+// member's point is sent and committed.
 //
 // Without quiescing, the members' transactions run back to back (milliseconds
 // apart) but their guests keep writing in between: such a group point is only
@@ -62,22 +64,14 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 		}
 	}
 
-	// The shared instant: freeze all, one transaction per QEMU, thaw all.
-	frozen := make([]*freezeState, len(cycles))
-	thawAll := func() {
-		for i, f := range frozen {
-			if f != nil {
-				f.thaw(ctx, cycles[i].log)
-			}
-		}
-	}
-	var err error
+	// The shared instant: freeze all at once, one transaction per QEMU, thaw
+	// all at once. The logs are taken now: a step left running in the
+	// background (c.bounded) may change c.log.
+	logs := make([]*slog.Logger, len(cycles))
 	for i, c := range cycles {
-		if frozen[i], err = freeze(ctx, c.p.Quiescer); err != nil {
-			err = fmt.Errorf("group %q: vm %q: %w", g.Name, c.p.VM.Name, err)
-			break
-		}
+		logs[i] = c.log
 	}
+	frozen, err := g.freezeAll(ctx, cycles, logs)
 	bound := instantBound(frozen)
 	snapped := 0
 	if err == nil {
@@ -89,7 +83,7 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 			snapped++
 		}
 	}
-	thawAll()
+	thawAll(ctx, frozen, logs)
 	if err != nil {
 		// Snapshot undoes its own failure; the members snapshotted before it are
 		// rolled back like any failed cycle, the others only lose their fleece.
