@@ -2,6 +2,7 @@ package protect_test
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -185,10 +186,8 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 		setup string // run in the guest before the cycle
 	}{
 		// The agent is stopped for a while: it answers nothing within the bound.
-		// Stopped before the shell returns (only its waking is in the
-		// background): stopped in the background too, a loaded machine let
-		// the cycle's freeze reach the agent first.
-		{"agent silent", "P=$(pidof qemu-ga); kill -STOP $P; (sleep 5; kill -CONT $P) >/dev/null 2>&1 &"},
+		// (In the background: the shell itself runs through the agent.)
+		{"agent silent", agentSilentFor(5)},
 		// A guest fsfreeze hook hangs: the freeze does not return within the bound.
 		{"freeze hangs", "mkdir -p /etc/qemu/fsfreeze-hook.d && printf '#!/bin/sh\\n[ \"$1\" = freeze ] && sleep 6\\nexit 0\\n' > /etc/qemu/fsfreeze-hook.d/slow && chmod +x /etc/qemu/fsfreeze-hook.d/slow"},
 	}
@@ -196,6 +195,9 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			if _, err := g.Shell(ctx(t), tc.setup); err != nil {
 				t.Fatal(err)
+			}
+			if tc.name == "agent silent" {
+				waitAgentSilent(t, g)
 			}
 			start := time.Now()
 			pt, err := p.Cycle(ctx(t))
@@ -222,7 +224,8 @@ func TestQuiesceFailureFallsBackAndThaws(t *testing.T) {
 	// Strict policy: the cycle fails instead, and nothing is committed.
 	q.Strict = true
 	before, _ := site.Store.Points("g1")
-	g.Shell(ctx(t), "P=$(pidof qemu-ga); kill -STOP $P; (sleep 4; kill -CONT $P) >/dev/null 2>&1 &")
+	g.Shell(ctx(t), agentSilentFor(4))
+	waitAgentSilent(t, g)
 	if _, err := p.Cycle(ctx(t)); err == nil || !strings.Contains(err.Error(), "policy") {
 		t.Fatalf("strict policy: cycle error %v", err)
 	}
@@ -737,4 +740,32 @@ func TestLateFreeze(t *testing.T) {
 		protect.ThawLeftovers(markers, nil, slog.Default())
 		confirmThawed("ThawLeftovers")
 	})
+}
+
+// agentSilentFor is a guest shell script that stops the guest's agent for
+// secs seconds, in the background: the shell itself runs through the agent.
+func agentSilentFor(secs int) string {
+	return fmt.Sprintf("(kill -STOP $(pidof qemu-ga); sleep %d; kill -CONT $(pidof qemu-ga)) >/dev/null 2>&1 &", secs)
+}
+
+// waitAgentSilent waits until the guest's agent stops answering (the
+// background stop of agentSilentFor has landed): on a loaded machine the
+// cycle's freeze could otherwise reach the agent first.
+func waitAgentSilent(t *testing.T, g *testguest.Guest) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		pctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		a, err := qga.Dial(pctx, g.AgentSocket())
+		if err == nil {
+			err = a.Ping(pctx)
+			a.Close()
+		}
+		cancel()
+		if err != nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatal("the guest's agent still answers 10 s after it was to be stopped")
 }
