@@ -575,9 +575,6 @@ func (c *Config) check() error {
 				return c.fail(f+".vms", "vm %q is already in group %q: a VM belongs to one group at most", name, other)
 			}
 			inGroup[name] = g.Name
-			if v.Libvirt != nil {
-				return c.fail(f+".vms", "vm %q is a libvirt domain: consistency groups of libvirt domains are not built yet (protect it on its own)", name)
-			}
 			if v.Interval != 0 {
 				return c.fail(f+".vms", "vm %q has its own interval: a group's VMs are synced together, set `interval:` on the group instead", name)
 			}

@@ -140,6 +140,17 @@ func TestGroupConfig(t *testing.T) {
 	if len(c.Groups) != 1 || len(c.Groups[0].VMs) != 2 {
 		t.Fatalf("groups: %+v", c.Groups)
 	}
+	// libvirt domains may be members, alone or beside QMP VMs (refused
+	// before: "not built yet").
+	body = strings.Replace(goodConfig, ", interval: 30s", "", 1) + "  - {name: db1, libvirt: {}}\n  - {name: app1, libvirt: {domain: app}}\n" +
+		"groups:\n  - {name: shop, vms: [web1, db1]}\n  - {name: back, vms: [app1, db2]}\n"
+	body = strings.Replace(body, "groups:", "  - {name: db2, libvirt: {}}\ngroups:", 1)
+	if c, err = LoadConfig(writeConfig(t, body)); err != nil {
+		t.Fatalf("groups of libvirt domains: %v", err)
+	}
+	if len(c.Groups) != 2 || c.Groups[1].VMs[0] != "app1" {
+		t.Fatalf("groups: %+v", c.Groups)
+	}
 }
 
 func TestConfigErrors(t *testing.T) {

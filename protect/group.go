@@ -12,8 +12,10 @@ import (
 
 // Group is a consistency group: VMs whose points share one instant (a web tier
 // and its database). All members are frozen at once (group_freeze.go), one
-// transaction runs per QEMU process, all are thawed at once; then each
-// member's point is sent and committed.
+// transaction runs per QEMU process (a libvirt domain's: its backup begun with
+// the next checkpoint), all are thawed at once; then each member's point is
+// sent and committed. Members may be reached by QMP or through libvirt, in
+// any mix.
 //
 // Without quiescing, the members' transactions run back to back (milliseconds
 // apart) but their guests keep writing in between: such a group point is only
@@ -52,13 +54,7 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 	for i, p := range g.Members {
 		c := &cycle{p: p, log: p.log().With("group", g.Name)}
 		cycles[i] = c
-		if err := c.prepare(ctx); err != nil {
-			g.teardown(ctx, cycles[:i])
-			return nil, fmt.Errorf("group %q: vm %q: %w", g.Name, p.VM.Name, err)
-		}
-		c.report("snapshot", 0)
-		if err := c.prepareFleece(ctx); err != nil {
-			cycles[i].fleece = nil
+		if err := c.prepareMember(ctx); err != nil {
 			g.teardown(ctx, cycles[:i])
 			return nil, fmt.Errorf("group %q: vm %q: %w", g.Name, p.VM.Name, err)
 		}
@@ -76,7 +72,7 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 	snapped := 0
 	if err == nil {
 		for _, c := range cycles {
-			if err = c.bounded(ctx, "fleece transaction (the group's instant)", bound, c.snapshot); err != nil {
+			if err = c.bounded(ctx, c.instantStep(), bound, c.instant); err != nil {
 				err = fmt.Errorf("group %q: vm %q: %w", g.Name, c.p.VM.Name, err)
 				break
 			}
@@ -99,7 +95,7 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 		c.point.Group = groupTag
 	}
 	for i, c := range cycles {
-		if err := c.bounded(ctx, "fleece export", bound, c.export); err != nil {
+		if err := c.bounded(ctx, c.publishStep(), bound, c.publish); err != nil {
 			// Export undoes its own failure; every other member is rolled back.
 			for j, c := range cycles {
 				if j != i {
@@ -125,11 +121,102 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 	return points, errors.Join(errs...)
 }
 
+// teardown undoes the members' preparations: their instant was not taken.
 func (g *Group) teardown(ctx context.Context, cs []*cycle) {
 	for _, c := range cs {
-		if c.fleece != nil && !c.detached {
-			c.fleece.Teardown(context.WithoutCancel(ctx))
+		if !c.detached {
+			c.abandon(ctx)
 		}
+	}
+}
+
+// prepareMember readies a group member for the group's instant, all but the
+// instant itself: on the QMP path its fleece; under libvirt its scratch files,
+// no other tool's job running, and its base checkpoints shown to libvirt. A
+// failure undoes what it began.
+func (c *cycle) prepareMember(ctx context.Context) error {
+	if c.p.VM.Libvirt != nil {
+		if err := c.prepareLibvirt(ctx); err != nil {
+			return err
+		}
+		c.report("snapshot", 0)
+		err := c.prepareScratch(ctx)
+		if err == nil {
+			err = c.lv.waitIdle(ctx, c.log, cmp0(c.p.BusyWait, DefaultBusyWait))
+		}
+		if err == nil {
+			err = c.showBases(ctx)
+		}
+		if err != nil {
+			c.abandon(ctx)
+		}
+		return err
+	}
+	if err := c.prepare(ctx); err != nil {
+		return err
+	}
+	c.report("snapshot", 0)
+	if err := c.prepareFleece(ctx); err != nil {
+		c.fleece = nil
+		return err
+	}
+	return nil
+}
+
+// instant takes a member's part of the group's instant: its fleece
+// transaction, or under libvirt its backup begun with the next checkpoint.
+// Another tool's libvirt job begun meanwhile fails it (the group's next
+// cycle waits for that job first).
+func (c *cycle) instant(ctx context.Context) error {
+	if c.lv != nil {
+		return c.beginLibvirt(ctx)
+	}
+	return c.snapshot(ctx)
+}
+
+func (c *cycle) instantStep() string {
+	if c.lv != nil {
+		return "libvirt backup begin (the group's instant)"
+	}
+	return "fleece transaction (the group's instant)"
+}
+
+// publish makes a member's instant readable once the guests are thawed: the
+// fleece's NBD export, or the libvirt backup's exports described.
+func (c *cycle) publish(ctx context.Context) error {
+	if c.lv != nil {
+		return c.describePoint(ctx)
+	}
+	return c.export(ctx)
+}
+
+func (c *cycle) publishStep() string {
+	if c.lv != nil {
+		return "libvirt backup's NBD export"
+	}
+	return "fleece export"
+}
+
+// abandon undoes a member prepared whose instant was not taken: its fleece
+// goes, or under libvirt what the cycle began there (settle).
+func (c *cycle) abandon(ctx context.Context) {
+	if c.lv != nil {
+		c.settleFailed(ctx)
+		return
+	}
+	if c.fleece != nil {
+		c.fleece.Teardown(context.WithoutCancel(ctx))
+	}
+}
+
+// settleFailed ends what a libvirt cycle that will send no point began: its
+// backup, its new checkpoint (whose bitmaps libvirt merges into the base's),
+// the bases shown to libvirt.
+func (c *cycle) settleFailed(ctx context.Context) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
+	defer cancel()
+	if err := c.lv.settle(cctx, c, false, false); err != nil {
+		c.log.Error("ending the libvirt backup failed", "err", err)
 	}
 }
 
@@ -175,9 +262,12 @@ func (c *cycle) bounded(ctx context.Context, what string, bound time.Duration, s
 	go func() {
 		defer cancel()
 		err := <-done
-		if err == nil {
+		switch {
+		case c.lv != nil:
+			c.settleFailed(sctx) // whatever libvirt did, ended
+		case err == nil:
 			c.rollback(sctx) // the step landed late: undo the instant
-		} else if c.fleece != nil {
+		case c.fleece != nil:
 			c.fleece.Teardown(sctx) // the step undid itself; what is left goes
 		}
 		c.close(sctx)
@@ -195,6 +285,10 @@ const hungWait = 10 * time.Minute
 // rollback undoes a cycle whose instant was taken but whose point will not be
 // sent: fleece down, the new generation merged back into the old one.
 func (c *cycle) rollback(ctx context.Context) {
+	if c.lv != nil {
+		c.settleFailed(ctx)
+		return
+	}
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
 	defer cancel()
 	if err := c.fleece.Teardown(cctx); err != nil {

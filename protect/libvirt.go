@@ -113,13 +113,8 @@ func (c *cycle) runLibvirt(ctx context.Context) (lifeboat.Point, error) {
 	// backup, the new checkpoint, the bases shown to libvirt.
 	handed := false
 	defer func() {
-		if handed {
-			return
-		}
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
-		defer cancel()
-		if err := c.lv.settle(cctx, c, false, false); err != nil {
-			c.log.Error("ending the libvirt backup failed", "err", err)
+		if !handed {
+			c.settleFailed(ctx)
 		}
 	}()
 	if err := c.prepareScratch(ctx); err != nil {
