@@ -133,6 +133,16 @@ func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 			guard.dismiss()
 			return q.fallBack(fmt.Errorf("libvirt could not freeze the guest's file systems: %w (nothing frozen by lifeboat; a freeze another agent client holds is left to it)", r.err))
 		}
+		if r.err != nil && virt.IsNotRunning(r.err) && !leftover {
+			// libvirt refused the call before it reached the agent: the
+			// domain is paused (or stopped), and nothing was frozen. Before,
+			// this was taken for a failed freeze: a thaw loop ran until the
+			// domain resumed, logging that the guest was left frozen, and
+			// every freeze meanwhile fell back.
+			q.removeMarker()
+			guard.dismiss()
+			return q.fallBack(fmt.Errorf("the domain is not running (paused or stopped), so its guest cannot be frozen: the point is as consistent as the guest was when it stopped (%w)", r.err))
+		}
 		if r.err != nil {
 			// A failed freeze may have frozen some file systems.
 			q.background("after a failed freeze", nil, guard)

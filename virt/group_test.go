@@ -1,6 +1,7 @@
 package virt_test
 
 import (
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -39,8 +40,10 @@ func TestLibvirtGroup(t *testing.T) {
 	}
 	rigs := []*libvirtRig{web, db}
 	g := &protect.Group{Name: "tier"}
+	var logs testenv.LogBuffer
 	for _, r := range rigs {
-		r.p.Quiescer = &protect.LibvirtQuiescer{VM: r.p.VM.Name, Domain: *r.p.VM.Libvirt, Level: lifeboat.Filesystem, Limit: 10 * time.Second}
+		r.p.Quiescer = &protect.LibvirtQuiescer{VM: r.p.VM.Name, Domain: *r.p.VM.Libvirt, Level: lifeboat.Filesystem, Limit: 10 * time.Second,
+			Log: slog.New(slog.NewTextHandler(&logs, nil))}
 		r.p.BusyWait = 5 * time.Second
 		g.Members = append(g.Members, r.p)
 		r.dom.WaitWriterFiles(time.Minute)
@@ -147,6 +150,18 @@ func TestLibvirtGroup(t *testing.T) {
 		}
 	}
 	pts = cycle(5)
+	// A paused guest cannot be frozen (libvirt refuses the agent call before
+	// it reaches the agent): its point is as consistent as it stopped, and
+	// nothing was frozen. Before, the refusal was taken for a failed freeze,
+	// and a thaw loop logged that the guest was left frozen until it resumed.
+	for _, pt := range pts {
+		if pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, "not running") {
+			t.Errorf("%s point %d of the paused domain: %s (%s), want crash consistent, saying the domain is not running", pt.VM, pt.ID, pt.Consistency, pt.Note)
+		}
+	}
+	if l := logs.String(); strings.Contains(l, "level=ERROR") {
+		t.Errorf("the quiescers logged errors for the paused domains:\n%s", l)
+	}
 	for i, r := range rigs {
 		r.dom.Destroy()
 		out := filepath.Join(t.TempDir(), "vda.raw")
