@@ -159,7 +159,29 @@ func (c *cycle) prepare(ctx context.Context) error {
 		}
 		c.disks = append(c.disks, d)
 	}
+	c.checkRunState(ctx)
 	return nil
+}
+
+// checkRunState makes the cycle of a guest whose CPUs are stopped (paused by
+// an admin, or by QEMU on a disk's I/O error; suspended; powered off with
+// QEMU kept) a quiet one: its agent cannot answer, and the point is as
+// consistent as the guest was when it stopped. Before, every such cycle
+// waited the whole freeze limit for the agent and then fell back. A
+// qemu-storage-daemon has no run state: its guest is another process.
+func (c *cycle) checkRunState(ctx context.Context) {
+	if c.quiet {
+		return // a planned migration's: it knows how the guest stopped
+	}
+	var st struct {
+		Status string `json:"status"`
+	}
+	if err := c.mon.Execute(ctx, "query-status", nil, &st); err != nil || st.Status == "running" || st.Status == "" {
+		return
+	}
+	c.quiet, c.quietLevel = true, lifeboat.Crash
+	c.note = fmt.Sprintf("the guest's CPUs were stopped (QEMU's run state %q): nothing to freeze; the point is as consistent as the guest was when it stopped", st.Status)
+	c.log.Info("the guest is not running: no freeze this cycle", "run_state", st.Status)
 }
 
 // wholeWhy is why every disk is sent whole, "" when it is not (Protector.Whole).

@@ -10,6 +10,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
@@ -193,7 +194,10 @@ func sourceHash(t *testing.T, g *testguest.Guest, size int64) string {
 // Protecting a real qemu-system guest through its own QMP: its disk is named
 // by its device's id ("vda"), not by its node ("nbd-vda"), and each point is
 // the disk as the guest wrote it (CPUs stopped for each cycle, so the source
-// can be hashed at the instant).
+// can be hashed at the instant). The guest's agent is configured: with its
+// CPUs stopped it cannot answer, so the cycle freezes nothing and says so in
+// the point, without waiting for it (before: the whole freeze limit, each
+// cycle, then a fall back).
 func TestQEMUSystemGuestDiskNamedByDeviceID(t *testing.T) {
 	const size = 64 << 20
 	g := bootGuest(t, testguest.Options{Name: "devid", DiskSize: size})
@@ -205,6 +209,8 @@ func TestQEMUSystemGuestDiskNamedByDeviceID(t *testing.T) {
 			Definition: lifeboat.Definition{Source: "config", Disks: []lifeboat.DefinitionDisk{{Name: "vda", Serial: "CFG-1"}}}},
 		Target: site.Dial(t, wire.CompressionZstd), Readers: 4,
 	}
+	const limit = 5 * time.Second
+	p.Quiescer = &protect.AgentQuiescer{VM: "vm1", Socket: g.AgentSocket(), Level: lifeboat.Filesystem, Limit: limit, MarkerDir: t.TempDir()}
 	for i, script := range []string{"", "dd if=/dev/urandom of=/data/devid bs=64k count=32 2>/dev/null && sync"} {
 		if script != "" {
 			if _, err := g.Shell(ctx(t), script); err != nil {
@@ -213,11 +219,17 @@ func TestQEMUSystemGuestDiskNamedByDeviceID(t *testing.T) {
 		}
 		vmCommand(t, g, "stop")
 		want := sourceHash(t, g, size)
+		start := time.Now()
 		pt, err := p.Cycle(ctx(t))
 		if err != nil {
 			t.Fatalf("cycle %d: %v", i+1, err)
 		}
+		took := time.Since(start)
 		vmCommand(t, g, "cont")
+		if pt.Consistency != lifeboat.Crash || !strings.Contains(pt.Note, `run state "paused"`) || took >= limit {
+			t.Errorf("point %d of the stopped guest: %s (%q) after %v; want crash consistent, saying its CPUs were stopped, without waiting the %v freeze limit",
+				pt.ID, pt.Consistency, pt.Note, took.Round(time.Millisecond), limit)
+		}
 		if len(pt.Disks) != 1 || pt.Disks[0].Name != "vda" {
 			t.Fatalf("point %d disks %+v: want one disk named vda, its device's id", pt.ID, pt.Disks)
 		}

@@ -92,6 +92,9 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 	groupTag := g.Name + "@" + cycles[0].point.Instant.Format(time.RFC3339Nano)
 	for i, c := range cycles {
 		c.setLevel(frozen[i])
+		if c.quiet {
+			c.point.Consistency, c.point.Note = c.quietLevel, c.note
+		}
 		c.point.Group = groupTag
 	}
 	for i, c := range cycles {

@@ -46,7 +46,11 @@ func (g *Group) freezeAll(ctx context.Context, cycles []*cycle, logs []*slog.Log
 		fctx, cancel := context.WithCancel(ctx)
 		cuts[i] = cancel
 		go func() {
-			st, err := freeze(fctx, c.p.Quiescer)
+			q := c.p.Quiescer
+			if c.quiet {
+				q = nil // the guest cannot write: nothing to freeze
+			}
+			st, err := freeze(fctx, q)
 			results <- result{i, st, err}
 		}()
 	}
