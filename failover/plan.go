@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"os"
-	"os/exec"
+
 	"slices"
 	"strconv"
 	"strings"
@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/hostcmd"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 )
 
@@ -373,18 +374,15 @@ func (m *Manager) runHooks(ctx context.Context, p Plan, r *Run) error {
 		}
 	}
 	for _, h := range p.Hooks {
-		hctx, cancel := context.WithTimeout(ctx, timeout)
-		cmd := exec.CommandContext(hctx, h)
-		cmd.Env = append(os.Environ(), "LIFEBOAT_VM="+r.VM, "LIFEBOAT_POINT="+strconv.FormatUint(r.Point, 10), "LIFEBOAT_RUN="+r.ID,
+		env := append(os.Environ(), "LIFEBOAT_VM="+r.VM, "LIFEBOAT_POINT="+strconv.FormatUint(r.Point, 10), "LIFEBOAT_RUN="+r.ID,
 			"LIFEBOAT_TEST="+map[bool]string{true: "1", false: "0"}[r.Test], "LIFEBOAT_MACS="+strings.Join(macs, " "),
 			"LIFEBOAT_NETWORKS="+strings.Join(nets, "; "), "LIFEBOAT_AGENT="+r.Agent, "LIFEBOAT_PLAN="+p.Name)
-		out, err := cmd.CombinedOutput()
-		cancel()
+		// Bounded as freeze hooks are (hostcmd.Run): the hook's process
+		// group is killed at its bound, and a child it leaves holding its
+		// output does not hold the plan.
+		res, err := hostcmd.Run(ctx, timeout, env, h)
 		if err != nil {
-			if errors.Is(hctx.Err(), context.DeadlineExceeded) {
-				err = fmt.Errorf("did not end within %v", timeout)
-			}
-			return fmt.Errorf("hook %s for vm %q: %v: %s", h, r.VM, err, strings.TrimSpace(string(out)))
+			return fmt.Errorf("hook %s for vm %q: %v: %s", h, r.VM, err, res.Output)
 		}
 	}
 	return nil

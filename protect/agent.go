@@ -6,12 +6,11 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/hostcmd"
 	"github.com/lifeboat-dr/lifeboat/qga"
 )
 
@@ -70,24 +69,36 @@ func (q *AgentQuiescer) guest() FrozenGuest { return FrozenGuest{Socket: q.Socke
 // all within the freeze limit. The returned Thaw thaws, and so does a timer at
 // the limit if Thaw has not come by then.
 func (q *AgentQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
+	limit := q.limit()
+	fctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
 	q.mu.Lock()
-	busy := q.thawing.running()
+	last := q.thawing
 	q.mu.Unlock()
-	if busy {
+	if last.running() && last.isThawed() {
+		// Thawed; only the last freeze's post-thaw hooks still run (each
+		// bounded by HookTimeout): this freeze's pre-freeze hooks wait for
+		// them, up to the freeze limit, rather than run beside them.
+		select {
+		case <-last.done:
+		case <-fctx.Done():
+		}
+	}
+	if last.running() {
+		if last.isThawed() {
+			return q.fallBack(fmt.Errorf("the post-thaw hooks of the guest's previous freeze still run after the freeze limit %v (each is bounded by hook_timeout %v)", limit, q.hookTimeout()))
+		}
 		// Its agent is still busy with the last freeze (or does not answer):
 		// a new freeze would only queue behind it, and its thaw could land
 		// in the middle of this instant.
 		return q.fallBack(errors.New("the guest's previous freeze is not confirmed thawed yet; lifeboat keeps thawing it in the background"))
 	}
-	limit := q.limit()
-	fctx, cancel := context.WithTimeout(ctx, limit)
-	defer cancel()
 	app := q.Level == lifeboat.Application
 	postThaw := func() {}
 	if app {
 		if err := q.runHooks(fctx, "pre-freeze", q.PreFreeze); err != nil {
 			q.runHooks(context.WithoutCancel(ctx), "post-thaw", q.PostThaw)
-			return q.fallBack(fmt.Errorf("pre-freeze hook: %w", err))
+			return q.fallBack(err)
 		}
 		postThaw = func() { q.runHooks(context.WithoutCancel(ctx), "post-thaw", q.PostThaw) }
 	}
@@ -179,25 +190,38 @@ func (q *AgentQuiescer) frozeNothing(ctx context.Context, f *Frozen) (*Frozen, e
 	return f, nil
 }
 
-// thawRun is one run of the thaw loop in the background.
+// thawRun is one run of the thaw loop in the background, then of the
+// post-thaw hooks.
 type thawRun struct {
-	done chan struct{} // closed when the run ends; err is then set
-	err  error
+	thawed chan struct{} // closed when the thaw loop ends; err is then set
+	err    error
+	done   chan struct{} // closed once the post-thaw hooks ran too
 }
 
-// wait waits for the run's outcome, up to limit: the thaw itself takes
+// wait waits for the thaw's outcome, up to limit: the thaw itself takes
 // milliseconds; what is left after limit goes on in the background, and the
-// next freeze waits for it.
+// next freeze waits for it. The post-thaw hooks are not waited for: their
+// time is not the guest's freeze (the next freeze waits for them).
 func (r *thawRun) wait(ctx context.Context, limit time.Duration, vm string) error {
 	t := time.NewTimer(limit)
 	defer t.Stop()
 	select {
-	case <-r.done:
+	case <-r.thawed:
 		return r.err
 	case <-ctx.Done():
 	case <-t.C:
 	}
 	return fmt.Errorf("guest %s not confirmed thawed within %v; lifeboat keeps trying in the background", vm, limit)
+}
+
+// isThawed says whether the run's thaw loop ended (confirmed or given up).
+func (r *thawRun) isThawed() bool {
+	select {
+	case <-r.thawed:
+		return true
+	default:
+		return false
+	}
 }
 
 func (r *thawRun) running() bool {
@@ -216,7 +240,7 @@ func (r *thawRun) running() bool {
 // is confirmed thawed or thawBound passes, then dismisses the guard and runs
 // the post-thaw hooks. Until it ends, this quiescer's next Freeze falls back.
 func (q *AgentQuiescer) thawInBackground(a *qga.Agent, guard *guardProcess, postThaw func()) *thawRun {
-	r := &thawRun{done: make(chan struct{})}
+	r := &thawRun{thawed: make(chan struct{}), done: make(chan struct{})}
 	q.mu.Lock()
 	q.thawing = r
 	q.mu.Unlock()
@@ -227,6 +251,7 @@ func (q *AgentQuiescer) thawInBackground(a *qga.Agent, guard *guardProcess, post
 		if r.err = q.thaw(ctx, a); r.err == nil {
 			guard.dismiss()
 		}
+		close(r.thawed)
 		postThaw()
 	}()
 	return r
@@ -272,26 +297,50 @@ func (q *AgentQuiescer) fallBack(err error) (*Frozen, error) {
 // not answer: an agent busy in a slow freeze answers when the freeze ends.
 const thawBound = 10 * time.Minute
 
-func (q *AgentQuiescer) runHooks(ctx context.Context, what string, cmds []string) error {
-	timeout := q.HookTimeout
-	if timeout <= 0 {
-		timeout = 30 * time.Second
+func (q *AgentQuiescer) hookTimeout() time.Duration {
+	if q.HookTimeout > 0 {
+		return q.HookTimeout
 	}
+	return DefaultHookTimeout
+}
+
+// DefaultHookTimeout bounds each host hook when the config gives no
+// hook_timeout.
+const DefaultHookTimeout = 30 * time.Second
+
+// runHooks runs the host hooks of one step (pre-freeze or post-thaw) in
+// order, each bounded (hostcmd.Run: at its bound the hook's whole process
+// group is killed, and a child left holding its output does not hold the
+// cycle). What a hook prints is logged: at Info when it succeeds, in the
+// error when it fails. A pre-freeze hook that fails stops the others.
+func (q *AgentQuiescer) runHooks(ctx context.Context, what string, cmds []string) error {
+	timeout := q.hookTimeout()
 	var errs []error
 	for _, c := range cmds {
-		hctx, cancel := context.WithTimeout(ctx, timeout)
-		cmd := exec.CommandContext(hctx, "sh", "-c", c)
-		cmd.Env = append(os.Environ(), "LIFEBOAT_VM="+q.VM, "LIFEBOAT_HOOK="+what)
-		out, err := cmd.CombinedOutput()
-		cancel()
+		env := append(os.Environ(), "LIFEBOAT_VM="+q.VM, "LIFEBOAT_HOOK="+what)
+		res, err := hostcmd.Run(ctx, timeout, env, "sh", "-c", c)
+		if te := (*hostcmd.TimeoutError)(nil); errors.As(err, &te) {
+			bound := fmt.Sprintf("hook_timeout %v", timeout)
+			if te.Caller {
+				bound = fmt.Sprintf("the freeze limit %v, which pre-freeze hooks and the freeze share", q.limit())
+			}
+			err = fmt.Errorf("%w (%s)", err, bound)
+		}
 		if err != nil {
-			err = fmt.Errorf("%s hook %q: %w: %s", what, c, err, strings.TrimSpace(string(out)))
+			err = fmt.Errorf("vm %q: %s hook %q: %w: %s", q.VM, what, c, err, res.Output)
 			q.log().Error("hook failed", "err", err)
 			errs = append(errs, err)
 			if what == "pre-freeze" {
 				break
 			}
+			continue
 		}
+		attrs := []any{"hook", what, "command", c, "output", string(res.Output)}
+		if res.Lingering {
+			q.log().Warn("hook ended but left a process holding its output: lifeboat stopped reading it and left that process running", attrs...)
+			continue
+		}
+		q.log().Info("hook ran", attrs...)
 	}
 	return errors.Join(errs...)
 }
