@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/hostcmd"
 	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/virt"
@@ -142,8 +143,18 @@ func (v *vm) start(ctx context.Context, log *slog.Logger) error {
 	cmd := exec.CommandContext(sctx, v.cfg.Start[0], v.cfg.Start[1:]...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
+	// A command that starts the VM in the background (`qemu-system-x86_64
+	// ... &`) leaves it holding the output: read it no longer once the
+	// command has ended. Unlike a hook's (hostcmd.Run), the command's process
+	// group is not killed at the bound: it may hold the VM just started.
+	cmd.WaitDelay = hostcmd.WaitDelay
 	log.Warn("failback finished: starting the VM here", "command", strings.Join(v.cfg.Start, " "))
-	if err := cmd.Run(); err != nil {
+	err := cmd.Run()
+	if errors.Is(err, exec.ErrWaitDelay) {
+		log.Info("the start: command ended and left a process (the VM?) holding its output; lifeboat no longer reads it", "output", string(bytes.TrimSpace(out.Bytes())))
+		err = nil
+	}
+	if err != nil {
 		if sctx.Err() != nil && ctx.Err() == nil {
 			err = fmt.Errorf("still running after %v", homeStartTimeout)
 		}

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -73,5 +74,31 @@ func TestVMRuns(t *testing.T) {
 	}
 	if !v.runs(ctx) {
 		t.Error("a QEMU does not run after `cont`")
+	}
+}
+
+// A start: command that starts the VM in the background and returns (a
+// script ending in `qemu-system-x86_64 ... &`) leaves a child holding its
+// output: before, the start waited for that child to close it, i.e. for
+// the VM to stop, past homeStartTimeout, and replication never resumed.
+// Now the start returns once the command has ended (at most
+// hostcmd.WaitDelay later), and the VM it started is left running.
+func TestStartCommandThatLeavesTheVMRunningReturns(t *testing.T) {
+	pids := testenv.NewPIDs(t)
+	v := &vm{cfg: VMConfig{Name: "vm1", Start: []string{"sh", "-c", "sleep 600 & echo $! >> " + pids.Path + "; echo started"}}}
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() { done <- v.start(context.Background(), slog.New(slog.DiscardHandler)) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("start: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the start: command's background child (the VM it started) holds the start past 30 s")
+	}
+	t.Logf("start returned after %v", time.Since(start).Round(time.Millisecond))
+	if live := pids.Alive(); len(live) != 1 {
+		t.Errorf("the process the start: command left running is gone (running: %v)", live)
 	}
 }
