@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -341,5 +342,65 @@ func TestUnreadableRevocationListStopsTheStart(t *testing.T) {
 	c.TLS.CRL = filepath.Join(dir, "elsewhere.crl")
 	if err := New(c, nil).Run(context.Background()); err == nil || !strings.Contains(err.Error(), "crl") || !strings.Contains(err.Error(), c.TLS.CRL) {
 		t.Errorf("a site whose `crl:` names a missing file: %v, want an error naming it", err)
+	}
+}
+
+// A site remembers in its state_dir the highest revocation list number it
+// accepted: a site started again (a new Daemon on the same state_dir) with
+// an older list, validly signed, in place of the newest (which would
+// un-revoke what was revoked since), or with the list gone, does not start,
+// naming the file and what to do. The newest list put back starts it.
+func TestOlderRevocationListStopsTheStart(t *testing.T) {
+	dir, c := configWithCA(t)
+	for _, s := range []string{c.Site, "peer", "retired"} {
+		if err := pki.IssueSite(dir, dir, s, []string{"127.0.0.1"}, 365*24*time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f := pki.SiteFiles(dir, c.Site)
+	c.TLS = TLSConfig{CA: f.CA, Cert: f.Cert, Key: f.Key}
+	c.StateDir = t.TempDir()
+	if _, _, err := pki.Revoke(dir, pki.SiteFiles(dir, "retired").Cert); err != nil {
+		t.Fatal(err)
+	}
+	older, err := os.ReadFile(f.CRL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := pki.Revoke(dir, pki.SiteFiles(dir, "peer").Cert); err != nil {
+		t.Fatal(err)
+	}
+	newest, _ := os.ReadFile(f.CRL)
+	peer, err := pki.LoadCert(pki.SiteFiles(dir, "peer").Cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev, err := New(c, nil).revocations()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rev.Check(peer); !errors.Is(err, pki.ErrRevoked) {
+		t.Fatalf("newest list: %v, want peer revoked", err)
+	}
+
+	os.WriteFile(f.CRL, older, 0o644)
+	_, err = New(c, nil).revocations()
+	t.Logf("older list: %v", err)
+	if err == nil || !strings.Contains(err.Error(), f.CRL) || !strings.Contains(err.Error(), "older") {
+		t.Errorf("a site started again with an older revocation list: %v, want the start refused, naming %s", err, f.CRL)
+	}
+	os.Remove(f.CRL)
+	_, err = New(c, nil).revocations()
+	t.Logf("no list: %v", err)
+	if err == nil || !strings.Contains(err.Error(), f.CRL) || !strings.Contains(err.Error(), "accepted number 2") {
+		t.Errorf("a site started again without the revocation list it had accepted: %v, want the start refused, naming %s", err, f.CRL)
+	}
+	os.WriteFile(f.CRL, newest, 0o644)
+	rev, err = New(c, nil).revocations()
+	if err != nil {
+		t.Fatalf("newest list back: %v", err)
+	}
+	if err := rev.Check(peer); !errors.Is(err, pki.ErrRevoked) {
+		t.Errorf("newest list back: %v, want peer revoked", err)
 	}
 }

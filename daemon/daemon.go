@@ -69,12 +69,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.checkOwnCertificate(); err != nil {
 		return err
 	}
+	// The state dir first: it records the newest revocation list accepted.
+	if err := os.MkdirAll(d.cfg.StateDir, 0o750); err != nil {
+		return fmt.Errorf("state_dir %s: %w", d.cfg.StateDir, err)
+	}
 	rev, err := d.revocations()
 	if err != nil {
 		return err
-	}
-	if err := os.MkdirAll(d.cfg.StateDir, 0o750); err != nil {
-		return fmt.Errorf("state_dir %s: %w", d.cfg.StateDir, err)
 	}
 	unlock, err := d.lockStateDir()
 	if err != nil {
@@ -226,12 +227,16 @@ func (d *Daemon) checkOwnCertificate() error {
 		d.cfg.Path(), d.cfg.Site, d.cfg.TLS.Cert, site, site, site, d.cfg.Site)
 }
 
+// CRLSeenFile, in a site's state_dir, records the newest revocation list the
+// site accepted: an older one is refused, across restarts too.
+const CRLSeenFile = "crl-seen.json"
+
 func (d *Daemon) tlsFiles() pki.Files {
 	crl := d.cfg.TLS.CRL
 	if crl == "" && d.cfg.TLS.CA != "" {
 		crl = filepath.Join(filepath.Dir(d.cfg.TLS.CA), pki.CRLFile)
 	}
-	return pki.Files{CA: d.cfg.TLS.CA, Cert: d.cfg.TLS.Cert, Key: d.cfg.TLS.Key, CRL: crl}
+	return pki.Files{CA: d.cfg.TLS.CA, Cert: d.cfg.TLS.Cert, Key: d.cfg.TLS.Key, CRL: crl, CRLSeen: filepath.Join(d.cfg.StateDir, CRLSeenFile)}
 }
 
 // revocations reads the CA's revocation list as the site starts: one that

@@ -35,8 +35,11 @@ var ErrExists = errors.New("already exists")
 
 // Files names the PEM files a site uses for mutual TLS: the deployment CA's
 // certificate, the site's certificate and the site's private key, and the
-// CA's revocation list (see Revocations; "" checks none).
-type Files struct{ CA, Cert, Key, CRL string }
+// CA's revocation list (see Revocations; "" checks none). CRLSeen is where
+// the site records the newest revocation list it accepted (in its
+// state_dir), so that an older one is refused after a restart too; ""
+// remembers it for the life of each Revocations only.
+type Files struct{ CA, Cert, Key, CRL, CRLSeen string }
 
 // SiteFiles returns the files IssueSite writes for site into dir, with the
 // revocation list beside the CA's certificate.

@@ -210,3 +210,65 @@ func TestRevocationListFailsClosed(t *testing.T) {
 		t.Errorf("list removed: %v, want every check to fail", err)
 	}
 }
+
+// An older copy of the list, validly signed by the CA, put in place of the
+// newest un-revoked what was revoked since (a rollback). A site remembers the
+// highest list number it accepted and refuses an older list as it refuses a
+// broken one: every check fails, naming the file, both numbers and what to
+// do; the newest list put back is taken again. Over real mutual TLS: the
+// client refuses the server, whose certificate only the newer list revokes.
+func TestOlderRevocationListIsRefused(t *testing.T) {
+	caDir := newCA(t, "test CA")
+	a := newSite(t, caDir, "site-a", "localhost")
+	b := newSite(t, caDir, "site-b", "localhost")
+	retired := newSite(t, caDir, "retired", "localhost")
+	bc := mustLoad(t, b.Cert)
+
+	revoke(t, caDir, retired.Cert, a) // list number 1: b not in it
+	older, err := os.ReadFile(a.CRL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	revoke(t, caDir, b.Cert, a) // number 2: b revoked
+	newest, _ := os.ReadFile(a.CRL)
+	client := clientTLS(t, a, "localhost")
+	server := serverTLS(t, b)
+	if r := handshake(t, server, client); r.clientErr == nil || !errors.Is(r.clientErr, ErrRevoked) {
+		t.Fatalf("revoked server: client %v, want it refused as revoked", r.clientErr)
+	}
+
+	os.WriteFile(a.CRL, older, 0o644)
+	r := handshake(t, server, client)
+	if r.clientErr == nil {
+		t.Fatal("an older revocation list put in place of the newest un-revoked site-b: the handshake succeeded")
+	}
+	for _, s := range []string{a.CRL, "number 1", "number 2", "older", "copy ca.crl"} {
+		if !strings.Contains(r.clientErr.Error(), s) {
+			t.Errorf("rolled-back list: %v\nwant it to say %q", r.clientErr, s)
+		}
+	}
+	rev, err := LoadRevocations(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rev.Check(mustLoad(t, a.Cert)); err != nil {
+		t.Fatalf("a not revoked: %v", err)
+	}
+	// A site that read the older list first takes the newest, then refuses
+	// the older again.
+	os.WriteFile(a.CRL, newest, 0o644)
+	if err := rev.Check(bc); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("newest list: %v, want b revoked", err)
+	}
+	os.WriteFile(a.CRL, older, 0o644)
+	if err := rev.Check(mustLoad(t, a.Cert)); err == nil || !strings.Contains(err.Error(), "older") {
+		t.Errorf("rolled-back list after the newest: %v, want every check to fail", err)
+	}
+	os.WriteFile(a.CRL, newest, 0o644)
+	if r := handshake(t, server, client); !errors.Is(r.clientErr, ErrRevoked) {
+		t.Errorf("newest list back: client %v, want site-b refused as revoked", r.clientErr)
+	}
+	if err := rev.Check(mustLoad(t, a.Cert)); err != nil {
+		t.Errorf("newest list back: a: %v", err)
+	}
+}

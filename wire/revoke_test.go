@@ -2,6 +2,8 @@ package wire_test
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -132,5 +134,54 @@ func TestRevokedRecoverySiteIsRefused(t *testing.T) {
 	wantRefusal(t, "a new connection to revoked dr", err, names)
 	if pts, _ := site.Store.Points("vm1"); len(pts) != 1 {
 		t.Errorf("vm1 has %d points at revoked dr, want the 1 from before", len(pts))
+	}
+}
+
+// An older copy of the revocation list, validly signed, put back in place of
+// the newest at the recovery site (a rollback) does not un-revoke the
+// protected site revoked since: the recovery site refuses the older list
+// (every peer, naming the file and that it is older) until the newest is
+// back.
+func TestRolledBackRevocationListDoesNotUnrevoke(t *testing.T) {
+	site := testsite.Start(t, recovery.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	prod, prod2 := site.DialAs(t, "prod", wire.CompressionNone), site.DialAs(t, "prod2", wire.CompressionNone)
+	if err := pki.IssueSite(site.PKI, site.PKI, "retired", []string{"127.0.0.1"}, 24*time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	revokeSite(t, site, "retired")
+	list := filepath.Join(site.PKI, pki.CRLFile)
+	older, err := os.ReadFile(list)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sendPoint(ctx, prod, "vm1", 1); err != nil {
+		t.Fatalf("prod before its revocation: %v", err)
+	}
+	names := revokeSite(t, site, "prod")
+	newest, _ := os.ReadFile(list)
+	_, _, err = prod.Latest(ctx, "vm1")
+	wantRefusal(t, "Latest of revoked prod", err, names)
+
+	if err := os.WriteFile(list, older, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = prod.Latest(ctx, "vm1")
+	wantRefusal(t, "Latest of revoked prod under an older list", err, []string{list, "older"})
+	wantRefusal(t, "a point of revoked prod under an older list", sendPoint(ctx, prod, "vm1", 2), []string{"older"})
+	_, _, err = prod2.Latest(ctx, "vm2")
+	wantRefusal(t, "Latest of prod2 under an older list", err, []string{"older"})
+	if pts, _ := site.Store.Points("vm1"); len(pts) != 1 {
+		t.Errorf("vm1 has %d points, want the 1 from before the revocation", len(pts))
+	}
+
+	if err := os.WriteFile(list, newest, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = prod.Latest(ctx, "vm1")
+	wantRefusal(t, "Latest of revoked prod with the newest list back", err, names)
+	if err := sendPoint(ctx, prod2, "vm2", 1); err != nil {
+		t.Errorf("prod2, not revoked, with the newest list back: %v", err)
 	}
 }
