@@ -149,7 +149,11 @@ type StatusReply struct {
 	// Certificate is the site certificate's end of validity: when it
 	// passes, every peer refuses this site and replication stops.
 	Certificate *CertificateStatus `json:"certificate,omitempty"`
-	VMs         []VMStatus         `json:"vms"`
+	// RevocationList is the CA's revocation list this site holds: its
+	// number, when its next update is due, and a warning when that is near
+	// or past, or when the list is refused (every peer is refused then).
+	RevocationList *RevocationListStatus `json:"revocation_list,omitempty"`
+	VMs            []VMStatus            `json:"vms"`
 }
 
 // CertificateStatus is when the site's own certificate ends (tls.cert).
@@ -182,9 +186,66 @@ func (d *Daemon) certificateStatus(now time.Time) *CertificateStatus {
 	return s
 }
 
+// RevocationListStatus is the revocation list a site holds (tls.crl).
+type RevocationListStatus struct {
+	File       string    `json:"file"`
+	Number     string    `json:"number,omitempty"`
+	NextUpdate time.Time `json:"next_update,omitzero"`
+	DaysLeft   float64   `json:"days_left"`
+	Warning    string    `json:"warning,omitempty"` // refused, or its next update within certWarnDays or past: what to do
+}
+
+// revocationListStatus says which list rev holds and whether it needs the
+// operator (nil: no list, or no revocation checks). A list past its next
+// update is still enforced: see pki.Revocations.
+func revocationListStatus(rev *pki.Revocations, now time.Time) *RevocationListStatus {
+	st := rev.Status()
+	if st == nil {
+		return nil
+	}
+	s := &RevocationListStatus{File: st.File, Number: st.Number}
+	renew := fmt.Sprintf("sign it again (`lifeboat cert crl --ca DIR`, where `lifeboat cert ca` made the CA) and copy %s to every site, taken without a restart", pki.CRLFile)
+	switch {
+	case st.Err != nil:
+		s.Warning = "refused, so every peer is refused: " + st.Err.Error()
+	case st.NextUpdate.IsZero():
+	default:
+		s.NextUpdate = st.NextUpdate.UTC()
+		s.DaysLeft = st.NextUpdate.Sub(now).Hours() / 24
+		switch {
+		case s.DaysLeft <= 0:
+			s.Warning = fmt.Sprintf("its next update was due on %s: %s; until then this site goes on enforcing it, and refuses no peer for its age", s.NextUpdate.Format(time.DateOnly), renew)
+		case s.DaysLeft <= certWarnDays:
+			s.Warning = fmt.Sprintf("its next update is due on %s, in %.0f days: %s", s.NextUpdate.Format(time.DateOnly), s.DaysLeft, renew)
+		}
+	}
+	return s
+}
+
+// revocationListWarnEvery is how often a running site logs that its
+// revocation list needs the operator.
+const revocationListWarnEvery = 24 * time.Hour
+
+// watchRevocationList logs, at start and then daily, a revocation list
+// whose next update is near or past, or that is refused.
+func (d *Daemon) watchRevocationList(ctx context.Context) {
+	t := time.NewTicker(revocationListWarnEvery)
+	defer t.Stop()
+	for {
+		if s := revocationListStatus(d.rev, time.Now()); s != nil && s.Warning != "" {
+			d.log.Warn("revocation list "+s.Warning, "file", s.File, "number", s.Number)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
 func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 	now := time.Now().UTC()
-	out := StatusReply{Site: a.d.cfg.Site, Time: now, Certificate: a.d.certificateStatus(now), VMs: []VMStatus{}}
+	out := StatusReply{Site: a.d.cfg.Site, Time: now, Certificate: a.d.certificateStatus(now), RevocationList: revocationListStatus(a.d.rev, now), VMs: []VMStatus{}}
 	for _, name := range a.d.vmNames() {
 		v, _ := a.d.vmOf(name)
 		v.reversedHere() // its state says so, whether or not its schedule ran since

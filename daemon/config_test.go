@@ -279,6 +279,23 @@ func configWithCA(t *testing.T) (dir string, c *Config) {
 	return dir, c
 }
 
+// siteWithCA is configWithCA with the site's certificate (and those of
+// others) issued into the CA's directory, the config's tls: pointing at it
+// and a state_dir of its own.
+func siteWithCA(t *testing.T, others ...string) (dir string, c *Config, f pki.Files) {
+	t.Helper()
+	dir, c = configWithCA(t)
+	for _, s := range append([]string{c.Site}, others...) {
+		if err := pki.IssueSite(dir, dir, s, []string{"127.0.0.1"}, 365*24*time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f = pki.SiteFiles(dir, c.Site)
+	c.TLS = TLSConfig{CA: f.CA, Cert: f.Cert, Key: f.Key}
+	c.StateDir = t.TempDir()
+	return dir, c, f
+}
+
 // When the site certificate ends, every peer refuses the site and replication
 // stops; status says so 30 days ahead, with what to do, and not before.
 func TestStatusWarnsOfTheCertificatesEnd(t *testing.T) {
@@ -321,13 +338,7 @@ func TestSiteWithAnotherSitesCertificateDoesNotStart(t *testing.T) {
 // file and what to do: served anyway, a revoked peer would be served. So
 // does a `crl:` named but missing; ca.crl absent beside ca.crt is no list yet.
 func TestUnreadableRevocationListStopsTheStart(t *testing.T) {
-	dir, c := configWithCA(t)
-	if err := pki.IssueSite(dir, dir, c.Site, []string{"127.0.0.1"}, 365*24*time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	f := pki.SiteFiles(dir, c.Site)
-	c.TLS = TLSConfig{CA: f.CA, Cert: f.Cert, Key: f.Key}
-	c.StateDir = t.TempDir()
+	dir, c, f := siteWithCA(t)
 	d := New(c, nil)
 	if _, err := d.revocations(); err != nil {
 		t.Fatalf("no ca.crl beside ca.crt yet: %v, want no list and no error", err)
@@ -351,15 +362,7 @@ func TestUnreadableRevocationListStopsTheStart(t *testing.T) {
 // un-revoke what was revoked since), or with the list gone, does not start,
 // naming the file and what to do. The newest list put back starts it.
 func TestOlderRevocationListStopsTheStart(t *testing.T) {
-	dir, c := configWithCA(t)
-	for _, s := range []string{c.Site, "peer", "retired"} {
-		if err := pki.IssueSite(dir, dir, s, []string{"127.0.0.1"}, 365*24*time.Hour); err != nil {
-			t.Fatal(err)
-		}
-	}
-	f := pki.SiteFiles(dir, c.Site)
-	c.TLS = TLSConfig{CA: f.CA, Cert: f.Cert, Key: f.Key}
-	c.StateDir = t.TempDir()
+	dir, c, f := siteWithCA(t, "peer", "retired")
 	if _, _, err := pki.Revoke(dir, pki.SiteFiles(dir, "retired").Cert); err != nil {
 		t.Fatal(err)
 	}
@@ -402,5 +405,50 @@ func TestOlderRevocationListStopsTheStart(t *testing.T) {
 	}
 	if err := rev.Check(peer); !errors.Is(err, pki.ErrRevoked) {
 		t.Errorf("newest list back: %v, want peer revoked", err)
+	}
+}
+
+// A revocation list's next update: status says so 30 days ahead, and once
+// it has passed, with what to do (`lifeboat cert crl`), and that the list is
+// still enforced; not before. A list that is refused says so too.
+func TestStatusWarnsOfTheRevocationListsNextUpdate(t *testing.T) {
+	dir, c, f := siteWithCA(t)
+	rev, err := New(c, nil).revocations()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := revocationListStatus(rev, time.Now()); s != nil {
+		t.Errorf("no list yet: %+v, want none", s)
+	}
+	now := time.Now()
+	for _, tc := range []struct {
+		name string
+		days int           // the list's validity
+		at   time.Duration // when status is asked, from now
+		warn []string
+	}{
+		{name: "a year ahead", days: 365},
+		{name: "10 days ahead", days: 10, warn: []string{"due on", "in 10 days", "lifeboat cert crl"}},
+		{name: "past", days: 10, at: 11 * 24 * time.Hour, warn: []string{"was due on", "lifeboat cert crl", "goes on enforcing it"}},
+	} {
+		rl, err := pki.RenewCRL(dir, time.Duration(tc.days)*24*time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := revocationListStatus(rev, now.Add(tc.at))
+		t.Logf("%s: %+v", tc.name, s)
+		if s == nil || s.File != f.CRL || s.Number != rl.Number.String() || !s.NextUpdate.Equal(rl.NextUpdate.UTC()) || (s.Warning != "") != (len(tc.warn) > 0) {
+			t.Errorf("%s: status %+v; want list %s number %s, next update %s, a warning: %v", tc.name, s, f.CRL, rl.Number, rl.NextUpdate, len(tc.warn) > 0)
+			continue
+		}
+		for _, w := range tc.warn {
+			if !strings.Contains(s.Warning, w) {
+				t.Errorf("%s: warning %q does not say %q", tc.name, s.Warning, w)
+			}
+		}
+	}
+	os.WriteFile(f.CRL, []byte("half a cop"), 0o644)
+	if s := revocationListStatus(rev, now); s == nil || !strings.Contains(s.Warning, "every peer is refused") {
+		t.Errorf("a list that does not read: status %+v, want a warning that every peer is refused", s)
 	}
 }

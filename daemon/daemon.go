@@ -33,6 +33,7 @@ type Daemon struct {
 	runs     *failover.Manager // at a recovery site: VMs started from their points
 	failback *failback.Store   // at a site with `listen:`: failbacks of its own VMs taken from their recovery site
 	server   *wire.Server
+	rev      *pki.Revocations // the CA's revocation list as this site holds it (nil: no checks)
 	vmsMu    sync.RWMutex
 	vms      map[string]*vm // the VMs it protects: its config's, and those protected in reverse (reverse.go)
 	groups   map[string]*group
@@ -77,6 +78,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	d.rev = rev
 	unlock, err := d.lockStateDir()
 	if err != nil {
 		return err
@@ -89,6 +91,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if c := d.certificateStatus(time.Now()); c != nil && c.Warning != "" {
 		d.log.Warn("site certificate "+c.Warning, "file", c.File)
 	}
+	go d.watchRevocationList(ctx)
 	// A guest this site left frozen when it died is thawed before its VM's
 	// next freeze: in the background by the VM's quiescer, which falls back
 	// meanwhile; a VM no longer configured here delays the start a minute at

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/fsutil"
@@ -133,6 +134,16 @@ func RenewCRL(caDir string, validity time.Duration) (*x509.RevocationList, error
 		return nil, fmt.Errorf("renew the revocation list: %w", err)
 	}
 	return rl, nil
+}
+
+// LoadCRL reads the CA's revocation list in caDir, checked against its
+// certificate.
+func LoadCRL(caDir string) (*x509.RevocationList, error) {
+	ca, err := loadCert("CA cert", filepath.Join(caDir, CACertFile), "")
+	if err != nil {
+		return nil, err
+	}
+	return readCRL(filepath.Join(caDir, CRLFile), ca)
 }
 
 // loadCA reads the CA's certificate and key from caDir, checked to be a pair.
@@ -480,12 +491,21 @@ func (r *Revocations) writeSeen(h *crlSeen) error {
 	return nil
 }
 
+// crlStamp identifies the list file's version: its size and modification
+// time, and its inode and change time, so that a copy renamed into place
+// (a new inode) or written over with its time set back (`touch -r`: the
+// change time moves all the same) is read even when the size and the
+// modification time are the same.
 func crlStamp(path string) string {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return "-"
 	}
-	return fmt.Sprintf("%d.%d", fi.Size(), fi.ModTime().UnixNano())
+	st := fmt.Sprintf("%d.%d", fi.Size(), fi.ModTime().UnixNano())
+	if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
+		st += fmt.Sprintf(".%d.%d.%d.%d", sys.Dev, sys.Ino, sys.Ctim.Sec, sys.Ctim.Nsec)
+	}
+	return st
 }
 
 // Check says whether c may be a peer: a *RevokedError if the list revokes

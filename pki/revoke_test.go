@@ -1,12 +1,17 @@
 package pki
 
 import (
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
+	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // revoke revokes what in caDir and copies the list to each site's
@@ -271,4 +276,103 @@ func TestOlderRevocationListIsRefused(t *testing.T) {
 	if err := rev.Check(mustLoad(t, a.Cert)); err != nil {
 		t.Errorf("newest list back: a: %v", err)
 	}
+}
+
+// A list is signed current for DefaultCRLValidity (before, until the CA's
+// end: no site ever heard it was stale). RenewCRL signs the same
+// revocations again under the next number. A list past its next update is
+// still enforced, and refuses no other peer for its age (the choice
+// Revocations documents): over real mutual TLS, the revoked server is
+// refused and one not revoked is served.
+func TestRevocationListNextUpdate(t *testing.T) {
+	caDir := newCA(t, "test CA")
+	a := newSite(t, caDir, "site-a", "localhost")
+	b := newSite(t, caDir, "site-b", "localhost")
+	c := newSite(t, caDir, "site-c", "localhost")
+	revoke(t, caDir, b.Cert, a)
+	rl, err := LoadCRL(caDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Until(rl.NextUpdate); d < DefaultCRLValidity-time.Hour || d > DefaultCRLValidity {
+		t.Errorf("revoke signed a list whose next update is in %v, want %v", d, DefaultCRLValidity)
+	}
+
+	renewed, err := RenewCRL(caDir, 10*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if renewed.Number.Cmp(new(big.Int).Add(rl.Number, big.NewInt(1))) != 0 || len(renewed.RevokedCertificateEntries) != 1 ||
+		renewed.RevokedCertificateEntries[0].SerialNumber.Cmp(mustLoad(t, b.Cert).SerialNumber) != 0 {
+		t.Errorf("renewed list: number %v (was %v), %d entries; want the next number and b still revoked", renewed.Number, rl.Number, len(renewed.RevokedCertificateEntries))
+	}
+	if d := time.Until(renewed.NextUpdate); d < 10*24*time.Hour-time.Hour || d > 10*24*time.Hour {
+		t.Errorf("renewed for 10 days: next update in %v", d)
+	}
+
+	// Past its next update: signed with one an hour ago.
+	ca, key, err := loadCA(caDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{RevokedCertificateEntries: renewed.RevokedCertificateEntries,
+		Number: big.NewInt(10), ThisUpdate: time.Now().Add(-48 * time.Hour), NextUpdate: time.Now().Add(-time.Hour)}, ca, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale, _ := x509.ParseRevocationList(der)
+	os.WriteFile(a.CRL, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der}), 0o644)
+	client := clientTLS(t, a, "localhost")
+	if st := mustRevocations(t, a).Status(); st == nil || !st.NextUpdate.Equal(stale.NextUpdate) || st.Err != nil || !st.NextUpdate.Before(time.Now()) {
+		t.Fatalf("status of a list past its next update: %+v", st)
+	}
+	if r := handshake(t, serverTLS(t, b), client); !errors.Is(r.clientErr, ErrRevoked) {
+		t.Errorf("revoked server under a list past its next update: client %v, want it refused as revoked", r.clientErr)
+	}
+	if r := handshake(t, serverTLS(t, c), client); r.clientErr != nil || r.serverErr != nil {
+		t.Errorf("server not revoked, under a list past its next update: client %v, server %v; want it served", r.clientErr, r.serverErr)
+	}
+}
+
+func mustRevocations(t *testing.T, f Files) *Revocations {
+	t.Helper()
+	r, err := LoadRevocations(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// A list replaced by one of the same size and modification time (a renewal
+// within the file system's time granularity, or a time set back with
+// `touch -r`) is read all the same: the change is seen by the file's inode
+// and change time too. Before, the site went on with the list it had read.
+func TestRevocationListReplacedUnderTheSameTimeIsRead(t *testing.T) {
+	caDir := newCA(t, "test CA")
+	a := newSite(t, caDir, "site-a", "localhost")
+	b := newSite(t, caDir, "site-b", "localhost")
+	revoke(t, caDir, b.Cert, a)
+	rev := mustRevocations(t, a)
+	first, _ := os.Stat(a.CRL)
+	for range 20 { // ECDSA signatures differ in length now and then
+		rl, err := RenewCRL(caDir, DefaultCRLValidity)
+		if err != nil {
+			t.Fatal(err)
+		}
+		data, _ := os.ReadFile(filepath.Join(caDir, CRLFile))
+		if int64(len(data)) != first.Size() {
+			continue
+		}
+		tmp := a.CRL + ".new"
+		os.WriteFile(tmp, data, 0o644)
+		os.Chtimes(tmp, first.ModTime(), first.ModTime())
+		if err := os.Rename(tmp, a.CRL); err != nil {
+			t.Fatal(err)
+		}
+		if st := rev.Status(); st == nil || st.Number != rl.Number.String() {
+			t.Fatalf("list number %s copied in, same size and time as the one before: the site holds %+v", rl.Number, st)
+		}
+		return
+	}
+	t.Fatal("no renewed list of the same size in 20 tries: the test proves nothing")
 }

@@ -26,13 +26,16 @@ and copy ca.crt, NAME.crt and NAME.key to that site, and nothing else: never
 ca.key (who holds it can make a certificate of any site's name) nor another
 site's key. If a site's key leaks (its host compromised or decommissioned),
 revoke its certificate with ` + "`lifeboat cert revoke`" + ` and copy the CA's ca.crl to
-every site, beside ca.crt: every other site refuses it from its next call on.`,
+every site, beside ca.crt: every other site refuses it from its next call on.
+The list's next update is due a year after it is signed: sign it again before
+then with ` + "`lifeboat cert crl`" + ` and copy it to every site likewise.`,
 		Example: `  lifeboat cert ca --dir ./ca --name "acme lifeboat CA"
   lifeboat cert site dr-east --ca ./ca --out ./dr-east --host dr-east.example.com --host 10.0.0.5
-  lifeboat cert revoke ./dr-east/dr-east.crt --ca ./ca`,
+  lifeboat cert revoke ./dr-east/dr-east.crt --ca ./ca
+  lifeboat cert crl --ca ./ca`,
 		Args: cobra.NoArgs,
 	}
-	cmd.AddCommand(newCertCACmd(), newCertSiteCmd(), newCertRevokeCmd())
+	cmd.AddCommand(newCertCACmd(), newCertSiteCmd(), newCertRevokeCmd(), newCertCRLCmd())
 	return cmd
 }
 
@@ -187,10 +190,56 @@ a site to be trusted again gets a new certificate (` + "`lifeboat cert site`" + 
 			}
 			fmt.Fprintf(out, "revoked the certificate of site %q (subject %q, serial %s)\n", site, c.Subject.String(), pki.Serial(c))
 			fmt.Fprintf(out, "next: copy %s to every site, beside its ca.crt; each refuses %q from its next connection or call, without a restart\n", filepath.Join(caDir, pki.CRLFile), site)
+			if rl, err := pki.LoadCRL(caDir); err == nil {
+				fmt.Fprintf(out, "the list is number %s; its next update is due on %s: sign it again before then (`lifeboat cert crl --ca %s`)\n", rl.Number, rl.NextUpdate.UTC().Format(time.DateOnly), caDir)
+			}
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&caDir, "ca", "", "`DIR` of the CA, as made by lifeboat cert ca (its ca.key signs the list)")
+	cmd.MarkFlagRequired("ca")
+	cmd.MarkFlagDirname("ca")
+	return cmd
+}
+
+func newCertCRLCmd() *cobra.Command {
+	var (
+		caDir string
+		days  int
+	)
+	cmd := &cobra.Command{
+		Use:   "crl --ca DIR",
+		Short: "Sign the CA's revocation list again, before its next update is due",
+		Long: `Sign the CA's revocation list, DIR/ca.crl, again: the same certificates
+revoked, the next number, and a next update --days from now (cut at the CA's
+end). It creates an empty list if there is none yet.
+
+A list's next update is due a year after ` + "`lifeboat cert revoke`" + ` or this command
+signed it. Sites warn 30 days ahead (in their log, daily, and in ` + "`lifeboat status`" + `)
+and, once it has passed, go on enforcing the list: they refuse no peer for its
+age. Copy the new DIR/ca.crl to every site, beside its ca.crt: taken without a
+restart. Each site remembers the highest list number it accepted and refuses
+an older list, so the newest must reach every site.`,
+		Example: `  lifeboat cert crl --ca ./ca --days 365`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			validity, err := daysFlag(days, "lifeboat cert crl --ca "+caDir+" --days 365")
+			if err != nil {
+				return err
+			}
+			rl, err := pki.RenewCRL(caDir, validity)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			fmt.Fprintf(out, "signed revocation list %s: number %s, %d certificates revoked, next update due on %s\n",
+				filepath.Join(caDir, pki.CRLFile), rl.Number, len(rl.RevokedCertificateEntries), rl.NextUpdate.UTC().Format(time.DateOnly))
+			fmt.Fprintf(out, "next: copy it to every site, beside its ca.crt (taken without a restart)\n")
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&caDir, "ca", "", "`DIR` of the CA, as made by lifeboat cert ca (its ca.key signs the list)")
+	cmd.Flags().IntVar(&days, "days", 365, "the list's next update is due in `N` days (cut at the CA's expiry)")
 	cmd.MarkFlagRequired("ca")
 	cmd.MarkFlagDirname("ca")
 	return cmd

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -114,7 +115,7 @@ func TestCertExamples(t *testing.T) {
 	// The parent's Example is the whole story, CA then a site; the
 	// subcommands' Examples are the same story told one step each.
 	groups := map[string][]string{"cert": strings.Split(root.Example, "\n")}
-	story := map[string]int{"ca": 0, "site": 1, "revoke": 2} // a revocation comes last
+	story := map[string]int{"ca": 0, "site": 1, "revoke": 2, "crl": 3} // a revocation, then the list signed again, come last
 	cmds := root.Commands()
 	slices.SortFunc(cmds, func(a, b *cobra.Command) int { return story[a.Name()] - story[b.Name()] })
 	for _, c := range cmds {
@@ -168,4 +169,41 @@ func shellWords(s string) []string {
 		words = append(words, cur.String())
 	}
 	return words
+}
+
+// `lifeboat cert crl` signs the CA's list again: the same revocations, the
+// next number, a next update --days ahead; `cert revoke` says when the next
+// update is due.
+func TestCertCRL(t *testing.T) {
+	dir := t.TempDir()
+	caDir := filepath.Join(dir, "ca")
+	if _, _, err := runCert(t, "ca", "--dir", caDir, "--name", "test CA"); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := runCert(t, "site", "old", "--ca", caDir, "--out", caDir); err != nil {
+		t.Fatal(err)
+	}
+	stdout, _, err := runCert(t, "revoke", filepath.Join(caDir, "old.crt"), "--ca", caDir)
+	if err != nil || !strings.Contains(stdout, "number 1") || !strings.Contains(stdout, "next update is due on") || !strings.Contains(stdout, "lifeboat cert crl --ca "+caDir) {
+		t.Errorf("cert revoke: %v\n%s\nwant the list's number, when its next update is due and how to sign it again", err, stdout)
+	}
+	stdout, _, err = runCert(t, "crl", "--ca", caDir, "--days", "30")
+	if err != nil {
+		t.Fatalf("cert crl: %v", err)
+	}
+	t.Log(stdout)
+	rl, err := pki.LoadCRL(caDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	due := time.Now().Add(30 * 24 * time.Hour)
+	if rl.Number.Int64() != 2 || len(rl.RevokedCertificateEntries) != 1 || rl.NextUpdate.Before(due.Add(-time.Hour)) || rl.NextUpdate.After(due) {
+		t.Errorf("after cert crl --days 30: number %v, %d revoked, next update %v; want 2, 1, ~%v", rl.Number, len(rl.RevokedCertificateEntries), rl.NextUpdate, due)
+	}
+	if !strings.Contains(stdout, "number 2") || !strings.Contains(stdout, "1 certificates revoked") || !strings.Contains(stdout, "copy it to every site") {
+		t.Errorf("cert crl output does not say what it signed and what is next:\n%s", stdout)
+	}
+	if _, _, err := runCert(t, "crl", "--ca", caDir, "--days", "0"); err == nil || !strings.Contains(err.Error(), "must be between") {
+		t.Errorf("cert crl --days 0: %v", err)
+	}
 }

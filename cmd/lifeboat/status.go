@@ -35,6 +35,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if c := st.Certificate; c != nil && c.Warning != "" {
 				fmt.Printf("site certificate %s: %s\n", c.File, c.Warning)
 			}
+			if l := st.RevocationList; l != nil && l.Warning != "" {
+				fmt.Printf("revocation list %s (number %s): %s\n", l.File, l.Number, l.Warning)
+			}
 			if len(st.VMs) == 0 {
 				fmt.Println("no VMs: add some under `vms:` in the config")
 				return nil
