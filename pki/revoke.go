@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -298,7 +300,10 @@ type Revocations struct {
 }
 
 // crlSeen is the newest list a site accepted, as Files.CRLSeen records it.
+// It holds for the CA that signed it only: a new CA numbers its lists from
+// 1 again.
 type crlSeen struct {
+	CA         string    `json:"ca"`     // the CA certificate's SHA-256, hex
 	Number     string    `json:"number"` // decimal
 	ThisUpdate time.Time `json:"this_update"`
 	File       string    `json:"file"`
@@ -409,7 +414,7 @@ func (r *Revocations) reload() error {
 		return r.err
 	}
 	if r.highest == nil || n.Cmp(r.highest.n) > 0 {
-		h := &crlSeen{Number: n.String(), ThisUpdate: rl.ThisUpdate.UTC(), File: r.path, Accepted: time.Now().UTC(), n: n}
+		h := &crlSeen{CA: caID(r.ca), Number: n.String(), ThisUpdate: rl.ThisUpdate.UTC(), File: r.path, Accepted: time.Now().UTC(), n: n}
 		if err := r.writeSeen(h); err != nil {
 			r.err = err
 			return err
@@ -435,7 +440,7 @@ func (r *Revocations) readSeen() error {
 	if r.seenPath == "" {
 		return nil
 	}
-	h, err := readSeenFile(r.seenPath)
+	h, err := readSeenFile(r.seenPath, r.ca)
 	if err != nil {
 		return err
 	}
@@ -445,7 +450,15 @@ func (r *Revocations) readSeen() error {
 	return nil
 }
 
-func readSeenFile(path string) (*crlSeen, error) {
+// caID names a CA in a crlSeen record.
+func caID(ca *x509.Certificate) string {
+	sum := sha256.Sum256(ca.Raw)
+	return hex.EncodeToString(sum[:])
+}
+
+// readSeenFile reads the record at path; nil when there is none, or when it
+// is another CA's (the deployment made a new CA since).
+func readSeenFile(path string, ca *x509.Certificate) (*crlSeen, error) {
 	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -464,6 +477,9 @@ func readSeenFile(path string) (*crlSeen, error) {
 	if !ok || n.Sign() < 0 {
 		return nil, bad(fmt.Errorf("number %q", h.Number))
 	}
+	if h.CA != caID(ca) {
+		return nil, nil
+	}
 	h.n = n
 	return &h, nil
 }
@@ -476,7 +492,7 @@ func (r *Revocations) writeSeen(h *crlSeen) error {
 	}
 	seenMu.Lock()
 	defer seenMu.Unlock()
-	if cur, err := readSeenFile(r.seenPath); err != nil {
+	if cur, err := readSeenFile(r.seenPath, r.ca); err != nil {
 		return err
 	} else if cur != nil && cur.n.Cmp(h.n) >= 0 {
 		return nil

@@ -376,3 +376,38 @@ func TestRevocationListReplacedUnderTheSameTimeIsRead(t *testing.T) {
 	}
 	t.Fatal("no renewed list of the same size in 20 tries: the test proves nothing")
 }
+
+// The newest list a site accepted is recorded for the CA that signed it: a
+// deployment that makes a new CA (`lifeboat cert ca --force`) and gives the
+// site its ca.crt starts numbering its lists at 1 again, and the site takes
+// them; the record of the old CA's number 3 does not refuse them. An older
+// list of the new CA is refused again.
+func TestNewCAsRevocationListIsTaken(t *testing.T) {
+	caDir := newCA(t, "old CA")
+	a := newSite(t, caDir, "site-a", "localhost")
+	a.CRLSeen = filepath.Join(t.TempDir(), "crl-seen.json")
+	for _, s := range []string{"x", "y", "v"} {
+		revoke(t, caDir, newSite(t, caDir, s, "localhost").Cert, a)
+	}
+	if st := mustRevocations(t, a).Status(); st == nil || st.Number != "3" {
+		t.Fatalf("old CA's list: %+v, want number 3", st)
+	}
+
+	newDir := newCA(t, "new CA")
+	a2 := newSite(t, newDir, "site-a", "localhost")
+	a2.CRLSeen = a.CRLSeen
+	revoke(t, newDir, newSite(t, newDir, "z", "localhost").Cert, a2)
+	older, _ := os.ReadFile(a2.CRL)
+	revoke(t, newDir, newSite(t, newDir, "w", "localhost").Cert, a2)
+	rev, err := LoadRevocations(a2)
+	if err != nil {
+		t.Fatalf("the new CA's list number 2, after the old CA's number 3: %v", err)
+	}
+	os.WriteFile(a2.CRL, older, 0o644)
+	if err := rev.Check(mustLoad(t, a2.Cert)); err == nil || !strings.Contains(err.Error(), "older") {
+		t.Errorf("the new CA's older list: %v, want it refused", err)
+	}
+	if _, err := LoadRevocations(a2); err == nil || !strings.Contains(err.Error(), "older") {
+		t.Errorf("the new CA's older list at start: %v, want it refused", err)
+	}
+}

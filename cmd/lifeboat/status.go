@@ -36,7 +36,11 @@ func newStatusCmd(g *globals) *cobra.Command {
 				fmt.Printf("site certificate %s: %s\n", c.File, c.Warning)
 			}
 			if l := st.RevocationList; l != nil && l.Warning != "" {
-				fmt.Printf("revocation list %s (number %s): %s\n", l.File, l.Number, l.Warning)
+				num := ""
+				if l.Number != "" {
+					num = " (number " + l.Number + ")"
+				}
+				fmt.Printf("revocation list %s%s: %s\n", l.File, num, l.Warning)
 			}
 			if len(st.VMs) == 0 {
 				fmt.Println("no VMs: add some under `vms:` in the config")
