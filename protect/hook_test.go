@@ -46,13 +46,14 @@ func TestHookThatLeavesAChildDoesNotHoldTheCycle(t *testing.T) {
 		level      lifeboat.Consistency
 		note       []string // in the point's note
 		childAlive bool     // the hook's child still runs after the cycle
+		log        []string // in the quiescer's log
 	}{
 		{name: "pre-freeze past its bound", pre: "echo $$ >> " + pids.Path + "; " + child + "exec sleep 600",
 			level: lifeboat.Crash, note: []string{`vm "g1"`, "pre-freeze hook", "sleep 600", "within 1s", "hook_timeout 1s"}},
 		{name: "pre-freeze leaves a child", pre: child + "echo flushed",
-			level: lifeboat.Application, childAlive: true},
+			level: lifeboat.Application, childAlive: true, log: []string{"left a process holding its output", "output=flushed"}},
 		{name: "post-thaw leaves a child", post: child + "echo resumed",
-			level: lifeboat.Application, childAlive: true},
+			level: lifeboat.Application, childAlive: true, log: []string{"left a process holding its output", "output=resumed"}},
 		{name: "post-thaw past its bound", post: "echo $$ >> " + pids.Path + "; " + child + "exec sleep 600",
 			level: lifeboat.Application},
 	}
@@ -113,6 +114,11 @@ func TestHookThatLeavesAChildDoesNotHoldTheCycle(t *testing.T) {
 			time.Sleep(hookTimeout + 2*time.Second)
 			if live := pids.Alive(); tc.childAlive != (len(live) > 0) {
 				t.Errorf("processes of the hooks still running: %v; want children left running: %v", live, tc.childAlive)
+			}
+			for _, l := range tc.log {
+				if !strings.Contains(logs.String(), l) {
+					t.Errorf("the log does not say %q:\n%s", l, logs.String())
+				}
 			}
 			if strings.Contains(logs.String(), "not confirmed thawed") {
 				t.Errorf("a hook made lifeboat report the guest not thawed:\n%s", logs.String())
