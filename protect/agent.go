@@ -214,6 +214,10 @@ func (r *thawRun) wait(ctx context.Context, limit time.Duration, vm string) erro
 	return fmt.Errorf("guest %s not confirmed thawed within %v; lifeboat keeps trying in the background", vm, limit)
 }
 
+func newThawRun() *thawRun {
+	return &thawRun{thawed: make(chan struct{}), done: make(chan struct{})}
+}
+
 // isThawed says whether the run's thaw loop ended (confirmed or given up).
 func (r *thawRun) isThawed() bool {
 	select {
@@ -240,7 +244,7 @@ func (r *thawRun) running() bool {
 // is confirmed thawed or thawBound passes, then dismisses the guard and runs
 // the post-thaw hooks. Until it ends, this quiescer's next Freeze falls back.
 func (q *AgentQuiescer) thawInBackground(a *qga.Agent, guard *guardProcess, postThaw func()) *thawRun {
-	r := &thawRun{thawed: make(chan struct{}), done: make(chan struct{})}
+	r := newThawRun()
 	q.mu.Lock()
 	q.thawing = r
 	q.mu.Unlock()

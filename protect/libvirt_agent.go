@@ -172,12 +172,13 @@ func (q *LibvirtQuiescer) Freeze(ctx context.Context) (*Frozen, error) {
 // is confirmed thawed, its marker goes and its guard is dismissed; if it is
 // not, both stay, so that it is thawed later.
 func (q *LibvirtQuiescer) background(why string, wait func(), guard *guardProcess) *thawRun {
-	r := &thawRun{done: make(chan struct{})}
+	r := newThawRun()
 	q.mu.Lock()
 	q.thawing = r
 	q.mu.Unlock()
 	go func() {
 		defer close(r.done)
+		defer close(r.thawed) // no post-thaw hooks on this path
 		if wait != nil {
 			wait()
 		}
