@@ -384,6 +384,7 @@ func (m *Manager) runHooks(ctx context.Context, p Plan, r *Run) error {
 		if err != nil {
 			return fmt.Errorf("hook %s for vm %q: %v: %s", h, r.VM, err, res.Output)
 		}
+		m.log().Info("plan hook ran", "plan", p.Name, "vm", r.VM, "hook", h, "output", string(res.Output), "left_running", res.Lingering)
 	}
 	return nil
 }
