@@ -69,6 +69,11 @@ func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
 	}
 	defer c.close(ctx)
 	c.report("snapshot", 0)
+	if h := c.p.Hooks.BeforeFleece; h != nil {
+		if err := h(ctx); err != nil {
+			return lifeboat.Point{}, err
+		}
+	}
 	if err := c.prepareFleece(ctx); err != nil {
 		return lifeboat.Point{}, err
 	}
@@ -144,7 +149,7 @@ func (c *cycle) prepare(ctx context.Context) error {
 	c.readDefinition(ctx, func(ctx context.Context) (lifeboat.Definition, error) { return m.Definition(ctx, names) })
 	peer := p.Target.Peer()
 	for _, n := range nodes {
-		d := &diskState{name: n.Name, node: n.NodeName, size: n.Size, persistent: persistentBitmaps(n),
+		d := &diskState{name: n.Name, node: n.NodeName, file: n.Filename, size: n.Size, persistent: persistentBitmaps(n),
 			export: "lifeboat-fleece-" + n.NodeName}
 		h := c.history(n.Name)
 		d.lineage, d.base = h.lineage, h.latest
@@ -238,7 +243,8 @@ func (c *cycle) prepareFleece(ctx context.Context) error {
 	}
 	fl, err := c.mon.PrepareFleece(ctx, fdisks)
 	if err != nil {
-		return fmt.Errorf("fleece: %w", err)
+		// The error names the disks by node: say which disks they are.
+		return fmt.Errorf("fleece of disks %s: %w", c.diskNodes(), err)
 	}
 	c.fleece = fl
 	return nil
@@ -250,11 +256,7 @@ func (c *cycle) snapshot(ctx context.Context) error {
 	if err := c.fleece.Snapshot(ctx); err != nil {
 		if errors.Is(err, qemu.ErrOutcomeUnknown) {
 			// The error names the disks by node: say which disks they are.
-			var disks []string
-			for _, d := range c.disks {
-				disks = append(disks, d.name+"="+d.node)
-			}
-			c.log.Warn("the fleece transaction got no reply; QEMU was asked what it did and that was undone", "disks", strings.Join(disks, ","), "err", err)
+			c.log.Warn("the fleece transaction got no reply; QEMU was asked what it did and that was undone", "disks", c.diskNodes(), "err", err)
 		}
 		return err
 	}
@@ -267,10 +269,61 @@ func (c *cycle) snapshot(ctx context.Context) error {
 	return nil
 }
 
-// export publishes the instant of every disk over NBD.
+// diskNodes names the cycle's disks with their nodes ("vda=node0,vdb=node1").
+func (c *cycle) diskNodes() string {
+	var disks []string
+	for _, d := range c.disks {
+		disks = append(disks, d.name+"="+d.node)
+	}
+	return strings.Join(disks, ",")
+}
+
+// export publishes the instant of every disk over NBD, once it is known to
+// be of the disks the VM has: otherwise the fleece is rolled back.
 func (c *cycle) export(ctx context.Context) error {
+	if err := c.sameDisks(ctx); err != nil {
+		c.rollback(ctx)
+		return err
+	}
 	if err := c.fleece.Export(ctx); err != nil {
 		return c.fleeceFailure(fmt.Errorf("fleece export: %w", err))
+	}
+	return nil
+}
+
+// sameDisks checks, after the instant, that each disk is still the node and
+// image, of the size, that the cycle resolved before it: a disk replaced
+// (its device's or export's node moved to another image) or resized in
+// between would make a point of what the VM no longer had at the instant,
+// under the size it had before. From the fleece's nodes on, QEMU refuses a
+// resize (they take it away from the disk's node) until the cycle ends, so
+// what this sees held at the instant. A disk removed (no device or export
+// serves its node any more) is left: its node kept its last content, which
+// the point holds.
+func (c *cycle) sameDisks(ctx context.Context) error {
+	all, err := c.mon.Disks(ctx)
+	if err != nil {
+		return fmt.Errorf("list disks after the instant: %w", err)
+	}
+	for _, d := range c.disks {
+		n, byNode, err := qemu.FindDisk(all, d.name)
+		if err != nil || byNode {
+			// Removed, or a node no device or export uses, named in the
+			// config: the node itself is the disk.
+			if n, err = c.mon.Node(ctx, d.node); err != nil {
+				return fmt.Errorf("disk %q: its node %q went before the instant: %w; the next cycle takes the VM's disks as they are then", d.name, d.node, err)
+			}
+		}
+		switch {
+		case n.NodeName != d.node || n.Filename != d.file:
+			c.log.Warn("disk replaced during the cycle, before its instant: the point is not taken", "disk", d.name, "node", n.NodeName, "image", n.Filename, "was_node", d.node, "was_image", d.file)
+			return fmt.Errorf("disk %q was replaced while the cycle prepared its instant (node %q, image %s, instead of node %q, image %s): the instant is of an image the VM no longer uses, so no point is taken; the next cycle takes the disk as it is then",
+				d.name, n.NodeName, n.Filename, d.node, d.file)
+		case n.Size != d.size:
+			c.log.Warn("disk resized during the cycle, before its instant: the point is not taken", "disk", d.name, "size", n.Size, "was", d.size)
+			return fmt.Errorf("disk %q was resized from %d to %d bytes while the cycle prepared its instant: no point is taken of it at its old size; the next cycle resyncs it at its new size",
+				d.name, d.size, n.Size)
+		}
 	}
 	return nil
 }

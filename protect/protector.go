@@ -90,6 +90,10 @@ type Progress struct {
 
 // Hooks let tests act at a cycle's steps (inject writes or faults).
 type Hooks struct {
+	// BeforeFleece runs once the disks are resolved and their generations
+	// reconciled, before the fleece is made (the VM's topology may change
+	// there).
+	BeforeFleece func(ctx context.Context) error
 	AfterInstant func(ctx context.Context) error
 	AfterPlan    func(ctx context.Context) error
 	BeforeCommit func(ctx context.Context) error
@@ -187,6 +191,7 @@ func (c *cycle) committed() {
 type diskState struct {
 	name       string // the disk's stable name: in points, logs, the wire
 	node       string // its node now: for QMP
+	file       string // the node's image
 	size       int64
 	persistent bool
 	old        string // generation read for dirty blocks; "" = resync

@@ -1,0 +1,353 @@
+package protect_test
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/workload"
+	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qemu"
+	"github.com/lifeboat-dr/lifeboat/recovery"
+	"github.com/lifeboat-dr/lifeboat/wire"
+)
+
+// hotAdd adds a disk to the running VM as a hypervisor would: a new qcow2
+// image, its nodes, and an export named after it; the guest writes to it.
+func (r *rig) hotAdd(t *testing.T, name string, size int64) {
+	t.Helper()
+	path := r.vm.ImagePath(name) + ".qcow2"
+	if err := qemu.CreateImage(ctx(t), path, "qcow2", size, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	r.attach(t, name, name, path, size)
+}
+
+// attach opens image path as node and exports it as disk name (the export
+// id the VM reaches its disk by), then reopens the guest with it.
+func (r *rig) attach(t *testing.T, name, node, path string, size int64) {
+	t.Helper()
+	m := r.vm.Monitor()
+	r.guest.Close()
+	err := m.BlockdevAdd(ctx(t), map[string]any{"driver": "qcow2", "node-name": node,
+		"file": map[string]any{"driver": "file", "node-name": node + "-file", "filename": path}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.ExportAdd(ctx(t), qemu.Export{ID: name, Node: node, Name: name, Writable: true}); err != nil {
+		t.Fatal(err)
+	}
+	r.disks = append(r.disks, workload.Disk{Name: name, Size: size})
+	r.openGuest(t)
+}
+
+// unplug removes a disk from the running VM: its export goes, its node stays
+// (as after a device_del of a -blockdev disk).
+func (r *rig) unplug(t *testing.T, name string) {
+	t.Helper()
+	r.guest.Close()
+	if err := r.vm.Monitor().ExportDelForce(ctx(t), name); err != nil {
+		t.Fatal(err)
+	}
+	r.disks = slices.DeleteFunc(r.disks, func(d workload.Disk) bool { return d.Name == name })
+	r.openGuest(t)
+}
+
+// noLeftovers fails when a node, job or export of lifeboat's is left in the VM's QEMU.
+func (r *rig) noLeftovers(t *testing.T) {
+	t.Helper()
+	m := r.vm.Monitor()
+	nodes, err := m.Nodes(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		if strings.HasPrefix(n.NodeName, qemu.OwnPrefix) {
+			t.Fatalf("lifeboat left node %s in the VM's QEMU", n.NodeName)
+		}
+	}
+	exports, err := m.Exports(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range exports {
+		if strings.HasPrefix(e.ID, qemu.OwnPrefix) {
+			t.Fatalf("lifeboat left export %s in the VM's QEMU", e.ID)
+		}
+	}
+	jobs, err := m.Jobs(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(jobs) > 0 {
+		t.Fatalf("block jobs left in the VM's QEMU: %+v", jobs)
+	}
+}
+
+// Disks added to and removed from a running VM between cycles: a disk added
+// is sent whole at the next cycle and is in no older point; a disk removed is
+// in no later point, and every older point still holds it byte-exact and
+// verifies; a disk removed and plugged in again between two cycles goes on
+// incrementally, and one plugged in again after a point without it is a new
+// disk, sent whole. No point lists a disk it does not hold whole.
+func TestDisksAddedAndRemovedBetweenCycles(t *testing.T) {
+	r := newRig(t, wire.CompressionZstd)
+	if err := r.guest.Fill(ctx(t), 0.3); err != nil {
+		t.Fatal(err)
+	}
+	p1 := r.cycle(t)
+	vdb1 := r.exportHash(t, p1.ID, "vdb")
+
+	// Hot-add vdc.
+	const vdcSize = 8 << 20
+	r.hotAdd(t, "vdc", vdcSize)
+	if err := r.guest.Do(ctx(t), workload.Op{Disk: "vdc", Kind: "data", Offset: 1 << 20, Length: 3 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.guest.Mixed(ctx(t), 10); err != nil {
+		t.Fatal(err)
+	}
+	p2 := r.cycle(t)
+	if d := diskNamed(t, p2, "vdc"); !d.Resync || d.Base != 0 || d.Size != vdcSize {
+		t.Fatalf("point %d: the added disk vdc: resync %v from point %d, size %d; want sent whole, %d bytes", p2.ID, d.Resync, d.Base, d.Size, vdcSize)
+	}
+	if d := diskNamed(t, p2, "vda"); d.Resync {
+		t.Fatalf("point %d: vda resynced because another disk was added", p2.ID)
+	}
+	err := r.site.Store.Export(ctx(t), "vm1", p1.ID, "vdc", t.TempDir()+"/vdc.raw", "raw")
+	if !errors.Is(err, recovery.ErrNoDisk) {
+		t.Fatalf("export of vdc from point %d, which predates it: %v, want ErrNoDisk", p1.ID, err)
+	}
+	vdb2 := r.exportHash(t, p2.ID, "vdb")
+
+	// Hot-remove vdb.
+	r.unplug(t, "vdb")
+	if _, err := r.guest.Mixed(ctx(t), 10); err != nil {
+		t.Fatal(err)
+	}
+	p3 := r.cycle(t)
+	if len(p3.Disks) != 2 || slices.ContainsFunc(p3.Disks, func(d lifeboat.PointDisk) bool { return d.Name == "vdb" }) {
+		t.Fatalf("point %d after vdb was removed holds %+v", p3.ID, p3.Disks)
+	}
+	if got := r.exportHash(t, p1.ID, "vdb"); got != vdb1 {
+		t.Fatalf("point %d's vdb changed after the disk was removed", p1.ID)
+	}
+	if got := r.exportHash(t, p2.ID, "vdb"); got != vdb2 {
+		t.Fatalf("point %d's vdb changed after the disk was removed", p2.ID)
+	}
+	for _, pt := range r.points(t) {
+		if _, err := r.site.Store.Verify(ctx(t), "vm1", pt.ID, nil); err != nil {
+			t.Fatalf("verify point %d: %v", pt.ID, err)
+		}
+	}
+	r.noLeftovers(t)
+
+	// vda removed and plugged in again between two cycles: its history goes on.
+	r.unplug(t, "vda")
+	r.guest.Close()
+	if err := r.vm.Monitor().ExportAdd(ctx(t), qemu.Export{ID: "vda", Node: "vda", Name: "vda", Writable: true}); err != nil {
+		t.Fatal(err)
+	}
+	r.disks = append(r.disks, workload.Disk{Name: "vda", Size: vdaSize})
+	r.openGuest(t)
+	if _, err := r.guest.Mixed(ctx(t), 10); err != nil {
+		t.Fatal(err)
+	}
+	p4 := r.cycle(t)
+	if d := diskNamed(t, p4, "vda"); d.Resync || d.Base != p3.ID {
+		t.Fatalf("point %d: vda, plugged out and in again, resync %v from %d; want incremental from %d", p4.ID, d.Resync, d.Base, p3.ID)
+	}
+
+	// vdb plugged in again after a point without it: a new disk to the recovery
+	// site, sent whole, with a lineage of its own.
+	r.guest.Close()
+	if err := r.vm.Monitor().ExportAdd(ctx(t), qemu.Export{ID: "vdb", Node: "vdb", Name: "vdb", Writable: true}); err != nil {
+		t.Fatal(err)
+	}
+	r.disks = append(r.disks, workload.Disk{Name: "vdb", Size: vdbSize})
+	r.openGuest(t)
+	if _, err := r.guest.Mixed(ctx(t), 10); err != nil {
+		t.Fatal(err)
+	}
+	p5 := r.cycle(t)
+	d := diskNamed(t, p5, "vdb")
+	if !d.Resync || d.Base != 0 || d.Lineage == diskNamed(t, p2, "vdb").Lineage {
+		t.Fatalf("point %d: vdb back after point %d lacked it: resync %v from %d, lineage %s; want sent whole under a new lineage", p5.ID, p4.ID, d.Resync, d.Base, d.Lineage)
+	}
+	if _, err := r.guest.Mixed(ctx(t), 10); err != nil {
+		t.Fatal(err)
+	}
+	p6 := r.cycle(t)
+	for _, d := range p6.Disks {
+		if d.Resync {
+			t.Fatalf("point %d: disk %s resynced again", p6.ID, d.Name)
+		}
+	}
+	for _, pt := range r.points(t) {
+		if _, err := r.site.Store.Verify(ctx(t), "vm1", pt.ID, nil); err != nil {
+			t.Fatalf("verify point %d: %v", pt.ID, err)
+		}
+	}
+	r.noLeftovers(t)
+}
+
+// A disk resized after the cycle resolved it and before its instant: the
+// point would record the size the disk had before, with the fleece's view
+// of the other. The cycle fails naming the disk; the next one resyncs it and
+// its point is byte-exact. (After the fleece's nodes are added QEMU refuses
+// a resize until the cycle ends.)
+func TestDiskResizedBeforeTheInstant(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		size int64
+	}{{"grown", vdaSize + 8<<20}, {"shrunk", vdaSize - 8<<20}} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, wire.CompressionZstd)
+			if err := r.guest.Fill(ctx(t), 0.9); err != nil {
+				t.Fatal(err)
+			}
+			r.cycle(t)
+			r.p.Hooks.BeforeFleece = func(context.Context) error {
+				r.resize(t, tc.size)
+				return nil
+			}
+			pt, err := r.p.Cycle(ctx(t))
+			r.p.Hooks.BeforeFleece = nil
+			if err == nil {
+				t.Fatalf("the cycle made point %d (vda %d bytes) of a disk resized to %d bytes after it was resolved", pt.ID, diskNamed(t, pt, "vda").Size, tc.size)
+			}
+			t.Logf("the cycle failed as it should: %v", err)
+			if !strings.Contains(err.Error(), `"vda"`) || !strings.Contains(err.Error(), "resized") {
+				t.Fatalf("the error does not name the disk and say it was resized: %v", err)
+			}
+			if n := len(r.points(t)); n != 1 {
+				t.Fatalf("%d points listed, want 1", n)
+			}
+			r.noLeftovers(t)
+			pt = r.cycle(t)
+			if d := diskNamed(t, pt, "vda"); !d.Resync || d.Size != tc.size {
+				t.Fatalf("point %d: vda resync %v, %d bytes; want a resync at %d bytes", pt.ID, d.Resync, d.Size, tc.size)
+			}
+		})
+	}
+}
+
+// A disk whose export (a device's drive, for a qemu-system) is moved to
+// another image after the cycle resolved it and before its instant: the
+// instant of the image the VM no longer uses is not the disk's. The cycle
+// fails naming the disk, nothing is listed, and the next point holds the new
+// image byte-exact.
+func TestDiskReplacedBeforeTheInstant(t *testing.T) {
+	r := newRig(t, wire.CompressionZstd)
+	if err := r.guest.Fill(ctx(t), 0.5); err != nil {
+		t.Fatal(err)
+	}
+	r.cycle(t)
+	other := r.vm.ImagePath("vda-restored") + ".qcow2"
+	if err := qemu.CreateImage(ctx(t), other, "qcow2", vdaSize, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	r.p.Hooks.BeforeFleece = func(context.Context) error {
+		r.unplug(t, "vda")
+		r.attach(t, "vda", "vda-restored", other, vdaSize)
+		return r.guest.Do(ctx(t), workload.Op{Disk: "vda", Kind: "data", Offset: 0, Length: 1 << 20})
+	}
+	pt, err := r.p.Cycle(ctx(t))
+	r.p.Hooks.BeforeFleece = nil
+	if err == nil {
+		t.Fatalf("the cycle made point %d from the image vda no longer uses", pt.ID)
+	}
+	t.Logf("the cycle failed as it should: %v", err)
+	if !strings.Contains(err.Error(), `"vda"`) {
+		t.Fatalf("the error does not name the disk: %v", err)
+	}
+	if n := len(r.points(t)); n != 1 {
+		t.Fatalf("%d points listed, want 1", n)
+	}
+	r.noLeftovers(t)
+	pt = r.cycle(t)
+	if d := diskNamed(t, pt, "vda"); !d.Resync {
+		t.Fatalf("point %d: vda, now another image, taken incrementally from %q", pt.ID, d.BaseGeneration)
+	}
+}
+
+// A disk removed from the VM during a cycle. Its export (a device, for a
+// qemu-system) removed before the instant or while the blocks are sent, its
+// node kept: the point holds the disk as it was last (no device wrote to it
+// since), the next point does not, and lifeboat leaves nothing of its own on
+// the node, which can then be deleted. Its node deleted too before the
+// instant: the cycle fails naming the disk, and the next one takes the VM
+// without it.
+func TestDiskRemovedDuringACycle(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		sending  bool // removed while the blocks are sent, else before the instant
+		delNode  bool // its node deleted too
+		wantFail bool
+	}{
+		{name: "before the instant", sending: false},
+		{name: "before the instant with its node", sending: false, delNode: true, wantFail: true},
+		{name: "while sending", sending: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, wire.CompressionZstd)
+			if err := r.guest.Fill(ctx(t), 0.5); err != nil {
+				t.Fatal(err)
+			}
+			r.cycle(t)
+			if _, err := r.guest.Mixed(ctx(t), 20); err != nil {
+				t.Fatal(err)
+			}
+			want, err := r.guest.Hashes(ctx(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			remove := func(c context.Context) error {
+				r.unplug(t, "vdb")
+				if tc.delNode {
+					return r.vm.Monitor().BlockdevDel(c, "vdb")
+				}
+				return nil
+			}
+			if tc.sending {
+				r.p.Hooks.AfterPlan = remove
+			} else {
+				r.p.Hooks.BeforeFleece = remove
+			}
+			pt, err := r.p.Cycle(ctx(t))
+			r.p.Hooks = protect.Hooks{}
+			if tc.wantFail {
+				if err == nil {
+					t.Fatalf("the cycle made point %d of a disk whose node went before the instant", pt.ID)
+				}
+				t.Logf("the cycle failed as it should: %v", err)
+				if !strings.Contains(err.Error(), `"vdb"`) {
+					t.Fatalf("the error does not name the disk: %v", err)
+				}
+				if n := len(r.points(t)); n != 1 {
+					t.Fatalf("%d points listed, want 1", n)
+				}
+			} else {
+				if err != nil {
+					t.Fatal(err)
+				}
+				r.disks = append(r.disks, workload.Disk{Name: "vdb", Size: vdbSize})
+				r.checkPoint(t, pt.ID, want)
+				r.disks = r.disks[:len(r.disks)-1]
+			}
+			r.noLeftovers(t)
+			if !tc.delNode {
+				if err := r.vm.Monitor().BlockdevDel(ctx(t), "vdb"); err != nil {
+					t.Fatalf("the removed disk's node cannot be deleted after the cycle: %v", err)
+				}
+			}
+			pt = r.cycle(t)
+			if len(pt.Disks) != 1 {
+				t.Fatalf("point %d after vdb was removed holds %+v", pt.ID, pt.Disks)
+			}
+		})
+	}
+}
