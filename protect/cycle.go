@@ -134,11 +134,16 @@ func (c *cycle) prepare(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if images, ok := imagesOf(nodes); ok {
-		c.images = images
-	} else {
-		c.log.Debug("some disk is not a local qcow2 or raw image: no record of the images for a failback")
+	// The record at the commit holds the images a failback can open, the
+	// others left out: one left as an earlier commit had it would name an
+	// image a disk no longer reads (a failback would write there), and its
+	// files would not be those the next cycle compares (movedWhy).
+	images, ok := imagesOf(nodes)
+	if !ok {
+		c.log.Debug("some disk is not a local qcow2 or raw image: the record of the images for a failback leaves it out")
 	}
+	c.images = images
+	was := recordedFiles(p.VM.WorkDir)
 	if err := c.learnLatest(ctx); err != nil {
 		return err
 	}
@@ -155,7 +160,7 @@ func (c *cycle) prepare(ctx context.Context) error {
 		d.lineage, d.base = h.lineage, h.latest
 		d.new = newGeneration(peer, h.lineage, c.id)
 		d.whole = p.Whole
-		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Bitmaps, h, cmp.Or(c.wholeWhy(), resizedWhy(h, n.Size)))
+		d.old, d.why, err = reconcile(ctx, m, n.NodeName, n.Bitmaps, h, cmp.Or(c.wholeWhy(), resizedWhy(h, n.Size), movedWhy(h, n, was[n.Name])))
 		if err != nil {
 			return fmt.Errorf("disk %q: %w", n.Name, err)
 		}

@@ -79,6 +79,21 @@ func resizedWhy(h history, now int64) string {
 	return fmt.Sprintf("the disk's size changed from %d to %d bytes since point %d, and change tracking cannot show whether it shrank in between (a shrink forgets the writes it cut off): a hash resync will run", h.size, now, h.latest)
 }
 
+// movedWhy says why a disk whose change tracking lives in its node's memory
+// (a raw disk, a qcow2 v2) is resynchronised when the node reads another image
+// than was, the one it read at the VM's last committed cycle here, or "". A
+// generation in memory belongs to the node, not to the image: a node reopened
+// onto another file (blockdev-reopen) keeps its name and its generations, which
+// then describe the writes to an image it no longer reads. A generation in a
+// qcow2 v3 travels inside its image, so a moved or copied image keeps the
+// history it carries, and a swapped one carries another's.
+func movedWhy(h history, n qemu.BlockNode, was string) string {
+	if h.latest == 0 || was == "" || n.Filename == was || persistentBitmaps(n) {
+		return ""
+	}
+	return fmt.Sprintf("the disk's node %q reads image %s, not %s as at the last committed point, and its change tracking lives in the node's memory, not in the image (the node was reopened onto another file?): a hash resync will run", n.NodeName, n.Filename, was)
+}
+
 // reconcile brings a disk's generations to a known state before a cycle. It
 // returns the generation to read dirty blocks from, or "" when the disk must
 // be resynchronised, and why.

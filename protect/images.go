@@ -39,9 +39,11 @@ func imagesOf(nodes []qemu.BlockNode) (images []DiskImage, ok bool) {
 	return images, ok
 }
 
-// saveImages records images in dir, unless the record says so already.
+// saveImages records images in dir, unless the record says so already. An
+// empty list is recorded too: an earlier record would name images the VM's
+// disks no longer read.
 func saveImages(dir string, images []DiskImage) error {
-	if dir == "" || len(images) == 0 {
+	if dir == "" {
 		return nil
 	}
 	if old, err := ReadImages(dir); err == nil && slices.Equal(old, images) {
@@ -52,6 +54,23 @@ func saveImages(dir string, images []DiskImage) error {
 		return err
 	}
 	return fsutil.WriteFileAtomic(filepath.Join(dir, imagesFile), b, 0o600)
+}
+
+// recordedFiles is, by disk name, the image each disk's node read at the VM's
+// last committed cycle here: empty when there is no record.
+func recordedFiles(workDir string) map[string]string {
+	files := map[string]string{}
+	if workDir == "" {
+		return files
+	}
+	images, err := ReadImages(workDir)
+	if err != nil {
+		return files
+	}
+	for _, im := range images {
+		files[im.Name] = im.File
+	}
+	return files
 }
 
 // ReadImages is the record of a VM's disk images in its work directory, as

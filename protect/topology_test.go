@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testvm"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
 	"github.com/lifeboat-dr/lifeboat/protect"
 	"github.com/lifeboat-dr/lifeboat/qemu"
@@ -349,5 +350,89 @@ func TestDiskRemovedDuringACycle(t *testing.T) {
 				t.Fatalf("point %d after vdb was removed holds %+v", pt.ID, pt.Disks)
 			}
 		})
+	}
+}
+
+// A raw disk's node reopened onto another image between cycles
+// (blockdev-reopen with another file): the node, its name and its
+// in-memory generation stay, while the data under it is another image's.
+// The generation no longer describes the disk: the next cycle resyncs it by
+// hashes, and its point is byte-exact.
+func TestRawDiskReopenedOnAnotherImage(t *testing.T) {
+	r := newRig(t, wire.CompressionZstd)
+	if err := r.guest.Fill(ctx(t), 0.5); err != nil {
+		t.Fatal(err)
+	}
+	r.cycle(t)
+	other := r.vm.ImagePath("vdb-other") + ".raw"
+	if err := qemu.CreateImage(ctx(t), other, "raw", vdbSize, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	m := r.vm.Monitor()
+	if err := m.BlockdevAdd(ctx(t), map[string]any{"driver": "file", "node-name": "vdb-other", "filename": other}); err != nil {
+		t.Fatal(err)
+	}
+	r.guest.Close()
+	err := m.Execute(ctx(t), "blockdev-reopen", map[string]any{"options": []any{
+		map[string]any{"driver": "raw", "node-name": "vdb", "file": "vdb-other"}}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.openGuest(t)
+	if err := r.guest.Do(ctx(t), workload.Op{Disk: "vdb", Kind: "data", Offset: 0, Length: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	pt := r.cycle(t) // byte-exact against the other image, or it fails here
+	if d := diskNamed(t, pt, "vdb"); !d.Resync {
+		t.Fatalf("point %d: vdb, now another image, taken incrementally from %q", pt.ID, d.BaseGeneration)
+	}
+	if d := diskNamed(t, pt, "vda"); d.Resync {
+		t.Fatalf("point %d: vda resynced, though only vdb changed", pt.ID)
+	}
+}
+
+// The record of the disks' images that a failback writes into follows the
+// disks: after a disk moved to another image and a disk that is no local
+// file (an NBD one) was added, the next commit's record names the new image,
+// leaves the NBD disk out and keeps no disk the VM no longer has. Before, a
+// disk that is no local file kept the record as an earlier commit had left
+// it, naming the image the VM no longer used.
+func TestImagesRecordFollowsTheDisks(t *testing.T) {
+	r := newRig(t, wire.CompressionZstd)
+	if err := r.guest.Fill(ctx(t), 0.3); err != nil {
+		t.Fatal(err)
+	}
+	r.cycle(t)
+	// An NBD disk: served by another daemon, read by this one.
+	far := testvm.Start(t, testvm.DiskSpec{Name: "vdc", Format: "raw", Size: 4 << 20})
+	m := r.vm.Monitor()
+	r.guest.Close()
+	err := m.BlockdevAdd(ctx(t), map[string]any{"driver": "raw", "node-name": "vdc",
+		"file": map[string]any{"driver": "nbd", "node-name": "vdc-nbd", "export": "vdc",
+			"server": map[string]any{"type": "unix", "path": far.NBDSocket()}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.ExportAdd(ctx(t), qemu.Export{ID: "vdc", Node: "vdc", Name: "vdc", Writable: true}); err != nil {
+		t.Fatal(err)
+	}
+	r.disks = append(r.disks, workload.Disk{Name: "vdc", Size: 4 << 20})
+	r.openGuest(t)
+	// vda moves to another image, vdb goes.
+	moved := r.vm.ImagePath("vda-moved") + ".qcow2"
+	if err := qemu.CreateImage(ctx(t), moved, "qcow2", vdaSize, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	r.unplug(t, "vda")
+	r.attach(t, "vda", "vda-moved", moved, vdaSize)
+	r.unplug(t, "vdb")
+	r.cycle(t)
+	images, err := protect.ReadImages(r.p.VM.WorkDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []protect.DiskImage{{Name: "vda", File: moved, Format: "qcow2"}}
+	if !slices.Equal(images, want) {
+		t.Fatalf("the record of the images after the commit: %+v, want %+v", images, want)
 	}
 }
