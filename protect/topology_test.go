@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/lifeboat-dr/lifeboat"
+	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/internal/testvm"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
 	"github.com/lifeboat-dr/lifeboat/protect"
@@ -434,5 +435,69 @@ func TestImagesRecordFollowsTheDisks(t *testing.T) {
 	want := []protect.DiskImage{{Name: "vda", File: moved, Format: "qcow2"}}
 	if !slices.Equal(images, want) {
 		t.Fatalf("the record of the images after the commit: %+v, want %+v", images, want)
+	}
+}
+
+// Retention across a disk's removal and return: with keep 2, the points that
+// hold a disk, lack it, and hold it again (a new lineage) merge into one
+// another, and every point left still reads byte-exact and verifies.
+func TestRetentionAcrossARemovedDisk(t *testing.T) {
+	r := newRig(t, wire.CompressionZstd)
+	r.site = testsite.Start(t, recovery.Options{Keep: 2})
+	r.p.Target = r.site.Dial(t, wire.CompressionZstd)
+	if err := r.guest.Fill(ctx(t), 0.3); err != nil {
+		t.Fatal(err)
+	}
+	want := map[uint64]map[string]string{}
+	check := func() {
+		t.Helper()
+		pts := r.points(t)
+		if len(pts) > 2 {
+			t.Fatalf("%d points kept, want 2 at most", len(pts))
+		}
+		for _, pt := range pts {
+			if len(pt.Disks) != len(want[pt.ID]) {
+				t.Fatalf("point %d holds %d disks, the VM had %d", pt.ID, len(pt.Disks), len(want[pt.ID]))
+			}
+			for _, d := range pt.Disks {
+				if got := r.exportHash(t, pt.ID, d.Name); got != want[pt.ID][d.Name] {
+					t.Fatalf("point %d disk %s after retention: sha256 %s, the source at the instant %s", pt.ID, d.Name, got[:12], want[pt.ID][d.Name][:12])
+				}
+			}
+			if _, err := r.site.Store.Verify(ctx(t), "vm1", pt.ID, nil); err != nil {
+				t.Fatalf("verify point %d: %v", pt.ID, err)
+			}
+		}
+	}
+	step := func(change func()) {
+		t.Helper()
+		if change != nil {
+			change()
+		}
+		if _, err := r.guest.Mixed(ctx(t), 10); err != nil {
+			t.Fatal(err)
+		}
+		h, err := r.guest.Hashes(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pt := r.cycle(t)
+		want[pt.ID] = h
+		r.site.Store.SettleRetention()
+		check()
+	}
+	step(nil)
+	step(func() { r.unplug(t, "vdb") })
+	step(nil)
+	step(func() {
+		r.guest.Close()
+		if err := r.vm.Monitor().ExportAdd(ctx(t), qemu.Export{ID: "vdb", Node: "vdb", Name: "vdb", Writable: true}); err != nil {
+			t.Fatal(err)
+		}
+		r.disks = append(r.disks, workload.Disk{Name: "vdb", Size: vdbSize})
+		r.openGuest(t)
+	})
+	for range 3 {
+		step(nil)
 	}
 }
