@@ -3,7 +3,9 @@ package protect_test
 import (
 	"context"
 	"errors"
+	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -499,5 +501,47 @@ func TestRetentionAcrossARemovedDisk(t *testing.T) {
 	})
 	for range 3 {
 		step(nil)
+	}
+}
+
+// A disk replaced between cycles by another image under the same export id
+// (a disk restored from a backup, of another size): the generations on the
+// new image prove nothing, so it is resynchronised by hashes against the
+// replica, and the point is byte-exact whether the new image is smaller or
+// larger than the old one; the next cycle is incremental again.
+func TestDiskReplacedBetweenCycles(t *testing.T) {
+	for _, size := range []int64{vdaSize / 4, vdaSize * 2} {
+		t.Run(strconv.FormatInt(size>>20, 10)+"MiB", func(t *testing.T) {
+			r := newRig(t, wire.CompressionZstd)
+			if err := r.guest.Fill(ctx(t), 0.9); err != nil {
+				t.Fatal(err)
+			}
+			p1 := r.cycle(t)
+			other := r.vm.ImagePath("vda-backup") + ".qcow2"
+			if err := qemu.CreateImage(ctx(t), other, "qcow2", size, "", ""); err != nil {
+				t.Fatal(err)
+			}
+			// The backup holds part of what vda held, and data of its own.
+			out, err := exec.CommandContext(ctx(t), "qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 64k 1M", other).CombinedOutput()
+			if err != nil {
+				t.Fatalf("qemu-io: %v: %s", err, out)
+			}
+			r.unplug(t, "vda")
+			r.attach(t, "vda", "vda-backup", other, size)
+			pt := r.cycle(t)
+			d := diskNamed(t, pt, "vda")
+			if !d.Resync || d.Size != size || d.Lineage != diskNamed(t, p1, "vda").Lineage {
+				t.Fatalf("point %d: the replaced vda: resync %v, size %d, lineage %s; want a resync at %d bytes in the disk's lineage", pt.ID, d.Resync, d.Size, d.Lineage, size)
+			}
+			if _, err := r.site.Store.Verify(ctx(t), "vm1", pt.ID, nil); err != nil {
+				t.Fatalf("verify point %d: %v", pt.ID, err)
+			}
+			if _, err := r.guest.Mixed(ctx(t), 10); err != nil {
+				t.Fatal(err)
+			}
+			if d := diskNamed(t, r.cycle(t), "vda"); d.Resync {
+				t.Fatal("vda resynced again after its resync")
+			}
+		})
 	}
 }
