@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -449,6 +450,9 @@ func (a *apiServer) export(w http.ResponseWriter, r *http.Request) {
 	}
 	disk, err := exportDisk(name, pt, req)
 	if err != nil {
+		if pts, perr := a.d.store.Points(name); perr == nil {
+			err = heldElsewhere(err, name, pt, pts, req)
+		}
 		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
@@ -482,17 +486,54 @@ func exportDisk(vm string, pt lifeboat.Point, req ExportRequest) (string, error)
 	if req.Point != 0 {
 		point = strconv.FormatUint(pt.ID, 10)
 	}
-	format := ""
-	if req.Format != "" && req.Format != "raw" {
-		format = " --format " + req.Format
-	}
-	example := fmt.Sprintf("lifeboat export %s --point %s --disk %s -o %s%s", vm, point, names[0], cmp.Or(req.Out, "FILE"), format)
+	example := exportCommand(vm, point, names[0], req)
 	if req.Disk == "" {
 		return "", fmt.Errorf("vm %q point %d has %d disks (%s): say which one to export with --disk, e.g. `%s`",
 			vm, pt.ID, len(names), strings.Join(names, ", "), example)
 	}
 	return "", fmt.Errorf("vm %q point %d has no disk %q; its disks are: %s (e.g. `%s`)",
 		vm, pt.ID, req.Disk, strings.Join(names, ", "), example)
+}
+
+// heldElsewhere adds to err, exportDisk's for a disk point pt lacks, the
+// point nearest before it that holds the disk (one removed from the VM since:
+// its data is in the points from before), else the nearest after it (one
+// added since), with the command to type.
+func heldElsewhere(err error, vm string, pt lifeboat.Point, pts []lifeboat.Point, req ExportRequest) error {
+	if req.Disk == "" {
+		return err
+	}
+	var before, after *lifeboat.Point
+	for i := range pts {
+		p := &pts[i]
+		if p.ID == pt.ID || !slices.ContainsFunc(p.Disks, func(d lifeboat.PointDisk) bool { return d.Name == req.Disk }) {
+			continue
+		}
+		if p.ID < pt.ID {
+			before = p
+		} else if after == nil {
+			after = p
+		}
+	}
+	held, which := before, "the last before it to hold disk %q (the disk was removed from the VM since)"
+	if held == nil {
+		held, which = after, "the first to hold disk %q (the disk was added to the VM later)"
+	}
+	if held == nil {
+		return err
+	}
+	return fmt.Errorf("%w; point %d (%s) is "+which+": `%s`",
+		err, held.ID, held.Instant.Format(time.RFC3339), req.Disk, exportCommand(vm, strconv.FormatUint(held.ID, 10), req.Disk, req))
+}
+
+// exportCommand is the export to type for disk of point (an id or "latest"),
+// to req's file and format.
+func exportCommand(vm, point, disk string, req ExportRequest) string {
+	format := ""
+	if req.Format != "" && req.Format != "raw" {
+		format = " --format " + req.Format
+	}
+	return fmt.Sprintf("lifeboat export %s --point %s --disk %s -o %s%s", vm, point, disk, cmp.Or(req.Out, "FILE"), format)
 }
 
 // VerifyProgress is a verify's progress event.
