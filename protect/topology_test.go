@@ -1,13 +1,20 @@
 package protect_test
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"fmt"
+	"maps"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
@@ -543,5 +550,178 @@ func TestDiskReplacedBetweenCycles(t *testing.T) {
 				t.Fatal("vda resynced again after its resync")
 			}
 		})
+	}
+}
+
+// scsiVM is a qemu-system (CPUs stopped, as testvm.System) whose disks are
+// scsi-hd devices on a virtio-scsi bus, where QEMU plugs and unplugs a disk
+// without the guest's help; models is each disk's content as written.
+type scsiVM struct {
+	*testvm.System
+	dir    string
+	models map[string][]byte
+	nodes  int
+}
+
+const scsiDiskSize = 8 << 20
+
+// plug adds a new empty qcow2 disk on device id dev, as libvirt hotplugs one.
+func (v *scsiVM) plug(t *testing.T, dev string) {
+	t.Helper()
+	v.nodes++
+	node := fmt.Sprintf("libvirt-%d-format", v.nodes)
+	image := filepath.Join(v.dir, node+".qcow2")
+	if err := qemu.CreateImage(ctx(t), image, "qcow2", scsiDiskSize, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	m := v.Monitor()
+	err := m.BlockdevAdd(ctx(t), map[string]any{"driver": "qcow2", "node-name": node,
+		"file": map[string]any{"driver": "file", "node-name": fmt.Sprintf("libvirt-%d-storage", v.nodes), "filename": image}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Execute(ctx(t), "device_add", map[string]any{"driver": "scsi-hd", "drive": node, "id": dev, "bus": "scsi0.0"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	v.models[dev] = make([]byte, scsiDiskSize)
+}
+
+// unplug removes device dev (its node stays, as a -blockdev's does) and
+// waits until QEMU has.
+func (v *scsiVM) unplug(t *testing.T, dev string) {
+	t.Helper()
+	m := v.Monitor()
+	if err := m.Execute(ctx(t), "device_del", map[string]any{"id": dev}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		disks, err := m.Disks(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.ContainsFunc(disks, func(n qemu.BlockNode) bool { return n.Name == dev }) {
+			break
+		}
+		select {
+		case <-ctx(t).Done():
+			t.Fatalf("device %s never went", dev)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	delete(v.models, dev)
+}
+
+// write is a guest write of pattern over n bytes at off of device dev.
+func (v *scsiVM) write(t *testing.T, dev string, pattern byte, off, n int64) {
+	t.Helper()
+	var out string
+	cmd := fmt.Sprintf(`qemu-io -d %s "write -P %d %d %d"`, dev, pattern, off, n)
+	if err := v.Monitor().Execute(ctx(t), "human-monitor-command", map[string]any{"command-line": cmd}, &out); err != nil || out != "" {
+		t.Fatalf("%s: %v %s", cmd, err, out)
+	}
+	copy(v.models[dev][off:off+n], bytes.Repeat([]byte{pattern}, int(n)))
+}
+
+// check fails unless the point holds exactly the disks of want, each
+// byte-identical to its model.
+func (v *scsiVM) check(t *testing.T, site *testsite.Site, pt lifeboat.Point, want map[string][]byte) {
+	t.Helper()
+	r := &rig{site: site}
+	hashes := map[string]string{}
+	for dev, model := range want {
+		r.disks = append(r.disks, workload.Disk{Name: dev, Size: scsiDiskSize})
+		h := sha256.Sum256(model)
+		hashes[dev] = hex.EncodeToString(h[:])
+	}
+	if len(pt.Disks) != len(want) {
+		t.Fatalf("point %d holds %+v, want disks %v", pt.ID, pt.Disks, slices.Sorted(maps.Keys(want)))
+	}
+	r.checkPoint(t, pt.ID, hashes)
+}
+
+// Disks plugged into and out of a qemu-system, named by their device ids:
+// one added between cycles is sent whole; one replaced by another image
+// under the same device id after the cycle resolved it fails the cycle,
+// naming it, and the next point holds the new image; one unplugged before
+// the instant (its -blockdev node kept) is in the point as it was last, and
+// in no later point. Nothing of lifeboat's is left in the VM's QEMU.
+func TestQEMUSystemDisksPluggedAndUnplugged(t *testing.T) {
+	dir := testsite.ShortDir(t)
+	v := &scsiVM{dir: dir, models: map[string][]byte{}}
+	v.System = testvm.StartSystem(t, dir, "-device", "virtio-scsi-pci,id=scsi0")
+	v.plug(t, "sda")
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	p := &protect.Protector{
+		VM:     protect.VM{Name: "vm1", QMPSocket: v.QMPSocket(), WorkDir: testsite.ShortDir(t)},
+		Target: site.Dial(t, wire.CompressionZstd), Readers: 2,
+	}
+	cycle := func() lifeboat.Point {
+		t.Helper()
+		want := maps.Clone(v.models)
+		for dev, m := range want {
+			want[dev] = slices.Clone(m)
+		}
+		pt, err := p.Cycle(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		v.check(t, site, pt, want)
+		return pt
+	}
+	v.write(t, "sda", 0x11, 0, 1<<20)
+	cycle()
+
+	v.plug(t, "sdb")
+	v.write(t, "sdb", 0x22, 1<<20, 2<<20)
+	v.write(t, "sda", 0x33, 4<<20, 64<<10)
+	pt := cycle()
+	if d := diskNamed(t, pt, "sdb"); !d.Resync || d.Base != 0 {
+		t.Fatalf("point %d: the added sdb resync %v from %d, want sent whole", pt.ID, d.Resync, d.Base)
+	}
+	if d := diskNamed(t, pt, "sda"); d.Resync {
+		t.Fatalf("point %d: sda resynced", pt.ID)
+	}
+
+	// sdb replaced by an empty image once the cycle resolved it.
+	p.Hooks.BeforeFleece = func(context.Context) error {
+		v.unplug(t, "sdb")
+		v.plug(t, "sdb")
+		return nil
+	}
+	_, err := p.Cycle(ctx(t))
+	p.Hooks.BeforeFleece = nil
+	if err == nil || !strings.Contains(err.Error(), `disk "sdb" was replaced`) {
+		t.Fatalf("a cycle whose disk sdb was replaced before its instant: %v", err)
+	}
+	t.Logf("the cycle failed as it should: %v", err)
+	v.write(t, "sdb", 0x44, 0, 64<<10)
+	pt = cycle()
+	if d := diskNamed(t, pt, "sdb"); !d.Resync {
+		t.Fatalf("point %d: the replaced sdb taken incrementally from %q", pt.ID, d.BaseGeneration)
+	}
+
+	// sda unplugged once the cycle resolved it: the point holds it as it was.
+	v.write(t, "sda", 0x55, 0, 64<<10)
+	last := slices.Clone(v.models["sda"])
+	p.Hooks.BeforeFleece = func(context.Context) error {
+		v.unplug(t, "sda")
+		return nil
+	}
+	want := map[string][]byte{"sda": last, "sdb": slices.Clone(v.models["sdb"])}
+	pt, err = p.Cycle(ctx(t))
+	p.Hooks.BeforeFleece = nil
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.check(t, site, pt, want)
+	cycle()
+	nodes, err := v.Monitor().Nodes(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		if strings.HasPrefix(n.NodeName, qemu.OwnPrefix) {
+			t.Fatalf("lifeboat left node %s in the VM's QEMU", n.NodeName)
+		}
 	}
 }
