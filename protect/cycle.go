@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -377,8 +378,7 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 				berr = rollback(cctx, m, d.node, d.old, d.new)
 			}
 			if berr != nil {
-				// The next cycle's reconcile folds whatever is left; nothing is lost.
-				c.log.Error("generation bookkeeping failed; the next cycle repairs it", "disk", d.name, "err", berr)
+				c.bookkeepingFailed(cctx, d, berr)
 			}
 		}
 	}()
@@ -419,6 +419,21 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 	}
 	committed = true
 	return pt, nil
+}
+
+// bookkeepingFailed logs that settling disk d's generations after the
+// cycle failed. The next cycle's reconcile folds whatever is left; nothing is
+// lost. A node that is gone is a disk removed during the cycle (a -drive's
+// node goes with its device once the fleece lets it go): its generations
+// went with it, into its image where they persist, and the next cycle that
+// finds the disk again reconciles them.
+func (c *cycle) bookkeepingFailed(ctx context.Context, d *diskState, err error) {
+	nodes, nerr := c.mon.Nodes(ctx)
+	if nerr == nil && !slices.ContainsFunc(nodes, func(n qemu.BlockNode) bool { return n.NodeName == d.node }) {
+		c.log.Info("the disk's node is gone (the disk was removed during the cycle): its generations went with it", "disk", d.name, "node", d.node)
+		return
+	}
+	c.log.Error("generation bookkeeping failed; the next cycle repairs it", "disk", d.name, "err", err)
 }
 
 // close ends the cycle's hold on QEMU, on every path once its fleece is down

@@ -299,7 +299,7 @@ func (c *cycle) rollback(ctx context.Context) {
 	}
 	for _, d := range c.disks {
 		if err := rollback(cctx, c.mon, d.node, d.old, d.new); err != nil {
-			c.log.Error("generation bookkeeping failed; the next cycle repairs it", "disk", d.name, "err", err)
+			c.bookkeepingFailed(cctx, d, err)
 		}
 	}
 }
