@@ -248,42 +248,68 @@ func TestDiskResizedBeforeTheInstant(t *testing.T) {
 	}
 }
 
-// A disk whose export (a device's drive, for a qemu-system) is moved to
-// another image after the cycle resolved it and before its instant: the
-// instant of the image the VM no longer uses is not the disk's. The cycle
-// fails naming the disk, nothing is listed, and the next point holds the new
-// image byte-exact.
+// A disk whose export (a device's drive, for a qemu-system) moves to another
+// node after the cycle resolved it and before its instant, another image or
+// an external snapshot's new top: the instant of the node the VM no longer
+// writes is not the disk's. The cycle fails naming the disk, nothing is
+// listed, and the next point holds the disk as the VM has it, byte-exact.
 func TestDiskReplacedBeforeTheInstant(t *testing.T) {
-	r := newRig(t, wire.CompressionZstd)
-	if err := r.guest.Fill(ctx(t), 0.5); err != nil {
-		t.Fatal(err)
-	}
-	r.cycle(t)
-	other := r.vm.ImagePath("vda-restored") + ".qcow2"
-	if err := qemu.CreateImage(ctx(t), other, "qcow2", vdaSize, "", ""); err != nil {
-		t.Fatal(err)
-	}
-	r.p.Hooks.BeforeFleece = func(context.Context) error {
-		r.unplug(t, "vda")
-		r.attach(t, "vda", "vda-restored", other, vdaSize)
-		return r.guest.Do(ctx(t), workload.Op{Disk: "vda", Kind: "data", Offset: 0, Length: 1 << 20})
-	}
-	pt, err := r.p.Cycle(ctx(t))
-	r.p.Hooks.BeforeFleece = nil
-	if err == nil {
-		t.Fatalf("the cycle made point %d from the image vda no longer uses", pt.ID)
-	}
-	t.Logf("the cycle failed as it should: %v", err)
-	if !strings.Contains(err.Error(), `"vda"`) {
-		t.Fatalf("the error does not name the disk: %v", err)
-	}
-	if n := len(r.points(t)); n != 1 {
-		t.Fatalf("%d points listed, want 1", n)
-	}
-	r.noLeftovers(t)
-	pt = r.cycle(t)
-	if d := diskNamed(t, pt, "vda"); !d.Resync {
-		t.Fatalf("point %d: vda, now another image, taken incrementally from %q", pt.ID, d.BaseGeneration)
+	for _, tc := range []struct {
+		name    string
+		replace func(t *testing.T, r *rig)
+	}{
+		{"another image", func(t *testing.T, r *rig) {
+			other := r.vm.ImagePath("vda-restored") + ".qcow2"
+			if err := qemu.CreateImage(ctx(t), other, "qcow2", vdaSize, "", ""); err != nil {
+				t.Fatal(err)
+			}
+			r.unplug(t, "vda")
+			r.attach(t, "vda", "vda-restored", other, vdaSize)
+		}},
+		{"external snapshot", func(t *testing.T, r *rig) {
+			overlay := r.vm.ImagePath("vda-snap") + ".qcow2"
+			if err := qemu.CreateImage(ctx(t), overlay, "qcow2", vdaSize, "", ""); err != nil {
+				t.Fatal(err)
+			}
+			m := r.vm.Monitor()
+			err := m.BlockdevAdd(ctx(t), map[string]any{"driver": "qcow2", "node-name": "vda-snap", "backing": nil,
+				"file": map[string]any{"driver": "file", "node-name": "vda-snap-file", "filename": overlay}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := m.Execute(ctx(t), "blockdev-snapshot", map[string]any{"node": "vda", "overlay": "vda-snap"}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, wire.CompressionZstd)
+			if err := r.guest.Fill(ctx(t), 0.5); err != nil {
+				t.Fatal(err)
+			}
+			r.cycle(t)
+			r.p.Hooks.BeforeFleece = func(context.Context) error {
+				tc.replace(t, r)
+				return r.guest.Do(ctx(t), workload.Op{Disk: "vda", Kind: "data", Offset: 0, Length: 1 << 20})
+			}
+			pt, err := r.p.Cycle(ctx(t))
+			r.p.Hooks.BeforeFleece = nil
+			if err == nil {
+				t.Fatalf("the cycle made point %d from the node vda no longer uses", pt.ID)
+			}
+			t.Logf("the cycle failed as it should: %v", err)
+			if !strings.Contains(err.Error(), `"vda"`) {
+				t.Fatalf("the error does not name the disk: %v", err)
+			}
+			if n := len(r.points(t)); n != 1 {
+				t.Fatalf("%d points listed, want 1", n)
+			}
+			r.noLeftovers(t)
+			pt = r.cycle(t)
+			if d := diskNamed(t, pt, "vda"); !d.Resync {
+				t.Fatalf("point %d: vda, now another node, taken incrementally from %q", pt.ID, d.BaseGeneration)
+			}
+		})
 	}
 }
 
