@@ -159,6 +159,11 @@ func (c *cycle) prepareMember(ctx context.Context) error {
 		return err
 	}
 	c.report("snapshot", 0)
+	if h := c.p.Hooks.BeforeFleece; h != nil {
+		if err := h(ctx); err != nil {
+			return err
+		}
+	}
 	if err := c.prepareFleece(ctx); err != nil {
 		c.fleece = nil
 		return err

@@ -1,11 +1,14 @@
 package protect_test
 
 import (
+	"context"
+	"strings"
 	"testing"
 
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
 	"github.com/lifeboat-dr/lifeboat/internal/testvm"
 	"github.com/lifeboat-dr/lifeboat/protect"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
@@ -39,6 +42,67 @@ func TestGroupCycleRecordsImages(t *testing.T) {
 		}
 		if want := vms[p.VM.Name].ImagePath("vda"); len(images) != 1 || images[0].Name != "vda" || images[0].File != want {
 			t.Errorf("%s: images recorded %+v, want vda at %s", p.VM.Name, images, want)
+		}
+	}
+}
+
+// A group member's disk resized after the member's disks were resolved and
+// before the group's instant: the whole group's instant is rolled back, the
+// error names the member and its disk, no member has a point of it, nothing
+// of lifeboat's stays in either QEMU, and the next group point is whole.
+func TestGroupMemberDiskResizedBeforeTheInstant(t *testing.T) {
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	var members []*protect.Protector
+	var vms []*testvm.VM
+	for _, name := range []string{"web", "db"} {
+		vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 8 << 20})
+		vms = append(vms, vm)
+		members = append(members, &protect.Protector{
+			VM:     protect.VM{Name: name, QMPSocket: vm.QMPSocket(), NBDSocket: vm.NBDSocket(), WorkDir: testsite.ShortDir(t)},
+			Target: site.Dial(t, wire.CompressionZstd), Readers: 2,
+		})
+	}
+	g := &protect.Group{Name: "tier", Members: members}
+	if _, err := g.Cycle(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	members[0].Hooks.BeforeFleece = func(c context.Context) error {
+		m := vms[0].Monitor()
+		if err := m.ExportDelForce(c, "vda"); err != nil {
+			return err
+		}
+		if err := m.BlockResize(c, "vda", 16<<20); err != nil {
+			return err
+		}
+		return m.ExportAdd(c, qemu.Export{ID: "vda", Node: "vda", Name: "vda", Writable: true})
+	}
+	_, err := g.Cycle(ctx(t))
+	members[0].Hooks.BeforeFleece = nil
+	if err == nil || !strings.Contains(err.Error(), `vm "web"`) || !strings.Contains(err.Error(), `disk "vda" was resized`) {
+		t.Fatalf("a group cycle whose member web's disk was resized before the instant: %v", err)
+	}
+	t.Logf("the group cycle failed as it should: %v", err)
+	for i, p := range members {
+		if pts, err := site.Store.Points(p.VM.Name); err != nil || len(pts) != 1 {
+			t.Fatalf("%s: %d points (%v), want 1", p.VM.Name, len(pts), err)
+		}
+		nodes, err := vms[i].Monitor().Nodes(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range nodes {
+			if strings.HasPrefix(n.NodeName, qemu.OwnPrefix) {
+				t.Fatalf("%s: lifeboat left node %s", p.VM.Name, n.NodeName)
+			}
+		}
+	}
+	pts, err := g.Cycle(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pt := range pts {
+		if d := diskNamed(t, pt, "vda"); (pt.VM == "web") != d.Resync || d.Size != map[string]int64{"web": 16 << 20, "db": 8 << 20}[pt.VM] {
+			t.Fatalf("%s point %d: vda resync %v, %d bytes", pt.VM, pt.ID, d.Resync, d.Size)
 		}
 	}
 }
