@@ -13,24 +13,32 @@ import (
 	"github.com/lifeboat-dr/lifeboat/wire"
 )
 
+// newTier is a group "tier" of two VMs, web and db, each with an 8 MiB qcow2
+// disk vda, protected to one recovery site.
+func newTier(t *testing.T) (*testsite.Site, *protect.Group, map[string]*testvm.VM) {
+	t.Helper()
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	g := &protect.Group{Name: "tier"}
+	vms := map[string]*testvm.VM{}
+	for _, name := range []string{"web", "db"} {
+		vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 8 << 20})
+		vms[name] = vm
+		g.Members = append(g.Members, &protect.Protector{
+			VM:     protect.VM{Name: name, QMPSocket: vm.QMPSocket(), NBDSocket: vm.NBDSocket(), WorkDir: testsite.ShortDir(t)},
+			Target: site.Dial(t, wire.CompressionZstd), Readers: 2,
+		})
+	}
+	return site, g, vms
+}
+
 // A group cycle records each member's disk images, as a VM's own cycle does:
 // a member failed over alone fails back into them. Before, only a VM's own
 // cycle recorded them, and a member that had only group points could not
 // fail back ("no record of its images"), or one that joined the group after
 // its disk moved would have failed back into the old file.
 func TestGroupCycleRecordsImages(t *testing.T) {
-	site := testsite.Start(t, recovery.Options{Keep: 10})
-	var members []*protect.Protector
-	vms := map[string]*testvm.VM{}
-	for _, name := range []string{"web", "db"} {
-		vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 8 << 20})
-		vms[name] = vm
-		members = append(members, &protect.Protector{
-			VM:     protect.VM{Name: name, QMPSocket: vm.QMPSocket(), NBDSocket: vm.NBDSocket(), WorkDir: testsite.ShortDir(t)},
-			Target: site.Dial(t, wire.CompressionZstd), Readers: 2,
-		})
-	}
-	g := &protect.Group{Name: "tier", Members: members}
+	_, g, vms := newTier(t)
+	members := g.Members
 	if _, err := g.Cycle(ctx(t)); err != nil {
 		t.Fatal(err)
 	}
@@ -51,23 +59,13 @@ func TestGroupCycleRecordsImages(t *testing.T) {
 // error names the member and its disk, no member has a point of it, nothing
 // of lifeboat's stays in either QEMU, and the next group point is whole.
 func TestGroupMemberDiskResizedBeforeTheInstant(t *testing.T) {
-	site := testsite.Start(t, recovery.Options{Keep: 10})
-	var members []*protect.Protector
-	var vms []*testvm.VM
-	for _, name := range []string{"web", "db"} {
-		vm := testvm.Start(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 8 << 20})
-		vms = append(vms, vm)
-		members = append(members, &protect.Protector{
-			VM:     protect.VM{Name: name, QMPSocket: vm.QMPSocket(), NBDSocket: vm.NBDSocket(), WorkDir: testsite.ShortDir(t)},
-			Target: site.Dial(t, wire.CompressionZstd), Readers: 2,
-		})
-	}
-	g := &protect.Group{Name: "tier", Members: members}
+	site, g, vms := newTier(t)
+	members := g.Members
 	if _, err := g.Cycle(ctx(t)); err != nil {
 		t.Fatal(err)
 	}
 	members[0].Hooks.BeforeFleece = func(c context.Context) error {
-		m := vms[0].Monitor()
+		m := vms["web"].Monitor()
 		if err := m.ExportDelForce(c, "vda"); err != nil {
 			return err
 		}
@@ -82,11 +80,11 @@ func TestGroupMemberDiskResizedBeforeTheInstant(t *testing.T) {
 		t.Fatalf("a group cycle whose member web's disk was resized before the instant: %v", err)
 	}
 	t.Logf("the group cycle failed as it should: %v", err)
-	for i, p := range members {
+	for _, p := range members {
 		if pts, err := site.Store.Points(p.VM.Name); err != nil || len(pts) != 1 {
 			t.Fatalf("%s: %d points (%v), want 1", p.VM.Name, len(pts), err)
 		}
-		nodes, err := vms[i].Monitor().Nodes(ctx(t))
+		nodes, err := vms[p.VM.Name].Monitor().Nodes(ctx(t))
 		if err != nil {
 			t.Fatal(err)
 		}
