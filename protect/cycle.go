@@ -334,6 +334,30 @@ func (c *cycle) sameDisks(ctx context.Context) error {
 	return nil
 }
 
+// sameImages checks, once every block is read, that each disk's node still
+// reads the image it read at the instant. QEMU lets a node be reopened onto
+// another file (blockdev-reopen) under the fleece: the fleece then reads what
+// the guest did not overwrite since the instant from that file, not from the
+// instant's image.
+func (c *cycle) sameImages(ctx context.Context) error {
+	nodes, err := c.mon.Nodes(ctx)
+	if err != nil {
+		return fmt.Errorf("list block nodes after reading the instant: %w", err)
+	}
+	for _, d := range c.disks {
+		i := slices.IndexFunc(nodes, func(n qemu.BlockNode) bool { return n.NodeName == d.node })
+		if i < 0 {
+			return fmt.Errorf("disk %q: its node %q went while its blocks were read: no point is taken", d.name, d.node)
+		}
+		if f := nodes[i].Filename; f != d.file {
+			c.log.Warn("disk's node reopened onto another image while its blocks were read: the point is not taken", "disk", d.name, "node", d.node, "image", f, "was_image", d.file)
+			return fmt.Errorf("disk %q: its node %q was reopened onto image %s while its blocks were read from %s: what was read since is not of the instant, so no point is taken; the next cycle resyncs the disk",
+				d.name, d.node, f, d.file)
+		}
+	}
+	return nil
+}
+
 // transfer sends the point and, whatever happens, tears the fleece down and
 // settles the generations: the old one is dropped only after the commit.
 func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
@@ -607,6 +631,11 @@ produce:
 	}
 	if err := c.instantErr(); err != nil {
 		return lifeboat.Point{}, err // what was read may be from after the instant
+	}
+	if c.lv == nil {
+		if err := c.sameImages(ctx); err != nil {
+			return lifeboat.Point{}, err
+		}
 	}
 	if c.lv == nil {
 		// Every block is read: the copy-before-write leaves the guest's write

@@ -782,3 +782,47 @@ func TestQEMUSystemDisksPluggedAndUnplugged(t *testing.T) {
 		}
 	}
 }
+
+// A raw disk's node reopened onto another image while the cycle reads its
+// blocks: the fleece reads what the guest left alone since the instant from
+// the node, which now reads the other file. The cycle fails naming the disk,
+// nothing is listed, and the next point holds the other image byte-exact.
+func TestRawDiskReopenedWhileSending(t *testing.T) {
+	r := newRig(t, wire.CompressionZstd)
+	if err := r.guest.Fill(ctx(t), 0.5); err != nil {
+		t.Fatal(err)
+	}
+	r.cycle(t)
+	other := r.vm.ImagePath("vdb-other") + ".raw"
+	if err := qemu.CreateImage(ctx(t), other, "raw", vdbSize, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	m := r.vm.Monitor()
+	if err := m.BlockdevAdd(ctx(t), map[string]any{"driver": "file", "node-name": "vdb-other", "filename": other}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.guest.Mixed(ctx(t), 20); err != nil {
+		t.Fatal(err)
+	}
+	r.p.Hooks.AfterInstant = func(c context.Context) error {
+		return m.Execute(c, "blockdev-reopen", map[string]any{"options": []any{
+			map[string]any{"driver": "raw", "node-name": "vdb", "file": "vdb-other"}}}, nil)
+	}
+	pt, err := r.p.Cycle(ctx(t))
+	r.p.Hooks.AfterInstant = nil
+	if err == nil {
+		t.Fatalf("the cycle made point %d of vdb, whose node was reopened onto another image while it was read", pt.ID)
+	}
+	t.Logf("the cycle failed as it should: %v", err)
+	if !strings.Contains(err.Error(), `disk "vdb"`) {
+		t.Fatalf("the error does not name the disk: %v", err)
+	}
+	if n := len(r.points(t)); n != 1 {
+		t.Fatalf("%d points listed, want 1", n)
+	}
+	r.noLeftovers(t)
+	pt = r.cycle(t)
+	if d := diskNamed(t, pt, "vdb"); !d.Resync {
+		t.Fatalf("point %d: vdb, now another image, taken incrementally from %q", pt.ID, d.BaseGeneration)
+	}
+}
