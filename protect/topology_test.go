@@ -391,6 +391,24 @@ func TestDiskRemovedDuringACycle(t *testing.T) {
 	}
 }
 
+// otherRawFile adds an empty raw image of vdb's size as a file node, and
+// returns what reopens vdb's raw node onto it (blockdev-reopen).
+func (r *rig) otherRawFile(t *testing.T) func(context.Context) error {
+	t.Helper()
+	other := r.vm.ImagePath("vdb-other") + ".raw"
+	if err := qemu.CreateImage(ctx(t), other, "raw", vdbSize, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	m := r.vm.Monitor()
+	if err := m.BlockdevAdd(ctx(t), map[string]any{"driver": "file", "node-name": "vdb-other", "filename": other}); err != nil {
+		t.Fatal(err)
+	}
+	return func(c context.Context) error {
+		return m.Execute(c, "blockdev-reopen", map[string]any{"options": []any{
+			map[string]any{"driver": "raw", "node-name": "vdb", "file": "vdb-other"}}}, nil)
+	}
+}
+
 // A raw disk's node reopened onto another image between cycles
 // (blockdev-reopen with another file): the node, its name and its
 // in-memory generation stay, while the data under it is another image's.
@@ -402,18 +420,9 @@ func TestRawDiskReopenedOnAnotherImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.cycle(t)
-	other := r.vm.ImagePath("vdb-other") + ".raw"
-	if err := qemu.CreateImage(ctx(t), other, "raw", vdbSize, "", ""); err != nil {
-		t.Fatal(err)
-	}
-	m := r.vm.Monitor()
-	if err := m.BlockdevAdd(ctx(t), map[string]any{"driver": "file", "node-name": "vdb-other", "filename": other}); err != nil {
-		t.Fatal(err)
-	}
+	reopen := r.otherRawFile(t)
 	r.guest.Close()
-	err := m.Execute(ctx(t), "blockdev-reopen", map[string]any{"options": []any{
-		map[string]any{"driver": "raw", "node-name": "vdb", "file": "vdb-other"}}}, nil)
-	if err != nil {
+	if err := reopen(ctx(t)); err != nil {
 		t.Fatal(err)
 	}
 	r.openGuest(t)
@@ -793,21 +802,11 @@ func TestRawDiskReopenedWhileSending(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.cycle(t)
-	other := r.vm.ImagePath("vdb-other") + ".raw"
-	if err := qemu.CreateImage(ctx(t), other, "raw", vdbSize, "", ""); err != nil {
-		t.Fatal(err)
-	}
-	m := r.vm.Monitor()
-	if err := m.BlockdevAdd(ctx(t), map[string]any{"driver": "file", "node-name": "vdb-other", "filename": other}); err != nil {
-		t.Fatal(err)
-	}
+	reopen := r.otherRawFile(t)
 	if _, err := r.guest.Mixed(ctx(t), 20); err != nil {
 		t.Fatal(err)
 	}
-	r.p.Hooks.AfterInstant = func(c context.Context) error {
-		return m.Execute(c, "blockdev-reopen", map[string]any{"options": []any{
-			map[string]any{"driver": "raw", "node-name": "vdb", "file": "vdb-other"}}}, nil)
-	}
+	r.p.Hooks.AfterInstant = reopen
 	pt, err := r.p.Cycle(ctx(t))
 	r.p.Hooks.AfterInstant = nil
 	if err == nil {
