@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -257,6 +258,14 @@ func (p *Protector) disks(ctx context.Context, m *qemu.Monitor) ([]qemu.BlockNod
 				n.Name = n.NodeName
 			}
 			nodes = append(nodes, n)
+		}
+		// A disk added to the VM is not protected until `disks:` names it:
+		// say so, rather than leave it without a copy unnoticed.
+		for _, n := range all {
+			if !slices.ContainsFunc(nodes, func(s qemu.BlockNode) bool { return s.NodeName == n.NodeName }) {
+				p.warnOnce("unnamed-"+n.Name, "the VM has a disk that `disks:` does not name: it is not replicated (add it under `disks:` of the VM in the config to protect it)",
+					"disk", n.Name, "node", n.NodeName)
+			}
 		}
 	}
 	if p.nodes == nil {

@@ -825,3 +825,29 @@ func TestRawDiskReopenedWhileSending(t *testing.T) {
 		t.Fatalf("point %d: vdb, now another image, taken incrementally from %q", pt.ID, d.BaseGeneration)
 	}
 }
+
+// A disk added to a VM whose config names its disks (`disks:`) is not
+// protected until the config names it too: the cycle says so, once, naming
+// the disk, and its points hold only the disks named.
+func TestDiskAddedOutsideDisksIsReported(t *testing.T) {
+	r := newRig(t, wire.CompressionZstd)
+	log := &testenv.LogBuffer{}
+	r.p.Log = slog.New(slog.NewTextHandler(log, nil))
+	r.p.VM.Disks = []string{"vda", "vdb"}
+	r.cycle(t)
+	if strings.Contains(log.String(), "does not name") {
+		t.Fatalf("a warning of an unnamed disk while every disk is named:\n%s", log)
+	}
+	r.hotAdd(t, "vdc", 4<<20)
+	r.disks = r.disks[:2] // the points hold vda and vdb
+	pt, err := r.p.Cycle(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pt.Disks) != 2 {
+		t.Fatalf("point %d holds %+v, want vda and vdb", pt.ID, pt.Disks)
+	}
+	if !strings.Contains(log.String(), "does not name: it is not replicated") || !strings.Contains(log.String(), "disk=vdc") {
+		t.Fatalf("the added disk vdc, which `disks:` does not name, went unreported:\n%s", log)
+	}
+}
