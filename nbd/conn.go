@@ -25,6 +25,7 @@ type conn struct {
 	metaIDs    map[string]uint32 // negotiated meta context name -> id on this connection
 	metaByID   map[uint32]string
 	timeout    time.Duration
+	stall      time.Duration // Options.Stall
 
 	sem  chan struct{} // in-flight slots; a slot is held from submit until the reply is done
 	wsem chan struct{} // one request writer at a time; a channel so waiting honours ctx
@@ -82,6 +83,7 @@ func newConn(nc net.Conn, br *bufio.Reader, name string, n negotiated, opts Opti
 		metaIDs:    n.metaIDs,
 		metaByID:   make(map[uint32]string, len(n.metaIDs)),
 		timeout:    opts.Timeout,
+		stall:      opts.Stall,
 		sem:        make(chan struct{}, opts.MaxInFlight),
 		wsem:       make(chan struct{}, 1),
 		pending:    make(map[uint64]*request),
@@ -128,8 +130,12 @@ func (c *conn) fail(err error) {
 	c.nc.Close() // outside mu: closing TLS may wait to send its close alert
 }
 
-// requestCtx bounds one request by the client's timeout when ctx has no deadline.
+// requestCtx bounds one request by the client's timeout when ctx has no
+// deadline, and by its stall bound in any case.
 func (c *conn) requestCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	if c.stall > 0 {
+		return context.WithTimeoutCause(ctx, c.stall, ErrStalled)
+	}
 	if _, ok := ctx.Deadline(); ok {
 		return ctx, func() {}
 	}
@@ -265,7 +271,10 @@ func (c *conn) abandon(r *request) {
 }
 
 func (r *request) ctxErr() error {
-	err := r.ctx.Err()
+	err := context.Cause(r.ctx)
+	if errors.Is(err, ErrStalled) {
+		return fmt.Errorf("nbd: %s at offset %d length %d: %w", cmdName(r.cmd), r.off, r.length, err)
+	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("nbd: %s at offset %d length %d: no reply in time (server slow or hung): %w", cmdName(r.cmd), r.off, r.length, err)
 	}

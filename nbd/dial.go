@@ -109,6 +109,11 @@ func Dial(ctx context.Context, addr, export string, opts Options) (*Client, erro
 		ctx, cancel = context.WithTimeout(ctx, opts.Timeout)
 		defer cancel()
 	}
+	if opts.Stall > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, opts.Stall, ErrStalled)
+		defer cancel()
+	}
 	name := t.network + ":" + t.address
 	if export != "" {
 		name += " export " + fmt.Sprintf("%q", export)
@@ -182,9 +187,12 @@ func dialConn(ctx context.Context, t target, export string, opts Options, name s
 	}
 	if err != nil {
 		h.nc.Close()
-		cause := ctx.Err()
-		if cause == nil && errors.Is(err, os.ErrDeadlineExceeded) {
-			cause = context.DeadlineExceeded // the socket deadline fired just before ctx's timer
+		if _, ok := ctx.Deadline(); ok && errors.Is(err, os.ErrDeadlineExceeded) {
+			<-ctx.Done() // the socket's deadline is ctx's: its timer fires at once
+		}
+		var cause error
+		if ctx.Err() != nil {
+			cause = context.Cause(ctx)
 		}
 		if cause != nil && !errors.Is(err, cause) {
 			err = fmt.Errorf("%w (%w)", err, cause)

@@ -12,6 +12,7 @@ import (
 	"encoding/binary"
 	"encoding/pem"
 	"errors"
+	"io"
 	"math/big"
 	"path/filepath"
 	"strings"
@@ -112,6 +113,38 @@ func TestTimeoutAndCancel(t *testing.T) {
 	got := make([]byte, 3)
 	if err := c.Read(ctx10s(t), got, 100); err != nil || !bytes.Equal(got, []byte{1, 2, 3}) {
 		t.Fatalf("Read after timeouts = %v, %v", got, err)
+	}
+}
+
+// TestStall: Options.Stall bounds the handshake and each request even
+// when the context allows far longer (a cycle's context runs for hours),
+// and the error says the server stalled; a request answered within it is
+// not cut, however long the requests take together.
+func TestStall(t *testing.T) {
+	addr := startNbdkit(t, "--filter=delay", "memory", "16M", "rdelay=700ms")
+	c := dial(t, addr, Options{Stall: 150 * time.Millisecond})
+	start := time.Now()
+	err := c.Read(ctx10s(t), make([]byte, 4096), 0)
+	if !errors.Is(err, ErrStalled) {
+		t.Fatalf("Read on a server slower than the stall bound = %v; want ErrStalled", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("the stall bound took %v, want about 150ms", d)
+	}
+	patient := dial(t, addr, Options{Stall: 3 * time.Second})
+	for range 3 {
+		if err := patient.Read(ctx10s(t), make([]byte, 4096), 0); err != nil {
+			t.Fatalf("Read answered within the stall bound: %v", err)
+		}
+	}
+
+	silent := (&fakeServer{greeting: func(rw io.ReadWriter) { io.Copy(io.Discard, rw) }}).start(t)
+	start = time.Now()
+	if _, err := Dial(ctx10s(t), silent, "", Options{Stall: 150 * time.Millisecond}); !errors.Is(err, ErrStalled) {
+		t.Fatalf("Dial of a server that never greets = %v; want ErrStalled", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("the handshake's stall bound took %v, want about 150ms", d)
 	}
 }
 

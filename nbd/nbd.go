@@ -23,6 +23,11 @@ type Options struct {
 	// Timeout bounds the handshake and each request when the context has no
 	// deadline (default 60s).
 	Timeout time.Duration
+	// Stall, when set, bounds the handshake and each request even when the
+	// context allows longer: a server that leaves one of them unanswered
+	// that long is taken for hung, and the error wraps ErrStalled. A long
+	// run of requests that are each answered is not bounded by it.
+	Stall time.Duration
 	// TLS, when set, makes Dial upgrade every connection with NBD_OPT_STARTTLS.
 	// For tcp addresses an empty ServerName defaults to the host; for unix
 	// sockets set it to a name in the server's certificate.
@@ -85,6 +90,10 @@ const (
 // ErrClosed is returned by requests on a closed Client, and by those in flight
 // when Close was called.
 var ErrClosed = errors.New("nbd: connection closed")
+
+// ErrStalled is in the error of a request or handshake that the server left
+// unanswered for Options.Stall.
+var ErrStalled = errors.New("nbd: the server answered nothing within the stall bound (hung or stopped?)")
 
 // ErrProtocol marks a server reply that breaks the NBD protocol. The connection
 // it came on is dropped; dial again (and report the server bug).

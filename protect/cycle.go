@@ -64,20 +64,17 @@ func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
 	if c.p.VM.Libvirt != nil {
 		return c.runLibvirt(ctx)
 	}
-	if err := c.prepare(ctx); err != nil {
-		c.close(ctx)
-		return lifeboat.Point{}, err
-	}
-	defer c.close(ctx)
-	c.report("snapshot", 0)
-	if h := c.p.Hooks.BeforeFleece; h != nil {
-		if err := h(ctx); err != nil {
-			return lifeboat.Point{}, err
+	if err := c.prepareAll(ctx); err != nil {
+		if !c.detached {
+			c.close(ctx)
 		}
-	}
-	if err := c.prepareFleece(ctx); err != nil {
 		return lifeboat.Point{}, err
 	}
+	defer func() {
+		if !c.detached {
+			c.close(ctx)
+		}
+	}()
 	q := c.p.Quiescer
 	if c.quiet {
 		q = nil // the guest is shut down or paused: nothing to freeze
@@ -87,7 +84,7 @@ func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
 		c.fleece.Teardown(context.WithoutCancel(ctx))
 		return lifeboat.Point{}, err
 	}
-	err = c.snapshot(ctx)
+	err = c.watched(ctx, "in the fleece transaction (the instant)", c.snapshot, c.undoInstant)
 	frz.thaw(ctx, c.log)
 	if err != nil {
 		return lifeboat.Point{}, err
@@ -96,22 +93,47 @@ func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
 	if c.quiet {
 		c.point.Consistency, c.point.Note = c.quietLevel, c.note
 	}
-	if err := c.export(ctx); err != nil {
+	if err := c.watched(ctx, "while its fleece was exported", c.export, c.undoInstant); err != nil {
 		return lifeboat.Point{}, err
 	}
 	return c.transfer(ctx)
 }
 
-// prepare connects to the VM, resolves its disks and their generations, and
+// prepareAll connects to the VM's QEMU and does all of the cycle that may
+// come before the instant (prepare, prepareFleece). A QEMU that does not
+// greet, or leaves a QMP command unanswered, for StallLimit fails it (see
+// watched); whatever else takes long (another tool's NBD server to wait
+// for, a slow recovery site) does not.
+func (c *cycle) prepareAll(ctx context.Context) error {
+	c.start = time.Now()
+	stall := c.p.stallLimit()
+	dctx, cancel := context.WithTimeoutCause(ctx, stall, fmt.Errorf("its QEMU did not greet within %v (hung or stopped?)", stall))
+	m, err := qemu.Dial(dctx, c.p.VM.QMPSocket)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("connect to QMP %s: %w (is the VM running? check `qmp:` in the config)", c.p.VM.QMPSocket, err)
+	}
+	c.mon = m
+	return c.watched(ctx, "while the cycle prepared (disks, generations, fleece nodes)", func(ctx context.Context) error {
+		if err := c.prepare(ctx); err != nil {
+			return err
+		}
+		c.report("snapshot", 0)
+		if h := c.p.Hooks.BeforeFleece; h != nil {
+			if err := h(ctx); err != nil {
+				return err
+			}
+		}
+		return c.prepareFleece(ctx)
+	}, c.undoPrepare)
+}
+
+// prepare resolves the VM's disks and their generations on c.mon, and
 // learns the recovery site's latest point.
 func (c *cycle) prepare(ctx context.Context) error {
 	p := c.p
-	c.start = time.Now()
-	m, err := qemu.Dial(ctx, p.VM.QMPSocket)
-	if err != nil {
-		return fmt.Errorf("connect to QMP %s: %w (is the VM running? check `qmp:` in the config)", p.VM.QMPSocket, err)
-	}
-	c.mon = m
+	m := c.mon
+	var err error
 	// The work dir's lock, held until the cycle's NBD server is stopped, tells
 	// another lifeboat that what this cycle adds to the VM's QEMU is a live
 	// cycle's; and whatever the lock's previous holder left is a dead one's.
@@ -366,12 +388,12 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 	// or may not have landed and the site cannot be asked (it went away).
 	committed, unknown := false, false
 	defer func() {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
-		defer cancel()
 		if c.stream != nil && !committed {
 			c.stream.Abort()
 		}
 		if c.lv != nil {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
+			defer cancel()
 			if serr := c.lv.settle(cctx, c, committed, unknown); serr != nil {
 				c.log.Error("ending the libvirt backup failed; the next cycle ends and hides what was left", "err", serr)
 				if err == nil {
@@ -380,30 +402,28 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 			}
 			return
 		}
-		if terr := c.fleece.Teardown(cctx); terr != nil {
-			c.log.Error("fleece teardown failed", "err", terr)
-			if err == nil {
-				err = fmt.Errorf("point %d committed, but fleece teardown failed: %w", c.id, terr)
-			}
+		if errors.Is(err, nbd.ErrStalled) && !committed && !unknown {
+			// Its NBD server left a read unanswered: its QMP likely will
+			// too. The fleece goes, and the generations are turned back,
+			// as soon as QEMU answers; the cycle fails now.
+			stall := p.stallLimit()
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hungWait)
+			now := time.Now()
+			n := &hangNote{what: fmt.Sprintf("an NBD read of its fleece for %v while the point was sent", stall), since: now.Add(-stall), until: now.Add(hungWait)}
+			err = fmt.Errorf("point %d: %w: %w", c.id, c.detach(c.log, n, func() {
+				defer cancel()
+				c.settle(sctx, false, false)
+			}), err)
+			return
 		}
-		m := c.mon
-		for _, d := range c.disks {
-			var berr error
-			switch {
-			case committed:
-				if d.old != "" {
-					berr = m.RemoveBitmap(cctx, d.node, d.old)
-				}
-			case unknown:
-				// Both generations stay: the next cycle's reconcile takes the
-				// new one if the point landed, and merges it into the old one
-				// if not. Either way the cycle after is incremental.
-			default:
-				berr = rollback(cctx, m, d.node, d.old, d.new)
-			}
-			if berr != nil {
-				c.bookkeepingFailed(cctx, d, berr)
-			}
+		// Bounded by QEMU's answers, not by a total: a QEMU that stops
+		// answering here has its fleece taken down in the background as
+		// soon as it answers again, not left in its guest's write path.
+		terr := c.watched(context.WithoutCancel(ctx), "while its fleece was taken down", func(ctx context.Context) error {
+			return c.settle(ctx, committed, unknown)
+		}, func(context.Context, error) {})
+		if terr != nil && err == nil {
+			err = fmt.Errorf("point %d committed, but fleece teardown failed: %w", c.id, terr)
 		}
 	}()
 	var unwatch func()
@@ -458,6 +478,36 @@ func (c *cycle) bookkeepingFailed(ctx context.Context, d *diskState, err error) 
 		return
 	}
 	c.log.Error("generation bookkeeping failed; the next cycle repairs it", "disk", d.name, "err", err)
+}
+
+// settle tears the fleece down and settles the generations by the
+// point's outcome: the old one is dropped only once the point is
+// committed. It returns the teardown's failure.
+func (c *cycle) settle(ctx context.Context, committed, unknown bool) error {
+	terr := c.fleece.Teardown(ctx)
+	if terr != nil {
+		c.log.Error("fleece teardown failed", "err", terr)
+	}
+	m := c.mon
+	for _, d := range c.disks {
+		var berr error
+		switch {
+		case committed:
+			if d.old != "" {
+				berr = m.RemoveBitmap(ctx, d.node, d.old)
+			}
+		case unknown:
+			// Both generations stay: the next cycle's reconcile takes the
+			// new one if the point landed, and merges it into the old one
+			// if not. Either way the cycle after is incremental.
+		default:
+			berr = rollback(ctx, m, d.node, d.old, d.new)
+		}
+		if berr != nil {
+			c.bookkeepingFailed(ctx, d, berr)
+		}
+	}
+	return terr
 }
 
 // close ends the cycle's hold on QEMU, on every path once its fleece is down
@@ -530,7 +580,7 @@ func (c *cycle) send(ctx context.Context, sock string) (lifeboat.Point, error) {
 		if d.old != "" {
 			ctxs = append(ctxs, d.dirtyContext())
 		}
-		cl, err := nbd.Dial(ctx, "unix:"+sock, d.export, nbd.Options{MetaContexts: ctxs, Connections: conns, MaxInFlight: readers * 2})
+		cl, err := nbd.Dial(ctx, "unix:"+sock, d.export, nbd.Options{MetaContexts: ctxs, Connections: conns, MaxInFlight: readers * 2, Stall: p.stallLimit()})
 		if err != nil {
 			return lifeboat.Point{}, fmt.Errorf("disk %q: read fleece export %q: %w", d.name, d.export, err)
 		}
@@ -641,7 +691,7 @@ produce:
 		// Every block is read: the copy-before-write leaves the guest's write
 		// path now rather than after the recovery site's commit (the bitmaps
 		// stay as they are until the commit's outcome decides).
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), min(boundedCleanup, p.stallLimit()))
 		if err := c.fleece.Teardown(cctx); err != nil {
 			c.log.Warn("fleece teardown before the commit failed; it is tried again after", "err", err)
 		}

@@ -26,9 +26,17 @@ type Group struct {
 }
 
 // Cycle takes one group point. The points it returns carry the group's name
-// and instant in Point.Group. A member whose transfer fails fails the cycle;
-// members already committed keep their points (each is whole on its own), and
-// the error names the member.
+// and instant in Point.Group. A member that fails fails the cycle, naming
+// it: the members not sent yet are rolled back rather than sent (a group
+// point is all or nothing from there on), while members already committed
+// keep their points (each is whole on its own, and the recovery site starts
+// a group from an instant all its members hold).
+//
+// A member whose QEMU does not answer fails the cycle within a bound, at
+// any step: while it connects and prepares, a QMP command unanswered for
+// its StallLimit; in the instant, its members' smallest freeze limit; while
+// its point is sent, an NBD read unanswered for its StallLimit. Its own
+// cleanup then waits in the background for its QEMU (see untilHung).
 func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 	if len(g.Members) == 0 {
 		return nil, fmt.Errorf("group %q has no member", g.Name)
@@ -36,7 +44,7 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 	cycles := make([]*cycle, len(g.Members))
 	for i, p := range g.Members {
 		if !p.mu.TryLock() {
-			return nil, fmt.Errorf("group %q: vm %q: a cycle is already running", g.Name, p.VM.Name)
+			return nil, fmt.Errorf("group %q: %w", g.Name, p.busy())
 		}
 		defer func() {
 			if c := cycles[i]; c == nil || !c.detached {
@@ -112,11 +120,17 @@ func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 		points []lifeboat.Point
 		errs   []error
 	)
-	for _, c := range cycles {
+	for i, c := range cycles {
 		pt, err := c.transfer(ctx)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("group %q: vm %q: %w", g.Name, c.p.VM.Name, err))
-			continue
+			for _, c := range cycles[i+1:] {
+				c.rollback(ctx)
+			}
+			if len(cycles[i+1:]) > 0 {
+				c.log.Info("the group's members not sent yet are rolled back: their points of this instant would not make a group point")
+			}
+			break
 		}
 		c.committed()
 		points = append(points, pt)
@@ -155,20 +169,7 @@ func (c *cycle) prepareMember(ctx context.Context) error {
 		}
 		return err
 	}
-	if err := c.prepare(ctx); err != nil {
-		return err
-	}
-	c.report("snapshot", 0)
-	if h := c.p.Hooks.BeforeFleece; h != nil {
-		if err := h(ctx); err != nil {
-			return err
-		}
-	}
-	if err := c.prepareFleece(ctx); err != nil {
-		c.fleece = nil
-		return err
-	}
-	return nil
+	return c.prepareAll(ctx)
 }
 
 // instant takes a member's part of the group's instant: its fleece
@@ -240,71 +241,4 @@ func instantBound(frozen []*freezeState) time.Duration {
 		}
 	}
 	return bound
-}
-
-// bounded runs step, one QMP step of a group member, waiting at most bound.
-// A member whose QEMU does not answer in time (hung, stopped) fails the
-// group's cycle now, rather than holding the others' cycle, and their
-// fleece in their guests' write path, until it answers (before: until the
-// cycle's context ended, hours in the daemon, and a late answer made a group
-// point of instants seconds apart). The step goes on in the background, on a
-// context of its own bounded by hungWait, and once it has returned the
-// member's fleece is torn down and its generations turned back; the member
-// stays locked until then (c.detached: the group leaves it alone), so none
-// of its cycles starts meanwhile.
-func (c *cycle) bounded(ctx context.Context, what string, bound time.Duration, step func(context.Context) error) error {
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hungWait)
-	log := c.log // the step may change c.log
-	done := make(chan error, 1)
-	go func() { done <- step(sctx) }()
-	t := time.NewTimer(bound)
-	defer t.Stop()
-	select {
-	case err := <-done:
-		cancel()
-		return err
-	case <-t.C:
-	}
-	c.detached = true
-	log.Error("the VM's QEMU did not answer in time: the group's cycle fails; lifeboat cleans up after it once it answers", "step", what, "bound", bound)
-	go func() {
-		defer cancel()
-		err := <-done
-		switch {
-		case c.lv != nil:
-			c.settleFailed(sctx) // whatever libvirt did, ended
-		case err == nil:
-			c.rollback(sctx) // the step landed late: undo the instant
-		case c.fleece != nil:
-			c.fleece.Teardown(sctx) // the step undid itself; what is left goes
-		}
-		c.close(sctx)
-		c.p.mu.Unlock()
-		c.log.Info("the VM's QEMU answered again: its part of the failed group cycle is cleaned up", "err", err)
-	}()
-	return fmt.Errorf("its QEMU did not answer the %s within %v (hung or stopped?): the group's cycle fails, and lifeboat tears down its fleece once it answers", what, bound)
-}
-
-// hungWait bounds how long lifeboat waits in the background for a group
-// member's QEMU that did not answer in time, to clean up after it; past it,
-// the member's next cycle clears what is left (RemoveStale).
-const hungWait = 10 * time.Minute
-
-// rollback undoes a cycle whose instant was taken but whose point will not be
-// sent: fleece down, the new generation merged back into the old one.
-func (c *cycle) rollback(ctx context.Context) {
-	if c.lv != nil {
-		c.settleFailed(ctx)
-		return
-	}
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), boundedCleanup)
-	defer cancel()
-	if err := c.fleece.Teardown(cctx); err != nil {
-		c.log.Error("fleece teardown failed", "err", err)
-	}
-	for _, d := range c.disks {
-		if err := rollback(cctx, c.mon, d.node, d.old, d.new); err != nil {
-			c.bookkeepingFailed(cctx, d, err)
-		}
-	}
 }

@@ -77,7 +77,7 @@ func (p *Protector) Migrate(ctx context.Context, opts MigrateOptions) (Migration
 	}
 
 	if !p.mu.TryLock() {
-		return mig, fmt.Errorf("vm %q: a cycle is already running; %s", p.VM.Name, back)
+		return mig, fmt.Errorf("%w; %s", p.busy(), back)
 	}
 	c := &cycle{p: p, log: log, quiet: true, quietLevel: lifeboat.Crash,
 		note: "planned migration: the guest's CPUs were stopped (it did not power off in " + shutdownTimeout.String() + "); every write it acknowledged is in the point"}
@@ -85,7 +85,9 @@ func (p *Protector) Migrate(ctx context.Context, opts MigrateOptions) (Migration
 		c.quietLevel, c.note = lifeboat.Filesystem, "planned migration: the guest powered off cleanly before the point"
 	}
 	pt, err := c.run(ctx)
-	p.mu.Unlock()
+	if !c.detached {
+		p.mu.Unlock()
+	}
 	if err != nil {
 		return mig, fmt.Errorf("vm %q: the migration's last cycle: %w; %s", p.VM.Name, err, back)
 	}

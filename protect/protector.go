@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat"
@@ -137,8 +138,16 @@ type Protector struct {
 	// failing disk damaged: `lifeboat sync --whole`). It is cleared once
 	// such a point is committed.
 	Whole bool
+	// StallLimit is how long a cycle waits for the VM's QEMU to answer one
+	// request (its QMP greeting or a command, an NBD read of its fleece)
+	// before it takes it for hung and fails (DefaultStallLimit). It bounds
+	// no total: a long initial sync whose reads are answered goes on.
+	StallLimit time.Duration
 
-	mu     sync.Mutex
+	mu sync.Mutex
+	// hung, while set, says why mu is held by a failed cycle's cleanup
+	// that waits for the VM's QEMU to answer (see detach).
+	hung   atomic.Pointer[hangNote]
 	warned map[string]bool
 	nodes  map[string]string // disk name -> its node at the last cycle
 }
@@ -156,11 +165,15 @@ func (p *Protector) log() *slog.Logger {
 // the next cycle loses nothing.
 func (p *Protector) Cycle(ctx context.Context) (lifeboat.Point, error) {
 	if !p.mu.TryLock() {
-		return lifeboat.Point{}, fmt.Errorf("vm %q: a cycle is already running", p.VM.Name)
+		return lifeboat.Point{}, p.busy()
 	}
-	defer p.mu.Unlock()
 	start := time.Now()
 	c := &cycle{p: p, log: p.log()}
+	defer func() {
+		if !c.detached {
+			p.mu.Unlock()
+		}
+	}()
 	pt, err := c.run(ctx)
 	if err != nil {
 		return lifeboat.Point{}, fmt.Errorf("vm %q: %w", p.VM.Name, err)

@@ -57,11 +57,18 @@ type Monitor struct {
 
 	mu      sync.Mutex
 	nextID  uint64
-	pending map[string]chan reply
+	pending map[string]pendingCmd
 	subs    map[*Subscription]struct{}
 	closed  bool
 	err     error // why the reader stopped
 	done    chan struct{}
+}
+
+// pendingCmd is a command sent and not answered yet.
+type pendingCmd struct {
+	ch      chan reply
+	command string
+	sent    time.Time
 }
 
 type reply struct {
@@ -110,7 +117,7 @@ func Dial(ctx context.Context, qmpSocket string) (*Monitor, error) {
 	m := &Monitor{
 		conn:    conn,
 		path:    qmpSocket,
-		pending: make(map[string]chan reply),
+		pending: make(map[string]pendingCmd),
 		subs:    make(map[*Subscription]struct{}),
 		done:    make(chan struct{}),
 	}
@@ -166,11 +173,11 @@ func (m *Monitor) read(dec *json.Decoder) {
 			continue // a reply to nothing we sent
 		}
 		m.mu.Lock()
-		ch, ok := m.pending[id]
+		pc, ok := m.pending[id]
 		delete(m.pending, id)
 		m.mu.Unlock()
 		if ok {
-			ch <- r // buffered
+			pc.ch <- r // buffered
 		}
 	}
 	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
@@ -243,7 +250,7 @@ func (m *Monitor) Execute(ctx context.Context, command string, args any, result 
 	}
 	m.nextID++
 	cmd.ID = strconv.FormatUint(m.nextID, 10)
-	m.pending[cmd.ID] = ch
+	m.pending[cmd.ID] = pendingCmd{ch: ch, command: command, sent: time.Now()}
 	m.mu.Unlock()
 	forget := func() {
 		m.mu.Lock()
@@ -283,6 +290,25 @@ func (m *Monitor) Execute(ctx context.Context, command string, args any, result 
 		}
 	}
 	return nil
+}
+
+// Unanswered is the command that has waited longest for its reply, and
+// how long it has waited; "" and 0 when none waits. QEMU answers a
+// monitor's commands in order, in milliseconds unless it is hung: a
+// caller can tell a hung QEMU by this, however long its own work takes.
+func (m *Monitor) Unanswered() (command string, waited time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var oldest time.Time
+	for _, pc := range m.pending {
+		if oldest.IsZero() || pc.sent.Before(oldest) {
+			oldest, command = pc.sent, pc.command
+		}
+	}
+	if oldest.IsZero() {
+		return "", 0
+	}
+	return command, time.Since(oldest)
 }
 
 func (m *Monitor) write(ctx context.Context, b []byte) error {
