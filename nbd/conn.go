@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -26,6 +27,9 @@ type conn struct {
 	metaByID   map[uint32]string
 	timeout    time.Duration
 	stall      time.Duration // Options.Stall
+	// heard is when the server last sent a reply, or the connection last
+	// became busy (unix nanoseconds): the stall watch's reference.
+	heard atomic.Int64
 
 	sem  chan struct{} // in-flight slots; a slot is held from submit until the reply is done
 	wsem chan struct{} // one request writer at a time; a channel so waiting honours ctx
@@ -96,7 +100,36 @@ func newConn(nc net.Conn, br *bufio.Reader, name string, n negotiated, opts Opti
 	return c
 }
 
-func (c *conn) start() { go c.readLoop() }
+func (c *conn) start() {
+	go c.readLoop()
+	if c.stall > 0 {
+		go c.watchStall()
+	}
+}
+
+// watchStall drops the connection once the server has answered nothing
+// for c.stall while requests wait for it (Options.Stall): every request
+// then fails with ErrStalled. A server that answers, however slowly in
+// all, is not cut, nor is a request that waits for an in-flight slot while
+// the others are answered.
+func (c *conn) watchStall() {
+	t := time.NewTicker(max(c.stall/8, 10*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-c.dead:
+			return
+		case <-t.C:
+		}
+		c.mu.Lock()
+		waiting := len(c.pending)
+		c.mu.Unlock()
+		if silent := time.Since(time.Unix(0, c.heard.Load())); waiting > 0 && silent >= c.stall {
+			c.fail(fmt.Errorf("nbd: server %s answered nothing for %v with %d requests waiting: %w; dial again", c.name, silent.Round(time.Millisecond), waiting, ErrStalled))
+			return
+		}
+	}
+}
 
 func (c *conn) isDead() bool {
 	select {
@@ -130,12 +163,8 @@ func (c *conn) fail(err error) {
 	c.nc.Close() // outside mu: closing TLS may wait to send its close alert
 }
 
-// requestCtx bounds one request by the client's timeout when ctx has no
-// deadline, and by its stall bound in any case.
+// requestCtx bounds one request by the client's timeout when ctx has no deadline.
 func (c *conn) requestCtx(ctx context.Context) (context.Context, context.CancelFunc) {
-	if c.stall > 0 {
-		return context.WithTimeoutCause(ctx, c.stall, ErrStalled)
-	}
 	if _, ok := ctx.Deadline(); ok {
 		return ctx, func() {}
 	}
@@ -173,6 +202,9 @@ func (c *conn) submit(r *request) error {
 	}
 	c.cookie++
 	r.cookie = c.cookie
+	if len(c.pending) == 0 {
+		c.heard.Store(time.Now().UnixNano()) // busy from now: silence counts from here
+	}
 	c.pending[r.cookie] = r
 	c.mu.Unlock()
 
@@ -271,10 +303,7 @@ func (c *conn) abandon(r *request) {
 }
 
 func (r *request) ctxErr() error {
-	err := context.Cause(r.ctx)
-	if errors.Is(err, ErrStalled) {
-		return fmt.Errorf("nbd: %s at offset %d length %d: %w", cmdName(r.cmd), r.off, r.length, err)
-	}
+	err := r.ctx.Err()
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("nbd: %s at offset %d length %d: no reply in time (server slow or hung): %w", cmdName(r.cmd), r.off, r.length, err)
 	}
@@ -310,6 +339,7 @@ func (c *conn) readReplies() error {
 		if _, err := io.ReadFull(c.br, magic[:]); err != nil {
 			return c.lost(err)
 		}
+		c.heard.Store(time.Now().UnixNano())
 		var err error
 		switch m := binary.BigEndian.Uint32(magic[:]); m {
 		case simpleReplyMagic:

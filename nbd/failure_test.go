@@ -116,10 +116,11 @@ func TestTimeoutAndCancel(t *testing.T) {
 	}
 }
 
-// TestStall: Options.Stall bounds the handshake and each request even
-// when the context allows far longer (a cycle's context runs for hours),
-// and the error says the server stalled; a request answered within it is
-// not cut, however long the requests take together.
+// TestStall: Options.Stall bounds how long a server may answer nothing
+// while requests wait, and the handshake, even when the context allows far
+// longer (a cycle's context runs for hours), and the error says the server
+// stalled; a server that keeps answering is not cut, however long the
+// requests take together or wait for an in-flight slot.
 func TestStall(t *testing.T) {
 	addr := startNbdkit(t, "--filter=delay", "memory", "16M", "rdelay=700ms")
 	c := dial(t, addr, Options{Stall: 150 * time.Millisecond})
@@ -131,10 +132,17 @@ func TestStall(t *testing.T) {
 	if d := time.Since(start); d > time.Second {
 		t.Errorf("the stall bound took %v, want about 150ms", d)
 	}
-	patient := dial(t, addr, Options{Stall: 3 * time.Second})
-	for range 3 {
-		if err := patient.Read(ctx10s(t), make([]byte, 4096), 0); err != nil {
-			t.Fatalf("Read answered within the stall bound: %v", err)
+	// One request in flight at a time, each answered in 700 ms, four at
+	// once: the last waits about 2.1 s for its slot and 2.8 s in all,
+	// more than the stall bound, but the server never went silent for it.
+	patient := dial(t, addr, Options{Stall: 1500 * time.Millisecond, MaxInFlight: 1})
+	errs := make(chan error, 4)
+	for range 4 {
+		go func() { errs <- patient.Read(ctx10s(t), make([]byte, 4096), 0) }()
+	}
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Fatalf("Read of a server that answers, each within the stall bound: %v", err)
 		}
 	}
 

@@ -23,10 +23,11 @@ type Options struct {
 	// Timeout bounds the handshake and each request when the context has no
 	// deadline (default 60s).
 	Timeout time.Duration
-	// Stall, when set, bounds the handshake and each request even when the
-	// context allows longer: a server that leaves one of them unanswered
-	// that long is taken for hung, and the error wraps ErrStalled. A long
-	// run of requests that are each answered is not bounded by it.
+	// Stall, when set, is how long the server may answer nothing while
+	// requests wait for it, whatever their contexts allow: then it is taken
+	// for hung, the connection is dropped, and its requests fail with an
+	// error wrapping ErrStalled. It bounds the handshake too. A server that
+	// answers, however long the requests take in all, is not cut.
 	Stall time.Duration
 	// TLS, when set, makes Dial upgrade every connection with NBD_OPT_STARTTLS.
 	// For tcp addresses an empty ServerName defaults to the host; for unix
@@ -91,8 +92,8 @@ const (
 // when Close was called.
 var ErrClosed = errors.New("nbd: connection closed")
 
-// ErrStalled is in the error of a request or handshake that the server left
-// unanswered for Options.Stall.
+// ErrStalled is in the error of requests and of a handshake that the server
+// left unanswered for Options.Stall.
 var ErrStalled = errors.New("nbd: the server answered nothing within the stall bound (hung or stopped?)")
 
 // ErrProtocol marks a server reply that breaks the NBD protocol. The connection

@@ -409,8 +409,8 @@ func (c *cycle) transfer(ctx context.Context) (pt lifeboat.Point, err error) {
 			stall := p.stallLimit()
 			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hungWait)
 			now := time.Now()
-			n := &hangNote{what: fmt.Sprintf("an NBD read of its fleece for %v while the point was sent", stall), since: now.Add(-stall), until: now.Add(hungWait)}
-			err = fmt.Errorf("point %d: %w: %w", c.id, c.detach(c.log, n, func() {
+			n := &hangNote{what: fmt.Sprintf("the reads of its fleece (NBD) for %v while point %d was sent", stall, c.id), since: now.Add(-stall), until: now.Add(hungWait)}
+			err = fmt.Errorf("%w: %w", c.detach(c.log, n, func() {
 				defer cancel()
 				c.settle(sctx, false, false)
 			}), err)

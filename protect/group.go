@@ -35,8 +35,9 @@ type Group struct {
 // A member whose QEMU does not answer fails the cycle within a bound, at
 // any step: while it connects and prepares, a QMP command unanswered for
 // its StallLimit; in the instant, its members' smallest freeze limit; while
-// its point is sent, an NBD read unanswered for its StallLimit. Its own
-// cleanup then waits in the background for its QEMU (see untilHung).
+// its point is sent, the reads of its fleece unanswered for its
+// StallLimit. Its own cleanup then waits in the background for its QEMU
+// (see untilHung).
 func (g *Group) Cycle(ctx context.Context) ([]lifeboat.Point, error) {
 	if len(g.Members) == 0 {
 		return nil, fmt.Errorf("group %q has no member", g.Name)

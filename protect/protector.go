@@ -138,10 +138,11 @@ type Protector struct {
 	// failing disk damaged: `lifeboat sync --whole`). It is cleared once
 	// such a point is committed.
 	Whole bool
-	// StallLimit is how long a cycle waits for the VM's QEMU to answer one
-	// request (its QMP greeting or a command, an NBD read of its fleece)
-	// before it takes it for hung and fails (DefaultStallLimit). It bounds
-	// no total: a long initial sync whose reads are answered goes on.
+	// StallLimit is how long a cycle waits for the VM's QEMU to answer,
+	// its QMP greeting or one QMP command, or anything of the reads of its
+	// fleece (NBD), before it takes it for hung and fails
+	// (DefaultStallLimit). It bounds no total: a long initial sync whose
+	// reads are answered goes on.
 	StallLimit time.Duration
 
 	mu sync.Mutex
