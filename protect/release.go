@@ -32,6 +32,9 @@ func (p *Protector) Release(ctx context.Context, peer string) (Released, error) 
 		return Released{}, fmt.Errorf("vm %q: release: no recovery site named", p.VM.Name)
 	}
 	if !p.mu.TryLock() {
+		if p.hung.Load() != nil {
+			return Released{}, fmt.Errorf("%w; release it after that", p.busy())
+		}
 		return Released{}, fmt.Errorf("vm %q: a cycle is running: release it after the cycle", p.VM.Name)
 	}
 	defer p.mu.Unlock()
