@@ -84,8 +84,9 @@ func (c *cycle) run(ctx context.Context) (lifeboat.Point, error) {
 		c.fleece.Teardown(context.WithoutCancel(ctx))
 		return lifeboat.Point{}, err
 	}
+	log := c.log // a snapshot left running in the background (watched) may change c.log
 	err = c.watched(ctx, "in the fleece transaction (the instant)", c.snapshot, c.undoInstant)
-	frz.thaw(ctx, c.log)
+	frz.thaw(ctx, log)
 	if err != nil {
 		return lifeboat.Point{}, err
 	}
