@@ -2,6 +2,7 @@ package protect_test
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 
@@ -102,5 +103,45 @@ func TestGroupMemberDiskResizedBeforeTheInstant(t *testing.T) {
 		if d := diskNamed(t, pt, "vda"); (pt.VM == "web") != d.Resync || d.Size != map[string]int64{"web": 16 << 20, "db": 8 << 20}[pt.VM] {
 			t.Fatalf("%s point %d: vda resync %v, %d bytes", pt.VM, pt.ID, d.Resync, d.Size)
 		}
+	}
+}
+
+// A group whose first member's point fails to send (the recovery site
+// refuses it: a hook's error stands in for that, the one failure here not
+// of a real part) sends no other member: the members not sent yet are
+// rolled back, their fleece out of their guests' write path, and commit
+// nothing, so the failed cycle leaves no partial group point behind it;
+// the next group cycle is incremental and byte-exact for both. Before,
+// every later member was still sent and committed.
+func TestGroupStopsAtAFailedMember(t *testing.T) {
+	site := testsite.Start(t, recovery.Options{Keep: 100})
+	db, web := startHangVM(t, site, "db", 4), startHangVM(t, site, "web", 5)
+	g := &protect.Group{Name: "tier", Members: []*protect.Protector{db.p, web.p}}
+	groupCycle(t, g)
+	for _, v := range []*hangVM{db, web} {
+		if _, err := v.guest.Mixed(ctx(t), 10); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.p.Hooks.AfterPlan = func(context.Context) error { return errors.New("refused by the test") }
+	_, err := g.Cycle(ctx(t))
+	db.p.Hooks.AfterPlan = nil
+	if err == nil || !strings.Contains(err.Error(), `vm "db"`) {
+		t.Fatalf("group cycle with db's point refused: %v; want an error naming db", err)
+	}
+	if n := pointCount(t, site, "web"); n != 1 {
+		t.Errorf("web holds %d points after the failed group cycle, want the first only: a member sent after a failed one made a partial group point", n)
+	}
+	testvm.AssertNoLeftovers(t, web.vm.Monitor())
+	want := map[string]map[string]string{}
+	for _, v := range []*hangVM{db, web} {
+		h, err := v.guest.Hashes(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[v.name] = h
+	}
+	for _, pt := range groupCycle(t, g) {
+		checkIncremental(t, site, pt, want[pt.VM])
 	}
 }
