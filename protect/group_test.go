@@ -133,14 +133,7 @@ func TestGroupStopsAtAFailedMember(t *testing.T) {
 		t.Errorf("web holds %d points after the failed group cycle, want the first only: a member sent after a failed one made a partial group point", n)
 	}
 	testvm.AssertNoLeftovers(t, web.vm.Monitor())
-	want := map[string]map[string]string{}
-	for _, v := range []*hangVM{db, web} {
-		h, err := v.guest.Hashes(ctx(t))
-		if err != nil {
-			t.Fatal(err)
-		}
-		want[v.name] = h
-	}
+	want := hashesOf(t, db, web)
 	for _, pt := range groupCycle(t, g) {
 		checkIncremental(t, site, pt, want[pt.VM])
 	}

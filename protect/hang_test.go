@@ -140,6 +140,20 @@ func btoi(b bool) int {
 	return 0
 }
 
+// hashesOf is each VM's disks' hashes, by VM.
+func hashesOf(t *testing.T, vms ...*hangVM) map[string]map[string]string {
+	t.Helper()
+	want := map[string]map[string]string{}
+	for _, v := range vms {
+		h, err := v.guest.Hashes(ctx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[v.name] = h
+	}
+	return want
+}
+
 // checkIncremental checks that pt is an incremental point of the disk as
 // want had it.
 func checkIncremental(t *testing.T, site *testsite.Site, pt lifeboat.Point, want map[string]string) {
@@ -232,14 +246,7 @@ func TestGroupMemberHangsOutsideTheInstant(t *testing.T) {
 			if left := waitNoLeftovers(t, db.vm.Monitor(), 10*time.Second); len(left) > 0 {
 				t.Errorf("10 s after SIGCONT db's QEMU still holds %v", left)
 			}
-			want := map[string]map[string]string{}
-			for _, v := range []*hangVM{web, db} {
-				h, err := v.guest.Hashes(ctx(t))
-				if err != nil {
-					t.Fatal(err)
-				}
-				want[v.name] = h
-			}
+			want := hashesOf(t, web, db)
 			pts := cycleOnceFree(t, func() ([]lifeboat.Point, error) { return webFirst.Cycle(ctx(t)) })
 			if len(pts) != 2 || pts[0].Group == "" || pts[0].Group != pts[1].Group {
 				t.Fatalf("the group cycle after: points %+v; want one of each member at one group instant", pts)
