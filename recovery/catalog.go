@@ -5,7 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
+	"os"
 	"sort"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 
@@ -316,6 +319,25 @@ func chainFiles(tx *bolt.Tx, vm, disk string, id uint64) ([]string, error) {
 	return files, nil
 }
 
+// readFiles returns the images that disk's view at point id reads, newest
+// first: its chain down to the first image that holds the disk whole
+// (PointDisk.Whole), below which nothing is read.
+func readFiles(tx *bolt.Tx, vm, disk string, id uint64) ([]string, error) {
+	var files []string
+	errWhole := errors.New("whole")
+	err := walkChain(tx, vm, disk, id, func(_ *pointRecord, d lifeboat.PointDisk) error {
+		files = append(files, d.File)
+		if d.Whole {
+			return errWhole
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, errWhole) {
+		return nil, err
+	}
+	return files, nil
+}
+
 // eachFolded calls fn for every data block of the block map the chain makes
 // (newest record first; within one, in block order): a record's block counts
 // unless a newer record says anything of it or a size change made it unknown.
@@ -393,4 +415,105 @@ func putJSON(b *bolt.Bucket, key []byte, v any) error {
 		return err
 	}
 	return b.Put(key, data)
+}
+
+// errCatalogDamaged marks a catalog file that does not read as bbolt wrote it.
+var errCatalogDamaged = errors.New("the catalog is damaged")
+
+// openCatalog opens the catalog at path and checks it whole before anything
+// reads it: bbolt trusts its file, and a damaged one made it panic, or fault
+// on a read past the end of a truncated file (which no recover catches),
+// taking the site down at every start. The check is a walk over every page
+// (tx.Check): a catalog is bounded by the change each point recorded, so
+// this costs a moment at a site's start.
+func openCatalog(path string) (db *bolt.DB, err error) {
+	if err := checkCatalogSize(path); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			if db != nil {
+				_ = db.Close()
+			}
+			db, err = nil, fmt.Errorf("%w: %v", errCatalogDamaged, r)
+		}
+	}()
+	db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if err != nil {
+		if errors.Is(err, bolt.ErrTimeout) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w: %w", errCatalogDamaged, err)
+	}
+	err = db.View(func(tx *bolt.Tx) error {
+		var errs []error
+		for err := range tx.Check() {
+			if len(errs) < 5 {
+				errs = append(errs, err)
+			}
+		}
+		return errors.Join(errs...)
+	})
+	if err == nil {
+		err = db.Update(func(tx *bolt.Tx) error {
+			_, err := tx.CreateBucketIfNotExists(bucketVMs)
+			return err
+		})
+	}
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("%w: %w", errCatalogDamaged, err)
+	}
+	return db, nil
+}
+
+// checkCatalogSize checks that the catalog file holds every page its newest
+// valid meta page counts: bbolt maps the file and read the pages of a
+// truncated one past its end, a fault that kills the process. A file that is
+// missing or empty is a new catalog, for bbolt to make.
+func checkCatalogSize(path string) error {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil || st.Size() == 0 {
+		return err
+	}
+	le := binary.LittleEndian
+	// meta reads the meta page at off: its page size, high water mark and txid.
+	meta := func(off int64) (pageSize uint32, pgid, txid uint64, ok bool) {
+		var p [16 + 64]byte
+		if _, err := f.ReadAt(p[:], off); err != nil {
+			return 0, 0, 0, false
+		}
+		m := p[16:]
+		h := fnv.New64a()
+		h.Write(m[:56])
+		if le.Uint32(m[0:]) != 0xED0CDAED || le.Uint32(m[4:]) != 2 || le.Uint64(m[56:]) != h.Sum64() {
+			return 0, 0, 0, false
+		}
+		return le.Uint32(m[8:]), le.Uint64(m[40:]), le.Uint64(m[48:]), true
+	}
+	ps0, pg0, tx0, ok0 := meta(0)
+	off1 := int64(4096)
+	if ok0 {
+		off1 = int64(ps0)
+	}
+	ps1, pg1, tx1, ok1 := meta(off1)
+	ps, pgid := ps0, pg0
+	switch {
+	case ok1 && (!ok0 || tx1 > tx0):
+		ps, pgid = ps1, pg1
+	case !ok0:
+		return fmt.Errorf("%w: neither meta page is valid (%d-byte file)", errCatalogDamaged, st.Size())
+	}
+	if need := int64(pgid) * int64(ps); need > st.Size() || ps < 512 {
+		return fmt.Errorf("%w: the file is %d bytes, cut short of the %d its %d pages of %d bytes need", errCatalogDamaged, st.Size(), need, pgid, ps)
+	}
+	return nil
 }

@@ -129,19 +129,16 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 			return nil, fmt.Errorf("recovery store: creating %s: %w", d, err)
 		}
 	}
-	db, err := bolt.Open(filepath.Join(abs, "catalog.db"), 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	catalog := filepath.Join(abs, "catalog.db")
+	db, err := openCatalog(catalog)
 	if err != nil {
 		if errors.Is(err, bolt.ErrTimeout) {
 			return nil, fmt.Errorf("recovery store %s: the catalog is held by another process (is another lifeboat serving this directory?): %w", abs, err)
 		}
+		if errors.Is(err, errCatalogDamaged) {
+			return nil, fmt.Errorf("recovery store %s: %s: %w; the restore points' images under %s are untouched: stop here, put back catalog.db from a backup of the recovery site taken with its images, and start again", abs, catalog, err, filepath.Join(abs, "vms"))
+		}
 		return nil, fmt.Errorf("recovery store %s: opening the catalog: %w", abs, err)
-	}
-	if err := db.Update(func(tx *bolt.Tx) error {
-		_, err := tx.CreateBucketIfNotExists(bucketVMs)
-		return err
-	}); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("recovery store %s: initialising the catalog: %w", abs, err)
 	}
 	keep := opts.Keep
 	if keep <= 0 {
@@ -175,6 +172,10 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("recovery store %s: %w", abs, err)
 	}
+	if err := s.checkVMDirs(); err != nil {
+		db.Close()
+		return nil, err
+	}
 	if err := s.recover(ctx); err != nil {
 		db.Close()
 		return nil, err
@@ -195,6 +196,35 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		s.retainLater(past...)
 	}
 	return s, nil
+}
+
+// checkVMDirs refuses a catalog that knows no VM whose images lie under
+// vms/: a catalog lost (emptied, made anew) or put back from a backup older
+// than the VM. Opened as it was, the VM listed no point, and its next point
+// was written over the images of the points it had.
+func (s *Store) checkVMDirs() error {
+	ents, err := os.ReadDir(filepath.Join(s.dir, "vms"))
+	if err != nil {
+		return fmt.Errorf("recovery store %s: %w", s.dir, err)
+	}
+	var unknown []string
+	for _, e := range ents {
+		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
+			continue // a forgotten VM's files (sweepForgotten)
+		}
+		known := false
+		if err := s.db.View(func(tx *bolt.Tx) error { known = vmBucket(tx, e.Name()) != nil; return nil }); err != nil {
+			return err
+		}
+		if imgs, _ := filepath.Glob(filepath.Join(s.dir, "vms", e.Name(), "*", "*.qcow2")); !known && len(imgs) > 0 {
+			unknown = append(unknown, fmt.Sprintf("%q (%d images)", e.Name(), len(imgs)))
+		}
+	}
+	if len(unknown) == 0 {
+		return nil
+	}
+	return fmt.Errorf("recovery store %s: the catalog %s knows no VM %s, whose restore points' images are under %s: the catalog was lost or put back from a backup older than them; put back catalog.db from a backup of the recovery site taken with its images, or, to give up those points, move each such VM's directory out of %s and start again (its next cycle then sends the whole disk)",
+		s.dir, filepath.Join(s.dir, "catalog.db"), strings.Join(unknown, ", "), filepath.Join(s.dir, "vms"), filepath.Join(s.dir, "vms"))
 }
 
 // recover discards pending points and finishes merges of every VM.
@@ -472,7 +502,8 @@ func (s *Store) ImagePath(vm string, id uint64, disk string) (string, error) {
 }
 
 // CheckImages checks that no image a point reads through (each disk's
-// chain, the point's own first) was cut short since it was written: the
+// chain, the point's own first, down to an image that holds the disk whole)
+// was cut short since it was written: the
 // start of every cluster its refcounts use lies within its file
 // (qemu.CheckQcow2End: a few metadata reads per image, whatever its size).
 // QEMU reads the clusters past a truncated file's end as zeros, so a VM
@@ -484,19 +515,27 @@ func (s *Store) CheckImages(vm string, id uint64) error {
 		return err
 	}
 	for _, d := range p.Disks {
-		var files []string
-		err := s.db.View(func(tx *bolt.Tx) error {
-			var err error
-			files, err = chainFiles(tx, vm, d.Name, p.ID)
-			return err
-		})
-		if err != nil {
+		if err := s.checkDiskImages(vm, p.ID, d.Name); err != nil {
 			return err
 		}
-		for _, f := range files {
-			if err := qemu.CheckQcow2End(s.abs(f)); err != nil {
-				return fmt.Errorf("vm %q point %d disk %q: %w; the point does not read as it was written: take an earlier point whose chain does not hold this image (`lifeboat points %s`), or `lifeboat sync %s --whole` at its protected site for a new one", vm, p.ID, d.Name, err, vm, vm)
-			}
+	}
+	return nil
+}
+
+// checkDiskImages is CheckImages of one disk of committed point id.
+func (s *Store) checkDiskImages(vm string, id uint64, disk string) error {
+	var files []string
+	err := s.db.View(func(tx *bolt.Tx) error {
+		var err error
+		files, err = readFiles(tx, vm, disk, id)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	for _, f := range files {
+		if err := qemu.CheckQcow2End(s.abs(f)); err != nil {
+			return fmt.Errorf("vm %q point %d disk %q: %w; the point does not read as it was written: take an earlier point whose chain does not hold this image (`lifeboat points %s`), or `lifeboat sync %s --whole` at its protected site for a new one", vm, id, disk, err, vm, vm)
 		}
 	}
 	return nil
