@@ -14,7 +14,8 @@ import (
 // image in format (raw, qcow2, vmdk, vdi, vhdx: anything qemu-img writes),
 // leaving zeros unallocated. The image is written beside out (mode 0600) and
 // renamed to it once whole: a failed export leaves a file that was at out as
-// it was, and never a part of an image under out's name.
+// it was, and never a part of an image under out's name. A point an image of
+// which was cut short is refused (CheckImages).
 func (s *Store) Export(ctx context.Context, vm string, id uint64, disk, out, format string) error {
 	if fi, err := os.Stat(out); err == nil && fi.IsDir() {
 		return fmt.Errorf("vm %q disk %q: %s is a directory: give the image's file name (-o %s)", vm, disk, out, filepath.Join(out, vm+"-"+disk+".img"))
@@ -31,6 +32,15 @@ func (s *Store) Export(ctx context.Context, vm string, id uint64, disk, out, for
 	src, err := s.ImagePath(vm, id, disk)
 	if err != nil {
 		return err
+	}
+	// qemu-img reads the clusters past a truncated image's end as zeros,
+	// and wrote them out as the disk's without a word.
+	pt, err := s.Point(vm, id)
+	if err != nil {
+		return err
+	}
+	if err := s.checkDiskImages(vm, pt.ID, disk); err != nil {
+		return fmt.Errorf("%w (to write it out all the same, zeros where the file was cut: qemu-img convert -f qcow2 -O raw %s %s)", err, src, out)
 	}
 	if format == "" {
 		format = "raw"

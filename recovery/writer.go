@@ -90,6 +90,11 @@ type Writer struct {
 	below   map[string]string
 	carried int
 	parents map[string]uint64
+	// damaged are the disks whose chain below the new image holds an image
+	// cut short since it was written (qemu.CheckQcow2End): the point reads
+	// zeros where it was cut unless it holds the disk whole, and is not
+	// committed otherwise.
+	damaged map[string]error
 	disks   map[string]*writeDisk
 	daemon  *qemu.Daemon
 
@@ -236,10 +241,11 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		useSpare = sp != nil
 		backing  map[string]string
 		chains   map[string][]string // each disk's committed images below its new one, newest first
+		reads    map[string][]string // those of them the new image reads through (readFiles)
 		rec      pendingRecord
 	)
 	record := func(tx *bolt.Tx) error {
-		backing, chains, rec = map[string]string{}, map[string][]string{}, w.rec
+		backing, chains, rec, reads = map[string]string{}, map[string][]string{}, w.rec, map[string][]string{}
 		w.disks, w.parents = map[string]*writeDisk{}, map[string]uint64{}
 		var latest *pointRecord
 		if pts, err := readPoints(tx, spec.VM); err != nil {
@@ -280,6 +286,12 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 					for _, f := range files {
 						chains[d.Name] = append(chains[d.Name], s.abs(f))
 					}
+					if files, err = readFiles(tx, spec.VM, d.Name, latest.Point.ID); err != nil {
+						return err
+					}
+					for _, f := range files {
+						reads[d.Name] = append(reads[d.Name], s.abs(f))
+					}
 				}
 			}
 			if d.Seed != "" {
@@ -319,6 +331,14 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 	}
 	fresh := w.rec.RunDir
 	w.rec = rec // only now may an abort delete the files it names
+	w.damaged = checkChains(reads)
+	for _, d := range spec.Disks {
+		if err := w.damaged[d.Name]; err != nil && !errors.Is(err, qemu.ErrTruncated) {
+			// Deleted, or no longer a qcow2 image: no point can be written
+			// above it, not even one that holds the disk whole.
+			return nil, fmt.Errorf("vm %q point %d disk %q: the chain it would be written above cannot be read: %w; nothing is written. A failover or export can take an earlier point whose chain does not hold that image (`lifeboat points %s`); to replicate the VM again, `lifeboat forget %s --yes` here deletes its points, and its protected site then sends it whole", spec.VM, spec.ID, d.Name, err, spec.VM, spec.VM)
+		}
+	}
 	if useSpare {
 		os.RemoveAll(fresh)
 		err := w.adoptSpare(sp)
@@ -827,12 +847,17 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 			// Whole only when no patch was written, and, counted exactly
 			// (a cursor over the record), only when the writes' count could be.
 			n := blockCount(d.spec.Size)
-			if w.parents[name] == 0 || d.patches.Load() > 0 || d.touched.Load() < n {
-				continue
+			whole := false
+			if w.parents[name] != 0 && d.patches.Load() == 0 && d.touched.Load() >= n {
+				if whole, err = rec.covers(n); err != nil {
+					return err
+				}
 			}
-			whole, err := rec.covers(n)
-			if err != nil {
-				return err
+			if derr := w.damaged[name]; derr != nil && !whole {
+				return fmt.Errorf("disk %q: %w; this point would read zeros where it was cut, and every later point after it, so it is not committed: `lifeboat sync %s --whole` at its protected site sends the disk whole, which repairs the replica (a failover or export can take an earlier point whose chain does not hold that image: `lifeboat points %s`)", name, derr, vm, vm)
+			}
+			if !whole {
+				continue
 			}
 			for i := range r.Point.Disks {
 				if r.Point.Disks[i].Name == name {
@@ -922,6 +947,22 @@ func (w *Writer) end() {
 	w.s.mu.Lock()
 	delete(w.s.writers, w)
 	w.s.mu.Unlock()
+}
+
+// checkChains checks the committed images each disk's new image reads
+// through (newest first) for one cut short since it was written: a few reads per image. It
+// returns the first such image's error of each disk that has one.
+func checkChains(chains map[string][]string) map[string]error {
+	out := map[string]error{}
+	for disk, files := range chains {
+		for _, f := range files {
+			if err := qemu.CheckQcow2End(f); err != nil {
+				out[disk] = err
+				break
+			}
+		}
+	}
+	return out
 }
 
 // discardPending deletes what a pending point created, files first, so a crash
