@@ -216,7 +216,9 @@ func (s *Store) checkVMDirs() error {
 		if err := s.db.View(func(tx *bolt.Tx) error { known = vmBucket(tx, e.Name()) != nil; return nil }); err != nil {
 			return err
 		}
-		if imgs, _ := filepath.Glob(filepath.Join(s.dir, "vms", e.Name(), "*", "*.qcow2")); !known && len(imgs) > 0 {
+		// Points' images only (imageRel): a reversal moves its seed in
+		// before the catalog hears of the VM (failback.seedPath).
+		if imgs, _ := filepath.Glob(filepath.Join(s.dir, "vms", e.Name(), "*", "[0-9]*.qcow2")); !known && len(imgs) > 0 {
 			unknown = append(unknown, fmt.Sprintf("%q (%d images)", e.Name(), len(imgs)))
 		}
 	}
