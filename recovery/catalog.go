@@ -226,6 +226,58 @@ func readPending(tx *bolt.Tx, vm string) ([]pendingRecord, error) {
 	return out, err
 }
 
+// namedFiles returns every image file the catalog names for vm (relative to
+// the store): its committed points' (a recorded merge's dropped one too),
+// its pending points' and its recorded merge's; nil when the catalog has
+// never seen the VM.
+func namedFiles(tx *bolt.Tx, vm string) (map[string]bool, error) {
+	b := vmBucket(tx, vm)
+	if b == nil {
+		return nil, nil
+	}
+	named := map[string]bool{}
+	if pts := b.Bucket(bucketPoints); pts != nil {
+		err := pts.ForEach(func(k, v []byte) error {
+			var r pointRecord
+			if err := json.Unmarshal(v, &r); err != nil {
+				return fmt.Errorf("vm %q: catalog record of point %x is corrupt: %w", vm, k, err)
+			}
+			for _, d := range r.Point.Disks {
+				named[d.File] = true
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	pending, err := readPending(tx, vm)
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range pending {
+		for _, f := range p.Files {
+			named[f] = true
+		}
+	}
+	m, err := readIntent(tx, vm)
+	if err != nil {
+		return nil, err
+	}
+	if m != nil {
+		for _, f := range m.Remove {
+			named[f] = true
+		}
+		for _, d := range m.Disks {
+			named[d.Into], named[d.From] = true, true
+			for _, f := range d.Above {
+				named[f] = true
+			}
+		}
+	}
+	return named, nil
+}
+
 // listVMs returns every VM the catalog has a bucket for.
 func listVMs(tx *bolt.Tx) []string {
 	var out []string

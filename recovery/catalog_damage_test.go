@@ -78,3 +78,51 @@ func TestOpenRefusesADamagedCatalog(t *testing.T) {
 		})
 	}
 }
+
+// A catalog put back from a backup older than the images: retention merged
+// points since, so the images it names now hold later data, or are gone,
+// and later points' images lie beside it. Before, Open listed the old
+// points as they were (point 1 exported what a later point held); now it
+// refuses, naming the VM and the images it does not know.
+func TestOpenRefusesACatalogOlderThanItsImages(t *testing.T) {
+	requireQEMU(t)
+	dir := t.TempDir()
+	s := openStore(t, dir, 2)
+	const size = 1 << 20
+	m := model{}
+	write := func(s *Store, id uint64) {
+		p := begin(t, s, "vv", id, m, DiskSpec{Name: "vda", Size: size})
+		p.data("vda", int64(id%16), 2)
+		p.commit()
+	}
+	write(s, 1)
+	write(s, 2)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	cat := filepath.Join(dir, "catalog.db")
+	old, err := os.ReadFile(cat)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s = openStore(t, dir, 2)
+	for id := uint64(3); id <= 5; id++ {
+		write(s, id)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cat, old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(context.Background(), dir, Options{Keep: 2, Logger: quietLogger()})
+	if err == nil {
+		ids := pointIDs(t, s2, "vv")
+		s2.Close()
+		t.Fatalf("Open of a catalog older than its images: no error, points %v listed", ids)
+	}
+	img := imageRel("vv", "vda", 5)
+	if !strings.Contains(err.Error(), `"vv"`) || !strings.Contains(err.Error(), img) || !strings.Contains(err.Error(), "backup") {
+		t.Errorf("Open of a catalog older than its images: %v; want it to name the VM, %s and what to do", err, img)
+	}
+}

@@ -198,35 +198,55 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	return s, nil
 }
 
-// checkVMDirs refuses a catalog that knows no VM whose images lie under
-// vms/: a catalog lost (emptied, made anew) or put back from a backup older
-// than the VM. Opened as it was, the VM listed no point, and its next point
-// was written over the images of the points it had.
+// checkVMDirs refuses a catalog that does not name the points' images
+// under vms/: one that knows no VM whose images lie there (lost, emptied,
+// made anew, or put back from a backup older than the VM), or that names
+// none of some images of a VM it knows (put back from a backup older than
+// them: retention merged points since, so the images it names hold later
+// data or are gone). Opened as it was, the first listed no point of the VM
+// and its next point was written over their images; the second listed
+// points that no longer read as they were.
 func (s *Store) checkVMDirs() error {
 	ents, err := os.ReadDir(filepath.Join(s.dir, "vms"))
 	if err != nil {
 		return fmt.Errorf("recovery store %s: %w", s.dir, err)
 	}
-	var unknown []string
+	var unknown, unnamed []string
 	for _, e := range ents {
 		if !e.IsDir() || strings.HasPrefix(e.Name(), ".") {
 			continue // a forgotten VM's files (sweepForgotten)
 		}
-		known := false
-		if err := s.db.View(func(tx *bolt.Tx) error { known = vmBucket(tx, e.Name()) != nil; return nil }); err != nil {
-			return err
-		}
+		vm := e.Name()
 		// Points' images only (imageRel): a reversal moves its seed in
 		// before the catalog hears of the VM (failback.seedPath).
-		if imgs, _ := filepath.Glob(filepath.Join(s.dir, "vms", e.Name(), "*", "[0-9]*.qcow2")); !known && len(imgs) > 0 {
-			unknown = append(unknown, fmt.Sprintf("%q (%d images)", e.Name(), len(imgs)))
+		imgs, _ := filepath.Glob(filepath.Join(s.dir, "vms", vm, "*", "[0-9]*.qcow2"))
+		if len(imgs) == 0 {
+			continue
+		}
+		var named map[string]bool
+		if err := s.db.View(func(tx *bolt.Tx) (err error) { named, err = namedFiles(tx, vm); return err }); err != nil {
+			return fmt.Errorf("recovery store %s: %w", s.dir, err)
+		}
+		if named == nil {
+			unknown = append(unknown, fmt.Sprintf("%q (%d images)", vm, len(imgs)))
+			continue
+		}
+		for _, img := range imgs {
+			if rel, err := filepath.Rel(s.dir, img); err == nil && !named[rel] {
+				unnamed = append(unnamed, fmt.Sprintf("%s of VM %q", rel, vm))
+			}
 		}
 	}
-	if len(unknown) == 0 {
-		return nil
+	catalog, vms := filepath.Join(s.dir, "catalog.db"), filepath.Join(s.dir, "vms")
+	switch {
+	case len(unknown) > 0:
+		return fmt.Errorf("recovery store %s: the catalog %s knows no VM %s, whose restore points' images are under %s: the catalog was lost or put back from a backup older than them; put back catalog.db from a backup of the recovery site taken with its images, or, to give up those points, move each such VM's directory out of %s and start again (its protected site then sends it whole)",
+			s.dir, catalog, strings.Join(unknown, ", "), vms, vms)
+	case len(unnamed) > 0:
+		return fmt.Errorf("recovery store %s: the catalog %s names none of the images %s: it was put back from a backup older than them, and the points it lists may no longer read as they were (retention merged them since); put back catalog.db from a backup of the recovery site taken with its images, or, to give up such a VM's points, move its directory out of %s and start again (its protected site then sends it whole)",
+			s.dir, catalog, strings.Join(unnamed, ", "), vms)
 	}
-	return fmt.Errorf("recovery store %s: the catalog %s knows no VM %s, whose restore points' images are under %s: the catalog was lost or put back from a backup older than them; put back catalog.db from a backup of the recovery site taken with its images, or, to give up those points, move each such VM's directory out of %s and start again (its next cycle then sends the whole disk)",
-		s.dir, filepath.Join(s.dir, "catalog.db"), strings.Join(unknown, ", "), filepath.Join(s.dir, "vms"), filepath.Join(s.dir, "vms"))
+	return nil
 }
 
 // recover discards pending points and finishes merges of every VM.
