@@ -6,7 +6,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"unsafe"
 )
 
 // SmallFS mounts a file system of mib MiB of the kind given ("tmpfs", or
@@ -71,4 +73,60 @@ func FillUp(t *testing.T, path string, limit int) {
 		}
 	}
 	t.Fatalf("fill %s: %d MiB written and the file system is not full", path, limit)
+}
+
+// FaultyFS is an ext4 file system on a loop-mounted image that a test can
+// make fail as a disk does (Fail) and bring back (Clear).
+type FaultyFS struct {
+	t   *testing.T
+	img string
+	// Dir is where it is mounted.
+	Dir string
+}
+
+// NewFaultyFS mounts an ext4 file system of mib MiB (see SmallFS: it needs
+// root); it is unmounted when the test ends.
+func NewFaultyFS(t *testing.T, mib int) *FaultyFS {
+	t.Helper()
+	dir := SmallFS(t, "ext4", mib)
+	out, err := exec.Command("findmnt", "-n", "-o", "SOURCE", dir).Output()
+	if err != nil {
+		t.Fatalf("findmnt %s: %v", dir, err)
+	}
+	loop := strings.TrimSpace(string(out))
+	back, err := exec.Command("losetup", "-n", "-O", "BACK-FILE", loop).Output()
+	if err != nil {
+		t.Fatalf("losetup %s: %v", loop, err)
+	}
+	return &FaultyFS{t: t, img: strings.TrimSpace(string(back)), Dir: dir}
+}
+
+// Fail shuts the file system down as ext4 does on a fatal disk error
+// (EXT4_IOC_SHUTDOWN, the journal not flushed): every read or write of it
+// fails with EIO from then on, until Clear.
+func (f *FaultyFS) Fail() {
+	f.t.Helper()
+	d, err := os.Open(f.Dir)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	defer d.Close()
+	const ext4IocShutdown, noLogFlush = 0x8004587d, 2
+	flags := uint32(noLogFlush)
+	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, d.Fd(), ext4IocShutdown, uintptr(unsafe.Pointer(&flags))); e != 0 {
+		f.t.Fatalf("shutting %s down: %v", f.Dir, e)
+	}
+}
+
+// Clear brings the file system back as an operator does once the disk is
+// fixed: unmounted (whatever still holds a file of it must have closed
+// it) and mounted again, its journal replayed.
+func (f *FaultyFS) Clear() {
+	f.t.Helper()
+	if out, err := exec.Command("umount", f.Dir).CombinedOutput(); err != nil {
+		f.t.Fatalf("umount %s: %v: %s", f.Dir, err, out)
+	}
+	if out, err := exec.Command("mount", "-o", "loop", f.img, f.Dir).CombinedOutput(); err != nil {
+		f.t.Fatalf("mount %s again: %v: %s", f.img, err, out)
+	}
 }
