@@ -221,6 +221,9 @@ type Point struct {
 	// Tested is the last test failover of this point whose guest agent
 	// answered: proof that the point boots.
 	Tested *TestMark `json:"tested,omitempty"`
+	// Damaged says that a verify found a block this point reads damaged
+	// (nil: none found, or a verify passed since).
+	Damaged *DamageMark `json:"damaged,omitempty"`
 }
 
 // Age is how old the point's data is at now, by the clock of the site
@@ -239,6 +242,16 @@ func GroupName(tag string) string {
 		return tag[:i]
 	}
 	return tag
+}
+
+// DamageMark records that a point does not read as it was written: the
+// verify of a point found a block damaged that this point reads from the
+// same image.
+type DamageMark struct {
+	Disk   string    `json:"disk"`
+	Offset int64     `json:"offset"` // the damaged block's
+	Point  uint64    `json:"point"`  // the point whose verify found it
+	At     time.Time `json:"at"`
 }
 
 // TestMark records a test failover of a point.

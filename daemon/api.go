@@ -298,6 +298,10 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 				last := pts[len(pts)-1]
 				s.LastPoint = &last
 				s.RPO = last.Age(now).Seconds()
+				if m := last.Damaged; m != nil && s.LastError == "" {
+					// Every point after it reads the damage too, until a whole send.
+					s.LastError, s.ErrorAt = fmt.Sprintf("the latest point %d reads a damaged block of disk %s at offset %d (found by the verify of point %d): `lifeboat sync %s --whole` at its protected site repairs the replica", last.ID, m.Disk, m.Offset, m.Point, name), &m.At
+				}
 			}
 			out.VMs = append(out.VMs, s)
 		}

@@ -22,7 +22,7 @@ type FailoverRequest struct {
 	// moment ago (it is known lost, or fenced).
 	Force bool `json:"force,omitempty"`
 	// AcceptDamage starts the VM even from a point with an image cut short
-	// (failover.Options.AcceptDamage).
+	// or a block a verify found damaged (failover.Options.AcceptDamage).
 	AcceptDamage bool `json:"accept_damage,omitempty"`
 	// AgentWait bounds the wait for the guest agent after QEMU runs (0: do
 	// not wait).

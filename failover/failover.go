@@ -105,8 +105,9 @@ type Options struct {
 	// Planned: the owner asked, having shut the VM down (no split-brain check).
 	Planned bool
 	// AcceptDamage starts the VM even from a point an image of which was cut
-	// short since it was written (recovery.Store.CheckImages), whose lost
-	// clusters QEMU reads as zeros: a last resort, logged.
+	// short since it was written, whose lost clusters QEMU reads as zeros,
+	// or that reads a block a verify found damaged
+	// (recovery.Store.CheckImages): a last resort, logged.
 	AcceptDamage bool
 }
 
@@ -324,9 +325,9 @@ func (m *Manager) Start(ctx context.Context, vm string, opts Options) (_ *Run, e
 	pinned = true
 	if err := m.Store.CheckImages(vm, pt.ID); err != nil {
 		if !opts.AcceptDamage {
-			return nil, fmt.Errorf("%w (to start it all the same, reading zeros where the file was cut: --accept-damage)", err)
+			return nil, fmt.Errorf("%w (to start it all the same, reading the damage: --accept-damage)", err)
 		}
-		log.Warn("starting from a point with a damaged image, as asked (--accept-damage): the guest reads zeros where the file was cut", "err", err)
+		log.Warn("starting from a point with a damaged image, as asked (--accept-damage): the guest reads the damage (zeros where a file was cut)", "err", err)
 	}
 	r.disks = disksOf(pt, def)
 	for _, d := range r.disks {

@@ -120,3 +120,111 @@ func TestPointAboveAnUnreadableImageIsRefused(t *testing.T) {
 		})
 	}
 }
+
+// Bytes changed inside a point's image outside lifeboat (a failing disk):
+// only a verify can find them. Before, what it found was said once and
+// forgotten: the point, and every point above it that reads the damaged
+// block, were listed as good, a failover started from them, and each next
+// incremental point read the damage on. Now verify marks every listed point
+// that reads the damaged block (in the catalog: a restart keeps it), a new
+// point above one inherits the mark unless it wrote that block, a failover
+// or export refuses a marked point, a point above that wrote the block is
+// not marked, and a verify that passes clears the mark.
+func TestVerifiedDamageIsMarked(t *testing.T) {
+	requireQEMU(t)
+	dir := t.TempDir()
+	s := openStore(t, dir, 100)
+	const size = 2 << 20
+	m := model{}
+	p := begin(t, s, "vv", 1, m, DiskSpec{Name: "vda", Size: size}, DiskSpec{Name: "vdb", Size: size})
+	p.data("vda", 0, 32)
+	p.data("vdb", 0, 2)
+	p.commit()
+	p = begin(t, s, "vv", 2, m, DiskSpec{Name: "vda", Size: size}, DiskSpec{Name: "vdb", Size: size})
+	p.data("vdb", 5, 1)
+	p.commit()
+	img, err := s.ImagePath("vv", 1, "vda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, guest := dataCluster(t, img)
+	f, err := os.OpenFile(img, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig := make([]byte, 2)
+	if _, err := f.ReadAt(orig, host+100); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{^orig[0], ^orig[1]}, host+100); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	var ve *VerifyError
+	if _, err := s.Verify(testCtx(t), "vv", 2, nil); !errors.As(err, &ve) || ve.Offset != guest {
+		t.Fatalf("Verify of point 2: %v", err)
+	}
+	damaged := func(s *Store, id uint64) *lifeboat.DamageMark {
+		t.Helper()
+		pt, err := s.Point("vv", id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pt.Damaged
+	}
+	for _, id := range []uint64{1, 2} {
+		if d := damaged(s, id); d == nil || d.Disk != "vda" || d.Offset != guest || d.Point != 2 {
+			t.Errorf("point %d after verify found vda damaged at %d: mark %+v", id, guest, d)
+		}
+	}
+	// A restart keeps the marks.
+	s.Close()
+	s = openStore(t, dir, 100)
+	if d := damaged(s, 2); d == nil {
+		t.Fatal("point 2's mark is gone after a restart")
+	}
+	if err := s.CheckImages("vv", 2); !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), `disk "vda"`) || !strings.Contains(err.Error(), "--whole") {
+		t.Errorf("CheckImages of the damaged point 2 (as a failover does): %v", err)
+	}
+	out := filepath.Join(t.TempDir(), "vda.raw")
+	if err := s.Export(testCtx(t), "vv", 2, "vda", out, "raw"); !errors.Is(err, ErrDamaged) {
+		t.Errorf("export of the damaged disk: %v", err)
+	}
+	if err := s.Export(testCtx(t), "vv", 2, "vdb", out, "raw"); err != nil {
+		t.Errorf("export of the other disk: %v", err)
+	}
+
+	// The next incremental point reads the damaged block: it inherits the mark.
+	p = begin(t, s, "vv", 3, m, DiskSpec{Name: "vda", Size: size}, DiskSpec{Name: "vdb", Size: size})
+	p.data("vdb", 6, 1)
+	if pt := p.commit(); pt.Damaged == nil || pt.Damaged.Disk != "vda" {
+		t.Errorf("point 3 above the damage: mark %+v", pt.Damaged)
+	}
+	// One that writes the damaged block does not.
+	p = begin(t, s, "vv", 4, m, DiskSpec{Name: "vda", Size: size}, DiskSpec{Name: "vdb", Size: size})
+	p.data("vda", guest/B, 1)
+	if pt := p.commit(); pt.Damaged != nil {
+		t.Errorf("point 4 wrote the damaged block: mark %+v", pt.Damaged)
+	}
+	checkPoint(t, s, "vv", 4, m)
+
+	// The bytes put back as they were: a verify that passes clears the
+	// marks of the points that read them.
+	f, err = os.OpenFile(img, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(orig, host+100); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if _, err := s.Verify(testCtx(t), "vv", 2, nil); err != nil {
+		t.Fatalf("Verify of point 2 once repaired: %v", err)
+	}
+	for _, id := range []uint64{1, 2, 3} {
+		if d := damaged(s, id); d != nil {
+			t.Errorf("point %d after a verify passed: mark %+v", id, d)
+		}
+	}
+}

@@ -530,11 +530,15 @@ func (s *Store) ImagePath(vm string, id uint64, disk string) (string, error) {
 // (qemu.CheckQcow2End: a few metadata reads per image, whatever its size).
 // QEMU reads the clusters past a truncated file's end as zeros, so a VM
 // started from such a point would boot on zeroed data without a word. An
-// error wraps qemu.ErrTruncated and names the VM, point, disk and file.
+// error wraps qemu.ErrTruncated and names the VM, point, disk and file; or
+// ErrDamaged, when a verify found a block the point reads damaged.
 func (s *Store) CheckImages(vm string, id uint64) error {
 	p, err := s.Point(vm, id)
 	if err != nil {
 		return err
+	}
+	if p.Damaged != nil {
+		return damageError(vm, p.ID, p.Damaged)
 	}
 	for _, d := range p.Disks {
 		if err := s.checkDiskImages(vm, p.ID, d.Name); err != nil {
@@ -546,14 +550,26 @@ func (s *Store) CheckImages(vm string, id uint64) error {
 
 // checkDiskImages is CheckImages of one disk of committed point id.
 func (s *Store) checkDiskImages(vm string, id uint64, disk string) error {
-	var files []string
+	var (
+		files []string
+		mark  *lifeboat.DamageMark
+	)
 	err := s.db.View(func(tx *bolt.Tx) error {
-		var err error
+		r, ok, err := readPoint(tx, vm, id)
+		if err != nil {
+			return err
+		}
+		if ok {
+			mark = r.Point.Damaged
+		}
 		files, err = readFiles(tx, vm, disk, id)
 		return err
 	})
 	if err != nil {
 		return err
+	}
+	if mark != nil && mark.Disk == disk {
+		return damageError(vm, id, mark)
 	}
 	for _, f := range files {
 		if err := qemu.CheckQcow2End(s.abs(f)); err != nil {

@@ -121,11 +121,130 @@ func (s *Store) Verify(ctx context.Context, vm string, id uint64, progress func(
 		}
 		if err != nil {
 			rep.Duration = time.Since(start)
+			if mis != nil {
+				mark := &lifeboat.DamageMark{Disk: d.Name, Offset: mis.off, Point: p.ID, At: time.Now().UTC()}
+				if merr := s.markDamage(vm, p.ID, mark); merr != nil {
+					err = errors.Join(err, fmt.Errorf("recording the damage in the catalog: %w", merr))
+				}
+			}
 			return rep, err
 		}
 	}
 	rep.Duration = time.Since(start)
+	if err := s.clearDamage(vm, p.ID); err != nil {
+		return rep, fmt.Errorf("vm %q point %d reads as written, but clearing its damage mark failed: %w", vm, p.ID, err)
+	}
 	return rep, daemon.Stop(ctx)
+}
+
+// ErrDamaged marks an error about a point that a verify found damaged
+// (lifeboat.Point.Damaged).
+var ErrDamaged = errors.New("a verify found a block of the point damaged")
+
+// damageError says that point id of vm reads the damaged block of mark.
+func damageError(vm string, id uint64, mark *lifeboat.DamageMark) error {
+	return fmt.Errorf("vm %q point %d disk %q: %w: the block at offset %d (found by the verify of point %d at %s); the point does not read as it was written: take a point that does not read it (`lifeboat points %s`), or `lifeboat sync %s --whole` at its protected site for a new one",
+		vm, id, mark.Disk, ErrDamaged, mark.Offset, mark.Point, mark.At.Format(time.RFC3339), vm, vm)
+}
+
+// blockSource is the point whose image and record hold block b of disk in
+// point id's view, and false when no record of its chain holds it.
+func blockSource(tx *bolt.Tx, vm, disk string, id uint64, b int64) (uint64, bool, error) {
+	chain, err := chainOf(tx, vm, disk, id)
+	if err != nil {
+		return 0, false, err
+	}
+	for _, lv := range chain {
+		has, err := lv.rec.has(b)
+		if err != nil {
+			return 0, false, err
+		}
+		if has {
+			return lv.id, true, nil
+		}
+	}
+	return 0, false, nil
+}
+
+// markDamage records the damage the verify of mark.Point found on every
+// listed point that reads the damaged block from the same image: the
+// verified point, those below it that share that image, and those above
+// that did not write the block since. A block no record holds (it had to
+// read as zeros) marks the verified point only.
+func (s *Store) markDamage(vm string, id uint64, mark *lifeboat.DamageMark) error {
+	b := mark.Offset / lifeboat.BlockSize
+	return s.db.Update(func(tx *bolt.Tx) error {
+		pts, err := readPoints(tx, vm)
+		if err != nil {
+			return err
+		}
+		src, found, err := blockSource(tx, vm, mark.Disk, id, b)
+		if err != nil {
+			return err
+		}
+		for _, r := range pts {
+			if r.Point.ID != id {
+				if _, ok := r.disk(mark.Disk); !ok || !found {
+					continue
+				}
+				if ps, ok, err := blockSource(tx, vm, mark.Disk, r.Point.ID, b); err != nil {
+					return err
+				} else if !ok || ps != src {
+					continue
+				}
+			}
+			m := *mark
+			r.Point.Damaged = &m
+			if err := putPoint(vmBucket(tx, vm), r); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// clearDamage clears, once a verify of point id found every block as
+// written, its damage mark and those of the points that read their marked
+// block from the same image as point id.
+func (s *Store) clearDamage(vm string, id uint64) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		pts, err := readPoints(tx, vm)
+		if err != nil {
+			return err
+		}
+		self, ok, err := readPoint(tx, vm, id)
+		if err != nil || !ok {
+			return err
+		}
+		for _, r := range pts {
+			m := r.Point.Damaged
+			if m == nil {
+				continue
+			}
+			if r.Point.ID != id {
+				if _, ok := self.disk(m.Disk); !ok {
+					continue
+				}
+				b := m.Offset / lifeboat.BlockSize
+				theirs, ok1, err := blockSource(tx, vm, m.Disk, r.Point.ID, b)
+				if err != nil {
+					return err
+				}
+				ours, ok2, err := blockSource(tx, vm, m.Disk, id, b)
+				if err != nil {
+					return err
+				}
+				if !ok1 || !ok2 || theirs != ours {
+					continue
+				}
+			}
+			r.Point.Damaged = nil
+			if err := putPoint(vmBucket(tx, vm), r); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 // blockLen is the length of block b of a disk of size bytes.

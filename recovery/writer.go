@@ -853,6 +853,18 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 					return err
 				}
 			}
+			if parent, ok, err := readPoint(tx, vm, w.parents[name]); err != nil {
+				return err
+			} else if m := parent.Point.Damaged; ok && m != nil && m.Disk == name {
+				// The point below reads a block a verify found damaged:
+				// so does this one, unless it wrote the block.
+				if has, err := rec.has(m.Offset / lifeboat.BlockSize); err != nil {
+					return err
+				} else if !has {
+					inherit := *m
+					r.Point.Damaged = &inherit
+				}
+			}
 			if derr := w.damaged[name]; derr != nil && !whole {
 				return fmt.Errorf("disk %q: %w; this point would read zeros where it was cut, and every later point after it, so it is not committed: `lifeboat sync %s --whole` at its protected site sends the disk whole, which repairs the replica (a failover or export can take an earlier point whose chain does not hold that image: `lifeboat points %s`)", name, derr, vm, vm)
 			}

@@ -162,7 +162,7 @@ off in time, a last point is sent, and the recovery site starts the VM from it.`
 	cmd.Flags().BoolVar(&undo, "undo", false, "stop the failed-over VM, discard what it wrote, and hand it back to its production site")
 	cmd.Flags().BoolVar(&commit, "commit", false, "keep the failover")
 	cmd.Flags().BoolVar(&force, "force", false, "fail over although the production site was in contact a moment ago (it is known lost, or fenced)")
-	cmd.Flags().BoolVar(&acceptDamage, "accept-damage", false, "start the VM even from a point with an image cut short since it was written (the guest reads zeros there): a last resort")
+	cmd.Flags().BoolVar(&acceptDamage, "accept-damage", false, "start the VM even from a point with an image cut short since it was written (the guest reads zeros there) or a block a verify found damaged: a last resort")
 	cmd.Flags().BoolVar(&list, "list", false, "list the VMs running from their points here")
 	cmd.Flags().BoolVar(&planned, "planned", false, "at the protected site: shut the VM down, send a last point, and have the recovery site start it (no loss)")
 	cmd.Flags().DurationVar(&shutdownTimeout, "shutdown-timeout", 2*time.Minute, "with --planned: how long the guest may take to power off before its CPUs are stopped")

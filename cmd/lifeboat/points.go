@@ -36,7 +36,7 @@ func newPointsCmd(g *globals) *cobra.Command {
 				return nil
 			}
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tINSTANT (UTC)\tCONSISTENCY\tFREEZE\tCHANGED\tSENT\tDISKS\tGROUP\tTESTED")
+			fmt.Fprintln(tw, "ID\tINSTANT (UTC)\tCONSISTENCY\tFREEZE\tCHANGED\tSENT\tDISKS\tGROUP\tTESTED\tDAMAGED")
 			for _, p := range pts {
 				freeze, group := "-", "-"
 				if p.Freeze > 0 {
@@ -49,8 +49,12 @@ func newPointsCmd(g *globals) *cobra.Command {
 				if m := p.Tested; m != nil {
 					tested = fmt.Sprintf("%s: running +%v, agent +%v", m.At.UTC().Format(time.RFC3339), m.ToRunning.Round(time.Millisecond), m.ToAgent.Round(time.Millisecond))
 				}
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", p.ID, p.Instant.UTC().Format(time.RFC3339Nano), p.Consistency,
-					freeze, size(p.Stats.BytesChanged), size(p.Stats.BytesSent), len(p.Disks), group, tested)
+				damaged := "-"
+				if m := p.Damaged; m != nil {
+					damaged = fmt.Sprintf("disk %s at offset %d (verify of point %d)", m.Disk, m.Offset, m.Point)
+				}
+				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", p.ID, p.Instant.UTC().Format(time.RFC3339Nano), p.Consistency,
+					freeze, size(p.Stats.BytesChanged), size(p.Stats.BytesSent), len(p.Disks), group, tested, damaged)
 			}
 			return tw.Flush()
 		},
