@@ -228,3 +228,61 @@ func TestVerifiedDamageIsMarked(t *testing.T) {
 		}
 	}
 }
+
+// A retention merge into an image cut short outside lifeboat: qemu-img
+// commit allocates clusters past the file's end, after which the cut is no
+// longer seen (by Begin, a failover, an export), though the lost clusters
+// still read as zeros. Before, the merge's read-back check caught the zeros
+// only where its sample fell on them, and point 2 was then passed by
+// CheckImages. Now the merge waits before touching an image, saying why
+// (RetentionFailure, shown by status), the cut stays seen, and a whole send
+// with keep points after it ends it.
+func TestMergeRefusesATruncatedImage(t *testing.T) {
+	requireQEMU(t)
+	dir := t.TempDir()
+	s := openStore(t, dir, 3)
+	const size = 4 << 20
+	m := model{}
+	for id := uint64(1); id <= 3; id++ {
+		p := begin(t, s, "vv", id, m, DiskSpec{Name: "vda", Size: size})
+		p.data("vda", int64(id-1)*20, 20)
+		p.commit()
+	}
+	img, err := s.ImagePath("vv", 1, "vda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, fi.Size()/2); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	// keep lowered: retention merges point 1 into point 2 as the store opens.
+	s = openStore(t, dir, 2)
+	s.SettleRetention()
+	f, failing := s.RetentionFailure("vv")
+	if !failing || !strings.Contains(f.Err, "truncated") || !strings.Contains(f.Err, img) || !strings.Contains(f.Err, "--whole") {
+		t.Errorf("retention over a truncated image: failing %v: %q", failing, f.Err)
+	}
+	if err := s.CheckImages("vv", 2); !errors.Is(err, qemu.ErrTruncated) {
+		t.Errorf("CheckImages of point 2 after retention: %v; its cut must still be seen", err)
+	}
+
+	// The repair: a whole send, and keep points from it on.
+	p := begin(t, s, "vv", 4, m, DiskSpec{Name: "vda", Size: size, Resync: true})
+	p.data("vda", 0, size/B)
+	p.commit()
+	p = begin(t, s, "vv", 5, m, DiskSpec{Name: "vda", Size: size})
+	p.data("vda", 3, 1)
+	p.commit()
+	if ids := pointIDs(t, s, "vv"); !slices.Equal(ids, []uint64{4, 5}) {
+		t.Errorf("points after the whole send: %v, want [4 5]", ids)
+	}
+	if f, failing := s.RetentionFailure("vv"); failing {
+		t.Errorf("retention still failing after the whole send: %s", f.Err)
+	}
+	checkPoint(t, s, "vv", 5, m)
+}

@@ -360,6 +360,17 @@ func (s *Store) runMerge(ctx context.Context, vm string, m *mergeIntent, keepLat
 		if err := s.mergeHook(stepRecorded); err != nil {
 			return err
 		}
+		// An image cut short outside lifeboat reads zeros past the cut; a
+		// commit into it writes clusters past its end, after which the cut
+		// is no longer seen (by Begin, a failover, an export), though the
+		// lost clusters still read as zeros.
+		for _, d := range m.Disks {
+			for _, f := range []string{d.Into, d.From} {
+				if err := qemu.CheckQcow2End(s.abs(f)); err != nil {
+					return fmt.Errorf("disk %q: %w; the merge would hide it, so it waits: `lifeboat sync %s --whole` at its protected site writes a point holding the whole disk, and retention drops the points below it once %d stand from it on", d.Name, err, vm, s.keep)
+				}
+			}
+		}
 		commitStart := time.Now()
 		for _, d := range m.Disks {
 			// Committing again after a crash copies the same clusters again.
