@@ -246,12 +246,16 @@ func GroupName(tag string) string {
 
 // DamageMark records that a point does not read as it was written: the
 // verify of a point found a block damaged that this point reads from the
-// same image.
+// same image, or an image it reads is gone.
 type DamageMark struct {
 	Disk   string    `json:"disk"`
 	Offset int64     `json:"offset"` // the damaged block's
 	Point  uint64    `json:"point"`  // the point whose verify found it
 	At     time.Time `json:"at"`
+	// Missing, when set, is an image of the point's chain that is gone
+	// (found by the recovery site's start), not a block: Offset and Point
+	// say nothing then.
+	Missing string `json:"missing,omitempty"`
 }
 
 // TestMark records a test failover of a point.

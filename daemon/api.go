@@ -298,7 +298,9 @@ func (a *apiServer) status(w http.ResponseWriter, r *http.Request) {
 				last := pts[len(pts)-1]
 				s.LastPoint = &last
 				s.RPO = last.Age(now).Seconds()
-				if m := last.Damaged; m != nil && s.LastError == "" {
+				if m := last.Damaged; m != nil && m.Missing != "" && s.LastError == "" {
+					s.LastError, s.ErrorAt = fmt.Sprintf("the latest point %d reads the image %s of disk %s, which is gone: put it back and restart the site, or `lifeboat forget %s --yes` and let its protected site send it whole", last.ID, m.Missing, m.Disk, name), &m.At
+				} else if m != nil && s.LastError == "" {
 					// Every point after it reads the damage too, until a whole send.
 					s.LastError, s.ErrorAt = fmt.Sprintf("the latest point %d reads a damaged block of disk %s at offset %d (found by the verify of point %d): `lifeboat sync %s --whole` at its protected site repairs the replica", last.ID, m.Disk, m.Offset, m.Point, name), &m.At
 				}

@@ -286,3 +286,54 @@ func TestMergeRefusesATruncatedImage(t *testing.T) {
 	}
 	checkPoint(t, s, "vv", 5, m)
 }
+
+// An image deleted outside lifeboat (or a store whose images were put back
+// from an older backup than its catalog): before, every point that reads it
+// was listed as good until a failover, export or the next point tried to
+// open it. Now Open marks them (Point.Damaged.Missing, shown by points and
+// status; failover and export refuse them), and clears the marks once the
+// file is back.
+func TestOpenMarksPointsWithAMissingImage(t *testing.T) {
+	requireQEMU(t)
+	dir := t.TempDir()
+	s := openStore(t, dir, 100)
+	m := model{}
+	for id := uint64(1); id <= 3; id++ {
+		p := begin(t, s, "vv", id, m, DiskSpec{Name: "vda", Size: 1 << 20}, DiskSpec{Name: "vdb", Size: 1 << 20})
+		p.data("vda", int64(id), 1)
+		p.commit()
+	}
+	img, err := s.ImagePath("vv", 2, "vda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	aside := filepath.Join(t.TempDir(), "aside.qcow2")
+	if err := os.Rename(img, aside); err != nil {
+		t.Fatal(err)
+	}
+	s = openStore(t, dir, 100)
+	for id, want := range map[uint64]bool{1: false, 2: true, 3: true} {
+		pt, err := s.Point("vv", id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := pt.Damaged != nil && pt.Damaged.Disk == "vda" && pt.Damaged.Missing == img; got != want {
+			t.Errorf("point %d with %s gone: mark %+v, want marked %v", id, img, pt.Damaged, want)
+		}
+	}
+	if err := s.CheckImages("vv", 3); !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), img) {
+		t.Errorf("CheckImages of point 3, whose chain lost %s: %v", img, err)
+	}
+	s.Close()
+	if err := os.Rename(aside, img); err != nil {
+		t.Fatal(err)
+	}
+	s = openStore(t, dir, 100)
+	for id := uint64(1); id <= 3; id++ {
+		if pt, err := s.Point("vv", id); err != nil || pt.Damaged != nil {
+			t.Errorf("point %d once the image is back: %+v, %v", id, pt.Damaged, err)
+		}
+	}
+	checkPoint(t, s, "vv", 3, m)
+}

@@ -180,6 +180,9 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, err
 	}
+	if err := s.markMissing(); err != nil {
+		s.log.Error("could not check that the images of every point are there", "err", err)
+	}
 	// A VM with more points than keep (keep lowered since, or merges that
 	// waited for a pin): retention catches up now, not at its next point,
 	// which may never come (production lost, the VM protected elsewhere).
@@ -569,7 +572,7 @@ func (s *Store) checkDiskImages(vm string, id uint64, disk string) error {
 		return err
 	}
 	if mark != nil && mark.Disk == disk {
-		return damageError(vm, id, mark)
+		return damageError(vm, id, s.publicMark(mark))
 	}
 	for _, f := range files {
 		if err := qemu.CheckQcow2End(s.abs(f)); err != nil {
@@ -616,7 +619,18 @@ func (s *Store) public(r pointRecord) lifeboat.Point {
 	for i := range p.Disks {
 		p.Disks[i].File = s.abs(p.Disks[i].File)
 	}
+	p.Damaged = s.publicMark(p.Damaged)
 	return p
+}
+
+// publicMark is a damage mark as callers see it: an absolute file name.
+func (s *Store) publicMark(m *lifeboat.DamageMark) *lifeboat.DamageMark {
+	if m == nil || m.Missing == "" {
+		return m
+	}
+	c := *m
+	c.Missing = s.abs(c.Missing)
+	return &c
 }
 
 func (s *Store) abs(rel string) string {

@@ -137,13 +137,18 @@ func (s *Store) Verify(ctx context.Context, vm string, id uint64, progress func(
 	return rep, daemon.Stop(ctx)
 }
 
-// ErrDamaged marks an error about a point that a verify found damaged
-// (lifeboat.Point.Damaged).
-var ErrDamaged = errors.New("a verify found a block of the point damaged")
+// ErrDamaged marks an error about a point marked damaged
+// (lifeboat.Point.Damaged): a verify found a block of it damaged, or an
+// image of its chain is gone.
+var ErrDamaged = errors.New("the point is marked damaged")
 
 // damageError says that point id of vm reads the damaged block of mark.
 func damageError(vm string, id uint64, mark *lifeboat.DamageMark) error {
-	return fmt.Errorf("vm %q point %d disk %q: %w: the block at offset %d (found by the verify of point %d at %s); the point does not read as it was written: take a point that does not read it (`lifeboat points %s`), or `lifeboat sync %s --whole` at its protected site for a new one",
+	if mark.Missing != "" {
+		return fmt.Errorf("vm %q point %d disk %q: %w: its chain reads the image %s, which is gone (deleted outside lifeboat, or the images put back from a backup older than the catalog); the point does not read as it was written: put the file back and restart the site, take a point that does not read it (`lifeboat points %s`), or `lifeboat forget %s --yes` and let its protected site send it whole",
+			vm, id, mark.Disk, ErrDamaged, mark.Missing, vm, vm)
+	}
+	return fmt.Errorf("vm %q point %d disk %q: %w: a verify found the block at offset %d damaged (the verify of point %d at %s); the point does not read as it was written: take a point that does not read it (`lifeboat points %s`), or `lifeboat sync %s --whole` at its protected site for a new one",
 		vm, id, mark.Disk, ErrDamaged, mark.Offset, mark.Point, mark.At.Format(time.RFC3339), vm, vm)
 }
 
@@ -420,4 +425,120 @@ func checkBlocks(ctx context.Context, pl *checkPlan, progress func(n int64)) (_ 
 		return nil, checked.Load(), nbytes.Load(), errors.Join(errors.New("verify interrupted"), err)
 	}
 	return nil, checked.Load(), nbytes.Load(), nil
+}
+
+// markMissing marks, as the store opens, every listed point whose chain
+// reads an image that is gone (deleted outside lifeboat, or the images put
+// back from a backup older than the catalog), and clears such marks whose
+// images are all back: one stat per image, one catalog transaction when a
+// mark changes. Before, such points were listed as good until a failover,
+// export or next point tried to open the image.
+func (s *Store) markMissing() error {
+	type change struct {
+		vm   string
+		id   uint64
+		mark *lifeboat.DamageMark
+	}
+	var changes []change
+	exists := map[string]bool{}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		for _, vm := range listVMs(tx) {
+			pts, err := readPoints(tx, vm)
+			if err != nil {
+				return err
+			}
+			// Each point's record is read once, and each disk's chain
+			// below a point looked at once: a site's start stays linear
+			// in its points.
+			recs := map[uint64]pointRecord{}
+			for _, r := range pts {
+				recs[r.Point.ID] = r
+			}
+			type key struct {
+				disk string
+				id   uint64
+			}
+			memo := map[key]string{}
+			// gone is the first image of disk's chain at point id that is
+			// gone, "" when none is (readFiles' chain, down to a whole image).
+			var gone func(disk string, id uint64) (string, error)
+			gone = func(disk string, id uint64) (string, error) {
+				if id == 0 {
+					return "", nil
+				}
+				if f, ok := memo[key{disk, id}]; ok {
+					return f, nil
+				}
+				r, ok := recs[id]
+				if !ok {
+					// A recorded merge's dropped point: hidden, still read.
+					var err error
+					if r, ok, err = readPoint(tx, vm, id); err != nil || !ok {
+						return "", err
+					}
+					recs[id] = r
+				}
+				d, ok := r.disk(disk)
+				if !ok {
+					return "", nil
+				}
+				there, seen := exists[d.File]
+				if !seen {
+					_, err := os.Stat(s.abs(d.File))
+					there = !errors.Is(err, os.ErrNotExist)
+					exists[d.File] = there
+				}
+				f := ""
+				if !there {
+					f = d.File
+				} else if parent := r.Parents[disk]; !d.Whole && parent < id {
+					var err error
+					if f, err = gone(disk, parent); err != nil {
+						return "", err
+					}
+				}
+				memo[key{disk, id}] = f
+				return f, nil
+			}
+			for _, r := range pts {
+				var mark *lifeboat.DamageMark
+				for _, d := range r.Point.Disks {
+					f, err := gone(d.Name, r.Point.ID)
+					if err != nil {
+						return err
+					}
+					if f != "" {
+						mark = &lifeboat.DamageMark{Disk: d.Name, Missing: f, At: time.Now().UTC()}
+						break
+					}
+				}
+				cur := r.Point.Damaged
+				switch {
+				case mark != nil && (cur == nil || cur.Missing != mark.Missing):
+					s.log.Error("an image of the point's chain is gone: the point is marked damaged", "vm", vm, "point", r.Point.ID, "disk", mark.Disk, "file", s.abs(mark.Missing))
+					changes = append(changes, change{vm, r.Point.ID, mark})
+				case mark == nil && cur != nil && cur.Missing != "":
+					s.log.Warn("the images of the point's chain are all there again: its damage mark is cleared", "vm", vm, "point", r.Point.ID)
+					changes = append(changes, change{vm, r.Point.ID, nil})
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil || len(changes) == 0 {
+		return err
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		for _, c := range changes {
+			r, ok, err := readPoint(tx, c.vm, c.id)
+			if err != nil || !ok {
+				return err
+			}
+			r.Point.Damaged = c.mark
+			if err := putPoint(vmBucket(tx, c.vm), r); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }

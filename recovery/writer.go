@@ -855,7 +855,7 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 			}
 			if parent, ok, err := readPoint(tx, vm, w.parents[name]); err != nil {
 				return err
-			} else if m := parent.Point.Damaged; ok && m != nil && m.Disk == name {
+			} else if m := parent.Point.Damaged; ok && m != nil && m.Disk == name && m.Missing == "" {
 				// The point below reads a block a verify found damaged:
 				// so does this one, unless it wrote the block.
 				if has, err := rec.has(m.Offset / lifeboat.BlockSize); err != nil {

@@ -377,6 +377,10 @@ func TestCommandsEndToEnd(t *testing.T) {
 		t.Fatalf("verify of a corrupted point: err %v, output %q", err, out)
 	}
 	t.Logf("verify after corruption: %s", strings.TrimSpace(out))
+	// What it found stays said: points marks point 1 damaged.
+	if out := run(t, "points", "vm1", "-c", d.dr.config); !strings.Contains(out, "DAMAGED") || !strings.Contains(out, "disk vda at offset") || !strings.Contains(out, "(verify of point 1)") {
+		t.Errorf("points after verify found point 1 damaged:\n%s", out)
+	}
 
 	// Usage and lookup errors say what to do.
 	for _, tc := range []struct {

@@ -50,7 +50,9 @@ func newPointsCmd(g *globals) *cobra.Command {
 					tested = fmt.Sprintf("%s: running +%v, agent +%v", m.At.UTC().Format(time.RFC3339), m.ToRunning.Round(time.Millisecond), m.ToAgent.Round(time.Millisecond))
 				}
 				damaged := "-"
-				if m := p.Damaged; m != nil {
+				if m := p.Damaged; m != nil && m.Missing != "" {
+					damaged = fmt.Sprintf("disk %s: image %s is gone", m.Disk, m.Missing)
+				} else if m != nil {
 					damaged = fmt.Sprintf("disk %s at offset %d (verify of point %d)", m.Disk, m.Offset, m.Point)
 				}
 				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", p.ID, p.Instant.UTC().Format(time.RFC3339Nano), p.Consistency,
