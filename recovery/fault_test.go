@@ -63,11 +63,12 @@ func TestStoreFailsMidPoint(t *testing.T) {
 }
 
 // The store's file system fails at each step of a retention merge, and at
-// a point's commit after its writes: the points listed read as written once
-// it is back, and retention and the next point go on.
+// a point's commit after its writes (its images' sync, its catalog
+// transaction): the points listed read as written once it is back, and
+// retention and the next point go on.
 func TestStoreFailsMidMerge(t *testing.T) {
 	requireQEMU(t)
-	for _, at := range []string{"sync", stepRecorded, stepCommitted, stepResized, stepRebased, stepCataloged} {
+	for _, at := range []string{"sync", "catalog", stepRecorded, stepCommitted, stepResized, stepRebased, stepCataloged} {
 		t.Run(at, func(t *testing.T) {
 			fs := testenv.NewFaultyFS(t, 128)
 			dir := filepath.Join(fs.Dir, "store")
@@ -93,9 +94,14 @@ func TestStoreFailsMidMerge(t *testing.T) {
 				return nil
 			}
 			s.testMergeHook = fail
-			if at == "sync" {
+			// The hooks only time the fault: the file system fails for real.
+			switch at {
+			case "sync":
 				testHookSync = func(string) error { return fail("sync") }
 				t.Cleanup(func() { testHookSync = nil })
+			case "catalog":
+				testHookCatalog = func() { fail("catalog") }
+				t.Cleanup(func() { testHookCatalog = nil })
 			}
 			p := begin(t, s, "vv", 3, m, DiskSpec{Name: "vda", Size: size})
 			p.data("vda", 1, 5)
@@ -111,7 +117,7 @@ func TestStoreFailsMidMerge(t *testing.T) {
 			t.Logf("commit: %v; retention: %+v", cerr, rf)
 			p.w.Abort(context.Background())
 			s.Close()
-			testHookSync = nil
+			testHookSync, testHookCatalog = nil, nil
 			fs.Clear()
 
 			s = openStore(t, dir, 2)

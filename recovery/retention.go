@@ -366,8 +366,10 @@ func (s *Store) runMerge(ctx context.Context, vm string, m *mergeIntent, keepLat
 		// lost clusters still read as zeros.
 		for _, d := range m.Disks {
 			for _, f := range []string{d.Into, d.From} {
-				if err := qemu.CheckQcow2End(s.abs(f)); err != nil {
+				if err := qemu.CheckQcow2End(s.abs(f)); errors.Is(err, qemu.ErrTruncated) {
 					return fmt.Errorf("disk %q: %w; the merge would hide it, so it waits: `lifeboat sync %s --whole` at its protected site writes a point holding the whole disk, and retention drops the points below it once %d stand from it on", d.Name, err, vm, s.keep)
+				} else if err != nil {
+					return fmt.Errorf("disk %q: checking %s before the merge: %w", d.Name, f, err)
 				}
 			}
 		}

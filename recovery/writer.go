@@ -819,6 +819,9 @@ func (w *Writer) Commit(ctx context.Context, stats lifeboat.CycleStats) (lifeboa
 		r.Point.Disks = append(r.Point.Disks, lifeboat.PointDisk{Name: ds.Name, Size: ds.Size, File: d.file, Resync: ds.Resync,
 			Lineage: ds.Lineage, Base: ds.Base, BaseGeneration: ds.BaseGeneration, Generation: ds.Generation})
 	}
+	if testHookCatalog != nil {
+		testHookCatalog()
+	}
 	err := w.s.db.Update(func(tx *bolt.Tx) error {
 		b, err := vmBucketCreate(tx, vm)
 		if err != nil {
@@ -1004,6 +1007,10 @@ func (s *Store) discardPending(ctx context.Context, vm string, p pendingRecord) 
 // testHookSync, when set (by a test), is called before each image's
 // fdatasync at commit, and its error taken as the fdatasync's.
 var testHookSync func(rel string) error
+
+// testHookCatalog, when set (by a test), is called just before a point's
+// commit in the catalog.
+var testHookCatalog func()
 
 // syncFiles makes the point images rels durable (fdatasync), after the
 // daemon that wrote them closed them: it writes them without flushes (see
