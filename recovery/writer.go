@@ -242,6 +242,7 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		backing  map[string]string
 		chains   map[string][]string // each disk's committed images below its new one, newest first
 		reads    map[string][]string // those of them the new image reads through (readFiles)
+		damaged  map[string]error    // checkChains of reads
 		rec      pendingRecord
 	)
 	record := func(tx *bolt.Tx) error {
@@ -312,6 +313,17 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 				return err
 			}
 		}
+		// The images the new one reads, checked within this transaction:
+		// a merge deletes an image only after its own catalog transaction
+		// (a writer made ahead holds no shape).
+		damaged = checkChains(reads)
+		for _, d := range spec.Disks {
+			if err := damaged[d.Name]; err != nil && !errors.Is(err, qemu.ErrTruncated) {
+				// Deleted, or no longer a qcow2 image: no point can be
+				// written above it, not even one that holds the disk whole.
+				return unreadableChain{fmt.Errorf("vm %q point %d disk %q: the chain it would be written above cannot be read: %w; nothing is written. A failover or export can take an earlier point whose chain does not hold that image (`lifeboat points %s`); to replicate the VM again, `lifeboat forget %s --yes` here deletes its points, and its protected site then sends it whole", spec.VM, spec.ID, d.Name, err, spec.VM, spec.VM)}
+			}
+		}
 		return putJSON(b.Bucket(bucketPending), idKey(spec.ID), rec)
 	}
 	err = s.db.Update(record)
@@ -327,18 +339,15 @@ func (s *Store) Begin(ctx context.Context, spec BeginSpec) (_ *Writer, err error
 		if useSpare {
 			s.discardSpare(sp)
 		}
+		var uc unreadableChain
+		if errors.As(err, &uc) {
+			return nil, uc.error
+		}
 		return nil, fmt.Errorf("vm %q point %d: recording the point as pending: %w", spec.VM, spec.ID, err)
 	}
 	fresh := w.rec.RunDir
 	w.rec = rec // only now may an abort delete the files it names
-	w.damaged = checkChains(reads)
-	for _, d := range spec.Disks {
-		if err := w.damaged[d.Name]; err != nil && !errors.Is(err, qemu.ErrTruncated) {
-			// Deleted, or no longer a qcow2 image: no point can be written
-			// above it, not even one that holds the disk whole.
-			return nil, fmt.Errorf("vm %q point %d disk %q: the chain it would be written above cannot be read: %w; nothing is written. A failover or export can take an earlier point whose chain does not hold that image (`lifeboat points %s`); to replicate the VM again, `lifeboat forget %s --yes` here deletes its points, and its protected site then sends it whole", spec.VM, spec.ID, d.Name, err, spec.VM, spec.VM)
-		}
-	}
+	w.damaged = damaged
 	if useSpare {
 		os.RemoveAll(fresh)
 		err := w.adoptSpare(sp)
@@ -963,6 +972,12 @@ func (w *Writer) end() {
 	delete(w.s.writers, w)
 	w.s.mu.Unlock()
 }
+
+// unreadableChain is Begin's error when an image the new point would read
+// is gone or no qcow2 image: it says all there is to say.
+type unreadableChain struct{ error }
+
+func (e unreadableChain) Unwrap() error { return e.error }
 
 // checkChains checks the committed images each disk's new image reads
 // through (newest first) for one cut short since it was written: a few reads per image. It
