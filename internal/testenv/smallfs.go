@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 	"unsafe"
 )
 
@@ -125,6 +126,23 @@ func (f *FaultyFS) Clear() {
 	f.t.Helper()
 	if out, err := exec.Command("umount", f.Dir).CombinedOutput(); err != nil {
 		f.t.Fatalf("umount %s: %v: %s", f.Dir, err, out)
+	}
+	// The loop device goes once the kernel lets it (autoclear). Mounted
+	// again meanwhile, mount took that device again, and with it the
+	// file system as it was shut down: every open failed with EIO.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		out, err := exec.Command("losetup", "-n", "-O", "NAME", "-j", f.img).Output()
+		loops := strings.Fields(string(out))
+		if err == nil && len(loops) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			for _, l := range loops {
+				_ = exec.Command("losetup", "-d", l).Run()
+			}
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 	if out, err := exec.Command("mount", "-o", "loop", f.img, f.Dir).CombinedOutput(); err != nil {
 		f.t.Fatalf("mount %s again: %v: %s", f.img, err, out)
