@@ -648,6 +648,10 @@ func TestWholeSendRepairsADamagedReplica(t *testing.T) {
 	} else {
 		t.Logf("verify, as advised: %v", err)
 	}
+	// What verify found is recorded on the point, until it is repaired.
+	if stored, err := r.site.Store.Point("vm1", 1); err != nil || stored.Damaged == nil {
+		t.Errorf("point 1 after verify found it damaged: mark %+v (%v)", stored.Damaged, err)
+	}
 
 	r.p.Whole = true
 	pt := r.cycle(t)
@@ -671,6 +675,9 @@ func TestWholeSendRepairsADamagedReplica(t *testing.T) {
 			if !d.Whole {
 				t.Errorf("point %d disk %s, sent whole, is not recorded whole at the recovery site", pt.ID, d.Name)
 			}
+		}
+		if stored.Damaged != nil {
+			t.Errorf("point %d, sent whole, inherited the damage below: %+v", pt.ID, stored.Damaged)
 		}
 	}
 	if _, err := r.site.Store.Verify(ctx(t), "vm1", 1, nil); err == nil {
