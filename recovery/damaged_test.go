@@ -2,6 +2,7 @@ package recovery
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
@@ -336,4 +337,54 @@ func TestOpenMarksPointsWithAMissingImage(t *testing.T) {
 		}
 	}
 	checkPoint(t, s, "vv", 3, m)
+}
+
+// A damaged L2 entry (a cluster offset no longer aligned): QEMU answers the
+// block's reads, and block status over the image, with EIO. Before, verify
+// stopped at the block status with "can't get block status", naming no
+// block and no repair, and marked nothing; now it reads every block
+// instead, names the first it cannot read, says what to do and marks the
+// point.
+func TestVerifyFindsAnUnreadableBlock(t *testing.T) {
+	requireQEMU(t)
+	s := openStore(t, t.TempDir(), 100)
+	m := model{}
+	p := begin(t, s, "vv", 1, m, DiskSpec{Name: "vda", Size: 4 << 20})
+	p.data("vda", 0, 60)
+	p.commit()
+	img, err := s.ImagePath("vv", 1, "vda")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(img, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	be := binary.BigEndian
+	var h [48]byte
+	if _, err := f.ReadAt(h[:], 0); err != nil {
+		t.Fatal(err)
+	}
+	var e [8]byte
+	if _, err := f.ReadAt(e[:], int64(be.Uint64(h[40:]))); err != nil { // the L1 table's first entry
+		t.Fatal(err)
+	}
+	l2 := int64(be.Uint64(e[:]) &^ (1 << 63))
+	// Block 3's L2 entry (16 bytes each: the store's images have subclusters).
+	if _, err := f.ReadAt(e[:], l2+3*16); err != nil {
+		t.Fatal(err)
+	}
+	be.PutUint64(e[:], be.Uint64(e[:])|0x200)
+	if _, err := f.WriteAt(e[:], l2+3*16); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Verify(testCtx(t), "vv", 1, nil)
+	var ve *VerifyError
+	if !errors.As(err, &ve) || ve.Offset != 3*B || ve.Unreadable == nil || !strings.Contains(err.Error(), "--whole") {
+		t.Fatalf("Verify with block 3's L2 entry damaged: %v", err)
+	}
+	if pt, err := s.Point("vv", 1); err != nil || pt.Damaged == nil || pt.Damaged.Offset != 3*B {
+		t.Errorf("point 1 after verify found block 3 unreadable: %+v (%v)", pt.Damaged, err)
+	}
 }

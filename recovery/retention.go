@@ -626,8 +626,12 @@ func (s *Store) checkMerged(ctx context.Context, vm string, m *mergeIntent) (map
 			return nil, fmt.Errorf("disk %q: reading back the merged image %s: %w", d.Name, d.Into, err)
 		}
 		if mis != nil {
+			got := mis.got.String()
+			if mis.err != nil {
+				got = fmt.Sprintf("nothing (%v)", mis.err)
+			}
 			return nil, fmt.Errorf("disk %q: the merged image %s reads %s at offset %d where the record says %s: the merge stays recorded and is retried (point %d still reads through its own image); if it fails again, run `lifeboat verify %s`, and `lifeboat sync %s --whole` at its protected site, which writes a point holding the whole disk",
-				d.Name, d.Into, mis.got, mis.off, mis.want, m.Keep, vm, vm)
+				d.Name, d.Into, got, mis.off, mis.want, m.Keep, vm, vm)
 		}
 		s.log.Info("retention: merged image read back as recorded", "vm", vm, "disk", d.Name, "point", m.Keep, "blocks", len(pl.checks))
 		learned[d.Name] = blockCheck{b: -1}

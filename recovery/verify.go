@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -44,9 +45,16 @@ type VerifyError struct {
 	Offset int64
 	Want   lifeboat.Hash // lifeboat.ZeroHash: the block must read as zeros
 	Got    lifeboat.Hash
+	// Unreadable is why the block could not be read at all (the image's
+	// metadata damaged: QEMU answers EIO), nil when it read other bytes.
+	Unreadable error
 }
 
 func (e *VerifyError) Error() string {
+	if e.Unreadable != nil {
+		return fmt.Sprintf("vm %q point %d disk %q: block at offset %d cannot be read (%v), recorded %s: the image is damaged; a failover or export can take another point (`lifeboat points %s`), and `lifeboat sync %s --whole` at its protected site repairs the replica (a point holding the whole disk)",
+			e.VM, e.Point, e.Disk, e.Offset, e.Unreadable, e.Want, e.VM, e.VM)
+	}
 	return fmt.Sprintf("vm %q point %d disk %q: block at offset %d reads %s, recorded %s: the image is damaged; a failover or export can take another point (`lifeboat points %s`), and `lifeboat sync %s --whole` at its protected site repairs the replica (a point holding the whole disk)",
 		e.VM, e.Point, e.Disk, e.Offset, e.Got, e.Want, e.VM, e.VM)
 }
@@ -117,7 +125,7 @@ func (s *Store) Verify(ctx context.Context, vm string, id uint64, progress func(
 		if err != nil {
 			err = fmt.Errorf("vm %q point %d disk %q: %w", vm, p.ID, d.Name, err)
 		} else if mis != nil {
-			err = &VerifyError{VM: vm, Point: p.ID, Disk: d.Name, Offset: mis.off, Want: mis.want, Got: mis.got}
+			err = &VerifyError{VM: vm, Point: p.ID, Disk: d.Name, Offset: mis.off, Want: mis.want, Got: mis.got, Unreadable: mis.err}
 		}
 		if err != nil {
 			rep.Duration = time.Since(start)
@@ -330,7 +338,18 @@ func (s *Store) planVerify(ctx context.Context, vm string, point uint64, d lifeb
 	if err != nil {
 		return nil, fmt.Errorf("vm %q point %d disk %q: reading the block map: %w", vm, point, d.Name, err)
 	}
-	if err := pl.addAllocatedZeros(ctx, 0, blockCount(d.Size), func(b int64) bool { return data[b] || unknown[b] }); err != nil {
+	skip := func(b int64) bool { return data[b] || unknown[b] }
+	if err := pl.addAllocatedZeros(ctx, 0, blockCount(d.Size), skip); unreadable(err) {
+		// The image's metadata is damaged (QEMU answers block status
+		// with EIO): every other block is read instead, and the first
+		// that cannot be read says where.
+		s.log.Warn("verify: the image's allocation cannot be read; reading every block", "vm", vm, "point", point, "disk", d.Name, "err", err)
+		for b := range blockCount(d.Size) {
+			if !skip(b) {
+				pl.add(b, lifeboat.ZeroHash)
+			}
+		}
+	} else if err != nil {
 		return nil, fmt.Errorf("vm %q point %d disk %q: allocation of the image: %w", vm, point, d.Name, err)
 	}
 	pl.sort()
@@ -341,6 +360,15 @@ func (s *Store) planVerify(ctx context.Context, vm string, point uint64, d lifeb
 type blockMismatch struct {
 	off       int64
 	want, got lifeboat.Hash
+	err       error // the block could not be read (unreadable)
+}
+
+// unreadable says of a read's error that the server answered it with EIO:
+// the image is damaged there (QEMU finds its metadata corrupt), unlike a
+// connection that failed.
+func unreadable(err error) bool {
+	var ne *nbd.Error
+	return errors.As(err, &ne) && ne.Errno == syscall.EIO
 }
 
 // checkBlocks reads back every block of pl with a few workers and returns the
@@ -374,7 +402,15 @@ func checkBlocks(ctx context.Context, pl *checkPlan, progress func(n int64)) (_ 
 				}
 				ck := pl.checks[k]
 				off, n := ck.b*lifeboat.BlockSize, blockLen(ck.b, pl.size)
-				if err := pl.c.Read(ctx, buf[:n], off); err != nil {
+				if err := pl.c.Read(ctx, buf[:n], off); unreadable(err) {
+					mu.Lock()
+					if first == nil || off < first.off {
+						first = &blockMismatch{off: off, want: ck.want, err: err}
+						stopAt.Store(k)
+					}
+					mu.Unlock()
+					continue
+				} else if err != nil {
 					mu.Lock()
 					if readErr == nil && ctx.Err() == nil {
 						readErr = fmt.Errorf("reading offset %d: %w", off, err)
