@@ -402,13 +402,17 @@ func checkBlocks(ctx context.Context, pl *checkPlan, progress func(n int64)) (_ 
 				}
 				ck := pl.checks[k]
 				off, n := ck.b*lifeboat.BlockSize, blockLen(ck.b, pl.size)
-				if err := pl.c.Read(ctx, buf[:n], off); unreadable(err) {
+				// mismatch keeps the lowest offset; blocks after it need not be read.
+				mismatch := func(mis *blockMismatch) {
 					mu.Lock()
-					if first == nil || off < first.off {
-						first = &blockMismatch{off: off, want: ck.want, err: err}
+					defer mu.Unlock()
+					if first == nil || mis.off < first.off {
+						first = mis
 						stopAt.Store(k)
 					}
-					mu.Unlock()
+				}
+				if err := pl.c.Read(ctx, buf[:n], off); unreadable(err) {
+					mismatch(&blockMismatch{off: off, want: ck.want, err: err})
 					continue
 				} else if err != nil {
 					mu.Lock()
@@ -431,13 +435,7 @@ func checkBlocks(ctx context.Context, pl *checkPlan, progress func(n int64)) (_ 
 					ok = got == ck.want
 				}
 				if !ok {
-					mu.Lock()
-					// Keep the lowest offset; blocks after it need not be read.
-					if first == nil || off < first.off {
-						first = &blockMismatch{off: off, want: ck.want, got: got}
-						stopAt.Store(k)
-					}
-					mu.Unlock()
+					mismatch(&blockMismatch{off: off, want: ck.want, got: got})
 					continue
 				}
 				checked.Add(1)
