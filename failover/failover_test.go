@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -663,6 +664,77 @@ func TestFailoverRefusesATruncatedPoint(t *testing.T) {
 		t.Errorf("pins after the refusal: %v", pins)
 	}
 	r, err = m.Start(ctx, "tr", failover.Options{Test: true, AcceptDamage: true})
+	if err != nil {
+		t.Fatalf("with AcceptDamage: %v", err)
+	}
+	if err := m.Stop(context.Background(), r); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A point a verify found damaged (a byte changed in a data cluster of its
+// image) is refused like a cut one, naming the disk and --accept-damage:
+// before, only a cut image was, and a test or real failover started from a
+// point verify had just called damaged.
+func TestFailoverRefusesAPointVerifyFoundDamaged(t *testing.T) {
+	site := testsite.Start(t, recovery.Options{Keep: 10})
+	replicateDataDisk(t, site, "dm")
+	pt, err := site.Store.Point("dm", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := pt.Disks[0].File
+	out, err := exec.Command("qemu-img", "map", "--output=json", "-U", img).Output()
+	if err != nil {
+		t.Fatalf("qemu-img map: %v", err)
+	}
+	var extents []struct {
+		Data, Zero bool
+		Depth      int
+		Offset     *int64
+	}
+	if err := json.Unmarshal(out, &extents); err != nil {
+		t.Fatal(err)
+	}
+	host := int64(-1)
+	for _, e := range extents {
+		if e.Depth == 0 && e.Data && !e.Zero && e.Offset != nil {
+			host = *e.Offset
+			break
+		}
+	}
+	if host < 0 {
+		t.Fatalf("no data cluster in %s: %s", img, out)
+	}
+	f, err := os.OpenFile(img, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, host+100); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{^b[0]}, host+100); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	ctx := testCtx(t, 2*time.Minute)
+	if _, err := site.Store.Verify(ctx, "dm", pt.ID, nil); err == nil {
+		t.Fatal("verify passed a point with a changed byte")
+	}
+	m := manager(t, site)
+	r, err := m.Start(ctx, "dm", failover.Options{Test: true})
+	if err == nil {
+		m.Stop(context.Background(), r)
+		t.Fatalf("a test failover started from point %d, which verify found damaged", pt.ID)
+	}
+	if !errors.Is(err, recovery.ErrDamaged) || !strings.Contains(err.Error(), `disk "vda"`) || !strings.Contains(err.Error(), "--accept-damage") {
+		t.Errorf("refused with %v; want ErrDamaged naming disk vda and --accept-damage", err)
+	}
+	if pins, _ := site.Store.Pins("dm"); len(pins) != 0 {
+		t.Errorf("pins after the refusal: %v", pins)
+	}
+	r, err = m.Start(ctx, "dm", failover.Options{Test: true, AcceptDamage: true})
 	if err != nil {
 		t.Fatalf("with AcceptDamage: %v", err)
 	}
