@@ -173,3 +173,53 @@ func TestLibvirtGroup(t *testing.T) {
 		}
 	}
 }
+
+// A group of a libvirt domain and a VM reached by its own QMP (a
+// qemu-storage-daemon and a qemu-system with its agent): both frozen at
+// once, each its own way, one group tag per cycle, both points file-system
+// consistent and incremental from the second cycle, nothing of lifeboat's
+// left in the domain.
+func TestLibvirtAndQMPMembersInOneGroup(t *testing.T) {
+	testenv.RequireTools(t, "qemu-system-x86_64", "e2fsck", "dumpe2fs", "debugfs")
+	web := newLibvirtRig(t, testlibvirt.Options{Workload: testguest.FsyncWriter, Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 96 << 20}}})
+	g := testguest.Boot(t, testguest.Options{Workload: testguest.FsyncWriter, DiskSize: 96 << 20, Name: "db"})
+	db := &protect.Protector{
+		VM: protect.VM{Name: "db1", QMPSocket: g.StorageQMPSocket(), NBDSocket: g.StorageNBDSocket(),
+			Disks: []string{g.DiskNode()}, WorkDir: filepath.Join(web.p.VM.StateDir, "protect", "db1")},
+		Target: web.p.Target, Readers: 4, ChunkSize: 1 << 20,
+		Quiescer: &protect.AgentQuiescer{VM: "db1", Socket: g.AgentSocket(), Level: lifeboat.Filesystem, Limit: 10 * time.Second, MarkerDir: t.TempDir()},
+	}
+	if err := os.MkdirAll(db.VM.WorkDir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	web.p.Quiescer = &protect.LibvirtQuiescer{VM: "web1", Domain: *web.p.VM.Libvirt, Level: lifeboat.Filesystem, Limit: 10 * time.Second}
+	web.dom.WaitWriterFiles(time.Minute)
+	group := &protect.Group{Name: "mixed", Members: []*protect.Protector{web.p, db}}
+	for i := range 3 {
+		pts, err := group.Cycle(ctx(t))
+		if err != nil {
+			t.Fatalf("group cycle %d: %v", i, err)
+		}
+		web.checkLeftNothing(t)
+		if len(pts) != 2 || pts[0].Group == "" || pts[0].Group != pts[1].Group {
+			t.Fatalf("group cycle %d: points %+v, want two under one group tag", i, pts)
+		}
+		for _, pt := range pts {
+			if pt.Consistency != lifeboat.Filesystem {
+				t.Errorf("group cycle %d: %s point %d is %s (%s), want filesystem", i, pt.VM, pt.ID, pt.Consistency, pt.Note)
+			}
+			if d := pt.Disks[0]; i > 0 && d.Resync {
+				t.Errorf("group cycle %d: %s's %s was sent whole", i, pt.VM, d.Name)
+			}
+			img := filepath.Join(t.TempDir(), "p.raw")
+			if err := web.site.Store.Export(ctx(t), pt.VM, pt.ID, pt.Disks[0].Name, img, "raw"); err != nil {
+				t.Fatal(err)
+			}
+			if c := testguest.CheckFS(t, img); c.NeedsRecovery || !c.FsckClean || c.Bad > 0 {
+				t.Errorf("%s point %d: needs journal recovery %v, e2fsck clean %v, %d of %d files broken", pt.VM, pt.ID, c.NeedsRecovery, c.FsckClean, c.Bad, c.Files)
+			}
+		}
+		t.Logf("group cycle %d: %s frozen %v, %s frozen %v", i, pts[0].VM, pts[0].Freeze, pts[1].VM, pts[1].Freeze)
+		time.Sleep(300 * time.Millisecond)
+	}
+}
