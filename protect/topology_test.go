@@ -107,6 +107,7 @@ func (r *rig) noLeftovers(t *testing.T) {
 // incrementally, and one plugged in again after a point without it is a new
 // disk, sent whole. No point lists a disk it does not hold whole.
 func TestDisksAddedAndRemovedBetweenCycles(t *testing.T) {
+	betweenCycles(t)
 	r := newRig(t, wire.CompressionZstd)
 	if err := r.guest.Fill(ctx(t), 0.3); err != nil {
 		t.Fatal(err)
@@ -415,6 +416,7 @@ func (r *rig) otherRawFile(t *testing.T) func(context.Context) error {
 // The generation no longer describes the disk: the next cycle resyncs it by
 // hashes, and its point is byte-exact.
 func TestRawDiskReopenedOnAnotherImage(t *testing.T) {
+	betweenCycles(t)
 	r := newRig(t, wire.CompressionZstd)
 	if err := r.guest.Fill(ctx(t), 0.5); err != nil {
 		t.Fatal(err)
@@ -445,6 +447,7 @@ func TestRawDiskReopenedOnAnotherImage(t *testing.T) {
 // disk that is no local file kept the record as an earlier commit had left
 // it, naming the image the VM no longer used.
 func TestImagesRecordFollowsTheDisks(t *testing.T) {
+	betweenCycles(t)
 	r := newRig(t, wire.CompressionZstd)
 	if err := r.guest.Fill(ctx(t), 0.3); err != nil {
 		t.Fatal(err)
@@ -488,6 +491,7 @@ func TestImagesRecordFollowsTheDisks(t *testing.T) {
 // hold a disk, lack it, and hold it again (a new lineage) merge into one
 // another, and every point left still reads byte-exact and verifies.
 func TestRetentionAcrossARemovedDisk(t *testing.T) {
+	betweenCycles(t)
 	r := newRig(t, wire.CompressionZstd)
 	r.site = testsite.Start(t, recovery.Options{Keep: 2})
 	r.p.Target = r.site.Dial(t, wire.CompressionZstd)
@@ -554,6 +558,7 @@ func TestRetentionAcrossARemovedDisk(t *testing.T) {
 // replica, and the point is byte-exact whether the new image is smaller or
 // larger than the old one; the next cycle is incremental again.
 func TestDiskReplacedBetweenCycles(t *testing.T) {
+	betweenCycles(t)
 	for _, size := range []int64{vdaSize / 4, vdaSize * 2} {
 		t.Run(strconv.FormatInt(size>>20, 10)+"MiB", func(t *testing.T) {
 			r := newRig(t, wire.CompressionZstd)
@@ -683,6 +688,7 @@ func (v *scsiVM) check(t *testing.T, site *testsite.Site, pt lifeboat.Point, wan
 // the instant (its -blockdev node kept) is in the point as it was last, and
 // in no later point. Nothing of lifeboat's is left in the VM's QEMU.
 func TestQEMUSystemDisksPluggedAndUnplugged(t *testing.T) {
+	betweenCycles(t)
 	dir := testsite.ShortDir(t)
 	v := &scsiVM{dir: dir, models: map[string][]byte{}}
 	// sdc is a -drive: its node goes with its device.
@@ -830,6 +836,7 @@ func TestRawDiskReopenedWhileSending(t *testing.T) {
 // protected until the config names it too: the cycle says so, once, naming
 // the disk, and its points hold only the disks named.
 func TestDiskAddedOutsideDisksIsReported(t *testing.T) {
+	betweenCycles(t)
 	r := newRig(t, wire.CompressionZstd)
 	log := &testenv.LogBuffer{}
 	r.p.Log = slog.New(slog.NewTextHandler(log, nil))
@@ -849,5 +856,15 @@ func TestDiskAddedOutsideDisksIsReported(t *testing.T) {
 	}
 	if !strings.Contains(log.String(), "does not name: it is not replicated") || !strings.Contains(log.String(), "disk=vdc") {
 		t.Fatalf("the added disk vdc, which `disks:` does not name, went unreported:\n%s", log)
+	}
+}
+
+// betweenCycles skips, in the suite's -race -short pass, a test whose
+// topology changes come between cycles: nothing runs concurrently with the
+// cycle there that the race detector could catch, and the plain pass runs it.
+func betweenCycles(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("changes the disks between cycles only: covered by the full (non -short) run")
 	}
 }
