@@ -77,14 +77,20 @@ func (v *vm) onProgress(p protect.Progress) {
 	}
 }
 
+// watch returns a channel of the VM's progress reports, and the function
+// that ends it (closing the channel).
 func (v *vm) watch() (chan protect.Progress, func()) {
 	ch := make(chan protect.Progress, 16)
 	v.mu.Lock()
 	v.watchers[ch] = struct{}{}
 	v.mu.Unlock()
 	return ch, func() {
+		// Closed under mu, where onProgress sends: a reader ranging over
+		// ch ends (a group sync's, one per member; before, they waited
+		// for good).
 		v.mu.Lock()
 		delete(v.watchers, ch)
+		close(ch)
 		v.mu.Unlock()
 	}
 }
