@@ -46,6 +46,16 @@ func (d *Daemon) failbackVM(ctx context.Context, name string) (failback.VMInfo, 
 func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 	vm := r.PathValue("vm")
 	finalize := r.URL.Query().Get("finalize") != ""
+	var opts failback.FinalizeOptions
+	if finalize {
+		// Before startBack marks the failback under way: a refusal after
+		// it left the mark for good.
+		var err error
+		if opts, err = finalizeOptions(r); err != nil {
+			writeErr(w, http.StatusBadRequest, fmt.Errorf("vm %q: finalize: %w", vm, err))
+			return
+		}
+	}
 	bc, ok := a.startBack(w, r, vm, "fail back", finalize, nil)
 	if !ok {
 		return
@@ -53,7 +63,6 @@ func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 	ctx, home, c, track, b, progress := r.Context(), bc.home, bc.c, bc.track, bc.back, bc.progress
 	// From here the answer is a stream: progress, then the point or the error.
 	st := newStream(w)
-	var err error
 	if !finalize {
 		streamCycle(st, progress, func() (lifeboat.Point, error) {
 			pt, err := b.Cycle(ctx)
@@ -62,19 +71,6 @@ func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 			return pt, err
 		})
 		return
-	}
-	var opts failback.FinalizeOptions
-	if s := r.URL.Query().Get("shutdown_timeout"); s != "" {
-		if opts.ShutdownTimeout, err = time.ParseDuration(s); err != nil {
-			st.send(Event{Error: fmt.Sprintf("shutdown_timeout %q: %v", s, err)})
-			return
-		}
-	}
-	if s := r.URL.Query().Get("wait"); s != "" {
-		if opts.Wait, err = time.ParseDuration(s); err != nil {
-			st.send(Event{Error: fmt.Sprintf("wait %q: %v", s, err)})
-			return
-		}
 	}
 	var fin failback.Finalized
 	streamCycle(st, progress, func() (lifeboat.Point, error) {
@@ -89,6 +85,24 @@ func (a *apiServer) failback(w http.ResponseWriter, r *http.Request) {
 		}
 		return fin.Fold, err
 	}, func(e *Event) { e.Finalized = &fin })
+}
+
+// finalizeOptions reads a finalize's shutdown_timeout and wait (durations
+// of 0 or more; 0 or absent: the defaults).
+func finalizeOptions(r *http.Request) (failback.FinalizeOptions, error) {
+	var opts failback.FinalizeOptions
+	for name, dst := range map[string]*time.Duration{"shutdown_timeout": &opts.ShutdownTimeout, "wait": &opts.Wait} {
+		s := r.URL.Query().Get(name)
+		if s == "" {
+			continue
+		}
+		d, err := time.ParseDuration(s)
+		if err != nil || d < 0 {
+			return opts, fmt.Errorf("%s %q: give a duration of 0 or more, e.g. 2m", name, s)
+		}
+		*dst = d
+	}
+	return opts, nil
 }
 
 // backCall is a failback (or a reversal) begun at the recovery site: the

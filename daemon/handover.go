@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat/recovery"
 )
@@ -36,6 +37,20 @@ func (a *apiServer) handover(w http.ResponseWriter, r *http.Request) {
 			err = fmt.Errorf("vm %q has no restore point at site %q: there is nothing to hand over (a new VM belongs to the first site that replicates it)", vm, a.d.cfg.Site)
 		}
 		writeErr(w, http.StatusNotFound, err)
+		return
+	}
+	// A VM failed over here runs here: handed to a protected site now, it
+	// would be replicated from there too, running at two sites. A failed-
+	// over owner with no run left (its record lost) is what a handover
+	// repairs, and goes through.
+	runs, err := a.d.runs.Runs(vm)
+	if err != nil {
+		writeErr(w, http.StatusInternalServerError, err)
+		return
+	}
+	if run := lastRealRun(runs); run != nil {
+		writeErr(w, http.StatusConflict, fmt.Errorf("vm %q runs here from point %d (failover %s since %s): handed to site %q now, it would be replicated from there while it runs here. End the failover first: `lifeboat failover %s --undo` gives it back to the site it was taken from, `lifeboat failback %s --finalize` brings it home; then hand it over",
+			vm, run.Point, run.ID, run.Started.UTC().Format(time.RFC3339), req.Site, vm, vm))
 		return
 	}
 	o, err := a.d.store.Handover(vm, req.Site)

@@ -155,6 +155,12 @@ func (v *vm) sync(ctx context.Context, whole, resume bool) (lifeboat.Point, erro
 // migrate is a planned migration: the VM shut down here, its last point
 // sent, the recovery site running it. The VM is failed over from then on.
 func (v *vm) migrate(ctx context.Context, timeout time.Duration) (protect.Migration, error) {
+	if v.group != "" {
+		// Gone from here, it would fail every cycle of its group: the other
+		// members would never be replicated again.
+		return protect.Migration{}, fmt.Errorf("vm %q is a member of consistency group %q, whose VMs are replicated together: migrated alone, it would fail every cycle of the group, and its other members would not be replicated any more. Take it out of the group's `vms:` in %s and restart the site, then migrate it; or fail the group over together at the recovery site (`lifeboat plan run`)",
+			v.cfg.Name, v.group, v.d.cfg.Path())
+	}
 	v.cycleMu.Lock()
 	defer v.cycleMu.Unlock()
 	if v.isUnprotected() {

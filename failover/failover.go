@@ -78,6 +78,9 @@ type Manager struct {
 	// commits are the undecided real failovers' commit deadlines as this
 	// process measures them, by run ID (CommitDue).
 	commits map[string]commitClock
+	// ending are the runs Stop is ending, by run ID: a commit of one is
+	// refused, and so is a second stop.
+	ending map[string]bool
 
 	// Libvirt, when set, is the libvirtd (URI) that runs VMs whose points
 	// carry a libvirt domain's XML: they start as domains of it. Other VMs
@@ -528,6 +531,27 @@ func (m *Manager) answered(r *Run) error {
 // site replicates it again from its latest point, incrementally.
 func (m *Manager) Stop(ctx context.Context, r *Run) error {
 	log := m.log().With("vm", r.VM, "point", r.Point, "run", r.ID)
+	m.mu.Lock()
+	if m.ending[r.ID] {
+		m.mu.Unlock()
+		return fmt.Errorf("vm %q: run %s is being ended already (`lifeboat failover --list`)", r.VM, r.ID)
+	}
+	if m.ending == nil {
+		m.ending = map[string]bool{}
+	}
+	m.ending[r.ID] = true
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		delete(m.ending, r.ID)
+		m.mu.Unlock()
+	}()
+	// The record as it is now: a commit (Commit) may have kept the
+	// failover since the caller read it, and none can from here on. A
+	// record gone is a run ended already: what is left of it goes.
+	if err := m.reload(r); err != nil && !errors.Is(err, errRunEnded) {
+		return err
+	}
 	if r.Committed && !r.Test {
 		return fmt.Errorf("vm %q: the failover from point %d was committed: the VM runs here for good, and an undo would throw away what it wrote since; shut it down in the guest if it must stop, and fail it back to bring it home", r.VM, r.Point)
 	}
@@ -590,8 +614,37 @@ func (m *Manager) Commit(r *Run) error {
 	if r.Test {
 		return fmt.Errorf("vm %q: run %s is a test, which is never kept: end it with --test --stop", r.VM, r.ID)
 	}
+	// Under m.mu, so that a Stop either began before (the commit is
+	// refused) or reads the record after it (and refuses the undo).
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.ending[r.ID] {
+		return fmt.Errorf("vm %q: its failover from point %d (run %s) is being undone: there is nothing left to commit; once the undo has ended, `lifeboat failover %s` starts it here again", r.VM, r.Point, r.ID, r.VM)
+	}
+	if err := m.reload(r); err != nil {
+		return err
+	}
 	r.Committed = true
 	return m.save(r)
+}
+
+// errRunEnded is wrapped by reload's error for a run whose record is gone.
+var errRunEnded = errors.New("the run has ended")
+
+// reload reads r's record again into r: another command may have changed
+// it (a commit), or ended the run, since the caller read it.
+func (m *Manager) reload(r *Run) error {
+	b, err := os.ReadFile(r.recordFile())
+	if errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("vm %q: run %s has ended (`lifeboat failover --list` lists the runs): %w", r.VM, r.ID, errRunEnded)
+	}
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(b, r); err != nil {
+		return fmt.Errorf("run %s: its record is corrupt: %w", r.ID, err)
+	}
+	return nil
 }
 
 // commitClock is how long an undecided failover had left before it commits

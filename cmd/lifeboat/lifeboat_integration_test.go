@@ -24,6 +24,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/testguest"
 	"github.com/lifeboat-dr/lifeboat/internal/testvm"
 	"github.com/lifeboat-dr/lifeboat/internal/workload"
+	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
 var binary string
@@ -212,6 +213,19 @@ func deploy(t *testing.T, vdaSize int64) *deployment {
 // deployDisks is deploy with a VM of the disks given.
 func deployDisks(t *testing.T, specs ...testvm.DiskSpec) *deployment {
 	t.Helper()
+	return deployWith(t, deployExtra{}, specs...)
+}
+
+// deployExtra adds to the configs deployWith writes: dr's and prod's
+// lines (after their own), and fields of vm1's entry in prod's `vms:` (a
+// flow mapping's "key: value, ...").
+type deployExtra struct {
+	dr, prod, vm1 string
+}
+
+// deployWith is deployDisks with more in the sites' configs.
+func deployWith(t *testing.T, extra deployExtra, specs ...testvm.DiskSpec) *deployment {
+	t.Helper()
 	d := &deployment{dir: shortDir(t)}
 	for _, s := range specs {
 		d.disks = append(d.disks, workload.Disk{Name: s.Name, Size: s.Size})
@@ -231,19 +245,56 @@ state_dir: %s/dr
 listen: %s
 keep: 10
 tls: {ca: pki/ca.crt, cert: pki/dr.crt, key: pki/dr.key}
-`, d.dir, addr)), 0o600)
+%s`, d.dir, addr, extra.dr)), 0o600)
 	prodCfg := filepath.Join(d.dir, "prod.yaml")
+	vm1Extra := ""
+	if extra.vm1 != "" {
+		vm1Extra = ", " + extra.vm1
+	}
 	os.WriteFile(prodCfg, []byte(fmt.Sprintf(`site: prod
 state_dir: %s/prod
 tls: {ca: pki/ca.crt, cert: pki/prod.crt, key: pki/prod.key}
 peers:
   - {name: dr, address: "%s", compression: zstd}
 vms:
-  - {name: vm1, qmp: %s, nbd_socket: %s}
-`, d.dir, addr, d.vm.QMPSocket(), d.vm.NBDSocket())), 0o600)
+  - {name: vm1, qmp: %s, nbd_socket: %s%s}
+%s`, d.dir, addr, d.vm.QMPSocket(), d.vm.NBDSocket(), vm1Extra, extra.prod)), 0o600)
 	d.dr = startSite(t, "dr", drCfg)
 	d.prod = startSite(t, "prod", prodCfg)
 	return d
+}
+
+// startSystemVM starts a qemu-system VM with no guest and one disk, vda
+// (16 MiB of qcow2): the VM's own monitor, as a planned migration needs.
+func startSystemVM(t *testing.T) *testvm.System {
+	t.Helper()
+	dir := shortDir(t)
+	image := filepath.Join(dir, "vda.qcow2")
+	if err := qemu.CreateImage(context.Background(), image, "qcow2", 16<<20, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	return testvm.StartSystem(t, dir,
+		"-blockdev", fmt.Sprintf(`{"driver":"qcow2","node-name":"vda-node","file":{"driver":"file","filename":%q}}`, image),
+		"-device", "virtio-blk-pci,drive=vda-node,id=vda")
+}
+
+// restartWith restarts the site (kill -9) with its config's `vms:` and
+// what follows it replaced by vms.
+func (s *site) restartWith(t *testing.T, vms string) {
+	t.Helper()
+	cfg, err := os.ReadFile(s.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := strings.Index(string(cfg), "vms:")
+	if i < 0 {
+		t.Fatalf("%s has no vms:", s.config)
+	}
+	s.kill()
+	if err := os.WriteFile(s.config, append(cfg[:i:i], vms...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.start(t)
 }
 
 func (d *deployment) points(t *testing.T, config string) []lifeboat.Point {

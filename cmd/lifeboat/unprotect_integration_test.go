@@ -13,8 +13,6 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/daemon"
-	"github.com/lifeboat-dr/lifeboat/internal/testvm"
-	"github.com/lifeboat-dr/lifeboat/qemu"
 	"github.com/lifeboat-dr/lifeboat/recovery"
 )
 
@@ -258,22 +256,8 @@ func TestUnprotectInterruptedRelease(t *testing.T) {
 // "unprotected": it is refused, saying to protect the VM again first.
 func TestUnprotectedVMNotMigrated(t *testing.T) {
 	d := deploy(t, 16<<20)
-	dir := shortDir(t)
-	image := filepath.Join(dir, "vda.qcow2")
-	if err := qemu.CreateImage(context.Background(), image, "qcow2", 16<<20, "", ""); err != nil {
-		t.Fatal(err)
-	}
-	sys := testvm.StartSystem(t, dir,
-		"-blockdev", fmt.Sprintf(`{"driver":"qcow2","node-name":"vda-node","file":{"driver":"file","filename":%q}}`, image),
-		"-device", "virtio-blk-pci,drive=vda-node,id=vda")
-	cfg, err := os.ReadFile(d.prod.config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	i := strings.Index(string(cfg), "vms:")
-	d.prod.kill()
-	os.WriteFile(d.prod.config, []byte(string(cfg[:i])+"vms:\n  - {name: vm1, qmp: "+sys.QMPSocket()+"}\n"), 0o600)
-	d.prod.start(t)
+	sys := startSystemVM(t)
+	d.prod.restartWith(t, "vms:\n  - {name: vm1, qmp: "+sys.QMPSocket()+"}\n")
 	run(t, "sync", "vm1", "-c", d.prod.config)
 	run(t, "unprotect", "vm1", "-c", d.prod.config)
 
