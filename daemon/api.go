@@ -409,7 +409,7 @@ func (a *apiServer) points(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if _, protected := a.d.vmOf(name); len(pts) > 0 || !protected {
-			writeJSON(w, http.StatusOK, pts)
+			writeJSON(w, http.StatusOK, pointList(pts))
 			return
 		}
 	}
@@ -428,7 +428,16 @@ func (a *apiServer) points(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusBadGateway, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, pts)
+	writeJSON(w, http.StatusOK, pointList(pts))
+}
+
+// pointList is pts, or an empty list for none: a list in JSON either way,
+// never null.
+func pointList(pts []lifeboat.Point) []lifeboat.Point {
+	if pts == nil {
+		return []lifeboat.Point{}
+	}
+	return pts
 }
 
 func (a *apiServer) needStore(w http.ResponseWriter, vm string) bool {
@@ -447,6 +456,10 @@ func (a *apiServer) export(w http.ResponseWriter, r *http.Request) {
 	var req ExportRequest
 	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
 		writeErr(w, http.StatusBadRequest, fmt.Errorf("export request: %w", err))
+		return
+	}
+	if err := a.d.exportOut(name, req.Out); err != nil {
+		writeErr(w, http.StatusBadRequest, err)
 		return
 	}
 	pt, err := a.d.store.Point(name, req.Point)
@@ -468,6 +481,35 @@ func (a *apiServer) export(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, Event{Point: &pt})
+}
+
+// exportOut refuses an export's out that is not an absolute path (the site
+// would read it against its own working directory), or that lies in the
+// site's state_dir, symbolic links followed: the export's rename would
+// replace a file of the site's own (a point's image, the catalog, a
+// failover's overlay) with the exported image.
+func (d *Daemon) exportOut(vm, out string) error {
+	if !filepath.IsAbs(out) {
+		return fmt.Errorf("vm %q: export to %q: give the image's absolute path on this site (`lifeboat export` makes -o absolute)", vm, out)
+	}
+	resolved := func(p string) string {
+		// The directory: out itself may not exist yet.
+		dir, err := filepath.EvalSymlinks(filepath.Dir(p))
+		if err != nil {
+			return filepath.Clean(p)
+		}
+		return filepath.Join(dir, filepath.Base(p))
+	}
+	state, err := filepath.EvalSymlinks(d.cfg.StateDir)
+	if err != nil {
+		state = d.cfg.StateDir
+	}
+	for _, p := range []string{filepath.Clean(out), resolved(out)} {
+		if rel, err := filepath.Rel(state, p); err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator)) {
+			return fmt.Errorf("vm %q: export to %s: that is inside this site's state_dir %s, whose files are its points and records, and an export there could replace one: give a path outside it", vm, out, d.cfg.StateDir)
+		}
+	}
+	return nil
 }
 
 // exportDisk is the disk an export request means: the one it names, or the

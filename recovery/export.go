@@ -19,6 +19,10 @@ import (
 func (s *Store) Export(ctx context.Context, vm string, id uint64, disk, out, format string) error {
 	if fi, err := os.Stat(out); err == nil && fi.IsDir() {
 		return fmt.Errorf("vm %q disk %q: %s is a directory: give the image's file name (-o %s)", vm, disk, out, filepath.Join(out, vm+"-"+disk+".img"))
+	} else if err == nil && !fi.Mode().IsRegular() {
+		// The image is renamed to out once whole: that would replace a
+		// device node or a FIFO with a file, and write nothing into it.
+		return fmt.Errorf("vm %q disk %q: %s is not a regular file (%s): an export writes an image file, which would take its place; export to a file, then write that onto it (`qemu-img convert -n -O raw FILE %s`)", vm, disk, out, fileKind(fi.Mode()), out)
 	}
 	dir := filepath.Dir(out)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
@@ -60,4 +64,19 @@ func (s *Store) Export(ctx context.Context, vm string, id uint64, disk, out, for
 		return fmt.Errorf("vm %q disk %q: exporting point %d to %s: %w", vm, disk, id, out, err)
 	}
 	return nil
+}
+
+// fileKind names what a file that is not a regular one is.
+func fileKind(m os.FileMode) string {
+	switch {
+	case m&os.ModeCharDevice != 0:
+		return "a character device"
+	case m&os.ModeDevice != 0:
+		return "a block device"
+	case m&os.ModeNamedPipe != 0:
+		return "a FIFO"
+	case m&os.ModeSocket != 0:
+		return "a socket"
+	}
+	return "a " + m.Type().String()
 }

@@ -46,6 +46,12 @@ finalize that fails leaves the VM powered off here and may be run again.`,
 			if err != nil {
 				return err
 			}
+			if err := notNegative("shutdown-timeout", shutdownTimeout, "lifeboat failback web1 --finalize --shutdown-timeout 2m"); err != nil {
+				return err
+			}
+			if err := notNegative("wait", wait, "lifeboat failback web1 --finalize --wait 10m"); err != nil {
+				return err
+			}
 			c, err := g.client()
 			if err != nil {
 				return err

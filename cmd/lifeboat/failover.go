@@ -42,6 +42,12 @@ off in time, a last point is sent, and the recovery site starts the VM from it.`
 			"  lifeboat failover web1 --test --stop\n  lifeboat failover web1 --commit\n  lifeboat failover web1 --undo\n  lifeboat failover --list\n" +
 			"  lifeboat failover web1 --planned    # at the protected site",
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := notNegative("agent-wait", agentWait, "lifeboat failover web1 --agent-wait 2m"); err != nil {
+				return err
+			}
+			if err := notNegative("shutdown-timeout", shutdownTimeout, "lifeboat failover web1 --planned --shutdown-timeout 2m"); err != nil {
+				return err
+			}
 			c, err := g.client()
 			if err != nil {
 				return err

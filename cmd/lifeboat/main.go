@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -103,4 +104,13 @@ func oneVM(args []string, example string) (string, error) {
 		return "", usagef("%q is not a VM's name (letters, digits, '_', '-' and '.', not starting with '.' or '-'): `lifeboat status` lists the VMs, e.g. `%s`", vm, example)
 	}
 	return args[0], nil
+}
+
+// notNegative refuses a negative duration given to flag: taken as its
+// default or as none, it did what nobody asked.
+func notNegative(flag string, d time.Duration, example string) error {
+	if d < 0 {
+		return usagef("--%s %v: give a duration of 0 or more, e.g. `%s`", flag, d, example)
+	}
+	return nil
 }

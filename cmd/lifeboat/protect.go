@@ -37,6 +37,9 @@ instead of writing under the points. Run again, it changes only the interval
 			if err != nil {
 				return err
 			}
+			if err := notNegative("interval", interval, "lifeboat protect web1 --reverse --interval 5m"); err != nil {
+				return err
+			}
 			if !reverse {
 				return usageError{fmt.Sprintf("lifeboat protect only protects in reverse so far: a VM of this site is protected by its config's vms:; for a VM failed over here, `lifeboat protect %s --reverse`", vm)}
 			}
