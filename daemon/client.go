@@ -53,6 +53,11 @@ func (c *Client) do(ctx context.Context, method, path string, body any) (*http.R
 		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
 			return nil, fmt.Errorf("no lifeboat site answers at %s: start it with `lifeboat serve -c site.yaml`", c.socket)
 		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) {
+			// The request went; the site ended before it answered (it was
+			// stopped or killed): what it did of it is for status to say.
+			return nil, fmt.Errorf("the lifeboat site at %s ended before it answered (%v): see its log, and `lifeboat status` (`lifeboat failover --list` for runs) for what was done; run the command again once the site runs", c.socket, err)
+		}
 		return nil, fmt.Errorf("lifeboat site at %s: %w", c.socket, err)
 	}
 	if resp.StatusCode != http.StatusOK {

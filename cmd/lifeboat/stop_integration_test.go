@@ -1,15 +1,18 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/testvm"
 	"github.com/lifeboat-dr/lifeboat/qemu"
 )
 
@@ -146,5 +149,36 @@ func TestStopSitesMidCycle(t *testing.T) {
 		}
 		d.checkLatest(t, want)
 		run(t, "verify", "vm1", "-c", d.dr.config)
+	}
+}
+
+// A site killed while a command waited for its answer: the command said
+// `lifeboat site at SOCKET: Post "http://lifeboat/v1/vms/vm1/failover":
+// EOF`, neither what happened nor what to do. The site is stopped
+// (SIGSTOP) before the command, which its socket still takes, then killed.
+func TestSiteKilledBeforeItAnswered(t *testing.T) {
+	d := deployDisks(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 16 << 20})
+	run(t, "sync", "vm1", "-c", d.prod.config)
+	for _, args := range [][]string{
+		{"failover", "vm1", "--test", "--agent-wait", "0"},
+		{"export", "vm1", "-o", filepath.Join(d.dir, "vm1.raw")},
+	} {
+		if err := d.dr.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(binary, append(args, "-c", d.dr.config)...)
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Second) // the request is in the site's socket
+		d.dr.kill()
+		err := cmd.Wait()
+		t.Logf("lifeboat %s, its site killed: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(out.String()))
+		if err == nil || !strings.Contains(out.String(), "ended before it answered") || !strings.Contains(out.String(), "lifeboat status") {
+			t.Errorf("lifeboat %s, its site killed before it answered: %v\n%s\nwant it to say so, and where to look", strings.Join(args, " "), err, out.String())
+		}
+		d.dr.start(t)
 	}
 }
