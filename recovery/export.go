@@ -6,6 +6,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
 
 	"github.com/lifeboat-dr/lifeboat/qemu"
 )
@@ -49,12 +53,19 @@ func (s *Store) Export(ctx context.Context, vm string, id uint64, disk, out, for
 	if format == "" {
 		format = "raw"
 	}
-	f, err := os.CreateTemp(dir, "."+filepath.Base(out)+".lifeboat-export-*")
+	s.sweepExportTemps(out)
+	f, err := os.CreateTemp(dir, exportTempPrefix(out)+"*")
 	if err != nil {
 		return fmt.Errorf("vm %q disk %q: exporting point %d to %s: %w", vm, disk, id, out, err)
 	}
 	tmp := f.Name()
-	f.Close()
+	// Held while the export runs, and dropped by the kernel with this
+	// process: an export to out finds by it what a killed one left.
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("vm %q disk %q: exporting point %d to %s: locking %s: %w", vm, disk, id, out, tmp, err)
+	}
 	if err := qemu.Convert(ctx, src, "qcow2", tmp, format); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("vm %q disk %q: exporting point %d to %s as %s: %w", vm, disk, id, out, format, err)
@@ -64,6 +75,56 @@ func (s *Store) Export(ctx context.Context, vm string, id uint64, disk, out, for
 		return fmt.Errorf("vm %q disk %q: exporting point %d to %s: %w", vm, disk, id, out, err)
 	}
 	return nil
+}
+
+// exportTempPrefix starts the name of an export's temporary image beside
+// out.
+func exportTempPrefix(out string) string { return "." + filepath.Base(out) + ".lifeboat-export-" }
+
+// sweepExportTemps removes what exports to out that their site did not
+// finish (it was killed) left beside it: the temporary image, as large as
+// the disk, and the qemu-img that may still be writing it (a child of the
+// dead site, which outlived it). A temporary image that an export under way
+// holds (its flock, in this site or another) is left alone.
+func (s *Store) sweepExportTemps(out string) {
+	temps, _ := filepath.Glob(filepath.Join(filepath.Dir(out), exportTempPrefix(out)+"*"))
+	for _, tmp := range temps {
+		f, err := os.Open(tmp)
+		if err != nil {
+			continue
+		}
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			f.Close()
+			continue // an export under way
+		}
+		killed := killExportWriters(tmp)
+		err = os.Remove(tmp)
+		f.Close()
+		s.log.Warn("removed what an export that its site did not finish left beside its output", "file", tmp, "killed_qemu_img", killed, "err", err)
+	}
+}
+
+// killExportWriters kills the processes converting into file (qemu-img
+// convert ... file: file's name is an export's own, random), and returns
+// their pids.
+func killExportWriters(file string) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(string(cmd), "\x00")
+		if slices.Contains(args, "convert") && slices.Contains(args, file) && syscall.Kill(pid, syscall.SIGKILL) == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }
 
 // fileKind names what a file that is not a regular one is.

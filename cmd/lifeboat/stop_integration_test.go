@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -182,3 +185,76 @@ func TestSiteKilledBeforeItAnswered(t *testing.T) {
 		d.dr.start(t)
 	}
 }
+
+// A site killed while an export ran left qemu-img writing on (its child
+// outlived it) and the export's hidden temporary image beside the output,
+// as large as the disk, for good. The next export to the same file removes
+// both. The site's qemu-img is a script that stops itself (SIGSTOP) before
+// it converts, so that the kill lands mid-export.
+func TestExportCutShortByAKill(t *testing.T) {
+	d := deployDisks(t, testvm.DiskSpec{Name: "vda", Format: "qcow2", Size: 16 << 20})
+	if err := d.guest.Fill(context.Background(), 0.5); err != nil {
+		t.Fatal(err)
+	}
+	want := d.hashes(t)
+	run(t, "sync", "vm1", "-c", d.prod.config)
+	real, err := exec.LookPath("qemu-img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrap := t.TempDir()
+	script := "#!/bin/sh\ncase \" $* \" in *\" convert \"*) kill -STOP $$ ;; esac\nexec " + real + " \"$@\"\n"
+	if err := os.WriteFile(filepath.Join(wrap, "qemu-img"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	path := os.Getenv("PATH")
+	t.Setenv("PATH", wrap+":"+path)
+	d.dr.kill()
+	d.dr.start(t)
+
+	out := filepath.Join(d.dir, "vm1.raw")
+	export := exec.Command(binary, "export", "vm1", "-o", out, "-c", d.dr.config)
+	if err := export.Start(); err != nil {
+		t.Fatal(err)
+	}
+	converter := 0
+	for deadline := time.Now().Add(30 * time.Second); converter == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			export.Process.Kill()
+			t.Fatal("the export's qemu-img did not start in 30 s")
+		}
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil {
+				continue
+			}
+			cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+			if strings.Contains(string(cmd), "\x00convert\x00") && strings.Contains(string(cmd), exportTempName(out)) {
+				converter = pid
+			}
+		}
+	}
+	t.Cleanup(func() { syscall.Kill(converter, syscall.SIGKILL) })
+	d.dr.kill()
+	export.Wait()
+	if temps, _ := filepath.Glob(filepath.Join(d.dir, exportTempName(out)+"*")); len(temps) != 1 {
+		t.Fatalf("after the kill, temporary images %v, want the one of the export cut short", temps)
+	}
+	t.Setenv("PATH", path)
+	d.dr.start(t)
+	run(t, "export", "vm1", "-o", out, "-c", d.dr.config)
+	if temps, _ := filepath.Glob(filepath.Join(d.dir, exportTempName(out)+"*")); len(temps) != 0 {
+		t.Errorf("after an export to the same file, the temporary images %v are left", temps)
+	}
+	if cmd, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", converter)); err == nil && len(cmd) > 0 {
+		t.Errorf("the qemu-img of the export cut short (pid %d) still runs: %q", converter, cmd)
+	}
+	if got := exportSHA256(t, out); got != want["vda"] {
+		t.Errorf("the export after one cut short differs from the disk at its point")
+	}
+}
+
+// exportTempName starts the name of an export's temporary image beside out
+// (recovery.Export's).
+func exportTempName(out string) string { return "." + filepath.Base(out) + ".lifeboat-export-" }
