@@ -177,6 +177,10 @@ type MigrateReply struct {
 
 func (a *apiServer) migrate(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("vm")
+	if g, ok := a.d.groups[name]; ok {
+		writeErr(w, http.StatusBadRequest, fmt.Errorf("%q is a consistency group (members %v): a planned migration moves one VM, and a group's members are replicated together; fail the group over together at the recovery site (`lifeboat plan run`)", name, g.cfg.VMs))
+		return
+	}
 	v, ok := a.d.vmOf(name)
 	if !ok {
 		writeErr(w, http.StatusNotFound, fmt.Errorf("vm %q is not protected by site %q (see `vms:` in %s): run `lifeboat failover %s --planned` at the site that protects it", name, a.d.cfg.Site, a.d.cfg.Path(), name))

@@ -156,6 +156,10 @@ func TestPlannedMigrationOfAGroupMemberRefused(t *testing.T) {
 	if err == nil || !strings.Contains(out, `group "tier1"`) {
 		t.Errorf("planned migration of vm1, a member of group tier1: %v\n%s\nwant it refused, naming the group", err, out)
 	}
+	// The group itself named: it was "not protected by site prod".
+	if out, err := runErr(t, "failover", "tier1", "--planned", "-c", d.prod.config); err == nil || !strings.Contains(out, "is a consistency group") {
+		t.Errorf("planned migration of group tier1: %v\n%s\nwant it refused, saying it is a group", err, out)
+	}
 	if out, err := runErr(t, "sync", "tier1", "-c", d.prod.config); err != nil {
 		t.Errorf("group sync after the migration of a member was asked: %v\n%s", err, out)
 	}
