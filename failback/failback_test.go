@@ -273,22 +273,7 @@ func TestFailbackProductionWritesBetweenCycles(t *testing.T) {
 			if err := fb.Close(context.Background()); err != nil {
 				t.Fatal(err)
 			}
-			r.vm.PowerOn(t)
-			pg, err := workload.Open(ctx(t), r.vm.NBDSocket(), testenv.Seed(t)+99, disks...)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for _, d := range disks {
-				if err := pg.Do(ctx(t), workload.Op{Disk: d.Name, Kind: "data", Offset: 3 << 20, Length: 4 * lifeboat.BlockSize}); err != nil {
-					t.Fatal(err)
-				}
-			}
-			pg.Close()
-			if tc.kill {
-				r.vm.Kill(t)
-			} else {
-				r.vm.PowerOff(t)
-			}
+			r.runByHand(t, tc.kill)
 
 			// The failback goes on: production takes it again from its
 			// record (as Site.Take does after a restart).
@@ -305,5 +290,28 @@ func TestFailbackProductionWritesBetweenCycles(t *testing.T) {
 			}
 			r.failbackCycleResyncing(t, protector(again), prod2, guest, pt.ID, tc.resync)
 		})
+	}
+}
+
+// runByHand starts the production VM on its disks, as an admin or an
+// autostart does while lifeboat does not hold them, writes 256 KiB at 3 MiB
+// of each disk, and stops it (kill: kills it).
+func (r *replicated) runByHand(t *testing.T, kill bool) {
+	t.Helper()
+	r.vm.PowerOn(t)
+	pg, err := workload.Open(ctx(t), r.vm.NBDSocket(), testenv.Seed(t)+99, disks...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range disks {
+		if err := pg.Do(ctx(t), workload.Op{Disk: d.Name, Kind: "data", Offset: 3 << 20, Length: 4 * lifeboat.BlockSize}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pg.Close()
+	if kill {
+		r.vm.Kill(t)
+	} else {
+		r.vm.PowerOff(t)
 	}
 }

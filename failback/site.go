@@ -54,7 +54,11 @@ func (s *Site) Take(ctx context.Context, site, vm string, holds lifeboat.Point, 
 		if err := s.Store.Authorize(vm, site); err != nil {
 			return lifeboat.Point{}, err
 		}
-		return held, nil // prepared already: the failback goes on
+		if !s.Store.dropLost(ctx, vm) {
+			return held, nil // prepared already: the failback goes on
+		}
+		// The daemon over the disks died: they are opened again below,
+		// from the record, as after a restart of this site.
 	}
 	if h, ok, err := s.Store.readHome(vm); err != nil {
 		return lifeboat.Point{}, err

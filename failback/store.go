@@ -148,6 +148,30 @@ func (s *Store) reopened(ctx context.Context, prod *Production, rec record) reco
 	return rec
 }
 
+// dropLost forgets vm's open disks when the daemon over them has died
+// (killed, or the OOM killer) while this site ran on, and reports whether
+// it did: lifeboat no longer holds the disks, a VM started here meanwhile
+// may have written them, and every call about them would fail on the dead
+// daemon until a restart. The record stays: the disks are opened again from
+// it (Prepare, reopened), as after a restart.
+func (s *Store) dropLost(ctx context.Context, vm string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v, ok := s.vms[vm]
+	if !ok {
+		return false
+	}
+	select {
+	case <-v.prod.daemon.Exited():
+	default:
+		return false
+	}
+	s.log.Warn("failback: the qemu-storage-daemon over production's disks has died, so lifeboat let go of them: opening them again", "vm", vm, "point", v.rec.Holds.ID)
+	v.prod.Close(context.WithoutCancel(ctx)) // nothing left to flush: the clients are closed
+	delete(s.vms, vm)
+	return true
+}
+
 // Status is what the production site shows of a VM's failback.
 type Status struct {
 	From    string    `json:"from"`     // the site the failback comes from, which owns the VM now
