@@ -147,6 +147,17 @@ func (b *Back) Finalize(ctx context.Context, m *failover.Manager, opts FinalizeO
 		}
 	}
 	gens, err := b.Client.FinishFailback(ctx, vm, fin.Last.ID, fin.Fold)
+	if IsNotHeld(err) {
+		// Production's disks may have been written since the last failback
+		// point (its site let go of them meanwhile: a restart, a VM started
+		// there): a failback cycle of the stopped VM makes them its state
+		// again, the fold's.
+		b.Log.Warn("finalize: production's disks may have been written since the last failback point: one more failback cycle", "vm", vm, "point", fin.Last.ID, "why", err)
+		if fin.Last, err = b.Cycle(ctx); err != nil {
+			return fin, fmt.Errorf("%w; the recovered VM is stopped (paused): run the finalize again", err)
+		}
+		gens, err = b.Client.FinishFailback(ctx, vm, fin.Last.ID, fin.Fold)
+	}
 	if err != nil {
 		return fin, fmt.Errorf("%w; the recovered VM is stopped (paused): run the finalize again", err)
 	}
@@ -287,6 +298,15 @@ func ranAgain(vm string) error {
 // finishedPhrase is how production refuses a failback it finished: the
 // recovery site, finalizing again, learns from it that only its own steps are left.
 const finishedPhrase = "was finished here"
+
+// notHeldPhrase is how production refuses to finish (or reverse) a failback
+// whose disks may have been written since the failback point they hold: a
+// failback cycle makes them the recovered VM's again.
+const notHeldPhrase = "is not failback point"
+
+// IsNotHeld reports whether err is production's refusal to take its disks
+// for the failback point they held (as it arrives through the wire).
+func IsNotHeld(err error) bool { return err != nil && strings.Contains(err.Error(), notHeldPhrase) }
 
 // IsFinished reports whether err is production's refusal of a failback it
 // finished already (as it arrives through the wire).

@@ -128,6 +128,15 @@ func (s *Store) Finish(ctx context.Context, site, vm string, held uint64, fold l
 	if v.rec.Holds.ID != held {
 		return nil, fmt.Errorf("vm %q: production's disks hold failback point %d, not %d: run the last failback cycle again", vm, v.rec.Holds.ID, held)
 	}
+	// The generations continue the chain from fold, the state of point
+	// held: disks written since its commit (a VM started here while
+	// lifeboat let go of them) would come home with blocks the chain
+	// never gets.
+	for _, d := range v.rec.Holds.Disks {
+		if why := v.prod.untouchedWhy(ctx, d.Name, v.rec.Since[d.Name]); why != "" {
+			return nil, fmt.Errorf("vm %q disk %q "+notHeldPhrase+" %d any more (%s): run a failback cycle (`lifeboat failback %s` at site %q), then the finalize again", vm, d.Name, held, why, vm, site)
+		}
+	}
 	gens := map[string]string{}
 	for _, d := range fold.Disks {
 		if _, ok := v.prod.disks[d.Name]; !ok {
@@ -140,9 +149,15 @@ func (s *Store) Finish(ctx context.Context, site, vm string, held uint64, fold l
 			if g := name(d); g != "" {
 				gens[d.Name] = g
 			}
-		} else {
+		} else if keeps, err := v.prod.keepsBitmaps(ctx, d.Name); err != nil {
+			return nil, err
+		} else if keeps {
 			gens[d.Name] = lifeboat.NewGeneration(site, d.Lineage, fold.ID)
 		}
+		// A raw disk (or a qcow2 v2) keeps no bitmap once the daemon stops:
+		// it gets no generation, and production's next cycle compares it by
+		// hashes. Before, adding a persistent one failed every finalize of a
+		// VM with such a disk.
 	}
 	if err := v.prod.startGenerations(ctx, gens); err != nil {
 		return nil, err

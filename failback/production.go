@@ -166,6 +166,30 @@ func (p *Production) WrittenSince(ctx context.Context, name, gen string, fn func
 	return p.scan(ctx, d, []string{gen}, fn)
 }
 
+// untouchedWhy says why the disk may hold more than the failback point at
+// whose commit generation gen started (written since, or nothing proves it
+// was not), or "" when gen proves nothing was written since.
+func (p *Production) untouchedWhy(ctx context.Context, name, gen string) string {
+	_, n, err := p.node(ctx, name)
+	if err != nil {
+		return err.Error()
+	}
+	if why := sinceWhy(n, gen); why != "" {
+		return "nothing proves it was not written since: " + why
+	}
+	if b, _ := n.Bitmap(gen); b.Count > 0 {
+		return fmt.Sprintf("%d bytes were written into it since, by a VM started here while lifeboat let go of its disks", b.Count)
+	}
+	return ""
+}
+
+// keepsBitmaps reports whether the disk keeps its bitmaps once the daemon
+// stops: a qcow2 v3 image does, a raw one or a qcow2 v2 does not.
+func (p *Production) keepsBitmaps(ctx context.Context, name string) (bool, error) {
+	_, n, err := p.node(ctx, name)
+	return n.PersistentBitmaps(), err
+}
+
 // sinceWhy says why the node's bitmap gen does not prove which blocks the
 // disk wrote since it started, or "" when it does.
 func sinceWhy(n qemu.BlockNode, gen string) string {
