@@ -107,6 +107,17 @@ func (s *Store) Reverse(ctx context.Context, vm, owner string, rs *recovery.Stor
 	} else if found && pt.ID != holds.ID {
 		return lifeboat.Point{}, fmt.Errorf("vm %q: this site keeps restore points of a VM of that name already (point %d, from site %q): it cannot keep this one's too; nothing was moved", vm, pt.ID, pt.Site)
 	}
+	if v != nil {
+		// The disks become the point they hold: written since its commit
+		// (a VM started here while lifeboat let go of them), they are not
+		// that point, and the owner's cycles, incremental from it, would
+		// never send those blocks again.
+		for _, d := range holds.Disks {
+			if why := v.prod.untouchedWhy(ctx, d.Name, rec.Since[d.Name]); why != "" {
+				return lifeboat.Point{}, fmt.Errorf("vm %q disk %q "+notHeldPhrase+" %d any more (%s): run one failback cycle (`lifeboat failback %s` at site %q) before reversing; nothing was moved", vm, d.Name, holds.ID, why, vm, owner)
+			}
+		}
+	}
 	if !inProgress || r.Point != holds.ID {
 		if v == nil {
 			return lifeboat.Point{}, fmt.Errorf("vm %q: the reversal record names point %d, the disks hold %d: remove %s and run the failback and the reversal again", vm, r.Point, holds.ID, s.reversedPath(vm))

@@ -1,6 +1,7 @@
 package failback_test
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -234,4 +235,95 @@ func sumFiles(t *testing.T, dir string, keep func(string) bool) int64 {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// A reversal takes production's disks for the failback point they hold, so
+// they must be that point: nothing written since its commit. Here
+// production's site restarted after the failback cycle (its daemon let go
+// of the disks), the VM was started there by hand, wrote and was stopped,
+// and the failback was taken again (a cycle then cut off before its
+// commit). Before, the reversal adopted those disks as the failback point,
+// production's late writes and all, and the owner's cycles, incremental
+// from it, never sent those blocks again: production's points of the VM
+// held production's stale data where the recovered VM's disk did not. Now
+// it is refused, saying to run a failback cycle first (what `protect
+// --reverse` does), and the reversal after that cycle is byte-exact.
+func TestReverseRefusesDisksWrittenSinceTheFailbackPoint(t *testing.T) {
+	r := replicate(t, false)
+	r.vm.PowerOff(t)
+	rec, guest, holds := r.recovered(t, r.latest.ID)
+	if _, err := guest.Mixed(ctx(t), 10); err != nil {
+		t.Fatal(err)
+	}
+	images, err := protect.ReadImages(r.workDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stateDir := t.TempDir()
+	fb, prod := r.prepare(t, stateDir, holds)
+	rs, err := recovery.Open(ctx(t), filepath.Join(filepath.Dir(images[0].File), "store"), recovery.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rs.Close() })
+	workDir := testsite.ShortDir(t)
+	failbackProtector := func(fb *failback.Store) (*protect.Protector, *wire.Client) {
+		client := r.productionServer(t, failback.Routed{Failback: fb, Other: wire.RecoveryStore(rs)})
+		return &protect.Protector{
+			VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: workDir},
+			Target: &failback.Target{Client: client, Shared: holds.ID, SharedMap: r.pointMap(holds.ID)}, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
+		}, client
+	}
+	fbp, _ := failbackProtector(fb)
+	fpt := r.failbackCycle(t, fbp, prod, guest, holds.ID)
+
+	// Production's site restarts; the VM runs there by hand for a while.
+	if err := fb.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	r.runByHand(t, false)
+	again, err := failback.NewStore(stateDir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prod2 := r.open(t)
+	if err := again.Prepare(ctx(t), "vm1", "dr", prod2, holds, r.own()); err != nil {
+		t.Fatal(err)
+	}
+
+	adopted, err := again.Reverse(ctx(t), "vm1", "dr", rs)
+	if err == nil {
+		t.Errorf("production reversed vm1 taking disks written after failback point %d for that point", fpt.ID)
+	} else {
+		if !strings.Contains(err.Error(), "failback cycle") {
+			t.Errorf("the refused reversal does not say to run a failback cycle first: %v", err)
+		}
+		for _, im := range images {
+			if _, serr := os.Stat(im.File); serr != nil {
+				t.Errorf("after the refused reversal production's image %s: %v", im.File, serr)
+			}
+		}
+		// As `protect --reverse` does: a failback cycle, then the reversal.
+		fbp2, _ := failbackProtector(again)
+		r.failbackCycleResyncing(t, fbp2, prod2, guest, fpt.ID, map[string]bool{"vdb": true})
+		if adopted, err = again.Reverse(ctx(t), "vm1", "dr", rs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.checkPoint(t, rs, adopted.ID, guest)
+
+	// Protected in reverse: the owner's cycles, incremental from the adopted point.
+	if _, err := guest.Mixed(ctx(t), 4); err != nil {
+		t.Fatal(err)
+	}
+	_, client := failbackProtector(again)
+	p := &protect.Protector{
+		VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: workDir},
+		Target: client, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
+	}
+	pt, err := p.Cycle(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.checkPoint(t, rs, pt.ID, guest)
 }
