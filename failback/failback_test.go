@@ -261,11 +261,7 @@ func TestFailbackProductionWritesBetweenCycles(t *testing.T) {
 			fb, prod := r.prepare(t, stateDir, holds)
 			workDir := testsite.ShortDir(t)
 			protector := func(fb *failback.Store) *protect.Protector {
-				target := &failback.Target{Client: r.productionServer(t, fb), Shared: holds.ID, SharedMap: r.pointMap(holds.ID)}
-				return &protect.Protector{
-					VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: workDir},
-					Target: target, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
-				}
+				return cycles(rec, workDir, r.failbackTarget(t, fb, holds))
 			}
 			pt := r.failbackCycle(t, protector(fb), prod, guest, holds.ID)
 
@@ -314,4 +310,19 @@ func (r *replicated) runByHand(t *testing.T, kill bool) {
 	} else {
 		r.vm.PowerOff(t)
 	}
+}
+
+// cycles is a protector of the (recovered) VM rec's cycles into target,
+// working in workDir.
+func cycles(rec *testvm.VM, workDir string, target protect.Target) *protect.Protector {
+	return &protect.Protector{
+		VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: workDir},
+		Target: target, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
+	}
+}
+
+// failbackTarget is production's store fb, served over the wire, as the
+// target of failback cycles from a failover of point holds.
+func (r *replicated) failbackTarget(t *testing.T, fb wire.Store, holds lifeboat.Point) *failback.Target {
+	return &failback.Target{Client: r.productionServer(t, fb), Shared: holds.ID, SharedMap: r.pointMap(holds.ID)}
 }

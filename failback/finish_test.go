@@ -34,10 +34,7 @@ func TestFinishRefusesDisksWrittenSinceTheFailbackPoint(t *testing.T) {
 	fb, prod := r.prepare(t, stateDir, holds)
 	workDir := testsite.ShortDir(t)
 	protector := func(fb *failback.Store) *protect.Protector {
-		return &protect.Protector{
-			VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: workDir},
-			Target: &failback.Target{Client: r.productionServer(t, fb), Shared: holds.ID, SharedMap: r.pointMap(holds.ID)}, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
-		}
+		return cycles(rec, workDir, r.failbackTarget(t, fb, holds))
 	}
 	last := r.failbackCycle(t, protector(fb), prod, guest, holds.ID)
 	fold := lifeboat.Point{VM: "vm1", ID: last.ID + 1}
@@ -115,10 +112,7 @@ func TestFinishWithARawDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	fb, prod := r.prepare(t, t.TempDir(), holds)
-	p := &protect.Protector{
-		VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: testsite.ShortDir(t)},
-		Target: &failback.Target{Client: r.productionServer(t, fb), Shared: holds.ID, SharedMap: r.pointMap(holds.ID)}, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
-	}
+	p := cycles(rec, testsite.ShortDir(t), r.failbackTarget(t, fb, holds))
 	last := r.failbackCycle(t, p, prod, guest, holds.ID)
 	fold := lifeboat.Point{VM: "vm1", ID: last.ID + 1}
 	for _, d := range last.Disks {

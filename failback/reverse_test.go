@@ -267,15 +267,10 @@ func TestReverseRefusesDisksWrittenSinceTheFailbackPoint(t *testing.T) {
 	}
 	t.Cleanup(func() { rs.Close() })
 	workDir := testsite.ShortDir(t)
-	failbackProtector := func(fb *failback.Store) (*protect.Protector, *wire.Client) {
-		client := r.productionServer(t, failback.Routed{Failback: fb, Other: wire.RecoveryStore(rs)})
-		return &protect.Protector{
-			VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: workDir},
-			Target: &failback.Target{Client: client, Shared: holds.ID, SharedMap: r.pointMap(holds.ID)}, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
-		}, client
+	failbackTarget := func(fb *failback.Store) *failback.Target {
+		return r.failbackTarget(t, failback.Routed{Failback: fb, Other: wire.RecoveryStore(rs)}, holds)
 	}
-	fbp, _ := failbackProtector(fb)
-	fpt := r.failbackCycle(t, fbp, prod, guest, holds.ID)
+	fpt := r.failbackCycle(t, cycles(rec, workDir, failbackTarget(fb)), prod, guest, holds.ID)
 
 	// Production's site restarts; the VM runs there by hand for a while.
 	if err := fb.Close(context.Background()); err != nil {
@@ -304,8 +299,7 @@ func TestReverseRefusesDisksWrittenSinceTheFailbackPoint(t *testing.T) {
 			}
 		}
 		// As `protect --reverse` does: a failback cycle, then the reversal.
-		fbp2, _ := failbackProtector(again)
-		r.failbackCycleResyncing(t, fbp2, prod2, guest, fpt.ID, map[string]bool{"vdb": true})
+		r.failbackCycleResyncing(t, cycles(rec, workDir, failbackTarget(again)), prod2, guest, fpt.ID, map[string]bool{"vdb": true})
 		if adopted, err = again.Reverse(ctx(t), "vm1", "dr", rs); err != nil {
 			t.Fatal(err)
 		}
@@ -316,12 +310,7 @@ func TestReverseRefusesDisksWrittenSinceTheFailbackPoint(t *testing.T) {
 	if _, err := guest.Mixed(ctx(t), 4); err != nil {
 		t.Fatal(err)
 	}
-	_, client := failbackProtector(again)
-	p := &protect.Protector{
-		VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: workDir},
-		Target: client, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
-	}
-	pt, err := p.Cycle(ctx(t))
+	pt, err := cycles(rec, workDir, failbackTarget(again).Client).Cycle(ctx(t))
 	if err != nil {
 		t.Fatal(err)
 	}

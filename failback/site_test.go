@@ -13,7 +13,6 @@ import (
 	"github.com/lifeboat-dr/lifeboat"
 	"github.com/lifeboat-dr/lifeboat/failback"
 	"github.com/lifeboat-dr/lifeboat/internal/testsite"
-	"github.com/lifeboat-dr/lifeboat/protect"
 )
 
 // The qemu-storage-daemon over production's disks dies between two failback
@@ -51,11 +50,7 @@ func TestFailbackDaemonDiesBetweenCycles(t *testing.T) {
 		}
 		return held
 	}
-	target := &failback.Target{Client: r.productionServer(t, fb), Shared: holds.ID, SharedMap: r.pointMap(holds.ID)}
-	p := &protect.Protector{
-		VM:     protect.VM{Name: "vm1", QMPSocket: rec.QMPSocket(), NBDSocket: rec.NBDSocket(), WorkDir: testsite.ShortDir(t)},
-		Target: target, Readers: 4, ChunkSize: 1 << 20, Connections: 2,
-	}
+	p := cycles(rec, testsite.ShortDir(t), r.failbackTarget(t, fb, holds))
 	if held := take(); held.ID != holds.ID {
 		t.Fatalf("production's disks hold point %d, want %d", held.ID, holds.ID)
 	}
