@@ -273,14 +273,7 @@ func TestFailbackProductionWritesBetweenCycles(t *testing.T) {
 
 			// The failback goes on: production takes it again from its
 			// record (as Site.Take does after a restart).
-			again, err := failback.NewStore(stateDir, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			prod2 := r.open(t)
-			if err := again.Prepare(ctx(t), "vm1", "dr", prod2, holds, r.own()); err != nil {
-				t.Fatal(err)
-			}
+			again, prod2 := r.prepare(t, stateDir, holds)
 			if _, err := guest.Mixed(ctx(t), 3); err != nil {
 				t.Fatal(err)
 			}

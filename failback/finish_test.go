@@ -50,14 +50,7 @@ func TestFinishRefusesDisksWrittenSinceTheFailbackPoint(t *testing.T) {
 
 	// The finalize again: PrepareFailback, then FinishFailback of the same
 	// last point and fold.
-	again, err := failback.NewStore(stateDir, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	prod2 := r.open(t)
-	if err := again.Prepare(ctx(t), "vm1", "dr", prod2, holds, r.own()); err != nil {
-		t.Fatal(err)
-	}
+	again, prod2 := r.prepare(t, stateDir, holds)
 	want, err := guest.Hashes(ctx(t))
 	if err != nil {
 		t.Fatal(err)

@@ -277,14 +277,7 @@ func TestReverseRefusesDisksWrittenSinceTheFailbackPoint(t *testing.T) {
 		t.Fatal(err)
 	}
 	r.runByHand(t, false)
-	again, err := failback.NewStore(stateDir, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	prod2 := r.open(t)
-	if err := again.Prepare(ctx(t), "vm1", "dr", prod2, holds, r.own()); err != nil {
-		t.Fatal(err)
-	}
+	again, prod2 := r.prepare(t, stateDir, holds)
 
 	adopted, err := again.Reverse(ctx(t), "vm1", "dr", rs)
 	if err == nil {

@@ -59,6 +59,13 @@ type record struct {
 	// (a failback point): every write since, what a VM started here while
 	// lifeboat did not hold the disks wrote (Changed).
 	Since map[string]string `json:"since,omitempty"`
+	// Resized are, by disk, the sizes production's disks had when it took
+	// the failback, where they were not Holds' (resized outside lifeboat):
+	// a shrink clears the generations' bits past the new end and a grow
+	// adds clean ones, so a disk grown back to its size keeps generations
+	// that lie. Until a failback point holds the disk again, its own
+	// record is void and it is compared by hashes.
+	Resized map[string]int64 `json:"resized,omitempty"`
 }
 
 // NewStore keeps failback records in dir.
@@ -111,6 +118,26 @@ func (s *Store) Prepare(ctx context.Context, vm, owner string, prod *Production,
 		return err
 	} else if ok && old.Owner == owner && old.Holds.ID >= holds.ID {
 		rec = s.reopened(ctx, prod, old)
+	}
+	for _, d := range rec.Holds.Disks {
+		if size := prod.disks[d.Name].size; size != d.Size {
+			s.log.Warn("failback: production's disk is not the size of the point it holds (resized outside lifeboat?): its own change record cannot show what a shrink cut off, so it is compared by hashes", "vm", vm, "disk", d.Name, "point", rec.Holds.ID, "size", size, "point_size", d.Size)
+			if rec.Resized == nil {
+				rec.Resized = map[string]int64{}
+			}
+			rec.Resized[d.Name] = size
+		}
+	}
+	if len(rec.Resized) > 0 && rec.OwnSent {
+		// Held since a failback point: only a resync compares the disk
+		// (before one, Changed says production has no record, and the
+		// cycle compares its hashes with the shared point's).
+		rec.Holds.Disks = slices.Clone(rec.Holds.Disks)
+		for i, d := range rec.Holds.Disks {
+			if _, ok := rec.Resized[d.Name]; ok {
+				rec.Holds.Disks[i].Generation = "" // the next cycle compares it by hashes
+			}
+		}
 	}
 	if err := s.save(vm, rec); err != nil {
 		return err
@@ -306,7 +333,12 @@ func (s *Store) Changed(ctx context.Context, vm, disk string, fn func(off, lengt
 	s.mu.Lock()
 	sent, since := v.rec.OwnSent, v.rec.Since[disk]
 	own, ok := v.rec.Own[disk]
+	size, resized := v.rec.Resized[disk]
+	held := v.rec.Holds.ID
 	s.mu.Unlock()
+	if resized {
+		return fmt.Errorf("vm %q disk %q: %w: the disk was %d bytes when production took the failback, not the size of point %d: its generations cannot show what a shrink cut off", vm, disk, lifeboat.ErrNoChangeRecord, size, held)
+	}
 	if sent {
 		return v.prod.WrittenSince(ctx, disk, since, fn)
 	}
@@ -379,7 +411,7 @@ func (w *pointWriter) Commit(ctx context.Context, stats lifeboat.CycleStats) (li
 		return lifeboat.Point{}, err
 	}
 	rec := w.vm.rec
-	rec.Holds, rec.OwnSent, rec.Since = p, true, since
+	rec.Holds, rec.OwnSent, rec.Since, rec.Resized = p, true, since, nil
 	if err := w.s.save(p.VM, rec); err != nil {
 		w.vm.prod.removeBitmaps(context.WithoutCancel(ctx), since)
 		return lifeboat.Point{}, err
