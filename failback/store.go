@@ -120,7 +120,8 @@ func (s *Store) Prepare(ctx context.Context, vm, owner string, prod *Production,
 		rec = s.reopened(ctx, prod, old)
 	}
 	for _, d := range rec.Holds.Disks {
-		if size := prod.disks[d.Name].size; size != d.Size {
+		if dk, ok := prod.disks[d.Name]; ok && dk.size != d.Size {
+			size := dk.size
 			s.log.Warn("failback: production's disk is not the size of the point it holds (resized outside lifeboat?): its own change record cannot show what a shrink cut off, so it is compared by hashes", "vm", vm, "disk", d.Name, "point", rec.Holds.ID, "size", size, "point_size", d.Size)
 			if rec.Resized == nil {
 				rec.Resized = map[string]int64{}
