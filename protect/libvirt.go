@@ -62,10 +62,11 @@ type virtCycle struct {
 	cp      string // the checkpoint this cycle's instant makes ("" = none)
 	made    bool   // cp exists (the backup began)
 	others  []string
-	saved   string            // where hidden checkpoints are kept
-	ours    []virt.Checkpoint // our hidden checkpoints when the cycle began
-	shown   []string          // those redefined in libvirt for this cycle
-	started bool              // our backup job runs
+	saved   string               // where hidden checkpoints are kept
+	ours    []virt.Checkpoint    // our hidden checkpoints when the cycle began
+	images  map[string][]imageID // each disk's images as the cycle resolved it
+	shown   []string             // those redefined in libvirt for this cycle
+	started bool                 // our backup job runs
 
 	mu     sync.Mutex
 	broken error // why the backup was ended before the cycle was done
@@ -79,6 +80,66 @@ type cpMeta struct {
 	Peer     string            `json:"peer"`
 	Point    uint64            `json:"point"`
 	Lineages map[string]string `json:"lineages"`
+	// Images are the images each disk read at the checkpoint's instant
+	// (virt.Disk.Chain, with each file's inode). libvirt gives a
+	// checkpoint's bitmaps one name on every disk it tracks, so another
+	// disk's image put under a target (the domain defined again with its
+	// disks' sources swapped, a disk detached and another attached in its
+	// place) carries a bitmap libvirt takes as the checkpoint's; only this
+	// tells the disk's own image from it. Absent in checkpoints made
+	// before it was recorded, and in those a failover or failback starts.
+	Images map[string][]imageID `json:"images,omitempty"`
+}
+
+// imageID is an image of a disk's chain: its path and, for a local file,
+// its inode, which goes with the file when images are renamed into each
+// other's place. The device number is left out: it may change at a reboot.
+type imageID struct {
+	Path string `json:"path"`
+	Ino  uint64 `json:"ino,omitempty"`
+}
+
+// identify is the identity of the images of chain.
+func identify(chain []string) []imageID {
+	ids := make([]imageID, len(chain))
+	for i, path := range chain {
+		ids[i].Path = path
+		var st syscall.Stat_t
+		if path != "" && syscall.Stat(path, &st) == nil && st.Mode&syscall.S_IFMT == syscall.S_IFREG {
+			ids[i].Ino = st.Ino
+		}
+	}
+	return ids
+}
+
+func (a imageID) same(b imageID) bool {
+	return a.Path != "" && a.Path == b.Path && (a.Ino == 0 || b.Ino == 0 || a.Ino == b.Ino)
+}
+
+func containsImage(chain []imageID, id imageID) bool {
+	return slices.ContainsFunc(chain, id.same)
+}
+
+// carriesHistory reports whether a disk that reads chain now still reads
+// the images it read at a checkpoint (was): the same active layer, or one
+// put above it since (an external snapshot: libvirt copies the bitmaps up),
+// or one below it that the layers above were committed into (a block
+// commit: libvirt merges them down). An image new to the disk (another
+// disk's, a copy, a block copy's destination) proves nothing.
+func carriesHistory(was, now []imageID) bool {
+	if len(was) == 0 || len(now) == 0 {
+		return false
+	}
+	return containsImage(now, was[0]) || containsImage(was, now[0])
+}
+
+// chainString names a chain's images for a message.
+func chainString(chain []imageID) string {
+	var names []string
+	for _, id := range chain {
+		names = append(names, cmpStr(id.Path, "(a source that is no file)"))
+	}
+	return strings.Join(names, " over ")
 }
 
 const cpDescPrefix = "lifeboat restore point: "
@@ -200,6 +261,10 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 		return err
 	}
 	c.images = libvirtImages(disks)
+	c.lv.images = map[string][]imageID{}
+	for _, dk := range disks {
+		c.lv.images[dk.Target] = identify(dk.Chain)
+	}
 	if err := c.learnLatest(ctx); err != nil {
 		return err
 	}
@@ -207,7 +272,9 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 	for i, d := range disks {
 		targets[i] = d.Target
 	}
-	c.readDefinition(ctx, func(ctx context.Context) (lifeboat.Definition, error) { return c.lv.dom.Definition(ctx, targets) })
+	c.readDefinition(ctx, func(ctx context.Context) (lifeboat.Definition, error) {
+		return c.lv.dom.Definition(ctx, targets, c.lv.desc.XML)
+	})
 	peer := p.Target.Peer()
 	if err := c.lv.hideLeftovers(ctx, peer, c.log); err != nil {
 		return err
@@ -229,7 +296,7 @@ func (c *cycle) prepareLibvirt(ctx context.Context) error {
 		d := &diskState{name: dk.Target, node: dk.Target, export: dk.Target, persistent: dk.Format == "qcow2"}
 		h := c.history(dk.Target)
 		d.lineage, d.base = h.lineage, h.latest
-		d.why = checkpointBase(dk, h, c.lv.ours, metas)
+		d.why = checkpointBase(dk, h, c.lv.ours, metas, c.lv.images[dk.Target])
 		if d.why == "" && c.p.Whole {
 			d.why = c.wholeWhy()
 		}
@@ -325,9 +392,10 @@ func checkpointDoc(name, peer string, id uint64, lineages map[string]string) (st
 	return virt.CheckpointDoc(name, cpDescPrefix+string(meta), time.Now(), slices.Sorted(maps.Keys(lineages)))
 }
 
-// checkpointBase says why disk dk has no base ("" when the checkpoint its
-// latest point recorded is there, ours, tracking the disk, of its lineage).
-func checkpointBase(dk virt.Disk, h history, ours []virt.Checkpoint, metas map[string]cpMeta) string {
+// checkpointBase says why disk dk, reading images now, has no base (""
+// when the checkpoint its latest point recorded is there, ours, tracking the
+// disk, of its lineage, made while it read the images it reads now).
+func checkpointBase(dk virt.Disk, h history, ours []virt.Checkpoint, metas map[string]cpMeta, now []imageID) string {
 	switch {
 	case dk.Format != "qcow2":
 		return fmt.Sprintf("disk is %s, which cannot hold libvirt's checkpoints: it is compared by hashes at every cycle (convert it to qcow2 for change tracking)", cmpStr(dk.Format, "not a file image"))
@@ -344,6 +412,13 @@ func checkpointBase(dk virt.Disk, h history, ours []virt.Checkpoint, metas map[s
 		return fmt.Sprintf("checkpoint %q does not track disk %s: a hash resync will run", h.gen, dk.Target)
 	case metas[h.gen].Lineages[dk.Target] != h.lineage:
 		return fmt.Sprintf("checkpoint %q tracks another disk history at %s (it was replaced): a hash resync will run", h.gen, dk.Target)
+	}
+	if was, ok := metas[h.gen].Images[dk.Target]; metas[h.gen].Images != nil && !carriesHistory(was, now) {
+		if !ok {
+			return fmt.Sprintf("checkpoint %q records no image of disk %s: a hash resync will run", h.gen, dk.Target)
+		}
+		return fmt.Sprintf("disk %s reads %s, not the image it read at point %d (%s): another disk's image put under its target, or a block copy's, carries a bitmap under the checkpoint's name that says nothing of this disk, so a hash resync will run",
+			dk.Target, chainString(now), h.latest, chainString(was))
 	}
 	return ""
 }
@@ -478,12 +553,29 @@ func (lv *virtCycle) waitIdle(ctx context.Context, log *slog.Logger, limit time.
 // syncs, and the backup is begun again at once.
 func (c *cycle) beginLibvirt(ctx context.Context) error {
 	lv := c.lv
+	// A disk resized since its scratch file was made: QEMU refuses the
+	// begin (an incremental one: "Bitmaps are of different sizes"), and
+	// libvirt 9.0 crashes on its way out of that failure (libvirtd's
+	// segfault, seen here). Each disk's size is asked right before the
+	// begin, which leaves only the milliseconds between the two calls.
+	for _, d := range c.disks {
+		n, err := lv.dom.Capacity(ctx, d.name)
+		if err != nil {
+			return err
+		}
+		if n != d.size {
+			c.log.Warn("disk resized during the cycle, before its instant: the backup is not begun", "disk", d.name, "size", n, "was", d.size)
+			return fmt.Errorf("libvirt domain %q: disk %q was resized from %d to %d bytes while the cycle prepared its instant: no point is taken of it at its old size; the next cycle resyncs it at its new size",
+				lv.dom.Name, d.name, d.size, n)
+		}
+	}
 	b := virt.Backup{Socket: lv.sock, Checkpoint: lv.cp, Others: lv.others, ReuseScratch: true}
 	if lv.cp != "" {
-		m := cpMeta{Peer: c.p.Target.Peer(), Point: c.id, Lineages: map[string]string{}}
+		m := cpMeta{Peer: c.p.Target.Peer(), Point: c.id, Lineages: map[string]string{}, Images: map[string][]imageID{}}
 		for _, d := range c.disks {
 			if d.persistent {
 				m.Lineages[d.name] = d.lineage
+				m.Images[d.name] = lv.images[d.name]
 			}
 		}
 		j, _ := json.Marshal(m)
@@ -575,16 +667,39 @@ func (lv *virtCycle) askBegun(ctx context.Context) (bool, error) {
 }
 
 // describePoint completes the point from the backup's exports (each disk's
-// size), once the guest is thawed.
+// size), once the guest is thawed. Each disk must still be the images, of
+// the size, that the cycle resolved before the instant (from the backup on,
+// libvirt refuses to detach the disk or start another block job on it):
+// otherwise the checks of its base were of other images, the scratch and
+// the record of another size, and no point is taken.
 func (c *cycle) describePoint(ctx context.Context) error {
 	lv := c.lv
+	desc, err := lv.dom.Describe(ctx)
+	if err != nil {
+		return err
+	}
 	for _, d := range c.disks {
+		i := slices.IndexFunc(desc.Disks, func(dk virt.Disk) bool { return dk.Target == d.name })
+		if i < 0 {
+			return fmt.Errorf("libvirt domain %q: disk %q went while the cycle prepared its instant: no point is taken; the next cycle takes the domain's disks as they are then", lv.dom.Name, d.name)
+		}
+		was, now := lv.images[d.name], identify(desc.Disks[i].Chain)
+		if !slices.EqualFunc(was, now, imageID.same) {
+			c.log.Warn("disk replaced during the cycle, before its instant: the point is not taken", "disk", d.name, "images", chainString(now), "was_images", chainString(was))
+			return fmt.Errorf("libvirt domain %q: disk %q was replaced while the cycle prepared its instant (it reads %s instead of %s): no point is taken; the next cycle takes the disk as it is then",
+				lv.dom.Name, d.name, chainString(now), chainString(was))
+		}
 		cl, err := nbd.Dial(ctx, "unix:"+lv.sock, d.export, nbd.Options{})
 		if err != nil {
 			return fmt.Errorf("disk %q: the backup's NBD export: %w", d.name, err)
 		}
-		d.size = cl.Size()
+		size := cl.Size()
 		cl.Close()
+		if size != d.size {
+			c.log.Warn("disk resized during the cycle, before its instant: the point is not taken", "disk", d.name, "size", size, "was", d.size)
+			return fmt.Errorf("libvirt domain %q: disk %q was resized from %d to %d bytes while the cycle prepared its instant: no point is taken of it at its old size; the next cycle resyncs it at its new size",
+				lv.dom.Name, d.name, d.size, size)
+		}
 		c.point.Disks = append(c.point.Disks, lifeboat.PointDisk{Name: d.name, Size: d.size, Resync: d.old == "",
 			Lineage: d.lineage, Base: d.base, BaseGeneration: d.old, Generation: d.new})
 	}

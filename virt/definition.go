@@ -3,6 +3,8 @@ package virt
 import (
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
@@ -13,7 +15,12 @@ import (
 // Definition is what it takes to define and start the domain elsewhere:
 // its inactive XML (what `virsh dumpxml --inactive` prints: no runtime
 // aliases, labels or ports) and the fields read from it, disks by target.
-func (d *Domain) Definition(ctx context.Context, disks []string) (lifeboat.Definition, error) {
+// A disk of disks that the inactive XML lacks, attached to the running
+// domain only (`virsh attach-disk` without --config), is taken into it from
+// the live XML (live; "" for none) without its runtime alias and address:
+// a failover defines the domain from this XML, and would start it without
+// a disk its point holds.
+func (d *Domain) Definition(ctx context.Context, disks []string, live string) (lifeboat.Definition, error) {
 	var doc string
 	err := d.c.call(ctx, "inactive XML of domain "+d.Name, func(l *libvirt.Libvirt) (err error) {
 		doc, err = l.DomainGetXMLDesc(d.d, libvirt.DomainXMLInactive)
@@ -22,15 +29,23 @@ func (d *Domain) Definition(ctx context.Context, disks []string) (lifeboat.Defin
 	if err != nil {
 		return lifeboat.Definition{}, err
 	}
-	return definitionOf(d.Name, doc, disks)
+	return definitionOf(d.Name, doc, live, disks)
 }
 
-func definitionOf(name, doc string, disks []string) (lifeboat.Definition, error) {
+func definitionOf(name, doc, live string, disks []string) (lifeboat.Definition, error) {
 	var x libvirtxml.Domain
 	if err := x.Unmarshal(doc); err != nil {
 		return lifeboat.Definition{}, fmt.Errorf("libvirt domain %q: its XML does not parse: %w", name, err)
 	}
 	def := lifeboat.Definition{Source: "libvirt", DomainXML: doc}
+	if added, err := addLiveDisks(&x, live, disks); err != nil {
+		return lifeboat.Definition{}, fmt.Errorf("libvirt domain %q: %w", name, err)
+	} else if len(added) > 0 {
+		if def.DomainXML, err = x.Marshal(); err != nil {
+			return lifeboat.Definition{}, fmt.Errorf("libvirt domain %q: its XML with disks %s: %w", name, strings.Join(added, ", "), err)
+		}
+		def.Note = fmt.Sprintf("disks %s are attached to the running domain only, not to its persistent definition (virsh attach-disk without --config): taken from its live XML", strings.Join(added, ", "))
+	}
 	if x.VCPU != nil {
 		def.CPUs = int(x.VCPU.Value)
 	}
@@ -84,6 +99,45 @@ func definitionOf(name, doc string, disks []string) (lifeboat.Definition, error)
 		}
 	}
 	return def, nil
+}
+
+// addLiveDisks adds to domain x each disk of disks that it lacks and the
+// live XML has, without what only the running domain has (its alias, its
+// address, the chain libvirt found below its image), and says which.
+func addLiveDisks(x *libvirtxml.Domain, live string, disks []string) ([]string, error) {
+	if live == "" {
+		return nil, nil
+	}
+	var lx libvirtxml.Domain
+	if err := lx.Unmarshal(live); err != nil {
+		return nil, fmt.Errorf("its live XML does not parse: %w", err)
+	}
+	if lx.Devices == nil {
+		return nil, nil
+	}
+	if x.Devices == nil {
+		x.Devices = &libvirtxml.DomainDeviceList{}
+	}
+	has := func(ds []libvirtxml.DomainDisk, t string) int {
+		return slices.IndexFunc(ds, func(d libvirtxml.DomainDisk) bool { return d.Target != nil && d.Target.Dev == t })
+	}
+	var added []string
+	for _, t := range disks {
+		i := has(lx.Devices.Disks, t)
+		if i < 0 || has(x.Devices.Disks, t) >= 0 {
+			continue
+		}
+		d := lx.Devices.Disks[i]
+		d.Alias, d.Address, d.BackingStore = nil, nil, nil
+		if d.Source != nil && d.Source.Index != 0 {
+			src := *d.Source
+			src.Index = 0
+			d.Source = &src
+		}
+		x.Devices.Disks = append(x.Devices.Disks, d)
+		added = append(added, t)
+	}
+	return added, nil
 }
 
 // diskDevice is the QEMU device libvirt puts a disk of bus on.

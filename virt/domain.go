@@ -43,6 +43,13 @@ type Disk struct {
 	Format string // qcow2, raw
 	Bus    string
 	Serial string
+	// Chain is the images the disk reads, its active layer first and each
+	// backing image after it, as the live XML shows them: a file's or a
+	// block device's path, a network disk's protocol:name ("" for a
+	// source of another kind). It tells a disk's own image from another
+	// put under its target: a checkpoint's bitmaps carry one name on
+	// every disk it tracks.
+	Chain []string
 }
 
 // Description is what lifeboat reads of a running domain.
@@ -110,9 +117,31 @@ func parseDescription(name, doc string) (*Description, error) {
 		if xd.Source != nil && xd.Source.File != nil {
 			dk.File = xd.Source.File.File
 		}
+		dk.Chain = append(dk.Chain, sourceName(xd.Source))
+		// The chain ends in an empty <backingStore/>.
+		for bs := xd.BackingStore; bs != nil && sourceName(bs.Source) != ""; bs = bs.BackingStore {
+			dk.Chain = append(dk.Chain, sourceName(bs.Source))
+		}
 		desc.Disks = append(desc.Disks, dk)
 	}
 	return desc, nil
+}
+
+// sourceName names an image of a disk's chain (see Disk.Chain).
+func sourceName(s *libvirtxml.DomainDiskSource) string {
+	switch {
+	case s == nil:
+		return ""
+	case s.File != nil:
+		return s.File.File
+	case s.Block != nil:
+		return s.Block.Dev
+	case s.Network != nil:
+		return s.Network.Protocol + ":" + s.Network.Name
+	case s.Volume != nil:
+		return "volume:" + s.Volume.Pool + "/" + s.Volume.Volume
+	}
+	return ""
 }
 
 // parseDAC reads libvirt's DAC label "+64055:+64055" (or "user:group" names,
