@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -312,5 +313,82 @@ func TestLibvirtDiskAttachedLiveOnly(t *testing.T) {
 	}
 	if !strings.Contains(doc, "/recovery/data.qcow2") || len(dropped) != 0 {
 		t.Errorf("a failover from point %d would define the domain without %s, which the point holds (left out: %q):\n%s", pt.ID, liveTarget, dropped, doc)
+	}
+}
+
+// hook is a Quiescer that runs f where a freeze comes (once the cycle has
+// resolved the disks and made their scratch files, right before the backup
+// begins), once.
+type hook struct {
+	f    func()
+	done bool
+}
+
+func (h *hook) Freeze(context.Context) (*protect.Frozen, error) {
+	if !h.done {
+		h.done = true
+		h.f()
+	}
+	return &protect.Frozen{Level: lifeboat.Crash, Note: "test: nothing frozen"}, nil
+}
+
+// attachLive plugs image (moved where QEMU's user reaches it) into the
+// running domain as USB disk target.
+func (r *libvirtRig) attachLive(t *testing.T, image, target string) {
+	t.Helper()
+	img := filepath.Join(r.dom.Dir, target+".qcow2")
+	if err := os.Rename(image, img); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := testlibvirt.Virsh("attach-disk", r.dom.Name, img, target, "--driver", "qemu", "--subdriver", "qcow2", "--targetbus", liveBus); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Disks plugged into and out of the running domain during a cycle, before
+// its backup begins: a disk unplugged fails the cycle naming it, leaving
+// nothing in libvirt or lifeboat's directory, and the next cycle takes the
+// domain without it; a disk plugged in is in no point of that cycle (libvirt
+// backs up and checkpoints only the disks the cycle names) and is sent whole
+// by the next. Every point is byte-exact.
+func TestLibvirtDisksPluggedDuringACycle(t *testing.T) {
+	r := newLibvirtRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 64 << 20}}})
+	r.attachLive(t, patterned(t, 8<<20, 0, 2<<20, 0x44), "sda")
+	r.cycle(t)
+
+	r.p.Quiescer = &hook{f: func() {
+		if _, err := testlibvirt.Virsh("detach-disk", r.dom.Name, "sda", "--live"); err != nil {
+			t.Errorf("detach sda before the instant: %v", err)
+		}
+	}}
+	_, err := r.p.Cycle(ctx(t))
+	t.Logf("cycle with sda unplugged before its instant: %v", err)
+	if err == nil || !strings.Contains(err.Error(), "sda") {
+		t.Errorf("cycle with sda unplugged before its instant: %v; want it to fail naming sda", err)
+	}
+	r.checkLeftNothing(t)
+	if out, _ := testlibvirt.Virsh("checkpoint-list", r.dom.Name, "--name"); strings.TrimSpace(out) != "" {
+		t.Errorf("after the cycle libvirt shows checkpoints: %s", out)
+	}
+	r.p.Quiescer = nil
+	pt := r.cycle(t)
+	if slices.ContainsFunc(pt.Disks, func(d lifeboat.PointDisk) bool { return d.Name == "sda" }) {
+		t.Errorf("point %d holds sda, unplugged", pt.ID)
+	}
+
+	data := patterned(t, 8<<20, 1<<20, 3<<20, 0x55)
+	r.p.Quiescer = &hook{f: func() { r.attachLive(t, data, "sdb") }}
+	pt = r.cycle(t)
+	if slices.ContainsFunc(pt.Disks, func(d lifeboat.PointDisk) bool { return d.Name == "sdb" }) {
+		t.Errorf("point %d holds sdb, plugged in after the cycle resolved the disks", pt.ID)
+	}
+	r.p.Quiescer = nil
+	pt = r.cycle(t)
+	if d := diskOf(t, pt, "sdb"); !d.Resync {
+		t.Errorf("point %d: sdb %+v, want it sent whole", pt.ID, d)
+	}
+	r.exactDisks(t, pt, "sdb")
+	if d := diskOf(t, pt, "vda"); d.Resync {
+		t.Errorf("point %d: vda resynchronised: %+v", pt.ID, d)
 	}
 }
