@@ -119,24 +119,14 @@ func TestLibvirtDiskImagesSwappedBetweenCycles(t *testing.T) {
 	r.exactDisks(t, next, "vdb", "vdc")
 }
 
-// resizer is a Quiescer that resizes a disk (virsh blockresize) where a
-// freeze comes: after the cycle resolved the disks and made the scratch
-// files, right before the backup begins.
-type resizer struct {
-	t           *testing.T
-	dom, target string
-	size        string
-	done        bool
-}
-
-func (q *resizer) Freeze(context.Context) (*protect.Frozen, error) {
-	if !q.done {
-		q.done = true
-		if _, err := testlibvirt.Virsh("blockresize", q.dom, q.target, q.size); err != nil {
-			q.t.Errorf("virsh blockresize before the instant: %v", err)
-		}
+// checkFailedLeftNothing: after a failed cycle the domain runs no job of
+// lifeboat's, its scratch files are gone, and libvirt shows no checkpoint.
+func (r *libvirtRig) checkFailedLeftNothing(t *testing.T) {
+	t.Helper()
+	r.checkLeftNothing(t)
+	if out, _ := testlibvirt.Virsh("checkpoint-list", r.dom.Name, "--name"); strings.TrimSpace(out) != "" {
+		t.Errorf("after the cycle libvirt shows checkpoints: %s", out)
 	}
-	return &protect.Frozen{Level: lifeboat.Crash, Note: "test: nothing frozen"}, nil
 }
 
 // A disk grown after the cycle resolved it and made its scratch file, right
@@ -151,7 +141,11 @@ func TestLibvirtDiskResizedBeforeTheInstant(t *testing.T) {
 		{Target: "vdb", Size: size, From: patterned(t, size, 0, 3<<20, 0x11)},
 	}})
 	r.cycle(t)
-	r.p.Quiescer = &resizer{t: t, dom: r.dom.Name, target: "vdb", size: itoa(grown) + "B"}
+	r.p.Quiescer = &hook{f: func() {
+		if _, err := testlibvirt.Virsh("blockresize", r.dom.Name, "vdb", itoa(grown)+"B"); err != nil {
+			t.Errorf("virsh blockresize before the instant: %v", err)
+		}
+	}}
 	pt, err := r.p.Cycle(ctx(t))
 	t.Logf("cycle with vdb grown before its instant: point %d, %v", pt.ID, err)
 	if err == nil {
@@ -161,10 +155,7 @@ func TestLibvirtDiskResizedBeforeTheInstant(t *testing.T) {
 	} else if !strings.Contains(err.Error(), r.dom.Name) || !strings.Contains(err.Error(), "vdb") {
 		t.Errorf("cycle with vdb grown before its instant: %v; want an error naming the domain and vdb", err)
 	}
-	r.checkLeftNothing(t)
-	if out, _ := testlibvirt.Virsh("checkpoint-list", r.dom.Name, "--name"); strings.TrimSpace(out) != "" {
-		t.Errorf("after the cycle libvirt shows checkpoints: %s", out)
-	}
+	r.checkFailedLeftNothing(t)
 	r.p.Quiescer = nil
 	next := r.cycle(t)
 	if d := diskOf(t, next, "vdb"); d.Size != grown || (err != nil && !d.Resync) {
@@ -366,10 +357,7 @@ func TestLibvirtDisksPluggedDuringACycle(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "sda") {
 		t.Errorf("cycle with sda unplugged before its instant: %v; want it to fail naming sda", err)
 	}
-	r.checkLeftNothing(t)
-	if out, _ := testlibvirt.Virsh("checkpoint-list", r.dom.Name, "--name"); strings.TrimSpace(out) != "" {
-		t.Errorf("after the cycle libvirt shows checkpoints: %s", out)
-	}
+	r.checkFailedLeftNothing(t)
 	r.p.Quiescer = nil
 	pt := r.cycle(t)
 	if slices.ContainsFunc(pt.Disks, func(d lifeboat.PointDisk) bool { return d.Name == "sda" }) {
