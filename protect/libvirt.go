@@ -991,12 +991,32 @@ func (lv *virtCycle) settle(ctx context.Context, c *cycle, committed, unknown bo
 	}
 	if committed {
 		for _, cp := range lv.ours {
+			c.warnDetached(cp)
 			if err := lv.drop(ctx, cp.Name); err != nil {
 				fail("delete", cp.Name, err)
 			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// warnDetached says which disks checkpoint cp tracked that are no longer
+// the domain's (virsh detach-disk): deleting cp leaves their bitmap in their
+// image, beyond libvirt's reach, recording whenever a VM opens it (and in the way of an
+// internal snapshot's revert once the image is attached again).
+func (c *cycle) warnDetached(cp virt.Checkpoint) {
+	m, _ := ourCheckpoint(cp, c.p.Target.Peer())
+	for _, disk := range cp.Disks {
+		if slices.ContainsFunc(c.lv.desc.Disks, func(d virt.Disk) bool { return d.Target == disk }) {
+			continue
+		}
+		image := "IMAGE"
+		if ch := m.Images[disk]; len(ch) > 0 && ch[0].Path != "" {
+			image = ch[0].Path
+		}
+		c.log.Warn("a disk left the domain with a bitmap of lifeboat's in its image, which libvirt cannot reach and which records every write whenever a VM opens the image: remove it while no VM has the image open",
+			"domain", c.lv.dom.Name, "disk", disk, "image", image, "bitmap", cp.Name, "command", "qemu-img bitmap --remove "+image+" "+cp.Name)
+	}
 }
 
 // hideLeftovers hides checkpoints of ours that a cycle interrupted before

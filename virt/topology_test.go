@@ -5,7 +5,10 @@ package virt_test
 // tries the same on the QMP path.
 
 import (
+	"bytes"
 	"context"
+	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -378,5 +381,67 @@ func TestLibvirtDisksPluggedDuringACycle(t *testing.T) {
 	r.exactDisks(t, pt, "sdb")
 	if d := diskOf(t, pt, "vda"); d.Resync {
 		t.Errorf("point %d: vda resynchronised: %+v", pt.ID, d)
+	}
+}
+
+// `virsh blockresize` while a cycle reads the backup is refused (the
+// backup's copy-before-write holds the disk's size), the point commits
+// byte-exact at the size of its instant; and a disk detached between cycles
+// (its checkpoint's record still naming it) leaves the others incremental,
+// and is in no later point. The checkpoint deleted at that point's commit
+// leaves its bitmap in the detached disk's image (libvirt deletes it only
+// from the domain's disks), recording for good: the cycle names the image
+// and the command that removes it (before, it said nothing).
+func TestLibvirtDiskResizedWhileReadAndDetachedBetweenCycles(t *testing.T) {
+	const size = 8 << 20
+	r := newLibvirtRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{
+		{Target: "vda", Size: 64 << 20},
+		{Target: "vdb", Size: size, From: patterned(t, size, 0, 3<<20, 0x11)},
+	}})
+	first := r.cycle(t)
+	var resizeErr error
+	r.p.Hooks.AfterInstant = func(context.Context) error {
+		_, resizeErr = testlibvirt.Virsh("blockresize", r.dom.Name, "vdb", "12M")
+		return nil
+	}
+	pt := r.cycle(t)
+	r.p.Hooks = protect.Hooks{}
+	t.Logf("virsh blockresize while the cycle read: %v", resizeErr)
+	if resizeErr == nil {
+		t.Errorf("virsh blockresize of vdb while the cycle read its backup was taken; point %d: %+v", pt.ID, diskOf(t, pt, "vdb"))
+	}
+	if d := diskOf(t, pt, "vdb"); d.Size != size {
+		t.Errorf("point %d: vdb %+v, want %d bytes", pt.ID, d, size)
+	}
+	r.exactDisks(t, pt, "vdb")
+
+	r.dom.Destroy()
+	if _, err := testlibvirt.Virsh("detach-disk", r.dom.Name, "vdb", "--config"); err != nil {
+		t.Fatal(err)
+	}
+	r.dom.Start()
+	var log bytes.Buffer
+	r.p.Log = slog.New(slog.NewTextHandler(io.MultiWriter(&log, os.Stderr), nil))
+	pt = r.cycle(t)
+	r.p.Log = nil
+	if slices.ContainsFunc(pt.Disks, func(d lifeboat.PointDisk) bool { return d.Name == "vdb" }) {
+		t.Errorf("point %d holds vdb, detached", pt.ID)
+	}
+	// The base checkpoint, deleted at the commit, tracked vdb too: libvirt
+	// deletes its bitmap only from the domain's disks.
+	left := imageBitmaps(t, r.dom.Image("vdb"))
+	if !slices.ContainsFunc(left, isGeneration) {
+		t.Errorf("the detached vdb's image holds bitmaps %q, none of lifeboat's: nothing to say", left)
+	}
+	if !strings.Contains(log.String(), "qemu-img bitmap --remove "+r.dom.Image("vdb")) {
+		t.Errorf("the cycle deleted the checkpoint that left bitmaps %q in the detached vdb's image %s without naming the image and how to remove them; log:\n%s", left, r.dom.Image("vdb"), log.String())
+	}
+	if d := diskOf(t, pt, "vda"); d.Resync {
+		t.Errorf("point %d: vda resynchronised after vdb was detached: %+v", pt.ID, d)
+	}
+	r.exactNow(t, nil, r.p)
+	// Point 1 still holds vdb as it was.
+	if got, want := r.pointHash(t, first.ID, "vdb"), imageHash(t, r.dom.Image("vdb")); got != want {
+		t.Errorf("point %d: vdb sha256 %s, its image %s", first.ID, got[:12], want[:12])
 	}
 }
