@@ -15,6 +15,22 @@ import (
 	"github.com/lifeboat-dr/lifeboat/protect"
 )
 
+// member is another domain protected as vm beside r (the same recovery
+// site and state_dir): a consistency group's second member.
+func (r *libvirtRig) member(t *testing.T, vm string, opts testlibvirt.Options) *libvirtRig {
+	t.Helper()
+	m := &libvirtRig{dom: testlibvirt.Boot(t, opts), site: r.site}
+	m.p = &protect.Protector{
+		VM: protect.VM{Name: vm, Libvirt: &protect.LibvirtDomain{URI: testlibvirt.URI, Domain: m.dom.Name},
+			WorkDir: filepath.Join(r.p.VM.StateDir, "protect", vm), StateDir: r.p.VM.StateDir},
+		Target: r.p.Target, Readers: 4, ChunkSize: 1 << 20,
+	}
+	if err := os.MkdirAll(m.p.VM.WorkDir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
 // A consistency group of two libvirt domains (a web tier and its database):
 // both guests frozen through libvirt at once, each domain's backup begun with
 // its next checkpoint inside that window, one group point per cycle whose
@@ -29,15 +45,7 @@ func TestLibvirtGroup(t *testing.T) {
 	testenv.RequireTools(t, "e2fsck", "dumpe2fs", "debugfs")
 	opts := testlibvirt.Options{Workload: testguest.FsyncWriter, Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 96 << 20}}}
 	web := newLibvirtRig(t, opts)
-	db := &libvirtRig{dom: testlibvirt.Boot(t, opts), site: web.site}
-	db.p = &protect.Protector{
-		VM: protect.VM{Name: "db1", Libvirt: &protect.LibvirtDomain{URI: testlibvirt.URI, Domain: db.dom.Name},
-			WorkDir: filepath.Join(web.p.VM.StateDir, "protect", "db1"), StateDir: web.p.VM.StateDir},
-		Target: web.p.Target, Readers: 4, ChunkSize: 1 << 20,
-	}
-	if err := os.MkdirAll(db.p.VM.WorkDir, 0o750); err != nil {
-		t.Fatal(err)
-	}
+	db := web.member(t, "db1", opts)
 	rigs := []*libvirtRig{web, db}
 	g := &protect.Group{Name: "tier"}
 	var logs testenv.LogBuffer

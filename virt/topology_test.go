@@ -445,3 +445,53 @@ func TestLibvirtDiskResizedWhileReadAndDetachedBetweenCycles(t *testing.T) {
 		t.Errorf("point %d: vdb sha256 %s, its image %s", first.ID, got[:12], want[:12])
 	}
 }
+
+// A consistency group whose member's disk is resized right before the
+// group's instant: the group's cycle fails naming the member and the disk,
+// neither domain keeps a job, scratch file or shown checkpoint, libvirtd
+// keeps running (before the size check it crashed on such a begin), and
+// the next group cycle resyncs the disk at its new size, the other member
+// incremental.
+func TestLibvirtGroupMemberDiskResizedBeforeTheInstant(t *testing.T) {
+	const size, grown = 8 << 20, 12 << 20
+	web := newLibvirtRig(t, testlibvirt.Options{Disks: []testlibvirt.DiskSpec{{Target: "vda", Size: 64 << 20}}})
+	db := web.member(t, "db1", testlibvirt.Options{Disks: []testlibvirt.DiskSpec{
+		{Target: "vda", Size: 64 << 20},
+		{Target: "vdb", Size: size, From: patterned(t, size, 0, 3<<20, 0x11)},
+	}})
+	g := &protect.Group{Name: "tier", Members: []*protect.Protector{web.p, db.p}}
+	if _, err := g.Cycle(ctx(t)); err != nil {
+		t.Fatalf("group cycle: %v", err)
+	}
+	db.p.Quiescer = &hook{f: func() {
+		if _, err := testlibvirt.Virsh("blockresize", db.dom.Name, "vdb", itoa(grown)+"B"); err != nil {
+			t.Errorf("virsh blockresize before the instant: %v", err)
+		}
+	}}
+	_, err := g.Cycle(ctx(t))
+	t.Logf("group cycle with db1's vdb grown before the instant: %v", err)
+	if err == nil || !strings.Contains(err.Error(), "db1") || !strings.Contains(err.Error(), "vdb") {
+		t.Errorf("group cycle with db1's vdb grown before the instant: %v; want it to fail naming db1 and vdb", err)
+	}
+	for _, r := range []*libvirtRig{web, db} {
+		r.checkFailedLeftNothing(t)
+	}
+	db.p.Quiescer = nil
+	pts, err := g.Cycle(ctx(t))
+	if err != nil || len(pts) != 2 {
+		t.Fatalf("the group cycle after: %d points, %v", len(pts), err)
+	}
+	if d := diskOf(t, pts[1], "vdb"); !d.Resync || d.Size != grown {
+		t.Errorf("the group cycle after: db1's vdb %+v, want it resynchronised at %d bytes", d, grown)
+	}
+	if d := diskOf(t, pts[0], "vda"); d.Resync {
+		t.Errorf("the group cycle after: web1's vda %+v, want it incremental", d)
+	}
+	out := filepath.Join(t.TempDir(), "vdb.raw")
+	if err := web.site.Store.Export(ctx(t), "db1", pts[1].ID, "vdb", out, "raw"); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := fileHash(t, out), imageHash(t, db.dom.Image("vdb")); got != want {
+		t.Errorf("point %d of db1: vdb sha256 %s, its image %s", pts[1].ID, got[:12], want[:12])
+	}
+}
